@@ -1,0 +1,235 @@
+//! `tptt`: the command-line front end of the engine (inspect, logits, generate, chat, inject).
+//! Thin by design: argument parsing and printing; the work lives in the `tptt` and
+//! `tptt-engine` crates.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tptt::linear::CarryMode;
+use tptt::model::{LoadOptions, Logits, Model};
+use tptt::repo::TpttRepo;
+
+#[derive(Parser)]
+#[command(name = "tptt", version, about = "Run TPTT (Titans) models locally")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// The TPTT repository folder (one subfolder per variant).
+    repo: PathBuf,
+    /// Variant subfolder (optional when the repo has only one).
+    #[arg(long)]
+    variant: Option<String>,
+    /// Base model folder, overriding `base_model_name`.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Keep the base's own lm_head instead of the reference's re-tie to the embeddings.
+    #[arg(long)]
+    no_retie: bool,
+    /// Override mag_weight (0 switches the linear branch off).
+    #[arg(long)]
+    mag_weight: Option<f32>,
+    /// Override max_chunk_size.
+    #[arg(long)]
+    max_chunk_size: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the variants of a repo and describe one.
+    Inspect {
+        /// The TPTT repository folder.
+        repo: PathBuf,
+        /// Describe only this variant.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Base model folder, overriding `base_model_name`.
+        #[arg(long)]
+        base: Option<PathBuf>,
+    },
+    /// One full-sequence forward (no cache); writes an f32 tensor `logits` [seq, vocab].
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Greedy generation from a raw-text prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt (raw text).
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+    },
+    /// Make a TPTT repo from a plain Hugging Face model folder (untrained injection, no LoRA).
+    Inject {
+        /// The base model folder (config.json + safetensors).
+        base: PathBuf,
+        /// Output repo folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Operator modes, one variant each.
+        #[arg(long, value_delimiter = ',', default_value = "delta_product")]
+        modes: Vec<String>,
+        /// MaG weight of the injected variants.
+        #[arg(long, default_value_t = 0.125)]
+        mag_weight: f64,
+    },
+}
+
+fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
+    let repo = TpttRepo::open(&args.repo)?;
+    let files = repo.variant(args.variant.as_deref(), args.base.as_deref())?;
+    let opts = LoadOptions { retie_lm_head: !args.no_retie, ..Default::default() };
+    let mut model = Model::load(&files, &opts).with_context(|| format!("loading variant {}", files.name))?;
+    if let Some(m) = args.mag_weight {
+        model.set_mag_weight(m);
+    }
+    if let Some(c) = args.max_chunk_size {
+        model.set_max_chunk_size(c)?;
+    }
+    Ok((model, files))
+}
+
+fn tokenizer(files: &tptt::repo::VariantFiles) -> Result<tokenizers::Tokenizer> {
+    let path = files.tokenizer.as_ref().context("no tokenizer.json in the variant, the repo or the base")?;
+    tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))
+}
+
+fn inspect(repo: &Path, variant: Option<&str>, base: Option<&Path>) -> Result<()> {
+    let repo = TpttRepo::open(repo)?;
+    println!("repo: {}", repo.root.display());
+    println!("variants: {}", repo.variants.join(", "));
+    let names: Vec<String> = match variant {
+        Some(v) => vec![v.to_string()],
+        None => repo.variants.clone(),
+    };
+    for name in names {
+        println!("\n[{name}]");
+        match repo.variant(Some(&name), base) {
+            Ok(f) => {
+                let (b, t) = (&f.config.base, &f.config.tptt);
+                println!("  architecture: {} ({} layers, hidden {}, heads {}/{} kv, head_dim {}, vocab {})", b.arch.name(), b.num_layers, b.hidden_size, b.num_heads, b.num_kv_heads, b.head_dim, b.vocab_size);
+                println!("  base: {}", f.base_dir.display());
+                println!(
+                    "  operator_mode: {} (order {}, alpha {:?}, beta {:?}, linear {}, trick {:?})",
+                    t.operator_mode, t.recurrent.order, t.recurrent.alpha_gate, t.recurrent.beta_gate, t.recurrent.linear, t.recurrent.trick
+                );
+                println!(
+                    "  mag_weight {} cross_gate {} base_scale_attn {} max_chunk_size {} max_self_attn_length {:?} linear_precision {}",
+                    t.mag_weight, t.cross_gate, t.base_scale_attn, t.max_chunk_size, t.max_self_attn_length, t.linear_precision
+                );
+                match &t.lora {
+                    Some(l) => println!("  lora: r {} alpha {} rslora {} (scale {})", l.r, l.alpha, l.use_rslora, l.scale()),
+                    None => println!("  lora: none (full projection weights or untrained injection)"),
+                }
+                let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                let base_bytes: u64 = tptt::weights::weight_files(&f.base_dir).map(|v| v.iter().map(|p| size(p)).sum()).unwrap_or(0);
+                let adapter_bytes = f.adapter.as_deref().map(size).unwrap_or(0);
+                println!("  sizes: base weights {:.1} MB, adapter {:.1} MB", base_bytes as f64 / 1e6, adapter_bytes as f64 / 1e6);
+                println!("  tokenizer: {}", f.tokenizer.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
+            }
+            Err(e) => println!("  error: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn logits(args: &ModelArgs, ids: &[u32], out: &Path) -> Result<()> {
+    let (model, _) = load(args)?;
+    let logits = model.forward_full(ids)?;
+    candle_core::safetensors::save(&std::collections::HashMap::from([("logits".to_string(), logits)]), out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+fn generate(args: &ModelArgs, prompt: &str, max_new: usize) -> Result<()> {
+    let (model, files) = load(args)?;
+    let tok = tokenizer(&files)?;
+    let enc = tok.encode(prompt, true).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+    let mut ids: Vec<u32> = enc.get_ids().to_vec();
+    if ids.is_empty() {
+        bail!("the prompt tokenizes to nothing");
+    }
+    let mut state = model.new_state(CarryMode::Continue, model.config_window());
+    let mut logits = model.forward(&ids, &mut state, Logits::Last)?;
+    let prompt_len = ids.len();
+    let mut printed = 0;
+    let eos = &model.config().base.eos_token_ids;
+    let mut stdout = std::io::stdout();
+    for _ in 0..max_new {
+        let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        if eos.contains(&next) {
+            break;
+        }
+        ids.push(next);
+        let text = tok.decode(&ids[prompt_len..], true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+        if !text.ends_with('\u{FFFD}') && text.len() > printed {
+            write!(stdout, "{}", &text[printed..])?;
+            stdout.flush()?;
+            printed = text.len();
+        }
+        logits = model.forward(&[next], &mut state, Logits::Last)?;
+    }
+    println!();
+    Ok(())
+}
+
+fn inject(base: &Path, out: &Path, modes: &[String], mag: f64) -> Result<()> {
+    let base_cfg = tptt::config::read_json_object(&base.join("config.json"))?;
+    tptt::config::BaseConfig::from_json(&base_cfg, Some(&base.join("config.json")))?;
+    let base_abs = std::fs::canonicalize(base).with_context(|| format!("resolving {}", base.display()))?;
+    for mode in modes {
+        tptt::config::RecurrentConfig::from_operator_mode(mode)?;
+        let dir = out.join(format!("{mode}_mag{mag}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut cfg = base_cfg.clone();
+        let extra = serde_json::json!({
+            "model_type": "tptt",
+            "architectures": ["TpttModel"],
+            "base_model_name": base_abs.display().to_string(),
+            "operator_mode": mode,
+            "mag_weight": mag,
+            "cross_gate": false,
+            "base_scale_attn": false,
+            "max_chunk_size": 64,
+            "max_self_attn_length": null,
+            "linear_precision": "float32",
+            "lora_config": null,
+        });
+        if let serde_json::Value::Object(m) = extra {
+            cfg.extend(m);
+        }
+        let text = serde_json::to_string_pretty(&cfg)?;
+        std::fs::write(dir.join("config.json"), text).with_context(|| format!("writing {}", dir.display()))?;
+        println!("{}", dir.display());
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Cmd::Inspect { repo, variant, base } => inspect(repo, variant.as_deref(), base.as_deref()),
+        Cmd::Logits { model, ids, out } => logits(model, ids, out),
+        Cmd::Generate { model, prompt, max_new_tokens } => generate(model, prompt, *max_new_tokens),
+        Cmd::Inject { base, out, modes, mag_weight } => inject(base, out, modes, *mag_weight),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

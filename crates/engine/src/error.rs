@@ -1,0 +1,97 @@
+//! The engine's error type.
+//!
+//! One [`Error`] enum for the whole crate, in the `thiserror` style: every variant says what went
+//! wrong in words a log reader understands, and keeps the underlying error as its `source` where
+//! there is one (a `minijinja::Error` carries the template line, an I/O error the OS reason).
+//! Values are validated where they enter (sampling parameters, templates, configs), so the hot
+//! generation loop only ever sees the [`Error::InvalidLogits`] kind of failure.
+
+use std::path::PathBuf;
+
+/// `Result` with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the model-independent parts of generation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A sampling parameter is outside its valid range (for example a negative temperature or a
+    /// `top_p` above 1). Raised by `SamplingParams::validate` and `Sampler::new`.
+    #[error("invalid sampling parameter `{name}` = {value}: {expected}")]
+    InvalidSamplingParam {
+        /// The field name, as spelled in `SamplingParams`.
+        name: &'static str,
+        /// The rejected value, formatted.
+        value: String,
+        /// What the value must be.
+        expected: &'static str,
+    },
+
+    /// The logits handed to the sampler cannot be sampled from: empty, NaN, `+inf`, or every
+    /// entry `-inf`. Usually a sign of a numerical problem in the model.
+    #[error("cannot sample from these logits: {0}")]
+    InvalidLogits(String),
+
+    /// A chat template does not compile (a Jinja syntax error).
+    #[error("the chat template does not parse: {message}")]
+    TemplateSyntax {
+        /// Short description, with the template line where minijinja knows it.
+        message: String,
+        /// The minijinja error, with its debug info.
+        #[source]
+        source: minijinja::Error,
+    },
+
+    /// The chat template called `raise_exception(message)` — the template's own way of saying the
+    /// conversation is not one it supports (for example roles that do not alternate).
+    #[error("the chat template rejected the conversation: {0}")]
+    TemplateException(String),
+
+    /// Rendering a chat template failed for another reason (an unknown filter, a type error...).
+    #[error("the chat template failed to render: {message}")]
+    TemplateRender {
+        /// Short description, with the template line where minijinja knows it.
+        message: String,
+        /// The minijinja error, with its debug info.
+        #[source]
+        source: minijinja::Error,
+    },
+
+    /// The conversation cannot be rendered by the built-in format (for example it is empty).
+    #[error("invalid conversation: {0}")]
+    InvalidConversation(String),
+
+    /// A configuration file (`tokenizer_config.json`, `generation_config.json`) has a field of
+    /// the wrong shape or an unusable value.
+    #[error("invalid {file}: {reason}")]
+    InvalidConfig {
+        /// Which file (or JSON document) was being read.
+        file: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A configuration file is not valid JSON.
+    #[error("cannot parse {file} as JSON: {source}")]
+    Json {
+        /// Which file (or JSON document) was being read.
+        file: String,
+        /// The parser's error, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file that was being read.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The tokenizer failed (decoding ids it does not know, for example).
+    #[error("tokenizer error: {0}")]
+    Tokenizer(#[source] tokenizers::Error),
+}

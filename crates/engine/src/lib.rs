@@ -1,0 +1,35 @@
+//! `tptt-engine`: text generation around a TPTT model.
+//!
+//! This crate turns a conversation into a prompt, logits into tokens and tokens into streamed
+//! text. The model-independent pieces, each usable and tested on its own:
+//!
+//! - [`template`]: [`Message`]s rendered by a [`PromptFormat`] — the model's Hugging Face Jinja
+//!   chat template ([`ChatTemplate`], rendered as `transformers` does) or the built-in Alpaca
+//!   format — plus the special tokens and EOS ids from `tokenizer_config.json` /
+//!   `generation_config.json`.
+//! - [`sampler`]: [`SamplingParams`] (validated once) and a seeded [`Sampler`]: repetition
+//!   penalty, greedy, temperature, top-k, top-p, min-p.
+//! - [`detok`]: [`IncrementalDecoder`], token ids to text pieces that are always whole UTF-8
+//!   characters.
+//! - [`stop`]: [`StopMatcher`], stop strings over streamed text, never emitting a stop string or
+//!   a possible start of one.
+//! - [`error`]: the crate's [`Error`] and [`Result`].
+//!
+//! A generation step chains them: `model → logits → Sampler::sample → id →
+//! IncrementalDecoder::push → text → StopMatcher::push → UI`, ending on an EOS id, a stop
+//! string, `max_new_tokens` or cancellation. The model-driving parts (the generation thread and
+//! its state snapshots) build on these modules.
+
+pub mod detok;
+pub mod error;
+pub mod sampler;
+pub mod stop;
+pub mod template;
+
+pub use detok::IncrementalDecoder;
+pub use error::{Error, Result};
+pub use sampler::{Sampler, SamplingParams};
+pub use stop::{StopMatcher, StopResult};
+pub use template::{
+    ChatTemplate, GenerationConfig, Message, PromptFormat, Role, SpecialTokens, TokenizerConfig,
+};

@@ -1,0 +1,1503 @@
+//! Chat prompts: turning a conversation into the text a model was trained on.
+//!
+//! A conversation is a slice of [`Message`]s. A [`PromptFormat`] renders it:
+//!
+//! - [`PromptFormat::Jinja`] holds a [`ChatTemplate`], the Hugging Face `chat_template` of the
+//!   model (from `tokenizer_config.json`, a `chat_template.jinja` file, or the list-of-named-
+//!   templates form, where `"default"` is taken). It is compiled once with minijinja configured
+//!   the way `transformers` configures Jinja2 (`apply_chat_template`): `trim_blocks` and
+//!   `lstrip_blocks` on, loop controls (`break`/`continue`), Python string/dict methods
+//!   (`.strip()`, `.startswith()`, `.items()`… via `minijinja-contrib`'s pycompat), and the same
+//!   extras: `raise_exception(msg)`, `strftime_now(fmt)` and a `tojson` filter that writes
+//!   Python's `json.dumps` (`", "`/`": "` separators, no HTML escaping, `ensure_ascii=False`,
+//!   `indent`, `separators`, `sort_keys`); `{% generation %}` blocks (transformers'
+//!   assistant-mask extension) render their body unchanged. The context holds `messages` (a
+//!   list of `{"role", "content"}` maps), `add_generation_prompt`, `tools` and `documents`
+//!   (both `none`), and each special token that is set: `bos_token`, `eos_token`, `unk_token`,
+//!   `pad_token`. Differences from Python Jinja2 that remain: `strftime_now` formats UTC (there
+//!   is no time-zone database here), and a Python `None` prints as `none`.
+//! - [`PromptFormat::Alpaca`] is the built-in plain-text instruction format, for models without
+//!   a chat template (TPTT fine-tunes of base models).
+//!
+//! [`PromptFormat::from_tokenizer_config`] picks Jinja when the model ships a chat template,
+//! else Alpaca. Errors never panic: a template that does not parse is
+//! [`Error::TemplateSyntax`] when it is loaded, one that fails while rendering is
+//! [`Error::TemplateRender`], and a `raise_exception` call is [`Error::TemplateException`]
+//! carrying the template's message.
+//!
+//! # The Alpaca format
+//!
+//! The prompt is a list of blocks joined by one blank line (`"\n\n"`):
+//!
+//! 1. The preamble: [`ALPACA_PREAMBLE`],
+//!    `Below is an instruction that describes a task. Write a response that appropriately
+//!    completes the request.` When the conversation has system messages, their contents
+//!    (joined by `"\n\n"`) replace it; a system message with empty content removes it.
+//! 2. One block per user or assistant message, in order:
+//!    `### Instruction:\n{user content}` and `### Response:\n{assistant content}`. Earlier turns
+//!    of a multi-turn conversation are thus previous instruction/response pairs.
+//! 3. With `add_generation_prompt`, a final `### Response:\n` block (ending in that newline:
+//!    the model writes the answer right after it).
+//!
+//! Single turn, `add_generation_prompt = true` (the classic Alpaca prompt without input):
+//!
+//! ```text
+//! Below is an instruction that describes a task. Write a response that appropriately completes the request.
+//!
+//! ### Instruction:
+//! What is the capital of France?
+//!
+//! ### Response:
+//!
+//! ```
+//!
+//! i.e. `"{preamble}\n\n### Instruction:\n{u1}\n\n### Response:\n"`; two turns give
+//! `"{preamble}\n\n### Instruction:\n{u1}\n\n### Response:\n{a1}\n\n### Instruction:\n{u2}\n\n### Response:\n"`.
+//! Without `add_generation_prompt` a conversation ending in an assistant message ends with that
+//! message's text (no trailing newline), so a partial answer can be continued.
+//! [`alpaca_with_input`] renders the classic instruction + input prompt
+//! ([`ALPACA_PREAMBLE_WITH_INPUT`], `### Input:`). Alpaca prompts are encoded with the
+//! tokenizer's special tokens (BOS) added, see [`PromptFormat::add_special_tokens`], and
+//! [`ALPACA_STOP_STRINGS`] end a reply that starts a new section.
+//!
+//! Provenance: this is the Stanford Alpaca / alpaca-lora prompt. The upstream TPTT repository
+//! (fabienfrfr/tptt) has fine-tuned on alpaca-cleaned with other layouts over time: an early
+//! README used `### Instruction:\n…\n\n### Input:\n…\n\n### Response:\n…` with no preamble
+//! (an empty system message gives that, minus the `### Input:` block), its current
+//! `scripts/train.py` a bare `{instruction}\n{input}\n{output}`. A checkpoint's own model card
+//! decides which prompt suits it best.
+//!
+//! Special tokens: [`TokenizerConfig`] reads `bos_token`/`eos_token`/`unk_token`/`pad_token`
+//! (plain strings or `AddedToken` objects) into [`SpecialTokens`], and
+//! [`SpecialTokens::eos_token_ids`] resolves the ids that end generation from
+//! `generation_config.json` ([`GenerationConfig`]) and the tokenizer's vocabulary.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::value::{Enumerator, Kwargs, Object, ObjectRepr, Value, ValueKind};
+use minijinja::{Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// The default Alpaca preamble (the original Stanford Alpaca "no input" prompt).
+pub const ALPACA_PREAMBLE: &str = "Below is an instruction that describes a task. \
+Write a response that appropriately completes the request.";
+
+/// The Alpaca preamble used when an input accompanies the instruction.
+pub const ALPACA_PREAMBLE_WITH_INPUT: &str = "Below is an instruction that describes a task, \
+paired with an input that provides further context. \
+Write a response that appropriately completes the request.";
+
+/// Section headers that end an Alpaca reply: a model that starts a new section has finished.
+pub const ALPACA_STOP_STRINGS: &[&str] = &["### Instruction:", "### Input:", "### Response:"];
+
+/// Name of the compiled template inside its minijinja environment (shows in error messages).
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions for the assistant (the system prompt).
+    System,
+    /// The person chatting.
+    User,
+    /// The model.
+    Assistant,
+}
+
+impl Role {
+    /// The role as chat templates spell it: `"system"`, `"user"`, `"assistant"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// Its text.
+    pub content: String,
+}
+
+impl Message {
+    /// A message with the given role.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+}
+
+/// The special tokens a tokenizer config names, as strings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// Beginning-of-sequence token (`bos_token`).
+    pub bos: Option<String>,
+    /// End-of-sequence token (`eos_token`).
+    pub eos: Option<String>,
+    /// Unknown token (`unk_token`).
+    pub unk: Option<String>,
+    /// Padding token (`pad_token`).
+    pub pad: Option<String>,
+}
+
+impl SpecialTokens {
+    /// The token ids that end generation, in order and without duplicates:
+    /// `generation_config.json`'s `eos_token_id` (one id or a list) first, then the id of the
+    /// `eos_token` string in `tokenizer`'s vocabulary. May be empty; a named EOS token missing
+    /// from the vocabulary is logged and skipped.
+    pub fn eos_token_ids(
+        &self,
+        tokenizer: &Tokenizer,
+        generation: Option<&GenerationConfig>,
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if let Some(generation) = generation {
+            ids.extend_from_slice(&generation.eos_token_ids);
+        }
+        if let Some(eos) = &self.eos {
+            match tokenizer.token_to_id(eos) {
+                Some(id) => ids.push(id),
+                None => tracing::warn!(eos, "the eos_token is not in the tokenizer's vocabulary"),
+            }
+        }
+        let mut seen = Vec::with_capacity(ids.len());
+        ids.retain(|id| {
+            let new = !seen.contains(id);
+            seen.push(*id);
+            new
+        });
+        ids
+    }
+
+    /// The beginning-of-sequence id: `generation_config.json`'s `bos_token_id`, else the id of
+    /// the `bos_token` string.
+    pub fn bos_token_id(
+        &self,
+        tokenizer: &Tokenizer,
+        generation: Option<&GenerationConfig>,
+    ) -> Option<u32> {
+        generation
+            .and_then(|g| g.bos_token_id)
+            .or_else(|| self.bos.as_deref().and_then(|b| tokenizer.token_to_id(b)))
+    }
+}
+
+/// What the engine needs from `tokenizer_config.json`: the chat template and special tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenizerConfig {
+    /// The Jinja chat template, if the model has one.
+    pub chat_template: Option<String>,
+    /// The special tokens it names.
+    pub special: SpecialTokens,
+}
+
+/// `tokenizer_config.json` as written by `transformers` (only the fields used here).
+#[derive(Debug, Deserialize)]
+struct RawTokenizerConfig {
+    #[serde(default)]
+    chat_template: Option<RawChatTemplate>,
+    #[serde(default)]
+    bos_token: Option<RawToken>,
+    #[serde(default)]
+    eos_token: Option<RawToken>,
+    #[serde(default)]
+    unk_token: Option<RawToken>,
+    #[serde(default)]
+    pad_token: Option<RawToken>,
+}
+
+/// `chat_template`: one template, or a list of named ones.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawChatTemplate {
+    Single(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(Debug, Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+/// A special token: a plain string or an `AddedToken` object with `content`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawToken {
+    Plain(String),
+    Added { content: String },
+}
+
+impl RawToken {
+    fn into_string(self) -> String {
+        match self {
+            RawToken::Plain(s) | RawToken::Added { content: s } => s,
+        }
+    }
+}
+
+impl TokenizerConfig {
+    /// Parses the text of a `tokenizer_config.json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        Self::parse(json, "tokenizer_config.json")
+    }
+
+    /// Reads a `tokenizer_config.json` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Self::parse(&read(path)?, &path.display().to_string())
+    }
+
+    /// Reads a model directory the way `transformers` does: `tokenizer_config.json` (optional),
+    /// whose template is overridden by `chat_template.jinja` or, failing that, by the
+    /// `chat_template` of `chat_template.json` when those files exist.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("tokenizer_config.json");
+        let mut config = if config_path.is_file() {
+            Self::from_file(&config_path)?
+        } else {
+            Self::default()
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let json = dir.join("chat_template.json");
+        if jinja.is_file() {
+            config.chat_template = Some(read(&jinja)?);
+        } else if json.is_file() {
+            let file = json.display().to_string();
+            let raw: RawTokenizerConfig = parse_json(&read(&json)?, &file)?;
+            if let Some(template) = raw.chat_template {
+                config.chat_template = Some(pick_template(template, &file)?);
+            }
+        }
+        Ok(config)
+    }
+
+    fn parse(json: &str, file: &str) -> Result<Self> {
+        let raw: RawTokenizerConfig = parse_json(json, file)?;
+        let chat_template = raw
+            .chat_template
+            .map(|t| pick_template(t, file))
+            .transpose()?;
+        Ok(Self {
+            chat_template,
+            special: SpecialTokens {
+                bos: raw.bos_token.map(RawToken::into_string),
+                eos: raw.eos_token.map(RawToken::into_string),
+                unk: raw.unk_token.map(RawToken::into_string),
+                pad: raw.pad_token.map(RawToken::into_string),
+            },
+        })
+    }
+}
+
+/// The `"default"` template of the named-templates form (the first one, with a warning, when
+/// none is called that).
+fn pick_template(raw: RawChatTemplate, file: &str) -> Result<String> {
+    match raw {
+        RawChatTemplate::Single(t) => Ok(t),
+        RawChatTemplate::Named(mut list) => {
+            if let Some(i) = list.iter().position(|t| t.name == "default") {
+                return Ok(list.swap_remove(i).template);
+            }
+            if list.is_empty() {
+                return Err(Error::InvalidConfig {
+                    file: file.to_string(),
+                    reason: "`chat_template` is an empty list".into(),
+                });
+            }
+            let first = list.swap_remove(0);
+            tracing::warn!(
+                name = first.name,
+                "no chat template is named \"default\"; using the first one"
+            );
+            Ok(first.template)
+        }
+    }
+}
+
+/// What the engine needs from `generation_config.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GenerationConfig {
+    /// `bos_token_id`, if set.
+    pub bos_token_id: Option<u32>,
+    /// `eos_token_id`: one id, a list, or none.
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawGenerationConfig {
+    #[serde(default)]
+    bos_token_id: Option<u32>,
+    #[serde(default)]
+    eos_token_id: Option<OneOrMany>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl GenerationConfig {
+    /// Parses the text of a `generation_config.json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        Self::parse(json, "generation_config.json")
+    }
+
+    /// Reads a `generation_config.json` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Self::parse(&read(path)?, &path.display().to_string())
+    }
+
+    fn parse(json: &str, file: &str) -> Result<Self> {
+        let raw: RawGenerationConfig = parse_json(json, file)?;
+        Ok(Self {
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids: match raw.eos_token_id {
+                None => Vec::new(),
+                Some(OneOrMany::One(id)) => vec![id],
+                Some(OneOrMany::Many(ids)) => ids,
+            },
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(json: &str, file: &str) -> Result<T> {
+    serde_json::from_str(json).map_err(|source| Error::Json {
+        file: file.to_string(),
+        source,
+    })
+}
+
+/// A compiled Hugging Face chat template.
+#[derive(Clone)]
+pub struct ChatTemplate {
+    source: Arc<str>,
+    special: SpecialTokens,
+    env: Arc<Environment<'static>>,
+}
+
+impl fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .field("special", &self.special)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `special` fills `bos_token` and friends when rendering.
+    pub fn new(source: impl Into<String>, special: SpecialTokens) -> Result<Self> {
+        let source: String = source.into();
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(syntax_error)?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", py_tojson);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(&source))
+            .map_err(syntax_error)?;
+        Ok(Self {
+            source: source.into(),
+            special,
+            env: Arc::new(env),
+        })
+    }
+
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The special tokens it is rendered with.
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// Renders `messages`; with `add_generation_prompt` the template appends the opening of an
+    /// assistant turn.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(render_error)?;
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                Value::from_object(OrderedMap(vec![
+                    (Value::from("role"), Value::from(m.role.as_str())),
+                    (Value::from("content"), Value::from(m.content.as_str())),
+                ]))
+            })
+            .collect();
+        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        ctx.insert("messages", Value::from(messages));
+        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        ctx.insert("tools", Value::from(()));
+        ctx.insert("documents", Value::from(()));
+        let special = [
+            ("bos_token", &self.special.bos),
+            ("eos_token", &self.special.eos),
+            ("unk_token", &self.special.unk),
+            ("pad_token", &self.special.pad),
+        ];
+        for (name, token) in special {
+            if let Some(token) = token {
+                ctx.insert(name, Value::from(token.as_str()));
+            }
+        }
+        template.render(Value::from(ctx)).map_err(render_error)
+    }
+}
+
+/// Rewrites `transformers`' `{% generation %}` / `{% endgeneration %}` block (its
+/// `AssistantTracker` extension, which marks assistant text for training masks and renders its
+/// body unchanged) into the equivalent `{% if true %}` / `{% endif %}`, keeping any `-`
+/// whitespace control, so templates that use it compile here.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        out.push_str(&rest[..open]);
+        let tag = &rest[open..];
+        let Some(close) = tag.find("%}") else {
+            // Unclosed tag: left as is for the parser to report.
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..close];
+        let (dash_l, body) = match inner.strip_prefix('-') {
+            Some(b) => ("-", b),
+            None => ("", inner),
+        };
+        let (body, dash_r) = match body.strip_suffix('-') {
+            Some(b) => (b, "-"),
+            None => (body, ""),
+        };
+        let replacement = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => out.push_str(&format!("{{%{dash_l} {r} {dash_r}%}}")),
+            None => out.push_str(&tag[..close + 2]),
+        }
+        rest = &tag[close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A map that keeps insertion order (as Python dicts do), so `message|tojson` and
+/// `message.items()` list `role` before `content` like `transformers` does.
+#[derive(Debug)]
+struct OrderedMap(Vec<(Value, Value)>);
+
+impl Object for OrderedMap {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Values(self.0.iter().map(|(k, _)| k.clone()).collect())
+    }
+}
+
+/// The error `raise_exception` attaches as source, so a render failure can be told apart from
+/// the template deliberately rejecting the conversation.
+#[derive(Debug)]
+struct RaisedException(String);
+
+impl fmt::Display for RaisedException {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RaisedException {}
+
+fn syntax_error(source: minijinja::Error) -> Error {
+    Error::TemplateSyntax {
+        message: source.to_string(),
+        source,
+    }
+}
+
+fn render_error(source: minijinja::Error) -> Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(err) = cause {
+        if let Some(raised) = err.downcast_ref::<RaisedException>() {
+            return Error::TemplateException(raised.0.clone());
+        }
+        cause = err.source();
+    }
+    Error::TemplateRender {
+        message: source.to_string(),
+        source,
+    }
+}
+
+/// `raise_exception(message)`: aborts rendering with the template's message.
+fn raise_exception(message: Value) -> std::result::Result<Value, minijinja::Error> {
+    let message = message.to_string();
+    Err(
+        minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
+            .with_source(RaisedException(message)),
+    )
+}
+
+/// `strftime_now(format)`: the current time formatted like Python's `strftime` (in UTC).
+fn strftime_now(format: &str) -> std::result::Result<String, minijinja::Error> {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?
+        .as_secs();
+    let secs = i64::try_from(secs).map_err(|e| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("clock out of range: {e}"),
+        )
+    })?;
+    Ok(format_utc(format, secs))
+}
+
+/// Python/C `strftime` for a UTC timestamp. Supports `%a %A %b %B %h %d %e %H %I %j %m %M %p
+/// %S %y %Y %F %T %D %R %n %t %%` and glibc's `-` flag (no padding, as in `%-d`); other
+/// directives are copied unchanged.
+fn format_utc(format: &str, secs: i64) -> String {
+    const DAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (hour, minute, second) = (rem / 3600, rem / 60 % 60, rem % 60);
+    let (year, month, day) = civil_from_days(days);
+    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let yday = day_of_year(year, month, day);
+    let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
+    let month_name = MONTHS[(month - 1) as usize];
+    let day_name = DAYS[weekday];
+
+    let mut out = String::with_capacity(format.len() + 16);
+    let mut chars = format.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let unpadded = chars.peek() == Some(&'-');
+        if unpadded {
+            chars.next();
+        }
+        let num = |v: i64, width: usize| {
+            if unpadded {
+                v.to_string()
+            } else {
+                format!("{v:0width$}")
+            }
+        };
+        let Some(d) = chars.next() else {
+            out.push('%');
+            break;
+        };
+        let piece = match d {
+            'a' => day_name[..3].to_string(),
+            'A' => day_name.to_string(),
+            'b' | 'h' => month_name[..3].to_string(),
+            'B' => month_name.to_string(),
+            'd' => num(day as i64, 2),
+            'e' if unpadded => day.to_string(),
+            'e' => format!("{day:2}"),
+            'H' => num(hour, 2),
+            'I' => num(hour12, 2),
+            'j' => num(yday as i64, 3),
+            'm' => num(month as i64, 2),
+            'M' => num(minute, 2),
+            'p' => if hour < 12 { "AM" } else { "PM" }.to_string(),
+            'S' => num(second, 2),
+            'y' => num(year.rem_euclid(100), 2),
+            'Y' => year.to_string(),
+            'F' => format!("{year}-{month:02}-{day:02}"),
+            'T' => format!("{hour:02}:{minute:02}:{second:02}"),
+            'R' => format!("{hour:02}:{minute:02}"),
+            'D' => format!("{month:02}/{day:02}/{:02}", year.rem_euclid(100)),
+            'n' => "\n".to_string(),
+            't' => "\t".to_string(),
+            '%' => "%".to_string(),
+            other => {
+                if unpadded {
+                    format!("%-{other}")
+                } else {
+                    format!("%{other}")
+                }
+            }
+        };
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11], March-based
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn day_of_year(year: i64, month: u32, day: u32) -> u32 {
+    const CUMULATIVE: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    CUMULATIVE[(month - 1) as usize] + day + u32::from(leap && month > 2)
+}
+
+/// `tojson` as `transformers` defines it:
+/// `json.dumps(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`;
+/// positional arguments follow that order.
+fn py_tojson(
+    value: &Value,
+    positional: &[Value],
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let arg = |i: usize, name: &str| -> std::result::Result<Option<Value>, minijinja::Error> {
+        match positional.get(i) {
+            Some(v) => Ok(Some(v.clone())),
+            None => kwargs.get::<Option<Value>>(name),
+        }
+    };
+    if positional.len() > 4 {
+        return Err(minijinja::Error::new(
+            ErrorKind::TooManyArguments,
+            "tojson takes at most 4 arguments",
+        ));
+    }
+    let ensure_ascii = arg(0, "ensure_ascii")?.is_some_and(|v| v.is_true());
+    let indent = match arg(1, "indent")? {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) if v.kind() == ValueKind::String => Some(v.to_string()),
+        Some(v) => {
+            let n = i64::try_from(v)?;
+            Some(" ".repeat(usize::try_from(n).unwrap_or(0)))
+        }
+    };
+    let (item_sep, key_sep) = match arg(2, "separators")? {
+        Some(v) if !(v.is_none() || v.is_undefined()) => {
+            let parts: Vec<String> = v.try_iter()?.map(|p| p.to_string()).collect();
+            match <[String; 2]>::try_from(parts) {
+                Ok([item, key]) => (item, key),
+                Err(_) => {
+                    return Err(minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson separators must be an (item, key) pair",
+                    ))
+                }
+            }
+        }
+        _ if indent.is_some() => (",".to_string(), ": ".to_string()),
+        _ => (", ".to_string(), ": ".to_string()),
+    };
+    let sort_keys = arg(3, "sort_keys")?.is_some_and(|v| v.is_true());
+    kwargs.assert_all_used()?;
+    let mut writer = PyJson {
+        out: String::new(),
+        indent,
+        item_sep,
+        key_sep,
+        ensure_ascii,
+        sort_keys,
+        depth: 0,
+    };
+    writer.value(value)?;
+    Ok(Value::from(writer.out))
+}
+
+/// Python's `json.dumps` over minijinja values.
+struct PyJson {
+    out: String,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    ensure_ascii: bool,
+    sort_keys: bool,
+    depth: usize,
+}
+
+impl PyJson {
+    fn value(&mut self, v: &Value) -> std::result::Result<(), minijinja::Error> {
+        match v.kind() {
+            ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
+            ValueKind::Bool => self
+                .out
+                .push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Number => self.number(v)?,
+            ValueKind::String | ValueKind::Plain => self.string(&v.to_string()),
+            ValueKind::Bytes | ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = v.try_iter()?.collect();
+                self.container('[', ']', items.len(), |w, i| w.value(&items[i]))?;
+            }
+            ValueKind::Map => {
+                let mut entries = Vec::new();
+                for key in v.try_iter()? {
+                    let value = v.get_item(&key)?;
+                    entries.push((self.key(&key)?, value));
+                }
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                }
+                self.container('{', '}', entries.len(), |w, i| {
+                    w.string(&entries[i].0);
+                    w.out.push_str(&w.key_sep.clone());
+                    w.value(&entries[i].1)
+                })?;
+            }
+            ValueKind::Invalid => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("cannot serialize {v:?} to JSON"),
+                ))
+            }
+            _ => self.string(&v.to_string()),
+        }
+        Ok(())
+    }
+
+    /// `len` items between `open` and `close`, laid out like `json.dumps`.
+    fn container(
+        &mut self,
+        open: char,
+        close: char,
+        len: usize,
+        mut item: impl FnMut(&mut Self, usize) -> std::result::Result<(), minijinja::Error>,
+    ) -> std::result::Result<(), minijinja::Error> {
+        self.out.push(open);
+        if len == 0 {
+            self.out.push(close);
+            return Ok(());
+        }
+        self.depth += 1;
+        for i in 0..len {
+            if i > 0 {
+                let sep = self.item_sep.clone();
+                self.out.push_str(&sep);
+            }
+            self.newline();
+            item(self, i)?;
+        }
+        self.depth -= 1;
+        self.newline();
+        self.out.push(close);
+        Ok(())
+    }
+
+    fn newline(&mut self) {
+        if let Some(indent) = &self.indent {
+            self.out.push('\n');
+            for _ in 0..self.depth {
+                self.out.push_str(indent);
+            }
+        }
+    }
+
+    /// Dict keys become strings as in Python: `1` → `"1"`, `true` → `"true"`, `None` → `"null"`.
+    fn key(&self, key: &Value) -> std::result::Result<String, minijinja::Error> {
+        Ok(match key.kind() {
+            ValueKind::String => key.to_string(),
+            ValueKind::None | ValueKind::Undefined => "null".to_string(),
+            ValueKind::Bool => if key.is_true() { "true" } else { "false" }.to_string(),
+            ValueKind::Number => {
+                let mut w = PyJson {
+                    out: String::new(),
+                    indent: None,
+                    item_sep: String::new(),
+                    key_sep: String::new(),
+                    ensure_ascii: false,
+                    sort_keys: false,
+                    depth: 0,
+                };
+                w.number(key)?;
+                w.out
+            }
+            _ => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("JSON keys must be str, int, float, bool or None, not {key:?}"),
+                ))
+            }
+        })
+    }
+
+    fn number(&mut self, v: &Value) -> std::result::Result<(), minijinja::Error> {
+        if v.is_integer() {
+            self.out.push_str(&v.to_string());
+            return Ok(());
+        }
+        let f = f64::try_from(v.clone())?;
+        if f.is_nan() {
+            self.out.push_str("NaN");
+        } else if f.is_infinite() {
+            self.out
+                .push_str(if f > 0.0 { "Infinity" } else { "-Infinity" });
+        } else {
+            // Python's float repr: always a '.' or an exponent, and a signed exponent.
+            let s = format!("{f:?}");
+            match s.split_once('e') {
+                Some((mantissa, exp)) if !exp.starts_with('-') => {
+                    self.out.push_str(&format!("{mantissa}e+{exp}"))
+                }
+                _ => self.out.push_str(&s),
+            }
+        }
+        Ok(())
+    }
+
+    fn string(&mut self, s: &str) {
+        self.out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => self.out.push_str("\\\""),
+                '\\' => self.out.push_str("\\\\"),
+                '\n' => self.out.push_str("\\n"),
+                '\r' => self.out.push_str("\\r"),
+                '\t' => self.out.push_str("\\t"),
+                '\u{8}' => self.out.push_str("\\b"),
+                '\u{c}' => self.out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ensure_ascii && !(' '..='~').contains(&c)) => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        self.out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+                c => self.out.push(c),
+            }
+        }
+        self.out.push('"');
+    }
+}
+
+/// Renders `messages` in the built-in Alpaca format described in the module docs.
+pub fn render_alpaca(messages: &[Message], add_generation_prompt: bool) -> String {
+    let system: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.role == Role::System)
+        .map(|m| m.content.as_str())
+        .collect();
+    let mut blocks: Vec<String> = Vec::with_capacity(messages.len() + 2);
+    if system.is_empty() {
+        blocks.push(ALPACA_PREAMBLE.to_string());
+    } else {
+        let preamble = system.join("\n\n");
+        if !preamble.is_empty() {
+            blocks.push(preamble);
+        }
+    }
+    for m in messages {
+        match m.role {
+            Role::System => {}
+            Role::User => blocks.push(format!("### Instruction:\n{}", m.content)),
+            Role::Assistant => blocks.push(format!("### Response:\n{}", m.content)),
+        }
+    }
+    if add_generation_prompt {
+        blocks.push("### Response:\n".to_string());
+    }
+    blocks.join("\n\n")
+}
+
+/// The classic single-turn Alpaca prompt with an input:
+/// `"{ALPACA_PREAMBLE_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"`.
+pub fn alpaca_with_input(instruction: &str, input: &str) -> String {
+    format!(
+        "{ALPACA_PREAMBLE_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    )
+}
+
+/// How a conversation becomes prompt text.
+#[derive(Debug, Clone)]
+pub enum PromptFormat {
+    /// The model's own Hugging Face chat template.
+    Jinja(ChatTemplate),
+    /// The built-in Alpaca instruction format.
+    Alpaca,
+}
+
+impl PromptFormat {
+    /// Jinja when `config` has a chat template, else Alpaca.
+    pub fn from_tokenizer_config(config: &TokenizerConfig) -> Result<Self> {
+        match &config.chat_template {
+            Some(source) => Ok(Self::Jinja(ChatTemplate::new(
+                source.as_str(),
+                config.special.clone(),
+            )?)),
+            None => Ok(Self::Alpaca),
+        }
+    }
+
+    /// [`PromptFormat::from_tokenizer_config`] on the text of a `tokenizer_config.json`.
+    pub fn from_tokenizer_config_json(json: &str) -> Result<Self> {
+        Self::from_tokenizer_config(&TokenizerConfig::from_json(json)?)
+    }
+
+    /// [`PromptFormat::from_tokenizer_config`] on a `tokenizer_config.json` file.
+    pub fn from_tokenizer_config_file(path: &Path) -> Result<Self> {
+        Self::from_tokenizer_config(&TokenizerConfig::from_file(path)?)
+    }
+
+    /// Renders `messages` (at least one) into the prompt text; with `add_generation_prompt`
+    /// the prompt ends where the assistant's reply begins.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        if messages.is_empty() {
+            return Err(Error::InvalidConversation("there are no messages".into()));
+        }
+        match self {
+            Self::Jinja(template) => template.render(messages, add_generation_prompt),
+            Self::Alpaca => Ok(render_alpaca(messages, add_generation_prompt)),
+        }
+    }
+
+    /// Whether the rendered prompt should be encoded with the tokenizer's special tokens
+    /// (`encode(prompt, add_special_tokens)`): chat templates write their own BOS, as
+    /// `apply_chat_template` assumes; Alpaca text relies on the tokenizer adding it.
+    pub fn add_special_tokens(&self) -> bool {
+        matches!(self, Self::Alpaca)
+    }
+
+    /// Strings that end a reply in this format, besides the EOS tokens.
+    pub fn stop_strings(&self) -> &'static [&'static str] {
+        match self {
+            Self::Jinja(_) => &[],
+            Self::Alpaca => ALPACA_STOP_STRINGS,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tokenizer_config.json` of HuggingFaceTB/SmolLM2-135M-Instruct (the fields used here;
+    /// the template verbatim, JSON-escaped as in the file).
+    const SMOLLM2_CONFIG: &str = r#"{
+      "add_prefix_space": false,
+      "bos_token": "<|im_start|>",
+      "chat_template": "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+      "clean_up_tokenization_spaces": false,
+      "eos_token": "<|im_end|>",
+      "model_max_length": 8192,
+      "pad_token": "<|im_end|>",
+      "tokenizer_class": "GPT2Tokenizer",
+      "unk_token": "<|endoftext|>",
+      "vocab_size": 49152
+    }"#;
+
+    fn jinja(source: &str) -> ChatTemplate {
+        ChatTemplate::new(
+            source,
+            SpecialTokens {
+                bos: Some("<s>".into()),
+                eos: Some("</s>".into()),
+                ..SpecialTokens::default()
+            },
+        )
+        .expect("template compiles")
+    }
+
+    fn check(source: &str, messages: &[Message], expected: &str) {
+        let got = jinja(source).render(messages, true).expect("renders");
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn smollm2_chatml_with_generation_prompt() {
+        let format = PromptFormat::from_tokenizer_config_json(SMOLLM2_CONFIG).expect("loads");
+        assert!(matches!(format, PromptFormat::Jinja(_)));
+        let prompt = format
+            .render(&[Message::user("What is the capital of France?")], true)
+            .expect("renders");
+        assert_eq!(
+            prompt,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert!(!format.add_special_tokens());
+    }
+
+    #[test]
+    fn smollm2_multi_turn_with_system() {
+        let format = PromptFormat::from_tokenizer_config_json(SMOLLM2_CONFIG).expect("loads");
+        let messages = [
+            Message::system("Be terse."),
+            Message::user("Hi"),
+            Message::assistant("Hello."),
+            Message::user("Bye"),
+        ];
+        assert_eq!(
+            format.render(&messages, false).expect("renders"),
+            "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn special_tokens_come_from_the_config() {
+        let config = TokenizerConfig::from_json(SMOLLM2_CONFIG).expect("loads");
+        assert_eq!(config.special.bos.as_deref(), Some("<|im_start|>"));
+        assert_eq!(config.special.eos.as_deref(), Some("<|im_end|>"));
+        assert_eq!(config.special.unk.as_deref(), Some("<|endoftext|>"));
+        let added = TokenizerConfig::from_json(
+            r#"{"bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": false},
+                "eos_token": null}"#,
+        )
+        .expect("loads");
+        assert_eq!(added.special.bos.as_deref(), Some("<s>"));
+        assert_eq!(added.special.eos, None);
+        assert_eq!(added.chat_template, None);
+    }
+
+    /// The conversation of text-generation-inference's chat template tests. Every expected
+    /// string below was checked against Python Jinja2 3.1 configured as `transformers` does
+    /// (`ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    /// extensions=[loopcontrols])` with its `tojson` and `raise_exception`).
+    fn example_chat() -> Vec<Message> {
+        vec![
+            Message::user("Hello, how are you?"),
+            Message::assistant("I'm doing great. How can I help you today?"),
+            Message::user("I'd like to show off how chat templating works!"),
+        ]
+    }
+
+    #[test]
+    fn known_templates_render_like_transformers() {
+        let cases: [(&str, &str, &str); 4] = [
+            (
+                // mistralai/Mistral-7B-Instruct-v0.1
+                "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}",
+                "<s>[INST] Hello, how are you? [/INST]I'm doing great. How can I help you today?</s> [INST] I'd like to show off how chat templating works! [/INST]",
+                "mistral",
+            ),
+            (
+                // Deci/DeciLM-7B-instruct: exercises trim_blocks + lstrip_blocks.
+                "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '### User:\\n' + message['content'] }}\n{% elif message['role'] == 'system' %}\n{{ '### System:\\n' + message['content'] }}\n{% elif message['role'] == 'assistant' %}\n{{ '### Assistant:\\n'  + message['content'] }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '### Assistant:' }}\n{% endif %}\n{% endfor %}",
+                "### User:\nHello, how are you?\n### Assistant:\nI'm doing great. How can I help you today?\n### User:\nI'd like to show off how chat templating works!\n",
+                "decilm",
+            ),
+            (
+                // Qwen/Qwen1.5-72B-Chat
+                "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']}}{% if (loop.last and add_generation_prompt) or not loop.last %}{{ '<|im_end|>' + '\\n'}}{% endif %}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+                "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nHello, how are you?<|im_end|>\n<|im_start|>assistant\nI'm doing great. How can I help you today?<|im_end|>\n<|im_start|>user\nI'd like to show off how chat templating works!",
+                "qwen1.5",
+            ),
+            (
+                // TheBloke/deepseek-coder-33B-instruct-AWQ: `-` whitespace control, set in loops.
+                "{%- set found_item = false -%}\n{%- for message in messages -%}\n    {%- if message['role'] == 'system' -%}\n        {%- set found_item = true -%}\n    {%- endif -%}\n{%- endfor -%}\n{%- if not found_item -%}\n{{'You are an AI programming assistant.\\n'}}\n{%- endif %}\n{%- for message in messages %}\n    {%- if message['role'] == 'system' %}\n{{ message['content'] }}\n    {%- else %}\n        {%- if message['role'] == 'user' %}\n{{'### Instruction:\\n' + message['content'] + '\\n'}}\n        {%- else %}\n{{'### Response:\\n' + message['content'] + '\\n<|EOT|>\\n'}}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n{{'### Response:\\n'}}\n",
+                "You are an AI programming assistant.\n### Instruction:\nHello, how are you?\n### Response:\nI'm doing great. How can I help you today?\n<|EOT|>\n### Instruction:\nI'd like to show off how chat templating works!\n### Response:\n",
+                "deepseek-coder",
+            ),
+        ];
+        for (source, expected, name) in cases {
+            let got = jinja(source)
+                .render(&example_chat(), false)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body() {
+        let source = "{% for m in messages %}{% if m.role == 'assistant' %}\
+                      {%- generation -%} [{{ m.content }}] {%- endgeneration -%}\
+                      {% else %}{{ m.content }}{% endif %}{% endfor %}{% generation %}.{% endgeneration %}";
+        check(
+            source,
+            &[Message::user("q"), Message::assistant("a")],
+            "q[a].",
+        );
+        assert_eq!(
+            rewrite_generation_tags("{% if x %}a{%- endif %}"),
+            "{% if x %}a{%- endif %}"
+        );
+        assert_eq!(rewrite_generation_tags("a {% unclosed"), "a {% unclosed");
+    }
+
+    #[test]
+    fn tools_and_documents_are_none() {
+        check(
+            "{% if tools is none and documents is none and tools is defined %}ok{% endif %}\
+             {% if not tools %}!{% endif %}",
+            &[Message::user("x")],
+            "ok!",
+        );
+    }
+
+    #[test]
+    fn template_sees_bos_and_eos() {
+        check(
+            "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}",
+            &[Message::user("a"), Message::assistant("b")],
+            "<s>a</s>b</s>",
+        );
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_like_transformers() {
+        let source = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}\n";
+        check(
+            source,
+            &[Message::user("x"), Message::user("y")],
+            "[x]\n[y]\n",
+        );
+    }
+
+    #[test]
+    fn python_methods_and_loop_controls() {
+        let source = "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}\
+                      {{ m.content.strip().upper() }}{% if m.content.startswith(' a') %}!{% endif %}\
+                      {% endfor %}{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}";
+        check(
+            source,
+            &[
+                Message::user(" ab "),
+                Message::user("c"),
+                Message::user("d"),
+            ],
+            "AB!Crole=user;content= ab ;",
+        );
+    }
+
+    #[test]
+    fn tojson_writes_python_json() {
+        let source = "{{ messages[0] | tojson }}|{{ messages | tojson(indent=2) }}|\
+                      {{ {'b': [1, 2.0, 1e20, none, true], 'a': 'é\"<'} | tojson(sort_keys=true) }}|\
+                      {{ 'é😀\x7f' | tojson(ensure_ascii=true) }}|{{ [1, 2] | tojson(separators=[',', ':']) }}";
+        check(
+            source,
+            &[Message::user("hi")],
+            "{\"role\": \"user\", \"content\": \"hi\"}|\
+             [\n  {\n    \"role\": \"user\",\n    \"content\": \"hi\"\n  }\n]|\
+             {\"a\": \"é\\\"<\", \"b\": [1, 2.0, 1e+20, null, true]}|\
+             \"\\u00e9\\ud83d\\ude00\\u007f\"|[1,2]",
+        );
+    }
+
+    #[test]
+    fn broken_template_is_a_syntax_error() {
+        for source in [
+            "{% for m in messages %}{{ m.content }}",
+            "{{ 'unclosed ",
+            "{% endif %}",
+        ] {
+            let err =
+                ChatTemplate::new(source, SpecialTokens::default()).expect_err("must not compile");
+            assert!(matches!(err, Error::TemplateSyntax { .. }), "{err}");
+            assert!(!err.to_string().is_empty());
+        }
+        let err = PromptFormat::from_tokenizer_config_json(r#"{"chat_template": "{% if %}"}"#)
+            .expect_err("must not compile");
+        assert!(matches!(err, Error::TemplateSyntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn render_failure_is_an_error() {
+        let t = jinja("{{ messages[0].content | no_such_filter }}");
+        let err = t
+            .render(&[Message::user("x")], true)
+            .expect_err("unknown filter");
+        assert!(matches!(err, Error::TemplateRender { .. }), "{err}");
+        let t = jinja("{{ messages[0].content + 1 }}");
+        let err = t
+            .render(&[Message::user("x")], true)
+            .expect_err("type error");
+        assert!(matches!(err, Error::TemplateRender { .. }), "{err}");
+    }
+
+    #[test]
+    fn raise_exception_carries_the_message() {
+        // The check Llama-2 / Mistral templates make.
+        let source = "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\
+                      {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}\
+                      {% endif %}{{ message['content'] }}{% endfor %}";
+        let t = jinja(source);
+        assert_eq!(
+            t.render(&[Message::user("a"), Message::assistant("b")], false)
+                .expect("alternating roles render"),
+            "ab"
+        );
+        let err = t
+            .render(&[Message::user("a"), Message::user("b")], false)
+            .expect_err("must raise");
+        match err {
+            Error::TemplateException(msg) => assert_eq!(
+                msg,
+                "Conversation roles must alternate user/assistant/user/assistant/..."
+            ),
+            other => panic!("expected TemplateException, got {other}"),
+        }
+    }
+
+    #[test]
+    fn strftime_now_renders_a_date() {
+        let out = jinja("{{ strftime_now('%Y-%m-%d') }}")
+            .render(&[Message::user("x")], true)
+            .expect("renders");
+        let bytes = out.as_bytes();
+        assert_eq!(out.len(), 10, "{out}");
+        assert!(bytes[4] == b'-' && bytes[7] == b'-', "{out}");
+    }
+
+    #[test]
+    fn format_utc_matches_python() {
+        // Python: datetime(2024, 2, 29, 13, 5, 9, tzinfo=utc).strftime(...)
+        assert_eq!(
+            format_utc(
+                "%Y-%m-%d %H:%M:%S|%d %b %Y|%A %a %B %j %I%p %y|%%|%e",
+                1_709_211_909
+            ),
+            "2024-02-29 13:05:09|29 Feb 2024|Thursday Thu February 060 01PM 24|%|29"
+        );
+        assert_eq!(
+            format_utc("%-d %-m %F %T %Q", 1_709_211_909),
+            "29 2 2024-02-29 13:05:09 %Q"
+        );
+        assert_eq!(
+            format_utc("%Y-%m-%d %H:%M:%S %a", -1),
+            "1969-12-31 23:59:59 Wed"
+        );
+    }
+
+    #[test]
+    fn named_templates_pick_default() {
+        let json = r#"{"chat_template": [
+            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "default", "template": "DEFAULT"}
+        ]}"#;
+        let config = TokenizerConfig::from_json(json).expect("loads");
+        assert_eq!(config.chat_template.as_deref(), Some("DEFAULT"));
+        let only =
+            TokenizerConfig::from_json(r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#)
+                .expect("loads");
+        assert_eq!(only.chat_template.as_deref(), Some("R"));
+        let err = TokenizerConfig::from_json(r#"{"chat_template": []}"#).expect_err("empty list");
+        assert!(matches!(err, Error::InvalidConfig { .. }), "{err}");
+    }
+
+    #[test]
+    fn no_template_means_alpaca() {
+        let format =
+            PromptFormat::from_tokenizer_config_json(r#"{"eos_token": "</s>"}"#).expect("loads");
+        assert!(matches!(format, PromptFormat::Alpaca));
+        assert!(format.add_special_tokens());
+        assert_eq!(format.stop_strings(), ALPACA_STOP_STRINGS);
+    }
+
+    #[test]
+    fn malformed_config_is_an_error() {
+        let err = TokenizerConfig::from_json("{not json").expect_err("bad JSON");
+        assert!(matches!(err, Error::Json { .. }), "{err}");
+        let err = TokenizerConfig::from_json(r#"{"chat_template": 3}"#).expect_err("bad type");
+        assert!(matches!(err, Error::Json { .. }), "{err}");
+        let err = TokenizerConfig::from_file(Path::new("/nonexistent/tokenizer_config.json"))
+            .expect_err("missing file");
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn alpaca_single_turn() {
+        let prompt = PromptFormat::Alpaca
+            .render(&[Message::user("What is the capital of France?")], true)
+            .expect("renders");
+        assert_eq!(
+            prompt,
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n\
+             ### Instruction:\nWhat is the capital of France?\n\n### Response:\n"
+        );
+    }
+
+    #[test]
+    fn alpaca_multi_turn_with_system_prompt() {
+        let messages = [
+            Message::system("You are a geography tutor."),
+            Message::user("Capital of France?"),
+            Message::assistant("Paris."),
+            Message::user("And of Italy?"),
+        ];
+        assert_eq!(
+            PromptFormat::Alpaca
+                .render(&messages, true)
+                .expect("renders"),
+            "You are a geography tutor.\n\n\
+             ### Instruction:\nCapital of France?\n\n\
+             ### Response:\nParis.\n\n\
+             ### Instruction:\nAnd of Italy?\n\n\
+             ### Response:\n"
+        );
+    }
+
+    #[test]
+    fn alpaca_edge_cases() {
+        // Empty system prompt: no preamble at all.
+        assert_eq!(
+            render_alpaca(&[Message::system(""), Message::user("Hi")], true),
+            "### Instruction:\nHi\n\n### Response:\n"
+        );
+        // No generation prompt, ending on an assistant message: continue it.
+        assert_eq!(
+            render_alpaca(&[Message::user("Hi"), Message::assistant("Hel")], false),
+            format!("{ALPACA_PREAMBLE}\n\n### Instruction:\nHi\n\n### Response:\nHel")
+        );
+        assert_eq!(
+            alpaca_with_input("Translate to French.", "Good morning"),
+            format!(
+                "{ALPACA_PREAMBLE_WITH_INPUT}\n\n### Instruction:\nTranslate to French.\n\n\
+                 ### Input:\nGood morning\n\n### Response:\n"
+            )
+        );
+        let err = PromptFormat::Alpaca.render(&[], true).expect_err("empty");
+        assert!(matches!(err, Error::InvalidConversation(_)), "{err}");
+    }
+
+    #[test]
+    fn generation_config_eos_forms() {
+        let one = GenerationConfig::from_json(r#"{"bos_token_id": 1, "eos_token_id": 2}"#)
+            .expect("loads");
+        assert_eq!(one.eos_token_ids, vec![2]);
+        assert_eq!(one.bos_token_id, Some(1));
+        let many = GenerationConfig::from_json(r#"{"eos_token_id": [128001, 128008, 128009]}"#)
+            .expect("loads");
+        assert_eq!(many.eos_token_ids, vec![128001, 128008, 128009]);
+        let none = GenerationConfig::from_json(r#"{"eos_token_id": null}"#).expect("loads");
+        assert!(none.eos_token_ids.is_empty());
+    }
+
+    #[test]
+    fn eos_ids_merge_generation_config_and_tokenizer() {
+        let tokenizer: Tokenizer = r#"{
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [
+                {"id": 3, "content": "<|im_end|>", "single_word": false, "lstrip": false,
+                 "rstrip": false, "normalized": false, "special": true},
+                {"id": 4, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                 "rstrip": false, "normalized": false, "special": true}
+            ],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1, "<unk>": 2, "<|im_end|>": 3, "<|endoftext|>": 4},
+                      "unk_token": "<unk>"}
+        }"#
+        .parse()
+        .expect("valid tokenizer.json");
+        let special = TokenizerConfig::from_json(SMOLLM2_CONFIG)
+            .expect("loads")
+            .special;
+        assert_eq!(special.eos_token_ids(&tokenizer, None), vec![3]);
+        let generation = GenerationConfig::from_json(r#"{"eos_token_id": [4, 3]}"#).expect("loads");
+        assert_eq!(
+            special.eos_token_ids(&tokenizer, Some(&generation)),
+            vec![4, 3]
+        );
+        let unknown = SpecialTokens {
+            eos: Some("</s>".into()),
+            ..SpecialTokens::default()
+        };
+        assert!(unknown.eos_token_ids(&tokenizer, None).is_empty());
+        assert_eq!(special.bos_token_id(&tokenizer, None), None);
+    }
+
+    #[test]
+    fn model_dir_prefers_chat_template_jinja() {
+        let dir = std::env::temp_dir().join(format!("tptt-engine-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("tokenizer_config.json"), SMOLLM2_CONFIG).expect("write");
+        let config = TokenizerConfig::from_model_dir(&dir).expect("loads");
+        assert!(config
+            .chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("SmolLM")));
+        std::fs::write(dir.join("chat_template.jinja"), "{{ messages[0].content }}")
+            .expect("write");
+        let config = TokenizerConfig::from_model_dir(&dir).expect("loads");
+        assert_eq!(
+            config.chat_template.as_deref(),
+            Some("{{ messages[0].content }}")
+        );
+        assert_eq!(config.special.eos.as_deref(), Some("<|im_end|>"));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

@@ -1,0 +1,18 @@
+//! `tptt`: faithful TPTT inference ("Transforming Pretrained Transformers into Titans",
+//! <https://arxiv.org/abs/2506.17671>) in candle, matching the reference package tptt 0.12.1.
+//!
+//! Main types: [`config::ModelConfig`] (validated config), [`repo::TpttRepo`] (a repo on disk and
+//! its variants), [`model::Model`] (immutable weights) and [`model::State`] (everything that
+//! belongs to one conversation: KV window, linear-branch carries, position).
+//!
+//! The crate knows nothing of Tauri, SQLite, the network or threads.
+
+pub mod config;
+pub mod error;
+pub mod linear;
+pub mod model;
+pub mod repo;
+pub mod rope;
+pub mod weights;
+
+pub use error::{Error, Result};

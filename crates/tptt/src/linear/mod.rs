@@ -1,0 +1,502 @@
+//! The LiZA linear branch (SPEC §4): gates, q/k/v preparation, order-2 virtual tokens, chunked
+//! delta-product scan, head merge and the parameter-free RMS norm. Everything here is f32 on
+//! the CPU, on plain row-major slices; the caller applies `o_proj`.
+//!
+//! One call processes the `S` tokens of a forward call for one layer. What crosses calls lives in
+//! a [`LinearCarry`]: the recurrent state (`[H, D, D]`), the last two raw k/v rows (so the causal
+//! 3-mean pooling of the gates sees them) and, for order 2, the previous token's processed
+//! `q, k, v, α, β` (the reference's one-token buffer). [`CarryMode`] says how much of it is used:
+//! * [`CarryMode::Continue`] (ours): everything carries over, so splitting a sequence into calls
+//!   equals one call under the same chunking (see the `engine` crate for the semantics).
+//! * [`CarryMode::Reference`]: tptt 0.12.1's cached generation, which restarts the state at
+//!   `1e-6` and the pooling at every call and only keeps the order-2 buffer (SPEC §7).
+//!
+//! [`scan`] dispatches to the fast path ([`fast`]); [`naive`] is the literal specification.
+
+pub mod fast;
+pub mod naive;
+
+use crate::config::{Gate, RecurrentConfig, Trick};
+
+/// The initial value of every entry of a fresh recurrent state (SPEC §4.8).
+pub const STATE_INIT: f32 = 1e-6;
+
+/// Inputs of one scan, all `[H, S·n, D]` (token-major virtual rows), f32.
+pub struct ScanInput<'a> {
+    /// Query heads H.
+    pub heads: usize,
+    /// Head dim D.
+    pub dim: usize,
+    /// Tokens S of this call.
+    pub tokens: usize,
+    /// Recurrent order n (1 or 2).
+    pub order: usize,
+    /// Chunk size C (divides S).
+    pub chunk: usize,
+    /// `false`: inter-chunk GELU activation.
+    pub linear: bool,
+    /// Queries.
+    pub q: &'a [f32],
+    /// Keys.
+    pub k: &'a [f32],
+    /// Values.
+    pub v: &'a [f32],
+    /// Decays.
+    pub alpha: &'a [f32],
+    /// Write strengths.
+    pub beta: &'a [f32],
+}
+
+/// Which scan implementation to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScanImpl {
+    /// [`fast::scan`].
+    #[default]
+    Fast,
+    /// [`naive::scan`].
+    Naive,
+}
+
+/// Run the scan. `state`: `[H, D, D]` in, final state out. Returns `[H, S, D]`.
+pub fn scan(inp: &ScanInput<'_>, state: &mut [f32], which: ScanImpl) -> Vec<f32> {
+    debug_assert!(inp.chunk >= 1 && inp.tokens % inp.chunk == 0);
+    match which {
+        ScanImpl::Fast => fast::scan(inp, state),
+        ScanImpl::Naive => naive::scan(inp, state),
+    }
+}
+
+/// The reference's chunk-size rule (SPEC §4.6): the largest `c ≤ min(max, S)` dividing `S`.
+pub fn chunk_size(tokens: usize, max_chunk: usize) -> usize {
+    (1..=max_chunk.min(tokens).max(1)).rev().find(|c| tokens % c == 0).unwrap_or(1)
+}
+
+/// `gelu_tanh(x)`, as `F.gelu(approximate="tanh")`.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// Inter-chunk activation of `delta_rule_gelu` on a `D×D` state, per row `d`:
+/// `h = (h/2)·gelu_tanh(2h/(‖h[d,:]‖ + 1e-6))`.
+pub(crate) fn gelu_rows(h0: &mut [f32], d: usize) {
+    for row in h0.chunks_mut(d) {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt() + 1e-6;
+        for x in row.iter_mut() {
+            *x = (*x / 2.0) * gelu_tanh(2.0 * *x / norm);
+        }
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `F.normalize(x, p=2, eps=1e-6)` in place.
+fn l2norm(x: &mut [f32]) {
+    let n = x.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
+    x.iter_mut().for_each(|v| *v /= n);
+}
+
+/// The previous token's processed values, per query head (`[H·D]` each): the order-2 buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrevToken {
+    /// Normalised query.
+    pub q: Vec<f32>,
+    /// Normalised key.
+    pub k: Vec<f32>,
+    /// Scaled value.
+    pub v: Vec<f32>,
+    /// Decay gate.
+    pub alpha: Vec<f32>,
+    /// Write gate.
+    pub beta: Vec<f32>,
+}
+
+/// What the linear branch of one layer carries from call to call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearCarry {
+    /// `[H, D, D]` recurrent state (rows: key dim, columns: value dim).
+    pub state: Vec<f32>,
+    /// Up to two previous raw key rows `[Hkv·D]` (oldest first), for the gate pooling.
+    pub pool_k: Vec<Vec<f32>>,
+    /// Up to two previous raw value rows, likewise.
+    pub pool_v: Vec<Vec<f32>>,
+    /// Order 2: the previous token, processed.
+    pub prev: Option<PrevToken>,
+}
+
+impl LinearCarry {
+    /// A fresh carry: state `1e-6`, no history.
+    pub fn new(heads: usize, dim: usize) -> Self {
+        Self { state: vec![STATE_INIT; heads * dim * dim], pool_k: Vec::new(), pool_v: Vec::new(), prev: None }
+    }
+}
+
+/// How much of the carry a call uses (module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CarryMode {
+    /// Carry state, pooling history and order-2 buffer.
+    #[default]
+    Continue,
+    /// tptt 0.12.1's cached generation: restart state and pooling, keep the order-2 buffer.
+    Reference,
+}
+
+/// Shapes and the recurrence for [`forward`].
+#[derive(Debug, Clone, Copy)]
+pub struct LinearShape {
+    /// Query heads H.
+    pub heads: usize,
+    /// Key/value heads Hkv.
+    pub kv_heads: usize,
+    /// Head dim D.
+    pub dim: usize,
+    /// The recurrence.
+    pub rc: RecurrentConfig,
+    /// `max_chunk_size` (the chunk is derived from it and S).
+    pub max_chunk: usize,
+}
+
+/// The causal 3-mean of the gate pooling over rows `[S, F]` (SPEC §4.2), with `history` (up to two
+/// earlier rows, oldest first) before the call, or replicate padding when there is none.
+fn pool3(x: &[f32], f: usize, history: &[Vec<f32>]) -> Vec<f32> {
+    let s = x.len() / f;
+    let third = 1.0f32 / 3.0;
+    let row = |t: isize| -> &[f32] {
+        if t >= 0 {
+            &x[t as usize * f..(t as usize + 1) * f]
+        } else {
+            let h = history.len() as isize + t; // t = -1 → last history row
+            if h >= 0 {
+                &history[h as usize]
+            } else if let Some(first) = history.first() {
+                first // fewer than two history rows: replicate the oldest
+            } else {
+                &x[..f] // replicate padding: X[-1] = X[-2] = X[0]
+            }
+        }
+    };
+    let mut out = vec![0f32; s * f];
+    for t in 0..s as isize {
+        let (a, b, c) = (row(t - 2), row(t - 1), row(t));
+        let o = &mut out[t as usize * f..(t as usize + 1) * f];
+        for i in 0..f {
+            o[i] = a[i] * third + b[i] * third + c[i] * third;
+        }
+    }
+    out
+}
+
+/// Per-token processed values `[H, S, D]` for one of q/k/v/α/β.
+struct Processed {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    alpha: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+/// Expand `[H, S, D]` into `[H, S·n, D]` virtual rows with a trick (SPEC §4.5). `prev` is the
+/// row before the first token per head (`[H·D]`), zeros when there is none.
+fn expand(x: &[f32], prev: Option<&[f32]>, heads: usize, s: usize, d: usize, n: usize, trick: Trick) -> Vec<f32> {
+    if n == 1 {
+        return x.to_vec();
+    }
+    debug_assert_eq!(n, 2);
+    let angle = std::f32::consts::PI; // 1 · (2π / 2) in float32
+    let (cos1, sin1) = (angle.cos(), angle.sin()); // (-1, -8.742278e-08)
+    let mut out = vec![0f32; heads * s * n * d];
+    let zeros = vec![0f32; d];
+    let rot = |src: &[f32], dst: &mut [f32]| {
+        let pairs = d / 2;
+        for p in 0..pairs {
+            let (x0, x1) = (src[2 * p], src[2 * p + 1]);
+            dst[2 * p] = x0 * cos1 - x1 * sin1;
+            dst[2 * p + 1] = x0 * sin1 + x1 * cos1;
+        }
+        if d % 2 == 1 {
+            dst[d - 1] = src[d - 1];
+        }
+    };
+    let mut r1 = vec![0f32; d];
+    for h in 0..heads {
+        for t in 0..s {
+            let cur = &x[(h * s + t) * d..(h * s + t + 1) * d];
+            let before: &[f32] = if t > 0 {
+                &x[(h * s + t - 1) * d..(h * s + t) * d]
+            } else {
+                prev.map(|p| &p[h * d..(h + 1) * d]).unwrap_or(&zeros)
+            };
+            let o = (h * s + t) * n * d;
+            let (v0, v1) = out[o..o + 2 * d].split_at_mut(d);
+            match trick {
+                Trick::Dt => {
+                    for e in 0..d {
+                        v0[e] = cur[e] * -0.5;
+                        v1[e] = before[e] * 0.5;
+                    }
+                }
+                Trick::Rot => {
+                    // θ_0 = 0: cos 1, sin 0 → the identity (x·1 − y·0).
+                    for e in 0..d {
+                        v0[e] = cur[e];
+                    }
+                    rot(cur, v1);
+                }
+                Trick::Rdt => {
+                    rot(cur, &mut r1);
+                    for e in 0..d {
+                        v0[e] = 0.5 * (cur[e] * -0.5 + cur[e]);
+                        v1[e] = 0.5 * (before[e] * 0.5 + r1[e]);
+                    }
+                }
+                Trick::Cte => {
+                    v0.copy_from_slice(cur);
+                    v1.copy_from_slice(cur);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One layer's linear branch for the `S` tokens of a call.
+///
+/// `q_raw`: `[S, H·D]`, `k_raw`, `v_raw`: `[S, Hkv·D]` (the LoRA'd, biased projections, no RoPE).
+/// Returns `[S, H·D]` after the parameter-free RMS norm, ready for `o_proj`.
+pub fn forward(
+    shape: &LinearShape,
+    q_raw: &[f32],
+    k_raw: &[f32],
+    v_raw: &[f32],
+    carry: &mut LinearCarry,
+    mode: CarryMode,
+    which: ScanImpl,
+) -> Vec<f32> {
+    let (h_n, hkv, d, rc) = (shape.heads, shape.kv_heads, shape.dim, shape.rc);
+    let g = h_n / hkv;
+    let fkv = hkv * d;
+    let s = k_raw.len() / fkv;
+    if mode == CarryMode::Reference {
+        carry.state.iter_mut().for_each(|x| *x = STATE_INIT);
+        carry.pool_k.clear();
+        carry.pool_v.clear();
+    }
+
+    // §4.2 gates, per kv channel.
+    let f_gate: Vec<f32> = pool3(k_raw, fkv, &carry.pool_k).into_iter().map(sigmoid).collect();
+    let w_gate: Vec<f32> = pool3(v_raw, fkv, &carry.pool_v).into_iter().map(sigmoid).collect();
+
+    // §4.3 per head [H, S, D], kv heads repeated (head h reads kv head h / G).
+    let scaling = (d as f32).powf(-0.5);
+    let mut p = Processed {
+        q: vec![0f32; h_n * s * d],
+        k: vec![0f32; h_n * s * d],
+        v: vec![0f32; h_n * s * d],
+        alpha: vec![0f32; h_n * s * d],
+        beta: vec![0f32; h_n * s * d],
+    };
+    for t in 0..s {
+        for h in 0..h_n {
+            let kvh = h / g;
+            let dst = (h * s + t) * d;
+            let qs = &q_raw[t * h_n * d + h * d..t * h_n * d + (h + 1) * d];
+            let ks = &k_raw[t * fkv + kvh * d..t * fkv + (kvh + 1) * d];
+            let vs = &v_raw[t * fkv + kvh * d..t * fkv + (kvh + 1) * d];
+            let fg = &f_gate[t * fkv + kvh * d..t * fkv + (kvh + 1) * d];
+            let wg = &w_gate[t * fkv + kvh * d..t * fkv + (kvh + 1) * d];
+            for e in 0..d {
+                p.q[dst + e] = silu(qs[e]);
+                p.k[dst + e] = silu(ks[e]);
+                p.v[dst + e] = vs[e] * scaling;
+                let gate = |which: Gate, beta: bool| match which {
+                    Gate::K => fg[e],
+                    Gate::V => wg[e],
+                    Gate::Kv => fg[e] * wg[e],
+                    Gate::C => {
+                        if beta {
+                            0.5
+                        } else {
+                            1.0
+                        }
+                    }
+                };
+                p.alpha[dst + e] = gate(rc.alpha_gate, false);
+                p.beta[dst + e] = gate(rc.beta_gate, true);
+            }
+            l2norm(&mut p.q[dst..dst + d]);
+            l2norm(&mut p.k[dst..dst + d]);
+        }
+    }
+
+    // §4.4/4.5 virtual tokens; the buffer (if any) is the row before token 0.
+    let n = rc.order;
+    let prev = carry.prev.take();
+    let trick_for = |gate: Gate| if gate == Gate::C { Trick::Cte } else { rc.trick };
+    let q = expand(&p.q, prev.as_ref().map(|b| b.q.as_slice()), h_n, s, d, n, rc.trick);
+    let k = expand(&p.k, prev.as_ref().map(|b| b.k.as_slice()), h_n, s, d, n, rc.trick);
+    let v = expand(&p.v, prev.as_ref().map(|b| b.v.as_slice()), h_n, s, d, n, rc.trick);
+    let alpha = expand(&p.alpha, prev.as_ref().map(|b| b.alpha.as_slice()), h_n, s, d, n, trick_for(rc.alpha_gate));
+    let beta = expand(&p.beta, prev.as_ref().map(|b| b.beta.as_slice()), h_n, s, d, n, trick_for(rc.beta_gate));
+
+    // Update the carry's histories before the scan consumes the state.
+    if n > 1 {
+        let last = |x: &[f32]| -> Vec<f32> {
+            (0..h_n).flat_map(|h| x[(h * s + s - 1) * d..(h * s + s) * d].iter().copied()).collect()
+        };
+        carry.prev = Some(PrevToken { q: last(&p.q), k: last(&p.k), v: last(&p.v), alpha: last(&p.alpha), beta: last(&p.beta) });
+    }
+    let push_rows = |hist: &mut Vec<Vec<f32>>, x: &[f32]| {
+        let start = s.saturating_sub(2);
+        for t in start..s {
+            hist.push(x[t * fkv..(t + 1) * fkv].to_vec());
+        }
+        let extra = hist.len().saturating_sub(2);
+        hist.drain(..extra);
+    };
+    push_rows(&mut carry.pool_k, k_raw);
+    push_rows(&mut carry.pool_v, v_raw);
+
+    // §4.6–4.8
+    let chunk = chunk_size(s, shape.max_chunk);
+    let inp = ScanInput { heads: h_n, dim: d, tokens: s, order: n, chunk, linear: rc.linear, q: &q, k: &k, v: &v, alpha: &alpha, beta: &beta };
+    let y = scan(&inp, &mut carry.state, which); // [H, S, D]
+
+    // §4.9 merge heads and RMS-normalise each token over H·D (no weight).
+    let hd = h_n * d;
+    let mut out = vec![0f32; s * hd];
+    for t in 0..s {
+        let row = &mut out[t * hd..(t + 1) * hd];
+        for h in 0..h_n {
+            row[h * d..(h + 1) * d].copy_from_slice(&y[(h * s + t) * d..(h * s + t + 1) * d]);
+        }
+        let ms = row.iter().map(|x| x * x).sum::<f32>() / hd as f32;
+        let inv = 1.0 / (ms + 1e-6).sqrt();
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn normalized_rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
+        let mut v = rand_vec(n * d, seed);
+        v.chunks_mut(d).for_each(l2norm);
+        v
+    }
+
+    /// Tolerance between the two scan orders of operation, relative to the output scale.
+    const SCAN_TOL: f32 = 2e-5;
+
+    fn check_scan(heads: usize, d: usize, s: usize, n: usize, chunk: usize, linear: bool) {
+        let rows = heads * s * n;
+        let q = normalized_rows(rows, d, 1);
+        let k = normalized_rows(rows, d, 2);
+        let v = rand_vec(rows * d, 3).iter().map(|x| x * 0.3).collect::<Vec<_>>();
+        // gates in (0, 1) and, as under dt, some negative ones
+        let alpha = rand_vec(rows * d, 4).iter().map(|x| 0.6 + 0.4 * x).collect::<Vec<_>>();
+        let beta = rand_vec(rows * d, 5).iter().map(|x| 0.5 * x).collect::<Vec<_>>();
+        let inp = ScanInput { heads, dim: d, tokens: s, order: n, chunk, linear, q: &q, k: &k, v: &v, alpha: &alpha, beta: &beta };
+        let init = rand_vec(heads * d * d, 6).iter().map(|x| 0.1 * x).collect::<Vec<_>>();
+        let (mut s_naive, mut s_fast) = (init.clone(), init);
+        let o_naive = scan(&inp, &mut s_naive, ScanImpl::Naive);
+        let o_fast = scan(&inp, &mut s_fast, ScanImpl::Fast);
+        let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let scale = o_naive.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1.0);
+        assert!(max_diff(&o_naive, &o_fast) <= SCAN_TOL * scale, "output H{heads} D{d} S{s} n{n} C{chunk}: {}", max_diff(&o_naive, &o_fast));
+        assert!(max_diff(&s_naive, &s_fast) <= SCAN_TOL * scale, "state H{heads} D{d} S{s} n{n} C{chunk}: {}", max_diff(&s_naive, &s_fast));
+    }
+
+    #[test]
+    fn fast_scan_matches_naive_on_odd_shapes() {
+        for &(s, c) in &[(1, 1), (7, 7), (63, 21), (67, 1), (100, 50), (130, 26)] {
+            for n in [1, 2] {
+                for linear in [true, false] {
+                    check_scan(3, 60, s, n, c, linear);
+                }
+            }
+        }
+        check_scan(2, 16, 64, 2, 64, true);
+        check_scan(1, 5, 9, 2, 3, true);
+    }
+
+    #[test]
+    fn chunk_size_rule_matches_the_reference_table() {
+        let table = [(1, 1), (7, 7), (20, 20), (31, 31), (64, 64), (67, 1), (100, 50), (128, 64), (130, 26), (512, 64), (1000, 50), (4099, 1)];
+        for (s, c) in table {
+            assert_eq!(chunk_size(s, 64), c, "S = {s}");
+        }
+        assert_eq!(chunk_size(130, 7), 5);
+        assert_eq!(chunk_size(5, 1), 1);
+    }
+
+    #[test]
+    fn spec_worked_example_of_dt_virtual_tokens() {
+        // One head, D = 2: x_0 = (1, 2), x_1 = (3, 4).
+        let x = [1.0, 2.0, 3.0, 4.0];
+        let out = expand(&x, None, 1, 2, 2, 2, Trick::Dt);
+        assert_eq!(out, vec![-0.5, -1.0, 0.0, 0.0, -1.5, -2.0, 0.5, 1.0]);
+    }
+
+    #[test]
+    fn rotation_uses_float32_sin_pi() {
+        let out = expand(&[1.0, 2.0], None, 1, 1, 2, 2, Trick::Rot);
+        assert_eq!(out[..2], [1.0, 2.0]);
+        let s = -8.742278e-08f32;
+        assert_eq!(out[2], 1.0 * -1.0 - 2.0 * s);
+        assert_eq!(out[3], 1.0 * s + 2.0 * -1.0);
+    }
+
+    #[test]
+    fn pooling_replicates_then_uses_history() {
+        let x = [3.0, 6.0, 9.0];
+        let fresh = pool3(&x, 1, &[]);
+        assert!((fresh[0] - 3.0).abs() < 1e-6 && (fresh[1] - 4.0).abs() < 1e-6 && (fresh[2] - 6.0).abs() < 1e-6);
+        let hist = pool3(&[9.0], 1, &[vec![3.0], vec![6.0]]);
+        assert!((hist[0] - 6.0).abs() < 1e-6);
+    }
+
+    fn layer_inputs(s: usize, h: usize, hkv: usize, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        (rand_vec(s * h * d, 11), rand_vec(s * hkv * d, 12), rand_vec(s * hkv * d, 13))
+    }
+
+    #[test]
+    fn split_calls_with_carried_state_equal_one_call_at_chunk_one() {
+        for mode in crate::config::OPERATOR_MODES {
+            let rc = RecurrentConfig::from_operator_mode(mode).expect("known mode");
+            let shape = LinearShape { heads: 4, kv_heads: 2, dim: 8, rc, max_chunk: 1 };
+            let s = 9;
+            let (q, k, v) = layer_inputs(s, 4, 2, 8);
+            let mut one = LinearCarry::new(4, 8);
+            let full = forward(&shape, &q, &k, &v, &mut one, CarryMode::Continue, ScanImpl::Fast);
+            let mut split = LinearCarry::new(4, 8);
+            let mut parts = Vec::new();
+            for (a, b) in [(0, 4), (4, 5), (5, 9)] {
+                parts.extend(forward(&shape, &q[a * 32..b * 32], &k[a * 16..b * 16], &v[a * 16..b * 16], &mut split, CarryMode::Continue, ScanImpl::Fast));
+            }
+            let diff = full.iter().zip(&parts).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{mode}: {diff}");
+            assert!(one.state.iter().zip(&split.state).all(|(x, y)| (x - y).abs() < 1e-5), "{mode}: state");
+        }
+    }
+}

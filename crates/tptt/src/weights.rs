@@ -1,0 +1,185 @@
+//! Loading weights: safetensors (single or sharded, f32/f16/bf16, always widened to f32 here),
+//! and the TPTT adapter file (LoRA merged into the base projections, or full projection weights),
+//! strictly: an unknown key, a missing expected key or a wrong shape is an error (the reference
+//! silently ignores them, SPEC §1.3).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{read_json_object, LoraSettings};
+use crate::error::{Error, Result};
+
+/// Named tensors, f32, on one device.
+pub type TensorMap = HashMap<String, Tensor>;
+
+/// The safetensors files of a model folder: `model.safetensors`, or the shards listed by
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let map = read_json_object(&index)?;
+        let wm = map.get("weight_map").and_then(|v| v.as_object()).ok_or_else(|| Error::Json {
+            path: index.clone(),
+            message: "no weight_map object".into(),
+        })?;
+        let mut files: Vec<String> = wm.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+        files.sort();
+        files.dedup();
+        let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(Error::NotFound(format!("shard {} listed in {} does not exist", missing.display(), index.display())));
+        }
+        return Ok(files);
+    }
+    Err(Error::NotFound(format!(
+        "no model.safetensors or model.safetensors.index.json in {}",
+        dir.display()
+    )))
+}
+
+/// Read every tensor of a safetensors file as f32.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<TensorMap> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: e.to_string() })?;
+    let mut out = TensorMap::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F64 => DType::F64,
+            other => {
+                return Err(Error::Weights { path: path.to_path_buf(), message: format!("tensor {name:?} has unsupported dtype {other:?}") })
+            }
+        };
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
+            .map_err(|e| Error::Weights { path: path.to_path_buf(), message: format!("tensor {name:?}: {e}") })?;
+        let t = if dtype == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Load all shards of a model folder into one map.
+pub fn load_model_dir(dir: &Path, device: &Device) -> Result<TensorMap> {
+    let mut all = TensorMap::new();
+    for f in weight_files(dir)? {
+        all.extend(load_safetensors(&f, device)?);
+    }
+    Ok(all)
+}
+
+/// Map an adapter key's module path to the base weight name:
+/// `model.model.layers.0.self_attn.base_attn.q_proj` → `model.layers.0.self_attn.q_proj`.
+fn base_name(module: &str, base: &TensorMap, suffix: &str) -> Option<String> {
+    let plain = module.replace(".base_attn.", ".");
+    let mut candidates = vec![format!("{plain}.{suffix}")];
+    if let Some(rest) = plain.strip_prefix("model.") {
+        candidates.push(format!("{rest}.{suffix}"));
+    }
+    candidates.into_iter().find(|c| base.contains_key(c))
+}
+
+/// What applying an adapter did, for `inspect`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdapterReport {
+    /// Number of LoRA pairs merged.
+    pub lora_pairs: usize,
+    /// Number of full tensors replaced.
+    pub replaced: usize,
+}
+
+/// Apply `adapter_model.safetensors` to the base weights (SPEC §1.3).
+///
+/// With `lora`, every `…lora_A[.default].weight`/`…lora_B[.default].weight` pair is merged as
+/// `W += scale · B·A`; every targeted projection of every layer must have its pair. Other keys
+/// (and all keys without LoRA) replace the base tensor of the same name and shape.
+pub fn apply_adapter(
+    base: &mut TensorMap,
+    path: &Path,
+    lora: Option<&LoraSettings>,
+    target_modules: &[String],
+    device: &Device,
+) -> Result<AdapterReport> {
+    let adapter = load_safetensors(path, device)?;
+    let mut report = AdapterReport::default();
+    let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    let unexpected = |key: &str| Error::UnexpectedAdapterKey { path: path.to_path_buf(), key: key.to_string() };
+    let mut keys: Vec<&String> = adapter.keys().collect();
+    keys.sort();
+    for key in keys {
+        let t = &adapter[key];
+        let lora_part = [(".lora_A.default.weight", 0), (".lora_A.weight", 0), (".lora_B.default.weight", 1), (".lora_B.weight", 1)]
+            .iter()
+            .find_map(|(suf, which)| key.strip_suffix(suf).map(|m| (m.to_string(), *which)));
+        if let Some((module, which)) = lora_part {
+            if lora.is_none() {
+                return Err(Error::Config {
+                    path: Some(path.to_path_buf()),
+                    message: format!("adapter holds LoRA key {key:?} but the config has lora_config: null"),
+                });
+            }
+            let name = base_name(&module, base, "weight").ok_or_else(|| unexpected(key))?;
+            let e = pairs.entry(name).or_default();
+            if which == 0 {
+                e.0 = Some(t.clone());
+            } else {
+                e.1 = Some(t.clone());
+            }
+        } else {
+            let (module, suffix) = key.rsplit_once('.').ok_or_else(|| unexpected(key))?;
+            let name = base_name(module, base, suffix).ok_or_else(|| unexpected(key))?;
+            let want = base[&name].dims().to_vec();
+            if t.dims() != want.as_slice() {
+                return Err(Error::ShapeMismatch { name: key.clone(), got: t.dims().to_vec(), expected: want });
+            }
+            base.insert(name, t.clone());
+            report.replaced += 1;
+        }
+    }
+    if let Some(lora) = lora {
+        // Every targeted projection of every decoder layer must be adapted.
+        let mut expected: Vec<&String> = base
+            .keys()
+            .filter(|n| {
+                n.contains(".layers.")
+                    && n.ends_with(".weight")
+                    && target_modules.iter().any(|t| n.trim_end_matches(".weight").ends_with(&format!(".{t}")))
+            })
+            .collect();
+        expected.sort();
+        if let Some(missing) = expected.iter().find(|n| !pairs.contains_key(n.as_str())) {
+            return Err(Error::MissingTensor {
+                name: format!("LoRA A/B for {missing}"),
+                location: path.display().to_string(),
+            });
+        }
+        let scale = lora.scale();
+        let mut names: Vec<String> = pairs.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let (a, b) = pairs.remove(&name).unwrap_or_default();
+            let a = a.ok_or_else(|| Error::MissingTensor { name: format!("lora_A for {name}"), location: path.display().to_string() })?;
+            let b = b.ok_or_else(|| Error::MissingTensor { name: format!("lora_B for {name}"), location: path.display().to_string() })?;
+            let w = &base[&name];
+            let (out_dim, in_dim) = w.dims2()?;
+            if a.dims() != [lora.r, in_dim] {
+                return Err(Error::ShapeMismatch { name: format!("{name} lora_A"), got: a.dims().to_vec(), expected: vec![lora.r, in_dim] });
+            }
+            if b.dims() != [out_dim, lora.r] {
+                return Err(Error::ShapeMismatch { name: format!("{name} lora_B"), got: b.dims().to_vec(), expected: vec![out_dim, lora.r] });
+            }
+            let merged = (w + (b.matmul(&a)? * scale)?)?;
+            base.insert(name, merged);
+            report.lora_pairs += 1;
+        }
+    }
+    Ok(report)
+}
