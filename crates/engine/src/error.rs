@@ -94,4 +94,18 @@ pub enum Error {
     /// The tokenizer failed (decoding ids it does not know, for example).
     #[error("tokenizer error: {0}")]
     Tokenizer(#[source] tokenizers::Error),
+    /// The model failed (load, forward, bad token id, state mismatch).
+    #[error(transparent)]
+    Model(#[from] tptt::Error),
+    /// A state snapshot is corrupt, truncated, foreign, or belongs to another model/variant/config.
+    #[error("state snapshot {path}: {reason}")]
+    Snapshot {
+        /// The snapshot file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Generation cannot start (e.g. an empty prompt with nothing to continue from).
+    #[error("cannot generate: {0}")]
+    Generate(String),
 }

@@ -17,18 +17,30 @@
 //!
 //! A generation step chains them: `model → logits → Sampler::sample → id →
 //! IncrementalDecoder::push → text → StopMatcher::push → UI`, ending on an EOS id, a stop
-//! string, `max_new_tokens` or cancellation. The model-driving parts (the generation thread and
-//! its state snapshots) build on these modules.
+//! string, `max_new_tokens` or cancellation. The model-driving parts build on these modules:
+//!
+//! - [`session`]: a [`Session`] (one conversation: the model [`tptt::model::State`], the tokens
+//!   read, the last logits) and the generation loop; its module doc states the memory semantics
+//!   and where they differ from the reference.
+//! - [`snapshot`]: sessions saved to / restored from versioned safetensors files, refused on
+//!   another model, variant or config.
+//! - [`worker`]: the [`Engine`] that runs jobs on its own OS thread.
 
 pub mod detok;
 pub mod error;
 pub mod sampler;
+pub mod session;
+pub mod snapshot;
 pub mod stop;
 pub mod template;
+pub mod worker;
 
 pub use detok::IncrementalDecoder;
 pub use error::{Error, Result};
 pub use sampler::{Sampler, SamplingParams};
+pub use session::{CancelToken, Event, FinishReason, GenerateOptions, GenerationStats, Outcome, Session, SessionOptions};
+pub use snapshot::ModelIdentity;
+pub use worker::{Engine, Job, JobResult};
 pub use stop::{StopMatcher, StopResult};
 pub use template::{
     ChatTemplate, GenerationConfig, Message, PromptFormat, Role, SpecialTokens, TokenizerConfig,

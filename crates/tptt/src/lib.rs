@@ -13,6 +13,7 @@ pub mod linear;
 pub mod model;
 pub mod repo;
 pub mod rope;
+pub mod state;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::config::{ModelConfig, TpttSettings};
 use crate::error::{Error, Result};
 use crate::linear::{self, CarryMode, LinearCarry, LinearShape, ScanImpl};
+pub use crate::state::{LayerState, State};
 use crate::repo::VariantFiles;
 use crate::rope::{self, Rope};
 use crate::weights::{self, AdapterReport, TensorMap};
@@ -68,39 +69,6 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
-}
-
-/// Per-layer part of a [`State`].
-#[derive(Debug, Clone)]
-pub struct LayerState {
-    /// Cached RoPE'd keys `[Hkv, T, D]`.
-    pub k: Option<Tensor>,
-    /// Cached values `[Hkv, T, D]`.
-    pub v: Option<Tensor>,
-    /// The linear branch's carry.
-    pub linear: LinearCarry,
-}
-
-/// Everything one conversation needs besides the weights.
-#[derive(Debug, Clone)]
-pub struct State {
-    /// Tokens consumed so far (the next token's absolute position).
-    pub pos: usize,
-    /// Absolute positions of the cached keys (shared by all layers).
-    pub key_pos: Vec<usize>,
-    /// One entry per decoder layer.
-    pub layers: Vec<LayerState>,
-    /// How calls continue each other.
-    pub mode: CarryMode,
-    /// Softmax window `W` (None: unbounded).
-    pub window: Option<usize>,
-}
-
-impl State {
-    /// Number of cached softmax positions.
-    pub fn kv_len(&self) -> usize {
-        self.key_pos.len()
-    }
 }
 
 /// Which logits [`Model::forward`] returns.
