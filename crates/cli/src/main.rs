@@ -2,13 +2,13 @@
 //! Thin by design: argument parsing and printing; the work lives in the `tptt` and
 //! `tptt-engine` crates.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tptt::linear::CarryMode;
-use tptt::model::{LoadOptions, Logits, Model};
+use tptt::model::{LoadOptions, Model};
+
+mod chat;
 use tptt::repo::TpttRepo;
 
 #[derive(Parser)]
@@ -19,24 +19,70 @@ struct Cli {
 }
 
 #[derive(clap::Args, Clone)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// The TPTT repository folder (one subfolder per variant).
-    repo: PathBuf,
+    pub(crate) repo: PathBuf,
     /// Variant subfolder (optional when the repo has only one).
     #[arg(long)]
-    variant: Option<String>,
+    pub(crate) variant: Option<String>,
     /// Base model folder, overriding `base_model_name`.
     #[arg(long)]
-    base: Option<PathBuf>,
+    pub(crate) base: Option<PathBuf>,
     /// Keep the base's own lm_head instead of the reference's re-tie to the embeddings.
     #[arg(long)]
-    no_retie: bool,
+    pub(crate) no_retie: bool,
     /// Override mag_weight (0 switches the linear branch off).
     #[arg(long)]
-    mag_weight: Option<f32>,
+    pub(crate) mag_weight: Option<f32>,
     /// Override max_chunk_size.
     #[arg(long)]
-    max_chunk_size: Option<usize>,
+    pub(crate) max_chunk_size: Option<usize>,
+}
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct GenArgs {
+    /// Apply the chat template (or the built-in Alpaca format) to the prompt.
+    #[arg(long)]
+    pub(crate) chat: bool,
+    /// System prompt (with --chat / in chat).
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_new_tokens: usize,
+    /// Greedy decoding (temperature 0, no penalty).
+    #[arg(long)]
+    pub(crate) greedy: bool,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long)]
+    pub(crate) temperature: Option<f32>,
+    /// Top-k (0 = off).
+    #[arg(long)]
+    pub(crate) top_k: Option<usize>,
+    /// Top-p / nucleus (1 = off).
+    #[arg(long)]
+    pub(crate) top_p: Option<f32>,
+    /// Min-p (0 = off).
+    #[arg(long)]
+    pub(crate) min_p: Option<f32>,
+    /// Repetition penalty (1 = off).
+    #[arg(long)]
+    pub(crate) repeat_penalty: Option<f32>,
+    /// Tokens the repetition penalty looks back over.
+    #[arg(long)]
+    pub(crate) repeat_last_n: Option<usize>,
+    /// RNG seed.
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    pub(crate) stop: Vec<String>,
+    /// Do not stop at EOS.
+    #[arg(long)]
+    pub(crate) ignore_eos: bool,
+    /// Softmax window (KV positions kept); defaults to max_self_attn_length, else 8192.
+    #[arg(long)]
+    pub(crate) window: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -63,16 +109,35 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Greedy generation from a raw-text prompt.
+    /// Generate from a prompt (raw text, or a chat turn with --chat), streaming the output.
     Generate {
         #[command(flatten)]
         model: ModelArgs,
-        /// The prompt (raw text).
-        #[arg(long)]
+        /// The prompt: raw text, or the user message with --chat. Appended to --load-state.
+        #[arg(long, default_value = "")]
         prompt: String,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
+        #[command(flatten)]
+        gen: GenArgs,
+        /// Continue from a saved state (the prompt is appended to it).
+        #[arg(long)]
+        load_state: Option<PathBuf>,
+        /// Save the state after the prompt and the generated tokens.
+        #[arg(long)]
+        save_state: Option<PathBuf>,
+        /// Print the generated token ids (comma-separated, one line) instead of text.
+        #[arg(long)]
+        print_ids: bool,
+    },
+    /// Interactive chat in the terminal; the conversation's memory is kept between turns.
+    /// Commands: /save FILE, /load FILE, /reset, /quit.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        gen: GenArgs,
+        /// Start from a saved chat state.
+        #[arg(long)]
+        load_state: Option<PathBuf>,
     },
     /// Make a TPTT repo from a plain Hugging Face model folder (untrained injection, no LoRA).
     Inject {
@@ -90,7 +155,7 @@ enum Cmd {
     },
 }
 
-fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
+pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
     let repo = TpttRepo::open(&args.repo)?;
     let files = repo.variant(args.variant.as_deref(), args.base.as_deref())?;
     let opts = LoadOptions { retie_lm_head: !args.no_retie, ..Default::default() };
@@ -104,7 +169,7 @@ fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
     Ok((model, files))
 }
 
-fn tokenizer(files: &tptt::repo::VariantFiles) -> Result<tokenizers::Tokenizer> {
+pub(crate) fn tokenizer(files: &tptt::repo::VariantFiles) -> Result<tokenizers::Tokenizer> {
     let path = files.tokenizer.as_ref().context("no tokenizer.json in the variant, the repo or the base")?;
     tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))
 }
@@ -156,38 +221,6 @@ fn logits(args: &ModelArgs, ids: &[u32], out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn generate(args: &ModelArgs, prompt: &str, max_new: usize) -> Result<()> {
-    let (model, files) = load(args)?;
-    let tok = tokenizer(&files)?;
-    let enc = tok.encode(prompt, true).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-    let mut ids: Vec<u32> = enc.get_ids().to_vec();
-    if ids.is_empty() {
-        bail!("the prompt tokenizes to nothing");
-    }
-    let mut state = model.new_state(CarryMode::Continue, model.config_window());
-    let mut logits = model.forward(&ids, &mut state, Logits::Last)?;
-    let prompt_len = ids.len();
-    let mut printed = 0;
-    let eos = &model.config().base.eos_token_ids;
-    let mut stdout = std::io::stdout();
-    for _ in 0..max_new {
-        let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
-        if eos.contains(&next) {
-            break;
-        }
-        ids.push(next);
-        let text = tok.decode(&ids[prompt_len..], true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
-        if !text.ends_with('\u{FFFD}') && text.len() > printed {
-            write!(stdout, "{}", &text[printed..])?;
-            stdout.flush()?;
-            printed = text.len();
-        }
-        logits = model.forward(&[next], &mut state, Logits::Last)?;
-    }
-    println!();
-    Ok(())
-}
-
 fn inject(base: &Path, out: &Path, modes: &[String], mag: f64) -> Result<()> {
     let base_cfg = tptt::config::read_json_object(&base.join("config.json"))?;
     tptt::config::BaseConfig::from_json(&base_cfg, Some(&base.join("config.json")))?;
@@ -225,7 +258,10 @@ fn main() {
     let result = match &cli.cmd {
         Cmd::Inspect { repo, variant, base } => inspect(repo, variant.as_deref(), base.as_deref()),
         Cmd::Logits { model, ids, out } => logits(model, ids, out),
-        Cmd::Generate { model, prompt, max_new_tokens } => generate(model, prompt, *max_new_tokens),
+        Cmd::Generate { model, prompt, gen, load_state, save_state, print_ids } => {
+            chat::generate(model, prompt, gen, load_state.as_deref(), save_state.as_deref(), *print_ids)
+        }
+        Cmd::Chat { model, gen, load_state } => chat::chat(model, gen, load_state.as_deref()),
         Cmd::Inject { base, out, modes, mag_weight } => inject(base, out, modes, *mag_weight),
     };
     if let Err(e) = result {
