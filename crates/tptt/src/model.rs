@@ -282,17 +282,32 @@ impl Model {
         }
         let positions: Vec<usize> = (state.pos..state.pos + s).collect();
         let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
-        // Key positions after appending this call.
-        let mut all_pos = state.key_pos.clone();
-        all_pos.extend_from_slice(&positions);
-        let t_len = all_pos.len();
+        // Softmax keys: a ring of W slots in Continue mode (slot = position mod W), written in
+        // place for single-token steps; an ordered list in Reference mode.
+        let ring = state.mode == CarryMode::Continue;
+        let in_place = ring && s == 1;
         let window = match state.mode {
             CarryMode::Continue => state.window,
             CarryMode::Reference => self.cfg.base.sliding_window,
         };
+        let slot_of = |p: usize| state.window.map_or(p, |w| p % w);
+        // Positions of the keys attended to, in the order of the key tensor.
+        let att_pos: Vec<usize> = if in_place {
+            let mut sp = state.key_pos.clone();
+            let slot = slot_of(state.pos);
+            if slot < sp.len() {
+                sp[slot] = state.pos;
+            } else {
+                sp.push(state.pos);
+            }
+            sp
+        } else {
+            state.key_pos.iter().copied().chain(positions.iter().copied()).collect()
+        };
+        let t_len = att_pos.len();
         let mut mask = vec![0f32; s * t_len];
         for (i, &qp) in positions.iter().enumerate() {
-            for (j, &kp) in all_pos.iter().enumerate() {
+            for (j, &kp) in att_pos.iter().enumerate() {
                 let visible = kp <= qp && window.is_none_or(|w| qp - kp < w);
                 if !visible {
                     mask[i * t_len + j] = f32::NEG_INFINITY;
@@ -309,6 +324,10 @@ impl Model {
         let tptt = &self.cfg.tptt;
         let m = tptt.mag_weight;
         let linear_on = m != 0.0;
+        // Without cross gate / base scaling the mix is linear in the branch outputs, so the
+        // shared o_proj runs once: o((1−m)·a + m·y) = (1−m)·o(a) + m·o(y) (bias included).
+        let fuse_o = !tptt.cross_gate && !tptt.base_scale_attn;
+        let filled_before = state.key_pos.len();
         for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
             let x = rms_norm(&h, &layer.in_norm, b.rms_norm_eps)?;
             let q_raw = layer.q.forward(&x)?; // [S, H·D]
@@ -319,20 +338,29 @@ impl Model {
             let q = rope::apply(&q_raw.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?, &cos, &sin)?; // [H, S, D]
             let k = rope::apply(&k_raw.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?, &cos, &sin)?; // [Hkv, S, D]
             let v = v_raw.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
-            let k_all = match &ls.k {
-                Some(c) => Tensor::cat(&[c, &k], 1)?,
-                None => k,
+            let (k_att, v_att) = if in_place {
+                let slot = slot_of(state.pos);
+                ls.ensure_capacity(slot + 1, state.window, nkv, d, &self.device)?;
+                if let (Some(kb), Some(vb)) = (&ls.k, &ls.v) {
+                    kb.slice_set(&k, 1, slot)?;
+                    vb.slice_set(&v, 1, slot)?;
+                }
+                (ls.k_view(t_len)?, ls.v_view(t_len)?)
+            } else {
+                match (ls.k_view(filled_before)?, ls.v_view(filled_before)?) {
+                    (Some(kc), Some(vc)) => (Some(Tensor::cat(&[&kc, &k], 1)?), Some(Tensor::cat(&[&vc, &v], 1)?)),
+                    _ => (Some(k.clone()), Some(v.clone())),
+                }
             };
-            let v_all = match &ls.v {
-                Some(c) => Tensor::cat(&[c, &v], 1)?,
-                None => v,
+            let (k_att, v_att) = match (k_att, v_att) {
+                (Some(k), Some(v)) => (k, v),
+                _ => return Err(Error::State("KV cache missing after write".into())),
             };
             let qg = q.reshape((nkv, g * s, d))?; // heads h = kvh·G + g
-            let scores = (qg.matmul(&k_all.t()?)? * scale)?; // [Hkv, G·S, T]
+            let scores = (qg.matmul(&k_att.t()?)? * scale)?; // [Hkv, G·S, T]
             let scores = scores.reshape((nkv, g, s, t_len))?.broadcast_add(&mask)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, g * s, t_len))?;
-            let attn = probs.matmul(&v_all)?.reshape((nh, s, d))?.transpose(0, 1)?.reshape((s, nh * d))?;
-            let o_base = layer.o.forward(&attn)?; // [S, E]
+            let attn = probs.matmul(&v_att)?.reshape((nh, s, d))?.transpose(0, 1)?.reshape((s, nh * d))?; // [S, H·D]
 
             let out = if linear_on {
                 let (qv, kv, vv) = (
@@ -342,39 +370,66 @@ impl Model {
                 );
                 let y = linear::forward(&self.shape, &qv, &kv, &vv, &mut ls.linear, state.mode, self.scan);
                 let y = Tensor::from_vec(y, (s, nh * d), &self.device)?;
-                let mut o_lin = layer.o.forward(&y)?;
-                if tptt.base_scale_attn {
-                    let rms = (o_base.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
-                    o_lin = o_lin.broadcast_mul(&rms)?;
-                }
-                let sw = (&o_base * (1.0 - m) as f64)?;
-                let lw = (o_lin * m as f64)?;
-                if tptt.cross_gate {
-                    ((&sw + &lw)? + (&sw * &lw)?)?
+                if fuse_o {
+                    layer.o.forward(&((attn * (1.0 - m) as f64)? + (y * m as f64)?)?)?
                 } else {
-                    (sw + lw)?
+                    let o_base = layer.o.forward(&attn)?; // [S, E]
+                    let mut o_lin = layer.o.forward(&y)?;
+                    if tptt.base_scale_attn {
+                        let rms = (o_base.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+                        o_lin = o_lin.broadcast_mul(&rms)?;
+                    }
+                    let sw = (&o_base * (1.0 - m) as f64)?;
+                    let lw = (o_lin * m as f64)?;
+                    if tptt.cross_gate {
+                        ((&sw + &lw)? + (&sw * &lw)?)?
+                    } else {
+                        (sw + lw)?
+                    }
                 }
             } else {
-                o_base
+                layer.o.forward(&attn)?
             };
             h = (h + out)?;
             let x = rms_norm(&h, &layer.post_norm, b.rms_norm_eps)?;
             let mlp = layer.down.forward(&(candle_nn::ops::silu(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?)?;
             h = (h + mlp)?;
 
-            // Keep the KV window.
-            let keep = match (state.mode, state.window) {
-                (CarryMode::Continue, Some(w)) => w.min(t_len),
-                _ => t_len,
-            };
-            ls.k = Some(k_all.narrow(1, t_len - keep, keep)?);
-            ls.v = Some(v_all.narrow(1, t_len - keep, keep)?);
+            if !in_place {
+                if ring {
+                    // Write the last min(S, W) new keys into their slots.
+                    let keep = state.window.map_or(s, |w| w.min(s));
+                    for t in s - keep..s {
+                        let slot = slot_of(state.pos + t);
+                        ls.ensure_capacity(slot + 1, state.window, nkv, d, &self.device)?;
+                        if let (Some(kb), Some(vb)) = (&ls.k, &ls.v) {
+                            kb.slice_set(&k.narrow(1, t, 1)?.contiguous()?, 1, slot)?;
+                            vb.slice_set(&v.narrow(1, t, 1)?.contiguous()?, 1, slot)?;
+                        }
+                    }
+                } else {
+                    ls.k = Some(k_att);
+                    ls.v = Some(v_att);
+                }
+            }
         }
-        let keep = match (state.mode, state.window) {
-            (CarryMode::Continue, Some(w)) => w.min(t_len),
-            _ => t_len,
-        };
-        state.key_pos = all_pos[t_len - keep..].to_vec();
+        if in_place {
+            state.key_pos = att_pos;
+        } else if ring {
+            // Positions are contiguous from 0, so the valid slots are always 0..min(pos, W).
+            let keep = state.window.map_or(s, |w| w.min(s));
+            let filled = state.window.map_or(state.pos + s, |w| w.min(state.pos + s));
+            state.key_pos.resize(filled, usize::MAX);
+            for t in s - keep..s {
+                let p = state.pos + t;
+                state.key_pos[slot_of(p)] = p;
+            }
+            if state.key_pos.contains(&usize::MAX) {
+                return Err(Error::State("KV ring has unfilled slots (positions not contiguous)".into()));
+            }
+        } else {
+            state.key_pos = att_pos;
+        }
         state.pos += s;
 
         let h = match which {

@@ -10,14 +10,64 @@ use crate::error::{Error, Result};
 use crate::linear::{CarryMode, LinearCarry, PrevToken};
 
 /// Per-layer part of a [`State`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LayerState {
-    /// Cached RoPE'd keys `[Hkv, T, D]`.
+    /// Cached RoPE'd keys `[Hkv, capacity, D]`; the first `State::key_pos.len()` slots are valid.
+    /// Written in place (`slice_set`), so a clone must deep-copy it.
     pub k: Option<Tensor>,
-    /// Cached values `[Hkv, T, D]`.
+    /// Cached values, likewise.
     pub v: Option<Tensor>,
     /// The linear branch's carry.
     pub linear: LinearCarry,
+}
+
+impl Clone for LayerState {
+    fn clone(&self) -> Self {
+        // The KV buffers are mutated in place: share nothing with the clone.
+        let deep = |t: &Option<Tensor>| t.as_ref().and_then(|t| t.copy().ok());
+        Self { k: deep(&self.k), v: deep(&self.v), linear: self.linear.clone() }
+    }
+}
+
+impl LayerState {
+    /// The first `n` slots of the keys (`None` when empty).
+    pub fn k_view(&self, n: usize) -> Result<Option<Tensor>> {
+        Ok(match &self.k {
+            Some(k) if n > 0 => Some(k.narrow(1, 0, n)?),
+            _ => None,
+        })
+    }
+
+    /// The first `n` slots of the values.
+    pub fn v_view(&self, n: usize) -> Result<Option<Tensor>> {
+        Ok(match &self.v {
+            Some(v) if n > 0 => Some(v.narrow(1, 0, n)?),
+            _ => None,
+        })
+    }
+
+    /// Make room for `slots` KV slots: capacity doubles (bounded by the window), existing
+    /// slots are copied over.
+    pub fn ensure_capacity(&mut self, slots: usize, window: Option<usize>, kv_heads: usize, dim: usize, device: &Device) -> Result<()> {
+        let cap = self.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0));
+        if slots <= cap {
+            return Ok(());
+        }
+        let mut new_cap = (cap * 2).max(slots).max(16);
+        if let Some(w) = window {
+            new_cap = new_cap.min(w).max(slots);
+        }
+        let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+            let buf = Tensor::zeros((kv_heads, new_cap, dim), candle_core::DType::F32, device)?;
+            if let Some(o) = old {
+                buf.slice_set(&o.contiguous()?, 1, 0)?;
+            }
+            Ok(buf)
+        };
+        self.k = Some(grow(&self.k)?);
+        self.v = Some(grow(&self.v)?);
+        Ok(())
+    }
 }
 
 /// Everything one conversation needs besides the weights.
@@ -25,7 +75,9 @@ pub struct LayerState {
 pub struct State {
     /// Tokens consumed so far (the next token's absolute position).
     pub pos: usize,
-    /// Absolute positions of the cached keys (shared by all layers).
+    /// Absolute position held by each valid KV slot (shared by all layers). In
+    /// `CarryMode::Continue` slot = position mod window (a ring); in `Reference` the list is in
+    /// position order.
     pub key_pos: Vec<usize>,
     /// One entry per decoder layer.
     pub layers: Vec<LayerState>,
@@ -66,9 +118,9 @@ impl State {
         let kp: Vec<u32> = self.key_pos.iter().map(|&p| p as u32).collect();
         m.insert("key_pos".to_string(), Tensor::from_vec(kp.clone(), kp.len(), &cpu)?);
         for (i, l) in self.layers.iter().enumerate() {
-            if let (Some(k), Some(v)) = (&l.k, &l.v) {
-                m.insert(format!("layers.{i}.k"), k.to_device(&cpu)?);
-                m.insert(format!("layers.{i}.v"), v.to_device(&cpu)?);
+            if let (Some(k), Some(v)) = (l.k_view(self.key_pos.len())?, l.v_view(self.key_pos.len())?) {
+                m.insert(format!("layers.{i}.k"), k.to_device(&cpu)?.contiguous()?);
+                m.insert(format!("layers.{i}.v"), v.to_device(&cpu)?.contiguous()?);
             }
             let c = &l.linear;
             m.insert(format!("layers.{i}.state"), Tensor::from_vec(c.state.clone(), c.state.len(), &cpu)?);
@@ -129,7 +181,7 @@ impl State {
                     if k.dim(1)? != key_pos.len() || v.dims() != k.dims() || k.dim(2)? != dim {
                         return Err(Error::State(format!("layer {i}: KV cache shape {:?} does not match {} positions", k.dims(), key_pos.len())));
                     }
-                    (Some(k.to_device(device)?), Some(v.to_device(device)?))
+                    (Some(k.to_device(device)?.copy()?), Some(v.to_device(device)?.copy()?))
                 }
                 (None, None) if key_pos.is_empty() => (None, None),
                 _ => return Err(Error::State(format!("layer {i}: KV cache missing"))),
