@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tptt::model::{LoadOptions, Model};
 
@@ -102,9 +102,9 @@ enum Cmd {
     Logits {
         #[command(flatten)]
         model: ModelArgs,
-        /// Comma-separated token ids.
-        #[arg(long, value_delimiter = ',', required = true)]
-        ids: Vec<u32>,
+        /// Comma-separated token ids (parsed here, so an empty list reaches the engine's check).
+        #[arg(long, required = true)]
+        ids: String,
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
@@ -161,6 +161,9 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)
     let opts = LoadOptions { retie_lm_head: !args.no_retie, ..Default::default() };
     let mut model = Model::load(&files, &opts).with_context(|| format!("loading variant {}", files.name))?;
     if let Some(m) = args.mag_weight {
+        if !m.is_finite() {
+            bail!("--mag-weight must be a finite number, got {m}");
+        }
         model.set_mag_weight(m);
     }
     if let Some(c) = args.max_chunk_size {
@@ -179,9 +182,14 @@ fn inspect(repo: &Path, variant: Option<&str>, base: Option<&Path>) -> Result<()
     println!("repo: {}", repo.root.display());
     println!("variants: {}", repo.variants.join(", "));
     let names: Vec<String> = match variant {
-        Some(v) => vec![v.to_string()],
+        Some(v) => {
+            // Asking for one variant that cannot be resolved is the command failing.
+            repo.variant(Some(v), base)?;
+            vec![v.to_string()]
+        }
         None => repo.variants.clone(),
     };
+    let mut failed = Vec::new();
     for name in names {
         println!("\n[{name}]");
         match repo.variant(Some(&name), base) {
@@ -207,21 +215,40 @@ fn inspect(repo: &Path, variant: Option<&str>, base: Option<&Path>) -> Result<()
                 println!("  sizes: base weights {:.1} MB, adapter {:.1} MB", base_bytes as f64 / 1e6, adapter_bytes as f64 / 1e6);
                 println!("  tokenizer: {}", f.tokenizer.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
             }
-            Err(e) => println!("  error: {e}"),
+            Err(e) => {
+                println!("  error: {e}");
+                failed.push(format!("{name}: {e}"));
+            }
         }
+    }
+    if !failed.is_empty() {
+        bail!("{} of {} variants cannot be loaded:\n  {}", failed.len(), repo.variants.len(), failed.join("\n  "));
     }
     Ok(())
 }
 
-fn logits(args: &ModelArgs, ids: &[u32], out: &Path) -> Result<()> {
+/// Parse `--ids` ("1,2,3"; spaces allowed; "" is the empty list, refused by the engine).
+fn parse_ids(text: &str) -> Result<Vec<u32>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().with_context(|| format!("--ids: {t:?} is not a token id (a non-negative integer)")))
+        .collect()
+}
+
+fn logits(args: &ModelArgs, ids: &str, out: &Path) -> Result<()> {
+    let ids = parse_ids(ids)?;
     let (model, _) = load(args)?;
-    let logits = model.forward_full(ids)?;
+    let logits = model.forward_full(&ids)?;
     candle_core::safetensors::save(&std::collections::HashMap::from([("logits".to_string(), logits)]), out)
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 
 fn inject(base: &Path, out: &Path, modes: &[String], mag: f64) -> Result<()> {
+    if !mag.is_finite() {
+        bail!("--mag-weight must be a finite number, got {mag}");
+    }
     let base_cfg = tptt::config::read_json_object(&base.join("config.json"))?;
     tptt::config::BaseConfig::from_json(&base_cfg, Some(&base.join("config.json")))?;
     let base_abs = std::fs::canonicalize(base).with_context(|| format!("resolving {}", base.display()))?;

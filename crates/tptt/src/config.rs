@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -96,15 +97,14 @@ pub enum Gate {
 }
 
 impl Gate {
-    fn parse(s: &str, which: &str) -> Result<Self> {
+    /// Parse a gate name; the error is a message for the caller to place in its config error.
+    fn parse(s: &str, which: &str) -> std::result::Result<Self, String> {
         match s {
             "k" => Ok(Self::K),
             "v" => Ok(Self::V),
             "kv" => Ok(Self::Kv),
             "c" => Ok(Self::C),
-            other => Err(Error::config(format!(
-                "{which} {other:?} is not a gate the reference can load (expected one of k, v, kv, c)"
-            ))),
+            other => Err(format!("{which} {other:?} is not a gate the reference can load (expected one of k, v, kv, c)")),
         }
     }
 }
@@ -123,13 +123,14 @@ pub enum Trick {
 }
 
 impl Trick {
-    fn parse(s: &str) -> Result<Self> {
+    /// Parse a trick name; the error is a message for the caller to place in its config error.
+    fn parse(s: &str) -> std::result::Result<Self, String> {
         match s {
             "dt" => Ok(Self::Dt),
             "rot" => Ok(Self::Rot),
             "rdt" => Ok(Self::Rdt),
             "cte" => Ok(Self::Cte),
-            other => Err(Error::config(format!("unknown trick {other:?} (expected dt, rot, rdt, cte)"))),
+            other => Err(format!("unknown trick {other:?} (expected dt, rot, rdt, cte)")),
         }
     }
 }
@@ -296,6 +297,31 @@ pub fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     }
 }
 
+/// Deserialize a serde mirror from a JSON object. serde names a missing field but not the field
+/// whose value has the wrong type, so on such an error the key is found by elimination (the
+/// objects are small and this runs once, on the error path).
+fn from_object<T: DeserializeOwned>(map: &Map<String, Value>) -> std::result::Result<T, String> {
+    let err = match serde_json::from_value::<T>(Value::Object(map.clone())) {
+        Ok(t) => return Ok(t),
+        Err(e) => e.to_string(),
+    };
+    if let Some(rest) = err.strip_prefix("missing field ") {
+        return Err(format!("missing required key {rest}"));
+    }
+    for key in map.keys() {
+        let mut without = map.clone();
+        without.remove(key);
+        let culprit = match serde_json::from_value::<T>(Value::Object(without)) {
+            Ok(_) => true,
+            Err(e) => e.to_string() == format!("missing field `{key}`"),
+        };
+        if culprit {
+            return Err(format!("key `{key}`: {err}"));
+        }
+    }
+    Err(err)
+}
+
 /// Serde mirror of the keys we read from a (merged) base config.
 #[derive(Debug, Deserialize)]
 struct RawBaseConfig {
@@ -384,8 +410,7 @@ impl BaseConfig {
             Error::Config { message, .. } => Error::Config { path: path.map(Path::to_path_buf), message },
             e => e,
         };
-        let raw: RawBaseConfig = serde_json::from_value(Value::Object(map.clone()))
-            .map_err(|e| with_path(Error::config(e.to_string())))?;
+        let raw: RawBaseConfig = from_object(map).map_err(|m| with_path(Error::config(m)))?;
         let model_type = raw
             .model_type
             .clone()
@@ -413,6 +438,12 @@ impl BaseConfig {
         if head_dim == 0 || raw.hidden_size == 0 || raw.vocab_size == 0 || raw.num_hidden_layers == 0 {
             return Err(with_path(Error::config("hidden_size, head_dim, vocab_size and num_hidden_layers must be positive")));
         }
+        if raw.num_attention_heads.checked_mul(head_dim).is_none() {
+            return Err(with_path(Error::config(format!(
+                "num_attention_heads {} × head_dim {head_dim} does not fit in memory sizes",
+                raw.num_attention_heads
+            ))));
+        }
         if head_dim % 2 != 0 {
             return Err(with_path(Error::config(format!("head_dim {head_dim} must be even for RoPE"))));
         }
@@ -421,6 +452,9 @@ impl BaseConfig {
             Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
             _ => None,
         };
+        if sliding_window == Some(0) {
+            return Err(with_path(Error::config("sliding_window must be >= 1 (or null for no window), got 0")));
+        }
         Ok(Self {
             arch,
             hidden_size: raw.hidden_size,
@@ -513,7 +547,7 @@ impl TpttSettings {
     /// Validate the TPTT keys of a variant's `config.json`.
     pub fn from_json(map: &Map<String, Value>, path: Option<&Path>) -> Result<Self> {
         let err = |message: String| Error::Config { path: path.map(Path::to_path_buf), message };
-        let raw: RawTptt = serde_json::from_value(Value::Object(map.clone())).map_err(|e| err(e.to_string()))?;
+        let raw: RawTptt = from_object(map).map_err(err)?;
         let base_model_name = raw
             .base_model_name
             .ok_or_else(|| err("missing required key base_model_name".into()))?;
@@ -522,7 +556,7 @@ impl TpttSettings {
         }
         if raw.bidirectional {
             return Err(err(
-                "bidirectional: true makes the linear branch see future tokens (SPEC §4.10); it cannot be used for a causal LM".into(),
+                "bidirectional: true is not supported: the linear branch would see future tokens, which a causal LM must not".into(),
             ));
         }
         let (operator_mode, recurrent) = match raw.operator_mode {
@@ -534,11 +568,11 @@ impl TpttSettings {
                 let alpha_gate = Gate::parse(&raw.alpha_gate, "alpha_gate").map_err(|e| {
                     err(format!("operator_mode is null and {e}; tptt 0.12.1 cannot load this config either"))
                 })?;
-                let beta_gate = Gate::parse(&raw.beta_gate, "beta_gate").map_err(|e| err(e.to_string()))?;
+                let beta_gate = Gate::parse(&raw.beta_gate, "beta_gate").map_err(err)?;
                 if raw.order != 1 && raw.order != 2 {
                     return Err(err(format!("order {} is not supported (1 or 2)", raw.order)));
                 }
-                let trick = if raw.order == 1 { Trick::Dt } else { Trick::parse(&raw.trick).map_err(|e| err(e.to_string()))? };
+                let trick = if raw.order == 1 { Trick::Dt } else { Trick::parse(&raw.trick).map_err(err)? };
                 let rc = RecurrentConfig { order: raw.order, alpha_gate, beta_gate, linear: raw.linear, trick };
                 (format!("custom(order={}, alpha={}, beta={})", raw.order, raw.alpha_gate, raw.beta_gate), rc)
             }
@@ -600,7 +634,17 @@ pub fn merge_configs(
         }
     }
     // model_type / architectures always from the base.
-    let base_cfg = BaseConfig::from_json(&merged, Some(base_path))?;
+    let base_cfg = match BaseConfig::from_json(&merged, Some(base_path)) {
+        Ok(c) => c,
+        // The base alone is fine: the culprit is a key the TPTT config overlays, so name that file.
+        Err(Error::Config { message, .. }) if BaseConfig::from_json(base, Some(base_path)).is_ok() => {
+            return Err(Error::Config {
+                path: Some(tptt_path.to_path_buf()),
+                message: format!("{message} (a base-model key in the TPTT config, merged over {})", base_path.display()),
+            })
+        }
+        Err(e) => return Err(e),
+    };
     let tptt_cfg = TpttSettings::from_json(tptt, Some(tptt_path))?;
     Ok(ModelConfig { base: base_cfg, tptt: tptt_cfg })
 }

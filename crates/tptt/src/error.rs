@@ -61,6 +61,22 @@ pub enum Error {
         /// The shape the config implies.
         expected: Vec<usize>,
     },
+    /// An adapter tensor does not fit the base weight it adapts (a LoRA factor whose shape
+    /// disagrees with the base projection or with `lora_config.r`, or a full replacement weight
+    /// of another shape than the base's).
+    #[error("adapter {path}: tensor {key:?} has shape {got:?}, expected {expected:?} ({detail})")]
+    AdapterShapeMismatch {
+        /// The adapter file.
+        path: PathBuf,
+        /// The adapter key.
+        key: String,
+        /// The shape found in the adapter.
+        got: Vec<usize>,
+        /// The shape the base weight (and `lora_config.r`) imply.
+        expected: Vec<usize>,
+        /// Which base weight and rank the expectation comes from.
+        detail: String,
+    },
     /// The adapter file holds a key that matches nothing in the model.
     #[error("adapter {path}: key {key:?} does not match any weight of the base model")]
     UnexpectedAdapterKey {

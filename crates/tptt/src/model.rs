@@ -147,7 +147,7 @@ impl Model {
         let b = &cfg.base;
         let (e, hd, kvd) = (b.hidden_size, b.num_heads * b.head_dim, b.num_kv_heads * b.head_dim);
         let embed = take(&mut map, "model.embed_tokens.weight", &[b.vocab_size, e], location)?;
-        let mut layers = Vec::with_capacity(b.num_layers);
+        let mut layers = Vec::new(); // not with_capacity: num_layers is untrusted until the weights confirm it
         for i in 0..b.num_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {

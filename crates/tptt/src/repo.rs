@@ -57,17 +57,28 @@ impl TpttRepo {
             return Err(Error::NotFound(format!("repository folder {} does not exist", root.display())));
         }
         let mut variants = Vec::new();
+        // Subfolders that are not variants, and the first config.json that could not be read.
+        let mut others = Vec::new();
+        let mut unreadable: Option<Error> = None;
         let entries = std::fs::read_dir(&root).map_err(|source| Error::Io { path: root.clone(), source })?;
         for entry in entries.flatten() {
             let p = entry.path();
+            let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+            if !p.is_dir() || name.starts_with('.') {
+                continue;
+            }
             let cfg = p.join("config.json");
-            if p.is_dir() && cfg.is_file() && read_json_object(&cfg).map(|m| is_tptt_config(&m)).unwrap_or(false) {
-                if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
-                    variants.push(name.to_string());
+            match cfg.is_file().then(|| read_json_object(&cfg)) {
+                Some(Ok(m)) if is_tptt_config(&m) => variants.push(name),
+                Some(Err(e)) => {
+                    unreadable.get_or_insert(e);
+                    others.push(name);
                 }
+                _ => others.push(name),
             }
         }
         variants.sort();
+        others.sort();
         if variants.is_empty() {
             let cfg = root.join("config.json");
             if cfg.is_file() && is_tptt_config(&read_json_object(&cfg)?) {
@@ -75,8 +86,13 @@ impl TpttRepo {
             }
         }
         if variants.is_empty() {
+            // A broken config.json is the likelier story than "no variant": say what is wrong.
+            if let Some(e) = unreadable {
+                return Err(e);
+            }
+            let seen = if others.is_empty() { "it has no subfolders".to_string() } else { format!("subfolders: {}", others.join(", ")) };
             return Err(Error::NotFound(format!(
-                "{} holds no TPTT variant (no subfolder with a config.json that has base_model_name)",
+                "{} holds no TPTT variant: no subfolder has a config.json with base_model_name or model_type \"tptt\" ({seen})",
                 root.display()
             )));
         }
@@ -88,11 +104,7 @@ impl TpttRepo {
         let name = match name {
             Some(n) => {
                 if !self.variants.iter().any(|v| v == n) {
-                    return Err(Error::NotFound(format!(
-                        "variant {n:?} not found in {}; available: {}",
-                        self.root.display(),
-                        self.variants.join(", ")
-                    )));
+                    return Err(self.not_a_variant(n));
                 }
                 n.to_string()
             }
@@ -146,6 +158,31 @@ impl TpttRepo {
             config,
             raw,
         })
+    }
+}
+
+impl TpttRepo {
+    /// Why `name` is not one of the variants: no such folder, no config.json, a config.json
+    /// that does not parse (that error itself), or one that is not a TPTT config.
+    fn not_a_variant(&self, name: &str) -> Error {
+        let available = self.variants.join(", ");
+        let dir = self.root.join(name);
+        let cfg = dir.join("config.json");
+        if !dir.is_dir() {
+            return Error::NotFound(format!("variant {name:?} not found in {}; available: {available}", self.root.display()));
+        }
+        if !cfg.is_file() {
+            return Error::NotFound(format!("variant folder {} has no config.json; available: {available}", dir.display()));
+        }
+        match read_json_object(&cfg) {
+            Err(e) => e,
+            Ok(_) => Error::Config {
+                path: Some(cfg),
+                message: format!(
+                    "not a TPTT config (no base_model_name, model_type is not \"tptt\"); available variants: {available}"
+                ),
+            },
+        }
     }
 }
 
@@ -208,7 +245,11 @@ pub fn resolve_base(name: &str, repo_root: &Path) -> Result<PathBuf> {
         if c.join("config.json").is_file() {
             return Ok(c);
         }
-        tried.push(c.display().to_string());
+        if c.is_dir() {
+            tried.push(format!("{} (a folder without config.json)", c.display()));
+        } else {
+            tried.push(c.display().to_string());
+        }
     }
     if let Some(cache) = hf_hub_cache() {
         if let Some(snap) = cached_snapshot(&cache, name) {

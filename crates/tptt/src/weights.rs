@@ -47,7 +47,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<TensorMap> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: e.to_string() })?;
+        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: describe_bad_file(&bytes, &e) })?;
     let mut out = TensorMap::new();
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
@@ -65,6 +65,14 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<TensorMap> {
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// Why a file is not a readable safetensors file, in words a user can act on.
+fn describe_bad_file(bytes: &[u8], e: &safetensors::SafeTensorError) -> String {
+    if bytes.starts_with(b"version https://git-lfs") {
+        return format!("a Git LFS pointer ({} bytes), not the weights: fetch the real file (git lfs pull)", bytes.len());
+    }
+    format!("not a valid safetensors file ({} bytes; truncated or corrupt?): {e}", bytes.len())
 }
 
 /// Load all shards of a model folder into one map.
@@ -85,6 +93,13 @@ fn base_name(module: &str, base: &TensorMap, suffix: &str) -> Option<String> {
         candidates.push(format!("{rest}.{suffix}"));
     }
     candidates.into_iter().find(|c| base.contains_key(c))
+}
+
+/// The two LoRA factors of one base weight, each with its adapter key.
+#[derive(Default)]
+struct LoraPair {
+    a: Option<(String, Tensor)>,
+    b: Option<(String, Tensor)>,
 }
 
 /// What applying an adapter did, for `inspect`.
@@ -110,8 +125,16 @@ pub fn apply_adapter(
 ) -> Result<AdapterReport> {
     let adapter = load_safetensors(path, device)?;
     let mut report = AdapterReport::default();
-    let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    // Base weight name → (lora_A, lora_B), each with the adapter key it came from.
+    let mut pairs: HashMap<String, LoraPair> = HashMap::new();
     let unexpected = |key: &str| Error::UnexpectedAdapterKey { path: path.to_path_buf(), key: key.to_string() };
+    let shape_error = |key: &str, got: &[usize], expected: Vec<usize>, detail: String| Error::AdapterShapeMismatch {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        got: got.to_vec(),
+        expected,
+        detail,
+    };
     let mut keys: Vec<&String> = adapter.keys().collect();
     keys.sort();
     for key in keys {
@@ -123,22 +146,19 @@ pub fn apply_adapter(
             if lora.is_none() {
                 return Err(Error::Config {
                     path: Some(path.to_path_buf()),
-                    message: format!("adapter holds LoRA key {key:?} but the config has lora_config: null"),
+                    message: format!("adapter holds LoRA key {key:?} but the variant's config.json has lora_config: null"),
                 });
             }
             let name = base_name(&module, base, "weight").ok_or_else(|| unexpected(key))?;
             let e = pairs.entry(name).or_default();
-            if which == 0 {
-                e.0 = Some(t.clone());
-            } else {
-                e.1 = Some(t.clone());
-            }
+            let slot = if which == 0 { &mut e.a } else { &mut e.b };
+            *slot = Some((key.clone(), t.clone()));
         } else {
             let (module, suffix) = key.rsplit_once('.').ok_or_else(|| unexpected(key))?;
             let name = base_name(module, base, suffix).ok_or_else(|| unexpected(key))?;
             let want = base[&name].dims().to_vec();
             if t.dims() != want.as_slice() {
-                return Err(Error::ShapeMismatch { name: key.clone(), got: t.dims().to_vec(), expected: want });
+                return Err(shape_error(key, t.dims(), want, format!("it replaces base weight {name}")));
             }
             base.insert(name, t.clone());
             report.replaced += 1;
@@ -157,7 +177,7 @@ pub fn apply_adapter(
         expected.sort();
         if let Some(missing) = expected.iter().find(|n| !pairs.contains_key(n.as_str())) {
             return Err(Error::MissingTensor {
-                name: format!("LoRA A/B for {missing}"),
+                name: format!("lora_A and lora_B for {missing} (a target module of lora_config)"),
                 location: path.display().to_string(),
             });
         }
@@ -165,16 +185,29 @@ pub fn apply_adapter(
         let mut names: Vec<String> = pairs.keys().cloned().collect();
         names.sort();
         for name in names {
-            let (a, b) = pairs.remove(&name).unwrap_or_default();
-            let a = a.ok_or_else(|| Error::MissingTensor { name: format!("lora_A for {name}"), location: path.display().to_string() })?;
-            let b = b.ok_or_else(|| Error::MissingTensor { name: format!("lora_B for {name}"), location: path.display().to_string() })?;
+            let LoraPair { a, b } = pairs.remove(&name).unwrap_or_default();
+            let missing = |present: &str, from: &str, to: &str| Error::MissingTensor {
+                name: present.replace(from, to),
+                location: path.display().to_string(),
+            };
+            let ((a_key, a), (b_key, b)) = match (a, b) {
+                (Some(a), Some(b)) => (a, b),
+                (Some((k, _)), None) => return Err(missing(&k, ".lora_A.", ".lora_B.")),
+                (None, Some((k, _))) => return Err(missing(&k, ".lora_B.", ".lora_A.")),
+                (None, None) => continue,
+            };
             let w = &base[&name];
-            let (out_dim, in_dim) = w.dims2()?;
+            let &[out_dim, in_dim] = w.dims() else {
+                // A projection is 2-D; report the shape the LoRA factors imply for it.
+                let implied = vec![b.dims().first().copied().unwrap_or(0), a.dims().last().copied().unwrap_or(0)];
+                return Err(Error::ShapeMismatch { name: name.clone(), got: w.dims().to_vec(), expected: implied });
+            };
+            let detail = |which: &str| format!("{which} of base weight {name} [{out_dim}, {in_dim}] with lora_config r = {}", lora.r);
             if a.dims() != [lora.r, in_dim] {
-                return Err(Error::ShapeMismatch { name: format!("{name} lora_A"), got: a.dims().to_vec(), expected: vec![lora.r, in_dim] });
+                return Err(shape_error(&a_key, a.dims(), vec![lora.r, in_dim], detail("lora_A")));
             }
             if b.dims() != [out_dim, lora.r] {
-                return Err(Error::ShapeMismatch { name: format!("{name} lora_B"), got: b.dims().to_vec(), expected: vec![out_dim, lora.r] });
+                return Err(shape_error(&b_key, b.dims(), vec![out_dim, lora.r], detail("lora_B")));
             }
             let merged = (w + (b.matmul(&a)? * scale)?)?;
             base.insert(name, merged);
