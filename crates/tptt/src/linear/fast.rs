@@ -18,20 +18,36 @@ use rayon::prelude::*;
 
 use super::{gelu_rows, ScanInput};
 
+/// Dot product with 8 independent accumulators, so that it vectorises (a single f32 sum is a
+/// serial dependency chain the compiler may not reorder).
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+/// `y += a·x`.
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
 }
 
 /// `out[e] = Σ_d x[d]·m[d, e]` for a row-major `D×D` matrix `m`.
 #[inline]
 fn vec_mat(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o = 0.0);
-    for (dd, &xd) in x.iter().enumerate() {
-        let row = &m[dd * d..(dd + 1) * d];
-        for (o, &r) in out.iter_mut().zip(row) {
-            *o += xd * r;
-        }
+    for (&xd, row) in x.iter().zip(m.chunks_exact(d)) {
+        axpy(out, xd, row);
     }
 }
 
@@ -92,11 +108,8 @@ fn scan_head(inp: &ScanInput<'_>, h: usize, h0: &mut [f32], out: &mut [f32]) {
             let (wi, ui) = (&mut rest_w[..d], &mut rest_u[..d]);
             for m in 0..i {
                 let aim = a_mat[i * big_n + m];
-                let (wm, um) = (&done_w[m * d..(m + 1) * d], &done_u[m * d..(m + 1) * d]);
-                for e in 0..d {
-                    wi[e] += aim * wm[e];
-                    ui[e] += aim * um[e];
-                }
+                axpy(wi, aim, &done_w[m * d..(m + 1) * d]);
+                axpy(ui, aim, &done_u[m * d..(m + 1) * d]);
             }
         }
         // P_w = W·h0
