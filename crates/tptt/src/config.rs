@@ -38,6 +38,13 @@ pub enum Architecture {
     Mistral,
     /// Qwen2 / Qwen2.5: q/k/v biases.
     Qwen2,
+    /// Gemma-3 text decoder: scaled embeddings, (1 + w) RMS norms, q/k norms, sandwich norms,
+    /// interleaved sliding/global layers with two RoPE bases, GeGLU, final logit soft-capping.
+    Gemma3,
+    /// OLMo v1: non-parametric layer norms, `clip_qkv`.
+    Olmo,
+    /// OLMoE: OLMo-style attention with full-width q/k RMS norms and a top-k mixture of experts.
+    Olmoe,
 }
 
 impl Architecture {
@@ -46,6 +53,9 @@ impl Architecture {
             "llama" => Ok(Self::Llama),
             "mistral" => Ok(Self::Mistral),
             "qwen2" => Ok(Self::Qwen2),
+            "gemma3_text" | "gemma3" => Ok(Self::Gemma3),
+            "olmo" => Ok(Self::Olmo),
+            "olmoe" => Ok(Self::Olmoe),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -56,6 +66,9 @@ impl Architecture {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3_text",
+            Self::Olmo => "olmo",
+            Self::Olmoe => "olmoe",
         }
     }
 }
@@ -232,6 +245,48 @@ pub struct TpttSettings {
     pub base_model_subfolder: Option<String>,
 }
 
+/// MLP activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (SwiGLU).
+    Silu,
+    /// `gelu_pytorch_tanh` (GeGLU, tanh approximation).
+    GeluTanh,
+}
+
+/// Layer norm flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// `w · x / rms(x)` (Llama).
+    Rms,
+    /// `(1 + w) · x / rms(x)`, computed in f32 (Gemma).
+    RmsOnePlus,
+    /// Layer norm without weight or bias, eps 1e-5 (OLMo v1).
+    LayerNoParam,
+}
+
+/// Normalisation of q and k inside the softmax branch (after projection, before RoPE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// None.
+    None,
+    /// Per head over `head_dim` (Gemma-3 `q_norm`/`k_norm`).
+    PerHead,
+    /// Over the whole projection width (OLMoE).
+    Full,
+}
+
+/// Mixture-of-experts MLP settings (OLMoE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Experts per layer.
+    pub num_experts: usize,
+    /// Experts used per token.
+    pub top_k: usize,
+    /// Renormalise the top-k routing weights.
+    pub norm_topk_prob: bool,
+}
+
 /// Validated base-model hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BaseConfig {
@@ -267,8 +322,30 @@ pub struct BaseConfig {
     pub o_bias: bool,
     /// Bias on the MLP projections (Llama `mlp_bias`).
     pub mlp_bias: bool,
-    /// The base's own sliding window (Mistral / Qwen2 `use_sliding_window`).
-    pub sliding_window: Option<usize>,
+    /// The base's own sliding window per layer (Mistral / Qwen2 `use_sliding_window`: all
+    /// layers; Gemma-3: the local layers).
+    pub layer_windows: Vec<Option<usize>>,
+    /// RoPE base of the windowed layers when it differs (Gemma-3 `rope_local_base_freq`; these
+    /// layers use unscaled RoPE).
+    pub local_rope_theta: Option<f64>,
+    /// MLP activation.
+    pub hidden_act: Activation,
+    /// Norm flavour of the decoder.
+    pub norm: NormKind,
+    /// Gemma-3's extra norms after attention and after the MLP.
+    pub sandwich_norms: bool,
+    /// q/k norms of the softmax branch.
+    pub qk_norm: QkNorm,
+    /// Softmax scale (`head_dim^-1/2`, Gemma-3 `query_pre_attn_scalar^-1/2`).
+    pub attn_scale: f64,
+    /// Embeddings multiplied by this (Gemma-3: `sqrt(hidden_size)`).
+    pub embed_scale: Option<f64>,
+    /// `logits = c · tanh(logits / c)` (Gemma-3 `final_logit_softcapping`).
+    pub final_logit_softcap: Option<f64>,
+    /// Clamp of q, k, v in the softmax branch (OLMo / OLMoE `clip_qkv`).
+    pub clip_qkv: Option<f64>,
+    /// Mixture of experts (OLMoE).
+    pub moe: Option<MoeConfig>,
     /// `bos_token_id` of the base.
     pub bos_token_id: Option<u32>,
     /// `eos_token_id`(s) of the base.
@@ -347,8 +424,19 @@ struct RawBaseConfig {
     #[serde(default)]
     mlp_bias: bool,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f64>,
+    query_pre_attn_scalar: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    clip_qkv: Option<f64>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    norm_topk_prob: Option<bool>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
 }
@@ -418,15 +506,26 @@ impl BaseConfig {
             .ok_or_else(|| with_path(Error::config("no model_type in the base config")))?;
         let arch = match model_type.as_str() {
             "LlamaForCausalLM" => Architecture::Llama,
+            "Gemma3ForCausalLM" => Architecture::Gemma3,
+            "OlmoForCausalLM" => Architecture::Olmo,
+            "OlmoeForCausalLM" => Architecture::Olmoe,
             "MistralForCausalLM" => Architecture::Mistral,
             "Qwen2ForCausalLM" => Architecture::Qwen2,
             t => Architecture::from_model_type(t)?,
         };
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
-                return Err(with_path(Error::config(format!("hidden_act {act:?} is not supported (silu only)"))));
+        let act_name = match arch {
+            Architecture::Gemma3 => raw.hidden_activation.clone().or(raw.hidden_act.clone()).unwrap_or_else(|| "gelu_pytorch_tanh".into()),
+            _ => raw.hidden_act.clone().unwrap_or_else(|| "silu".into()),
+        };
+        let hidden_act = match act_name.as_str() {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
+            other => {
+                return Err(with_path(Error::config(format!(
+                    "hidden_act {other:?} is not supported (silu, gelu_pytorch_tanh)"
+                ))))
             }
-        }
+        };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if raw.num_attention_heads == 0 || num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
             return Err(with_path(Error::config(format!(
@@ -447,14 +546,55 @@ impl BaseConfig {
         if head_dim % 2 != 0 {
             return Err(with_path(Error::config(format!("head_dim {head_dim} must be even for RoPE"))));
         }
-        let sliding_window = match arch {
-            Architecture::Mistral => raw.sliding_window,
-            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
-            _ => None,
-        };
-        if sliding_window == Some(0) {
+        if raw.sliding_window == Some(0) {
             return Err(with_path(Error::config("sliding_window must be >= 1 (or null for no window), got 0")));
         }
+        let n_layers = raw.num_hidden_layers;
+        let layer_windows: Vec<Option<usize>> = match arch {
+            Architecture::Mistral => vec![raw.sliding_window; n_layers.min(1 << 16)],
+            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => {
+                // transformers' Qwen2: layers from max_window_layers on use the window.
+                let from = raw.max_window_layers.unwrap_or(0);
+                (0..n_layers.min(1 << 16)).map(|i| if i >= from { raw.sliding_window } else { None }).collect()
+            }
+            Architecture::Gemma3 => {
+                let w = Some(raw.sliding_window.unwrap_or(4096));
+                match &raw.layer_types {
+                    Some(types) => {
+                        if types.len() != n_layers {
+                            return Err(with_path(Error::config(format!("layer_types has {} entries for {n_layers} layers", types.len()))));
+                        }
+                        types
+                            .iter()
+                            .map(|t| match t.as_str() {
+                                "sliding_attention" => Ok(w),
+                                "full_attention" => Ok(None),
+                                other => Err(with_path(Error::config(format!("unknown layer type {other:?}")))),
+                            })
+                            .collect::<Result<_>>()?
+                    }
+                    None => {
+                        let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
+                        (0..n_layers.min(1 << 16)).map(|i| if (i + 1) % pattern != 0 { w } else { None }).collect()
+                    }
+                }
+            }
+            _ => vec![None; n_layers.min(1 << 16)],
+        };
+        let moe = match arch {
+            Architecture::Olmoe => {
+                let num_experts = raw.num_experts.unwrap_or(64);
+                let top_k = raw.num_experts_per_tok.unwrap_or(8);
+                if num_experts == 0 || top_k == 0 || top_k > num_experts {
+                    return Err(with_path(Error::config(format!(
+                        "num_experts_per_tok {top_k} must be between 1 and num_experts {num_experts}"
+                    ))));
+                }
+                Some(MoeConfig { num_experts, top_k, norm_topk_prob: raw.norm_topk_prob.unwrap_or(false) })
+            }
+            _ => None,
+        };
+        let gemma = arch == Architecture::Gemma3;
         Ok(Self {
             arch,
             hidden_size: raw.hidden_size,
@@ -468,12 +608,35 @@ impl BaseConfig {
             rope_scaling: parse_rope_scaling(&raw.rope_scaling).map_err(with_path)?,
             max_position_embeddings: raw.max_position_embeddings,
             vocab_size: raw.vocab_size,
-            // transformers' Llama/Mistral/Qwen2 configs default to untied.
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            // transformers' Llama/Mistral/Qwen2/OLMo configs default to untied, Gemma-3 to tied.
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias: arch == Architecture::Qwen2 || raw.attention_bias,
             o_bias: arch != Architecture::Qwen2 && raw.attention_bias,
             mlp_bias: arch == Architecture::Llama && raw.mlp_bias,
-            sliding_window,
+            layer_windows,
+            local_rope_theta: if gemma { Some(raw.rope_local_base_freq.unwrap_or(10000.0)) } else { None },
+            hidden_act,
+            norm: match arch {
+                Architecture::Gemma3 => NormKind::RmsOnePlus,
+                Architecture::Olmo => NormKind::LayerNoParam,
+                _ => NormKind::Rms,
+            },
+            sandwich_norms: gemma,
+            qk_norm: match arch {
+                Architecture::Gemma3 => QkNorm::PerHead,
+                Architecture::Olmoe => QkNorm::Full,
+                _ => QkNorm::None,
+            },
+            attn_scale: match (gemma, raw.query_pre_attn_scalar) {
+                (true, Some(s)) if s > 0.0 => s.powf(-0.5),
+                (true, None) => 256f64.powf(-0.5),
+                (true, Some(s)) => return Err(with_path(Error::config(format!("query_pre_attn_scalar must be > 0, got {s}")))),
+                _ => (head_dim as f64).powf(-0.5),
+            },
+            embed_scale: if gemma { Some((raw.hidden_size as f64).sqrt()) } else { None },
+            final_logit_softcap: if gemma { raw.final_logit_softcapping.filter(|c| *c > 0.0) } else { None },
+            clip_qkv: if matches!(arch, Architecture::Olmo | Architecture::Olmoe) { raw.clip_qkv } else { None },
+            moe,
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
         })

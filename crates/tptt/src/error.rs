@@ -33,7 +33,7 @@ pub enum Error {
     #[error("unknown operator_mode {0:?}; known modes: delta_rule, delta_rule_gelu, delta_product, delta_product_r, delta_product_c, gated_delta_rule, gated_delta_product, delta_rule_v, delta_rule_kv")]
     UnknownOperatorMode(String),
     /// The base model's architecture is not one this engine implements.
-    #[error("unsupported base architecture {0:?} (supported: llama, mistral, qwen2)")]
+    #[error("unsupported base architecture {0:?} (supported: llama, mistral, qwen2, gemma3_text, olmo, olmoe)")]
     UnsupportedArchitecture(String),
     /// A weight file is corrupt, truncated or not a safetensors file.
     #[error("invalid weight file {path}: {message}")]

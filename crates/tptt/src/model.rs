@@ -1,11 +1,14 @@
-//! The TPTT model: a Llama / Mistral / Qwen2 decoder whose attention layers carry the LiZA linear
-//! branch (SPEC §2–§6), with immutable weights ([`Model`]) and a separate per-conversation
-//! [`State`].
+//! The TPTT model: a Llama / Mistral / Qwen2 / Gemma-3 / OLMo / OLMoE decoder whose attention
+//! layers carry the LiZA linear branch (SPEC §2–§6), with immutable weights ([`Model`]) and a
+//! separate per-conversation [`State`].
 //!
-//! Per layer: `x = RMSNorm(h)`, `q, k, v = proj(x)` (LoRA merged at load), softmax branch on the
-//! RoPE'd projections, linear branch on the raw ones, `out = (1−m)·o_base + m·o_lin`
-//! (+ `sw ⊙ lw` with `cross_gate`; `o_lin` rescaled by `rms(o_base)` with `base_scale_attn`),
-//! `h += out`, `h += MLP(RMSNorm(h))`.
+//! Per layer: `x = Norm(h)`, `q, k, v = proj(x)` (LoRA merged at load), softmax branch on the
+//! (q/k-normed, clipped) RoPE'd projections, linear branch on the raw ones,
+//! `out = (1−m)·o_base + m·o_lin` (+ `sw ⊙ lw` with `cross_gate`; `o_lin` rescaled by
+//! `rms(o_base)` with `base_scale_attn`), `h += out` (Gemma-3: `h += Norm(out)`),
+//! `h += MLP(Norm(h))` (Gemma-3: `h += Norm(MLP(Norm(h)))`; OLMoE: a top-k mixture of experts).
+//! Each layer keeps the base's own sliding window (Gemma-3 local layers, Mistral) on top of the
+//! TPTT window; Gemma-3's local layers use their own RoPE base.
 //!
 //! Softmax window `W` (where we deliberately differ from the reference, which crashes on calls
 //! longer than `W`, SPEC §5): in [`CarryMode::Continue`] each query attends to the keys of the
@@ -17,7 +20,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::config::{ModelConfig, TpttSettings};
+use crate::config::{Activation, BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings};
 use crate::error::{Error, Result};
 use crate::linear::{self, CarryMode, LinearCarry, LinearShape, ScanImpl};
 pub use crate::state::{LayerState, State};
@@ -58,17 +61,71 @@ impl Linear {
     }
 }
 
+/// A normalisation with its weight (if any).
+#[derive(Debug, Clone)]
+struct Norm {
+    kind: NormKind,
+    w: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.kind {
+            NormKind::LayerNoParam => {
+                // F.layer_norm without affine parameters, eps 1e-5.
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                Ok(xc.broadcast_div(&(var + self.eps)?.sqrt()?)?)
+            }
+            NormKind::Rms | NormKind::RmsOnePlus => {
+                // x * rsqrt(mean(x²) + eps), then weight (Llama) or (1 + weight) (Gemma).
+                let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                match &self.w {
+                    Some(w) => Ok(normed.broadcast_mul(w)?),
+                    None => Ok(normed),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Expert {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+enum Mlp {
+    /// `down(act(gate(x)) · up(x))`.
+    Gated(Expert),
+    /// OLMoE: softmax router, top-k experts weighted by their routing probability.
+    Moe { router: Linear, experts: Vec<Expert>, top_k: usize, norm_topk: bool },
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
-    in_norm: Tensor,
-    post_norm: Tensor,
+    in_norm: Norm,
+    /// Gemma-3: applied to the attention output before the residual add.
+    post_attn_norm: Option<Norm>,
+    pre_ff_norm: Norm,
+    /// Gemma-3: applied to the MLP output before the residual add.
+    post_ff_norm: Option<Norm>,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    mlp: Mlp,
+    /// The base's own window for this layer.
+    window: Option<usize>,
+    /// Index into `Model::ropes`.
+    rope: usize,
 }
 
 /// Which logits [`Model::forward`] returns.
@@ -87,9 +144,10 @@ pub struct Model {
     device: Device,
     embed: Tensor,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: Tensor,
-    rope: Rope,
+    /// RoPE tables: `[global]` or `[global, local]`.
+    ropes: Vec<Rope>,
     shape: LinearShape,
     scan: ScanImpl,
     adapter: AdapterReport,
@@ -109,11 +167,72 @@ fn take_linear(map: &mut TensorMap, prefix: &str, out: usize, inp: usize, bias: 
     Ok(Linear { w, b })
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    // transformers: x * rsqrt(mean(x²) + eps), then weight * x.
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(w)?)
+fn take_norm(map: &mut TensorMap, name: &str, b: &BaseConfig, dim: usize, location: &str) -> Result<Norm> {
+    let (w, eps) = match b.norm {
+        NormKind::LayerNoParam => (None, 1e-5),
+        NormKind::Rms => (Some(take(map, name, &[dim], location)?), b.rms_norm_eps),
+        // Gemma stores w and multiplies by (1 + w): fold the 1 in once at load.
+        NormKind::RmsOnePlus => (Some((take(map, name, &[dim], location)? + 1.0)?), b.rms_norm_eps),
+    };
+    Ok(Norm { kind: b.norm, w, eps })
+}
+
+fn take_expert(map: &mut TensorMap, p: &str, b: &BaseConfig, location: &str) -> Result<Expert> {
+    let (e, i) = (b.hidden_size, b.intermediate_size);
+    Ok(Expert {
+        gate: take_linear(map, &format!("{p}.gate_proj"), i, e, b.mlp_bias, location)?,
+        up: take_linear(map, &format!("{p}.up_proj"), i, e, b.mlp_bias, location)?,
+        down: take_linear(map, &format!("{p}.down_proj"), e, i, b.mlp_bias, location)?,
+    })
+}
+
+impl Expert {
+    fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let g = self.gate.forward(x)?;
+        let g = match act {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match self {
+            Mlp::Gated(e) => e.forward(x, act),
+            Mlp::Moe { router, experts, top_k, norm_topk } => {
+                let (s, e_dim) = x.dims2()?;
+                let probs = candle_nn::ops::softmax_last_dim(&router.forward(x)?)?.to_vec2::<f32>()?;
+                // Route each token; then run each expert once on the tokens that chose it.
+                let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); experts.len()];
+                for (t, p) in probs.iter().enumerate() {
+                    let mut idx: Vec<usize> = (0..p.len()).collect();
+                    // torch.topk order: by value, descending (ties: lower index first).
+                    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+                    let top = &idx[..*top_k];
+                    let sum: f32 = top.iter().map(|&i| p[i]).sum();
+                    for &i in top {
+                        let w = if *norm_topk { p[i] / sum } else { p[i] };
+                        per_expert[i].0.push(t as u32);
+                        per_expert[i].1.push(w);
+                    }
+                }
+                let mut out = Tensor::zeros((s, e_dim), DType::F32, x.device())?;
+                for (expert, (tokens, weights)) in experts.iter().zip(per_expert) {
+                    if tokens.is_empty() {
+                        continue;
+                    }
+                    let n = tokens.len();
+                    let idx = Tensor::from_vec(tokens, n, x.device())?;
+                    let y = expert.forward(&x.index_select(&idx, 0)?, act)?;
+                    let y = y.broadcast_mul(&Tensor::from_vec(weights, (n, 1), x.device())?)?;
+                    out = out.index_add(&idx, &y, 0)?;
+                }
+                Ok(out)
+            }
+        }
+    }
 }
 
 impl Model {
@@ -150,25 +269,64 @@ impl Model {
         let mut layers = Vec::new(); // not with_capacity: num_layers is untrusted until the weights confirm it
         for i in 0..b.num_layers {
             let p = format!("model.layers.{i}");
+            let (q_norm, k_norm) = match b.qk_norm {
+                QkNorm::None => (None, None),
+                QkNorm::PerHead => (
+                    Some(take_norm(&mut map, &format!("{p}.self_attn.q_norm.weight"), b, b.head_dim, location)?),
+                    Some(take_norm(&mut map, &format!("{p}.self_attn.k_norm.weight"), b, b.head_dim, location)?),
+                ),
+                QkNorm::Full => (
+                    Some(take_norm(&mut map, &format!("{p}.self_attn.q_norm.weight"), b, hd, location)?),
+                    Some(take_norm(&mut map, &format!("{p}.self_attn.k_norm.weight"), b, kvd, location)?),
+                ),
+            };
+            let mlp = match b.moe {
+                None => Mlp::Gated(take_expert(&mut map, &format!("{p}.mlp"), b, location)?),
+                Some(moe) => Mlp::Moe {
+                    router: take_linear(&mut map, &format!("{p}.mlp.gate"), moe.num_experts, e, false, location)?,
+                    experts: (0..moe.num_experts)
+                        .map(|x| take_expert(&mut map, &format!("{p}.mlp.experts.{x}"), b, location))
+                        .collect::<Result<_>>()?,
+                    top_k: moe.top_k,
+                    norm_topk: moe.norm_topk_prob,
+                },
+            };
+            let (post_attn_norm, pre_ff_norm, post_ff_norm) = if b.sandwich_norms {
+                (
+                    Some(take_norm(&mut map, &format!("{p}.post_attention_layernorm.weight"), b, e, location)?),
+                    take_norm(&mut map, &format!("{p}.pre_feedforward_layernorm.weight"), b, e, location)?,
+                    Some(take_norm(&mut map, &format!("{p}.post_feedforward_layernorm.weight"), b, e, location)?),
+                )
+            } else {
+                (None, take_norm(&mut map, &format!("{p}.post_attention_layernorm.weight"), b, e, location)?, None)
+            };
+            let window = b.layer_windows.get(i).copied().flatten();
             layers.push(Layer {
-                in_norm: take(&mut map, &format!("{p}.input_layernorm.weight"), &[e], location)?,
-                post_norm: take(&mut map, &format!("{p}.post_attention_layernorm.weight"), &[e], location)?,
+                in_norm: take_norm(&mut map, &format!("{p}.input_layernorm.weight"), b, e, location)?,
+                post_attn_norm,
+                pre_ff_norm,
+                post_ff_norm,
                 q: take_linear(&mut map, &format!("{p}.self_attn.q_proj"), hd, e, b.qkv_bias, location)?,
                 k: take_linear(&mut map, &format!("{p}.self_attn.k_proj"), kvd, e, b.qkv_bias, location)?,
                 v: take_linear(&mut map, &format!("{p}.self_attn.v_proj"), kvd, e, b.qkv_bias, location)?,
                 o: take_linear(&mut map, &format!("{p}.self_attn.o_proj"), e, hd, b.o_bias, location)?,
-                gate: take_linear(&mut map, &format!("{p}.mlp.gate_proj"), b.intermediate_size, e, b.mlp_bias, location)?,
-                up: take_linear(&mut map, &format!("{p}.mlp.up_proj"), b.intermediate_size, e, b.mlp_bias, location)?,
-                down: take_linear(&mut map, &format!("{p}.mlp.down_proj"), e, b.intermediate_size, b.mlp_bias, location)?,
+                q_norm,
+                k_norm,
+                mlp,
+                window,
+                rope: usize::from(window.is_some() && b.local_rope_theta.is_some()),
             });
         }
-        let norm = take(&mut map, "model.norm.weight", &[e], location)?;
+        let norm = take_norm(&mut map, "model.norm.weight", b, e, location)?;
         let lm_head = if opts.retie_lm_head || b.tie_word_embeddings {
             embed.clone()
         } else {
             take(&mut map, "lm_head.weight", &[b.vocab_size, e], location)?
         };
-        let rope = Rope::new(b);
+        let mut ropes = vec![Rope::new(b.head_dim, b.rope_theta, &b.rope_scaling)];
+        if let Some(theta) = b.local_rope_theta {
+            ropes.push(Rope::new(b.head_dim, theta, &RopeScaling::None));
+        }
         let shape = LinearShape {
             heads: b.num_heads,
             kv_heads: b.num_kv_heads,
@@ -176,7 +334,7 @@ impl Model {
             rc: cfg.tptt.recurrent,
             max_chunk: cfg.tptt.max_chunk_size,
         };
-        Ok(Self { device: opts.device.clone(), embed, layers, norm, lm_head, rope, shape, scan: opts.scan, adapter, cfg })
+        Ok(Self { device: opts.device.clone(), embed, layers, norm, lm_head, ropes, shape, scan: opts.scan, adapter, cfg })
     }
 
     /// The configuration.
@@ -196,14 +354,49 @@ impl Model {
 
     /// Number of parameters (embedding counted once when tied).
     pub fn num_params(&self) -> usize {
-        let lin = |l: &Linear| l.w.elem_count() + l.b.as_ref().map_or(0, |b| b.elem_count());
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| l.in_norm.elem_count() + l.post_norm.elem_count() + [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|x| lin(x)).sum::<usize>())
-            .sum();
-        let head = if self.lm_head.id() == self.embed.id() { 0 } else { self.lm_head.elem_count() };
-        self.embed.elem_count() + layers + self.norm.elem_count() + head
+        self.weight_tensors().iter().map(|t| t.elem_count()).sum()
+    }
+
+    /// Bytes of weights read to decode one token (every matrix once; MoE: all experts counted).
+    pub fn weight_bytes(&self) -> usize {
+        self.num_params() * std::mem::size_of::<f32>()
+    }
+
+    fn weight_tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.embed];
+        if self.lm_head.id() != self.embed.id() {
+            v.push(&self.lm_head);
+        }
+        for l in &self.layers {
+            for n in [Some(&l.in_norm), l.post_attn_norm.as_ref(), Some(&l.pre_ff_norm), l.post_ff_norm.as_ref(), l.q_norm.as_ref(), l.k_norm.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(w) = &n.w {
+                    v.push(w);
+                }
+            }
+            let mut linears = vec![&l.q, &l.k, &l.v, &l.o];
+            match &l.mlp {
+                Mlp::Gated(e) => linears.extend([&e.gate, &e.up, &e.down]),
+                Mlp::Moe { router, experts, .. } => {
+                    linears.push(router);
+                    for e in experts {
+                        linears.extend([&e.gate, &e.up, &e.down]);
+                    }
+                }
+            }
+            for x in linears {
+                v.push(&x.w);
+                if let Some(b) = &x.b {
+                    v.push(b);
+                }
+            }
+        }
+        if let Some(w) = &self.norm.w {
+            v.push(w);
+        }
+        v
     }
 
     /// Override `max_chunk_size` (e.g. 1 for a pure per-token recurrence).
@@ -221,13 +414,10 @@ impl Model {
         self.cfg.tptt.mag_weight = m;
     }
 
-    /// The softmax window the config implies: `max_self_attn_length` and the base's own sliding
-    /// window, whichever is smaller.
+    /// The TPTT softmax window of the config (`max_self_attn_length`). Layers with a window of
+    /// their own (Gemma-3 local layers, Mistral) also keep it.
     pub fn config_window(&self) -> Option<usize> {
-        match (self.cfg.tptt.max_self_attn_length, self.cfg.base.sliding_window) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.cfg.tptt.max_self_attn_length
     }
 
     /// A fresh state.
@@ -281,15 +471,11 @@ impl Model {
             }
         }
         let positions: Vec<usize> = (state.pos..state.pos + s).collect();
-        let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
+        let cos_sin: Vec<(Tensor, Tensor)> = self.ropes.iter().map(|r| r.cos_sin(&positions, &self.device)).collect::<Result<_>>()?;
         // Softmax keys: a ring of W slots in Continue mode (slot = position mod W), written in
         // place for single-token steps; an ordered list in Reference mode.
         let ring = state.mode == CarryMode::Continue;
         let in_place = ring && s == 1;
-        let window = match state.mode {
-            CarryMode::Continue => state.window,
-            CarryMode::Reference => self.cfg.base.sliding_window,
-        };
         let slot_of = |p: usize| state.window.map_or(p, |w| p % w);
         // Positions of the keys attended to, in the order of the key tensor.
         let att_pos: Vec<usize> = if in_place {
@@ -305,22 +491,43 @@ impl Model {
             state.key_pos.iter().copied().chain(positions.iter().copied()).collect()
         };
         let t_len = att_pos.len();
-        let mut mask = vec![0f32; s * t_len];
-        for (i, &qp) in positions.iter().enumerate() {
-            for (j, &kp) in att_pos.iter().enumerate() {
-                let visible = kp <= qp && window.is_none_or(|w| qp - kp < w);
-                if !visible {
-                    mask[i * t_len + j] = f32::NEG_INFINITY;
+        // One mask per distinct effective window: the TPTT window (Continue mode) combined with
+        // the layer's own.
+        let tptt_window = match state.mode {
+            CarryMode::Continue => state.window,
+            CarryMode::Reference => None,
+        };
+        let effective = |layer: &Layer| match (tptt_window, layer.window) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        for layer in &self.layers {
+            let w = effective(layer);
+            if masks.iter().any(|(x, _)| *x == w) {
+                continue;
+            }
+            let mut mask = vec![0f32; s * t_len];
+            for (i, &qp) in positions.iter().enumerate() {
+                for (j, &kp) in att_pos.iter().enumerate() {
+                    let visible = kp <= qp && w.is_none_or(|w| qp - kp < w);
+                    if !visible {
+                        mask[i * t_len + j] = f32::NEG_INFINITY;
+                    }
                 }
             }
+            masks.push((w, Tensor::from_vec(mask, (s, t_len), &self.device)?));
         }
-        let mask = Tensor::from_vec(mask, (s, t_len), &self.device)?;
 
         let ids_t = Tensor::from_vec(ids.to_vec(), s, &self.device)?;
         let mut h = self.embed.index_select(&ids_t, 0)?; // [S, E]
+        if let Some(scale) = b.embed_scale {
+            // transformers casts sqrt(E) to the weight dtype (f32 here) before multiplying.
+            h = (h * (scale as f32) as f64)?;
+        }
         let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
         let g = nh / nkv;
-        let scale = (d as f64).powf(-0.5);
+        let scale = b.attn_scale;
         let tptt = &self.cfg.tptt;
         let m = tptt.mag_weight;
         let linear_on = m != 0.0;
@@ -329,15 +536,36 @@ impl Model {
         let fuse_o = !tptt.cross_gate && !tptt.base_scale_attn;
         let filled_before = state.key_pos.len();
         for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
-            let x = rms_norm(&h, &layer.in_norm, b.rms_norm_eps)?;
+            let x = layer.in_norm.forward(&h)?;
             let q_raw = layer.q.forward(&x)?; // [S, H·D]
             let k_raw = layer.k.forward(&x)?; // [S, Hkv·D]
             let v_raw = layer.v.forward(&x)?;
+            let (cos, sin) = &cos_sin[layer.rope];
+            let mask = &masks.iter().find(|(w, _)| *w == effective(layer)).ok_or_else(|| Error::State("mask missing".into()))?.1;
 
-            // Softmax branch: RoPE, GQA, window mask, scale D^-1/2.
-            let q = rope::apply(&q_raw.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?, &cos, &sin)?; // [H, S, D]
-            let k = rope::apply(&k_raw.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?, &cos, &sin)?; // [Hkv, S, D]
-            let v = v_raw.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
+            // Softmax branch: q/k norms, clip, RoPE, GQA, window mask. The linear branch reads the
+            // raw projections (tptt calls q_proj/k_proj/v_proj itself).
+            let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                match b.qk_norm {
+                    QkNorm::PerHead => {
+                        qs = qn.forward(&qs.reshape((s, nh, d))?)?.reshape((s, nh * d))?;
+                        ks = kn.forward(&ks.reshape((s, nkv, d))?)?.reshape((s, nkv * d))?;
+                    }
+                    _ => {
+                        qs = qn.forward(&qs)?;
+                        ks = kn.forward(&ks)?;
+                    }
+                }
+            }
+            if let Some(c) = b.clip_qkv {
+                qs = qs.clamp(-c, c)?;
+                ks = ks.clamp(-c, c)?;
+                vs = vs.clamp(-c, c)?;
+            }
+            let q = rope::apply(&qs.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?, cos, sin)?; // [H, S, D]
+            let k = rope::apply(&ks.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?, cos, sin)?; // [Hkv, S, D]
+            let v = vs.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
             let (k_att, v_att) = if in_place {
                 let slot = slot_of(state.pos);
                 ls.ensure_capacity(slot + 1, state.window, nkv, d, &self.device)?;
@@ -358,7 +586,7 @@ impl Model {
             };
             let qg = q.reshape((nkv, g * s, d))?; // heads h = kvh·G + g
             let scores = (qg.matmul(&k_att.t()?)? * scale)?; // [Hkv, G·S, T]
-            let scores = scores.reshape((nkv, g, s, t_len))?.broadcast_add(&mask)?;
+            let scores = scores.reshape((nkv, g, s, t_len))?.broadcast_add(mask)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, g * s, t_len))?;
             let attn = probs.matmul(&v_att)?.reshape((nh, s, d))?.transpose(0, 1)?.reshape((s, nh * d))?; // [S, H·D]
 
@@ -390,9 +618,17 @@ impl Model {
             } else {
                 layer.o.forward(&attn)?
             };
+            let out = match &layer.post_attn_norm {
+                Some(n) => n.forward(&out)?,
+                None => out,
+            };
             h = (h + out)?;
-            let x = rms_norm(&h, &layer.post_norm, b.rms_norm_eps)?;
-            let mlp = layer.down.forward(&(candle_nn::ops::silu(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?)?;
+            let x = layer.pre_ff_norm.forward(&h)?;
+            let mlp = layer.mlp.forward(&x, b.hidden_act)?;
+            let mlp = match &layer.post_ff_norm {
+                Some(n) => n.forward(&mlp)?,
+                None => mlp,
+            };
             h = (h + mlp)?;
 
             if !in_place {
@@ -436,8 +672,13 @@ impl Model {
             Logits::All => h,
             Logits::Last => h.narrow(0, s - 1, 1)?,
         };
-        let h = rms_norm(&h, &self.norm, b.rms_norm_eps)?;
-        Ok(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        let h = self.norm.forward(&h)?;
+        let logits = h.matmul(&self.lm_head.t()?)?;
+        let logits = match b.final_logit_softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        };
+        Ok(logits.to_dtype(DType::F32)?)
     }
 }
 

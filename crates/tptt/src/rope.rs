@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::config::{BaseConfig, RopeScaling};
+use crate::config::RopeScaling;
 use crate::error::Result;
 
 /// Per-model RoPE frequencies.
@@ -18,14 +18,13 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Frequencies for a base config.
-    pub fn new(cfg: &BaseConfig) -> Self {
-        let d = cfg.head_dim;
-        let base = cfg.rope_theta as f32;
+    /// Frequencies for head dim `d`, base `theta` and a scaling.
+    pub fn new(d: usize, theta: f64, scaling: &RopeScaling) -> Self {
+        let base = theta as f32;
         // inv_freq = 1 / base^(2i/d), in float32 like transformers.
         let mut inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
         let mut pos_scale = 1.0;
-        match cfg.rope_scaling {
+        match *scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => pos_scale = 1.0 / factor,
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
