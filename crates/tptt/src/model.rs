@@ -18,7 +18,8 @@
 //! `W` are refused and before each later call the cache is cropped to its *first* `W − 1`
 //! positions (transformers' `DynamicCache.crop`).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::{Activation, BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings};
 use crate::error::{Error, Result};
@@ -26,7 +27,7 @@ use crate::linear::{self, CarryMode, LinearCarry, LinearShape, ScanImpl};
 pub use crate::state::{LayerState, State};
 use crate::repo::VariantFiles;
 use crate::rope::{self, Rope};
-use crate::weights::{self, AdapterReport, TensorMap};
+use crate::weights::{self, AdapterReport, LoraSide, Weight, WeightMap};
 
 /// Options for [`Model::load`].
 #[derive(Debug, Clone)]
@@ -46,18 +47,55 @@ impl Default for LoadOptions {
 }
 
 #[derive(Debug, Clone)]
+enum Matrix {
+    /// `[out, in]` f32.
+    Dense(Tensor),
+    /// Quantized, through candle's quantized matmul.
+    Quant(QMatMul),
+}
+
+#[derive(Debug, Clone)]
 struct Linear {
-    w: Tensor, // [out, in]
+    w: Matrix,
     b: Option<Tensor>,
+    /// LoRA kept unmerged (quantized bases).
+    lora: Option<LoraSide>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let mut y = match &self.w {
+            Matrix::Dense(w) => x.matmul(&w.t()?)?,
+            Matrix::Quant(q) => q.forward(x)?,
+        };
+        if let Some(l) = &self.lora {
+            // y += s · B(A x)
+            y = (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?;
+        }
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut v = Vec::new();
+        if let Matrix::Dense(w) = &self.w {
+            v.push(w.clone());
+        }
+        v.extend(self.b.iter().cloned());
+        if let Some(l) = &self.lora {
+            v.extend([l.a.clone(), l.b.clone()]);
+        }
+        v
+    }
+
+    fn size_bytes(&self) -> usize {
+        let q = match &self.w {
+            Matrix::Quant(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            _ => 0,
+        };
+        q + self.tensors().iter().map(|t| t.elem_count() * 4).sum::<usize>()
     }
 }
 
@@ -145,7 +183,7 @@ pub struct Model {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Norm,
-    lm_head: Tensor,
+    lm_head: Linear,
     /// RoPE tables: `[global]` or `[global, local]`.
     ropes: Vec<Rope>,
     shape: LinearShape,
@@ -153,36 +191,58 @@ pub struct Model {
     adapter: AdapterReport,
 }
 
-fn take(map: &mut TensorMap, name: &str, dims: &[usize], location: &str) -> Result<Tensor> {
-    let t = map.remove(name).ok_or_else(|| Error::MissingTensor { name: name.into(), location: location.into() })?;
-    if t.dims() != dims {
-        return Err(Error::ShapeMismatch { name: name.into(), got: t.dims().to_vec(), expected: dims.to_vec() });
+/// Where weights come from while building a model.
+struct Source<'a> {
+    map: WeightMap,
+    loras: &'a std::collections::HashMap<String, LoraSide>,
+    location: &'a str,
+    device: Device,
+}
+
+impl Source<'_> {
+    fn weight(&mut self, name: &str, dims: &[usize]) -> Result<Weight> {
+        let w = self.map.remove(name).ok_or_else(|| Error::MissingTensor { name: name.into(), location: self.location.into() })?;
+        if w.dims() != dims {
+            return Err(Error::ShapeMismatch { name: name.into(), got: w.dims().to_vec(), expected: dims.to_vec() });
+        }
+        Ok(w)
     }
-    Ok(t)
+
+    /// A dense tensor (quantized ones are dequantized: norms, embeddings).
+    fn tensor(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        Ok(match self.weight(name, dims)? {
+            Weight::Dense(t) => t,
+            Weight::Quant(q) => q.dequantize(&self.device)?,
+        })
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let w = match self.weight(&name, &[out, inp])? {
+            Weight::Dense(t) => Matrix::Dense(t),
+            Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
+        };
+        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?) } else { None };
+        Ok(Linear { w, b, lora: self.loras.get(&name).cloned() })
+    }
 }
 
-fn take_linear(map: &mut TensorMap, prefix: &str, out: usize, inp: usize, bias: bool, location: &str) -> Result<Linear> {
-    let w = take(map, &format!("{prefix}.weight"), &[out, inp], location)?;
-    let b = if bias { Some(take(map, &format!("{prefix}.bias"), &[out], location)?) } else { None };
-    Ok(Linear { w, b })
-}
-
-fn take_norm(map: &mut TensorMap, name: &str, b: &BaseConfig, dim: usize, location: &str) -> Result<Norm> {
+fn take_norm(src: &mut Source<'_>, name: &str, b: &BaseConfig, dim: usize) -> Result<Norm> {
     let (w, eps) = match b.norm {
         NormKind::LayerNoParam => (None, 1e-5),
-        NormKind::Rms => (Some(take(map, name, &[dim], location)?), b.rms_norm_eps),
+        NormKind::Rms => (Some(src.tensor(name, &[dim])?), b.rms_norm_eps),
         // Gemma stores w and multiplies by (1 + w): fold the 1 in once at load.
-        NormKind::RmsOnePlus => (Some((take(map, name, &[dim], location)? + 1.0)?), b.rms_norm_eps),
+        NormKind::RmsOnePlus => (Some((src.tensor(name, &[dim])? + 1.0)?), b.rms_norm_eps),
     };
     Ok(Norm { kind: b.norm, w, eps })
 }
 
-fn take_expert(map: &mut TensorMap, p: &str, b: &BaseConfig, location: &str) -> Result<Expert> {
+fn take_expert(src: &mut Source<'_>, p: &str, b: &BaseConfig) -> Result<Expert> {
     let (e, i) = (b.hidden_size, b.intermediate_size);
     Ok(Expert {
-        gate: take_linear(map, &format!("{p}.gate_proj"), i, e, b.mlp_bias, location)?,
-        up: take_linear(map, &format!("{p}.up_proj"), i, e, b.mlp_bias, location)?,
-        down: take_linear(map, &format!("{p}.down_proj"), e, i, b.mlp_bias, location)?,
+        gate: src.linear(&format!("{p}.gate_proj"), i, e, b.mlp_bias)?,
+        up: src.linear(&format!("{p}.up_proj"), i, e, b.mlp_bias)?,
+        down: src.linear(&format!("{p}.down_proj"), e, i, b.mlp_bias)?,
     })
 }
 
@@ -238,7 +298,7 @@ impl Mlp {
 impl Model {
     /// Load a variant: base weights, adapter, re-tie.
     pub fn load(files: &VariantFiles, opts: &LoadOptions) -> Result<Self> {
-        let mut map = weights::load_model_dir(&files.base_dir, &opts.device)?;
+        let mut map = weights::dense(weights::load_model_dir(&files.base_dir, &opts.device)?);
         let adapter = match (&files.adapter, &files.config.tptt.lora) {
             (Some(path), lora) => weights::apply_adapter(&mut map, path, lora.as_ref(), &files.target_modules(), &opts.device)?,
             (None, Some(_)) => {
@@ -249,7 +309,7 @@ impl Model {
             }
             (None, None) => AdapterReport::default(),
         };
-        Self::from_tensors(files.config.clone(), map, &files.base_dir.display().to_string(), adapter, opts)
+        Self::from_weights(files.config.clone(), map, &files.base_dir.display().to_string(), adapter, opts)
     }
 
     /// Load a plain Hugging Face model folder (no TPTT repo) with the given TPTT settings: an
@@ -257,35 +317,41 @@ impl Model {
     pub fn load_plain(base_dir: &std::path::Path, tptt: TpttSettings, opts: &LoadOptions) -> Result<Self> {
         let cfg_path = base_dir.join("config.json");
         let base = crate::config::BaseConfig::from_json(&crate::config::read_json_object(&cfg_path)?, Some(&cfg_path))?;
-        let map = weights::load_model_dir(base_dir, &opts.device)?;
-        Self::from_tensors(ModelConfig { base, tptt }, map, &base_dir.display().to_string(), AdapterReport::default(), opts)
+        let map = weights::dense(weights::load_model_dir(base_dir, &opts.device)?);
+        Self::from_weights(ModelConfig { base, tptt }, map, &base_dir.display().to_string(), AdapterReport::default(), opts)
     }
 
     /// Build from already loaded (and adapted) tensors with HF names.
-    pub fn from_tensors(cfg: ModelConfig, mut map: TensorMap, location: &str, adapter: AdapterReport, opts: &LoadOptions) -> Result<Self> {
+    pub fn from_weights(cfg: ModelConfig, map: WeightMap, location: &str, adapter: AdapterReport, opts: &LoadOptions) -> Result<Self> {
         let b = &cfg.base;
+        let mut src = Source { map, loras: &adapter.unmerged, location, device: opts.device.clone() };
         let (e, hd, kvd) = (b.hidden_size, b.num_heads * b.head_dim, b.num_kv_heads * b.head_dim);
-        let embed = take(&mut map, "model.embed_tokens.weight", &[b.vocab_size, e], location)?;
+        let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
+        // Lookups need dense rows; a tied lm_head keeps the (possibly quantized) matrix.
+        let embed = match &embed_w {
+            Weight::Dense(t) => t.clone(),
+            Weight::Quant(q) => q.dequantize(&opts.device)?,
+        };
         let mut layers = Vec::new(); // not with_capacity: num_layers is untrusted until the weights confirm it
         for i in 0..b.num_layers {
             let p = format!("model.layers.{i}");
             let (q_norm, k_norm) = match b.qk_norm {
                 QkNorm::None => (None, None),
                 QkNorm::PerHead => (
-                    Some(take_norm(&mut map, &format!("{p}.self_attn.q_norm.weight"), b, b.head_dim, location)?),
-                    Some(take_norm(&mut map, &format!("{p}.self_attn.k_norm.weight"), b, b.head_dim, location)?),
+                    Some(take_norm(&mut src, &format!("{p}.self_attn.q_norm.weight"), b, b.head_dim)?),
+                    Some(take_norm(&mut src, &format!("{p}.self_attn.k_norm.weight"), b, b.head_dim)?),
                 ),
                 QkNorm::Full => (
-                    Some(take_norm(&mut map, &format!("{p}.self_attn.q_norm.weight"), b, hd, location)?),
-                    Some(take_norm(&mut map, &format!("{p}.self_attn.k_norm.weight"), b, kvd, location)?),
+                    Some(take_norm(&mut src, &format!("{p}.self_attn.q_norm.weight"), b, hd)?),
+                    Some(take_norm(&mut src, &format!("{p}.self_attn.k_norm.weight"), b, kvd)?),
                 ),
             };
             let mlp = match b.moe {
-                None => Mlp::Gated(take_expert(&mut map, &format!("{p}.mlp"), b, location)?),
+                None => Mlp::Gated(take_expert(&mut src, &format!("{p}.mlp"), b)?),
                 Some(moe) => Mlp::Moe {
-                    router: take_linear(&mut map, &format!("{p}.mlp.gate"), moe.num_experts, e, false, location)?,
+                    router: src.linear(&format!("{p}.mlp.gate"), moe.num_experts, e, false)?,
                     experts: (0..moe.num_experts)
-                        .map(|x| take_expert(&mut map, &format!("{p}.mlp.experts.{x}"), b, location))
+                        .map(|x| take_expert(&mut src, &format!("{p}.mlp.experts.{x}"), b))
                         .collect::<Result<_>>()?,
                     top_k: moe.top_k,
                     norm_topk: moe.norm_topk_prob,
@@ -293,23 +359,23 @@ impl Model {
             };
             let (post_attn_norm, pre_ff_norm, post_ff_norm) = if b.sandwich_norms {
                 (
-                    Some(take_norm(&mut map, &format!("{p}.post_attention_layernorm.weight"), b, e, location)?),
-                    take_norm(&mut map, &format!("{p}.pre_feedforward_layernorm.weight"), b, e, location)?,
-                    Some(take_norm(&mut map, &format!("{p}.post_feedforward_layernorm.weight"), b, e, location)?),
+                    Some(take_norm(&mut src, &format!("{p}.post_attention_layernorm.weight"), b, e)?),
+                    take_norm(&mut src, &format!("{p}.pre_feedforward_layernorm.weight"), b, e)?,
+                    Some(take_norm(&mut src, &format!("{p}.post_feedforward_layernorm.weight"), b, e)?),
                 )
             } else {
-                (None, take_norm(&mut map, &format!("{p}.post_attention_layernorm.weight"), b, e, location)?, None)
+                (None, take_norm(&mut src, &format!("{p}.post_attention_layernorm.weight"), b, e)?, None)
             };
             let window = b.layer_windows.get(i).copied().flatten();
             layers.push(Layer {
-                in_norm: take_norm(&mut map, &format!("{p}.input_layernorm.weight"), b, e, location)?,
+                in_norm: take_norm(&mut src, &format!("{p}.input_layernorm.weight"), b, e)?,
                 post_attn_norm,
                 pre_ff_norm,
                 post_ff_norm,
-                q: take_linear(&mut map, &format!("{p}.self_attn.q_proj"), hd, e, b.qkv_bias, location)?,
-                k: take_linear(&mut map, &format!("{p}.self_attn.k_proj"), kvd, e, b.qkv_bias, location)?,
-                v: take_linear(&mut map, &format!("{p}.self_attn.v_proj"), kvd, e, b.qkv_bias, location)?,
-                o: take_linear(&mut map, &format!("{p}.self_attn.o_proj"), e, hd, b.o_bias, location)?,
+                q: src.linear(&format!("{p}.self_attn.q_proj"), hd, e, b.qkv_bias)?,
+                k: src.linear(&format!("{p}.self_attn.k_proj"), kvd, e, b.qkv_bias)?,
+                v: src.linear(&format!("{p}.self_attn.v_proj"), kvd, e, b.qkv_bias)?,
+                o: src.linear(&format!("{p}.self_attn.o_proj"), e, hd, b.o_bias)?,
                 q_norm,
                 k_norm,
                 mlp,
@@ -317,11 +383,15 @@ impl Model {
                 rope: usize::from(window.is_some() && b.local_rope_theta.is_some()),
             });
         }
-        let norm = take_norm(&mut map, "model.norm.weight", b, e, location)?;
+        let norm = take_norm(&mut src, "model.norm.weight", b, e)?;
         let lm_head = if opts.retie_lm_head || b.tie_word_embeddings {
-            embed.clone()
+            let w = match embed_w {
+                Weight::Dense(t) => Matrix::Dense(t),
+                Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
+            };
+            Linear { w, b: None, lora: None }
         } else {
-            take(&mut map, "lm_head.weight", &[b.vocab_size, e], location)?
+            src.linear("lm_head", b.vocab_size, e, false)?
         };
         let mut ropes = vec![Rope::new(b.head_dim, b.rope_theta, &b.rope_scaling)];
         if let Some(theta) = b.local_rope_theta {
@@ -352,51 +422,30 @@ impl Model {
         &self.device
     }
 
-    /// Number of parameters (embedding counted once when tied).
-    pub fn num_params(&self) -> usize {
-        self.weight_tensors().iter().map(|t| t.elem_count()).sum()
-    }
-
-    /// Bytes of weights read to decode one token (every matrix once; MoE: all experts counted).
+    /// Bytes of weights read to decode one token: every matrix once (the embedding lookup
+    /// reads one row and is not counted; MoE counts all experts).
     pub fn weight_bytes(&self) -> usize {
-        self.num_params() * std::mem::size_of::<f32>()
-    }
-
-    fn weight_tensors(&self) -> Vec<&Tensor> {
-        let mut v = vec![&self.embed];
-        if self.lm_head.id() != self.embed.id() {
-            v.push(&self.lm_head);
-        }
-        for l in &self.layers {
-            for n in [Some(&l.in_norm), l.post_attn_norm.as_ref(), Some(&l.pre_ff_norm), l.post_ff_norm.as_ref(), l.q_norm.as_ref(), l.k_norm.as_ref()]
+        let norms = |l: &Layer| {
+            [Some(&l.in_norm), l.post_attn_norm.as_ref(), Some(&l.pre_ff_norm), l.post_ff_norm.as_ref(), l.q_norm.as_ref(), l.k_norm.as_ref()]
                 .into_iter()
                 .flatten()
-            {
-                if let Some(w) = &n.w {
-                    v.push(w);
-                }
-            }
-            let mut linears = vec![&l.q, &l.k, &l.v, &l.o];
-            match &l.mlp {
-                Mlp::Gated(e) => linears.extend([&e.gate, &e.up, &e.down]),
-                Mlp::Moe { router, experts, .. } => {
-                    linears.push(router);
-                    for e in experts {
-                        linears.extend([&e.gate, &e.up, &e.down]);
+                .map(|n| n.w.as_ref().map_or(0, |w| w.elem_count() * 4))
+                .sum::<usize>()
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mlp = match &l.mlp {
+                    Mlp::Gated(e) => e.gate.size_bytes() + e.up.size_bytes() + e.down.size_bytes(),
+                    Mlp::Moe { router, experts, .. } => {
+                        router.size_bytes() + experts.iter().map(|e| e.gate.size_bytes() + e.up.size_bytes() + e.down.size_bytes()).sum::<usize>()
                     }
-                }
-            }
-            for x in linears {
-                v.push(&x.w);
-                if let Some(b) = &x.b {
-                    v.push(b);
-                }
-            }
-        }
-        if let Some(w) = &self.norm.w {
-            v.push(w);
-        }
-        v
+                };
+                norms(l) + l.q.size_bytes() + l.k.size_bytes() + l.v.size_bytes() + l.o.size_bytes() + mlp
+            })
+            .sum();
+        layers + self.lm_head.size_bytes() + self.norm.w.as_ref().map_or(0, |w| w.elem_count() * 4)
     }
 
     /// Override `max_chunk_size` (e.g. 1 for a pure per-token recurrence).
@@ -673,7 +722,7 @@ impl Model {
             Logits::Last => h.narrow(0, s - 1, 1)?,
         };
         let h = self.norm.forward(&h)?;
-        let logits = h.matmul(&self.lm_head.t()?)?;
+        let logits = self.lm_head.forward(&h)?;
         let logits = match b.final_logit_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,
             None => logits,

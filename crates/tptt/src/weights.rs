@@ -6,6 +6,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{read_json_object, LoraSettings};
@@ -13,6 +16,52 @@ use crate::error::{Error, Result};
 
 /// Named tensors, f32, on one device.
 pub type TensorMap = HashMap<String, Tensor>;
+
+/// A weight: dense f32, or quantized (GGUF) used through candle's quantized matmul.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// f32.
+    Dense(Tensor),
+    /// Quantized blocks (Q4_0, Q4_1, Q8_0, K-quants ...).
+    Quant(Arc<QTensor>),
+}
+
+impl Weight {
+    /// The weight's shape.
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Weight::Dense(t) => t.dims(),
+            Weight::Quant(q) => q.shape().dims(),
+        }
+    }
+
+    /// Bytes the weight occupies (what a matmul with it reads).
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quant(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+/// Named weights.
+pub type WeightMap = HashMap<String, Weight>;
+
+/// Dense tensors as weights.
+pub fn dense(map: TensorMap) -> WeightMap {
+    map.into_iter().map(|(k, v)| (k, Weight::Dense(v))).collect()
+}
+
+/// A LoRA kept beside a quantized weight: `y += scale · B(A x)`.
+#[derive(Debug, Clone)]
+pub struct LoraSide {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// `lora_alpha / r` (or `/ sqrt(r)`).
+    pub scale: f64,
+}
 
 /// The safetensors files of a model folder: `model.safetensors`, or the shards listed by
 /// `model.safetensors.index.json`.
@@ -86,7 +135,7 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<TensorMap> {
 
 /// Map an adapter key's module path to the base weight name:
 /// `model.model.layers.0.self_attn.base_attn.q_proj` → `model.layers.0.self_attn.q_proj`.
-fn base_name(module: &str, base: &TensorMap, suffix: &str) -> Option<String> {
+fn base_name(module: &str, base: &WeightMap, suffix: &str) -> Option<String> {
     let plain = module.replace(".base_attn.", ".");
     let mut candidates = vec![format!("{plain}.{suffix}")];
     if let Some(rest) = plain.strip_prefix("model.") {
@@ -103,21 +152,24 @@ struct LoraPair {
 }
 
 /// What applying an adapter did, for `inspect`.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct AdapterReport {
-    /// Number of LoRA pairs merged.
+    /// Number of LoRA pairs merged into dense weights.
     pub lora_pairs: usize,
     /// Number of full tensors replaced.
     pub replaced: usize,
+    /// LoRA pairs kept unmerged beside quantized weights, by base weight name.
+    pub unmerged: HashMap<String, LoraSide>,
 }
 
 /// Apply `adapter_model.safetensors` to the base weights (SPEC §1.3).
 ///
 /// With `lora`, every `…lora_A[.default].weight`/`…lora_B[.default].weight` pair is merged as
-/// `W += scale · B·A`; every targeted projection of every layer must have its pair. Other keys
+/// `W += scale · B·A` into a dense weight, or kept beside a quantized one
+/// ([`AdapterReport::unmerged`]); every targeted projection of every layer must have its pair. Other keys
 /// (and all keys without LoRA) replace the base tensor of the same name and shape.
 pub fn apply_adapter(
-    base: &mut TensorMap,
+    base: &mut WeightMap,
     path: &Path,
     lora: Option<&LoraSettings>,
     target_modules: &[String],
@@ -160,7 +212,7 @@ pub fn apply_adapter(
             if t.dims() != want.as_slice() {
                 return Err(shape_error(key, t.dims(), want, format!("it replaces base weight {name}")));
             }
-            base.insert(name, t.clone());
+            base.insert(name, Weight::Dense(t.clone()));
             report.replaced += 1;
         }
     }
@@ -209,9 +261,16 @@ pub fn apply_adapter(
             if b.dims() != [out_dim, lora.r] {
                 return Err(shape_error(&b_key, b.dims(), vec![out_dim, lora.r], detail("lora_B")));
             }
-            let merged = (w + (b.matmul(&a)? * scale)?)?;
-            base.insert(name, merged);
-            report.lora_pairs += 1;
+            match w {
+                Weight::Dense(w) => {
+                    let merged = (w + (b.matmul(&a)? * scale)?)?;
+                    base.insert(name, Weight::Dense(merged));
+                    report.lora_pairs += 1;
+                }
+                Weight::Quant(_) => {
+                    report.unmerged.insert(name, LoraSide { a, b, scale });
+                }
+            }
         }
     }
     Ok(report)

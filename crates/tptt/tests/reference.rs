@@ -20,12 +20,25 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny")
 }
 
-fn cases() -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("cases/index.json")).expect("fixture index is committed");
-    match serde_json::from_str(&text).expect("index.json is valid JSON") {
+fn read_index(name: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(fixtures().join("cases").join(name)).expect("fixture index is committed");
+    match serde_json::from_str(&text).expect("index is valid JSON") {
         Value::Array(a) => a,
-        _ => panic!("index.json must be a list"),
+        _ => panic!("{name} must be a list"),
     }
+}
+
+/// Every TPTT case: Llama/Qwen2 (`index.json`, generate.py) and Gemma-3/OLMo/OLMoE
+/// (`index_arch.json`, generate_arch.py).
+fn cases() -> Vec<Value> {
+    let mut all = read_index("index.json");
+    all.extend(read_index("index_arch.json").into_iter().filter(|c| c["status"] == "tptt"));
+    all
+}
+
+/// Plain base models recorded by transformers (no TPTT), run here with the linear branch off.
+fn base_cases() -> Vec<Value> {
+    read_index("index_arch.json").into_iter().filter(|c| c["status"] == "base_only").collect()
 }
 
 fn load_case(case: &Value, opts: &LoadOptions) -> (Model, HashMap<String, Tensor>) {
@@ -81,7 +94,7 @@ fn run_forward_cases(scan: ScanImpl) {
         }
     }
     eprintln!("{scan:?}: {checked} forward cases, max |Δlogit| {overall:e}");
-    assert!(checked >= 150, "only {checked} forward cases found");
+    assert!(checked >= 200, "only {checked} forward cases found");
     assert!(failures.is_empty(), "{} of {checked} cases over tolerance:\n{}", failures.len(), failures.join("\n"));
 }
 
@@ -101,7 +114,10 @@ fn reference_cached_calls_match() {
     for case in cases() {
         let (model, t) = load_case(&case, &LoadOptions::default());
         let window = model.config_window();
-        if case["cont"].as_bool() == Some(true) {
+        // Gemma-3's recorded continuation goes through transformers 4.52.4's HybridCache, whose
+        // sliding layers then attend only to the second call's own tokens (a transformers bug,
+        // tests/fixtures/tiny/README.md); we do not reproduce it.
+        if case["cont"].as_bool() == Some(true) && case["arch"] != "gemma3" {
             let all = ids(&t, "cont.ids");
             let mut st = model.new_state(CarryMode::Reference, window);
             let first = model.forward(&all[..25], &mut st, Logits::All).expect("first call");
@@ -145,4 +161,29 @@ fn untied_lm_head_when_retie_is_off() {
     let logits = model.forward_full(&ids(&t, "fwd.L7.ids")).expect("forward");
     let (worst, max_abs) = compare(&logits, &t["fwd.L7.logits_direct_untied"]);
     assert!(worst <= 0.0, "untied logits differ by {max_abs:e}");
+}
+
+#[test]
+fn plain_bases_match_transformers_with_the_linear_branch_off() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in base_cases() {
+        let dir = fixtures().join(case["base_dir"].as_str().expect("base_dir"));
+        let settings = tptt::config::TpttSettings::injected("delta_rule", 0.0, "plain").expect("settings");
+        // The plain transformers model keeps its own (possibly untied) lm_head.
+        let opts = LoadOptions { retie_lm_head: false, ..Default::default() };
+        let model = Model::load_plain(&dir, settings, &opts).expect("load plain base");
+        let t = candle_core::safetensors::load(fixtures().join(case["file"].as_str().expect("file")), &Device::Cpu).expect("case file");
+        for len in case["lengths"].as_array().expect("lengths") {
+            let name = format!("base.L{}", len.as_u64().expect("length"));
+            let logits = model.forward_full(&ids(&t, &format!("{name}.ids"))).expect("forward");
+            let (worst, max_abs) = compare(&logits, &t[&format!("{name}.logits")]);
+            checked += 1;
+            if worst > 0.0 {
+                failures.push(format!("{} {name}: max |Δ| {max_abs:e}", case["arch"]));
+            }
+        }
+    }
+    assert!(checked >= 9, "only {checked} base cases");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
