@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod linear;
 pub mod model;
 pub mod repo;

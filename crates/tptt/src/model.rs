@@ -298,7 +298,13 @@ impl Mlp {
 impl Model {
     /// Load a variant: base weights, adapter, re-tie.
     pub fn load(files: &VariantFiles, opts: &LoadOptions) -> Result<Self> {
-        let mut map = weights::dense(weights::load_model_dir(&files.base_dir, &opts.device)?);
+        let (config, mut map) = match &files.base_gguf {
+            Some(g) => {
+                let (base, map) = crate::gguf::load(g, &opts.device)?;
+                (ModelConfig { base, tptt: files.config.tptt.clone() }, map)
+            }
+            None => (files.config.clone(), weights::dense(weights::load_model_dir(&files.base_dir, &opts.device)?)),
+        };
         let adapter = match (&files.adapter, &files.config.tptt.lora) {
             (Some(path), lora) => weights::apply_adapter(&mut map, path, lora.as_ref(), &files.target_modules(), &opts.device)?,
             (None, Some(_)) => {
@@ -309,7 +315,7 @@ impl Model {
             }
             (None, None) => AdapterReport::default(),
         };
-        Self::from_weights(files.config.clone(), map, &files.base_dir.display().to_string(), adapter, opts)
+        Self::from_weights(config, map, &files.base_dir.display().to_string(), adapter, opts)
     }
 
     /// Load a plain Hugging Face model folder (no TPTT repo) with the given TPTT settings: an
@@ -319,6 +325,12 @@ impl Model {
         let base = crate::config::BaseConfig::from_json(&crate::config::read_json_object(&cfg_path)?, Some(&cfg_path))?;
         let map = weights::dense(weights::load_model_dir(base_dir, &opts.device)?);
         Self::from_weights(ModelConfig { base, tptt }, map, &base_dir.display().to_string(), AdapterReport::default(), opts)
+    }
+
+    /// Load a GGUF base (quantized) with the given TPTT settings and no adapter.
+    pub fn load_gguf_plain(path: &std::path::Path, tptt: TpttSettings, opts: &LoadOptions) -> Result<Self> {
+        let (base, map) = crate::gguf::load(path, &opts.device)?;
+        Self::from_weights(ModelConfig { base, tptt }, map, &path.display().to_string(), AdapterReport::default(), opts)
     }
 
     /// Build from already loaded (and adapted) tensors with HF names.
@@ -420,6 +432,43 @@ impl Model {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Number of parameters (the embedding counted once when tied; quantized matrices by shape).
+    pub fn num_params(&self) -> usize {
+        let lin = |l: &Linear| -> usize {
+            let w = match &l.w {
+                Matrix::Dense(t) => t.elem_count(),
+                Matrix::Quant(QMatMul::QTensor(q)) => q.shape().elem_count(),
+                Matrix::Quant(QMatMul::Tensor(t)) | Matrix::Quant(QMatMul::TensorF16(t)) => t.elem_count(),
+            };
+            w + l.b.as_ref().map_or(0, |b| b.elem_count())
+        };
+        let norm = |n: Option<&Norm>| n.and_then(|n| n.w.as_ref()).map_or(0, |w| w.elem_count());
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mlp = match &l.mlp {
+                    Mlp::Gated(e) => lin(&e.gate) + lin(&e.up) + lin(&e.down),
+                    Mlp::Moe { router, experts, .. } => lin(router) + experts.iter().map(|e| lin(&e.gate) + lin(&e.up) + lin(&e.down)).sum::<usize>(),
+                };
+                [Some(&l.in_norm), l.post_attn_norm.as_ref(), Some(&l.pre_ff_norm), l.post_ff_norm.as_ref(), l.q_norm.as_ref(), l.k_norm.as_ref()]
+                    .into_iter()
+                    .map(norm)
+                    .sum::<usize>()
+                    + lin(&l.q)
+                    + lin(&l.k)
+                    + lin(&l.v)
+                    + lin(&l.o)
+                    + mlp
+            })
+            .sum();
+        let tied = match &self.lm_head.w {
+            Matrix::Dense(t) => t.id() == self.embed.id(),
+            Matrix::Quant(_) => self.cfg.base.tie_word_embeddings,
+        };
+        self.embed.elem_count() + layers + norm(Some(&self.norm)) + if tied { 0 } else { lin(&self.lm_head) }
     }
 
     /// Bytes of weights read to decode one token: every matrix once (the embedding lookup
@@ -748,5 +797,26 @@ impl TpttSettings {
             base_model_name: base_model_name.to_string(),
             base_model_subfolder: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmerged_lora_equals_merged() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 16), &dev).expect("w");
+        let a = Tensor::randn(0f32, 1.0, (4, 16), &dev).expect("a");
+        let b = Tensor::randn(0f32, 1.0, (24, 4), &dev).expect("b");
+        let x = Tensor::randn(0f32, 1.0, (5, 16), &dev).expect("x");
+        let scale = 0.7;
+        let merged = Linear { w: Matrix::Dense((&w + (b.matmul(&a).expect("ba") * scale).expect("s")).expect("add")), b: None, lora: None };
+        let side = Linear { w: Matrix::Quant(QMatMul::Tensor(w)), b: None, lora: Some(LoraSide { a, b, scale }) };
+        let d = (merged.forward(&x).expect("m") - side.forward(&x).expect("s"))
+            .and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("diff");
+        assert!(d < 1e-4, "{d}");
     }
 }

@@ -35,6 +35,8 @@ pub struct VariantFiles {
     pub adapter: Option<PathBuf>,
     /// The base model folder (weights; after `base_model_subfolder`).
     pub base_dir: PathBuf,
+    /// A quantized GGUF base given with `--base FILE.gguf` (its metadata replaces the base config).
+    pub base_gguf: Option<PathBuf>,
     /// The base `config.json` used for the merge.
     pub base_config_path: PathBuf,
     /// `tokenizer.json`: variant, else repo root, else base.
@@ -124,9 +126,11 @@ impl TpttRepo {
             .get("base_model_name")
             .and_then(Value::as_str)
             .ok_or_else(|| Error::Config { path: Some(config_path.clone()), message: "missing required key base_model_name".into() })?;
+        let base_gguf = base_override.filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")));
         let base_root = match base_override {
             Some(p) if p.is_dir() => p.to_path_buf(),
-            Some(p) => return Err(Error::NotFound(format!("--base {} is not a folder", p.display()))),
+            Some(p) if base_gguf.is_some() => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Some(p) => return Err(Error::NotFound(format!("--base {} is neither a model folder nor a .gguf file", p.display()))),
             None => resolve_base(base_name, &self.root)?,
         };
         let sub = raw.get("base_model_subfolder").and_then(Value::as_str).filter(|s| !s.is_empty());
@@ -137,12 +141,27 @@ impl TpttRepo {
         if !base_dir.is_dir() {
             return Err(Error::NotFound(format!("base model subfolder {} does not exist", base_dir.display())));
         }
-        let base_config_path =
-            if base_dir.join("config.json").is_file() { base_dir.join("config.json") } else { base_root.join("config.json") };
-        let base_json = read_json_object(&base_config_path)?;
-        let config = merge_configs(&base_json, &base_config_path, &raw, &config_path)?;
+        let (base_config_path, config) = match base_gguf {
+            Some(g) => {
+                // A quantized base: its GGUF metadata is the base config.
+                let base = crate::gguf::read_config(g)?;
+                let tptt = crate::config::TpttSettings::from_json(&raw, Some(&config_path))?;
+                (g.to_path_buf(), ModelConfig { base, tptt })
+            }
+            None => {
+                let p = if base_dir.join("config.json").is_file() { base_dir.join("config.json") } else { base_root.join("config.json") };
+                let base_json = read_json_object(&p)?;
+                let config = merge_configs(&base_json, &p, &raw, &config_path)?;
+                (p, config)
+            }
+        };
+        // With an overriding base (e.g. a GGUF file), the named base may still hold the tokenizer.
+        let named_base = if base_override.is_some() { resolve_base(base_name, &self.root).ok() } else { None };
         let find = |file: &str| -> Option<PathBuf> {
-            [dir.join(file), self.root.join(file), base_dir.join(file), base_root.join(file)].into_iter().find(|p| p.is_file())
+            [Some(dir.join(file)), Some(self.root.join(file)), Some(base_dir.join(file)), Some(base_root.join(file)), named_base.as_ref().map(|b| b.join(file))]
+                .into_iter()
+                .flatten()
+                .find(|p| p.is_file())
         };
         let adapter = Some(dir.join("adapter_model.safetensors")).filter(|p| p.is_file());
         Ok(VariantFiles {
@@ -154,6 +173,7 @@ impl TpttRepo {
             config_path,
             adapter,
             base_dir,
+            base_gguf: base_gguf.map(Path::to_path_buf),
             base_config_path,
             config,
             raw,
