@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TPTT_SMOLLM2_DIR="$(scripts/smollm2/fetch.sh)"
 export TPTT_SMOLLM2_DIR
+# candle re-reads the CPU count on every matmul unless this is set (the binaries pin it too).
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 cargo test --workspace --all-targets "$@"

@@ -5,13 +5,16 @@
 //! [`HISTORY_KEPT`] ids, for the repetition penalty and the detokenizer context) and
 //! `last_logits` (f32 `[V]`). `__metadata__` (all strings): `format` = `tptt-chat-state`,
 //! `version` = [`SNAPSHOT_VERSION`], `engine_version`, `model`, `variant`, `config_hash`,
-//! `dtype` (`f32`), `window`, `mode`, `pos` (token count), `kv_len`, `history_len`.
+//! `dtype` (`f32`), `window`, `mode`, `pos` (token count), `kv_len`, `history_len`, and
+//! `checksum`: a 64-bit FNV-1a hash of the other metadata and of every tensor's name, dtype,
+//! shape and bytes, so a corrupted file is refused instead of silently restoring other numbers.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use safetensors::View;
 use tptt::config::ModelConfig;
 use tptt::linear::CarryMode;
 use tptt::model::{Model, State};
@@ -20,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::session::Session;
 
 /// Format version written and accepted.
-pub const SNAPSHOT_VERSION: &str = "1";
+pub const SNAPSHOT_VERSION: &str = "2";
 /// Token ids kept in a snapshot.
 pub const HISTORY_KEPT: usize = 4096;
 const FORMAT: &str = "tptt-chat-state";
@@ -66,6 +69,51 @@ pub struct SnapshotInfo {
     pub bytes: u64,
 }
 
+/// 64-bit FNV-1a, fed 8 bytes at a time (every step is a bijection of the running hash, so a
+/// changed word always changes the result). Not cryptographic: it detects corruption only.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf29ce484222325)
+    }
+    fn word(&mut self, w: u64) {
+        self.0 ^= w;
+        self.0 = self.0.wrapping_mul(0x100000001b3);
+    }
+    /// Length-prefixed, so that field boundaries count.
+    fn bytes(&mut self, b: &[u8]) {
+        self.word(b.len() as u64);
+        let mut words = b.chunks_exact(8);
+        for w in &mut words {
+            self.word(u64::from_le_bytes(w.try_into().expect("chunks_exact(8) yields 8 bytes")));
+        }
+        let mut last = [0u8; 8];
+        last[..words.remainder().len()].copy_from_slice(words.remainder());
+        self.word(u64::from_le_bytes(last));
+    }
+}
+
+/// The `checksum` metadata value: the metadata (sorted, without `checksum`) and the tensors
+/// (sorted by name) as `(name, dtype, shape, bytes)`.
+fn checksum<'a>(meta: &HashMap<String, String>, tensors: impl Iterator<Item = (&'a str, safetensors::Dtype, Vec<usize>, std::borrow::Cow<'a, [u8]>)>) -> String {
+    let mut h = Fnv::new();
+    let mut keys: Vec<&String> = meta.keys().filter(|k| k.as_str() != "checksum").collect();
+    keys.sort();
+    for k in keys {
+        h.bytes(k.as_bytes());
+        h.bytes(meta[k].as_bytes());
+    }
+    let mut tensors: Vec<_> = tensors.collect();
+    tensors.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, dtype, shape, data) in tensors {
+        h.bytes(name.as_bytes());
+        h.bytes(format!("{dtype:?}{shape:?}").as_bytes());
+        h.bytes(&data);
+    }
+    format!("{:016x}", h.0)
+}
+
 fn mode_name(m: CarryMode) -> &'static str {
     match m {
         CarryMode::Continue => "continue",
@@ -84,7 +132,7 @@ pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<
     if let Some(l) = &session.last_logits {
         tensors.insert("last_logits".into(), Tensor::from_vec(l.clone(), l.len(), &cpu).map_err(tptt::Error::from)?);
     }
-    let meta: HashMap<String, String> = [
+    let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
         ("version", SNAPSHOT_VERSION.to_string()),
         ("engine_version", env!("CARGO_PKG_VERSION").to_string()),
@@ -101,6 +149,8 @@ pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    let sum = checksum(&meta, tensors.iter().map(|(k, t)| (k.as_str(), View::dtype(t), View::shape(t).to_vec(), View::data(t))));
+    meta.insert("checksum".into(), sum);
     let tmp = path.with_extension("tmp");
     let views: Vec<(String, Tensor)> = tensors.into_iter().collect();
     safetensors::serialize_to_file(views.iter().map(|(k, t)| (k.clone(), t)), Some(meta), &tmp)
@@ -151,18 +201,25 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
     let snap_err = |reason: String| Error::Snapshot { path: path.to_path_buf(), reason };
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     let meta = read_meta(path, &bytes)?;
+    // Integrity first: a corrupted file must not be judged by its (possibly damaged) identity.
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| snap_err(format!("not a valid snapshot file ({e})")))?;
+    let want = meta.get("checksum").ok_or_else(|| snap_err("metadata lacks \"checksum\"".into()))?;
+    let got = checksum(&meta, st.iter().map(|(k, t)| (k, t.dtype(), t.shape().to_vec(), std::borrow::Cow::Borrowed(t.data()))));
+    if &got != want {
+        return Err(snap_err(format!("the file is corrupt (checksum {got} does not match the recorded {want})")));
+    }
     let info = parse_info(path, &meta, bytes.len() as u64)?;
+    if info.identity.model != identity.model {
+        return Err(snap_err(format!("it belongs to model {:?}, not {:?}", info.identity.model, identity.model)));
+    }
+    if info.identity.variant != identity.variant {
+        return Err(snap_err(format!("it belongs to variant {:?}, not {:?}", info.identity.variant, identity.variant)));
+    }
     if info.identity.config_hash != identity.config_hash {
         return Err(snap_err(format!(
             "it was saved with a different model configuration (config hash {} vs {})",
             info.identity.config_hash, identity.config_hash
         )));
-    }
-    if info.identity.variant != identity.variant {
-        return Err(snap_err(format!("it belongs to variant {:?}, not {:?}", info.identity.variant, identity.variant)));
-    }
-    if info.identity.model != identity.model {
-        return Err(snap_err(format!("it belongs to model {:?}, not {:?}", info.identity.model, identity.model)));
     }
     let mode = match meta.get("mode").map(String::as_str) {
         Some("continue") => CarryMode::Continue,

@@ -1,0 +1,237 @@
+//! State snapshots (`tptt_engine::snapshot`):
+//!
+//! * save → restore → continue gives exactly (bit for bit) the tokens and logits of continuing
+//!   without the round trip, for every fixture variant of both bases, with a window that has
+//!   filled and one that has not; the snapshot reports its size and position;
+//! * a snapshot restored onto another model, variant or config, or a corrupt, truncated, foreign
+//!   or missing file, is refused with a clear error, never a panic.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::{token_ids, Fixture, Scratch, REPOS};
+use tokenizers::Tokenizer;
+use tptt::linear::CarryMode;
+use tptt_engine::snapshot::{self, config_hash};
+use tptt_engine::{CancelToken, Error, FinishReason, GenerateOptions, ModelIdentity, SamplingParams, Session, SessionOptions};
+
+fn greedy(max_new_tokens: usize) -> GenerateOptions {
+    let params = SamplingParams { max_new_tokens, ..SamplingParams::greedy() };
+    GenerateOptions { params, eos_ids: vec![2], ignore_eos: true, ..Default::default() }
+}
+
+fn generate(session: &mut Session, prompt: &[u32], n: usize, tok: &Tokenizer) -> Vec<u32> {
+    let out = session.generate(prompt, &greedy(n), tok, &CancelToken::new(), &mut |_| {}).expect("generate");
+    assert_eq!(out.finish, FinishReason::MaxTokens);
+    assert_eq!(out.ids.len(), n);
+    out.ids
+}
+
+/// Bitwise equality of two logit vectors (the round trip must not change a single value).
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Continue `session` greedily for `n` tokens, then feed `extra` one by one; returns the ids and
+/// every logit vector seen (after each generated token and each extra token).
+fn continue_and_record(session: &mut Session, n: usize, extra: &[u32], tok: &Tokenizer) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut logits = vec![session.last_logits.clone().expect("logits to continue from")];
+    let ids = generate(session, &[], n, tok);
+    logits.push(session.last_logits.clone().expect("logits"));
+    for &id in extra {
+        session.feed(&[id], None).expect("feed");
+        logits.push(session.last_logits.clone().expect("logits"));
+    }
+    (ids, logits)
+}
+
+fn round_trip(fx: &Fixture, opts: SessionOptions, scratch: &Scratch) {
+    let label = format!("{} {opts:?}", fx.label());
+    let tok = fx.tokenizer();
+    let vocab = fx.model.config().base.vocab_size;
+    let model = fx.arc();
+    let identity = fx.identity();
+    let mut live = Session::new(model.clone(), opts);
+    generate(&mut live, &token_ids(13, vocab, 3), 7, &tok);
+    let path = scratch.path(&format!("{}-{}.tptt-state", fx.files.name, opts.window.unwrap_or(0)));
+    let bytes = snapshot::save(&live, &identity, &path).expect("save");
+
+    // The snapshot reports its size and what it holds.
+    assert_eq!(bytes, std::fs::metadata(&path).expect("snapshot written").len(), "{label}: reported size");
+    let info = snapshot::info(&path).expect("info");
+    assert_eq!(info.bytes, bytes, "{label}");
+    assert_eq!(info.identity, identity, "{label}");
+    assert_eq!((info.pos, info.kv_len, info.window), (live.state.pos, live.state.kv_len(), live.state.window), "{label}");
+
+    let mut restored = snapshot::load(model.clone(), &identity, &path).expect("load");
+    assert_eq!(restored.tokens, live.tokens, "{label}: tokens");
+    assert_eq!(restored.state.pos, live.state.pos, "{label}: pos");
+    assert_eq!(restored.state.key_pos, live.state.key_pos, "{label}: key positions");
+    assert_eq!(restored.state.mode, live.state.mode, "{label}: mode");
+    assert_eq!(restored.state.window, live.state.window, "{label}: window");
+    for (a, b) in restored.state.layers.iter().zip(&live.state.layers) {
+        assert_eq!(a.linear, b.linear, "{label}: linear carry");
+    }
+
+    let extra = token_ids(5, vocab, 17);
+    let (want_ids, want_logits) = continue_and_record(&mut live, 9, &extra, &tok);
+    let (got_ids, got_logits) = continue_and_record(&mut restored, 9, &extra, &tok);
+    assert_eq!(got_ids, want_ids, "{label}: continued ids");
+    for (step, (g, w)) in got_logits.iter().zip(&want_logits).enumerate() {
+        assert!(same_bits(g, w), "{label}: logits differ at step {step} (max |Δ| {:e})", common::max_abs_diff(g, w));
+    }
+    // KV capacity is an allocation detail until the window is full; then it is W slots in both.
+    if live.state.window == Some(live.state.kv_len()) {
+        assert_eq!(restored.state.size_bytes(), live.state.size_bytes(), "{label}: state size with a full window");
+    }
+}
+
+#[test]
+fn save_restore_continue_is_exact_for_every_variant() {
+    let scratch = Scratch::new("roundtrip");
+    for repo in REPOS {
+        for v in common::variants(repo) {
+            let fx = Fixture::load(repo, &v);
+            // A window that has not filled (config's or the default) and one that has (8 < 20).
+            round_trip(&fx, SessionOptions::default(), &scratch);
+            round_trip(&fx, SessionOptions { window: Some(8), ..Default::default() }, &scratch);
+        }
+    }
+    // The reference-compatible mode round-trips too (its mode is part of the snapshot).
+    let fx = Fixture::load("tptt-llama", "delta_product");
+    round_trip(&fx, SessionOptions { mode: CarryMode::Reference, window: Some(64) }, &scratch);
+}
+
+/// A snapshot of `tptt-llama/delta_product` (order 2: every kind of carry present), 20 tokens.
+fn saved(scratch: &Scratch) -> (Fixture, std::path::PathBuf) {
+    let fx = Fixture::load("tptt-llama", "delta_product");
+    let mut s = Session::new(fx.arc(), SessionOptions { window: Some(8), ..Default::default() });
+    generate(&mut s, &token_ids(12, 300, 5), 8, &fx.tokenizer());
+    let path = scratch.path("base.tptt-state");
+    snapshot::save(&s, &fx.identity(), &path).expect("save");
+    (fx, path)
+}
+
+/// The reason of an `Error::Snapshot` (any other outcome fails the test).
+fn snapshot_reason(r: tptt_engine::Result<Session>, what: &str) -> String {
+    match r {
+        Err(Error::Snapshot { reason, .. }) => reason,
+        Err(e) => panic!("{what}: expected Error::Snapshot, got {e:?}"),
+        Ok(_) => panic!("{what}: the snapshot was accepted"),
+    }
+}
+
+fn load_onto(fx: &Fixture, identity: &ModelIdentity, path: &Path) -> tptt_engine::Result<Session> {
+    snapshot::load(fx.arc(), identity, path)
+}
+
+#[test]
+fn snapshot_of_another_model_variant_or_config_is_refused() {
+    let scratch = Scratch::new("identity");
+    let (fx, path) = saved(&scratch);
+
+    let other_variant = Fixture::load("tptt-llama", "delta_rule");
+    let reason = snapshot_reason(load_onto(&other_variant, &other_variant.identity(), &path), "another variant");
+    assert!(reason.contains("\"delta_product\"") && reason.contains("\"delta_rule\""), "another variant: {reason}");
+
+    let other_base = Fixture::load("tptt-qwen2", "delta_product");
+    let reason = snapshot_reason(load_onto(&other_base, &other_base.identity(), &path), "another model");
+    assert!(reason.contains("tptt-llama") && reason.contains("tptt-qwen2"), "another model: {reason}");
+
+    // The same variant with a changed setting is another config.
+    let mut changed = fx.model.clone();
+    changed.set_mag_weight(0.25);
+    let identity = ModelIdentity { config_hash: config_hash(changed.config()), ..fx.identity() };
+    assert_ne!(identity.config_hash, fx.identity().config_hash, "mag_weight is part of the config hash");
+    let reason = snapshot_reason(snapshot::load(Arc::new(changed), &identity, &path), "another config");
+    assert!(reason.contains("configuration"), "another config: {reason}");
+
+    let mut chunked = fx.model.clone();
+    chunked.set_max_chunk_size(3).expect("chunk");
+    let identity = ModelIdentity { config_hash: config_hash(chunked.config()), ..fx.identity() };
+    let reason = snapshot_reason(snapshot::load(Arc::new(chunked), &identity, &path), "another chunk size");
+    assert!(reason.contains("configuration"), "another chunk size: {reason}");
+
+    // The untouched file still loads onto its own model.
+    load_onto(&fx, &fx.identity(), &path).expect("own model");
+}
+
+/// Where a safetensors file's data section starts.
+fn data_start(bytes: &[u8]) -> usize {
+    8 + u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize
+}
+
+#[test]
+fn corrupt_truncated_foreign_and_missing_files_are_refused() {
+    let scratch = Scratch::new("corrupt");
+    let (fx, path) = saved(&scratch);
+    let identity = fx.identity();
+    let good = std::fs::read(&path).expect("read snapshot");
+    let start = data_start(&good);
+    let bad = scratch.path("bad.tptt-state");
+
+    // Flipped bytes in the tensor data: at the start, middle and end of the data section.
+    for at in [start, start + (good.len() - start) / 2, good.len() - 1] {
+        let mut b = good.clone();
+        b[at] ^= 0x5a;
+        std::fs::write(&bad, &b).expect("write");
+        let reason = snapshot_reason(load_onto(&fx, &identity, &bad), &format!("byte {at} flipped"));
+        assert!(reason.contains("corrupt"), "byte {at} flipped: {reason}");
+    }
+
+    // Truncated: inside the data, inside the header, before the header length, empty.
+    for len in [good.len() - 1, good.len() - 100, start - 10, 5, 0] {
+        std::fs::write(&bad, &good[..len]).expect("write");
+        let reason = snapshot_reason(load_onto(&fx, &identity, &bad), &format!("truncated to {len}"));
+        assert!(reason.contains("not a valid snapshot file"), "truncated to {len}: {reason}");
+    }
+
+    // A safetensors file that is not a snapshot: the fixture's own weights.
+    let weights = common::fixtures().join("llama-base/model.safetensors");
+    let reason = snapshot_reason(load_onto(&fx, &identity, &weights), "weights file");
+    assert!(reason.contains("not a TPTT Chat state snapshot"), "weights file: {reason}");
+    // Not a safetensors file at all.
+    std::fs::write(&bad, b"{\"hello\": \"world\"}").expect("write");
+    let reason = snapshot_reason(load_onto(&fx, &identity, &bad), "JSON file");
+    assert!(reason.contains("not a valid snapshot file"), "JSON file: {reason}");
+
+    // A missing file is an I/O error naming the path.
+    let missing = scratch.path("missing.tptt-state");
+    match load_onto(&fx, &identity, &missing) {
+        Err(e @ Error::Io { .. }) => assert!(e.to_string().contains("missing.tptt-state"), "{e}"),
+        Err(e) => panic!("missing file: expected Error::Io, got {e:?}"),
+        Ok(_) => panic!("missing file accepted"),
+    }
+    assert!(matches!(snapshot::info(&missing), Err(Error::Io { .. })));
+}
+
+#[test]
+fn every_single_byte_flip_is_refused_without_panicking() {
+    let scratch = Scratch::new("flips");
+    let (fx, path) = saved(&scratch);
+    let identity = fx.identity();
+    let model = fx.arc();
+    let good = std::fs::read(&path).expect("read snapshot");
+    let start = data_start(&good);
+    let bad = scratch.path("bad.tptt-state");
+    // Every header byte (length, JSON, padding) and every 13th data byte.
+    let positions: Vec<usize> = (0..start).chain((start..good.len()).step_by(13)).collect();
+    let mut accepted = Vec::new();
+    for &at in &positions {
+        for mask in [0x01u8, 0x80] {
+            let mut b = good.clone();
+            b[at] ^= mask;
+            std::fs::write(&bad, &b).expect("write");
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| snapshot::load(model.clone(), &identity, &bad)));
+            match r {
+                Err(_) => panic!("loading a snapshot with byte {at} ^ {mask:#x} panicked"),
+                Ok(Ok(_)) => accepted.push(format!("{at} ^ {mask:#x}")),
+                Ok(Err(Error::Snapshot { .. })) => {}
+                Ok(Err(e)) => panic!("byte {at} ^ {mask:#x}: expected Error::Snapshot, got {e:?}"),
+            }
+        }
+    }
+    assert!(accepted.is_empty(), "{} of {} corrupted files were accepted: {:?}", accepted.len(), positions.len() * 2, &accepted[..accepted.len().min(20)]);
+}
