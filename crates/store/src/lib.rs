@@ -1,0 +1,235 @@
+//! `tptt-store`: TPTT Chat's conversations, messages, state snapshots and settings, in SQLite.
+//!
+//! [`Store`] is the whole API: [`Store::open`] a database file (created with its folders; WAL
+//! journal; foreign keys on; schema brought up to date by the numbered migrations in
+//! `migrations/`, embedded with [`sqlx::migrate!`]) or [`Store::open_in_memory`] for tests; then
+//! one async method per query, its SQL beside it:
+//!
+//! - [`conversations`]: create, list (most recent first), get, rename, model/variant, settings,
+//!   archive, delete (messages and snapshot rows go with it).
+//! - [`messages`]: add (the user's message is committed before generation starts), update
+//!   (streamed, stopped or failed answers saved as [`MessageStatus::Partial`] /
+//!   [`MessageStatus::Error`] with their text), list, truncate for regenerate / edit-and-resend.
+//! - [`search`]: titles and message text, FTS5 trigram substring search.
+//! - [`snapshots`]: TPTT state snapshot files recorded at turn boundaries, keyed by
+//!   [`ModelKey`]; the latest usable one; stale ones dropped.
+//! - [`export`]: a conversation as Markdown or JSON, text as it is.
+//! - [`settings`]: application settings, one JSON value per key.
+//!
+//! Invariants:
+//! - Queries are checked at run time (`sqlx::query`), so building needs no database.
+//! - A malformed row (an unknown role, invalid settings JSON, text that is not UTF-8) is an error
+//!   for that row only ([`Error::Malformed`]); listings skip it and report it in
+//!   [`Listing::skipped`].
+//! - Functions that delete snapshot rows return the snapshot files that no row refers to any
+//!   more: the caller (who wrote them) removes them. The store touches no file but its database.
+//! - Timestamps ([`Timestamp`], ms since the epoch) from one `Store` strictly increase, so "most
+//!   recent first" is a total order even within a millisecond.
+
+pub mod conversations;
+mod error;
+pub mod export;
+pub mod messages;
+pub mod search;
+pub mod settings;
+pub mod snapshots;
+mod types;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+pub use conversations::{Conversation, ListScope, NewConversation};
+pub use error::{Error, MalformedRow, Result};
+pub use messages::{Message, MessageUpdate, NewMessage};
+pub use search::{MessageHit, SearchHit};
+pub use snapshots::{NewSnapshot, Snapshot};
+pub use types::{
+    ConversationId, ConversationSettings, Listing, MessageId, MessageStatus, ModelKey, Role,
+    SamplingSettings, SnapshotId, Timestamp,
+};
+
+/// The schema migrations, embedded at build time from `migrations/NNNN_name.sql`.
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// How long a query waits for another connection's (or program's) write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections to a database file: WAL gives one writer and concurrent readers.
+const MAX_CONNECTIONS: u32 = 4;
+/// Tries at migrating when another `Store` migrates the same file at the same moment.
+const MIGRATE_ATTEMPTS: u32 = 3;
+
+/// A handle on the conversation database. Cheap to clone (a connection pool inside).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    /// The database file; `None` in memory.
+    path: Option<PathBuf>,
+    /// The last timestamp handed out, so they strictly increase.
+    clock: Arc<AtomicI64>,
+}
+
+impl Store {
+    /// Opens the database at `path`, creating the file and its parent folders if needed, in WAL
+    /// mode with foreign keys enforced, and runs the migrations it lacks.
+    ///
+    /// Several `Store`s (or processes) may open the same file at once. A file that is not an
+    /// SQLite database or is damaged gives [`Error::Corrupt`] (see [`Store::move_aside`]); one
+    /// written by a newer version of the app gives [`Error::NewerSchema`]. Neither changes the
+    /// file.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|source| Error::CreateDir { path: parent.to_path_buf(), source })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(|e| open_error(&path, e))?;
+        let store = Store { pool, path: Some(path), clock: Arc::default() };
+        store.migrate().await?;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&store.pool)
+            .await
+            .map_err(|e| open_error(store.display_path(), e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            // A file system without shared memory (some network mounts) refuses WAL; SQLite
+            // then keeps the rollback journal, which is slower with readers but still correct.
+            tracing::warn!(path = %store.display_path().display(), mode, "WAL journal refused");
+        }
+        tracing::info!(path = %store.display_path().display(), "conversation database open");
+        Ok(store)
+    }
+
+    /// A fresh, empty database in memory, for tests. Everything is lost when the last clone of
+    /// the `Store` is dropped.
+    pub async fn open_in_memory() -> Result<Self> {
+        let path = PathBuf::from(":memory:");
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(|e| open_error(&path, e))?
+            .foreign_keys(true);
+        // One connection, kept forever: each in-memory connection is its own database.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(|e| open_error(&path, e))?;
+        let store = Store { pool, path: None, clock: Arc::default() };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Renames a damaged database file (and its `-wal` / `-shm` companions, which must not be
+    /// applied to a fresh database) to `<name>.corrupt-<milliseconds>`, so that the next
+    /// [`Store::open`] starts empty. Returns the new name of the main file. Call it only with no
+    /// `Store` open on the file.
+    pub fn move_aside(path: impl AsRef<Path>) -> Result<PathBuf> {
+        let path = path.as_ref();
+        let suffix = format!(".corrupt-{}", Timestamp::now().as_millis());
+        let with_suffix = |p: &Path| {
+            let mut name = p.as_os_str().to_owned();
+            name.push(&suffix);
+            PathBuf::from(name)
+        };
+        let target = with_suffix(path);
+        std::fs::rename(path, &target)
+            .map_err(|source| Error::MoveAside { path: path.to_path_buf(), source })?;
+        for side in ["-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(side);
+            let side_path = PathBuf::from(name);
+            if side_path.exists() {
+                std::fs::rename(&side_path, with_suffix(&side_path))
+                    .map_err(|source| Error::MoveAside { path: side_path.clone(), source })?;
+            }
+        }
+        tracing::warn!(from = %path.display(), to = %target.display(), "database moved aside");
+        Ok(target)
+    }
+
+    /// The database file, or `None` for an in-memory store.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The connection pool, for diagnostics and tests. The schema belongs to this crate: write
+    /// through the typed methods.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Closes every connection (checkpointing the WAL into the main file), waiting for queries
+    /// in flight. Other clones of this `Store` cannot be used afterwards.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The current time, strictly after every timestamp this `Store` handed out before.
+    pub(crate) fn now(&self) -> Timestamp {
+        let wall = Timestamp::now().as_millis();
+        let prev = self
+            .clock
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(wall.max(last.saturating_add(1)))
+            })
+            .unwrap_or_else(|last| last); // the closure always returns Some
+        Timestamp(wall.max(prev.saturating_add(1)))
+    }
+
+    fn display_path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(":memory:"))
+    }
+
+    /// Runs the migrations the database lacks. Two `Store`s migrating one new file at the same
+    /// moment race (SQLite has no advisory lock): the loser's transaction fails and is rolled
+    /// back, and its retry finds the schema up to date.
+    async fn migrate(&self) -> Result<()> {
+        let path = self.display_path();
+        let mut attempt = 1;
+        loop {
+            match MIGRATOR.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(MigrateError::VersionMissing(version)) => {
+                    return Err(Error::NewerSchema { path: path.to_path_buf(), version })
+                }
+                Err(MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _))
+                    if error::is_corruption(&e) =>
+                {
+                    return Err(Error::Corrupt { path: path.to_path_buf(), source: e })
+                }
+                Err(e @ (MigrateError::Execute(_) | MigrateError::ExecuteMigration(..)))
+                    if attempt < MIGRATE_ATTEMPTS =>
+                {
+                    tracing::debug!(attempt, error = %e, "migration failed, retrying");
+                    attempt += 1;
+                }
+                Err(source) => return Err(Error::Migrate { path: path.to_path_buf(), source }),
+            }
+        }
+    }
+}
+
+/// The error for a failure while opening `path`.
+fn open_error(path: &Path, e: sqlx::Error) -> Error {
+    if error::is_corruption(&e) {
+        Error::Corrupt { path: path.to_path_buf(), source: e }
+    } else {
+        Error::Open { path: path.to_path_buf(), source: e }
+    }
+}
