@@ -1,0 +1,926 @@
+// An in-memory backend implementing the whole of docs/ipc.md, installed with `mockIPC` from
+// `@tauri-apps/api/mocks`. Used by `npm run dev:mock` (the UI in a plain browser) and by the
+// browser tests (`npm run build:mock`). Arguments are taken as the real backend receives them: JSON
+// round-tripped, channels as `__CHANNEL__:<id>` strings; channel messages go back through Tauri's
+// own callback path with message indices, so ordering code in `Channel` is exercised too.
+//
+// Controls for tests live on `window.__tpttMock` (see `MockControl`); the starting state is picked
+// by the page's `?scenario=` (`ready`, the default: a model downloaded and chosen, three
+// conversations; `empty`: nothing downloaded, no conversations).
+
+import { mockIPC } from '@tauri-apps/api/mocks';
+import type {
+  ChatEvent,
+  CommandError,
+  Conversation,
+  ConversationSummary,
+  DeviceInfo,
+  DownloadEvent,
+  ErrorKind,
+  MemoryInfo,
+  Message,
+  ModelEntry,
+  Settings,
+  Stats,
+  VariantEntry,
+} from './types';
+
+export type Scenario = 'ready' | 'empty';
+
+interface Timing {
+  /** Delay before the first token, ms. */
+  firstTokenMs: number;
+  /** Delay between tokens, ms. */
+  tokenMs: number;
+  /** Progress ticks a download takes from 0 to done. */
+  downloadTicks: number;
+  /** Delay between progress ticks, ms. */
+  downloadTickMs: number;
+  /** Delay of refresh_variants (the "network"), ms. */
+  listMs: number;
+}
+
+interface Generation {
+  conversationId: string;
+  message: Message;
+  tokens: string[];
+  sent: number;
+  channel: string;
+  timer: ReturnType<typeof setTimeout> | null;
+  startedAt: number;
+  firstTokenAt: number | null;
+  promptTokens: number;
+  failAfter: { after: number; kind: ErrorKind; message: string } | null;
+}
+
+interface Download {
+  repoId: string;
+  variant: string;
+  channel: string;
+  timer: ReturnType<typeof setInterval>;
+}
+
+interface StoredConversation {
+  id: string;
+  title: string;
+  modelRepo: string | null;
+  variant: string | null;
+  updatedAt: string;
+  messages: Message[];
+}
+
+export interface MockControl {
+  /** Starts over from a scenario (closes streams and downloads silently). */
+  reset(scenario?: Scenario): void;
+  /** The text of the next replies (null: a built-in markdown answer). */
+  setReply(text: string | null): void;
+  setTiming(timing: Partial<Timing>): void;
+  /** The next call of `command` rejects with `{ kind, message }`. */
+  failNext(command: string, kind: ErrorKind, message?: string): void;
+  /** The next generation streams `afterTokens` tokens, then ends with an error event. */
+  failGeneration(afterTokens: number, kind?: ErrorKind, message?: string): void;
+  /** The next download fails with an error event at this fraction of its bytes. */
+  failDownload(atFraction: number, kind?: ErrorKind, message?: string): void;
+  /** Every command called so far, with its arguments (channels as strings). */
+  readonly calls: { command: string; args: Record<string, unknown> }[];
+  /** URLs passed to open_url. */
+  readonly openedUrls: string[];
+  /** The backend's state, for assertions. */
+  readonly state: MockState;
+}
+
+interface MockState {
+  models: ModelEntry[];
+  settings: Settings;
+  hfToken: string | null;
+  conversations: StoredConversation[];
+  device: DeviceInfo;
+}
+
+declare global {
+  interface Window {
+    __tpttMock?: MockControl;
+  }
+}
+
+// ---- Fixtures -----------------------------------------------------------------------------
+
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+
+const VARIANT_NAMES: [string, string][] = [
+  ['delta_rule', 'delta_rule'],
+  ['delta_product', 'delta_product'],
+  ['delta_product_r', 'delta_product_r'],
+  ['gated_delta_product', 'gated_delta_product'],
+];
+
+interface CatalogItem {
+  repoId: string;
+  title: string;
+  description: string;
+  baseModel: string;
+  adapterBytes: number;
+  baseBytes: number;
+  gated: boolean;
+}
+
+const CATALOG: CatalogItem[] = [
+  {
+    repoId: 'ffurfaro/Titanesque-gemma-3-270m',
+    title: 'Titanesque Gemma 3 270M',
+    description: 'The smallest TPTT model: quick on any CPU, a good first download.',
+    baseModel: 'google/gemma-3-270m',
+    adapterBytes: 12 * MiB,
+    baseBytes: 540 * MiB,
+    gated: false,
+  },
+  {
+    repoId: 'ffurfaro/Titans-OLMo-1B-hf',
+    title: 'Titans OLMo 1B',
+    description: 'OLMo 1B with a linear-attention memory; fully open weights.',
+    baseModel: 'allenai/OLMo-1B-hf',
+    adapterBytes: 24 * MiB,
+    baseBytes: 4.7 * GiB,
+    gated: false,
+  },
+  {
+    repoId: 'ffurfaro/Titans-Llama-3.2-1B',
+    title: 'Titans Llama 3.2 1B',
+    description: 'Llama 3.2 1B; the base model is gated and needs a Hugging Face token.',
+    baseModel: 'meta-llama/Llama-3.2-1B',
+    adapterBytes: 22 * MiB,
+    baseBytes: 2.5 * GiB,
+    gated: true,
+  },
+  {
+    repoId: 'ffurfaro/Titans-Qwen2.5-1.5B',
+    title: 'Titans Qwen2.5 1.5B',
+    description: 'Qwen2.5 1.5B with a delta-rule memory.',
+    baseModel: 'Qwen/Qwen2.5-1.5B',
+    adapterBytes: 30 * MiB,
+    baseBytes: 3.1 * GiB,
+    gated: false,
+  },
+  {
+    repoId: 'ffurfaro/Titans-v2-Mistral-7B-v0.3',
+    title: 'Titans v2 Mistral 7B v0.3',
+    description: 'The largest: best answers, needs a GPU or patience.',
+    baseModel: 'mistralai/Mistral-7B-v0.3',
+    adapterBytes: 80 * MiB,
+    baseBytes: 14.5 * GiB,
+    gated: false,
+  },
+];
+
+const DEFAULT_SETTINGS: Settings = {
+  modelRepo: null,
+  variant: null,
+  device: 'auto',
+  sampling: {
+    temperature: 0.7,
+    topK: 40,
+    topP: 0.95,
+    minP: 0.05,
+    repeatPenalty: 1.1,
+    repeatLastN: 64,
+    maxNewTokens: 512,
+    seed: null,
+  },
+  systemPrompt: 'You are a helpful assistant.',
+  windowSize: null,
+  theme: 'system',
+  hfTokenSet: false,
+};
+
+/** The mock model's own softmax window when settings leave it null. */
+const MODEL_WINDOW = 512;
+
+const DEFAULT_REPLY = [
+  'Here is how a **TPTT** model keeps a long chat going:',
+  '',
+  '1. The *softmax window* attends to the most recent tokens exactly.',
+  '2. Older tokens are folded into a **linear-attention memory** of constant size.',
+  '3. Reopening a chat restores that memory from a snapshot, so nothing is re-read.',
+  '',
+  '```rust',
+  'fn step(state: &mut State, k: &[f32], v: &[f32]) {',
+  '    // delta rule: S += beta * (v - S k) k^T',
+  '    state.update(k, v);',
+  '}',
+  '```',
+  '',
+  'See the [paper](https://arxiv.org/abs/2506.17671) for details.',
+].join('\n');
+
+// ---- The backend --------------------------------------------------------------------------
+
+function now(): string {
+  return new Date().toISOString();
+}
+
+function clone<T>(value: T): T {
+  return JSON.parse(JSON.stringify(value)) as T;
+}
+
+function fail(kind: ErrorKind, message: string): CommandError {
+  return { kind, message };
+}
+
+/** A rough token count (4 characters a token), enough for the memory meter. */
+function countTokens(text: string): number {
+  return Math.ceil(text.length / 4);
+}
+
+/** Splits a reply into word-sized tokens, whitespace kept. */
+function tokenize(text: string): string[] {
+  return text.match(/\s*\S+|\s+/g) ?? [];
+}
+
+function variantsFor(item: CatalogItem, downloaded: string[] = []): VariantEntry[] {
+  return VARIANT_NAMES.map(([name, operatorMode], i) => ({
+    name,
+    operatorMode,
+    downloaded: downloaded.includes(name),
+    sizeBytes: item.adapterBytes + i * MiB,
+  }));
+}
+
+function seedConversations(): StoredConversation[] {
+  const repo = 'ffurfaro/Titanesque-gemma-3-270m';
+  const at = (minutesAgo: number) => new Date(Date.now() - minutesAgo * 60_000).toISOString();
+  const msg = (id: string, role: Message['role'], content: string, minutesAgo: number): Message => ({
+    id,
+    role,
+    content,
+    status: 'complete',
+    stats:
+      role === 'assistant'
+        ? {
+            promptTokens: 40,
+            generatedTokens: countTokens(content),
+            ttftMs: 180,
+            prefillTokensPerS: 950,
+            decodeTokensPerS: 42.5,
+          }
+        : null,
+    createdAt: at(minutesAgo),
+  });
+  const long = 'The meeting notes continue. '.repeat(2400);
+  return [
+    {
+      id: 'c-memory',
+      title: 'Linear attention memory',
+      modelRepo: repo,
+      variant: 'delta_rule',
+      updatedAt: at(5),
+      messages: [
+        msg('m1', 'user', 'Summarise these notes, please:\n\n' + long, 8),
+        msg('m2', 'assistant', 'The notes say the meeting continued, at length.', 7),
+        msg('m3', 'user', 'How does the model still remember the beginning?', 6),
+        msg(
+          'm4',
+          'assistant',
+          'Tokens that left the softmax window live on in the **recurrent memory**.',
+          5,
+        ),
+      ],
+    },
+    {
+      id: 'c-rust',
+      title: 'Rust borrow checker tips',
+      modelRepo: repo,
+      variant: 'delta_rule',
+      updatedAt: at(60 * 26),
+      messages: [
+        msg('m5', 'user', 'Why does the borrow checker reject two mutable borrows?', 60 * 26 + 1),
+        msg('m6', 'assistant', 'Because `&mut` promises **exclusive** access.', 60 * 26),
+      ],
+    },
+    {
+      id: 'c-lisbon',
+      title: 'Trip to Lisbon',
+      modelRepo: repo,
+      variant: 'delta_product',
+      updatedAt: at(60 * 24 * 9),
+      messages: [
+        msg('m7', 'user', 'Three things to see in Lisbon?', 60 * 24 * 9 + 1),
+        msg('m8', 'assistant', 'Alfama, Belém and the LX Factory.', 60 * 24 * 9),
+      ],
+    },
+  ];
+}
+
+function initialState(scenario: Scenario): MockState {
+  const models: ModelEntry[] = CATALOG.map((item) => ({
+    repoId: item.repoId,
+    title: item.title,
+    source: 'catalog',
+    description: item.description,
+    variants: null,
+    baseModel: item.baseModel,
+  }));
+  const settings = clone(DEFAULT_SETTINGS);
+  let conversations: StoredConversation[] = [];
+  if (scenario === 'ready') {
+    models[0].variants = variantsFor(CATALOG[0], ['delta_rule', 'delta_product']);
+    settings.modelRepo = CATALOG[0].repoId;
+    settings.variant = 'delta_rule';
+    conversations = seedConversations();
+  }
+  return {
+    models,
+    settings,
+    hfToken: null,
+    conversations,
+    device: { compiled: ['cpu', 'cuda'], inUse: 'cuda', name: 'NVIDIA RTX 4070 (mock)' },
+  };
+}
+
+class MockBackend implements MockControl {
+  state: MockState;
+  calls: { command: string; args: Record<string, unknown> }[] = [];
+  openedUrls: string[] = [];
+  private reply: string | null = null;
+  private timing: Timing = {
+    firstTokenMs: 120,
+    tokenMs: 40,
+    downloadTicks: 30,
+    downloadTickMs: 100,
+    listMs: 250,
+  };
+  private failures = new Map<string, CommandError>();
+  private generationFailure: Generation['failAfter'] = null;
+  private downloadFailure: { at: number; kind: ErrorKind; message: string } | null = null;
+  private generation: Generation | null = null;
+  private downloads = new Map<string, Download>();
+  private channelIndex = new Map<string, number>();
+  private nextId = 1;
+
+  constructor(scenario: Scenario) {
+    this.state = initialState(scenario);
+  }
+
+  // ---- Controls ----
+
+  reset(scenario: Scenario = 'ready') {
+    if (this.generation?.timer) clearTimeout(this.generation.timer);
+    this.generation = null;
+    for (const d of this.downloads.values()) clearInterval(d.timer);
+    this.downloads.clear();
+    this.failures.clear();
+    this.generationFailure = null;
+    this.downloadFailure = null;
+    this.state = initialState(scenario);
+  }
+
+  setReply(text: string | null) {
+    this.reply = text;
+  }
+
+  setTiming(timing: Partial<Timing>) {
+    this.timing = { ...this.timing, ...timing };
+  }
+
+  failNext(command: string, kind: ErrorKind, message = `Injected ${kind} failure.`) {
+    this.failures.set(command, fail(kind, message));
+  }
+
+  failGeneration(afterTokens: number, kind: ErrorKind = 'generation', message = 'The model failed.') {
+    this.generationFailure = { after: afterTokens, kind, message };
+  }
+
+  failDownload(atFraction: number, kind: ErrorKind = 'network', message = 'The connection was lost.') {
+    this.downloadFailure = { at: atFraction, kind, message };
+  }
+
+  // ---- Plumbing ----
+
+  private id(prefix: string): string {
+    return `${prefix}-${Date.now().toString(36)}-${this.nextId++}`;
+  }
+
+  /** Sends one message down a channel the way Tauri does: `{ message, index }`. */
+  private emit(channel: string, message: ChatEvent | DownloadEvent) {
+    const id = Number(channel.replace('__CHANNEL__:', ''));
+    const index = this.channelIndex.get(channel) ?? 0;
+    this.channelIndex.set(channel, index + 1);
+    const internals = (window as unknown as { __TAURI_INTERNALS__: { runCallback(id: number, data: unknown): void } })
+      .__TAURI_INTERNALS__;
+    internals.runCallback(id, { message: clone(message), index });
+  }
+
+  async handle(command: string, rawArgs: unknown): Promise<unknown> {
+    const args = (rawArgs ? JSON.parse(JSON.stringify(rawArgs)) : {}) as Record<string, unknown>;
+    this.calls.push({ command, args });
+    const injected = this.failures.get(command);
+    if (injected) {
+      this.failures.delete(command);
+      throw injected;
+    }
+    const result = await this.dispatch(command, args);
+    return result === undefined ? null : clone(result);
+  }
+
+  private dispatch(command: string, a: Record<string, unknown>): unknown {
+    const str = (key: string) => {
+      const v = a[key];
+      if (typeof v !== 'string') throw fail('internal', `missing argument ${key}`);
+      return v;
+    };
+    switch (command) {
+      case 'list_models':
+        return this.state.models;
+      case 'refresh_variants':
+        return this.refreshVariants(str('repoId'));
+      case 'add_model':
+        return this.addModel(str('repoId'));
+      case 'import_local_model':
+        return this.importLocal(str('path'));
+      case 'download_variant':
+        return this.startDownload(str('repoId'), str('variant'), str('onEvent'));
+      case 'cancel_download':
+        return this.cancelDownload(str('repoId'), str('variant'));
+      case 'remove_variant':
+        return this.removeVariant(str('repoId'), str('variant'));
+      case 'get_settings':
+        return this.settingsOut();
+      case 'set_settings':
+        return this.setSettings(a.settings as Settings);
+      case 'set_hf_token': {
+        const token = a.token as string | null;
+        this.state.hfToken = token && token.trim() ? token.trim() : null;
+        return null;
+      }
+      case 'device_info':
+        return this.state.device;
+      case 'list_conversations':
+        return this.listConversations((a.query as string | null) ?? null);
+      case 'create_conversation':
+        return this.createConversation();
+      case 'get_conversation':
+        return this.getConversation(str('id'));
+      case 'rename_conversation': {
+        const c = this.find(str('id'));
+        const title = str('title').trim();
+        if (!title) throw fail('invalid_settings', 'title: must not be empty');
+        c.title = title.slice(0, 200);
+        return null;
+      }
+      case 'delete_conversation': {
+        const id = str('id');
+        this.find(id);
+        if (this.generation?.conversationId === id) this.stop(id);
+        this.state.conversations = this.state.conversations.filter((c) => c.id !== id);
+        return null;
+      }
+      case 'export_conversation':
+        return this.exportConversation(str('id'), str('format'));
+      case 'send_message':
+        return this.send(str('conversationId'), str('content'), str('onEvent'));
+      case 'regenerate':
+        return this.regenerate(str('conversationId'), str('onEvent'));
+      case 'edit_and_resend':
+        return this.editAndResend(str('conversationId'), str('messageId'), str('content'), str('onEvent'));
+      case 'stop_generation':
+        this.stop(str('conversationId'));
+        return null;
+      case 'open_url': {
+        const url = str('url');
+        if (!/^(https?:|mailto:)/i.test(url)) throw fail('internal', 'Only web and mail links open.');
+        this.openedUrls.push(url);
+        return null;
+      }
+      default:
+        throw fail('internal', `unknown command ${command}`);
+    }
+  }
+
+  // ---- Models ----
+
+  private model(repoId: string): ModelEntry {
+    const m = this.state.models.find((x) => x.repoId === repoId);
+    if (!m) throw fail('not_found', `No model ${repoId}.`);
+    return m;
+  }
+
+  private variant(repoId: string, name: string): VariantEntry {
+    const v = this.model(repoId).variants?.find((x) => x.name === name);
+    if (!v) throw fail('not_found', `No variant ${name} in ${repoId}.`);
+    return v;
+  }
+
+  private async refreshVariants(repoId: string): Promise<VariantEntry[]> {
+    const m = this.model(repoId);
+    await new Promise((r) => setTimeout(r, this.timing.listMs));
+    if (m.source === 'local') return m.variants ?? [];
+    const item = CATALOG.find((c) => c.repoId === repoId) ?? {
+      ...CATALOG[0],
+      repoId,
+      adapterBytes: 16 * MiB,
+    };
+    const downloaded = (m.variants ?? []).filter((v) => v.downloaded).map((v) => v.name);
+    m.variants = variantsFor(item, downloaded);
+    return m.variants;
+  }
+
+  private addModel(repoId: string): ModelEntry {
+    const id = repoId.trim();
+    if (!/^[A-Za-z0-9][\w.-]{0,95}\/[A-Za-z0-9][\w.-]{0,95}$/.test(id)) {
+      throw fail('invalid_repo_id', `"${repoId}" is not of the form owner/name.`);
+    }
+    const existing = this.state.models.find((m) => m.repoId === id);
+    if (existing) return existing;
+    const entry: ModelEntry = {
+      repoId: id,
+      title: id.split('/')[1],
+      source: 'added',
+      description: 'Added by repository id.',
+      variants: null,
+      baseModel: null,
+    };
+    this.state.models.push(entry);
+    return entry;
+  }
+
+  private importLocal(path: string): ModelEntry {
+    const p = path.trim();
+    if (!p.startsWith('/') && !/^[A-Za-z]:\\/.test(p)) {
+      throw fail('not_a_tptt_repo', `${path} is not an absolute folder path.`);
+    }
+    if (/not-tptt|empty/i.test(p)) {
+      throw fail('not_a_tptt_repo', `${path} has no variant subfolder with a TPTT config.json.`);
+    }
+    const name = p.replace(/[\\/]+$/, '').split(/[\\/]/).pop() || 'local-model';
+    const entry: ModelEntry = {
+      repoId: p,
+      title: name,
+      source: 'local',
+      description: `Imported from ${p}.`,
+      variants: [{ name: 'delta_rule', operatorMode: 'delta_rule', downloaded: true, sizeBytes: 8 * MiB }],
+      baseModel: null,
+    };
+    this.state.models = this.state.models.filter((m) => m.repoId !== p);
+    this.state.models.push(entry);
+    return entry;
+  }
+
+  private startDownload(repoId: string, variant: string, channel: string): null {
+    const v = this.variant(repoId, variant);
+    const key = `${repoId}::${variant}`;
+    if (this.downloads.has(key)) throw fail('busy', 'This variant is already downloading.');
+    const item = CATALOG.find((c) => c.repoId === repoId);
+    if (item?.gated && !this.state.hfToken) {
+      throw fail('auth', `${item.baseModel} is gated: accept its licence on Hugging Face and add a token.`);
+    }
+    const baseBytes = item?.baseBytes ?? 300 * MiB;
+    const files: [string, number][] = [
+      [`${variant}/adapter_model.safetensors`, v.sizeBytes ?? 10 * MiB],
+      ['base: model.safetensors', baseBytes],
+      ['base: tokenizer.json', 7 * MiB],
+    ];
+    const total = files.reduce((s, [, n]) => s + n, 0);
+    const failure = this.downloadFailure;
+    this.downloadFailure = null;
+    let tick = 0;
+    const timer = setInterval(() => {
+      tick++;
+      const bytes = Math.min(total, Math.round((total * tick) / this.timing.downloadTicks));
+      if (failure && bytes >= total * failure.at) {
+        clearInterval(timer);
+        this.downloads.delete(key);
+        this.emit(channel, { kind: 'error', errorKind: failure.kind, message: failure.message });
+        return;
+      }
+      let before = 0;
+      let file = files[files.length - 1];
+      for (const f of files) {
+        if (bytes < before + f[1]) {
+          file = f;
+          break;
+        }
+        before += f[1];
+      }
+      const fileBytes = Math.min(file[1], bytes - before);
+      const bytesPerSec = Math.round(total / this.timing.downloadTicks / (this.timing.downloadTickMs / 1000));
+      this.emit(channel, {
+        kind: 'progress',
+        file: file[0],
+        fileBytes,
+        fileTotal: file[1],
+        bytes,
+        total,
+        bytesPerSec,
+      });
+      if (bytes >= total) {
+        clearInterval(timer);
+        this.downloads.delete(key);
+        v.downloaded = true;
+        this.emit(channel, { kind: 'done' });
+      }
+    }, this.timing.downloadTickMs);
+    this.downloads.set(key, { repoId, variant, channel, timer });
+    return null;
+  }
+
+  private cancelDownload(repoId: string, variant: string): null {
+    const key = `${repoId}::${variant}`;
+    const d = this.downloads.get(key);
+    if (!d) return null;
+    clearInterval(d.timer);
+    this.downloads.delete(key);
+    this.emit(d.channel, { kind: 'cancelled' });
+    return null;
+  }
+
+  private removeVariant(repoId: string, variant: string): null {
+    const v = this.variant(repoId, variant);
+    v.downloaded = false;
+    const s = this.state.settings;
+    if (s.modelRepo === repoId && s.variant === variant) {
+      s.variant = null;
+    }
+    return null;
+  }
+
+  // ---- Settings ----
+
+  private settingsOut(): Settings {
+    return { ...this.state.settings, hfTokenSet: this.state.hfToken !== null };
+  }
+
+  private setSettings(next: Settings): Settings {
+    const s = next.sampling;
+    const bad = (field: string, why: string) => {
+      throw fail('invalid_settings', `${field}: ${why}`);
+    };
+    if (!(s.temperature >= 0 && s.temperature <= 5)) bad('temperature', 'must be between 0 and 5');
+    if (!(Number.isInteger(s.topK) && s.topK >= 0)) bad('topK', 'must be a whole number ≥ 0');
+    if (!(s.topP > 0 && s.topP <= 1)) bad('topP', 'must be in (0, 1]');
+    if (!(s.minP >= 0 && s.minP < 1)) bad('minP', 'must be in [0, 1)');
+    if (!(s.repeatPenalty >= 1 && s.repeatPenalty <= 2)) bad('repeatPenalty', 'must be between 1 and 2');
+    if (!(Number.isInteger(s.repeatLastN) && s.repeatLastN >= 0)) bad('repeatLastN', 'must be ≥ 0');
+    if (!(Number.isInteger(s.maxNewTokens) && s.maxNewTokens >= 1 && s.maxNewTokens <= 32768)) {
+      bad('maxNewTokens', 'must be between 1 and 32768');
+    }
+    if (s.seed !== null && !(Number.isInteger(s.seed) && s.seed >= 0)) bad('seed', 'must be a whole number ≥ 0');
+    if (next.windowSize !== null && !(Number.isInteger(next.windowSize) && next.windowSize >= 16)) {
+      bad('windowSize', 'must be a whole number ≥ 16');
+    }
+    if (!['auto', 'cpu', 'cuda', 'metal'].includes(next.device)) bad('device', 'unknown device');
+    if (next.device !== 'auto' && !this.state.device.compiled.includes(next.device)) {
+      bad('device', `${next.device} is not compiled into this build`);
+    }
+    if (next.modelRepo !== null) {
+      const m = this.state.models.find((x) => x.repoId === next.modelRepo);
+      if (!m) bad('modelRepo', 'unknown model');
+      if (next.variant !== null) {
+        const v = m?.variants?.find((x) => x.name === next.variant);
+        if (!v?.downloaded) bad('variant', 'not downloaded');
+      }
+    }
+    this.state.settings = { ...clone(next), hfTokenSet: this.state.hfToken !== null };
+    const d = this.state.device;
+    d.inUse = next.device === 'auto' ? (d.compiled.includes('cuda') ? 'cuda' : 'cpu') : next.device;
+    return this.settingsOut();
+  }
+
+  // ---- Conversations ----
+
+  private find(id: string): StoredConversation {
+    const c = this.state.conversations.find((x) => x.id === id);
+    if (!c) throw fail('not_found', 'That conversation no longer exists.');
+    return c;
+  }
+
+  private summary(c: StoredConversation): ConversationSummary {
+    const last = c.messages[c.messages.length - 1];
+    return {
+      id: c.id,
+      title: c.title,
+      updatedAt: c.updatedAt,
+      modelRepo: c.modelRepo,
+      variant: c.variant,
+      preview: last ? last.content.slice(0, 120).replace(/\s+/g, ' ') : '',
+    };
+  }
+
+  private listConversations(query: string | null): ConversationSummary[] {
+    const q = query?.trim().toLowerCase() ?? '';
+    return this.state.conversations
+      .filter(
+        (c) =>
+          !q ||
+          c.title.toLowerCase().includes(q) ||
+          c.messages.some((m) => m.content.toLowerCase().includes(q)),
+      )
+      .sort((x, y) => y.updatedAt.localeCompare(x.updatedAt))
+      .map((c) => this.summary(c));
+  }
+
+  private createConversation(): ConversationSummary {
+    const c: StoredConversation = {
+      id: this.id('c'),
+      title: 'New chat',
+      modelRepo: this.state.settings.modelRepo,
+      variant: this.state.settings.variant,
+      updatedAt: now(),
+      messages: [],
+    };
+    this.state.conversations.push(c);
+    return this.summary(c);
+  }
+
+  private memory(c: StoredConversation, extra = 0): MemoryInfo {
+    const windowSize = this.state.settings.windowSize ?? MODEL_WINDOW;
+    const system = countTokens(this.state.settings.systemPrompt);
+    const totalTokens = c.messages.reduce((n, m) => n + countTokens(m.content) + 4, system) + extra;
+    const windowFill = Math.min(totalTokens, windowSize);
+    return { windowSize, windowFill, recurrentOnlyTokens: totalTokens - windowFill, totalTokens };
+  }
+
+  private getConversation(id: string): Conversation {
+    const c = this.find(id);
+    return {
+      id: c.id,
+      title: c.title,
+      modelRepo: c.modelRepo,
+      variant: c.variant,
+      messages: c.messages,
+      memory: this.memory(c),
+    };
+  }
+
+  private exportConversation(id: string, format: string): string {
+    const c = this.getConversation(id);
+    if (format === 'json') return JSON.stringify(c, null, 2);
+    if (format !== 'markdown') throw fail('internal', `unknown format ${format}`);
+    const lines = [`# ${c.title}`, ''];
+    for (const m of c.messages) {
+      lines.push(`## ${m.role === 'user' ? 'You' : m.role === 'assistant' ? 'Assistant' : 'System'}`, '', m.content, '');
+    }
+    return lines.join('\n');
+  }
+
+  // ---- Chat ----
+
+  private checkReady(c: StoredConversation) {
+    const s = this.state.settings;
+    if (!s.modelRepo || !s.variant) {
+      throw fail('no_model', 'No model is selected: download one in the model manager.');
+    }
+    if (this.generation) throw fail('busy', 'A reply is still being generated.');
+    c.modelRepo = s.modelRepo;
+    c.variant = s.variant;
+  }
+
+  private checkInput(content: string) {
+    if (!content.trim()) throw fail('invalid_settings', 'content: the message is empty');
+    if (content.length > 4 * 1024 * 1024) {
+      throw fail('input_too_long', 'The message is longer than 4 MiB.');
+    }
+  }
+
+  private startGeneration(c: StoredConversation, channel: string): Message {
+    const message: Message = {
+      id: this.id('m'),
+      role: 'assistant',
+      content: '',
+      status: 'partial',
+      stats: null,
+      createdAt: now(),
+    };
+    const promptTokens = this.memory(c).totalTokens;
+    c.messages.push(message);
+    c.updatedAt = now();
+    const g: Generation = {
+      conversationId: c.id,
+      message,
+      tokens: tokenize(this.reply ?? DEFAULT_REPLY),
+      sent: 0,
+      channel,
+      timer: null,
+      startedAt: performance.now(),
+      firstTokenAt: null,
+      promptTokens,
+      failAfter: this.generationFailure,
+    };
+    this.generationFailure = null;
+    this.generation = g;
+    g.timer = setTimeout(() => {
+      this.emit(channel, { kind: 'started', memory: this.memory(c) });
+      this.tick(g, c);
+    }, this.timing.firstTokenMs);
+    return message;
+  }
+
+  private stats(g: Generation): Stats {
+    const end = performance.now();
+    const first = g.firstTokenAt ?? end;
+    const decodeSecs = Math.max((end - first) / 1000, 1e-3);
+    const ttftMs = Math.round(first - g.startedAt);
+    return {
+      promptTokens: g.promptTokens,
+      generatedTokens: g.sent,
+      ttftMs,
+      prefillTokensPerS: Math.round(g.promptTokens / Math.max(ttftMs / 1000, 1e-3)),
+      decodeTokensPerS: g.sent > 1 ? Math.round(((g.sent - 1) / decodeSecs) * 10) / 10 : 0,
+    };
+  }
+
+  private tick(g: Generation, c: StoredConversation) {
+    if (this.generation !== g) return;
+    if (g.failAfter && g.sent >= g.failAfter.after) {
+      g.message.status = 'error';
+      this.generation = null;
+      this.emit(g.channel, {
+        kind: 'error',
+        errorKind: g.failAfter.kind,
+        message: g.failAfter.message,
+        partial: g.message.content,
+      });
+      return;
+    }
+    if (g.sent >= g.tokens.length) {
+      g.message.status = 'complete';
+      g.message.stats = this.stats(g);
+      c.updatedAt = now();
+      this.generation = null;
+      this.emit(g.channel, { kind: 'done', stats: g.message.stats, memory: this.memory(c) });
+      return;
+    }
+    const text = g.tokens[g.sent++];
+    if (g.firstTokenAt === null) g.firstTokenAt = performance.now();
+    g.message.content += text;
+    this.emit(g.channel, { kind: 'token', text });
+    g.timer = setTimeout(() => this.tick(g, c), this.timing.tokenMs);
+  }
+
+  private stop(conversationId: string) {
+    const g = this.generation;
+    if (!g || g.conversationId !== conversationId) return;
+    if (g.timer) clearTimeout(g.timer);
+    this.generation = null;
+    g.message.status = 'partial';
+    g.message.stats = this.stats(g);
+    const c = this.state.conversations.find((x) => x.id === conversationId);
+    this.emit(g.channel, {
+      kind: 'stopped',
+      stats: g.message.stats,
+      memory: c ? this.memory(c) : { windowSize: 0, windowFill: 0, recurrentOnlyTokens: 0, totalTokens: 0 },
+    });
+  }
+
+  private addUser(c: StoredConversation, content: string): Message {
+    const m: Message = {
+      id: this.id('m'),
+      role: 'user',
+      content,
+      status: 'complete',
+      stats: null,
+      createdAt: now(),
+    };
+    c.messages.push(m);
+    return m;
+  }
+
+  private send(conversationId: string, content: string, channel: string) {
+    const c = this.find(conversationId);
+    this.checkInput(content);
+    this.checkReady(c);
+    const user = this.addUser(c, content);
+    const assistant = this.startGeneration(c, channel);
+    return { userMessageId: user.id, assistantMessageId: assistant.id };
+  }
+
+  private regenerate(conversationId: string, channel: string) {
+    const c = this.find(conversationId);
+    this.checkReady(c);
+    const last = c.messages[c.messages.length - 1];
+    if (!last) throw fail('not_found', 'There is nothing to regenerate.');
+    if (last.role === 'assistant') c.messages.pop();
+    const assistant = this.startGeneration(c, channel);
+    return { assistantMessageId: assistant.id };
+  }
+
+  private editAndResend(conversationId: string, messageId: string, content: string, channel: string) {
+    const c = this.find(conversationId);
+    this.checkInput(content);
+    const i = c.messages.findIndex((m) => m.id === messageId);
+    if (i < 0) throw fail('not_found', 'That message no longer exists.');
+    this.checkReady(c);
+    c.messages.splice(i);
+    const user = this.addUser(c, content);
+    const assistant = this.startGeneration(c, channel);
+    return { userMessageId: user.id, assistantMessageId: assistant.id };
+  }
+}
+
+/** Installs the mock backend for this page and exposes its controls on `window.__tpttMock`. */
+export function installMockBackend(params: URLSearchParams): MockControl {
+  const scenario: Scenario = params.get('scenario') === 'empty' ? 'empty' : 'ready';
+  const backend = new MockBackend(scenario);
+  mockIPC((command, args) => backend.handle(command, args));
+  window.__tpttMock = backend;
+  return backend;
+}

@@ -1,0 +1,166 @@
+// The data types of the IPC contract, docs/ipc.md, one for one. Field names are the wire's
+// (camelCase). Nothing here knows Svelte or the DOM.
+
+// ---- Errors -------------------------------------------------------------------------------
+
+export type ErrorKind =
+  | 'no_model'
+  | 'model_load'
+  | 'download'
+  | 'network'
+  | 'auth'
+  | 'disk_full'
+  | 'invalid_settings'
+  | 'invalid_repo_id'
+  | 'not_a_tptt_repo'
+  | 'not_found'
+  | 'busy'
+  | 'database'
+  | 'generation'
+  | 'input_too_long'
+  | 'internal';
+
+/** What every command rejects with. */
+export interface CommandError {
+  kind: ErrorKind;
+  message: string;
+}
+
+// ---- Models -------------------------------------------------------------------------------
+
+export type ModelSource = 'catalog' | 'added' | 'local';
+
+export interface VariantEntry {
+  name: string;
+  operatorMode: string;
+  downloaded: boolean;
+  sizeBytes: number | null;
+}
+
+export interface ModelEntry {
+  repoId: string;
+  title: string;
+  source: ModelSource;
+  description: string;
+  /** null until the repo's files have been listed (refresh_variants). */
+  variants: VariantEntry[] | null;
+  baseModel: string | null;
+}
+
+export type DownloadEvent =
+  | {
+      kind: 'progress';
+      file: string;
+      fileBytes: number;
+      fileTotal: number;
+      bytes: number;
+      total: number;
+      bytesPerSec: number;
+    }
+  | { kind: 'done' }
+  | { kind: 'cancelled' }
+  | { kind: 'error'; errorKind?: ErrorKind; message: string };
+
+// ---- Settings -----------------------------------------------------------------------------
+
+export type Device = 'auto' | 'cpu' | 'cuda' | 'metal';
+export type Theme = 'light' | 'dark' | 'system';
+
+export interface Sampling {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  repeatPenalty: number;
+  repeatLastN: number;
+  maxNewTokens: number;
+  seed: number | null;
+}
+
+export interface Settings {
+  modelRepo: string | null;
+  variant: string | null;
+  device: Device;
+  sampling: Sampling;
+  systemPrompt: string;
+  /** null: the model's own softmax window. */
+  windowSize: number | null;
+  theme: Theme;
+  /** Whether a Hugging Face token is stored; the token itself is never sent to the UI. */
+  hfTokenSet: boolean;
+}
+
+export interface DeviceInfo {
+  compiled: string[];
+  inUse: string;
+  name: string;
+}
+
+// ---- Conversations ------------------------------------------------------------------------
+
+export interface ConversationSummary {
+  id: string;
+  title: string;
+  /** ISO 8601. */
+  updatedAt: string;
+  modelRepo: string | null;
+  variant: string | null;
+  preview: string;
+}
+
+export type Role = 'user' | 'assistant' | 'system';
+export type MessageStatus = 'complete' | 'partial' | 'error';
+
+export interface Stats {
+  promptTokens: number;
+  generatedTokens: number;
+  ttftMs: number;
+  prefillTokensPerS: number;
+  decodeTokensPerS: number;
+}
+
+/** The softmax window's fill, and how many earlier tokens live only in the recurrent memory. */
+export interface MemoryInfo {
+  windowSize: number;
+  windowFill: number;
+  recurrentOnlyTokens: number;
+  totalTokens: number;
+}
+
+export interface Message {
+  id: string;
+  role: Role;
+  content: string;
+  status: MessageStatus;
+  stats: Stats | null;
+  createdAt: string;
+}
+
+export interface Conversation {
+  id: string;
+  title: string;
+  modelRepo: string | null;
+  variant: string | null;
+  messages: Message[];
+  memory: MemoryInfo;
+}
+
+export type ExportFormat = 'markdown' | 'json';
+
+// ---- Chat ---------------------------------------------------------------------------------
+
+export type ChatEvent =
+  | { kind: 'started'; memory: MemoryInfo }
+  | { kind: 'token'; text: string }
+  | { kind: 'done'; stats: Stats; memory: MemoryInfo }
+  | { kind: 'stopped'; stats: Stats; memory: MemoryInfo }
+  | { kind: 'error'; errorKind?: ErrorKind; message: string; partial: string };
+
+export interface SendResult {
+  userMessageId: string;
+  assistantMessageId: string;
+}
+
+export interface RegenerateResult {
+  assistantMessageId: string;
+}

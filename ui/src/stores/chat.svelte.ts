@@ -1,0 +1,447 @@
+// The open conversation and the generation in flight.
+//
+// Invariants:
+// - At most one generation runs (the backend answers `busy` otherwise); `live` describes it,
+//   whichever conversation is on screen. Its events are matched by a sequence number, so a late
+//   event from an older stream never touches a newer one.
+// - Channel events may arrive before `send_message` resolves: the new messages carry placeholder
+//   ids until then, and events address the live message, not an id.
+// - Tokens are buffered and applied once per animation frame; every terminal event applies the
+//   buffer first, so a stopped or failed answer keeps all the text that arrived.
+// - A failed command puts the messages back as they were; the composer's draft is only cleared
+//   once the backend has the message (drafts.svelte.ts).
+
+import * as api from '../services/api';
+import type { ChatEvent, Conversation, MemoryInfo, Message, Stats } from '../services/types';
+import { titleFrom } from '../lib/format';
+import { conversations } from './conversations.svelte';
+import { drafts, NEW_CHAT } from './drafts.svelte';
+import { settings } from './settings.svelte';
+import { ui } from './ui.svelte';
+
+/** A message as shown: the contract's, plus the error text of a failed generation. */
+export interface ChatMessage extends Message {
+  errorText?: string;
+}
+
+export interface OpenConversation extends Omit<Conversation, 'messages'> {
+  messages: ChatMessage[];
+}
+
+export interface LiveGeneration {
+  seq: number;
+  conversationId: string;
+  /** The assistant message being written (a placeholder id until the command returns). */
+  messageId: string;
+  text: string;
+  startedAt: number;
+  firstTokenAt: number | null;
+  lastTokenAt: number | null;
+  tokens: number;
+  memory: MemoryInfo | null;
+  stopping: boolean;
+}
+
+const LAST_KEY = 'tptt-chat.last-conversation';
+
+/** Remembers the open conversation, so the app reopens where it was. */
+function remember(id: string | null) {
+  try {
+    if (id) localStorage.setItem(LAST_KEY, id);
+    else localStorage.removeItem(LAST_KEY);
+  } catch {
+    // not remembering is fine
+  }
+}
+
+const EMPTY_MEMORY: MemoryInfo = { windowSize: 0, windowFill: 0, recurrentOnlyTokens: 0, totalTokens: 0 };
+/** How long to wait for the backend's `stopped` after a successful stop command. */
+const STOP_GRACE_MS = 5000;
+
+class ChatStore {
+  /** The conversation on screen; null for a new chat not created yet. */
+  conversation = $state<OpenConversation | null>(null);
+  /** The id being opened or shown (the sidebar's selection). */
+  selectedId = $state<string | null>(null);
+  loading = $state(false);
+  loadError = $state<api.ApiError | null>(null);
+  live = $state<LiveGeneration | null>(null);
+  /** A command (send, regenerate, edit) is on its way to the backend. */
+  sending = $state(false);
+
+  private openSeq = 0;
+  private genSeq = 0;
+  private pending = '';
+  private frame: number | null = null;
+
+  /** The drafts key of what is on screen. */
+  get draftKey(): string {
+    return this.selectedId ?? NEW_CHAT;
+  }
+
+  /** The live generation if it belongs to the conversation on screen. */
+  get liveHere(): LiveGeneration | null {
+    const live = this.live;
+    return live && this.conversation && live.conversationId === this.conversation.id ? live : null;
+  }
+
+  /** The memory meter's figures, advanced token by token while an answer streams. */
+  get memory(): MemoryInfo | null {
+    const c = this.conversation;
+    if (!c) return null;
+    const live = this.liveHere;
+    const base = live?.memory ?? c.memory;
+    if (!live || !base.windowSize) return base.windowSize ? base : null;
+    const totalTokens = base.totalTokens + live.tokens;
+    const windowFill = Math.min(totalTokens, base.windowSize);
+    return { windowSize: base.windowSize, windowFill, recurrentOnlyTokens: totalTokens - windowFill, totalTokens };
+  }
+
+  /** Reopens the conversation that was open when the app last closed (if it still exists). */
+  async restore() {
+    let id: string | null = null;
+    try {
+      id = localStorage.getItem(LAST_KEY);
+    } catch {
+      id = null;
+    }
+    if (!id) return;
+    await this.open(id);
+    if (this.loadError) {
+      // Gone since (deleted, or a new database): start fresh without an error screen.
+      remember(null);
+      this.newChat();
+    }
+  }
+
+  newChat() {
+    remember(null);
+    this.openSeq++;
+    this.conversation = null;
+    this.selectedId = null;
+    this.loadError = null;
+    this.loading = false;
+    ui.show('chat');
+    ui.focusComposer();
+  }
+
+  async open(id: string) {
+    ui.show('chat');
+    if (this.selectedId === id && this.conversation?.id === id) return;
+    const seq = ++this.openSeq;
+    this.selectedId = id;
+    remember(id);
+    this.loading = true;
+    this.loadError = null;
+    try {
+      const c = await api.getConversation(id);
+      if (seq !== this.openSeq) return;
+      this.conversation = c;
+      ui.focusComposer();
+    } catch (err) {
+      if (seq !== this.openSeq) return;
+      this.conversation = null;
+      this.loadError = api.toApiError(err);
+      if (this.loadError.kind === 'not_found') void conversations.load();
+    } finally {
+      if (seq === this.openSeq) this.loading = false;
+    }
+  }
+
+  async reload() {
+    const id = this.selectedId;
+    if (!id) return;
+    this.conversation = null;
+    await this.open(id);
+  }
+
+  /** Whether a message may be sent now; if not, says why (a notice with the way forward). */
+  private canStart(): boolean {
+    if (this.live) {
+      ui.error(new api.ApiError('busy', 'A reply is still being generated.'));
+      return false;
+    }
+    if (!settings.ready) {
+      ui.error(new api.ApiError('no_model', 'Choose a model before sending a message.'));
+      return false;
+    }
+    return true;
+  }
+
+  /**
+   * Sends `content`. Resolves true once the backend has it (the caller may then let the draft
+   * go), false if it was not accepted (the draft stays, and a notice says why).
+   */
+  async send(content: string): Promise<boolean> {
+    if (!content.trim() || this.sending || !this.canStart()) return false;
+    this.sending = true;
+    try {
+      const created = !this.conversation;
+      const conv = this.conversation ?? (await this.createFor(content));
+      if (!conv) return false;
+      const draftKey = conv.id;
+      const result = await this.start(conv, (seq) => {
+        const now = new Date().toISOString();
+        conv.messages.push(
+          { id: `pending-user-${seq}`, role: 'user', content, status: 'complete', stats: null, createdAt: now },
+          this.placeholder(seq),
+        );
+        return (onEvent) => api.sendMessage(conv.id, content, onEvent);
+      }, () => void this.send(drafts.get(draftKey) || content));
+      if (!result) {
+        if (created) this.abandon(conv);
+        return false;
+      }
+      this.renameMessage(conv, `pending-user-${result.seq}`, result.userMessageId);
+      if (drafts.get(draftKey) === content) drafts.clear(draftKey);
+      return true;
+    } finally {
+      this.sending = false;
+    }
+  }
+
+  async regenerate(): Promise<boolean> {
+    const conv = this.conversation;
+    if (!conv || this.sending || !this.canStart()) return false;
+    this.sending = true;
+    try {
+      const result = await this.start(conv, (seq) => {
+        if (conv.messages.at(-1)?.role === 'assistant') conv.messages.pop();
+        conv.messages.push(this.placeholder(seq));
+        return (onEvent) => api.regenerate(conv.id, onEvent);
+      }, () => void this.regenerate());
+      return result !== null;
+    } finally {
+      this.sending = false;
+    }
+  }
+
+  /** Replaces a user message (and everything after it) with `content`, and answers again. */
+  async editAndResend(messageId: string, content: string): Promise<boolean> {
+    const conv = this.conversation;
+    if (!conv || !content.trim() || this.sending || !this.canStart()) return false;
+    this.sending = true;
+    try {
+      const result = await this.start(conv, (seq) => {
+        const i = conv.messages.findIndex((m) => m.id === messageId);
+        if (i >= 0) conv.messages.splice(i);
+        conv.messages.push(
+          {
+            id: `pending-user-${seq}`,
+            role: 'user',
+            content,
+            status: 'complete',
+            stats: null,
+            createdAt: new Date().toISOString(),
+          },
+          this.placeholder(seq),
+        );
+        return (onEvent) => api.editAndResend(conv.id, messageId, content, onEvent);
+      }, () => void this.editAndResend(messageId, content));
+      if (!result) return false;
+      this.renameMessage(conv, `pending-user-${result.seq}`, result.userMessageId);
+      return true;
+    } finally {
+      this.sending = false;
+    }
+  }
+
+  async stop() {
+    const live = this.live;
+    if (!live || live.stopping) return;
+    live.stopping = true;
+    try {
+      await api.stopGeneration(live.conversationId);
+      const seq = live.seq;
+      // If the backend never confirms, end the stream here with what arrived.
+      setTimeout(() => {
+        if (this.live?.seq === seq) this.finish(seq, 'partial', null, null);
+      }, STOP_GRACE_MS);
+    } catch (err) {
+      if (this.live?.seq === live.seq) this.live.stopping = false;
+      ui.error(err, { context: 'Stopping' });
+    }
+  }
+
+  /** Forgets a conversation that was deleted. */
+  forget(id: string) {
+    if (this.selectedId === id) this.newChat();
+  }
+
+  // ---- internals ----
+
+  private async createFor(content: string): Promise<OpenConversation | null> {
+    try {
+      const summary = await api.createConversation();
+      const title = titleFrom(content);
+      try {
+        await api.renameConversation(summary.id, title);
+        summary.title = title;
+      } catch {
+        // An untitled chat is still a chat; it can be renamed later.
+      }
+      drafts.move(NEW_CHAT, summary.id);
+      this.openSeq++;
+      this.selectedId = summary.id;
+      remember(summary.id);
+      this.conversation = {
+        id: summary.id,
+        title: summary.title,
+        modelRepo: summary.modelRepo,
+        variant: summary.variant,
+        messages: [],
+        memory: EMPTY_MEMORY,
+      };
+      conversations.upsert(summary);
+      return this.conversation;
+    } catch (err) {
+      ui.error(err, { context: 'Starting the chat' });
+      return null;
+    }
+  }
+
+  /**
+   * Undoes a chat created for a first message the backend then refused: the draft goes back to
+   * the new chat, and the empty conversation is removed (best effort), so nothing is left
+   * half-made.
+   */
+  private abandon(conv: OpenConversation) {
+    if (conv.messages.length > 0) return;
+    drafts.move(conv.id, NEW_CHAT);
+    if (this.selectedId === conv.id) {
+      this.conversation = null;
+      this.selectedId = null;
+      remember(null);
+    }
+    conversations.items = conversations.items.filter((c) => c.id !== conv.id);
+    api.deleteConversation(conv.id).catch(() => {
+      // An empty chat left behind is harmless; the list shows it and it can be deleted.
+      void conversations.load();
+    });
+  }
+
+  private placeholder(seq: number): ChatMessage {
+    return {
+      id: `pending-assistant-${seq}`,
+      role: 'assistant',
+      content: '',
+      status: 'partial',
+      stats: null,
+      createdAt: new Date().toISOString(),
+    };
+  }
+
+  /**
+   * Runs one generation command: `prepare` edits the messages optimistically and returns the
+   * command to call. On failure the messages are put back and a notice is shown.
+   */
+  private async start<R extends { assistantMessageId: string }>(
+    conv: OpenConversation,
+    prepare: (seq: number) => (onEvent: (e: ChatEvent) => void) => Promise<R>,
+    retry: () => void,
+  ): Promise<(R & { seq: number }) | null> {
+    const seq = ++this.genSeq;
+    const before = conv.messages.slice();
+    const command = prepare(seq);
+    this.pending = '';
+    this.live = {
+      seq,
+      conversationId: conv.id,
+      messageId: `pending-assistant-${seq}`,
+      text: '',
+      startedAt: performance.now(),
+      firstTokenAt: null,
+      lastTokenAt: null,
+      tokens: 0,
+      memory: null,
+      stopping: false,
+    };
+    try {
+      const result = await command((event) => this.onEvent(seq, event));
+      this.renameMessage(conv, `pending-assistant-${seq}`, result.assistantMessageId);
+      if (this.live?.seq === seq) this.live.messageId = result.assistantMessageId;
+      void conversations.load();
+      return { ...result, seq };
+    } catch (err) {
+      if (this.live?.seq === seq) this.live = null;
+      conv.messages = before;
+      const e = api.toApiError(err);
+      // Retrying only helps when the failure may pass; `busy` and `no_model` have their own way out.
+      const transient = ['database', 'internal', 'network', 'disk_full'].includes(e.kind);
+      ui.error(e, transient ? { retry } : {});
+      return null;
+    }
+  }
+
+  private renameMessage(conv: OpenConversation, from: string, to: string) {
+    const m = conv.messages.find((x) => x.id === from);
+    if (m) m.id = to;
+  }
+
+  private onEvent(seq: number, event: ChatEvent) {
+    const live = this.live;
+    if (!live || live.seq !== seq) return;
+    switch (event.kind) {
+      case 'started':
+        live.memory = event.memory;
+        break;
+      case 'token': {
+        const now = performance.now();
+        if (live.firstTokenAt === null) live.firstTokenAt = now;
+        live.lastTokenAt = now;
+        live.tokens++;
+        this.pending += event.text;
+        if (this.frame === null) this.frame = requestAnimationFrame(() => this.flush());
+        break;
+      }
+      case 'done':
+        this.finish(seq, 'complete', event.stats, event.memory);
+        break;
+      case 'stopped':
+        this.finish(seq, 'partial', event.stats, event.memory);
+        break;
+      case 'error': {
+        this.flush();
+        if (event.partial.length >= live.text.length) live.text = event.partial;
+        const kind = event.errorKind ?? 'generation';
+        this.finish(seq, 'error', null, null, event.message);
+        ui.error(new api.ApiError(kind, event.message), { retry: () => void this.regenerate() });
+        break;
+      }
+    }
+  }
+
+  private flush() {
+    if (this.frame !== null) cancelAnimationFrame(this.frame);
+    this.frame = null;
+    if (this.live && this.pending) this.live.text += this.pending;
+    this.pending = '';
+  }
+
+  private finish(
+    seq: number,
+    status: Message['status'],
+    stats: Stats | null,
+    memory: MemoryInfo | null,
+    errorText?: string,
+  ) {
+    this.flush();
+    const live = this.live;
+    if (!live || live.seq !== seq) return;
+    this.live = null;
+    const conv = this.conversation;
+    if (conv && conv.id === live.conversationId) {
+      const m = conv.messages.find((x) => x.id === live.messageId);
+      if (m) {
+        m.content = live.text;
+        m.status = status;
+        m.stats = stats;
+        if (errorText) m.errorText = errorText;
+      }
+      if (memory) conv.memory = memory;
+    }
+    void conversations.load();
+  }
+}
+
+export const chat = new ChatStore();

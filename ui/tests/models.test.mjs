@@ -1,0 +1,146 @@
+// The model manager and the first-run path: the no-model empty state, listing variants, a
+// download with progress then cancel, a download to the end, failures with a way forward, add by
+// repo id, import of a local folder.
+import assert from 'node:assert/strict';
+import { after, afterEach, before, describe, test } from 'node:test';
+import { mock, until, useSuite } from './helpers.mjs';
+
+const suite = useSuite({ before, after, afterEach });
+const GEMMA = 'ffurfaro/Titanesque-gemma-3-270m';
+
+function clean(page) {
+  const p = suite.problems(page);
+  assert.deepEqual(p.errors, []);
+  assert.deepEqual(p.dialogs, []);
+}
+
+const card = (page, repo) => page.locator(`[data-testid=model-card][data-repo="${repo}"]`);
+const variantRow = (page, repo, name) => card(page, repo).locator(`[data-testid=variant][data-variant="${name}"]`);
+
+describe('models', () => {
+  test('with no model the chat points to the model manager, and sending says why', async () => {
+    const { page } = await suite.open({ scenario: 'empty' });
+    const empty = page.getByTestId('no-model');
+    await empty.waitFor();
+    assert.match(await empty.textContent(), /No model yet/);
+    // what the user writes is kept, and sending explains the way forward
+    await page.getByTestId('composer').fill('Hello?');
+    await page.getByTestId('composer').press('Enter');
+    const notice = page.getByTestId('notice').filter({ hasText: 'No model is ready yet' });
+    await notice.waitFor();
+    assert.equal(await page.getByTestId('composer').inputValue(), 'Hello?');
+    await page.getByTestId('open-models').click();
+    await page.getByRole('heading', { name: 'Models', level: 1 }).waitFor();
+    clean(page);
+  });
+
+  test('a download shows bytes, speed and progress, and can be cancelled', async () => {
+    const { page } = await suite.open({ scenario: 'empty' });
+    await mock(page, () => window.__tpttMock.setTiming({ downloadTicks: 200, downloadTickMs: 50 }));
+    await page.getByTestId('nav-models').click();
+    await card(page, GEMMA).getByTestId('list-variants').click();
+    const row = variantRow(page, GEMMA, 'delta_rule');
+    await row.getByRole('button', { name: 'Download' }).click();
+    const progress = row.getByRole('progressbar');
+    await progress.waitFor();
+    await until(page, () => Number(document.querySelector('[data-variant=delta_rule] [role=progressbar]')?.getAttribute('aria-valuenow')) > 0);
+    const first = Number(await progress.getAttribute('aria-valuenow'));
+    await page.waitForTimeout(400);
+    const second = Number(await progress.getAttribute('aria-valuenow'));
+    assert.ok(second > first, `progress advances: ${first} → ${second}`);
+    assert.match(await row.getByTestId('download-bytes').textContent(), /^\d+(\.\d)? [KMG]?B of \d+ MB$/);
+    assert.match(await row.getByTestId('download-speed').textContent(), /^\d+(\.\d)? [KMG]?B\/s$/);
+
+    await row.getByRole('button', { name: 'Cancel' }).click();
+    await row.getByRole('button', { name: 'Download' }).waitFor();
+    assert.equal(await row.getByRole('progressbar').count(), 0);
+    const v = await mock(page, () => window.__tpttMock.state.models[0].variants.find((x) => x.name === 'delta_rule'));
+    assert.equal(v.downloaded, false);
+    assert.ok((await mock(page, () => window.__tpttMock.calls.map((c) => c.command))).includes('cancel_download'));
+    clean(page);
+  });
+
+  test('a finished download becomes the model in use and the chat opens up', async () => {
+    const { page } = await suite.open({ scenario: 'empty' });
+    await mock(page, () => window.__tpttMock.setTiming({ downloadTicks: 8, downloadTickMs: 30 }));
+    await page.getByTestId('nav-models').click();
+    await card(page, GEMMA).getByTestId('list-variants').click();
+    const row = variantRow(page, GEMMA, 'delta_product');
+    await row.getByRole('button', { name: 'Download' }).click();
+    await row.getByText('In use').waitFor();
+    await page.getByTestId('notice').filter({ hasText: 'Download complete' }).waitFor();
+    await page.getByTestId('nav-chat').click();
+    await page.getByTestId('welcome').waitFor();
+    assert.equal(await page.getByTestId('model-chip-variant').textContent(), 'delta_product');
+    clean(page);
+  });
+
+  test('download failures say what happened and offer retry, dismiss or settings', async () => {
+    const { page } = await suite.open({ scenario: 'empty' });
+    await mock(page, () => {
+      window.__tpttMock.setTiming({ downloadTicks: 10, downloadTickMs: 20 });
+      window.__tpttMock.failDownload(0.5, 'disk_full', 'No space left on device.');
+    });
+    await page.getByTestId('nav-models').click();
+    await card(page, GEMMA).getByTestId('list-variants').click();
+    const row = variantRow(page, GEMMA, 'delta_rule');
+    await row.getByRole('button', { name: 'Download' }).click();
+    const error = row.getByTestId('download-error');
+    await error.waitFor();
+    assert.match(await error.textContent(), /The disk is full\. No space left on device\./);
+    await error.getByRole('button', { name: 'Retry' }).click();
+    await row.getByText('In use').waitFor();
+
+    // A gated base without a token: the way forward is the settings' token field.
+    const llama = 'ffurfaro/Titans-Llama-3.2-1B';
+    await card(page, llama).getByTestId('list-variants').click();
+    const gated = variantRow(page, llama, 'delta_rule');
+    await gated.getByRole('button', { name: 'Download' }).click();
+    const authError = gated.getByTestId('download-error');
+    await authError.waitFor();
+    assert.match(await authError.textContent(), /A Hugging Face token is needed/);
+    await authError.getByRole('button', { name: 'Dismiss' }).click();
+    await gated.getByRole('button', { name: 'Download' }).waitFor();
+    await gated.getByRole('button', { name: 'Download' }).click();
+    await gated.getByTestId('download-error').getByRole('button', { name: 'Open settings' }).click();
+    await page.getByTestId('hf-token').waitFor();
+
+    // A listing that fails (offline) can be retried.
+    await page.getByTestId('nav-models').click();
+    await mock(page, () => window.__tpttMock.failNext('refresh_variants', 'network', 'Connection refused.'));
+    const olmo = card(page, 'ffurfaro/Titans-OLMo-1B-hf');
+    await olmo.getByTestId('list-variants').click();
+    await olmo.getByRole('alert').filter({ hasText: 'Hugging Face cannot be reached' }).waitFor();
+    await olmo.getByRole('alert').getByRole('button', { name: 'Retry' }).click();
+    await olmo.locator('[data-testid=variant]').first().waitFor();
+    clean(page);
+  });
+
+  test('add by repo id and import a local folder, with clear errors for bad input', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('nav-models').click();
+    const repo = page.getByTestId('add-repo');
+    await repo.fill('not a repo id');
+    await repo.press('Enter');
+    await page.getByRole('alert').filter({ hasText: 'That is not a repository id' }).waitFor();
+    assert.equal(await repo.getAttribute('aria-invalid'), 'true');
+    await repo.fill('someone/Titans-Custom-1B');
+    await repo.press('Enter');
+    const added = card(page, 'someone/Titans-Custom-1B');
+    await added.locator('[data-testid=variant]').first().waitFor();
+    assert.equal(await repo.inputValue(), '');
+
+    const folder = page.getByTestId('import-path');
+    await folder.fill('/home/me/not-tptt');
+    await folder.press('Enter');
+    await page.getByRole('alert').filter({ hasText: 'That folder is not a TPTT model' }).waitFor();
+    await folder.fill('/home/me/models/my-tptt');
+    await folder.press('Enter');
+    const local = card(page, '/home/me/models/my-tptt');
+    await local.waitFor();
+    assert.match(await local.textContent(), /Local folder/);
+    await local.getByRole('button', { name: 'Use' }).click();
+    await local.getByText('In use').waitFor();
+    clean(page);
+  });
+});

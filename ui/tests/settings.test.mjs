@@ -1,0 +1,121 @@
+// Settings: switching variant (takes effect on the next message), device facts, validation
+// errors by field, theme, and the write-only Hugging Face token.
+import assert from 'node:assert/strict';
+import { after, afterEach, before, describe, test } from 'node:test';
+import { mock, useSuite } from './helpers.mjs';
+
+const suite = useSuite({ before, after, afterEach });
+
+function clean(page) {
+  const p = suite.problems(page);
+  assert.deepEqual(p.errors, []);
+  assert.deepEqual(p.dialogs, []);
+}
+
+describe('settings', () => {
+  test('switching the variant applies to the next message and the chat says its memory is rebuilt', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('conversation-title').filter({ hasText: 'Linear attention memory' }).click();
+    await page.getByTestId('model-chip-variant').filter({ hasText: 'delta_rule' }).waitFor();
+    assert.equal(await page.getByTestId('variant-banner').count(), 0);
+
+    await page.getByTestId('nav-settings').click();
+    const variant = page.getByTestId('settings-variant');
+    assert.deepEqual(await variant.locator('option').allTextContents(), ['delta_rule', 'delta_product']);
+    await variant.selectOption('delta_product');
+    await page.getByTestId('save-settings').click();
+    await page.getByTestId('notice').filter({ hasText: 'Settings saved' }).waitFor();
+    const saved = await mock(page, () => window.__tpttMock.state.settings.variant);
+    assert.equal(saved, 'delta_product');
+
+    await page.getByTestId('nav-chat').click();
+    await page.getByTestId('model-chip-variant').filter({ hasText: 'delta_product' }).waitFor();
+    await page.getByTestId('variant-banner').filter({ hasText: 'rebuilt' }).waitFor();
+    await page.getByTestId('composer').fill('Continue with the new variant');
+    await page.getByTestId('composer').press('Enter');
+    await page.locator('[data-testid=message][data-role=assistant][data-status=complete]').last().waitFor();
+    const conv = await mock(page, () => window.__tpttMock.state.conversations.find((c) => c.id === 'c-memory'));
+    assert.equal(conv.variant, 'delta_product', 'the next message used the new variant');
+    clean(page);
+  });
+
+  test('device: compiled-in devices and the one in use; missing ones cannot be picked', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('nav-settings').click();
+    const info = page.getByTestId('device-info');
+    await info.waitFor();
+    assert.match(await info.textContent(), /In use: CUDA.*Compiled in:\s+CPU, CUDA/s);
+    const group = page.getByRole('radiogroup', { name: 'Device' });
+    assert.equal(await group.getByRole('radio', { name: 'Metal' }).isDisabled(), true);
+    await group.getByRole('radio', { name: 'CPU' }).check();
+    await page.getByTestId('save-settings').click();
+    await page.getByTestId('notice').filter({ hasText: 'Settings saved' }).waitFor();
+    await page.getByTestId('device-info').filter({ hasText: 'In use: CPU' }).waitFor();
+    clean(page);
+  });
+
+  test('a value the backend rejects is shown beside its field; Revert restores', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('nav-settings').click();
+    const temperature = page.getByTestId('sampling-temperature');
+    await temperature.fill('9');
+    await page.getByTestId('save-settings').click();
+    await page.getByRole('alert').filter({ hasText: 'temperature: must be between 0 and 5' }).waitFor();
+    assert.equal(await temperature.getAttribute('aria-invalid'), 'true');
+    assert.equal(await mock(page, () => window.__tpttMock.state.settings.sampling.temperature), 0.7);
+    await temperature.fill('');
+    await page.getByTestId('save-settings').click();
+    await page.getByRole('alert').filter({ hasText: 'temperature: a number is needed' }).waitFor();
+    await page.getByRole('button', { name: 'Revert' }).click();
+    assert.equal(await temperature.inputValue(), '0.7');
+
+    await page.getByTestId('window-size').fill('1024');
+    await page.getByTestId('save-settings').click();
+    await page.getByTestId('notice').filter({ hasText: 'Settings saved' }).waitFor();
+    assert.equal(await mock(page, () => window.__tpttMock.state.settings.windowSize), 1024);
+    clean(page);
+  });
+
+  test('theme: dark, light and system are applied at once', async () => {
+    const { page } = await suite.open();
+    await page.emulateMedia({ colorScheme: 'light' });
+    await page.getByTestId('nav-settings').click();
+    const group = page.getByRole('radiogroup', { name: 'Theme' });
+    const bg = () => page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+    const light = await bg();
+    await group.getByRole('radio', { name: 'Dark' }).check();
+    await page.getByTestId('save-settings').click();
+    await page.waitForFunction(() => document.documentElement.dataset.theme === 'dark');
+    const dark = await bg();
+    assert.notEqual(dark, light);
+    await group.getByRole('radio', { name: 'System' }).check();
+    await page.getByTestId('save-settings').click();
+    await page.waitForFunction(() => document.documentElement.dataset.theme === 'system');
+    assert.equal(await bg(), light);
+    await page.emulateMedia({ colorScheme: 'dark' });
+    assert.equal(await bg(), dark, 'system follows the OS');
+    clean(page);
+  });
+
+  test('the Hugging Face token is write-only', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('nav-settings').click();
+    const token = page.getByTestId('hf-token');
+    assert.equal(await token.getAttribute('type'), 'password');
+    await page.getByTestId('token-state').filter({ hasText: 'No token saved' }).waitFor();
+    const secret = 'hf_SecretTokenValue1234567890';
+    await token.fill(secret);
+    await token.press('Enter');
+    await page.getByTestId('token-state').filter({ hasText: 'A token is saved' }).waitFor();
+    assert.equal(await token.inputValue(), '', 'the field is emptied once saved');
+    assert.equal(await mock(page, () => window.__tpttMock.state.hfToken), secret);
+    const html = await page.content();
+    assert.ok(!html.includes(secret), 'the token appears nowhere in the page');
+    const readBack = await mock(page, () => window.__tpttMock.calls.filter((c) => c.command === 'get_settings').length);
+    assert.ok(readBack >= 1);
+    await page.getByRole('button', { name: 'Remove' }).click();
+    await page.getByTestId('token-state').filter({ hasText: 'No token saved' }).waitFor();
+    assert.equal(await mock(page, () => window.__tpttMock.state.hfToken), null);
+    clean(page);
+  });
+});
