@@ -12,7 +12,8 @@
 //!   `u1' = u1 − α0 ⊙ P_w[r1] − u0'·(w0·w1)` and `o1 = α0 ⊙ P_q[r1] + u0'·(w0·q1) + q1 ⊙ u1'`.
 //! * The chunk's final state is the last token's: `h0 ← h0·diag(α…) + Σ w⊗u'` in one pass.
 //!
-//! Heads run in parallel (rayon); each head's loops are over contiguous `D`-vectors.
+//! Heads run in parallel (rayon); each head's loops are over contiguous `D`-vectors, compiled
+//! twice (baseline and AVX2 + FMA, picked at run time).
 
 use rayon::prelude::*;
 
@@ -20,7 +21,7 @@ use super::{gelu_rows, ScanInput};
 
 /// Dot product with 8 independent accumulators, so that it vectorises (a single f32 sum is a
 /// serial dependency chain the compiler may not reorder).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -35,7 +36,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a·x`.
-#[inline]
+#[inline(always)]
 fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
@@ -43,7 +44,7 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 /// `out[e] = Σ_d x[d]·m[d, e]` for a row-major `D×D` matrix `m`.
-#[inline]
+#[inline(always)]
 fn vec_mat(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
     out.iter_mut().for_each(|o| *o = 0.0);
     for (&xd, row) in x.iter().zip(m.chunks_exact(d)) {
@@ -55,7 +56,7 @@ fn vec_mat(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
 pub fn scan(inp: &ScanInput<'_>, state: &mut [f32]) -> Vec<f32> {
     let (h_n, d, s) = (inp.heads, inp.dim, inp.tokens);
     let mut out = vec![0f32; h_n * s * d];
-    let work = |(h, (h0, out_h)): (usize, (&mut [f32], &mut [f32]))| scan_head(inp, h, h0, out_h);
+    let work = |(h, (h0, out_h)): (usize, (&mut [f32], &mut [f32]))| scan_head_dispatch(inp, h, h0, out_h);
     if h_n > 1 && s * d * d > 4096 {
         state
             .par_chunks_mut(d * d)
@@ -68,6 +69,27 @@ pub fn scan(inp: &ScanInput<'_>, state: &mut [f32]) -> Vec<f32> {
     out
 }
 
+/// Run [`scan_head`] compiled for AVX2 + FMA when the CPU has them (checked at run time, so the
+/// binary still runs on older x86-64 CPUs), else for the baseline target.
+fn scan_head_dispatch(inp: &ScanInput<'_>, h: usize, h0: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features `scan_head_avx2` is compiled for were detected just above.
+            unsafe { scan_head_avx2(inp, h, h0, out) };
+            return;
+        }
+    }
+    scan_head(inp, h, h0, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scan_head_avx2(inp: &ScanInput<'_>, h: usize, h0: &mut [f32], out: &mut [f32]) {
+    scan_head(inp, h, h0, out);
+}
+
+#[inline(always)]
 fn scan_head(inp: &ScanInput<'_>, h: usize, h0: &mut [f32], out: &mut [f32]) {
     let (d, s, n, c) = (inp.dim, inp.tokens, inp.order, inp.chunk);
     let rows = s * n;
