@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tokenizers::Tokenizer;
 use tptt::repo::VariantFiles;
-use tptt_engine::session::{CancelToken, Event, FinishReason, GenerateOptions, Session, SessionOptions};
+use tptt_engine::session::{CancelToken, Event, GenerateOptions, Session, SessionOptions};
+use tptt_engine::ChatTranscript;
 use tptt_engine::snapshot::{self, config_hash, ModelIdentity};
 use tptt_engine::template::{GenerationConfig, Message, PromptFormat, TokenizerConfig};
 use tptt_engine::SamplingParams;
@@ -164,7 +165,7 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
     let mut session = new_session(&ready, &gen, load_state)?;
     let mut messages: Vec<Message> = gen.system.iter().map(|s| Message::system(s.clone())).collect();
     // The rendered text the session has read, to feed only what each turn adds.
-    let mut fed_text: Option<String> = if session.tokens.is_empty() { Some(String::new()) } else { None };
+    let mut transcript = if session.tokens.is_empty() { ChatTranscript::fresh() } else { ChatTranscript::unknown() };
     let window = session.state.window.map(|w| w.to_string()).unwrap_or_else(|| "unbounded".into());
     eprintln!("TPTT chat — {} [{}], softmax window {window}. /save FILE, /load FILE, /reset, /quit.", ready.identity.model, ready.identity.variant);
     let stdin = std::io::stdin();
@@ -186,7 +187,7 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
                 "reset" => {
                     session = new_session(&ready, &gen, None)?;
                     messages.retain(|m| m.role == tptt_engine::Role::System);
-                    fed_text = Some(String::new());
+                    transcript = ChatTranscript::fresh();
                     eprintln!("[new conversation]");
                 }
                 "save" if !arg.is_empty() => match snapshot::save(&session, &ready.identity, Path::new(arg)) {
@@ -198,7 +199,7 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
                         eprintln!("[loaded {} tokens; earlier turns live in the model's memory]", s.state.pos);
                         session = s;
                         messages.retain(|m| m.role == tptt_engine::Role::System);
-                        fed_text = None;
+                        transcript = ChatTranscript::unknown();
                     }
                     Err(e) => eprintln!("error: {e}"),
                 },
@@ -207,21 +208,10 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
             continue;
         }
         messages.push(Message::user(line));
-        let full = ready.format.render(&messages, true)?;
-        // Feed only what this turn adds to the text already read; if the template does not
-        // render the conversation as an extension of what was read, fall back to a new turn
-        // rendered on its own (the state keeps the earlier turns).
-        let delta = match &fed_text {
-            Some(fed) if full.starts_with(fed.as_str()) => full[fed.len()..].to_string(),
-            _ => {
-                let mut turn: Vec<Message> = messages.iter().filter(|m| m.role == tptt_engine::Role::System).cloned().collect();
-                if let Some(last) = messages.last() {
-                    turn.push(last.clone());
-                }
-                ready.format.render(&turn, true)?
-            }
-        };
-        let ids = encode(&ready.tok, &delta, session.tokens.is_empty() && ready.format.add_special_tokens())?;
+        // Feed only what this turn adds to the text already read, or else the new turn rendered
+        // on its own (the state keeps the earlier turns): tptt_engine::chat.
+        let turn = transcript.turn(&ready.format, &messages, 1)?;
+        let ids = encode(&ready.tok, &turn.text, session.tokens.is_empty() && ready.format.add_special_tokens())?;
         let cancel = CancelToken::new();
         let mut sink = |e: Event| {
             let Event::Token { text, .. } = e;
@@ -233,10 +223,7 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
                 println!();
                 let raw = ready.tok.decode(&o.ids, false).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
                 messages.push(Message::assistant(o.text.clone()));
-                fed_text = match (fed_text.take(), &o.finish) {
-                    (Some(fed), FinishReason::Eos | FinishReason::MaxTokens) if full.starts_with(fed.as_str()) => Some(full.clone() + &raw),
-                    _ => None,
-                };
+                transcript.record(&turn, &raw, &o.finish);
                 let s = &o.stats;
                 eprintln!(
                     "[{} tokens, {:.1} tok/s, ttft {:.2}s; memory: {} tokens read, {} in the softmax window]",
@@ -247,7 +234,10 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
                     session.state.kv_len()
                 );
             }
-            Err(e) => eprintln!("\nerror: {e}"),
+            Err(e) => {
+                transcript.forget();
+                eprintln!("\nerror: {e}")
+            }
         }
     }
     Ok(())

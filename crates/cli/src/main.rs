@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tptt::model::{LoadOptions, Model};
 
+mod bench;
 mod chat;
 use tptt::repo::TpttRepo;
 
@@ -153,6 +154,9 @@ enum Cmd {
         #[arg(long, default_value_t = 0.125)]
         mag_weight: f64,
     },
+    /// Measure speed (prefill, decode vs history, resume, memory) against the memory-bandwidth
+    /// limit, the base transformer, the reference tptt and llama.cpp (issue 6).
+    Bench(bench::BenchArgs),
 }
 
 pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
@@ -301,6 +305,7 @@ fn main() {
         }
         Cmd::Chat { model, gen, load_state } => chat::chat(model, gen, load_state.as_deref()),
         Cmd::Inject { base, out, modes, mag_weight } => inject(base, out, modes, *mag_weight),
+        Cmd::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -22,10 +22,12 @@
 //! - [`session`]: a [`Session`] (one conversation: the model [`tptt::model::State`], the tokens
 //!   read, the last logits) and the generation loop; its module doc states the memory semantics
 //!   and where they differ from the reference.
+//! - [`chat`]: [`ChatTranscript`], chat turns that feed only what they add to the state.
 //! - [`snapshot`]: sessions saved to / restored from versioned safetensors files, refused on
 //!   another model, variant or config.
 //! - [`worker`]: the [`Engine`] that runs jobs on its own OS thread.
 
+pub mod chat;
 pub mod detok;
 pub mod error;
 pub mod sampler;
@@ -35,6 +37,7 @@ pub mod stop;
 pub mod template;
 pub mod worker;
 
+pub use chat::{ChatTranscript, ChatTurn, ReadMark};
 pub use detok::IncrementalDecoder;
 pub use error::{Error, Result};
 pub use sampler::{Sampler, SamplingParams};

@@ -56,6 +56,8 @@ mod download;
 mod error;
 mod http;
 mod progress;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod variant;
 
 use std::fmt;

@@ -1,6 +1,7 @@
-//! A fake Hugging Face hub on 127.0.0.1 for the tests: two listeners, the hub itself and a
-//! "CDN" on another port (another origin, as LFS redirects go to another host), speaking the
-//! URL paths and headers of the real hub:
+//! A fake Hugging Face hub on 127.0.0.1, for tests (this crate's, and the desktop app's):
+//! enabled by the `testing` cargo feature, never part of a release build. Two listeners, the
+//! hub itself and a "CDN" on another port (another origin, as LFS redirects go to another host),
+//! speaking the URL paths and headers of the real hub:
 //!
 //! - `GET /api/models/{org}/{name}/revision/{rev}?blobs=true`: JSON with `sha` and `siblings`
 //!   (`rfilename`, `size`, `blobId`, `lfs: {sha256, size, pointerSize}`);
@@ -13,9 +14,8 @@
 //!
 //! Every request is logged; faults (dropped connection, corrupt bytes, a lying size, slow
 //! bodies) are injected per file path. Requests per test are few and bounded; the accept
-//! threads end with the test process.
-
-#![allow(dead_code)]
+//! threads end with the test process. Being test scaffolding, it panics on setup failures
+//! (a port that cannot be bound, an unreadable fixture) instead of returning errors.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -55,6 +55,36 @@ pub struct FakeRepo {
 impl FakeRepo {
     pub fn file(&self, path: &str) -> &FakeFile {
         self.files.iter().find(|f| f.path == path).unwrap_or_else(|| panic!("fixture has no {path}"))
+    }
+
+    /// A repository holding every file under `dir` (recursively, `/`-separated paths, sorted);
+    /// `*.safetensors` files are served as LFS files. The commit is derived from `id`.
+    pub fn from_dir(id: &str, dir: &std::path::Path) -> Self {
+        fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<FakeFile>) {
+            let mut entries: Vec<_> = std::fs::read_dir(dir)
+                .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+                .map(|e| e.expect("directory entry").path())
+                .collect();
+            entries.sort();
+            for p in entries {
+                if p.is_dir() {
+                    walk(root, &p, out);
+                } else {
+                    let rel = p.strip_prefix(root).expect("under root");
+                    let path = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+                    out.push(FakeFile { lfs: path.ends_with(".safetensors"), path, bytes });
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(dir, dir, &mut files);
+        FakeRepo { id: id.into(), commit: sha256_hex(format!("commit of {id}").as_bytes())[..40].to_string(), files, gated: false }
+    }
+
+    /// The file at `path`, for changing it before the hub starts.
+    pub fn file_mut(&mut self, path: &str) -> &mut FakeFile {
+        self.files.iter_mut().find(|f| f.path == path).unwrap_or_else(|| panic!("fixture has no {path}"))
     }
 }
 

@@ -381,6 +381,63 @@ impl Hub {
         names.into_iter().filter_map(|n| self.local_variant(repo_id, &n).ok()).collect()
     }
 
+    /// Remove a downloaded variant from the cache: its download records, its folder's snapshot
+    /// entries in every snapshot of `repo_id`, and the blobs no other entry of the repository
+    /// uses. The base model and the repository's root files stay (other variants and other HF
+    /// tools share them). Returns the bytes of the blobs removed. No network. The root variant
+    /// (`"."`) loses only its records, so [`Hub::local_variant`] no longer finds it complete
+    /// through them.
+    pub fn remove_variant(&self, repo_id: &str, variant: &str) -> Result<u64> {
+        validate_repo_id(repo_id)?;
+        validate_variant(variant).map_err(|_| Error::VariantNotFound {
+            repo_id: repo_id.to_string(),
+            variant: variant.to_string(),
+            available: Vec::new(),
+        })?;
+        let cache = RepoCache::new(self.cache_dir(), repo_id);
+        let snapshots = cache.snapshots();
+        let mut pointers = Vec::new();
+        for snap in &snapshots {
+            let Some(commit) = snap.file_name().and_then(|n| n.to_str()) else { continue };
+            let record = cache.record_path(commit, variant);
+            if record.exists() {
+                std::fs::remove_file(&record).map_err(|e| io_error(&record, e))?;
+            }
+            if variant != "." {
+                collect_files(&join_rel(snap, variant), &mut pointers);
+            }
+        }
+        // Blobs the entries point to; those that no remaining entry points to go.
+        let targets: BTreeSet<PathBuf> = pointers.iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
+        for p in &pointers {
+            std::fs::remove_file(p).map_err(|e| io_error(p, e))?;
+        }
+        for snap in &snapshots {
+            if variant != "." {
+                let dir = join_rel(snap, variant);
+                if dir.is_dir() {
+                    std::fs::remove_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+                }
+            }
+        }
+        let mut remaining = Vec::new();
+        for snap in &snapshots {
+            collect_files(snap, &mut remaining);
+        }
+        let used: BTreeSet<PathBuf> = remaining.iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
+        let blobs = std::fs::canonicalize(cache.dir().join("blobs")).ok();
+        let mut freed = 0;
+        for t in targets.difference(&used) {
+            // Only blobs of this repository (an entry copied in place is removed with its folder).
+            if blobs.as_ref().is_some_and(|b| t.starts_with(b)) {
+                freed += std::fs::metadata(t).map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(t).map_err(|e| io_error(t, e))?;
+            }
+        }
+        tracing::info!(repo_id, variant, freed, "variant removed from the cache");
+        Ok(freed)
+    }
+
     fn local_from_record(&self, repo_id: &str, r: &Record) -> LocalVariant {
         let repo_snapshot = RepoCache::new(self.cache_dir(), repo_id).snapshot(&r.repo_commit);
         let base_snapshot = RepoCache::new(self.cache_dir(), &r.base_model_name).snapshot(&r.base_commit);
@@ -453,6 +510,19 @@ impl Hub {
             }
         }
         None
+    }
+}
+
+/// Every file (or link to one) under `dir`, recursively; nothing when it does not exist.
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => collect_files(&p, out),
+            Ok(_) => out.push(p),
+            Err(_) => {}
+        }
     }
 }
 

@@ -397,3 +397,27 @@ fn a_completed_download_is_found_offline() {
     std::fs::remove_file(local.base_dir.join(SHARD2)).expect("remove shard");
     assert!(offline.local_variant(REPO, "liza-a").is_err());
 }
+
+#[test]
+fn a_removed_variant_frees_its_blobs_and_keeps_the_rest() {
+    let fake = FakeHub::standard();
+    let cache = tempfile::tempdir().expect("temp dir");
+    let hub = hub_for(&fake, cache.path());
+    let a = download(&hub, "liza-a").0.expect("download a");
+    let b = download(&hub, "liza-b").0.expect("download b");
+    let adapter_a = fake.repo(REPO).file(ADAPTER_A).bytes.len() as u64;
+    let base_blobs = blobs(cache.path(), BASE);
+
+    let freed = hub.remove_variant(REPO, "liza-a").expect("remove");
+    // The adapter is liza-a's only LFS blob; its small files (config, tokenizer config) go too.
+    assert!(freed >= adapter_a, "{freed} < {adapter_a}");
+    assert!(matches!(hub.local_variant(REPO, "liza-a"), Err(Error::NotCached { .. })));
+    assert!(!a.variant_dir.exists());
+    assert_eq!(hub.local_variant(REPO, "liza-b").expect("b stays"), b);
+    assert_eq!(blobs(cache.path(), BASE), base_blobs, "the base is shared and stays");
+    assert!(a.repo_snapshot.join("tokenizer.json").is_file(), "root files stay");
+    assert_eq!(hub.local_variants(REPO), vec![b]);
+    // Removing it again finds nothing to free; it downloads again afterwards.
+    assert_eq!(hub.remove_variant(REPO, "liza-a").expect("remove again"), 0);
+    assert_eq!(download(&hub, "liza-a").0.expect("download again"), a);
+}

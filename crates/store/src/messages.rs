@@ -251,6 +251,19 @@ impl Store {
         Ok(message_from_row(&row)?)
     }
 
+    /// A conversation's last message (the highest position), `None` when it has none (or the
+    /// conversation does not exist): the conversation list's preview.
+    /// [`Error::Malformed`] if that row cannot be read.
+    pub async fn last_message(&self, conversation: ConversationId) -> Result<Option<Message>> {
+        const SQL: &str = concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE conversation_id = ? ORDER BY position DESC LIMIT 1"
+        );
+        let row = sqlx::query(SQL).bind(conversation.0).fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(message_from_row).transpose()?)
+    }
+
     /// A conversation's messages in order. Rows that cannot be read are skipped and reported
     /// in [`Listing::skipped`]. [`Error::ConversationNotFound`] if the conversation does not
     /// exist.

@@ -151,3 +151,16 @@ async fn a_one_megabyte_message_round_trips() {
     assert!(s.export_markdown(c).await.unwrap().contains(&text));
     eprintln!("1 MB message: insert (with trigram indexing) took {insert:?}");
 }
+
+#[tokio::test]
+async fn the_last_message_is_the_preview() {
+    let db = fresh().await;
+    let s = &db.store;
+    let empty = conversation_with(s, "e", &[]).await;
+    assert_eq!(s.last_message(empty).await.unwrap(), None);
+    let c = conversation_with(s, "t", &[(Role::User, "q"), (Role::Assistant, "a")]).await;
+    let last = s.last_message(c).await.unwrap().expect("a message");
+    assert_eq!((last.position, last.role, last.content.as_str()), (1, Role::Assistant, "a"));
+    s.delete_messages_from(c, 1).await.unwrap();
+    assert_eq!(s.last_message(c).await.unwrap().map(|m| m.content), Some("q".to_string()));
+}

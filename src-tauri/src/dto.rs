@@ -1,0 +1,424 @@
+//! The UI's JSON: the camelCase data types of docs/ipc.md, one for one, and their conversions
+//! from store and engine types. Only this crate knows these shapes (STYLE habit 9).
+//!
+//! Ids travel as strings of decimal digits (the UI treats them as opaque strings); they are
+//! parsed back with [`parse_id`].
+
+use serde::{Deserialize, Serialize};
+use tptt_engine::GenerationStats;
+use tptt_store::{Conversation as StoredConversation, Message as StoredMessage, MessageStatus, Role};
+
+use crate::error::{CommandError, ErrorKind};
+
+/// `ModelEntry`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelEntry {
+    /// Hub id (`owner/name`) or, for an imported folder, its absolute path.
+    pub repo_id: String,
+    /// Display name.
+    pub title: String,
+    /// Where the entry comes from.
+    pub source: ModelSource,
+    /// One line about it.
+    pub description: String,
+    /// `None` until the repository has been listed (or a variant downloaded).
+    pub variants: Option<Vec<VariantEntry>>,
+    /// The base model of the variants, when known.
+    pub base_model: Option<String>,
+}
+
+/// `ModelEntry.source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelSource {
+    /// One of the published TPTT repositories.
+    Catalog,
+    /// Added by repository id.
+    Added,
+    /// An imported local folder.
+    Local,
+}
+
+/// `VariantEntry`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VariantEntry {
+    /// The variant's folder name.
+    pub name: String,
+    /// `operator_mode` of its config (`delta_rule`, ...), empty when unknown.
+    pub operator_mode: String,
+    /// Complete in the cache (or a local folder): usable offline.
+    pub downloaded: bool,
+    /// Bytes of the variant's own files (adapter, config), without the shared base.
+    pub size_bytes: Option<u64>,
+}
+
+/// `DownloadEvent`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum DownloadEvent {
+    /// Bytes arrived (or a file started, finished, or was found complete).
+    Progress {
+        /// The current file, relative to its repository.
+        file: String,
+        /// Bytes of it on disk.
+        file_bytes: u64,
+        /// Its size.
+        file_total: u64,
+        /// Bytes of the whole download complete.
+        bytes: u64,
+        /// Bytes of the whole download.
+        total: u64,
+        /// Recent speed.
+        bytes_per_sec: f64,
+    },
+    /// Every file is complete and verified.
+    Done,
+    /// Cancelled; what was downloaded is kept and resumes next time.
+    Cancelled,
+    /// Failed; what was downloaded is kept and resumes next time.
+    Error {
+        /// For people.
+        message: String,
+        /// The error kind (`network`, `auth`, `disk_full`, `download`...).
+        error_kind: ErrorKind,
+    },
+}
+
+/// `Settings.sampling`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SamplingDto {
+    /// Softmax temperature (0: greedy).
+    pub temperature: f64,
+    /// Top-k (0: off).
+    #[serde(serialize_with = "whole")]
+    pub top_k: f64,
+    /// Nucleus threshold (1: off).
+    pub top_p: f64,
+    /// Min-p (0: off).
+    pub min_p: f64,
+    /// Repetition penalty (1: off).
+    pub repeat_penalty: f64,
+    /// Tokens the penalty looks back on.
+    #[serde(serialize_with = "whole")]
+    pub repeat_last_n: f64,
+    /// Answer length limit.
+    #[serde(serialize_with = "whole")]
+    pub max_new_tokens: f64,
+    /// Fixed seed, or a fresh one per answer.
+    #[serde(serialize_with = "whole_opt")]
+    pub seed: Option<f64>,
+}
+
+/// `Settings`. Numbers are `f64` on the way in so that a wrong value is reported by field
+/// (`invalid_settings`) rather than as a deserialization failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettingsDto {
+    /// Model (hub id or imported folder).
+    pub model_repo: Option<String>,
+    /// Variant of that model.
+    pub variant: Option<String>,
+    /// `auto`, `cpu`, `cuda`, `metal`.
+    pub device: String,
+    /// Sampling parameters.
+    pub sampling: SamplingDto,
+    /// System prompt ("" for none).
+    pub system_prompt: String,
+    /// Softmax window (`None`: the model's).
+    #[serde(serialize_with = "whole_opt")]
+    pub window_size: Option<f64>,
+    /// `light`, `dark`, `system`.
+    pub theme: String,
+    /// Whether a Hugging Face token is stored (ignored on the way in).
+    #[serde(default)]
+    pub hf_token_set: bool,
+}
+
+/// A whole number written as an integer (`512`, not `512.0`).
+fn whole<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && *v >= 0.0 && *v <= 9_007_199_254_740_991.0 {
+        s.serialize_u64(*v as u64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
+fn whole_opt<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => whole(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// `device_info()`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceInfo {
+    /// Devices compiled into this build (`cpu` always; `cuda`, `metal` with their features).
+    pub compiled: Vec<String>,
+    /// The device the loaded model runs on, else the one the setting would pick now.
+    pub in_use: String,
+    /// For people, e.g. `CPU (16 threads)` or `CUDA device 0`.
+    pub name: String,
+}
+
+/// `ConversationSummary`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationSummary {
+    /// Id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// ISO 8601.
+    pub updated_at: String,
+    /// Model of the last answer (or chosen when it was created).
+    pub model_repo: Option<String>,
+    /// Its variant.
+    pub variant: Option<String>,
+    /// The start of the last message (or of the search hit).
+    pub preview: String,
+}
+
+/// Characters of a message shown as a preview.
+pub const PREVIEW_CHARS: usize = 140;
+
+/// The first [`PREVIEW_CHARS`] characters of `text`, on one line.
+pub fn preview(text: &str) -> String {
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(PREVIEW_CHARS) {
+        Some((i, _)) => format!("{}…", &one_line[..i]),
+        None => one_line,
+    }
+}
+
+impl ConversationSummary {
+    /// From a stored conversation and its preview text.
+    pub fn new(c: &StoredConversation, preview_text: &str) -> Self {
+        Self {
+            id: c.id.0.to_string(),
+            title: c.title.clone(),
+            updated_at: c.updated_at.to_string(),
+            model_repo: c.model.clone(),
+            variant: c.variant.clone(),
+            preview: preview(preview_text),
+        }
+    }
+}
+
+/// `Conversation`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationDto {
+    /// Id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Model.
+    pub model_repo: Option<String>,
+    /// Variant.
+    pub variant: Option<String>,
+    /// Messages in order.
+    pub messages: Vec<MessageDto>,
+    /// The conversation's memory as last saved (or as held now).
+    pub memory: MemoryInfo,
+}
+
+/// `Message`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageDto {
+    /// Id.
+    pub id: String,
+    /// `user`, `assistant`, `system`.
+    pub role: Role,
+    /// The text, verbatim.
+    pub content: String,
+    /// `complete`, `partial`, `error`.
+    pub status: MessageStatus,
+    /// Generation statistics of an answer.
+    pub stats: Option<Stats>,
+    /// ISO 8601.
+    pub created_at: String,
+}
+
+impl From<&StoredMessage> for MessageDto {
+    fn from(m: &StoredMessage) -> Self {
+        Self {
+            id: m.id.0.to_string(),
+            role: m.role,
+            content: m.content.clone(),
+            status: m.status,
+            stats: m.stats.as_ref().and_then(|v| serde_json::from_value(v.clone()).ok()),
+            created_at: m.created_at.to_string(),
+        }
+    }
+}
+
+/// `Stats`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    /// Tokens fed before generating (the turn's prompt: what it added to the memory).
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Time to the first generated token, prefill included.
+    pub ttft_ms: f64,
+    /// Prompt tokens per second.
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens per second after the first.
+    pub decode_tokens_per_s: f64,
+}
+
+impl From<&GenerationStats> for Stats {
+    fn from(s: &GenerationStats) -> Self {
+        Self {
+            prompt_tokens: s.prompt_tokens as u64,
+            generated_tokens: s.generated_tokens as u64,
+            ttft_ms: s.time_to_first_token.as_secs_f64() * 1000.0,
+            prefill_tokens_per_s: s.prefill_tokens_per_s,
+            decode_tokens_per_s: s.decode_tokens_per_s,
+        }
+    }
+}
+
+/// `MemoryInfo`: the softmax window's fill and what lives only in the recurrent memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryInfo {
+    /// Positions the softmax KV window holds at most (0 when unknown).
+    pub window_size: u64,
+    /// Positions it holds now.
+    pub window_fill: u64,
+    /// Tokens read earlier than the window: they live only in the linear (recurrent) memory.
+    pub recurrent_only_tokens: u64,
+    /// Tokens the conversation's memory has read in all.
+    pub total_tokens: u64,
+}
+
+impl MemoryInfo {
+    /// From a state's position, window and KV fill.
+    pub fn new(total: usize, window: Option<usize>, fill: usize) -> Self {
+        Self {
+            window_size: window.unwrap_or(0) as u64,
+            window_fill: fill as u64,
+            recurrent_only_tokens: total.saturating_sub(fill) as u64,
+            total_tokens: total as u64,
+        }
+    }
+
+    /// Of a model state.
+    pub fn of(state: &tptt::model::State) -> Self {
+        Self::new(state.pos, state.window, state.kv_len())
+    }
+}
+
+/// `ChatEvent`, streamed through the `onEvent` channel of the chat commands.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum ChatEvent {
+    /// The model is ready and the turn starts; the memory before it.
+    Started {
+        /// Memory before the turn.
+        memory: MemoryInfo,
+    },
+    /// Streamed text.
+    Token {
+        /// The piece (whole UTF-8 characters).
+        text: String,
+    },
+    /// Finished normally; the answer is saved.
+    Done {
+        /// Statistics.
+        stats: Stats,
+        /// Memory after the turn.
+        memory: MemoryInfo,
+    },
+    /// Stopped by `stop_generation`; the partial answer is saved.
+    Stopped {
+        /// Statistics.
+        stats: Stats,
+        /// Memory after the turn.
+        memory: MemoryInfo,
+    },
+    /// Failed; the partial answer is saved with status `error`.
+    Error {
+        /// For people.
+        message: String,
+        /// The text generated before the failure.
+        partial: String,
+        /// The error kind (`model_load`, `no_model`, `generation`, `database`...).
+        error_kind: ErrorKind,
+    },
+}
+
+/// `send_message` / `edit_and_resend` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendResult {
+    /// The stored user message.
+    pub user_message_id: String,
+    /// The answer being generated (stored as `partial` until it ends).
+    pub assistant_message_id: String,
+}
+
+/// `regenerate` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegenerateResult {
+    /// The new answer.
+    pub assistant_message_id: String,
+}
+
+/// An id from the UI (decimal digits), or `not_found` naming `what`.
+pub fn parse_id(what: &str, id: &str) -> Result<i64, CommandError> {
+    id.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| CommandError::new(ErrorKind::NotFound, format!("There is no {what} with id {id:?}.")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chat_events_are_tagged_camel_case() {
+        let e = ChatEvent::Error { message: "m".into(), partial: "p".into(), error_kind: ErrorKind::ModelLoad };
+        assert_eq!(serde_json::to_value(&e).expect("json"), json!({"kind": "error", "message": "m", "partial": "p", "errorKind": "model_load"}));
+        let e = ChatEvent::Started { memory: MemoryInfo::new(100, Some(64), 64) };
+        assert_eq!(
+            serde_json::to_value(&e).expect("json"),
+            json!({"kind": "started", "memory": {"windowSize": 64, "windowFill": 64, "recurrentOnlyTokens": 36, "totalTokens": 100}})
+        );
+        let e = DownloadEvent::Progress { file: "a".into(), file_bytes: 1, file_total: 2, bytes: 3, total: 4, bytes_per_sec: 5.0 };
+        assert_eq!(
+            serde_json::to_value(&e).expect("json"),
+            json!({"kind": "progress", "file": "a", "fileBytes": 1, "fileTotal": 2, "bytes": 3, "total": 4, "bytesPerSec": 5.0})
+        );
+        assert_eq!(serde_json::to_value(DownloadEvent::Done).expect("json"), json!({"kind": "done"}));
+    }
+
+    #[test]
+    fn previews_are_short_single_lines() {
+        assert_eq!(preview("a\n\n b  c"), "a b c");
+        let long = "é".repeat(500);
+        let p = preview(&long);
+        assert_eq!(p.chars().count(), PREVIEW_CHARS + 1);
+        assert!(p.ends_with('…'));
+    }
+
+    #[test]
+    fn ids_parse_or_say_not_found() {
+        assert_eq!(parse_id("conversation", "42").expect("id"), 42);
+        for bad in ["", "x", "-1", "0", "1.5"] {
+            assert_eq!(parse_id("conversation", bad).expect_err(bad).kind, ErrorKind::NotFound);
+        }
+    }
+}

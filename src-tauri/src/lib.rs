@@ -1,0 +1,101 @@
+//! `tptt-chat`: the TPTT Chat desktop app (Tauri 2) — the only crate that knows Tauri and the
+//! UI's JSON. The model, generation, hub and store crates do the work; this one wires them to
+//! the web UI (`ui/`, served from `ui/dist`) through the commands and channels of
+//! `docs/ipc.md`.
+//!
+//! - [`commands`]: one thin `#[tauri::command]` per IPC command.
+//! - [`chat`]: chat turns on worker threads, streaming through a `Channel`, stop, partial saves,
+//!   state snapshots, and the conversation memory rule (its module doc).
+//! - [`models`]: the model manager (catalog, added repositories, imported folders, variant
+//!   listings, downloads with progress / cancel / resume).
+//! - [`runtime`]: the loaded model and its engine thread; [`device`]: CPU / CUDA / Metal.
+//! - [`settings`]: validated settings and the Hugging Face token file.
+//! - [`state`]: [`AppState`] and [`AppConfig`]; [`dto`]: the camelCase wire types;
+//!   [`error`]: [`CommandError`] (`{ kind, message }`).
+//!
+//! Invariants: commands return at once (long work is on worker threads); at most one
+//! generation runs; a user's message is stored before its answer is generated; an answer's
+//! text is saved while it streams and when it stops or fails.
+//!
+//! [`build_app`] takes its runtime (`tauri::Builder<R>`) and its context, so the tests run the
+//! same app on Tauri's mock runtime; [`run_app`] is the real thing.
+
+pub mod chat;
+pub mod commands;
+pub mod device;
+pub mod dto;
+pub mod error;
+pub mod models;
+pub mod runtime;
+pub mod settings;
+pub mod state;
+
+pub use error::{CmdResult, CommandError, ErrorKind};
+pub use state::{AppConfig, AppState};
+
+use tauri::{App, Builder, Context, Runtime};
+
+/// Logs to stderr; `RUST_LOG` filters (default: info for the app's crates, warnings else).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tptt_chat=info,tptt_engine=info,tptt_hub=info,tptt_store=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Why the app could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// No folder for the app's data.
+    #[error("{0}")]
+    Config(String),
+    /// The conversation database could not be opened, not even in memory.
+    #[error("cannot open the conversation database: {0}")]
+    Store(#[from] tptt_store::Error),
+    /// Tauri failed (no display, a broken configuration...).
+    #[error(transparent)]
+    Tauri(#[from] tauri::Error),
+}
+
+/// Builds the app on `builder`'s runtime with `context` and `config`: opens the database,
+/// registers the state and the commands. Nothing runs until the caller runs the app.
+pub fn build_app<R: Runtime>(builder: Builder<R>, context: Context<R>, config: AppConfig) -> Result<App<R>, AppError> {
+    tracing::info!(data = %config.data_dir.display(), cache = %config.hub.cache_dir.display(), "starting");
+    let state = tauri::async_runtime::block_on(AppState::open(config))?;
+    let app = builder
+        .manage(state)
+        .invoke_handler(tauri::generate_handler![
+            commands::list_models,
+            commands::refresh_variants,
+            commands::add_model,
+            commands::import_local_model,
+            commands::download_variant,
+            commands::cancel_download,
+            commands::remove_variant,
+            commands::get_settings,
+            commands::set_settings,
+            commands::set_hf_token,
+            commands::device_info,
+            commands::list_conversations,
+            commands::create_conversation,
+            commands::get_conversation,
+            commands::rename_conversation,
+            commands::delete_conversation,
+            commands::export_conversation,
+            commands::send_message,
+            commands::regenerate,
+            commands::edit_and_resend,
+            commands::stop_generation,
+            commands::open_url,
+        ])
+        .build(context)?;
+    Ok(app)
+}
+
+/// Runs the app with its embedded configuration and UI, the per-user folders and the hub of
+/// the environment ([`AppConfig::from_env`]). Returns when the last window closes.
+pub fn run_app<R: Runtime>(builder: Builder<R>) -> Result<(), AppError> {
+    let config = AppConfig::from_env().map_err(AppError::Config)?;
+    let app = build_app(builder, tauri::generate_context!(), config)?;
+    app.run(|_, _| {});
+    Ok(())
+}

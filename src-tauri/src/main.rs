@@ -1,0 +1,14 @@
+//! `tptt-chat`: the desktop app's entry point. Everything lives in the library (`tptt_chat`), so
+//! the tests build the same app on Tauri's mock runtime.
+
+// No console window on Windows release builds.
+#![cfg_attr(not(debug_assertions), windows_subsystem = "windows")]
+
+fn main() {
+    tptt_chat::init_logging();
+    if let Err(e) = tptt_chat::run_app(tauri::Builder::default()) {
+        tracing::error!(error = %e, "the app failed");
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

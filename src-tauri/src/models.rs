@@ -1,0 +1,324 @@
+//! The model manager: the catalog of published TPTT repositories, repositories added by id,
+//! imported local folders ([`Registry`], stored in the database under [`REGISTRY_KEY`]), their
+//! variants (listed from the hub, or found in the cache / the folder without any network), and
+//! downloads on worker threads with progress through a channel, cancel and resume.
+//!
+//! Variants are never hard-coded: a repository's variants are the subfolders holding a TPTT
+//! `config.json`, as `tptt_hub::Hub::discover_variants` (network) or the cache /
+//! `tptt::repo::TpttRepo` (offline) find them. Listings are remembered so the manager shows
+//! them offline; downloaded variants always show, from the cache.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tauri::ipc::Channel;
+use tptt_hub::{Hub, Progress, ProgressKind};
+
+use crate::dto::{DownloadEvent, ModelEntry, ModelSource, VariantEntry};
+use crate::error::{CmdResult, CommandError, ErrorKind};
+use crate::runtime::ModelRef;
+use crate::state::{lock, AppState};
+
+/// The database key of the [`Registry`].
+pub const REGISTRY_KEY: &str = "models.registry";
+
+/// The published TPTT repositories: `(repo id, title, description)`. Their variants are
+/// listed from the hub.
+pub const CATALOG: &[(&str, &str, &str)] = &[
+    ("ffurfaro/Titans-Llama-3.2-1B", "Titans Llama 3.2 1B", "Llama 3.2 1B turned into a Titans-style model with TPTT (the Llama base is gated: a Hugging Face token is needed)."),
+    ("ffurfaro/Titans-Qwen2.5-1.5B", "Titans Qwen2.5 1.5B", "Qwen2.5 1.5B turned into a Titans-style model with TPTT."),
+    ("ffurfaro/Titans-OLMo-1B-hf", "Titans OLMo 1B", "OLMo 1B turned into a Titans-style model with TPTT."),
+    ("ffurfaro/Titans-v2-Mistral-7B-v0.3", "Titans v2 Mistral 7B v0.3", "Mistral 7B v0.3 turned into a Titans-style model with TPTT (large: about 15 GB)."),
+    ("ffurfaro/Titanesque-gemma-3-270m", "Titanesque Gemma 3 270M", "Gemma 3 270M turned into a Titans-style model with TPTT: small and fast."),
+];
+
+/// A variant as a listing found it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListedVariant {
+    /// Folder name.
+    pub name: String,
+    /// `operator_mode` of its config.
+    pub operator_mode: String,
+    /// Bytes of its own files.
+    pub size_bytes: Option<u64>,
+}
+
+/// A repository's last listing.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Listed {
+    /// Its variants.
+    pub variants: Vec<ListedVariant>,
+    /// The base model the variants name (the first one's).
+    pub base_model: Option<String>,
+}
+
+/// What the model manager remembers (module doc).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Registry {
+    /// Repositories added by id, in order.
+    pub added: Vec<String>,
+    /// Imported folders (absolute paths), in order.
+    pub local: Vec<String>,
+    /// Last listing per hub repository.
+    pub listings: BTreeMap<String, Listed>,
+}
+
+/// Where `repo_id` comes from, if the manager knows it.
+pub fn source_of(registry: &Registry, repo_id: &str) -> Option<ModelSource> {
+    if CATALOG.iter().any(|(r, ..)| *r == repo_id) {
+        Some(ModelSource::Catalog)
+    } else if registry.added.iter().any(|r| r == repo_id) {
+        Some(ModelSource::Added)
+    } else if registry.local.iter().any(|r| r == repo_id) {
+        Some(ModelSource::Local)
+    } else {
+        None
+    }
+}
+
+/// Every entry: the catalog, then added repositories, then imported folders.
+pub fn entries(registry: &Registry, hub: &Hub) -> Vec<ModelEntry> {
+    let mut out: Vec<ModelEntry> =
+        CATALOG.iter().map(|(repo, title, description)| hub_entry(registry, hub, repo, title, ModelSource::Catalog, description)).collect();
+    for repo in &registry.added {
+        let title = repo.rsplit('/').next().unwrap_or(repo);
+        out.push(hub_entry(registry, hub, repo, title, ModelSource::Added, &format!("Added by repository id: {repo}")));
+    }
+    for path in &registry.local {
+        out.push(local_entry(Path::new(path)));
+    }
+    out
+}
+
+/// The entry of `repo_id`, whatever its source.
+pub fn entry(registry: &Registry, hub: &Hub, repo_id: &str) -> Option<ModelEntry> {
+    entries(registry, hub).into_iter().find(|e| e.repo_id == repo_id)
+}
+
+/// A hub repository's entry: its remembered listing merged with what the cache holds.
+fn hub_entry(registry: &Registry, hub: &Hub, repo: &str, title: &str, source: ModelSource, description: &str) -> ModelEntry {
+    let local = hub.local_variants(repo);
+    let listed = registry.listings.get(repo);
+    let mut variants: BTreeMap<String, VariantEntry> = BTreeMap::new();
+    if let Some(l) = listed {
+        for v in &l.variants {
+            variants.insert(
+                v.name.clone(),
+                VariantEntry { name: v.name.clone(), operator_mode: v.operator_mode.clone(), downloaded: false, size_bytes: v.size_bytes },
+            );
+        }
+    }
+    for lv in &local {
+        let config = read_config(&lv.variant_dir.join("config.json"));
+        let e = variants.entry(lv.variant.clone()).or_insert_with(|| VariantEntry {
+            name: lv.variant.clone(),
+            operator_mode: operator_mode(config.as_ref()),
+            downloaded: true,
+            size_bytes: Some(dir_size(&lv.variant_dir)),
+        });
+        e.downloaded = true;
+    }
+    let base_model = listed.and_then(|l| l.base_model.clone()).or_else(|| local.first().map(|l| l.base_model_name.clone()));
+    ModelEntry {
+        repo_id: repo.to_string(),
+        title: title.to_string(),
+        source,
+        description: description.to_string(),
+        variants: (listed.is_some() || !local.is_empty()).then(|| variants.into_values().collect()),
+        base_model,
+    }
+}
+
+/// An imported folder's entry (its variants are always known: the folder is here).
+fn local_entry(path: &Path) -> ModelEntry {
+    let title = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+    let (variants, base_model, description) = match tptt::repo::TpttRepo::open(path) {
+        Ok(repo) => {
+            let mut base = None;
+            let variants = repo
+                .variants
+                .iter()
+                .map(|name| {
+                    let dir = if name == "." { path.to_path_buf() } else { path.join(name) };
+                    let config = read_config(&dir.join("config.json"));
+                    if base.is_none() {
+                        base = config.as_ref().and_then(|c| c.get("base_model_name")).and_then(|b| b.as_str()).map(str::to_string);
+                    }
+                    VariantEntry { name: name.clone(), operator_mode: operator_mode(config.as_ref()), downloaded: true, size_bytes: Some(dir_size(&dir)) }
+                })
+                .collect();
+            (variants, base, format!("Imported folder {}", path.display()))
+        }
+        Err(e) => (Vec::new(), None, format!("Imported folder {} — not readable any more: {e}", path.display())),
+    };
+    ModelEntry { repo_id: path.display().to_string(), title, source: ModelSource::Local, description, variants: Some(variants), base_model }
+}
+
+fn read_config(path: &Path) -> Option<serde_json::Value> {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn operator_mode(config: Option<&serde_json::Value>) -> String {
+    config.and_then(|c| c.get("operator_mode")).and_then(|m| m.as_str()).unwrap_or_default().to_string()
+}
+
+/// Bytes of the files under `dir` (links followed), recursively.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| {
+            let p = e.path();
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => dir_size(&p),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        })
+        .sum()
+}
+
+/// Lists `repo_id` on the hub (blocking, network): its variants with their folder sizes.
+pub fn list_on_hub(hub: &Hub, repo_id: &str) -> CmdResult<Listed> {
+    let info = hub.list_files(repo_id, tptt_hub::MAIN)?;
+    let found = hub.discover_variants(repo_id)?;
+    let variants = found
+        .iter()
+        .map(|v| {
+            let prefix = if v.name == "." { String::new() } else { format!("{}/", v.name) };
+            let sizes: Option<u64> = info
+                .files
+                .iter()
+                .filter(|f| if prefix.is_empty() { !f.path.contains('/') } else { f.path.starts_with(&prefix) })
+                .map(|f| f.size)
+                .sum();
+            ListedVariant { name: v.name.clone(), operator_mode: operator_mode(Some(&v.config_json)), size_bytes: sizes }
+        })
+        .collect();
+    Ok(Listed { variants, base_model: found.iter().find_map(|v| v.base_model_name.clone()) })
+}
+
+/// Imports `path`: it must be a folder whose subfolders (or itself) hold TPTT variants.
+/// Returns its canonical path.
+pub fn check_local_folder(path: &str) -> CmdResult<PathBuf> {
+    let not_tptt = |why: String| CommandError::new(ErrorKind::NotATpttRepo, why);
+    let p = Path::new(path.trim());
+    if path.trim().is_empty() {
+        return Err(not_tptt("No folder was given.".into()));
+    }
+    let canonical = std::fs::canonicalize(p).map_err(|e| not_tptt(format!("{} cannot be opened: {e}.", p.display())))?;
+    if !canonical.is_dir() {
+        return Err(not_tptt(format!("{} is not a folder.", canonical.display())));
+    }
+    let repo = tptt::repo::TpttRepo::open(&canonical).map_err(|e| {
+        not_tptt(format!("{} is not a TPTT model folder ({e}). Choose a folder with one subfolder per variant, each holding a TPTT config.json.", canonical.display()))
+    })?;
+    if repo.variants.is_empty() {
+        return Err(not_tptt(format!("{} holds no TPTT variant (no subfolder with a TPTT config.json).", canonical.display())));
+    }
+    Ok(canonical)
+}
+
+/// Starts downloading `variant` of `repo_id` on a worker thread; events go to `on_event`.
+/// `busy` when that variant is already downloading.
+pub fn start_download(state: &AppState, repo_id: &str, variant: &str, on_event: Channel<DownloadEvent>) -> CmdResult<()> {
+    tptt_hub::validate_repo_id(repo_id).map_err(CommandError::hub)?;
+    let key = (repo_id.to_string(), variant.to_string());
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let mut downloads = lock(&state.downloads);
+        if downloads.contains_key(&key) {
+            return Err(CommandError::new(ErrorKind::Busy, format!("Variant {variant} of {repo_id} is already downloading.")));
+        }
+        downloads.insert(key.clone(), cancel.clone());
+    }
+    let state2 = state.clone();
+    let spawned = std::thread::Builder::new().name("tptt-download".into()).spawn(move || {
+        let (repo_id, variant) = &key;
+        // The hub client is built, used and dropped on this thread (blocking HTTP).
+        let result = state2.hub().and_then(|hub| {
+            let progress = |p: &Progress| {
+                // Every event but the final one (`done` says it). Sending fails only when the
+                // window is gone; the download goes on regardless.
+                if p.kind != ProgressKind::Finished {
+                    let _ = on_event.send(progress_event(repo_id, p));
+                }
+            };
+            match hub.download_variant(repo_id, variant, progress, &cancel) {
+                Ok(_) => Ok(DownloadEvent::Done),
+                Err(tptt_hub::Error::Cancelled) => Ok(DownloadEvent::Cancelled),
+                Err(e) => Err(CommandError::hub(e)),
+            }
+        });
+        lock(&state2.downloads).remove(&key);
+        let event = result.unwrap_or_else(|e| DownloadEvent::Error {
+            message: e.message,
+            // A variant or file the hub does not have makes the download fail.
+            error_kind: if e.kind == ErrorKind::NotFound { ErrorKind::Download } else { e.kind },
+        });
+        tracing::info!(repo_id, variant, ?event, "download ended");
+        let _ = on_event.send(event);
+    });
+    if let Err(e) = spawned {
+        lock(&state.downloads).remove(&(repo_id.to_string(), variant.to_string()));
+        return Err(CommandError::internal("Cannot start the download thread", e));
+    }
+    Ok(())
+}
+
+/// A progress event; the base model's files are shown as `base: <path>`.
+fn progress_event(repo_id: &str, p: &Progress) -> DownloadEvent {
+    DownloadEvent::Progress {
+        file: if p.repo_id == repo_id { p.path.clone() } else { format!("base: {}", p.path) },
+        file_bytes: p.file_bytes,
+        file_total: p.file_size,
+        bytes: p.done_bytes,
+        total: p.total_bytes,
+        bytes_per_sec: p.bytes_per_sec,
+    }
+}
+
+/// Raises the cancel flag of a running download (nothing when none runs).
+pub fn cancel_download(state: &AppState, repo_id: &str, variant: &str) {
+    if let Some(flag) = lock(&state.downloads).get(&(repo_id.to_string(), variant.to_string())) {
+        flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The model reference of a manager entry id.
+pub fn model_ref(registry: &Registry, repo_id: &str) -> ModelRef {
+    if registry.local.iter().any(|p| p == repo_id) {
+        ModelRef::Local(PathBuf::from(repo_id))
+    } else {
+        ModelRef::parse(repo_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalog_holds_valid_repo_ids_and_no_variants() {
+        for (repo, title, _) in CATALOG {
+            tptt_hub::validate_repo_id(repo).expect("valid id");
+            assert!(!title.is_empty());
+        }
+        let hub = Hub::new(tptt_hub::HubConfig::new("http://127.0.0.1:9", tempfile::tempdir().expect("dir").path())).expect("hub");
+        let list = entries(&Registry::default(), &hub);
+        assert_eq!(list.len(), CATALOG.len());
+        // Nothing listed, nothing downloaded: variants are unknown, not invented.
+        assert!(list.iter().all(|e| e.variants.is_none() && e.source == ModelSource::Catalog));
+    }
+
+    #[test]
+    fn a_folder_without_variants_is_not_a_tptt_repo() {
+        let dir = tempfile::tempdir().expect("dir");
+        assert_eq!(check_local_folder(&dir.path().display().to_string()).expect_err("empty").kind, ErrorKind::NotATpttRepo);
+        assert_eq!(check_local_folder("/no/such/folder").expect_err("missing").kind, ErrorKind::NotATpttRepo);
+        assert_eq!(check_local_folder("").expect_err("empty").kind, ErrorKind::NotATpttRepo);
+    }
+}
