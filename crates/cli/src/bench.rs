@@ -557,6 +557,39 @@ fn llamacpp(subject: &Subject, threads: usize) -> Baseline {
     Baseline::Measured(json!({"gguf": gguf.display().to_string(), "threads": threads, "pp512_tok_s": rate(512, 0), "tg128_tok_s": rate(0, 128)}))
 }
 
+/// Our engine on the quantized GGUF base (the same file llama.cpp would run), with the same
+/// TPTT injection: prefill of the plan's prompt and decode after the shortest history.
+fn quantized(subject: &Subject, plan: &Plan, ids: &[u32]) -> Baseline {
+    let Some(gguf) = find_gguf(subject) else {
+        return Baseline::Missing("no .gguf next to the model (scripts/smollm2/fetch.sh keeps it in models/.cache)".into());
+    };
+    let run = || -> Result<Value> {
+        progress(format!("[quantized] loading {}", gguf.display()));
+        let model = Model::load_gguf_plain(&gguf, subject.model.config().tptt.clone(), &LoadOptions::default())?;
+        let opts = SessionOptions { mode: CarryMode::Continue, window: None };
+        let mut warm = Session::new(Arc::new(model.clone()), opts).state;
+        model.forward(&ids[..16], &mut warm, Logits::Last)?;
+        let mut prefill_s = f64::INFINITY;
+        for _ in 0..plan.prefill_repeats {
+            let mut st = Session::new(Arc::new(model.clone()), opts).state;
+            let start = Instant::now();
+            argmax_tensor(&model.forward(&ids[..plan.prefill], &mut st, Logits::Last)?)?;
+            prefill_s = prefill_s.min(start.elapsed().as_secs_f64());
+        }
+        let short = plan.short();
+        let mut session = Session::new(Arc::new(model.clone()), opts);
+        session.feed(&ids[..short], None)?;
+        let r = decode_rate(&model, &session.state, session.last_logits.as_deref().unwrap_or_default(), short)?;
+        let prefill_tok_s = plan.prefill as f64 / prefill_s;
+        progress(format!("[quantized] prefill {:.1} tok/s, decode after {short}: {:.2} tok/s", prefill_tok_s, r.tok_s));
+        Ok(json!({"gguf": gguf.display().to_string(), "weight_bytes": model.weight_bytes(), "prefill_tok_s": prefill_tok_s, "decode_tok_s": r.tok_s, "decode_history": short}))
+    };
+    match run() {
+        Ok(v) => Baseline::Measured(v),
+        Err(e) => Baseline::Missing(format!("{e:#}")),
+    }
+}
+
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 && a.is_finite() && b.is_finite() => Some(a / b),
@@ -640,6 +673,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         progress(format!("[reference] not available: {why}"));
     }
     let llama = llamacpp(&subject, threads);
+    let quant = quantized(&subject, &plan, &ids);
+    if let Baseline::Missing(why) = &quant {
+        progress(format!("[quantized] not measured: {why}"));
+    }
     if let Baseline::Missing(why) = &llama {
         progress(format!("[llama.cpp] not available: {why}"));
     }
@@ -655,8 +692,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "long_history_flatness": ratio(a.decode_at(long), a_short),
         "resume_speedup": ratio(Some(a.resume.reread_ttft_s), Some(a.resume.restore_ttft_s)),
         "resume_ttft_s": Some(a.resume.restore_ttft_s),
-        "quant_decode_vs_llamacpp": Value::Null,
-        "quant_prefill_vs_llamacpp": Value::Null,
+        "quant_decode_vs_llamacpp": ratio(quant.num("decode_tok_s"), llama.num("tg128_tok_s")),
+        "quant_prefill_vs_llamacpp": ratio(quant.num("prefill_tok_s"), llama.num("pp512_tok_s")),
     });
     let r = |k: &str| ratios.get(k).and_then(Value::as_f64);
     let check = |v: Option<f64>, ok: fn(f64) -> bool| v.map(ok);
@@ -668,13 +705,14 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "long_history_flatness >= 0.9": check(r("long_history_flatness"), |x| x >= 0.9),
         "resume_ttft_s <= 0.3": check(r("resume_ttft_s"), |x| x <= 0.3),
         "resume_speedup >= 20": check(r("resume_speedup"), |x| x >= 20.0),
-        "quant_decode_vs_llamacpp >= 0.8": Value::Null,
-        "quant_prefill_vs_llamacpp >= 0.5": Value::Null,
+        "quant_decode_vs_llamacpp >= 0.8": check(r("quant_decode_vs_llamacpp"), |x| x >= 0.8),
+        "quant_prefill_vs_llamacpp >= 0.5": check(r("quant_prefill_vs_llamacpp"), |x| x >= 0.5),
     });
     let mut notes = serde_json::Map::new();
-    let quant_note = match &llama {
-        Baseline::Measured(_) => "our engine has no GGUF (quantized) path yet, so there is no quantized decode/prefill of ours to compare; llama.cpp's numbers are reported raw".to_string(),
-        Baseline::Missing(why) => format!("our engine has no GGUF (quantized) path yet; llama.cpp not available either: {why}"),
+    let quant_note = match (&quant, &llama) {
+        (Baseline::Measured(_), Baseline::Measured(_)) => "ours: the GGUF base (Q4_1 re-quantized to Q8_0 at load, see crates/tptt/src/gguf.rs) with the same TPTT injection; llama.cpp: llama-bench pp512/tg128".to_string(),
+        (Baseline::Measured(_), Baseline::Missing(why)) => format!("ours measured on the GGUF base (see `quantized`); llama.cpp not available: {why}"),
+        (Baseline::Missing(why), _) => format!("our quantized path not measured: {why}"),
     };
     notes.insert("quant_decode_vs_llamacpp".into(), json!(quant_note));
     notes.insert("quant_prefill_vs_llamacpp".into(), json!(quant_note));
@@ -727,6 +765,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "engine": {"tptt": a.to_json(), "base": bb.to_json()},
         "reference": reference.to_json(),
         "llamacpp": llama.to_json(),
+        "quantized": quant.to_json(),
         "ratios": ratios,
         "targets_met": targets,
         "notes": notes,
