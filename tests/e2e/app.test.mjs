@@ -1,0 +1,450 @@
+// The end-to-end scenario of the desktop app, run by tests/e2e/run (which starts Xvfb, the fake
+// hub and tauri-driver, and passes their whereabouts in E2E_* variables). Each step is a test;
+// after a failure the later steps are skipped (they build on it) and a screenshot of the window
+// is written to target/e2e/failure-<step>.png.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Builder, By, Key, until } from 'selenium-webdriver';
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set: run tests/e2e/run`);
+  return v;
+};
+const DRIVER_URL = env('E2E_DRIVER_URL');
+const DRIVER_PID = Number(env('E2E_DRIVER_PID'));
+const APP = env('E2E_APP');
+const APP_LOG = env('E2E_APP_LOG');
+const OUT = env('E2E_OUT');
+const REPO = env('E2E_REPO');
+const VARIANTS = env('E2E_VARIANTS').split(/\s+/);
+// The first download becomes the model in use by itself; the second is picked with "Use".
+const [FIRST_VARIANT, VARIANT] = VARIANTS;
+
+const FIRST_MESSAGE = 'Hello tiny model, tell me about gardens';
+const SECOND_MESSAGE = 'And what about the rivers nearby?';
+const SEARCH = 'gardens';
+
+const WAIT = 30_000; // one UI step (the model is tiny: nothing takes long)
+const GENERATION = 120_000; // one answer, model load included
+
+/** @type {import('selenium-webdriver').WebDriver | null} */
+let driver = null;
+let broken = false;
+const seen = { appPid: null, memoryBefore: null, firstAnswer: null, conversationTitle: null };
+
+// ---- helpers ----
+
+/** One step of the scenario: skipped after an earlier failure; a screenshot when it fails. */
+function step(name, fn, timeout = 180_000) {
+  test(name, { timeout }, async (t) => {
+    if (broken) {
+      t.skip('an earlier step failed');
+      return;
+    }
+    try {
+      await fn(t);
+    } catch (err) {
+      broken = true;
+      await rawShot(`failure-${name.replace(/[^a-z0-9]+/gi, '-').toLowerCase()}`).catch(() => {});
+      throw err;
+    }
+  });
+}
+
+/**
+ * A screenshot of the window as target/e2e/NAME.png, once the screen is settled: no error notice
+ * on screen (that fails the step), confirmations dismissed so they hide nothing.
+ */
+async function shot(name) {
+  const errors = await driver.findElements(css('[data-testid="notice"][role="alert"]'));
+  if (errors.length) assert.fail(`an error notice is shown: ${await errors[0].getText()}`);
+  for (const close of await driver.findElements(css('[data-testid="notice"][role="status"] button[aria-label="Dismiss"]'))) {
+    await close.click().catch(() => {}); // it may have faded meanwhile
+  }
+  await waitFor(async () => (await driver.findElements(css('[data-testid="notice"]'))).length === 0, 'the notices are gone');
+  await painted();
+  await rawShot(name);
+}
+
+/** Waits until the page has painted what the DOM holds (a WebDriver screenshot shows the last paint). */
+async function painted() {
+  await driver.executeAsyncScript(`
+    const done = arguments[arguments.length - 1];
+    requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(done, 250)));
+  `);
+}
+
+async function rawShot(name) {
+  if (!driver) return;
+  const png = Buffer.from(await driver.takeScreenshot(), 'base64');
+  assert.ok(png.subarray(1, 4).toString() === 'PNG', 'a PNG screenshot');
+  fs.writeFileSync(path.join(OUT, `${name}.png`), png);
+}
+
+const css = (selector) => By.css(selector);
+async function find(selector, timeout = WAIT) {
+  return driver.wait(until.elementLocated(css(selector)), timeout, `no element ${selector} within ${timeout} ms`);
+}
+/** The first displayed element matching `selector`, or null. */
+async function displayed(selector) {
+  for (const el of await driver.findElements(css(selector))) if (await el.isDisplayed()) return el;
+  return null;
+}
+/** Waits for a displayed element, found afresh each time (the UI re-renders under our feet). */
+async function findVisible(selector, timeout = WAIT) {
+  return waitFor(async () => (await displayed(selector)) ?? false, `no visible ${selector} within ${timeout} ms`, timeout);
+}
+/** Waits until `fn` returns a truthy value (exceptions count as "not yet": the DOM moves). */
+async function waitFor(fn, message, timeout = WAIT) {
+  return driver.wait(async () => {
+    try {
+      return await fn();
+    } catch {
+      return false;
+    }
+  }, timeout, message);
+}
+async function click(selector) {
+  await waitFor(async () => {
+    const el = await displayed(selector);
+    if (!el || !(await el.isEnabled())) return false;
+    await el.click();
+    return true;
+  }, `${selector} cannot be clicked`);
+}
+async function scrollTo(el) {
+  await driver.executeScript('arguments[0].scrollIntoView({ block: "center" })', el);
+}
+async function setField(selector, value) {
+  const el = await findVisible(selector);
+  await el.clear();
+  await el.sendKeys(String(value));
+}
+
+/** PIDs of the app binary among tauri-driver's descendants (from /proc). */
+function appPids() {
+  const parent = new Map();
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${d}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      parent.set(Number(d), ppid);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  const under = (pid) => {
+    for (let p = parent.get(pid); p && p > 1; p = parent.get(p)) if (p === DRIVER_PID) return true;
+    return false;
+  };
+  const app = fs.realpathSync(APP);
+  return [...parent.keys()].filter((pid) => {
+    try {
+      return under(pid) && fs.readlinkSync(`/proc/${pid}/exe`) === app;
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** The app's log (tauri-driver's output: the app inherits its stderr), one entry per start. */
+function appRuns() {
+  const text = fs.readFileSync(APP_LOG, 'utf8').replace(/\x1b\[[0-9;]*m/g, '');
+  const runs = text.split(/^(?=.*tptt_chat: starting)/m).filter((r) => /tptt_chat: starting/.test(r));
+  return runs;
+}
+
+async function startApp() {
+  // tauri-driver answers once it listens; it may still be starting when the first step runs.
+  await waitForDriver();
+  driver = await new Builder()
+    .usingServer(DRIVER_URL)
+    .withCapabilities({ browserName: 'wry', 'tauri:options': { application: APP } })
+    .build();
+  await driver.manage().setTimeouts({ implicit: 0, pageLoad: WAIT, script: WAIT });
+  await find('[data-testid="nav-models"]');
+  const pids = appPids();
+  assert.equal(pids.length, 1, `one app process runs under the driver (found ${pids})`);
+  return pids[0];
+}
+
+async function waitForDriver() {
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    try {
+      const r = await fetch(`${DRIVER_URL}/status`);
+      if (r.ok) return;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) throw new Error(`tauri-driver does not answer at ${DRIVER_URL}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+async function stopApp() {
+  const d = driver;
+  driver = null;
+  await d.quit();
+  const deadline = Date.now() + WAIT;
+  while (appPids().length > 0) {
+    if (Date.now() > deadline) throw new Error(`the app is still running after the session ended: ${appPids()}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+/**
+ * Records, from inside the page, what the live answer and the memory meter show while an answer
+ * streams (a MutationObserver sees every DOM update, however fast the tokens come).
+ */
+async function watchStreaming() {
+  await driver.executeScript(`
+    const rec = { texts: [], tokens: [], memory: [] };
+    window.__e2eStream = rec;
+    const read = () => {
+      const live = document.querySelector('[data-testid="message"][data-status="streaming"]');
+      if (!live) return;
+      const text = live.querySelector('[data-testid="message-body"]')?.textContent ?? '';
+      if (text.trim() && rec.texts.at(-1) !== text) rec.texts.push(text);
+      const tokens = live.querySelector('[data-testid="stats"]')?.textContent ?? '';
+      if (tokens && rec.tokens.at(-1) !== tokens) rec.tokens.push(tokens);
+      const meter = document.querySelector('[data-testid="memory-meter"] [role="meter"]');
+      if (meter) {
+        const fill = Number(meter.getAttribute('aria-valuenow'));
+        const more = document.querySelector('[data-testid="memory-recurrent"]')?.textContent ?? '';
+        const m = /([\\d,]+) earlier/.exec(more);
+        const total = fill + (m ? Number(m[1].replace(/,/g, '')) : 0);
+        if (rec.memory.at(-1) !== total) rec.memory.push(total);
+      }
+    };
+    new MutationObserver(read).observe(document.body, { subtree: true, childList: true, characterData: true, attributes: true });
+  `);
+}
+const streamRecord = () => driver.executeScript('return window.__e2eStream');
+
+/** The memory meter's total (window fill + recurrent-only tokens), or null without a meter. */
+async function memoryTotal() {
+  return driver.executeScript(`
+    const meter = document.querySelector('[data-testid="memory-meter"] [role="meter"]');
+    if (!meter) return null;
+    const more = document.querySelector('[data-testid="memory-recurrent"]')?.textContent ?? '';
+    const m = /([\\d,]+) earlier/.exec(more);
+    return Number(meter.getAttribute('aria-valuenow')) + (m ? Number(m[1].replace(/,/g, '')) : 0);
+  `);
+}
+
+/** The live stats lines ("… N tokens") seen while streaming count up, at least twice. */
+function assertCountsUp(lines) {
+  const counts = lines.map((l) => Number(/([\d,]+) tokens/.exec(l)?.[1].replace(/,/g, '') ?? NaN));
+  assert.ok(counts.length >= 3 && counts.every((c, i) => Number.isFinite(c) && (i === 0 || c > counts[i - 1])),
+    `the live token count went up while the answer streamed: ${JSON.stringify(lines.slice(0, 5))} … (${lines.length})`);
+}
+
+/** Sends `text` from the composer and waits for the answer to finish streaming. */
+async function sendAndAwaitAnswer(text, answersBefore) {
+  await watchStreaming();
+  const box = await findVisible('[data-testid="composer"]');
+  await box.sendKeys(text);
+  await box.sendKeys(Key.ENTER);
+  const answers = '[data-testid="message"][data-role="assistant"]';
+  await waitFor(
+    async () => (await driver.findElements(css(answers))).length === answersBefore + 1,
+    'the answer appears',
+  );
+  // Found afresh each time: the element is re-created when the message gets its stored id.
+  const answer = async () => (await driver.findElements(css(answers)))[answersBefore];
+  const status = await waitFor(
+    async () => {
+      const s = await (await answer()).getAttribute('data-status');
+      return s !== 'streaming' && s;
+    },
+    'the answer finishes',
+    GENERATION,
+  );
+  assert.equal(status, 'complete', 'the answer completed');
+  const body = await (await answer()).findElement(css('[data-testid="message-body"]')).getText();
+  assert.ok(body.trim().length > 0, 'the answer has text');
+  return { body, record: await streamRecord() };
+}
+
+// ---- the scenario ----
+
+after(async () => {
+  if (driver) await driver.quit().catch(() => {});
+});
+
+step('the app starts with no model and offers the model manager', async () => {
+  seen.appPid = await startApp();
+  await findVisible('[data-testid="no-model"]');
+  await click('[data-testid="open-models"]');
+  await findVisible('#models-title');
+});
+
+step('adds the repository by id and lists its variants', async () => {
+  const input = await findVisible('[data-testid="add-repo"]');
+  await input.sendKeys(REPO, Key.ENTER);
+  const card = `[data-testid="model-card"][data-repo="${REPO}"]`;
+  await scrollTo(await findVisible(card));
+  // Adding lists the variants (the hub's file listing); the button is there until they come.
+  await waitFor(async () => {
+    if ((await driver.findElements(css(`${card} [data-testid="variant"]`))).length > 0) return true;
+    const list = await driver.findElements(css(`${card} [data-testid="list-variants"]`));
+    if (list.length && (await list[0].isEnabled())) await list[0].click();
+    return false;
+  }, 'the variants are listed');
+  const names = await driver.executeScript(
+    `return [...document.querySelectorAll(arguments[0])].map((e) => e.dataset.variant)`,
+    `${card} [data-testid="variant"]`,
+  );
+  assert.deepEqual([...names].sort(), [...VARIANTS].sort(), 'the variants the hub serves');
+});
+
+const rowOf = (variant) => `[data-testid="model-card"][data-repo="${REPO}"] [data-testid="variant"][data-variant="${variant}"]`;
+
+step('downloads a variant, its progress shown', async () => {
+  const row = rowOf(FIRST_VARIANT);
+  await driver.executeScript(`
+    const rec = [];
+    window.__e2eProgress = rec;
+    new MutationObserver(() => {
+      const bar = document.querySelector(arguments[0] + ' [role="progressbar"]');
+      const bytes = document.querySelector(arguments[0] + ' [data-testid="download-bytes"]')?.textContent;
+      const speed = document.querySelector(arguments[0] + ' [data-testid="download-speed"]')?.textContent ?? null;
+      if (bar && bytes && rec.at(-1)?.bytes !== bytes) rec.push({ percent: Number(bar.getAttribute('aria-valuenow')), bytes, speed });
+    }).observe(document.body, { subtree: true, childList: true, characterData: true, attributes: true });
+  `, row);
+  await click(`${row} [data-testid="variant-download"]`);
+  // Mid-way (the fake hub sends the base weights slowly): the progress bar, bytes and speed.
+  await waitFor(async () => {
+    const rec = await driver.executeScript('return window.__e2eProgress');
+    return rec.some((r) => r.percent > 0 && r.percent < 100 && r.speed);
+  }, 'a progress reading between 0 and 100 % with a speed');
+  await scrollTo(await find(row));
+  await shot('models-downloading');
+  // The first variant downloaded becomes the one in use.
+  await findVisible(`${row} [data-testid="variant-in-use"]`, GENERATION);
+  const rec = await driver.executeScript('return window.__e2eProgress');
+  assert.ok(rec.length >= 3, `several progress readings: ${JSON.stringify(rec)}`);
+  const percents = rec.map((r) => r.percent);
+  assert.ok(percents.every((p, i) => i === 0 || p >= percents[i - 1]), `progress never goes back: ${percents}`);
+});
+
+step('downloads another variant (its base is shared) and picks it', async () => {
+  const row = rowOf(VARIANT);
+  await click(`${row} [data-testid="variant-download"]`);
+  await click(`${row} [data-testid="variant-use"]`);
+  await findVisible(`${row} [data-testid="variant-in-use"]`);
+  await findVisible(`${rowOf(FIRST_VARIANT)} [data-testid="variant-downloaded"]`);
+  await scrollTo(await find(row));
+  await shot('models');
+});
+
+step('settings: the model is chosen; an answer length and a seed are saved', async () => {
+  await click('[data-testid="nav-settings"]');
+  const model = await findVisible('[data-testid="settings-model"]');
+  await waitFor(async () => (await model.getAttribute('value')) === REPO, 'the chosen model in settings');
+  assert.equal(await (await find('[data-testid="settings-variant"]')).getAttribute('value'), VARIANT);
+  await setField('[data-testid="sampling-maxNewTokens"]', 256);
+  await setField('[data-testid="sampling-seed"]', 7);
+  await click('[data-testid="save-settings"]');
+  await waitFor(
+    async () => !(await (await find('[data-testid="save-settings"]')).isEnabled()),
+    'the settings are saved (nothing left to save)',
+  );
+  await scrollTo(await find('[data-testid="sampling-topK"]'));
+  await shot('settings');
+});
+
+step('sends a message and sees the answer stream in', async (t) => {
+  await click('[data-testid="nav-chat"]');
+  await waitFor(
+    async () => (await (await find('[data-testid="model-chip-variant"]')).getText()) === VARIANT,
+    'the chat shows the chosen variant',
+  );
+  const { body, record } = await sendAndAwaitAnswer(FIRST_MESSAGE, 0);
+  // Streamed: while the answer was live, its token counter was seen counting up, token by token
+  // (the text itself is painted once per animation frame, so a fast answer may show little of
+  // it before it completes: reported, not required).
+  assertCountsUp(record.tokens);
+  t.diagnostic(
+    `while streaming: ${record.tokens.length} token counts (${record.tokens.at(0)} … ${record.tokens.at(-1)}), ` +
+      `${record.texts.length} partial texts painted`,
+  );
+  seen.firstAnswer = body;
+  const user = await find('[data-testid="message"][data-role="user"] [data-testid="message-body"]');
+  assert.equal(await user.getText(), FIRST_MESSAGE);
+  // The memory meter counts what the conversation read.
+  seen.memoryBefore = await waitFor(async () => (await memoryTotal()) || false, 'the memory meter shows the memory');
+  // The conversation is in the list, titled from the first message.
+  const item = await findVisible('[data-testid="conversation"] [data-testid="conversation-title"]');
+  seen.conversationTitle = await item.getText();
+  assert.ok(FIRST_MESSAGE.startsWith(seen.conversationTitle.replace(/…$/, '')), `title: ${seen.conversationTitle}`);
+  await shot('chat-first-answer');
+  const log = appRuns().at(-1);
+  assert.match(log, /no snapshot for this model: the memory is built from the text/, 'a new chat reads from the text');
+}, 240_000);
+
+step('the app stops', async () => {
+  await stopApp();
+});
+
+step('the app starts again on the same data and lists the conversation', async () => {
+  const pid = await startApp();
+  assert.notEqual(pid, seen.appPid, 'a new app process');
+  assert.equal(appRuns().length, 2, 'the log holds two starts');
+  await waitFor(async () => (await driver.findElements(css('[data-testid="conversation"]'))).length === 1, 'one conversation listed');
+  // The app reopens the chat that was open when it closed; leave it for a new one, then find it
+  // in the list by searching for a word of its first message, and open it from there.
+  await findVisible('[data-testid="message-list"]');
+  await click('[data-testid="new-chat"]');
+  await findVisible('[data-testid="welcome"]');
+  await setField('[data-testid="search"]', SEARCH);
+  const title = await findVisible('[data-testid="conversation"] [data-testid="conversation-title"]');
+  assert.equal(await title.getText(), seen.conversationTitle);
+  await waitFor(async () => (await driver.findElements(css('[data-testid="conversation"]'))).length === 1, 'one match');
+  await shot('conversations');
+});
+
+step('continues the conversation from its saved state', async (t) => {
+  await click('[data-testid="conversation"] .conversation-open');
+  await waitFor(
+    async () => (await (await find('[data-testid="chat-title"]')).getText()) === seen.conversationTitle,
+    'the conversation opens',
+  );
+  const answers = '[data-testid="message"][data-role="assistant"] [data-testid="message-body"]';
+  const first = await findVisible(answers);
+  assert.equal(await first.getText(), seen.firstAnswer, 'the first answer, as saved');
+  // The memory meter shows the saved memory (from the snapshot) before anything is sent.
+  await waitFor(async () => (await memoryTotal()) === seen.memoryBefore, `the saved memory (${seen.memoryBefore} tokens) is shown`);
+
+  const { record } = await sendAndAwaitAnswer(SECOND_MESSAGE, 1);
+  assertCountsUp(record.tokens);
+  t.diagnostic(
+    `memory: ${seen.memoryBefore} tokens saved; while streaming ${record.memory.length} readings, ` +
+      `from ${Math.min(...record.memory)} to ${Math.max(...record.memory)}`,
+  );
+  // Continued, not re-read: the live meter never fell back to an empty memory...
+  assert.ok(
+    record.memory.every((m) => m >= seen.memoryBefore),
+    `the memory grew from the saved ${seen.memoryBefore} tokens: ${JSON.stringify(record.memory)}`,
+  );
+  assert.ok((await memoryTotal()) > seen.memoryBefore, 'the memory grew');
+  // ...and the backend says it restored the snapshot, and fed only the new turn.
+  const log = appRuns().at(-1);
+  assert.match(log, /memory restored from its snapshot/, 'the second run restored the snapshot');
+  assert.doesNotMatch(log, /memory is built from the text|rebuilding the memory/, 'nothing was re-read');
+  const turn = /turn starts.*?read=(\d+)/.exec(log);
+  assert.ok(turn && Number(turn[1]) === seen.memoryBefore, `the turn started from the saved position: ${turn?.[0]}`);
+  await shot('chat');
+}, 240_000);
+
+step('no panic and no error in the app log', async () => {
+  await stopApp();
+  const log = fs.readFileSync(APP_LOG, 'utf8');
+  assert.doesNotMatch(log, /panicked/, 'no panic');
+  assert.doesNotMatch(log, / ERROR /, 'no error logged');
+});
