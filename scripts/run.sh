@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
-# Chat in the terminal with the offline demo model: SmolLM2-135M-Instruct (from PyPI) with an
-# untrained TPTT injection (delta_product_c, mag_weight 0.125). Pass a TPTT repo folder (and
-# optionally --variant V) to chat with another model instead.
+# The main job. With a display: the desktop app (TPTT Chat). Without one (or with arguments): a
+# terminal chat with the offline demo model — SmolLM2-135M-Instruct (from PyPI) with an untrained
+# TPTT injection (delta_product_c, mag_weight 0.125) — or with the TPTT repo given as
+# `REPO --variant V`. `TPTT_RUN=cli` forces the terminal chat.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "$#" -eq 0 ] && [ "${TPTT_RUN:-}" != "cli" ] && { [ -n "${DISPLAY:-}" ] || [ -n "${WAYLAND_DISPLAY:-}" ]; }; then
+    source scripts/ci/deps.sh
+    ensure_debian_packages "${APP_DEB_PACKAGES[@]}"
+    if [ ! -f ui/dist/index.html ]; then
+        npm --prefix ui ci --no-audit --no-fund
+        npm --prefix ui run build
+    fi
+    cargo build -p tptt-chat
+    exec target/debug/tptt-chat
+fi
+
 # The dev profile compiles every dependency and the engine crates at opt-level 3 (see
 # Cargo.toml) and shares its build with the tests; `cargo build --release` adds LTO.
 cargo build -p tptt-cli
@@ -13,6 +26,7 @@ if [ "$#" -eq 0 ]; then
     if [ ! -f "$demo/delta_product_c_mag0.125/config.json" ]; then
         target/debug/tptt inject "$base" --out "$demo" --modes delta_product_c --mag-weight 0.125 >/dev/null
     fi
-    set -- "$demo" --variant delta_product_c_mag0.125
+    # SmolLM2-135M is small: a low temperature keeps its answers on track.
+    set -- "$demo" --variant delta_product_c_mag0.125 --temperature 0.2
 fi
 exec target/debug/tptt chat "$@"
