@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod linear;
 pub mod model;
 pub mod repo;

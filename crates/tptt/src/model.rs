@@ -29,6 +29,8 @@ use crate::repo::VariantFiles;
 use crate::rope::{self, Rope};
 use crate::weights::{self, AdapterReport, LoraSide, Weight, WeightMap};
 
+mod step;
+
 /// Options for [`Model::load`].
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -38,11 +40,14 @@ pub struct LoadOptions {
     pub device: Device,
     /// Scan implementation of the linear branch.
     pub scan: ScanImpl,
+    /// Run single-token decode steps through the fused CPU step (`model/step.rs`) instead of
+    /// the tensor path. Default true; the tensor path is the reference it is tested against.
+    pub fused_step: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { retie_lm_head: true, device: Device::Cpu, scan: ScanImpl::Fast }
+        Self { retie_lm_head: true, device: Device::Cpu, scan: ScanImpl::Fast, fused_step: true }
     }
 }
 
@@ -188,6 +193,7 @@ pub struct Model {
     ropes: Vec<Rope>,
     shape: LinearShape,
     scan: ScanImpl,
+    fused_step: bool,
     adapter: AdapterReport,
 }
 
@@ -416,7 +422,7 @@ impl Model {
             rc: cfg.tptt.recurrent,
             max_chunk: cfg.tptt.max_chunk_size,
         };
-        Ok(Self { device: opts.device.clone(), embed, layers, norm, lm_head, ropes, shape, scan: opts.scan, adapter, cfg })
+        Ok(Self { device: opts.device.clone(), embed, layers, norm, lm_head, ropes, shape, scan: opts.scan, fused_step: opts.fused_step, adapter, cfg })
     }
 
     /// The configuration.
@@ -507,6 +513,11 @@ impl Model {
         Ok(())
     }
 
+    /// Use the fused CPU decode step for single-token calls (see [`LoadOptions::fused_step`]).
+    pub fn set_fused_step(&mut self, on: bool) {
+        self.fused_step = on;
+    }
+
     /// Override the MaG weight (0 switches the linear branch off).
     pub fn set_mag_weight(&mut self, m: f32) {
         self.cfg.tptt.mag_weight = m;
@@ -551,6 +562,9 @@ impl Model {
             return Err(Error::State(format!("state has {} layers, model has {}", state.layers.len(), b.num_layers)));
         }
         let s = ids.len();
+        if s == 1 && state.mode == CarryMode::Continue && self.fused_step && step::supported(self) {
+            return step::forward_one(self, ids[0], state);
+        }
         if state.mode == CarryMode::Reference {
             if let Some(w) = state.window {
                 if s > w {

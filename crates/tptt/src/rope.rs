@@ -66,6 +66,35 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// `(cos, sin)` of one position, each `[D]` (as one row of [`Rope::cos_sin`]).
+    pub fn cos_sin_one(&self, position: usize) -> (Vec<f32>, Vec<f32>) {
+        let p = position as f64 * self.pos_scale;
+        let (c, s): (Vec<f32>, Vec<f32>) = self
+            .inv_freq
+            .iter()
+            .map(|&f| {
+                let a = p * f as f64;
+                (a.cos() as f32, a.sin() as f32)
+            })
+            .unzip();
+        ([c.as_slice(), c.as_slice()].concat(), [s.as_slice(), s.as_slice()].concat())
+    }
+}
+
+/// [`apply`] to one row of `heads` vectors of dim `D` in place: `x·cos + rotate_half(x)·sin`.
+pub fn apply_one(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let d = cos.len();
+    let half = d / 2;
+    for v in x.chunks_exact_mut(d) {
+        for i in 0..half {
+            let (a, b) = (v[i], v[i + half]);
+            v[i] = a * cos[i] + -b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
 /// Apply RoPE to `x: [heads, S, D]` with `cos, sin: [S, D]`: `x·cos + rotate_half(x)·sin`.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(2)?;

@@ -1,0 +1,556 @@
+//! CPU kernels of the fused single-token decode step ([`crate::model`]'s `step` module): matrix ×
+//! vector products over row-major f32 weights, and one query's attention over the KV ring.
+//!
+//! Decode at batch 1 is bound by memory bandwidth: every weight is read once per token and used
+//! for one multiply-add. So the kernels stream each matrix once, row after row, split across the
+//! rayon pool in a few large contiguous pieces (one parallel region per group of matrices that
+//! read the same input), one row at a time with several independent accumulators, compiled twice: for AVX2 + FMA, picked at run time, and for the baseline target, so the binary
+//! still runs on older x86-64 CPUs.
+//!
+//! Each kernel has a naive reference beside it (`*_naive`), and tests comparing them on odd
+//! shapes; the whole step is compared with the tensor path by `tests/fused_step.rs`.
+
+use rayon::prelude::*;
+
+/// Rows per parallel task of a matrix × vector product: large enough that the task overhead
+/// (a few µs) is small against streaming its rows, small enough to balance two or more threads.
+const MIN_TASK_ELEMS: usize = 64 * 1024;
+
+/// One product `out = W·x` (+ `bias`) of a group: `w` is row-major `[out.len(), x.len()]`.
+pub struct MatVec<'a> {
+    /// Row-major weights.
+    pub w: &'a [f32],
+    /// Optional bias, `[out.len()]`.
+    pub bias: Option<&'a [f32]>,
+    /// The result.
+    pub out: &'a mut [f32],
+}
+
+/// `out[r] = Σ_c w[r, c]·x[c]`, the literal definition (the reference for [`matvec_group`]).
+pub fn matvec_naive(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = w[r * n..(r + 1) * n].iter().zip(x).map(|(a, b)| a * b).sum();
+    }
+}
+
+/// Run every product of `group` against the same input `x`, in parallel over row blocks of all
+/// of them together (one parallel region for e.g. the q, k and v projections).
+pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
+    let n = x.len();
+    let total: usize = group.iter().map(|m| m.out.len() * n).sum();
+    let threads = rayon::current_num_threads().max(1);
+    // About 4 tasks per thread for balance, but never tiny ones.
+    let task_elems = (total / (threads * 4)).max(MIN_TASK_ELEMS);
+    let rows_per_task = (task_elems / n.max(1)).max(4);
+    let mut tasks: Vec<MatVec<'_>> = Vec::new();
+    for m in group {
+        debug_assert_eq!(m.w.len(), m.out.len() * n);
+        let mut w = m.w;
+        let mut bias = m.bias;
+        let mut out = m.out;
+        while !out.is_empty() {
+            let rows = rows_per_task.min(out.len());
+            let (o, rest) = out.split_at_mut(rows);
+            let (wc, wrest) = w.split_at(rows * n);
+            let (bc, brest) = match bias {
+                Some(b) => {
+                    let (a, r) = b.split_at(rows);
+                    (Some(a), Some(r))
+                }
+                None => (None, None),
+            };
+            tasks.push(MatVec { w: wc, bias: bc, out: o });
+            out = rest;
+            w = wrest;
+            bias = brest;
+        }
+    }
+    let run = |t: MatVec<'_>| {
+        matvec_rows(t.w, x, t.out);
+        if let Some(b) = t.bias {
+            t.out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+        }
+    };
+    if tasks.len() > 1 && threads > 1 {
+        tasks.into_par_iter().for_each(run);
+    } else {
+        tasks.into_iter().for_each(run);
+    }
+}
+
+/// Serial `out = W·x` over the rows of `w`, with the best kernel for this CPU.
+fn matvec_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for (checked above), and
+            // `w` holds `out.len()` rows of `x.len()` values (checked inside).
+            unsafe { avx2::matvec_rows(w, x, out) };
+            return;
+        }
+    }
+    matvec_rows_generic(w, x, out);
+}
+
+/// Portable kernel: one row at a time, eight accumulators (vectorised by the compiler).
+fn matvec_rows_generic(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(n.max(1))) {
+        *o = dot(row, x);
+    }
+}
+
+/// Dot product with eight independent accumulators.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Sum of the eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `out = W·x`, one row at a time with four 8-lane FMA accumulators (independent chains
+    /// hide the FMA latency). Measured here: a single sequential stream per row reads at close to
+    /// the streaming bandwidth, where interleaving four rows to share the loads of `x` did not.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matvec_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+        let n = x.len();
+        assert!(w.len() >= out.len() * n, "matvec: weights too short");
+        let xp = x.as_ptr();
+        for (r, o) in out.iter_mut().enumerate() {
+            let p = w.as_ptr().add(r * n);
+            let mut a = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 32 <= n {
+                for (j, acc) in a.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c + 8 * j)), _mm256_loadu_ps(xp.add(c + 8 * j)), *acc);
+                }
+                c += 32;
+            }
+            while c + 8 <= n {
+                a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), _mm256_loadu_ps(xp.add(c)), a[0]);
+                c += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+            while c < n {
+                s += *p.add(c) * *xp.add(c);
+                c += 1;
+            }
+            *o = s;
+        }
+    }
+
+    /// `exp(x)` for `x ≤ 0`, eight lanes: [`super::exp_nonpos`] with the same reduction.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_nonpos8(x_in: __m256) -> __m256 {
+        let x = _mm256_max_ps(x_in, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let r = _mm256_add_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))), _mm256_mul_ps(n, _mm256_set1_ps(2.121_944_4e-4)));
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+        let y = _mm256_mul_ps(p, scale);
+        // Below −87 (and −∞): exactly 0.
+        let tiny = _mm256_cmp_ps(x_in, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
+        _mm256_andnot_ps(tiny, y)
+    }
+
+    /// [`super::attend_block`] with explicit AVX2: scores with two FMA chains per key, eight-lane
+    /// exponentials, and `Vᵀ·e` 64 columns at a time in eight register accumulators.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and `a.dim` must be a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_block(a: &super::AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<super::Partial> {
+        let (d, g) = (a.dim, a.heads / a.kv_heads);
+        assert!(d % 8 == 0, "attend_block: D must be a multiple of 8");
+        let len = end - start;
+        let base = kvh * a.capacity;
+        let keys = &a.k[(base + start) * d..(base + end) * d];
+        let values = &a.v[(base + start) * d..(base + end) * d];
+        let vis = &a.visible[start..end];
+        let mut e = vec![f32::NEG_INFINITY; len.div_ceil(8) * 8];
+        let mut parts = Vec::with_capacity(g);
+        for gi in 0..g {
+            let h = kvh * g + gi;
+            let q = &a.q[h * d..(h + 1) * d];
+            let qp = q.as_ptr();
+            let mut max = f32::NEG_INFINITY;
+            // The padding lanes past `len` must be −∞ for every head (the previous head's pass
+            // turned them into 0).
+            e[len..].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+            for j in 0..len {
+                if !vis[j] {
+                    e[j] = f32::NEG_INFINITY;
+                    continue;
+                }
+                let kp = keys.as_ptr().add(j * d);
+                let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut c = 0;
+                while c + 16 <= d {
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c)), _mm256_loadu_ps(qp.add(c)), s0);
+                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c + 8)), _mm256_loadu_ps(qp.add(c + 8)), s1);
+                    c += 16;
+                }
+                if c < d {
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c)), _mm256_loadu_ps(qp.add(c)), s0);
+                }
+                let sc = hsum(_mm256_add_ps(s0, s1)) * a.scale;
+                e[j] = sc;
+                max = max.max(sc);
+            }
+            let mut acc = vec![0f32; d];
+            let mut sum = 0f32;
+            if max != f32::NEG_INFINITY {
+                let m8 = _mm256_set1_ps(max);
+                let mut s8 = _mm256_setzero_ps();
+                for j in (0..e.len()).step_by(8) {
+                    let x = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(e.as_ptr().add(j)), m8));
+                    _mm256_storeu_ps(e.as_mut_ptr().add(j), x);
+                    s8 = _mm256_add_ps(s8, x);
+                }
+                // Lanes past `len` were −∞, so they add 0.
+                sum = hsum(s8);
+                let mut c0 = 0;
+                while c0 + 64 <= d {
+                    let mut r = [_mm256_setzero_ps(); 8];
+                    for (j, &w) in e[..len].iter().enumerate() {
+                        let w = _mm256_set1_ps(w);
+                        let vp = values.as_ptr().add(j * d + c0);
+                        for (i, ri) in r.iter_mut().enumerate() {
+                            *ri = _mm256_fmadd_ps(_mm256_loadu_ps(vp.add(8 * i)), w, *ri);
+                        }
+                    }
+                    for (i, ri) in r.iter().enumerate() {
+                        _mm256_storeu_ps(acc.as_mut_ptr().add(c0 + 8 * i), *ri);
+                    }
+                    c0 += 64;
+                }
+                while c0 < d {
+                    let mut r = _mm256_setzero_ps();
+                    for (j, &w) in e[..len].iter().enumerate() {
+                        r = _mm256_fmadd_ps(_mm256_loadu_ps(values.as_ptr().add(j * d + c0)), _mm256_set1_ps(w), r);
+                    }
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(c0), r);
+                    c0 += 8;
+                }
+            }
+            parts.push(super::Partial { max, sum, acc });
+        }
+        parts
+    }
+}
+
+/// One query token's softmax attention over a KV buffer, GQA: query head `h` reads KV head
+/// `h / (heads / kv_heads)`.
+pub struct AttendOne<'a> {
+    /// `[H, D]`, RoPE'd.
+    pub q: &'a [f32],
+    /// `[Hkv, capacity, D]`; slots `0..visible.len()` are read.
+    pub k: &'a [f32],
+    /// Like `k`.
+    pub v: &'a [f32],
+    /// Which slots the query may see.
+    pub visible: &'a [bool],
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dim.
+    pub dim: usize,
+    /// Slots per KV head in `k`/`v`.
+    pub capacity: usize,
+    /// Score scale.
+    pub scale: f32,
+}
+
+/// The literal definition: scores, softmax over the visible slots, weighted sum. `[H, D]`.
+pub fn attend_one_naive(a: &AttendOne<'_>) -> Vec<f32> {
+    let (d, g) = (a.dim, a.heads / a.kv_heads);
+    let mut out = vec![0f32; a.heads * d];
+    for h in 0..a.heads {
+        let kvh = h / g;
+        let q = &a.q[h * d..(h + 1) * d];
+        let scores: Vec<f32> = (0..a.visible.len())
+            .map(|j| {
+                let k = &a.k[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
+                if a.visible[j] {
+                    q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * a.scale
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        for (j, p) in e.iter().enumerate() {
+            let v = &a.v[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
+            for (o, x) in out[h * d..(h + 1) * d].iter_mut().zip(v) {
+                *o += p / sum * x;
+            }
+        }
+    }
+    out
+}
+
+/// Partial softmax of one block of slots for one query head: running max, sum of exponentials
+/// and the unnormalised weighted sum of values (flash-decoding).
+struct Partial {
+    max: f32,
+    sum: f32,
+    acc: Vec<f32>,
+}
+
+/// [`attend_one_naive`], split over (KV head, block of slots) in parallel; each task handles the
+/// `G` query heads of its KV head so every cached key and value is read once. Blocks are merged
+/// with the usual rescaling by `exp(max_block − max)`. Returns `[H, D]`.
+pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
+    let (d, g, t) = (a.dim, a.heads / a.kv_heads, a.visible.len());
+    let threads = rayon::current_num_threads().max(1);
+    // Blocks of at most ~64 KiB of keys (they stay in L2 while the G heads read them), and
+    // enough of them for every thread.
+    let max_block = (64 * 1024 / (4 * d.max(1))).max(16);
+    let blocks_per_head = t.div_ceil(max_block).max((threads * 2).div_ceil(a.kv_heads)).clamp(1, t.max(1));
+    let block = t.div_ceil(blocks_per_head).max(1);
+    let tasks: Vec<(usize, usize)> = (0..a.kv_heads).flat_map(|kvh| (0..t).step_by(block).map(move |s| (kvh, s))).collect();
+    let work = |&(kvh, start): &(usize, usize)| attend_block_dispatch(a, kvh, start, (start + block).min(t));
+    let partials: Vec<Vec<Partial>> = if tasks.len() > 1 && threads > 1 && t * d * g >= 16 * 1024 {
+        tasks.par_iter().map(work).collect()
+    } else {
+        tasks.iter().map(work).collect()
+    };
+    let mut out = vec![0f32; a.heads * d];
+    for kvh in 0..a.kv_heads {
+        let mine: Vec<&Vec<Partial>> = tasks.iter().zip(&partials).filter(|((k, _), _)| *k == kvh).map(|(_, p)| p).collect();
+        for gi in 0..g {
+            let h = kvh * g + gi;
+            let max = mine.iter().map(|p| p[gi].max).fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                continue; // nothing visible: zeros (cannot happen for a causal query, which sees itself)
+            }
+            let o = &mut out[h * d..(h + 1) * d];
+            let mut sum = 0f32;
+            for p in &mine {
+                let p = &p[gi];
+                if p.max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let c = (p.max - max).exp();
+                sum += p.sum * c;
+                for (x, y) in o.iter_mut().zip(&p.acc) {
+                    *x += c * y;
+                }
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+    out
+}
+
+/// [`avx2::attend_block`] when the CPU has AVX2 + FMA and `D` is a multiple of 8, else the
+/// portable [`attend_block`].
+fn attend_block_dispatch(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<Partial> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if a.dim % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features the function is compiled for were detected just above, and
+            // `D` is a multiple of 8 as it requires.
+            return unsafe { avx2::attend_block(a, kvh, start, end) };
+        }
+    }
+    attend_block(a, kvh, start, end)
+}
+
+/// The `G` query heads of KV head `kvh` against slots `start..end`, one head at a time (the
+/// block is sized to stay in L2, so the second and later heads read it from cache): scores
+/// `K·q` with a wide dot product, the block's max, exponentials (a branch-free loop the compiler
+/// vectorises) and `Vᵀ·e` with a 64-wide accumulator held in registers.
+#[inline(always)]
+fn attend_block(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<Partial> {
+    let (d, g) = (a.dim, a.heads / a.kv_heads);
+    let len = end - start;
+    let base = kvh * a.capacity;
+    let keys = &a.k[(base + start) * d..(base + end) * d];
+    let values = &a.v[(base + start) * d..(base + end) * d];
+    let vis = &a.visible[start..end];
+    // Hidden slots get −∞ (their exponential is exactly 0).
+    let mut e = vec![f32::NEG_INFINITY; len];
+    let mut parts = Vec::with_capacity(g);
+    for gi in 0..g {
+        let h = kvh * g + gi;
+        let q = &a.q[h * d..(h + 1) * d];
+        for ((x, k), &seen) in e.iter_mut().zip(keys.chunks_exact(d)).zip(vis) {
+            *x = if seen { dot_wide(q, k) * a.scale } else { f32::NEG_INFINITY };
+        }
+        let max = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut acc = vec![0f32; d];
+        let mut sum = 0f32;
+        if max != f32::NEG_INFINITY {
+            for x in e.iter_mut() {
+                *x = exp_nonpos(*x - max);
+            }
+            sum = e.iter().sum();
+            // acc = Σ_j e_j · V_j, 64 columns at a time.
+            let mut c0 = 0;
+            while c0 + 64 <= d {
+                let mut r = [0f32; 64];
+                for (&w, v) in e.iter().zip(values.chunks_exact(d)) {
+                    let v = &v[c0..c0 + 64];
+                    for i in 0..64 {
+                        r[i] += w * v[i];
+                    }
+                }
+                acc[c0..c0 + 64].copy_from_slice(&r);
+                c0 += 64;
+            }
+            if c0 < d {
+                for (&w, v) in e.iter().zip(values.chunks_exact(d)) {
+                    for (o, x) in acc[c0..].iter_mut().zip(&v[c0..]) {
+                        *o += w * x;
+                    }
+                }
+            }
+        }
+        parts.push(Partial { max, sum, acc });
+    }
+    parts
+}
+
+/// Dot product with 32 independent accumulators (four 8-lane chains with AVX2).
+#[inline(always)]
+fn dot_wide(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..32 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = [0f32; 8];
+    for i in 0..8 {
+        s[i] = (acc[i] + acc[i + 8]) + (acc[i + 16] + acc[i + 24]);
+    }
+    (s[0] + s[4]) + (s[1] + s[5]) + (s[2] + s[6]) + (s[3] + s[7]) + dot(ra, rb)
+}
+
+/// `exp(x)` for `x ≤ 0` (−∞ gives 0) without a libm call, so loops over it vectorise:
+/// `x = n·ln2 + r` with |r| ≤ ln2/2, a degree-7 Taylor polynomial for `e^r` (relative error ~1e-7 on that
+/// range) and `2^n` put into the exponent bits. Below −87 the result flushes to 0 (a weight
+/// under 1e-38 next to the max's 1).
+#[inline(always)]
+pub fn exp_nonpos(x_in: f32) -> f32 {
+    let x = x_in.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    // Cody–Waite: ln 2 split in a part exact in n·hi (few mantissa bits) and the rest.
+    let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // n ∈ [−126, 0]: 2^n is a normal f32 with exponent bits n + 127.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // A select, not a branch: the loop stays vectorised.
+    if x_in < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "index {i}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn exp_nonpos_is_close_to_exp() {
+        let mut x = 0f32;
+        while x > -100.0 {
+            let (got, want) = (exp_nonpos(x), x.exp());
+            assert!((got - want).abs() <= 3e-7 * want + 2e-38, "exp({x}) = {want}, got {got}");
+            x -= 0.0137;
+        }
+        assert_eq!(exp_nonpos(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpos(0.0), 1.0);
+    }
+
+    #[test]
+    fn matvec_matches_naive_on_odd_shapes() {
+        for &(rows, cols) in &[(1, 1), (3, 7), (4, 8), (5, 16), (9, 17), (37, 64), (130, 576), (1000, 33), (4099, 129)] {
+            let w = rand_vec(rows * cols, rows as u64 * 31 + cols as u64);
+            let x = rand_vec(cols, 7);
+            let bias = rand_vec(rows, 9);
+            let mut want = vec![0f32; rows];
+            matvec_naive(&w, &x, &mut want);
+            want.iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
+            let mut got = vec![0f32; rows];
+            let mut got2 = vec![0f32; rows / 2 + 1];
+            let w2 = rand_vec(got2.len() * cols, 3);
+            let mut want2 = vec![0f32; got2.len()];
+            matvec_naive(&w2, &x, &mut want2);
+            matvec_group(vec![MatVec { w: &w, bias: Some(&bias), out: &mut got }, MatVec { w: &w2, bias: None, out: &mut got2 }], &x);
+            close(&got, &want, 1e-5);
+            close(&got2, &want2, 1e-5);
+            let mut generic = vec![0f32; rows];
+            matvec_rows_generic(&w, &x, &mut generic);
+            want.iter_mut().zip(&bias).for_each(|(o, b)| *o -= b);
+            close(&generic, &want, 1e-5);
+        }
+    }
+
+    #[test]
+    fn attend_one_matches_naive() {
+        for &(heads, kv_heads, dim, cap, t) in &[(1, 1, 4, 4, 1), (4, 2, 8, 16, 5), (9, 3, 64, 1100, 1030), (6, 6, 5, 40, 37), (8, 1, 16, 3000, 3000)] {
+            let q = rand_vec(heads * dim, 1);
+            let k = rand_vec(kv_heads * cap * dim, 2);
+            let v = rand_vec(kv_heads * cap * dim, 3);
+            // Some hidden slots (a layer window), never all.
+            let visible: Vec<bool> = (0..t).map(|j| j == t - 1 || j % 7 != 3).collect();
+            let a = AttendOne { q: &q, k: &k, v: &v, visible: &visible, heads, kv_heads, dim, capacity: cap, scale: 0.125 };
+            close(&attend_one(&a), &attend_one_naive(&a), 1e-5);
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The fused single-token decode step on the CPU: the same computation as the tensor path of
+//! [`Model::forward`] for one token in [`CarryMode::Continue`], on plain f32 slices, with no
+//! tensor op per elementwise step and no allocation beyond a few `[E]`-sized vectors per layer.
+//!
+//! Dense matrices go through [`kernels::matvec_group`] (one parallel region for q/k/v, one for
+//! gate/up, one each for o, down and the head), attention reads the KV ring in place
+//! ([`kernels::attend_one`]), the linear branch is the same [`linear::forward`] as the tensor
+//! path. Quantized matrices, unmerged LoRA and MoE blocks are delegated to the same candle calls
+//! as the tensor path. `tests/fused_step.rs` compares both paths on every fixture architecture.
+
+use candle_core::{Device, Layout, Storage, StorageRef, Tensor};
+
+use super::{Layer, Linear, Matrix, Mlp, Model, Norm};
+use crate::config::{Activation, NormKind, QkNorm};
+use crate::error::{Error, Result};
+use crate::kernels::{self, AttendOne, MatVec};
+use crate::linear::{self, CarryMode};
+use crate::rope;
+use crate::state::State;
+
+/// A read lock on a CPU tensor's storage, giving its contiguous f32 data.
+struct Data<'a> {
+    storage: StorageRef<'a>,
+    layout: &'a Layout,
+}
+
+impl<'a> Data<'a> {
+    fn of(t: &'a Tensor) -> Self {
+        let (storage, layout) = t.storage_and_layout();
+        Self { storage, layout }
+    }
+
+    fn slice(&self) -> Result<&[f32]> {
+        let (a, b) = self.layout.contiguous_offsets().ok_or_else(|| Error::State("fused step: a weight is not contiguous".into()))?;
+        match &*self.storage {
+            Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[a..b]),
+            _ => Err(Error::State("fused step: a tensor is not on the CPU".into())),
+        }
+    }
+}
+
+/// Can [`forward_one`] run this model? (CPU, f32 dense tensors; quantized matrices are fine.)
+pub(super) fn supported(model: &Model) -> bool {
+    model.device.is_cpu() && model.embed.dtype() == candle_core::DType::F32
+}
+
+/// `[x]` as a `[1, n]` tensor, for the candle calls.
+fn row(x: &[f32], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(x.to_vec(), (1, x.len()), device)?)
+}
+
+/// Apply several linears to the same input: dense ones in one parallel region.
+fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>> {
+    let mut outs: Vec<Vec<f32>> = Vec::with_capacity(lins.len());
+    let mut datas: Vec<(Data<'_>, Option<Data<'_>>)> = Vec::new();
+    let mut dense_idx = Vec::new();
+    for (i, l) in lins.iter().enumerate() {
+        match &l.w {
+            Matrix::Dense(w) => {
+                outs.push(vec![0f32; w.dim(0)?]);
+                datas.push((Data::of(w), l.b.as_ref().map(Data::of)));
+                dense_idx.push(i);
+            }
+            Matrix::Quant(q) => {
+                let mut y = candle_core::Module::forward(q, &row(x, device)?)?.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(b) = &l.b {
+                    let b = Data::of(b);
+                    y.iter_mut().zip(b.slice()?).for_each(|(y, b)| *y += b);
+                }
+                outs.push(y);
+            }
+        }
+    }
+    {
+        let mut group = Vec::with_capacity(dense_idx.len());
+        let mut rest: &mut [Vec<f32>] = &mut outs;
+        let mut offset = 0;
+        for (&i, (w, b)) in dense_idx.iter().zip(&datas) {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
+            let (cur, tail) = tail.split_at_mut(1);
+            rest = tail;
+            offset = i + 1;
+            let w = w.slice()?;
+            if w.len() != cur[0].len() * x.len() {
+                return Err(Error::State("fused step: weight shape does not match its input".into()));
+            }
+            group.push(MatVec { w, bias: b.as_ref().map(|b| b.slice()).transpose()?, out: &mut cur[0] });
+        }
+        if !group.is_empty() {
+            kernels::matvec_group(group, x);
+        }
+    }
+    // Unmerged LoRA (quantized bases): y += s · B(A x).
+    for (l, y) in lins.iter().zip(outs.iter_mut()) {
+        if let Some(lo) = &l.lora {
+            let (a, b) = (Data::of(&lo.a), Data::of(&lo.b));
+            let r = lo.a.dim(0)?;
+            let mut ax = vec![0f32; r];
+            kernels::matvec_naive(a.slice()?, x, &mut ax);
+            let mut bax = vec![0f32; y.len()];
+            kernels::matvec_naive(b.slice()?, &ax, &mut bax);
+            let s = lo.scale as f32;
+            y.iter_mut().zip(&bax).for_each(|(y, d)| *y += d * s);
+        }
+    }
+    Ok(outs)
+}
+
+/// [`Norm::forward`] over consecutive groups of `group` values (per head or whole rows).
+fn norm(n: &Norm, x: &mut [f32], group: usize) -> Result<()> {
+    let w = n.w.as_ref().map(Data::of);
+    let w = w.as_ref().map(|w| w.slice()).transpose()?;
+    let eps = n.eps as f32;
+    for v in x.chunks_exact_mut(group) {
+        match n.kind {
+            NormKind::LayerNoParam => {
+                let mean = v.iter().sum::<f32>() / group as f32;
+                v.iter_mut().for_each(|x| *x -= mean);
+                let var = v.iter().map(|x| x * x).sum::<f32>() / group as f32;
+                let den = (var + eps).sqrt();
+                v.iter_mut().for_each(|x| *x /= den);
+            }
+            NormKind::Rms | NormKind::RmsOnePlus => {
+                let var = v.iter().map(|x| x * x).sum::<f32>() / group as f32;
+                let den = (var + eps).sqrt();
+                match w {
+                    Some(w) => v.iter_mut().zip(w).for_each(|(x, w)| *x = *x / den * w),
+                    None => v.iter_mut().for_each(|x| *x /= den),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn normed(n: &Norm, x: &[f32]) -> Result<Vec<f32>> {
+    let mut v = x.to_vec();
+    norm(n, &mut v, x.len())?;
+    Ok(v)
+}
+
+fn activate(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        // candle's `gelu` (tanh approximation), as the tensor path.
+        Activation::GeluTanh => 0.5 * x * (1.0 + (0.797_884_6_f32 * x * (1.0 + 0.044715 * x * x)).tanh()),
+    }
+}
+
+fn mlp(layer: &Layer, x: &[f32], act: Activation, model: &Model) -> Result<Vec<f32>> {
+    match &layer.mlp {
+        Mlp::Gated(e) => {
+            let mut gu = linears(&[&e.gate, &e.up], x, &model.device)?;
+            let up = gu.pop().unwrap_or_default();
+            let mut g = gu.pop().unwrap_or_default();
+            g.iter_mut().zip(&up).for_each(|(g, u)| *g = activate(act, *g) * u);
+            Ok(linears(&[&e.down], &g, &model.device)?.pop().unwrap_or_default())
+        }
+        Mlp::Moe { .. } => Ok(layer.mlp.forward(&row(x, &model.device)?, act)?.flatten_all()?.to_vec1::<f32>()?),
+    }
+}
+
+/// One token through the model, CPU, `CarryMode::Continue`. Same contract as
+/// [`Model::forward`] with one id (already validated by it). Returns logits `[1, V]`.
+pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<Tensor> {
+    debug_assert_eq!(state.mode, CarryMode::Continue);
+    let b = &model.cfg.base;
+    let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+    let e = b.hidden_size;
+    let qp = state.pos;
+    let slot = state.window.map_or(qp, |w| qp % w);
+    // Positions held by the slots once this token is written.
+    let mut key_pos = state.key_pos.clone();
+    if slot < key_pos.len() {
+        key_pos[slot] = qp;
+    } else if slot == key_pos.len() {
+        key_pos.push(qp);
+    } else {
+        return Err(Error::State("KV ring has unfilled slots (positions not contiguous)".into()));
+    }
+    let t_len = key_pos.len();
+    let ropes: Vec<(Vec<f32>, Vec<f32>)> = model.ropes.iter().map(|r| r.cos_sin_one(qp)).collect();
+
+    let mut h = {
+        let emb = Data::of(&model.embed);
+        let all = emb.slice()?;
+        let id = id as usize;
+        all.get(id * e..(id + 1) * e).ok_or_else(|| Error::Input(format!("token id {id} is outside the embedding")))?.to_vec()
+    };
+    if let Some(scale) = b.embed_scale {
+        let s = scale as f32;
+        h.iter_mut().for_each(|x| *x *= s);
+    }
+    let tptt = &model.cfg.tptt;
+    let m = tptt.mag_weight;
+    let linear_on = m != 0.0;
+    let fuse_o = !tptt.cross_gate && !tptt.base_scale_attn;
+    let (wa, wl) = ((1.0 - m) as f64 as f32, m as f64 as f32);
+    let mut visible = vec![false; t_len];
+    for (layer, ls) in model.layers.iter().zip(state.layers.iter_mut()) {
+        let x = normed(&layer.in_norm, &h)?;
+        let mut qkv = linears(&[&layer.q, &layer.k, &layer.v], &x, &model.device)?;
+        let v_raw = qkv.pop().unwrap_or_default();
+        let k_raw = qkv.pop().unwrap_or_default();
+        let q_raw = qkv.pop().unwrap_or_default();
+
+        // Softmax branch.
+        let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            let (gq, gk) = match b.qk_norm {
+                QkNorm::PerHead => (d, d),
+                _ => (qs.len(), ks.len()),
+            };
+            norm(qn, &mut qs, gq)?;
+            norm(kn, &mut ks, gk)?;
+        }
+        if let Some(c) = b.clip_qkv {
+            let c = c as f32;
+            for x in qs.iter_mut().chain(ks.iter_mut()).chain(vs.iter_mut()) {
+                *x = x.clamp(-c, c);
+            }
+        }
+        let (cos, sin) = &ropes[layer.rope];
+        rope::apply_one(&mut qs, cos, sin);
+        rope::apply_one(&mut ks, cos, sin);
+        ls.ensure_capacity(slot + 1, state.window, nkv, d, &model.device)?;
+        let (kb, vb) = match (&ls.k, &ls.v) {
+            (Some(k), Some(v)) => (k, v),
+            _ => return Err(Error::State("KV cache missing after allocation".into())),
+        };
+        kb.slice_set(&Tensor::from_vec(ks, (nkv, 1, d), &model.device)?, 1, slot)?;
+        vb.slice_set(&Tensor::from_vec(vs, (nkv, 1, d), &model.device)?, 1, slot)?;
+        let window = match (state.window, layer.window) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        };
+        for (v, &kp) in visible.iter_mut().zip(&key_pos) {
+            *v = kp <= qp && window.is_none_or(|w| qp - kp < w);
+        }
+        let attn = {
+            let (kd, vd) = (Data::of(kb), Data::of(vb));
+            kernels::attend_one(&AttendOne {
+                q: &qs,
+                k: kd.slice()?,
+                v: vd.slice()?,
+                visible: &visible,
+                heads: nh,
+                kv_heads: nkv,
+                dim: d,
+                capacity: kb.dim(1)?,
+                scale: b.attn_scale as f32,
+            })
+        };
+
+        let mut out = if linear_on {
+            let y = linear::forward(&model.shape, &q_raw, &k_raw, &v_raw, &mut ls.linear, CarryMode::Continue, model.scan);
+            if fuse_o {
+                let mixed: Vec<f32> = attn.iter().zip(&y).map(|(a, y)| a * wa + y * wl).collect();
+                linears(&[&layer.o], &mixed, &model.device)?.pop().unwrap_or_default()
+            } else {
+                let o_base = linears(&[&layer.o], &attn, &model.device)?.pop().unwrap_or_default();
+                let mut o_lin = linears(&[&layer.o], &y, &model.device)?.pop().unwrap_or_default();
+                if tptt.base_scale_attn {
+                    let rms = (o_base.iter().map(|x| x * x).sum::<f32>() / o_base.len() as f32 + 1e-5).sqrt();
+                    o_lin.iter_mut().for_each(|x| *x *= rms);
+                }
+                o_base
+                    .iter()
+                    .zip(&o_lin)
+                    .map(|(ob, ol)| {
+                        let (sw, lw) = (ob * wa, ol * wl);
+                        if tptt.cross_gate {
+                            (sw + lw) + sw * lw
+                        } else {
+                            sw + lw
+                        }
+                    })
+                    .collect()
+            }
+        } else {
+            linears(&[&layer.o], &attn, &model.device)?.pop().unwrap_or_default()
+        };
+        if let Some(n) = &layer.post_attn_norm {
+            norm(n, &mut out, e)?;
+        }
+        h.iter_mut().zip(&out).for_each(|(h, o)| *h += o);
+        let x = normed(&layer.pre_ff_norm, &h)?;
+        let mut y = mlp(layer, &x, b.hidden_act, model)?;
+        if let Some(n) = &layer.post_ff_norm {
+            norm(n, &mut y, e)?;
+        }
+        h.iter_mut().zip(&y).for_each(|(h, y)| *h += y);
+    }
+    state.key_pos = key_pos;
+    state.pos += 1;
+
+    let x = normed(&model.norm, &h)?;
+    let mut logits = linears(&[&model.lm_head], &x, &model.device)?.pop().unwrap_or_default();
+    if let Some(c) = b.final_logit_softcap {
+        let inv = (1.0 / c) as f32;
+        let c = c as f32;
+        logits.iter_mut().for_each(|x| *x = (*x * inv).tanh() * c);
+    }
+    let n = logits.len();
+    Ok(Tensor::from_vec(logits, (1, n), &model.device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::LoraSide;
+    use candle_core::quantized::QMatMul;
+
+    /// The slice path of [`linears`] (dense kernel, quantized call, unmerged LoRA, bias) equals
+    /// `Linear::forward` of the tensor path.
+    #[test]
+    fn linears_match_linear_forward() {
+        let dev = Device::Cpu;
+        let t = |dims: (usize, usize)| Tensor::randn(0f32, 1.0, dims, &dev).expect("randn");
+        let w = t((24, 16));
+        let lora = LoraSide { a: t((4, 16)), b: t((24, 4)), scale: 0.7 };
+        let bias = Tensor::randn(0f32, 1.0, 24, &dev).expect("bias");
+        let dense = Linear { w: Matrix::Dense(w.clone()), b: Some(bias.clone()), lora: None };
+        let quant = Linear { w: Matrix::Quant(QMatMul::Tensor(w)), b: Some(bias), lora: Some(lora) };
+        let x = Tensor::randn(0f32, 1.0, (1, 16), &dev).expect("x");
+        let xs = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("x");
+        let got = linears(&[&dense, &quant], &xs, &dev).expect("linears");
+        for (l, g) in [&dense, &quant].iter().zip(&got) {
+            let want = l.forward(&x).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).expect("forward");
+            let d = want.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d < 1e-4, "{d}");
+        }
+        // The unmerged LoRA changes the result (so the comparison above is not vacuous).
+        let d = got[0].iter().zip(&got[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d > 1e-2, "{d}");
+    }
+}
