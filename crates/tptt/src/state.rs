@@ -1,10 +1,16 @@
 //! The per-conversation [`State`]: what a conversation accumulates besides the weights (KV
 //! window, the linear branch's carries, position), and its conversion to and from a flat map of
 //! named tensors for snapshots (the engine adds the file format and metadata).
+//!
+//! Restoring is built for speed: [`State::from_safetensors`] reads the little-endian bytes of a
+//! (memory-mapped) snapshot straight into one KV allocation for all layers, sized to the capacity
+//! the next decode step needs (so it does not reallocate) and, on Linux, marked for transparent
+//! huge pages (faulting in hundreds of megabytes 4 KiB at a time costs more than the copy).
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
 use crate::linear::{CarryMode, LinearCarry, PrevToken};
@@ -13,7 +19,8 @@ use crate::linear::{CarryMode, LinearCarry, PrevToken};
 #[derive(Debug)]
 pub struct LayerState {
     /// Cached RoPE'd keys `[Hkv, capacity, D]`; the first `State::key_pos.len()` slots are valid.
-    /// Written in place (`slice_set`), so a clone must deep-copy it.
+    /// Written in place (`slice_set`), so a clone must deep-copy it. After a restore it is a view
+    /// of one buffer shared by all layers' keys and values ([`State::from_safetensors`]).
     pub k: Option<Tensor>,
     /// Cached values, likewise.
     pub v: Option<Tensor>,
@@ -23,8 +30,10 @@ pub struct LayerState {
 
 impl Clone for LayerState {
     fn clone(&self) -> Self {
-        // The KV buffers are mutated in place: share nothing with the clone.
-        let deep = |t: &Option<Tensor>| t.as_ref().and_then(|t| t.copy().ok());
+        // The KV buffers are mutated in place: share nothing with the clone. `force_contiguous`
+        // copies just this layer's view (`copy` would duplicate a restored state's whole
+        // shared buffer).
+        let deep = |t: &Option<Tensor>| t.as_ref().and_then(|t| t.force_contiguous().ok());
         Self { k: deep(&self.k), v: deep(&self.v), linear: self.linear.clone() }
     }
 }
@@ -53,10 +62,7 @@ impl LayerState {
         if slots <= cap {
             return Ok(());
         }
-        let mut new_cap = (cap * 2).max(slots).max(16);
-        if let Some(w) = window {
-            new_cap = new_cap.min(w).max(slots);
-        }
+        let new_cap = grown_capacity(cap, slots, window);
         let grow = |old: &Option<Tensor>| -> Result<Tensor> {
             let buf = Tensor::zeros((kv_heads, new_cap, dim), candle_core::DType::F32, device)?;
             if let Some(o) = old {
@@ -67,6 +73,127 @@ impl LayerState {
         self.k = Some(grow(&self.k)?);
         self.v = Some(grow(&self.v)?);
         Ok(())
+    }
+}
+
+/// The capacity [`LayerState::ensure_capacity`] grows a cache of `cap` slots to when it must hold
+/// `slots`: doubled (at least 16), bounded by the window.
+fn grown_capacity(cap: usize, slots: usize, window: Option<usize>) -> usize {
+    let new_cap = (cap * 2).max(slots).max(16);
+    match window {
+        Some(w) => new_cap.min(w).max(slots),
+        None => new_cap,
+    }
+}
+
+/// KV slots to allocate for a restored cache of `n` positions: in `Continue` mode what the next
+/// in-place decode write would grow it to (the full window once it has filled, since slot =
+/// position mod W), so the first step after a restore does not reallocate; in `Reference` mode
+/// exactly `n` (that mode concatenates instead of writing in place).
+fn restored_capacity(n: usize, mode: CarryMode, window: Option<usize>) -> usize {
+    match (mode, window) {
+        (CarryMode::Reference, _) => n,
+        (CarryMode::Continue, Some(w)) if n >= w => n,
+        (CarryMode::Continue, _) => grown_capacity(n, n + 1, window),
+    }
+}
+
+/// An empty vector with room for `len` values. On Linux a large one is marked for transparent
+/// huge pages (`MADV_HUGEPAGE`, a hint the kernel may ignore): filling a few hundred megabytes
+/// of fresh memory 4 KiB page by page costs several times the copy itself.
+fn big_buffer(len: usize) -> Vec<f32> {
+    let v: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let bytes = v.capacity() * std::mem::size_of::<f32>();
+        let (from, to) = ((start + HUGE - 1) & !(HUGE - 1), (start + bytes) & !(HUGE - 1));
+        if to > from {
+            // SAFETY: [from, to) lies inside the vector's own allocation (rounded inwards to
+            // 2 MiB boundaries), and MADV_HUGEPAGE only changes how the kernel backs those pages,
+            // never their contents. A failure (THP disabled) leaves ordinary pages: ignored.
+            unsafe {
+                libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v
+}
+
+/// Append little-endian f32 bytes (a multiple of 4 long) to `dst`.
+fn extend_le_f32(dst: &mut Vec<f32>, bytes: &[u8]) {
+    match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+        // Aligned (as in a memory-mapped safetensors file) on a little-endian machine: one memcpy.
+        Ok(values) if cfg!(target_endian = "little") => dst.extend_from_slice(values),
+        _ => dst.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+    }
+}
+
+/// The values of one f32 tensor of a snapshot: its little-endian bytes (borrowed from the
+/// file) or already decoded.
+enum Values<'a> {
+    Bytes(&'a [u8]),
+    Decoded(Vec<f32>),
+}
+
+impl Values<'_> {
+    /// Append elements `[from, from + len)` to `dst` (the range is checked by the caller).
+    fn extend_into(&self, dst: &mut Vec<f32>, from: usize, len: usize) {
+        match self {
+            Values::Bytes(b) => extend_le_f32(dst, &b[from * 4..(from + len) * 4]),
+            Values::Decoded(v) => dst.extend_from_slice(&v[from..from + len]),
+        }
+    }
+
+    fn into_vec(self) -> Vec<f32> {
+        match self {
+            Values::Bytes(b) => {
+                let mut v = Vec::with_capacity(b.len() / 4);
+                extend_le_f32(&mut v, b);
+                v
+            }
+            Values::Decoded(v) => v,
+        }
+    }
+}
+
+/// Where a state is restored from: candle tensors or a parsed safetensors buffer.
+enum Source<'a, 'b> {
+    Tensors(&'a HashMap<String, Tensor>),
+    File(&'a SafeTensors<'b>),
+}
+
+impl<'b> Source<'_, 'b> {
+    /// Shape and values of an f32 tensor, `None` when absent.
+    fn f32s(&self, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
+        match self {
+            Source::Tensors(t) => match t.get(name) {
+                None => Ok(None),
+                Some(x) if x.dtype() != DType::F32 => Err(Error::State(format!("tensor {name:?} is {:?}, not f32", x.dtype()))),
+                Some(x) => Ok(Some((x.dims().to_vec(), Values::Decoded(x.flatten_all()?.to_vec1()?)))),
+            },
+            Source::File(st) => match st.tensor(name) {
+                Err(_) => Ok(None),
+                Ok(v) if v.dtype() != safetensors::Dtype::F32 => Err(Error::State(format!("tensor {name:?} is {:?}, not f32", v.dtype()))),
+                // The file's parser has checked that the byte length matches the shape.
+                Ok(v) => Ok(Some((v.shape().to_vec(), Values::Bytes(v.data())))),
+            },
+        }
+    }
+
+    /// The values of a rank-1 u32 tensor, `None` when absent.
+    fn u32s(&self, name: &str) -> Result<Option<Vec<u32>>> {
+        match self {
+            Source::Tensors(t) => t.get(name).map(|x| x.to_vec1::<u32>()).transpose().map_err(Error::from),
+            Source::File(st) => match st.tensor(name) {
+                Err(_) => Ok(None),
+                Ok(v) if v.dtype() != safetensors::Dtype::U32 || v.shape().len() != 1 => {
+                    Err(Error::State(format!("tensor {name:?} is not a u32 vector")))
+                }
+                Ok(v) => Ok(Some(v.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())),
+            },
+        }
     }
 }
 
@@ -111,7 +238,9 @@ impl State {
             + self.key_pos.len() * std::mem::size_of::<usize>()
     }
 
-    /// Flatten into named f32/u32 tensors (CPU) for a snapshot.
+    /// Flatten into named f32/u32 tensors (CPU) for a snapshot: `key_pos` (u32), and per layer
+    /// `layers.{i}.k`/`.v` (`[Hkv, kv_len, D]`, views of the cache's valid slots, possibly not
+    /// contiguous), `.state`, `.pool_k`/`.pool_v` (rows) and `.prev` (`[5, H·D]`) where present.
     pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let cpu = Device::Cpu;
         let mut m = HashMap::new();
@@ -119,8 +248,9 @@ impl State {
         m.insert("key_pos".to_string(), Tensor::from_vec(kp.clone(), kp.len(), &cpu)?);
         for (i, l) in self.layers.iter().enumerate() {
             if let (Some(k), Some(v)) = (l.k_view(self.key_pos.len())?, l.v_view(self.key_pos.len())?) {
-                m.insert(format!("layers.{i}.k"), k.to_device(&cpu)?.contiguous()?);
-                m.insert(format!("layers.{i}.v"), v.to_device(&cpu)?.contiguous()?);
+                // Views of the first slots (not copied): a snapshot writer reads their blocks.
+                m.insert(format!("layers.{i}.k"), k.to_device(&cpu)?);
+                m.insert(format!("layers.{i}.v"), v.to_device(&cpu)?);
             }
             let c = &l.linear;
             m.insert(format!("layers.{i}.state"), Tensor::from_vec(c.state.clone(), c.state.len(), &cpu)?);
@@ -139,7 +269,9 @@ impl State {
     }
 
     /// Rebuild from [`State::to_tensors`] output. `heads`, `dim` and `num_layers` come from the
-    /// model the state is restored onto; any disagreement is an error.
+    /// model the state is restored onto; any disagreement is an error. The KV cache gets the
+    /// capacity the next decode step needs (see [`State::from_safetensors`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn from_tensors(
         t: &HashMap<String, Tensor>,
         num_layers: usize,
@@ -150,45 +282,128 @@ impl State {
         window: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
-        let get = |name: &str| t.get(name).ok_or_else(|| Error::State(format!("snapshot lacks tensor {name:?}")));
-        let key_pos: Vec<usize> = get("key_pos")?.to_vec1::<u32>()?.into_iter().map(|p| p as usize).collect();
-        let mut layers = Vec::with_capacity(num_layers);
-        for i in 0..num_layers {
-            let state: Vec<f32> = get(&format!("layers.{i}.state"))?.to_vec1()?;
-            if state.len() != heads * dim * dim {
-                return Err(Error::State(format!("layer {i}: recurrent state has {} values, model needs {}", state.len(), heads * dim * dim)));
+        Self::restore(&Source::Tensors(t), num_layers, heads, None, dim, pos, mode, window, device)
+    }
+
+    /// Rebuild from a parsed safetensors buffer holding [`State::to_tensors`] output (a snapshot
+    /// file, memory-mapped by the caller), reading the tensors' bytes in place: the KV cache is
+    /// copied once, into a single allocation for all layers (each layer's keys and values are
+    /// views of it) that already has the capacity the next decode step needs, so restoring
+    /// costs one pass over the file. `base` is the config of the model the state is restored
+    /// onto; any disagreement in shape (layers, heads, KV heads, head size) is an error. Tensors
+    /// other than the state's (the engine's `tokens`, say) are ignored.
+    pub fn from_safetensors(
+        t: &SafeTensors<'_>,
+        base: &crate::config::BaseConfig,
+        pos: usize,
+        mode: CarryMode,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::restore(&Source::File(t), base.num_layers, base.num_heads, Some(base.num_kv_heads), base.head_dim, pos, mode, window, device)
+    }
+
+    /// [`State::from_tensors`] and [`State::from_safetensors`]: `kv_heads` is checked when given.
+    #[allow(clippy::too_many_arguments)]
+    fn restore(
+        t: &Source<'_, '_>,
+        num_layers: usize,
+        heads: usize,
+        kv_heads: Option<usize>,
+        dim: usize,
+        pos: usize,
+        mode: CarryMode,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let get = |name: &str| t.f32s(name)?.ok_or_else(|| Error::State(format!("snapshot lacks tensor {name:?}")));
+        let key_pos: Vec<usize> = t
+            .u32s("key_pos")?
+            .ok_or_else(|| Error::State("snapshot lacks tensor \"key_pos\"".into()))?
+            .into_iter()
+            .map(|p| p as usize)
+            .collect();
+        let n = key_pos.len();
+        if let (CarryMode::Continue, Some(w)) = (mode, window) {
+            if n > w {
+                return Err(Error::State(format!("{n} cached positions do not fit the window of {w}")));
             }
+        }
+
+        // The KV cache of every layer, checked: [Hkv, n, D] each, the same Hkv throughout.
+        let mut kv: Vec<(Values<'_>, Values<'_>)> = Vec::with_capacity(num_layers);
+        let mut hkv = kv_heads;
+        for i in 0..num_layers {
+            match (t.f32s(&format!("layers.{i}.k"))?, t.f32s(&format!("layers.{i}.v"))?) {
+                (Some((ks, k)), Some((vs, v))) => {
+                    let h = *hkv.get_or_insert(ks.first().copied().unwrap_or(0));
+                    if ks != [h, n, dim] || vs != ks {
+                        return Err(Error::State(format!(
+                            "layer {i}: KV cache shapes {ks:?} / {vs:?} do not match {n} positions of {h} heads × {dim}"
+                        )));
+                    }
+                    kv.push((k, v));
+                }
+                (None, None) if n == 0 => {}
+                _ => return Err(Error::State(format!("layer {i}: KV cache missing"))),
+            }
+        }
+        let kv_bufs: Vec<Option<(Tensor, Tensor)>> = match hkv {
+            Some(h) if kv.len() == num_layers && n > 0 => {
+                // One buffer [L, 2, Hkv, cap, D], each head's n positions then zeros up to cap.
+                let cap = restored_capacity(n, mode, window);
+                let mut buf = big_buffer(num_layers * 2 * h * cap * dim);
+                for (k, v) in &kv {
+                    for x in [k, v] {
+                        for head in 0..h {
+                            x.extend_into(&mut buf, head * n * dim, n * dim);
+                            buf.resize(buf.len() + (cap - n) * dim, 0.0);
+                        }
+                    }
+                }
+                drop(kv);
+                let all = Tensor::from_vec(buf, (num_layers, 2, h, cap, dim), &Device::Cpu)?.to_device(device)?;
+                (0..num_layers).map(|i| Ok(Some((all.i((i, 0))?, all.i((i, 1))?)))).collect::<Result<_>>()?
+            }
+            _ => (0..num_layers).map(|_| None).collect(),
+        };
+
+        let mut layers = Vec::with_capacity(num_layers);
+        for (i, kv) in kv_bufs.into_iter().enumerate() {
+            let (shape, state) = get(&format!("layers.{i}.state"))?;
+            if shape != [heads * dim * dim] {
+                return Err(Error::State(format!("layer {i}: recurrent state has shape {shape:?}, model needs [{}]", heads * dim * dim)));
+            }
+            let state = state.into_vec();
             let rows = |name: &str| -> Result<Vec<Vec<f32>>> {
-                match t.get(&format!("layers.{i}.{name}")) {
-                    Some(x) => Ok(x.to_vec2()?),
+                match t.f32s(&format!("layers.{i}.{name}"))? {
+                    Some((shape, x)) => match shape[..] {
+                        [_, c] if c > 0 => Ok(x.into_vec().chunks_exact(c).map(<[f32]>::to_vec).collect()),
+                        [0, _] => Ok(Vec::new()),
+                        _ => Err(Error::State(format!("layer {i}: {name} has the wrong shape {shape:?}"))),
+                    },
                     None => Ok(Vec::new()),
                 }
             };
-            let prev = match t.get(&format!("layers.{i}.prev")) {
-                Some(x) => {
-                    let r: Vec<Vec<f32>> = x.to_vec2()?;
-                    if r.len() != 5 || r[0].len() != heads * dim {
+            let prev = match t.f32s(&format!("layers.{i}.prev"))? {
+                Some((shape, x)) => {
+                    if shape != [5, heads * dim] {
                         return Err(Error::State(format!("layer {i}: order-2 buffer has the wrong shape")));
                     }
-                    let mut it = r.into_iter();
-                    let mut next = || it.next().unwrap_or_default();
-                    Some(PrevToken { q: next(), k: next(), v: next(), alpha: next(), beta: next() })
+                    let r = x.into_vec();
+                    let part = |j: usize| r[j * heads * dim..(j + 1) * heads * dim].to_vec();
+                    Some(PrevToken { q: part(0), k: part(1), v: part(2), alpha: part(3), beta: part(4) })
                 }
                 None => None,
             };
-            let (k, v) = match (t.get(&format!("layers.{i}.k")), t.get(&format!("layers.{i}.v"))) {
-                (Some(k), Some(v)) => {
-                    if k.dim(1)? != key_pos.len() || v.dims() != k.dims() || k.dim(2)? != dim {
-                        return Err(Error::State(format!("layer {i}: KV cache shape {:?} does not match {} positions", k.dims(), key_pos.len())));
-                    }
-                    (Some(k.to_device(device)?.copy()?), Some(v.to_device(device)?.copy()?))
-                }
-                (None, None) if key_pos.is_empty() => (None, None),
-                _ => return Err(Error::State(format!("layer {i}: KV cache missing"))),
+            let (k, v) = match kv {
+                Some((k, v)) => (Some(k), Some(v)),
+                None => (None, None),
             };
             layers.push(LayerState { k, v, linear: LinearCarry { state, pool_k: rows("pool_k")?, pool_v: rows("pool_v")?, prev } });
         }
-        if t.contains_key(&format!("layers.{num_layers}.state")) {
+        let extra = format!("layers.{num_layers}.state");
+        if t.f32s(&extra)?.is_some() {
             return Err(Error::State(format!("snapshot has more than {num_layers} layers")));
         }
         Ok(Self { pos, key_pos, layers, mode, window })
