@@ -27,19 +27,37 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
+/// This process's user + system CPU seconds (Linux `/proc/self/stat`, 100 ticks/s), 0 elsewhere.
+/// On a shared machine the wall clock mostly measures the neighbours; CPU time much less so.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// (median wall, min wall, CPU seconds per rep).
+fn time<F: FnMut()>(reps: usize, mut f: F) -> (f64, f64, f64) {
     f(); // warm-up
-    median((0..reps).map(|_| {
-        let t0 = Instant::now();
-        f();
-        t0.elapsed().as_secs_f64()
-    }).collect())
+    let c0 = cpu_secs();
+    let walls: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    let cpu = (cpu_secs() - c0) / reps as f64;
+    let min = walls.iter().copied().fold(f64::INFINITY, f64::min);
+    (median(walls), min, cpu)
 }
 
 fn branch(s: usize, reps: usize, which: ScanImpl) {
     let (h, hkv, d) = (9, 3, 64);
     let (q, k, v) = (rand_vec(s * h * d, 1), rand_vec(s * hkv * d, 2), rand_vec(s * hkv * d, 3));
-    for mode in ["delta_product", "delta_rule", "delta_rule_gelu"] {
+    let modes = std::env::var("MODES").unwrap_or_else(|_| "delta_product,delta_rule,delta_rule_gelu".into());
+    for mode in modes.split(',') {
         let rc = RecurrentConfig::from_operator_mode(mode).expect("mode");
         let shape = LinearShape { heads: h, kv_heads: hkv, dim: d, rc, max_chunk: 64 };
         let fwd = time(reps, || {
@@ -64,7 +82,15 @@ fn branch(s: usize, reps: usize, which: ScanImpl) {
             let mut st = vec![linear::STATE_INIT; h * d * d];
             std::hint::black_box(linear::scan(&inp, &mut st, which));
         });
-        println!("{mode:16} S={s} C={chunk}: forward {:7.2} ms  scan {:7.2} ms  rest {:6.2} ms  (x30 layers: {:6.1} ms)", fwd * 1e3, sc * 1e3, (fwd - sc) * 1e3, fwd * 30e3);
+        println!(
+            "{mode:16} S={s} C={chunk}: forward med {:6.2} min {:6.2} cpu {:6.2} ms | scan med {:6.2} min {:6.2} cpu {:6.2} ms",
+            fwd.0 * 1e3,
+            fwd.1 * 1e3,
+            fwd.2 * 1e3,
+            sc.0 * 1e3,
+            sc.1 * 1e3,
+            sc.2 * 1e3
+        );
     }
 }
 
@@ -73,16 +99,14 @@ fn model(dir: &str, tokens: usize, reps: usize) -> Result<(), Box<dyn std::error
     for mag in [0.0f32, 0.125] {
         let t = TpttSettings::injected("delta_product", mag, dir)?;
         let m = Model::load_plain(std::path::Path::new(dir), t, &LoadOptions::default())?;
-        let mut times = Vec::new();
-        for _ in 0..reps + 1 {
+        let (med, min, cpu) = time(reps, || {
             let mut st = m.new_state(CarryMode::Continue, Some(8192));
-            let t0 = Instant::now();
-            m.forward(&ids, &mut st, Logits::Last)?;
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        times.remove(0);
-        let all = times.iter().map(|t| format!("{:.0}", tokens as f64 / t)).collect::<Vec<_>>().join(" ");
-        println!("model mag {mag}: prefill {tokens}: median {:.1} tok/s  [{all}]", tokens as f64 / median(times));
+            if let Err(e) = m.forward(&ids, &mut st, Logits::Last) {
+                panic!("forward: {e}");
+            }
+        });
+        let tps = |t: f64| tokens as f64 / t;
+        println!("model mag {mag}: prefill {tokens}: wall median {:.1} tok/s, best {:.1} tok/s, cpu {:.3} s/prefill", tps(med), tps(min), cpu);
     }
     Ok(())
 }

@@ -138,7 +138,7 @@ pub(crate) fn run<R: ChunkRows>(rows: &R, plan: &Plan<'_>, heads: usize, state: 
     // Bound the stored chunk states (`D²` per chunk and group).
     let per_window = (WINDOW_FLOATS / (d * d * n_groups).max(1)).clamp(1, n_chunks.max(1));
     // Small calls (decoding) stay on the calling thread.
-    let par = s * n * d * d * n_groups >= 1 << 15;
+    let par = s * n * d * d * n_groups >= 1 << 17;
     let mut member = vec![(0usize, 0usize); heads];
     for (g, hs) in plan.groups.iter().enumerate() {
         for (mi, &h) in hs.iter().enumerate() {
@@ -457,6 +457,22 @@ fn gemm<const F: bool>(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
     if m == 0 || n == 0 {
         return;
     }
+    if m <= 2 {
+        // One or two rows (decoding): a register tile would be a chain of `k` dependent
+        // multiply-adds per vector; instead accumulate whole rows of `b` (`n/8` independent
+        // vectors per step).
+        let mut t = vec![0f32; n];
+        for i in 0..m {
+            t.fill(0.0);
+            for (p, &x) in a[i * lda..i * lda + k].iter().enumerate() {
+                axpy::<F>(&mut t, x, &b[p * ldb..p * ldb + n]);
+            }
+            for (cv, &tv) in c[i * ldc..i * ldc + n].iter_mut().zip(&t) {
+                *cv = if acc { fmadd::<F>(s, tv, *cv) } else { s * tv };
+            }
+        }
+        return;
+    }
     let mut pack = vec![0f32; MR * k];
     let whole = n - n % NR;
     for i0 in (0..m).step_by(MR) {
@@ -474,12 +490,15 @@ fn gemm<const F: bool>(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
             }
         }
         for j0 in (0..whole).step_by(NR) {
-            let tile = micro::<F>(k, &pack, b, ldb, j0);
-            for (r, tr) in tile.iter().enumerate().take(mr) {
-                let cr = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + NR];
-                for (cv, &t) in cr.iter_mut().zip(tr) {
-                    *cv = if acc { fmadd::<F>(s, t, *cv) } else { s * t };
-                }
+            // A short last panel (and single-row products when decoding) runs a kernel of its
+            // own height rather than multiplying zero rows.
+            match mr {
+                1 => store::<F, 1>(micro::<F, 1>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                2 => store::<F, 2>(micro::<F, 2>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                3 => store::<F, 3>(micro::<F, 3>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                4 => store::<F, 4>(micro::<F, 4>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                5 => store::<F, 5>(micro::<F, 5>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                _ => store::<F, MR>(micro::<F, MR>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
             }
         }
         for j in whole..n {
@@ -495,13 +514,24 @@ fn gemm<const F: bool>(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
     }
 }
 
-/// The `MR×NR` block `Σ_p pack[p, :]ᵀ·b[p, j0..j0+NR]`.
+/// `c[i0 + r, j0 + j] = (acc ? c : 0) + s·tile[r][j]`.
 #[inline(always)]
-fn micro<const F: bool>(k: usize, pack: &[f32], b: &[f32], ldb: usize, j0: usize) -> [[f32; NR]; MR] {
-    let mut t = [[0f32; NR]; MR];
+fn store<const F: bool, const M: usize>(tile: [[f32; NR]; M], c: &mut [f32], (i0, j0, ldc): (usize, usize, usize), s: f32, acc: bool) {
+    for (r, tr) in tile.iter().enumerate() {
+        let cr = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + NR];
+        for (cv, &t) in cr.iter_mut().zip(tr) {
+            *cv = if acc { fmadd::<F>(s, t, *cv) } else { s * t };
+        }
+    }
+}
+
+/// The `M×NR` block `Σ_p pack[p, :M]ᵀ·b[p, j0..j0+NR]` (`M ≤ MR`; the pack's row stride is `MR`).
+#[inline(always)]
+fn micro<const F: bool, const M: usize>(k: usize, pack: &[f32], b: &[f32], ldb: usize, j0: usize) -> [[f32; NR]; M] {
+    let mut t = [[0f32; NR]; M];
     for (p, ap) in pack.chunks_exact(MR).take(k).enumerate() {
         let bp = &b[p * ldb + j0..p * ldb + j0 + NR];
-        for r in 0..MR {
+        for r in 0..M {
             let ar = ap[r];
             for j in 0..NR {
                 t[r][j] = fmadd::<F>(ar, bp[j], t[r][j]);

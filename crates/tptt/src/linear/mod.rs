@@ -591,7 +591,11 @@ fn forward_fused(shape: &LinearShape, q_raw: &[f32], k_raw: &[f32], v_raw: &[f32
     let n = rc.order;
     let prev = carry.prev.take();
 
-    let same = |x: &[f32], a: usize, b: usize, w: usize| x[a * w..(a + 1) * w] == x[b * w..(b + 1) * w];
+    // Bitwise equality of rows `a` and `b` (`w` wide) of `x`, in blocks that vectorise.
+    let same = |x: &[f32], a: usize, b: usize, w: usize| {
+        let (ra, rb) = (&x[a * w..(a + 1) * w], &x[b * w..(b + 1) * w]);
+        ra.chunks(64).zip(rb.chunks(64)).all(|(p, q)| p.iter().zip(q).fold(0u32, |acc, (u, v)| acc | (u.to_bits() ^ v.to_bits())) == 0)
+    };
     let shared = (0..h_n).all(|h| {
         let rep = h / g * g;
         same(&carry.state, h, rep, d * d)
