@@ -25,8 +25,10 @@
 //! `u'` and the states only depend on those, so they are computed once per group and only the
 //! query products are per head. With [`scan`] every head is its own group.
 //!
-//! The products use a register-blocked `6×16` micro-kernel; every phase is compiled twice
-//! (baseline, and AVX2 + FMA picked at run time, so the binary still runs on older x86-64).
+//! The products use a register-blocked `6×16` micro-kernel (whole-row accumulation for products of
+//! one or two rows, as in decoding); every phase is compiled twice (baseline, and AVX2 + FMA
+//! picked at run time, so the binary still runs on older x86-64). Small scans stay on the calling
+//! thread.
 
 use rayon::prelude::*;
 
@@ -182,9 +184,17 @@ fn map_tasks<T: Send>(n: usize, par: bool, f: impl Fn(usize) -> T + Sync + Send)
     }
 }
 
+/// Unit tests set this to run the baseline variants on an AVX2 machine too.
+#[cfg(test)]
+pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// True when the AVX2 + FMA variants may run (checked at run time, cached by std).
 #[inline(always)]
 fn has_avx2_fma() -> bool {
+    #[cfg(test)]
+    if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

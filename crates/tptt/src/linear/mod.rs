@@ -12,6 +12,9 @@
 //!   `1e-6` and the pooling at every call and only keeps the order-2 buffer (SPEC §7).
 //!
 //! [`scan`] dispatches to the fast path ([`fast`]); [`naive`] is the literal specification.
+//! [`forward`] with [`ScanImpl::Naive`] follows SPEC §4 literally (every processed and virtual
+//! row of the call materialised, then the naive scan); with [`ScanImpl::Fast`] the rows are made
+//! per chunk inside the fast scan and the heads sharing a kv head share the key-side work.
 
 pub mod fast;
 pub mod naive;
@@ -94,6 +97,42 @@ fn sigmoid(x: f32) -> f32 {
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+/// `eˣ` without a library call, so that loops over rows vectorise (the fast path's SiLU and
+/// gates): `x = n·ln2 + r` with `n = round(x·log₂e)`, `|r| ≤ ln2/2`, `eʳ` by Cephes' degree-6
+/// `expf` polynomial (about 1 ulp), times `2ⁿ` built in the exponent bits. `x` is clamped to
+/// `[-87.3, 88.3]` (so `2ⁿ` stays a normal float); outside it `eˣ` only feeds `1/(1 + eˣ)`-type
+/// expressions that are then 0 or 1 to well within float tolerance.
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // ln 2 split in two: n·LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `x·sigmoid(x)` with [`exp_fast`].
+#[inline(always)]
+fn silu_fast(x: f32) -> f32 {
+    x / (1.0 + exp_fast(-x))
+}
+
+/// `sigmoid(x)` with [`exp_fast`].
+#[inline(always)]
+fn sigmoid_fast(x: f32) -> f32 {
+    1.0 / (1.0 + exp_fast(-x))
 }
 
 /// `F.normalize(x, p=2, eps=1e-6)` in place.
@@ -418,11 +457,15 @@ struct KvRow {
     v: Vec<f32>,
     alpha: Vec<f32>,
     beta: Vec<f32>,
+    /// Scratch: the `k` and `v` gates.
+    fg: Vec<f32>,
+    wg: Vec<f32>,
 }
 
 impl KvRow {
     fn new(d: usize) -> Self {
-        Self { k: vec![0f32; d], v: vec![0f32; d], alpha: vec![0f32; d], beta: vec![0f32; d] }
+        let z = || vec![0f32; d];
+        Self { k: z(), v: z(), alpha: z(), beta: z(), fg: z(), wg: z() }
     }
 }
 
@@ -448,6 +491,7 @@ struct Fused<'a> {
 
 impl<'a> Fused<'a> {
     /// Token `t`'s processed query for head `h` (`t = -1`: the carried one, or zeros).
+    #[inline(always)]
     fn proc_q(&self, t: isize, h: usize, out: &mut [f32]) {
         let d = self.d;
         if t < 0 {
@@ -459,13 +503,14 @@ impl<'a> Fused<'a> {
         }
         let o = t as usize * self.h_n * d + h * d;
         for (x, &r) in out.iter_mut().zip(&self.q_raw[o..o + d]) {
-            *x = silu(r);
+            *x = silu_fast(r);
         }
         l2norm(out);
     }
 
     /// Token `t`'s processed key-side values of kv head `kvh` (`t = -1`: the carried ones of head
     /// `rep`, or zeros).
+    #[inline(always)]
     fn proc_kv(&self, t: isize, kvh: usize, rep: usize, out: &mut KvRow) {
         let d = self.d;
         if t < 0 {
@@ -488,7 +533,7 @@ impl<'a> Fused<'a> {
         let (f, lo) = (self.fkv, kvh * d);
         let o = t as usize * f + lo;
         for (x, &r) in out.k.iter_mut().zip(&self.k_raw[o..o + d]) {
-            *x = silu(r);
+            *x = silu_fast(r);
         }
         l2norm(&mut out.k);
         for (x, &r) in out.v.iter_mut().zip(&self.v_raw[o..o + d]) {
@@ -500,12 +545,19 @@ impl<'a> Fused<'a> {
         let window = |x: &'a [f32], hist: &'a [Vec<f32>]| {
             [t - 2, t - 1, t].map(|r| &pool_row(x, f, hist, r)[lo..lo + d])
         };
-        let pooled = |w: &[&[f32]; 3], e: usize| sigmoid(w[0][e] * third + w[1][e] * third + w[2][e] * third);
-        let (kw, vw) = (window(self.k_raw, self.pool_k), window(self.v_raw, self.pool_v));
-        let (use_f, use_w) = (uses(Gate::K), uses(Gate::V));
+        let pooled = |w: [&[f32]; 3], out: &mut [f32]| {
+            for (((o, &a), &b), &c) in out.iter_mut().zip(w[0]).zip(w[1]).zip(w[2]) {
+                *o = sigmoid_fast(a * third + b * third + c * third);
+            }
+        };
+        if uses(Gate::K) {
+            pooled(window(self.k_raw, self.pool_k), &mut out.fg);
+        }
+        if uses(Gate::V) {
+            pooled(window(self.v_raw, self.pool_v), &mut out.wg);
+        }
         for e in 0..d {
-            let fg = if use_f { pooled(&kw, e) } else { 0.0 };
-            let wg = if use_w { pooled(&vw, e) } else { 0.0 };
+            let (fg, wg) = (out.fg[e], out.wg[e]);
             let gate = |which: Gate, beta: bool| match which {
                 Gate::K => fg,
                 Gate::V => wg,
@@ -525,6 +577,7 @@ impl<'a> Fused<'a> {
 }
 
 impl fast::ChunkRows for Fused<'_> {
+    #[inline(always)]
     fn kvab(&self, group: usize, chunk: usize, k: &mut [f32], v: &mut [f32], alpha: &mut [f32], beta: &mut [f32]) {
         let (d, c) = (self.d, self.chunk);
         let (kvh, rep) = self.groups[group];
@@ -558,6 +611,7 @@ impl fast::ChunkRows for Fused<'_> {
         }
     }
 
+    #[inline(always)]
     fn q_last(&self, head: usize, chunk: usize, q: &mut [f32]) {
         let (d, c) = (self.d, self.chunk);
         let t0 = (chunk * c) as isize;
@@ -856,5 +910,35 @@ mod tests {
             assert!(diff < 1e-4, "{mode}: output {diff}");
             assert!(carry_diff(&fast, &naive) < 1e-5, "{mode}: carry");
         }
+    }
+
+    #[test]
+    fn exp_fast_is_within_a_few_ulp_and_its_sigmoids_saturate() {
+        for i in -20_000..=20_000 {
+            let x = i as f32 * 0.0044; // [-88, 88]
+            if x.abs() < 87.0 {
+                let (a, b) = (exp_fast(x), x.exp());
+                assert!((a - b).abs() <= 4.0 * f32::EPSILON * b, "exp({x}): {a} vs {b}");
+            }
+        }
+        for x in [-1e30f32, -200.0, -90.0, -20.0, -1.0, 0.0, 0.5, 20.0, 90.0, 200.0, 1e30] {
+            assert!((sigmoid_fast(x) - sigmoid(x)).abs() < 1e-6, "sigmoid({x})");
+            assert!((silu_fast(x) - silu(x)).abs() <= 1e-6 * x.abs().max(1.0), "silu({x})");
+        }
+    }
+
+    /// The baseline (non-AVX2) variants of the fast scan agree too. Other tests running at the
+    /// same time may take the baseline path while the flag is set; they check the same contract.
+    #[test]
+    fn baseline_variants_match_naive() {
+        use std::sync::atomic::Ordering;
+        fast::FORCE_BASELINE.store(true, Ordering::Relaxed);
+        for &(s, c) in &[(1, 1), (63, 21), (100, 50)] {
+            for n in [1, 2] {
+                check_scan(3, 60, s, n, c, n == 1);
+            }
+        }
+        check_scan(1, 5, 9, 2, 3, true);
+        fast::FORCE_BASELINE.store(false, Ordering::Relaxed);
     }
 }
