@@ -3,7 +3,8 @@
 //! `cargo run --release -p tptt --example linear_prof` times `linear::forward` (gates, pooling,
 //! virtual tokens, scan, merge) and `linear::scan` alone on the SmolLM2-135M shape (H 9, Hkv 3,
 //! D 64) at S = 512, for delta_product and delta_rule. With `model DIR [TOKENS]` it times a whole
-//! prefill of the model with the branch on (mag 0.125) and off (mag 0).
+//! prefill of the model with the branch on (mag 0.125) and off (mag 0); env `MAGS`, `MODES` and
+//! `REPS` select the weights, operator modes and repetitions.
 use std::time::Instant;
 
 use tptt::config::{RecurrentConfig, TpttSettings};
@@ -96,7 +97,8 @@ fn branch(s: usize, reps: usize, which: ScanImpl) {
 
 fn model(dir: &str, tokens: usize, reps: usize) -> Result<(), Box<dyn std::error::Error>> {
     let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919) % 40000 + 10).collect();
-    for mag in [0.0f32, 0.125] {
+    let mags = std::env::var("MAGS").unwrap_or_else(|_| "0,0.125".into());
+    for mag in mags.split(',').filter_map(|m| m.parse::<f32>().ok()) {
         let t = TpttSettings::injected("delta_product", mag, dir)?;
         let m = Model::load_plain(std::path::Path::new(dir), t, &LoadOptions::default())?;
         let (med, min, cpu) = time(reps, || {
