@@ -1,34 +1,440 @@
-//! The fast scan: the same mathematics as [`super::naive`], reorganised so that nothing copies a
-//! `D×D` state per token.
+//! The fast scan: the same mathematics as [`super::naive`], reorganised into blocked
+//! matrix-matrix products, with nothing copying a `D×D` state per token.
 //!
-//! Per head and chunk (N = C·n rows):
-//! * `W = (I − A)⁻¹ kβ` and `U = (I − A)⁻¹ vβ` by one forward substitution each
-//!   (`W_i = kβ_i + Σ_{m<i} A[i,m] W_m`), instead of forming `T` (N²D, not N³).
+//! Per chunk (N = C·n virtual rows, rows of `K, V, α, β` are `D`-vectors):
+//! * `G = kβ·Kᵀ` (strictly lower part, so `A = −G`) and `X = (I − A)⁻¹ [kβ | vβ] = [W | U]` by a
+//!   blocked forward substitution: for a block of rows `J`, first `X_J −= G[J, <J]·X[<J]` (one
+//!   matrix product), then `X_i −= Σ_{m ∈ J, m<i} G[i,m] X_m` inside the block.
 //! * Every token starts from the chunk's `h0`, so its reads of the state are products with `h0`:
-//!   `P_w = W·h0` (all rows) and `P_q = Q·h0` (rows of the last virtual step).
+//!   `P_w = W·h0` (all rows at once) and `P_q = Q·h0` (the rows of each token's last virtual step).
 //! * Order 1: `u' = u − P_w`, `o = P_q + q ⊙ u'`.
 //! * Order 2 (token rows r0, r1): `S1 = h0·diag(α0) + w0⊗u0'` gives
 //!   `S1ᵀx = α0 ⊙ (h0ᵀx) + u0'·(w0·x)`, so
 //!   `u1' = u1 − α0 ⊙ P_w[r1] − u0'·(w0·w1)` and `o1 = α0 ⊙ P_q[r1] + u0'·(w0·q1) + q1 ⊙ u1'`.
-//! * The chunk's final state is the last token's: `h0 ← h0·diag(α…) + Σ w⊗u'` in one pass.
+//! * The chunk's final state is its last token's: `h0 ← (h0·diag(α0) + w0⊗u0')·diag(α1) + w1⊗u1'`
+//!   (order 1: `h0 ← h0·diag(α) + w⊗u'`), then the GELU of the non-linear variants.
 //!
-//! Heads run in parallel (rayon); each head's loops are over contiguous `D`-vectors, compiled
-//! twice (baseline and AVX2 + FMA, picked at run time).
+//! Only that last step is sequential from chunk to chunk, and it needs nothing but the last
+//! token's rows of `W`, `U` and `α`. So a call runs in three phases over windows of chunks:
+//! 1. per (key group, chunk), in parallel: the rows, `G` and the solve for `W`, `U`;
+//! 2. per key group: the chain of chunk-initial states `h0` (`2·n·D²` per chunk);
+//! 3. per (key group, chunk), in parallel: `P_w`, `u'` and, per query head, `P_q` and the outputs.
+//!
+//! A *key group* is a set of query heads whose keys, values, gates and state are the same (the
+//! heads sharing a kv head, when their carried states agree; see `super::forward`): `W`, `U`,
+//! `u'` and the states only depend on those, so they are computed once per group and only the
+//! query products are per head. With [`scan`] every head is its own group.
+//!
+//! The products use a register-blocked `6×16` micro-kernel (whole-row accumulation for products of
+//! one or two rows, as in decoding); every phase is compiled twice (baseline, and AVX2 + FMA
+//! picked at run time, so the binary still runs on older x86-64). Small scans stay on the calling
+//! thread.
 
 use rayon::prelude::*;
 
 use super::{gelu_rows, ScanInput};
 
+/// Where the scan reads the virtual rows of a chunk from (all rows `D` wide).
+pub(crate) trait ChunkRows: Sync {
+    /// Fill `k, v, alpha, beta` (`[N, D]` each, `N = C·n`) with the virtual rows of chunk `chunk`
+    /// of key group `group`.
+    fn kvab(&self, group: usize, chunk: usize, k: &mut [f32], v: &mut [f32], alpha: &mut [f32], beta: &mut [f32]);
+    /// Fill `q` (`[C, D]`) with the query of the last virtual step of every token of chunk `chunk`
+    /// for query head `head`.
+    fn q_last(&self, head: usize, chunk: usize, q: &mut [f32]);
+}
+
+/// The geometry of one call.
+pub(crate) struct Plan<'a> {
+    /// Head dim D.
+    pub dim: usize,
+    /// Tokens S.
+    pub tokens: usize,
+    /// Order n.
+    pub order: usize,
+    /// Chunk C (divides S).
+    pub chunk: usize,
+    /// `false`: inter-chunk GELU.
+    pub linear: bool,
+    /// The query heads of every key group; the first one's state is the group's.
+    pub groups: &'a [Vec<usize>],
+}
+
+/// The outputs of [`run`]: per window, per (group, chunk of the window), `[member, C, D]`.
+pub(crate) struct Outputs {
+    chunk: usize,
+    dim: usize,
+    chunks_per_window: usize,
+    groups: usize,
+    blocks: Vec<Vec<Vec<f32>>>,
+    /// Head → (group, index in the group).
+    member: Vec<(usize, usize)>,
+}
+
+impl Outputs {
+    /// The output row of query head `head` at token `t`.
+    pub fn row(&self, head: usize, t: usize) -> &[f32] {
+        let (g, mi) = self.member[head];
+        let (c, tok) = (t / self.chunk, t % self.chunk);
+        let (win, cw) = (c / self.chunks_per_window, c % self.chunks_per_window);
+        let blocks = &self.blocks[win];
+        let wn = blocks.len() / self.groups.max(1); // chunks in this window
+        let o = (mi * self.chunk + tok) * self.dim;
+        &blocks[g * wn + cw][o..o + self.dim]
+    }
+}
+
+/// See the module doc. Same contract as [`super::naive::scan`].
+pub fn scan(inp: &ScanInput<'_>, state: &mut [f32]) -> Vec<f32> {
+    let (h_n, d, s) = (inp.heads, inp.dim, inp.tokens);
+    let groups: Vec<Vec<usize>> = (0..h_n).map(|h| vec![h]).collect();
+    let plan = Plan { dim: d, tokens: s, order: inp.order, chunk: inp.chunk, linear: inp.linear, groups: &groups };
+    let y = run(&Expanded(inp), &plan, h_n, state);
+    let mut out = vec![0f32; h_n * s * d];
+    for h in 0..h_n {
+        for t in 0..s {
+            out[(h * s + t) * d..(h * s + t + 1) * d].copy_from_slice(y.row(h, t));
+        }
+    }
+    out
+}
+
+/// [`ChunkRows`] over the expanded `[H, S·n, D]` arrays of a [`ScanInput`] (group = head).
+struct Expanded<'a, 'b>(&'a ScanInput<'b>);
+
+impl ChunkRows for Expanded<'_, '_> {
+    fn kvab(&self, group: usize, chunk: usize, k: &mut [f32], v: &mut [f32], alpha: &mut [f32], beta: &mut [f32]) {
+        let inp = self.0;
+        let (d, big_n) = (inp.dim, inp.chunk * inp.order);
+        let o = (group * inp.tokens * inp.order + chunk * big_n) * d;
+        let r = o..o + big_n * d;
+        k.copy_from_slice(&inp.k[r.clone()]);
+        v.copy_from_slice(&inp.v[r.clone()]);
+        alpha.copy_from_slice(&inp.alpha[r.clone()]);
+        beta.copy_from_slice(&inp.beta[r]);
+    }
+
+    fn q_last(&self, head: usize, chunk: usize, q: &mut [f32]) {
+        let inp = self.0;
+        let (d, n, c) = (inp.dim, inp.order, inp.chunk);
+        for (tok, dst) in q.chunks_exact_mut(d).enumerate() {
+            let row = head * inp.tokens * n + (chunk * c + tok) * n + n - 1;
+            dst.copy_from_slice(&inp.q[row * d..(row + 1) * d]);
+        }
+    }
+}
+
+/// The most floats of chunk states a window holds (about 4 MiB; tiny in unit tests, so that
+/// they cross windows).
+#[cfg(not(test))]
+const WINDOW_FLOATS: usize = 1 << 20;
+#[cfg(test)]
+const WINDOW_FLOATS: usize = 1 << 9;
+
+/// Run the scan. `state` is `[H, D, D]` for `heads` query heads; every group's state is read
+/// from its first head and the final one written to all its heads.
+pub(crate) fn run<R: ChunkRows>(rows: &R, plan: &Plan<'_>, heads: usize, state: &mut [f32]) -> Outputs {
+    let (d, s, n, c) = (plan.dim, plan.tokens, plan.order, plan.chunk);
+    let n_groups = plan.groups.len();
+    let n_chunks = s / c;
+    // Bound the stored chunk states (`D²` per chunk and group).
+    let per_window = (WINDOW_FLOATS / (d * d * n_groups).max(1)).clamp(1, n_chunks.max(1));
+    // Small calls (decoding) stay on the calling thread.
+    let par = s * n * d * d * n_groups >= 1 << 17;
+    let mut member = vec![(0usize, 0usize); heads];
+    for (g, hs) in plan.groups.iter().enumerate() {
+        for (mi, &h) in hs.iter().enumerate() {
+            member[h] = (g, mi);
+        }
+    }
+    let mut h: Vec<Vec<f32>> = plan.groups.iter().map(|hs| state[hs[0] * d * d..(hs[0] + 1) * d * d].to_vec()).collect();
+    let mut blocks = Vec::new();
+    for w0 in (0..n_chunks).step_by(per_window) {
+        let wn = per_window.min(n_chunks - w0);
+        // Phase 1: W, U per (group, chunk).
+        let solved = map_tasks(n_groups * wn, par, |i| solve_dispatch(rows, plan, i / wn, w0 + i % wn));
+        // Phase 2: the chunk-initial states, per group.
+        let h0s: Vec<Vec<f32>> = {
+            let work = |(g, hg): (usize, &mut Vec<f32>)| chain_dispatch(plan, &solved[g * wn..(g + 1) * wn], hg);
+            if par {
+                h.par_iter_mut().enumerate().map(work).collect()
+            } else {
+                h.iter_mut().enumerate().map(work).collect()
+            }
+        };
+        // Phase 3: outputs per (group, chunk).
+        blocks.push(map_tasks(n_groups * wn, par, |i| {
+            let (g, cw) = (i / wn, i % wn);
+            outputs_dispatch(rows, plan, g, w0 + cw, &solved[i], &h0s[g][cw * d * d..(cw + 1) * d * d])
+        }));
+    }
+    for (hs, hg) in plan.groups.iter().zip(&h) {
+        for &head in hs {
+            state[head * d * d..(head + 1) * d * d].copy_from_slice(hg);
+        }
+    }
+    Outputs { chunk: c, dim: d, chunks_per_window: per_window, groups: n_groups, blocks, member }
+}
+
+fn map_tasks<T: Send>(n: usize, par: bool, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    if par && n > 1 {
+        (0..n).into_par_iter().map(f).collect()
+    } else {
+        (0..n).map(f).collect()
+    }
+}
+
+/// Unit tests set this to run the baseline variants on an AVX2 machine too.
+#[cfg(test)]
+pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when the AVX2 + FMA variants may run (checked at run time, cached by std).
+#[inline(always)]
+fn has_avx2_fma() -> bool {
+    #[cfg(test)]
+    if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Phase 1 of one (group, chunk): `[W | U]` (`[N, 2D]`) and `α` (`[N, D]`).
+struct Solved {
+    wu: Vec<f32>,
+    alpha: Vec<f32>,
+}
+
+fn solve_dispatch<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize) -> Solved {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features `solve_avx2` is compiled for were detected just above.
+        return unsafe { solve_avx2(rows, plan, g, c) };
+    }
+    solve::<false, R>(rows, plan, g, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn solve_avx2<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize) -> Solved {
+    solve::<true, R>(rows, plan, g, c)
+}
+
+fn chain_dispatch(plan: &Plan<'_>, solved: &[Solved], h: &mut [f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as in `solve_dispatch`.
+        return unsafe { chain_avx2(plan, solved, h) };
+    }
+    chain::<false>(plan, solved, h)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chain_avx2(plan: &Plan<'_>, solved: &[Solved], h: &mut [f32]) -> Vec<f32> {
+    chain::<true>(plan, solved, h)
+}
+
+fn outputs_dispatch<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize, sol: &Solved, h0: &[f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as in `solve_dispatch`.
+        return unsafe { outputs_avx2(rows, plan, g, c, sol, h0) };
+    }
+    outputs::<false, R>(rows, plan, g, c, sol, h0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn outputs_avx2<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize, sol: &Solved, h0: &[f32]) -> Vec<f32> {
+    outputs::<true, R>(rows, plan, g, c, sol, h0)
+}
+
+/// Rows per block of the forward substitution (a multiple of the micro-kernel's 6 rows).
+const SOLVE_BLOCK: usize = 24;
+
+/// Phase 1 (module doc): build the rows of chunk `c` of group `g` and solve for `W`, `U`.
+#[inline(always)]
+fn solve<const F: bool, R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize) -> Solved {
+    let (d, big_n) = (plan.dim, plan.chunk * plan.order);
+    let d2 = 2 * d;
+    let mut k = vec![0f32; big_n * d];
+    let mut v = vec![0f32; big_n * d];
+    let mut alpha = vec![0f32; big_n * d];
+    let mut beta = vec![0f32; big_n * d];
+    rows.kvab(g, c, &mut k, &mut v, &mut alpha, &mut beta);
+    // X = [kβ | vβ], solved in place into [W | U].
+    let mut x = vec![0f32; big_n * d2];
+    for i in 0..big_n {
+        let r = i * d..(i + 1) * d;
+        let (kb, vb) = x[i * d2..(i + 1) * d2].split_at_mut(d);
+        for (((kb, vb), (&ke, &ve)), &be) in kb.iter_mut().zip(vb.iter_mut()).zip(k[r.clone()].iter().zip(&v[r.clone()])).zip(&beta[r]) {
+            *kb = ke * be;
+            *vb = ve * be;
+        }
+    }
+    // Kᵀ (`[D, N]`), the right operand of G = kβ·Kᵀ.
+    let mut kt = vec![0f32; d * big_n];
+    for (m, km) in k.chunks_exact(d).enumerate() {
+        for (e, &x) in km.iter().enumerate() {
+            kt[e * big_n + m] = x;
+        }
+    }
+    drop((k, v, beta));
+    let mut gm = vec![0f32; big_n * big_n];
+    for j0 in (0..big_n).step_by(SOLVE_BLOCK) {
+        let j1 = (j0 + SOLVE_BLOCK).min(big_n);
+        // G[J, m] for m < j1 (rounded up to whole micro-kernel columns): kβ rows of J are still
+        // untouched here, the solve below only rewrites rows < j1 from this block on.
+        let cols = j1.div_ceil(NR).saturating_mul(NR).min(big_n);
+        gemm::<F>(j1 - j0, cols, d, &x[j0 * d2..], d2, &kt, big_n, &mut gm[j0 * big_n..], big_n, 1.0, false);
+        let (done, rest) = x.split_at_mut(j0 * d2);
+        // X_J −= G[J, <J]·X[<J]
+        if j0 > 0 {
+            gemm::<F>(j1 - j0, d2, j0, &gm[j0 * big_n..], big_n, done, d2, rest, d2, -1.0, true);
+        }
+        // Inside the block: X_i −= G[i, m]·X_m for j0 ≤ m < i, in row order.
+        for i in j0 + 1..j1 {
+            let (before, xi) = rest.split_at_mut((i - j0) * d2);
+            let xi = &mut xi[..d2];
+            for m in j0..i {
+                axpy::<F>(xi, -gm[i * big_n + m], &before[(m - j0) * d2..(m - j0 + 1) * d2]);
+            }
+        }
+    }
+    Solved { wu: x, alpha }
+}
+
+/// Phase 2 (module doc): walk `h` over the chunks of `solved`, returning every chunk's initial
+/// state (`[chunks, D, D]`); `h` ends as the state after the last one.
+#[inline(always)]
+fn chain<const F: bool>(plan: &Plan<'_>, solved: &[Solved], h: &mut [f32]) -> Vec<f32> {
+    let (d, n, big_n) = (plan.dim, plan.order, plan.chunk * plan.order);
+    let d2 = 2 * d;
+    let mut h0s = Vec::with_capacity(solved.len() * d * d);
+    let mut pw = vec![0f32; n * d];
+    let mut up0 = vec![0f32; d];
+    let mut up1 = vec![0f32; d];
+    for sol in solved {
+        h0s.extend_from_slice(h);
+        // P_w of the last token's rows.
+        let last = big_n - n;
+        gemm::<F>(n, d, d, &sol.wu[last * d2..], d2, h, d, &mut pw, d, 1.0, false);
+        let w = |i: usize| &sol.wu[(last + i) * d2..(last + i) * d2 + d];
+        let u = |i: usize| &sol.wu[(last + i) * d2 + d..(last + i + 1) * d2];
+        let a = |i: usize| &sol.alpha[(last + i) * d..(last + i + 1) * d];
+        if n == 1 {
+            let (w0, u0, a0) = (w(0), u(0), a(0));
+            for e in 0..d {
+                up0[e] = u0[e] - pw[e];
+            }
+            for (dd, row) in h.chunks_exact_mut(d).enumerate() {
+                for e in 0..d {
+                    row[e] = row[e] * a0[e] + w0[dd] * up0[e];
+                }
+            }
+        } else {
+            let (w0, w1, u0, u1, a0, a1) = (w(0), w(1), u(0), u(1), a(0), a(1));
+            let w0w1 = dot::<F>(w0, w1);
+            for e in 0..d {
+                up0[e] = u0[e] - pw[e];
+                up1[e] = u1[e] - (a0[e] * pw[d + e] + up0[e] * w0w1);
+            }
+            for (dd, row) in h.chunks_exact_mut(d).enumerate() {
+                for e in 0..d {
+                    row[e] = (row[e] * a0[e] + w0[dd] * up0[e]) * a1[e] + w1[dd] * up1[e];
+                }
+            }
+        }
+        if !plan.linear {
+            gelu_rows(h, d);
+        }
+    }
+    h0s
+}
+
+/// Phase 3 (module doc): the outputs of chunk `c` for every head of group `g`, `[member, C, D]`.
+#[inline(always)]
+fn outputs<const F: bool, R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize, sol: &Solved, h0: &[f32]) -> Vec<f32> {
+    let (d, n, cc) = (plan.dim, plan.order, plan.chunk);
+    let (big_n, d2) = (cc * n, 2 * d);
+    // P_w = W·h0, then u' in place of P_w.
+    let mut up = vec![0f32; big_n * d];
+    gemm::<F>(big_n, d, d, &sol.wu, d2, h0, d, &mut up, d, 1.0, false);
+    for tok in 0..cc {
+        let i0 = tok * n;
+        for e in 0..d {
+            up[i0 * d + e] = sol.wu[i0 * d2 + d + e] - up[i0 * d + e];
+        }
+        if n == 2 {
+            let i1 = i0 + 1;
+            let wr = |i: usize| &sol.wu[i * d2..i * d2 + d];
+            let w0w1 = dot::<F>(wr(i0), wr(i1));
+            let (first, second) = up.split_at_mut(i1 * d);
+            let (up0, up1) = (&first[i0 * d..], &mut second[..d]);
+            let a0 = &sol.alpha[i0 * d..(i0 + 1) * d];
+            let u1 = &sol.wu[i1 * d2 + d..(i1 + 1) * d2];
+            for e in 0..d {
+                up1[e] = u1[e] - (a0[e] * up1[e] + up0[e] * w0w1);
+            }
+        }
+    }
+    let members = plan.groups[g].len();
+    let mut out = vec![0f32; members * cc * d];
+    let mut q = vec![0f32; cc * d];
+    let mut pq = vec![0f32; cc * d];
+    for (mi, &head) in plan.groups[g].iter().enumerate() {
+        rows.q_last(head, c, &mut q);
+        gemm::<F>(cc, d, d, &q, d, h0, d, &mut pq, d, 1.0, false);
+        for tok in 0..cc {
+            let o = &mut out[(mi * cc + tok) * d..(mi * cc + tok + 1) * d];
+            let (qt, pqt) = (&q[tok * d..(tok + 1) * d], &pq[tok * d..(tok + 1) * d]);
+            if n == 1 {
+                let u = &up[tok * d..(tok + 1) * d];
+                for e in 0..d {
+                    o[e] = pqt[e] + qt[e] * u[e];
+                }
+            } else {
+                let (i0, i1) = (tok * 2, tok * 2 + 1);
+                let w0q1 = dot::<F>(&sol.wu[i0 * d2..i0 * d2 + d], qt);
+                let (up0, up1) = (&up[i0 * d..(i0 + 1) * d], &up[i1 * d..(i1 + 1) * d]);
+                let a0 = &sol.alpha[i0 * d..(i0 + 1) * d];
+                for e in 0..d {
+                    o[e] = a0[e] * pqt[e] + up0[e] * w0q1 + qt[e] * up1[e];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `a·b + c`, fused when `F` (only instantiated with `F` inside the AVX2 + FMA variants, where
+/// `mul_add` is one instruction; elsewhere it would be a slow library call).
+#[inline(always)]
+fn fmadd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if F {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// Dot product with 8 independent accumulators, so that it vectorises (a single f32 sum is a
 /// serial dependency chain the compiler may not reorder).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] = fmadd::<F>(x[i], y[i], acc[i]);
         }
     }
     let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
@@ -37,167 +443,110 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `y += a·x`.
 #[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+fn axpy<const F: bool>(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi = fmadd::<F>(a, xi, *yi);
     }
 }
 
-/// `out[e] = Σ_d x[d]·m[d, e]` for a row-major `D×D` matrix `m`.
+/// Micro-kernel rows.
+const MR: usize = 6;
+/// Micro-kernel columns (two 8-lane vectors).
+const NR: usize = 16;
+
+/// `c[i, j] = (acc ? c[i, j] : 0) + s·Σ_p a[i, p]·b[p, j]` for `i < m`, `j < n`, `p < k`, all
+/// row-major with row strides `lda`, `ldb`, `ldc`.
+///
+/// Rows go in panels of [`MR`], packed `p`-major so the micro-kernel reads them contiguously;
+/// columns in tiles of [`NR`], each a `MR×NR` block of accumulators kept in registers while `p`
+/// runs over `k` (two vector loads of `b` and `MR` broadcasts feed `2·MR` multiply-adds). Columns
+/// past the last whole tile take a scalar path.
 #[inline(always)]
-fn vec_mat(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
-    out.iter_mut().for_each(|o| *o = 0.0);
-    for (&xd, row) in x.iter().zip(m.chunks_exact(d)) {
-        axpy(out, xd, row);
+#[allow(clippy::too_many_arguments)]
+fn gemm<const F: bool>(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, s: f32, acc: bool) {
+    if m == 0 || n == 0 {
+        return;
     }
-}
-
-/// See the module doc. Same contract as [`super::naive::scan`].
-pub fn scan(inp: &ScanInput<'_>, state: &mut [f32]) -> Vec<f32> {
-    let (h_n, d, s) = (inp.heads, inp.dim, inp.tokens);
-    let mut out = vec![0f32; h_n * s * d];
-    let work = |(h, (h0, out_h)): (usize, (&mut [f32], &mut [f32]))| scan_head_dispatch(inp, h, h0, out_h);
-    if h_n > 1 && s * d * d > 4096 {
-        state
-            .par_chunks_mut(d * d)
-            .zip(out.par_chunks_mut(s * d))
-            .enumerate()
-            .for_each(work);
-    } else {
-        state.chunks_mut(d * d).zip(out.chunks_mut(s * d)).enumerate().for_each(work);
-    }
-    out
-}
-
-/// Run [`scan_head`] compiled for AVX2 + FMA when the CPU has them (checked at run time, so the
-/// binary still runs on older x86-64 CPUs), else for the baseline target.
-fn scan_head_dispatch(inp: &ScanInput<'_>, h: usize, h0: &mut [f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the features `scan_head_avx2` is compiled for were detected just above.
-            unsafe { scan_head_avx2(inp, h, h0, out) };
-            return;
-        }
-    }
-    scan_head(inp, h, h0, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scan_head_avx2(inp: &ScanInput<'_>, h: usize, h0: &mut [f32], out: &mut [f32]) {
-    scan_head(inp, h, h0, out);
-}
-
-#[inline(always)]
-fn scan_head(inp: &ScanInput<'_>, h: usize, h0: &mut [f32], out: &mut [f32]) {
-    let (d, s, n, c) = (inp.dim, inp.tokens, inp.order, inp.chunk);
-    let rows = s * n;
-    let big_n = c * n;
-    let base = h * rows * d;
-    let (q_all, k_all, v_all) = (&inp.q[base..base + rows * d], &inp.k[base..base + rows * d], &inp.v[base..base + rows * d]);
-    let (a_all, b_all) = (&inp.alpha[base..base + rows * d], &inp.beta[base..base + rows * d]);
-
-    let mut kb = vec![0f32; big_n * d];
-    let mut w = vec![0f32; big_n * d];
-    let mut u = vec![0f32; big_n * d];
-    let mut a_mat = vec![0f32; big_n * big_n];
-    let mut pw = vec![0f32; big_n * d];
-    let mut pq = vec![0f32; d];
-    let mut up0 = vec![0f32; d];
-    let mut up1 = vec![0f32; d];
-    for chunk in 0..s / c {
-        let r0 = chunk * big_n;
-        let rng = r0 * d..(r0 + big_n) * d;
-        let (q, k, v, alpha, beta) = (&q_all[rng.clone()], &k_all[rng.clone()], &v_all[rng.clone()], &a_all[rng.clone()], &b_all[rng]);
-        // kβ into kb, vβ into u (solved in place below)
-        for i in 0..big_n * d {
-            kb[i] = k[i] * beta[i];
-            u[i] = v[i] * beta[i];
-        }
-        w.copy_from_slice(&kb);
-        // A[i,m] = −(kβ_i · k_m), m < i
-        for i in 1..big_n {
-            let kbi = &kb[i * d..(i + 1) * d];
-            for m in 0..i {
-                a_mat[i * big_n + m] = -dot(kbi, &k[m * d..(m + 1) * d]);
+    if m <= 2 {
+        // One or two rows (decoding): a register tile would be a chain of `k` dependent
+        // multiply-adds per vector; instead accumulate whole rows of `b` (`n/8` independent
+        // vectors per step).
+        let mut t = vec![0f32; n];
+        for i in 0..m {
+            t.fill(0.0);
+            for (p, &x) in a[i * lda..i * lda + k].iter().enumerate() {
+                axpy::<F>(&mut t, x, &b[p * ldb..p * ldb + n]);
+            }
+            for (cv, &tv) in c[i * ldc..i * ldc + n].iter_mut().zip(&t) {
+                *cv = if acc { fmadd::<F>(s, tv, *cv) } else { s * tv };
             }
         }
-        // Forward substitution: X_i += Σ_{m<i} A[i,m] X_m, for X = W and U.
-        for i in 1..big_n {
-            let (done_w, rest_w) = w.split_at_mut(i * d);
-            let (done_u, rest_u) = u.split_at_mut(i * d);
-            let (wi, ui) = (&mut rest_w[..d], &mut rest_u[..d]);
-            for m in 0..i {
-                let aim = a_mat[i * big_n + m];
-                axpy(wi, aim, &done_w[m * d..(m + 1) * d]);
-                axpy(ui, aim, &done_u[m * d..(m + 1) * d]);
-            }
-        }
-        // P_w = W·h0
-        for i in 0..big_n {
-            vec_mat(&w[i * d..(i + 1) * d], h0, d, &mut pw[i * d..(i + 1) * d]);
-        }
-        for tok in 0..c {
-            let o = &mut out[(chunk * c + tok) * d..(chunk * c + tok + 1) * d];
-            if n == 1 {
-                let i = tok;
-                let qi = &q[i * d..(i + 1) * d];
-                vec_mat(qi, h0, d, &mut pq);
-                for e in 0..d {
-                    up0[e] = u[i * d + e] - pw[i * d + e];
-                    o[e] = pq[e] + qi[e] * up0[e];
+        return;
+    }
+    let mut pack = vec![0f32; MR * k];
+    let whole = n - n % NR;
+    for i0 in (0..m).step_by(MR) {
+        let mr = MR.min(m - i0);
+        for r in 0..MR {
+            if r < mr {
+                let row = &a[(i0 + r) * lda..(i0 + r) * lda + k];
+                for (p, &x) in row.iter().enumerate() {
+                    pack[p * MR + r] = x;
                 }
             } else {
-                let (i0, i1) = (tok * 2, tok * 2 + 1);
-                for e in 0..d {
-                    up0[e] = u[i0 * d + e] - pw[i0 * d + e];
-                }
-                let w0 = &w[i0 * d..(i0 + 1) * d];
-                let w1 = &w[i1 * d..(i1 + 1) * d];
-                let q1 = &q[i1 * d..(i1 + 1) * d];
-                let a0 = &alpha[i0 * d..(i0 + 1) * d];
-                let w0w1 = dot(w0, w1);
-                let w0q1 = dot(w0, q1);
-                vec_mat(q1, h0, d, &mut pq);
-                for e in 0..d {
-                    up1[e] = u[i1 * d + e] - (a0[e] * pw[i1 * d + e] + up0[e] * w0w1);
-                    o[e] = a0[e] * pq[e] + up0[e] * w0q1 + q1[e] * up1[e];
+                for p in 0..k {
+                    pack[p * MR + r] = 0.0;
                 }
             }
         }
-        // The chunk's final state is the last token's.
-        let last = c - 1;
-        if n == 1 {
-            let i = last;
-            let (wi, ai) = (&w[i * d..(i + 1) * d], &alpha[i * d..(i + 1) * d]);
-            for e in 0..d {
-                up0[e] = u[i * d + e] - pw[i * d + e];
-            }
-            for dd in 0..d {
-                let row = &mut h0[dd * d..(dd + 1) * d];
-                for e in 0..d {
-                    row[e] = row[e] * ai[e] + wi[dd] * up0[e];
-                }
-            }
-        } else {
-            let (i0, i1) = (last * 2, last * 2 + 1);
-            let (w0, w1) = (&w[i0 * d..(i0 + 1) * d], &w[i1 * d..(i1 + 1) * d]);
-            let (a0, a1) = (&alpha[i0 * d..(i0 + 1) * d], &alpha[i1 * d..(i1 + 1) * d]);
-            let w0w1 = dot(w0, w1);
-            for e in 0..d {
-                up0[e] = u[i0 * d + e] - pw[i0 * d + e];
-                up1[e] = u[i1 * d + e] - (a0[e] * pw[i1 * d + e] + up0[e] * w0w1);
-            }
-            for dd in 0..d {
-                let row = &mut h0[dd * d..(dd + 1) * d];
-                for e in 0..d {
-                    row[e] = (row[e] * a0[e] + w0[dd] * up0[e]) * a1[e] + w1[dd] * up1[e];
-                }
+        for j0 in (0..whole).step_by(NR) {
+            // A short last panel (and single-row products when decoding) runs a kernel of its
+            // own height rather than multiplying zero rows.
+            match mr {
+                1 => store::<F, 1>(micro::<F, 1>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                2 => store::<F, 2>(micro::<F, 2>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                3 => store::<F, 3>(micro::<F, 3>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                4 => store::<F, 4>(micro::<F, 4>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                5 => store::<F, 5>(micro::<F, 5>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                _ => store::<F, MR>(micro::<F, MR>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
             }
         }
-        if !inp.linear {
-            gelu_rows(h0, d);
+        for j in whole..n {
+            for r in 0..mr {
+                let mut t = 0f32;
+                for p in 0..k {
+                    t = fmadd::<F>(pack[p * MR + r], b[p * ldb + j], t);
+                }
+                let cv = &mut c[(i0 + r) * ldc + j];
+                *cv = if acc { fmadd::<F>(s, t, *cv) } else { s * t };
+            }
         }
     }
+}
+
+/// `c[i0 + r, j0 + j] = (acc ? c : 0) + s·tile[r][j]`.
+#[inline(always)]
+fn store<const F: bool, const M: usize>(tile: [[f32; NR]; M], c: &mut [f32], (i0, j0, ldc): (usize, usize, usize), s: f32, acc: bool) {
+    for (r, tr) in tile.iter().enumerate() {
+        let cr = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + NR];
+        for (cv, &t) in cr.iter_mut().zip(tr) {
+            *cv = if acc { fmadd::<F>(s, t, *cv) } else { s * t };
+        }
+    }
+}
+
+/// The `M×NR` block `Σ_p pack[p, :M]ᵀ·b[p, j0..j0+NR]` (`M ≤ MR`; the pack's row stride is `MR`).
+#[inline(always)]
+fn micro<const F: bool, const M: usize>(k: usize, pack: &[f32], b: &[f32], ldb: usize, j0: usize) -> [[f32; NR]; M] {
+    let mut t = [[0f32; NR]; M];
+    for (p, ap) in pack.chunks_exact(MR).take(k).enumerate() {
+        let bp = &b[p * ldb + j0..p * ldb + j0 + NR];
+        for r in 0..M {
+            let ar = ap[r];
+            for j in 0..NR {
+                t[r][j] = fmadd::<F>(ar, bp[j], t[r][j]);
+            }
+        }
+    }
+    t
 }

@@ -1,0 +1,129 @@
+//! Timing harness for the linear branch's prefill.
+//!
+//! `cargo run --release -p tptt --example linear_prof` times `linear::forward` (gates, pooling,
+//! virtual tokens, scan, merge) and `linear::scan` alone on the SmolLM2-135M shape (H 9, Hkv 3,
+//! D 64) at S = 512, for delta_product and delta_rule. With `model DIR [TOKENS]` it times a whole
+//! prefill of the model with the branch on (mag 0.125) and off (mag 0); env `MAGS`, `MODES` and
+//! `REPS` select the weights, operator modes and repetitions.
+use std::time::Instant;
+
+use tptt::config::{RecurrentConfig, TpttSettings};
+use tptt::linear::{self, CarryMode, LinearCarry, LinearShape, ScanImpl, ScanInput};
+use tptt::model::{LoadOptions, Logits, Model};
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// This process's user + system CPU seconds (Linux `/proc/self/stat`, 100 ticks/s), 0 elsewhere.
+/// On a shared machine the wall clock mostly measures the neighbours; CPU time much less so.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// (median wall, min wall, CPU seconds per rep).
+fn time<F: FnMut()>(reps: usize, mut f: F) -> (f64, f64, f64) {
+    f(); // warm-up
+    let c0 = cpu_secs();
+    let walls: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    let cpu = (cpu_secs() - c0) / reps as f64;
+    let min = walls.iter().copied().fold(f64::INFINITY, f64::min);
+    (median(walls), min, cpu)
+}
+
+fn branch(s: usize, reps: usize, which: ScanImpl) {
+    let (h, hkv, d) = (9, 3, 64);
+    let (q, k, v) = (rand_vec(s * h * d, 1), rand_vec(s * hkv * d, 2), rand_vec(s * hkv * d, 3));
+    let modes = std::env::var("MODES").unwrap_or_else(|_| "delta_product,delta_rule,delta_rule_gelu".into());
+    for mode in modes.split(',') {
+        let rc = RecurrentConfig::from_operator_mode(mode).expect("mode");
+        let shape = LinearShape { heads: h, kv_heads: hkv, dim: d, rc, max_chunk: 64 };
+        let fwd = time(reps, || {
+            let mut carry = LinearCarry::new(h, d);
+            std::hint::black_box(linear::forward(&shape, &q, &k, &v, &mut carry, CarryMode::Continue, which));
+        });
+        // The scan alone on inputs of the same shape.
+        let n = rc.order;
+        let rows = h * s * n;
+        let mut qs = rand_vec(rows * d, 4);
+        let mut ks = rand_vec(rows * d, 5);
+        for r in qs.chunks_mut(d).chain(ks.chunks_mut(d)) {
+            let nrm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            r.iter_mut().for_each(|x| *x /= nrm);
+        }
+        let vs: Vec<f32> = rand_vec(rows * d, 6).iter().map(|x| x * 0.1).collect();
+        let al: Vec<f32> = rand_vec(rows * d, 7).iter().map(|x| 0.8 + 0.2 * x).collect();
+        let be: Vec<f32> = rand_vec(rows * d, 8).iter().map(|x| 0.5 * x).collect();
+        let chunk = linear::chunk_size(s, 64);
+        let inp = ScanInput { heads: h, dim: d, tokens: s, order: n, chunk, linear: rc.linear, q: &qs, k: &ks, v: &vs, alpha: &al, beta: &be };
+        let sc = time(reps, || {
+            let mut st = vec![linear::STATE_INIT; h * d * d];
+            std::hint::black_box(linear::scan(&inp, &mut st, which));
+        });
+        println!(
+            "{mode:16} S={s} C={chunk}: forward med {:6.2} min {:6.2} cpu {:6.2} ms | scan med {:6.2} min {:6.2} cpu {:6.2} ms",
+            fwd.0 * 1e3,
+            fwd.1 * 1e3,
+            fwd.2 * 1e3,
+            sc.0 * 1e3,
+            sc.1 * 1e3,
+            sc.2 * 1e3
+        );
+    }
+}
+
+fn model(dir: &str, tokens: usize, reps: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919) % 40000 + 10).collect();
+    let mags = std::env::var("MAGS").unwrap_or_else(|_| "0,0.125".into());
+    for mag in mags.split(',').filter_map(|m| m.parse::<f32>().ok()) {
+        let t = TpttSettings::injected("delta_product", mag, dir)?;
+        let m = Model::load_plain(std::path::Path::new(dir), t, &LoadOptions::default())?;
+        let (med, min, cpu) = time(reps, || {
+            let mut st = m.new_state(CarryMode::Continue, Some(8192));
+            if let Err(e) = m.forward(&ids, &mut st, Logits::Last) {
+                panic!("forward: {e}");
+            }
+        });
+        let tps = |t: f64| tokens as f64 / t;
+        println!("model mag {mag}: prefill {tokens}: wall median {:.1} tok/s, best {:.1} tok/s, cpu {:.3} s/prefill", tps(med), tps(min), cpu);
+    }
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reps: usize = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(7);
+    match args.first().map(String::as_str) {
+        Some("model") => {
+            let dir = args.get(1).map(String::as_str).unwrap_or("/work/main/models/smollm2-135m-instruct");
+            let tokens = args.get(2).and_then(|t| t.parse().ok()).unwrap_or(512);
+            model(dir, tokens, reps)?;
+        }
+        Some("naive") => branch(args.get(1).and_then(|t| t.parse().ok()).unwrap_or(512), reps, ScanImpl::Naive),
+        other => branch(other.and_then(|t| t.parse().ok()).unwrap_or(512), reps, ScanImpl::Fast),
+    }
+    Ok(())
+}
