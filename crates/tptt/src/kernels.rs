@@ -342,7 +342,7 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
     let block = t.div_ceil(blocks_per_head).max(1);
     let tasks: Vec<(usize, usize)> = (0..a.kv_heads).flat_map(|kvh| (0..t).step_by(block).map(move |s| (kvh, s))).collect();
     let work = |&(kvh, start): &(usize, usize)| attend_block_dispatch(a, kvh, start, (start + block).min(t));
-    let partials: Vec<Vec<Partial>> = if tasks.len() > 1 && threads > 1 && t * d * g >= 16 * 1024 {
+    let partials: Vec<Vec<Partial>> = if tasks.len() > 1 && threads > 1 && t * d * g >= 256 * 1024 {
         tasks.par_iter().map(work).collect()
     } else {
         tasks.iter().map(work).collect()

@@ -237,23 +237,28 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         for (v, &kp) in visible.iter_mut().zip(&key_pos) {
             *v = kp <= qp && window.is_none_or(|w| qp - kp < w);
         }
+        let capacity = kb.dim(1)?;
+        let (kd, vd) = (Data::of(kb), Data::of(vb));
+        let (ks_all, vs_all) = (kd.slice()?, vd.slice()?);
         let attn = {
-            let (kd, vd) = (Data::of(kb), Data::of(vb));
             kernels::attend_one(&AttendOne {
                 q: &qs,
-                k: kd.slice()?,
-                v: vd.slice()?,
+                k: ks_all,
+                v: vs_all,
                 visible: &visible,
                 heads: nh,
                 kv_heads: nkv,
                 dim: d,
-                capacity: kb.dim(1)?,
+                capacity,
                 scale: b.attn_scale as f32,
             })
         };
+        drop((kd, vd));
+        // (Running the linear branch beside the attention with `rayon::join` was measured
+        // slower here: both are small at batch 1.)
+        let y = linear_on.then(|| linear::forward(&model.shape, &q_raw, &k_raw, &v_raw, &mut ls.linear, CarryMode::Continue, model.scan));
 
-        let mut out = if linear_on {
-            let y = linear::forward(&model.shape, &q_raw, &k_raw, &v_raw, &mut ls.linear, CarryMode::Continue, model.scan);
+        let mut out = if let Some(y) = y {
             if fuse_o {
                 let mixed: Vec<f32> = attn.iter().zip(&y).map(|(a, y)| a * wa + y * wl).collect();
                 linears(&[&layer.o], &mixed, &model.device)?.pop().unwrap_or_default()
