@@ -16,10 +16,48 @@ use rayon::prelude::*;
 /// (a few µs) is small against streaming its rows, small enough to balance two or more threads.
 const MIN_TASK_ELEMS: usize = 64 * 1024;
 
+/// Bytes of one GGML Q8_0 block: an f16 scale `d` and 32 signed bytes `q`, value `d·q`.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+/// Values per Q8_0 block.
+pub const Q8_0_BLOCK: usize = 32;
+
+/// The rows of a matrix, row-major `[rows, x.len()]`.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// GGML Q8_0 blocks (`x.len()` a multiple of 32), as stored by candle / llama.cpp.
+    Q8_0(&'a [u8]),
+}
+
+impl<'a> Rows<'a> {
+    /// Split after `rows` rows of `cols` values.
+    fn split_rows(self, rows: usize, cols: usize) -> (Self, Self) {
+        match self {
+            Rows::F32(w) => {
+                let (a, b) = w.split_at(rows * cols);
+                (Rows::F32(a), Rows::F32(b))
+            }
+            Rows::Q8_0(w) => {
+                let (a, b) = w.split_at(rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
+                (Rows::Q8_0(a), Rows::Q8_0(b))
+            }
+        }
+    }
+
+    /// Does it hold exactly `rows` rows of `cols` values?
+    pub fn fits(&self, rows: usize, cols: usize) -> bool {
+        match self {
+            Rows::F32(w) => w.len() == rows * cols,
+            Rows::Q8_0(w) => cols % Q8_0_BLOCK == 0 && w.len() == rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES,
+        }
+    }
+}
+
 /// One product `out = W·x` (+ `bias`) of a group: `w` is row-major `[out.len(), x.len()]`.
 pub struct MatVec<'a> {
     /// Row-major weights.
-    pub w: &'a [f32],
+    pub w: Rows<'a>,
     /// Optional bias, `[out.len()]`.
     pub bias: Option<&'a [f32]>,
     /// The result.
@@ -34,8 +72,27 @@ pub fn matvec_naive(w: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[r] = Σ_b d_rb · Σ_i q_rbi · x[32b + i]`: Q8_0 rows dequantized value by value against
+/// the f32 input (the exact product; [`matvec_group`] quantizes the input first, as llama.cpp).
+pub fn matvec_q8_0_naive(w: &[u8], x: &[f32], out: &mut [f32]) {
+    let blocks = x.len() / Q8_0_BLOCK;
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for b in 0..blocks {
+            let blk = &w[(r * blocks + b) * Q8_0_BLOCK_BYTES..(r * blocks + b + 1) * Q8_0_BLOCK_BYTES];
+            let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            let dot: f32 = blk[2..].iter().zip(&x[b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK]).map(|(&q, &x)| q as i8 as f32 * x).sum();
+            acc += d * dot;
+        }
+        *o = acc;
+    }
+}
+
 /// Run every product of `group` against the same input `x`, in parallel over row blocks of all
 /// of them together (one parallel region for e.g. the q, k and v projections).
+///
+/// # Panics
+/// When a matrix does not hold `out.len()` rows of `x.len()` values ([`Rows::fits`]).
 pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let n = x.len();
     let total: usize = group.iter().map(|m| m.out.len() * n).sum();
@@ -45,14 +102,14 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let rows_per_task = (task_elems / n.max(1)).max(4);
     let mut tasks: Vec<MatVec<'_>> = Vec::new();
     for m in group {
-        debug_assert_eq!(m.w.len(), m.out.len() * n);
+        assert!(m.w.fits(m.out.len(), n), "matvec: weights do not match [{}, {n}]", m.out.len());
         let mut w = m.w;
         let mut bias = m.bias;
         let mut out = m.out;
         while !out.is_empty() {
             let rows = rows_per_task.min(out.len());
             let (o, rest) = out.split_at_mut(rows);
-            let (wc, wrest) = w.split_at(rows * n);
+            let (wc, wrest) = w.split_rows(rows, n);
             let (bc, brest) = match bias {
                 Some(b) => {
                     let (a, r) = b.split_at(rows);
@@ -66,8 +123,14 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
             bias = brest;
         }
     }
+    // Q8_0 matrices read the input quantized once (as candle's and llama.cpp's kernels do).
+    let xq = if tasks.iter().any(|t| matches!(t.w, Rows::Q8_0(_))) { Some(quantize_q8_0(x)) } else { None };
     let run = |t: MatVec<'_>| {
-        matvec_rows(t.w, x, t.out);
+        match (t.w, &xq) {
+            (Rows::F32(w), _) => matvec_rows(w, x, t.out),
+            (Rows::Q8_0(w), Some((q, d))) => matvec_q8_0_rows(w, q, d, t.out),
+            (Rows::Q8_0(w), None) => matvec_q8_0_naive(w, x, t.out),
+        }
         if let Some(b) = t.bias {
             t.out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
         }
@@ -91,6 +154,51 @@ fn matvec_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
         }
     }
     matvec_rows_generic(w, x, out);
+}
+
+/// The input quantized as llama.cpp and candle do for Q8_0 products: per block of 32,
+/// `d = max|x| / 127` (kept as f16), `q = round(x / d)`. Returns the bytes and the scales.
+pub fn quantize_q8_0(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(x.len());
+    let mut ds = Vec::with_capacity(x.len() / Q8_0_BLOCK);
+    for blk in x.chunks_exact(Q8_0_BLOCK) {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        q.extend(blk.iter().map(|v| (v * id).round() as i8));
+        ds.push(half::f16::from_f32(d).to_f32());
+    }
+    (q, ds)
+}
+
+/// Q8_0 rows against a Q8_0-quantized input, the literal definition (the reference for the
+/// SIMD kernel): `Σ_b d_wb · d_xb · Σ_i q_wbi · q_xbi`.
+pub fn matvec_q8_0_quantized_naive(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f32]) {
+    let blocks = xd.len();
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for (b, &dx) in xd.iter().enumerate() {
+            let blk = &w[(r * blocks + b) * Q8_0_BLOCK_BYTES..(r * blocks + b + 1) * Q8_0_BLOCK_BYTES];
+            let dw = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            let dot: i32 = blk[2..].iter().zip(&xq[b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK]).map(|(&qw, &qx)| qw as i8 as i32 * qx as i32).sum();
+            acc += dot as f32 * (dw * dx);
+        }
+        *o = acc;
+    }
+}
+
+/// Serial Q8_0 `out = W·x` on the quantized input, with the best kernel for this CPU.
+fn matvec_q8_0_rows(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has the features the function is compiled for (checked above); the
+            // sizes are checked inside.
+            unsafe { avx2::matvec_q8_0_rows(w, xq, xd, out) };
+            return;
+        }
+    }
+    matvec_q8_0_quantized_naive(w, xq, xd, out);
 }
 
 /// Portable kernel: one row at a time, eight accumulators (vectorised by the compiler).
@@ -162,6 +270,42 @@ mod avx2 {
                 c += 1;
             }
             *o = s;
+        }
+    }
+
+    /// Q8_0 rows against the input quantized to Q8_0 blocks (`xq`: 32 signed bytes per block,
+    /// `xd`: their scales): per block a 32-wide signed byte dot product (`maddubs` on |w| and
+    /// sign-adjusted x, then pairs summed to 8 × i32), scaled by `d_w·d_x`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn matvec_q8_0_rows(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f32]) {
+        use super::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+        let blocks = xd.len();
+        assert!(xq.len() == blocks * Q8_0_BLOCK && w.len() >= out.len() * blocks * Q8_0_BLOCK_BYTES, "matvec_q8_0: sizes");
+        let ones = _mm256_set1_epi16(1);
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = w.as_ptr().add(r * blocks * Q8_0_BLOCK_BYTES);
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let block = |b: usize| -> __m256 {
+                let p = row.add(b * Q8_0_BLOCK_BYTES);
+                let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*p, *p.add(1)]) as i32)));
+                let qw = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                let qx = _mm256_loadu_si256(xq.as_ptr().add(b * Q8_0_BLOCK) as *const __m256i);
+                let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)), ones);
+                _mm256_mul_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * *xd.get_unchecked(b)))
+            };
+            let mut b = 0;
+            while b + 2 <= blocks {
+                acc0 = _mm256_add_ps(acc0, block(b));
+                acc1 = _mm256_add_ps(acc1, block(b + 1));
+                b += 2;
+            }
+            if b < blocks {
+                acc0 = _mm256_add_ps(acc0, block(b));
+            }
+            *o = hsum(_mm256_add_ps(acc0, acc1));
         }
     }
 
@@ -531,13 +675,68 @@ mod tests {
             let w2 = rand_vec(got2.len() * cols, 3);
             let mut want2 = vec![0f32; got2.len()];
             matvec_naive(&w2, &x, &mut want2);
-            matvec_group(vec![MatVec { w: &w, bias: Some(&bias), out: &mut got }, MatVec { w: &w2, bias: None, out: &mut got2 }], &x);
+            matvec_group(vec![MatVec { w: Rows::F32(&w), bias: Some(&bias), out: &mut got }, MatVec { w: Rows::F32(&w2), bias: None, out: &mut got2 }], &x);
             close(&got, &want, 1e-5);
             close(&got2, &want2, 1e-5);
             let mut generic = vec![0f32; rows];
             matvec_rows_generic(&w, &x, &mut generic);
             want.iter_mut().zip(&bias).for_each(|(o, b)| *o -= b);
             close(&generic, &want, 1e-5);
+        }
+    }
+
+    /// Q8_0 blocks of random scales and bytes, `rows × cols`.
+    fn q8_0_rows(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let vals = rand_vec(rows * cols / Q8_0_BLOCK * 33, seed);
+        let mut out = Vec::new();
+        for blk in vals.chunks_exact(33) {
+            out.extend_from_slice(&half::f16::from_f32(blk[0] * 0.05).to_le_bytes());
+            out.extend(blk[1..].iter().map(|v| ((v * 127.0) as i8) as u8));
+        }
+        out
+    }
+
+    #[test]
+    fn q8_0_matvec_matches_naive_and_dequantized() {
+        for &(rows, cols) in &[(1, 32), (3, 64), (7, 576), (130, 1536), (1001, 96)] {
+            let w = q8_0_rows(rows, cols, rows as u64 + cols as u64);
+            let x = rand_vec(cols, 5);
+            let mut want = vec![0f32; rows];
+            matvec_q8_0_naive(&w, &x, &mut want);
+            // The naive kernel against an explicit dequantization.
+            let deq: Vec<f32> = w
+                .chunks_exact(Q8_0_BLOCK_BYTES)
+                .flat_map(|b| {
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    b[2..].iter().map(move |&q| d * (q as i8) as f32).collect::<Vec<_>>()
+                })
+                .collect();
+            let mut dense = vec![0f32; rows];
+            matvec_naive(&deq, &x, &mut dense);
+            // Sums of many terms of mixed signs: compare within f32 rounding of Σ|terms|.
+            let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+            let abs_w: Vec<f32> = deq.iter().map(|v| v.abs()).collect();
+            let mut mag = vec![0f32; rows];
+            matvec_naive(&abs_w, &abs_x, &mut mag);
+            let within = |a: &[f32], b: &[f32]| {
+                for (i, ((p, q), m)) in a.iter().zip(b).zip(&mag).enumerate() {
+                    assert!((p - q).abs() <= 1e-5 * (1.0 + m), "row {i}: {p} vs {q} (Σ|terms| {m})");
+                }
+            };
+            within(&want, &dense);
+            // The kernel path (input quantized) against its literal definition, exactly up to
+            // summation order, and against the exact product within the input's quantization.
+            let (xq, xd) = quantize_q8_0(&x);
+            let mut want_q = vec![0f32; rows];
+            matvec_q8_0_quantized_naive(&w, &xq, &xd, &mut want_q);
+            let bias = rand_vec(rows, 3);
+            let mut got = vec![0f32; rows];
+            matvec_group(vec![MatVec { w: Rows::Q8_0(&w), bias: Some(&bias), out: &mut got }], &x);
+            got.iter_mut().zip(&bias).for_each(|(o, b)| *o -= b);
+            within(&got, &want_q);
+            for (i, ((g, e), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                assert!((g - e).abs() <= 0.01 * m, "row {i}: {g} vs exact {e} (Σ|terms| {m})");
+            }
         }
     }
 

@@ -8,12 +8,13 @@
 //! path. Quantized matrices, unmerged LoRA and MoE blocks are delegated to the same candle calls
 //! as the tensor path. `tests/fused_step.rs` compares both paths on every fixture architecture.
 
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Layout, Storage, StorageRef, Tensor};
 
 use super::{Layer, Linear, Matrix, Mlp, Model, Norm};
 use crate::config::{Activation, NormKind, QkNorm};
 use crate::error::{Error, Result};
-use crate::kernels::{self, AttendOne, MatVec};
+use crate::kernels::{self, AttendOne, MatVec, Rows};
 use crate::linear::{self, CarryMode};
 use crate::rope;
 use crate::state::State;
@@ -49,22 +50,31 @@ fn row(x: &[f32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(x.to_vec(), (1, x.len()), device)?)
 }
 
-/// Apply several linears to the same input: dense ones in one parallel region.
+/// Weights [`linears`] multiplies itself.
+enum Own<'a> {
+    Dense(Data<'a>),
+    Q8(std::borrow::Cow<'a, [u8]>),
+}
+
+/// Apply several linears to the same input: f32 and Q8_0 matrices through the kernels in one
+/// parallel region; other quantized types through candle's quantized matmul.
 fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>> {
     let mut outs: Vec<Vec<f32>> = Vec::with_capacity(lins.len());
-    let mut datas: Vec<(Data<'_>, Option<Data<'_>>)> = Vec::new();
-    let mut dense_idx = Vec::new();
+    let mut own: Vec<(usize, Own<'_>, Option<Data<'_>>)> = Vec::new();
     for (i, l) in lins.iter().enumerate() {
+        let bias = l.b.as_ref().map(Data::of);
         match &l.w {
             Matrix::Dense(w) => {
                 outs.push(vec![0f32; w.dim(0)?]);
-                datas.push((Data::of(w), l.b.as_ref().map(Data::of)));
-                dense_idx.push(i);
+                own.push((i, Own::Dense(Data::of(w)), bias));
+            }
+            Matrix::Quant(QMatMul::QTensor(q)) if device.is_cpu() && q.dtype() == GgmlDType::Q8_0 && x.len() % kernels::Q8_0_BLOCK == 0 => {
+                outs.push(vec![0f32; q.shape().dims().first().copied().unwrap_or(0)]);
+                own.push((i, Own::Q8(q.data()?), bias));
             }
             Matrix::Quant(q) => {
                 let mut y = candle_core::Module::forward(q, &row(x, device)?)?.flatten_all()?.to_vec1::<f32>()?;
-                if let Some(b) = &l.b {
-                    let b = Data::of(b);
+                if let Some(b) = bias {
                     y.iter_mut().zip(b.slice()?).for_each(|(y, b)| *y += b);
                 }
                 outs.push(y);
@@ -72,16 +82,19 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
         }
     }
     {
-        let mut group = Vec::with_capacity(dense_idx.len());
+        let mut group = Vec::with_capacity(own.len());
         let mut rest: &mut [Vec<f32>] = &mut outs;
         let mut offset = 0;
-        for (&i, (w, b)) in dense_idx.iter().zip(&datas) {
+        for (i, w, b) in &own {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
             let (cur, tail) = tail.split_at_mut(1);
             rest = tail;
             offset = i + 1;
-            let w = w.slice()?;
-            if w.len() != cur[0].len() * x.len() {
+            let w = match w {
+                Own::Dense(d) => Rows::F32(d.slice()?),
+                Own::Q8(bytes) => Rows::Q8_0(bytes),
+            };
+            if !w.fits(cur[0].len(), x.len()) {
                 return Err(Error::State("fused step: weight shape does not match its input".into()));
             }
             group.push(MatVec { w, bias: b.as_ref().map(|b| b.slice()).transpose()?, out: &mut cur[0] });
@@ -314,7 +327,8 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
 mod tests {
     use super::*;
     use crate::weights::LoraSide;
-    use candle_core::quantized::QMatMul;
+    use candle_core::quantized::QTensor;
+    use std::sync::Arc;
 
     /// The slice path of [`linears`] (dense kernel, quantized call, unmerged LoRA, bias) equals
     /// `Linear::forward` of the tensor path.
@@ -334,6 +348,19 @@ mod tests {
             let want = l.forward(&x).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).expect("forward");
             let d = want.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(d < 1e-4, "{d}");
+        }
+        // A Q8_0 matrix through the kernel: within the activation quantization candle's own
+        // quantized matmul applies (the kernel keeps the input in f32) of its result.
+        let w8 = Tensor::randn(0f32, 1.0, (40, 64), &dev).expect("w8");
+        let q8 = Linear { w: Matrix::Quant(QMatMul::from_arc(Arc::new(QTensor::quantize(&w8, GgmlDType::Q8_0).expect("quantize"))).expect("qmatmul")), b: None, lora: None };
+        let x8 = Tensor::randn(0f32, 1.0, (1, 64), &dev).expect("x8");
+        let got8 = linears(&[&q8], &x8.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("x8"), &dev).expect("q8")[0].clone();
+        let want8 = q8.forward(&x8).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).expect("q8 forward");
+        let exact = x8.matmul(&w8.t().expect("t")).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).expect("exact");
+        let scale = exact.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        for ((g, w), e) in got8.iter().zip(&want8).zip(&exact) {
+            assert!((g - w).abs() < 0.02 * scale, "{g} vs candle {w}");
+            assert!((g - e).abs() < 0.02 * scale, "{g} vs f32 {e}");
         }
         // The unmerged LoRA changes the result (so the comparison above is not vacuous).
         let d = got[0].iter().zip(&got[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
