@@ -745,7 +745,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
             "loadavg_start": loadavg_start,
             "loadavg_end": loadavg(),
-            "build": if cfg!(debug_assertions) { "debug profile (deps and tptt at opt-level 3, tptt-engine/tptt-cli at 0)" } else { "release" },
+            "build": if cfg!(debug_assertions) { "debug profile (deps, tptt and tptt-engine at opt-level 3, tptt-cli at 0)" } else { "release" },
         },
         "model": {
             "label": subject.label,
