@@ -119,6 +119,17 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
     Ok(outs)
 }
 
+/// [`linears`] of exactly `N` linears, as an array.
+fn linears_n<const N: usize>(lins: [&Linear; N], x: &[f32], device: &Device) -> Result<[Vec<f32>; N]> {
+    linears(&lins, x, device)?.try_into().map_err(|_| Error::State("fused step: a projection produced no output".into()))
+}
+
+/// One linear.
+fn linear1(l: &Linear, x: &[f32], device: &Device) -> Result<Vec<f32>> {
+    let [y] = linears_n([l], x, device)?;
+    Ok(y)
+}
+
 /// [`Norm::forward`] over consecutive groups of `group` values (per head or whole rows).
 fn norm(n: &Norm, x: &mut [f32], group: usize) -> Result<()> {
     let w = n.w.as_ref().map(Data::of);
@@ -163,11 +174,9 @@ fn activate(act: Activation, x: f32) -> f32 {
 fn mlp(layer: &Layer, x: &[f32], act: Activation, model: &Model) -> Result<Vec<f32>> {
     match &layer.mlp {
         Mlp::Gated(e) => {
-            let mut gu = linears(&[&e.gate, &e.up], x, &model.device)?;
-            let up = gu.pop().unwrap_or_default();
-            let mut g = gu.pop().unwrap_or_default();
+            let [mut g, up] = linears_n([&e.gate, &e.up], x, &model.device)?;
             g.iter_mut().zip(&up).for_each(|(g, u)| *g = activate(act, *g) * u);
-            Ok(linears(&[&e.down], &g, &model.device)?.pop().unwrap_or_default())
+            linear1(&e.down, &g, &model.device)
         }
         Mlp::Moe { .. } => Ok(layer.mlp.forward(&row(x, &model.device)?, act)?.flatten_all()?.to_vec1::<f32>()?),
     }
@@ -212,10 +221,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
     let mut visible = vec![false; t_len];
     for (layer, ls) in model.layers.iter().zip(state.layers.iter_mut()) {
         let x = normed(&layer.in_norm, &h)?;
-        let mut qkv = linears(&[&layer.q, &layer.k, &layer.v], &x, &model.device)?;
-        let v_raw = qkv.pop().unwrap_or_default();
-        let k_raw = qkv.pop().unwrap_or_default();
-        let q_raw = qkv.pop().unwrap_or_default();
+        let [q_raw, k_raw, v_raw] = linears_n([&layer.q, &layer.k, &layer.v], &x, &model.device)?;
 
         // Softmax branch.
         let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
@@ -274,10 +280,10 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         let mut out = if let Some(y) = y {
             if fuse_o {
                 let mixed: Vec<f32> = attn.iter().zip(&y).map(|(a, y)| a * wa + y * wl).collect();
-                linears(&[&layer.o], &mixed, &model.device)?.pop().unwrap_or_default()
+                linear1(&layer.o, &mixed, &model.device)?
             } else {
-                let o_base = linears(&[&layer.o], &attn, &model.device)?.pop().unwrap_or_default();
-                let mut o_lin = linears(&[&layer.o], &y, &model.device)?.pop().unwrap_or_default();
+                let o_base = linear1(&layer.o, &attn, &model.device)?;
+                let mut o_lin = linear1(&layer.o, &y, &model.device)?;
                 if tptt.base_scale_attn {
                     let rms = (o_base.iter().map(|x| x * x).sum::<f32>() / o_base.len() as f32 + 1e-5).sqrt();
                     o_lin.iter_mut().for_each(|x| *x *= rms);
@@ -296,7 +302,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
                     .collect()
             }
         } else {
-            linears(&[&layer.o], &attn, &model.device)?.pop().unwrap_or_default()
+            linear1(&layer.o, &attn, &model.device)?
         };
         if let Some(n) = &layer.post_attn_norm {
             norm(n, &mut out, e)?;
@@ -313,7 +319,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
     state.pos += 1;
 
     let x = normed(&model.norm, &h)?;
-    let mut logits = linears(&[&model.lm_head], &x, &model.device)?.pop().unwrap_or_default();
+    let mut logits = linear1(&model.lm_head, &x, &model.device)?;
     if let Some(c) = b.final_logit_softcap {
         let inv = (1.0 / c) as f32;
         let c = c as f32;
