@@ -10,7 +10,6 @@
 //! Each kernel has a naive reference beside it (`*_naive`), and tests comparing them on odd
 //! shapes; the whole step is compared with the tensor path by `tests/fused_step.rs`.
 
-use rayon::prelude::*;
 
 /// Rows per parallel task of a matrix × vector product: large enough that the task overhead
 /// (a few µs) is small against streaming its rows, small enough to balance two or more threads.
@@ -96,7 +95,7 @@ pub fn matvec_q8_0_naive(w: &[u8], x: &[f32], out: &mut [f32]) {
 pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let n = x.len();
     let total: usize = group.iter().map(|m| m.out.len() * n).sum();
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::team::threads();
     // About 4 tasks per thread for balance, but never tiny ones.
     let task_elems = (total / (threads * 4)).max(MIN_TASK_ELEMS);
     let rows_per_task = (task_elems / n.max(1)).max(4);
@@ -136,7 +135,13 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
         }
     };
     if tasks.len() > 1 && threads > 1 {
-        tasks.into_par_iter().for_each(run);
+        let n = tasks.len();
+        let slots: Vec<std::sync::Mutex<Option<MatVec<'_>>>> = tasks.into_iter().map(|t| std::sync::Mutex::new(Some(t))).collect();
+        crate::team::for_each(n, &|i| {
+            if let Some(t) = slots[i].lock().ok().and_then(|mut g| g.take()) {
+                run(t);
+            }
+        });
     } else {
         tasks.into_iter().for_each(run);
     }
@@ -478,7 +483,7 @@ struct Partial {
 /// with the usual rescaling by `exp(max_block − max)`. Returns `[H, D]`.
 pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
     let (d, g, t) = (a.dim, a.heads / a.kv_heads, a.visible.len());
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::team::threads();
     // Blocks of at most ~64 KiB of keys (they stay in L2 while the G heads read them), and
     // enough of them for every thread.
     let max_block = (64 * 1024 / (4 * d.max(1))).max(16);
@@ -487,7 +492,14 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
     let tasks: Vec<(usize, usize)> = (0..a.kv_heads).flat_map(|kvh| (0..t).step_by(block).map(move |s| (kvh, s))).collect();
     let work = |&(kvh, start): &(usize, usize)| attend_block_dispatch(a, kvh, start, (start + block).min(t));
     let partials: Vec<Vec<Partial>> = if tasks.len() > 1 && threads > 1 && t * d * g >= 256 * 1024 {
-        tasks.par_iter().map(work).collect()
+        let slots: Vec<std::sync::Mutex<Vec<Partial>>> = tasks.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
+        crate::team::for_each(tasks.len(), &|i| {
+            let p = work(&tasks[i]);
+            if let Ok(mut slot) = slots[i].lock() {
+                *slot = p;
+            }
+        });
+        slots.into_iter().map(|m| m.into_inner().unwrap_or_default()).collect()
     } else {
         tasks.iter().map(work).collect()
     };

@@ -16,6 +16,7 @@ pub mod model;
 pub mod repo;
 pub mod rope;
 pub mod state;
+pub mod team;
 pub mod weights;
 
 pub use error::{Error, Result};

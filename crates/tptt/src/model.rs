@@ -563,7 +563,9 @@ impl Model {
         }
         let s = ids.len();
         if s == 1 && state.mode == CarryMode::Continue && self.fused_step && step::supported(self) {
-            return step::forward_one(self, ids[0], state);
+            // The step's many short parallel regions run on a team of spinning threads that
+            // lives for this step (see `team`), not on rayon's sleeping pool.
+            return crate::team::with_team(rayon::current_num_threads(), || step::forward_one(self, ids[0], state));
         }
         if state.mode == CarryMode::Reference {
             if let Some(w) = state.window {
