@@ -138,7 +138,8 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
         let n = tasks.len();
         let slots: Vec<std::sync::Mutex<Option<MatVec<'_>>>> = tasks.into_iter().map(|t| std::sync::Mutex::new(Some(t))).collect();
         crate::team::for_each(n, &|i| {
-            if let Some(t) = slots[i].lock().ok().and_then(|mut g| g.take()) {
+            // A poisoned lock only follows a panicking task, which the caller re-raises anyway.
+            if let Some(t) = slots[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
                 run(t);
             }
         });
@@ -495,11 +496,9 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
         let slots: Vec<std::sync::Mutex<Vec<Partial>>> = tasks.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
         crate::team::for_each(tasks.len(), &|i| {
             let p = work(&tasks[i]);
-            if let Ok(mut slot) = slots[i].lock() {
-                *slot = p;
-            }
+            *slots[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = p;
         });
-        slots.into_iter().map(|m| m.into_inner().unwrap_or_default()).collect()
+        slots.into_iter().map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)).collect()
     } else {
         tasks.iter().map(work).collect()
     };
