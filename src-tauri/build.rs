@@ -16,7 +16,9 @@ fn main() {
         let page = "<!doctype html><html><head><meta charset=\"utf-8\"><title>TPTT Chat</title></head>\
 <body><h1>TPTT Chat</h1><p>The web UI has not been built. Run <code>npm ci &amp;&amp; npm run build</code> \
 in <code>ui/</code>, then rebuild the app.</p></body></html>\n";
-        if let Err(e) = std::fs::create_dir_all(dist).and_then(|()| std::fs::write(dist.join("index.html"), page)) {
+        if let Err(e) = std::fs::create_dir_all(dist)
+            .and_then(|()| std::fs::write(dist.join("index.html"), page))
+        {
             println!("cargo:warning=cannot write the placeholder UI in ui/dist: {e}");
         } else {
             println!("cargo:warning=ui/dist was missing: wrote a placeholder page (build the UI with npm run build in ui/)");

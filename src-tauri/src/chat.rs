@@ -39,7 +39,10 @@ use tptt::repo::VariantFiles;
 use tptt_engine::session::{Event, FinishReason, GenerateOptions, Session, SessionOptions};
 use tptt_engine::snapshot::{self, ModelIdentity};
 use tptt_engine::{CancelToken, ChatTranscript, Job, ReadMark};
-use tptt_store::{ConversationId, Message, MessageId, MessageStatus, MessageUpdate, ModelKey, NewMessage, NewSnapshot, Role};
+use tptt_store::{
+    ConversationId, Message, MessageId, MessageStatus, MessageUpdate, ModelKey, NewMessage,
+    NewSnapshot, Role,
+};
 
 use crate::dto::{ChatEvent, MemoryInfo, Stats};
 use crate::error::{CmdResult, CommandError, ErrorKind};
@@ -88,7 +91,9 @@ pub fn meta_path(snapshot: &Path) -> PathBuf {
 
 /// Reads a snapshot's sidecar.
 pub fn read_meta(snapshot: &Path) -> Option<SnapshotMeta> {
-    std::fs::read(meta_path(snapshot)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    std::fs::read(meta_path(snapshot))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// Removes snapshot files (and their sidecars) the store no longer refers to.
@@ -113,14 +118,29 @@ pub struct Slot {
 
 impl Slot {
     /// Takes the slot for `conversation`, or `busy`.
-    pub fn acquire(state: &AppState, conversation: ConversationId) -> CmdResult<(Self, CancelToken)> {
+    pub fn acquire(
+        state: &AppState,
+        conversation: ConversationId,
+    ) -> CmdResult<(Self, CancelToken)> {
         let mut g = lock(&state.generation);
         if g.is_some() {
-            return Err(CommandError::new(ErrorKind::Busy, "A reply is still being generated: wait for it, or stop it."));
+            return Err(CommandError::new(
+                ErrorKind::Busy,
+                "A reply is still being generated: wait for it, or stop it.",
+            ));
         }
         let cancel = CancelToken::new();
-        *g = Some(Running { conversation, cancel: cancel.clone() });
-        Ok((Self { state: state.clone(), armed: true }, cancel))
+        *g = Some(Running {
+            conversation,
+            cancel: cancel.clone(),
+        });
+        Ok((
+            Self {
+                state: state.clone(),
+                armed: true,
+            },
+            cancel,
+        ))
     }
 
     fn release(&mut self) {
@@ -140,7 +160,10 @@ impl Drop for Slot {
 /// Refuses an empty or oversized message (nothing is stored then).
 pub fn check_content(content: &str) -> CmdResult<()> {
     if content.trim().is_empty() {
-        return Err(CommandError::new(ErrorKind::InvalidSettings, "content: the message is empty"));
+        return Err(CommandError::new(
+            ErrorKind::InvalidSettings,
+            "content: the message is empty",
+        ));
     }
     if content.len() > MAX_MESSAGE_BYTES {
         return Err(CommandError::new(
@@ -173,7 +196,14 @@ pub fn target(state: &AppState) -> CmdResult<Target> {
     };
     let model = crate::models::model_ref(&state.registry(), repo);
     let files = runtime::variant_files(&state.hub()?, &model, variant)?;
-    Ok(Target { key: LoadKey { model, variant: variant.to_string(), device: s.device }, files })
+    Ok(Target {
+        key: LoadKey {
+            model,
+            variant: variant.to_string(),
+            device: s.device,
+        },
+        files,
+    })
 }
 
 /// [`target`] on a worker thread (it reads the cache through a blocking hub client).
@@ -184,10 +214,15 @@ async fn find_target(state: &AppState) -> CmdResult<Target> {
 
 /// Drops the cached memory of `conversation` if it read the message at `from_position` or a
 /// later one (they are being deleted); `None` drops it whatever it read.
-pub fn invalidate_session(state: &AppState, conversation: ConversationId, from_position: Option<u32>) {
+pub fn invalidate_session(
+    state: &AppState,
+    conversation: ConversationId,
+    from_position: Option<u32>,
+) {
     let mut g = lock(&state.session);
     let stale = g.as_ref().is_some_and(|c| {
-        c.conversation == conversation && from_position.is_none_or(|from| c.read_position.is_some_and(|p| p >= from))
+        c.conversation == conversation
+            && from_position.is_none_or(|from| c.read_position.is_some_and(|p| p >= from))
     });
     if stale {
         *g = None;
@@ -214,10 +249,16 @@ pub struct TurnCtx {
 pub fn spawn_turn(ctx: TurnCtx, slot: Slot) -> CmdResult<()> {
     let answer = ctx.answer.id;
     let state = ctx.state.clone();
-    let started = std::thread::Builder::new().name("tptt-turn".into()).spawn(move || run_turn(ctx, slot));
+    let started = std::thread::Builder::new()
+        .name("tptt-turn".into())
+        .spawn(move || run_turn(ctx, slot));
     if let Err(e) = started {
-        let update = MessageUpdate { error: Some("the turn could not start".into()), ..MessageUpdate::new("", MessageStatus::Error) };
-        if let Err(e) = tauri::async_runtime::block_on(state.store.update_message(answer, &update)) {
+        let update = MessageUpdate {
+            error: Some("the turn could not start".into()),
+            ..MessageUpdate::new("", MessageStatus::Error)
+        };
+        if let Err(e) = tauri::async_runtime::block_on(state.store.update_message(answer, &update))
+        {
             tracing::warn!(error = %e, "cannot mark the answer as failed");
         }
         return Err(CommandError::internal("Cannot start the generation", e));
@@ -236,16 +277,29 @@ fn run_turn(ctx: TurnCtx, mut slot: Slot) {
     let partial = Arc::new(Mutex::new(String::new()));
     let result = drive(&ctx, &partial);
     let event = match result {
-        Ok(f) if f.stopped => ChatEvent::Stopped { stats: f.stats, memory: f.memory },
-        Ok(f) => ChatEvent::Done { stats: f.stats, memory: f.memory },
+        Ok(f) if f.stopped => ChatEvent::Stopped {
+            stats: f.stats,
+            memory: f.memory,
+        },
+        Ok(f) => ChatEvent::Done {
+            stats: f.stats,
+            memory: f.memory,
+        },
         Err(e) => {
             let text = lock(&partial).clone();
-            let update = MessageUpdate { error: Some(e.message.clone()), ..MessageUpdate::new(text.clone(), MessageStatus::Error) };
+            let update = MessageUpdate {
+                error: Some(e.message.clone()),
+                ..MessageUpdate::new(text.clone(), MessageStatus::Error)
+            };
             if let Err(se) = block_on(ctx.state.store.update_message(ctx.answer.id, &update)) {
                 // The event below still carries the text to the UI.
                 tracing::error!(error = %se, "cannot save the failed answer");
             }
-            ChatEvent::Error { message: e.message, partial: text, error_kind: e.kind }
+            ChatEvent::Error {
+                message: e.message,
+                partial: text,
+                error_kind: e.kind,
+            }
         }
     };
     slot.release();
@@ -278,9 +332,18 @@ fn ensure_model(state: &AppState, target: &Target) -> CmdResult<Arc<LoadedModel>
 
 /// Finds the conversation's memory for `model` (module doc): the held one, its latest matching
 /// snapshot, or a fresh one (then the whole conversation is fed: rebuilt from the text).
-fn memory_for(state: &AppState, conversation: ConversationId, model: &LoadedModel, history: &[Message], answer_position: u32) -> CachedSession {
+fn memory_for(
+    state: &AppState,
+    conversation: ConversationId,
+    model: &LoadedModel,
+    history: &[Message],
+    answer_position: u32,
+) -> CachedSession {
     if let Some(c) = lock(&state.session).take() {
-        if c.conversation == conversation && c.identity == model.identity && c.read_position.is_none_or(|p| p < answer_position) {
+        if c.conversation == conversation
+            && c.identity == model.identity
+            && c.read_position.is_none_or(|p| p < answer_position)
+        {
             return c;
         }
         // Another conversation's (or another model's) memory: it is in its snapshot already.
@@ -288,7 +351,10 @@ fn memory_for(state: &AppState, conversation: ConversationId, model: &LoadedMode
     let key = model_key(&model.identity);
     match block_on(state.store.latest_snapshot(conversation, &key)) {
         Ok(Some(snap)) => {
-            let position = history.iter().find(|m| m.id == snap.message_id).map(|m| m.position);
+            let position = history
+                .iter()
+                .find(|m| m.id == snap.message_id)
+                .map(|m| m.position);
             match (position, snapshot::load(model.model.clone(), &model.identity, &snap.path)) {
                 (Some(p), Ok(session)) => {
                     let mark = read_meta(&snap.path).and_then(|m| m.mark);
@@ -305,13 +371,24 @@ fn memory_for(state: &AppState, conversation: ConversationId, model: &LoadedMode
                 (None, Ok(_)) => tracing::warn!("snapshot of a message outside the history: rebuilding the memory from the text"),
             }
         }
-        Ok(None) => tracing::info!(conversation = conversation.0, "no snapshot for this model: the memory is built from the text"),
-        Err(e) => tracing::warn!(error = %e, "cannot look up snapshots: rebuilding the memory from the text"),
+        Ok(None) => tracing::info!(
+            conversation = conversation.0,
+            "no snapshot for this model: the memory is built from the text"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look up snapshots: rebuilding the memory from the text")
+        }
     }
     let window = state.settings().window_size.map(|w| w as usize);
     CachedSession {
         conversation,
-        session: Session::new(model.model.clone(), SessionOptions { window, ..Default::default() }),
+        session: Session::new(
+            model.model.clone(),
+            SessionOptions {
+                window,
+                ..Default::default()
+            },
+        ),
         transcript: ChatTranscript::fresh(),
         identity: model.identity.clone(),
         read_position: None,
@@ -335,34 +412,70 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
     let state = &ctx.state;
     let model = ensure_model(state, &ctx.target)?;
     let listing = block_on(state.store.list_messages(ctx.conversation))?;
-    let history: Vec<Message> = listing.items.into_iter().filter(|m| m.position < ctx.answer.position).collect();
-    let mem = memory_for(state, ctx.conversation, &model, &history, ctx.answer.position);
+    let history: Vec<Message> = listing
+        .items
+        .into_iter()
+        .filter(|m| m.position < ctx.answer.position)
+        .collect();
+    let mem = memory_for(
+        state,
+        ctx.conversation,
+        &model,
+        &history,
+        ctx.answer.position,
+    );
     let settings = state.settings();
     let mut messages: Vec<tptt_engine::Message> = Vec::with_capacity(history.len() + 1);
     if !settings.system_prompt.trim().is_empty() {
         messages.push(tptt_engine::Message::system(settings.system_prompt.clone()));
     }
     messages.extend(history.iter().map(engine_message));
-    let unread = history.iter().filter(|m| mem.read_position.is_none_or(|p| m.position > p)).count();
+    let unread = history
+        .iter()
+        .filter(|m| mem.read_position.is_none_or(|p| m.position > p))
+        .count();
     let turn = mem
         .transcript
         .turn(&model.format, &messages, unread)
-        .map_err(|e| CommandError::new(ErrorKind::Generation, format!("The conversation cannot be put in the model's chat format: {e}")))?;
+        .map_err(|e| {
+            CommandError::new(
+                ErrorKind::Generation,
+                format!("The conversation cannot be put in the model's chat format: {e}"),
+            )
+        })?;
     let add_special = mem.session.tokens.is_empty() && model.format.add_special_tokens();
     let ids = model
         .tokenizer
         .encode(turn.text.as_str(), add_special)
-        .map_err(|e| CommandError::new(ErrorKind::Generation, format!("The message cannot be tokenized: {e}")))?
+        .map_err(|e| {
+            CommandError::new(
+                ErrorKind::Generation,
+                format!("The message cannot be tokenized: {e}"),
+            )
+        })?
         .get_ids()
         .to_vec();
-    tracing::info!(conversation = ctx.conversation.0, read = mem.session.state.pos, feeding = ids.len(), extends = turn.extends, "turn starts");
-    let _ = ctx.channel.send(ChatEvent::Started { memory: MemoryInfo::of(&mem.session.state) });
+    tracing::info!(
+        conversation = ctx.conversation.0,
+        read = mem.session.state.pos,
+        feeding = ids.len(),
+        extends = turn.extends,
+        "turn starts"
+    );
+    let _ = ctx.channel.send(ChatEvent::Started {
+        memory: MemoryInfo::of(&mem.session.state),
+    });
 
     let options = GenerateOptions {
         params: settings.sampling.params(),
         eos_ids: model.eos_ids.clone(),
         ignore_eos: false,
-        stop_strings: model.format.stop_strings().iter().map(|s| s.to_string()).collect(),
+        stop_strings: model
+            .format
+            .stop_strings()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         skip_special_tokens: true,
     };
     let sink_text = partial.clone();
@@ -372,10 +485,21 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         lock(&sink_text).push_str(&text);
         let _ = channel.send(ChatEvent::Token { text });
     });
-    let CachedSession { session, mut transcript, identity, .. } = mem;
+    let CachedSession {
+        session,
+        mut transcript,
+        identity,
+        ..
+    } = mem;
     let rx = model
         .engine
-        .submit(Job { session, prompt: ids, options, sink, cancel: ctx.cancel.clone() })
+        .submit(Job {
+            session,
+            prompt: ids,
+            options,
+            sink,
+            cancel: ctx.cancel.clone(),
+        })
         .map_err(|e| CommandError::internal("The generation thread is gone", e))?;
     let mut saved_len = 0;
     let result = loop {
@@ -385,13 +509,19 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
                 let text = lock(partial).clone();
                 if text.len() != saved_len {
                     saved_len = text.len();
-                    if let Err(e) = block_on(state.store.update_message(ctx.answer.id, &MessageUpdate::new(text, MessageStatus::Partial))) {
+                    if let Err(e) = block_on(state.store.update_message(
+                        ctx.answer.id,
+                        &MessageUpdate::new(text, MessageStatus::Partial),
+                    )) {
                         tracing::warn!(error = %e, "cannot save the streaming answer");
                     }
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(CommandError::internal("The generation thread stopped", "its result channel closed"));
+                return Err(CommandError::internal(
+                    "The generation thread stopped",
+                    "its result channel closed",
+                ));
             }
         }
     };
@@ -402,7 +532,10 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
             tracing::warn!(error = %e, "generation failed");
             // The session read part of the turn: its snapshot (the state before) stays the
             // memory of record, and the next turn starts from it.
-            return Err(CommandError::new(ErrorKind::Generation, format!("The answer failed: {e}")));
+            return Err(CommandError::new(
+                ErrorKind::Generation,
+                format!("The answer failed: {e}"),
+            ));
         }
     };
     let stopped = outcome.finish == FinishReason::Cancelled;
@@ -411,20 +544,39 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
     stats_json["finish"] = serde_json::json!(format!("{:?}", outcome.finish));
     let update = MessageUpdate {
         content: outcome.text.clone(),
-        status: if stopped { MessageStatus::Partial } else { MessageStatus::Complete },
+        status: if stopped {
+            MessageStatus::Partial
+        } else {
+            MessageStatus::Complete
+        },
         error: None,
         token_count: u32::try_from(outcome.ids.len()).ok(),
         stats: Some(stats_json),
     };
     block_on(state.store.update_message(ctx.answer.id, &update))?;
-    let raw = model.tokenizer.decode(&outcome.ids, false).unwrap_or_default();
+    let raw = model
+        .tokenizer
+        .decode(&outcome.ids, false)
+        .unwrap_or_default();
     transcript.record(&turn, &raw, &outcome.finish);
     let memory = MemoryInfo::of(&session.state);
-    if let Err(e) = save_snapshot(state, ctx.conversation, ctx.answer.id, &session, &identity, transcript.mark(), memory) {
+    if let Err(e) = save_snapshot(
+        state,
+        ctx.conversation,
+        ctx.answer.id,
+        &session,
+        &identity,
+        transcript.mark(),
+        memory,
+    ) {
         // Not fatal: the memory is rebuilt from the text when no snapshot matches.
         tracing::warn!(error = %e, "cannot save the state snapshot");
     }
-    if let Err(e) = block_on(state.store.set_conversation_model(ctx.conversation, Some(&identity.model), Some(&identity.variant))) {
+    if let Err(e) = block_on(state.store.set_conversation_model(
+        ctx.conversation,
+        Some(&identity.model),
+        Some(&identity.variant),
+    )) {
         tracing::warn!(error = %e, "cannot record the conversation's model");
     }
     *lock(&state.session) = Some(CachedSession {
@@ -434,7 +586,11 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         identity,
         read_position: Some(ctx.answer.position),
     });
-    Ok(Finished { stopped, stats, memory })
+    Ok(Finished {
+        stopped,
+        stats,
+        memory,
+    })
 }
 
 /// Writes the state after `message` and records it; prunes old and stale snapshots.
@@ -447,18 +603,31 @@ fn save_snapshot(
     mark: Option<ReadMark>,
     memory: MemoryInfo,
 ) -> Result<(), String> {
-    let dir = state.config.snapshots_dir().join(conversation.0.to_string());
+    let dir = state
+        .config
+        .snapshots_dir()
+        .join(conversation.0.to_string());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let path = dir.join(format!("{}.safetensors", message.0));
     let bytes = snapshot::save(session, identity, &path).map_err(|e| e.to_string())?;
     let meta = serde_json::to_vec(&SnapshotMeta { mark, memory }).map_err(|e| e.to_string())?;
-    std::fs::write(meta_path(&path), meta).map_err(|e| format!("{}: {e}", meta_path(&path).display()))?;
+    std::fs::write(meta_path(&path), meta)
+        .map_err(|e| format!("{}: {e}", meta_path(&path).display()))?;
     let key = model_key(identity);
-    let new = NewSnapshot { conversation_id: conversation, message_id: message, key: key.clone(), path, size_bytes: bytes, token_count: session.state.pos as u64 };
+    let new = NewSnapshot {
+        conversation_id: conversation,
+        message_id: message,
+        key: key.clone(),
+        path,
+        size_bytes: bytes,
+        token_count: session.state.pos as u64,
+    };
     block_on(state.store.record_snapshot(&new)).map_err(|e| e.to_string())?;
-    let old = block_on(state.store.prune_snapshots(conversation, SNAPSHOTS_KEPT)).map_err(|e| e.to_string())?;
+    let old = block_on(state.store.prune_snapshots(conversation, SNAPSHOTS_KEPT))
+        .map_err(|e| e.to_string())?;
     remove_snapshot_files(&old);
-    let stale = block_on(state.store.delete_stale_snapshots(conversation, &key)).map_err(|e| e.to_string())?;
+    let stale = block_on(state.store.delete_stale_snapshots(conversation, &key))
+        .map_err(|e| e.to_string())?;
     remove_snapshot_files(&stale);
     tracing::debug!(conversation = conversation.0, bytes, "snapshot saved");
     Ok(())
@@ -466,7 +635,10 @@ fn save_snapshot(
 
 /// The conversation's memory meter: the held memory, else the latest snapshot's, else empty.
 pub async fn memory_info(state: &AppState, conversation: ConversationId) -> MemoryInfo {
-    let held = lock(&state.session).as_ref().filter(|c| c.conversation == conversation).map(|c| MemoryInfo::of(&c.session.state));
+    let held = lock(&state.session)
+        .as_ref()
+        .filter(|c| c.conversation == conversation)
+        .map(|c| MemoryInfo::of(&c.session.state));
     if let Some(m) = held {
         return m;
     }
@@ -475,44 +647,97 @@ pub async fn memory_info(state: &AppState, conversation: ConversationId) -> Memo
             return meta.memory;
         }
     }
-    MemoryInfo { window_size: u64::from(state.settings().window_size.unwrap_or(0)), ..Default::default() }
+    MemoryInfo {
+        window_size: u64::from(state.settings().window_size.unwrap_or(0)),
+        ..Default::default()
+    }
 }
 
 /// `send_message`.
-pub async fn send(state: &AppState, conversation: ConversationId, content: String, channel: Channel<ChatEvent>) -> CmdResult<(MessageId, MessageId)> {
+pub async fn send(
+    state: &AppState,
+    conversation: ConversationId,
+    content: String,
+    channel: Channel<ChatEvent>,
+) -> CmdResult<(MessageId, MessageId)> {
     check_content(&content)?;
     let (slot, cancel) = Slot::acquire(state, conversation)?;
     let target = find_target(state).await?;
     state.store.get_conversation(conversation).await?;
-    let user = state.store.add_message(conversation, &NewMessage::new(Role::User, content)).await?;
-    let answer = state.store.add_message(conversation, &NewMessage::streaming_answer()).await?;
+    let user = state
+        .store
+        .add_message(conversation, &NewMessage::new(Role::User, content))
+        .await?;
+    let answer = state
+        .store
+        .add_message(conversation, &NewMessage::streaming_answer())
+        .await?;
     let ids = (user.id, answer.id);
-    spawn_turn(TurnCtx { state: state.clone(), conversation, answer, channel, cancel, target }, slot)?;
+    spawn_turn(
+        TurnCtx {
+            state: state.clone(),
+            conversation,
+            answer,
+            channel,
+            cancel,
+            target,
+        },
+        slot,
+    )?;
     Ok(ids)
 }
 
 /// `regenerate`: the last answer is replaced (a conversation that ends with the user's
 /// message gets its answer).
-pub async fn regenerate(state: &AppState, conversation: ConversationId, channel: Channel<ChatEvent>) -> CmdResult<MessageId> {
+pub async fn regenerate(
+    state: &AppState,
+    conversation: ConversationId,
+    channel: Channel<ChatEvent>,
+) -> CmdResult<MessageId> {
     let (slot, cancel) = Slot::acquire(state, conversation)?;
     let target = find_target(state).await?;
     let messages = state.store.list_messages(conversation).await?.items;
-    let nothing = || CommandError::new(ErrorKind::NotFound, "There is no message of yours to answer in this conversation.");
+    let nothing = || {
+        CommandError::new(
+            ErrorKind::NotFound,
+            "There is no message of yours to answer in this conversation.",
+        )
+    };
     let last = messages.last().ok_or_else(nothing)?;
     if last.role == Role::Assistant {
-        let before = messages.len().checked_sub(2).and_then(|i| messages.get(i)).ok_or_else(nothing)?;
+        let before = messages
+            .len()
+            .checked_sub(2)
+            .and_then(|i| messages.get(i))
+            .ok_or_else(nothing)?;
         if before.role != Role::User {
             return Err(nothing());
         }
-        let files = state.store.delete_messages_from(conversation, last.position).await?;
+        let files = state
+            .store
+            .delete_messages_from(conversation, last.position)
+            .await?;
         remove_snapshot_files(&files);
         invalidate_session(state, conversation, Some(last.position));
     } else if last.role != Role::User {
         return Err(nothing());
     }
-    let answer = state.store.add_message(conversation, &NewMessage::streaming_answer()).await?;
+    let answer = state
+        .store
+        .add_message(conversation, &NewMessage::streaming_answer())
+        .await?;
     let id = answer.id;
-    spawn_turn(TurnCtx { state: state.clone(), conversation, answer, channel, cancel, target }, slot)?;
+    spawn_turn(
+        TurnCtx {
+            state: state.clone(),
+            conversation,
+            answer,
+            channel,
+            cancel,
+            target,
+        },
+        slot,
+    )?;
     Ok(id)
 }
 
@@ -530,28 +755,58 @@ pub async fn edit_and_resend(
     let target = find_target(state).await?;
     let m = state.store.get_message(message).await?;
     if m.conversation_id != conversation || m.role != Role::User {
-        return Err(CommandError::new(ErrorKind::NotFound, format!("Message {} is not one of your messages in this conversation.", message.0)));
+        return Err(CommandError::new(
+            ErrorKind::NotFound,
+            format!(
+                "Message {} is not one of your messages in this conversation.",
+                message.0
+            ),
+        ));
     }
-    let files = state.store.delete_messages_from(conversation, m.position).await?;
+    let files = state
+        .store
+        .delete_messages_from(conversation, m.position)
+        .await?;
     remove_snapshot_files(&files);
     invalidate_session(state, conversation, Some(m.position));
-    let user = state.store.add_message(conversation, &NewMessage::new(Role::User, content)).await?;
-    let answer = state.store.add_message(conversation, &NewMessage::streaming_answer()).await?;
+    let user = state
+        .store
+        .add_message(conversation, &NewMessage::new(Role::User, content))
+        .await?;
+    let answer = state
+        .store
+        .add_message(conversation, &NewMessage::streaming_answer())
+        .await?;
     let ids = (user.id, answer.id);
-    spawn_turn(TurnCtx { state: state.clone(), conversation, answer, channel, cancel, target }, slot)?;
+    spawn_turn(
+        TurnCtx {
+            state: state.clone(),
+            conversation,
+            answer,
+            channel,
+            cancel,
+            target,
+        },
+        slot,
+    )?;
     Ok(ids)
 }
 
 /// `stop_generation`: stops the conversation's running generation, if any.
 pub fn stop(state: &AppState, conversation: ConversationId) {
-    if let Some(r) = lock(&state.generation).as_ref().filter(|r| r.conversation == conversation) {
+    if let Some(r) = lock(&state.generation)
+        .as_ref()
+        .filter(|r| r.conversation == conversation)
+    {
         r.cancel.cancel();
     }
 }
 
 /// Whether a generation runs for `conversation`.
 pub fn is_generating(state: &AppState, conversation: ConversationId) -> bool {
-    lock(&state.generation).as_ref().is_some_and(|r| r.conversation == conversation)
+    lock(&state.generation)
+        .as_ref()
+        .is_some_and(|r| r.conversation == conversation)
 }
 
 #[cfg(test)]
@@ -560,9 +815,15 @@ mod tests {
 
     #[test]
     fn oversized_and_empty_messages_are_refused_before_storing() {
-        assert_eq!(check_content(" \n").expect_err("empty").kind, ErrorKind::InvalidSettings);
+        assert_eq!(
+            check_content(" \n").expect_err("empty").kind,
+            ErrorKind::InvalidSettings
+        );
         let big = "x".repeat(MAX_MESSAGE_BYTES + 1);
-        assert_eq!(check_content(&big).expect_err("big").kind, ErrorKind::InputTooLong);
+        assert_eq!(
+            check_content(&big).expect_err("big").kind,
+            ErrorKind::InputTooLong
+        );
         check_content(&"y".repeat(1 << 20)).expect("a 1 MiB paste is accepted");
     }
 }

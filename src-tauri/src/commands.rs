@@ -10,8 +10,8 @@ use tptt_store::{ConversationId, ListScope, MessageId, NewConversation};
 use crate::chat;
 use crate::device;
 use crate::dto::{
-    parse_id, ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent, MessageDto, ModelEntry, ModelSource,
-    RegenerateResult, SendResult, SettingsDto, VariantEntry,
+    parse_id, ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent,
+    MessageDto, ModelEntry, ModelSource, RegenerateResult, SendResult, SettingsDto, VariantEntry,
 };
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::models;
@@ -32,7 +32,8 @@ fn conversation_id(id: &str) -> CmdResult<ConversationId> {
 async fn entry_of(state: &AppState, repo_id: String) -> CmdResult<ModelEntry> {
     let st = state.clone();
     blocking(move || {
-        models::entry(&st.registry(), &st.hub()?, &repo_id).ok_or_else(|| CommandError::internal("A model entry is missing", repo_id))
+        models::entry(&st.registry(), &st.hub()?, &repo_id)
+            .ok_or_else(|| CommandError::internal("A model entry is missing", repo_id))
     })
     .await
 }
@@ -48,7 +49,10 @@ pub async fn list_models(state: State<'_, AppState>) -> CmdResult<Vec<ModelEntry
 
 /// `refresh_variants`: lists the repository on the hub (an imported folder is scanned again).
 #[tauri::command]
-pub async fn refresh_variants(state: State<'_, AppState>, repo_id: String) -> CmdResult<Vec<VariantEntry>> {
+pub async fn refresh_variants(
+    state: State<'_, AppState>,
+    repo_id: String,
+) -> CmdResult<Vec<VariantEntry>> {
     if models::source_of(&state.registry(), &repo_id) != Some(ModelSource::Local) {
         tptt_hub::validate_repo_id(&repo_id)?;
         let (st, r) = (state.inner().clone(), repo_id.clone());
@@ -70,14 +74,22 @@ pub async fn refresh_variants(state: State<'_, AppState>, repo_id: String) -> Cm
 pub async fn add_model(state: State<'_, AppState>, repo_id: String) -> CmdResult<ModelEntry> {
     let repo_id = repo_id.trim().to_string();
     tptt_hub::validate_repo_id(&repo_id).map_err(|_| {
-        CommandError::new(ErrorKind::InvalidRepoId, format!("{repo_id:?} is not a Hugging Face repository id: use the form owner/name."))
+        CommandError::new(
+            ErrorKind::InvalidRepoId,
+            format!("{repo_id:?} is not a Hugging Face repository id: use the form owner/name."),
+        )
     })?;
     if !repo_id.contains('/') {
-        return Err(CommandError::new(ErrorKind::InvalidRepoId, format!("{repo_id:?} lacks its owner: use the form owner/name.")));
+        return Err(CommandError::new(
+            ErrorKind::InvalidRepoId,
+            format!("{repo_id:?} lacks its owner: use the form owner/name."),
+        ));
     }
     let registry = state.registry();
     if models::source_of(&registry, &repo_id).is_none() {
-        state.update_registry(|r| r.added.push(repo_id.clone())).await?;
+        state
+            .update_registry(|r| r.added.push(repo_id.clone()))
+            .await?;
     }
     entry_of(&state, repo_id).await
 }
@@ -95,7 +107,12 @@ pub async fn import_local_model(state: State<'_, AppState>, path: String) -> Cmd
 
 /// `download_variant`: returns once the download thread runs; events go to `on_event`.
 #[tauri::command]
-pub async fn download_variant(state: State<'_, AppState>, repo_id: String, variant: String, on_event: Channel<DownloadEvent>) -> CmdResult<()> {
+pub async fn download_variant(
+    state: State<'_, AppState>,
+    repo_id: String,
+    variant: String,
+    on_event: Channel<DownloadEvent>,
+) -> CmdResult<()> {
     if models::source_of(&state.registry(), &repo_id) == Some(ModelSource::Local) {
         let _ = on_event.send(DownloadEvent::Done);
         return Ok(());
@@ -105,7 +122,11 @@ pub async fn download_variant(state: State<'_, AppState>, repo_id: String, varia
 
 /// `cancel_download`.
 #[tauri::command]
-pub async fn cancel_download(state: State<'_, AppState>, repo_id: String, variant: String) -> CmdResult<()> {
+pub async fn cancel_download(
+    state: State<'_, AppState>,
+    repo_id: String,
+    variant: String,
+) -> CmdResult<()> {
     models::cancel_download(&state, &repo_id, &variant);
     Ok(())
 }
@@ -113,23 +134,40 @@ pub async fn cancel_download(state: State<'_, AppState>, repo_id: String, varian
 /// `remove_variant`: deletes a downloaded variant from the cache (its base stays, shared).
 /// For an imported folder nothing is deleted from disk: the import is forgotten.
 #[tauri::command]
-pub async fn remove_variant(state: State<'_, AppState>, repo_id: String, variant: String) -> CmdResult<()> {
-    let in_use = lock(&state.model).as_ref().is_some_and(|m| m.key.model.id() == repo_id && m.key.variant == variant);
+pub async fn remove_variant(
+    state: State<'_, AppState>,
+    repo_id: String,
+    variant: String,
+) -> CmdResult<()> {
+    let in_use = lock(&state.model)
+        .as_ref()
+        .is_some_and(|m| m.key.model.id() == repo_id && m.key.variant == variant);
     if in_use {
         if lock(&state.generation).is_some() {
-            return Err(CommandError::new(ErrorKind::Busy, "This variant is generating a reply: stop it first."));
+            return Err(CommandError::new(
+                ErrorKind::Busy,
+                "This variant is generating a reply: stop it first.",
+            ));
         }
         *lock(&state.session) = None;
         *lock(&state.model) = None;
     }
     match models::model_ref(&state.registry(), &repo_id) {
         ModelRef::Local(_) => {
-            state.update_registry(|r| r.local.retain(|p| p != &repo_id)).await?;
+            state
+                .update_registry(|r| r.local.retain(|p| p != &repo_id))
+                .await?;
             Ok(())
         }
         ModelRef::Hub(repo) => {
             let st = state.inner().clone();
-            blocking(move || st.hub()?.remove_variant(&repo, &variant).map(|_| ()).map_err(CommandError::hub)).await
+            blocking(move || {
+                st.hub()?
+                    .remove_variant(&repo, &variant)
+                    .map(|_| ())
+                    .map_err(CommandError::hub)
+            })
+            .await
         }
     }
 }
@@ -145,7 +183,10 @@ pub async fn get_settings(state: State<'_, AppState>) -> CmdResult<SettingsDto> 
 /// `set_settings`: validated (`invalid_settings` names the field), stored, and in effect for
 /// the next message.
 #[tauri::command]
-pub async fn set_settings(state: State<'_, AppState>, settings: serde_json::Value) -> CmdResult<SettingsDto> {
+pub async fn set_settings(
+    state: State<'_, AppState>,
+    settings: serde_json::Value,
+) -> CmdResult<SettingsDto> {
     let dto: SettingsDto = serde_json::from_value(settings)
         .map_err(|e| CommandError::new(ErrorKind::InvalidSettings, format!("settings: {e}")))?;
     let s = AppSettings::from_dto(&dto)?;
@@ -163,11 +204,19 @@ pub async fn set_hf_token(state: State<'_, AppState>, token: Option<String>) -> 
 #[tauri::command]
 pub async fn device_info(state: State<'_, AppState>) -> CmdResult<DeviceInfo> {
     if let Some(m) = lock(&state.model).as_ref() {
-        return Ok(DeviceInfo { compiled: device::compiled(), in_use: m.device.kind.as_str().into(), name: m.device.name.clone() });
+        return Ok(DeviceInfo {
+            compiled: device::compiled(),
+            in_use: m.device.kind.as_str().into(),
+            name: m.device.name.clone(),
+        });
     }
     let pref = state.settings().device;
     let r = device::resolve(pref).unwrap_or_else(|_| device::cpu());
-    Ok(DeviceInfo { compiled: device::compiled(), in_use: r.kind.as_str().into(), name: r.name })
+    Ok(DeviceInfo {
+        compiled: device::compiled(),
+        in_use: r.kind.as_str().into(),
+        name: r.name,
+    })
 }
 
 // ---- Conversations ------------------------------------------------------------------------
@@ -176,7 +225,10 @@ pub async fn device_info(state: State<'_, AppState>) -> CmdResult<DeviceInfo> {
 /// call after a start that had to set the database aside reports that, as a `database` error
 /// (the next call lists).
 #[tauri::command]
-pub async fn list_conversations(state: State<'_, AppState>, query: Option<String>) -> CmdResult<Vec<ConversationSummary>> {
+pub async fn list_conversations(
+    state: State<'_, AppState>,
+    query: Option<String>,
+) -> CmdResult<Vec<ConversationSummary>> {
     if let Some(notice) = state.take_notices().into_iter().next() {
         return Err(notice);
     }
@@ -187,7 +239,12 @@ pub async fn list_conversations(state: State<'_, AppState>, query: Option<String
             .items
             .iter()
             .filter(|h| !h.conversation.archived)
-            .map(|h| ConversationSummary::new(&h.conversation, h.message.as_ref().map(|m| m.snippet.as_str()).unwrap_or("")))
+            .map(|h| {
+                ConversationSummary::new(
+                    &h.conversation,
+                    h.message.as_ref().map(|m| m.snippet.as_str()).unwrap_or(""),
+                )
+            })
             .collect());
     }
     let listing = state.store.list_conversations(ListScope::Active).await?;
@@ -209,19 +266,30 @@ pub async fn list_conversations(state: State<'_, AppState>, query: Option<String
 #[tauri::command]
 pub async fn create_conversation(state: State<'_, AppState>) -> CmdResult<ConversationSummary> {
     let s = state.settings();
-    let new = NewConversation { model: s.model_repo.clone(), variant: s.variant.clone(), ..NewConversation::titled(NEW_CHAT_TITLE) };
+    let new = NewConversation {
+        model: s.model_repo.clone(),
+        variant: s.variant.clone(),
+        ..NewConversation::titled(NEW_CHAT_TITLE)
+    };
     let c = state.store.create_conversation(&new).await?;
     Ok(ConversationSummary::new(&c, ""))
 }
 
 /// `get_conversation`: messages and the memory meter.
 #[tauri::command]
-pub async fn get_conversation(state: State<'_, AppState>, id: String) -> CmdResult<ConversationDto> {
+pub async fn get_conversation(
+    state: State<'_, AppState>,
+    id: String,
+) -> CmdResult<ConversationDto> {
     let id = conversation_id(&id)?;
     let c = state.store.get_conversation(id).await?;
     let listing = state.store.list_messages(id).await?;
     if !listing.skipped.is_empty() {
-        tracing::warn!(conversation = id.0, skipped = listing.skipped.len(), "unreadable messages left out");
+        tracing::warn!(
+            conversation = id.0,
+            skipped = listing.skipped.len(),
+            "unreadable messages left out"
+        );
     }
     let memory = chat::memory_info(&state, id).await;
     Ok(ConversationDto {
@@ -236,10 +304,17 @@ pub async fn get_conversation(state: State<'_, AppState>, id: String) -> CmdResu
 
 /// `rename_conversation`.
 #[tauri::command]
-pub async fn rename_conversation(state: State<'_, AppState>, id: String, title: String) -> CmdResult<()> {
+pub async fn rename_conversation(
+    state: State<'_, AppState>,
+    id: String,
+    title: String,
+) -> CmdResult<()> {
     let id = conversation_id(&id)?;
     if title.trim().is_empty() {
-        return Err(CommandError::new(ErrorKind::InvalidSettings, "title: must not be empty"));
+        return Err(CommandError::new(
+            ErrorKind::InvalidSettings,
+            "title: must not be empty",
+        ));
     }
     Ok(state.store.rename_conversation(id, title.trim()).await?)
 }
@@ -249,7 +324,10 @@ pub async fn rename_conversation(state: State<'_, AppState>, id: String, title: 
 pub async fn delete_conversation(state: State<'_, AppState>, id: String) -> CmdResult<()> {
     let id = conversation_id(&id)?;
     if chat::is_generating(&state, id) {
-        return Err(CommandError::new(ErrorKind::Busy, "This conversation is generating a reply: stop it first."));
+        return Err(CommandError::new(
+            ErrorKind::Busy,
+            "This conversation is generating a reply: stop it first.",
+        ));
     }
     let files = state.store.delete_conversation(id).await?;
     chat::remove_snapshot_files(&files);
@@ -265,12 +343,19 @@ pub async fn delete_conversation(state: State<'_, AppState>, id: String) -> CmdR
 
 /// `export_conversation`: Markdown or JSON, the text verbatim.
 #[tauri::command]
-pub async fn export_conversation(state: State<'_, AppState>, id: String, format: String) -> CmdResult<String> {
+pub async fn export_conversation(
+    state: State<'_, AppState>,
+    id: String,
+    format: String,
+) -> CmdResult<String> {
     let id = conversation_id(&id)?;
     match format.as_str() {
         "markdown" => Ok(state.store.export_markdown(id).await?),
         "json" => Ok(state.store.export_json(id).await?),
-        other => Err(CommandError::new(ErrorKind::InvalidSettings, format!("format: must be markdown or json, got {other:?}"))),
+        other => Err(CommandError::new(
+            ErrorKind::InvalidSettings,
+            format!("format: must be markdown or json, got {other:?}"),
+        )),
     }
 }
 
@@ -278,18 +363,32 @@ pub async fn export_conversation(state: State<'_, AppState>, id: String, format:
 
 /// `send_message`: the user's message is stored before generation starts; returns at once.
 #[tauri::command]
-pub async fn send_message(state: State<'_, AppState>, conversation_id: String, content: String, on_event: Channel<ChatEvent>) -> CmdResult<SendResult> {
+pub async fn send_message(
+    state: State<'_, AppState>,
+    conversation_id: String,
+    content: String,
+    on_event: Channel<ChatEvent>,
+) -> CmdResult<SendResult> {
     let id = self::conversation_id(&conversation_id)?;
     let (user, answer) = chat::send(&state, id, content, on_event).await?;
-    Ok(SendResult { user_message_id: user.0.to_string(), assistant_message_id: answer.0.to_string() })
+    Ok(SendResult {
+        user_message_id: user.0.to_string(),
+        assistant_message_id: answer.0.to_string(),
+    })
 }
 
 /// `regenerate`: replaces the last answer.
 #[tauri::command]
-pub async fn regenerate(state: State<'_, AppState>, conversation_id: String, on_event: Channel<ChatEvent>) -> CmdResult<RegenerateResult> {
+pub async fn regenerate(
+    state: State<'_, AppState>,
+    conversation_id: String,
+    on_event: Channel<ChatEvent>,
+) -> CmdResult<RegenerateResult> {
     let id = self::conversation_id(&conversation_id)?;
     let answer = chat::regenerate(&state, id, on_event).await?;
-    Ok(RegenerateResult { assistant_message_id: answer.0.to_string() })
+    Ok(RegenerateResult {
+        assistant_message_id: answer.0.to_string(),
+    })
 }
 
 /// `edit_and_resend`: drops `message_id` and everything after it, sends `content`.
@@ -304,7 +403,10 @@ pub async fn edit_and_resend(
     let id = self::conversation_id(&conversation_id)?;
     let message = MessageId(parse_id("message", &message_id)?);
     let (user, answer) = chat::edit_and_resend(&state, id, message, content, on_event).await?;
-    Ok(SendResult { user_message_id: user.0.to_string(), assistant_message_id: answer.0.to_string() })
+    Ok(SendResult {
+        user_message_id: user.0.to_string(),
+        assistant_message_id: answer.0.to_string(),
+    })
 }
 
 /// `stop_generation`: the partial answer is kept (`stopped` event).
@@ -321,9 +423,15 @@ pub async fn stop_generation(state: State<'_, AppState>, conversation_id: String
 /// webview).
 #[tauri::command]
 pub async fn open_url(url: String) -> CmdResult<()> {
-    let ok_scheme = ["https://", "http://", "mailto:"].iter().any(|s| url.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)));
+    let ok_scheme = ["https://", "http://", "mailto:"].iter().any(|s| {
+        url.get(..s.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(s))
+    });
     if !ok_scheme || url.chars().any(char::is_control) {
-        return Err(CommandError::new(ErrorKind::Internal, "Only http, https and mailto links can be opened."));
+        return Err(CommandError::new(
+            ErrorKind::Internal,
+            "Only http, https and mailto links can be opened.",
+        ));
     }
     #[cfg(target_os = "linux")]
     let mut cmd = std::process::Command::new("xdg-open");
@@ -335,8 +443,13 @@ pub async fn open_url(url: String) -> CmdResult<()> {
         c.arg("url.dll,FileProtocolHandler");
         c
     };
-    cmd.arg(&url).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().map_err(|e| CommandError::internal("Cannot open the link in a browser", e))?;
+    cmd.arg(&url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CommandError::internal("Cannot open the link in a browser", e))?;
     // Reap the opener when it exits (it hands the URL over and returns).
     std::thread::spawn(move || child.wait());
     Ok(())

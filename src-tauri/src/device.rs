@@ -64,7 +64,11 @@ impl DevicePref {
 
 /// The devices compiled into this build, as the UI spells them.
 pub fn compiled() -> Vec<String> {
-    [DevicePref::Cpu, DevicePref::Cuda, DevicePref::Metal].into_iter().filter(|d| d.is_compiled()).map(|d| d.as_str().to_string()).collect()
+    [DevicePref::Cpu, DevicePref::Cuda, DevicePref::Metal]
+        .into_iter()
+        .filter(|d| d.is_compiled())
+        .map(|d| d.as_str().to_string())
+        .collect()
 }
 
 /// A resolved device: the candle device, its kind (`cpu`, `cuda`, `metal`) and a name.
@@ -80,8 +84,14 @@ pub struct Resolved {
 
 /// The CPU.
 pub fn cpu() -> Resolved {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Resolved { device: Device::Cpu, kind: DevicePref::Cpu, name: format!("CPU ({threads} threads)") }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    Resolved {
+        device: Device::Cpu,
+        kind: DevicePref::Cpu,
+        name: format!("CPU ({threads} threads)"),
+    }
 }
 
 /// The device `pref` asks for: an explicit accelerator that is missing or fails is an error
@@ -100,7 +110,11 @@ fn cuda() -> Result<Resolved, String> {
         return Err("CUDA support is not compiled into this build (cargo feature `cuda`)".into());
     }
     Device::new_cuda(0)
-        .map(|device| Resolved { device, kind: DevicePref::Cuda, name: "CUDA device 0".into() })
+        .map(|device| Resolved {
+            device,
+            kind: DevicePref::Cuda,
+            name: "CUDA device 0".into(),
+        })
         .map_err(|e| format!("no usable CUDA device: {e}"))
 }
 
@@ -109,7 +123,11 @@ fn metal() -> Result<Resolved, String> {
         return Err("Metal support is not compiled into this build (cargo feature `metal`)".into());
     }
     Device::new_metal(0)
-        .map(|device| Resolved { device, kind: DevicePref::Metal, name: "Metal device 0".into() })
+        .map(|device| Resolved {
+            device,
+            kind: DevicePref::Metal,
+            name: "Metal device 0".into(),
+        })
         .map_err(|e| format!("no usable Metal device: {e}"))
 }
 
@@ -124,7 +142,9 @@ mod tests {
         let auto = resolve(DevicePref::Auto).expect("auto never fails");
         assert!(auto.kind.is_compiled());
         if !cfg!(feature = "cuda") {
-            assert!(resolve(DevicePref::Cuda).expect_err("not compiled").contains("not compiled"));
+            assert!(resolve(DevicePref::Cuda)
+                .expect_err("not compiled")
+                .contains("not compiled"));
         }
         for d in ["auto", "cpu", "cuda", "metal"] {
             assert_eq!(DevicePref::parse(d).map(DevicePref::as_str), Some(d));

@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 use tptt_engine::GenerationStats;
-use tptt_store::{Conversation as StoredConversation, Message as StoredMessage, MessageStatus, Role};
+use tptt_store::{
+    Conversation as StoredConversation, Message as StoredMessage, MessageStatus, Role,
+};
 
 use crate::error::{CommandError, ErrorKind};
 
@@ -56,7 +58,11 @@ pub struct VariantEntry {
 
 /// `DownloadEvent`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "camelCase", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "kind",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum DownloadEvent {
     /// Bytes arrived (or a file started, finished, or was found complete).
     Progress {
@@ -252,7 +258,10 @@ impl From<&StoredMessage> for MessageDto {
             role: m.role,
             content: m.content.clone(),
             status: m.status,
-            stats: m.stats.as_ref().and_then(|v| serde_json::from_value(v.clone()).ok()),
+            stats: m
+                .stats
+                .as_ref()
+                .and_then(|v| serde_json::from_value(v.clone()).ok()),
             created_at: m.created_at.to_string(),
         }
     }
@@ -319,7 +328,11 @@ impl MemoryInfo {
 
 /// `ChatEvent`, streamed through the `onEvent` channel of the chat commands.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "camelCase", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "kind",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum ChatEvent {
     /// The model is ready and the turn starts; the memory before it.
     Started {
@@ -380,7 +393,12 @@ pub fn parse_id(what: &str, id: &str) -> Result<i64, CommandError> {
         .parse::<i64>()
         .ok()
         .filter(|n| *n > 0)
-        .ok_or_else(|| CommandError::new(ErrorKind::NotFound, format!("There is no {what} with id {id:?}.")))
+        .ok_or_else(|| {
+            CommandError::new(
+                ErrorKind::NotFound,
+                format!("There is no {what} with id {id:?}."),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -390,19 +408,38 @@ mod tests {
 
     #[test]
     fn chat_events_are_tagged_camel_case() {
-        let e = ChatEvent::Error { message: "m".into(), partial: "p".into(), error_kind: ErrorKind::ModelLoad };
-        assert_eq!(serde_json::to_value(&e).expect("json"), json!({"kind": "error", "message": "m", "partial": "p", "errorKind": "model_load"}));
-        let e = ChatEvent::Started { memory: MemoryInfo::new(100, Some(64), 64) };
+        let e = ChatEvent::Error {
+            message: "m".into(),
+            partial: "p".into(),
+            error_kind: ErrorKind::ModelLoad,
+        };
+        assert_eq!(
+            serde_json::to_value(&e).expect("json"),
+            json!({"kind": "error", "message": "m", "partial": "p", "errorKind": "model_load"})
+        );
+        let e = ChatEvent::Started {
+            memory: MemoryInfo::new(100, Some(64), 64),
+        };
         assert_eq!(
             serde_json::to_value(&e).expect("json"),
             json!({"kind": "started", "memory": {"windowSize": 64, "windowFill": 64, "recurrentOnlyTokens": 36, "totalTokens": 100}})
         );
-        let e = DownloadEvent::Progress { file: "a".into(), file_bytes: 1, file_total: 2, bytes: 3, total: 4, bytes_per_sec: 5.0 };
+        let e = DownloadEvent::Progress {
+            file: "a".into(),
+            file_bytes: 1,
+            file_total: 2,
+            bytes: 3,
+            total: 4,
+            bytes_per_sec: 5.0,
+        };
         assert_eq!(
             serde_json::to_value(&e).expect("json"),
             json!({"kind": "progress", "file": "a", "fileBytes": 1, "fileTotal": 2, "bytes": 3, "total": 4, "bytesPerSec": 5.0})
         );
-        assert_eq!(serde_json::to_value(DownloadEvent::Done).expect("json"), json!({"kind": "done"}));
+        assert_eq!(
+            serde_json::to_value(DownloadEvent::Done).expect("json"),
+            json!({"kind": "done"})
+        );
     }
 
     #[test]
@@ -418,7 +455,10 @@ mod tests {
     fn ids_parse_or_say_not_found() {
         assert_eq!(parse_id("conversation", "42").expect("id"), 42);
         for bad in ["", "x", "-1", "0", "1.5"] {
-            assert_eq!(parse_id("conversation", bad).expect_err(bad).kind, ErrorKind::NotFound);
+            assert_eq!(
+                parse_id("conversation", bad).expect_err(bad).kind,
+                ErrorKind::NotFound
+            );
         }
     }
 }

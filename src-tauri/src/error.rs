@@ -60,13 +60,19 @@ pub type CmdResult<T> = Result<T, CommandError>;
 impl CommandError {
     /// An error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 
     /// `internal`, logging `detail` (never sent).
     pub fn internal(context: &str, detail: impl std::fmt::Display) -> Self {
         tracing::error!(%detail, "{context}");
-        Self::new(ErrorKind::Internal, format!("{context}. The log has the details."))
+        Self::new(
+            ErrorKind::Internal,
+            format!("{context}. The log has the details."),
+        )
     }
 
     /// A store error, sorted (module doc).
@@ -129,21 +135,40 @@ mod tests {
 
     #[test]
     fn serializes_as_kind_and_message() {
-        let e = CommandError::new(ErrorKind::InvalidSettings, "sampling.topP must be in (0, 1]");
+        let e = CommandError::new(
+            ErrorKind::InvalidSettings,
+            "sampling.topP must be in (0, 1]",
+        );
         let json = serde_json::to_value(&e).expect("json");
-        assert_eq!(json, serde_json::json!({"kind": "invalid_settings", "message": "sampling.topP must be in (0, 1]"}));
-        for (kind, name) in [(ErrorKind::NotATpttRepo, "not_a_tptt_repo"), (ErrorKind::DiskFull, "disk_full"), (ErrorKind::NoModel, "no_model")] {
-            assert_eq!(serde_json::to_value(kind).expect("json"), serde_json::json!(name));
+        assert_eq!(
+            json,
+            serde_json::json!({"kind": "invalid_settings", "message": "sampling.topP must be in (0, 1]"})
+        );
+        for (kind, name) in [
+            (ErrorKind::NotATpttRepo, "not_a_tptt_repo"),
+            (ErrorKind::DiskFull, "disk_full"),
+            (ErrorKind::NoModel, "no_model"),
+        ] {
+            assert_eq!(
+                serde_json::to_value(kind).expect("json"),
+                serde_json::json!(name)
+            );
         }
     }
 
     #[test]
     fn store_errors_are_sorted() {
-        let e = CommandError::store(tptt_store::Error::ConversationNotFound(tptt_store::ConversationId(7)));
+        let e = CommandError::store(tptt_store::Error::ConversationNotFound(
+            tptt_store::ConversationId(7),
+        ));
         assert_eq!(e.kind, ErrorKind::NotFound);
         let e = CommandError::hub(tptt_hub::Error::InvalidRepoId("a b".into()));
         assert_eq!(e.kind, ErrorKind::InvalidRepoId);
-        let e = CommandError::hub(tptt_hub::Error::Unauthorized { repo_id: "m/l".into(), status: 401, token_sent: false });
+        let e = CommandError::hub(tptt_hub::Error::Unauthorized {
+            repo_id: "m/l".into(),
+            status: 401,
+            token_sent: false,
+        });
         assert_eq!(e.kind, ErrorKind::Auth);
     }
 }

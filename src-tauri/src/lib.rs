@@ -37,9 +37,15 @@ use tauri::{App, Builder, Context, Runtime};
 
 /// Logs to stderr; `RUST_LOG` filters (default: info for the app's crates, warnings else).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tptt_chat=info,tptt_engine=info,tptt_hub=info,tptt_store=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "warn,tptt_chat=info,tptt_engine=info,tptt_hub=info,tptt_store=info",
+        )
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Why the app could not start.
@@ -58,7 +64,11 @@ pub enum AppError {
 
 /// Builds the app on `builder`'s runtime with `context` and `config`: opens the database,
 /// registers the state and the commands. Nothing runs until the caller runs the app.
-pub fn build_app<R: Runtime>(builder: Builder<R>, context: Context<R>, config: AppConfig) -> Result<App<R>, AppError> {
+pub fn build_app<R: Runtime>(
+    builder: Builder<R>,
+    context: Context<R>,
+    config: AppConfig,
+) -> Result<App<R>, AppError> {
     tracing::info!(data = %config.data_dir.display(), cache = %config.hub.cache_dir.display(), "starting");
     let state = tauri::async_runtime::block_on(AppState::open(config))?;
     let app = builder

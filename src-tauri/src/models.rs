@@ -82,11 +82,29 @@ pub fn source_of(registry: &Registry, repo_id: &str) -> Option<ModelSource> {
 
 /// Every entry: the catalog, then added repositories, then imported folders.
 pub fn entries(registry: &Registry, hub: &Hub) -> Vec<ModelEntry> {
-    let mut out: Vec<ModelEntry> =
-        CATALOG.iter().map(|(repo, title, description)| hub_entry(registry, hub, repo, title, ModelSource::Catalog, description)).collect();
+    let mut out: Vec<ModelEntry> = CATALOG
+        .iter()
+        .map(|(repo, title, description)| {
+            hub_entry(
+                registry,
+                hub,
+                repo,
+                title,
+                ModelSource::Catalog,
+                description,
+            )
+        })
+        .collect();
     for repo in &registry.added {
         let title = repo.rsplit('/').next().unwrap_or(repo);
-        out.push(hub_entry(registry, hub, repo, title, ModelSource::Added, &format!("Added by repository id: {repo}")));
+        out.push(hub_entry(
+            registry,
+            hub,
+            repo,
+            title,
+            ModelSource::Added,
+            &format!("Added by repository id: {repo}"),
+        ));
     }
     for path in &registry.local {
         out.push(local_entry(Path::new(path)));
@@ -96,11 +114,20 @@ pub fn entries(registry: &Registry, hub: &Hub) -> Vec<ModelEntry> {
 
 /// The entry of `repo_id`, whatever its source.
 pub fn entry(registry: &Registry, hub: &Hub, repo_id: &str) -> Option<ModelEntry> {
-    entries(registry, hub).into_iter().find(|e| e.repo_id == repo_id)
+    entries(registry, hub)
+        .into_iter()
+        .find(|e| e.repo_id == repo_id)
 }
 
 /// A hub repository's entry: its remembered listing merged with what the cache holds.
-fn hub_entry(registry: &Registry, hub: &Hub, repo: &str, title: &str, source: ModelSource, description: &str) -> ModelEntry {
+fn hub_entry(
+    registry: &Registry,
+    hub: &Hub,
+    repo: &str,
+    title: &str,
+    source: ModelSource,
+    description: &str,
+) -> ModelEntry {
     let local = hub.local_variants(repo);
     let listed = registry.listings.get(repo);
     let mut variants: BTreeMap<String, VariantEntry> = BTreeMap::new();
@@ -108,21 +135,30 @@ fn hub_entry(registry: &Registry, hub: &Hub, repo: &str, title: &str, source: Mo
         for v in &l.variants {
             variants.insert(
                 v.name.clone(),
-                VariantEntry { name: v.name.clone(), operator_mode: v.operator_mode.clone(), downloaded: false, size_bytes: v.size_bytes },
+                VariantEntry {
+                    name: v.name.clone(),
+                    operator_mode: v.operator_mode.clone(),
+                    downloaded: false,
+                    size_bytes: v.size_bytes,
+                },
             );
         }
     }
     for lv in &local {
         let config = read_config(&lv.variant_dir.join("config.json"));
-        let e = variants.entry(lv.variant.clone()).or_insert_with(|| VariantEntry {
-            name: lv.variant.clone(),
-            operator_mode: operator_mode(config.as_ref()),
-            downloaded: true,
-            size_bytes: Some(dir_size(&lv.variant_dir)),
-        });
+        let e = variants
+            .entry(lv.variant.clone())
+            .or_insert_with(|| VariantEntry {
+                name: lv.variant.clone(),
+                operator_mode: operator_mode(config.as_ref()),
+                downloaded: true,
+                size_bytes: Some(dir_size(&lv.variant_dir)),
+            });
         e.downloaded = true;
     }
-    let base_model = listed.and_then(|l| l.base_model.clone()).or_else(|| local.first().map(|l| l.base_model_name.clone()));
+    let base_model = listed
+        .and_then(|l| l.base_model.clone())
+        .or_else(|| local.first().map(|l| l.base_model_name.clone()));
     ModelEntry {
         repo_id: repo.to_string(),
         title: title.to_string(),
@@ -135,7 +171,10 @@ fn hub_entry(registry: &Registry, hub: &Hub, repo: &str, title: &str, source: Mo
 
 /// An imported folder's entry (its variants are always known: the folder is here).
 fn local_entry(path: &Path) -> ModelEntry {
-    let title = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+    let title = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
     let (variants, base_model, description) = match tptt::repo::TpttRepo::open(path) {
         Ok(repo) => {
             let mut base = None;
@@ -143,32 +182,71 @@ fn local_entry(path: &Path) -> ModelEntry {
                 .variants
                 .iter()
                 .map(|name| {
-                    let dir = if name == "." { path.to_path_buf() } else { path.join(name) };
+                    let dir = if name == "." {
+                        path.to_path_buf()
+                    } else {
+                        path.join(name)
+                    };
                     let config = read_config(&dir.join("config.json"));
                     if base.is_none() {
-                        base = config.as_ref().and_then(|c| c.get("base_model_name")).and_then(|b| b.as_str()).map(str::to_string);
+                        base = config
+                            .as_ref()
+                            .and_then(|c| c.get("base_model_name"))
+                            .and_then(|b| b.as_str())
+                            .map(str::to_string);
                     }
-                    VariantEntry { name: name.clone(), operator_mode: operator_mode(config.as_ref()), downloaded: true, size_bytes: Some(dir_size(&dir)) }
+                    VariantEntry {
+                        name: name.clone(),
+                        operator_mode: operator_mode(config.as_ref()),
+                        downloaded: true,
+                        size_bytes: Some(dir_size(&dir)),
+                    }
                 })
                 .collect();
-            (variants, base, format!("Imported folder {}", path.display()))
+            (
+                variants,
+                base,
+                format!("Imported folder {}", path.display()),
+            )
         }
-        Err(e) => (Vec::new(), None, format!("Imported folder {} — not readable any more: {e}", path.display())),
+        Err(e) => (
+            Vec::new(),
+            None,
+            format!(
+                "Imported folder {} — not readable any more: {e}",
+                path.display()
+            ),
+        ),
     };
-    ModelEntry { repo_id: path.display().to_string(), title, source: ModelSource::Local, description, variants: Some(variants), base_model }
+    ModelEntry {
+        repo_id: path.display().to_string(),
+        title,
+        source: ModelSource::Local,
+        description,
+        variants: Some(variants),
+        base_model,
+    }
 }
 
 fn read_config(path: &Path) -> Option<serde_json::Value> {
-    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 fn operator_mode(config: Option<&serde_json::Value>) -> String {
-    config.and_then(|c| c.get("operator_mode")).and_then(|m| m.as_str()).unwrap_or_default().to_string()
+    config
+        .and_then(|c| c.get("operator_mode"))
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Bytes of the files under `dir` (links followed), recursively.
 fn dir_size(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| {
             let p = e.path();
@@ -188,17 +266,34 @@ pub fn list_on_hub(hub: &Hub, repo_id: &str) -> CmdResult<Listed> {
     let variants = found
         .iter()
         .map(|v| {
-            let prefix = if v.name == "." { String::new() } else { format!("{}/", v.name) };
+            let prefix = if v.name == "." {
+                String::new()
+            } else {
+                format!("{}/", v.name)
+            };
             let sizes: Option<u64> = info
                 .files
                 .iter()
-                .filter(|f| if prefix.is_empty() { !f.path.contains('/') } else { f.path.starts_with(&prefix) })
+                .filter(|f| {
+                    if prefix.is_empty() {
+                        !f.path.contains('/')
+                    } else {
+                        f.path.starts_with(&prefix)
+                    }
+                })
                 .map(|f| f.size)
                 .sum();
-            ListedVariant { name: v.name.clone(), operator_mode: operator_mode(Some(&v.config_json)), size_bytes: sizes }
+            ListedVariant {
+                name: v.name.clone(),
+                operator_mode: operator_mode(Some(&v.config_json)),
+                size_bytes: sizes,
+            }
         })
         .collect();
-    Ok(Listed { variants, base_model: found.iter().find_map(|v| v.base_model_name.clone()) })
+    Ok(Listed {
+        variants,
+        base_model: found.iter().find_map(|v| v.base_model_name.clone()),
+    })
 }
 
 /// Imports `path`: it must be a folder whose subfolders (or itself) hold TPTT variants.
@@ -209,62 +304,86 @@ pub fn check_local_folder(path: &str) -> CmdResult<PathBuf> {
     if path.trim().is_empty() {
         return Err(not_tptt("No folder was given.".into()));
     }
-    let canonical = std::fs::canonicalize(p).map_err(|e| not_tptt(format!("{} cannot be opened: {e}.", p.display())))?;
+    let canonical = std::fs::canonicalize(p)
+        .map_err(|e| not_tptt(format!("{} cannot be opened: {e}.", p.display())))?;
     if !canonical.is_dir() {
-        return Err(not_tptt(format!("{} is not a folder.", canonical.display())));
+        return Err(not_tptt(format!(
+            "{} is not a folder.",
+            canonical.display()
+        )));
     }
     let repo = tptt::repo::TpttRepo::open(&canonical).map_err(|e| {
         not_tptt(format!("{} is not a TPTT model folder ({e}). Choose a folder with one subfolder per variant, each holding a TPTT config.json.", canonical.display()))
     })?;
     if repo.variants.is_empty() {
-        return Err(not_tptt(format!("{} holds no TPTT variant (no subfolder with a TPTT config.json).", canonical.display())));
+        return Err(not_tptt(format!(
+            "{} holds no TPTT variant (no subfolder with a TPTT config.json).",
+            canonical.display()
+        )));
     }
     Ok(canonical)
 }
 
 /// Starts downloading `variant` of `repo_id` on a worker thread; events go to `on_event`.
 /// `busy` when that variant is already downloading.
-pub fn start_download(state: &AppState, repo_id: &str, variant: &str, on_event: Channel<DownloadEvent>) -> CmdResult<()> {
+pub fn start_download(
+    state: &AppState,
+    repo_id: &str,
+    variant: &str,
+    on_event: Channel<DownloadEvent>,
+) -> CmdResult<()> {
     tptt_hub::validate_repo_id(repo_id).map_err(CommandError::hub)?;
     let key = (repo_id.to_string(), variant.to_string());
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let mut downloads = lock(&state.downloads);
         if downloads.contains_key(&key) {
-            return Err(CommandError::new(ErrorKind::Busy, format!("Variant {variant} of {repo_id} is already downloading.")));
+            return Err(CommandError::new(
+                ErrorKind::Busy,
+                format!("Variant {variant} of {repo_id} is already downloading."),
+            ));
         }
         downloads.insert(key.clone(), cancel.clone());
     }
     let state2 = state.clone();
-    let spawned = std::thread::Builder::new().name("tptt-download".into()).spawn(move || {
-        let (repo_id, variant) = &key;
-        // The hub client is built, used and dropped on this thread (blocking HTTP).
-        let result = state2.hub().and_then(|hub| {
-            let progress = |p: &Progress| {
-                // Every event but the final one (`done` says it). Sending fails only when the
-                // window is gone; the download goes on regardless.
-                if p.kind != ProgressKind::Finished {
-                    let _ = on_event.send(progress_event(repo_id, p));
+    let spawned = std::thread::Builder::new()
+        .name("tptt-download".into())
+        .spawn(move || {
+            let (repo_id, variant) = &key;
+            // The hub client is built, used and dropped on this thread (blocking HTTP).
+            let result = state2.hub().and_then(|hub| {
+                let progress = |p: &Progress| {
+                    // Every event but the final one (`done` says it). Sending fails only when the
+                    // window is gone; the download goes on regardless.
+                    if p.kind != ProgressKind::Finished {
+                        let _ = on_event.send(progress_event(repo_id, p));
+                    }
+                };
+                match hub.download_variant(repo_id, variant, progress, &cancel) {
+                    Ok(_) => Ok(DownloadEvent::Done),
+                    Err(tptt_hub::Error::Cancelled) => Ok(DownloadEvent::Cancelled),
+                    Err(e) => Err(CommandError::hub(e)),
                 }
-            };
-            match hub.download_variant(repo_id, variant, progress, &cancel) {
-                Ok(_) => Ok(DownloadEvent::Done),
-                Err(tptt_hub::Error::Cancelled) => Ok(DownloadEvent::Cancelled),
-                Err(e) => Err(CommandError::hub(e)),
-            }
+            });
+            lock(&state2.downloads).remove(&key);
+            let event = result.unwrap_or_else(|e| DownloadEvent::Error {
+                message: e.message,
+                // A variant or file the hub does not have makes the download fail.
+                error_kind: if e.kind == ErrorKind::NotFound {
+                    ErrorKind::Download
+                } else {
+                    e.kind
+                },
+            });
+            tracing::info!(repo_id, variant, ?event, "download ended");
+            let _ = on_event.send(event);
         });
-        lock(&state2.downloads).remove(&key);
-        let event = result.unwrap_or_else(|e| DownloadEvent::Error {
-            message: e.message,
-            // A variant or file the hub does not have makes the download fail.
-            error_kind: if e.kind == ErrorKind::NotFound { ErrorKind::Download } else { e.kind },
-        });
-        tracing::info!(repo_id, variant, ?event, "download ended");
-        let _ = on_event.send(event);
-    });
     if let Err(e) = spawned {
         lock(&state.downloads).remove(&(repo_id.to_string(), variant.to_string()));
-        return Err(CommandError::internal("Cannot start the download thread", e));
+        return Err(CommandError::internal(
+            "Cannot start the download thread",
+            e,
+        ));
     }
     Ok(())
 }
@@ -272,7 +391,11 @@ pub fn start_download(state: &AppState, repo_id: &str, variant: &str, on_event: 
 /// A progress event; the base model's files are shown as `base: <path>`.
 fn progress_event(repo_id: &str, p: &Progress) -> DownloadEvent {
     DownloadEvent::Progress {
-        file: if p.repo_id == repo_id { p.path.clone() } else { format!("base: {}", p.path) },
+        file: if p.repo_id == repo_id {
+            p.path.clone()
+        } else {
+            format!("base: {}", p.path)
+        },
         file_bytes: p.file_bytes,
         file_total: p.file_size,
         bytes: p.done_bytes,
@@ -307,18 +430,37 @@ mod tests {
             tptt_hub::validate_repo_id(repo).expect("valid id");
             assert!(!title.is_empty());
         }
-        let hub = Hub::new(tptt_hub::HubConfig::new("http://127.0.0.1:9", tempfile::tempdir().expect("dir").path())).expect("hub");
+        let hub = Hub::new(tptt_hub::HubConfig::new(
+            "http://127.0.0.1:9",
+            tempfile::tempdir().expect("dir").path(),
+        ))
+        .expect("hub");
         let list = entries(&Registry::default(), &hub);
         assert_eq!(list.len(), CATALOG.len());
         // Nothing listed, nothing downloaded: variants are unknown, not invented.
-        assert!(list.iter().all(|e| e.variants.is_none() && e.source == ModelSource::Catalog));
+        assert!(list
+            .iter()
+            .all(|e| e.variants.is_none() && e.source == ModelSource::Catalog));
     }
 
     #[test]
     fn a_folder_without_variants_is_not_a_tptt_repo() {
         let dir = tempfile::tempdir().expect("dir");
-        assert_eq!(check_local_folder(&dir.path().display().to_string()).expect_err("empty").kind, ErrorKind::NotATpttRepo);
-        assert_eq!(check_local_folder("/no/such/folder").expect_err("missing").kind, ErrorKind::NotATpttRepo);
-        assert_eq!(check_local_folder("").expect_err("empty").kind, ErrorKind::NotATpttRepo);
+        assert_eq!(
+            check_local_folder(&dir.path().display().to_string())
+                .expect_err("empty")
+                .kind,
+            ErrorKind::NotATpttRepo
+        );
+        assert_eq!(
+            check_local_folder("/no/such/folder")
+                .expect_err("missing")
+                .kind,
+            ErrorKind::NotATpttRepo
+        );
+        assert_eq!(
+            check_local_folder("").expect_err("empty").kind,
+            ErrorKind::NotATpttRepo
+        );
     }
 }

@@ -82,7 +82,10 @@ pub struct LoadedModel {
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel").field("key", &self.key).field("identity", &self.identity).finish_non_exhaustive()
+        f.debug_struct("LoadedModel")
+            .field("key", &self.key)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,8 +104,10 @@ pub fn variant_files(hub: &Hub, model: &ModelRef, variant: &str) -> CmdResult<Va
                     ),
                 )
             })?;
-            let repo = TpttRepo::open(&local.repo_snapshot).map_err(|e| CommandError::model_load(&format!("{repo_id} [{variant}]"), e))?;
-            repo.variant(Some(&local.variant), Some(&local.base_dir)).map_err(|e| CommandError::model_load(&format!("{repo_id} [{variant}]"), e))
+            let repo = TpttRepo::open(&local.repo_snapshot)
+                .map_err(|e| CommandError::model_load(&format!("{repo_id} [{variant}]"), e))?;
+            repo.variant(Some(&local.variant), Some(&local.base_dir))
+                .map_err(|e| CommandError::model_load(&format!("{repo_id} [{variant}]"), e))
         }
         ModelRef::Local(path) => {
             if !path.is_dir() {
@@ -111,14 +116,20 @@ pub fn variant_files(hub: &Hub, model: &ModelRef, variant: &str) -> CmdResult<Va
                     format!("The imported model folder {} is gone. Import it again, or choose another model.", path.display()),
                 ));
             }
-            let repo = TpttRepo::open(path).map_err(|e| CommandError::model_load(&path.display().to_string(), e))?;
+            let repo = TpttRepo::open(path)
+                .map_err(|e| CommandError::model_load(&path.display().to_string(), e))?;
             if !repo.variants.iter().any(|v| v == variant) {
                 return Err(CommandError::new(
                     ErrorKind::NoModel,
-                    format!("{} has no variant {variant} any more. Choose another one.", path.display()),
+                    format!(
+                        "{} has no variant {variant} any more. Choose another one.",
+                        path.display()
+                    ),
                 ));
             }
-            repo.variant(Some(variant), None).map_err(|e| CommandError::model_load(&format!("{} [{variant}]", path.display()), e))
+            repo.variant(Some(variant), None).map_err(|e| {
+                CommandError::model_load(&format!("{} [{variant}]", path.display()), e)
+            })
         }
     }
 }
@@ -129,25 +140,54 @@ pub fn load(key: LoadKey, files: &VariantFiles) -> CmdResult<LoadedModel> {
     let what = format!("{} [{}]", key.model.id(), key.variant);
     let dev = device::resolve(key.device).map_err(|e| CommandError::model_load(&what, e))?;
     let started = std::time::Instant::now();
-    let opts = LoadOptions { device: dev.device.clone(), ..Default::default() };
+    let opts = LoadOptions {
+        device: dev.device.clone(),
+        ..Default::default()
+    };
     let model = Model::load(files, &opts).map_err(|e| CommandError::model_load(&what, e))?;
-    let tok_path = files.tokenizer.as_ref().ok_or_else(|| CommandError::model_load(&what, "no tokenizer.json in the variant, the repository or the base"))?;
-    let tokenizer = Tokenizer::from_file(tok_path).map_err(|e| CommandError::model_load(&what, format!("{}: {e}", tok_path.display())))?;
+    let tok_path = files.tokenizer.as_ref().ok_or_else(|| {
+        CommandError::model_load(
+            &what,
+            "no tokenizer.json in the variant, the repository or the base",
+        )
+    })?;
+    let tokenizer = Tokenizer::from_file(tok_path)
+        .map_err(|e| CommandError::model_load(&what, format!("{}: {e}", tok_path.display())))?;
     let tcfg = match &files.tokenizer_config {
         Some(p) => TokenizerConfig::from_file(p).map_err(|e| CommandError::model_load(&what, e))?,
         None => TokenizerConfig::default(),
     };
-    let gcfg = files.generation_config.as_deref().map(GenerationConfig::from_file).transpose().map_err(|e| CommandError::model_load(&what, e))?;
+    let gcfg = files
+        .generation_config
+        .as_deref()
+        .map(GenerationConfig::from_file)
+        .transpose()
+        .map_err(|e| CommandError::model_load(&what, e))?;
     let mut eos_ids = tcfg.special.eos_token_ids(&tokenizer, gcfg.as_ref());
     for id in &model.config().base.eos_token_ids {
         if !eos_ids.contains(id) {
             eos_ids.push(*id);
         }
     }
-    let format = PromptFormat::from_tokenizer_config(&tcfg).map_err(|e| CommandError::model_load(&what, e))?;
-    let identity = ModelIdentity { model: key.model.id(), variant: key.variant.clone(), config_hash: config_hash(model.config()) };
+    let format = PromptFormat::from_tokenizer_config(&tcfg)
+        .map_err(|e| CommandError::model_load(&what, e))?;
+    let identity = ModelIdentity {
+        model: key.model.id(),
+        variant: key.variant.clone(),
+        config_hash: config_hash(model.config()),
+    };
     let tokenizer = Arc::new(tokenizer);
-    let engine = Engine::spawn(tokenizer.clone()).map_err(|e| CommandError::internal("Cannot start the generation thread", e))?;
+    let engine = Engine::spawn(tokenizer.clone())
+        .map_err(|e| CommandError::internal("Cannot start the generation thread", e))?;
     tracing::info!(model = %what, device = %dev.name, secs = started.elapsed().as_secs_f64(), "model loaded");
-    Ok(LoadedModel { key, model: Arc::new(model), tokenizer, format, eos_ids, identity, engine, device: dev })
+    Ok(LoadedModel {
+        key,
+        model: Arc::new(model),
+        tokenizer,
+        format,
+        eos_ids,
+        identity,
+        engine,
+        device: dev,
+    })
 }

@@ -149,7 +149,9 @@ impl AppSettings {
     /// Validates settings from the UI: the first bad field is named in an `invalid_settings`
     /// error (fields as the UI spells them, e.g. `sampling.topP`).
     pub fn from_dto(d: &SettingsDto) -> CmdResult<Self> {
-        let bad = |field: &str, msg: String| CommandError::new(ErrorKind::InvalidSettings, format!("{field}: {msg}"));
+        let bad = |field: &str, msg: String| {
+            CommandError::new(ErrorKind::InvalidSettings, format!("{field}: {msg}"))
+        };
         let real = |field: &str, v: f64, ok: bool, expected: &str| -> CmdResult<f32> {
             if v.is_finite() && ok {
                 Ok(v as f32)
@@ -161,23 +163,58 @@ impl AppSettings {
             if v.is_finite() && v.fract() == 0.0 && v >= lo as f64 && v <= hi as f64 {
                 Ok(v as u64)
             } else {
-                Err(bad(field, format!("must be a whole number from {lo} to {hi}, got {v}")))
+                Err(bad(
+                    field,
+                    format!("must be a whole number from {lo} to {hi}, got {v}"),
+                ))
             }
         };
         let s = &d.sampling;
         let sampling = Sampling {
-            temperature: real("sampling.temperature", s.temperature, (0.0..=5.0).contains(&s.temperature), "must be from 0 (greedy) to 5")?,
+            temperature: real(
+                "sampling.temperature",
+                s.temperature,
+                (0.0..=5.0).contains(&s.temperature),
+                "must be from 0 (greedy) to 5",
+            )?,
             top_k: int("sampling.topK", s.top_k, 0, 100_000)? as u32,
-            top_p: real("sampling.topP", s.top_p, s.top_p > 0.0 && s.top_p <= 1.0, "must be above 0 and at most 1")?,
-            min_p: real("sampling.minP", s.min_p, (0.0..1.0).contains(&s.min_p), "must be from 0 to below 1")?,
-            repeat_penalty: real("sampling.repeatPenalty", s.repeat_penalty, s.repeat_penalty > 0.0 && s.repeat_penalty <= 10.0, "must be above 0 and at most 10")?,
+            top_p: real(
+                "sampling.topP",
+                s.top_p,
+                s.top_p > 0.0 && s.top_p <= 1.0,
+                "must be above 0 and at most 1",
+            )?,
+            min_p: real(
+                "sampling.minP",
+                s.min_p,
+                (0.0..1.0).contains(&s.min_p),
+                "must be from 0 to below 1",
+            )?,
+            repeat_penalty: real(
+                "sampling.repeatPenalty",
+                s.repeat_penalty,
+                s.repeat_penalty > 0.0 && s.repeat_penalty <= 10.0,
+                "must be above 0 and at most 10",
+            )?,
             repeat_last_n: int("sampling.repeatLastN", s.repeat_last_n, 0, 1 << 16)? as u32,
-            max_new_tokens: int("sampling.maxNewTokens", s.max_new_tokens, 1, MAX_NEW_TOKENS)? as u32,
-            seed: s.seed.map(|x| int("sampling.seed", x, 0, (1 << 53) - 1)).transpose()?,
+            max_new_tokens: int("sampling.maxNewTokens", s.max_new_tokens, 1, MAX_NEW_TOKENS)?
+                as u32,
+            seed: s
+                .seed
+                .map(|x| int("sampling.seed", x, 0, (1 << 53) - 1))
+                .transpose()?,
         };
         // The engine's own rules, as a backstop.
-        sampling.params().validate().map_err(|e| bad("sampling", e.to_string()))?;
-        let device = DevicePref::parse(&d.device).ok_or_else(|| bad("device", format!("must be auto, cpu, cuda or metal, got {:?}", d.device)))?;
+        sampling
+            .params()
+            .validate()
+            .map_err(|e| bad("sampling", e.to_string()))?;
+        let device = DevicePref::parse(&d.device).ok_or_else(|| {
+            bad(
+                "device",
+                format!("must be auto, cpu, cuda or metal, got {:?}", d.device),
+            )
+        })?;
         if !device.is_compiled() {
             return Err(bad(
                 "device",
@@ -188,18 +225,49 @@ impl AppSettings {
             "light" => Theme::Light,
             "dark" => Theme::Dark,
             "system" => Theme::System,
-            other => return Err(bad("theme", format!("must be light, dark or system, got {other:?}"))),
+            other => {
+                return Err(bad(
+                    "theme",
+                    format!("must be light, dark or system, got {other:?}"),
+                ))
+            }
         };
         if d.system_prompt.len() > MAX_SYSTEM_PROMPT_BYTES {
-            return Err(bad("systemPrompt", format!("is {} bytes, at most {MAX_SYSTEM_PROMPT_BYTES} are accepted", d.system_prompt.len())));
+            return Err(bad(
+                "systemPrompt",
+                format!(
+                    "is {} bytes, at most {MAX_SYSTEM_PROMPT_BYTES} are accepted",
+                    d.system_prompt.len()
+                ),
+            ));
         }
-        let window_size = d.window_size.map(|w| int("windowSize", w, 1, MAX_WINDOW)).transpose()?.map(|w| w as u32);
-        let model_repo = d.model_repo.as_ref().map(|m| m.trim().to_string()).filter(|m| !m.is_empty());
-        let variant = d.variant.as_ref().map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let window_size = d
+            .window_size
+            .map(|w| int("windowSize", w, 1, MAX_WINDOW))
+            .transpose()?
+            .map(|w| w as u32);
+        let model_repo = d
+            .model_repo
+            .as_ref()
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty());
+        let variant = d
+            .variant
+            .as_ref()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty());
         if variant.is_some() && model_repo.is_none() {
             return Err(bad("variant", "is set but modelRepo is not".into()));
         }
-        Ok(Self { model_repo, variant, device, sampling, system_prompt: d.system_prompt.clone(), window_size, theme })
+        Ok(Self {
+            model_repo,
+            variant,
+            device,
+            sampling,
+            system_prompt: d.system_prompt.clone(),
+            window_size,
+            theme,
+        })
     }
 }
 
@@ -217,7 +285,9 @@ pub struct TokenFile {
 impl TokenFile {
     /// The token file in `config_dir`.
     pub fn new(config_dir: &Path) -> Self {
-        Self { path: config_dir.join("hf_token") }
+        Self {
+            path: config_dir.join("hf_token"),
+        }
     }
 
     /// Whether a token is stored.
@@ -227,7 +297,10 @@ impl TokenFile {
 
     /// The stored token.
     pub fn read(&self) -> Option<String> {
-        std::fs::read_to_string(&self.path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+        std::fs::read_to_string(&self.path)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
     }
 
     /// Stores `token` (readable by the user only), or removes it with `None` / an empty string.
@@ -237,7 +310,10 @@ impl TokenFile {
             return match std::fs::remove_file(&self.path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(CommandError::internal("Cannot remove the stored Hugging Face token", e)),
+                Err(e) => Err(CommandError::internal(
+                    "Cannot remove the stored Hugging Face token",
+                    e,
+                )),
             };
         };
         if token.len() > 1024 || !token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -248,11 +324,14 @@ impl TokenFile {
             ));
         }
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| CommandError::internal("Cannot create the settings folder", e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CommandError::internal("Cannot create the settings folder", e))?;
         }
         let tmp = self.path.with_extension("tmp");
-        write_private(&tmp, token.as_bytes()).map_err(|e| storage_error("the Hugging Face token", e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| storage_error("the Hugging Face token", e))?;
+        write_private(&tmp, token.as_bytes())
+            .map_err(|e| storage_error("the Hugging Face token", e))?;
+        std::fs::rename(&tmp, &self.path)
+            .map_err(|e| storage_error("the Hugging Face token", e))?;
         tracing::info!("Hugging Face token stored");
         Ok(())
     }
@@ -284,7 +363,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// An I/O failure while saving `what`: `disk_full` when it is one.
 pub fn storage_error(what: &str, e: std::io::Error) -> CommandError {
     if is_disk_full(&e) {
-        CommandError::new(ErrorKind::DiskFull, format!("The disk is full: {what} could not be saved. Free some space and try again."))
+        CommandError::new(
+            ErrorKind::DiskFull,
+            format!("The disk is full: {what} could not be saved. Free some space and try again."),
+        )
     } else {
         CommandError::internal(&format!("Cannot save {what}"), e)
     }
@@ -307,7 +389,10 @@ mod tests {
     fn defaults_round_trip() {
         let d = dto();
         assert_eq!(d.sampling.temperature, 0.7, "shown as written");
-        assert_eq!(AppSettings::from_dto(&d).expect("valid"), AppSettings::default());
+        assert_eq!(
+            AppSettings::from_dto(&d).expect("valid"),
+            AppSettings::default()
+        );
     }
 
     #[test]
@@ -317,16 +402,25 @@ mod tests {
             (|d| d.sampling.top_p = 1.5, "sampling.topP"),
             (|d| d.sampling.top_p = 0.0, "sampling.topP"),
             (|d| d.sampling.temperature = -0.1, "sampling.temperature"),
-            (|d| d.sampling.temperature = f64::NAN, "sampling.temperature"),
+            (
+                |d| d.sampling.temperature = f64::NAN,
+                "sampling.temperature",
+            ),
             (|d| d.sampling.top_k = 2.5, "sampling.topK"),
             (|d| d.sampling.max_new_tokens = 0.0, "sampling.maxNewTokens"),
             (|d| d.sampling.min_p = 1.0, "sampling.minP"),
-            (|d| d.sampling.repeat_penalty = 0.0, "sampling.repeatPenalty"),
+            (
+                |d| d.sampling.repeat_penalty = 0.0,
+                "sampling.repeatPenalty",
+            ),
             (|d| d.sampling.seed = Some(-1.0), "sampling.seed"),
             (|d| d.window_size = Some(0.0), "windowSize"),
             (|d| d.device = "tpu".into(), "device"),
             (|d| d.theme = "blue".into(), "theme"),
-            (|d| d.system_prompt = "x".repeat(MAX_SYSTEM_PROMPT_BYTES + 1), "systemPrompt"),
+            (
+                |d| d.system_prompt = "x".repeat(MAX_SYSTEM_PROMPT_BYTES + 1),
+                "systemPrompt",
+            ),
             (|d| d.variant = Some("v".into()), "variant"),
         ];
         for (edit, field) in cases {
@@ -334,7 +428,11 @@ mod tests {
             edit(&mut d);
             let e = AppSettings::from_dto(&d).expect_err(field);
             assert_eq!(e.kind, ErrorKind::InvalidSettings, "{field}");
-            assert!(e.message.starts_with(&format!("{field}:")), "{field}: {}", e.message);
+            assert!(
+                e.message.starts_with(&format!("{field}:")),
+                "{field}: {}",
+                e.message
+            );
         }
     }
 
@@ -348,7 +446,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("cfg/hf_token")).expect("meta").permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("cfg/hf_token"))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let e = f.write(Some("hf secret with spaces")).expect_err("invalid");

@@ -59,7 +59,12 @@ impl AppConfig {
 
     /// Everything under one folder, with an explicit hub (tests).
     pub fn in_dir(dir: &Path, hub: HubConfig) -> Self {
-        Self { data_dir: dir.to_path_buf(), config_dir: dir.join("config"), hub, partial_save_every: crate::chat::PARTIAL_SAVE_INTERVAL }
+        Self {
+            data_dir: dir.to_path_buf(),
+            config_dir: dir.join("config"),
+            hub,
+            partial_save_every: crate::chat::PARTIAL_SAVE_INTERVAL,
+        }
     }
 
     /// The conversation database.
@@ -225,7 +230,11 @@ impl AppState {
 }
 
 /// The fallback when the database file cannot be used: an in-memory one, with a notice.
-async fn memory_store(notices: &mut Vec<CommandError>, path: &Path, e: &tptt_store::Error) -> Result<Store, tptt_store::Error> {
+async fn memory_store(
+    notices: &mut Vec<CommandError>,
+    path: &Path,
+    e: &tptt_store::Error,
+) -> Result<Store, tptt_store::Error> {
     tracing::error!(path = %path.display(), error = %e, "cannot open the conversation database");
     notices.push(CommandError::new(
         ErrorKind::Database,
@@ -239,6 +248,10 @@ async fn memory_store(notices: &mut Vec<CommandError>, path: &Path, e: &tptt_sto
 
 /// Runs blocking work (hub requests, file-system scans, anything holding a [`Hub`]) on the
 /// async runtime's blocking pool, off the executor.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> CmdResult<T> + Send + 'static) -> CmdResult<T> {
-    tauri::async_runtime::spawn_blocking(f).await.map_err(|e| CommandError::internal("A background task failed", e))?
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> CmdResult<T> + Send + 'static,
+) -> CmdResult<T> {
+    tauri::async_runtime::spawn_blocking(f)
+        .await
+        .map_err(|e| CommandError::internal("A background task failed", e))?
 }

@@ -29,7 +29,11 @@ fn settings_round_trip_and_name_the_bad_field() {
     for (path, value, field) in [
         (("sampling", "topP"), json!(1.5), "sampling.topP"),
         (("sampling", "temperature"), json!("hot"), "settings"),
-        (("sampling", "maxNewTokens"), json!(0), "sampling.maxNewTokens"),
+        (
+            ("sampling", "maxNewTokens"),
+            json!(0),
+            "sampling.maxNewTokens",
+        ),
     ] {
         let mut bad = s.clone();
         bad[path.0][path.1] = value;
@@ -38,11 +42,15 @@ fn settings_round_trip_and_name_the_bad_field() {
     }
     let mut bad = s.clone();
     bad["windowSize"] = json!(-3);
-    assert!(app.err("set_settings", json!({"settings": bad}), "invalid_settings").starts_with("windowSize"));
+    assert!(app
+        .err("set_settings", json!({"settings": bad}), "invalid_settings")
+        .starts_with("windowSize"));
     let mut bad = s.clone();
     bad["device"] = json!("cuda");
     if !cfg!(feature = "cuda") {
-        assert!(app.err("set_settings", json!({"settings": bad}), "invalid_settings").contains("not compiled"));
+        assert!(app
+            .err("set_settings", json!({"settings": bad}), "invalid_settings")
+            .contains("not compiled"));
     }
     // A refused change changed nothing.
     assert_eq!(app.ok("get_settings", json!({})), s);
@@ -55,7 +63,10 @@ fn settings_round_trip_and_name_the_bad_field() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("config/hf_token")).expect("token file").permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("config/hf_token"))
+            .expect("token file")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "only the user may read the token file");
     }
     drop(app);
@@ -74,7 +85,12 @@ fn device_info_reports_what_is_compiled_and_used() {
     let dir = tempfile::tempdir().expect("dir");
     let app = TestApp::offline(dir.path());
     let info = app.ok("device_info", json!({}));
-    let compiled: Vec<&str> = info["compiled"].as_array().expect("list").iter().filter_map(|v| v.as_str()).collect();
+    let compiled: Vec<&str> = info["compiled"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
     assert!(compiled.contains(&"cpu"));
     assert_eq!(compiled.contains(&"cuda"), cfg!(feature = "cuda"));
     assert_eq!(compiled.contains(&"metal"), cfg!(feature = "metal"));
@@ -95,43 +111,96 @@ fn the_model_manager_lists_adds_and_imports() {
     let dir = tempfile::tempdir().expect("dir");
     let app = TestApp::offline(dir.path());
     let list = app.ok("list_models", json!({}));
-    let repos: Vec<&str> = list.as_array().expect("list").iter().filter_map(|m| m["repoId"].as_str()).collect();
-    for r in ["ffurfaro/Titans-Llama-3.2-1B", "ffurfaro/Titans-Qwen2.5-1.5B", "ffurfaro/Titans-OLMo-1B-hf", "ffurfaro/Titans-v2-Mistral-7B-v0.3", "ffurfaro/Titanesque-gemma-3-270m"] {
+    let repos: Vec<&str> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|m| m["repoId"].as_str())
+        .collect();
+    for r in [
+        "ffurfaro/Titans-Llama-3.2-1B",
+        "ffurfaro/Titans-Qwen2.5-1.5B",
+        "ffurfaro/Titans-OLMo-1B-hf",
+        "ffurfaro/Titans-v2-Mistral-7B-v0.3",
+        "ffurfaro/Titanesque-gemma-3-270m",
+    ] {
         assert!(repos.contains(&r), "{r} in the catalog");
     }
     // Variants are unknown until listed: never invented.
-    assert!(list.as_array().expect("list").iter().all(|m| m["variants"].is_null() && m["source"] == "catalog"));
+    assert!(list
+        .as_array()
+        .expect("list")
+        .iter()
+        .all(|m| m["variants"].is_null() && m["source"] == "catalog"));
 
-    app.err("add_model", json!({"repoId": "not a repo"}), "invalid_repo_id");
+    app.err(
+        "add_model",
+        json!({"repoId": "not a repo"}),
+        "invalid_repo_id",
+    );
     app.err("add_model", json!({"repoId": "../etc"}), "invalid_repo_id");
     let added = app.ok("add_model", json!({"repoId": "someone/Titans-Other"}));
     assert_eq!(added["source"], "added");
     assert!(added["variants"].is_null());
     // Offline, listing fails with a network error and changes nothing.
-    app.err("refresh_variants", json!({"repoId": "someone/Titans-Other"}), "network");
+    app.err(
+        "refresh_variants",
+        json!({"repoId": "someone/Titans-Other"}),
+        "network",
+    );
 
-    app.err("import_local_model", json!({"path": tiny().display().to_string()}), "not_a_tptt_repo");
-    app.err("import_local_model", json!({"path": "/no/such/folder"}), "not_a_tptt_repo");
-    let local = app.ok("import_local_model", json!({"path": tiny_llama().display().to_string()}));
+    app.err(
+        "import_local_model",
+        json!({"path": tiny().display().to_string()}),
+        "not_a_tptt_repo",
+    );
+    app.err(
+        "import_local_model",
+        json!({"path": "/no/such/folder"}),
+        "not_a_tptt_repo",
+    );
+    let local = app.ok(
+        "import_local_model",
+        json!({"path": tiny_llama().display().to_string()}),
+    );
     assert_eq!(local["source"], "local");
     assert_eq!(local["baseModel"], "llama-base");
     let variants = local["variants"].as_array().expect("variants");
     assert!(variants.len() >= 10, "{variants:?}");
-    let dr = variants.iter().find(|v| v["name"] == "delta_rule").expect("delta_rule");
+    let dr = variants
+        .iter()
+        .find(|v| v["name"] == "delta_rule")
+        .expect("delta_rule");
     assert_eq!(dr["operatorMode"], "delta_rule");
     assert_eq!(dr["downloaded"], true);
     assert!(dr["sizeBytes"].as_u64().expect("size") > 0);
     // Importing twice keeps one entry; the list shows catalog, added, local.
-    app.ok("import_local_model", json!({"path": tiny_llama().display().to_string()}));
+    app.ok(
+        "import_local_model",
+        json!({"path": tiny_llama().display().to_string()}),
+    );
     let list = app.ok("list_models", json!({}));
-    let sources: Vec<&str> = list.as_array().expect("list").iter().filter_map(|m| m["source"].as_str()).collect();
+    let sources: Vec<&str> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|m| m["source"].as_str())
+        .collect();
     assert_eq!(sources.iter().filter(|s| **s == "local").count(), 1);
     assert_eq!(sources.iter().filter(|s| **s == "added").count(), 1);
     // Forgetting an import leaves its files alone.
     let repo = local["repoId"].as_str().expect("id");
-    app.ok("remove_variant", json!({"repoId": repo, "variant": "delta_rule"}));
+    app.ok(
+        "remove_variant",
+        json!({"repoId": repo, "variant": "delta_rule"}),
+    );
     assert!(tiny_llama().join("delta_rule/config.json").is_file());
-    assert!(!app.ok("list_models", json!({})).as_array().expect("list").iter().any(|m| m["source"] == "local"));
+    assert!(!app
+        .ok("list_models", json!({}))
+        .as_array()
+        .expect("list")
+        .iter()
+        .any(|m| m["source"] == "local"));
 }
 
 #[test]
@@ -140,18 +209,36 @@ fn without_a_model_nothing_is_stored_and_the_error_says_what_to_do() {
     let app = TestApp::offline(dir.path());
     let c = app.new_conversation();
     let (ch, _rx) = channel();
-    let e = block_on(tptt_chat::commands::send_message(app.state(), c.clone(), "Hello".into(), ch)).expect_err("no model");
+    let e = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        c.clone(),
+        "Hello".into(),
+        ch,
+    ))
+    .expect_err("no model");
     assert_eq!(e.kind, tptt_chat::ErrorKind::NoModel);
     assert!(e.message.contains("model manager"), "{}", e.message);
     assert_eq!(app.conversation(&c)["messages"], json!([]));
     // Unknown conversations and oversized messages are refused before anything is stored.
     app.use_tiny("delta_rule", 4);
     let (ch, _rx) = channel();
-    let e = block_on(tptt_chat::commands::send_message(app.state(), "999".into(), "Hello".into(), ch)).expect_err("no such conversation");
+    let e = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        "999".into(),
+        "Hello".into(),
+        ch,
+    ))
+    .expect_err("no such conversation");
     assert_eq!(e.kind, tptt_chat::ErrorKind::NotFound);
     let (ch, _rx) = channel();
     let huge = "x".repeat(tptt_chat::chat::MAX_MESSAGE_BYTES + 1);
-    let e = block_on(tptt_chat::commands::send_message(app.state(), c.clone(), huge, ch)).expect_err("too long");
+    let e = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        c.clone(),
+        huge,
+        ch,
+    ))
+    .expect_err("too long");
     assert_eq!(e.kind, tptt_chat::ErrorKind::InputTooLong);
     assert_eq!(app.conversation(&c)["messages"], json!([]));
     app.err("get_conversation", json!({"id": "nope"}), "not_found");
@@ -175,9 +262,13 @@ fn a_message_streams_is_saved_and_regenerates_and_edits() {
     assert!(stats["promptTokens"].as_u64().expect("prompt") > 0);
     assert!(stats["ttftMs"].as_f64().expect("ttft") >= 0.0);
     let mem1 = done["memory"].clone();
-    assert_eq!(mem1["totalTokens"].as_u64(), Some(stats["promptTokens"].as_u64().unwrap_or(0) + generated));
     assert_eq!(
-        mem1["recurrentOnlyTokens"].as_u64().unwrap_or(0) + mem1["windowFill"].as_u64().unwrap_or(0),
+        mem1["totalTokens"].as_u64(),
+        Some(stats["promptTokens"].as_u64().unwrap_or(0) + generated)
+    );
+    assert_eq!(
+        mem1["recurrentOnlyTokens"].as_u64().unwrap_or(0)
+            + mem1["windowFill"].as_u64().unwrap_or(0),
         mem1["totalTokens"].as_u64().unwrap_or(0)
     );
     let first_answer = streamed_text(&events);
@@ -187,60 +278,117 @@ fn a_message_streams_is_saved_and_regenerates_and_edits() {
     let msgs = conv["messages"].as_array().expect("messages");
     assert_eq!(msgs.len(), 2);
     assert_eq!(msgs[0]["id"], ids["userMessageId"]);
-    assert_eq!((msgs[0]["role"].as_str(), msgs[0]["content"].as_str()), (Some("user"), Some("Hello there")));
+    assert_eq!(
+        (msgs[0]["role"].as_str(), msgs[0]["content"].as_str()),
+        (Some("user"), Some("Hello there"))
+    );
     assert_eq!(msgs[1]["id"], ids["assistantMessageId"]);
     assert_eq!(msgs[1]["content"].as_str(), Some(first_answer.as_str()));
     assert_eq!(msgs[1]["status"], "complete");
-    assert_eq!(msgs[1]["stats"]["generatedTokens"].as_u64(), Some(generated));
+    assert_eq!(
+        msgs[1]["stats"]["generatedTokens"].as_u64(),
+        Some(generated)
+    );
     assert_eq!(conv["memory"], mem1);
-    assert_eq!(conv["modelRepo"].as_str(), Some(tiny_llama().display().to_string().as_str()));
+    assert_eq!(
+        conv["modelRepo"].as_str(),
+        Some(tiny_llama().display().to_string().as_str())
+    );
     assert_eq!(conv["variant"], "delta_rule");
     // A snapshot file (and its sidecar) at the turn boundary.
     let states = dir.path().join("states").join(&c);
-    let files: Vec<String> = std::fs::read_dir(&states).expect("states folder").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let files: Vec<String> = std::fs::read_dir(&states)
+        .expect("states folder")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     let answer_id = ids["assistantMessageId"].as_str().expect("id");
-    assert!(files.contains(&format!("{answer_id}.safetensors")), "{files:?}");
+    assert!(
+        files.contains(&format!("{answer_id}.safetensors")),
+        "{files:?}"
+    );
     assert!(files.contains(&format!("{answer_id}.json")), "{files:?}");
 
     // Turn 2 feeds only what it adds: it starts from turn 1's memory.
     let (_, events2) = send(&app, &c, "And then?");
     assert_eq!(last_kind(&events2), "done", "{events2:?}");
-    assert_eq!(events2[0]["memory"], mem1, "turn 2 continues the memory of turn 1");
+    assert_eq!(
+        events2[0]["memory"], mem1,
+        "turn 2 continues the memory of turn 1"
+    );
     let second_answer = streamed_text(&events2);
     let mem2 = events2.last().expect("done")["memory"].clone();
 
     // Regenerate: the last answer is replaced; greedy from the restored memory (the snapshot
     // after turn 1) gives the same answer again, feeding only the last message.
     let (ch, rx) = channel();
-    let r = block_on(tptt_chat::commands::regenerate(app.state(), c.clone(), ch)).expect("regenerate");
+    let r =
+        block_on(tptt_chat::commands::regenerate(app.state(), c.clone(), ch)).expect("regenerate");
     let events3 = until_end(&rx);
     assert_eq!(last_kind(&events3), "done", "{events3:?}");
-    assert_eq!(events3[0]["memory"], mem1, "regenerating restarts from the memory before the answer");
+    assert_eq!(
+        events3[0]["memory"], mem1,
+        "regenerating restarts from the memory before the answer"
+    );
     assert_eq!(streamed_text(&events3), second_answer);
     assert_eq!(events3.last().expect("done")["memory"], mem2);
-    let msgs = app.conversation(&c)["messages"].as_array().expect("messages").clone();
+    let msgs = app.conversation(&c)["messages"]
+        .as_array()
+        .expect("messages")
+        .clone();
     assert_eq!(msgs.len(), 4);
-    assert_eq!(msgs[3]["id"].as_str(), r.assistant_message_id.as_str().into());
+    assert_eq!(
+        msgs[3]["id"].as_str(),
+        r.assistant_message_id.as_str().into()
+    );
 
     // Edit and resend the first message: everything after it goes.
     let first_user = msgs[0]["id"].as_str().expect("id").to_string();
     let (ch, rx) = channel();
-    let r = block_on(tptt_chat::commands::edit_and_resend(app.state(), c.clone(), first_user, "Hello there".into(), ch)).expect("edit");
+    let r = block_on(tptt_chat::commands::edit_and_resend(
+        app.state(),
+        c.clone(),
+        first_user,
+        "Hello there".into(),
+        ch,
+    ))
+    .expect("edit");
     let events4 = until_end(&rx);
     assert_eq!(last_kind(&events4), "done", "{events4:?}");
-    assert_eq!(events4[0]["memory"]["totalTokens"], 0, "nothing before the edited message: a fresh memory");
-    assert_eq!(streamed_text(&events4), first_answer, "same text, same greedy answer");
-    let msgs = app.conversation(&c)["messages"].as_array().expect("messages").clone();
+    assert_eq!(
+        events4[0]["memory"]["totalTokens"], 0,
+        "nothing before the edited message: a fresh memory"
+    );
+    assert_eq!(
+        streamed_text(&events4),
+        first_answer,
+        "same text, same greedy answer"
+    );
+    let msgs = app.conversation(&c)["messages"]
+        .as_array()
+        .expect("messages")
+        .clone();
     assert_eq!(msgs.len(), 2);
     assert_eq!(msgs[0]["id"].as_str(), Some(r.user_message_id.as_str()));
     // Only the latest snapshots are kept, and none of deleted messages.
-    let kept = std::fs::read_dir(&states).expect("states").flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors")).count();
+    let kept = std::fs::read_dir(&states)
+        .expect("states")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .count();
     assert_eq!(kept, 1);
 
     // Editing someone else's message, or a message of another conversation, is refused.
     let (ch, _rx) = channel();
     let answer = msgs[1]["id"].as_str().expect("id").to_string();
-    let e = block_on(tptt_chat::commands::edit_and_resend(app.state(), c.clone(), answer, "x".into(), ch)).expect_err("not a user message");
+    let e = block_on(tptt_chat::commands::edit_and_resend(
+        app.state(),
+        c.clone(),
+        answer,
+        "x".into(),
+        ch,
+    ))
+    .expect_err("not a user message");
     assert_eq!(e.kind, tptt_chat::ErrorKind::NotFound);
 }
 
@@ -253,23 +401,47 @@ fn stop_keeps_the_partial_answer_and_a_1mb_paste_is_kept_whole() {
     // 1 MiB of text: stored first, then fed in blocks; stopping ends the feed at once.
     let paste: String = "The quick brown fox jumps over the lazy dog. ".repeat((1 << 20) / 45 + 1);
     let (ch, rx) = channel();
-    let r = block_on(tptt_chat::commands::send_message(app.state(), c.clone(), paste.clone(), ch)).expect("accepted");
+    let r = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        c.clone(),
+        paste.clone(),
+        ch,
+    ))
+    .expect("accepted");
     // The message is stored before generation: visible at once, whole.
-    let msgs = app.conversation(&c)["messages"].as_array().expect("messages").clone();
+    let msgs = app.conversation(&c)["messages"]
+        .as_array()
+        .expect("messages")
+        .clone();
     assert_eq!(msgs[0]["content"].as_str().map(str::len), Some(paste.len()));
     assert_eq!(msgs[1]["status"], "partial");
     // Another generation meanwhile is refused.
     let other = app.new_conversation();
     let (ch2, _rx2) = channel();
-    let e = block_on(tptt_chat::commands::send_message(app.state(), other, "Hi".into(), ch2)).expect_err("busy");
+    let e = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        other,
+        "Hi".into(),
+        ch2,
+    ))
+    .expect_err("busy");
     assert_eq!(e.kind, tptt_chat::ErrorKind::Busy);
     app.ok("stop_generation", json!({"conversationId": c}));
     let events = until_end(&rx);
     assert_eq!(last_kind(&events), "stopped", "{events:?}");
     let conv = app.conversation(&c);
-    let answer = conv["messages"].as_array().expect("messages").iter().find(|m| m["id"].as_str() == Some(r.assistant_message_id.as_str())).expect("answer").clone();
+    let answer = conv["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .find(|m| m["id"].as_str() == Some(r.assistant_message_id.as_str()))
+        .expect("answer")
+        .clone();
     assert_eq!(answer["status"], "partial");
-    assert_eq!(answer["content"].as_str(), Some(streamed_text(&events).as_str()));
+    assert_eq!(
+        answer["content"].as_str(),
+        Some(streamed_text(&events).as_str())
+    );
 
     // Stopping while decoding keeps the text streamed so far.
     let c2 = app.new_conversation();
@@ -277,7 +449,13 @@ fn stop_keeps_the_partial_answer_and_a_1mb_paste_is_kept_whole() {
     s["sampling"]["maxNewTokens"] = json!(60000);
     app.ok("set_settings", json!({"settings": s}));
     let (ch, rx) = channel();
-    let r = block_on(tptt_chat::commands::send_message(app.state(), c2.clone(), "Tell me everything".into(), ch)).expect("send");
+    let r = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        c2.clone(),
+        "Tell me everything".into(),
+        ch,
+    ))
+    .expect("send");
     let mut events = Vec::new();
     loop {
         let e = rx.recv_timeout(STREAM_TIMEOUT).expect("event");
@@ -297,9 +475,25 @@ fn stop_keeps_the_partial_answer_and_a_1mb_paste_is_kept_whole() {
     }
     let end = last_kind(&events).to_string();
     assert!(end == "stopped" || end == "done", "{events:?}");
-    let stored = app.conversation(&c2)["messages"].as_array().expect("messages").iter().find(|m| m["id"].as_str() == Some(r.assistant_message_id.as_str())).expect("answer").clone();
-    assert_eq!(stored["content"].as_str(), Some(streamed_text(&events).as_str()));
-    assert_eq!(stored["status"], if end == "stopped" { "partial" } else { "complete" });
+    let stored = app.conversation(&c2)["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .find(|m| m["id"].as_str() == Some(r.assistant_message_id.as_str()))
+        .expect("answer")
+        .clone();
+    assert_eq!(
+        stored["content"].as_str(),
+        Some(streamed_text(&events).as_str())
+    );
+    assert_eq!(
+        stored["status"],
+        if end == "stopped" {
+            "partial"
+        } else {
+            "complete"
+        }
+    );
 }
 
 #[test]
@@ -316,7 +510,10 @@ fn a_reopened_conversation_continues_from_its_snapshot_and_a_switch_rebuilds() {
     // A new app on the same folder: the conversation, its memory meter, and its state.
     let app = TestApp::offline(dir.path());
     let conv = app.conversation(&c);
-    assert_eq!(conv["memory"], mem1, "the meter comes from the snapshot, without loading anything");
+    assert_eq!(
+        conv["memory"], mem1,
+        "the meter comes from the snapshot, without loading anything"
+    );
     assert_eq!(conv["messages"].as_array().map(Vec::len), Some(2));
     let (_, events) = send(&app, &c, "Which number?");
     assert_eq!(last_kind(&events), "done", "{events:?}");
@@ -325,8 +522,14 @@ fn a_reopened_conversation_continues_from_its_snapshot_and_a_switch_rebuilds() {
     let done = events.last().expect("done");
     let prompt = done["stats"]["promptTokens"].as_u64().expect("prompt");
     let total1 = mem1["totalTokens"].as_u64().expect("total");
-    assert_eq!(done["memory"]["totalTokens"].as_u64(), Some(total1 + prompt + done["stats"]["generatedTokens"].as_u64().unwrap_or(0)));
-    assert!(prompt < total1, "fed {prompt} tokens, less than the {total1} already read");
+    assert_eq!(
+        done["memory"]["totalTokens"].as_u64(),
+        Some(total1 + prompt + done["stats"]["generatedTokens"].as_u64().unwrap_or(0))
+    );
+    assert!(
+        prompt < total1,
+        "fed {prompt} tokens, less than the {total1} already read"
+    );
 
     // Another variant: the memory does not match, so it is rebuilt from the text (the whole
     // conversation is fed again), and the old snapshots go once the new one is saved.
@@ -334,13 +537,26 @@ fn a_reopened_conversation_continues_from_its_snapshot_and_a_switch_rebuilds() {
     app.choose(&repo, "delta_product", 8);
     let (_, events) = send(&app, &c, "And now?");
     assert_eq!(last_kind(&events), "done", "{events:?}");
-    assert_eq!(events[0]["memory"]["totalTokens"], 0, "rebuilt from the text");
-    let rebuilt_prompt = events.last().expect("done")["stats"]["promptTokens"].as_u64().expect("prompt");
-    assert!(rebuilt_prompt > total1, "the whole history was fed: {rebuilt_prompt}");
+    assert_eq!(
+        events[0]["memory"]["totalTokens"], 0,
+        "rebuilt from the text"
+    );
+    let rebuilt_prompt = events.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+    assert!(
+        rebuilt_prompt > total1,
+        "the whole history was fed: {rebuilt_prompt}"
+    );
     let conv_id = tptt_store::ConversationId(c.parse().expect("id"));
-    let snaps = block_on(app.state().store.list_snapshots(conv_id)).expect("snapshots").items;
+    let snaps = block_on(app.state().store.list_snapshots(conv_id))
+        .expect("snapshots")
+        .items;
     assert!(!snaps.is_empty());
-    assert!(snaps.iter().all(|s| s.key.variant == "delta_product"), "{snaps:?}");
+    assert!(
+        snaps.iter().all(|s| s.key.variant == "delta_product"),
+        "{snaps:?}"
+    );
     assert!(snaps.iter().all(|s| s.path.is_file()));
     assert_eq!(app.conversation(&c)["variant"], "delta_product");
 
@@ -356,7 +572,10 @@ fn a_reopened_conversation_continues_from_its_snapshot_and_a_switch_rebuilds() {
     app.choose(&repo, "delta_product", 4);
     let (_, events) = send(&app, &c, "Still there?");
     assert_eq!(last_kind(&events), "done", "{events:?}");
-    assert_eq!(events[0]["memory"]["totalTokens"], 0, "a corrupt snapshot is not used");
+    assert_eq!(
+        events[0]["memory"]["totalTokens"], 0,
+        "a corrupt snapshot is not used"
+    );
 }
 
 #[test]
@@ -371,7 +590,13 @@ fn commands_over_ipc_send_search_rename_export_delete() {
     let deadline = std::time::Instant::now() + STREAM_TIMEOUT;
     loop {
         let conv = app.conversation(&c);
-        let m = conv["messages"].as_array().expect("messages").iter().find(|m| m["id"].as_str() == Some(answer.as_str())).cloned().expect("answer");
+        let m = conv["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .find(|m| m["id"].as_str() == Some(answer.as_str()))
+            .cloned()
+            .expect("answer");
         if m["status"] == "complete" {
             break;
         }
@@ -380,7 +605,10 @@ fn commands_over_ipc_send_search_rename_export_delete() {
     }
     // The generation slot is free again.
     let deadline = std::time::Instant::now() + STREAM_TIMEOUT;
-    while tptt_chat::chat::is_generating(&app.state(), tptt_store::ConversationId(c.parse().expect("id"))) {
+    while tptt_chat::chat::is_generating(
+        &app.state(),
+        tptt_store::ConversationId(c.parse().expect("id")),
+    ) {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -388,26 +616,60 @@ fn commands_over_ipc_send_search_rename_export_delete() {
     app.ok("rename_conversation", json!({"id": c, "title": "Zoo talk"}));
     let other = app.new_conversation();
     let all = app.ok("list_conversations", json!({"query": null}));
-    let ids: Vec<&str> = all.as_array().expect("list").iter().filter_map(|s| s["id"].as_str()).collect();
+    let ids: Vec<&str> = all
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
     assert_eq!(ids, [other.as_str(), c.as_str()], "most recent first");
-    let mine = all.as_array().expect("list").iter().find(|s| s["id"] == json!(c)).expect("listed").clone();
+    let mine = all
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|s| s["id"] == json!(c))
+        .expect("listed")
+        .clone();
     assert_eq!(mine["title"], "Zoo talk");
     assert!(mine["updatedAt"].as_str().expect("date").ends_with('Z'));
     let found = app.ok("list_conversations", json!({"query": "zebracorn"}));
     assert_eq!(found.as_array().map(Vec::len), Some(1));
-    assert!(found[0]["preview"].as_str().expect("preview").contains("zebracorn"));
-    assert_eq!(app.ok("list_conversations", json!({"query": "Zoo"}))[0]["id"], json!(c));
+    assert!(found[0]["preview"]
+        .as_str()
+        .expect("preview")
+        .contains("zebracorn"));
+    assert_eq!(
+        app.ok("list_conversations", json!({"query": "Zoo"}))[0]["id"],
+        json!(c)
+    );
 
-    let md = app.ok("export_conversation", json!({"id": c, "format": "markdown"}));
-    assert!(md.as_str().expect("text").contains("Unique words zebracorn"));
+    let md = app.ok(
+        "export_conversation",
+        json!({"id": c, "format": "markdown"}),
+    );
+    assert!(md
+        .as_str()
+        .expect("text")
+        .contains("Unique words zebracorn"));
     let js = app.ok("export_conversation", json!({"id": c, "format": "json"}));
     assert!(serde_json::from_str::<serde_json::Value>(js.as_str().expect("text")).is_ok());
-    app.err("export_conversation", json!({"id": c, "format": "pdf"}), "invalid_settings");
+    app.err(
+        "export_conversation",
+        json!({"id": c, "format": "pdf"}),
+        "invalid_settings",
+    );
 
     app.ok("delete_conversation", json!({"id": c}));
     app.err("get_conversation", json!({"id": c}), "not_found");
-    assert!(!dir.path().join("states").join(&c).exists(), "its snapshots went with it");
-    app.err("rename_conversation", json!({"id": c, "title": "x"}), "not_found");
+    assert!(
+        !dir.path().join("states").join(&c).exists(),
+        "its snapshots went with it"
+    );
+    app.err(
+        "rename_conversation",
+        json!({"id": c, "title": "x"}),
+        "not_found",
+    );
     app.err("open_url", json!({"url": "file:///etc/passwd"}), "internal");
 }
 
@@ -418,8 +680,18 @@ fn a_damaged_database_is_moved_aside_with_a_notice() {
     let app = TestApp::offline(dir.path());
     let msg = app.err("list_conversations", json!({"query": null}), "database");
     assert!(msg.contains("moved aside"), "{msg}");
-    assert_eq!(app.ok("list_conversations", json!({"query": null})), json!([]));
-    let moved = std::fs::read_dir(dir.path()).expect("dir").flatten().any(|e| e.file_name().to_string_lossy().starts_with("conversations.sqlite3.corrupt-"));
+    assert_eq!(
+        app.ok("list_conversations", json!({"query": null})),
+        json!([])
+    );
+    let moved = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("conversations.sqlite3.corrupt-")
+        });
     assert!(moved, "the damaged file is kept beside");
     // And the app works on the new database.
     let c = app.new_conversation();
@@ -429,7 +701,9 @@ fn a_damaged_database_is_moved_aside_with_a_notice() {
 #[test]
 fn a_streaming_answer_is_saved_while_it_streams() {
     let dir = tempfile::tempdir().expect("dir");
-    let app = TestApp::start_with(dir.path(), "http://127.0.0.1:9", |c| c.partial_save_every = std::time::Duration::from_millis(5));
+    let app = TestApp::start_with(dir.path(), "http://127.0.0.1:9", |c| {
+        c.partial_save_every = std::time::Duration::from_millis(5)
+    });
     app.use_tiny("delta_rule", 60000);
     // Sampled (seeded, so the same every run) rather than greedy: a long answer.
     let mut s = app.ok("get_settings", json!({}));
@@ -439,9 +713,21 @@ fn a_streaming_answer_is_saved_while_it_streams() {
     app.ok("set_settings", json!({"settings": s}));
     let c = app.new_conversation();
     let (ch, rx) = channel();
-    let r = block_on(tptt_chat::commands::send_message(app.state(), c.clone(), "Go on and on".into(), ch)).expect("send");
+    let r = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        c.clone(),
+        "Go on and on".into(),
+        ch,
+    ))
+    .expect("send");
     let answer_of = |app: &TestApp| {
-        app.conversation(&c)["messages"].as_array().expect("messages").iter().find(|m| m["id"].as_str() == Some(r.assistant_message_id.as_str())).cloned().expect("answer")
+        app.conversation(&c)["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .find(|m| m["id"].as_str() == Some(r.assistant_message_id.as_str()))
+            .cloned()
+            .expect("answer")
     };
     let mut events = Vec::new();
     let mut saved_midway = None;
@@ -463,6 +749,9 @@ fn a_streaming_answer_is_saved_while_it_streams() {
     let midway = saved_midway.expect("the streaming text was saved before the answer ended");
     assert_eq!(last_kind(&events), "stopped", "{events:?}");
     let text = streamed_text(&events);
-    assert!(text.starts_with(&midway), "what was saved midway is a prefix of the answer");
+    assert!(
+        text.starts_with(&midway),
+        "what was saved midway is a prefix of the answer"
+    );
     assert_eq!(answer_of(&app)["content"].as_str(), Some(text.as_str()));
 }

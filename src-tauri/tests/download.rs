@@ -18,7 +18,11 @@ const TOKEN: &str = "hf_fakeTokenForTests";
 /// base, gated (it needs [`TOKEN`]).
 fn fake_hub() -> FakeHub {
     let mut repo = FakeRepo::from_dir(REPO, &tiny().join("tptt-llama"));
-    for f in repo.files.iter_mut().filter(|f| f.path.ends_with("/config.json")) {
+    for f in repo
+        .files
+        .iter_mut()
+        .filter(|f| f.path.ends_with("/config.json"))
+    {
         let mut v: Value = serde_json::from_slice(&f.bytes).expect("config JSON");
         v["base_model_name"] = json!(BASE);
         f.bytes = serde_json::to_vec(&v).expect("JSON");
@@ -30,14 +34,29 @@ fn fake_hub() -> FakeHub {
 
 fn download(app: &TestApp, variant: &str) -> Vec<Value> {
     let (ch, rx) = channel();
-    block_on(tptt_chat::commands::download_variant(app.state(), REPO.into(), variant.into(), ch)).expect("download starts");
+    block_on(tptt_chat::commands::download_variant(
+        app.state(),
+        REPO.into(),
+        variant.into(),
+        ch,
+    ))
+    .expect("download starts");
     until_end(&rx)
 }
 
 fn variant_entry(app: &TestApp, variant: &str) -> Value {
     let list = app.ok("list_models", json!({}));
-    let model = list.as_array().expect("list").iter().find(|m| m["repoId"] == REPO).expect("listed").clone();
-    model["variants"].as_array().and_then(|vs| vs.iter().find(|v| v["name"] == variant).cloned()).unwrap_or(Value::Null)
+    let model = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|m| m["repoId"] == REPO)
+        .expect("listed")
+        .clone();
+    model["variants"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == variant).cloned())
+        .unwrap_or(Value::Null)
 }
 
 #[test]
@@ -49,13 +68,34 @@ fn download_with_token_cancel_resume_then_chat_offline_and_remove() {
     let added = app.ok("add_model", json!({"repoId": REPO}));
     assert!(added["variants"].is_null());
     let variants = app.ok("refresh_variants", json!({"repoId": REPO}));
-    let names: Vec<&str> = variants.as_array().expect("variants").iter().filter_map(|v| v["name"].as_str()).collect();
-    assert!(names.contains(&"delta_rule") && names.contains(&"gated_delta_product"), "{names:?}");
-    let dr = variants.as_array().expect("variants").iter().find(|v| v["name"] == "delta_rule").expect("delta_rule");
+    let names: Vec<&str> = variants
+        .as_array()
+        .expect("variants")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"delta_rule") && names.contains(&"gated_delta_product"),
+        "{names:?}"
+    );
+    let dr = variants
+        .as_array()
+        .expect("variants")
+        .iter()
+        .find(|v| v["name"] == "delta_rule")
+        .expect("delta_rule");
     assert_eq!(dr["operatorMode"], "delta_rule");
     assert_eq!(dr["downloaded"], false);
     assert!(dr["sizeBytes"].as_u64().expect("size") > 30_000);
-    assert_eq!(app.ok("list_models", json!({})).as_array().expect("list").iter().find(|m| m["repoId"] == REPO).expect("entry")["baseModel"], BASE);
+    assert_eq!(
+        app.ok("list_models", json!({}))
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|m| m["repoId"] == REPO)
+            .expect("entry")["baseModel"],
+        BASE
+    );
 
     // The base is gated: without a token the download stops with `auth`.
     let events = download(&app, "delta_rule");
@@ -64,12 +104,27 @@ fn download_with_token_cancel_resume_then_chat_offline_and_remove() {
     app.ok("set_hf_token", json!({"token": TOKEN}));
 
     // Slow weights: cancel mid-way, then resume where it stopped.
-    fake.set_faults(Faults { slow: Some(("model.safetensors".into(), Duration::from_millis(40))), ..Default::default() });
+    fake.set_faults(Faults {
+        slow: Some(("model.safetensors".into(), Duration::from_millis(40))),
+        ..Default::default()
+    });
     let (ch, rx) = channel();
-    block_on(tptt_chat::commands::download_variant(app.state(), REPO.into(), "delta_rule".into(), ch)).expect("starts");
+    block_on(tptt_chat::commands::download_variant(
+        app.state(),
+        REPO.into(),
+        "delta_rule".into(),
+        ch,
+    ))
+    .expect("starts");
     // The same download twice at once is refused.
     let (ch2, _rx2) = channel();
-    let e = block_on(tptt_chat::commands::download_variant(app.state(), REPO.into(), "delta_rule".into(), ch2)).expect_err("busy");
+    let e = block_on(tptt_chat::commands::download_variant(
+        app.state(),
+        REPO.into(),
+        "delta_rule".into(),
+        ch2,
+    ))
+    .expect_err("busy");
     assert_eq!(e.kind, tptt_chat::ErrorKind::Busy);
     loop {
         let e = rx.recv_timeout(STREAM_TIMEOUT).expect("progress");
@@ -79,7 +134,10 @@ fn download_with_token_cancel_resume_then_chat_offline_and_remove() {
             break;
         }
     }
-    app.ok("cancel_download", json!({"repoId": REPO, "variant": "delta_rule"}));
+    app.ok(
+        "cancel_download",
+        json!({"repoId": REPO, "variant": "delta_rule"}),
+    );
     let rest = until_end(&rx);
     assert_eq!(last_kind(&rest), "cancelled", "{rest:?}");
     assert_eq!(variant_entry(&app, "delta_rule")["downloaded"], false);
@@ -89,9 +147,22 @@ fn download_with_token_cancel_resume_then_chat_offline_and_remove() {
     let events = download(&app, "delta_rule");
     assert_eq!(last_kind(&events), "done", "{events:?}");
     assert!(events.iter().any(|e| e["kind"] == "progress"));
-    let resumed = fake.log().iter().any(|l| l.server == "cdn" && l.method == "GET" && l.range.as_deref().is_some_and(|r| r != "bytes=0-"));
-    assert!(resumed, "the weights resumed with a Range request: {:?}", fake.log());
-    assert!(fake.log().iter().all(|l| l.server == "hub" || l.authorization.is_none()), "the token goes to the hub only");
+    let resumed = fake.log().iter().any(|l| {
+        l.server == "cdn"
+            && l.method == "GET"
+            && l.range.as_deref().is_some_and(|r| r != "bytes=0-")
+    });
+    assert!(
+        resumed,
+        "the weights resumed with a Range request: {:?}",
+        fake.log()
+    );
+    assert!(
+        fake.log()
+            .iter()
+            .all(|l| l.server == "hub" || l.authorization.is_none()),
+        "the token goes to the hub only"
+    );
     assert_eq!(variant_entry(&app, "delta_rule")["downloaded"], true);
     assert_eq!(variant_entry(&app, "delta_product")["downloaded"], false);
     app.choose(REPO, "delta_rule", 6);
@@ -106,19 +177,34 @@ fn download_with_token_cancel_resume_then_chat_offline_and_remove() {
     assert_eq!(app.conversation(&c)["modelRepo"], REPO);
 
     // Removed from the cache: a clear `no_model` with the way forward, and nothing stored.
-    app.ok("remove_variant", json!({"repoId": REPO, "variant": "delta_rule"}));
+    app.ok(
+        "remove_variant",
+        json!({"repoId": REPO, "variant": "delta_rule"}),
+    );
     assert_eq!(variant_entry(&app, "delta_rule")["downloaded"], false);
     let (ch, _rx) = channel();
-    let e = block_on(tptt_chat::commands::send_message(app.state(), c.clone(), "Still here?".into(), ch)).expect_err("no model");
+    let e = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        c.clone(),
+        "Still here?".into(),
+        ch,
+    ))
+    .expect_err("no model");
     assert_eq!(e.kind, tptt_chat::ErrorKind::NoModel);
     assert!(e.message.contains("Download it"), "{}", e.message);
-    assert_eq!(app.conversation(&c)["messages"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        app.conversation(&c)["messages"].as_array().map(Vec::len),
+        Some(2)
+    );
 }
 
 #[test]
 fn a_corrupt_download_is_an_error_and_nothing_is_usable() {
     let fake = fake_hub();
-    fake.set_faults(Faults { corrupt: vec!["model.safetensors".into()], ..Default::default() });
+    fake.set_faults(Faults {
+        corrupt: vec!["model.safetensors".into()],
+        ..Default::default()
+    });
     let dir = tempfile::tempdir().expect("dir");
     let app = TestApp::start(dir.path(), &fake.url);
     app.ok("set_hf_token", json!({"token": TOKEN}));
@@ -127,8 +213,18 @@ fn a_corrupt_download_is_an_error_and_nothing_is_usable() {
     assert_eq!(last_kind(&events), "error", "{events:?}");
     let end = events.last().expect("end");
     assert_eq!(end["errorKind"], "download");
-    assert!(end["message"].as_str().expect("message").contains("corrupt"), "{end}");
-    assert_ne!(variant_entry(&app, "delta_rule")["downloaded"], true, "a failed download is not usable");
+    assert!(
+        end["message"]
+            .as_str()
+            .expect("message")
+            .contains("corrupt"),
+        "{end}"
+    );
+    assert_ne!(
+        variant_entry(&app, "delta_rule")["downloaded"],
+        true,
+        "a failed download is not usable"
+    );
     // An unknown variant fails the same clear way.
     let events = download(&app, "no_such_variant");
     assert_eq!(last_kind(&events), "error", "{events:?}");

@@ -87,14 +87,31 @@ struct Plan {
 impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
-            Self { prefill: 512, decode_at: vec![128, 1024, 4096], resume_at: 2048, prefill_repeats: 2, quick }
+            Self {
+                prefill: 512,
+                decode_at: vec![128, 1024, 4096],
+                resume_at: 2048,
+                prefill_repeats: 2,
+                quick,
+            }
         } else {
-            Self { prefill: 512, decode_at: vec![128, 4096, 32768], resume_at: 16384, prefill_repeats: 2, quick }
+            Self {
+                prefill: 512,
+                decode_at: vec![128, 4096, 32768],
+                resume_at: 16384,
+                prefill_repeats: 2,
+                quick,
+            }
         }
     }
     /// Tokens the history must reach.
     fn history_len(&self) -> usize {
-        self.decode_at.iter().copied().chain([self.resume_at]).max().unwrap_or(0)
+        self.decode_at
+            .iter()
+            .copied()
+            .chain([self.resume_at])
+            .max()
+            .unwrap_or(0)
     }
     fn short(&self) -> usize {
         self.decode_at.iter().copied().min().unwrap_or(0)
@@ -119,7 +136,9 @@ fn progress(msg: impl AsRef<str>) {
 }
 
 fn default_model_dir() -> PathBuf {
-    std::env::var_os("TPTT_SMOLLM2_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models/smollm2-135m-instruct"))
+    std::env::var_os("TPTT_SMOLLM2_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models/smollm2-135m-instruct"))
 }
 
 fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject> {
@@ -130,21 +149,36 @@ fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject> {
         );
     }
     let cfg_path = dir.join("config.json");
-    let plain = cfg_path.is_file() && !tptt::config::is_tptt_config(&tptt::config::read_json_object(&cfg_path)?);
+    let plain = cfg_path.is_file()
+        && !tptt::config::is_tptt_config(&tptt::config::read_json_object(&cfg_path)?);
     let opts = LoadOptions::default();
     let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let (model, variant_name, base_dir, label) = if plain {
         if let Some(v) = variant {
-            bail!("--variant {v}: {} is a plain Hugging Face model folder, not a TPTT repo", dir.display());
+            bail!(
+                "--variant {v}: {} is a plain Hugging Face model folder, not a TPTT repo",
+                dir.display()
+            );
         }
-        let settings = TpttSettings::injected(INJECT_MODE, INJECT_MAG, &canonical.display().to_string())?;
-        let model = Model::load_plain(dir, settings, &opts).with_context(|| format!("loading {}", dir.display()))?;
-        let label = format!("{} + injected {INJECT_MODE}, mag {INJECT_MAG}", dir.display());
-        (model, format!("{INJECT_MODE}_mag{INJECT_MAG}"), dir.to_path_buf(), label)
+        let settings =
+            TpttSettings::injected(INJECT_MODE, INJECT_MAG, &canonical.display().to_string())?;
+        let model = Model::load_plain(dir, settings, &opts)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let label = format!(
+            "{} + injected {INJECT_MODE}, mag {INJECT_MAG}",
+            dir.display()
+        );
+        (
+            model,
+            format!("{INJECT_MODE}_mag{INJECT_MAG}"),
+            dir.to_path_buf(),
+            label,
+        )
     } else {
         let repo = TpttRepo::open(dir)?;
         let files = repo.variant(variant, None)?;
-        let model = Model::load(&files, &opts).with_context(|| format!("loading variant {}", files.name))?;
+        let model = Model::load(&files, &opts)
+            .with_context(|| format!("loading variant {}", files.name))?;
         let label = format!("{} variant {}", dir.display(), files.name);
         (model, files.name.clone(), files.base_dir.clone(), label)
     };
@@ -152,10 +186,25 @@ fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject> {
     // Decoding reads every weight once, lm_head included; of the embedding only one row, so a
     // separate (untied) embedding does not count. LoadOptions::default() re-ties lm_head.
     let tied = opts.retie_lm_head || b.tie_word_embeddings;
-    let params = model.num_params() - if tied { 0 } else { b.vocab_size * b.hidden_size };
+    let params = model.num_params()
+        - if tied {
+            0
+        } else {
+            b.vocab_size * b.hidden_size
+        };
     let weight_bytes = (params * std::mem::size_of::<f32>()) as u64;
-    let identity = ModelIdentity { model: canonical.display().to_string(), variant: variant_name, config_hash: config_hash(model.config()) };
-    Ok(Subject { model, identity, base_dir, label, weight_bytes })
+    let identity = ModelIdentity {
+        model: canonical.display().to_string(),
+        variant: variant_name,
+        config_hash: config_hash(model.config()),
+    };
+    Ok(Subject {
+        model,
+        identity,
+        base_dir,
+        label,
+        weight_bytes,
+    })
 }
 
 /// Streaming read bandwidth with `threads` threads, GB/s (1e9), each run and the best.
@@ -202,7 +251,10 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 fn argmax_tensor(logits: &Tensor) -> Result<u32> {
-    let ids = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+    let ids = logits
+        .argmax_keepdim(D::Minus1)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
     ids.first().copied().context("empty logits")
 }
 
@@ -232,7 +284,12 @@ struct DecodeRate {
     kv_len: usize,
 }
 
-fn decode_rate(model: &Model, state: &State, last_logits: &[f32], history: usize) -> Result<DecodeRate> {
+fn decode_rate(
+    model: &Model,
+    state: &State,
+    last_logits: &[f32],
+    history: usize,
+) -> Result<DecodeRate> {
     let mut st = state.clone();
     let mut id = step(model, &mut st, argmax_slice(last_logits))?; // warm-up
     let mut times = Vec::with_capacity(DECODE_STEPS);
@@ -244,7 +301,12 @@ fn decode_rate(model: &Model, state: &State, last_logits: &[f32], history: usize
     let total: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
     let median = (times[(DECODE_STEPS - 1) / 2] + times[DECODE_STEPS / 2]) / 2.0;
-    Ok(DecodeRate { history, tok_s: 1.0 / median, tok_s_mean: DECODE_STEPS as f64 / total, kv_len: state.kv_len() })
+    Ok(DecodeRate {
+        history,
+        tok_s: 1.0 / median,
+        tok_s_mean: DECODE_STEPS as f64 / total,
+        kv_len: state.kv_len(),
+    })
 }
 
 fn read_status_kb(key: &str) -> Option<u64> {
@@ -287,7 +349,10 @@ struct EngineRun {
 
 impl EngineRun {
     fn decode_at(&self, history: usize) -> Option<f64> {
-        self.decode.iter().find(|d| d.history == history).map(|d| d.tok_s)
+        self.decode
+            .iter()
+            .find(|d| d.history == history)
+            .map(|d| d.tok_s)
     }
 
     fn to_json(&self) -> Value {
@@ -316,9 +381,19 @@ impl EngineRun {
 }
 
 /// One engine configuration through every measurement.
-fn run_engine(name: &'static str, model: Arc<Model>, identity: &ModelIdentity, plan: &Plan, window: Option<usize>, ids: &[u32]) -> Result<EngineRun> {
+fn run_engine(
+    name: &'static str,
+    model: Arc<Model>,
+    identity: &ModelIdentity,
+    plan: &Plan,
+    window: Option<usize>,
+    ids: &[u32],
+) -> Result<EngineRun> {
     let peak_rss_reset = reset_peak_rss();
-    let opts = SessionOptions { mode: CarryMode::Continue, window };
+    let opts = SessionOptions {
+        mode: CarryMode::Continue,
+        window,
+    };
 
     // Prefill: one 512-token forward from a fresh state (after a small warm-up call).
     let mut warm = Session::new(model.clone(), opts).state;
@@ -333,7 +408,10 @@ fn run_engine(name: &'static str, model: Arc<Model>, identity: &ModelIdentity, p
         prefill_s = prefill_s.min(start.elapsed().as_secs_f64());
     }
     let prefill_tok_s = plan.prefill as f64 / prefill_s;
-    progress(format!("[{name}] prefill {}: {prefill_s:.2} s, {prefill_tok_s:.1} tok/s", plan.prefill));
+    progress(format!(
+        "[{name}] prefill {}: {prefill_s:.2} s, {prefill_tok_s:.1} tok/s",
+        plan.prefill
+    ));
 
     let mut decode = Vec::new();
     // The shortest history on its own (it is shorter than a feeding block).
@@ -341,8 +419,16 @@ fn run_engine(name: &'static str, model: Arc<Model>, identity: &ModelIdentity, p
     {
         let mut s = Session::new(model.clone(), opts);
         s.feed(&ids[..short], None)?;
-        let r = decode_rate(&model, &s.state, s.last_logits.as_deref().unwrap_or_default(), short)?;
-        progress(format!("[{name}] decode after {short}: {:.2} tok/s (mean {:.2})", r.tok_s, r.tok_s_mean));
+        let r = decode_rate(
+            &model,
+            &s.state,
+            s.last_logits.as_deref().unwrap_or_default(),
+            short,
+        )?;
+        progress(format!(
+            "[{name}] decode after {short}: {:.2} tok/s (mean {:.2})",
+            r.tok_s, r.tok_s_mean
+        ));
         decode.push(r);
     }
 
@@ -352,24 +438,42 @@ fn run_engine(name: &'static str, model: Arc<Model>, identity: &ModelIdentity, p
     let mut fed = Duration::ZERO;
     let mut resume = None;
     let total = plan.history_len();
-    let snap_path = std::env::temp_dir().join(format!("tptt-bench-{}-{name}.state", std::process::id()));
-    let checkpoints: Vec<usize> = plan.decode_at.iter().copied().filter(|&h| h != short).chain([plan.resume_at]).collect();
+    let snap_path =
+        std::env::temp_dir().join(format!("tptt-bench-{}-{name}.state", std::process::id()));
+    let checkpoints: Vec<usize> = plan
+        .decode_at
+        .iter()
+        .copied()
+        .filter(|&h| h != short)
+        .chain([plan.resume_at])
+        .collect();
     let mut last_report = Instant::now();
     while session.tokens.len() < total {
         let pos = session.tokens.len();
-        let next_stop = checkpoints.iter().copied().filter(|&c| c > pos).min().unwrap_or(total);
+        let next_stop = checkpoints
+            .iter()
+            .copied()
+            .filter(|&c| c > pos)
+            .min()
+            .unwrap_or(total);
         let end = (pos + 512 - pos % 512).min(next_stop);
         let start = Instant::now();
         session.feed(&ids[pos..end], None)?;
         fed += start.elapsed();
         if last_report.elapsed() > Duration::from_secs(20) {
-            progress(format!("[{name}] history {end}/{total} ({:.0} tok/s so far)", end as f64 / fed.as_secs_f64()));
+            progress(format!(
+                "[{name}] history {end}/{total} ({:.0} tok/s so far)",
+                end as f64 / fed.as_secs_f64()
+            ));
             last_report = Instant::now();
         }
         let logits = session.last_logits.clone().unwrap_or_default();
         if plan.decode_at.contains(&end) && end != short {
             let r = decode_rate(&model, &session.state, &logits, end)?;
-            progress(format!("[{name}] decode after {end}: {:.2} tok/s (mean {:.2}, kv {})", r.tok_s, r.tok_s_mean, r.kv_len));
+            progress(format!(
+                "[{name}] decode after {end}: {:.2} tok/s (mean {:.2}, kv {})",
+                r.tok_s, r.tok_s_mean, r.kv_len
+            ));
             decode.push(r);
         }
         if end == plan.resume_at {
@@ -461,8 +565,12 @@ fn find_script() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let rel = Path::new("scripts/bench/reference_bench.py");
-    let in_tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel);
-    [rel.to_path_buf(), in_tree].into_iter().find(|p| p.is_file())
+    let in_tree = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel);
+    [rel.to_path_buf(), in_tree]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// (c) the reference tptt 0.12.1 through the committed script.
@@ -476,25 +584,44 @@ fn reference(subject: &Subject, threads: usize, quick: bool) -> Baseline {
     cmd.arg(&script)
         .arg(&subject.base_dir)
         .args(["--threads", &threads.to_string(), "--json"])
-        .args(["--operator-mode", &t.operator_mode, "--mag-weight", &t.mag_weight.to_string()]);
+        .args([
+            "--operator-mode",
+            &t.operator_mode,
+            "--mag-weight",
+            &t.mag_weight.to_string(),
+        ]);
     if quick {
         cmd.arg("--quick");
     }
-    progress(format!("[reference] {python} {} (this takes minutes)", script.display()));
+    progress(format!(
+        "[reference] {python} {} (this takes minutes)",
+        script.display()
+    ));
     let out = match cmd.output() {
         Ok(o) => o,
-        Err(e) => return Baseline::Missing(format!("cannot run {python} ({e}); set TPTT_REF_PYTHON to a Python with tptt 0.12.1")),
+        Err(e) => {
+            return Baseline::Missing(format!(
+                "cannot run {python} ({e}); set TPTT_REF_PYTHON to a Python with tptt 0.12.1"
+            ))
+        }
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         let why = match out.status.code() {
-            Some(3) => format!("{python} cannot import the reference stack: {}", tail(&stderr, 1)),
+            Some(3) => format!(
+                "{python} cannot import the reference stack: {}",
+                tail(&stderr, 1)
+            ),
             c => format!("reference script failed (exit {c:?}): {}", tail(&stderr, 3)),
         };
         return Baseline::Missing(why);
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    match stdout.lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok()) {
+    match stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
         Some(v) if v.get("decode_tok_s").is_some_and(Value::is_number) => {
             if subject.model.config().tptt.lora.is_some() {
                 let mut v = v;
@@ -505,12 +632,19 @@ fn reference(subject: &Subject, threads: usize, quick: bool) -> Baseline {
             }
             Baseline::Measured(v)
         }
-        _ => Baseline::Missing(format!("reference script printed no result JSON: {}", tail(&stdout, 2))),
+        _ => Baseline::Missing(format!(
+            "reference script printed no result JSON: {}",
+            tail(&stdout, 2)
+        )),
     }
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 fn find_gguf(subject: &Subject) -> Option<PathBuf> {
@@ -522,7 +656,11 @@ fn find_gguf(subject: &Subject) -> Option<PathBuf> {
         dirs.insert(0, PathBuf::from(c));
     }
     dirs.into_iter().find_map(|d| {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&d).ok()?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "gguf")).collect();
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&d)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
         v.sort();
         v.into_iter().next()
     })
@@ -530,20 +668,51 @@ fn find_gguf(subject: &Subject) -> Option<PathBuf> {
 
 /// (d) llama.cpp's llama-bench: pp512 and tg128 on the GGUF.
 fn llamacpp(subject: &Subject, threads: usize) -> Baseline {
-    let bin = match std::env::var_os("LLAMA_BENCH").map(PathBuf::from).or_else(|| on_path("llama-bench")) {
+    let bin = match std::env::var_os("LLAMA_BENCH")
+        .map(PathBuf::from)
+        .or_else(|| on_path("llama-bench"))
+    {
         Some(b) => b,
-        None => return Baseline::Missing("llama-bench is not on PATH (set LLAMA_BENCH to its path)".into()),
+        None => {
+            return Baseline::Missing(
+                "llama-bench is not on PATH (set LLAMA_BENCH to its path)".into(),
+            )
+        }
     };
     let Some(gguf) = find_gguf(subject) else {
-        return Baseline::Missing("no GGUF found next to the model or in ../.cache (set TPTT_BENCH_GGUF)".into());
+        return Baseline::Missing(
+            "no GGUF found next to the model or in ../.cache (set TPTT_BENCH_GGUF)".into(),
+        );
     };
-    progress(format!("[llama.cpp] {} -m {}", bin.display(), gguf.display()));
-    let out = match Command::new(&bin).arg("-m").arg(&gguf).args(["-p", "512", "-n", "128", "-t", &threads.to_string(), "-o", "json"]).output() {
+    progress(format!(
+        "[llama.cpp] {} -m {}",
+        bin.display(),
+        gguf.display()
+    ));
+    let out = match Command::new(&bin)
+        .arg("-m")
+        .arg(&gguf)
+        .args([
+            "-p",
+            "512",
+            "-n",
+            "128",
+            "-t",
+            &threads.to_string(),
+            "-o",
+            "json",
+        ])
+        .output()
+    {
         Ok(o) => o,
         Err(e) => return Baseline::Missing(format!("cannot run {} ({e})", bin.display())),
     };
     if !out.status.success() {
-        return Baseline::Missing(format!("llama-bench failed (exit {:?}): {}", out.status.code(), tail(&String::from_utf8_lossy(&out.stderr), 3)));
+        return Baseline::Missing(format!(
+            "llama-bench failed (exit {:?}): {}",
+            out.status.code(),
+            tail(&String::from_utf8_lossy(&out.stderr), 3)
+        ));
     }
     let rows: Vec<Value> = match serde_json::from_slice(&out.stdout) {
         Ok(v) => v,
@@ -551,22 +720,37 @@ fn llamacpp(subject: &Subject, threads: usize) -> Baseline {
     };
     let rate = |p: u64, n: u64| {
         rows.iter()
-            .find(|r| r.get("n_prompt").and_then(Value::as_u64) == Some(p) && r.get("n_gen").and_then(Value::as_u64) == Some(n))
+            .find(|r| {
+                r.get("n_prompt").and_then(Value::as_u64) == Some(p)
+                    && r.get("n_gen").and_then(Value::as_u64) == Some(n)
+            })
             .and_then(|r| r.get("avg_ts").and_then(Value::as_f64))
     };
-    Baseline::Measured(json!({"gguf": gguf.display().to_string(), "threads": threads, "pp512_tok_s": rate(512, 0), "tg128_tok_s": rate(0, 128)}))
+    Baseline::Measured(
+        json!({"gguf": gguf.display().to_string(), "threads": threads, "pp512_tok_s": rate(512, 0), "tg128_tok_s": rate(0, 128)}),
+    )
 }
 
 /// Our engine on the quantized GGUF base (the same file llama.cpp would run), with the same
 /// TPTT injection: prefill of the plan's prompt and decode after the shortest history.
 fn quantized(subject: &Subject, plan: &Plan, ids: &[u32]) -> Baseline {
     let Some(gguf) = find_gguf(subject) else {
-        return Baseline::Missing("no .gguf next to the model (scripts/smollm2/fetch.sh keeps it in models/.cache)".into());
+        return Baseline::Missing(
+            "no .gguf next to the model (scripts/smollm2/fetch.sh keeps it in models/.cache)"
+                .into(),
+        );
     };
     let run = || -> Result<Value> {
         progress(format!("[quantized] loading {}", gguf.display()));
-        let model = Model::load_gguf_plain(&gguf, subject.model.config().tptt.clone(), &LoadOptions::default())?;
-        let opts = SessionOptions { mode: CarryMode::Continue, window: None };
+        let model = Model::load_gguf_plain(
+            &gguf,
+            subject.model.config().tptt.clone(),
+            &LoadOptions::default(),
+        )?;
+        let opts = SessionOptions {
+            mode: CarryMode::Continue,
+            window: None,
+        };
         let mut warm = Session::new(Arc::new(model.clone()), opts).state;
         model.forward(&ids[..16], &mut warm, Logits::Last)?;
         let mut prefill_s = f64::INFINITY;
@@ -579,10 +763,20 @@ fn quantized(subject: &Subject, plan: &Plan, ids: &[u32]) -> Baseline {
         let short = plan.short();
         let mut session = Session::new(Arc::new(model.clone()), opts);
         session.feed(&ids[..short], None)?;
-        let r = decode_rate(&model, &session.state, session.last_logits.as_deref().unwrap_or_default(), short)?;
+        let r = decode_rate(
+            &model,
+            &session.state,
+            session.last_logits.as_deref().unwrap_or_default(),
+            short,
+        )?;
         let prefill_tok_s = plan.prefill as f64 / prefill_s;
-        progress(format!("[quantized] prefill {:.1} tok/s, decode after {short}: {:.2} tok/s", prefill_tok_s, r.tok_s));
-        Ok(json!({"gguf": gguf.display().to_string(), "weight_bytes": model.weight_bytes(), "prefill_tok_s": prefill_tok_s, "decode_tok_s": r.tok_s, "decode_history": short}))
+        progress(format!(
+            "[quantized] prefill {:.1} tok/s, decode after {short}: {:.2} tok/s",
+            prefill_tok_s, r.tok_s
+        ));
+        Ok(
+            json!({"gguf": gguf.display().to_string(), "weight_bytes": model.weight_bytes(), "prefill_tok_s": prefill_tok_s, "decode_tok_s": r.tok_s, "decode_history": short}),
+        )
     };
     match run() {
         Ok(v) => Baseline::Measured(v),
@@ -599,7 +793,10 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 
 /// UTC date and time from the system clock, `YYYY-MM-DDTHH:MM:SSZ`.
 fn utc_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
@@ -611,20 +808,31 @@ fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn loadavg() -> Option<String> {
-    std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
 fn cpu_name() -> Option<String> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    text.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string())
+    text.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "—".into())
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "—".into())
 }
 
 /// `tptt bench`.
@@ -636,7 +844,11 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         // Before anything spawns a pool: candle and rayon read it when they first run.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    let threads: usize = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(1);
+    let threads: usize = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1);
     if args.window == Some(0) {
         bail!("--window must be at least 1");
     }
@@ -651,20 +863,40 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let subject = load_subject(&dir, args.variant.as_deref())?;
     let load_s = load_t.elapsed().as_secs_f64();
     let b = subject.model.config().base.clone();
-    let ids = random_ids(plan.history_len().max(plan.prefill), b.vocab_size, 0x7470_7474);
+    let ids = random_ids(
+        plan.history_len().max(plan.prefill),
+        b.vocab_size,
+        0x7470_7474,
+    );
 
-    progress(format!("memory bandwidth: streaming read of {} MiB, best of 3", BANDWIDTH_BYTES >> 20));
+    progress(format!(
+        "memory bandwidth: streaming read of {} MiB, best of 3",
+        BANDWIDTH_BYTES >> 20
+    ));
     let (bw, bw_runs) = bandwidth(threads)?;
     let bw_limit = bw * 1e9 / subject.weight_bytes as f64;
-    progress(format!("bandwidth {bw:.2} GB/s; weights {:.1} MB per token → limit {bw_limit:.1} tok/s", subject.weight_bytes as f64 / 1e6));
+    progress(format!(
+        "bandwidth {bw:.2} GB/s; weights {:.1} MB per token → limit {bw_limit:.1} tok/s",
+        subject.weight_bytes as f64 / 1e6
+    ));
 
     let tptt_model = Arc::new(subject.model.clone());
     let mut base = subject.model.clone();
     base.set_mag_weight(0.0);
     let base_model = Arc::new(base);
-    let base_identity = ModelIdentity { config_hash: config_hash(base_model.config()), ..subject.identity.clone() };
+    let base_identity = ModelIdentity {
+        config_hash: config_hash(base_model.config()),
+        ..subject.identity.clone()
+    };
 
-    let a = run_engine("tptt", tptt_model.clone(), &subject.identity, &plan, args.window, &ids)?;
+    let a = run_engine(
+        "tptt",
+        tptt_model.clone(),
+        &subject.identity,
+        &plan,
+        args.window,
+        &ids,
+    )?;
     drop(tptt_model);
     let bb = run_engine("base", base_model, &base_identity, &plan, args.window, &ids)?;
 
@@ -717,12 +949,24 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     notes.insert("quant_decode_vs_llamacpp".into(), json!(quant_note));
     notes.insert("quant_prefill_vs_llamacpp".into(), json!(quant_note));
     if let Baseline::Missing(why) = &reference {
-        notes.insert("decode_vs_reference".into(), json!(format!("reference not available: {why}")));
-        notes.insert("prefill_vs_reference".into(), json!(format!("reference not available: {why}")));
+        notes.insert(
+            "decode_vs_reference".into(),
+            json!(format!("reference not available: {why}")),
+        );
+        notes.insert(
+            "prefill_vs_reference".into(),
+            json!(format!("reference not available: {why}")),
+        );
     }
     if args.quick {
         notes.insert("long_history_flatness".into(), json!(format!("--quick: decode at {long} / at {short} tokens of history (the full run uses 32768)")));
-        notes.insert("resume_speedup".into(), json!(format!("--quick: resume after {} tokens (the full run uses 16384)", plan.resume_at)));
+        notes.insert(
+            "resume_speedup".into(),
+            json!(format!(
+                "--quick: resume after {} tokens (the full run uses 16384)",
+                plan.resume_at
+            )),
+        );
     }
     notes.insert(
         "decode_tok_s".into(),
@@ -776,14 +1020,32 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    print_table(&report, &a, &bb, &plan, bw, bw_limit, &subject, threads, &reference, &llama);
+    print_table(
+        &report, &a, &bb, &plan, bw, bw_limit, &subject, threads, &reference, &llama,
+    );
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn print_table(report: &Value, a: &EngineRun, b: &EngineRun, plan: &Plan, bw: f64, bw_limit: f64, subject: &Subject, threads: usize, reference: &Baseline, llama: &Baseline) {
+fn print_table(
+    report: &Value,
+    a: &EngineRun,
+    b: &EngineRun,
+    plan: &Plan,
+    bw: f64,
+    bw_limit: f64,
+    subject: &Subject,
+    threads: usize,
+    reference: &Baseline,
+    llama: &Baseline,
+) {
     let mb = |x: u64| format!("{:.1} MB", x as f64 / 1e6);
-    println!("tptt bench — {} — {} threads{}", subject.label, threads, if plan.quick { " (--quick)" } else { "" });
+    println!(
+        "tptt bench — {} — {} threads{}",
+        subject.label,
+        threads,
+        if plan.quick { " (--quick)" } else { "" }
+    );
     println!(
         "machine: {} | load avg {} → {}",
         report["machine"]["cpu"].as_str().unwrap_or("?"),
@@ -791,23 +1053,70 @@ fn print_table(report: &Value, a: &EngineRun, b: &EngineRun, plan: &Plan, bw: f6
         report["machine"]["loadavg_end"].as_str().unwrap_or("?")
     );
     println!("memory bandwidth {bw:.2} GB/s; weights read per token {} (f32) → bandwidth limit {bw_limit:.1} tok/s", mb(subject.weight_bytes));
-    println!("softmax window: {}", a.window.map(|w| w.to_string()).unwrap_or_else(|| "none".into()));
+    println!(
+        "softmax window: {}",
+        a.window
+            .map(|w| w.to_string())
+            .unwrap_or_else(|| "none".into())
+    );
     println!();
-    println!("{:<34} {:>14} {:>14} {:>14}", "", "(a) TPTT", "(b) base", "(c) reference");
-    let row = |label: String, x: String, y: String, z: String| println!("{label:<34} {x:>14} {y:>14} {z:>14}");
+    println!(
+        "{:<34} {:>14} {:>14} {:>14}",
+        "", "(a) TPTT", "(b) base", "(c) reference"
+    );
+    let row = |label: String, x: String, y: String, z: String| {
+        println!("{label:<34} {x:>14} {y:>14} {z:>14}")
+    };
     let ref_col = |key: &str| match reference {
         Baseline::Measured(_) => fmt_opt(reference.num(key), 2),
         Baseline::Missing(_) => "n/a".into(),
     };
-    row(format!("prefill {} tok/s", plan.prefill), format!("{:.1}", a.prefill_tok_s), format!("{:.1}", b.prefill_tok_s), ref_col("prefill_tok_s"));
+    row(
+        format!("prefill {} tok/s", plan.prefill),
+        format!("{:.1}", a.prefill_tok_s),
+        format!("{:.1}", b.prefill_tok_s),
+        ref_col("prefill_tok_s"),
+    );
     for d in &a.decode {
-        let z = if d.history == plan.short() { ref_col("decode_tok_s") } else { String::new() };
-        row(format!("decode tok/s after {} (kv {})", d.history, d.kv_len), format!("{:.2}", d.tok_s), fmt_opt(b.decode_at(d.history), 2), z);
+        let z = if d.history == plan.short() {
+            ref_col("decode_tok_s")
+        } else {
+            String::new()
+        };
+        row(
+            format!("decode tok/s after {} (kv {})", d.history, d.kv_len),
+            format!("{:.2}", d.tok_s),
+            fmt_opt(b.decode_at(d.history), 2),
+            z,
+        );
     }
-    row(format!("TTFT restore, {} history (s)", a.resume.history), format!("{:.3}", a.resume.restore_ttft_s), format!("{:.3}", b.resume.restore_ttft_s), String::new());
-    row(format!("TTFT re-read, {} history (s)", a.resume.history), format!("{:.2}", a.resume.reread_ttft_s), format!("{:.2}", b.resume.reread_ttft_s), String::new());
-    row("snapshot size".into(), mb(a.resume.snapshot_bytes), mb(b.resume.snapshot_bytes), String::new());
-    row("peak RSS".into(), a.peak_rss.map(mb).unwrap_or_else(|| "?".into()), b.peak_rss.map(mb).unwrap_or_else(|| "?".into()), reference.num("peak_rss_bytes").map(|x| mb(x as u64)).unwrap_or_default());
+    row(
+        format!("TTFT restore, {} history (s)", a.resume.history),
+        format!("{:.3}", a.resume.restore_ttft_s),
+        format!("{:.3}", b.resume.restore_ttft_s),
+        String::new(),
+    );
+    row(
+        format!("TTFT re-read, {} history (s)", a.resume.history),
+        format!("{:.2}", a.resume.reread_ttft_s),
+        format!("{:.2}", b.resume.reread_ttft_s),
+        String::new(),
+    );
+    row(
+        "snapshot size".into(),
+        mb(a.resume.snapshot_bytes),
+        mb(b.resume.snapshot_bytes),
+        String::new(),
+    );
+    row(
+        "peak RSS".into(),
+        a.peak_rss.map(mb).unwrap_or_else(|| "?".into()),
+        b.peak_rss.map(mb).unwrap_or_else(|| "?".into()),
+        reference
+            .num("peak_rss_bytes")
+            .map(|x| mb(x as u64))
+            .unwrap_or_default(),
+    );
     println!();
     match reference {
         Baseline::Missing(why) => println!("(c) reference: not available: {why}"),
@@ -815,13 +1124,20 @@ fn print_table(report: &Value, a: &EngineRun, b: &EngineRun, plan: &Plan, bw: f6
     }
     match llama {
         Baseline::Missing(why) => println!("(d) llama.cpp: not available: {why}"),
-        Baseline::Measured(v) => println!("(d) llama.cpp: pp512 {} tok/s, tg128 {} tok/s", fmt_opt(v["pp512_tok_s"].as_f64(), 1), fmt_opt(v["tg128_tok_s"].as_f64(), 1)),
+        Baseline::Measured(v) => println!(
+            "(d) llama.cpp: pp512 {} tok/s, tg128 {} tok/s",
+            fmt_opt(v["pp512_tok_s"].as_f64(), 1),
+            fmt_opt(v["tg128_tok_s"].as_f64(), 1)
+        ),
     }
     println!();
     println!("{:<30} {:>10}   target", "ratio", "value");
     let targets = &report["targets_met"];
     for (name, v) in report["ratios"].as_object().into_iter().flatten() {
-        let target = targets.as_object().and_then(|t| t.iter().find(|(k, _)| k.split_whitespace().next() == Some(name.as_str())));
+        let target = targets.as_object().and_then(|t| {
+            t.iter()
+                .find(|(k, _)| k.split_whitespace().next() == Some(name.as_str()))
+        });
         let verdict = match target {
             Some((k, Value::Bool(true))) => format!("{k}: met"),
             Some((k, Value::Bool(false))) => format!("{k}: NOT met"),

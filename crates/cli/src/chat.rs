@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use tokenizers::Tokenizer;
 use tptt::repo::VariantFiles;
 use tptt_engine::session::{CancelToken, Event, GenerateOptions, Session, SessionOptions};
-use tptt_engine::ChatTranscript;
 use tptt_engine::snapshot::{self, config_hash, ModelIdentity};
 use tptt_engine::template::{GenerationConfig, Message, PromptFormat, TokenizerConfig};
+use tptt_engine::ChatTranscript;
 use tptt_engine::SamplingParams;
 
 use crate::{load, tokenizer, GenArgs, ModelArgs};
@@ -32,7 +32,11 @@ fn ready(args: &ModelArgs) -> Result<Ready> {
         Some(p) => TokenizerConfig::from_file(p)?,
         None => TokenizerConfig::default(),
     };
-    let gcfg = files.generation_config.as_deref().map(GenerationConfig::from_file).transpose()?;
+    let gcfg = files
+        .generation_config
+        .as_deref()
+        .map(GenerationConfig::from_file)
+        .transpose()?;
     let mut eos_ids = tcfg.special.eos_token_ids(&tok, gcfg.as_ref());
     for id in &model.config().base.eos_token_ids {
         if !eos_ids.contains(id) {
@@ -41,17 +45,31 @@ fn ready(args: &ModelArgs) -> Result<Ready> {
     }
     let format = PromptFormat::from_tokenizer_config(&tcfg)?;
     let identity = identity(&files, &model)?;
-    Ok(Ready { model: Arc::new(model), tok, format, eos_ids, identity })
+    Ok(Ready {
+        model: Arc::new(model),
+        tok,
+        format,
+        eos_ids,
+        identity,
+    })
 }
 
 fn identity(files: &VariantFiles, model: &tptt::model::Model) -> Result<ModelIdentity> {
     let root = files.dir.parent().unwrap_or(&files.dir);
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    Ok(ModelIdentity { model: root.display().to_string(), variant: files.name.clone(), config_hash: config_hash(model.config()) })
+    Ok(ModelIdentity {
+        model: root.display().to_string(),
+        variant: files.name.clone(),
+        config_hash: config_hash(model.config()),
+    })
 }
 
 fn options(gen: &GenArgs, ready: &Ready) -> Result<GenerateOptions> {
-    let mut p = if gen.greedy { SamplingParams::greedy() } else { SamplingParams::default() };
+    let mut p = if gen.greedy {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams::default()
+    };
     if let Some(t) = gen.temperature {
         p.temperature = t;
     }
@@ -78,7 +96,13 @@ fn options(gen: &GenArgs, ready: &Ready) -> Result<GenerateOptions> {
         // The Alpaca format's section headers end a response; Jinja formats have none.
         stop_strings.extend(ready.format.stop_strings().iter().map(|s| s.to_string()));
     }
-    Ok(GenerateOptions { params: p, eos_ids: ready.eos_ids.clone(), ignore_eos: gen.ignore_eos, stop_strings, skip_special_tokens: true })
+    Ok(GenerateOptions {
+        params: p,
+        eos_ids: ready.eos_ids.clone(),
+        ignore_eos: gen.ignore_eos,
+        stop_strings,
+        skip_special_tokens: true,
+    })
 }
 
 fn new_session(ready: &Ready, gen: &GenArgs, load_state: Option<&Path>) -> Result<Session> {
@@ -87,22 +111,40 @@ fn new_session(ready: &Ready, gen: &GenArgs, load_state: Option<&Path>) -> Resul
             let s = snapshot::load(ready.model.clone(), &ready.identity, p)?;
             if let Some(w) = gen.window {
                 if s.state.window != Some(w) {
-                    eprintln!("note: the saved state keeps its softmax window {:?}; --window {w} ignored", s.state.window);
+                    eprintln!(
+                        "note: the saved state keeps its softmax window {:?}; --window {w} ignored",
+                        s.state.window
+                    );
                 }
             }
             Ok(s)
         }
-        None => Ok(Session::new(ready.model.clone(), SessionOptions { window: gen.window, ..Default::default() })),
+        None => Ok(Session::new(
+            ready.model.clone(),
+            SessionOptions {
+                window: gen.window,
+                ..Default::default()
+            },
+        )),
     }
 }
 
 fn encode(tok: &Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>> {
-    let enc = tok.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    let enc = tok
+        .encode(text, add_special)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     Ok(enc.get_ids().to_vec())
 }
 
 /// `tptt generate`.
-pub fn generate(args: &ModelArgs, prompt: &str, gen: &GenArgs, load_state: Option<&Path>, save_state: Option<&Path>, print_ids: bool) -> Result<()> {
+pub fn generate(
+    args: &ModelArgs,
+    prompt: &str,
+    gen: &GenArgs,
+    load_state: Option<&Path>,
+    save_state: Option<&Path>,
+    print_ids: bool,
+) -> Result<()> {
     let ready = ready(args)?;
     let opts = options(gen, &ready)?;
     let mut session = new_session(&ready, gen, load_state)?;
@@ -114,7 +156,11 @@ pub fn generate(args: &ModelArgs, prompt: &str, gen: &GenArgs, load_state: Optio
         }
         msgs.push(Message::user(prompt.to_string()));
         let text = ready.format.render(&msgs, true)?;
-        encode(&ready.tok, &text, fresh && ready.format.add_special_tokens())?
+        encode(
+            &ready.tok,
+            &text,
+            fresh && ready.format.add_special_tokens(),
+        )?
     } else if prompt.is_empty() {
         Vec::new()
     } else {
@@ -151,7 +197,12 @@ pub fn generate(args: &ModelArgs, prompt: &str, gen: &GenArgs, load_state: Optio
     );
     if let Some(p) = save_state {
         let bytes = snapshot::save(&session, &ready.identity, p)?;
-        eprintln!("[state saved to {} ({} tokens, {:.2} MB)]", p.display(), session.state.pos, bytes as f64 / 1e6);
+        eprintln!(
+            "[state saved to {} ({} tokens, {:.2} MB)]",
+            p.display(),
+            session.state.pos,
+            bytes as f64 / 1e6
+        );
     }
     Ok(())
 }
@@ -163,11 +214,26 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
     gen.chat = true;
     let opts = options(&gen, &ready)?;
     let mut session = new_session(&ready, &gen, load_state)?;
-    let mut messages: Vec<Message> = gen.system.iter().map(|s| Message::system(s.clone())).collect();
+    let mut messages: Vec<Message> = gen
+        .system
+        .iter()
+        .map(|s| Message::system(s.clone()))
+        .collect();
     // The rendered text the session has read, to feed only what each turn adds.
-    let mut transcript = if session.tokens.is_empty() { ChatTranscript::fresh() } else { ChatTranscript::unknown() };
-    let window = session.state.window.map(|w| w.to_string()).unwrap_or_else(|| "unbounded".into());
-    eprintln!("TPTT chat — {} [{}], softmax window {window}. /save FILE, /load FILE, /reset, /quit.", ready.identity.model, ready.identity.variant);
+    let mut transcript = if session.tokens.is_empty() {
+        ChatTranscript::fresh()
+    } else {
+        ChatTranscript::unknown()
+    };
+    let window = session
+        .state
+        .window
+        .map(|w| w.to_string())
+        .unwrap_or_else(|| "unbounded".into());
+    eprintln!(
+        "TPTT chat — {} [{}], softmax window {window}. /save FILE, /load FILE, /reset, /quit.",
+        ready.identity.model, ready.identity.variant
+    );
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     loop {
@@ -190,19 +256,30 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
                     transcript = ChatTranscript::fresh();
                     eprintln!("[new conversation]");
                 }
-                "save" if !arg.is_empty() => match snapshot::save(&session, &ready.identity, Path::new(arg)) {
-                    Ok(b) => eprintln!("[saved {} tokens, {:.2} MB]", session.state.pos, b as f64 / 1e6),
-                    Err(e) => eprintln!("error: {e}"),
-                },
-                "load" if !arg.is_empty() => match snapshot::load(ready.model.clone(), &ready.identity, Path::new(arg)) {
-                    Ok(s) => {
-                        eprintln!("[loaded {} tokens; earlier turns live in the model's memory]", s.state.pos);
-                        session = s;
-                        messages.retain(|m| m.role == tptt_engine::Role::System);
-                        transcript = ChatTranscript::unknown();
+                "save" if !arg.is_empty() => {
+                    match snapshot::save(&session, &ready.identity, Path::new(arg)) {
+                        Ok(b) => eprintln!(
+                            "[saved {} tokens, {:.2} MB]",
+                            session.state.pos,
+                            b as f64 / 1e6
+                        ),
+                        Err(e) => eprintln!("error: {e}"),
                     }
-                    Err(e) => eprintln!("error: {e}"),
-                },
+                }
+                "load" if !arg.is_empty() => {
+                    match snapshot::load(ready.model.clone(), &ready.identity, Path::new(arg)) {
+                        Ok(s) => {
+                            eprintln!(
+                                "[loaded {} tokens; earlier turns live in the model's memory]",
+                                s.state.pos
+                            );
+                            session = s;
+                            messages.retain(|m| m.role == tptt_engine::Role::System);
+                            transcript = ChatTranscript::unknown();
+                        }
+                        Err(e) => eprintln!("error: {e}"),
+                    }
+                }
                 _ => eprintln!("commands: /save FILE, /load FILE, /reset, /quit"),
             }
             continue;
@@ -211,7 +288,11 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
         // Feed only what this turn adds to the text already read, or else the new turn rendered
         // on its own (the state keeps the earlier turns): tptt_engine::chat.
         let turn = transcript.turn(&ready.format, &messages, 1)?;
-        let ids = encode(&ready.tok, &turn.text, session.tokens.is_empty() && ready.format.add_special_tokens())?;
+        let ids = encode(
+            &ready.tok,
+            &turn.text,
+            session.tokens.is_empty() && ready.format.add_special_tokens(),
+        )?;
         let cancel = CancelToken::new();
         let mut sink = |e: Event| {
             let Event::Token { text, .. } = e;
@@ -221,7 +302,10 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
         match session.generate(&ids, &opts, &ready.tok, &cancel, &mut sink) {
             Ok(o) => {
                 println!();
-                let raw = ready.tok.decode(&o.ids, false).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+                let raw = ready
+                    .tok
+                    .decode(&o.ids, false)
+                    .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
                 messages.push(Message::assistant(o.text.clone()));
                 transcript.record(&turn, &raw, &o.finish);
                 let s = &o.stats;

@@ -162,8 +162,12 @@ enum Cmd {
 pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
     let repo = TpttRepo::open(&args.repo)?;
     let files = repo.variant(args.variant.as_deref(), args.base.as_deref())?;
-    let opts = LoadOptions { retie_lm_head: !args.no_retie, ..Default::default() };
-    let mut model = Model::load(&files, &opts).with_context(|| format!("loading variant {}", files.name))?;
+    let opts = LoadOptions {
+        retie_lm_head: !args.no_retie,
+        ..Default::default()
+    };
+    let mut model =
+        Model::load(&files, &opts).with_context(|| format!("loading variant {}", files.name))?;
     if let Some(m) = args.mag_weight {
         if !m.is_finite() {
             bail!("--mag-weight must be a finite number, got {m}");
@@ -177,8 +181,12 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)
 }
 
 pub(crate) fn tokenizer(files: &tptt::repo::VariantFiles) -> Result<tokenizers::Tokenizer> {
-    let path = files.tokenizer.as_ref().context("no tokenizer.json in the variant, the repo or the base")?;
-    tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))
+    let path = files
+        .tokenizer
+        .as_ref()
+        .context("no tokenizer.json in the variant, the repo or the base")?;
+    tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))
 }
 
 fn inspect(repo: &Path, variant: Option<&str>, base: Option<&Path>) -> Result<()> {
@@ -203,21 +211,46 @@ fn inspect(repo: &Path, variant: Option<&str>, base: Option<&Path>) -> Result<()
                 println!("  base: {}", f.base_dir.display());
                 println!(
                     "  operator_mode: {} (order {}, alpha {:?}, beta {:?}, linear {}, trick {:?})",
-                    t.operator_mode, t.recurrent.order, t.recurrent.alpha_gate, t.recurrent.beta_gate, t.recurrent.linear, t.recurrent.trick
+                    t.operator_mode,
+                    t.recurrent.order,
+                    t.recurrent.alpha_gate,
+                    t.recurrent.beta_gate,
+                    t.recurrent.linear,
+                    t.recurrent.trick
                 );
                 println!(
                     "  mag_weight {} cross_gate {} base_scale_attn {} max_chunk_size {} max_self_attn_length {:?} linear_precision {}",
                     t.mag_weight, t.cross_gate, t.base_scale_attn, t.max_chunk_size, t.max_self_attn_length, t.linear_precision
                 );
                 match &t.lora {
-                    Some(l) => println!("  lora: r {} alpha {} rslora {} (scale {})", l.r, l.alpha, l.use_rslora, l.scale()),
-                    None => println!("  lora: none (full projection weights or untrained injection)"),
+                    Some(l) => println!(
+                        "  lora: r {} alpha {} rslora {} (scale {})",
+                        l.r,
+                        l.alpha,
+                        l.use_rslora,
+                        l.scale()
+                    ),
+                    None => {
+                        println!("  lora: none (full projection weights or untrained injection)")
+                    }
                 }
                 let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-                let base_bytes: u64 = tptt::weights::weight_files(&f.base_dir).map(|v| v.iter().map(|p| size(p)).sum()).unwrap_or(0);
+                let base_bytes: u64 = tptt::weights::weight_files(&f.base_dir)
+                    .map(|v| v.iter().map(|p| size(p)).sum())
+                    .unwrap_or(0);
                 let adapter_bytes = f.adapter.as_deref().map(size).unwrap_or(0);
-                println!("  sizes: base weights {:.1} MB, adapter {:.1} MB", base_bytes as f64 / 1e6, adapter_bytes as f64 / 1e6);
-                println!("  tokenizer: {}", f.tokenizer.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()));
+                println!(
+                    "  sizes: base weights {:.1} MB, adapter {:.1} MB",
+                    base_bytes as f64 / 1e6,
+                    adapter_bytes as f64 / 1e6
+                );
+                println!(
+                    "  tokenizer: {}",
+                    f.tokenizer
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
             }
             Err(e) => {
                 println!("  error: {e}");
@@ -226,7 +259,12 @@ fn inspect(repo: &Path, variant: Option<&str>, base: Option<&Path>) -> Result<()
         }
     }
     if !failed.is_empty() {
-        bail!("{} of {} variants cannot be loaded:\n  {}", failed.len(), repo.variants.len(), failed.join("\n  "));
+        bail!(
+            "{} of {} variants cannot be loaded:\n  {}",
+            failed.len(),
+            repo.variants.len(),
+            failed.join("\n  ")
+        );
     }
     Ok(())
 }
@@ -236,7 +274,10 @@ fn parse_ids(text: &str) -> Result<Vec<u32>> {
     text.split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().with_context(|| format!("--ids: {t:?} is not a token id (a non-negative integer)")))
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("--ids: {t:?} is not a token id (a non-negative integer)"))
+        })
         .collect()
 }
 
@@ -244,8 +285,11 @@ fn logits(args: &ModelArgs, ids: &str, out: &Path) -> Result<()> {
     let ids = parse_ids(ids)?;
     let (model, _) = load(args)?;
     let logits = model.forward_full(&ids)?;
-    candle_core::safetensors::save(&std::collections::HashMap::from([("logits".to_string(), logits)]), out)
-        .with_context(|| format!("writing {}", out.display()))?;
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("logits".to_string(), logits)]),
+        out,
+    )
+    .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 
@@ -255,7 +299,8 @@ fn inject(base: &Path, out: &Path, modes: &[String], mag: f64) -> Result<()> {
     }
     let base_cfg = tptt::config::read_json_object(&base.join("config.json"))?;
     tptt::config::BaseConfig::from_json(&base_cfg, Some(&base.join("config.json")))?;
-    let base_abs = std::fs::canonicalize(base).with_context(|| format!("resolving {}", base.display()))?;
+    let base_abs =
+        std::fs::canonicalize(base).with_context(|| format!("resolving {}", base.display()))?;
     for mode in modes {
         tptt::config::RecurrentConfig::from_operator_mode(mode)?;
         let dir = out.join(format!("{mode}_mag{mag}"));
@@ -278,7 +323,8 @@ fn inject(base: &Path, out: &Path, modes: &[String], mag: f64) -> Result<()> {
             cfg.extend(m);
         }
         let text = serde_json::to_string_pretty(&cfg)?;
-        std::fs::write(dir.join("config.json"), text).with_context(|| format!("writing {}", dir.display()))?;
+        std::fs::write(dir.join("config.json"), text)
+            .with_context(|| format!("writing {}", dir.display()))?;
         println!("{}", dir.display());
     }
     Ok(())
@@ -288,7 +334,9 @@ fn inject(base: &Path, out: &Path, modes: &[String], mag: f64) -> Result<()> {
 /// re-derives the CPU count on every matmul (reading /proc), which costs ~10% of decode time.
 fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         // Single-threaded here: no other thread reads the environment yet.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
@@ -298,13 +346,38 @@ fn main() {
     pin_thread_count();
     let cli = Cli::parse();
     let result = match &cli.cmd {
-        Cmd::Inspect { repo, variant, base } => inspect(repo, variant.as_deref(), base.as_deref()),
+        Cmd::Inspect {
+            repo,
+            variant,
+            base,
+        } => inspect(repo, variant.as_deref(), base.as_deref()),
         Cmd::Logits { model, ids, out } => logits(model, ids, out),
-        Cmd::Generate { model, prompt, gen, load_state, save_state, print_ids } => {
-            chat::generate(model, prompt, gen, load_state.as_deref(), save_state.as_deref(), *print_ids)
-        }
-        Cmd::Chat { model, gen, load_state } => chat::chat(model, gen, load_state.as_deref()),
-        Cmd::Inject { base, out, modes, mag_weight } => inject(base, out, modes, *mag_weight),
+        Cmd::Generate {
+            model,
+            prompt,
+            gen,
+            load_state,
+            save_state,
+            print_ids,
+        } => chat::generate(
+            model,
+            prompt,
+            gen,
+            load_state.as_deref(),
+            save_state.as_deref(),
+            *print_ids,
+        ),
+        Cmd::Chat {
+            model,
+            gen,
+            load_state,
+        } => chat::chat(model, gen, load_state.as_deref()),
+        Cmd::Inject {
+            base,
+            out,
+            modes,
+            mag_weight,
+        } => inject(base, out, modes, *mag_weight),
         Cmd::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {

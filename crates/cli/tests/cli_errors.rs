@@ -51,18 +51,25 @@ fn llama_copy(scratch: &Scratch, variants: &[&str]) -> PathBuf {
     for v in variants {
         copy_dir(&fixtures().join("tptt-llama").join(v), &repo.join(v));
     }
-    copy_dir(&fixtures().join("llama-base"), &scratch.0.join("llama-base"));
+    copy_dir(
+        &fixtures().join("llama-base"),
+        &scratch.0.join("llama-base"),
+    );
     repo
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
     edit(v.as_object_mut().expect("object"));
     std::fs::write(path, serde_json::to_string_pretty(&v).expect("serialize")).expect("write");
 }
 
 fn tptt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tptt")).args(args).output().expect("run the tptt binary")
+    Command::new(env!("CARGO_BIN_EXE_tptt"))
+        .args(args)
+        .output()
+        .expect("run the tptt binary")
 }
 
 fn s(p: &Path) -> &str {
@@ -72,10 +79,23 @@ fn s(p: &Path) -> &str {
 /// The run failed cleanly: non-zero status, `error:` on stderr naming every word, no panic.
 fn check_fails(out: Output, words: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "the binary panicked:\n{stderr}");
-    assert_ne!(out.status.code(), Some(101), "exit status 101 is a panic:\n{stderr}");
-    assert!(stderr.contains("error:"), "no `error:` on stderr:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "the binary panicked:\n{stderr}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "exit status 101 is a panic:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("error:"),
+        "no `error:` on stderr:\n{stderr}"
+    );
     for w in words {
         assert!(stderr.contains(w), "stderr does not name {w:?}:\n{stderr}");
     }
@@ -87,17 +107,39 @@ fn variant_that_does_not_exist() {
     let repo = llama_copy(&sc, &["delta_rule", "delta_product"]);
     let out = sc.0.join("out.safetensors");
     check_fails(
-        tptt(&["logits", s(&repo), "--variant", "delta_rule_turbo", "--ids", "1,2", "--out", s(&out)]),
+        tptt(&[
+            "logits",
+            s(&repo),
+            "--variant",
+            "delta_rule_turbo",
+            "--ids",
+            "1,2",
+            "--out",
+            s(&out),
+        ]),
         &["delta_rule_turbo", "delta_product"],
     );
-    check_fails(tptt(&["inspect", s(&repo), "--variant", "delta_rule_turbo"]), &["delta_rule_turbo"]);
+    check_fails(
+        tptt(&["inspect", s(&repo), "--variant", "delta_rule_turbo"]),
+        &["delta_rule_turbo"],
+    );
 }
 
 #[test]
 fn repo_that_does_not_exist() {
     let sc = Scratch::new();
     let missing = sc.0.join("no-such-repo");
-    check_fails(tptt(&["generate", s(&missing), "--prompt", "hi", "--max-new-tokens", "2"]), &["no-such-repo"]);
+    check_fails(
+        tptt(&[
+            "generate",
+            s(&missing),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ]),
+        &["no-such-repo"],
+    );
     check_fails(tptt(&["inspect", s(&missing)]), &["no-such-repo"]);
 }
 
@@ -106,7 +148,10 @@ fn token_id_outside_the_vocabulary() {
     let sc = Scratch::new();
     let repo = llama_copy(&sc, &["delta_rule"]);
     let out = sc.0.join("out.safetensors");
-    check_fails(tptt(&["logits", s(&repo), "--ids", "1,300,2", "--out", s(&out)]), &["token id 300", "vocabulary"]);
+    check_fails(
+        tptt(&["logits", s(&repo), "--ids", "1,300,2", "--out", s(&out)]),
+        &["token id 300", "vocabulary"],
+    );
     assert!(!out.exists(), "no output file on failure");
 }
 
@@ -115,7 +160,10 @@ fn empty_id_list() {
     let sc = Scratch::new();
     let repo = llama_copy(&sc, &["delta_rule"]);
     let out = sc.0.join("out.safetensors");
-    check_fails(tptt(&["logits", s(&repo), "--ids", "", "--out", s(&out)]), &["no tokens"]);
+    check_fails(
+        tptt(&["logits", s(&repo), "--ids", "", "--out", s(&out)]),
+        &["no tokens"],
+    );
 }
 
 #[test]
@@ -123,7 +171,10 @@ fn id_that_is_not_a_number() {
     let sc = Scratch::new();
     let repo = llama_copy(&sc, &["delta_rule"]);
     let out = sc.0.join("out.safetensors");
-    check_fails(tptt(&["logits", s(&repo), "--ids", "1,two,3", "--out", s(&out)]), &["two"]);
+    check_fails(
+        tptt(&["logits", s(&repo), "--ids", "1,two,3", "--out", s(&out)]),
+        &["two"],
+    );
 }
 
 #[test]
@@ -147,7 +198,17 @@ fn bidirectional_config() {
     edit_json(&repo.join("delta_rule/config.json"), |m| {
         m.insert("bidirectional".into(), Value::Bool(true));
     });
-    check_fails(tptt(&["generate", s(&repo), "--prompt", "hi", "--max-new-tokens", "2"]), &["bidirectional", "config.json"]);
+    check_fails(
+        tptt(&[
+            "generate",
+            s(&repo),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ]),
+        &["bidirectional", "config.json"],
+    );
 }
 
 #[test]
@@ -155,7 +216,10 @@ fn inspect_reports_a_broken_variant() {
     let sc = Scratch::new();
     let repo = llama_copy(&sc, &["delta_rule", "delta_product"]);
     edit_json(&repo.join("delta_product/config.json"), |m| {
-        m.insert("operator_mode".into(), Value::String("delta_rule_turbo".into()));
+        m.insert(
+            "operator_mode".into(),
+            Value::String("delta_rule_turbo".into()),
+        );
     });
     let out = tptt(&["inspect", s(&repo)]);
     // The healthy variant is still described; the broken one makes the run fail.
@@ -168,7 +232,14 @@ fn inject_with_unknown_operator_mode() {
     let sc = Scratch::new();
     let out = sc.0.join("injected");
     check_fails(
-        tptt(&["inject", s(&fixtures().join("llama-base")), "--out", s(&out), "--modes", "delta_rule_turbo"]),
+        tptt(&[
+            "inject",
+            s(&fixtures().join("llama-base")),
+            "--out",
+            s(&out),
+            "--modes",
+            "delta_rule_turbo",
+        ]),
         &["unknown operator_mode", "delta_rule_turbo"],
     );
 }
@@ -179,25 +250,59 @@ fn bad_override_values() {
     let repo = llama_copy(&sc, &["delta_rule"]);
     let out = sc.0.join("out.safetensors");
     check_fails(
-        tptt(&["logits", s(&repo), "--ids", "1,2", "--out", s(&out), "--max-chunk-size", "0"]),
+        tptt(&[
+            "logits",
+            s(&repo),
+            "--ids",
+            "1,2",
+            "--out",
+            s(&out),
+            "--max-chunk-size",
+            "0",
+        ]),
         &["max_chunk_size"],
     );
     check_fails(
-        tptt(&["logits", s(&repo), "--ids", "1,2", "--out", s(&out), "--mag-weight", "NaN"]),
+        tptt(&[
+            "logits",
+            s(&repo),
+            "--ids",
+            "1,2",
+            "--out",
+            s(&out),
+            "--mag-weight",
+            "NaN",
+        ]),
         &["mag-weight", "NaN"],
     );
 }
 
 #[test]
 fn logits_match_the_reference() {
-    let case = candle_core::safetensors::load(fixtures().join("cases/llama__delta_rule.safetensors"), &Device::Cpu)
-        .expect("case file");
+    let case = candle_core::safetensors::load(
+        fixtures().join("cases/llama__delta_rule.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("case file");
     let ids: Vec<i64> = case["fwd.L7.ids"].to_vec1().expect("i64 ids");
     let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
     let sc = Scratch::new();
     let out = sc.0.join("logits.safetensors");
-    let run = tptt(&["logits", s(&fixtures().join("tptt-llama")), "--variant", "delta_rule", "--ids", &ids.join(","), "--out", s(&out)]);
-    assert!(run.status.success(), "tptt logits failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    let run = tptt(&[
+        "logits",
+        s(&fixtures().join("tptt-llama")),
+        "--variant",
+        "delta_rule",
+        "--ids",
+        &ids.join(","),
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        run.status.success(),
+        "tptt logits failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 
     let got = candle_core::safetensors::load(&out, &Device::Cpu).expect("output file");
     let got = &got["logits"];

@@ -37,12 +37,17 @@ pub struct ReadMark {
 impl ReadMark {
     /// The mark of `text`.
     pub fn of(text: &str) -> Self {
-        Self { len: text.len(), hash: fnv1a(text.as_bytes()) }
+        Self {
+            len: text.len(),
+            hash: fnv1a(text.as_bytes()),
+        }
     }
 
     /// Whether `text` starts with the text this mark was taken of.
     pub fn is_prefix_of(&self, text: &str) -> bool {
-        text.len() >= self.len && text.is_char_boundary(self.len) && fnv1a(&text.as_bytes()[..self.len]) == self.hash
+        text.len() >= self.len
+            && text.is_char_boundary(self.len)
+            && fnv1a(&text.as_bytes()[..self.len]) == self.hash
     }
 }
 
@@ -75,7 +80,9 @@ pub struct ChatTranscript {
 impl ChatTranscript {
     /// A fresh session: nothing read yet.
     pub fn fresh() -> Self {
-        Self { read: Some(ReadMark::of("")) }
+        Self {
+            read: Some(ReadMark::of("")),
+        }
     }
 
     /// A session whose text is unknown (a state loaded without its mark).
@@ -101,18 +108,35 @@ impl ChatTranscript {
     /// The prompt for answering the last of `messages` (the whole conversation, system messages
     /// included). `unread` is how many messages at the end the session has not read; it is
     /// used only by the fallback (module doc), which renders the system messages and those.
-    pub fn turn(&self, format: &PromptFormat, messages: &[Message], unread: usize) -> Result<ChatTurn> {
+    pub fn turn(
+        &self,
+        format: &PromptFormat,
+        messages: &[Message],
+        unread: usize,
+    ) -> Result<ChatTurn> {
         let full = format.render(messages, true)?;
         if let Some(mark) = self.read.filter(|m| m.is_prefix_of(&full)) {
             let text = full[mark.len..].to_string();
-            return Ok(ChatTurn { full, text, extends: true });
+            return Ok(ChatTurn {
+                full,
+                text,
+                extends: true,
+            });
         }
         let unread = unread.clamp(1, messages.len().max(1));
         let start = messages.len().saturating_sub(unread);
-        let mut turn: Vec<Message> = messages[..start].iter().filter(|m| m.role == Role::System).cloned().collect();
+        let mut turn: Vec<Message> = messages[..start]
+            .iter()
+            .filter(|m| m.role == Role::System)
+            .cloned()
+            .collect();
         turn.extend(messages[start..].iter().cloned());
         let text = format.render(&turn, true)?;
-        Ok(ChatTurn { full, text, extends: false })
+        Ok(ChatTurn {
+            full,
+            text,
+            extends: false,
+        })
     }
 
     /// After the answer to `turn`: `raw_answer` is the generated ids decoded with their special
@@ -168,7 +192,10 @@ mod tests {
         msgs.push(Message::user("How are you?"));
         let second = t.turn(&f, &msgs, 1).expect("turn");
         assert!(second.extends);
-        assert_eq!(second.text, "\n<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            second.text,
+            "\n<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
@@ -201,7 +228,10 @@ mod tests {
         msgs.push(Message::user("Two"));
         let second = restored.turn(&f, &msgs, 1).expect("turn");
         // Alpaca renders the answer without the EOS text the model generated: no extension.
-        assert_eq!(second.extends, second.full.starts_with(&(first.full.clone() + "Uno</s>")));
+        assert_eq!(
+            second.extends,
+            second.full.starts_with(&(first.full.clone() + "Uno</s>"))
+        );
         let unknown = ChatTranscript::unknown().turn(&f, &msgs, 1).expect("turn");
         assert!(!unknown.extends);
         assert!(unknown.text.contains("Two") && !unknown.text.contains("One"));

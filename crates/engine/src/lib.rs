@@ -41,10 +41,13 @@ pub use chat::{ChatTranscript, ChatTurn, ReadMark};
 pub use detok::IncrementalDecoder;
 pub use error::{Error, Result};
 pub use sampler::{Sampler, SamplingParams};
-pub use session::{CancelToken, Event, FinishReason, GenerateOptions, GenerationStats, Outcome, Session, SessionOptions};
+pub use session::{
+    CancelToken, Event, FinishReason, GenerateOptions, GenerationStats, Outcome, Session,
+    SessionOptions,
+};
 pub use snapshot::ModelIdentity;
-pub use worker::{Engine, Job, JobResult};
 pub use stop::{StopMatcher, StopResult};
 pub use template::{
     ChatTemplate, GenerationConfig, Message, PromptFormat, Role, SpecialTokens, TokenizerConfig,
 };
+pub use worker::{Engine, Job, JobResult};

@@ -63,7 +63,10 @@ pub struct SessionOptions {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { mode: CarryMode::Continue, window: None }
+        Self {
+            mode: CarryMode::Continue,
+            window: None,
+        }
     }
 }
 
@@ -150,14 +153,32 @@ pub struct Session {
 impl Session {
     /// A fresh session.
     pub fn new(model: Arc<Model>, opts: SessionOptions) -> Self {
-        let window = opts.window.or_else(|| model.config_window()).or(Some(DEFAULT_WINDOW));
+        let window = opts
+            .window
+            .or_else(|| model.config_window())
+            .or(Some(DEFAULT_WINDOW));
         let state = model.new_state(opts.mode, window);
-        Self { model, state, tokens: Vec::new(), last_logits: None }
+        Self {
+            model,
+            state,
+            tokens: Vec::new(),
+            last_logits: None,
+        }
     }
 
     /// Rebuild a session from its parts (snapshot restore).
-    pub fn from_parts(model: Arc<Model>, state: State, tokens: Vec<u32>, last_logits: Option<Vec<f32>>) -> Self {
-        Self { model, state, tokens, last_logits }
+    pub fn from_parts(
+        model: Arc<Model>,
+        state: State,
+        tokens: Vec<u32>,
+        last_logits: Option<Vec<f32>>,
+    ) -> Self {
+        Self {
+            model,
+            state,
+            tokens,
+            last_logits,
+        }
     }
 
     /// The model.
@@ -173,7 +194,12 @@ impl Session {
                 return Ok(false);
             }
             let logits = self.model.forward(block, &mut self.state, Logits::Last)?;
-            self.last_logits = Some(logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()).map_err(tptt::Error::from)?);
+            self.last_logits = Some(
+                logits
+                    .squeeze(0)
+                    .and_then(|l| l.to_vec1::<f32>())
+                    .map_err(tptt::Error::from)?,
+            );
             self.tokens.extend_from_slice(block);
         }
         Ok(true)
@@ -194,21 +220,42 @@ impl Session {
         let mut sampler = Sampler::new(opts.params.clone())?;
         let start = Instant::now();
         let context_start = self.tokens.len().saturating_sub(4);
-        let context: Vec<u32> = self.tokens[context_start..].iter().chain(prompt).copied().collect();
+        let context: Vec<u32> = self.tokens[context_start..]
+            .iter()
+            .chain(prompt)
+            .copied()
+            .collect();
         let context = &context[context.len().saturating_sub(4)..];
-        let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
-        let outcome = |text: String, ids: Vec<u32>, finish: FinishReason, stats: GenerationStats| Outcome { text, ids, finish, stats };
+        let mut stats = GenerationStats {
+            prompt_tokens: prompt.len(),
+            ..Default::default()
+        };
+        let outcome =
+            |text: String, ids: Vec<u32>, finish: FinishReason, stats: GenerationStats| Outcome {
+                text,
+                ids,
+                finish,
+                stats,
+            };
         if !self.feed(prompt, Some(cancel))? {
-            return Ok(outcome(String::new(), Vec::new(), FinishReason::Cancelled, stats));
+            return Ok(outcome(
+                String::new(),
+                Vec::new(),
+                FinishReason::Cancelled,
+                stats,
+            ));
         }
         let prefill_time = start.elapsed();
         if !prompt.is_empty() {
             stats.prefill_tokens_per_s = prompt.len() as f64 / prefill_time.as_secs_f64().max(1e-9);
         }
         if self.last_logits.is_none() {
-            return Err(Error::Generate("empty prompt and nothing to continue from".into()));
+            return Err(Error::Generate(
+                "empty prompt and nothing to continue from".into(),
+            ));
         }
-        let mut detok = IncrementalDecoder::with_context(tokenizer, opts.skip_special_tokens, context);
+        let mut detok =
+            IncrementalDecoder::with_context(tokenizer, opts.skip_special_tokens, context);
         let mut stop = StopMatcher::new(opts.stop_strings.iter());
         let mut text = String::new();
         let mut ids = Vec::new();
@@ -246,18 +293,25 @@ impl Session {
             }
         }
         if !matches!(finish, FinishReason::Stop(_)) {
-            let mut rest = detok.flush()?.map(|p| stop.push(&p).emit).unwrap_or_default();
+            let mut rest = detok
+                .flush()?
+                .map(|p| stop.push(&p).emit)
+                .unwrap_or_default();
             rest.push_str(&stop.finish());
             if !rest.is_empty() {
                 text.push_str(&rest);
-                sink(Event::Token { text: rest, id: ids.last().copied().unwrap_or_default() });
+                sink(Event::Token {
+                    text: rest,
+                    id: ids.last().copied().unwrap_or_default(),
+                });
             }
         }
         stats.generated_tokens = ids.len();
         stats.time_to_first_token = first_token_at.unwrap_or_default();
         let decode_time = start.elapsed().saturating_sub(stats.time_to_first_token);
         if ids.len() > 1 {
-            stats.decode_tokens_per_s = (ids.len() - 1) as f64 / decode_time.as_secs_f64().max(1e-9);
+            stats.decode_tokens_per_s =
+                (ids.len() - 1) as f64 / decode_time.as_secs_f64().max(1e-9);
         }
         Ok(outcome(text, ids, finish, stats))
     }

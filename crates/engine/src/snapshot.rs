@@ -115,7 +115,9 @@ impl Fnv {
         self.word(b.len() as u64);
         let mut words = b.chunks_exact(8);
         for w in &mut words {
-            self.word(u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]));
+            self.word(u64::from_le_bytes([
+                w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+            ]));
         }
         let mut last = [0u8; 8];
         last[..words.remainder().len()].copy_from_slice(words.remainder());
@@ -135,7 +137,12 @@ struct Lanes {
 
 impl Lanes {
     fn new() -> Self {
-        Self { lanes: std::array::from_fn(|i| FNV_OFFSET ^ i as u64), pending: [0; 64], pending_len: 0, len: 0 }
+        Self {
+            lanes: std::array::from_fn(|i| FNV_OFFSET ^ i as u64),
+            pending: [0; 64],
+            pending_len: 0,
+            len: 0,
+        }
     }
 
     fn block(lanes: &mut [u64; 8], block: &[u8]) {
@@ -249,38 +256,71 @@ fn le_bytes<T: bytemuck::Pod>(values: &[T], to_le: fn(&T) -> [u8; 4]) -> Cow<'_,
 
 /// The bytes of a CPU f32 or u32 tensor, in row-major order, as the blocks of its layout
 /// (borrowed from `storage`, the tensor's storage, no copy on a little-endian machine).
-fn tensor_pieces<'a>(t: &'a Tensor, storage: &'a Storage) -> std::result::Result<(Dtype, Vec<Cow<'a, [u8]>>), String> {
-    fn blocks<'a, T: bytemuck::Pod>(t: &'a Tensor, v: &'a [T], to_le: fn(&T) -> [u8; 4]) -> std::result::Result<Vec<Cow<'a, [u8]>>, String> {
-        let block = |start: usize, len: usize| v.get(start..start + len).map(|s| le_bytes(s, to_le)).ok_or_else(|| "tensor layout outside its storage".to_string());
+fn tensor_pieces<'a>(
+    t: &'a Tensor,
+    storage: &'a Storage,
+) -> std::result::Result<(Dtype, Vec<Cow<'a, [u8]>>), String> {
+    fn blocks<'a, T: bytemuck::Pod>(
+        t: &'a Tensor,
+        v: &'a [T],
+        to_le: fn(&T) -> [u8; 4],
+    ) -> std::result::Result<Vec<Cow<'a, [u8]>>, String> {
+        let block = |start: usize, len: usize| {
+            v.get(start..start + len)
+                .map(|s| le_bytes(s, to_le))
+                .ok_or_else(|| "tensor layout outside its storage".to_string())
+        };
         match t.strided_blocks() {
             StridedBlocks::SingleBlock { start_offset, len } => Ok(vec![block(start_offset, len)?]),
-            StridedBlocks::UniformBlocks { start_offset, block_len, count, src_stride } => {
-                (0..count).map(|i| block(start_offset + i * src_stride, block_len)).collect()
-            }
-            StridedBlocks::MultipleBlocks { block_start_index, block_len } => block_start_index.map(|start| block(start, block_len)).collect(),
+            StridedBlocks::UniformBlocks {
+                start_offset,
+                block_len,
+                count,
+                src_stride,
+            } => (0..count)
+                .map(|i| block(start_offset + i * src_stride, block_len))
+                .collect(),
+            StridedBlocks::MultipleBlocks {
+                block_start_index,
+                block_len,
+            } => block_start_index
+                .map(|start| block(start, block_len))
+                .collect(),
         }
     }
     match storage {
         Storage::Cpu(CpuStorage::F32(v)) => Ok((Dtype::F32, blocks(t, v, |x| x.to_le_bytes())?)),
         Storage::Cpu(CpuStorage::U32(v)) => Ok((Dtype::U32, blocks(t, v, |x| x.to_le_bytes())?)),
-        _ => Err(format!("unexpected tensor storage ({:?} on {:?})", t.dtype(), t.device().location())),
+        _ => Err(format!(
+            "unexpected tensor storage ({:?} on {:?})",
+            t.dtype(),
+            t.device().location()
+        )),
     }
 }
 
 /// The safetensors header of `parts` (in order) with `meta`: 8-byte length, JSON, space padding
 /// to a multiple of 8 (as the safetensors writer does).
-fn header(meta: &HashMap<String, String>, parts: &[Part<'_>]) -> std::result::Result<Vec<u8>, String> {
+fn header(
+    meta: &HashMap<String, String>,
+    parts: &[Part<'_>],
+) -> std::result::Result<Vec<u8>, String> {
     let mut offset = 0;
     let infos = parts
         .iter()
         .map(|p| {
             let end = offset + p.byte_len();
-            let info = TensorInfo { dtype: p.dtype, shape: p.shape.clone(), data_offsets: (offset, end) };
+            let info = TensorInfo {
+                dtype: p.dtype,
+                shape: p.shape.clone(),
+                data_offsets: (offset, end),
+            };
             offset = end;
             (p.name.to_string(), info)
         })
         .collect();
-    let md = Metadata::new(Some(meta.clone()), infos).map_err(|e| format!("cannot describe the tensors: {e}"))?;
+    let md = Metadata::new(Some(meta.clone()), infos)
+        .map_err(|e| format!("cannot describe the tensors: {e}"))?;
     let mut json = serde_json::to_vec(&md).map_err(|e| format!("cannot write the header: {e}"))?;
     json.resize(json.len().next_multiple_of(8), b' ');
     let mut out = Vec::with_capacity(8 + json.len());
@@ -292,14 +332,23 @@ fn header(meta: &HashMap<String, String>, parts: &[Part<'_>]) -> std::result::Re
 /// Write `session` to `path` (atomically: a temporary file renamed into place), in format
 /// [`SNAPSHOT_VERSION`]. Returns the file size.
 pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<u64> {
-    let snap_err = |reason: String| Error::Snapshot { path: path.to_path_buf(), reason };
+    let snap_err = |reason: String| Error::Snapshot {
+        path: path.to_path_buf(),
+        reason,
+    };
     let st = &session.state;
     let mut tensors = st.to_tensors()?;
     let hist = &session.tokens[session.tokens.len().saturating_sub(HISTORY_KEPT)..];
     let cpu = Device::Cpu;
-    tensors.insert("tokens".into(), Tensor::from_vec(hist.to_vec(), hist.len(), &cpu).map_err(tptt::Error::from)?);
+    tensors.insert(
+        "tokens".into(),
+        Tensor::from_vec(hist.to_vec(), hist.len(), &cpu).map_err(tptt::Error::from)?,
+    );
     if let Some(l) = &session.last_logits {
-        tensors.insert("last_logits".into(), Tensor::from_vec(l.clone(), l.len(), &cpu).map_err(tptt::Error::from)?);
+        tensors.insert(
+            "last_logits".into(),
+            Tensor::from_vec(l.clone(), l.len(), &cpu).map_err(tptt::Error::from)?,
+        );
     }
     let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
@@ -309,7 +358,12 @@ pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<
         ("variant", identity.variant.clone()),
         ("config_hash", identity.config_hash.clone()),
         ("dtype", "f32".to_string()),
-        ("window", st.window.map(|w| w.to_string()).unwrap_or_else(|| "none".into())),
+        (
+            "window",
+            st.window
+                .map(|w| w.to_string())
+                .unwrap_or_else(|| "none".into()),
+        ),
         ("mode", mode_name(st.mode).to_string()),
         ("pos", st.pos.to_string()),
         ("kv_len", st.kv_len().to_string()),
@@ -324,13 +378,22 @@ pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<
     // hashed and written).
     let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
     named.sort_by(|a, b| a.0.cmp(b.0));
-    let guards: Vec<_> = named.iter().map(|(_, t)| t.storage_and_layout().0).collect();
+    let guards: Vec<_> = named
+        .iter()
+        .map(|(_, t)| t.storage_and_layout().0)
+        .collect();
     let parts = named
         .iter()
         .zip(&guards)
         .map(|((name, t), g)| {
-            let (dtype, pieces) = tensor_pieces(t, g).map_err(|e| snap_err(format!("{name}: {e}")))?;
-            Ok(Part { name: name.as_str(), dtype, shape: t.dims().to_vec(), pieces })
+            let (dtype, pieces) =
+                tensor_pieces(t, g).map_err(|e| snap_err(format!("{name}: {e}")))?;
+            Ok(Part {
+                name: name.as_str(),
+                dtype,
+                shape: t.dims().to_vec(),
+                pieces,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let placeholder = header(&meta, &parts).map_err(&snap_err)?;
@@ -354,18 +417,27 @@ pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<
     meta.insert("checksum".into(), sum);
     let final_header = header(&meta, &parts).map_err(&snap_err)?;
     if final_header.len() != placeholder.len() {
-        return Err(snap_err("internal error: the header changed length with its checksum".into()));
+        return Err(snap_err(
+            "internal error: the header changed length with its checksum".into(),
+        ));
     }
-    file.seek(SeekFrom::Start(0)).and_then(|_| file.write_all(&final_header)).map_err(write_err)?;
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.write_all(&final_header))
+        .map_err(write_err)?;
     drop(file);
     drop(guards);
     std::fs::rename(&tmp, path).map_err(|e| snap_err(format!("cannot move into place: {e}")))?;
-    std::fs::metadata(path).map(|m| m.len()).map_err(|e| snap_err(e.to_string()))
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| snap_err(e.to_string()))
 }
 
 /// Memory-map a snapshot file for reading.
 fn map(path: &Path) -> Result<memmap2::Mmap> {
-    let io_err = |source| Error::Io { path: path.to_path_buf(), source };
+    let io_err = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::open(path).map_err(io_err)?;
     // SAFETY: the map is only read, and only while this function's caller holds it. Snapshots
     // are never modified in place ([`save`] writes a temporary file and renames it over the
@@ -382,11 +454,20 @@ pub fn info(path: &Path) -> Result<SnapshotInfo> {
 }
 
 fn read_meta(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
-    let snap_err = |reason: String| Error::Snapshot { path: path.to_path_buf(), reason };
-    let (_, md) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| snap_err(format!("not a valid snapshot file ({e})")))?;
-    let meta = md.metadata().clone().ok_or_else(|| snap_err("no metadata: not a TPTT Chat state snapshot".into()))?;
+    let snap_err = |reason: String| Error::Snapshot {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (_, md) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| snap_err(format!("not a valid snapshot file ({e})")))?;
+    let meta = md
+        .metadata()
+        .clone()
+        .ok_or_else(|| snap_err("no metadata: not a TPTT Chat state snapshot".into()))?;
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
-        return Err(snap_err("not a TPTT Chat state snapshot (format tag missing)".into()));
+        return Err(snap_err(
+            "not a TPTT Chat state snapshot (format tag missing)".into(),
+        ));
     }
     match meta.get("version").map(String::as_str) {
         Some(SNAPSHOT_VERSION | SNAPSHOT_VERSION_V2) => Ok(meta),
@@ -398,15 +479,33 @@ fn read_meta(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
 }
 
 fn parse_info(path: &Path, meta: &HashMap<String, String>, bytes: u64) -> Result<SnapshotInfo> {
-    let snap_err = |reason: String| Error::Snapshot { path: path.to_path_buf(), reason };
-    let get = |k: &str| meta.get(k).cloned().ok_or_else(|| snap_err(format!("metadata lacks {k:?}")));
-    let num = |k: &str| -> Result<usize> { get(k)?.parse().map_err(|_| snap_err(format!("metadata {k:?} is not a number"))) };
+    let snap_err = |reason: String| Error::Snapshot {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let get = |k: &str| {
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| snap_err(format!("metadata lacks {k:?}")))
+    };
+    let num = |k: &str| -> Result<usize> {
+        get(k)?
+            .parse()
+            .map_err(|_| snap_err(format!("metadata {k:?} is not a number")))
+    };
     let window = match get("window")?.as_str() {
         "none" => None,
-        w => Some(w.parse().map_err(|_| snap_err("metadata window is not a number".into()))?),
+        w => Some(
+            w.parse()
+                .map_err(|_| snap_err("metadata window is not a number".into()))?,
+        ),
     };
     Ok(SnapshotInfo {
-        identity: ModelIdentity { model: get("model")?, variant: get("variant")?, config_hash: get("config_hash")? },
+        identity: ModelIdentity {
+            model: get("model")?,
+            variant: get("variant")?,
+            config_hash: get("config_hash")?,
+        },
         pos: num("pos")?,
         kv_len: num("kv_len")?,
         window,
@@ -417,12 +516,21 @@ fn parse_info(path: &Path, meta: &HashMap<String, String>, bytes: u64) -> Result
 /// Restore a snapshot (version [`SNAPSHOT_VERSION`] or [`SNAPSHOT_VERSION_V2`]) onto `model`,
 /// refusing a corrupt one, or one that belongs to another model, variant or config.
 pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<Session> {
-    let snap_err = |reason: String| Error::Snapshot { path: path.to_path_buf(), reason };
+    let snap_err = |reason: String| Error::Snapshot {
+        path: path.to_path_buf(),
+        reason,
+    };
     let bytes = map(path)?;
     let meta = read_meta(path, &bytes)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| snap_err(format!("not a valid snapshot file ({e})")))?;
-    let want = meta.get("checksum").ok_or_else(|| snap_err("metadata lacks \"checksum\"".into()))?;
-    let version = meta.get("version").map(String::as_str).unwrap_or(SNAPSHOT_VERSION);
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| snap_err(format!("not a valid snapshot file ({e})")))?;
+    let want = meta
+        .get("checksum")
+        .ok_or_else(|| snap_err("metadata lacks \"checksum\"".into()))?;
+    let version = meta
+        .get("version")
+        .map(String::as_str)
+        .unwrap_or(SNAPSHOT_VERSION);
     let info = parse_info(path, &meta, bytes.len() as u64);
     let mode = match meta.get("mode").map(String::as_str) {
         Some("continue") => Ok(CarryMode::Continue),
@@ -430,14 +538,28 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
         other => Err(snap_err(format!("unknown mode {other:?}"))),
     };
     let b = &model.config().base;
-    let parts: Vec<Part<'_>> =
-        st.iter().map(|(name, v)| Part { name, dtype: v.dtype(), shape: v.shape().to_vec(), pieces: vec![Cow::Borrowed(v.data())] }).collect();
+    let parts: Vec<Part<'_>> = st
+        .iter()
+        .map(|(name, v)| Part {
+            name,
+            dtype: v.dtype(),
+            shape: v.shape().to_vec(),
+            pieces: vec![Cow::Borrowed(v.data())],
+        })
+        .collect();
     // The checksum on one thread, the state (one copy of the KV cache) on this one; the state is
     // only looked at once the checksum matched.
     let (got, state) = std::thread::scope(|s| {
         let hasher = s.spawn(|| checksum(version, &meta, &parts));
         let state = match (&info, &mode) {
-            (Ok(i), Ok(m)) => Some(State::from_safetensors(&st, b, i.pos, *m, i.window, model.device())),
+            (Ok(i), Ok(m)) => Some(State::from_safetensors(
+                &st,
+                b,
+                i.pos,
+                *m,
+                i.window,
+                model.device(),
+            )),
             _ => None,
         };
         (hasher.join(), state)
@@ -445,14 +567,22 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
     let got = got.map_err(|_| snap_err("the checksum computation panicked".into()))?;
     // Integrity first: a corrupted file must not be judged by its (possibly damaged) identity.
     if &got != want {
-        return Err(snap_err(format!("the file is corrupt (checksum {got} does not match the recorded {want})")));
+        return Err(snap_err(format!(
+            "the file is corrupt (checksum {got} does not match the recorded {want})"
+        )));
     }
     let info = info?;
     if info.identity.model != identity.model {
-        return Err(snap_err(format!("it belongs to model {:?}, not {:?}", info.identity.model, identity.model)));
+        return Err(snap_err(format!(
+            "it belongs to model {:?}, not {:?}",
+            info.identity.model, identity.model
+        )));
     }
     if info.identity.variant != identity.variant {
-        return Err(snap_err(format!("it belongs to variant {:?}, not {:?}", info.identity.variant, identity.variant)));
+        return Err(snap_err(format!(
+            "it belongs to variant {:?}, not {:?}",
+            info.identity.variant, identity.variant
+        )));
     }
     if info.identity.config_hash != identity.config_hash {
         return Err(snap_err(format!(
@@ -469,10 +599,18 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
         match st.tensor(name) {
             Err(_) => Ok(None),
             Ok(v) if v.dtype() == dtype && v.shape().len() == 1 => Ok(Some(v.data())),
-            Ok(v) => Err(snap_err(format!("{name} is {:?} {:?}, not a {dtype:?} vector", v.dtype(), v.shape()))),
+            Ok(v) => Err(snap_err(format!(
+                "{name} is {:?} {:?}, not a {dtype:?} vector",
+                v.dtype(),
+                v.shape()
+            ))),
         }
     };
-    let words = |b: &[u8]| -> Vec<[u8; 4]> { b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect() };
+    let words = |b: &[u8]| -> Vec<[u8; 4]> {
+        b.chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect()
+    };
     let tokens: Vec<u32> = match vector("tokens", Dtype::U32)? {
         Some(b) => words(b).into_iter().map(u32::from_le_bytes).collect(),
         None => return Err(snap_err("lacks tokens".into())),
@@ -481,7 +619,11 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
         Some(bytes) => {
             let v: Vec<f32> = words(bytes).into_iter().map(f32::from_le_bytes).collect();
             if v.len() != b.vocab_size {
-                return Err(snap_err(format!("last_logits has {} entries, vocabulary is {}", v.len(), b.vocab_size)));
+                return Err(snap_err(format!(
+                    "last_logits has {} entries, vocabulary is {}",
+                    v.len(),
+                    b.vocab_size
+                )));
             }
             Some(v)
         }
@@ -504,7 +646,9 @@ mod tests {
 
     #[test]
     fn lane_digest_does_not_depend_on_how_the_bytes_are_split() {
-        let data: Vec<u8> = (0..1000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..1000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let whole = digest(&[&data]);
         for cut in [0, 1, 7, 63, 64, 65, 500, 999, 1000] {
             let (a, b) = data.split_at(cut);

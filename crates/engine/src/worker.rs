@@ -51,14 +51,24 @@ impl Engine {
             .name("tptt-engine".into())
             .spawn(move || {
                 for Msg::Run(job, reply) in rx {
-                    let Job { mut session, prompt, options, mut sink, cancel } = *job;
-                    let outcome = session.generate(&prompt, &options, &tokenizer, &cancel, &mut *sink);
+                    let Job {
+                        mut session,
+                        prompt,
+                        options,
+                        mut sink,
+                        cancel,
+                    } = *job;
+                    let outcome =
+                        session.generate(&prompt, &options, &tokenizer, &cancel, &mut *sink);
                     // The caller may have gone away; nothing to do then.
                     let _ = reply.send(JobResult { session, outcome });
                 }
             })
             .map_err(|e| Error::Generate(format!("cannot start the engine thread: {e}")))?;
-        Ok(Self { tx: Some(tx), thread: Some(thread) })
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// Queue a job; the returned receiver yields its result when it ends.

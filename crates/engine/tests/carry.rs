@@ -37,12 +37,18 @@ fn all_fixtures() -> Vec<Fixture> {
 
 /// Logits `[S, V]` of `ids` run as consecutive calls of `splits` tokens from one carried state.
 fn split_calls(model: &Model, ids: &[u32], splits: &[usize]) -> Vec<Vec<f32>> {
-    assert_eq!(splits.iter().sum::<usize>(), ids.len(), "splits cover the sequence");
+    assert_eq!(
+        splits.iter().sum::<usize>(),
+        ids.len(),
+        "splits cover the sequence"
+    );
     let mut st = model.new_state(CarryMode::Continue, model.config_window());
     let mut out = Vec::new();
     let mut at = 0;
     for &n in splits {
-        let logits = model.forward(&ids[at..at + n], &mut st, Logits::All).expect("forward call");
+        let logits = model
+            .forward(&ids[at..at + n], &mut st, Logits::All)
+            .expect("forward call");
         out.extend(rows(&logits));
         at += n;
     }
@@ -52,7 +58,11 @@ fn split_calls(model: &Model, ids: &[u32], splits: &[usize]) -> Vec<Vec<f32>> {
 
 fn worst_row_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, usize) {
     assert_eq!(a.len(), b.len(), "rows");
-    a.iter().zip(b).enumerate().map(|(i, (x, y))| (max_abs_diff(x, y), i)).fold((0.0, 0), |m, d| if d.0 > m.0 { d } else { m })
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, (x, y))| (max_abs_diff(x, y), i))
+        .fold((0.0, 0), |m, d| if d.0 > m.0 { d } else { m })
 }
 
 #[test]
@@ -85,7 +95,12 @@ fn token_by_token_session_equals_full_forward_at_chunk_one() {
 fn continuation_from_carried_state_equals_one_call_under_same_chunking() {
     // (max_chunk_size, call lengths): every split keeps each call's chunking equal to the
     // single call's (40 → 8 with chunk 8; 24 → 8 and 16 → 8).
-    let plans: [(usize, &[usize]); 4] = [(8, &[24, 16]), (8, &[8, 16, 16]), (1, &[5, 1, 13, 2, 19]), (1, &[39, 1])];
+    let plans: [(usize, &[usize]); 4] = [
+        (8, &[24, 16]),
+        (8, &[8, 16, 16]),
+        (1, &[5, 1, 13, 2, 19]),
+        (1, &[39, 1]),
+    ];
     let mut failures = Vec::new();
     let mut overall = 0f32;
     for fx in all_fixtures() {
@@ -98,7 +113,10 @@ fn continuation_from_carried_state_equals_one_call_under_same_chunking() {
             let (d, at) = worst_row_diff(&one, &parts);
             overall = overall.max(d);
             if d > TOL {
-                failures.push(format!("{} chunk {chunk} calls {splits:?}: max |Δ| {d:e} at token {at}", fx.label()));
+                failures.push(format!(
+                    "{} chunk {chunk} calls {splits:?}: max |Δ| {d:e} at token {at}",
+                    fx.label()
+                ));
             }
         }
     }

@@ -10,15 +10,26 @@ use std::time::Duration;
 
 use common::{token_ids, Fixture};
 use tokenizers::Tokenizer;
-use tptt_engine::{CancelToken, Engine, Error, Event, FinishReason, GenerateOptions, Job, Outcome, SamplingParams, Session, SessionOptions};
+use tptt_engine::{
+    CancelToken, Engine, Error, Event, FinishReason, GenerateOptions, Job, Outcome, SamplingParams,
+    Session, SessionOptions,
+};
 
 fn fixture() -> Fixture {
     Fixture::load("tptt-llama", "delta_product")
 }
 
 fn greedy(max_new_tokens: usize) -> GenerateOptions {
-    let params = SamplingParams { max_new_tokens, ..SamplingParams::greedy() };
-    GenerateOptions { params, eos_ids: vec![2], ignore_eos: true, ..Default::default() }
+    let params = SamplingParams {
+        max_new_tokens,
+        ..SamplingParams::greedy()
+    };
+    GenerateOptions {
+        params,
+        eos_ids: vec![2],
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 fn prompt() -> Vec<u32> {
@@ -26,7 +37,13 @@ fn prompt() -> Vec<u32> {
 }
 
 /// Run `generate`, returning the outcome and the streamed pieces.
-fn run(session: &mut Session, prompt: &[u32], opts: &GenerateOptions, tok: &Tokenizer, cancel: &CancelToken) -> (tptt_engine::Result<Outcome>, Vec<String>) {
+fn run(
+    session: &mut Session,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    tok: &Tokenizer,
+    cancel: &CancelToken,
+) -> (tptt_engine::Result<Outcome>, Vec<String>) {
     let mut pieces = Vec::new();
     let r = session.generate(prompt, opts, tok, cancel, &mut |e| {
         let Event::Token { text, .. } = e;
@@ -60,15 +77,43 @@ fn greedy_with_ignore_eos_yields_exactly_max_new_tokens() {
 fn greedy_is_deterministic_and_stops_at_eos_without_ignore_eos() {
     let fx = fixture();
     let tok = fx.tokenizer();
-    let first = run(&mut Session::new(fx.arc(), SessionOptions::default()), &prompt(), &greedy(12), &tok, &CancelToken::new()).0.expect("generate");
-    let again = run(&mut Session::new(fx.arc(), SessionOptions::default()), &prompt(), &greedy(12), &tok, &CancelToken::new()).0.expect("generate");
+    let first = run(
+        &mut Session::new(fx.arc(), SessionOptions::default()),
+        &prompt(),
+        &greedy(12),
+        &tok,
+        &CancelToken::new(),
+    )
+    .0
+    .expect("generate");
+    let again = run(
+        &mut Session::new(fx.arc(), SessionOptions::default()),
+        &prompt(),
+        &greedy(12),
+        &tok,
+        &CancelToken::new(),
+    )
+    .0
+    .expect("generate");
     assert_eq!(first.ids, again.ids, "greedy decoding is deterministic");
 
     // Make the 4th greedy token an EOS id: generation ends there, EOS included in the ids.
     let eos = first.ids[3];
     let stop_at = first.ids.iter().position(|&i| i == eos).expect("present");
-    let opts = GenerateOptions { eos_ids: vec![eos], ignore_eos: false, ..greedy(12) };
-    let out = run(&mut Session::new(fx.arc(), SessionOptions::default()), &prompt(), &opts, &tok, &CancelToken::new()).0.expect("generate");
+    let opts = GenerateOptions {
+        eos_ids: vec![eos],
+        ignore_eos: false,
+        ..greedy(12)
+    };
+    let out = run(
+        &mut Session::new(fx.arc(), SessionOptions::default()),
+        &prompt(),
+        &opts,
+        &tok,
+        &CancelToken::new(),
+    )
+    .0
+    .expect("generate");
     assert_eq!(out.finish, FinishReason::Eos);
     assert_eq!(out.ids, first.ids[..=stop_at]);
 }
@@ -83,7 +128,10 @@ fn cancelled_before_start_returns_no_tokens() {
     let (r, pieces) = run(&mut s, &prompt(), &greedy(8), &tok, &cancel);
     let out = r.expect("a cancelled generation is not an error");
     assert_eq!(out.finish, FinishReason::Cancelled);
-    assert!(out.ids.is_empty() && out.text.is_empty() && pieces.is_empty(), "{out:?}");
+    assert!(
+        out.ids.is_empty() && out.text.is_empty() && pieces.is_empty(),
+        "{out:?}"
+    );
     assert_eq!(out.stats.generated_tokens, 0);
 }
 
@@ -92,7 +140,15 @@ fn cancelled_from_the_sink_keeps_the_partial_text() {
     let fx = fixture();
     let tok = fx.tokenizer();
     let max = 40;
-    let full = run(&mut Session::new(fx.arc(), SessionOptions::default()), &prompt(), &greedy(max), &tok, &CancelToken::new()).0.expect("generate");
+    let full = run(
+        &mut Session::new(fx.arc(), SessionOptions::default()),
+        &prompt(),
+        &greedy(max),
+        &tok,
+        &CancelToken::new(),
+    )
+    .0
+    .expect("generate");
 
     let cancel = CancelToken::new();
     let mut s = Session::new(fx.arc(), SessionOptions::default());
@@ -112,12 +168,24 @@ fn cancelled_from_the_sink_keeps_the_partial_text() {
     let third_id = pieces[2].1;
     // Stopped right after the token that completed the third piece.
     assert_eq!(out.ids.last(), Some(&third_id), "{out:?}");
-    assert!(out.ids.len() >= 3 && out.ids.len() < max, "{} ids", out.ids.len());
+    assert!(
+        out.ids.len() >= 3 && out.ids.len() < max,
+        "{} ids",
+        out.ids.len()
+    );
     assert_eq!(out.ids, full.ids[..out.ids.len()], "same greedy prefix");
     let streamed: String = pieces.iter().map(|(t, _)| t.as_str()).collect();
-    assert_eq!(out.text, streamed, "partial text = concatenation of the streamed pieces");
+    assert_eq!(
+        out.text, streamed,
+        "partial text = concatenation of the streamed pieces"
+    );
     assert!(!out.text.is_empty());
-    assert!(full.text.starts_with(&out.text), "{:?} is not a prefix of {:?}", out.text, full.text);
+    assert!(
+        full.text.starts_with(&out.text),
+        "{:?} is not a prefix of {:?}",
+        out.text,
+        full.text
+    );
     // The session holds everything generated before the stop.
     assert_eq!(s.tokens, [prompt(), out.ids.clone()].concat());
 }
@@ -126,18 +194,33 @@ fn cancelled_from_the_sink_keeps_the_partial_text() {
 fn stop_strings_end_generation_and_are_not_in_the_text() {
     let fx = fixture();
     let tok = fx.tokenizer();
-    let full = run(&mut Session::new(fx.arc(), SessionOptions::default()), &prompt(), &greedy(40), &tok, &CancelToken::new()).0.expect("generate");
+    let full = run(
+        &mut Session::new(fx.arc(), SessionOptions::default()),
+        &prompt(),
+        &greedy(40),
+        &tok,
+        &CancelToken::new(),
+    )
+    .0
+    .expect("generate");
     let chars: Vec<char> = full.text.chars().collect();
     assert!(chars.len() >= 12, "need some text to cut: {:?}", full.text);
     // A two-character stop string taken from the middle of the greedy text.
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let cut = full.text.find(&stop).expect("taken from the text");
-    let opts = GenerateOptions { stop_strings: vec!["never appears \u{1F600}".into(), stop.clone()], ..greedy(40) };
+    let opts = GenerateOptions {
+        stop_strings: vec!["never appears \u{1F600}".into(), stop.clone()],
+        ..greedy(40)
+    };
     let mut s = Session::new(fx.arc(), SessionOptions::default());
     let (r, pieces) = run(&mut s, &prompt(), &opts, &tok, &CancelToken::new());
     let out = r.expect("generate");
     assert_eq!(out.finish, FinishReason::Stop(stop.clone()));
-    assert_eq!(out.text, full.text[..cut], "text up to the stop string, stop {stop:?}");
+    assert_eq!(
+        out.text,
+        full.text[..cut],
+        "text up to the stop string, stop {stop:?}"
+    );
     assert!(!out.text.contains(&stop));
     assert_eq!(pieces.concat(), out.text);
     assert!(out.ids.len() < full.ids.len());
@@ -149,21 +232,63 @@ fn invalid_sampling_values_and_empty_prompts_are_errors() {
     let fx = fixture();
     let tok = fx.tokenizer();
     let cases = [
-        ("temperature", SamplingParams { temperature: -1.0, ..SamplingParams::default() }),
-        ("top_p", SamplingParams { top_p: 0.0, ..SamplingParams::default() }),
-        ("top_p", SamplingParams { top_p: 1.5, ..SamplingParams::default() }),
-        ("min_p", SamplingParams { min_p: 1.0, ..SamplingParams::default() }),
-        ("temperature", SamplingParams { temperature: f32::NAN, ..SamplingParams::default() }),
-        ("max_new_tokens", SamplingParams { max_new_tokens: 0, ..SamplingParams::default() }),
+        (
+            "temperature",
+            SamplingParams {
+                temperature: -1.0,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "top_p",
+            SamplingParams {
+                top_p: 0.0,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "top_p",
+            SamplingParams {
+                top_p: 1.5,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "min_p",
+            SamplingParams {
+                min_p: 1.0,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "temperature",
+            SamplingParams {
+                temperature: f32::NAN,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "max_new_tokens",
+            SamplingParams {
+                max_new_tokens: 0,
+                ..SamplingParams::default()
+            },
+        ),
     ];
     for (field, params) in cases {
         let mut s = Session::new(fx.arc(), SessionOptions::default());
-        let opts = GenerateOptions { params, ..Default::default() };
+        let opts = GenerateOptions {
+            params,
+            ..Default::default()
+        };
         match run(&mut s, &prompt(), &opts, &tok, &CancelToken::new()).0 {
             Err(Error::InvalidSamplingParam { name, .. }) => assert_eq!(name, field),
             other => panic!("{field}: expected InvalidSamplingParam, got {other:?}"),
         }
-        assert!(s.tokens.is_empty(), "{field}: nothing is fed when the parameters are refused");
+        assert!(
+            s.tokens.is_empty(),
+            "{field}: nothing is fed when the parameters are refused"
+        );
     }
 
     let mut fresh = Session::new(fx.arc(), SessionOptions::default());
@@ -179,10 +304,26 @@ fn invalid_sampling_values_and_empty_prompts_are_errors() {
 
     // An empty prompt continues a session that has read something.
     let mut s = Session::new(fx.arc(), SessionOptions::default());
-    let a = run(&mut s, &prompt(), &greedy(3), &tok, &CancelToken::new()).0.expect("generate");
-    let b = run(&mut s, &[], &greedy(3), &tok, &CancelToken::new()).0.expect("continue with an empty prompt");
-    let whole = run(&mut Session::new(fx.arc(), SessionOptions::default()), &prompt(), &greedy(6), &tok, &CancelToken::new()).0.expect("generate");
-    assert_eq!([a.ids, b.ids].concat(), whole.ids, "3 + 3 continued = 6 in one go");
+    let a = run(&mut s, &prompt(), &greedy(3), &tok, &CancelToken::new())
+        .0
+        .expect("generate");
+    let b = run(&mut s, &[], &greedy(3), &tok, &CancelToken::new())
+        .0
+        .expect("continue with an empty prompt");
+    let whole = run(
+        &mut Session::new(fx.arc(), SessionOptions::default()),
+        &prompt(),
+        &greedy(6),
+        &tok,
+        &CancelToken::new(),
+    )
+    .0
+    .expect("generate");
+    assert_eq!(
+        [a.ids, b.ids].concat(),
+        whole.ids,
+        "3 + 3 continued = 6 in one go"
+    );
 }
 
 /// A sink that forwards events over a channel (the worker needs a `Send` sink).
@@ -195,11 +336,23 @@ fn channel_sink() -> (Box<dyn FnMut(Event) + Send>, mpsc::Receiver<Event>) {
 fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
     let fx = fixture();
     let tok = fx.tokenizer();
-    let direct = run(&mut Session::new(fx.arc(), SessionOptions::default()), &prompt(), &greedy(10), &tok, &CancelToken::new()).0.expect("generate");
+    let direct = run(
+        &mut Session::new(fx.arc(), SessionOptions::default()),
+        &prompt(),
+        &greedy(10),
+        &tok,
+        &CancelToken::new(),
+    )
+    .0
+    .expect("generate");
     let continued_direct = {
         let mut s = Session::new(fx.arc(), SessionOptions::default());
-        run(&mut s, &prompt(), &greedy(10), &tok, &CancelToken::new()).0.expect("generate");
-        run(&mut s, &[5, 6, 7], &greedy(6), &tok, &CancelToken::new()).0.expect("continue")
+        run(&mut s, &prompt(), &greedy(10), &tok, &CancelToken::new())
+            .0
+            .expect("generate");
+        run(&mut s, &[5, 6, 7], &greedy(6), &tok, &CancelToken::new())
+            .0
+            .expect("continue")
     };
 
     let engine = Engine::spawn(Arc::new(tok)).expect("spawn the engine thread");
@@ -211,39 +364,108 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
         *seen.lock().expect("lock") = Some(std::thread::current().id());
         let _ = tx.send(e);
     });
-    let job = Job { session: Session::new(fx.arc(), SessionOptions::default()), prompt: prompt(), options: greedy(10), sink, cancel: CancelToken::new() };
-    let result = engine.submit(job).expect("submit").recv_timeout(Duration::from_secs(60)).expect("job result");
+    let job = Job {
+        session: Session::new(fx.arc(), SessionOptions::default()),
+        prompt: prompt(),
+        options: greedy(10),
+        sink,
+        cancel: CancelToken::new(),
+    };
+    let result = engine
+        .submit(job)
+        .expect("submit")
+        .recv_timeout(Duration::from_secs(60))
+        .expect("job result");
     let out = result.outcome.expect("generation succeeded");
     assert_eq!(out.ids, direct.ids, "same tokens on the engine thread");
     assert_eq!(out.text, direct.text);
-    let streamed: String = events.try_iter().map(|Event::Token { text, .. }| text).collect();
+    let streamed: String = events
+        .try_iter()
+        .map(|Event::Token { text, .. }| text)
+        .collect();
     assert_eq!(streamed, out.text, "events streamed to the sink");
-    assert_ne!(*ran_on.lock().expect("lock"), Some(caller), "the job ran on the engine's own thread");
+    assert_ne!(
+        *ran_on.lock().expect("lock"),
+        Some(caller),
+        "the job ran on the engine's own thread"
+    );
     let session = result.session;
-    assert_eq!(session.tokens, [prompt(), out.ids.clone()].concat(), "the session comes back with what it read");
+    assert_eq!(
+        session.tokens,
+        [prompt(), out.ids.clone()].concat(),
+        "the session comes back with what it read"
+    );
 
     // A second job continues the returned session.
     let (sink, events) = channel_sink();
-    let job = Job { session, prompt: vec![5, 6, 7], options: greedy(6), sink, cancel: CancelToken::new() };
-    let result = engine.submit(job).expect("submit").recv_timeout(Duration::from_secs(60)).expect("job result");
+    let job = Job {
+        session,
+        prompt: vec![5, 6, 7],
+        options: greedy(6),
+        sink,
+        cancel: CancelToken::new(),
+    };
+    let result = engine
+        .submit(job)
+        .expect("submit")
+        .recv_timeout(Duration::from_secs(60))
+        .expect("job result");
     let out = result.outcome.expect("continuation");
     assert_eq!(out.ids, continued_direct.ids);
-    assert_eq!(events.try_iter().map(|Event::Token { text, .. }| text).collect::<String>(), out.text);
+    assert_eq!(
+        events
+            .try_iter()
+            .map(|Event::Token { text, .. }| text)
+            .collect::<String>(),
+        out.text
+    );
 
     // A cancelled job and a failing job both hand the session back.
     let cancel = CancelToken::new();
     cancel.cancel();
     let (sink, _events) = channel_sink();
     let before = result.session.tokens.len();
-    let job = Job { session: result.session, prompt: vec![9], options: greedy(6), sink, cancel };
-    let result = engine.submit(job).expect("submit").recv_timeout(Duration::from_secs(60)).expect("job result");
-    assert_eq!(result.outcome.expect("cancelled is not an error").finish, FinishReason::Cancelled);
+    let job = Job {
+        session: result.session,
+        prompt: vec![9],
+        options: greedy(6),
+        sink,
+        cancel,
+    };
+    let result = engine
+        .submit(job)
+        .expect("submit")
+        .recv_timeout(Duration::from_secs(60))
+        .expect("job result");
+    assert_eq!(
+        result.outcome.expect("cancelled is not an error").finish,
+        FinishReason::Cancelled
+    );
     assert_eq!(result.session.tokens.len(), before);
     let (sink, _events) = channel_sink();
-    let bad = GenerateOptions { params: SamplingParams { temperature: -1.0, ..SamplingParams::default() }, ..Default::default() };
-    let job = Job { session: result.session, prompt: vec![9], options: bad, sink, cancel: CancelToken::new() };
-    let result = engine.submit(job).expect("submit").recv_timeout(Duration::from_secs(60)).expect("job result");
-    assert!(matches!(result.outcome, Err(Error::InvalidSamplingParam { .. })));
+    let bad = GenerateOptions {
+        params: SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::default()
+        },
+        ..Default::default()
+    };
+    let job = Job {
+        session: result.session,
+        prompt: vec![9],
+        options: bad,
+        sink,
+        cancel: CancelToken::new(),
+    };
+    let result = engine
+        .submit(job)
+        .expect("submit")
+        .recv_timeout(Duration::from_secs(60))
+        .expect("job result");
+    assert!(matches!(
+        result.outcome,
+        Err(Error::InvalidSamplingParam { .. })
+    ));
     assert_eq!(result.session.tokens.len(), before);
 
     // Cancelling a running job from another thread stops it.
@@ -254,11 +476,27 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
         stopper.cancel();
         let _ = tx.send(e);
     });
-    let job = Job { session: Session::new(fx.arc(), SessionOptions::default()), prompt: prompt(), options: greedy(200), sink, cancel };
-    let result = engine.submit(job).expect("submit").recv_timeout(Duration::from_secs(60)).expect("job result");
+    let job = Job {
+        session: Session::new(fx.arc(), SessionOptions::default()),
+        prompt: prompt(),
+        options: greedy(200),
+        sink,
+        cancel,
+    };
+    let result = engine
+        .submit(job)
+        .expect("submit")
+        .recv_timeout(Duration::from_secs(60))
+        .expect("job result");
     let out = result.outcome.expect("cancelled");
     assert_eq!(out.finish, FinishReason::Cancelled);
     assert!(out.ids.len() < 200);
-    assert_eq!(events.try_iter().map(|Event::Token { text, .. }| text).collect::<String>(), out.text);
+    assert_eq!(
+        events
+            .try_iter()
+            .map(|Event::Token { text, .. }| text)
+            .collect::<String>(),
+        out.text
+    );
     drop(engine); // joins the thread
 }

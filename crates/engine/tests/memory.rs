@@ -27,7 +27,13 @@ fn calls() -> Vec<usize> {
 fn long_session(repo: &str, variant: &str) {
     let fx = Fixture::load(repo, variant);
     let ids = token_ids(TOKENS, fx.model.config().base.vocab_size, 23);
-    let mut session = Session::new(fx.arc(), SessionOptions { window: Some(WINDOW), ..Default::default() });
+    let mut session = Session::new(
+        fx.arc(),
+        SessionOptions {
+            window: Some(WINDOW),
+            ..Default::default()
+        },
+    );
     let started = Instant::now();
     let mut at = 0;
     let mut sizes = Vec::new(); // (pos, size_bytes) sampled after the window filled
@@ -38,31 +44,51 @@ fn long_session(repo: &str, variant: &str) {
         at += n;
         let st = &session.state;
         assert_eq!(st.pos, at);
-        assert_eq!(st.kv_len(), at.min(WINDOW), "{variant}: KV positions after {at} tokens");
+        assert_eq!(
+            st.kv_len(),
+            at.min(WINDOW),
+            "{variant}: KV positions after {at} tokens"
+        );
         if at >= WINDOW {
             // The window holds exactly the last W positions.
             let mut held = st.key_pos.clone();
             held.sort_unstable();
-            assert!(held.iter().copied().eq(at - WINDOW..at), "{variant}: window after {at} tokens holds {:?}..", &held[..4]);
+            assert!(
+                held.iter().copied().eq(at - WINDOW..at),
+                "{variant}: window after {at} tokens holds {:?}..",
+                &held[..4]
+            );
             if at % 1000 < n || sizes.is_empty() {
                 sizes.push((at, st.size_bytes()));
             }
             if at % 5000 < n && at > snapshot::HISTORY_KEPT {
-                let bytes = snapshot::save(&session, &fx.identity(), &scratch.path("long.tptt-state")).expect("save");
+                let bytes =
+                    snapshot::save(&session, &fx.identity(), &scratch.path("long.tptt-state"))
+                        .expect("save");
                 snapshot_bytes.push((at, bytes));
             }
         }
     }
     assert_eq!(at, TOKENS);
     let logits = session.last_logits.as_ref().expect("logits");
-    assert!(logits.iter().all(|x| x.is_finite()), "{variant}: non-finite logits after {TOKENS} tokens");
+    assert!(
+        logits.iter().all(|x| x.is_finite()),
+        "{variant}: non-finite logits after {TOKENS} tokens"
+    );
     let first = sizes[0].1;
     assert!(sizes.len() >= 20, "sampled {} times", sizes.len());
-    assert!(sizes.iter().all(|&(_, s)| s == first), "{variant}: state size changed after the window filled: {sizes:?}");
+    assert!(
+        sizes.iter().all(|&(_, s)| s == first),
+        "{variant}: state size changed after the window filled: {sizes:?}"
+    );
     // On disk too: only the header's numbers (`pos`, checksum) may change length.
     assert!(snapshot_bytes.len() >= 3, "{snapshot_bytes:?}");
-    let spread = snapshot_bytes.iter().map(|&(_, b)| b).max().unwrap_or(0) - snapshot_bytes.iter().map(|&(_, b)| b).min().unwrap_or(0);
-    assert!(spread <= 16, "{variant}: snapshot size grows with the conversation: {snapshot_bytes:?}");
+    let spread = snapshot_bytes.iter().map(|&(_, b)| b).max().unwrap_or(0)
+        - snapshot_bytes.iter().map(|&(_, b)| b).min().unwrap_or(0);
+    assert!(
+        spread <= 16,
+        "{variant}: snapshot size grows with the conversation: {snapshot_bytes:?}"
+    );
     eprintln!("{repo}/{variant}: {TOKENS} tokens in {:.1}s, state {first} bytes (sampled {} times), snapshots {snapshot_bytes:?}", started.elapsed().as_secs_f64(), sizes.len());
 }
 

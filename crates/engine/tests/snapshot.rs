@@ -15,15 +15,28 @@ use common::{token_ids, Fixture, Scratch, REPOS};
 use tokenizers::Tokenizer;
 use tptt::linear::CarryMode;
 use tptt_engine::snapshot::{self, config_hash};
-use tptt_engine::{CancelToken, Error, FinishReason, GenerateOptions, ModelIdentity, SamplingParams, Session, SessionOptions};
+use tptt_engine::{
+    CancelToken, Error, FinishReason, GenerateOptions, ModelIdentity, SamplingParams, Session,
+    SessionOptions,
+};
 
 fn greedy(max_new_tokens: usize) -> GenerateOptions {
-    let params = SamplingParams { max_new_tokens, ..SamplingParams::greedy() };
-    GenerateOptions { params, eos_ids: vec![2], ignore_eos: true, ..Default::default() }
+    let params = SamplingParams {
+        max_new_tokens,
+        ..SamplingParams::greedy()
+    };
+    GenerateOptions {
+        params,
+        eos_ids: vec![2],
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 fn generate(session: &mut Session, prompt: &[u32], n: usize, tok: &Tokenizer) -> Vec<u32> {
-    let out = session.generate(prompt, &greedy(n), tok, &CancelToken::new(), &mut |_| {}).expect("generate");
+    let out = session
+        .generate(prompt, &greedy(n), tok, &CancelToken::new(), &mut |_| {})
+        .expect("generate");
     assert_eq!(out.finish, FinishReason::MaxTokens);
     assert_eq!(out.ids.len(), n);
     out.ids
@@ -36,8 +49,16 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 
 /// Continue `session` greedily for `n` tokens, then feed `extra` one by one; returns the ids and
 /// every logit vector seen (after each generated token and each extra token).
-fn continue_and_record(session: &mut Session, n: usize, extra: &[u32], tok: &Tokenizer) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut logits = vec![session.last_logits.clone().expect("logits to continue from")];
+fn continue_and_record(
+    session: &mut Session,
+    n: usize,
+    extra: &[u32],
+    tok: &Tokenizer,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut logits = vec![session
+        .last_logits
+        .clone()
+        .expect("logits to continue from")];
     let ids = generate(session, &[], n, tok);
     logits.push(session.last_logits.clone().expect("logits"));
     for &id in extra {
@@ -55,20 +76,35 @@ fn round_trip(fx: &Fixture, opts: SessionOptions, scratch: &Scratch) {
     let identity = fx.identity();
     let mut live = Session::new(model.clone(), opts);
     generate(&mut live, &token_ids(13, vocab, 3), 7, &tok);
-    let path = scratch.path(&format!("{}-{}.tptt-state", fx.files.name, opts.window.unwrap_or(0)));
+    let path = scratch.path(&format!(
+        "{}-{}.tptt-state",
+        fx.files.name,
+        opts.window.unwrap_or(0)
+    ));
     let bytes = snapshot::save(&live, &identity, &path).expect("save");
 
     // The snapshot reports its size and what it holds.
-    assert_eq!(bytes, std::fs::metadata(&path).expect("snapshot written").len(), "{label}: reported size");
+    assert_eq!(
+        bytes,
+        std::fs::metadata(&path).expect("snapshot written").len(),
+        "{label}: reported size"
+    );
     let info = snapshot::info(&path).expect("info");
     assert_eq!(info.bytes, bytes, "{label}");
     assert_eq!(info.identity, identity, "{label}");
-    assert_eq!((info.pos, info.kv_len, info.window), (live.state.pos, live.state.kv_len(), live.state.window), "{label}");
+    assert_eq!(
+        (info.pos, info.kv_len, info.window),
+        (live.state.pos, live.state.kv_len(), live.state.window),
+        "{label}"
+    );
 
     let mut restored = snapshot::load(model.clone(), &identity, &path).expect("load");
     assert_eq!(restored.tokens, live.tokens, "{label}: tokens");
     assert_eq!(restored.state.pos, live.state.pos, "{label}: pos");
-    assert_eq!(restored.state.key_pos, live.state.key_pos, "{label}: key positions");
+    assert_eq!(
+        restored.state.key_pos, live.state.key_pos,
+        "{label}: key positions"
+    );
     assert_eq!(restored.state.mode, live.state.mode, "{label}: mode");
     assert_eq!(restored.state.window, live.state.window, "{label}: window");
     for (a, b) in restored.state.layers.iter().zip(&live.state.layers) {
@@ -76,7 +112,12 @@ fn round_trip(fx: &Fixture, opts: SessionOptions, scratch: &Scratch) {
         // Restored at the capacity the next in-place write needs (no reallocation then).
         if restored.state.mode == CarryMode::Continue {
             let cap = a.k.as_ref().map_or(0, |k| k.dim(1).expect("KV slots"));
-            let need = restored.state.window.map_or(restored.state.kv_len() + 1, |w| w.min(restored.state.kv_len() + 1));
+            let need = restored
+                .state
+                .window
+                .map_or(restored.state.kv_len() + 1, |w| {
+                    w.min(restored.state.kv_len() + 1)
+                });
             assert!(cap >= need, "{label}: restored KV capacity {cap} < {need}");
         }
     }
@@ -86,11 +127,19 @@ fn round_trip(fx: &Fixture, opts: SessionOptions, scratch: &Scratch) {
     let (got_ids, got_logits) = continue_and_record(&mut restored, 9, &extra, &tok);
     assert_eq!(got_ids, want_ids, "{label}: continued ids");
     for (step, (g, w)) in got_logits.iter().zip(&want_logits).enumerate() {
-        assert!(same_bits(g, w), "{label}: logits differ at step {step} (max |Δ| {:e})", common::max_abs_diff(g, w));
+        assert!(
+            same_bits(g, w),
+            "{label}: logits differ at step {step} (max |Δ| {:e})",
+            common::max_abs_diff(g, w)
+        );
     }
     // KV capacity is an allocation detail until the window is full; then it is W slots in both.
     if live.state.window == Some(live.state.kv_len()) {
-        assert_eq!(restored.state.size_bytes(), live.state.size_bytes(), "{label}: state size with a full window");
+        assert_eq!(
+            restored.state.size_bytes(),
+            live.state.size_bytes(),
+            "{label}: state size with a full window"
+        );
     }
 }
 
@@ -102,18 +151,38 @@ fn save_restore_continue_is_exact_for_every_variant() {
             let fx = Fixture::load(repo, &v);
             // A window that has not filled (config's or the default) and one that has (8 < 20).
             round_trip(&fx, SessionOptions::default(), &scratch);
-            round_trip(&fx, SessionOptions { window: Some(8), ..Default::default() }, &scratch);
+            round_trip(
+                &fx,
+                SessionOptions {
+                    window: Some(8),
+                    ..Default::default()
+                },
+                &scratch,
+            );
         }
     }
     // The reference-compatible mode round-trips too (its mode is part of the snapshot).
     let fx = Fixture::load("tptt-llama", "delta_product");
-    round_trip(&fx, SessionOptions { mode: CarryMode::Reference, window: Some(64) }, &scratch);
+    round_trip(
+        &fx,
+        SessionOptions {
+            mode: CarryMode::Reference,
+            window: Some(64),
+        },
+        &scratch,
+    );
 }
 
 /// A snapshot of `tptt-llama/delta_product` (order 2: every kind of carry present), 20 tokens.
 fn saved(scratch: &Scratch) -> (Fixture, std::path::PathBuf) {
     let fx = Fixture::load("tptt-llama", "delta_product");
-    let mut s = Session::new(fx.arc(), SessionOptions { window: Some(8), ..Default::default() });
+    let mut s = Session::new(
+        fx.arc(),
+        SessionOptions {
+            window: Some(8),
+            ..Default::default()
+        },
+    );
     generate(&mut s, &token_ids(12, 300, 5), 8, &fx.tokenizer());
     let path = scratch.path("base.tptt-state");
     snapshot::save(&s, &fx.identity(), &path).expect("save");
@@ -139,26 +208,57 @@ fn snapshot_of_another_model_variant_or_config_is_refused() {
     let (fx, path) = saved(&scratch);
 
     let other_variant = Fixture::load("tptt-llama", "delta_rule");
-    let reason = snapshot_reason(load_onto(&other_variant, &other_variant.identity(), &path), "another variant");
-    assert!(reason.contains("\"delta_product\"") && reason.contains("\"delta_rule\""), "another variant: {reason}");
+    let reason = snapshot_reason(
+        load_onto(&other_variant, &other_variant.identity(), &path),
+        "another variant",
+    );
+    assert!(
+        reason.contains("\"delta_product\"") && reason.contains("\"delta_rule\""),
+        "another variant: {reason}"
+    );
 
     let other_base = Fixture::load("tptt-qwen2", "delta_product");
-    let reason = snapshot_reason(load_onto(&other_base, &other_base.identity(), &path), "another model");
-    assert!(reason.contains("tptt-llama") && reason.contains("tptt-qwen2"), "another model: {reason}");
+    let reason = snapshot_reason(
+        load_onto(&other_base, &other_base.identity(), &path),
+        "another model",
+    );
+    assert!(
+        reason.contains("tptt-llama") && reason.contains("tptt-qwen2"),
+        "another model: {reason}"
+    );
 
     // The same variant with a changed setting is another config.
     let mut changed = fx.model.clone();
     changed.set_mag_weight(0.25);
-    let identity = ModelIdentity { config_hash: config_hash(changed.config()), ..fx.identity() };
-    assert_ne!(identity.config_hash, fx.identity().config_hash, "mag_weight is part of the config hash");
-    let reason = snapshot_reason(snapshot::load(Arc::new(changed), &identity, &path), "another config");
+    let identity = ModelIdentity {
+        config_hash: config_hash(changed.config()),
+        ..fx.identity()
+    };
+    assert_ne!(
+        identity.config_hash,
+        fx.identity().config_hash,
+        "mag_weight is part of the config hash"
+    );
+    let reason = snapshot_reason(
+        snapshot::load(Arc::new(changed), &identity, &path),
+        "another config",
+    );
     assert!(reason.contains("configuration"), "another config: {reason}");
 
     let mut chunked = fx.model.clone();
     chunked.set_max_chunk_size(3).expect("chunk");
-    let identity = ModelIdentity { config_hash: config_hash(chunked.config()), ..fx.identity() };
-    let reason = snapshot_reason(snapshot::load(Arc::new(chunked), &identity, &path), "another chunk size");
-    assert!(reason.contains("configuration"), "another chunk size: {reason}");
+    let identity = ModelIdentity {
+        config_hash: config_hash(chunked.config()),
+        ..fx.identity()
+    };
+    let reason = snapshot_reason(
+        snapshot::load(Arc::new(chunked), &identity, &path),
+        "another chunk size",
+    );
+    assert!(
+        reason.contains("configuration"),
+        "another chunk size: {reason}"
+    );
 
     // The untouched file still loads onto its own model.
     load_onto(&fx, &fx.identity(), &path).expect("own model");
@@ -183,25 +283,40 @@ fn corrupt_truncated_foreign_and_missing_files_are_refused() {
         let mut b = good.clone();
         b[at] ^= 0x5a;
         std::fs::write(&bad, &b).expect("write");
-        let reason = snapshot_reason(load_onto(&fx, &identity, &bad), &format!("byte {at} flipped"));
+        let reason = snapshot_reason(
+            load_onto(&fx, &identity, &bad),
+            &format!("byte {at} flipped"),
+        );
         assert!(reason.contains("corrupt"), "byte {at} flipped: {reason}");
     }
 
     // Truncated: inside the data, inside the header, before the header length, empty.
     for len in [good.len() - 1, good.len() - 100, start - 10, 5, 0] {
         std::fs::write(&bad, &good[..len]).expect("write");
-        let reason = snapshot_reason(load_onto(&fx, &identity, &bad), &format!("truncated to {len}"));
-        assert!(reason.contains("not a valid snapshot file"), "truncated to {len}: {reason}");
+        let reason = snapshot_reason(
+            load_onto(&fx, &identity, &bad),
+            &format!("truncated to {len}"),
+        );
+        assert!(
+            reason.contains("not a valid snapshot file"),
+            "truncated to {len}: {reason}"
+        );
     }
 
     // A safetensors file that is not a snapshot: the fixture's own weights.
     let weights = common::fixtures().join("llama-base/model.safetensors");
     let reason = snapshot_reason(load_onto(&fx, &identity, &weights), "weights file");
-    assert!(reason.contains("not a TPTT Chat state snapshot"), "weights file: {reason}");
+    assert!(
+        reason.contains("not a TPTT Chat state snapshot"),
+        "weights file: {reason}"
+    );
     // Not a safetensors file at all.
     std::fs::write(&bad, b"{\"hello\": \"world\"}").expect("write");
     let reason = snapshot_reason(load_onto(&fx, &identity, &bad), "JSON file");
-    assert!(reason.contains("not a valid snapshot file"), "JSON file: {reason}");
+    assert!(
+        reason.contains("not a valid snapshot file"),
+        "JSON file: {reason}"
+    );
 
     // A missing file is an I/O error naming the path.
     let missing = scratch.path("missing.tptt-state");
@@ -230,7 +345,9 @@ fn every_single_byte_flip_is_refused_without_panicking() {
             let mut b = good.clone();
             b[at] ^= mask;
             std::fs::write(&bad, &b).expect("write");
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| snapshot::load(model.clone(), &identity, &bad)));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                snapshot::load(model.clone(), &identity, &bad)
+            }));
             match r {
                 Err(_) => panic!("loading a snapshot with byte {at} ^ {mask:#x} panicked"),
                 Ok(Ok(_)) => accepted.push(format!("{at} ^ {mask:#x}")),
@@ -239,7 +356,13 @@ fn every_single_byte_flip_is_refused_without_panicking() {
             }
         }
     }
-    assert!(accepted.is_empty(), "{} of {} corrupted files were accepted: {:?}", accepted.len(), positions.len() * 2, &accepted[..accepted.len().min(20)]);
+    assert!(
+        accepted.is_empty(),
+        "{} of {} corrupted files were accepted: {:?}",
+        accepted.len(),
+        positions.len() * 2,
+        &accepted[..accepted.len().min(20)]
+    );
 }
 
 /// `tests/fixtures/snapshot-v2.tptt-state`: written by the version 2 writer (before the
@@ -257,20 +380,58 @@ fn version_2_snapshots_still_load_and_continue() {
     assert_eq!((info.pos, info.kv_len, info.window), (20, 8, Some(8)));
     // The stored identity (its config hash included) is the file's own: compare what was
     // restored with the file's tensors rather than with a recomputation.
-    let identity = ModelIdentity { variant: "delta_product".into(), ..info.identity.clone() };
+    let identity = ModelIdentity {
+        variant: "delta_product".into(),
+        ..info.identity.clone()
+    };
     let mut restored = snapshot::load(fx.arc(), &identity, &path).expect("a v2 snapshot loads");
     let bytes = std::fs::read(&path).expect("read");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let f32s = |name: &str| -> Vec<f32> { st.tensor(name).expect(name).data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
-    let u32s = |name: &str| -> Vec<u32> { st.tensor(name).expect(name).data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+    let f32s = |name: &str| -> Vec<f32> {
+        st.tensor(name)
+            .expect(name)
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let u32s = |name: &str| -> Vec<u32> {
+        st.tensor(name)
+            .expect(name)
+            .data()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
     assert_eq!(restored.tokens, u32s("tokens"));
-    assert_eq!(restored.state.key_pos, u32s("key_pos").into_iter().map(|p| p as usize).collect::<Vec<_>>());
-    assert!(same_bits(restored.last_logits.as_deref().expect("logits"), &f32s("last_logits")));
+    assert_eq!(
+        restored.state.key_pos,
+        u32s("key_pos")
+            .into_iter()
+            .map(|p| p as usize)
+            .collect::<Vec<_>>()
+    );
+    assert!(same_bits(
+        restored.last_logits.as_deref().expect("logits"),
+        &f32s("last_logits")
+    ));
     for (i, l) in restored.state.layers.iter().enumerate() {
-        assert!(same_bits(&l.linear.state, &f32s(&format!("layers.{i}.state"))), "layer {i} state");
+        assert!(
+            same_bits(&l.linear.state, &f32s(&format!("layers.{i}.state"))),
+            "layer {i} state"
+        );
         for (t, name) in [(&l.k, "k"), (&l.v, "v")] {
-            let view = t.as_ref().expect("kv").narrow(1, 0, 8).and_then(|x| x.flatten_all()).and_then(|x| x.to_vec1::<f32>()).expect("kv values");
-            assert!(same_bits(&view, &f32s(&format!("layers.{i}.{name}"))), "layer {i} {name}");
+            let view = t
+                .as_ref()
+                .expect("kv")
+                .narrow(1, 0, 8)
+                .and_then(|x| x.flatten_all())
+                .and_then(|x| x.to_vec1::<f32>())
+                .expect("kv values");
+            assert!(
+                same_bits(&view, &f32s(&format!("layers.{i}.{name}"))),
+                "layer {i} {name}"
+            );
         }
     }
     // It continues, and saving it again writes the current version, which restores the same.
@@ -280,10 +441,19 @@ fn version_2_snapshots_still_load_and_continue() {
     snapshot::save(&restored, &identity, &again).expect("save as v3");
     let v3 = std::fs::read(&again).expect("read");
     let (_, md) = safetensors::SafeTensors::read_metadata(&v3).expect("header");
-    assert_eq!(md.metadata().as_ref().and_then(|m| m.get("version")).map(String::as_str), Some(snapshot::SNAPSHOT_VERSION));
+    assert_eq!(
+        md.metadata()
+            .as_ref()
+            .and_then(|m| m.get("version"))
+            .map(String::as_str),
+        Some(snapshot::SNAPSHOT_VERSION)
+    );
     let back = snapshot::load(fx.arc(), &identity, &again).expect("v3 load");
     assert_eq!(back.tokens, restored.tokens);
-    assert!(same_bits(back.last_logits.as_deref().expect("logits"), restored.last_logits.as_deref().expect("logits")));
+    assert!(same_bits(
+        back.last_logits.as_deref().expect("logits"),
+        restored.last_logits.as_deref().expect("logits")
+    ));
 
     // The v2 checksum is still checked: a flipped data byte is refused as corrupt.
     let start = data_start(&bytes);
@@ -312,10 +482,18 @@ fn unknown_versions_are_refused_clearly() {
         b.extend_from_slice(&bytes[start..]);
         let path = scratch.path(&format!("v{v}.tptt-state"));
         std::fs::write(&path, &b).expect("write");
-        let reason = snapshot_reason(snapshot::load(fx.arc(), &fx.identity(), &path), &format!("version {v}"));
-        assert!(reason.contains(&format!("version \"{v}\" is not supported")), "version {v}: {reason}");
+        let reason = snapshot_reason(
+            snapshot::load(fx.arc(), &fx.identity(), &path),
+            &format!("version {v}"),
+        );
+        assert!(
+            reason.contains(&format!("version \"{v}\" is not supported")),
+            "version {v}: {reason}"
+        );
         match snapshot::info(&path) {
-            Err(Error::Snapshot { reason, .. }) => assert!(reason.contains("not supported"), "{reason}"),
+            Err(Error::Snapshot { reason, .. }) => {
+                assert!(reason.contains("not supported"), "{reason}")
+            }
             other => panic!("info of version {v}: {other:?}"),
         }
     }

@@ -51,7 +51,10 @@ fn synthetic_session(model: Arc<Model>) -> Session {
     let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
     let layers = (0..b.num_layers)
         .map(|i| {
-            let kv = |s: u32| Tensor::from_vec(values(nkv * WINDOW * d, s), (nkv, WINDOW, d), &Device::Cpu).expect("kv tensor");
+            let kv = |s: u32| {
+                Tensor::from_vec(values(nkv * WINDOW * d, s), (nkv, WINDOW, d), &Device::Cpu)
+                    .expect("kv tensor")
+            };
             let row = |s: u32, n: usize| values(n, s);
             let seed = 1000 * i as u32;
             LayerState {
@@ -74,8 +77,16 @@ fn synthetic_session(model: Arc<Model>) -> Session {
         .collect();
     // Continue mode: slot = position mod W, so after POS tokens slot s holds POS − W + s.
     let key_pos = (0..WINDOW).map(|s| POS - WINDOW + s).collect();
-    let state = State { pos: POS, key_pos, layers, mode: CarryMode::Continue, window: Some(WINDOW) };
-    let tokens = (0..4096u32).map(|i| (i * 7919) % b.vocab_size as u32).collect();
+    let state = State {
+        pos: POS,
+        key_pos,
+        layers,
+        mode: CarryMode::Continue,
+        window: Some(WINDOW),
+    };
+    let tokens = (0..4096u32)
+        .map(|i| (i * 7919) % b.vocab_size as u32)
+        .collect();
     let logits = values(b.vocab_size, 99);
     Session::from_parts(model, state, tokens, Some(logits))
 }
@@ -87,9 +98,15 @@ fn snapshot_save_and_load_times_at_benchmark_size() {
         eprintln!("TPTT_SMOLLM2_DIR is not set: skipping");
         return;
     };
-    let settings = TpttSettings::injected("delta_product", 0.125, &dir.display().to_string()).expect("settings");
-    let model = Arc::new(Model::load_plain(&dir, settings, &LoadOptions::default()).expect("model"));
-    let identity = ModelIdentity { model: dir.display().to_string(), variant: "delta_product".into(), config_hash: config_hash(model.config()) };
+    let settings = TpttSettings::injected("delta_product", 0.125, &dir.display().to_string())
+        .expect("settings");
+    let model =
+        Arc::new(Model::load_plain(&dir, settings, &LoadOptions::default()).expect("model"));
+    let identity = ModelIdentity {
+        model: dir.display().to_string(),
+        variant: "delta_product".into(),
+        config_hash: config_hash(model.config()),
+    };
     let session = synthetic_session(model.clone());
     let scratch = std::env::temp_dir().join(format!("tptt-snapshot-speed-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).expect("scratch dir");
@@ -128,8 +145,14 @@ fn snapshot_save_and_load_times_at_benchmark_size() {
         for (x, y) in [(&a.k, &b.k), (&a.v, &b.v)] {
             let (x, y) = (x.as_ref().expect("kv"), y.as_ref().expect("kv"));
             assert_eq!(x.dims(), y.dims());
-            let (x, y): (Vec<f32>, Vec<f32>) = (x.flatten_all().and_then(|t| t.to_vec1()).expect("x"), y.flatten_all().and_then(|t| t.to_vec1()).expect("y"));
-            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "KV values differ after the round trip");
+            let (x, y): (Vec<f32>, Vec<f32>) = (
+                x.flatten_all().and_then(|t| t.to_vec1()).expect("x"),
+                y.flatten_all().and_then(|t| t.to_vec1()).expect("y"),
+            );
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "KV values differ after the round trip"
+            );
         }
     }
     eprintln!(

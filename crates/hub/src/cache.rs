@@ -24,7 +24,9 @@ pub(crate) struct RepoCache {
 
 impl RepoCache {
     pub(crate) fn new(cache_dir: &Path, repo_id: &str) -> Self {
-        Self { dir: cache_dir.join(format!("models--{}", repo_id.replace('/', "--"))) }
+        Self {
+            dir: cache_dir.join(format!("models--{}", repo_id.replace('/', "--"))),
+        }
     }
 
     /// `models--{org}--{name}`.
@@ -46,11 +48,14 @@ impl RepoCache {
 
     /// `snapshots/{commit}/{path}` (`path` already checked safe, `/`-separated).
     pub(crate) fn pointer(&self, commit: &str, path: &str) -> PathBuf {
-        path.split('/').fold(self.snapshot(commit), |p, c| p.join(c))
+        path.split('/')
+            .fold(self.snapshot(commit), |p, c| p.join(c))
     }
 
     fn ref_path(&self, revision: &str) -> PathBuf {
-        revision.split('/').fold(self.dir.join("refs"), |p, c| p.join(c))
+        revision
+            .split('/')
+            .fold(self.dir.join("refs"), |p, c| p.join(c))
     }
 
     /// The commit `refs/{revision}` names, if any.
@@ -80,12 +85,25 @@ impl RepoCache {
                 out.push(p);
             }
         }
-        let mut rest: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(self.dir.join("snapshots"))
-            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir() && !out.contains(p)).collect::<Vec<_>>())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| (std::fs::metadata(&p).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), p))
-            .collect();
+        let mut rest: Vec<(std::time::SystemTime, PathBuf)> =
+            std::fs::read_dir(self.dir.join("snapshots"))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir() && !out.contains(p))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| {
+                    (
+                        std::fs::metadata(&p)
+                            .and_then(|m| m.modified())
+                            .unwrap_or(std::time::UNIX_EPOCH),
+                        p,
+                    )
+                })
+                .collect();
         rest.sort();
         out.extend(rest.into_iter().rev().map(|(_, p)| p));
         out
@@ -122,7 +140,9 @@ pub(crate) fn link(blob: &Path, pointer: &Path) -> Result<()> {
     if std::fs::hard_link(blob, pointer).is_ok() {
         return Ok(());
     }
-    std::fs::copy(blob, pointer).map(|_| ()).map_err(|e| io_error(pointer, e))
+    std::fs::copy(blob, pointer)
+        .map(|_| ())
+        .map_err(|e| io_error(pointer, e))
 }
 
 /// `target` relative to folder `from` (both under the same cache folder).
@@ -151,7 +171,10 @@ mod tests {
     fn layout_matches_huggingface_hub() {
         let c = RepoCache::new(Path::new("/c"), "org/name");
         assert_eq!(c.blob("abc"), Path::new("/c/models--org--name/blobs/abc"));
-        assert_eq!(c.incomplete("abc"), Path::new("/c/models--org--name/blobs/abc.incomplete"));
+        assert_eq!(
+            c.incomplete("abc"),
+            Path::new("/c/models--org--name/blobs/abc.incomplete")
+        );
         assert_eq!(
             c.pointer("c0ffee", "v1/config.json"),
             Path::new("/c/models--org--name/snapshots/c0ffee/v1/config.json")
@@ -160,7 +183,11 @@ mod tests {
 
     #[test]
     fn links_are_relative() {
-        let rel = relative_to(Path::new("/c/m/blobs/abc"), Path::new("/c/m/snapshots/sha/v1")).expect("common root");
+        let rel = relative_to(
+            Path::new("/c/m/blobs/abc"),
+            Path::new("/c/m/snapshots/sha/v1"),
+        )
+        .expect("common root");
         assert_eq!(rel, Path::new("../../../blobs/abc"));
         let dir = tempfile::tempdir().expect("temp dir");
         let c = RepoCache::new(dir.path(), "o/n");
@@ -177,7 +204,10 @@ mod tests {
         let moved = dir.path().join("moved");
         std::fs::create_dir_all(&moved).expect("mkdir");
         std::fs::rename(dir.path().join("models--o--n"), moved.join("models--o--n")).expect("move");
-        assert!(is_complete(&RepoCache::new(&moved, "o/n").pointer("sha", "a/b/f.json"), Some(5)));
+        assert!(is_complete(
+            &RepoCache::new(&moved, "o/n").pointer("sha", "a/b/f.json"),
+            Some(5)
+        ));
     }
 
     #[test]

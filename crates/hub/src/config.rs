@@ -45,7 +45,12 @@ pub struct HubConfig {
 impl HubConfig {
     /// An explicit configuration: no token, [`DEFAULT_MAX_RETRIES`].
     pub fn new(endpoint: impl Into<String>, cache_dir: impl Into<PathBuf>) -> Self {
-        Self { endpoint: endpoint.into(), cache_dir: cache_dir.into(), token: None, max_retries: DEFAULT_MAX_RETRIES }
+        Self {
+            endpoint: endpoint.into(),
+            cache_dir: cache_dir.into(),
+            token: None,
+            max_retries: DEFAULT_MAX_RETRIES,
+        }
     }
 
     /// The same with a token (`None` clears it).
@@ -70,7 +75,11 @@ impl HubConfig {
             let cache = get("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
                 // Windows has no HOME; USERPROFILE plays its part. Without either, a relative
                 // folder is the least surprising place.
-                get("HOME").or_else(|| get("USERPROFILE")).map(PathBuf::from).unwrap_or_default().join(".cache")
+                get("HOME")
+                    .or_else(|| get("USERPROFILE"))
+                    .map(PathBuf::from)
+                    .unwrap_or_default()
+                    .join(".cache")
             });
             cache.join("huggingface")
         });
@@ -82,11 +91,20 @@ impl HubConfig {
             .or_else(|| get("HUGGING_FACE_HUB_TOKEN"))
             .map(|t| t.to_string_lossy().trim().to_string())
             .or_else(|| {
-                let path = get("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
-                std::fs::read_to_string(path).ok().map(|t| t.trim().to_string())
+                let path = get("HF_TOKEN_PATH")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| hf_home.join("token"));
+                std::fs::read_to_string(path)
+                    .ok()
+                    .map(|t| t.trim().to_string())
             })
             .filter(|t| !t.is_empty());
-        Self { endpoint, cache_dir, token, max_retries: DEFAULT_MAX_RETRIES }
+        Self {
+            endpoint,
+            cache_dir,
+            token,
+            max_retries: DEFAULT_MAX_RETRIES,
+        }
     }
 }
 
@@ -107,26 +125,61 @@ mod tests {
     use std::collections::HashMap;
 
     fn check(vars: &[(&str, &str)], expected_cache: &str, expected_endpoint: &str) -> HubConfig {
-        let map: HashMap<String, OsString> = vars.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
+        let map: HashMap<String, OsString> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
         let cfg = HubConfig::from_vars(|k| map.get(k).cloned());
-        assert_eq!(cfg.cache_dir, PathBuf::from(expected_cache), "vars {vars:?}");
+        assert_eq!(
+            cfg.cache_dir,
+            PathBuf::from(expected_cache),
+            "vars {vars:?}"
+        );
         assert_eq!(cfg.endpoint, expected_endpoint, "vars {vars:?}");
         cfg
     }
 
     #[test]
     fn cache_dir_follows_the_python_rules() {
-        check(&[("HOME", "/h")], "/h/.cache/huggingface/hub", DEFAULT_ENDPOINT);
-        check(&[("HOME", "/h"), ("XDG_CACHE_HOME", "/x")], "/x/huggingface/hub", DEFAULT_ENDPOINT);
-        check(&[("HOME", "/h"), ("HF_HOME", "/hf")], "/hf/hub", DEFAULT_ENDPOINT);
-        check(&[("HF_HOME", "/hf"), ("HUGGINGFACE_HUB_CACHE", "/legacy")], "/legacy", DEFAULT_ENDPOINT);
         check(
-            &[("HF_HOME", "/hf"), ("HUGGINGFACE_HUB_CACHE", "/legacy"), ("HF_HUB_CACHE", "/c")],
+            &[("HOME", "/h")],
+            "/h/.cache/huggingface/hub",
+            DEFAULT_ENDPOINT,
+        );
+        check(
+            &[("HOME", "/h"), ("XDG_CACHE_HOME", "/x")],
+            "/x/huggingface/hub",
+            DEFAULT_ENDPOINT,
+        );
+        check(
+            &[("HOME", "/h"), ("HF_HOME", "/hf")],
+            "/hf/hub",
+            DEFAULT_ENDPOINT,
+        );
+        check(
+            &[("HF_HOME", "/hf"), ("HUGGINGFACE_HUB_CACHE", "/legacy")],
+            "/legacy",
+            DEFAULT_ENDPOINT,
+        );
+        check(
+            &[
+                ("HF_HOME", "/hf"),
+                ("HUGGINGFACE_HUB_CACHE", "/legacy"),
+                ("HF_HUB_CACHE", "/c"),
+            ],
             "/c",
             DEFAULT_ENDPOINT,
         );
-        check(&[("HOME", "/h"), ("HF_HOME", "")], "/h/.cache/huggingface/hub", DEFAULT_ENDPOINT);
-        check(&[("USERPROFILE", "/u")], "/u/.cache/huggingface/hub", DEFAULT_ENDPOINT);
+        check(
+            &[("HOME", "/h"), ("HF_HOME", "")],
+            "/h/.cache/huggingface/hub",
+            DEFAULT_ENDPOINT,
+        );
+        check(
+            &[("USERPROFILE", "/u")],
+            "/u/.cache/huggingface/hub",
+            DEFAULT_ENDPOINT,
+        );
         check(
             &[("HOME", "/h"), ("HF_ENDPOINT", "http://127.0.0.1:9/")],
             "/h/.cache/huggingface/hub",
@@ -138,12 +191,24 @@ mod tests {
     fn token_from_variable_then_file() {
         let dir = tempfile::tempdir().expect("temp dir");
         let home = dir.path().to_str().expect("utf-8 temp path");
-        let cfg = check(&[("HF_HOME", home)], &format!("{home}/hub"), DEFAULT_ENDPOINT);
+        let cfg = check(
+            &[("HF_HOME", home)],
+            &format!("{home}/hub"),
+            DEFAULT_ENDPOINT,
+        );
         assert_eq!(cfg.token, None);
         std::fs::write(dir.path().join("token"), "hf_file_token\n").expect("write token");
-        let cfg = check(&[("HF_HOME", home)], &format!("{home}/hub"), DEFAULT_ENDPOINT);
+        let cfg = check(
+            &[("HF_HOME", home)],
+            &format!("{home}/hub"),
+            DEFAULT_ENDPOINT,
+        );
         assert_eq!(cfg.token.as_deref(), Some("hf_file_token"));
-        let cfg = check(&[("HF_HOME", home), ("HF_TOKEN", "hf_env")], &format!("{home}/hub"), DEFAULT_ENDPOINT);
+        let cfg = check(
+            &[("HF_HOME", home), ("HF_TOKEN", "hf_env")],
+            &format!("{home}/hub"),
+            DEFAULT_ENDPOINT,
+        );
         assert_eq!(cfg.token.as_deref(), Some("hf_env"));
     }
 

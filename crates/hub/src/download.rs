@@ -97,7 +97,11 @@ impl<'a> Transfer<'a> {
 
     /// The listing's size was `planned`, the file turned out to be `actual` bytes.
     fn correct_total(&mut self, planned: u64, actual: u64) {
-        self.ev.total_bytes = self.ev.total_bytes.saturating_sub(planned).saturating_add(actual);
+        self.ev.total_bytes = self
+            .ev
+            .total_bytes
+            .saturating_sub(planned)
+            .saturating_add(actual);
     }
 
     fn file_started(&mut self, repo_id: &str, path: &str, size: u64, on_disk: u64) {
@@ -110,7 +114,10 @@ impl<'a> Transfer<'a> {
         self.ev.file_bytes = file_bytes;
         self.net_bytes += received;
         let now = Instant::now();
-        if self.last_emit.is_none_or(|t| now.duration_since(t) >= EMIT_EVERY) {
+        if self
+            .last_emit
+            .is_none_or(|t| now.duration_since(t) >= EMIT_EVERY)
+        {
             self.last_emit = Some(now);
             self.meter.record(now, self.net_bytes);
             self.emit(ProgressKind::Bytes);
@@ -143,7 +150,9 @@ impl<'a> Transfer<'a> {
         let end = Instant::now() + d;
         while Instant::now() < end {
             self.check_cancel()?;
-            std::thread::sleep(Duration::from_millis(20).min(end.saturating_duration_since(Instant::now())));
+            std::thread::sleep(
+                Duration::from_millis(20).min(end.saturating_duration_since(Instant::now())),
+            );
         }
         self.check_cancel()
     }
@@ -160,7 +169,12 @@ enum Attempt {
 impl Hub {
     /// Make `file` of `repo` (at the listed commit) complete in the cache; returns its
     /// snapshot path.
-    pub(crate) fn fetch_file(&self, repo: &RepoInfo, file: &RepoFile, tx: &mut Transfer<'_>) -> Result<PathBuf> {
+    pub(crate) fn fetch_file(
+        &self,
+        repo: &RepoInfo,
+        file: &RepoFile,
+        tx: &mut Transfer<'_>,
+    ) -> Result<PathBuf> {
         tx.check_cancel()?;
         let cache = RepoCache::new(&self.config.cache_dir, &repo.repo_id);
         let pointer = cache.pointer(&repo.commit_sha, &file.path);
@@ -170,7 +184,9 @@ impl Hub {
             tx.file_reused(&repo.repo_id, &file.path, planned);
             return Ok(pointer);
         }
-        let meta = self.http.file_meta(&repo.repo_id, &repo.commit_sha, &file.path)?;
+        let meta = self
+            .http
+            .file_meta(&repo.repo_id, &repo.commit_sha, &file.path)?;
         if file.size.is_some_and(|s| s != meta.size) {
             tracing::warn!(repo_id = %repo.repo_id, path = %file.path, listed = planned, served = meta.size, "file size differs from the listing; using the served size");
         }
@@ -209,8 +225,13 @@ impl Hub {
             std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         }
         let io = |e| io_error(&part, e);
-        let mut f =
-            std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&part).map_err(io)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&part)
+            .map_err(io)?;
         let mut have = f.metadata().map_err(io)?.len();
         if have > meta.size {
             f.set_len(0).map_err(io)?;
@@ -249,7 +270,13 @@ impl Hub {
                         message: "the server could not resume".into(),
                     }
                 }
-                Err(e @ (Error::Network { .. } | Error::Http { status: 429 | 500..=599, .. })) => e,
+                Err(
+                    e @ (Error::Network { .. }
+                    | Error::Http {
+                        status: 429 | 500..=599,
+                        ..
+                    }),
+                ) => e,
                 Err(e) => return Err(e),
             };
             // Progress resets the count: a slow, flaky link still finishes.
@@ -295,8 +322,13 @@ impl Hub {
         tx: &mut Transfer<'_>,
     ) -> Result<Attempt> {
         let io = |e| io_error(part, e);
-        let (mut resp, url) =
-            self.http.get_from(&meta.download_url, *have, &repo.repo_id, &repo.commit_sha, &file.path)?;
+        let (mut resp, url) = self.http.get_from(
+            &meta.download_url,
+            *have,
+            &repo.repo_id,
+            &repo.commit_sha,
+            &file.path,
+        )?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
                 if content_range_start(&resp) != Some(*have) {

@@ -131,7 +131,10 @@ pub enum Error {
 
     /// The repository has no variant of that name (no `<variant>/config.json` that is a TPTT
     /// config).
-    #[error("{repo_id} has no TPTT variant {variant:?}{}", available_message(available))]
+    #[error(
+        "{repo_id} has no TPTT variant {variant:?}{}",
+        available_message(available)
+    )]
     VariantNotFound {
         /// The repository.
         repo_id: String,
@@ -192,10 +195,17 @@ fn unauthorized_message(repo_id: &str, status: u16, token_sent: bool) -> String 
     }
 }
 
-fn not_found_message(repo_id: &str, revision: &str, path: Option<&str>, token_sent: bool) -> String {
+fn not_found_message(
+    repo_id: &str,
+    revision: &str,
+    path: Option<&str>,
+    token_sent: bool,
+) -> String {
     match path {
         Some(p) => format!("{p} not found in {repo_id} at revision {revision}"),
-        None if token_sent => format!("repository {repo_id} (revision {revision}) not found on the hub"),
+        None if token_sent => {
+            format!("repository {repo_id} (revision {revision}) not found on the hub")
+        }
         None => format!(
             "repository {repo_id} (revision {revision}) not found on the hub; if it is private or \
              gated, set a Hugging Face token"
@@ -214,9 +224,14 @@ fn available_message(available: &[String]) -> String {
 /// Map an I/O error on `path`: a full disk or quota gets its own variant.
 pub(crate) fn io_error(path: &Path, source: std::io::Error) -> Error {
     if is_disk_full(&source) {
-        Error::DiskFull { path: path.to_path_buf() }
+        Error::DiskFull {
+            path: path.to_path_buf(),
+        }
     } else {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -251,7 +266,10 @@ pub(crate) fn network(url: &reqwest::Url, cause: &(dyn std::error::Error + 'stat
         }
         next = e.source();
     }
-    Error::Network { url: display_url(url), message }
+    Error::Network {
+        url: display_url(url),
+        message,
+    }
 }
 
 /// A URL for messages: the query string (CDN signatures) and any user info are dropped.
@@ -276,9 +294,15 @@ mod tests {
             assert!(matches!(e, Error::DiskFull { .. }), "{e:?}");
             assert!(e.to_string().contains("not enough disk space"), "{e}");
         }
-        let e = io_error(Path::new("/x/blob"), std::io::Error::from(std::io::ErrorKind::StorageFull));
+        let e = io_error(
+            Path::new("/x/blob"),
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        );
         assert!(matches!(e, Error::DiskFull { .. }), "{e:?}");
-        let e = io_error(Path::new("/x/blob"), std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        let e = io_error(
+            Path::new("/x/blob"),
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
         assert!(matches!(e, Error::Io { .. }), "{e:?}");
     }
 
@@ -287,22 +311,39 @@ mod tests {
     #[test]
     fn dev_full_is_disk_full() {
         use std::io::Write;
-        let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/full") else { return };
-        let err = f.write_all(&[0u8; 4096]).and_then(|_| f.flush()).expect_err("/dev/full accepts no data");
-        assert!(matches!(io_error(Path::new("/dev/full"), err), Error::DiskFull { .. }));
+        let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+            return;
+        };
+        let err = f
+            .write_all(&[0u8; 4096])
+            .and_then(|_| f.flush())
+            .expect_err("/dev/full accepts no data");
+        assert!(matches!(
+            io_error(Path::new("/dev/full"), err),
+            Error::DiskFull { .. }
+        ));
     }
 
     #[test]
     fn urls_lose_their_signature() {
-        let u = reqwest::Url::parse("https://user:pw@cdn.example/x/y?X-Amz-Signature=abc#f").expect("url");
+        let u = reqwest::Url::parse("https://user:pw@cdn.example/x/y?X-Amz-Signature=abc#f")
+            .expect("url");
         assert_eq!(display_url(&u), "https://cdn.example/x/y");
     }
 
     #[test]
     fn token_messages_say_what_to_do() {
-        let e = Error::Unauthorized { repo_id: "meta-llama/Llama-3.2-1B".into(), status: 401, token_sent: false };
+        let e = Error::Unauthorized {
+            repo_id: "meta-llama/Llama-3.2-1B".into(),
+            status: 401,
+            token_sent: false,
+        };
         assert!(e.to_string().contains("needs a Hugging Face token"), "{e}");
-        let e = Error::Unauthorized { repo_id: "meta-llama/Llama-3.2-1B".into(), status: 403, token_sent: true };
+        let e = Error::Unauthorized {
+            repo_id: "meta-llama/Llama-3.2-1B".into(),
+            status: 403,
+            token_sent: true,
+        };
         assert!(e.to_string().contains("token is invalid"), "{e}");
     }
 }

@@ -17,7 +17,9 @@
 use std::time::Duration;
 
 use reqwest::blocking::{Client, RequestBuilder, Response};
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, ETAG, LOCATION, RANGE};
+use reqwest::header::{
+    HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, ETAG, LOCATION, RANGE,
+};
 use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 
@@ -74,8 +76,12 @@ struct RawLfs {
 
 impl Http {
     pub(crate) fn new(endpoint: &str, token: Option<&str>) -> Result<Self> {
-        let bad = |message: String| Error::InvalidEndpoint { endpoint: endpoint.to_string(), message };
-        let mut parsed = Url::parse(endpoint.trim_end_matches('/')).map_err(|e| bad(e.to_string()))?;
+        let bad = |message: String| Error::InvalidEndpoint {
+            endpoint: endpoint.to_string(),
+            message,
+        };
+        let mut parsed =
+            Url::parse(endpoint.trim_end_matches('/')).map_err(|e| bad(e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.cannot_be_a_base() {
             return Err(bad("expected an http:// or https:// URL".into()));
         }
@@ -85,8 +91,9 @@ impl Http {
         parsed.set_path(&path);
         let auth = match token.map(str::trim).filter(|t| !t.is_empty()) {
             Some(t) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
-                    .map_err(|_| bad("the token contains characters not allowed in an HTTP header".into()))?;
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                    bad("the token contains characters not allowed in an HTTP header".into())
+                })?;
                 v.set_sensitive(true);
                 Some(v)
             }
@@ -94,7 +101,10 @@ impl Http {
         };
         let mut headers = HeaderMap::new();
         // Sizes must be the file's, not a compressed transfer's.
-        headers.insert(reqwest::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        headers.insert(
+            reqwest::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         let client = Client::builder()
             .user_agent(concat!("tptt-hub/", env!("CARGO_PKG_VERSION"), "; rust"))
             .default_headers(headers)
@@ -105,7 +115,11 @@ impl Http {
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| bad(format!("cannot start the HTTP client: {e}")))?;
-        Ok(Self { client, endpoint: parsed, auth })
+        Ok(Self {
+            client,
+            endpoint: parsed,
+            auth,
+        })
     }
 
     pub(crate) fn endpoint(&self) -> &Url {
@@ -118,12 +132,19 @@ impl Http {
 
     fn url(&self, tail: &str) -> Result<Url> {
         let s = format!("{}{}", self.endpoint.as_str().trim_end_matches('/'), tail);
-        Url::parse(&s).map_err(|e| Error::Protocol { url: s.clone(), message: format!("bad URL: {e}") })
+        Url::parse(&s).map_err(|e| Error::Protocol {
+            url: s.clone(),
+            message: format!("bad URL: {e}"),
+        })
     }
 
     /// `{endpoint}/{repo_id}/resolve/{revision}/{path}`.
     pub(crate) fn resolve_url(&self, repo_id: &str, revision: &str, path: &str) -> Result<Url> {
-        self.url(&format!("/{repo_id}/resolve/{}/{}", encode(revision, false), encode(path, true)))
+        self.url(&format!(
+            "/{repo_id}/resolve/{}/{}",
+            encode(revision, false),
+            encode(path, true)
+        ))
     }
 
     /// A request; the token goes only to the endpoint's own origin.
@@ -165,23 +186,34 @@ impl Http {
             }
             url = next;
         }
-        Err(Error::Protocol { url: display_url(&url), message: "too many redirects".into() })
+        Err(Error::Protocol {
+            url: display_url(&url),
+            message: "too many redirects".into(),
+        })
     }
 
     /// List a repository at `revision` (see the module doc).
     pub(crate) fn repo_info(&self, repo_id: &str, revision: &str) -> Result<RepoInfo> {
-        let url = self.url(&format!("/api/models/{repo_id}/revision/{}?blobs=true", encode(revision, false)))?;
+        let url = self.url(&format!(
+            "/api/models/{repo_id}/revision/{}?blobs=true",
+            encode(revision, false)
+        ))?;
         let (resp, url) = self.send_following(Method::GET, url, 0, true)?;
         if !resp.status().is_success() {
             return Err(self.status_error(&resp, &url, repo_id, revision, None));
         }
         let body = resp.bytes().map_err(|e| network(&url, &e.without_url()))?;
-        let raw: RawRepoInfo = serde_json::from_slice(&body)
-            .map_err(|e| Error::Protocol { url: display_url(&url), message: format!("repository JSON: {e}") })?;
-        let commit_sha = raw.sha.filter(|s| is_safe_name(s)).ok_or_else(|| Error::Protocol {
+        let raw: RawRepoInfo = serde_json::from_slice(&body).map_err(|e| Error::Protocol {
             url: display_url(&url),
-            message: "no usable \"sha\" (commit) in the repository JSON".into(),
+            message: format!("repository JSON: {e}"),
         })?;
+        let commit_sha = raw
+            .sha
+            .filter(|s| is_safe_name(s))
+            .ok_or_else(|| Error::Protocol {
+                url: display_url(&url),
+                message: "no usable \"sha\" (commit) in the repository JSON".into(),
+            })?;
         let mut files = Vec::with_capacity(raw.siblings.len());
         for s in raw.siblings {
             if !is_safe_repo_path(&s.rfilename) {
@@ -190,7 +222,11 @@ impl Http {
                 tracing::warn!(repo_id, path = %s.rfilename, "ignoring unsafe file path in listing");
                 continue;
             }
-            let lfs_sha256 = s.lfs.as_ref().and_then(|l| l.sha256.clone()).filter(|h| is_sha256(h));
+            let lfs_sha256 = s
+                .lfs
+                .as_ref()
+                .and_then(|l| l.sha256.clone())
+                .filter(|h| is_sha256(h));
             let size = s.size.or_else(|| s.lfs.as_ref().and_then(|l| l.size));
             files.push(RepoFile {
                 path: s.rfilename,
@@ -204,7 +240,13 @@ impl Http {
             serde_json::Value::String(s) => !s.is_empty(),
             _ => false,
         };
-        Ok(RepoInfo { repo_id: repo_id.to_string(), revision: revision.to_string(), commit_sha, files, gated })
+        Ok(RepoInfo {
+            repo_id: repo_id.to_string(),
+            revision: revision.to_string(),
+            commit_sha,
+            files,
+            gated,
+        })
     }
 
     /// `HEAD` a file at a commit (see the module doc).
@@ -216,13 +258,24 @@ impl Http {
             return Err(self.status_error(&resp, &url, repo_id, commit, Some(path)));
         }
         let h = resp.headers();
-        let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
+        let header = |name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
         let etag = header("x-linked-etag")
             .or_else(|| h.get(ETAG).and_then(|v| v.to_str().ok()))
             .map(normalize_etag)
-            .ok_or_else(|| Error::Protocol { url: display_url(&url), message: "no ETag header".into() })?;
+            .ok_or_else(|| Error::Protocol {
+                url: display_url(&url),
+                message: "no ETag header".into(),
+            })?;
         if !is_safe_name(&etag) {
-            return Err(Error::Protocol { url: display_url(&url), message: format!("unusable ETag {etag:?}") });
+            return Err(Error::Protocol {
+                url: display_url(&url),
+                message: format!("unusable ETag {etag:?}"),
+            });
         }
         let size = header("x-linked-size")
             .or_else(|| h.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()))
@@ -242,8 +295,16 @@ impl Http {
                 );
             }
         }
-        let download_url = if status.is_redirection() { location(&resp, &url)? } else { url };
-        Ok(FileMeta { etag, size, download_url })
+        let download_url = if status.is_redirection() {
+            location(&resp, &url)?
+        } else {
+            url
+        };
+        Ok(FileMeta {
+            etag,
+            size,
+            download_url,
+        })
     }
 
     /// `GET` file content from byte `from` on. Returns the response (status checked: 200, 206
@@ -275,7 +336,11 @@ impl Http {
         path: Option<&str>,
     ) -> Error {
         let status = resp.status().as_u16();
-        let code = resp.headers().get("x-error-code").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let code = resp
+            .headers()
+            .get("x-error-code")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         let token_sent = self.has_token() && url.origin() == self.endpoint.origin();
         let not_found = |path: Option<&str>| Error::NotFound {
             repo_id: repo_id.to_string(),
@@ -284,12 +349,23 @@ impl Http {
             token_sent,
         };
         match (code, status) {
-            ("GatedRepo", _) => Error::Unauthorized { repo_id: repo_id.to_string(), status, token_sent },
+            ("GatedRepo", _) => Error::Unauthorized {
+                repo_id: repo_id.to_string(),
+                status,
+                token_sent,
+            },
             ("RepoNotFound" | "RevisionNotFound", _) => not_found(None),
             ("EntryNotFound", _) => not_found(path),
-            (_, 401 | 403) => Error::Unauthorized { repo_id: repo_id.to_string(), status, token_sent },
+            (_, 401 | 403) => Error::Unauthorized {
+                repo_id: repo_id.to_string(),
+                status,
+                token_sent,
+            },
             (_, 404) => not_found(path),
-            _ => Error::Http { url: display_url(url), status },
+            _ => Error::Http {
+                url: display_url(url),
+                status,
+            },
         }
     }
 }
@@ -300,8 +376,14 @@ fn location(resp: &Response, url: &Url) -> Result<Url> {
         .headers()
         .get(LOCATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| Error::Protocol { url: display_url(url), message: "redirect without Location".into() })?;
-    url.join(loc).map_err(|e| Error::Protocol { url: display_url(url), message: format!("bad Location: {e}") })
+        .ok_or_else(|| Error::Protocol {
+            url: display_url(url),
+            message: "redirect without Location".into(),
+        })?;
+    url.join(loc).map_err(|e| Error::Protocol {
+        url: display_url(url),
+        message: format!("bad Location: {e}"),
+    })
 }
 
 /// `Content-Range: bytes {start}-{end}/{total}` → `start`.
@@ -322,7 +404,9 @@ pub(crate) fn normalize_etag(v: &str) -> String {
 pub(crate) fn encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        let keep = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || (keep_slash && b == b'/');
+        let keep = b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~')
+            || (keep_slash && b == b'/');
         if keep {
             out.push(b as char);
         } else {
@@ -338,7 +422,8 @@ pub(crate) fn is_safe_name(s: &str) -> bool {
         && s.len() <= 128
         && s != "."
         && s != ".."
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// A repository file path that stays inside a snapshot folder: relative, `/`-separated,
@@ -376,10 +461,24 @@ mod tests {
 
     #[test]
     fn unsafe_paths_are_refused() {
-        for p in ["../x", "a/../../x", "/etc/passwd", "a//b", "a/./b", "C:/x", "a\\b", ""] {
+        for p in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "a//b",
+            "a/./b",
+            "C:/x",
+            "a\\b",
+            "",
+        ] {
             assert!(!is_safe_repo_path(p), "{p:?}");
         }
-        for p in ["config.json", "v1/adapter_model.safetensors", ".gitattributes", "a/.b/c"] {
+        for p in [
+            "config.json",
+            "v1/adapter_model.safetensors",
+            ".gitattributes",
+            "a/.b/c",
+        ] {
             assert!(is_safe_repo_path(p), "{p:?}");
         }
         assert!(!is_safe_name("../x"));
@@ -389,11 +488,19 @@ mod tests {
 
     #[test]
     fn endpoint_must_be_http() {
-        assert!(matches!(Http::new("ftp://x", None), Err(Error::InvalidEndpoint { .. })));
-        assert!(matches!(Http::new("not a url", None), Err(Error::InvalidEndpoint { .. })));
+        assert!(matches!(
+            Http::new("ftp://x", None),
+            Err(Error::InvalidEndpoint { .. })
+        ));
+        assert!(matches!(
+            Http::new("not a url", None),
+            Err(Error::InvalidEndpoint { .. })
+        ));
         let h = Http::new("http://127.0.0.1:9/hf/", None).expect("valid endpoint");
         assert_eq!(
-            h.resolve_url("o/n", "main", "a b.json").expect("url").as_str(),
+            h.resolve_url("o/n", "main", "a b.json")
+                .expect("url")
+                .as_str(),
             "http://127.0.0.1:9/hf/o/n/resolve/main/a%20b.json"
         );
     }

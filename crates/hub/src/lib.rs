@@ -200,7 +200,8 @@ pub fn validate_repo_id(repo_id: &str) -> Result<()> {
             && !p.starts_with('.')
             && !p.contains("..")
             && !p.contains("--")
-            && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
     if (1..=2).contains(&parts.len()) && parts.iter().all(part_ok) {
         Ok(())
@@ -215,12 +216,31 @@ mod tests {
 
     #[test]
     fn repo_ids() {
-        for ok in ["ffurfaro/Titans-Llama-3.2-1B", "gpt2", "meta-llama/Llama-3.2-1B", "google/gemma-3-270m", "a_b/c.d"]
-        {
+        for ok in [
+            "ffurfaro/Titans-Llama-3.2-1B",
+            "gpt2",
+            "meta-llama/Llama-3.2-1B",
+            "google/gemma-3-270m",
+            "a_b/c.d",
+        ] {
             assert!(validate_repo_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/x", "a/b/c", "../x", "a/..", "a/.x", "a b/c", "a/b?c", "/abs/path", "a--b/c"] {
-            assert!(matches!(validate_repo_id(bad), Err(Error::InvalidRepoId(_))), "{bad}");
+        for bad in [
+            "",
+            "/x",
+            "a/b/c",
+            "../x",
+            "a/..",
+            "a/.x",
+            "a b/c",
+            "a/b?c",
+            "/abs/path",
+            "a--b/c",
+        ] {
+            assert!(
+                matches!(validate_repo_id(bad), Err(Error::InvalidRepoId(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -234,8 +254,10 @@ mod tests {
 
     #[test]
     fn hub_debug_hides_the_token() {
-        let hub = Hub::new(HubConfig::new("http://127.0.0.1:1", "/tmp/c").with_token(Some("hf_topsecret".into())))
-            .expect("hub");
+        let hub = Hub::new(
+            HubConfig::new("http://127.0.0.1:1", "/tmp/c").with_token(Some("hf_topsecret".into())),
+        )
+        .expect("hub");
         let shown = format!("{hub:?}");
         assert!(!shown.contains("hf_topsecret"), "{shown}");
         assert!(shown.contains("<redacted>"), "{shown}");

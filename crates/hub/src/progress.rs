@@ -60,14 +60,21 @@ impl Default for SpeedMeter {
 impl SpeedMeter {
     /// A meter averaging over `window`.
     pub fn new(window: Duration) -> Self {
-        Self { window, samples: VecDeque::new() }
+        Self {
+            window,
+            samples: VecDeque::new(),
+        }
     }
 
     /// Record that `total` bytes have been transferred by `now` (a running total).
     pub fn record(&mut self, now: Instant, total: u64) {
         self.samples.push_back((now, total));
         // Keep one sample older than the window, so the rate spans the whole window.
-        while self.samples.len() > 2 && self.samples.get(1).is_some_and(|(t, _)| now.duration_since(*t) >= self.window)
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= self.window)
         {
             self.samples.pop_front();
         }

@@ -54,7 +54,10 @@ pub struct FakeRepo {
 
 impl FakeRepo {
     pub fn file(&self, path: &str) -> &FakeFile {
-        self.files.iter().find(|f| f.path == path).unwrap_or_else(|| panic!("fixture has no {path}"))
+        self.files
+            .iter()
+            .find(|f| f.path == path)
+            .unwrap_or_else(|| panic!("fixture has no {path}"))
     }
 
     /// A repository holding every file under `dir` (recursively, `/`-separated paths, sorted);
@@ -71,20 +74,37 @@ impl FakeRepo {
                     walk(root, &p, out);
                 } else {
                     let rel = p.strip_prefix(root).expect("under root");
-                    let path = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
-                    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-                    out.push(FakeFile { lfs: path.ends_with(".safetensors"), path, bytes });
+                    let path = rel
+                        .components()
+                        .map(|c| c.as_os_str().to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join("/");
+                    let bytes = std::fs::read(&p)
+                        .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+                    out.push(FakeFile {
+                        lfs: path.ends_with(".safetensors"),
+                        path,
+                        bytes,
+                    });
                 }
             }
         }
         let mut files = Vec::new();
         walk(dir, dir, &mut files);
-        FakeRepo { id: id.into(), commit: sha256_hex(format!("commit of {id}").as_bytes())[..40].to_string(), files, gated: false }
+        FakeRepo {
+            id: id.into(),
+            commit: sha256_hex(format!("commit of {id}").as_bytes())[..40].to_string(),
+            files,
+            gated: false,
+        }
     }
 
     /// The file at `path`, for changing it before the hub starts.
     pub fn file_mut(&mut self, path: &str) -> &mut FakeFile {
-        self.files.iter_mut().find(|f| f.path == path).unwrap_or_else(|| panic!("fixture has no {path}"))
+        self.files
+            .iter_mut()
+            .find(|f| f.path == path)
+            .unwrap_or_else(|| panic!("fixture has no {path}"))
     }
 }
 
@@ -136,8 +156,14 @@ impl FakeHub {
     pub fn start(repos: Vec<FakeRepo>, token: Option<&str>) -> Self {
         let hub = TcpListener::bind("127.0.0.1:0").expect("bind hub");
         let cdn = TcpListener::bind("127.0.0.1:0").expect("bind cdn");
-        let url = format!("http://127.0.0.1:{}", hub.local_addr().expect("addr").port());
-        let cdn_base = format!("http://127.0.0.1:{}", cdn.local_addr().expect("addr").port());
+        let url = format!(
+            "http://127.0.0.1:{}",
+            hub.local_addr().expect("addr").port()
+        );
+        let cdn_base = format!(
+            "http://127.0.0.1:{}",
+            cdn.local_addr().expect("addr").port()
+        );
         let state = Arc::new(State {
             repos,
             token: token.map(str::to_string),
@@ -175,23 +201,34 @@ impl FakeHub {
     }
 
     pub fn repo(&self, id: &str) -> &FakeRepo {
-        self.state.repos.iter().find(|r| r.id == id).expect("fixture repo")
+        self.state
+            .repos
+            .iter()
+            .find(|r| r.id == id)
+            .expect("fixture repo")
     }
 }
 
 /// Deterministic filler bytes.
 pub fn filler(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 33) as u8
         })
         .collect()
 }
 
 pub fn sha256_hex(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 /// A stand-in for a git blob id: 40 hex digits derived from the content.
@@ -200,11 +237,19 @@ fn blob_id(b: &[u8]) -> String {
 }
 
 fn small(path: &str, text: &str) -> FakeFile {
-    FakeFile { path: path.into(), bytes: text.as_bytes().to_vec(), lfs: false }
+    FakeFile {
+        path: path.into(),
+        bytes: text.as_bytes().to_vec(),
+        lfs: false,
+    }
 }
 
 fn lfs(path: &str, seed: u64, len: usize) -> FakeFile {
-    FakeFile { path: path.into(), bytes: filler(seed, len), lfs: true }
+    FakeFile {
+        path: path.into(),
+        bytes: filler(seed, len),
+        lfs: true,
+    }
 }
 
 /// Two variants (one with `model_type: "tptt"`, one with only `base_model_name`), a folder
@@ -215,10 +260,16 @@ pub fn tptt_repo() -> FakeRepo {
         commit: sha256_hex(b"tptt commit 1")[..40].to_string(),
         gated: false,
         files: vec![
-            small(".gitattributes", "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"),
+            small(
+                ".gitattributes",
+                "*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
+            ),
             small("README.md", "# Titans-Tiny\n"),
             small("modeling_tptt.py", "# code\n"),
-            small("tokenizer.json", r#"{"version":"1.0","model":{"type":"BPE"}}"#),
+            small(
+                "tokenizer.json",
+                r#"{"version":"1.0","model":{"type":"BPE"}}"#,
+            ),
             small(
                 "liza-a/config.json",
                 &format!(
@@ -227,8 +278,14 @@ pub fn tptt_repo() -> FakeRepo {
             ),
             lfs(ADAPTER_A, 11, 96 * 1024),
             small("liza-a/README.md", "# variant a\n"),
-            small("liza-a/tokenizer_config.json", r#"{"model_max_length":2048}"#),
-            small("liza-b/config.json", &format!(r#"{{"base_model_name":"{BASE}","operator_mode":"delta_product"}}"#)),
+            small(
+                "liza-a/tokenizer_config.json",
+                r#"{"model_max_length":2048}"#,
+            ),
+            small(
+                "liza-b/config.json",
+                &format!(r#"{{"base_model_name":"{BASE}","operator_mode":"delta_product"}}"#),
+            ),
             lfs("liza-b/adapter_model.safetensors", 12, 64 * 1024),
             small("notes/config.json", r#"{"model_type":"llama"}"#),
             small("docs/guide.md", "nothing\n"),
@@ -246,9 +303,15 @@ pub fn base_repo(gated: bool) -> FakeRepo {
         commit: sha256_hex(b"base commit 1")[..40].to_string(),
         gated,
         files: vec![
-            small("config.json", r#"{"model_type":"llama","hidden_size":8,"num_hidden_layers":1}"#),
+            small(
+                "config.json",
+                r#"{"model_type":"llama","hidden_size":8,"num_hidden_layers":1}"#,
+            ),
             small("generation_config.json", r#"{"eos_token_id":2}"#),
-            small("tokenizer.json", r#"{"version":"1.0","model":{"type":"BPE","base":true}}"#),
+            small(
+                "tokenizer.json",
+                r#"{"version":"1.0","model":{"type":"BPE","base":true}}"#,
+            ),
             small("tokenizer_config.json", r#"{"bos_token":"<s>"}"#),
             small("special_tokens_map.json", r#"{"bos_token":"<s>"}"#),
             small("model.safetensors.index.json", &index),
@@ -307,7 +370,11 @@ fn read_request(stream: &TcpStream) -> Option<Req> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    Some(Req { method, target, headers })
+    Some(Req {
+        method,
+        target,
+        headers,
+    })
 }
 
 struct Answer {
@@ -322,14 +389,22 @@ struct Answer {
 
 impl Answer {
     fn new(status: u16) -> Self {
-        Self { status, headers: Vec::new(), body: Vec::new(), cut_at: None, pause: None }
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            cut_at: None,
+            pause: None,
+        }
     }
     fn header(mut self, k: &str, v: impl ToString) -> Self {
         self.headers.push((k.to_string(), v.to_string()));
         self
     }
     fn error(status: u16, code: &str) -> Self {
-        Self::new(status).header("X-Error-Code", code).header("X-Error-Message", code)
+        Self::new(status)
+            .header("X-Error-Code", code)
+            .header("X-Error-Message", code)
     }
 }
 
@@ -348,11 +423,20 @@ fn reason(status: u16) -> &'static str {
 
 fn serve(mut stream: TcpStream, state: &State, server: &'static str) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let Some(req) = read_request(&stream) else { return };
-    let answer = if server == "hub" { route_hub(&req, state) } else { route_cdn(&req, state) };
+    let Some(req) = read_request(&stream) else {
+        return;
+    };
+    let answer = if server == "hub" {
+        route_hub(&req, state)
+    } else {
+        route_cdn(&req, state)
+    };
     let head_only = req.method == "HEAD";
     let mut head = format!("HTTP/1.1 {} {}\r\n", answer.status, reason(answer.status));
-    let has_len = answer.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+    let has_len = answer
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
     for (k, v) in &answer.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -360,7 +444,14 @@ fn serve(mut stream: TcpStream, state: &State, server: &'static str) {
         head.push_str(&format!("Content-Length: {}\r\n", answer.body.len()));
     }
     head.push_str("Connection: close\r\n\r\n");
-    let end = if head_only { 0 } else { answer.cut_at.unwrap_or(answer.body.len()).min(answer.body.len()) };
+    let end = if head_only {
+        0
+    } else {
+        answer
+            .cut_at
+            .unwrap_or(answer.body.len())
+            .min(answer.body.len())
+    };
     // Logged before answering: the client may act on the answer before this thread runs on.
     state.log.lock().expect("log lock").push(Logged {
         server,
@@ -374,7 +465,11 @@ fn serve(mut stream: TcpStream, state: &State, server: &'static str) {
     let mut sent = 0usize;
     let _ = stream.write_all(head.as_bytes());
     if !head_only {
-        let piece = if answer.pause.is_some() { 8 * 1024 } else { 64 * 1024 };
+        let piece = if answer.pause.is_some() {
+            8 * 1024
+        } else {
+            64 * 1024
+        };
         while sent < end {
             let n = piece.min(end - sent);
             if stream.write_all(&answer.body[sent..sent + n]).is_err() {
@@ -394,11 +489,17 @@ fn serve(mut stream: TcpStream, state: &State, server: &'static str) {
 fn route_hub(req: &Req, state: &State) -> Answer {
     let (path, _query) = req.target.split_once('?').unwrap_or((&req.target, ""));
     if let Some(rest) = path.strip_prefix("/api/models/") {
-        let Some((repo_id, rev)) = rest.split_once("/revision/") else { return Answer::new(400) };
+        let Some((repo_id, rev)) = rest.split_once("/revision/") else {
+            return Answer::new(400);
+        };
         return api_revision(state, repo_id, rev);
     }
-    let Some((repo_id, rest)) = path.trim_start_matches('/').split_once("/resolve/") else { return Answer::new(404) };
-    let Some((rev, file_path)) = rest.split_once('/') else { return Answer::new(404) };
+    let Some((repo_id, rest)) = path.trim_start_matches('/').split_once("/resolve/") else {
+        return Answer::new(404);
+    };
+    let Some((rev, file_path)) = rest.split_once('/') else {
+        return Answer::new(404);
+    };
     resolve(req, state, repo_id, rev, &percent_decode(file_path))
 }
 
@@ -408,7 +509,9 @@ fn find_repo<'a>(state: &'a State, repo_id: &str) -> Option<&'a FakeRepo> {
 
 fn api_revision(state: &State, repo_id: &str, rev: &str) -> Answer {
     // Like the real hub without a token: an unknown repository is a 401 RepoNotFound.
-    let Some(repo) = find_repo(state, repo_id) else { return Answer::error(401, "RepoNotFound") };
+    let Some(repo) = find_repo(state, repo_id) else {
+        return Answer::error(401, "RepoNotFound");
+    };
     if rev != "main" && rev != repo.commit {
         return Answer::error(404, "RevisionNotFound");
     }
@@ -435,7 +538,9 @@ fn api_revision(state: &State, repo_id: &str, rev: &str) -> Answer {
 }
 
 fn resolve(req: &Req, state: &State, repo_id: &str, rev: &str, path: &str) -> Answer {
-    let Some(repo) = find_repo(state, repo_id) else { return Answer::error(401, "RepoNotFound") };
+    let Some(repo) = find_repo(state, repo_id) else {
+        return Answer::error(401, "RepoNotFound");
+    };
     if rev != "main" && rev != repo.commit {
         return Answer::error(404, "RevisionNotFound");
     }
@@ -447,7 +552,9 @@ fn resolve(req: &Req, state: &State, repo_id: &str, rev: &str, path: &str) -> An
             Some(_) => {}
         }
     }
-    let Some(file) = repo.files.iter().find(|f| f.path == path) else { return Answer::error(404, "EntryNotFound") };
+    let Some(file) = repo.files.iter().find(|f| f.path == path) else {
+        return Answer::error(404, "EntryNotFound");
+    };
     let lie = state.faults.lock().expect("faults lock").lie_size.clone();
     let announced = match &lie {
         Some((p, n)) if p == path => *n,
@@ -456,7 +563,10 @@ fn resolve(req: &Req, state: &State, repo_id: &str, rev: &str, path: &str) -> An
     if file.lfs {
         let sha = sha256_hex(&file.bytes);
         let mut a = Answer::new(302)
-            .header("Location", format!("{}/lfs/{sha}?X-Amz-Signature=sig", state.cdn_base))
+            .header(
+                "Location",
+                format!("{}/lfs/{sha}?X-Amz-Signature=sig", state.cdn_base),
+            )
             .header("X-Linked-Etag", format!("\"{sha}\""))
             .header("X-Linked-Size", announced)
             .header("X-Repo-Commit", &repo.commit)
@@ -470,16 +580,29 @@ fn resolve(req: &Req, state: &State, repo_id: &str, rev: &str, path: &str) -> An
         .header("Accept-Ranges", "bytes");
     if req.method == "HEAD" {
         a.headers.retain(|(k, _)| k != "Content-Length");
-        a.headers.push(("Content-Length".into(), announced.to_string()));
+        a.headers
+            .push(("Content-Length".into(), announced.to_string()));
     }
     a
 }
 
 fn route_cdn(req: &Req, state: &State) -> Answer {
-    let path = req.target.split_once('?').map(|(p, _)| p).unwrap_or(&req.target);
-    let Some(sha) = path.strip_prefix("/lfs/") else { return Answer::new(404) };
-    let found = state.repos.iter().flat_map(|r| r.files.iter()).find(|f| f.lfs && sha256_hex(&f.bytes) == sha);
-    let Some(file) = found else { return Answer::new(404) };
+    let path = req
+        .target
+        .split_once('?')
+        .map(|(p, _)| p)
+        .unwrap_or(&req.target);
+    let Some(sha) = path.strip_prefix("/lfs/") else {
+        return Answer::new(404);
+    };
+    let found = state
+        .repos
+        .iter()
+        .flat_map(|r| r.files.iter())
+        .find(|f| f.lfs && sha256_hex(&f.bytes) == sha);
+    let Some(file) = found else {
+        return Answer::new(404);
+    };
     content(req, &file.bytes, &file.path, state).header("ETag", format!("\"{sha}\""))
 }
 
@@ -499,9 +622,12 @@ fn content(req: &Req, bytes: &[u8], path: &str, state: &State) -> Answer {
         .and_then(|r| r.split('-').next())
         .and_then(|s| s.parse::<usize>().ok());
     let mut a = match start {
-        Some(s) if s >= total => return Answer::new(416).header("Content-Range", format!("bytes */{total}")),
+        Some(s) if s >= total => {
+            return Answer::new(416).header("Content-Range", format!("bytes */{total}"))
+        }
         Some(s) => {
-            let mut a = Answer::new(206).header("Content-Range", format!("bytes {s}-{}/{total}", total - 1));
+            let mut a = Answer::new(206)
+                .header("Content-Range", format!("bytes {s}-{}/{total}", total - 1));
             a.body = bytes[s..].to_vec();
             a
         }

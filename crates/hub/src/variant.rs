@@ -55,7 +55,8 @@ const RECORDS: &str = ".tptt";
 /// A TPTT config: `model_type` is `"tptt"` or it names a `base_model_name` (as the `tptt`
 /// crate decides).
 pub fn is_tptt_config(config: &Value) -> bool {
-    config.get("model_type").and_then(Value::as_str) == Some("tptt") || config.get("base_model_name").is_some()
+    config.get("model_type").and_then(Value::as_str) == Some("tptt")
+        || config.get("base_model_name").is_some()
 }
 
 /// The record of a complete download (see the module doc).
@@ -80,7 +81,12 @@ struct RecordFile {
 impl Variant {
     fn from_config(name: &str, config_json: Value) -> Self {
         let text = |k: &str| {
-            config_json.get(k).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string)
+            config_json
+                .get(k)
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
         };
         Self {
             name: name.to_string(),
@@ -118,7 +124,11 @@ fn validate_variant(name: &str) -> Result<()> {
     if name == "." || (is_safe_repo_path(name) && !name.contains('/')) {
         Ok(())
     } else {
-        Err(Error::VariantNotFound { repo_id: String::new(), variant: name.to_string(), available: Vec::new() })
+        Err(Error::VariantNotFound {
+            repo_id: String::new(),
+            variant: name.to_string(),
+            available: Vec::new(),
+        })
     }
 }
 
@@ -137,7 +147,12 @@ fn push_listed<'a>(out: &mut Vec<&'a RepoFile>, info: &'a RepoInfo, dir: &str, n
 /// The TPTT repository's part of the plan (module doc); `v/config.json` comes first.
 pub(crate) fn variant_plan<'a>(repo: &'a RepoInfo, variant: &str) -> Vec<&'a RepoFile> {
     let mut out = Vec::new();
-    push_listed(&mut out, repo, variant, &[CONFIG, ADAPTER, GENERATION_CONFIG]);
+    push_listed(
+        &mut out,
+        repo,
+        variant,
+        &[CONFIG, ADAPTER, GENERATION_CONFIG],
+    );
     push_listed(&mut out, repo, variant, TOKENIZER_FILES);
     push_listed(&mut out, repo, "", &[GENERATION_CONFIG]);
     push_listed(&mut out, repo, "", TOKENIZER_FILES);
@@ -145,7 +160,10 @@ pub(crate) fn variant_plan<'a>(repo: &'a RepoInfo, variant: &str) -> Vec<&'a Rep
 }
 
 /// The base's configuration and tokenizer files (module doc).
-pub(crate) fn base_small_plan<'a>(base: &'a RepoInfo, subfolder: Option<&str>) -> Vec<&'a RepoFile> {
+pub(crate) fn base_small_plan<'a>(
+    base: &'a RepoInfo,
+    subfolder: Option<&str>,
+) -> Vec<&'a RepoFile> {
     let mut out = Vec::new();
     for dir in std::iter::once("").chain(subfolder) {
         push_listed(&mut out, base, dir, &[CONFIG, GENERATION_CONFIG]);
@@ -156,7 +174,10 @@ pub(crate) fn base_small_plan<'a>(base: &'a RepoInfo, subfolder: Option<&str>) -
 
 /// The shard names a `model.safetensors.index.json` maps weights to, sorted, checked safe.
 pub(crate) fn index_shards(index: &Value) -> std::result::Result<Vec<String>, String> {
-    let map = index.get("weight_map").and_then(Value::as_object).ok_or("no \"weight_map\" object")?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or("no \"weight_map\" object")?;
     let mut shards = BTreeSet::new();
     for v in map.values() {
         let s = v.as_str().ok_or("a weight_map value is not a string")?;
@@ -180,7 +201,11 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 fn invalid(repo_id: &str, path: &str, message: impl Into<String>) -> Error {
-    Error::InvalidConfig { repo_id: repo_id.to_string(), path: path.to_string(), message: message.into() }
+    Error::InvalidConfig {
+        repo_id: repo_id.to_string(),
+        path: path.to_string(),
+        message: message.into(),
+    }
 }
 
 impl Hub {
@@ -203,12 +228,16 @@ impl Hub {
                 break;
             }
             let path = format!("{}{CONFIG}", prefix(&name));
-            let Some(file) = info.file(&path) else { continue };
+            let Some(file) = info.file(&path) else {
+                continue;
+            };
             let local = self.fetch_file(&info, file, &mut tx)?;
             match read_json(&local) {
                 Ok(v) if is_tptt_config(&v) => out.push(Variant::from_config(&name, v)),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(repo_id, path, error = %e, "skipping a config.json that is not JSON"),
+                Err(e) => {
+                    tracing::warn!(repo_id, path, error = %e, "skipping a config.json that is not JSON")
+                }
             }
         }
         Ok(out)
@@ -252,13 +281,24 @@ impl Hub {
             return Err(not_found());
         }
         let v = Variant::from_config(variant, config);
-        let base_id = v.base_model_name.clone().ok_or_else(|| invalid(repo_id, &config_path, "no base_model_name"))?;
+        let base_id = v
+            .base_model_name
+            .clone()
+            .ok_or_else(|| invalid(repo_id, &config_path, "no base_model_name"))?;
         validate_repo_id(&base_id).map_err(|_| {
-            invalid(repo_id, &config_path, format!("base_model_name {base_id:?} is not a Hugging Face repository id"))
+            invalid(
+                repo_id,
+                &config_path,
+                format!("base_model_name {base_id:?} is not a Hugging Face repository id"),
+            )
         })?;
         if let Some(s) = &v.base_model_subfolder {
             if !is_safe_repo_path(s) {
-                return Err(invalid(repo_id, &config_path, format!("unusable base_model_subfolder {s:?}")));
+                return Err(invalid(
+                    repo_id,
+                    &config_path,
+                    format!("unusable base_model_subfolder {s:?}"),
+                ));
             }
         }
         let sub = v.base_model_subfolder.as_deref();
@@ -277,7 +317,9 @@ impl Hub {
                 let path = format!("{wdir}{s}");
                 let f = base.file(&path).ok_or_else(|| Error::MissingWeights {
                     repo_id: base_id.clone(),
-                    message: format!("{index_path} names {path}, which the repository does not have"),
+                    message: format!(
+                        "{index_path} names {path}, which the repository does not have"
+                    ),
                 })?;
                 plan.push((&base, f));
             }
@@ -291,7 +333,10 @@ impl Hub {
         }
 
         let mut tx = Transfer::new(Some(&mut progress), cancel);
-        tx.set_plan(plan.iter().map(|(_, f)| f.size.unwrap_or(0)).sum(), plan.len());
+        tx.set_plan(
+            plan.iter().map(|(_, f)| f.size.unwrap_or(0)).sum(),
+            plan.len(),
+        );
         for (info, file) in &plan {
             self.fetch_file(info, file, &mut tx)?;
         }
@@ -307,9 +352,14 @@ impl Hub {
             files: plan
                 .iter()
                 .map(|(info, f)| {
-                    let pointer = RepoCache::new(self.cache_dir(), &info.repo_id).pointer(&info.commit_sha, &f.path);
+                    let pointer = RepoCache::new(self.cache_dir(), &info.repo_id)
+                        .pointer(&info.commit_sha, &f.path);
                     let size = std::fs::metadata(&pointer).map(|m| m.len()).unwrap_or(0);
-                    RecordFile { base: info.repo_id != repo_id, path: f.path.clone(), size }
+                    RecordFile {
+                        base: info.repo_id != repo_id,
+                        path: f.path.clone(),
+                        size,
+                    }
                 })
                 .collect(),
         };
@@ -343,7 +393,9 @@ impl Hub {
         validate_variant(variant).map_err(|_| not_cached())?;
         let cache = RepoCache::new(self.cache_dir(), repo_id);
         for snap in cache.snapshots() {
-            let Some(commit) = snap.file_name().and_then(|n| n.to_str()) else { continue };
+            let Some(commit) = snap.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
             if let Some(found) = self.check_record(repo_id, commit, variant) {
                 return Ok(found);
             }
@@ -363,9 +415,14 @@ impl Hub {
         let cache = RepoCache::new(self.cache_dir(), repo_id);
         let mut names = BTreeSet::new();
         for snap in cache.snapshots() {
-            let Some(commit) = snap.file_name().and_then(|n| n.to_str()) else { continue };
+            let Some(commit) = snap.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
             if let Ok(rd) = std::fs::read_dir(cache.record_dir(commit)) {
-                names.extend(rd.flatten().filter_map(|e| record_variant_name(&e.file_name().to_string_lossy())));
+                names.extend(
+                    rd.flatten()
+                        .filter_map(|e| record_variant_name(&e.file_name().to_string_lossy())),
+                );
             }
             if let Ok(rd) = std::fs::read_dir(&snap) {
                 names.extend(
@@ -378,7 +435,10 @@ impl Hub {
                 names.insert(".".into());
             }
         }
-        names.into_iter().filter_map(|n| self.local_variant(repo_id, &n).ok()).collect()
+        names
+            .into_iter()
+            .filter_map(|n| self.local_variant(repo_id, &n).ok())
+            .collect()
     }
 
     /// Remove a downloaded variant from the cache: its download records, its folder's snapshot
@@ -398,7 +458,9 @@ impl Hub {
         let snapshots = cache.snapshots();
         let mut pointers = Vec::new();
         for snap in &snapshots {
-            let Some(commit) = snap.file_name().and_then(|n| n.to_str()) else { continue };
+            let Some(commit) = snap.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
             let record = cache.record_path(commit, variant);
             if record.exists() {
                 std::fs::remove_file(&record).map_err(|e| io_error(&record, e))?;
@@ -408,7 +470,10 @@ impl Hub {
             }
         }
         // Blobs the entries point to; those that no remaining entry points to go.
-        let targets: BTreeSet<PathBuf> = pointers.iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
+        let targets: BTreeSet<PathBuf> = pointers
+            .iter()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect();
         for p in &pointers {
             std::fs::remove_file(p).map_err(|e| io_error(p, e))?;
         }
@@ -424,7 +489,10 @@ impl Hub {
         for snap in &snapshots {
             collect_files(snap, &mut remaining);
         }
-        let used: BTreeSet<PathBuf> = remaining.iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
+        let used: BTreeSet<PathBuf> = remaining
+            .iter()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect();
         let blobs = std::fs::canonicalize(cache.dir().join("blobs")).ok();
         let mut freed = 0;
         for t in targets.difference(&used) {
@@ -440,7 +508,8 @@ impl Hub {
 
     fn local_from_record(&self, repo_id: &str, r: &Record) -> LocalVariant {
         let repo_snapshot = RepoCache::new(self.cache_dir(), repo_id).snapshot(&r.repo_commit);
-        let base_snapshot = RepoCache::new(self.cache_dir(), &r.base_model_name).snapshot(&r.base_commit);
+        let base_snapshot =
+            RepoCache::new(self.cache_dir(), &r.base_model_name).snapshot(&r.base_commit);
         LocalVariant {
             repo_id: repo_id.to_string(),
             variant: r.variant.clone(),
@@ -449,7 +518,10 @@ impl Hub {
             repo_snapshot,
             base_model_name: r.base_model_name.clone(),
             base_commit: r.base_commit.clone(),
-            base_dir: join_rel(&base_snapshot, r.base_model_subfolder.as_deref().unwrap_or("")),
+            base_dir: join_rel(
+                &base_snapshot,
+                r.base_model_subfolder.as_deref().unwrap_or(""),
+            ),
             base_snapshot,
         }
     }
@@ -459,7 +531,10 @@ impl Hub {
         let cache = RepoCache::new(self.cache_dir(), repo_id);
         let bytes = std::fs::read(cache.record_path(commit, variant)).ok()?;
         let r: Record = serde_json::from_slice(&bytes).ok()?;
-        if r.variant != variant || r.repo_commit != commit || validate_repo_id(&r.base_model_name).is_err() {
+        if r.variant != variant
+            || r.repo_commit != commit
+            || validate_repo_id(&r.base_model_name).is_err()
+        {
             return None;
         }
         let base_cache = RepoCache::new(self.cache_dir(), &r.base_model_name);
@@ -472,7 +547,12 @@ impl Hub {
                 }
         });
         if !all_there {
-            tracing::warn!(repo_id, variant, commit, "download record lists files that are missing");
+            tracing::warn!(
+                repo_id,
+                variant,
+                commit,
+                "download record lists files that are missing"
+            );
             return None;
         }
         Some(self.local_from_record(repo_id, &r))
@@ -480,7 +560,12 @@ impl Hub {
 
     /// Without a record: config + adapter in the variant folder, base config + complete
     /// weights in some snapshot of the base.
-    fn check_without_record(&self, repo_id: &str, commit: &str, variant: &str) -> Option<LocalVariant> {
+    fn check_without_record(
+        &self,
+        repo_id: &str,
+        commit: &str,
+        variant: &str,
+    ) -> Option<LocalVariant> {
         let snap = RepoCache::new(self.cache_dir(), repo_id).snapshot(commit);
         let dir = join_rel(&snap, variant);
         let config = read_json(&dir.join(CONFIG)).ok()?;
@@ -515,7 +600,9 @@ impl Hub {
 
 /// Every file (or link to one) under `dir`, recursively; nothing when it does not exist.
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         match e.file_type() {
@@ -529,14 +616,17 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// `model.safetensors`, or an index whose every shard is present.
 fn weights_complete(dir: &Path) -> bool {
     match read_json(&dir.join(WEIGHTS_INDEX)) {
-        Ok(index) => index_shards(&index).is_ok_and(|shards| shards.iter().all(|s| join_rel(dir, s).is_file())),
+        Ok(index) => index_shards(&index)
+            .is_ok_and(|shards| shards.iter().all(|s| join_rel(dir, s).is_file())),
         Err(_) => dir.join(WEIGHTS).is_file(),
     }
 }
 
 /// `base` joined with a `/`-separated relative path (`""` or `"."` is `base`).
 fn join_rel(base: &Path, rel: &str) -> PathBuf {
-    rel.split('/').filter(|c| !c.is_empty() && *c != ".").fold(base.to_path_buf(), |p, c| p.join(c))
+    rel.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .fold(base.to_path_buf(), |p, c| p.join(c))
 }
 
 /// Record file names: `{variant}.json`, `@root.json` for `"."`.
@@ -591,7 +681,12 @@ mod tests {
             commit_sha: "c0".into(),
             files: paths
                 .iter()
-                .map(|p| RepoFile { path: p.to_string(), size: Some(1), lfs_sha256: None, blob_id: None })
+                .map(|p| RepoFile {
+                    path: p.to_string(),
+                    size: Some(1),
+                    lfs_sha256: None,
+                    blob_id: None,
+                })
                 .collect(),
             gated: false,
         }
@@ -616,7 +711,12 @@ mod tests {
         ]);
         assert_eq!(
             paths(variant_plan(&repo, "v1")),
-            ["v1/config.json", "v1/adapter_model.safetensors", "v1/tokenizer_config.json", "tokenizer.json"]
+            [
+                "v1/config.json",
+                "v1/adapter_model.safetensors",
+                "v1/tokenizer_config.json",
+                "tokenizer.json"
+            ]
         );
         assert_eq!(paths(variant_plan(&repo, ".")), ["tokenizer.json"]);
     }
@@ -630,17 +730,28 @@ mod tests {
             "w/generation_config.json",
             "original/params.json",
         ]);
-        assert_eq!(paths(base_small_plan(&base, None)), ["config.json", "tokenizer.json"]);
+        assert_eq!(
+            paths(base_small_plan(&base, None)),
+            ["config.json", "tokenizer.json"]
+        );
         assert_eq!(
             paths(base_small_plan(&base, Some("w"))),
-            ["config.json", "tokenizer.json", "w/config.json", "w/generation_config.json"]
+            [
+                "config.json",
+                "tokenizer.json",
+                "w/config.json",
+                "w/generation_config.json"
+            ]
         );
     }
 
     #[test]
     fn index_shards_are_deduplicated_and_checked() {
         let idx = json!({"metadata": {}, "weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"}});
-        assert_eq!(index_shards(&idx).expect("valid index"), ["m-1.safetensors", "m-2.safetensors"]);
+        assert_eq!(
+            index_shards(&idx).expect("valid index"),
+            ["m-1.safetensors", "m-2.safetensors"]
+        );
         assert!(index_shards(&json!({"weight_map": {"a": "../../x"}})).is_err());
         assert!(index_shards(&json!({"weight_map": {}})).is_err());
         assert!(index_shards(&json!({})).is_err());
@@ -649,9 +760,14 @@ mod tests {
     #[test]
     fn tptt_configs_are_recognised() {
         assert!(is_tptt_config(&json!({"model_type": "tptt"})));
-        assert!(is_tptt_config(&json!({"model_type": "llama", "base_model_name": "x/y"})));
+        assert!(is_tptt_config(
+            &json!({"model_type": "llama", "base_model_name": "x/y"})
+        ));
         assert!(!is_tptt_config(&json!({"model_type": "llama"})));
-        let v = Variant::from_config("v", json!({"base_model_name": " o/b ", "base_model_subfolder": "/w/"}));
+        let v = Variant::from_config(
+            "v",
+            json!({"base_model_name": " o/b ", "base_model_subfolder": "/w/"}),
+        );
         assert_eq!(v.base_model_name.as_deref(), Some("o/b"));
         assert_eq!(v.base_model_subfolder.as_deref(), Some("w"));
     }
@@ -659,7 +775,10 @@ mod tests {
     #[test]
     fn record_names_round_trip() {
         for v in [".", "liza-a"] {
-            assert_eq!(record_variant_name(&record_file_name(v)).as_deref(), Some(v));
+            assert_eq!(
+                record_variant_name(&record_file_name(v)).as_deref(),
+                Some(v)
+            );
         }
     }
 }

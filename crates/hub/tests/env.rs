@@ -13,7 +13,13 @@ use tptt_hub::{Hub, HubConfig};
 fn hf_home_and_hf_hub_cache_are_respected() {
     let fake = FakeHub::standard();
     let home = tempfile::tempdir().expect("temp dir");
-    for var in ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"] {
+    for var in [
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_TOKEN_PATH",
+    ] {
         std::env::remove_var(var);
     }
     std::env::set_var("HF_HOME", home.path());
@@ -24,9 +30,18 @@ fn hf_home_and_hf_hub_cache_are_respected() {
     assert_eq!(config.endpoint, fake.url);
     assert_eq!(config.token, None);
     let hub = Hub::new(config).expect("hub");
-    let local = hub.download_variant(REPO, "liza-a", |_| {}, &AtomicBool::new(false)).expect("download");
-    assert!(local.repo_snapshot.starts_with(home.path().join("hub").join("models--tptt-org--Titans-Tiny")));
-    assert!(local.variant_dir.join("adapter_model.safetensors").is_file());
+    let local = hub
+        .download_variant(REPO, "liza-a", |_| {}, &AtomicBool::new(false))
+        .expect("download");
+    assert!(local.repo_snapshot.starts_with(
+        home.path()
+            .join("hub")
+            .join("models--tptt-org--Titans-Tiny")
+    ));
+    assert!(local
+        .variant_dir
+        .join("adapter_model.safetensors")
+        .is_file());
 
     // HF_HUB_CACHE wins over HF_HOME; the token file under HF_HOME is read.
     let other = tempfile::tempdir().expect("temp dir");
@@ -36,5 +51,8 @@ fn hf_home_and_hf_hub_cache_are_respected() {
     assert_eq!(config.cache_dir, other.path());
     assert_eq!(config.token.as_deref(), Some("hf_from_file"));
     let hub = Hub::new(config).expect("hub");
-    assert!(hub.local_variant(REPO, "liza-a").is_err(), "another cache is another cache");
+    assert!(
+        hub.local_variant(REPO, "liza-a").is_err(),
+        "another cache is another cache"
+    );
 }

@@ -53,7 +53,10 @@ pub struct NewConversation {
 impl NewConversation {
     /// A conversation with this title and default everything else.
     pub fn titled(title: impl Into<String>) -> Self {
-        Self { title: title.into(), ..Self::default() }
+        Self {
+            title: title.into(),
+            ..Self::default()
+        }
     }
 }
 
@@ -82,17 +85,29 @@ pub(crate) fn conversation_from_row(row: &SqliteRow) -> Result<Conversation, Mal
     let id: Option<i64> = row.try_get("id").ok();
     let bad = |reason: String| MalformedRow::new("conversations", id, reason);
     let id = id.ok_or_else(|| bad("no readable id".into()))?;
-    let title: String = row.try_get("title").map_err(|e| bad(format!("title: {e}")))?;
+    let title: String = row
+        .try_get("title")
+        .map_err(|e| bad(format!("title: {e}")))?;
     let created_at: i64 = row.try_get("created_at").map_err(|e| bad(e.to_string()))?;
     let updated_at: i64 = row.try_get("updated_at").map_err(|e| bad(e.to_string()))?;
-    let model: Option<String> = row.try_get("model").map_err(|e| bad(format!("model: {e}")))?;
-    let variant: Option<String> =
-        row.try_get("variant").map_err(|e| bad(format!("variant: {e}")))?;
-    let settings: String =
-        row.try_get("settings").map_err(|e| bad(format!("settings: {e}")))?;
-    let settings: ConversationSettings = serde_json::from_str(&settings)
-        .map_err(|e| bad(format!("settings are not valid conversation settings JSON: {e}")))?;
-    let archived = match row.try_get::<i64, _>("archived").map_err(|e| bad(e.to_string()))? {
+    let model: Option<String> = row
+        .try_get("model")
+        .map_err(|e| bad(format!("model: {e}")))?;
+    let variant: Option<String> = row
+        .try_get("variant")
+        .map_err(|e| bad(format!("variant: {e}")))?;
+    let settings: String = row
+        .try_get("settings")
+        .map_err(|e| bad(format!("settings: {e}")))?;
+    let settings: ConversationSettings = serde_json::from_str(&settings).map_err(|e| {
+        bad(format!(
+            "settings are not valid conversation settings JSON: {e}"
+        ))
+    })?;
+    let archived = match row
+        .try_get::<i64, _>("archived")
+        .map_err(|e| bad(e.to_string()))?
+    {
         0 => false,
         1 => true,
         other => return Err(bad(format!("archived flag is {other}, expected 0 or 1"))),
@@ -151,16 +166,26 @@ impl Store {
             ListScope::Archived => (1, 1),
             ListScope::All => (0, 1),
         };
-        let rows = sqlx::query(SQL).bind(a).bind(b).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(SQL)
+            .bind(a)
+            .bind(b)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(Listing::collect(rows.iter().map(conversation_from_row)))
     }
 
     /// One conversation. [`Error::ConversationNotFound`] if there is none with this id,
     /// [`Error::Malformed`] if its row cannot be read.
     pub async fn get_conversation(&self, id: ConversationId) -> Result<Conversation> {
-        const SQL: &str =
-            concat!("SELECT ", conversation_columns!(), " FROM conversations WHERE id = ?");
-        let row = sqlx::query(SQL).bind(id.0).fetch_optional(&self.pool).await?;
+        const SQL: &str = concat!(
+            "SELECT ",
+            conversation_columns!(),
+            " FROM conversations WHERE id = ?"
+        );
+        let row = sqlx::query(SQL)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
         let row = row.ok_or(Error::ConversationNotFound(id))?;
         Ok(conversation_from_row(&row)?)
     }
@@ -232,9 +257,14 @@ impl Store {
         const SNAPSHOTS: &str = "DELETE FROM snapshots WHERE conversation_id = ? RETURNING path";
         const CONVERSATION: &str = "DELETE FROM conversations WHERE id = ?";
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let paths: Vec<String> =
-            sqlx::query_scalar(SNAPSHOTS).bind(id.0).fetch_all(&mut *tx).await?;
-        let done = sqlx::query(CONVERSATION).bind(id.0).execute(&mut *tx).await?;
+        let paths: Vec<String> = sqlx::query_scalar(SNAPSHOTS)
+            .bind(id.0)
+            .fetch_all(&mut *tx)
+            .await?;
+        let done = sqlx::query(CONVERSATION)
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
         found(done.rows_affected(), id)?;
         let files = unreferenced_paths(&mut tx, paths).await?;
         tx.commit().await?;

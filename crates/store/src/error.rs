@@ -177,7 +177,10 @@ fn sqlite_code(e: &sqlx::Error) -> Option<String> {
 
 /// Whether `e` says the file is not a database or is damaged.
 pub(crate) fn is_corruption(e: &sqlx::Error) -> bool {
-    matches!(sqlite_code(e).as_deref(), Some(SQLITE_CORRUPT | SQLITE_NOTADB))
+    matches!(
+        sqlite_code(e).as_deref(),
+        Some(SQLITE_CORRUPT | SQLITE_NOTADB)
+    )
 }
 
 /// A row that could not be read: which table, which id, and why.
@@ -196,7 +199,11 @@ pub struct MalformedRow {
 
 impl MalformedRow {
     pub(crate) fn new(table: &'static str, id: Option<i64>, reason: impl Into<String>) -> Self {
-        Self { table, id, reason: reason.into() }
+        Self {
+            table,
+            id,
+            reason: reason.into(),
+        }
     }
 }
 

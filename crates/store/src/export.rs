@@ -106,7 +106,9 @@ fn heading(role: Role) -> &'static str {
 pub fn to_markdown(conversation: &Conversation, messages: &[Message]) -> String {
     let mut out = String::new();
     let title = conversation.title.trim();
-    let title = if title.is_empty() { "Untitled conversation".to_owned() } else {
+    let title = if title.is_empty() {
+        "Untitled conversation".to_owned()
+    } else {
         // A heading is one line.
         title.lines().collect::<Vec<_>>().join(" ")
     };
@@ -119,8 +121,14 @@ pub fn to_markdown(conversation: &Conversation, messages: &[Message]) -> String 
         }
         meta.push('\n');
     }
-    meta.push_str(&format!("- Created: {}\n", conversation.created_at.to_human()));
-    meta.push_str(&format!("- Updated: {}\n", conversation.updated_at.to_human()));
+    meta.push_str(&format!(
+        "- Created: {}\n",
+        conversation.created_at.to_human()
+    ));
+    meta.push_str(&format!(
+        "- Updated: {}\n",
+        conversation.updated_at.to_human()
+    ));
     push_block(&mut out, &meta);
     if let Some(prompt) = conversation.settings.system_prompt.as_deref() {
         push_block(&mut out, "## System prompt");
@@ -131,9 +139,10 @@ pub fn to_markdown(conversation: &Conversation, messages: &[Message]) -> String 
         push_text(&mut out, &message.content);
         match message.status {
             MessageStatus::Complete => {}
-            MessageStatus::Partial => {
-                push_block(&mut out, "*(Partial: generation was stopped before the end.)*")
-            }
+            MessageStatus::Partial => push_block(
+                &mut out,
+                "*(Partial: generation was stopped before the end.)*",
+            ),
             MessageStatus::Error => match message.error.as_deref() {
                 Some(error) if !error.is_empty() => {
                     let error = error.lines().collect::<Vec<_>>().join(" ");
@@ -152,7 +161,12 @@ pub fn to_markdown(conversation: &Conversation, messages: &[Message]) -> String 
 
 /// The JSON document for a conversation and its messages (pretty-printed).
 pub fn to_json(conversation: &Conversation, messages: &[Message]) -> Result<String> {
-    let doc = JsonExport { format: JSON_FORMAT, version: JSON_VERSION, conversation, messages };
+    let doc = JsonExport {
+        format: JSON_FORMAT,
+        version: JSON_VERSION,
+        conversation,
+        messages,
+    };
     Ok(serde_json::to_string_pretty(&doc)?)
 }
 

@@ -85,8 +85,10 @@ impl Store {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| Error::CreateDir { path: parent.to_path_buf(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| Error::CreateDir {
+                path: parent.to_path_buf(),
+                source,
+            })?;
         }
         let options = SqliteConnectOptions::new()
             .filename(&path)
@@ -99,7 +101,11 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(|e| open_error(&path, e))?;
-        let store = Store { pool, path: Some(path), clock: Arc::default() };
+        let store = Store {
+            pool,
+            path: Some(path),
+            clock: Arc::default(),
+        };
         store.migrate().await?;
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
             .fetch_one(&store.pool)
@@ -130,7 +136,11 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(|e| open_error(&path, e))?;
-        let store = Store { pool, path: None, clock: Arc::default() };
+        let store = Store {
+            pool,
+            path: None,
+            clock: Arc::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -148,15 +158,21 @@ impl Store {
             PathBuf::from(name)
         };
         let target = with_suffix(path);
-        std::fs::rename(path, &target)
-            .map_err(|source| Error::MoveAside { path: path.to_path_buf(), source })?;
+        std::fs::rename(path, &target).map_err(|source| Error::MoveAside {
+            path: path.to_path_buf(),
+            source,
+        })?;
         for side in ["-wal", "-shm"] {
             let mut name = path.as_os_str().to_owned();
             name.push(side);
             let side_path = PathBuf::from(name);
             if side_path.exists() {
-                std::fs::rename(&side_path, with_suffix(&side_path))
-                    .map_err(|source| Error::MoveAside { path: side_path.clone(), source })?;
+                std::fs::rename(&side_path, with_suffix(&side_path)).map_err(|source| {
+                    Error::MoveAside {
+                        path: side_path.clone(),
+                        source,
+                    }
+                })?;
             }
         }
         tracing::warn!(from = %path.display(), to = %target.display(), "database moved aside");
@@ -206,12 +222,18 @@ impl Store {
             match MIGRATOR.run(&self.pool).await {
                 Ok(()) => return Ok(()),
                 Err(MigrateError::VersionMissing(version)) => {
-                    return Err(Error::NewerSchema { path: path.to_path_buf(), version })
+                    return Err(Error::NewerSchema {
+                        path: path.to_path_buf(),
+                        version,
+                    })
                 }
                 Err(MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _))
                     if error::is_corruption(&e) =>
                 {
-                    return Err(Error::Corrupt { path: path.to_path_buf(), source: e })
+                    return Err(Error::Corrupt {
+                        path: path.to_path_buf(),
+                        source: e,
+                    })
                 }
                 Err(e @ (MigrateError::Execute(_) | MigrateError::ExecuteMigration(..)))
                     if attempt < MIGRATE_ATTEMPTS =>
@@ -219,7 +241,12 @@ impl Store {
                     tracing::debug!(attempt, error = %e, "migration failed, retrying");
                     attempt += 1;
                 }
-                Err(source) => return Err(Error::Migrate { path: path.to_path_buf(), source }),
+                Err(source) => {
+                    return Err(Error::Migrate {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
             }
         }
     }
@@ -228,8 +255,14 @@ impl Store {
 /// The error for a failure while opening `path`.
 fn open_error(path: &Path, e: sqlx::Error) -> Error {
     if error::is_corruption(&e) {
-        Error::Corrupt { path: path.to_path_buf(), source: e }
+        Error::Corrupt {
+            path: path.to_path_buf(),
+            source: e,
+        }
     } else {
-        Error::Open { path: path.to_path_buf(), source: e }
+        Error::Open {
+            path: path.to_path_buf(),
+            source: e,
+        }
     }
 }

@@ -81,7 +81,10 @@ impl NewMessage {
 
     /// An empty [`MessageStatus::Partial`] assistant message, added when generation starts.
     pub fn streaming_answer() -> Self {
-        Self { status: MessageStatus::Partial, ..Self::new(Role::Assistant, "") }
+        Self {
+            status: MessageStatus::Partial,
+            ..Self::new(Role::Assistant, "")
+        }
     }
 }
 
@@ -103,7 +106,13 @@ pub struct MessageUpdate {
 impl MessageUpdate {
     /// Text with a status, nothing else.
     pub fn new(content: impl Into<String>, status: MessageStatus) -> Self {
-        Self { content: content.into(), status, error: None, token_count: None, stats: None }
+        Self {
+            content: content.into(),
+            status,
+            error: None,
+            token_count: None,
+            stats: None,
+        }
     }
 }
 
@@ -120,24 +129,33 @@ pub(crate) fn message_from_row(row: &SqliteRow) -> Result<Message, MalformedRow>
     let id: Option<i64> = row.try_get("id").ok();
     let bad = |reason: String| MalformedRow::new("messages", id, reason);
     let id = id.ok_or_else(|| bad("no readable id".into()))?;
-    let conversation_id: i64 =
-        row.try_get("conversation_id").map_err(|e| bad(e.to_string()))?;
+    let conversation_id: i64 = row
+        .try_get("conversation_id")
+        .map_err(|e| bad(e.to_string()))?;
     let position: i64 = row.try_get("position").map_err(|e| bad(e.to_string()))?;
     let position =
         u32::try_from(position).map_err(|_| bad(format!("position {position} out of range")))?;
     let role: String = row.try_get("role").map_err(|e| bad(format!("role: {e}")))?;
     let role = role.parse::<Role>().map_err(bad)?;
-    let content: String = row.try_get("content").map_err(|e| bad(format!("content: {e}")))?;
-    let status: String = row.try_get("status").map_err(|e| bad(format!("status: {e}")))?;
+    let content: String = row
+        .try_get("content")
+        .map_err(|e| bad(format!("content: {e}")))?;
+    let status: String = row
+        .try_get("status")
+        .map_err(|e| bad(format!("status: {e}")))?;
     let status = status.parse::<MessageStatus>().map_err(bad)?;
-    let error: Option<String> = row.try_get("error").map_err(|e| bad(format!("error: {e}")))?;
+    let error: Option<String> = row
+        .try_get("error")
+        .map_err(|e| bad(format!("error: {e}")))?;
     let created_at: i64 = row.try_get("created_at").map_err(|e| bad(e.to_string()))?;
     let updated_at: i64 = row.try_get("updated_at").map_err(|e| bad(e.to_string()))?;
     let token_count: Option<i64> = row.try_get("token_count").map_err(|e| bad(e.to_string()))?;
     let token_count = token_count
         .map(|n| u32::try_from(n).map_err(|_| bad(format!("token count {n} out of range"))))
         .transpose()?;
-    let stats: Option<String> = row.try_get("stats").map_err(|e| bad(format!("stats: {e}")))?;
+    let stats: Option<String> = row
+        .try_get("stats")
+        .map_err(|e| bad(format!("stats: {e}")))?;
     let stats = stats
         .map(|s| serde_json::from_str(&s).map_err(|e| bad(format!("stats are not JSON: {e}"))))
         .transpose()?;
@@ -237,7 +255,11 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         let conversation = conversation.ok_or(Error::MessageNotFound(id))?;
-        sqlx::query(TOUCH).bind(now.as_millis()).bind(conversation).execute(&mut *tx).await?;
+        sqlx::query(TOUCH)
+            .bind(now.as_millis())
+            .bind(conversation)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -246,7 +268,10 @@ impl Store {
     /// [`Error::Malformed`] if its row cannot be read.
     pub async fn get_message(&self, id: MessageId) -> Result<Message> {
         const SQL: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = ?");
-        let row = sqlx::query(SQL).bind(id.0).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(SQL)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
         let row = row.ok_or(Error::MessageNotFound(id))?;
         Ok(message_from_row(&row)?)
     }
@@ -260,7 +285,10 @@ impl Store {
             message_columns!(),
             " FROM messages WHERE conversation_id = ? ORDER BY position DESC LIMIT 1"
         );
-        let row = sqlx::query(SQL).bind(conversation.0).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(SQL)
+            .bind(conversation.0)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.as_ref().map(message_from_row).transpose()?)
     }
 
@@ -276,11 +304,17 @@ impl Store {
         );
         // One connection for both reads, so they see the same snapshot of the database.
         let mut tx = self.pool.begin().await?;
-        let exists: bool = sqlx::query_scalar(EXISTS).bind(conversation.0).fetch_one(&mut *tx).await?;
+        let exists: bool = sqlx::query_scalar(EXISTS)
+            .bind(conversation.0)
+            .fetch_one(&mut *tx)
+            .await?;
         if !exists {
             return Err(Error::ConversationNotFound(conversation));
         }
-        let rows = sqlx::query(SQL).bind(conversation.0).fetch_all(&mut *tx).await?;
+        let rows = sqlx::query(SQL)
+            .bind(conversation.0)
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Listing::collect(rows.iter().map(message_from_row)))
     }

@@ -106,7 +106,12 @@ fn snippet(content: &str, query: &str) -> String {
         out.push('…');
     }
     let keep = (before - skip) + SNIPPET_AFTER;
-    out.extend(chars.by_ref().take(keep).map(|c| if c.is_whitespace() { ' ' } else { c }));
+    out.extend(
+        chars
+            .by_ref()
+            .take(keep)
+            .map(|c| if c.is_whitespace() { ' ' } else { c }),
+    );
     if chars.next().is_some() {
         out.push('…');
     }
@@ -117,16 +122,21 @@ fn snippet(content: &str, query: &str) -> String {
 fn hit_from_row(row: &SqliteRow, query: &str) -> Result<SearchHit, MalformedRow> {
     let conversation = conversation_from_row(row)?;
     let bad = |reason: String| MalformedRow::new("conversations", Some(conversation.id.0), reason);
-    let title_matches: bool = row.try_get("title_matches").map_err(|e| bad(e.to_string()))?;
+    let title_matches: bool = row
+        .try_get("title_matches")
+        .map_err(|e| bad(e.to_string()))?;
     let message_id: Option<i64> = row.try_get("hit_id").map_err(|e| bad(e.to_string()))?;
     let message = match message_id {
         None => None,
         Some(id) => {
             let bad = |reason: String| MalformedRow::new("messages", Some(id), reason);
-            let position: i64 = row.try_get("hit_position").map_err(|e| bad(e.to_string()))?;
+            let position: i64 = row
+                .try_get("hit_position")
+                .map_err(|e| bad(e.to_string()))?;
             let role: String = row.try_get("hit_role").map_err(|e| bad(e.to_string()))?;
-            let content: String =
-                row.try_get("hit_content").map_err(|e| bad(format!("content: {e}")))?;
+            let content: String = row
+                .try_get("hit_content")
+                .map_err(|e| bad(format!("content: {e}")))?;
             Some(MessageHit {
                 id: MessageId(id),
                 position: u32::try_from(position)
@@ -136,7 +146,11 @@ fn hit_from_row(row: &SqliteRow, query: &str) -> Result<SearchHit, MalformedRow>
             })
         }
     };
-    Ok(SearchHit { conversation, title_matches, message })
+    Ok(SearchHit {
+        conversation,
+        title_matches,
+        message,
+    })
 }
 
 /// The search statement around a matching rule: `title_hit` and `message_hit` are the
@@ -188,9 +202,14 @@ impl Store {
         } else {
             (LIKE, like_pattern(query))
         };
-        let rows =
-            sqlx::query(sql).bind(pattern).bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        Ok(Listing::collect(rows.iter().map(|row| hit_from_row(row, query))))
+        let rows = sqlx::query(sql)
+            .bind(pattern)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Listing::collect(
+            rows.iter().map(|row| hit_from_row(row, query)),
+        ))
     }
 }
 
@@ -214,7 +233,10 @@ mod tests {
 
     #[test]
     fn snippets_are_one_line_around_the_match() {
-        assert_eq!(snippet("first line\nsecond NEEDLE here", "needle"), "first line second NEEDLE here");
+        assert_eq!(
+            snippet("first line\nsecond NEEDLE here", "needle"),
+            "first line second NEEDLE here"
+        );
         let long = format!("{}needle{}", "a".repeat(100), "b".repeat(100));
         let s = snippet(&long, "needle");
         assert!(s.starts_with('…') && s.ends_with('…'), "{s}");

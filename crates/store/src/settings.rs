@@ -15,12 +15,16 @@ impl Store {
     /// stored JSON does not fit `T` (set it again to replace it).
     pub async fn get_setting<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         const SQL: &str = "SELECT value FROM settings WHERE key = ?";
-        let value: Option<String> =
-            sqlx::query_scalar(SQL).bind(key).fetch_optional(&self.pool).await?;
+        let value: Option<String> = sqlx::query_scalar(SQL)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
         value
             .map(|json| {
-                serde_json::from_str(&json)
-                    .map_err(|source| Error::SettingValue { key: key.to_owned(), source })
+                serde_json::from_str(&json).map_err(|source| Error::SettingValue {
+                    key: key.to_owned(),
+                    source,
+                })
             })
             .transpose()
     }

@@ -105,7 +105,10 @@ pub(crate) async fn unreferenced_paths(
     const SQL: &str = "SELECT EXISTS (SELECT 1 FROM snapshots WHERE path = ?)";
     let mut out = Vec::new();
     for path in paths.into_iter().collect::<BTreeSet<_>>() {
-        let referenced: bool = sqlx::query_scalar(SQL).bind(&path).fetch_one(&mut *conn).await?;
+        let referenced: bool = sqlx::query_scalar(SQL)
+            .bind(&path)
+            .fetch_one(&mut *conn)
+            .await?;
         if !referenced {
             out.push(PathBuf::from(path));
         }
@@ -136,8 +139,10 @@ impl Store {
         let tokens = to_i64("snapshot token count", new.token_count)?;
         let now = self.now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let owner: Option<i64> =
-            sqlx::query_scalar(OWNER).bind(new.message_id.0).fetch_optional(&mut *tx).await?;
+        let owner: Option<i64> = sqlx::query_scalar(OWNER)
+            .bind(new.message_id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
         match owner {
             None => return Err(Error::MessageNotFound(new.message_id)),
             Some(c) if c != new.conversation_id.0 => {
@@ -205,7 +210,10 @@ impl Store {
             " FROM snapshots s JOIN messages m ON m.id = s.message_id \
              WHERE s.conversation_id = ? ORDER BY m.position, s.id"
         );
-        let rows = sqlx::query(SQL).bind(conversation.0).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(SQL)
+            .bind(conversation.0)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(Listing::collect(rows.iter().map(snapshot_from_row)))
     }
 

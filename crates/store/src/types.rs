@@ -129,7 +129,9 @@ impl FromStr for Role {
             "system" => Ok(Role::System),
             "user" => Ok(Role::User),
             "assistant" => Ok(Role::Assistant),
-            other => Err(format!("unknown role `{other}` (expected system, user or assistant)")),
+            other => Err(format!(
+                "unknown role `{other}` (expected system, user or assistant)"
+            )),
         }
     }
 }
@@ -256,7 +258,11 @@ impl ModelKey {
         variant: impl Into<String>,
         config_hash: impl Into<String>,
     ) -> Self {
-        Self { model: model.into(), variant: variant.into(), config_hash: config_hash.into() }
+        Self {
+            model: model.into(),
+            variant: variant.into(),
+            config_hash: config_hash.into(),
+        }
     }
 }
 
@@ -274,7 +280,10 @@ pub struct Listing<T> {
 
 impl<T> Default for Listing<T> {
     fn default() -> Self {
-        Self { items: Vec::new(), skipped: Vec::new() }
+        Self {
+            items: Vec::new(),
+            skipped: Vec::new(),
+        }
     }
 }
 
@@ -311,12 +320,16 @@ mod tests {
         for (ms, expected) in cases {
             assert_eq!(Timestamp(ms).to_string(), expected, "{ms}");
         }
-        assert_eq!(Timestamp(1_700_000_000_123).to_human(), "2023-11-14 22:13:20 UTC");
+        assert_eq!(
+            Timestamp(1_700_000_000_123).to_human(),
+            "2023-11-14 22:13:20 UTC"
+        );
     }
 
     #[test]
     fn settings_keep_unknown_keys() {
-        let json = r#"{"system_prompt":"Be brief.","sampling":{"temperature":0.5},"future":{"x":1}}"#;
+        let json =
+            r#"{"system_prompt":"Be brief.","sampling":{"temperature":0.5},"future":{"x":1}}"#;
         let s: ConversationSettings = serde_json::from_str(json).expect("parses");
         assert_eq!(s.system_prompt.as_deref(), Some("Be brief."));
         assert_eq!(s.sampling.temperature, Some(0.5));

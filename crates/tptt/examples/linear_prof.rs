@@ -12,7 +12,9 @@ use tptt::linear::{self, CarryMode, LinearCarry, LinearShape, ScanImpl, ScanInpu
 use tptt::model::{LoadOptions, Logits, Model};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -56,14 +58,33 @@ fn time<F: FnMut()>(reps: usize, mut f: F) -> (f64, f64, f64) {
 
 fn branch(s: usize, reps: usize, which: ScanImpl) {
     let (h, hkv, d) = (9, 3, 64);
-    let (q, k, v) = (rand_vec(s * h * d, 1), rand_vec(s * hkv * d, 2), rand_vec(s * hkv * d, 3));
-    let modes = std::env::var("MODES").unwrap_or_else(|_| "delta_product,delta_rule,delta_rule_gelu".into());
+    let (q, k, v) = (
+        rand_vec(s * h * d, 1),
+        rand_vec(s * hkv * d, 2),
+        rand_vec(s * hkv * d, 3),
+    );
+    let modes = std::env::var("MODES")
+        .unwrap_or_else(|_| "delta_product,delta_rule,delta_rule_gelu".into());
     for mode in modes.split(',') {
         let rc = RecurrentConfig::from_operator_mode(mode).expect("mode");
-        let shape = LinearShape { heads: h, kv_heads: hkv, dim: d, rc, max_chunk: 64 };
+        let shape = LinearShape {
+            heads: h,
+            kv_heads: hkv,
+            dim: d,
+            rc,
+            max_chunk: 64,
+        };
         let fwd = time(reps, || {
             let mut carry = LinearCarry::new(h, d);
-            std::hint::black_box(linear::forward(&shape, &q, &k, &v, &mut carry, CarryMode::Continue, which));
+            std::hint::black_box(linear::forward(
+                &shape,
+                &q,
+                &k,
+                &v,
+                &mut carry,
+                CarryMode::Continue,
+                which,
+            ));
         });
         // The scan alone on inputs of the same shape.
         let n = rc.order;
@@ -75,10 +96,25 @@ fn branch(s: usize, reps: usize, which: ScanImpl) {
             r.iter_mut().for_each(|x| *x /= nrm);
         }
         let vs: Vec<f32> = rand_vec(rows * d, 6).iter().map(|x| x * 0.1).collect();
-        let al: Vec<f32> = rand_vec(rows * d, 7).iter().map(|x| 0.8 + 0.2 * x).collect();
+        let al: Vec<f32> = rand_vec(rows * d, 7)
+            .iter()
+            .map(|x| 0.8 + 0.2 * x)
+            .collect();
         let be: Vec<f32> = rand_vec(rows * d, 8).iter().map(|x| 0.5 * x).collect();
         let chunk = linear::chunk_size(s, 64);
-        let inp = ScanInput { heads: h, dim: d, tokens: s, order: n, chunk, linear: rc.linear, q: &qs, k: &ks, v: &vs, alpha: &al, beta: &be };
+        let inp = ScanInput {
+            heads: h,
+            dim: d,
+            tokens: s,
+            order: n,
+            chunk,
+            linear: rc.linear,
+            q: &qs,
+            k: &ks,
+            v: &vs,
+            alpha: &al,
+            beta: &be,
+        };
         let sc = time(reps, || {
             let mut st = vec![linear::STATE_INIT; h * d * d];
             std::hint::black_box(linear::scan(&inp, &mut st, which));
@@ -96,7 +132,9 @@ fn branch(s: usize, reps: usize, which: ScanImpl) {
 }
 
 fn model(dir: &str, tokens: usize, reps: usize) -> Result<(), Box<dyn std::error::Error>> {
-    let ids: Vec<u32> = (0..tokens as u32).map(|i| (i * 7919) % 40000 + 10).collect();
+    let ids: Vec<u32> = (0..tokens as u32)
+        .map(|i| (i * 7919) % 40000 + 10)
+        .collect();
     let mags = std::env::var("MAGS").unwrap_or_else(|_| "0,0.125".into());
     for mag in mags.split(',').filter_map(|m| m.parse::<f32>().ok()) {
         let t = TpttSettings::injected("delta_product", mag, dir)?;
@@ -115,15 +153,29 @@ fn model(dir: &str, tokens: usize, reps: usize) -> Result<(), Box<dyn std::error
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let reps: usize = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(7);
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(7);
     match args.first().map(String::as_str) {
         Some("model") => {
-            let dir = args.get(1).map(String::as_str).unwrap_or("/work/main/models/smollm2-135m-instruct");
+            let dir = args
+                .get(1)
+                .map(String::as_str)
+                .unwrap_or("/work/main/models/smollm2-135m-instruct");
             let tokens = args.get(2).and_then(|t| t.parse().ok()).unwrap_or(512);
             model(dir, tokens, reps)?;
         }
-        Some("naive") => branch(args.get(1).and_then(|t| t.parse().ok()).unwrap_or(512), reps, ScanImpl::Naive),
-        other => branch(other.and_then(|t| t.parse().ok()).unwrap_or(512), reps, ScanImpl::Fast),
+        Some("naive") => branch(
+            args.get(1).and_then(|t| t.parse().ok()).unwrap_or(512),
+            reps,
+            ScanImpl::Naive,
+        ),
+        other => branch(
+            other.and_then(|t| t.parse().ok()).unwrap_or(512),
+            reps,
+            ScanImpl::Fast,
+        ),
     }
     Ok(())
 }

@@ -143,7 +143,9 @@ impl Trick {
             "rot" => Ok(Self::Rot),
             "rdt" => Ok(Self::Rdt),
             "cte" => Ok(Self::Cte),
-            other => Err(format!("unknown trick {other:?} (expected dt, rot, rdt, cte)")),
+            other => Err(format!(
+                "unknown trick {other:?} (expected dt, rot, rdt, cte)"
+            )),
         }
     }
 }
@@ -192,7 +194,13 @@ impl RecurrentConfig {
             "delta_product_c" => (2, C, K, true, Trick::Rdt),
             other => return Err(Error::UnknownOperatorMode(other.to_string())),
         };
-        Ok(Self { order, alpha_gate, beta_gate, linear, trick })
+        Ok(Self {
+            order,
+            alpha_gate,
+            beta_gate,
+            linear,
+            trick,
+        })
     }
 }
 
@@ -362,15 +370,24 @@ pub struct ModelConfig {
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), message: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// Read a JSON file that must hold an object.
 pub fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     match read_json(path)? {
         Value::Object(map) => Ok(map),
-        _ => Err(Error::Json { path: path.to_path_buf(), message: "expected a JSON object".into() }),
+        _ => Err(Error::Json {
+            path: path.to_path_buf(),
+            message: "expected a JSON object".into(),
+        }),
     }
 }
 
@@ -454,7 +471,10 @@ fn default_max_pos() -> usize {
 fn token_ids(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -484,7 +504,9 @@ fn parse_rope_scaling(v: &Option<Value>) -> Result<RopeScaling> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         other => Err(Error::config(format!(
             "rope_scaling type {other:?} is not supported (supported: default, llama3, linear)"
         ))),
@@ -495,7 +517,10 @@ impl BaseConfig {
     /// Validate a (merged) base config object.
     pub fn from_json(map: &Map<String, Value>, path: Option<&Path>) -> Result<Self> {
         let with_path = |e: Error| match e {
-            Error::Config { message, .. } => Error::Config { path: path.map(Path::to_path_buf), message },
+            Error::Config { message, .. } => Error::Config {
+                path: path.map(Path::to_path_buf),
+                message,
+            },
             e => e,
         };
         let raw: RawBaseConfig = from_object(map).map_err(|m| with_path(Error::config(m)))?;
@@ -514,7 +539,11 @@ impl BaseConfig {
             t => Architecture::from_model_type(t)?,
         };
         let act_name = match arch {
-            Architecture::Gemma3 => raw.hidden_activation.clone().or(raw.hidden_act.clone()).unwrap_or_else(|| "gelu_pytorch_tanh".into()),
+            Architecture::Gemma3 => raw
+                .hidden_activation
+                .clone()
+                .or(raw.hidden_act.clone())
+                .unwrap_or_else(|| "gelu_pytorch_tanh".into()),
             _ => raw.hidden_act.clone().unwrap_or_else(|| "silu".into()),
         };
         let hidden_act = match act_name.as_str() {
@@ -527,15 +556,26 @@ impl BaseConfig {
             }
         };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if raw.num_attention_heads == 0 || num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if raw.num_attention_heads == 0
+            || num_kv_heads == 0
+            || raw.num_attention_heads % num_kv_heads != 0
+        {
             return Err(with_path(Error::config(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 raw.num_attention_heads, num_kv_heads
             ))));
         }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim == 0 || raw.hidden_size == 0 || raw.vocab_size == 0 || raw.num_hidden_layers == 0 {
-            return Err(with_path(Error::config("hidden_size, head_dim, vocab_size and num_hidden_layers must be positive")));
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if head_dim == 0
+            || raw.hidden_size == 0
+            || raw.vocab_size == 0
+            || raw.num_hidden_layers == 0
+        {
+            return Err(with_path(Error::config(
+                "hidden_size, head_dim, vocab_size and num_hidden_layers must be positive",
+            )));
         }
         if raw.num_attention_heads.checked_mul(head_dim).is_none() {
             return Err(with_path(Error::config(format!(
@@ -544,10 +584,14 @@ impl BaseConfig {
             ))));
         }
         if head_dim % 2 != 0 {
-            return Err(with_path(Error::config(format!("head_dim {head_dim} must be even for RoPE"))));
+            return Err(with_path(Error::config(format!(
+                "head_dim {head_dim} must be even for RoPE"
+            ))));
         }
         if raw.sliding_window == Some(0) {
-            return Err(with_path(Error::config("sliding_window must be >= 1 (or null for no window), got 0")));
+            return Err(with_path(Error::config(
+                "sliding_window must be >= 1 (or null for no window), got 0",
+            )));
         }
         let n_layers = raw.num_hidden_layers;
         let layer_windows: Vec<Option<usize>> = match arch {
@@ -555,27 +599,36 @@ impl BaseConfig {
             Architecture::Qwen2 if raw.use_sliding_window == Some(true) => {
                 // transformers' Qwen2: layers from max_window_layers on use the window.
                 let from = raw.max_window_layers.unwrap_or(0);
-                (0..n_layers.min(1 << 16)).map(|i| if i >= from { raw.sliding_window } else { None }).collect()
+                (0..n_layers.min(1 << 16))
+                    .map(|i| if i >= from { raw.sliding_window } else { None })
+                    .collect()
             }
             Architecture::Gemma3 => {
                 let w = Some(raw.sliding_window.unwrap_or(4096));
                 match &raw.layer_types {
                     Some(types) => {
                         if types.len() != n_layers {
-                            return Err(with_path(Error::config(format!("layer_types has {} entries for {n_layers} layers", types.len()))));
+                            return Err(with_path(Error::config(format!(
+                                "layer_types has {} entries for {n_layers} layers",
+                                types.len()
+                            ))));
                         }
                         types
                             .iter()
                             .map(|t| match t.as_str() {
                                 "sliding_attention" => Ok(w),
                                 "full_attention" => Ok(None),
-                                other => Err(with_path(Error::config(format!("unknown layer type {other:?}")))),
+                                other => Err(with_path(Error::config(format!(
+                                    "unknown layer type {other:?}"
+                                )))),
                             })
                             .collect::<Result<_>>()?
                     }
                     None => {
                         let pattern = raw.sliding_window_pattern.unwrap_or(6).max(1);
-                        (0..n_layers.min(1 << 16)).map(|i| if (i + 1) % pattern != 0 { w } else { None }).collect()
+                        (0..n_layers.min(1 << 16))
+                            .map(|i| if (i + 1) % pattern != 0 { w } else { None })
+                            .collect()
                     }
                 }
             }
@@ -590,7 +643,11 @@ impl BaseConfig {
                         "num_experts_per_tok {top_k} must be between 1 and num_experts {num_experts}"
                     ))));
                 }
-                Some(MoeConfig { num_experts, top_k, norm_topk_prob: raw.norm_topk_prob.unwrap_or(false) })
+                Some(MoeConfig {
+                    num_experts,
+                    top_k,
+                    norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
+                })
             }
             _ => None,
         };
@@ -614,7 +671,11 @@ impl BaseConfig {
             o_bias: arch != Architecture::Qwen2 && raw.attention_bias,
             mlp_bias: arch == Architecture::Llama && raw.mlp_bias,
             layer_windows,
-            local_rope_theta: if gemma { Some(raw.rope_local_base_freq.unwrap_or(10000.0)) } else { None },
+            local_rope_theta: if gemma {
+                Some(raw.rope_local_base_freq.unwrap_or(10000.0))
+            } else {
+                None
+            },
             hidden_act,
             norm: match arch {
                 Architecture::Gemma3 => NormKind::RmsOnePlus,
@@ -630,12 +691,28 @@ impl BaseConfig {
             attn_scale: match (gemma, raw.query_pre_attn_scalar) {
                 (true, Some(s)) if s > 0.0 => s.powf(-0.5),
                 (true, None) => 256f64.powf(-0.5),
-                (true, Some(s)) => return Err(with_path(Error::config(format!("query_pre_attn_scalar must be > 0, got {s}")))),
+                (true, Some(s)) => {
+                    return Err(with_path(Error::config(format!(
+                        "query_pre_attn_scalar must be > 0, got {s}"
+                    ))))
+                }
                 _ => (head_dim as f64).powf(-0.5),
             },
-            embed_scale: if gemma { Some((raw.hidden_size as f64).sqrt()) } else { None },
-            final_logit_softcap: if gemma { raw.final_logit_softcapping.filter(|c| *c > 0.0) } else { None },
-            clip_qkv: if matches!(arch, Architecture::Olmo | Architecture::Olmoe) { raw.clip_qkv } else { None },
+            embed_scale: if gemma {
+                Some((raw.hidden_size as f64).sqrt())
+            } else {
+                None
+            },
+            final_logit_softcap: if gemma {
+                raw.final_logit_softcapping.filter(|c| *c > 0.0)
+            } else {
+                None
+            },
+            clip_qkv: if matches!(arch, Architecture::Olmo | Architecture::Olmoe) {
+                raw.clip_qkv
+            } else {
+                None
+            },
             moe,
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
@@ -709,13 +786,19 @@ fn default_precision() -> String {
 impl TpttSettings {
     /// Validate the TPTT keys of a variant's `config.json`.
     pub fn from_json(map: &Map<String, Value>, path: Option<&Path>) -> Result<Self> {
-        let err = |message: String| Error::Config { path: path.map(Path::to_path_buf), message };
+        let err = |message: String| Error::Config {
+            path: path.map(Path::to_path_buf),
+            message,
+        };
         let raw: RawTptt = from_object(map).map_err(err)?;
         let base_model_name = raw
             .base_model_name
             .ok_or_else(|| err("missing required key base_model_name".into()))?;
         if raw.model_task != "causal_lm" {
-            return Err(err(format!("model_task {:?} is not supported (causal_lm only)", raw.model_task)));
+            return Err(err(format!(
+                "model_task {:?} is not supported (causal_lm only)",
+                raw.model_task
+            )));
         }
         if raw.bidirectional {
             return Err(err(
@@ -729,22 +812,49 @@ impl TpttSettings {
             }
             None => {
                 let alpha_gate = Gate::parse(&raw.alpha_gate, "alpha_gate").map_err(|e| {
-                    err(format!("operator_mode is null and {e}; tptt 0.12.1 cannot load this config either"))
+                    err(format!(
+                        "operator_mode is null and {e}; tptt 0.12.1 cannot load this config either"
+                    ))
                 })?;
                 let beta_gate = Gate::parse(&raw.beta_gate, "beta_gate").map_err(err)?;
                 if raw.order != 1 && raw.order != 2 {
-                    return Err(err(format!("order {} is not supported (1 or 2)", raw.order)));
+                    return Err(err(format!(
+                        "order {} is not supported (1 or 2)",
+                        raw.order
+                    )));
                 }
-                let trick = if raw.order == 1 { Trick::Dt } else { Trick::parse(&raw.trick).map_err(err)? };
-                let rc = RecurrentConfig { order: raw.order, alpha_gate, beta_gate, linear: raw.linear, trick };
-                (format!("custom(order={}, alpha={}, beta={})", raw.order, raw.alpha_gate, raw.beta_gate), rc)
+                let trick = if raw.order == 1 {
+                    Trick::Dt
+                } else {
+                    Trick::parse(&raw.trick).map_err(err)?
+                };
+                let rc = RecurrentConfig {
+                    order: raw.order,
+                    alpha_gate,
+                    beta_gate,
+                    linear: raw.linear,
+                    trick,
+                };
+                (
+                    format!(
+                        "custom(order={}, alpha={}, beta={})",
+                        raw.order, raw.alpha_gate, raw.beta_gate
+                    ),
+                    rc,
+                )
             }
         };
         if !raw.mag_weight.is_finite() {
-            return Err(err(format!("mag_weight must be finite, got {}", raw.mag_weight)));
+            return Err(err(format!(
+                "mag_weight must be finite, got {}",
+                raw.mag_weight
+            )));
         }
         if raw.max_chunk_size < 1 {
-            return Err(err(format!("max_chunk_size must be >= 1, got {}", raw.max_chunk_size)));
+            return Err(err(format!(
+                "max_chunk_size must be >= 1, got {}",
+                raw.max_chunk_size
+            )));
         }
         let max_self_attn_length = match raw.max_self_attn_length {
             None => None,
@@ -753,18 +863,36 @@ impl TpttSettings {
         };
         match raw.linear_precision.as_str() {
             "float32" | "bfloat16" | "float16" | "float64" => {}
-            other => return Err(err(format!("linear_precision {other:?} is not a torch float dtype"))),
+            other => {
+                return Err(err(format!(
+                    "linear_precision {other:?} is not a torch float dtype"
+                )))
+            }
         }
         let lora = match raw.lora_config {
             None => None,
             Some(l) => {
-                let r = l.get("r").and_then(Value::as_u64).filter(|r| *r > 0).ok_or_else(|| err("lora_config.r must be a positive integer".into()))? as usize;
+                let r = l
+                    .get("r")
+                    .and_then(Value::as_u64)
+                    .filter(|r| *r > 0)
+                    .ok_or_else(|| err("lora_config.r must be a positive integer".into()))?
+                    as usize;
                 let alpha = l.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-                let use_rslora = l.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+                let use_rslora = l
+                    .get("use_rslora")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 if l.get("use_dora").and_then(Value::as_bool).unwrap_or(false) {
-                    return Err(err("DoRA adapters (use_dora: true) are not supported".into()));
+                    return Err(err(
+                        "DoRA adapters (use_dora: true) are not supported".into()
+                    ));
                 }
-                Some(LoraSettings { r, alpha, use_rslora })
+                Some(LoraSettings {
+                    r,
+                    alpha,
+                    use_rslora,
+                })
             }
         };
         Ok(Self {
@@ -800,27 +928,39 @@ pub fn merge_configs(
     let base_cfg = match BaseConfig::from_json(&merged, Some(base_path)) {
         Ok(c) => c,
         // The base alone is fine: the culprit is a key the TPTT config overlays, so name that file.
-        Err(Error::Config { message, .. }) if BaseConfig::from_json(base, Some(base_path)).is_ok() => {
+        Err(Error::Config { message, .. })
+            if BaseConfig::from_json(base, Some(base_path)).is_ok() =>
+        {
             return Err(Error::Config {
                 path: Some(tptt_path.to_path_buf()),
-                message: format!("{message} (a base-model key in the TPTT config, merged over {})", base_path.display()),
+                message: format!(
+                    "{message} (a base-model key in the TPTT config, merged over {})",
+                    base_path.display()
+                ),
             })
         }
         Err(e) => return Err(e),
     };
     let tptt_cfg = TpttSettings::from_json(tptt, Some(tptt_path))?;
-    Ok(ModelConfig { base: base_cfg, tptt: tptt_cfg })
+    Ok(ModelConfig {
+        base: base_cfg,
+        tptt: tptt_cfg,
+    })
 }
 
 /// Does this JSON object look like a TPTT config?
 pub fn is_tptt_config(map: &Map<String, Value>) -> bool {
-    map.get("model_type").and_then(Value::as_str) == Some("tptt") || map.contains_key("base_model_name")
+    map.get("model_type").and_then(Value::as_str) == Some("tptt")
+        || map.contains_key("base_model_name")
 }
 
 /// A path inside a config error, for callers that want to attach one.
 pub fn with_path(e: Error, path: PathBuf) -> Error {
     match e {
-        Error::Config { message, .. } => Error::Config { path: Some(path), message },
+        Error::Config { message, .. } => Error::Config {
+            path: Some(path),
+            message,
+        },
         e => e,
     }
 }

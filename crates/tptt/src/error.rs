@@ -104,6 +104,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn config(message: impl Into<String>) -> Self {
-        Error::Config { path: None, message: message.into() }
+        Error::Config {
+            path: None,
+            message: message.into(),
+        }
     }
 }

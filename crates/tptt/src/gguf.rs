@@ -25,12 +25,19 @@ use crate::error::{Error, Result};
 use crate::weights::{Weight, WeightMap};
 
 fn err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Weights { path: path.to_path_buf(), message: message.into() }
+    Error::Weights {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
-    let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let content = Content::read(&mut f).map_err(|e| err(path, format!("not a valid GGUF file: {e}")))?;
+    let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let content =
+        Content::read(&mut f).map_err(|e| err(path, format!("not a valid GGUF file: {e}")))?;
     Ok((content, f))
 }
 
@@ -48,7 +55,9 @@ fn config_of(path: &Path, c: &Content) -> Result<BaseConfig> {
         .ok_or_else(|| err(path, "GGUF metadata lacks general.architecture"))?
         .clone();
     if arch != "llama" {
-        return Err(Error::UnsupportedArchitecture(format!("{arch} (GGUF bases: llama only)")));
+        return Err(Error::UnsupportedArchitecture(format!(
+            "{arch} (GGUF bases: llama only)"
+        )));
     }
     let u = |key: &str| -> Result<u64> {
         md.get(&format!("{arch}.{key}"))
@@ -56,12 +65,23 @@ fn config_of(path: &Path, c: &Content) -> Result<BaseConfig> {
             .ok_or_else(|| err(path, format!("GGUF metadata lacks {arch}.{key}")))
     };
     let f = |key: &str, default: f64| -> f64 {
-        md.get(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok()).map(f64::from).unwrap_or(default)
+        md.get(&format!("{arch}.{key}"))
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+            .unwrap_or(default)
     };
-    if md.contains_key(&format!("{arch}.rope.scaling.type")) || c.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(err(path, "GGUF RoPE scaling (rope_freqs / rope.scaling) is not supported yet"));
+    if md.contains_key(&format!("{arch}.rope.scaling.type"))
+        || c.tensor_infos.contains_key("rope_freqs.weight")
+    {
+        return Err(err(
+            path,
+            "GGUF RoPE scaling (rope_freqs / rope.scaling) is not supported yet",
+        ));
     }
-    let embd = c.tensor_infos.get("token_embd.weight").ok_or_else(|| err(path, "GGUF lacks token_embd.weight"))?;
+    let embd = c
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| err(path, "GGUF lacks token_embd.weight"))?;
     let vocab = embd.shape.dims().first().copied().unwrap_or(0);
     let heads = u("attention.head_count")?;
     let mut cfg = Map::new();
@@ -70,16 +90,31 @@ fn config_of(path: &Path, c: &Content) -> Result<BaseConfig> {
     cfg.insert("intermediate_size".into(), json!(u("feed_forward_length")?));
     cfg.insert("num_hidden_layers".into(), json!(u("block_count")?));
     cfg.insert("num_attention_heads".into(), json!(heads));
-    cfg.insert("num_key_value_heads".into(), json!(u("attention.head_count_kv").unwrap_or(heads)));
+    cfg.insert(
+        "num_key_value_heads".into(),
+        json!(u("attention.head_count_kv").unwrap_or(heads)),
+    );
     if let Ok(kl) = u("attention.key_length") {
         cfg.insert("head_dim".into(), json!(kl));
     }
-    cfg.insert("rms_norm_eps".into(), json!(f("attention.layer_norm_rms_epsilon", 1e-5)));
+    cfg.insert(
+        "rms_norm_eps".into(),
+        json!(f("attention.layer_norm_rms_epsilon", 1e-5)),
+    );
     cfg.insert("rope_theta".into(), json!(f("rope.freq_base", 10000.0)));
-    cfg.insert("max_position_embeddings".into(), json!(u("context_length").unwrap_or(2048)));
+    cfg.insert(
+        "max_position_embeddings".into(),
+        json!(u("context_length").unwrap_or(2048)),
+    );
     cfg.insert("vocab_size".into(), json!(vocab));
-    cfg.insert("tie_word_embeddings".into(), json!(!c.tensor_infos.contains_key("output.weight")));
-    for (k, hf) in [("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")] {
+    cfg.insert(
+        "tie_word_embeddings".into(),
+        json!(!c.tensor_infos.contains_key("output.weight")),
+    );
+    for (k, hf) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+    ] {
         if let Some(v) = md.get(k).and_then(|v| v.to_u32().ok()) {
             cfg.insert(hf.into(), json!(v));
         }
@@ -89,16 +124,34 @@ fn config_of(path: &Path, c: &Content) -> Result<BaseConfig> {
 
 /// Put llama.cpp's permuted q/k rows back in Hugging Face order:
 /// HF row `(h, t, j)` = GGUF row `(h, j, t)` with `t ∈ {0, 1}`, `j < D/2`.
-fn unpermute_rows(path: &Path, name: &str, q: QTensor, heads: usize, device: &Device) -> Result<QTensor> {
-    let (rows, cols) = q.shape().dims2().map_err(|e| err(path, format!("{name}: {e}")))?;
+fn unpermute_rows(
+    path: &Path,
+    name: &str,
+    q: QTensor,
+    heads: usize,
+    device: &Device,
+) -> Result<QTensor> {
+    let (rows, cols) = q
+        .shape()
+        .dims2()
+        .map_err(|e| err(path, format!("{name}: {e}")))?;
     if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
-        return Err(err(path, format!("{name}: {rows} rows do not split into {heads} heads of even size")));
+        return Err(err(
+            path,
+            format!("{name}: {rows} rows do not split into {heads} heads of even size"),
+        ));
     }
     let dtype = q.dtype();
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
     let data = q.data()?;
     if data.len() != rows * row_bytes {
-        return Err(err(path, format!("{name}: {} bytes for {rows} rows of {row_bytes}", data.len())));
+        return Err(err(
+            path,
+            format!(
+                "{name}: {} bytes for {rows} rows of {row_bytes}",
+                data.len()
+            ),
+        ));
     }
     let hd = rows / heads;
     let mut out = vec![0u8; data.len()];
@@ -107,7 +160,8 @@ fn unpermute_rows(path: &Path, name: &str, q: QTensor, heads: usize, device: &De
             for j in 0..hd / 2 {
                 let dst = h * hd + t * (hd / 2) + j;
                 let src = h * hd + 2 * j + t;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
@@ -124,8 +178,11 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for gname in names {
-        let hf = hf_name(gname).ok_or_else(|| err(path, format!("unexpected tensor {gname:?} in a llama GGUF")))?;
-        let q = content.tensor(&mut file, gname, device).map_err(|e| err(path, format!("{gname}: {e}")))?;
+        let hf = hf_name(gname)
+            .ok_or_else(|| err(path, format!("unexpected tensor {gname:?} in a llama GGUF")))?;
+        let q = content
+            .tensor(&mut file, gname, device)
+            .map_err(|e| err(path, format!("{gname}: {e}")))?;
         let q = if gname.ends_with("attn_q.weight") {
             unpermute_rows(path, gname, q, cfg.num_heads, device)?
         } else if gname.ends_with("attn_k.weight") {
@@ -135,12 +192,17 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
         };
         let w = match q.dtype() {
             _ if q.rank() == 1 => Weight::Dense(q.dequantize(device)?),
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(q.dequantize(device)?),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Weight::Dense(q.dequantize(device)?)
+            }
             // candle's CPU kernels for these have no SIMD path (~10x slower than Q8_0):
             // re-quantize to Q8_0 at load (8.5 bits per weight; the extra rounding is far below
             // the 4/5-bit grid's own).
             GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => {
-                Weight::Quant(Arc::new(QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?))
+                Weight::Quant(Arc::new(QTensor::quantize(
+                    &q.dequantize(device)?,
+                    GgmlDType::Q8_0,
+                )?))
             }
             _ => Weight::Quant(Arc::new(q)),
         };
@@ -180,4 +242,3 @@ fn hf_name(g: &str) -> Option<String> {
     };
     Some(format!("model.layers.{layer}.{hf}"))
 }
-

@@ -10,7 +10,6 @@
 //! Each kernel has a naive reference beside it (`*_naive`), and tests comparing them on odd
 //! shapes; the whole step is compared with the tensor path by `tests/fused_step.rs`.
 
-
 /// Rows per parallel task of a matrix × vector product: large enough that the task overhead
 /// (a few µs) is small against streaming its rows, small enough to balance two or more threads.
 const MIN_TASK_ELEMS: usize = 64 * 1024;
@@ -48,7 +47,9 @@ impl<'a> Rows<'a> {
     pub fn fits(&self, rows: usize, cols: usize) -> bool {
         match self {
             Rows::F32(w) => w.len() == rows * cols,
-            Rows::Q8_0(w) => cols % Q8_0_BLOCK == 0 && w.len() == rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES,
+            Rows::Q8_0(w) => {
+                cols % Q8_0_BLOCK == 0 && w.len() == rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES
+            }
         }
     }
 }
@@ -67,7 +68,11 @@ pub struct MatVec<'a> {
 pub fn matvec_naive(w: &[f32], x: &[f32], out: &mut [f32]) {
     let n = x.len();
     for (r, o) in out.iter_mut().enumerate() {
-        *o = w[r * n..(r + 1) * n].iter().zip(x).map(|(a, b)| a * b).sum();
+        *o = w[r * n..(r + 1) * n]
+            .iter()
+            .zip(x)
+            .map(|(a, b)| a * b)
+            .sum();
     }
 }
 
@@ -78,9 +83,14 @@ pub fn matvec_q8_0_naive(w: &[u8], x: &[f32], out: &mut [f32]) {
     for (r, o) in out.iter_mut().enumerate() {
         let mut acc = 0f32;
         for b in 0..blocks {
-            let blk = &w[(r * blocks + b) * Q8_0_BLOCK_BYTES..(r * blocks + b + 1) * Q8_0_BLOCK_BYTES];
+            let blk =
+                &w[(r * blocks + b) * Q8_0_BLOCK_BYTES..(r * blocks + b + 1) * Q8_0_BLOCK_BYTES];
             let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-            let dot: f32 = blk[2..].iter().zip(&x[b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK]).map(|(&q, &x)| q as i8 as f32 * x).sum();
+            let dot: f32 = blk[2..]
+                .iter()
+                .zip(&x[b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK])
+                .map(|(&q, &x)| q as i8 as f32 * x)
+                .sum();
             acc += d * dot;
         }
         *o = acc;
@@ -101,7 +111,11 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let rows_per_task = (task_elems / n.max(1)).max(4);
     let mut tasks: Vec<MatVec<'_>> = Vec::new();
     for m in group {
-        assert!(m.w.fits(m.out.len(), n), "matvec: weights do not match [{}, {n}]", m.out.len());
+        assert!(
+            m.w.fits(m.out.len(), n),
+            "matvec: weights do not match [{}, {n}]",
+            m.out.len()
+        );
         let mut w = m.w;
         let mut bias = m.bias;
         let mut out = m.out;
@@ -116,14 +130,22 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
                 }
                 None => (None, None),
             };
-            tasks.push(MatVec { w: wc, bias: bc, out: o });
+            tasks.push(MatVec {
+                w: wc,
+                bias: bc,
+                out: o,
+            });
             out = rest;
             w = wrest;
             bias = brest;
         }
     }
     // Q8_0 matrices read the input quantized once (as candle's and llama.cpp's kernels do).
-    let xq = if tasks.iter().any(|t| matches!(t.w, Rows::Q8_0(_))) { Some(quantize_q8_0(x)) } else { None };
+    let xq = if tasks.iter().any(|t| matches!(t.w, Rows::Q8_0(_))) {
+        Some(quantize_q8_0(x))
+    } else {
+        None
+    };
     let run = |t: MatVec<'_>| {
         match (t.w, &xq) {
             (Rows::F32(w), _) => matvec_rows(w, x, t.out),
@@ -136,10 +158,17 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     };
     if tasks.len() > 1 && threads > 1 {
         let n = tasks.len();
-        let slots: Vec<std::sync::Mutex<Option<MatVec<'_>>>> = tasks.into_iter().map(|t| std::sync::Mutex::new(Some(t))).collect();
+        let slots: Vec<std::sync::Mutex<Option<MatVec<'_>>>> = tasks
+            .into_iter()
+            .map(|t| std::sync::Mutex::new(Some(t)))
+            .collect();
         crate::team::for_each(n, &|i| {
             // A poisoned lock only follows a panicking task, which the caller re-raises anyway.
-            if let Some(t) = slots[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            if let Some(t) = slots[i]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+            {
                 run(t);
             }
         });
@@ -152,7 +181,8 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
 fn matvec_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has the features the function is compiled for (checked above), and
             // `w` holds `out.len()` rows of `x.len()` values (checked inside).
             unsafe { avx2::matvec_rows(w, x, out) };
@@ -184,9 +214,14 @@ pub fn matvec_q8_0_quantized_naive(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f
     for (r, o) in out.iter_mut().enumerate() {
         let mut acc = 0f32;
         for (b, &dx) in xd.iter().enumerate() {
-            let blk = &w[(r * blocks + b) * Q8_0_BLOCK_BYTES..(r * blocks + b + 1) * Q8_0_BLOCK_BYTES];
+            let blk =
+                &w[(r * blocks + b) * Q8_0_BLOCK_BYTES..(r * blocks + b + 1) * Q8_0_BLOCK_BYTES];
             let dw = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-            let dot: i32 = blk[2..].iter().zip(&xq[b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK]).map(|(&qw, &qx)| qw as i8 as i32 * qx as i32).sum();
+            let dot: i32 = blk[2..]
+                .iter()
+                .zip(&xq[b * Q8_0_BLOCK..(b + 1) * Q8_0_BLOCK])
+                .map(|(&qw, &qx)| qw as i8 as i32 * qx as i32)
+                .sum();
             acc += dot as f32 * (dw * dx);
         }
         *o = acc;
@@ -197,7 +232,10 @@ pub fn matvec_q8_0_quantized_naive(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f
 fn matvec_q8_0_rows(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
             // SAFETY: the CPU has the features the function is compiled for (checked above); the
             // sizes are checked inside.
             unsafe { avx2::matvec_q8_0_rows(w, xq, xd, out) };
@@ -262,7 +300,11 @@ mod avx2 {
             let mut c = 0;
             while c + 32 <= n {
                 for (j, acc) in a.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c + 8 * j)), _mm256_loadu_ps(xp.add(c + 8 * j)), *acc);
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(p.add(c + 8 * j)),
+                        _mm256_loadu_ps(xp.add(c + 8 * j)),
+                        *acc,
+                    );
                 }
                 c += 32;
             }
@@ -270,7 +312,10 @@ mod avx2 {
                 a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), _mm256_loadu_ps(xp.add(c)), a[0]);
                 c += 8;
             }
-            let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
             while c < n {
                 s += *p.add(c) * *xp.add(c);
                 c += 1;
@@ -289,18 +334,30 @@ mod avx2 {
     pub unsafe fn matvec_q8_0_rows(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f32]) {
         use super::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
         let blocks = xd.len();
-        assert!(xq.len() == blocks * Q8_0_BLOCK && w.len() >= out.len() * blocks * Q8_0_BLOCK_BYTES, "matvec_q8_0: sizes");
+        assert!(
+            xq.len() == blocks * Q8_0_BLOCK && w.len() >= out.len() * blocks * Q8_0_BLOCK_BYTES,
+            "matvec_q8_0: sizes"
+        );
         let ones = _mm256_set1_epi16(1);
         for (r, o) in out.iter_mut().enumerate() {
             let row = w.as_ptr().add(r * blocks * Q8_0_BLOCK_BYTES);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let block = |b: usize| -> __m256 {
                 let p = row.add(b * Q8_0_BLOCK_BYTES);
-                let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*p, *p.add(1)]) as i32)));
+                let dw =
+                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                        u16::from_le_bytes([*p, *p.add(1)]) as i32,
+                    )));
                 let qw = _mm256_loadu_si256(p.add(2) as *const __m256i);
                 let qx = _mm256_loadu_si256(xq.as_ptr().add(b * Q8_0_BLOCK) as *const __m256i);
-                let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)), ones);
-                _mm256_mul_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * *xd.get_unchecked(b)))
+                let prod = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)),
+                    ones,
+                );
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(prod),
+                    _mm256_set1_ps(dw * *xd.get_unchecked(b)),
+                )
             };
             let mut b = 0;
             while b + 2 <= blocks {
@@ -319,13 +376,30 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp_nonpos8(x_in: __m256) -> __m256 {
         let x = _mm256_max_ps(x_in, _mm256_set1_ps(-87.0));
-        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        let r = _mm256_add_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))), _mm256_mul_ps(n, _mm256_set1_ps(2.121_944_4e-4)));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_add_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))),
+            _mm256_mul_ps(n, _mm256_set1_ps(2.121_944_4e-4)),
+        );
         let mut p = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        ));
         let y = _mm256_mul_ps(p, scale);
         // Below −87 (and −∞): exactly 0.
         let tiny = _mm256_cmp_ps(x_in, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
@@ -338,7 +412,12 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and FMA, and `a.dim` must be a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_block(a: &super::AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<super::Partial> {
+    pub(super) unsafe fn attend_block(
+        a: &super::AttendOne<'_>,
+        kvh: usize,
+        start: usize,
+        end: usize,
+    ) -> Vec<super::Partial> {
         let (d, g) = (a.dim, a.heads / a.kv_heads);
         assert!(d % 8 == 0, "attend_block: D must be a multiple of 8");
         let len = end - start;
@@ -365,12 +444,18 @@ mod avx2 {
                 let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 let mut c = 0;
                 while c + 16 <= d {
-                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c)), _mm256_loadu_ps(qp.add(c)), s0);
-                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c + 8)), _mm256_loadu_ps(qp.add(c + 8)), s1);
+                    s0 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c)), _mm256_loadu_ps(qp.add(c)), s0);
+                    s1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(kp.add(c + 8)),
+                        _mm256_loadu_ps(qp.add(c + 8)),
+                        s1,
+                    );
                     c += 16;
                 }
                 if c < d {
-                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c)), _mm256_loadu_ps(qp.add(c)), s0);
+                    s0 =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c)), _mm256_loadu_ps(qp.add(c)), s0);
                 }
                 let sc = hsum(_mm256_add_ps(s0, s1)) * a.scale;
                 e[j] = sc;
@@ -406,7 +491,11 @@ mod avx2 {
                 while c0 < d {
                     let mut r = _mm256_setzero_ps();
                     for (j, &w) in e[..len].iter().enumerate() {
-                        r = _mm256_fmadd_ps(_mm256_loadu_ps(values.as_ptr().add(j * d + c0)), _mm256_set1_ps(w), r);
+                        r = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(values.as_ptr().add(j * d + c0)),
+                            _mm256_set1_ps(w),
+                            r,
+                        );
                     }
                     _mm256_storeu_ps(acc.as_mut_ptr().add(c0), r);
                     c0 += 8;
@@ -488,26 +577,52 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
     // Blocks of at most ~64 KiB of keys (they stay in L2 while the G heads read them), and
     // enough of them for every thread.
     let max_block = (64 * 1024 / (4 * d.max(1))).max(16);
-    let blocks_per_head = t.div_ceil(max_block).max((threads * 2).div_ceil(a.kv_heads)).clamp(1, t.max(1));
+    let blocks_per_head = t
+        .div_ceil(max_block)
+        .max((threads * 2).div_ceil(a.kv_heads))
+        .clamp(1, t.max(1));
     let block = t.div_ceil(blocks_per_head).max(1);
-    let tasks: Vec<(usize, usize)> = (0..a.kv_heads).flat_map(|kvh| (0..t).step_by(block).map(move |s| (kvh, s))).collect();
-    let work = |&(kvh, start): &(usize, usize)| attend_block_dispatch(a, kvh, start, (start + block).min(t));
+    let tasks: Vec<(usize, usize)> = (0..a.kv_heads)
+        .flat_map(|kvh| (0..t).step_by(block).map(move |s| (kvh, s)))
+        .collect();
+    let work = |&(kvh, start): &(usize, usize)| {
+        attend_block_dispatch(a, kvh, start, (start + block).min(t))
+    };
     let partials: Vec<Vec<Partial>> = if tasks.len() > 1 && threads > 1 && t * d * g >= 256 * 1024 {
-        let slots: Vec<std::sync::Mutex<Vec<Partial>>> = tasks.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
+        let slots: Vec<std::sync::Mutex<Vec<Partial>>> = tasks
+            .iter()
+            .map(|_| std::sync::Mutex::new(Vec::new()))
+            .collect();
         crate::team::for_each(tasks.len(), &|i| {
             let p = work(&tasks[i]);
-            *slots[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = p;
+            *slots[i]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
         });
-        slots.into_iter().map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)).collect()
+        slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            })
+            .collect()
     } else {
         tasks.iter().map(work).collect()
     };
     let mut out = vec![0f32; a.heads * d];
     for kvh in 0..a.kv_heads {
-        let mine: Vec<&Vec<Partial>> = tasks.iter().zip(&partials).filter(|((k, _), _)| *k == kvh).map(|(_, p)| p).collect();
+        let mine: Vec<&Vec<Partial>> = tasks
+            .iter()
+            .zip(&partials)
+            .filter(|((k, _), _)| *k == kvh)
+            .map(|(_, p)| p)
+            .collect();
         for gi in 0..g {
             let h = kvh * g + gi;
-            let max = mine.iter().map(|p| p[gi].max).fold(f32::NEG_INFINITY, f32::max);
+            let max = mine
+                .iter()
+                .map(|p| p[gi].max)
+                .fold(f32::NEG_INFINITY, f32::max);
             if max == f32::NEG_INFINITY {
                 continue; // nothing visible: zeros (cannot happen for a causal query, which sees itself)
             }
@@ -536,7 +651,10 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
 fn attend_block_dispatch(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<Partial> {
     #[cfg(target_arch = "x86_64")]
     {
-        if a.dim % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if a.dim % 8 == 0
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the features the function is compiled for were detected just above, and
             // `D` is a multiple of 8 as it requires.
             return unsafe { avx2::attend_block(a, kvh, start, end) };
@@ -564,7 +682,11 @@ fn attend_block(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<
         let h = kvh * g + gi;
         let q = &a.q[h * d..(h + 1) * d];
         for ((x, k), &seen) in e.iter_mut().zip(keys.chunks_exact(d)).zip(vis) {
-            *x = if seen { dot_wide(q, k) * a.scale } else { f32::NEG_INFINITY };
+            *x = if seen {
+                dot_wide(q, k) * a.scale
+            } else {
+                f32::NEG_INFINITY
+            };
         }
         let max = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut acc = vec![0f32; d];
@@ -628,7 +750,12 @@ pub fn exp_nonpos(x_in: f32) -> f32 {
     let n = (x * std::f32::consts::LOG2_E).round();
     // Cody–Waite: ln 2 split in a part exact in n·hi (few mantissa bits) and the rest.
     let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // n ∈ [−126, 0]: 2^n is a normal f32 with exponent bits n + 127.
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     // A select, not a branch: the loop stays vectorised.
@@ -644,10 +771,14 @@ mod tests {
     use super::*;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -656,7 +787,10 @@ mod tests {
     fn close(a: &[f32], b: &[f32], tol: f32) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "index {i}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "index {i}: {x} vs {y}"
+            );
         }
     }
 
@@ -665,7 +799,10 @@ mod tests {
         let mut x = 0f32;
         while x > -100.0 {
             let (got, want) = (exp_nonpos(x), x.exp());
-            assert!((got - want).abs() <= 3e-7 * want + 2e-38, "exp({x}) = {want}, got {got}");
+            assert!(
+                (got - want).abs() <= 3e-7 * want + 2e-38,
+                "exp({x}) = {want}, got {got}"
+            );
             x -= 0.0137;
         }
         assert_eq!(exp_nonpos(f32::NEG_INFINITY), 0.0);
@@ -674,7 +811,17 @@ mod tests {
 
     #[test]
     fn matvec_matches_naive_on_odd_shapes() {
-        for &(rows, cols) in &[(1, 1), (3, 7), (4, 8), (5, 16), (9, 17), (37, 64), (130, 576), (1000, 33), (4099, 129)] {
+        for &(rows, cols) in &[
+            (1, 1),
+            (3, 7),
+            (4, 8),
+            (5, 16),
+            (9, 17),
+            (37, 64),
+            (130, 576),
+            (1000, 33),
+            (4099, 129),
+        ] {
             let w = rand_vec(rows * cols, rows as u64 * 31 + cols as u64);
             let x = rand_vec(cols, 7);
             let bias = rand_vec(rows, 9);
@@ -686,7 +833,21 @@ mod tests {
             let w2 = rand_vec(got2.len() * cols, 3);
             let mut want2 = vec![0f32; got2.len()];
             matvec_naive(&w2, &x, &mut want2);
-            matvec_group(vec![MatVec { w: Rows::F32(&w), bias: Some(&bias), out: &mut got }, MatVec { w: Rows::F32(&w2), bias: None, out: &mut got2 }], &x);
+            matvec_group(
+                vec![
+                    MatVec {
+                        w: Rows::F32(&w),
+                        bias: Some(&bias),
+                        out: &mut got,
+                    },
+                    MatVec {
+                        w: Rows::F32(&w2),
+                        bias: None,
+                        out: &mut got2,
+                    },
+                ],
+                &x,
+            );
             close(&got, &want, 1e-5);
             close(&got2, &want2, 1e-5);
             let mut generic = vec![0f32; rows];
@@ -719,7 +880,10 @@ mod tests {
                 .chunks_exact(Q8_0_BLOCK_BYTES)
                 .flat_map(|b| {
                     let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    b[2..].iter().map(move |&q| d * (q as i8) as f32).collect::<Vec<_>>()
+                    b[2..]
+                        .iter()
+                        .map(move |&q| d * (q as i8) as f32)
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             let mut dense = vec![0f32; rows];
@@ -731,7 +895,10 @@ mod tests {
             matvec_naive(&abs_w, &abs_x, &mut mag);
             let within = |a: &[f32], b: &[f32]| {
                 for (i, ((p, q), m)) in a.iter().zip(b).zip(&mag).enumerate() {
-                    assert!((p - q).abs() <= 1e-5 * (1.0 + m), "row {i}: {p} vs {q} (Σ|terms| {m})");
+                    assert!(
+                        (p - q).abs() <= 1e-5 * (1.0 + m),
+                        "row {i}: {p} vs {q} (Σ|terms| {m})"
+                    );
                 }
             };
             within(&want, &dense);
@@ -742,24 +909,50 @@ mod tests {
             matvec_q8_0_quantized_naive(&w, &xq, &xd, &mut want_q);
             let bias = rand_vec(rows, 3);
             let mut got = vec![0f32; rows];
-            matvec_group(vec![MatVec { w: Rows::Q8_0(&w), bias: Some(&bias), out: &mut got }], &x);
+            matvec_group(
+                vec![MatVec {
+                    w: Rows::Q8_0(&w),
+                    bias: Some(&bias),
+                    out: &mut got,
+                }],
+                &x,
+            );
             got.iter_mut().zip(&bias).for_each(|(o, b)| *o -= b);
             within(&got, &want_q);
             for (i, ((g, e), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                assert!((g - e).abs() <= 0.01 * m, "row {i}: {g} vs exact {e} (Σ|terms| {m})");
+                assert!(
+                    (g - e).abs() <= 0.01 * m,
+                    "row {i}: {g} vs exact {e} (Σ|terms| {m})"
+                );
             }
         }
     }
 
     #[test]
     fn attend_one_matches_naive() {
-        for &(heads, kv_heads, dim, cap, t) in &[(1, 1, 4, 4, 1), (4, 2, 8, 16, 5), (9, 3, 64, 1100, 1030), (6, 6, 5, 40, 37), (8, 1, 16, 3000, 3000)] {
+        for &(heads, kv_heads, dim, cap, t) in &[
+            (1, 1, 4, 4, 1),
+            (4, 2, 8, 16, 5),
+            (9, 3, 64, 1100, 1030),
+            (6, 6, 5, 40, 37),
+            (8, 1, 16, 3000, 3000),
+        ] {
             let q = rand_vec(heads * dim, 1);
             let k = rand_vec(kv_heads * cap * dim, 2);
             let v = rand_vec(kv_heads * cap * dim, 3);
             // Some hidden slots (a layer window), never all.
             let visible: Vec<bool> = (0..t).map(|j| j == t - 1 || j % 7 != 3).collect();
-            let a = AttendOne { q: &q, k: &k, v: &v, visible: &visible, heads, kv_heads, dim, capacity: cap, scale: 0.125 };
+            let a = AttendOne {
+                q: &q,
+                k: &k,
+                v: &v,
+                visible: &visible,
+                heads,
+                kv_heads,
+                dim,
+                capacity: cap,
+                scale: 0.125,
+            };
             close(&attend_one(&a), &attend_one_naive(&a), 1e-5);
         }
     }

@@ -21,12 +21,14 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use crate::config::{Activation, BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings};
+use crate::config::{
+    Activation, BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings,
+};
 use crate::error::{Error, Result};
 use crate::linear::{self, CarryMode, LinearCarry, LinearShape, ScanImpl};
-pub use crate::state::{LayerState, State};
 use crate::repo::VariantFiles;
 use crate::rope::{self, Rope};
+pub use crate::state::{LayerState, State};
 use crate::weights::{self, AdapterReport, LoraSide, Weight, WeightMap};
 
 mod step;
@@ -47,7 +49,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { retie_lm_head: true, device: Device::Cpu, scan: ScanImpl::Fast, fused_step: true }
+        Self {
+            retie_lm_head: true,
+            device: Device::Cpu,
+            scan: ScanImpl::Fast,
+            fused_step: true,
+        }
     }
 }
 
@@ -100,7 +107,11 @@ impl Linear {
             Matrix::Quant(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             _ => 0,
         };
-        q + self.tensors().iter().map(|t| t.elem_count() * 4).sum::<usize>()
+        q + self
+            .tensors()
+            .iter()
+            .map(|t| t.elem_count() * 4)
+            .sum::<usize>()
     }
 }
 
@@ -147,7 +158,12 @@ enum Mlp {
     /// `down(act(gate(x)) · up(x))`.
     Gated(Expert),
     /// OLMoE: softmax router, top-k experts weighted by their routing probability.
-    Moe { router: Linear, experts: Vec<Expert>, top_k: usize, norm_topk: bool },
+    Moe {
+        router: Linear,
+        experts: Vec<Expert>,
+        top_k: usize,
+        norm_topk: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -207,9 +223,16 @@ struct Source<'a> {
 
 impl Source<'_> {
     fn weight(&mut self, name: &str, dims: &[usize]) -> Result<Weight> {
-        let w = self.map.remove(name).ok_or_else(|| Error::MissingTensor { name: name.into(), location: self.location.into() })?;
+        let w = self.map.remove(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            location: self.location.into(),
+        })?;
         if w.dims() != dims {
-            return Err(Error::ShapeMismatch { name: name.into(), got: w.dims().to_vec(), expected: dims.to_vec() });
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                got: w.dims().to_vec(),
+                expected: dims.to_vec(),
+            });
         }
         Ok(w)
     }
@@ -228,8 +251,16 @@ impl Source<'_> {
             Weight::Dense(t) => Matrix::Dense(t),
             Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
         };
-        let b = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out])?) } else { None };
-        Ok(Linear { w, b, lora: self.loras.get(&name).cloned() })
+        let b = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            w,
+            b,
+            lora: self.loras.get(&name).cloned(),
+        })
     }
 }
 
@@ -240,7 +271,11 @@ fn take_norm(src: &mut Source<'_>, name: &str, b: &BaseConfig, dim: usize) -> Re
         // Gemma stores w and multiplies by (1 + w): fold the 1 in once at load.
         NormKind::RmsOnePlus => (Some((src.tensor(name, &[dim])? + 1.0)?), b.rms_norm_eps),
     };
-    Ok(Norm { kind: b.norm, w, eps })
+    Ok(Norm {
+        kind: b.norm,
+        w,
+        eps,
+    })
 }
 
 fn take_expert(src: &mut Source<'_>, p: &str, b: &BaseConfig) -> Result<Expert> {
@@ -267,11 +302,18 @@ impl Mlp {
     fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         match self {
             Mlp::Gated(e) => e.forward(x, act),
-            Mlp::Moe { router, experts, top_k, norm_topk } => {
+            Mlp::Moe {
+                router,
+                experts,
+                top_k,
+                norm_topk,
+            } => {
                 let (s, e_dim) = x.dims2()?;
-                let probs = candle_nn::ops::softmax_last_dim(&router.forward(x)?)?.to_vec2::<f32>()?;
+                let probs =
+                    candle_nn::ops::softmax_last_dim(&router.forward(x)?)?.to_vec2::<f32>()?;
                 // Route each token; then run each expert once on the tokens that chose it.
-                let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); experts.len()];
+                let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> =
+                    vec![(Vec::new(), Vec::new()); experts.len()];
                 for (t, p) in probs.iter().enumerate() {
                     let mut idx: Vec<usize> = (0..p.len()).collect();
                     // torch.topk order: by value, descending (ties: lower index first).
@@ -307,12 +349,27 @@ impl Model {
         let (config, mut map) = match &files.base_gguf {
             Some(g) => {
                 let (base, map) = crate::gguf::load(g, &opts.device)?;
-                (ModelConfig { base, tptt: files.config.tptt.clone() }, map)
+                (
+                    ModelConfig {
+                        base,
+                        tptt: files.config.tptt.clone(),
+                    },
+                    map,
+                )
             }
-            None => (files.config.clone(), weights::dense(weights::load_model_dir(&files.base_dir, &opts.device)?)),
+            None => (
+                files.config.clone(),
+                weights::dense(weights::load_model_dir(&files.base_dir, &opts.device)?),
+            ),
         };
         let adapter = match (&files.adapter, &files.config.tptt.lora) {
-            (Some(path), lora) => weights::apply_adapter(&mut map, path, lora.as_ref(), &files.target_modules(), &opts.device)?,
+            (Some(path), lora) => weights::apply_adapter(
+                &mut map,
+                path,
+                lora.as_ref(),
+                &files.target_modules(),
+                &opts.device,
+            )?,
             (None, Some(_)) => {
                 return Err(Error::NotFound(format!(
                     "{} has a lora_config but no adapter_model.safetensors",
@@ -321,29 +378,73 @@ impl Model {
             }
             (None, None) => AdapterReport::default(),
         };
-        Self::from_weights(config, map, &files.base_dir.display().to_string(), adapter, opts)
+        Self::from_weights(
+            config,
+            map,
+            &files.base_dir.display().to_string(),
+            adapter,
+            opts,
+        )
     }
 
     /// Load a plain Hugging Face model folder (no TPTT repo) with the given TPTT settings: an
     /// untrained injection, or `mag_weight = 0` for the base transformer alone.
-    pub fn load_plain(base_dir: &std::path::Path, tptt: TpttSettings, opts: &LoadOptions) -> Result<Self> {
+    pub fn load_plain(
+        base_dir: &std::path::Path,
+        tptt: TpttSettings,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let cfg_path = base_dir.join("config.json");
-        let base = crate::config::BaseConfig::from_json(&crate::config::read_json_object(&cfg_path)?, Some(&cfg_path))?;
+        let base = crate::config::BaseConfig::from_json(
+            &crate::config::read_json_object(&cfg_path)?,
+            Some(&cfg_path),
+        )?;
         let map = weights::dense(weights::load_model_dir(base_dir, &opts.device)?);
-        Self::from_weights(ModelConfig { base, tptt }, map, &base_dir.display().to_string(), AdapterReport::default(), opts)
+        Self::from_weights(
+            ModelConfig { base, tptt },
+            map,
+            &base_dir.display().to_string(),
+            AdapterReport::default(),
+            opts,
+        )
     }
 
     /// Load a GGUF base (quantized) with the given TPTT settings and no adapter.
-    pub fn load_gguf_plain(path: &std::path::Path, tptt: TpttSettings, opts: &LoadOptions) -> Result<Self> {
+    pub fn load_gguf_plain(
+        path: &std::path::Path,
+        tptt: TpttSettings,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let (base, map) = crate::gguf::load(path, &opts.device)?;
-        Self::from_weights(ModelConfig { base, tptt }, map, &path.display().to_string(), AdapterReport::default(), opts)
+        Self::from_weights(
+            ModelConfig { base, tptt },
+            map,
+            &path.display().to_string(),
+            AdapterReport::default(),
+            opts,
+        )
     }
 
     /// Build from already loaded (and adapted) tensors with HF names.
-    pub fn from_weights(cfg: ModelConfig, map: WeightMap, location: &str, adapter: AdapterReport, opts: &LoadOptions) -> Result<Self> {
+    pub fn from_weights(
+        cfg: ModelConfig,
+        map: WeightMap,
+        location: &str,
+        adapter: AdapterReport,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let b = &cfg.base;
-        let mut src = Source { map, loras: &adapter.unmerged, location, device: opts.device.clone() };
-        let (e, hd, kvd) = (b.hidden_size, b.num_heads * b.head_dim, b.num_kv_heads * b.head_dim);
+        let mut src = Source {
+            map,
+            loras: &adapter.unmerged,
+            location,
+            device: opts.device.clone(),
+        };
+        let (e, hd, kvd) = (
+            b.hidden_size,
+            b.num_heads * b.head_dim,
+            b.num_kv_heads * b.head_dim,
+        );
         let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
         // Lookups need dense rows; a tied lm_head keeps the (possibly quantized) matrix.
         let embed = match &embed_w {
@@ -356,12 +457,32 @@ impl Model {
             let (q_norm, k_norm) = match b.qk_norm {
                 QkNorm::None => (None, None),
                 QkNorm::PerHead => (
-                    Some(take_norm(&mut src, &format!("{p}.self_attn.q_norm.weight"), b, b.head_dim)?),
-                    Some(take_norm(&mut src, &format!("{p}.self_attn.k_norm.weight"), b, b.head_dim)?),
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.self_attn.q_norm.weight"),
+                        b,
+                        b.head_dim,
+                    )?),
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.self_attn.k_norm.weight"),
+                        b,
+                        b.head_dim,
+                    )?),
                 ),
                 QkNorm::Full => (
-                    Some(take_norm(&mut src, &format!("{p}.self_attn.q_norm.weight"), b, hd)?),
-                    Some(take_norm(&mut src, &format!("{p}.self_attn.k_norm.weight"), b, kvd)?),
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.self_attn.q_norm.weight"),
+                        b,
+                        hd,
+                    )?),
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.self_attn.k_norm.weight"),
+                        b,
+                        kvd,
+                    )?),
                 ),
             };
             let mlp = match b.moe {
@@ -377,12 +498,36 @@ impl Model {
             };
             let (post_attn_norm, pre_ff_norm, post_ff_norm) = if b.sandwich_norms {
                 (
-                    Some(take_norm(&mut src, &format!("{p}.post_attention_layernorm.weight"), b, e)?),
-                    take_norm(&mut src, &format!("{p}.pre_feedforward_layernorm.weight"), b, e)?,
-                    Some(take_norm(&mut src, &format!("{p}.post_feedforward_layernorm.weight"), b, e)?),
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        b,
+                        e,
+                    )?),
+                    take_norm(
+                        &mut src,
+                        &format!("{p}.pre_feedforward_layernorm.weight"),
+                        b,
+                        e,
+                    )?,
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.post_feedforward_layernorm.weight"),
+                        b,
+                        e,
+                    )?),
                 )
             } else {
-                (None, take_norm(&mut src, &format!("{p}.post_attention_layernorm.weight"), b, e)?, None)
+                (
+                    None,
+                    take_norm(
+                        &mut src,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        b,
+                        e,
+                    )?,
+                    None,
+                )
             };
             let window = b.layer_windows.get(i).copied().flatten();
             layers.push(Layer {
@@ -407,7 +552,11 @@ impl Model {
                 Weight::Dense(t) => Matrix::Dense(t),
                 Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
             };
-            Linear { w, b: None, lora: None }
+            Linear {
+                w,
+                b: None,
+                lora: None,
+            }
         } else {
             src.linear("lm_head", b.vocab_size, e, false)?
         };
@@ -422,7 +571,19 @@ impl Model {
             rc: cfg.tptt.recurrent,
             max_chunk: cfg.tptt.max_chunk_size,
         };
-        Ok(Self { device: opts.device.clone(), embed, layers, norm, lm_head, ropes, shape, scan: opts.scan, fused_step: opts.fused_step, adapter, cfg })
+        Ok(Self {
+            device: opts.device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            ropes,
+            shape,
+            scan: opts.scan,
+            fused_step: opts.fused_step,
+            adapter,
+            cfg,
+        })
     }
 
     /// The configuration.
@@ -446,7 +607,9 @@ impl Model {
             let w = match &l.w {
                 Matrix::Dense(t) => t.elem_count(),
                 Matrix::Quant(QMatMul::QTensor(q)) => q.shape().elem_count(),
-                Matrix::Quant(QMatMul::Tensor(t)) | Matrix::Quant(QMatMul::TensorF16(t)) => t.elem_count(),
+                Matrix::Quant(QMatMul::Tensor(t)) | Matrix::Quant(QMatMul::TensorF16(t)) => {
+                    t.elem_count()
+                }
             };
             w + l.b.as_ref().map_or(0, |b| b.elem_count())
         };
@@ -457,12 +620,27 @@ impl Model {
             .map(|l| {
                 let mlp = match &l.mlp {
                     Mlp::Gated(e) => lin(&e.gate) + lin(&e.up) + lin(&e.down),
-                    Mlp::Moe { router, experts, .. } => lin(router) + experts.iter().map(|e| lin(&e.gate) + lin(&e.up) + lin(&e.down)).sum::<usize>(),
+                    Mlp::Moe {
+                        router, experts, ..
+                    } => {
+                        lin(router)
+                            + experts
+                                .iter()
+                                .map(|e| lin(&e.gate) + lin(&e.up) + lin(&e.down))
+                                .sum::<usize>()
+                    }
                 };
-                [Some(&l.in_norm), l.post_attn_norm.as_ref(), Some(&l.pre_ff_norm), l.post_ff_norm.as_ref(), l.q_norm.as_ref(), l.k_norm.as_ref()]
-                    .into_iter()
-                    .map(norm)
-                    .sum::<usize>()
+                [
+                    Some(&l.in_norm),
+                    l.post_attn_norm.as_ref(),
+                    Some(&l.pre_ff_norm),
+                    l.post_ff_norm.as_ref(),
+                    l.q_norm.as_ref(),
+                    l.k_norm.as_ref(),
+                ]
+                .into_iter()
+                .map(norm)
+                .sum::<usize>()
                     + lin(&l.q)
                     + lin(&l.k)
                     + lin(&l.v)
@@ -474,18 +652,28 @@ impl Model {
             Matrix::Dense(t) => t.id() == self.embed.id(),
             Matrix::Quant(_) => self.cfg.base.tie_word_embeddings,
         };
-        self.embed.elem_count() + layers + norm(Some(&self.norm)) + if tied { 0 } else { lin(&self.lm_head) }
+        self.embed.elem_count()
+            + layers
+            + norm(Some(&self.norm))
+            + if tied { 0 } else { lin(&self.lm_head) }
     }
 
     /// Bytes of weights read to decode one token: every matrix once (the embedding lookup
     /// reads one row and is not counted; MoE counts all experts).
     pub fn weight_bytes(&self) -> usize {
         let norms = |l: &Layer| {
-            [Some(&l.in_norm), l.post_attn_norm.as_ref(), Some(&l.pre_ff_norm), l.post_ff_norm.as_ref(), l.q_norm.as_ref(), l.k_norm.as_ref()]
-                .into_iter()
-                .flatten()
-                .map(|n| n.w.as_ref().map_or(0, |w| w.elem_count() * 4))
-                .sum::<usize>()
+            [
+                Some(&l.in_norm),
+                l.post_attn_norm.as_ref(),
+                Some(&l.pre_ff_norm),
+                l.post_ff_norm.as_ref(),
+                l.q_norm.as_ref(),
+                l.k_norm.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|n| n.w.as_ref().map_or(0, |w| w.elem_count() * 4))
+            .sum::<usize>()
         };
         let layers: usize = self
             .layers
@@ -493,11 +681,24 @@ impl Model {
             .map(|l| {
                 let mlp = match &l.mlp {
                     Mlp::Gated(e) => e.gate.size_bytes() + e.up.size_bytes() + e.down.size_bytes(),
-                    Mlp::Moe { router, experts, .. } => {
-                        router.size_bytes() + experts.iter().map(|e| e.gate.size_bytes() + e.up.size_bytes() + e.down.size_bytes()).sum::<usize>()
+                    Mlp::Moe {
+                        router, experts, ..
+                    } => {
+                        router.size_bytes()
+                            + experts
+                                .iter()
+                                .map(|e| {
+                                    e.gate.size_bytes() + e.up.size_bytes() + e.down.size_bytes()
+                                })
+                                .sum::<usize>()
                     }
                 };
-                norms(l) + l.q.size_bytes() + l.k.size_bytes() + l.v.size_bytes() + l.o.size_bytes() + mlp
+                norms(l)
+                    + l.q.size_bytes()
+                    + l.k.size_bytes()
+                    + l.v.size_bytes()
+                    + l.o.size_bytes()
+                    + mlp
             })
             .sum();
         layers + self.lm_head.size_bytes() + self.norm.w.as_ref().map_or(0, |w| w.elem_count() * 4)
@@ -536,7 +737,11 @@ impl Model {
             pos: 0,
             key_pos: Vec::new(),
             layers: (0..b.num_layers)
-                .map(|_| LayerState { k: None, v: None, linear: LinearCarry::new(b.num_heads, b.head_dim) })
+                .map(|_| LayerState {
+                    k: None,
+                    v: None,
+                    linear: LinearCarry::new(b.num_heads, b.head_dim),
+                })
                 .collect(),
             mode,
             window,
@@ -556,16 +761,25 @@ impl Model {
             return Err(Error::Input("no tokens to run".into()));
         }
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= b.vocab_size) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary (size {})", b.vocab_size)));
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                b.vocab_size
+            )));
         }
         if state.layers.len() != b.num_layers {
-            return Err(Error::State(format!("state has {} layers, model has {}", state.layers.len(), b.num_layers)));
+            return Err(Error::State(format!(
+                "state has {} layers, model has {}",
+                state.layers.len(),
+                b.num_layers
+            )));
         }
         let s = ids.len();
         if s == 1 && state.mode == CarryMode::Continue && self.fused_step && step::supported(self) {
             // The step's many short parallel regions run on a team of spinning threads that
             // lives for this step (see `team`), not on rayon's sleeping pool.
-            return crate::team::with_team(rayon::current_num_threads(), || step::forward_one(self, ids[0], state));
+            return crate::team::with_team(rayon::current_num_threads(), || {
+                step::forward_one(self, ids[0], state)
+            });
         }
         if state.mode == CarryMode::Reference {
             if let Some(w) = state.window {
@@ -585,7 +799,11 @@ impl Model {
             }
         }
         let positions: Vec<usize> = (state.pos..state.pos + s).collect();
-        let cos_sin: Vec<(Tensor, Tensor)> = self.ropes.iter().map(|r| r.cos_sin(&positions, &self.device)).collect::<Result<_>>()?;
+        let cos_sin: Vec<(Tensor, Tensor)> = self
+            .ropes
+            .iter()
+            .map(|r| r.cos_sin(&positions, &self.device))
+            .collect::<Result<_>>()?;
         // Softmax keys: a ring of W slots in Continue mode (slot = position mod W), written in
         // place for single-token steps; an ordered list in Reference mode.
         let ring = state.mode == CarryMode::Continue;
@@ -602,7 +820,12 @@ impl Model {
             }
             sp
         } else {
-            state.key_pos.iter().copied().chain(positions.iter().copied()).collect()
+            state
+                .key_pos
+                .iter()
+                .copied()
+                .chain(positions.iter().copied())
+                .collect()
         };
         let t_len = att_pos.len();
         // One mask per distinct effective window: the TPTT window (Continue mode) combined with
@@ -655,7 +878,11 @@ impl Model {
             let k_raw = layer.k.forward(&x)?; // [S, Hkv·D]
             let v_raw = layer.v.forward(&x)?;
             let (cos, sin) = &cos_sin[layer.rope];
-            let mask = &masks.iter().find(|(w, _)| *w == effective(layer)).ok_or_else(|| Error::State("mask missing".into()))?.1;
+            let mask = &masks
+                .iter()
+                .find(|(w, _)| *w == effective(layer))
+                .ok_or_else(|| Error::State("mask missing".into()))?
+                .1;
 
             // Softmax branch: q/k norms, clip, RoPE, GQA, window mask. The linear branch reads the
             // raw projections (tptt calls q_proj/k_proj/v_proj itself).
@@ -664,7 +891,9 @@ impl Model {
                 match b.qk_norm {
                     QkNorm::PerHead => {
                         qs = qn.forward(&qs.reshape((s, nh, d))?)?.reshape((s, nh * d))?;
-                        ks = kn.forward(&ks.reshape((s, nkv, d))?)?.reshape((s, nkv * d))?;
+                        ks = kn
+                            .forward(&ks.reshape((s, nkv, d))?)?
+                            .reshape((s, nkv * d))?;
                     }
                     _ => {
                         qs = qn.forward(&qs)?;
@@ -677,8 +906,16 @@ impl Model {
                 ks = ks.clamp(-c, c)?;
                 vs = vs.clamp(-c, c)?;
             }
-            let q = rope::apply(&qs.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?, cos, sin)?; // [H, S, D]
-            let k = rope::apply(&ks.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?, cos, sin)?; // [Hkv, S, D]
+            let q = rope::apply(
+                &qs.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?,
+                cos,
+                sin,
+            )?; // [H, S, D]
+            let k = rope::apply(
+                &ks.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?,
+                cos,
+                sin,
+            )?; // [Hkv, S, D]
             let v = vs.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
             let (k_att, v_att) = if in_place {
                 let slot = slot_of(state.pos);
@@ -690,7 +927,10 @@ impl Model {
                 (ls.k_view(t_len)?, ls.v_view(t_len)?)
             } else {
                 match (ls.k_view(filled_before)?, ls.v_view(filled_before)?) {
-                    (Some(kc), Some(vc)) => (Some(Tensor::cat(&[&kc, &k], 1)?), Some(Tensor::cat(&[&vc, &v], 1)?)),
+                    (Some(kc), Some(vc)) => (
+                        Some(Tensor::cat(&[&kc, &k], 1)?),
+                        Some(Tensor::cat(&[&vc, &v], 1)?),
+                    ),
                     _ => (Some(k.clone()), Some(v.clone())),
                 }
             };
@@ -702,7 +942,11 @@ impl Model {
             let scores = (qg.matmul(&k_att.t()?)? * scale)?; // [Hkv, G·S, T]
             let scores = scores.reshape((nkv, g, s, t_len))?.broadcast_add(mask)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, g * s, t_len))?;
-            let attn = probs.matmul(&v_att)?.reshape((nh, s, d))?.transpose(0, 1)?.reshape((s, nh * d))?; // [S, H·D]
+            let attn = probs
+                .matmul(&v_att)?
+                .reshape((nh, s, d))?
+                .transpose(0, 1)?
+                .reshape((s, nh * d))?; // [S, H·D]
 
             let out = if linear_on {
                 let (qv, kv, vv) = (
@@ -710,10 +954,20 @@ impl Model {
                     k_raw.flatten_all()?.to_vec1::<f32>()?,
                     v_raw.flatten_all()?.to_vec1::<f32>()?,
                 );
-                let y = linear::forward(&self.shape, &qv, &kv, &vv, &mut ls.linear, state.mode, self.scan);
+                let y = linear::forward(
+                    &self.shape,
+                    &qv,
+                    &kv,
+                    &vv,
+                    &mut ls.linear,
+                    state.mode,
+                    self.scan,
+                );
                 let y = Tensor::from_vec(y, (s, nh * d), &self.device)?;
                 if fuse_o {
-                    layer.o.forward(&((attn * (1.0 - m) as f64)? + (y * m as f64)?)?)?
+                    layer
+                        .o
+                        .forward(&((attn * (1.0 - m) as f64)? + (y * m as f64)?)?)?
                 } else {
                     let o_base = layer.o.forward(&attn)?; // [S, E]
                     let mut o_lin = layer.o.forward(&y)?;
@@ -775,7 +1029,9 @@ impl Model {
                 state.key_pos[slot_of(p)] = p;
             }
             if state.key_pos.contains(&usize::MAX) {
-                return Err(Error::State("KV ring has unfilled slots (positions not contiguous)".into()));
+                return Err(Error::State(
+                    "KV ring has unfilled slots (positions not contiguous)".into(),
+                ));
             }
         } else {
             state.key_pos = att_pos;
@@ -828,8 +1084,16 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, (24, 4), &dev).expect("b");
         let x = Tensor::randn(0f32, 1.0, (5, 16), &dev).expect("x");
         let scale = 0.7;
-        let merged = Linear { w: Matrix::Dense((&w + (b.matmul(&a).expect("ba") * scale).expect("s")).expect("add")), b: None, lora: None };
-        let side = Linear { w: Matrix::Quant(QMatMul::Tensor(w)), b: None, lora: Some(LoraSide { a, b, scale }) };
+        let merged = Linear {
+            w: Matrix::Dense((&w + (b.matmul(&a).expect("ba") * scale).expect("s")).expect("add")),
+            b: None,
+            lora: None,
+        };
+        let side = Linear {
+            w: Matrix::Quant(QMatMul::Tensor(w)),
+            b: None,
+            lora: Some(LoraSide { a, b, scale }),
+        };
         let d = (merged.forward(&x).expect("m") - side.forward(&x).expect("s"))
             .and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>())
             .expect("diff");

@@ -56,16 +56,24 @@ impl TpttRepo {
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         if !root.is_dir() {
-            return Err(Error::NotFound(format!("repository folder {} does not exist", root.display())));
+            return Err(Error::NotFound(format!(
+                "repository folder {} does not exist",
+                root.display()
+            )));
         }
         let mut variants = Vec::new();
         // Subfolders that are not variants, and the first config.json that could not be read.
         let mut others = Vec::new();
         let mut unreadable: Option<Error> = None;
-        let entries = std::fs::read_dir(&root).map_err(|source| Error::Io { path: root.clone(), source })?;
+        let entries = std::fs::read_dir(&root).map_err(|source| Error::Io {
+            path: root.clone(),
+            source,
+        })?;
         for entry in entries.flatten() {
             let p = entry.path();
-            let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };
+            let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                continue;
+            };
             if !p.is_dir() || name.starts_with('.') {
                 continue;
             }
@@ -92,7 +100,11 @@ impl TpttRepo {
             if let Some(e) = unreadable {
                 return Err(e);
             }
-            let seen = if others.is_empty() { "it has no subfolders".to_string() } else { format!("subfolders: {}", others.join(", ")) };
+            let seen = if others.is_empty() {
+                "it has no subfolders".to_string()
+            } else {
+                format!("subfolders: {}", others.join(", "))
+            };
             return Err(Error::NotFound(format!(
                 "{} holds no TPTT variant: no subfolder has a config.json with base_model_name or model_type \"tptt\" ({seen})",
                 root.display()
@@ -102,7 +114,11 @@ impl TpttRepo {
     }
 
     /// Resolve one variant (the only one when `name` is `None` and there is a single variant).
-    pub fn variant(&self, name: Option<&str>, base_override: Option<&Path>) -> Result<VariantFiles> {
+    pub fn variant(
+        &self,
+        name: Option<&str>,
+        base_override: Option<&Path>,
+    ) -> Result<VariantFiles> {
         let name = match name {
             Some(n) => {
                 if !self.variants.iter().any(|v| v == n) {
@@ -119,27 +135,49 @@ impl TpttRepo {
                 )))
             }
         };
-        let dir = if name == "." { self.root.clone() } else { self.root.join(&name) };
+        let dir = if name == "." {
+            self.root.clone()
+        } else {
+            self.root.join(&name)
+        };
         let config_path = dir.join("config.json");
         let raw = read_json_object(&config_path)?;
         let base_name = raw
             .get("base_model_name")
             .and_then(Value::as_str)
-            .ok_or_else(|| Error::Config { path: Some(config_path.clone()), message: "missing required key base_model_name".into() })?;
-        let base_gguf = base_override.filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")));
+            .ok_or_else(|| Error::Config {
+                path: Some(config_path.clone()),
+                message: "missing required key base_model_name".into(),
+            })?;
+        let base_gguf = base_override.filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        });
         let base_root = match base_override {
             Some(p) if p.is_dir() => p.to_path_buf(),
             Some(p) if base_gguf.is_some() => p.parent().map(Path::to_path_buf).unwrap_or_default(),
-            Some(p) => return Err(Error::NotFound(format!("--base {} is neither a model folder nor a .gguf file", p.display()))),
+            Some(p) => {
+                return Err(Error::NotFound(format!(
+                    "--base {} is neither a model folder nor a .gguf file",
+                    p.display()
+                )))
+            }
             None => resolve_base(base_name, &self.root)?,
         };
-        let sub = raw.get("base_model_subfolder").and_then(Value::as_str).filter(|s| !s.is_empty());
+        let sub = raw
+            .get("base_model_subfolder")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty());
         let base_dir = match sub {
             Some(s) if base_override.is_none() => base_root.join(s),
             _ => base_root.clone(),
         };
         if !base_dir.is_dir() {
-            return Err(Error::NotFound(format!("base model subfolder {} does not exist", base_dir.display())));
+            return Err(Error::NotFound(format!(
+                "base model subfolder {} does not exist",
+                base_dir.display()
+            )));
         }
         let (base_config_path, config) = match base_gguf {
             Some(g) => {
@@ -149,19 +187,33 @@ impl TpttRepo {
                 (g.to_path_buf(), ModelConfig { base, tptt })
             }
             None => {
-                let p = if base_dir.join("config.json").is_file() { base_dir.join("config.json") } else { base_root.join("config.json") };
+                let p = if base_dir.join("config.json").is_file() {
+                    base_dir.join("config.json")
+                } else {
+                    base_root.join("config.json")
+                };
                 let base_json = read_json_object(&p)?;
                 let config = merge_configs(&base_json, &p, &raw, &config_path)?;
                 (p, config)
             }
         };
         // With an overriding base (e.g. a GGUF file), the named base may still hold the tokenizer.
-        let named_base = if base_override.is_some() { resolve_base(base_name, &self.root).ok() } else { None };
+        let named_base = if base_override.is_some() {
+            resolve_base(base_name, &self.root).ok()
+        } else {
+            None
+        };
         let find = |file: &str| -> Option<PathBuf> {
-            [Some(dir.join(file)), Some(self.root.join(file)), Some(base_dir.join(file)), Some(base_root.join(file)), named_base.as_ref().map(|b| b.join(file))]
-                .into_iter()
-                .flatten()
-                .find(|p| p.is_file())
+            [
+                Some(dir.join(file)),
+                Some(self.root.join(file)),
+                Some(base_dir.join(file)),
+                Some(base_root.join(file)),
+                named_base.as_ref().map(|b| b.join(file)),
+            ]
+            .into_iter()
+            .flatten()
+            .find(|p| p.is_file())
         };
         let adapter = Some(dir.join("adapter_model.safetensors")).filter(|p| p.is_file());
         Ok(VariantFiles {
@@ -189,10 +241,16 @@ impl TpttRepo {
         let dir = self.root.join(name);
         let cfg = dir.join("config.json");
         if !dir.is_dir() {
-            return Error::NotFound(format!("variant {name:?} not found in {}; available: {available}", self.root.display()));
+            return Error::NotFound(format!(
+                "variant {name:?} not found in {}; available: {available}",
+                self.root.display()
+            ));
         }
         if !cfg.is_file() {
-            return Error::NotFound(format!("variant folder {} has no config.json; available: {available}", dir.display()));
+            return Error::NotFound(format!(
+                "variant folder {} has no config.json; available: {available}",
+                dir.display()
+            ));
         }
         match read_json_object(&cfg) {
             Err(e) => e,
@@ -214,8 +272,17 @@ impl VariantFiles {
             .get("lora_config")
             .and_then(|l| l.get("target_modules"))
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect::<Vec<_>>());
-        from_cfg.unwrap_or_else(|| ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|s| s.to_string()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            });
+        from_cfg.unwrap_or_else(|| {
+            ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        })
     }
 }
 
@@ -227,7 +294,12 @@ pub fn hf_hub_cache() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("HF_HOME") {
         return Some(PathBuf::from(p).join("hub"));
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("huggingface").join("hub"))
+    std::env::var_os("HOME").map(|h| {
+        PathBuf::from(h)
+            .join(".cache")
+            .join("huggingface")
+            .join("hub")
+    })
 }
 
 /// The snapshot folder of `repo_id` in a hub cache (`refs/main`, else the only/newest snapshot).
@@ -244,7 +316,14 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str) -> Option<PathBuf> {
         .ok()?
         .flatten()
         .filter(|e| e.path().is_dir())
-        .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        .map(|e| {
+            (
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                e.path(),
+            )
+        })
         .collect();
     all.sort();
     all.pop().map(|(_, p)| p)

@@ -22,19 +22,34 @@ impl Rope {
     pub fn new(d: usize, theta: f64, scaling: &RopeScaling) -> Self {
         let base = theta as f32;
         // inv_freq = 1 / base^(2i/d), in float32 like transformers.
-        let mut inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+        let mut inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+            .collect();
         let mut pos_scale = 1.0;
         match *scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => pos_scale = 1.0 / factor,
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let (factor, low, high, old) =
-                    (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    original_max_position_embeddings as f32,
+                );
                 let low_wavelen = old / low;
                 let high_wavelen = old / high;
                 for f in inv_freq.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
                     let smooth = (old / wavelen - low) / (high - low);
                     let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
                     let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
@@ -42,7 +57,10 @@ impl Rope {
                 }
             }
         }
-        Self { inv_freq, pos_scale }
+        Self {
+            inv_freq,
+            pos_scale,
+        }
     }
 
     /// `(cos, sin)`, each `[positions.len(), D]` (the half-frequencies repeated twice).
@@ -62,7 +80,10 @@ impl Rope {
             }
         }
         let n = positions.len();
-        Ok((Tensor::from_vec(cos, (n, half * 2), device)?, Tensor::from_vec(sin, (n, half * 2), device)?))
+        Ok((
+            Tensor::from_vec(cos, (n, half * 2), device)?,
+            Tensor::from_vec(sin, (n, half * 2), device)?,
+        ))
     }
 }
 
@@ -78,7 +99,10 @@ impl Rope {
                 (a.cos() as f32, a.sin() as f32)
             })
             .unzip();
-        ([c.as_slice(), c.as_slice()].concat(), [s.as_slice(), s.as_slice()].concat())
+        (
+            [c.as_slice(), c.as_slice()].concat(),
+            [s.as_slice(), s.as_slice()].concat(),
+        )
     }
 }
 

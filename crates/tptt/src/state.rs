@@ -34,7 +34,11 @@ impl Clone for LayerState {
         // copies just this layer's view (`copy` would duplicate a restored state's whole
         // shared buffer).
         let deep = |t: &Option<Tensor>| t.as_ref().and_then(|t| t.force_contiguous().ok());
-        Self { k: deep(&self.k), v: deep(&self.v), linear: self.linear.clone() }
+        Self {
+            k: deep(&self.k),
+            v: deep(&self.v),
+            linear: self.linear.clone(),
+        }
     }
 }
 
@@ -57,7 +61,14 @@ impl LayerState {
 
     /// Make room for `slots` KV slots: capacity doubles (bounded by the window), existing
     /// slots are copied over.
-    pub fn ensure_capacity(&mut self, slots: usize, window: Option<usize>, kv_heads: usize, dim: usize, device: &Device) -> Result<()> {
+    pub fn ensure_capacity(
+        &mut self,
+        slots: usize,
+        window: Option<usize>,
+        kv_heads: usize,
+        dim: usize,
+        device: &Device,
+    ) -> Result<()> {
         let cap = self.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0));
         if slots <= cap {
             return Ok(());
@@ -108,7 +119,10 @@ fn big_buffer(len: usize) -> Vec<f32> {
         const HUGE: usize = 2 << 20;
         let start = v.as_ptr() as usize;
         let bytes = v.capacity() * std::mem::size_of::<f32>();
-        let (from, to) = ((start + HUGE - 1) & !(HUGE - 1), (start + bytes) & !(HUGE - 1));
+        let (from, to) = (
+            (start + HUGE - 1) & !(HUGE - 1),
+            (start + bytes) & !(HUGE - 1),
+        );
         if to > from {
             // SAFETY: [from, to) lies inside the vector's own allocation (rounded inwards to
             // 2 MiB boundaries), and MADV_HUGEPAGE only changes how the kernel backs those pages,
@@ -126,7 +140,11 @@ fn extend_le_f32(dst: &mut Vec<f32>, bytes: &[u8]) {
     match bytemuck::try_cast_slice::<u8, f32>(bytes) {
         // Aligned (as in a memory-mapped safetensors file) on a little-endian machine: one memcpy.
         Ok(values) if cfg!(target_endian = "little") => dst.extend_from_slice(values),
-        _ => dst.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        _ => dst.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
     }
 }
 
@@ -170,12 +188,21 @@ impl<'b> Source<'_, 'b> {
         match self {
             Source::Tensors(t) => match t.get(name) {
                 None => Ok(None),
-                Some(x) if x.dtype() != DType::F32 => Err(Error::State(format!("tensor {name:?} is {:?}, not f32", x.dtype()))),
-                Some(x) => Ok(Some((x.dims().to_vec(), Values::Decoded(x.flatten_all()?.to_vec1()?)))),
+                Some(x) if x.dtype() != DType::F32 => Err(Error::State(format!(
+                    "tensor {name:?} is {:?}, not f32",
+                    x.dtype()
+                ))),
+                Some(x) => Ok(Some((
+                    x.dims().to_vec(),
+                    Values::Decoded(x.flatten_all()?.to_vec1()?),
+                ))),
             },
             Source::File(st) => match st.tensor(name) {
                 Err(_) => Ok(None),
-                Ok(v) if v.dtype() != safetensors::Dtype::F32 => Err(Error::State(format!("tensor {name:?} is {:?}, not f32", v.dtype()))),
+                Ok(v) if v.dtype() != safetensors::Dtype::F32 => Err(Error::State(format!(
+                    "tensor {name:?} is {:?}, not f32",
+                    v.dtype()
+                ))),
                 // The file's parser has checked that the byte length matches the shape.
                 Ok(v) => Ok(Some((v.shape().to_vec(), Values::Bytes(v.data())))),
             },
@@ -185,13 +212,22 @@ impl<'b> Source<'_, 'b> {
     /// The values of a rank-1 u32 tensor, `None` when absent.
     fn u32s(&self, name: &str) -> Result<Option<Vec<u32>>> {
         match self {
-            Source::Tensors(t) => t.get(name).map(|x| x.to_vec1::<u32>()).transpose().map_err(Error::from),
+            Source::Tensors(t) => t
+                .get(name)
+                .map(|x| x.to_vec1::<u32>())
+                .transpose()
+                .map_err(Error::from),
             Source::File(st) => match st.tensor(name) {
                 Err(_) => Ok(None),
                 Ok(v) if v.dtype() != safetensors::Dtype::U32 || v.shape().len() != 1 => {
                     Err(Error::State(format!("tensor {name:?} is not a u32 vector")))
                 }
-                Ok(v) => Ok(Some(v.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())),
+                Ok(v) => Ok(Some(
+                    v.data()
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                )),
             },
         }
     }
@@ -214,8 +250,6 @@ pub struct State {
     pub window: Option<usize>,
 }
 
-
-
 impl State {
     /// Number of cached softmax positions.
     pub fn kv_len(&self) -> usize {
@@ -228,9 +262,15 @@ impl State {
         self.layers
             .iter()
             .map(|l| {
-                let kv = l.k.as_ref().map_or(0, |t| t.elem_count()) + l.v.as_ref().map_or(0, |t| t.elem_count());
+                let kv = l.k.as_ref().map_or(0, |t| t.elem_count())
+                    + l.v.as_ref().map_or(0, |t| t.elem_count());
                 let lin = l.linear.state.len()
-                    + l.linear.pool_k.iter().chain(&l.linear.pool_v).map(Vec::len).sum::<usize>()
+                    + l.linear
+                        .pool_k
+                        .iter()
+                        .chain(&l.linear.pool_v)
+                        .map(Vec::len)
+                        .sum::<usize>()
                     + l.linear.prev.as_ref().map_or(0, |p| p.q.len() * 5);
                 (kv + lin) * f
             })
@@ -245,24 +285,41 @@ impl State {
         let cpu = Device::Cpu;
         let mut m = HashMap::new();
         let kp: Vec<u32> = self.key_pos.iter().map(|&p| p as u32).collect();
-        m.insert("key_pos".to_string(), Tensor::from_vec(kp.clone(), kp.len(), &cpu)?);
+        m.insert(
+            "key_pos".to_string(),
+            Tensor::from_vec(kp.clone(), kp.len(), &cpu)?,
+        );
         for (i, l) in self.layers.iter().enumerate() {
-            if let (Some(k), Some(v)) = (l.k_view(self.key_pos.len())?, l.v_view(self.key_pos.len())?) {
+            if let (Some(k), Some(v)) =
+                (l.k_view(self.key_pos.len())?, l.v_view(self.key_pos.len())?)
+            {
                 // Views of the first slots (not copied): a snapshot writer reads their blocks.
                 m.insert(format!("layers.{i}.k"), k.to_device(&cpu)?);
                 m.insert(format!("layers.{i}.v"), v.to_device(&cpu)?);
             }
             let c = &l.linear;
-            m.insert(format!("layers.{i}.state"), Tensor::from_vec(c.state.clone(), c.state.len(), &cpu)?);
+            m.insert(
+                format!("layers.{i}.state"),
+                Tensor::from_vec(c.state.clone(), c.state.len(), &cpu)?,
+            );
             for (name, rows) in [("pool_k", &c.pool_k), ("pool_v", &c.pool_v)] {
                 if let Some(first) = rows.first() {
                     let flat: Vec<f32> = rows.concat();
-                    m.insert(format!("layers.{i}.{name}"), Tensor::from_vec(flat, (rows.len(), first.len()), &cpu)?);
+                    m.insert(
+                        format!("layers.{i}.{name}"),
+                        Tensor::from_vec(flat, (rows.len(), first.len()), &cpu)?,
+                    );
                 }
             }
             if let Some(p) = &c.prev {
-                let flat: Vec<f32> = [&p.q, &p.k, &p.v, &p.alpha, &p.beta].iter().flat_map(|x| x.iter().copied()).collect();
-                m.insert(format!("layers.{i}.prev"), Tensor::from_vec(flat, (5, p.q.len()), &cpu)?);
+                let flat: Vec<f32> = [&p.q, &p.k, &p.v, &p.alpha, &p.beta]
+                    .iter()
+                    .flat_map(|x| x.iter().copied())
+                    .collect();
+                m.insert(
+                    format!("layers.{i}.prev"),
+                    Tensor::from_vec(flat, (5, p.q.len()), &cpu)?,
+                );
             }
         }
         Ok(m)
@@ -282,7 +339,17 @@ impl State {
         window: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
-        Self::restore(&Source::Tensors(t), num_layers, heads, None, dim, pos, mode, window, device)
+        Self::restore(
+            &Source::Tensors(t),
+            num_layers,
+            heads,
+            None,
+            dim,
+            pos,
+            mode,
+            window,
+            device,
+        )
     }
 
     /// Rebuild from a parsed safetensors buffer holding [`State::to_tensors`] output (a snapshot
@@ -300,7 +367,17 @@ impl State {
         window: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
-        Self::restore(&Source::File(t), base.num_layers, base.num_heads, Some(base.num_kv_heads), base.head_dim, pos, mode, window, device)
+        Self::restore(
+            &Source::File(t),
+            base.num_layers,
+            base.num_heads,
+            Some(base.num_kv_heads),
+            base.head_dim,
+            pos,
+            mode,
+            window,
+            device,
+        )
     }
 
     /// [`State::from_tensors`] and [`State::from_safetensors`]: `kv_heads` is checked when given.
@@ -316,7 +393,10 @@ impl State {
         window: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
-        let get = |name: &str| t.f32s(name)?.ok_or_else(|| Error::State(format!("snapshot lacks tensor {name:?}")));
+        let get = |name: &str| {
+            t.f32s(name)?
+                .ok_or_else(|| Error::State(format!("snapshot lacks tensor {name:?}")))
+        };
         let key_pos: Vec<usize> = t
             .u32s("key_pos")?
             .ok_or_else(|| Error::State("snapshot lacks tensor \"key_pos\"".into()))?
@@ -326,7 +406,9 @@ impl State {
         let n = key_pos.len();
         if let (CarryMode::Continue, Some(w)) = (mode, window) {
             if n > w {
-                return Err(Error::State(format!("{n} cached positions do not fit the window of {w}")));
+                return Err(Error::State(format!(
+                    "{n} cached positions do not fit the window of {w}"
+                )));
             }
         }
 
@@ -334,7 +416,10 @@ impl State {
         let mut kv: Vec<(Values<'_>, Values<'_>)> = Vec::with_capacity(num_layers);
         let mut hkv = kv_heads;
         for i in 0..num_layers {
-            match (t.f32s(&format!("layers.{i}.k"))?, t.f32s(&format!("layers.{i}.v"))?) {
+            match (
+                t.f32s(&format!("layers.{i}.k"))?,
+                t.f32s(&format!("layers.{i}.v"))?,
+            ) {
                 (Some((ks, k)), Some((vs, v))) => {
                     let h = *hkv.get_or_insert(ks.first().copied().unwrap_or(0));
                     if ks != [h, n, dim] || vs != ks {
@@ -362,8 +447,11 @@ impl State {
                     }
                 }
                 drop(kv);
-                let all = Tensor::from_vec(buf, (num_layers, 2, h, cap, dim), &Device::Cpu)?.to_device(device)?;
-                (0..num_layers).map(|i| Ok(Some((all.i((i, 0))?, all.i((i, 1))?)))).collect::<Result<_>>()?
+                let all = Tensor::from_vec(buf, (num_layers, 2, h, cap, dim), &Device::Cpu)?
+                    .to_device(device)?;
+                (0..num_layers)
+                    .map(|i| Ok(Some((all.i((i, 0))?, all.i((i, 1))?))))
+                    .collect::<Result<_>>()?
             }
             _ => (0..num_layers).map(|_| None).collect(),
         };
@@ -372,15 +460,22 @@ impl State {
         for (i, kv) in kv_bufs.into_iter().enumerate() {
             let (shape, state) = get(&format!("layers.{i}.state"))?;
             if shape != [heads * dim * dim] {
-                return Err(Error::State(format!("layer {i}: recurrent state has shape {shape:?}, model needs [{}]", heads * dim * dim)));
+                return Err(Error::State(format!(
+                    "layer {i}: recurrent state has shape {shape:?}, model needs [{}]",
+                    heads * dim * dim
+                )));
             }
             let state = state.into_vec();
             let rows = |name: &str| -> Result<Vec<Vec<f32>>> {
                 match t.f32s(&format!("layers.{i}.{name}"))? {
                     Some((shape, x)) => match shape[..] {
-                        [_, c] if c > 0 => Ok(x.into_vec().chunks_exact(c).map(<[f32]>::to_vec).collect()),
+                        [_, c] if c > 0 => {
+                            Ok(x.into_vec().chunks_exact(c).map(<[f32]>::to_vec).collect())
+                        }
                         [0, _] => Ok(Vec::new()),
-                        _ => Err(Error::State(format!("layer {i}: {name} has the wrong shape {shape:?}"))),
+                        _ => Err(Error::State(format!(
+                            "layer {i}: {name} has the wrong shape {shape:?}"
+                        ))),
                     },
                     None => Ok(Vec::new()),
                 }
@@ -388,11 +483,19 @@ impl State {
             let prev = match t.f32s(&format!("layers.{i}.prev"))? {
                 Some((shape, x)) => {
                     if shape != [5, heads * dim] {
-                        return Err(Error::State(format!("layer {i}: order-2 buffer has the wrong shape")));
+                        return Err(Error::State(format!(
+                            "layer {i}: order-2 buffer has the wrong shape"
+                        )));
                     }
                     let r = x.into_vec();
                     let part = |j: usize| r[j * heads * dim..(j + 1) * heads * dim].to_vec();
-                    Some(PrevToken { q: part(0), k: part(1), v: part(2), alpha: part(3), beta: part(4) })
+                    Some(PrevToken {
+                        q: part(0),
+                        k: part(1),
+                        v: part(2),
+                        alpha: part(3),
+                        beta: part(4),
+                    })
                 }
                 None => None,
             };
@@ -400,12 +503,29 @@ impl State {
                 Some((k, v)) => (Some(k), Some(v)),
                 None => (None, None),
             };
-            layers.push(LayerState { k, v, linear: LinearCarry { state, pool_k: rows("pool_k")?, pool_v: rows("pool_v")?, prev } });
+            layers.push(LayerState {
+                k,
+                v,
+                linear: LinearCarry {
+                    state,
+                    pool_k: rows("pool_k")?,
+                    pool_v: rows("pool_v")?,
+                    prev,
+                },
+            });
         }
         let extra = format!("layers.{num_layers}.state");
         if t.f32s(&extra)?.is_some() {
-            return Err(Error::State(format!("snapshot has more than {num_layers} layers")));
+            return Err(Error::State(format!(
+                "snapshot has more than {num_layers} layers"
+            )));
         }
-        Ok(Self { pos, key_pos, layers, mode, window })
+        Ok(Self {
+            pos,
+            key_pos,
+            layers,
+            mode,
+            window,
+        })
     }
 }

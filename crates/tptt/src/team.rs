@@ -68,7 +68,14 @@ impl Team<'_> {
         }
         let epoch = self.epoch.get() + 1;
         self.epoch.set(epoch);
-        let job = Job { epoch, n, next: AtomicUsize::new(0), done: AtomicUsize::new(0), panicked: AtomicBool::new(false), f };
+        let job = Job {
+            epoch,
+            n,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            f,
+        };
         // SAFETY (lifetime): the pointer is withdrawn below, and this function waits until no
         // helper can still hold it (`active == 0` after the withdrawal), before `job` and `f`
         // go out of scope.
@@ -115,12 +122,20 @@ pub fn with_team<R>(threads: usize, body: impl FnOnce() -> R) -> R {
     if threads <= 1 {
         return body();
     }
-    let shared = Shared { job: AtomicPtr::new(std::ptr::null_mut()), active: AtomicUsize::new(0), stop: AtomicBool::new(false) };
+    let shared = Shared {
+        job: AtomicPtr::new(std::ptr::null_mut()),
+        active: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+    };
     std::thread::scope(|s| {
         for _ in 1..threads {
             s.spawn(|| helper(&shared));
         }
-        let team = Team { shared: &shared, helpers: threads - 1, epoch: Cell::new(0) };
+        let team = Team {
+            shared: &shared,
+            helpers: threads - 1,
+            epoch: Cell::new(0),
+        };
         /// Clears the current team and stops the helpers, also when `body` panics.
         struct Reset<'a>(&'a Shared, *const Team<'static>);
         impl Drop for Reset<'_> {
@@ -174,7 +189,10 @@ mod tests {
                     for_each(n, &|i| {
                         hits[i].fetch_add(1, SeqCst);
                     });
-                    assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "threads {t}, round {round}");
+                    assert!(
+                        hits.iter().all(|h| h.load(SeqCst) == 1),
+                        "threads {t}, round {round}"
+                    );
                 }
                 if t > 1 {
                     assert_eq!(threads(), t);

@@ -49,7 +49,9 @@ pub type WeightMap = HashMap<String, Weight>;
 
 /// Dense tensors as weights.
 pub fn dense(map: TensorMap) -> WeightMap {
-    map.into_iter().map(|(k, v)| (k, Weight::Dense(v))).collect()
+    map.into_iter()
+        .map(|(k, v)| (k, Weight::Dense(v)))
+        .collect()
 }
 
 /// A LoRA kept beside a quantized weight: `y += scale · B(A x)`.
@@ -73,16 +75,26 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let map = read_json_object(&index)?;
-        let wm = map.get("weight_map").and_then(|v| v.as_object()).ok_or_else(|| Error::Json {
-            path: index.clone(),
-            message: "no weight_map object".into(),
-        })?;
-        let mut files: Vec<String> = wm.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+        let wm = map
+            .get("weight_map")
+            .and_then(|v| v.as_object())
+            .ok_or_else(|| Error::Json {
+                path: index.clone(),
+                message: "no weight_map object".into(),
+            })?;
+        let mut files: Vec<String> = wm
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
         files.sort();
         files.dedup();
         let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-            return Err(Error::NotFound(format!("shard {} listed in {} does not exist", missing.display(), index.display())));
+            return Err(Error::NotFound(format!(
+                "shard {} listed in {} does not exist",
+                missing.display(),
+                index.display()
+            )));
         }
         return Ok(files);
     }
@@ -94,9 +106,14 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Read every tensor of a safetensors file as f32.
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<TensorMap> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::Weights { path: path.to_path_buf(), message: describe_bad_file(&bytes, &e) })?;
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        message: describe_bad_file(&bytes, &e),
+    })?;
     let mut out = TensorMap::new();
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
@@ -105,12 +122,23 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<TensorMap> {
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F64 => DType::F64,
             other => {
-                return Err(Error::Weights { path: path.to_path_buf(), message: format!("tensor {name:?} has unsupported dtype {other:?}") })
+                return Err(Error::Weights {
+                    path: path.to_path_buf(),
+                    message: format!("tensor {name:?} has unsupported dtype {other:?}"),
+                })
             }
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
-            .map_err(|e| Error::Weights { path: path.to_path_buf(), message: format!("tensor {name:?}: {e}") })?;
-        let t = if dtype == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device).map_err(|e| {
+            Error::Weights {
+                path: path.to_path_buf(),
+                message: format!("tensor {name:?}: {e}"),
+            }
+        })?;
+        let t = if dtype == DType::F32 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        };
         out.insert(name, t);
     }
     Ok(out)
@@ -119,9 +147,15 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<TensorMap> {
 /// Why a file is not a readable safetensors file, in words a user can act on.
 fn describe_bad_file(bytes: &[u8], e: &safetensors::SafeTensorError) -> String {
     if bytes.starts_with(b"version https://git-lfs") {
-        return format!("a Git LFS pointer ({} bytes), not the weights: fetch the real file (git lfs pull)", bytes.len());
+        return format!(
+            "a Git LFS pointer ({} bytes), not the weights: fetch the real file (git lfs pull)",
+            bytes.len()
+        );
     }
-    format!("not a valid safetensors file ({} bytes; truncated or corrupt?): {e}", bytes.len())
+    format!(
+        "not a valid safetensors file ({} bytes; truncated or corrupt?): {e}",
+        bytes.len()
+    )
 }
 
 /// Load all shards of a model folder into one map.
@@ -179,21 +213,31 @@ pub fn apply_adapter(
     let mut report = AdapterReport::default();
     // Base weight name → (lora_A, lora_B), each with the adapter key it came from.
     let mut pairs: HashMap<String, LoraPair> = HashMap::new();
-    let unexpected = |key: &str| Error::UnexpectedAdapterKey { path: path.to_path_buf(), key: key.to_string() };
-    let shape_error = |key: &str, got: &[usize], expected: Vec<usize>, detail: String| Error::AdapterShapeMismatch {
+    let unexpected = |key: &str| Error::UnexpectedAdapterKey {
         path: path.to_path_buf(),
         key: key.to_string(),
-        got: got.to_vec(),
-        expected,
-        detail,
+    };
+    let shape_error = |key: &str, got: &[usize], expected: Vec<usize>, detail: String| {
+        Error::AdapterShapeMismatch {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            got: got.to_vec(),
+            expected,
+            detail,
+        }
     };
     let mut keys: Vec<&String> = adapter.keys().collect();
     keys.sort();
     for key in keys {
         let t = &adapter[key];
-        let lora_part = [(".lora_A.default.weight", 0), (".lora_A.weight", 0), (".lora_B.default.weight", 1), (".lora_B.weight", 1)]
-            .iter()
-            .find_map(|(suf, which)| key.strip_suffix(suf).map(|m| (m.to_string(), *which)));
+        let lora_part = [
+            (".lora_A.default.weight", 0),
+            (".lora_A.weight", 0),
+            (".lora_B.default.weight", 1),
+            (".lora_B.weight", 1),
+        ]
+        .iter()
+        .find_map(|(suf, which)| key.strip_suffix(suf).map(|m| (m.to_string(), *which)));
         if let Some((module, which)) = lora_part {
             if lora.is_none() {
                 return Err(Error::Config {
@@ -210,7 +254,12 @@ pub fn apply_adapter(
             let name = base_name(module, base, suffix).ok_or_else(|| unexpected(key))?;
             let want = base[&name].dims().to_vec();
             if t.dims() != want.as_slice() {
-                return Err(shape_error(key, t.dims(), want, format!("it replaces base weight {name}")));
+                return Err(shape_error(
+                    key,
+                    t.dims(),
+                    want,
+                    format!("it replaces base weight {name}"),
+                ));
             }
             base.insert(name, Weight::Dense(t.clone()));
             report.replaced += 1;
@@ -223,7 +272,9 @@ pub fn apply_adapter(
             .filter(|n| {
                 n.contains(".layers.")
                     && n.ends_with(".weight")
-                    && target_modules.iter().any(|t| n.trim_end_matches(".weight").ends_with(&format!(".{t}")))
+                    && target_modules
+                        .iter()
+                        .any(|t| n.trim_end_matches(".weight").ends_with(&format!(".{t}")))
             })
             .collect();
         expected.sort();
@@ -251,15 +302,37 @@ pub fn apply_adapter(
             let w = &base[&name];
             let &[out_dim, in_dim] = w.dims() else {
                 // A projection is 2-D; report the shape the LoRA factors imply for it.
-                let implied = vec![b.dims().first().copied().unwrap_or(0), a.dims().last().copied().unwrap_or(0)];
-                return Err(Error::ShapeMismatch { name: name.clone(), got: w.dims().to_vec(), expected: implied });
+                let implied = vec![
+                    b.dims().first().copied().unwrap_or(0),
+                    a.dims().last().copied().unwrap_or(0),
+                ];
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    got: w.dims().to_vec(),
+                    expected: implied,
+                });
             };
-            let detail = |which: &str| format!("{which} of base weight {name} [{out_dim}, {in_dim}] with lora_config r = {}", lora.r);
+            let detail = |which: &str| {
+                format!(
+                    "{which} of base weight {name} [{out_dim}, {in_dim}] with lora_config r = {}",
+                    lora.r
+                )
+            };
             if a.dims() != [lora.r, in_dim] {
-                return Err(shape_error(&a_key, a.dims(), vec![lora.r, in_dim], detail("lora_A")));
+                return Err(shape_error(
+                    &a_key,
+                    a.dims(),
+                    vec![lora.r, in_dim],
+                    detail("lora_A"),
+                ));
             }
             if b.dims() != [out_dim, lora.r] {
-                return Err(shape_error(&b_key, b.dims(), vec![out_dim, lora.r], detail("lora_B")));
+                return Err(shape_error(
+                    &b_key,
+                    b.dims(),
+                    vec![out_dim, lora.r],
+                    detail("lora_B"),
+                ));
             }
             match w {
                 Weight::Dense(w) => {

@@ -59,10 +59,18 @@ impl Fx {
         let repo = root.join(format!("tptt-{arch}"));
         let base = root.join(format!("{arch}-base"));
         for v in variants {
-            copy_dir(&fixtures().join(format!("tptt-{arch}")).join(v), &repo.join(v));
+            copy_dir(
+                &fixtures().join(format!("tptt-{arch}")).join(v),
+                &repo.join(v),
+            );
         }
         copy_dir(&fixtures().join(format!("{arch}-base")), &base);
-        Self { root, repo, base, variant: variants[0].to_string() }
+        Self {
+            root,
+            repo,
+            base,
+            variant: variants[0].to_string(),
+        }
     }
 
     fn llama(variant: &str) -> Self {
@@ -113,7 +121,11 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Map<String, Value>)) {
     let text = std::fs::read_to_string(path).expect("read json");
     let mut value: Value = serde_json::from_str(&text).expect("fixture json");
     edit(value.as_object_mut().expect("json object"));
-    std::fs::write(path, serde_json::to_string_pretty(&value).expect("serialize")).expect("write json");
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(&value).expect("serialize"),
+    )
+    .expect("write json");
 }
 
 fn truncate(path: &Path, keep: usize) {
@@ -143,7 +155,11 @@ struct Raw {
 impl Raw {
     fn f32(shape: &[usize]) -> Self {
         let n: usize = shape.iter().product();
-        Self { dtype: safetensors::Dtype::F32, shape: shape.to_vec(), data: vec![0u8; 4 * n] }
+        Self {
+            dtype: safetensors::Dtype::F32,
+            shape: shape.to_vec(),
+            data: vec![0u8; 4 * n],
+        }
     }
 }
 
@@ -155,19 +171,36 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, Raw>)) {
     let mut map: BTreeMap<String, Raw> = st
         .tensors()
         .into_iter()
-        .map(|(k, v)| (k, Raw { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
+        .map(|(k, v)| {
+            (
+                k,
+                Raw {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            )
+        })
         .collect();
     edit(&mut map);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = map
         .iter()
-        .map(|(k, r)| (k.clone(), safetensors::tensor::TensorView::new(r.dtype, r.shape.clone(), &r.data).expect("view")))
+        .map(|(k, r)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(r.dtype, r.shape.clone(), &r.data)
+                    .expect("view"),
+            )
+        })
         .collect();
     let out = safetensors::serialize(views, None).expect("serialize");
     std::fs::write(path, out).expect("write safetensors");
 }
 
 fn rename_key(map: &mut BTreeMap<String, Raw>, from: &str, to: &str) {
-    let t = map.remove(from).unwrap_or_else(|| panic!("fixture has no tensor {from}"));
+    let t = map
+        .remove(from)
+        .unwrap_or_else(|| panic!("fixture has no tensor {from}"));
     map.insert(to.to_string(), t);
 }
 
@@ -198,7 +231,9 @@ fn check(result: tptt::Result<()>, is: fn(&Error) -> bool, names: &[&str]) {
 fn the_fixtures_load_unbroken() {
     // Guards every test below: each breaks exactly one thing of a copy that works.
     Fx::llama("delta_rule").run_ok().expect("llama delta_rule");
-    Fx::qwen2("delta_rule_nolora").run_ok().expect("qwen2 delta_rule_nolora");
+    Fx::qwen2("delta_rule_nolora")
+        .run_ok()
+        .expect("qwen2 delta_rule_nolora");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -208,49 +243,81 @@ fn the_fixtures_load_unbroken() {
 fn truncated_adapter() {
     let fx = Fx::llama("delta_rule");
     truncate_by(&fx.adapter(), 100);
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors", "truncated"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors", "truncated"],
+    );
 }
 
 #[test]
 fn adapter_truncated_inside_its_header() {
     let fx = Fx::llama("delta_rule");
     truncate(&fx.adapter(), 50);
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors", "truncated"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors", "truncated"],
+    );
 }
 
 #[test]
 fn adapter_shorter_than_a_header() {
     let fx = Fx::llama("delta_rule");
     truncate(&fx.adapter(), 3);
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors"],
+    );
 }
 
 #[test]
 fn empty_adapter_file() {
     let fx = Fx::llama("delta_rule");
     truncate(&fx.adapter(), 0);
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors", "0 bytes"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors", "0 bytes"],
+    );
 }
 
 #[test]
 fn adapter_header_bytes_flipped() {
     let fx = Fx::llama("delta_rule");
     patch_bytes(&fx.adapter(), 8, b"#!");
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors", "JSON"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors", "JSON"],
+    );
 }
 
 #[test]
 fn adapter_header_length_absurd() {
     let fx = Fx::llama("delta_rule");
     patch_bytes(&fx.adapter(), 0, &u64::MAX.to_le_bytes());
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors"],
+    );
 }
 
 #[test]
 fn adapter_is_not_safetensors_at_all() {
     let fx = Fx::llama("delta_rule");
-    std::fs::write(fx.adapter(), "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 30784\n").expect("write");
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors"]);
+    std::fs::write(
+        fx.adapter(),
+        "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 30784\n",
+    )
+    .expect("write");
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors"],
+    );
 }
 
 #[test]
@@ -265,7 +332,11 @@ fn adapter_tensor_shape_overflows() {
     bytes.extend_from_slice(header.as_bytes());
     bytes.extend_from_slice(&[0u8; 16]);
     std::fs::write(fx.adapter(), bytes).expect("write");
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors"],
+    );
 }
 
 #[test]
@@ -275,49 +346,88 @@ fn adapter_tensor_of_unsupported_dtype() {
         let t = m.get_mut(Q_A).expect("q lora_A");
         t.dtype = safetensors::Dtype::I32;
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["adapter_model.safetensors", Q_A, "I32"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["adapter_model.safetensors", Q_A, "I32"],
+    );
 }
 
 #[test]
 fn truncated_base_weights() {
     let fx = Fx::llama("delta_rule");
     truncate_by(&fx.base.join("model.safetensors"), 1000);
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["llama-base", "model.safetensors", "truncated"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["llama-base", "model.safetensors", "truncated"],
+    );
 }
 
 #[test]
 fn truncated_base_shard() {
     let fx = Fx::qwen2("delta_rule");
     truncate_by(&fx.base.join("model-00003-of-00009.safetensors"), 7);
-    check(fx.run_ok(), |e| matches!(e, Error::Weights { .. }), &["model-00003-of-00009.safetensors"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Weights { .. }),
+        &["model-00003-of-00009.safetensors"],
+    );
 }
 
 #[test]
 fn missing_base_shard() {
     let fx = Fx::qwen2("delta_rule");
     std::fs::remove_file(fx.base.join("model-00005-of-00009.safetensors")).expect("rm");
-    check(fx.run_ok(), |e| matches!(e, Error::NotFound(_)), &["model-00005-of-00009.safetensors", "model.safetensors.index.json"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::NotFound(_)),
+        &[
+            "model-00005-of-00009.safetensors",
+            "model.safetensors.index.json",
+        ],
+    );
 }
 
 #[test]
 fn corrupt_shard_index() {
     let fx = Fx::qwen2("delta_rule");
-    std::fs::write(fx.base.join("model.safetensors.index.json"), "{\"weight_map\": [").expect("write");
-    check(fx.run_ok(), |e| matches!(e, Error::Json { .. }), &["model.safetensors.index.json"]);
+    std::fs::write(
+        fx.base.join("model.safetensors.index.json"),
+        "{\"weight_map\": [",
+    )
+    .expect("write");
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Json { .. }),
+        &["model.safetensors.index.json"],
+    );
 }
 
 #[test]
 fn shard_index_without_weight_map() {
     let fx = Fx::qwen2("delta_rule");
-    std::fs::write(fx.base.join("model.safetensors.index.json"), "{\"metadata\": {}}").expect("write");
-    check(fx.run_ok(), |e| matches!(e, Error::Json { .. }), &["model.safetensors.index.json", "weight_map"]);
+    std::fs::write(
+        fx.base.join("model.safetensors.index.json"),
+        "{\"metadata\": {}}",
+    )
+    .expect("write");
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Json { .. }),
+        &["model.safetensors.index.json", "weight_map"],
+    );
 }
 
 #[test]
 fn no_base_weights_at_all() {
     let fx = Fx::llama("delta_rule");
     std::fs::remove_file(fx.base.join("model.safetensors")).expect("rm");
-    check(fx.run_ok(), |e| matches!(e, Error::NotFound(_)), &["llama-base", "model.safetensors"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::NotFound(_)),
+        &["llama-base", "model.safetensors"],
+    );
 }
 
 #[test]
@@ -326,16 +436,31 @@ fn base_tensor_missing() {
     rewrite(&fx.base.join("model.safetensors"), |m| {
         m.remove("model.norm.weight").expect("norm");
     });
-    check(fx.run_ok(), |e| matches!(e, Error::MissingTensor { .. }), &["model.norm.weight", "llama-base"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::MissingTensor { .. }),
+        &["model.norm.weight", "llama-base"],
+    );
 }
 
 #[test]
 fn base_tensor_of_wrong_shape() {
     let fx = Fx::llama("delta_rule");
     rewrite(&fx.base.join("model.safetensors"), |m| {
-        m.insert("model.layers.1.mlp.up_proj.weight".into(), Raw::f32(&[100, 64]));
+        m.insert(
+            "model.layers.1.mlp.up_proj.weight".into(),
+            Raw::f32(&[100, 64]),
+        );
     });
-    check(fx.run_ok(), |e| matches!(e, Error::ShapeMismatch { .. }), &["model.layers.1.mlp.up_proj.weight", "[100, 64]", "[128, 64]"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::ShapeMismatch { .. }),
+        &[
+            "model.layers.1.mlp.up_proj.weight",
+            "[100, 64]",
+            "[128, 64]",
+        ],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,14 +470,22 @@ fn base_tensor_of_wrong_shape() {
 fn variant_config_not_json() {
     let fx = Fx::llama("delta_rule");
     std::fs::write(fx.config(), "{ \"model_type\": \"tptt\", ").expect("write");
-    check(fx.run_ok(), |e| matches!(e, Error::Json { .. }), &["delta_rule", "config.json"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Json { .. }),
+        &["delta_rule", "config.json"],
+    );
 }
 
 #[test]
 fn variant_config_not_an_object() {
     let fx = Fx::llama("delta_rule");
     std::fs::write(fx.config(), "[1, 2]").expect("write");
-    check(fx.run_ok(), |e| matches!(e, Error::Json { .. }), &["delta_rule", "config.json", "object"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Json { .. }),
+        &["delta_rule", "config.json", "object"],
+    );
 }
 
 #[test]
@@ -362,7 +495,11 @@ fn variant_config_is_not_tptt() {
         m.remove("base_model_name");
         m.insert("model_type".into(), json!("llama"));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::NotFound(_) | Error::Config { .. }), &["delta_rule", "config.json", "base_model_name"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::NotFound(_) | Error::Config { .. }),
+        &["delta_rule", "config.json", "base_model_name"],
+    );
 }
 
 #[test]
@@ -371,12 +508,22 @@ fn missing_base_model_name() {
     edit_json(&fx.config(), |m| {
         m.remove("base_model_name");
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["delta_rule", "config.json", "base_model_name"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["delta_rule", "config.json", "base_model_name"],
+    );
 }
 
 #[test]
 fn base_config_missing_required_keys() {
-    for key in ["hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"] {
+    for key in [
+        "hidden_size",
+        "vocab_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+    ] {
         let fx = Fx::llama("delta_rule");
         // The TPTT config carries merged copies of the base keys: remove the key from both.
         edit_json(&fx.base_config(), |m| {
@@ -385,7 +532,11 @@ fn base_config_missing_required_keys() {
         edit_json(&fx.config(), |m| {
             m.remove(key);
         });
-        check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["config.json", key]);
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::Config { .. }),
+            &["config.json", key],
+        );
     }
 }
 
@@ -394,7 +545,11 @@ fn base_config_missing() {
     let fx = Fx::llama("delta_rule");
     std::fs::remove_file(fx.base_config()).expect("rm");
     // Without its config.json the folder is no base model: resolution fails and says so.
-    check(fx.run_ok(), |e| matches!(e, Error::NotFound(_)), &["llama-base"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::NotFound(_)),
+        &["llama-base"],
+    );
 }
 
 #[test]
@@ -409,7 +564,11 @@ fn config_value_of_wrong_type() {
     ];
     for (key, value, in_base) in cases {
         let fx = Fx::llama("delta_rule");
-        let path = if *in_base { fx.base_config() } else { fx.config() };
+        let path = if *in_base {
+            fx.base_config()
+        } else {
+            fx.config()
+        };
         edit_json(&path, |m| {
             m.insert(key.to_string(), value.clone());
         });
@@ -418,7 +577,11 @@ fn config_value_of_wrong_type() {
                 m.remove(*key);
             });
         }
-        check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &[key, "config.json"]);
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::Config { .. }),
+            &[key, "config.json"],
+        );
     }
 }
 
@@ -430,7 +593,11 @@ fn tptt_key_of_wrong_type_is_blamed_on_the_tptt_config() {
     edit_json(&fx.config(), |m| {
         m.insert("hidden_size".into(), json!("sixty-four"));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["hidden_size", "delta_rule", "config.json"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["hidden_size", "delta_rule", "config.json"],
+    );
 }
 
 #[test]
@@ -439,16 +606,32 @@ fn config_values_out_of_range() {
         ("max_chunk_size", json!(0), "max_chunk_size"),
         ("max_self_attn_length", json!(0), "max_self_attn_length"),
         ("linear_precision", json!("int8"), "int8"),
-        ("model_task", json!("sequence_classification"), "sequence_classification"),
-        ("lora_config", json!({"r": 0, "lora_alpha": 16}), "lora_config.r"),
-        ("lora_config", json!({"r": 8, "lora_alpha": 16, "use_dora": true}), "use_dora"),
+        (
+            "model_task",
+            json!("sequence_classification"),
+            "sequence_classification",
+        ),
+        (
+            "lora_config",
+            json!({"r": 0, "lora_alpha": 16}),
+            "lora_config.r",
+        ),
+        (
+            "lora_config",
+            json!({"r": 8, "lora_alpha": 16, "use_dora": true}),
+            "use_dora",
+        ),
     ];
     for (key, value, word) in cases {
         let fx = Fx::llama("delta_rule");
         edit_json(&fx.config(), |m| {
             m.insert(key.to_string(), value.clone());
         });
-        check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &[word, "config.json"]);
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::Config { .. }),
+            &[word, "config.json"],
+        );
     }
 }
 
@@ -458,7 +641,11 @@ fn unknown_operator_mode() {
     edit_json(&fx.config(), |m| {
         m.insert("operator_mode".into(), json!("delta_rule_turbo"));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::UnknownOperatorMode(_)), &["delta_rule_turbo", "operator_mode"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::UnknownOperatorMode(_)),
+        &["delta_rule_turbo", "operator_mode"],
+    );
 }
 
 #[test]
@@ -467,7 +654,11 @@ fn operator_mode_of_wrong_type() {
     edit_json(&fx.config(), |m| {
         m.insert("operator_mode".into(), json!(3));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["operator_mode", "config.json"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["operator_mode", "config.json"],
+    );
 }
 
 #[test]
@@ -477,7 +668,11 @@ fn unknown_architecture() {
         m.insert("model_type".into(), json!("gpt2"));
         m.insert("architectures".into(), json!(["GPT2LMHeadModel"]));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::UnsupportedArchitecture(_)), &["gpt2", "llama", "qwen2"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::UnsupportedArchitecture(_)),
+        &["gpt2", "llama", "qwen2"],
+    );
 }
 
 #[test]
@@ -487,7 +682,11 @@ fn unknown_architecture_without_model_type() {
         m.remove("model_type");
         m.insert("architectures".into(), json!(["MambaForCausalLM"]));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::UnsupportedArchitecture(_)), &["MambaForCausalLM"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::UnsupportedArchitecture(_)),
+        &["MambaForCausalLM"],
+    );
 }
 
 #[test]
@@ -496,7 +695,11 @@ fn unsupported_activation() {
     edit_json(&fx.config(), |m| {
         m.insert("hidden_act".into(), json!("gelu"));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["hidden_act", "gelu"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["hidden_act", "gelu"],
+    );
 }
 
 #[test]
@@ -506,7 +709,11 @@ fn operator_mode_null_uses_alpha_gate_one() {
     edit_json(&fx.config(), |m| {
         m.insert("operator_mode".into(), Value::Null);
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["operator_mode", "alpha_gate", "\"1\"", "config.json"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["operator_mode", "alpha_gate", "\"1\"", "config.json"],
+    );
 }
 
 #[test]
@@ -519,7 +726,11 @@ fn operator_mode_null_with_unknown_gates() {
             m.insert("alpha_gate".into(), json!("k"));
             m.insert(key.to_string(), json!(value));
         });
-        check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &[key, &format!("{value:?}"), "config.json"]);
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::Config { .. }),
+            &[key, &format!("{value:?}"), "config.json"],
+        );
     }
 }
 
@@ -529,7 +740,11 @@ fn bidirectional() {
     edit_json(&fx.config(), |m| {
         m.insert("bidirectional".into(), json!(true));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["bidirectional", "config.json"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["bidirectional", "config.json"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -544,7 +759,11 @@ fn lora_tensor_of_wrong_shape() {
             m.insert(key.to_string(), Raw::f32(shape));
         });
         let got = format!("{shape:?}");
-        check(fx.run_ok(), |e| matches!(e, Error::AdapterShapeMismatch { .. }), &["adapter_model.safetensors", key, &got]);
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::AdapterShapeMismatch { .. }),
+            &["adapter_model.safetensors", key, &got],
+        );
     }
 }
 
@@ -554,7 +773,11 @@ fn lora_rank_differs_from_config() {
     edit_json(&fx.config(), |m| {
         m["lora_config"]["r"] = json!(4);
     });
-    check(fx.run_ok(), |e| matches!(e, Error::AdapterShapeMismatch { .. }), &["adapter_model.safetensors", "lora_A", "r = 4", "[8, 64]"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::AdapterShapeMismatch { .. }),
+        &["adapter_model.safetensors", "lora_A", "r = 4", "[8, 64]"],
+    );
 }
 
 #[test]
@@ -564,21 +787,38 @@ fn full_weight_of_wrong_shape() {
     rewrite(&fx.adapter(), |m| {
         m.insert(key.into(), Raw::f32(&[64]));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::AdapterShapeMismatch { .. }), &["adapter_model.safetensors", key, "[64]", "[32]"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::AdapterShapeMismatch { .. }),
+        &["adapter_model.safetensors", key, "[64]", "[32]"],
+    );
 }
 
 #[test]
 fn adapter_key_that_matches_nothing() {
     let cases: &[(&str, &str)] = &[
-        (Q_A, "model.model.layers.7.self_attn.base_attn.q_proj.lora_A.default.weight"),
-        (Q_B, "model.model.layers.0.self_attn.base_attn.qq_proj.lora_B.default.weight"),
-        (Q_A, "model.model.layers.0.self_attn.base_attn.q_proj.lora_A.default.weight.extra"),
+        (
+            Q_A,
+            "model.model.layers.7.self_attn.base_attn.q_proj.lora_A.default.weight",
+        ),
+        (
+            Q_B,
+            "model.model.layers.0.self_attn.base_attn.qq_proj.lora_B.default.weight",
+        ),
+        (
+            Q_A,
+            "model.model.layers.0.self_attn.base_attn.q_proj.lora_A.default.weight.extra",
+        ),
         (Q_A, "lonely"),
     ];
     for (from, to) in cases {
         let fx = Fx::llama("delta_rule");
         rewrite(&fx.adapter(), |m| rename_key(m, from, to));
-        check(fx.run_ok(), |e| matches!(e, Error::UnexpectedAdapterKey { .. }), &["adapter_model.safetensors", to]);
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::UnexpectedAdapterKey { .. }),
+            &["adapter_model.safetensors", to],
+        );
     }
 }
 
@@ -589,7 +829,11 @@ fn full_weight_key_that_matches_nothing() {
     rewrite(&fx.adapter(), |m| {
         m.insert(to.into(), Raw::f32(&[64]));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::UnexpectedAdapterKey { .. }), &["adapter_model.safetensors", to]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::UnexpectedAdapterKey { .. }),
+        &["adapter_model.safetensors", to],
+    );
 }
 
 #[test]
@@ -600,7 +844,11 @@ fn missing_half_of_a_lora_pair() {
         rewrite(&fx.adapter(), |m| {
             m.remove(gone).expect("fixture key");
         });
-        check(fx.run_ok(), |e| matches!(e, Error::MissingTensor { .. }), &["adapter_model.safetensors", gone]);
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::MissingTensor { .. }),
+            &["adapter_model.safetensors", gone],
+        );
     }
 }
 
@@ -614,7 +862,12 @@ fn missing_whole_lora_pair() {
     check(
         fx.run_ok(),
         |e| matches!(e, Error::MissingTensor { .. }),
-        &["adapter_model.safetensors", "model.layers.1.self_attn.v_proj", "lora_A", "lora_B"],
+        &[
+            "adapter_model.safetensors",
+            "model.layers.1.self_attn.v_proj",
+            "lora_A",
+            "lora_B",
+        ],
     );
 }
 
@@ -624,14 +877,22 @@ fn lora_keys_without_lora_config() {
     edit_json(&fx.config(), |m| {
         m.insert("lora_config".into(), Value::Null);
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["adapter_model.safetensors", "lora_config", "lora_A"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["adapter_model.safetensors", "lora_config", "lora_A"],
+    );
 }
 
 #[test]
 fn lora_config_without_adapter_file() {
     let fx = Fx::llama("delta_rule");
     std::fs::remove_file(fx.adapter()).expect("rm");
-    check(fx.run_ok(), |e| matches!(e, Error::NotFound(_)), &["delta_rule", "adapter_model.safetensors"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::NotFound(_)),
+        &["delta_rule", "adapter_model.safetensors"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -642,27 +903,43 @@ fn variant_folder_that_does_not_exist() {
     let fx = Fx::new("llama", &["delta_rule", "delta_product"]);
     let repo = TpttRepo::open(&fx.repo).expect("open");
     let err = repo.variant(Some("delta_rule_turbo"), None).map(|_| ());
-    check(err, |e| matches!(e, Error::NotFound(_)), &["delta_rule_turbo", "delta_product", "delta_rule"]);
+    check(
+        err,
+        |e| matches!(e, Error::NotFound(_)),
+        &["delta_rule_turbo", "delta_product", "delta_rule"],
+    );
 }
 
 #[test]
 fn several_variants_and_none_chosen() {
     let fx = Fx::new("llama", &["delta_rule", "delta_product"]);
     let repo = TpttRepo::open(&fx.repo).expect("open");
-    check(repo.variant(None, None).map(|_| ()), |e| matches!(e, Error::NotFound(_)), &["delta_product", "delta_rule"]);
+    check(
+        repo.variant(None, None).map(|_| ()),
+        |e| matches!(e, Error::NotFound(_)),
+        &["delta_product", "delta_rule"],
+    );
 }
 
 #[test]
 fn repo_folder_that_does_not_exist() {
     let fx = Fx::llama("delta_rule");
-    check(TpttRepo::open(fx.root.join("nope")).map(|_| ()), |e| matches!(e, Error::NotFound(_)), &["nope"]);
+    check(
+        TpttRepo::open(fx.root.join("nope")).map(|_| ()),
+        |e| matches!(e, Error::NotFound(_)),
+        &["nope"],
+    );
 }
 
 #[test]
 fn repo_without_variants() {
     let fx = Fx::llama("delta_rule");
     std::fs::remove_file(fx.config()).expect("rm");
-    check(TpttRepo::open(&fx.repo).map(|_| ()), |e| matches!(e, Error::NotFound(_)), &["tptt-llama", "no TPTT variant"]);
+    check(
+        TpttRepo::open(&fx.repo).map(|_| ()),
+        |e| matches!(e, Error::NotFound(_)),
+        &["tptt-llama", "no TPTT variant"],
+    );
 }
 
 #[test]
@@ -671,7 +948,11 @@ fn base_model_that_does_not_exist() {
     edit_json(&fx.config(), |m| {
         m.insert("base_model_name".into(), json!("someone/not-downloaded-7b"));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::NotFound(_)), &["someone/not-downloaded-7b", "--base"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::NotFound(_)),
+        &["someone/not-downloaded-7b", "--base"],
+    );
 }
 
 #[test]
@@ -680,14 +961,20 @@ fn base_model_subfolder_that_does_not_exist() {
     edit_json(&fx.config(), |m| {
         m.insert("base_model_subfolder".into(), json!("weights"));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::NotFound(_)), &["weights"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::NotFound(_)),
+        &["weights"],
+    );
 }
 
 #[test]
 fn base_override_that_is_not_a_folder() {
     let fx = Fx::llama("delta_rule");
     let repo = TpttRepo::open(&fx.repo).expect("open");
-    let err = repo.variant(Some("delta_rule"), Some(&fx.root.join("elsewhere"))).map(|_| ());
+    let err = repo
+        .variant(Some("delta_rule"), Some(&fx.root.join("elsewhere")))
+        .map(|_| ());
     check(err, |e| matches!(e, Error::NotFound(_)), &["elsewhere"]);
 }
 
@@ -700,7 +987,11 @@ fn token_id_outside_the_vocabulary() {
     let model = fx.load().expect("load");
     for bad in [300u32, u32::MAX] {
         let err = model.forward_full(&[1, bad, 5]).map(|_| ());
-        check(err, |e| matches!(e, Error::Input(_)), &[&bad.to_string(), "300"]);
+        check(
+            err,
+            |e| matches!(e, Error::Input(_)),
+            &[&bad.to_string(), "300"],
+        );
     }
 }
 
@@ -708,14 +999,22 @@ fn token_id_outside_the_vocabulary() {
 fn empty_id_list() {
     let fx = Fx::llama("delta_rule");
     let model = fx.load().expect("load");
-    check(model.forward_full(&[]).map(|_| ()), |e| matches!(e, Error::Input(_)), &["no tokens"]);
+    check(
+        model.forward_full(&[]).map(|_| ()),
+        |e| matches!(e, Error::Input(_)),
+        &["no tokens"],
+    );
 }
 
 #[test]
 fn absurd_sizes_in_the_config() {
     // Sizes that disagree with the weights are caught when the tensors are checked.
     let cases: &[(&str, Value, &str)] = &[
-        ("vocab_size", json!(1_000_000_000_000u64), "model.embed_tokens.weight"),
+        (
+            "vocab_size",
+            json!(1_000_000_000_000u64),
+            "model.embed_tokens.weight",
+        ),
         ("intermediate_size", json!(1_000_000_000_000u64), "mlp"),
         ("num_key_value_heads", json!(1), "k_proj"),
     ];
@@ -728,7 +1027,14 @@ fn absurd_sizes_in_the_config() {
         }
         check(
             fx.run_ok(),
-            |e| matches!(e, Error::MissingTensor { .. } | Error::ShapeMismatch { .. } | Error::AdapterShapeMismatch { .. }),
+            |e| {
+                matches!(
+                    e,
+                    Error::MissingTensor { .. }
+                        | Error::ShapeMismatch { .. }
+                        | Error::AdapterShapeMismatch { .. }
+                )
+            },
             &[word],
         );
     }
@@ -744,7 +1050,11 @@ fn head_sizes_whose_product_overflows() {
             m.insert("head_dim".into(), json!(1u64 << 32));
         });
     }
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["num_attention_heads", "head_dim", "config.json"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["num_attention_heads", "head_dim", "config.json"],
+    );
 }
 
 #[test]
@@ -760,17 +1070,31 @@ fn absurd_layer_count_in_the_config() {
                 m.insert("num_hidden_layers".into(), json!(1_000_000_000_000u64));
             });
         }
-        check(fx.run_ok(), |e| matches!(e, Error::MissingTensor { .. }), &["model.layers.2."]);
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::MissingTensor { .. }),
+            &["model.layers.2."],
+        );
         return;
     }
     let exe = std::env::current_exe().expect("test binary path");
     let out = std::process::Command::new(exe)
-        .args(["--exact", "absurd_layer_count_in_the_config", "--test-threads", "1", "--nocapture"])
+        .args([
+            "--exact",
+            "absurd_layer_count_in_the_config",
+            "--test-threads",
+            "1",
+            "--nocapture",
+        ])
         .env(CHILD, "1")
         .output()
         .expect("run the child test");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "loading a config with 10^12 layers did not fail cleanly ({}):\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "loading a config with 10^12 layers did not fail cleanly ({}):\n{stderr}",
+        out.status
+    );
 }
 
 #[test]
@@ -785,5 +1109,9 @@ fn zero_sliding_window() {
         m.insert("model_type".into(), json!("mistral"));
         m.insert("architectures".into(), json!(["MistralForCausalLM"]));
     });
-    check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &["sliding_window", "config.json"]);
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["sliding_window", "config.json"],
+    );
 }

@@ -18,7 +18,8 @@ fn fixtures() -> PathBuf {
 fn variants() -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
     for index in ["index.json", "index_arch.json"] {
-        let text = std::fs::read_to_string(fixtures().join("cases").join(index)).expect("fixture index is committed");
+        let text = std::fs::read_to_string(fixtures().join("cases").join(index))
+            .expect("fixture index is committed");
         let cases: Vec<Value> = serde_json::from_str(&text).expect("index is valid JSON");
         for c in cases {
             if c["status"].as_str().is_some_and(|s| s != "tptt") {
@@ -34,16 +35,26 @@ fn variants() -> BTreeSet<(String, String)> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
 }
 
 #[test]
 fn fused_step_matches_the_tensor_path_on_every_fixture() {
     let all = variants();
-    assert!(all.len() >= 30, "expected the whole fixture set, found {}", all.len());
+    assert!(
+        all.len() >= 30,
+        "expected the whole fixture set, found {}",
+        all.len()
+    );
     let mut worst = 0f32;
     for (repo, variant) in &all {
-        let files = TpttRepo::open(fixtures().join(repo)).expect("open repo").variant(Some(variant), None).expect("variant");
+        let files = TpttRepo::open(fixtures().join(repo))
+            .expect("open repo")
+            .variant(Some(variant), None)
+            .expect("variant");
         let fused = Model::load(&files, &LoadOptions::default()).expect("load");
         let mut tensor = fused.clone();
         tensor.set_fused_step(false);
@@ -52,22 +63,45 @@ fn fused_step_matches_the_tensor_path_on_every_fixture() {
             let mut sf = fused.new_state(CarryMode::Continue, window);
             let mut st = tensor.new_state(CarryMode::Continue, window);
             let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 11) % vocab).collect();
-            fused.forward(&prompt, &mut sf, Logits::Last).expect("prompt");
-            tensor.forward(&prompt, &mut st, Logits::Last).expect("prompt");
+            fused
+                .forward(&prompt, &mut sf, Logits::Last)
+                .expect("prompt");
+            tensor
+                .forward(&prompt, &mut st, Logits::Last)
+                .expect("prompt");
             for step in 0..12u32 {
                 let id = (step * 53 + 7) % vocab;
-                let a = fused.forward(&[id], &mut sf, Logits::Last).expect("fused").flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32");
-                let b = tensor.forward(&[id], &mut st, Logits::Last).expect("tensor").flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32");
+                let a = fused
+                    .forward(&[id], &mut sf, Logits::Last)
+                    .expect("fused")
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("f32");
+                let b = tensor
+                    .forward(&[id], &mut st, Logits::Last)
+                    .expect("tensor")
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("f32");
                 let d = max_diff(&a, &b);
                 worst = worst.max(d);
-                assert!(d < 2e-5, "{repo}/{variant} window {window:?} step {step}: max rel diff {d}");
+                assert!(
+                    d < 2e-5,
+                    "{repo}/{variant} window {window:?} step {step}: max rel diff {d}"
+                );
             }
             assert_eq!(sf.pos, st.pos);
             assert_eq!(sf.key_pos, st.key_pos, "{repo}/{variant}: ring positions");
             for (lf, lt) in sf.layers.iter().zip(&st.layers) {
-                assert!(max_diff(&lf.linear.state, &lt.linear.state) < 1e-5, "{repo}/{variant}: recurrent state");
+                assert!(
+                    max_diff(&lf.linear.state, &lt.linear.state) < 1e-5,
+                    "{repo}/{variant}: recurrent state"
+                );
             }
         }
     }
-    eprintln!("fused step vs tensor path: {} variants, worst relative diff {worst:.2e}", all.len());
+    eprintln!(
+        "fused step vs tensor path: {} variants, worst relative diff {worst:.2e}",
+        all.len()
+    );
 }

@@ -20,14 +20,27 @@ fn fixtures() -> PathBuf {
 fn permute(w: &Tensor, heads: usize) -> Tensor {
     let (rows, cols) = w.dims2().expect("2-D");
     let hd = rows / heads;
-    w.reshape((heads, 2, hd / 2, cols)).and_then(|t| t.transpose(1, 2)).and_then(|t| t.reshape((rows, cols))).expect("permute")
+    w.reshape((heads, 2, hd / 2, cols))
+        .and_then(|t| t.transpose(1, 2))
+        .and_then(|t| t.reshape((rows, cols)))
+        .expect("permute")
 }
 
 fn write_gguf(out: &Path, dtype: GgmlDType) {
-    let base = candle_core::safetensors::load(fixtures().join("llama-base/model.safetensors"), &Device::Cpu).expect("base");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama-base/config.json")).expect("config")).expect("json");
+    let base = candle_core::safetensors::load(
+        fixtures().join("llama-base/model.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("base");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llama-base/config.json")).expect("config"),
+    )
+    .expect("json");
     let n = |k: &str| cfg[k].as_u64().expect("number") as u32;
-    let (heads, kv) = (n("num_attention_heads") as usize, n("num_key_value_heads") as usize);
+    let (heads, kv) = (
+        n("num_attention_heads") as usize,
+        n("num_key_value_heads") as usize,
+    );
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &base {
         let gname = match name.as_str() {
@@ -58,21 +71,41 @@ fn write_gguf(out: &Path, dtype: GgmlDType) {
         } else {
             t.clone()
         };
-        let q = if t.rank() == 1 { QTensor::quantize(&t, GgmlDType::F32) } else { QTensor::quantize(&t, dtype) }.expect("quantize");
+        let q = if t.rank() == 1 {
+            QTensor::quantize(&t, GgmlDType::F32)
+        } else {
+            QTensor::quantize(&t, dtype)
+        }
+        .expect("quantize");
         tensors.push((gname, q));
     }
     let rope = cfg["rope_scaling"].clone();
-    assert!(rope.is_object(), "the fixture has llama3 scaling; this test writes a GGUF without it");
+    assert!(
+        rope.is_object(),
+        "the fixture has llama3 scaling; this test writes a GGUF without it"
+    );
     let md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("llama.embedding_length", Value::U32(n("hidden_size"))),
-        ("llama.feed_forward_length", Value::U32(n("intermediate_size"))),
+        (
+            "llama.feed_forward_length",
+            Value::U32(n("intermediate_size")),
+        ),
         ("llama.block_count", Value::U32(n("num_hidden_layers"))),
         ("llama.attention.head_count", Value::U32(heads as u32)),
         ("llama.attention.head_count_kv", Value::U32(kv as u32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg["rms_norm_eps"].as_f64().expect("eps") as f32)),
-        ("llama.rope.freq_base", Value::F32(cfg["rope_theta"].as_f64().expect("theta") as f32)),
-        ("llama.context_length", Value::U32(n("max_position_embeddings"))),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg["rms_norm_eps"].as_f64().expect("eps") as f32),
+        ),
+        (
+            "llama.rope.freq_base",
+            Value::F32(cfg["rope_theta"].as_f64().expect("theta") as f32),
+        ),
+        (
+            "llama.context_length",
+            Value::U32(n("max_position_embeddings")),
+        ),
     ];
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -89,10 +122,17 @@ fn compare(dtype: GgmlDType) -> f32 {
     // A copy of the base without rope_scaling.
     let base = tmp.join("llama-base");
     std::fs::create_dir_all(&base).expect("base dir");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama-base/config.json")).expect("cfg")).expect("json");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llama-base/config.json")).expect("cfg"),
+    )
+    .expect("json");
     cfg["rope_scaling"] = serde_json::Value::Null;
     std::fs::write(base.join("config.json"), cfg.to_string()).expect("write cfg");
-    std::fs::copy(fixtures().join("llama-base/model.safetensors"), base.join("model.safetensors")).expect("copy weights");
+    std::fs::copy(
+        fixtures().join("llama-base/model.safetensors"),
+        base.join("model.safetensors"),
+    )
+    .expect("copy weights");
     let gguf = tmp.join("llama-base.gguf");
     write_gguf(&gguf, dtype);
 
@@ -100,23 +140,50 @@ fn compare(dtype: GgmlDType) -> f32 {
     let variant = tmp.join("repo/delta_product");
     std::fs::create_dir_all(&variant).expect("variant dir");
     let src = fixtures().join("tptt-llama/delta_product");
-    let mut vcfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).expect("cfg")).expect("json");
+    let mut vcfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).expect("cfg"))
+            .expect("json");
     vcfg["rope_scaling"] = serde_json::Value::Null;
     std::fs::write(variant.join("config.json"), vcfg.to_string()).expect("write cfg");
-    std::fs::copy(src.join("adapter_model.safetensors"), variant.join("adapter_model.safetensors")).expect("copy adapter");
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        variant.join("adapter_model.safetensors"),
+    )
+    .expect("copy adapter");
     let repo = TpttRepo::open(tmp.join("repo")).expect("repo");
-    let dense = Model::load(&repo.variant(Some("delta_product"), Some(&base)).expect("variant"), &LoadOptions::default()).expect("dense");
-    let files = repo.variant(Some("delta_product"), Some(&gguf)).expect("gguf variant");
+    let dense = Model::load(
+        &repo
+            .variant(Some("delta_product"), Some(&base))
+            .expect("variant"),
+        &LoadOptions::default(),
+    )
+    .expect("dense");
+    let files = repo
+        .variant(Some("delta_product"), Some(&gguf))
+        .expect("gguf variant");
     assert!(files.base_gguf.is_some());
     let quant = Model::load(&files, &LoadOptions::default()).expect("gguf model");
     if dtype != GgmlDType::F32 {
-        assert_eq!(quant.adapter_report().unmerged.len(), 8, "LoRA kept beside every quantized q/k/v/o");
+        assert_eq!(
+            quant.adapter_report().unmerged.len(),
+            8,
+            "LoRA kept beside every quantized q/k/v/o"
+        );
     }
     let ids: Vec<u32> = (0..40).map(|i| 3 + (i * 53 + 7) % 290).collect();
-    let a: Vec<f32> = dense.forward_full(&ids).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("dense fwd");
-    let b: Vec<f32> = quant.forward_full(&ids).and_then(|t| Ok(t.flatten_all()?.to_vec1()?)).expect("gguf fwd");
+    let a: Vec<f32> = dense
+        .forward_full(&ids)
+        .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+        .expect("dense fwd");
+    let b: Vec<f32> = quant
+        .forward_full(&ids)
+        .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+        .expect("gguf fwd");
     let _ = std::fs::remove_dir_all(&tmp);
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -142,13 +209,28 @@ fn real_smollm2_q4_1_gguf_loads_and_generates() {
         return;
     };
     let gguf = dir.join("../.cache/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let settings = tptt::config::TpttSettings::injected("delta_rule", 0.125, "smollm2").expect("settings");
-    let model = Model::load_gguf_plain(&gguf, settings, &LoadOptions::default()).expect("load gguf");
+    let settings =
+        tptt::config::TpttSettings::injected("delta_rule", 0.125, "smollm2").expect("settings");
+    let model =
+        Model::load_gguf_plain(&gguf, settings, &LoadOptions::default()).expect("load gguf");
     assert_eq!(model.config().base.num_layers, 30);
-    let reference = candle_core::safetensors::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/reference.safetensors"), &Device::Cpu).expect("ref");
-    let ids: Vec<u32> = reference["ids"].to_vec1::<i64>().expect("ids").into_iter().map(|x| x as u32).collect();
+    let reference = candle_core::safetensors::load(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/smollm2/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("ref");
+    let ids: Vec<u32> = reference["ids"]
+        .to_vec1::<i64>()
+        .expect("ids")
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
     let logits = model.forward_full(&ids).expect("forward");
-    let last: Vec<f32> = logits.get(ids.len() - 1).and_then(|t| t.to_vec1()).expect("row");
+    let last: Vec<f32> = logits
+        .get(ids.len() - 1)
+        .and_then(|t| t.to_vec1())
+        .expect("row");
     assert!(last.iter().all(|x| x.is_finite()));
     // Quantized weights (Q4_1 re-quantized to Q8_0) still rank the f32 model's answer highly.
     let want = reference["greedy_ids"].to_vec1::<i64>().expect("greedy")[0] as usize;

@@ -21,7 +21,8 @@ fn fixtures() -> PathBuf {
 }
 
 fn read_index(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("cases").join(name)).expect("fixture index is committed");
+    let text = std::fs::read_to_string(fixtures().join("cases").join(name))
+        .expect("fixture index is committed");
     match serde_json::from_str(&text).expect("index is valid JSON") {
         Value::Array(a) => a,
         _ => panic!("{name} must be a list"),
@@ -32,32 +33,57 @@ fn read_index(name: &str) -> Vec<Value> {
 /// (`index_arch.json`, generate_arch.py).
 fn cases() -> Vec<Value> {
     let mut all = read_index("index.json");
-    all.extend(read_index("index_arch.json").into_iter().filter(|c| c["status"] == "tptt"));
+    all.extend(
+        read_index("index_arch.json")
+            .into_iter()
+            .filter(|c| c["status"] == "tptt"),
+    );
     all
 }
 
 /// Plain base models recorded by transformers (no TPTT), run here with the linear branch off.
 fn base_cases() -> Vec<Value> {
-    read_index("index_arch.json").into_iter().filter(|c| c["status"] == "base_only").collect()
+    read_index("index_arch.json")
+        .into_iter()
+        .filter(|c| c["status"] == "base_only")
+        .collect()
 }
 
 fn load_case(case: &Value, opts: &LoadOptions) -> (Model, HashMap<String, Tensor>) {
-    let repo = TpttRepo::open(fixtures().join(case["repo"].as_str().expect("repo"))).expect("open repo");
-    let files = repo.variant(case["variant"].as_str(), None).expect("variant");
+    let repo =
+        TpttRepo::open(fixtures().join(case["repo"].as_str().expect("repo"))).expect("open repo");
+    let files = repo
+        .variant(case["variant"].as_str(), None)
+        .expect("variant");
     let model = Model::load(&files, opts).expect("load model");
-    let tensors = candle_core::safetensors::load(fixtures().join(case["file"].as_str().expect("file")), &Device::Cpu).expect("case file");
+    let tensors = candle_core::safetensors::load(
+        fixtures().join(case["file"].as_str().expect("file")),
+        &Device::Cpu,
+    )
+    .expect("case file");
     (model, tensors)
 }
 
 fn ids(t: &HashMap<String, Tensor>, name: &str) -> Vec<u32> {
-    t[name].to_vec1::<i64>().expect("i64 ids").into_iter().map(|x| x as u32).collect()
+    t[name]
+        .to_vec1::<i64>()
+        .expect("i64 ids")
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
 }
 
 /// Max violation of `|got − ref| ≤ ATOL + RTOL·|ref|` (≤ 0 means within tolerance), and max |Δ|.
 fn compare(got: &Tensor, want: &Tensor) -> (f32, f32) {
     assert_eq!(got.dims(), want.dims(), "shape");
-    let g = got.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32");
-    let w = want.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32");
+    let g = got
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("f32");
+    let w = want
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("f32");
     let mut worst = f32::NEG_INFINITY;
     let mut max_abs = 0f32;
     for (a, b) in g.iter().zip(&w) {
@@ -69,7 +95,11 @@ fn compare(got: &Tensor, want: &Tensor) -> (f32, f32) {
 }
 
 fn label(case: &Value) -> String {
-    format!("{}__{}", case["base"].as_str().unwrap_or("?"), case["variant"].as_str().unwrap_or("?"))
+    format!(
+        "{}__{}",
+        case["base"].as_str().unwrap_or("?"),
+        case["variant"].as_str().unwrap_or("?")
+    )
 }
 
 fn run_forward_cases(scan: ScanImpl) {
@@ -77,14 +107,22 @@ fn run_forward_cases(scan: ScanImpl) {
     let mut checked = 0;
     let mut overall = 0f32;
     for case in cases() {
-        let (model, t) = load_case(&case, &LoadOptions { scan, ..Default::default() });
+        let (model, t) = load_case(
+            &case,
+            &LoadOptions {
+                scan,
+                ..Default::default()
+            },
+        );
         for len in case["lengths"].as_array().expect("lengths") {
             let len = len.as_u64().expect("length");
             let name = format!("fwd.L{len}");
             if case["failing_lengths"].get(len.to_string()).is_some() {
                 continue;
             }
-            let logits = model.forward_full(&ids(&t, &format!("{name}.ids"))).expect("forward");
+            let logits = model
+                .forward_full(&ids(&t, &format!("{name}.ids")))
+                .expect("forward");
             let (worst, max_abs) = compare(&logits, &t[&format!("{name}.logits")]);
             checked += 1;
             overall = overall.max(max_abs);
@@ -95,7 +133,12 @@ fn run_forward_cases(scan: ScanImpl) {
     }
     eprintln!("{scan:?}: {checked} forward cases, max |Δlogit| {overall:e}");
     assert!(checked >= 200, "only {checked} forward cases found");
-    assert!(failures.is_empty(), "{} of {checked} cases over tolerance:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} cases over tolerance:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -120,8 +163,12 @@ fn reference_cached_calls_match() {
         if case["cont"].as_bool() == Some(true) && case["arch"] != "gemma3" {
             let all = ids(&t, "cont.ids");
             let mut st = model.new_state(CarryMode::Reference, window);
-            let first = model.forward(&all[..25], &mut st, Logits::All).expect("first call");
-            let second = model.forward(&all[25..], &mut st, Logits::All).expect("second call");
+            let first = model
+                .forward(&all[..25], &mut st, Logits::All)
+                .expect("first call");
+            let second = model
+                .forward(&all[25..], &mut st, Logits::All)
+                .expect("second call");
             for (name, got) in [("cont.first_logits", first), ("cont.second_logits", second)] {
                 let (worst, max_abs) = compare(&got, &t[name]);
                 if worst > 0.0 {
@@ -134,20 +181,34 @@ fn reference_cached_calls_match() {
             let want_ids = ids(&t, "gen.ids");
             let want_steps = &t["gen.step_logits"];
             let mut st = model.new_state(CarryMode::Reference, window);
-            let mut logits = model.forward(&prompt, &mut st, Logits::Last).expect("prefill");
+            let mut logits = model
+                .forward(&prompt, &mut st, Logits::Last)
+                .expect("prefill");
             let mut got_ids = Vec::new();
             for step in 0..want_ids.len() {
-                let want = want_steps.get(step).and_then(|x| x.unsqueeze(0)).expect("step");
+                let want = want_steps
+                    .get(step)
+                    .and_then(|x| x.unsqueeze(0))
+                    .expect("step");
                 let (worst, max_abs) = compare(&logits, &want);
                 if worst > 0.0 {
                     failures.push(format!("{} gen step {step}: {max_abs:e}", label(&case)));
                 }
-                let next = logits.squeeze(0).and_then(|l| l.argmax(0)).and_then(|i| i.to_scalar::<u32>()).expect("argmax");
+                let next = logits
+                    .squeeze(0)
+                    .and_then(|l| l.argmax(0))
+                    .and_then(|i| i.to_scalar::<u32>())
+                    .expect("argmax");
                 got_ids.push(next);
-                logits = model.forward(&[next], &mut st, Logits::Last).expect("decode step");
+                logits = model
+                    .forward(&[next], &mut st, Logits::Last)
+                    .expect("decode step");
             }
             if got_ids != want_ids {
-                failures.push(format!("{} gen ids {got_ids:?} != {want_ids:?}", label(&case)));
+                failures.push(format!(
+                    "{} gen ids {got_ids:?} != {want_ids:?}",
+                    label(&case)
+                ));
             }
         }
     }
@@ -156,8 +217,17 @@ fn reference_cached_calls_match() {
 
 #[test]
 fn untied_lm_head_when_retie_is_off() {
-    let case = cases().into_iter().find(|c| c["base"] == "qwen2" && c["variant"] == "delta_rule").expect("qwen2 delta_rule case");
-    let (model, t) = load_case(&case, &LoadOptions { retie_lm_head: false, ..Default::default() });
+    let case = cases()
+        .into_iter()
+        .find(|c| c["base"] == "qwen2" && c["variant"] == "delta_rule")
+        .expect("qwen2 delta_rule case");
+    let (model, t) = load_case(
+        &case,
+        &LoadOptions {
+            retie_lm_head: false,
+            ..Default::default()
+        },
+    );
     let logits = model.forward_full(&ids(&t, "fwd.L7.ids")).expect("forward");
     let (worst, max_abs) = compare(&logits, &t["fwd.L7.logits_direct_untied"]);
     assert!(worst <= 0.0, "untied logits differ by {max_abs:e}");
@@ -169,14 +239,24 @@ fn plain_bases_match_transformers_with_the_linear_branch_off() {
     let mut checked = 0;
     for case in base_cases() {
         let dir = fixtures().join(case["base_dir"].as_str().expect("base_dir"));
-        let settings = tptt::config::TpttSettings::injected("delta_rule", 0.0, "plain").expect("settings");
+        let settings =
+            tptt::config::TpttSettings::injected("delta_rule", 0.0, "plain").expect("settings");
         // The plain transformers model keeps its own (possibly untied) lm_head.
-        let opts = LoadOptions { retie_lm_head: false, ..Default::default() };
+        let opts = LoadOptions {
+            retie_lm_head: false,
+            ..Default::default()
+        };
         let model = Model::load_plain(&dir, settings, &opts).expect("load plain base");
-        let t = candle_core::safetensors::load(fixtures().join(case["file"].as_str().expect("file")), &Device::Cpu).expect("case file");
+        let t = candle_core::safetensors::load(
+            fixtures().join(case["file"].as_str().expect("file")),
+            &Device::Cpu,
+        )
+        .expect("case file");
         for len in case["lengths"].as_array().expect("lengths") {
             let name = format!("base.L{}", len.as_u64().expect("length"));
-            let logits = model.forward_full(&ids(&t, &format!("{name}.ids"))).expect("forward");
+            let logits = model
+                .forward_full(&ids(&t, &format!("{name}.ids")))
+                .expect("forward");
             let (worst, max_abs) = compare(&logits, &t[&format!("{name}.logits")]);
             checked += 1;
             if worst > 0.0 {

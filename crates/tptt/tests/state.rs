@@ -31,7 +31,10 @@ fn ids(n: usize) -> Vec<u32> {
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     let a: Vec<f32> = a.flatten_all().and_then(|t| t.to_vec1()).expect("f32");
     let b: Vec<f32> = b.flatten_all().and_then(|t| t.to_vec1()).expect("f32");
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Full forward with window `w` (a per-query sliding mask) vs. the same tokens fed as a prompt
@@ -40,9 +43,13 @@ fn check_decode(repo: &str, variant: &str, window: Option<usize>, n: usize, prom
     let m = model(repo, variant);
     let toks = ids(n);
     let mut full_state = m.new_state(CarryMode::Continue, window);
-    let full = m.forward(&toks, &mut full_state, Logits::All).expect("full");
+    let full = m
+        .forward(&toks, &mut full_state, Logits::All)
+        .expect("full");
     let mut st = m.new_state(CarryMode::Continue, window);
-    let first = m.forward(&toks[..prompt], &mut st, Logits::All).expect("prompt");
+    let first = m
+        .forward(&toks[..prompt], &mut st, Logits::All)
+        .expect("prompt");
     let mut worst = max_diff(&first, &full.narrow(0, 0, prompt).expect("rows"));
     for (t, &id) in toks.iter().enumerate().skip(prompt) {
         let l = m.forward(&[id], &mut st, Logits::Last).expect("step");
@@ -51,13 +58,20 @@ fn check_decode(repo: &str, variant: &str, window: Option<usize>, n: usize, prom
             assert!(st.kv_len() <= w, "kv_len {} > window {w}", st.kv_len());
         }
     }
-    assert!(worst <= TOL, "{repo}/{variant} window {window:?}: max |Δ| {worst:e}");
+    assert!(
+        worst <= TOL,
+        "{repo}/{variant} window {window:?}: max |Δ| {worst:e}"
+    );
     assert_eq!(st.pos, n);
 }
 
 #[test]
 fn decoding_equals_full_forward_with_and_without_window() {
-    for (repo, variant) in [("tptt-llama", "delta_product"), ("tptt-qwen2", "gated_delta_rule"), ("tptt-llama", "delta_rule_gelu")] {
+    for (repo, variant) in [
+        ("tptt-llama", "delta_product"),
+        ("tptt-qwen2", "gated_delta_rule"),
+        ("tptt-llama", "delta_rule_gelu"),
+    ] {
         check_decode(repo, variant, None, 40, 5);
         check_decode(repo, variant, Some(16), 50, 3); // ring wraps several times
         check_decode(repo, variant, Some(16), 50, 30); // prompt longer than the window
@@ -69,15 +83,23 @@ fn clones_are_independent_of_the_original() {
     let m = model("tptt-llama", "delta_product");
     let toks = ids(30);
     let mut st = m.new_state(CarryMode::Continue, Some(8));
-    m.forward(&toks[..20], &mut st, Logits::Last).expect("prompt");
+    m.forward(&toks[..20], &mut st, Logits::Last)
+        .expect("prompt");
     let snapshot: State = st.clone();
     let a = m.forward(&toks[20..21], &mut st, Logits::Last).expect("a");
     for &t in &toks[21..] {
-        m.forward(&[t], &mut st, Logits::Last).expect("advance the original");
+        m.forward(&[t], &mut st, Logits::Last)
+            .expect("advance the original");
     }
     let mut again = snapshot.clone();
-    let b = m.forward(&toks[20..21], &mut again, Logits::Last).expect("b");
-    assert_eq!(max_diff(&a, &b), 0.0, "the clone was changed by the original's in-place KV writes");
+    let b = m
+        .forward(&toks[20..21], &mut again, Logits::Last)
+        .expect("b");
+    assert_eq!(
+        max_diff(&a, &b),
+        0.0,
+        "the clone was changed by the original's in-place KV writes"
+    );
 }
 
 #[test]
@@ -85,14 +107,38 @@ fn state_round_trips_through_tensors() {
     let m = model("tptt-qwen2", "delta_product_c");
     let toks = ids(40);
     let mut st = m.new_state(CarryMode::Continue, Some(12));
-    m.forward(&toks[..25], &mut st, Logits::Last).expect("prompt");
+    m.forward(&toks[..25], &mut st, Logits::Last)
+        .expect("prompt");
     let tensors = st.to_tensors().expect("to tensors");
     let b = &m.config().base;
-    let mut back = State::from_tensors(&tensors, b.num_layers, b.num_heads, b.head_dim, st.pos, st.mode, st.window, m.device()).expect("from tensors");
+    let mut back = State::from_tensors(
+        &tensors,
+        b.num_layers,
+        b.num_heads,
+        b.head_dim,
+        st.pos,
+        st.mode,
+        st.window,
+        m.device(),
+    )
+    .expect("from tensors");
     for &t in &toks[25..] {
         let x = m.forward(&[t], &mut st, Logits::Last).expect("orig");
         let y = m.forward(&[t], &mut back, Logits::Last).expect("restored");
         assert_eq!(max_diff(&x, &y), 0.0);
     }
-    assert_eq!(State::from_tensors(&tensors, b.num_layers + 1, b.num_heads, b.head_dim, 25, st.mode, st.window, m.device()).is_err(), true);
+    assert_eq!(
+        State::from_tensors(
+            &tensors,
+            b.num_layers + 1,
+            b.num_heads,
+            b.head_dim,
+            25,
+            st.mode,
+            st.window,
+            m.device()
+        )
+        .is_err(),
+        true
+    );
 }

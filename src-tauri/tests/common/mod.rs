@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tauri::ipc::{CallbackFn, Channel, InvokeBody, InvokeResponseBody};
-use tauri::test::{get_ipc_response, mock_builder, mock_context, noop_assets, MockRuntime, INVOKE_KEY};
+use tauri::test::{
+    get_ipc_response, mock_builder, mock_context, noop_assets, MockRuntime, INVOKE_KEY,
+};
 use tauri::webview::InvokeRequest;
 use tauri::{App, Manager, WebviewWindow, WebviewWindowBuilder};
 use tptt_chat::{build_app, AppConfig, AppState};
@@ -44,9 +46,16 @@ impl TestApp {
     pub fn start_with(dir: &Path, hub_url: &str, tweak: impl FnOnce(&mut AppConfig)) -> Self {
         let mut config = AppConfig::in_dir(dir, HubConfig::new(hub_url, dir.join("hf")));
         tweak(&mut config);
-        let app = build_app(mock_builder(), mock_context(noop_assets()), config).expect("build the app");
-        let window = WebviewWindowBuilder::new(&app, "main", Default::default()).build().expect("mock window");
-        Self { app, window, dir: dir.to_path_buf() }
+        let app =
+            build_app(mock_builder(), mock_context(noop_assets()), config).expect("build the app");
+        let window = WebviewWindowBuilder::new(&app, "main", Default::default())
+            .build()
+            .expect("mock window");
+        Self {
+            app,
+            window,
+            dir: dir.to_path_buf(),
+        }
     }
 
     /// No hub reachable (port 9, discard): everything must work offline.
@@ -69,12 +78,14 @@ impl TestApp {
             headers: Default::default(),
             invoke_key: INVOKE_KEY.to_string(),
         };
-        get_ipc_response(&self.window, request).map(|b| b.deserialize::<Value>().expect("JSON answer"))
+        get_ipc_response(&self.window, request)
+            .map(|b| b.deserialize::<Value>().expect("JSON answer"))
     }
 
     /// `invoke` that must succeed.
     pub fn ok(&self, cmd: &str, args: Value) -> Value {
-        self.invoke(cmd, args).unwrap_or_else(|e| panic!("{cmd} failed: {e}"))
+        self.invoke(cmd, args)
+            .unwrap_or_else(|e| panic!("{cmd} failed: {e}"))
     }
 
     /// `invoke` that must fail with `kind`; returns the message.
@@ -86,7 +97,10 @@ impl TestApp {
 
     /// Imports the tiny Llama repository and chooses `variant`, greedy, `max_new` tokens.
     pub fn use_tiny(&self, variant: &str, max_new: u32) -> String {
-        let entry = self.ok("import_local_model", json!({"path": tiny_llama().display().to_string()}));
+        let entry = self.ok(
+            "import_local_model",
+            json!({"path": tiny_llama().display().to_string()}),
+        );
         let repo = entry["repoId"].as_str().expect("repo id").to_string();
         self.choose(&repo, variant, max_new);
         repo
@@ -105,7 +119,10 @@ impl TestApp {
     }
 
     pub fn new_conversation(&self) -> String {
-        self.ok("create_conversation", json!({}))["id"].as_str().expect("id").to_string()
+        self.ok("create_conversation", json!({}))["id"]
+            .as_str()
+            .expect("id")
+            .to_string()
     }
 
     pub fn conversation(&self, id: &str) -> Value {
@@ -131,7 +148,9 @@ pub fn channel<T>() -> (Channel<T>, Receiver<Value>) {
 pub fn until_end(rx: &Receiver<Value>) -> Vec<Value> {
     let mut out = Vec::new();
     loop {
-        let e = rx.recv_timeout(STREAM_TIMEOUT).expect("the stream ends in time");
+        let e = rx
+            .recv_timeout(STREAM_TIMEOUT)
+            .expect("the stream ends in time");
         let kind = e["kind"].as_str().unwrap_or_default().to_string();
         out.push(e);
         if matches!(kind.as_str(), "done" | "stopped" | "error" | "cancelled") {
@@ -142,11 +161,18 @@ pub fn until_end(rx: &Receiver<Value>) -> Vec<Value> {
 
 /// The concatenated `token` texts.
 pub fn streamed_text(events: &[Value]) -> String {
-    events.iter().filter(|e| e["kind"] == "token").filter_map(|e| e["text"].as_str()).collect()
+    events
+        .iter()
+        .filter(|e| e["kind"] == "token")
+        .filter_map(|e| e["text"].as_str())
+        .collect()
 }
 
 pub fn last_kind(events: &[Value]) -> &str {
-    events.last().and_then(|e| e["kind"].as_str()).unwrap_or_default()
+    events
+        .last()
+        .and_then(|e| e["kind"].as_str())
+        .unwrap_or_default()
 }
 
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -156,7 +182,13 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// Sends `content` (direct call with a Rust channel): the result and the events to the end.
 pub fn send(app: &TestApp, conversation: &str, content: &str) -> (Value, Vec<Value>) {
     let (ch, rx) = channel();
-    let r = block_on(tptt_chat::commands::send_message(app.state(), conversation.into(), content.into(), ch)).expect("send_message");
+    let r = block_on(tptt_chat::commands::send_message(
+        app.state(),
+        conversation.into(),
+        content.into(),
+        ch,
+    ))
+    .expect("send_message");
     let events = until_end(&rx);
     (serde_json::to_value(r).expect("json"), events)
 }

@@ -22,7 +22,9 @@ pub fn fixtures() -> PathBuf {
 
 /// The variant names of a fixture repo (16 each, every operator mode among them).
 pub fn variants(repo: &str) -> Vec<String> {
-    TpttRepo::open(fixtures().join(repo)).expect("open fixture repo").variants
+    TpttRepo::open(fixtures().join(repo))
+        .expect("open fixture repo")
+        .variants
 }
 
 /// A fixture variant, loaded.
@@ -36,12 +38,22 @@ impl Fixture {
         let files = TpttRepo::open(fixtures().join(repo))
             .and_then(|r| r.variant(Some(variant), None))
             .unwrap_or_else(|e| panic!("{repo}/{variant}: {e}"));
-        let model = Model::load(&files, &LoadOptions::default()).unwrap_or_else(|e| panic!("{repo}/{variant}: {e}"));
+        let model = Model::load(&files, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{repo}/{variant}: {e}"));
         Self { files, model }
     }
 
     pub fn label(&self) -> String {
-        format!("{}/{}", self.files.dir.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), self.files.name)
+        format!(
+            "{}/{}",
+            self.files
+                .dir
+                .parent()
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            self.files.name
+        )
     }
 
     /// The identity a snapshot of this variant carries (as the CLI builds it).
@@ -50,7 +62,11 @@ impl Fixture {
     }
 
     pub fn tokenizer(&self) -> Tokenizer {
-        let path = self.files.tokenizer.as_ref().expect("fixture has a tokenizer.json");
+        let path = self
+            .files
+            .tokenizer
+            .as_ref()
+            .expect("fixture has a tokenizer.json");
         Tokenizer::from_file(path).expect("fixture tokenizer loads")
     }
 
@@ -61,12 +77,19 @@ impl Fixture {
 
 pub fn identity_for(files: &VariantFiles, model: &Model) -> ModelIdentity {
     let root = files.dir.parent().unwrap_or(&files.dir);
-    ModelIdentity { model: root.display().to_string(), variant: files.name.clone(), config_hash: config_hash(model.config()) }
+    ModelIdentity {
+        model: root.display().to_string(),
+        variant: files.name.clone(),
+        config_hash: config_hash(model.config()),
+    }
 }
 
 /// `n` deterministic pseudo-random token ids in `[0, vocab)` (xorshift, seeded).
 pub fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -80,7 +103,10 @@ pub fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// Max |a − b| over two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 /// A scratch folder, deleted on drop.
@@ -90,7 +116,8 @@ impl Scratch {
     pub fn new(tag: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("tptt-engine-{tag}-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("tptt-engine-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create scratch folder");
         Self(dir)

@@ -18,7 +18,11 @@ pub async fn fresh() -> TestDb {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("chat.sqlite3");
     let store = Store::open(&path).await.expect("open a new database");
-    TestDb { store, path, _dir: dir }
+    TestDb {
+        store,
+        path,
+        _dir: dir,
+    }
 }
 
 /// A plain connection to the file, with CHECK constraints off: writes rows the store would
@@ -47,9 +51,15 @@ pub async fn conversation_with(
     title: &str,
     messages: &[(Role, &str)],
 ) -> ConversationId {
-    let c = store.create_conversation(&NewConversation::titled(title)).await.expect("create");
+    let c = store
+        .create_conversation(&NewConversation::titled(title))
+        .await
+        .expect("create");
     for &(role, text) in messages {
-        store.add_message(c.id, &NewMessage::new(role, text)).await.expect("add message");
+        store
+            .add_message(c.id, &NewMessage::new(role, text))
+            .await
+            .expect("add message");
     }
     c.id
 }
@@ -61,6 +71,9 @@ pub async fn fts_integrity(store: &Store) {
             "messages_fts" => "INSERT INTO messages_fts (messages_fts, rank) VALUES ('integrity-check', 1)",
             _ => "INSERT INTO conversations_fts (conversations_fts, rank) VALUES ('integrity-check', 1)",
         };
-        sqlx::query(sql).execute(store.pool()).await.expect("FTS index matches its table");
+        sqlx::query(sql)
+            .execute(store.pool())
+            .await
+            .expect("FTS index matches its table");
     }
 }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use tptt_store::{
-    ConversationId, ConversationSettings, Error, ListScope, ModelKey, NewConversation,
-    NewMessage, NewSnapshot, Role, SamplingSettings,
+    ConversationId, ConversationSettings, Error, ListScope, ModelKey, NewConversation, NewMessage,
+    NewSnapshot, Role, SamplingSettings,
 };
 
 use crate::common::{conversation_with, fresh, fts_integrity};
@@ -50,10 +50,18 @@ async fn listing_is_most_recent_first() {
     let a = conversation_with(s, "a", &[]).await;
     let b = conversation_with(s, "b", &[]).await;
     let c = conversation_with(s, "c", &[]).await;
-    assert_eq!(ids(&s.list_conversations(ListScope::Active).await.unwrap()), [c, b, a]);
+    assert_eq!(
+        ids(&s.list_conversations(ListScope::Active).await.unwrap()),
+        [c, b, a]
+    );
     // A new message moves a conversation to the top, and so does a rename.
-    s.add_message(a, &NewMessage::new(Role::User, "hi")).await.unwrap();
-    assert_eq!(ids(&s.list_conversations(ListScope::Active).await.unwrap()), [a, c, b]);
+    s.add_message(a, &NewMessage::new(Role::User, "hi"))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&s.list_conversations(ListScope::Active).await.unwrap()),
+        [a, c, b]
+    );
     s.rename_conversation(b, "b2").await.unwrap();
     let listing = s.list_conversations(ListScope::Active).await.unwrap();
     assert_eq!(ids(&listing), [b, a, c]);
@@ -70,14 +78,21 @@ async fn rename_model_settings_and_archive() {
     let before = s.get_conversation(id).await.unwrap();
 
     s.rename_conversation(id, "new title").await.unwrap();
-    s.set_conversation_model(id, Some("ffurfaro/Titanesque-gemma-3-270m"), Some("v1")).await.unwrap();
+    s.set_conversation_model(id, Some("ffurfaro/Titanesque-gemma-3-270m"), Some("v1"))
+        .await
+        .unwrap();
     let mut settings = ConversationSettings::default();
     settings.sampling.top_p = Some(0.8);
-    settings.extra.insert("future_key".into(), serde_json::json!([1, 2]));
+    settings
+        .extra
+        .insert("future_key".into(), serde_json::json!([1, 2]));
     s.update_conversation_settings(id, &settings).await.unwrap();
     let after = s.get_conversation(id).await.unwrap();
     assert_eq!(after.title, "new title");
-    assert_eq!(after.model.as_deref(), Some("ffurfaro/Titanesque-gemma-3-270m"));
+    assert_eq!(
+        after.model.as_deref(),
+        Some("ffurfaro/Titanesque-gemma-3-270m")
+    );
     assert_eq!(after.variant.as_deref(), Some("v1"));
     assert_eq!(after.settings, settings);
     assert_eq!(after.created_at, before.created_at);
@@ -89,12 +104,26 @@ async fn rename_model_settings_and_archive() {
 
     let other = conversation_with(s, "other", &[]).await;
     s.set_archived(id, true).await.unwrap();
-    assert_eq!(ids(&s.list_conversations(ListScope::Active).await.unwrap()), [other]);
-    assert_eq!(ids(&s.list_conversations(ListScope::Archived).await.unwrap()), [id]);
-    assert_eq!(ids(&s.list_conversations(ListScope::All).await.unwrap()).len(), 2);
+    assert_eq!(
+        ids(&s.list_conversations(ListScope::Active).await.unwrap()),
+        [other]
+    );
+    assert_eq!(
+        ids(&s.list_conversations(ListScope::Archived).await.unwrap()),
+        [id]
+    );
+    assert_eq!(
+        ids(&s.list_conversations(ListScope::All).await.unwrap()).len(),
+        2
+    );
     assert!(s.get_conversation(id).await.unwrap().archived);
     s.set_archived(id, false).await.unwrap();
-    assert!(s.list_conversations(ListScope::Archived).await.unwrap().items.is_empty());
+    assert!(s
+        .list_conversations(ListScope::Archived)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
 }
 
 #[tokio::test]
@@ -104,16 +133,32 @@ async fn operations_on_a_missing_conversation_say_so() {
     let missing = ConversationId(424242);
     let is_missing = |e: Error| matches!(e, Error::ConversationNotFound(ConversationId(424242)));
     assert!(is_missing(s.get_conversation(missing).await.unwrap_err()));
-    assert!(is_missing(s.rename_conversation(missing, "x").await.unwrap_err()));
-    assert!(is_missing(s.set_conversation_model(missing, None, None).await.unwrap_err()));
     assert!(is_missing(
-        s.update_conversation_settings(missing, &ConversationSettings::default()).await.unwrap_err()
+        s.rename_conversation(missing, "x").await.unwrap_err()
+    ));
+    assert!(is_missing(
+        s.set_conversation_model(missing, None, None)
+            .await
+            .unwrap_err()
+    ));
+    assert!(is_missing(
+        s.update_conversation_settings(missing, &ConversationSettings::default())
+            .await
+            .unwrap_err()
     ));
     assert!(is_missing(s.set_archived(missing, true).await.unwrap_err()));
-    assert!(is_missing(s.delete_conversation(missing).await.unwrap_err()));
+    assert!(is_missing(
+        s.delete_conversation(missing).await.unwrap_err()
+    ));
     assert!(is_missing(s.list_messages(missing).await.unwrap_err()));
-    assert!(is_missing(s.add_message(missing, &NewMessage::new(Role::User, "x")).await.unwrap_err()));
-    assert!(is_missing(s.delete_messages_from(missing, 0).await.unwrap_err()));
+    assert!(is_missing(
+        s.add_message(missing, &NewMessage::new(Role::User, "x"))
+            .await
+            .unwrap_err()
+    ));
+    assert!(is_missing(
+        s.delete_messages_from(missing, 0).await.unwrap_err()
+    ));
     assert_eq!(
         s.get_conversation(missing).await.unwrap_err().to_string(),
         "conversation 424242 does not exist"
@@ -126,14 +171,17 @@ async fn operations_on_a_missing_conversation_say_so() {
 async fn delete_cascades_to_messages_snapshots_and_search() {
     let db = fresh().await;
     let s = &db.store;
-    let doomed = conversation_with(s, "doomed zebra", &[(Role::User, "unique giraffe words")]).await;
+    let doomed =
+        conversation_with(s, "doomed zebra", &[(Role::User, "unique giraffe words")]).await;
     let kept = conversation_with(s, "kept", &[(Role::User, "other words")]).await;
     let message = s.list_messages(doomed).await.unwrap().items[0].id;
     let kept_message = s.list_messages(kept).await.unwrap().items[0].id;
     let key = ModelKey::new("m", "v", "h");
-    for (conversation, message_id, path) in
-        [(doomed, message, "/snap/d1"), (doomed, message, "/snap/d2"), (kept, kept_message, "/snap/k")]
-    {
+    for (conversation, message_id, path) in [
+        (doomed, message, "/snap/d1"),
+        (doomed, message, "/snap/d2"),
+        (kept, kept_message, "/snap/k"),
+    ] {
         s.record_snapshot(&NewSnapshot {
             conversation_id: conversation,
             message_id,
@@ -148,14 +196,33 @@ async fn delete_cascades_to_messages_snapshots_and_search() {
     assert_eq!(s.search("giraffe", 10).await.unwrap().items.len(), 1);
 
     let files = s.delete_conversation(doomed).await.unwrap();
-    assert_eq!(files, [PathBuf::from("/snap/d1"), PathBuf::from("/snap/d2")]);
-    assert!(matches!(s.get_conversation(doomed).await, Err(Error::ConversationNotFound(_))));
-    assert!(matches!(s.get_message(message).await, Err(Error::MessageNotFound(_))));
+    assert_eq!(
+        files,
+        [PathBuf::from("/snap/d1"), PathBuf::from("/snap/d2")]
+    );
+    assert!(matches!(
+        s.get_conversation(doomed).await,
+        Err(Error::ConversationNotFound(_))
+    ));
+    assert!(matches!(
+        s.get_message(message).await,
+        Err(Error::MessageNotFound(_))
+    ));
     let count = |sql: &'static str| async move {
-        sqlx::query_scalar::<_, i64>(sql).bind(doomed.0).fetch_one(s.pool()).await.unwrap()
+        sqlx::query_scalar::<_, i64>(sql)
+            .bind(doomed.0)
+            .fetch_one(s.pool())
+            .await
+            .unwrap()
     };
-    assert_eq!(count("SELECT COUNT(*) FROM messages WHERE conversation_id = ?").await, 0);
-    assert_eq!(count("SELECT COUNT(*) FROM snapshots WHERE conversation_id = ?").await, 0);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM messages WHERE conversation_id = ?").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM snapshots WHERE conversation_id = ?").await,
+        0
+    );
     assert!(s.search("giraffe", 10).await.unwrap().items.is_empty());
     assert!(s.search("zebra", 10).await.unwrap().items.is_empty());
     fts_integrity(s).await;

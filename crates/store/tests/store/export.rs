@@ -22,22 +22,43 @@ async fn markdown_export_of_a_small_conversation() {
         })
         .await
         .unwrap();
-    s.add_message(c.id, &NewMessage::new(Role::User, "Hello! What's 2 * 3?")).await.unwrap();
-    s.add_message(c.id, &NewMessage::new(Role::Assistant, "It's **6**.")).await.unwrap();
-    s.add_message(c.id, &NewMessage::new(Role::User, "Show it in Rust")).await.unwrap();
-    // Stopped inside a code block.
-    let stopped = s.add_message(c.id, &NewMessage::streaming_answer()).await.unwrap();
-    s.update_message(stopped.id, &MessageUpdate::new("```rust\nlet x = 2 * 3;", MessageStatus::Partial))
+    s.add_message(c.id, &NewMessage::new(Role::User, "Hello! What's 2 * 3?"))
         .await
         .unwrap();
-    s.add_message(c.id, &NewMessage::new(Role::User, "Again?")).await.unwrap();
-    let failed = s.add_message(c.id, &NewMessage::streaming_answer()).await.unwrap();
+    s.add_message(c.id, &NewMessage::new(Role::Assistant, "It's **6**."))
+        .await
+        .unwrap();
+    s.add_message(c.id, &NewMessage::new(Role::User, "Show it in Rust"))
+        .await
+        .unwrap();
+    // Stopped inside a code block.
+    let stopped = s
+        .add_message(c.id, &NewMessage::streaming_answer())
+        .await
+        .unwrap();
+    s.update_message(
+        stopped.id,
+        &MessageUpdate::new("```rust\nlet x = 2 * 3;", MessageStatus::Partial),
+    )
+    .await
+    .unwrap();
+    s.add_message(c.id, &NewMessage::new(Role::User, "Again?"))
+        .await
+        .unwrap();
+    let failed = s
+        .add_message(c.id, &NewMessage::streaming_answer())
+        .await
+        .unwrap();
     let update = MessageUpdate {
         error: Some("the model failed to load".into()),
         ..MessageUpdate::new("", MessageStatus::Error)
     };
     s.update_message(failed.id, &update).await.unwrap();
-    exec(&db.path, "UPDATE conversations SET created_at = 1700000000000, updated_at = 1700000300000").await;
+    exec(
+        &db.path,
+        "UPDATE conversations SET created_at = 1700000000000, updated_at = 1700000300000",
+    )
+    .await;
 
     let expected = "\
 # Greetings
@@ -95,9 +116,14 @@ async fn exports_keep_every_character() {
         "\\backslashes\\ and `backticks` and \"quotes\" and 'single' and {braces} and $dollar",
         "~~~\nunclosed tilde fence",
     ];
-    let c = s.create_conversation(&NewConversation::titled("Tricky \"title\" <i>")).await.unwrap();
+    let c = s
+        .create_conversation(&NewConversation::titled("Tricky \"title\" <i>"))
+        .await
+        .unwrap();
     for text in tricky {
-        s.add_message(c.id, &NewMessage::new(Role::Assistant, text)).await.unwrap();
+        s.add_message(c.id, &NewMessage::new(Role::Assistant, text))
+            .await
+            .unwrap();
     }
     let markdown = s.export_markdown(c.id).await.unwrap();
     for text in tricky {
@@ -106,12 +132,17 @@ async fn exports_keep_every_character() {
     assert!(markdown.starts_with("# Tricky \"title\" <i>\n"));
     assert!(markdown.contains("~~~\nunclosed tilde fence\n~~~\n"));
 
-    let json: serde_json::Value = serde_json::from_str(&s.export_json(c.id).await.unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&s.export_json(c.id).await.unwrap()).unwrap();
     assert_eq!(json["format"], "tptt-chat-conversation");
     assert_eq!(json["version"], 1);
     assert_eq!(json["conversation"]["title"], "Tricky \"title\" <i>");
-    let contents: Vec<&str> =
-        json["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
+    let contents: Vec<&str> = json["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
     assert_eq!(contents, tricky);
 }
 
@@ -131,16 +162,28 @@ async fn json_export_has_every_field() {
         })
         .await
         .unwrap();
-    let m = s.add_message(c.id, &NewMessage::streaming_answer()).await.unwrap();
+    let m = s
+        .add_message(c.id, &NewMessage::streaming_answer())
+        .await
+        .unwrap();
     let update = MessageUpdate {
         token_count: Some(3),
         stats: Some(serde_json::json!({"ttft_ms": 12})),
         ..MessageUpdate::new("partial text", MessageStatus::Partial)
     };
     s.update_message(m.id, &update).await.unwrap();
-    exec(&db.path, "UPDATE conversations SET created_at = 1700000000000, updated_at = 1700000000001").await;
-    exec(&db.path, "UPDATE messages SET created_at = 1700000000000, updated_at = 1700000000001").await;
-    let json: serde_json::Value = serde_json::from_str(&s.export_json(c.id).await.unwrap()).unwrap();
+    exec(
+        &db.path,
+        "UPDATE conversations SET created_at = 1700000000000, updated_at = 1700000000001",
+    )
+    .await;
+    exec(
+        &db.path,
+        "UPDATE messages SET created_at = 1700000000000, updated_at = 1700000000001",
+    )
+    .await;
+    let json: serde_json::Value =
+        serde_json::from_str(&s.export_json(c.id).await.unwrap()).unwrap();
     let expected = serde_json::json!({
         "format": "tptt-chat-conversation",
         "version": 1,

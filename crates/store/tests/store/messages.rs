@@ -2,8 +2,7 @@
 
 use serde_json::json;
 use tptt_store::{
-    Error, MessageId, MessageStatus, MessageUpdate, ModelKey, NewMessage, NewSnapshot, Role,
-    Store,
+    Error, MessageId, MessageStatus, MessageUpdate, ModelKey, NewMessage, NewSnapshot, Role, Store,
 };
 
 use crate::common::{conversation_with, fresh, fts_integrity};
@@ -12,12 +11,31 @@ use crate::common::{conversation_with, fresh, fts_integrity};
 async fn messages_get_positions_in_order() {
     let db = fresh().await;
     let s = &db.store;
-    let c = conversation_with(s, "t", &[(Role::System, "sys"), (Role::User, "q"), (Role::Assistant, "a")]).await;
+    let c = conversation_with(
+        s,
+        "t",
+        &[
+            (Role::System, "sys"),
+            (Role::User, "q"),
+            (Role::Assistant, "a"),
+        ],
+    )
+    .await;
     let listing = s.list_messages(c).await.unwrap();
     assert!(listing.skipped.is_empty());
-    let got: Vec<(u32, Role, &str)> =
-        listing.items.iter().map(|m| (m.position, m.role, m.content.as_str())).collect();
-    assert_eq!(got, [(0, Role::System, "sys"), (1, Role::User, "q"), (2, Role::Assistant, "a")]);
+    let got: Vec<(u32, Role, &str)> = listing
+        .items
+        .iter()
+        .map(|m| (m.position, m.role, m.content.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (0, Role::System, "sys"),
+            (1, Role::User, "q"),
+            (2, Role::Assistant, "a")
+        ]
+    );
     for m in &listing.items {
         assert_eq!(m.status, MessageStatus::Complete);
         assert_eq!(m.conversation_id, c);
@@ -37,21 +55,49 @@ async fn stopped_and_failed_answers_are_saved_with_their_text() {
     let db = fresh().await;
     let s = &db.store;
     let c = conversation_with(s, "t", &[]).await;
-    let user = s.add_message(c, &NewMessage::new(Role::User, "Tell me a story")).await.unwrap();
+    let user = s
+        .add_message(c, &NewMessage::new(Role::User, "Tell me a story"))
+        .await
+        .unwrap();
     let other = Store::open(&db.path).await.unwrap();
-    assert_eq!(other.get_message(user.id).await.unwrap().content, "Tell me a story");
+    assert_eq!(
+        other.get_message(user.id).await.unwrap().content,
+        "Tell me a story"
+    );
 
     // Stopped.
-    let answer = s.add_message(c, &NewMessage::streaming_answer()).await.unwrap();
-    assert_eq!((answer.position, answer.status, answer.content.as_str()), (1, MessageStatus::Partial, ""));
-    s.update_message(answer.id, &MessageUpdate::new("Once upon", MessageStatus::Partial)).await.unwrap();
-    s.update_message(answer.id, &MessageUpdate::new("Once upon a time", MessageStatus::Partial)).await.unwrap();
+    let answer = s
+        .add_message(c, &NewMessage::streaming_answer())
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.position, answer.status, answer.content.as_str()),
+        (1, MessageStatus::Partial, "")
+    );
+    s.update_message(
+        answer.id,
+        &MessageUpdate::new("Once upon", MessageStatus::Partial),
+    )
+    .await
+    .unwrap();
+    s.update_message(
+        answer.id,
+        &MessageUpdate::new("Once upon a time", MessageStatus::Partial),
+    )
+    .await
+    .unwrap();
     let saved = other.get_message(answer.id).await.unwrap();
-    assert_eq!((saved.content.as_str(), saved.status), ("Once upon a time", MessageStatus::Partial));
+    assert_eq!(
+        (saved.content.as_str(), saved.status),
+        ("Once upon a time", MessageStatus::Partial)
+    );
     assert!(saved.updated_at > saved.created_at);
 
     // Failed.
-    let failed = s.add_message(c, &NewMessage::streaming_answer()).await.unwrap();
+    let failed = s
+        .add_message(c, &NewMessage::streaming_answer())
+        .await
+        .unwrap();
     let update = MessageUpdate {
         error: Some("CUDA out of memory".into()),
         ..MessageUpdate::new("The dragon", MessageStatus::Error)
@@ -63,7 +109,10 @@ async fn stopped_and_failed_answers_are_saved_with_their_text() {
     assert_eq!(saved.error.as_deref(), Some("CUDA out of memory"));
 
     // Complete, with token count and stats.
-    let done = s.add_message(c, &NewMessage::streaming_answer()).await.unwrap();
+    let done = s
+        .add_message(c, &NewMessage::streaming_answer())
+        .await
+        .unwrap();
     let stats = json!({"generated_tokens": 12, "decode_tokens_per_s": 31.5, "finish": "eos"});
     let update = MessageUpdate {
         token_count: Some(12),
@@ -81,9 +130,20 @@ async fn stopped_and_failed_answers_are_saved_with_their_text() {
     assert!(s.search("Once upon\"", 5).await.unwrap().items.is_empty());
     fts_integrity(s).await;
 
-    let missing = s.update_message(MessageId(999_999), &MessageUpdate::new("x", MessageStatus::Complete)).await;
-    assert!(matches!(missing, Err(Error::MessageNotFound(MessageId(999_999)))), "{missing:?}");
-    assert!(matches!(s.get_message(MessageId(999_999)).await, Err(Error::MessageNotFound(_))));
+    let missing = s
+        .update_message(
+            MessageId(999_999),
+            &MessageUpdate::new("x", MessageStatus::Complete),
+        )
+        .await;
+    assert!(
+        matches!(missing, Err(Error::MessageNotFound(MessageId(999_999)))),
+        "{missing:?}"
+    );
+    assert!(matches!(
+        s.get_message(MessageId(999_999)).await,
+        Err(Error::MessageNotFound(_))
+    ));
     other.close().await;
 }
 
@@ -96,7 +156,12 @@ async fn truncating_drops_later_messages_and_their_snapshots() {
     let c = conversation_with(
         s,
         "t",
-        &[(Role::User, "q1"), (Role::Assistant, "a1"), (Role::User, "q2"), (Role::Assistant, "a2")],
+        &[
+            (Role::User, "q1"),
+            (Role::Assistant, "a1"),
+            (Role::User, "q2"),
+            (Role::Assistant, "a2"),
+        ],
     )
     .await;
     let messages = s.list_messages(c).await.unwrap().items;
@@ -115,10 +180,27 @@ async fn truncating_drops_later_messages_and_their_snapshots() {
     }
     let files = s.delete_messages_from(c, 2).await.unwrap();
     assert_eq!(files, [std::path::PathBuf::from("/snap/3")]);
-    let left: Vec<String> = s.list_messages(c).await.unwrap().items.into_iter().map(|m| m.content).collect();
+    let left: Vec<String> = s
+        .list_messages(c)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
     assert_eq!(left, ["q1", "a1"]);
-    assert_eq!(s.latest_snapshot(c, &key).await.unwrap().unwrap().message_id, messages[1].id);
-    let again = s.add_message(c, &NewMessage::new(Role::User, "q2 edited")).await.unwrap();
+    assert_eq!(
+        s.latest_snapshot(c, &key)
+            .await
+            .unwrap()
+            .unwrap()
+            .message_id,
+        messages[1].id
+    );
+    let again = s
+        .add_message(c, &NewMessage::new(Role::User, "q2 edited"))
+        .await
+        .unwrap();
     assert_eq!(again.position, 2);
     assert!(s.search("a2", 5).await.unwrap().items.is_empty());
     // Truncating past the end deletes nothing.
@@ -141,7 +223,10 @@ async fn a_one_megabyte_message_round_trips() {
     }
     text.push_str("the needle at the very end");
     let started = std::time::Instant::now();
-    let m = s.add_message(c, &NewMessage::new(Role::User, text.clone())).await.unwrap();
+    let m = s
+        .add_message(c, &NewMessage::new(Role::User, text.clone()))
+        .await
+        .unwrap();
     let insert = started.elapsed();
     assert_eq!(s.get_message(m.id).await.unwrap().content, text);
     let hits = s.search("needle at the very", 5).await.unwrap().items;
@@ -160,7 +245,13 @@ async fn the_last_message_is_the_preview() {
     assert_eq!(s.last_message(empty).await.unwrap(), None);
     let c = conversation_with(s, "t", &[(Role::User, "q"), (Role::Assistant, "a")]).await;
     let last = s.last_message(c).await.unwrap().expect("a message");
-    assert_eq!((last.position, last.role, last.content.as_str()), (1, Role::Assistant, "a"));
+    assert_eq!(
+        (last.position, last.role, last.content.as_str()),
+        (1, Role::Assistant, "a")
+    );
     s.delete_messages_from(c, 1).await.unwrap();
-    assert_eq!(s.last_message(c).await.unwrap().map(|m| m.content), Some("q".to_string()));
+    assert_eq!(
+        s.last_message(c).await.unwrap().map(|m| m.content),
+        Some("q".to_string())
+    );
 }

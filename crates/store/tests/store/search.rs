@@ -20,7 +20,11 @@ async fn finds_titles_and_messages_case_insensitively_most_recent_first() {
     let by_text = conversation_with(
         s,
         "Untitled",
-        &[(Role::User, "first"), (Role::Assistant, "Borrowing in RUST is...\nsecond line"), (Role::User, "more rust")],
+        &[
+            (Role::User, "first"),
+            (Role::Assistant, "Borrowing in RUST is...\nsecond line"),
+            (Role::User, "more rust"),
+        ],
     )
     .await;
     let neither = conversation_with(s, "Cooking", &[(Role::User, "pasta")]).await;
@@ -35,7 +39,9 @@ async fn finds_titles_and_messages_case_insensitively_most_recent_first() {
     assert!(hits[1].message.is_none());
 
     // Activity reorders results.
-    s.add_message(by_title, &NewMessage::new(Role::User, "ok")).await.unwrap();
+    s.add_message(by_title, &NewMessage::new(Role::User, "ok"))
+        .await
+        .unwrap();
     assert_eq!(found(s, "RUST").await, [by_title, by_text]);
     // Unicode case folding (FTS5 path), accents kept distinct.
     let cafe = conversation_with(s, "x", &[(Role::User, "un CAFÉ noir")]).await;

@@ -38,7 +38,15 @@ use super::{gelu_rows, ScanInput};
 pub(crate) trait ChunkRows: Sync {
     /// Fill `k, v, alpha, beta` (`[N, D]` each, `N = C·n`) with the virtual rows of chunk `chunk`
     /// of key group `group`.
-    fn kvab(&self, group: usize, chunk: usize, k: &mut [f32], v: &mut [f32], alpha: &mut [f32], beta: &mut [f32]);
+    fn kvab(
+        &self,
+        group: usize,
+        chunk: usize,
+        k: &mut [f32],
+        v: &mut [f32],
+        alpha: &mut [f32],
+        beta: &mut [f32],
+    );
     /// Fill `q` (`[C, D]`) with the query of the last virtual step of every token of chunk `chunk`
     /// for query head `head`.
     fn q_last(&self, head: usize, chunk: usize, q: &mut [f32]);
@@ -88,7 +96,14 @@ impl Outputs {
 pub fn scan(inp: &ScanInput<'_>, state: &mut [f32]) -> Vec<f32> {
     let (h_n, d, s) = (inp.heads, inp.dim, inp.tokens);
     let groups: Vec<Vec<usize>> = (0..h_n).map(|h| vec![h]).collect();
-    let plan = Plan { dim: d, tokens: s, order: inp.order, chunk: inp.chunk, linear: inp.linear, groups: &groups };
+    let plan = Plan {
+        dim: d,
+        tokens: s,
+        order: inp.order,
+        chunk: inp.chunk,
+        linear: inp.linear,
+        groups: &groups,
+    };
     let y = run(&Expanded(inp), &plan, h_n, state);
     let mut out = vec![0f32; h_n * s * d];
     for h in 0..h_n {
@@ -103,7 +118,15 @@ pub fn scan(inp: &ScanInput<'_>, state: &mut [f32]) -> Vec<f32> {
 struct Expanded<'a, 'b>(&'a ScanInput<'b>);
 
 impl ChunkRows for Expanded<'_, '_> {
-    fn kvab(&self, group: usize, chunk: usize, k: &mut [f32], v: &mut [f32], alpha: &mut [f32], beta: &mut [f32]) {
+    fn kvab(
+        &self,
+        group: usize,
+        chunk: usize,
+        k: &mut [f32],
+        v: &mut [f32],
+        alpha: &mut [f32],
+        beta: &mut [f32],
+    ) {
         let inp = self.0;
         let (d, big_n) = (inp.dim, inp.chunk * inp.order);
         let o = (group * inp.tokens * inp.order + chunk * big_n) * d;
@@ -133,7 +156,12 @@ const WINDOW_FLOATS: usize = 1 << 9;
 
 /// Run the scan. `state` is `[H, D, D]` for `heads` query heads; every group's state is read
 /// from its first head and the final one written to all its heads.
-pub(crate) fn run<R: ChunkRows>(rows: &R, plan: &Plan<'_>, heads: usize, state: &mut [f32]) -> Outputs {
+pub(crate) fn run<R: ChunkRows>(
+    rows: &R,
+    plan: &Plan<'_>,
+    heads: usize,
+    state: &mut [f32],
+) -> Outputs {
     let (d, s, n, c) = (plan.dim, plan.tokens, plan.order, plan.chunk);
     let n_groups = plan.groups.len();
     let n_chunks = s / c;
@@ -147,15 +175,23 @@ pub(crate) fn run<R: ChunkRows>(rows: &R, plan: &Plan<'_>, heads: usize, state: 
             member[h] = (g, mi);
         }
     }
-    let mut h: Vec<Vec<f32>> = plan.groups.iter().map(|hs| state[hs[0] * d * d..(hs[0] + 1) * d * d].to_vec()).collect();
+    let mut h: Vec<Vec<f32>> = plan
+        .groups
+        .iter()
+        .map(|hs| state[hs[0] * d * d..(hs[0] + 1) * d * d].to_vec())
+        .collect();
     let mut blocks = Vec::new();
     for w0 in (0..n_chunks).step_by(per_window) {
         let wn = per_window.min(n_chunks - w0);
         // Phase 1: W, U per (group, chunk).
-        let solved = map_tasks(n_groups * wn, par, |i| solve_dispatch(rows, plan, i / wn, w0 + i % wn));
+        let solved = map_tasks(n_groups * wn, par, |i| {
+            solve_dispatch(rows, plan, i / wn, w0 + i % wn)
+        });
         // Phase 2: the chunk-initial states, per group.
         let h0s: Vec<Vec<f32>> = {
-            let work = |(g, hg): (usize, &mut Vec<f32>)| chain_dispatch(plan, &solved[g * wn..(g + 1) * wn], hg);
+            let work = |(g, hg): (usize, &mut Vec<f32>)| {
+                chain_dispatch(plan, &solved[g * wn..(g + 1) * wn], hg)
+            };
             if par {
                 h.par_iter_mut().enumerate().map(work).collect()
             } else {
@@ -165,7 +201,14 @@ pub(crate) fn run<R: ChunkRows>(rows: &R, plan: &Plan<'_>, heads: usize, state: 
         // Phase 3: outputs per (group, chunk).
         blocks.push(map_tasks(n_groups * wn, par, |i| {
             let (g, cw) = (i / wn, i % wn);
-            outputs_dispatch(rows, plan, g, w0 + cw, &solved[i], &h0s[g][cw * d * d..(cw + 1) * d * d])
+            outputs_dispatch(
+                rows,
+                plan,
+                g,
+                w0 + cw,
+                &solved[i],
+                &h0s[g][cw * d * d..(cw + 1) * d * d],
+            )
         }));
     }
     for (hs, hg) in plan.groups.iter().zip(&h) {
@@ -173,7 +216,14 @@ pub(crate) fn run<R: ChunkRows>(rows: &R, plan: &Plan<'_>, heads: usize, state: 
             state[head * d * d..(head + 1) * d * d].copy_from_slice(hg);
         }
     }
-    Outputs { chunk: c, dim: d, chunks_per_window: per_window, groups: n_groups, blocks, member }
+    Outputs {
+        chunk: c,
+        dim: d,
+        chunks_per_window: per_window,
+        groups: n_groups,
+        blocks,
+        member,
+    }
 }
 
 fn map_tasks<T: Send>(n: usize, par: bool, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
@@ -186,7 +236,8 @@ fn map_tasks<T: Send>(n: usize, par: bool, f: impl Fn(usize) -> T + Sync + Send)
 
 /// Unit tests set this to run the baseline variants on an AVX2 machine too.
 #[cfg(test)]
-pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// True when the AVX2 + FMA variants may run (checked at run time, cached by std).
 #[inline(always)]
@@ -241,7 +292,14 @@ unsafe fn chain_avx2(plan: &Plan<'_>, solved: &[Solved], h: &mut [f32]) -> Vec<f
     chain::<true>(plan, solved, h)
 }
 
-fn outputs_dispatch<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize, sol: &Solved, h0: &[f32]) -> Vec<f32> {
+fn outputs_dispatch<R: ChunkRows>(
+    rows: &R,
+    plan: &Plan<'_>,
+    g: usize,
+    c: usize,
+    sol: &Solved,
+    h0: &[f32],
+) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: as in `solve_dispatch`.
@@ -252,7 +310,14 @@ fn outputs_dispatch<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize,
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn outputs_avx2<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize, sol: &Solved, h0: &[f32]) -> Vec<f32> {
+unsafe fn outputs_avx2<R: ChunkRows>(
+    rows: &R,
+    plan: &Plan<'_>,
+    g: usize,
+    c: usize,
+    sol: &Solved,
+    h0: &[f32],
+) -> Vec<f32> {
     outputs::<true, R>(rows, plan, g, c, sol, h0)
 }
 
@@ -274,7 +339,12 @@ fn solve<const F: bool, R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: us
     for i in 0..big_n {
         let r = i * d..(i + 1) * d;
         let (kb, vb) = x[i * d2..(i + 1) * d2].split_at_mut(d);
-        for (((kb, vb), (&ke, &ve)), &be) in kb.iter_mut().zip(vb.iter_mut()).zip(k[r.clone()].iter().zip(&v[r.clone()])).zip(&beta[r]) {
+        for (((kb, vb), (&ke, &ve)), &be) in kb
+            .iter_mut()
+            .zip(vb.iter_mut())
+            .zip(k[r.clone()].iter().zip(&v[r.clone()]))
+            .zip(&beta[r])
+        {
             *kb = ke * be;
             *vb = ve * be;
         }
@@ -293,18 +363,46 @@ fn solve<const F: bool, R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: us
         // G[J, m] for m < j1 (rounded up to whole micro-kernel columns): kβ rows of J are still
         // untouched here, the solve below only rewrites rows < j1 from this block on.
         let cols = j1.div_ceil(NR).saturating_mul(NR).min(big_n);
-        gemm::<F>(j1 - j0, cols, d, &x[j0 * d2..], d2, &kt, big_n, &mut gm[j0 * big_n..], big_n, 1.0, false);
+        gemm::<F>(
+            j1 - j0,
+            cols,
+            d,
+            &x[j0 * d2..],
+            d2,
+            &kt,
+            big_n,
+            &mut gm[j0 * big_n..],
+            big_n,
+            1.0,
+            false,
+        );
         let (done, rest) = x.split_at_mut(j0 * d2);
         // X_J −= G[J, <J]·X[<J]
         if j0 > 0 {
-            gemm::<F>(j1 - j0, d2, j0, &gm[j0 * big_n..], big_n, done, d2, rest, d2, -1.0, true);
+            gemm::<F>(
+                j1 - j0,
+                d2,
+                j0,
+                &gm[j0 * big_n..],
+                big_n,
+                done,
+                d2,
+                rest,
+                d2,
+                -1.0,
+                true,
+            );
         }
         // Inside the block: X_i −= G[i, m]·X_m for j0 ≤ m < i, in row order.
         for i in j0 + 1..j1 {
             let (before, xi) = rest.split_at_mut((i - j0) * d2);
             let xi = &mut xi[..d2];
             for m in j0..i {
-                axpy::<F>(xi, -gm[i * big_n + m], &before[(m - j0) * d2..(m - j0 + 1) * d2]);
+                axpy::<F>(
+                    xi,
+                    -gm[i * big_n + m],
+                    &before[(m - j0) * d2..(m - j0 + 1) * d2],
+                );
             }
         }
     }
@@ -325,7 +423,19 @@ fn chain<const F: bool>(plan: &Plan<'_>, solved: &[Solved], h: &mut [f32]) -> Ve
         h0s.extend_from_slice(h);
         // P_w of the last token's rows.
         let last = big_n - n;
-        gemm::<F>(n, d, d, &sol.wu[last * d2..], d2, h, d, &mut pw, d, 1.0, false);
+        gemm::<F>(
+            n,
+            d,
+            d,
+            &sol.wu[last * d2..],
+            d2,
+            h,
+            d,
+            &mut pw,
+            d,
+            1.0,
+            false,
+        );
         let w = |i: usize| &sol.wu[(last + i) * d2..(last + i) * d2 + d];
         let u = |i: usize| &sol.wu[(last + i) * d2 + d..(last + i + 1) * d2];
         let a = |i: usize| &sol.alpha[(last + i) * d..(last + i + 1) * d];
@@ -361,7 +471,14 @@ fn chain<const F: bool>(plan: &Plan<'_>, solved: &[Solved], h: &mut [f32]) -> Ve
 
 /// Phase 3 (module doc): the outputs of chunk `c` for every head of group `g`, `[member, C, D]`.
 #[inline(always)]
-fn outputs<const F: bool, R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize, sol: &Solved, h0: &[f32]) -> Vec<f32> {
+fn outputs<const F: bool, R: ChunkRows>(
+    rows: &R,
+    plan: &Plan<'_>,
+    g: usize,
+    c: usize,
+    sol: &Solved,
+    h0: &[f32],
+) -> Vec<f32> {
     let (d, n, cc) = (plan.dim, plan.order, plan.chunk);
     let (big_n, d2) = (cc * n, 2 * d);
     // P_w = W·h0, then u' in place of P_w.
@@ -463,7 +580,19 @@ const NR: usize = 16;
 /// past the last whole tile take a scalar path.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn gemm<const F: bool>(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, s: f32, acc: bool) {
+fn gemm<const F: bool>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    s: f32,
+    acc: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -503,12 +632,48 @@ fn gemm<const F: bool>(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
             // A short last panel (and single-row products when decoding) runs a kernel of its
             // own height rather than multiplying zero rows.
             match mr {
-                1 => store::<F, 1>(micro::<F, 1>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
-                2 => store::<F, 2>(micro::<F, 2>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
-                3 => store::<F, 3>(micro::<F, 3>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
-                4 => store::<F, 4>(micro::<F, 4>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
-                5 => store::<F, 5>(micro::<F, 5>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
-                _ => store::<F, MR>(micro::<F, MR>(k, &pack, b, ldb, j0), c, (i0, j0, ldc), s, acc),
+                1 => store::<F, 1>(
+                    micro::<F, 1>(k, &pack, b, ldb, j0),
+                    c,
+                    (i0, j0, ldc),
+                    s,
+                    acc,
+                ),
+                2 => store::<F, 2>(
+                    micro::<F, 2>(k, &pack, b, ldb, j0),
+                    c,
+                    (i0, j0, ldc),
+                    s,
+                    acc,
+                ),
+                3 => store::<F, 3>(
+                    micro::<F, 3>(k, &pack, b, ldb, j0),
+                    c,
+                    (i0, j0, ldc),
+                    s,
+                    acc,
+                ),
+                4 => store::<F, 4>(
+                    micro::<F, 4>(k, &pack, b, ldb, j0),
+                    c,
+                    (i0, j0, ldc),
+                    s,
+                    acc,
+                ),
+                5 => store::<F, 5>(
+                    micro::<F, 5>(k, &pack, b, ldb, j0),
+                    c,
+                    (i0, j0, ldc),
+                    s,
+                    acc,
+                ),
+                _ => store::<F, MR>(
+                    micro::<F, MR>(k, &pack, b, ldb, j0),
+                    c,
+                    (i0, j0, ldc),
+                    s,
+                    acc,
+                ),
             }
         }
         for j in whole..n {
@@ -526,7 +691,13 @@ fn gemm<const F: bool>(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
 
 /// `c[i0 + r, j0 + j] = (acc ? c : 0) + s·tile[r][j]`.
 #[inline(always)]
-fn store<const F: bool, const M: usize>(tile: [[f32; NR]; M], c: &mut [f32], (i0, j0, ldc): (usize, usize, usize), s: f32, acc: bool) {
+fn store<const F: bool, const M: usize>(
+    tile: [[f32; NR]; M],
+    c: &mut [f32],
+    (i0, j0, ldc): (usize, usize, usize),
+    s: f32,
+    acc: bool,
+) {
     for (r, tr) in tile.iter().enumerate() {
         let cr = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + NR];
         for (cv, &t) in cr.iter_mut().zip(tr) {
@@ -537,7 +708,13 @@ fn store<const F: bool, const M: usize>(tile: [[f32; NR]; M], c: &mut [f32], (i0
 
 /// The `M×NR` block `Σ_p pack[p, :M]ᵀ·b[p, j0..j0+NR]` (`M ≤ MR`; the pack's row stride is `MR`).
 #[inline(always)]
-fn micro<const F: bool, const M: usize>(k: usize, pack: &[f32], b: &[f32], ldb: usize, j0: usize) -> [[f32; NR]; M] {
+fn micro<const F: bool, const M: usize>(
+    k: usize,
+    pack: &[f32],
+    b: &[f32],
+    ldb: usize,
+    j0: usize,
+) -> [[f32; NR]; M] {
     let mut t = [[0f32; NR]; M];
     for (p, ap) in pack.chunks_exact(MR).take(k).enumerate() {
         let bp = &b[p * ldb + j0..p * ldb + j0 + NR];

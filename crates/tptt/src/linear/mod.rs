@@ -71,7 +71,10 @@ pub fn scan(inp: &ScanInput<'_>, state: &mut [f32], which: ScanImpl) -> Vec<f32>
 
 /// The reference's chunk-size rule (SPEC §4.6): the largest `c ≤ min(max, S)` dividing `S`.
 pub fn chunk_size(tokens: usize, max_chunk: usize) -> usize {
-    (1..=max_chunk.min(tokens).max(1)).rev().find(|c| tokens % c == 0).unwrap_or(1)
+    (1..=max_chunk.min(tokens).max(1))
+        .rev()
+        .find(|c| tokens % c == 0)
+        .unwrap_or(1)
 }
 
 /// `gelu_tanh(x)`, as `F.gelu(approximate="tanh")`.
@@ -172,7 +175,12 @@ pub struct LinearCarry {
 impl LinearCarry {
     /// A fresh carry: state `1e-6`, no history.
     pub fn new(heads: usize, dim: usize) -> Self {
-        Self { state: vec![STATE_INIT; heads * dim * dim], pool_k: Vec::new(), pool_v: Vec::new(), prev: None }
+        Self {
+            state: vec![STATE_INIT; heads * dim * dim],
+            pool_k: Vec::new(),
+            pool_v: Vec::new(),
+            prev: None,
+        }
     }
 }
 
@@ -225,7 +233,11 @@ fn pool3(x: &[f32], f: usize, history: &[Vec<f32>]) -> Vec<f32> {
     let third = 1.0f32 / 3.0;
     let mut out = vec![0f32; s * f];
     for t in 0..s as isize {
-        let (a, b, c) = (pool_row(x, f, history, t - 2), pool_row(x, f, history, t - 1), pool_row(x, f, history, t));
+        let (a, b, c) = (
+            pool_row(x, f, history, t - 2),
+            pool_row(x, f, history, t - 1),
+            pool_row(x, f, history, t),
+        );
         let o = &mut out[t as usize * f..(t as usize + 1) * f];
         for i in 0..f {
             o[i] = a[i] * third + b[i] * third + c[i] * third;
@@ -303,7 +315,15 @@ fn virtual_pair(trick: Trick, cur: &[f32], before: &[f32], v0: &mut [f32], v1: &
 
 /// Expand `[H, S, D]` into `[H, S·n, D]` virtual rows with a trick (SPEC §4.5). `prev` is the
 /// row before the first token per head (`[H·D]`), zeros when there is none.
-fn expand(x: &[f32], prev: Option<&[f32]>, heads: usize, s: usize, d: usize, n: usize, trick: Trick) -> Vec<f32> {
+fn expand(
+    x: &[f32],
+    prev: Option<&[f32]>,
+    heads: usize,
+    s: usize,
+    d: usize,
+    n: usize,
+    trick: Trick,
+) -> Vec<f32> {
     if n == 1 {
         return x.to_vec();
     }
@@ -351,15 +371,27 @@ pub fn forward(
 }
 
 /// The literal order of SPEC §4: all processed values, all virtual rows, then [`naive::scan`].
-fn forward_expanded(shape: &LinearShape, q_raw: &[f32], k_raw: &[f32], v_raw: &[f32], carry: &mut LinearCarry) -> Vec<f32> {
+fn forward_expanded(
+    shape: &LinearShape,
+    q_raw: &[f32],
+    k_raw: &[f32],
+    v_raw: &[f32],
+    carry: &mut LinearCarry,
+) -> Vec<f32> {
     let (h_n, hkv, d, rc) = (shape.heads, shape.kv_heads, shape.dim, shape.rc);
     let g = h_n / hkv;
     let fkv = hkv * d;
     let s = k_raw.len() / fkv;
 
     // §4.2 gates, per kv channel.
-    let f_gate: Vec<f32> = pool3(k_raw, fkv, &carry.pool_k).into_iter().map(sigmoid).collect();
-    let w_gate: Vec<f32> = pool3(v_raw, fkv, &carry.pool_v).into_iter().map(sigmoid).collect();
+    let f_gate: Vec<f32> = pool3(k_raw, fkv, &carry.pool_k)
+        .into_iter()
+        .map(sigmoid)
+        .collect();
+    let w_gate: Vec<f32> = pool3(v_raw, fkv, &carry.pool_v)
+        .into_iter()
+        .map(sigmoid)
+        .collect();
 
     // §4.3 per head [H, S, D], kv heads repeated (head h reads kv head h / G).
     let scaling = (d as f32).powf(-0.5);
@@ -406,19 +438,73 @@ fn forward_expanded(shape: &LinearShape, q_raw: &[f32], k_raw: &[f32], v_raw: &[
     // §4.4/4.5 virtual tokens; the buffer (if any) is the row before token 0.
     let n = rc.order;
     let prev = carry.prev.take();
-    let trick_for = |gate: Gate| if gate == Gate::C { Trick::Cte } else { rc.trick };
-    let q = expand(&p.q, prev.as_ref().map(|b| b.q.as_slice()), h_n, s, d, n, rc.trick);
-    let k = expand(&p.k, prev.as_ref().map(|b| b.k.as_slice()), h_n, s, d, n, rc.trick);
-    let v = expand(&p.v, prev.as_ref().map(|b| b.v.as_slice()), h_n, s, d, n, rc.trick);
-    let alpha = expand(&p.alpha, prev.as_ref().map(|b| b.alpha.as_slice()), h_n, s, d, n, trick_for(rc.alpha_gate));
-    let beta = expand(&p.beta, prev.as_ref().map(|b| b.beta.as_slice()), h_n, s, d, n, trick_for(rc.beta_gate));
+    let trick_for = |gate: Gate| {
+        if gate == Gate::C {
+            Trick::Cte
+        } else {
+            rc.trick
+        }
+    };
+    let q = expand(
+        &p.q,
+        prev.as_ref().map(|b| b.q.as_slice()),
+        h_n,
+        s,
+        d,
+        n,
+        rc.trick,
+    );
+    let k = expand(
+        &p.k,
+        prev.as_ref().map(|b| b.k.as_slice()),
+        h_n,
+        s,
+        d,
+        n,
+        rc.trick,
+    );
+    let v = expand(
+        &p.v,
+        prev.as_ref().map(|b| b.v.as_slice()),
+        h_n,
+        s,
+        d,
+        n,
+        rc.trick,
+    );
+    let alpha = expand(
+        &p.alpha,
+        prev.as_ref().map(|b| b.alpha.as_slice()),
+        h_n,
+        s,
+        d,
+        n,
+        trick_for(rc.alpha_gate),
+    );
+    let beta = expand(
+        &p.beta,
+        prev.as_ref().map(|b| b.beta.as_slice()),
+        h_n,
+        s,
+        d,
+        n,
+        trick_for(rc.beta_gate),
+    );
 
     // Update the carry's histories before the scan consumes the state.
     if n > 1 {
         let last = |x: &[f32]| -> Vec<f32> {
-            (0..h_n).flat_map(|h| x[(h * s + s - 1) * d..(h * s + s) * d].iter().copied()).collect()
+            (0..h_n)
+                .flat_map(|h| x[(h * s + s - 1) * d..(h * s + s) * d].iter().copied())
+                .collect()
         };
-        carry.prev = Some(PrevToken { q: last(&p.q), k: last(&p.k), v: last(&p.v), alpha: last(&p.alpha), beta: last(&p.beta) });
+        carry.prev = Some(PrevToken {
+            q: last(&p.q),
+            k: last(&p.k),
+            v: last(&p.v),
+            alpha: last(&p.alpha),
+            beta: last(&p.beta),
+        });
     }
     let push_rows = |hist: &mut Vec<Vec<f32>>, x: &[f32]| {
         let start = s.saturating_sub(2);
@@ -433,7 +519,19 @@ fn forward_expanded(shape: &LinearShape, q_raw: &[f32], k_raw: &[f32], v_raw: &[
 
     // §4.6–4.8
     let chunk = chunk_size(s, shape.max_chunk);
-    let inp = ScanInput { heads: h_n, dim: d, tokens: s, order: n, chunk, linear: rc.linear, q: &q, k: &k, v: &v, alpha: &alpha, beta: &beta };
+    let inp = ScanInput {
+        heads: h_n,
+        dim: d,
+        tokens: s,
+        order: n,
+        chunk,
+        linear: rc.linear,
+        q: &q,
+        k: &k,
+        v: &v,
+        alpha: &alpha,
+        beta: &beta,
+    };
     let y = scan(&inp, &mut carry.state, ScanImpl::Naive); // [H, S, D]
 
     // §4.9 merge heads and RMS-normalise each token over H·D (no weight).
@@ -465,7 +563,14 @@ struct KvRow {
 impl KvRow {
     fn new(d: usize) -> Self {
         let z = || vec![0f32; d];
-        Self { k: z(), v: z(), alpha: z(), beta: z(), fg: z(), wg: z() }
+        Self {
+            k: z(),
+            v: z(),
+            alpha: z(),
+            beta: z(),
+            fg: z(),
+            wg: z(),
+        }
     }
 }
 
@@ -540,7 +645,11 @@ impl<'a> Fused<'a> {
             *x = r * self.scaling;
         }
         // §4.2: sigmoid of the causal 3-mean, only for the gates in use.
-        let uses = |g: Gate| [self.rc.alpha_gate, self.rc.beta_gate].iter().any(|&x| x == g || x == Gate::Kv);
+        let uses = |g: Gate| {
+            [self.rc.alpha_gate, self.rc.beta_gate]
+                .iter()
+                .any(|&x| x == g || x == Gate::Kv)
+        };
         let third = 1.0f32 / 3.0;
         let window = |x: &'a [f32], hist: &'a [Vec<f32>]| {
             [t - 2, t - 1, t].map(|r| &pool_row(x, f, hist, r)[lo..lo + d])
@@ -578,7 +687,15 @@ impl<'a> Fused<'a> {
 
 impl fast::ChunkRows for Fused<'_> {
     #[inline(always)]
-    fn kvab(&self, group: usize, chunk: usize, k: &mut [f32], v: &mut [f32], alpha: &mut [f32], beta: &mut [f32]) {
+    fn kvab(
+        &self,
+        group: usize,
+        chunk: usize,
+        k: &mut [f32],
+        v: &mut [f32],
+        alpha: &mut [f32],
+        beta: &mut [f32],
+    ) {
         let (d, c) = (self.d, self.chunk);
         let (kvh, rep) = self.groups[group];
         let t0 = (chunk * c) as isize;
@@ -594,7 +711,13 @@ impl fast::ChunkRows for Fused<'_> {
             }
             return;
         }
-        let trick_for = |gate: Gate| if gate == Gate::C { Trick::Cte } else { self.rc.trick };
+        let trick_for = |gate: Gate| {
+            if gate == Gate::C {
+                Trick::Cte
+            } else {
+                self.rc.trick
+            }
+        };
         let (mut cur, mut before) = (KvRow::new(d), KvRow::new(d));
         self.proc_kv(t0 - 1, kvh, rep, &mut before);
         for tok in 0..c {
@@ -605,7 +728,12 @@ impl fast::ChunkRows for Fused<'_> {
             };
             pair(k, &cur.k, &before.k, self.rc.trick);
             pair(v, &cur.v, &before.v, self.rc.trick);
-            pair(alpha, &cur.alpha, &before.alpha, trick_for(self.rc.alpha_gate));
+            pair(
+                alpha,
+                &cur.alpha,
+                &before.alpha,
+                trick_for(self.rc.alpha_gate),
+            );
             pair(beta, &cur.beta, &before.beta, trick_for(self.rc.beta_gate));
             std::mem::swap(&mut cur, &mut before);
         }
@@ -637,7 +765,13 @@ impl fast::ChunkRows for Fused<'_> {
 /// never reads the query, so their states stay equal and `W`, `U` and the states are computed once
 /// per kv head. That holds when their carried states and order-2 buffers agree (always, for carries
 /// made by this function); otherwise every head is its own group.
-fn forward_fused(shape: &LinearShape, q_raw: &[f32], k_raw: &[f32], v_raw: &[f32], carry: &mut LinearCarry) -> Vec<f32> {
+fn forward_fused(
+    shape: &LinearShape,
+    q_raw: &[f32],
+    k_raw: &[f32],
+    v_raw: &[f32],
+    carry: &mut LinearCarry,
+) -> Vec<f32> {
     let (h_n, hkv, d, rc) = (shape.heads, shape.kv_heads, shape.dim, shape.rc);
     let g = h_n / hkv;
     let fkv = hkv * d;
@@ -648,15 +782,26 @@ fn forward_fused(shape: &LinearShape, q_raw: &[f32], k_raw: &[f32], v_raw: &[f32
     // Bitwise equality of rows `a` and `b` (`w` wide) of `x`, in blocks that vectorise.
     let same = |x: &[f32], a: usize, b: usize, w: usize| {
         let (ra, rb) = (&x[a * w..(a + 1) * w], &x[b * w..(b + 1) * w]);
-        ra.chunks(64).zip(rb.chunks(64)).all(|(p, q)| p.iter().zip(q).fold(0u32, |acc, (u, v)| acc | (u.to_bits() ^ v.to_bits())) == 0)
+        ra.chunks(64).zip(rb.chunks(64)).all(|(p, q)| {
+            p.iter()
+                .zip(q)
+                .fold(0u32, |acc, (u, v)| acc | (u.to_bits() ^ v.to_bits()))
+                == 0
+        })
     };
     let shared = (0..h_n).all(|h| {
         let rep = h / g * g;
         same(&carry.state, h, rep, d * d)
-            && prev.as_ref().is_none_or(|p| [&p.k, &p.v, &p.alpha, &p.beta].iter().all(|x| same(x, h, rep, d)))
+            && prev.as_ref().is_none_or(|p| {
+                [&p.k, &p.v, &p.alpha, &p.beta]
+                    .iter()
+                    .all(|x| same(x, h, rep, d))
+            })
     });
     let (members, groups): (Vec<Vec<usize>>, Vec<(usize, usize)>) = if shared {
-        (0..hkv).map(|kvh| ((kvh * g..(kvh + 1) * g).collect(), (kvh, kvh * g))).unzip()
+        (0..hkv)
+            .map(|kvh| ((kvh * g..(kvh + 1) * g).collect(), (kvh, kvh * g)))
+            .unzip()
     } else {
         (0..h_n).map(|h| (vec![h], (h / g, h))).unzip()
     };
@@ -677,13 +822,26 @@ fn forward_fused(shape: &LinearShape, q_raw: &[f32], k_raw: &[f32], v_raw: &[f32
         prev: prev.as_ref(),
         groups,
     };
-    let plan = fast::Plan { dim: d, tokens: s, order: n, chunk, linear: rc.linear, groups: &members };
+    let plan = fast::Plan {
+        dim: d,
+        tokens: s,
+        order: n,
+        chunk,
+        linear: rc.linear,
+        groups: &members,
+    };
     let y = fast::run(&rows, &plan, h_n, &mut carry.state);
 
     // The next call's order-2 buffer: the last token, processed, per head.
     let next_prev = (n > 1).then(|| {
         let t = s as isize - 1;
-        let mut p = PrevToken { q: vec![0f32; h_n * d], k: vec![0f32; h_n * d], v: vec![0f32; h_n * d], alpha: vec![0f32; h_n * d], beta: vec![0f32; h_n * d] };
+        let mut p = PrevToken {
+            q: vec![0f32; h_n * d],
+            k: vec![0f32; h_n * d],
+            v: vec![0f32; h_n * d],
+            alpha: vec![0f32; h_n * d],
+            beta: vec![0f32; h_n * d],
+        };
         let mut kv = KvRow::new(d);
         for h in 0..h_n {
             let r = h * d..(h + 1) * d;
@@ -733,7 +891,9 @@ mod tests {
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
                 x ^= x << 13;
@@ -757,19 +917,60 @@ mod tests {
         let rows = heads * s * n;
         let q = normalized_rows(rows, d, 1);
         let k = normalized_rows(rows, d, 2);
-        let v = rand_vec(rows * d, 3).iter().map(|x| x * 0.3).collect::<Vec<_>>();
+        let v = rand_vec(rows * d, 3)
+            .iter()
+            .map(|x| x * 0.3)
+            .collect::<Vec<_>>();
         // gates in (0, 1) and, as under dt, some negative ones
-        let alpha = rand_vec(rows * d, 4).iter().map(|x| 0.6 + 0.4 * x).collect::<Vec<_>>();
-        let beta = rand_vec(rows * d, 5).iter().map(|x| 0.5 * x).collect::<Vec<_>>();
-        let inp = ScanInput { heads, dim: d, tokens: s, order: n, chunk, linear, q: &q, k: &k, v: &v, alpha: &alpha, beta: &beta };
-        let init = rand_vec(heads * d * d, 6).iter().map(|x| 0.1 * x).collect::<Vec<_>>();
+        let alpha = rand_vec(rows * d, 4)
+            .iter()
+            .map(|x| 0.6 + 0.4 * x)
+            .collect::<Vec<_>>();
+        let beta = rand_vec(rows * d, 5)
+            .iter()
+            .map(|x| 0.5 * x)
+            .collect::<Vec<_>>();
+        let inp = ScanInput {
+            heads,
+            dim: d,
+            tokens: s,
+            order: n,
+            chunk,
+            linear,
+            q: &q,
+            k: &k,
+            v: &v,
+            alpha: &alpha,
+            beta: &beta,
+        };
+        let init = rand_vec(heads * d * d, 6)
+            .iter()
+            .map(|x| 0.1 * x)
+            .collect::<Vec<_>>();
         let (mut s_naive, mut s_fast) = (init.clone(), init);
         let o_naive = scan(&inp, &mut s_naive, ScanImpl::Naive);
         let o_fast = scan(&inp, &mut s_fast, ScanImpl::Fast);
-        let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        let scale = o_naive.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1.0);
-        assert!(max_diff(&o_naive, &o_fast) <= SCAN_TOL * scale, "output H{heads} D{d} S{s} n{n} C{chunk}: {}", max_diff(&o_naive, &o_fast));
-        assert!(max_diff(&s_naive, &s_fast) <= SCAN_TOL * scale, "state H{heads} D{d} S{s} n{n} C{chunk}: {}", max_diff(&s_naive, &s_fast));
+        let max_diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        let scale = o_naive
+            .iter()
+            .map(|x| x.abs())
+            .fold(0f32, f32::max)
+            .max(1.0);
+        assert!(
+            max_diff(&o_naive, &o_fast) <= SCAN_TOL * scale,
+            "output H{heads} D{d} S{s} n{n} C{chunk}: {}",
+            max_diff(&o_naive, &o_fast)
+        );
+        assert!(
+            max_diff(&s_naive, &s_fast) <= SCAN_TOL * scale,
+            "state H{heads} D{d} S{s} n{n} C{chunk}: {}",
+            max_diff(&s_naive, &s_fast)
+        );
     }
 
     #[test]
@@ -787,7 +988,20 @@ mod tests {
 
     #[test]
     fn chunk_size_rule_matches_the_reference_table() {
-        let table = [(1, 1), (7, 7), (20, 20), (31, 31), (64, 64), (67, 1), (100, 50), (128, 64), (130, 26), (512, 64), (1000, 50), (4099, 1)];
+        let table = [
+            (1, 1),
+            (7, 7),
+            (20, 20),
+            (31, 31),
+            (64, 64),
+            (67, 1),
+            (100, 50),
+            (128, 64),
+            (130, 26),
+            (512, 64),
+            (1000, 50),
+            (4099, 1),
+        ];
         for (s, c) in table {
             assert_eq!(chunk_size(s, 64), c, "S = {s}");
         }
@@ -816,43 +1030,94 @@ mod tests {
     fn pooling_replicates_then_uses_history() {
         let x = [3.0, 6.0, 9.0];
         let fresh = pool3(&x, 1, &[]);
-        assert!((fresh[0] - 3.0).abs() < 1e-6 && (fresh[1] - 4.0).abs() < 1e-6 && (fresh[2] - 6.0).abs() < 1e-6);
+        assert!(
+            (fresh[0] - 3.0).abs() < 1e-6
+                && (fresh[1] - 4.0).abs() < 1e-6
+                && (fresh[2] - 6.0).abs() < 1e-6
+        );
         let hist = pool3(&[9.0], 1, &[vec![3.0], vec![6.0]]);
         assert!((hist[0] - 6.0).abs() < 1e-6);
     }
 
     fn layer_inputs(s: usize, h: usize, hkv: usize, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        (rand_vec(s * h * d, 11), rand_vec(s * hkv * d, 12), rand_vec(s * hkv * d, 13))
+        (
+            rand_vec(s * h * d, 11),
+            rand_vec(s * hkv * d, 12),
+            rand_vec(s * hkv * d, 13),
+        )
     }
 
     #[test]
     fn split_calls_with_carried_state_equal_one_call_at_chunk_one() {
         for mode in crate::config::OPERATOR_MODES {
             let rc = RecurrentConfig::from_operator_mode(mode).expect("known mode");
-            let shape = LinearShape { heads: 4, kv_heads: 2, dim: 8, rc, max_chunk: 1 };
+            let shape = LinearShape {
+                heads: 4,
+                kv_heads: 2,
+                dim: 8,
+                rc,
+                max_chunk: 1,
+            };
             let s = 9;
             let (q, k, v) = layer_inputs(s, 4, 2, 8);
             let mut one = LinearCarry::new(4, 8);
-            let full = forward(&shape, &q, &k, &v, &mut one, CarryMode::Continue, ScanImpl::Fast);
+            let full = forward(
+                &shape,
+                &q,
+                &k,
+                &v,
+                &mut one,
+                CarryMode::Continue,
+                ScanImpl::Fast,
+            );
             let mut split = LinearCarry::new(4, 8);
             let mut parts = Vec::new();
             for (a, b) in [(0, 4), (4, 5), (5, 9)] {
-                parts.extend(forward(&shape, &q[a * 32..b * 32], &k[a * 16..b * 16], &v[a * 16..b * 16], &mut split, CarryMode::Continue, ScanImpl::Fast));
+                parts.extend(forward(
+                    &shape,
+                    &q[a * 32..b * 32],
+                    &k[a * 16..b * 16],
+                    &v[a * 16..b * 16],
+                    &mut split,
+                    CarryMode::Continue,
+                    ScanImpl::Fast,
+                ));
             }
-            let diff = full.iter().zip(&parts).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let diff = full
+                .iter()
+                .zip(&parts)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-5, "{mode}: {diff}");
-            assert!(one.state.iter().zip(&split.state).all(|(x, y)| (x - y).abs() < 1e-5), "{mode}: state");
+            assert!(
+                one.state
+                    .iter()
+                    .zip(&split.state)
+                    .all(|(x, y)| (x - y).abs() < 1e-5),
+                "{mode}: state"
+            );
         }
     }
 
     fn carry_diff(a: &LinearCarry, b: &LinearCarry) -> f32 {
-        let md = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        let md = |x: &[f32], y: &[f32]| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max)
+        };
         let mut m = md(&a.state, &b.state);
         assert_eq!(a.pool_k, b.pool_k);
         assert_eq!(a.pool_v, b.pool_v);
         match (&a.prev, &b.prev) {
             (Some(p), Some(q)) => {
-                for (x, y) in [(&p.q, &q.q), (&p.k, &q.k), (&p.v, &q.v), (&p.alpha, &q.alpha), (&p.beta, &q.beta)] {
+                for (x, y) in [
+                    (&p.q, &q.q),
+                    (&p.k, &q.k),
+                    (&p.v, &q.v),
+                    (&p.alpha, &q.alpha),
+                    (&p.beta, &q.beta),
+                ] {
                     m = m.max(md(x, y));
                 }
             }
@@ -871,18 +1136,38 @@ mod tests {
         for mode in crate::config::OPERATOR_MODES {
             let rc = RecurrentConfig::from_operator_mode(mode).expect("known mode");
             for max_chunk in [1, 4, 64] {
-                let shape = LinearShape { heads: h, kv_heads: hkv, dim: d, rc, max_chunk };
+                let shape = LinearShape {
+                    heads: h,
+                    kv_heads: hkv,
+                    dim: d,
+                    rc,
+                    max_chunk,
+                };
                 for cm in [CarryMode::Continue, CarryMode::Reference] {
                     let (mut fast, mut naive) = (LinearCarry::new(h, d), LinearCarry::new(h, d));
                     for (call, s) in [12usize, 1, 7, 30].into_iter().enumerate() {
                         let seed = 100 + call as u64;
-                        let (q, k, v) = (rand_vec(s * h * d, seed), rand_vec(s * hkv * d, seed + 10), rand_vec(s * hkv * d, seed + 20));
+                        let (q, k, v) = (
+                            rand_vec(s * h * d, seed),
+                            rand_vec(s * hkv * d, seed + 10),
+                            rand_vec(s * hkv * d, seed + 20),
+                        );
                         let of = forward(&shape, &q, &k, &v, &mut fast, cm, ScanImpl::Fast);
                         let on = forward(&shape, &q, &k, &v, &mut naive, cm, ScanImpl::Naive);
-                        let diff = of.iter().zip(&on).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-                        assert!(diff < 1e-4, "{mode} C≤{max_chunk} {cm:?} call {call}: output {diff}");
+                        let diff = of
+                            .iter()
+                            .zip(&on)
+                            .map(|(x, y)| (x - y).abs())
+                            .fold(0f32, f32::max);
+                        assert!(
+                            diff < 1e-4,
+                            "{mode} C≤{max_chunk} {cm:?} call {call}: output {diff}"
+                        );
                         let cd = carry_diff(&fast, &naive);
-                        assert!(cd < 1e-5, "{mode} C≤{max_chunk} {cm:?} call {call}: carry {cd}");
+                        assert!(
+                            cd < 1e-5,
+                            "{mode} C≤{max_chunk} {cm:?} call {call}: carry {cd}"
+                        );
                     }
                 }
             }
@@ -895,18 +1180,55 @@ mod tests {
         let (h, hkv, d, s) = (4, 2, 8, 9);
         for mode in ["delta_rule", "delta_product_c"] {
             let rc = RecurrentConfig::from_operator_mode(mode).expect("known mode");
-            let shape = LinearShape { heads: h, kv_heads: hkv, dim: d, rc, max_chunk: 3 };
+            let shape = LinearShape {
+                heads: h,
+                kv_heads: hkv,
+                dim: d,
+                rc,
+                max_chunk: 3,
+            };
             let (q, k, v) = layer_inputs(s, h, hkv, d);
             let mut start = LinearCarry::new(h, d);
-            forward(&shape, &q, &k, &v, &mut start, CarryMode::Continue, ScanImpl::Naive);
-            start.state[d * d..2 * d * d].iter_mut().zip(rand_vec(d * d, 7)).for_each(|(x, r)| *x += 0.1 * r);
+            forward(
+                &shape,
+                &q,
+                &k,
+                &v,
+                &mut start,
+                CarryMode::Continue,
+                ScanImpl::Naive,
+            );
+            start.state[d * d..2 * d * d]
+                .iter_mut()
+                .zip(rand_vec(d * d, 7))
+                .for_each(|(x, r)| *x += 0.1 * r);
             if let Some(p) = start.prev.as_mut() {
                 p.k[3 * d] += 0.25;
             }
             let (mut fast, mut naive) = (start.clone(), start);
-            let of = forward(&shape, &q, &k, &v, &mut fast, CarryMode::Continue, ScanImpl::Fast);
-            let on = forward(&shape, &q, &k, &v, &mut naive, CarryMode::Continue, ScanImpl::Naive);
-            let diff = of.iter().zip(&on).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let of = forward(
+                &shape,
+                &q,
+                &k,
+                &v,
+                &mut fast,
+                CarryMode::Continue,
+                ScanImpl::Fast,
+            );
+            let on = forward(
+                &shape,
+                &q,
+                &k,
+                &v,
+                &mut naive,
+                CarryMode::Continue,
+                ScanImpl::Naive,
+            );
+            let diff = of
+                .iter()
+                .zip(&on)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-4, "{mode}: output {diff}");
             assert!(carry_diff(&fast, &naive) < 1e-5, "{mode}: carry");
         }
@@ -918,12 +1240,20 @@ mod tests {
             let x = i as f32 * 0.0044; // [-88, 88]
             if x.abs() < 87.0 {
                 let (a, b) = (exp_fast(x), x.exp());
-                assert!((a - b).abs() <= 4.0 * f32::EPSILON * b, "exp({x}): {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 4.0 * f32::EPSILON * b,
+                    "exp({x}): {a} vs {b}"
+                );
             }
         }
-        for x in [-1e30f32, -200.0, -90.0, -20.0, -1.0, 0.0, 0.5, 20.0, 90.0, 200.0, 1e30] {
+        for x in [
+            -1e30f32, -200.0, -90.0, -20.0, -1.0, 0.0, 0.5, 20.0, 90.0, 200.0, 1e30,
+        ] {
             assert!((sigmoid_fast(x) - sigmoid(x)).abs() < 1e-6, "sigmoid({x})");
-            assert!((silu_fast(x) - silu(x)).abs() <= 1e-6 * x.abs().max(1.0), "silu({x})");
+            assert!(
+                (silu_fast(x) - silu(x)).abs() <= 1e-6 * x.abs().max(1.0),
+                "silu({x})"
+            );
         }
     }
 

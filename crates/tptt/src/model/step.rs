@@ -32,10 +32,15 @@ impl<'a> Data<'a> {
     }
 
     fn slice(&self) -> Result<&[f32]> {
-        let (a, b) = self.layout.contiguous_offsets().ok_or_else(|| Error::State("fused step: a weight is not contiguous".into()))?;
+        let (a, b) = self
+            .layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::State("fused step: a weight is not contiguous".into()))?;
         match &*self.storage {
             Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[a..b]),
-            _ => Err(Error::State("fused step: a tensor is not on the CPU".into())),
+            _ => Err(Error::State(
+                "fused step: a tensor is not on the CPU".into(),
+            )),
         }
     }
 }
@@ -68,12 +73,18 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
                 outs.push(vec![0f32; w.dim(0)?]);
                 own.push((i, Own::Dense(Data::of(w)), bias));
             }
-            Matrix::Quant(QMatMul::QTensor(q)) if device.is_cpu() && q.dtype() == GgmlDType::Q8_0 && x.len() % kernels::Q8_0_BLOCK == 0 => {
+            Matrix::Quant(QMatMul::QTensor(q))
+                if device.is_cpu()
+                    && q.dtype() == GgmlDType::Q8_0
+                    && x.len() % kernels::Q8_0_BLOCK == 0 =>
+            {
                 outs.push(vec![0f32; q.shape().dims().first().copied().unwrap_or(0)]);
                 own.push((i, Own::Q8(q.data()?), bias));
             }
             Matrix::Quant(q) => {
-                let mut y = candle_core::Module::forward(q, &row(x, device)?)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = candle_core::Module::forward(q, &row(x, device)?)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 if let Some(b) = bias {
                     y.iter_mut().zip(b.slice()?).for_each(|(y, b)| *y += b);
                 }
@@ -95,9 +106,15 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
                 Own::Q8(bytes) => Rows::Q8_0(bytes),
             };
             if !w.fits(cur[0].len(), x.len()) {
-                return Err(Error::State("fused step: weight shape does not match its input".into()));
+                return Err(Error::State(
+                    "fused step: weight shape does not match its input".into(),
+                ));
             }
-            group.push(MatVec { w, bias: b.as_ref().map(|b| b.slice()).transpose()?, out: &mut cur[0] });
+            group.push(MatVec {
+                w,
+                bias: b.as_ref().map(|b| b.slice()).transpose()?,
+                out: &mut cur[0],
+            });
         }
         if !group.is_empty() {
             kernels::matvec_group(group, x);
@@ -120,8 +137,14 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
 }
 
 /// [`linears`] of exactly `N` linears, as an array.
-fn linears_n<const N: usize>(lins: [&Linear; N], x: &[f32], device: &Device) -> Result<[Vec<f32>; N]> {
-    linears(&lins, x, device)?.try_into().map_err(|_| Error::State("fused step: a projection produced no output".into()))
+fn linears_n<const N: usize>(
+    lins: [&Linear; N],
+    x: &[f32],
+    device: &Device,
+) -> Result<[Vec<f32>; N]> {
+    linears(&lins, x, device)?
+        .try_into()
+        .map_err(|_| Error::State("fused step: a projection produced no output".into()))
 }
 
 /// One linear.
@@ -167,7 +190,9 @@ fn activate(act: Activation, x: f32) -> f32 {
     match act {
         Activation::Silu => x / (1.0 + (-x).exp()),
         // candle's `gelu` (tanh approximation), as the tensor path.
-        Activation::GeluTanh => 0.5 * x * (1.0 + (0.797_884_6_f32 * x * (1.0 + 0.044715 * x * x)).tanh()),
+        Activation::GeluTanh => {
+            0.5 * x * (1.0 + (0.797_884_6_f32 * x * (1.0 + 0.044715 * x * x)).tanh())
+        }
     }
 }
 
@@ -175,10 +200,16 @@ fn mlp(layer: &Layer, x: &[f32], act: Activation, model: &Model) -> Result<Vec<f
     match &layer.mlp {
         Mlp::Gated(e) => {
             let [mut g, up] = linears_n([&e.gate, &e.up], x, &model.device)?;
-            g.iter_mut().zip(&up).for_each(|(g, u)| *g = activate(act, *g) * u);
+            g.iter_mut()
+                .zip(&up)
+                .for_each(|(g, u)| *g = activate(act, *g) * u);
             linear1(&e.down, &g, &model.device)
         }
-        Mlp::Moe { .. } => Ok(layer.mlp.forward(&row(x, &model.device)?, act)?.flatten_all()?.to_vec1::<f32>()?),
+        Mlp::Moe { .. } => Ok(layer
+            .mlp
+            .forward(&row(x, &model.device)?, act)?
+            .flatten_all()?
+            .to_vec1::<f32>()?),
     }
 }
 
@@ -198,7 +229,9 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
     } else if slot == key_pos.len() {
         key_pos.push(qp);
     } else {
-        return Err(Error::State("KV ring has unfilled slots (positions not contiguous)".into()));
+        return Err(Error::State(
+            "KV ring has unfilled slots (positions not contiguous)".into(),
+        ));
     }
     let t_len = key_pos.len();
     let ropes: Vec<(Vec<f32>, Vec<f32>)> = model.ropes.iter().map(|r| r.cos_sin_one(qp)).collect();
@@ -207,7 +240,9 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         let emb = Data::of(&model.embed);
         let all = emb.slice()?;
         let id = id as usize;
-        all.get(id * e..(id + 1) * e).ok_or_else(|| Error::Input(format!("token id {id} is outside the embedding")))?.to_vec()
+        all.get(id * e..(id + 1) * e)
+            .ok_or_else(|| Error::Input(format!("token id {id} is outside the embedding")))?
+            .to_vec()
     };
     if let Some(scale) = b.embed_scale {
         let s = scale as f32;
@@ -275,7 +310,17 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         drop((kd, vd));
         // (Running the linear branch beside the attention with `rayon::join` was measured
         // slower here: both are small at batch 1.)
-        let y = linear_on.then(|| linear::forward(&model.shape, &q_raw, &k_raw, &v_raw, &mut ls.linear, CarryMode::Continue, model.scan));
+        let y = linear_on.then(|| {
+            linear::forward(
+                &model.shape,
+                &q_raw,
+                &k_raw,
+                &v_raw,
+                &mut ls.linear,
+                CarryMode::Continue,
+                model.scan,
+            )
+        });
 
         let mut out = if let Some(y) = y {
             if fuse_o {
@@ -285,7 +330,9 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
                 let o_base = linear1(&layer.o, &attn, &model.device)?;
                 let mut o_lin = linear1(&layer.o, &y, &model.device)?;
                 if tptt.base_scale_attn {
-                    let rms = (o_base.iter().map(|x| x * x).sum::<f32>() / o_base.len() as f32 + 1e-5).sqrt();
+                    let rms = (o_base.iter().map(|x| x * x).sum::<f32>() / o_base.len() as f32
+                        + 1e-5)
+                        .sqrt();
                     o_lin.iter_mut().for_each(|x| *x *= rms);
                 }
                 o_base
@@ -343,33 +390,79 @@ mod tests {
         let dev = Device::Cpu;
         let t = |dims: (usize, usize)| Tensor::randn(0f32, 1.0, dims, &dev).expect("randn");
         let w = t((24, 16));
-        let lora = LoraSide { a: t((4, 16)), b: t((24, 4)), scale: 0.7 };
+        let lora = LoraSide {
+            a: t((4, 16)),
+            b: t((24, 4)),
+            scale: 0.7,
+        };
         let bias = Tensor::randn(0f32, 1.0, 24, &dev).expect("bias");
-        let dense = Linear { w: Matrix::Dense(w.clone()), b: Some(bias.clone()), lora: None };
-        let quant = Linear { w: Matrix::Quant(QMatMul::Tensor(w)), b: Some(bias), lora: Some(lora) };
+        let dense = Linear {
+            w: Matrix::Dense(w.clone()),
+            b: Some(bias.clone()),
+            lora: None,
+        };
+        let quant = Linear {
+            w: Matrix::Quant(QMatMul::Tensor(w)),
+            b: Some(bias),
+            lora: Some(lora),
+        };
         let x = Tensor::randn(0f32, 1.0, (1, 16), &dev).expect("x");
         let xs = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("x");
         let got = linears(&[&dense, &quant], &xs, &dev).expect("linears");
         for (l, g) in [&dense, &quant].iter().zip(&got) {
-            let want = l.forward(&x).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).expect("forward");
-            let d = want.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let want = l
+                .forward(&x)
+                .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                .expect("forward");
+            let d = want
+                .iter()
+                .zip(g)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(d < 1e-4, "{d}");
         }
         // A Q8_0 matrix through the kernel: within the activation quantization candle's own
         // quantized matmul applies (the kernel keeps the input in f32) of its result.
         let w8 = Tensor::randn(0f32, 1.0, (40, 64), &dev).expect("w8");
-        let q8 = Linear { w: Matrix::Quant(QMatMul::from_arc(Arc::new(QTensor::quantize(&w8, GgmlDType::Q8_0).expect("quantize"))).expect("qmatmul")), b: None, lora: None };
+        let q8 = Linear {
+            w: Matrix::Quant(
+                QMatMul::from_arc(Arc::new(
+                    QTensor::quantize(&w8, GgmlDType::Q8_0).expect("quantize"),
+                ))
+                .expect("qmatmul"),
+            ),
+            b: None,
+            lora: None,
+        };
         let x8 = Tensor::randn(0f32, 1.0, (1, 64), &dev).expect("x8");
-        let got8 = linears(&[&q8], &x8.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("x8"), &dev).expect("q8")[0].clone();
-        let want8 = q8.forward(&x8).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).expect("q8 forward");
-        let exact = x8.matmul(&w8.t().expect("t")).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).expect("exact");
+        let got8 = linears(
+            &[&q8],
+            &x8.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("x8"),
+            &dev,
+        )
+        .expect("q8")[0]
+            .clone();
+        let want8 = q8
+            .forward(&x8)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+            .expect("q8 forward");
+        let exact = x8
+            .matmul(&w8.t().expect("t"))
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .expect("exact");
         let scale = exact.iter().map(|v| v.abs()).fold(0f32, f32::max);
         for ((g, w), e) in got8.iter().zip(&want8).zip(&exact) {
             assert!((g - w).abs() < 0.02 * scale, "{g} vs candle {w}");
             assert!((g - e).abs() < 0.02 * scale, "{g} vs f32 {e}");
         }
         // The unmerged LoRA changes the result (so the comparison above is not vacuous).
-        let d = got[0].iter().zip(&got[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = got[0]
+            .iter()
+            .zip(&got[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(d > 1e-2, "{d}");
     }
 }
