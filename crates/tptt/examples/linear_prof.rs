@@ -151,6 +151,82 @@ fn model(dir: &str, tokens: usize, reps: usize) -> Result<(), Box<dyn std::error
     Ok(())
 }
 
+/// Decode A/B in one process: TPTT (mag 0.125) and base (mag 0) step alternately after `history`
+/// tokens, and the branch alone (`linear::forward` at S = 1 with its carry) on the same shape.
+fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let ids: Vec<u32> = (0..history as u32)
+        .map(|i| (i * 7919) % 40000 + 10)
+        .collect();
+    let mode = std::env::var("MODES").unwrap_or_else(|_| "delta_product".into());
+    let mut runs = Vec::new();
+    for mag in [0.125f32, 0.0] {
+        let t = TpttSettings::injected(&mode, mag, dir)?;
+        let m = Model::load_plain(std::path::Path::new(dir), t, &LoadOptions::default())?;
+        let mut st = m.new_state(CarryMode::Continue, Some(8192));
+        m.forward(&ids, &mut st, Logits::Last)?;
+        runs.push((mag, m, st, Vec::new()));
+    }
+    for round in 0..reps * 8 {
+        for (_, m, st, times) in runs.iter_mut() {
+            let t0 = Instant::now();
+            m.forward(&[(round as u32 * 31) % 40000 + 10], st, Logits::Last)?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let meds: Vec<f64> = runs.iter().map(|r| median(r.3.clone())).collect();
+    for (r, med) in runs.iter().zip(&meds) {
+        println!(
+            "decode {mode} mag {}: median {:.2} ms/token ({:.1} tok/s)",
+            r.0,
+            med * 1e3,
+            1.0 / med
+        );
+    }
+    println!(
+        "tptt_overhead (tptt / base tok/s): {:.3}",
+        meds[1] / meds[0]
+    );
+    branch_step(&mode, reps);
+    Ok(())
+}
+
+/// The branch alone at S = 1, 30 layers of the SmolLM2 shape with their carries.
+fn branch_step(mode: &str, reps: usize) {
+    let (h, hkv, d) = (9, 3, 64);
+    let rc = RecurrentConfig::from_operator_mode(mode).expect("mode");
+    let shape = LinearShape {
+        heads: h,
+        kv_heads: hkv,
+        dim: d,
+        rc,
+        max_chunk: 64,
+    };
+    let mut carries: Vec<LinearCarry> = (0..30).map(|_| LinearCarry::grouped(hkv, d)).collect();
+    let (q, k, v) = (
+        rand_vec(h * d, 1),
+        rand_vec(hkv * d, 2),
+        rand_vec(hkv * d, 3),
+    );
+    let br = time(reps * 8, || {
+        for c in carries.iter_mut() {
+            std::hint::black_box(linear::forward(
+                &shape,
+                &q,
+                &k,
+                &v,
+                c,
+                CarryMode::Continue,
+                ScanImpl::Fast,
+            ));
+        }
+    });
+    println!(
+        "branch alone, 30 layers at S=1: median {:.3} ms, min {:.3} ms",
+        br.0 * 1e3,
+        br.1 * 1e3
+    );
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps: usize = std::env::var("REPS")
@@ -166,6 +242,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let tokens = args.get(2).and_then(|t| t.parse().ok()).unwrap_or(512);
             model(dir, tokens, reps)?;
         }
+        Some("decode") => {
+            let dir = args
+                .get(1)
+                .map(String::as_str)
+                .unwrap_or("/work/main/models/smollm2-135m-instruct");
+            let history = args.get(2).and_then(|t| t.parse().ok()).unwrap_or(128);
+            decode(dir, history, reps)?;
+        }
+        Some("step") => branch_step(
+            &std::env::var("MODES").unwrap_or_else(|_| "delta_product".into()),
+            reps,
+        ),
         Some("naive") => branch(
             args.get(1).and_then(|t| t.parse().ok()).unwrap_or(512),
             reps,

@@ -740,7 +740,7 @@ impl Model {
                 .map(|_| LayerState {
                     k: None,
                     v: None,
-                    linear: LinearCarry::new(b.num_heads, b.head_dim),
+                    linear: LinearCarry::grouped(b.num_kv_heads, b.head_dim),
                 })
                 .collect(),
             mode,

@@ -459,10 +459,18 @@ impl State {
         let mut layers = Vec::with_capacity(num_layers);
         for (i, kv) in kv_bufs.into_iter().enumerate() {
             let (shape, state) = get(&format!("layers.{i}.state"))?;
-            if shape != [heads * dim * dim] {
+            // One state per query head, or one per kv head (`LinearCarry::state`).
+            let dd = dim * dim;
+            let stored = match shape[..] {
+                [len] if dd > 0 && len % dd == 0 => len / dd,
+                _ => 0,
+            };
+            let fits = stored == heads
+                || (stored > 0 && heads % stored == 0 && hkv.is_none_or(|k| stored == k));
+            if !fits {
                 return Err(Error::State(format!(
-                    "layer {i}: recurrent state has shape {shape:?}, model needs [{}]",
-                    heads * dim * dim
+                    "layer {i}: recurrent state has shape {shape:?}, model needs [{}] (one per query head) or one per kv head",
+                    heads * dd
                 )));
             }
             let state = state.into_vec();

@@ -93,8 +93,9 @@ fn fused_step_matches_the_tensor_path_on_every_fixture() {
             assert_eq!(sf.pos, st.pos);
             assert_eq!(sf.key_pos, st.key_pos, "{repo}/{variant}: ring positions");
             for (lf, lt) in sf.layers.iter().zip(&st.layers) {
+                let (h, d) = (fused.config().base.num_heads, fused.config().base.head_dim);
                 assert!(
-                    max_diff(&lf.linear.state, &lt.linear.state) < 1e-5,
+                    max_diff(&lf.linear.head_states(h, d), &lt.linear.head_states(h, d)) < 1e-5,
                     "{repo}/{variant}: recurrent state"
                 );
             }

@@ -154,8 +154,8 @@ const WINDOW_FLOATS: usize = 1 << 20;
 #[cfg(test)]
 const WINDOW_FLOATS: usize = 1 << 9;
 
-/// Run the scan. `state` is `[H, D, D]` for `heads` query heads; every group's state is read
-/// from its first head and the final one written to all its heads.
+/// Run the scan. `state` is `[groups, D, D]`, one state per key group of the plan, read as the
+/// initial states and overwritten with the final ones.
 pub(crate) fn run<R: ChunkRows>(
     rows: &R,
     plan: &Plan<'_>,
@@ -175,10 +175,10 @@ pub(crate) fn run<R: ChunkRows>(
             member[h] = (g, mi);
         }
     }
-    let mut h: Vec<Vec<f32>> = plan
-        .groups
-        .iter()
-        .map(|hs| state[hs[0] * d * d..(hs[0] + 1) * d * d].to_vec())
+    let mut h: Vec<Vec<f32>> = state
+        .chunks_exact(d * d)
+        .take(n_groups)
+        .map(<[f32]>::to_vec)
         .collect();
     let mut blocks = Vec::new();
     for w0 in (0..n_chunks).step_by(per_window) {
@@ -211,10 +211,8 @@ pub(crate) fn run<R: ChunkRows>(
             )
         }));
     }
-    for (hs, hg) in plan.groups.iter().zip(&h) {
-        for &head in hs {
-            state[head * d * d..(head + 1) * d * d].copy_from_slice(hg);
-        }
+    for (dst, hg) in state.chunks_exact_mut(d * d).zip(&h) {
+        dst.copy_from_slice(hg);
     }
     Outputs {
         chunk: c,
@@ -224,6 +222,165 @@ pub(crate) fn run<R: ChunkRows>(
         blocks,
         member,
     }
+}
+
+/// [`run`] for a call of one token (decoding): one chunk of one token per group, so no phases
+/// and no copies of the state. Per group, the rows `w_0 … w_{n−1}` and every member's query are
+/// multiplied by the state in one pass over it, then the state is updated in place (module doc:
+/// the order-2 identities, with `h0` the carried state). Same contract as [`run`].
+pub(crate) fn step<R: ChunkRows>(
+    rows: &R,
+    plan: &Plan<'_>,
+    heads: usize,
+    state: &mut [f32],
+) -> Outputs {
+    debug_assert!(plan.tokens == 1 && plan.chunk == 1);
+    let d = plan.dim;
+    let mut member = vec![(0usize, 0usize); heads];
+    for (g, hs) in plan.groups.iter().enumerate() {
+        for (mi, &h) in hs.iter().enumerate() {
+            member[h] = (g, mi);
+        }
+    }
+    let block: Vec<Vec<f32>> = state
+        .chunks_exact_mut(d * d)
+        .take(plan.groups.len())
+        .enumerate()
+        .map(|(g, h)| step_dispatch(rows, plan, g, h))
+        .collect();
+    Outputs {
+        chunk: 1,
+        dim: d,
+        chunks_per_window: 1,
+        groups: plan.groups.len(),
+        blocks: vec![block],
+        member,
+    }
+}
+
+fn step_dispatch<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, h: &mut [f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: as in `solve_dispatch`.
+        return unsafe { step_avx2(rows, plan, g, h) };
+    }
+    step_group::<false, R>(rows, plan, g, h)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn step_avx2<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, h: &mut [f32]) -> Vec<f32> {
+    step_group::<true, R>(rows, plan, g, h)
+}
+
+/// [`step`] for group `g` with state `h`: the outputs `[member, 1, D]`.
+#[inline(always)]
+fn step_group<const F: bool, R: ChunkRows>(
+    rows: &R,
+    plan: &Plan<'_>,
+    g: usize,
+    h: &mut [f32],
+) -> Vec<f32> {
+    let (d, n) = (plan.dim, plan.order);
+    let members = &plan.groups[g];
+    let r = n + members.len();
+    // One scratch allocation: A = [w_0 … w_{n−1}; q of every member] (`r` rows), then `u`
+    // (`n` rows, `v` until solved), `k`, `α`, `β` (`n` rows each) and P (`r` rows).
+    let mut buf = vec![0f32; (2 * r + 4 * n) * d];
+    let (a, rest) = buf.split_at_mut(r * d);
+    let (uu, rest) = rest.split_at_mut(n * d);
+    let (kk, rest) = rest.split_at_mut(n * d);
+    let (alpha, rest) = rest.split_at_mut(n * d);
+    let (beta, p) = rest.split_at_mut(n * d);
+    let (ww, qq) = a.split_at_mut(n * d);
+    rows.kvab(g, 0, kk, uu, alpha, beta);
+    // The chunk's solve at N = n (module doc): `[w | u] = (I − A)⁻¹ [kβ | vβ]`, i.e. row 0 is
+    // `[kβ_0 | vβ_0]` and row 1 subtracts `(kβ_1·k_0)` times row 0.
+    for i in 0..n {
+        let r = i * d..(i + 1) * d;
+        for (((w, u), &k), &b) in ww[r.clone()]
+            .iter_mut()
+            .zip(&mut uu[r.clone()])
+            .zip(&kk[r.clone()])
+            .zip(&beta[r])
+        {
+            *w = k * b;
+            *u *= b;
+        }
+    }
+    if n == 2 {
+        let g10 = dot::<F>(&ww[d..], &kk[..d]);
+        let (w0, w1) = ww.split_at_mut(d);
+        let (u0, u1) = uu.split_at_mut(d);
+        axpy::<F>(w1, -g10, w0);
+        axpy::<F>(u1, -g10, u0);
+    }
+    for (mi, &head) in members.iter().enumerate() {
+        rows.q_last(head, 0, &mut qq[mi * d..(mi + 1) * d]);
+    }
+    // P = A·h: P_w and P_q in one pass over the state.
+    gemm::<F>(r, d, d, a, d, h, d, p, d, 1.0, false);
+    let (a, p, alpha) = (&*a, &*p, &*alpha);
+    let w = |i: usize| &a[i * d..(i + 1) * d];
+    let u = |i: usize| &uu[i * d..(i + 1) * d];
+    let al = |i: usize| &alpha[i * d..(i + 1) * d];
+    let mut out = vec![0f32; members.len() * d];
+    let (pw0, pq_all) = p.split_at(n * d);
+    let q_all = &a[n * d..];
+    let up0: Vec<f32> = u(0)
+        .iter()
+        .zip(&pw0[..d])
+        .map(|(&u0, &pw)| u0 - pw)
+        .collect();
+    let (w0, a0) = (w(0), al(0));
+    if n == 1 {
+        for ((o, q), pq) in out
+            .chunks_exact_mut(d)
+            .zip(q_all.chunks_exact(d))
+            .zip(pq_all.chunks_exact(d))
+        {
+            for (((o, &q), &pq), &u0) in o.iter_mut().zip(q).zip(pq).zip(&up0) {
+                *o = pq + q * u0;
+            }
+        }
+        for (row, &w0d) in h.chunks_exact_mut(d).zip(w0) {
+            for ((x, &a0), &u0) in row.iter_mut().zip(a0).zip(&up0) {
+                *x = *x * a0 + w0d * u0;
+            }
+        }
+    } else {
+        let (w1, a1) = (w(1), al(1));
+        let w0w1 = dot::<F>(w0, w1);
+        let up1: Vec<f32> = u(1)
+            .iter()
+            .zip(&pw0[d..])
+            .zip(a0)
+            .zip(&up0)
+            .map(|(((&u1, &pw1), &a0), &u0)| u1 - (a0 * pw1 + u0 * w0w1))
+            .collect();
+        for ((o, q), pq) in out
+            .chunks_exact_mut(d)
+            .zip(q_all.chunks_exact(d))
+            .zip(pq_all.chunks_exact(d))
+        {
+            let w0q = dot::<F>(w0, q);
+            for (((((o, &q), &pq), &a0), &u0), &u1) in
+                o.iter_mut().zip(q).zip(pq).zip(a0).zip(&up0).zip(&up1)
+            {
+                *o = a0 * pq + u0 * w0q + q * u1;
+            }
+        }
+        for ((row, &w0d), &w1d) in h.chunks_exact_mut(d).zip(w0).zip(w1) {
+            for ((((x, &a0), &a1), &u0), &u1) in row.iter_mut().zip(a0).zip(a1).zip(&up0).zip(&up1)
+            {
+                *x = (*x * a0 + w0d * u0) * a1 + w1d * u1;
+            }
+        }
+    }
+    if !plan.linear {
+        gelu_rows(h, d);
+    }
+    out
 }
 
 fn map_tasks<T: Send>(n: usize, par: bool, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {

@@ -114,7 +114,10 @@ fn exp_fast(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // `t`'s low mantissa bits hold the integer `n` (|n| < 2²²), so `2ⁿ`'s exponent comes from
+    // its bits: no float-to-int conversion (a saturating cast does not vectorise).
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -123,7 +126,7 @@ fn exp_fast(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    er * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 /// `x·sigmoid(x)` with [`exp_fast`].
@@ -162,7 +165,12 @@ pub struct PrevToken {
 /// What the linear branch of one layer carries from call to call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearCarry {
-    /// `[H, D, D]` recurrent state (rows: key dim, columns: value dim).
+    /// The recurrent states, `[Hs, D, D]` (rows: key dim, columns: value dim), where `Hs` divides
+    /// the query heads `H`: query head `h` reads state `h / (H / Hs)`. `Hs = H` is one state per
+    /// query head; `Hs = Hkv` (what [`LinearCarry::grouped`] makes and the fast path keeps) is one
+    /// per kv head, shared by the query heads of its group, whose states are equal: they see the
+    /// same keys, values and gates, and the recursion never reads the query. [`forward`] accepts
+    /// both; [`LinearCarry::head_states`] gives the per-head view.
     pub state: Vec<f32>,
     /// Up to two previous raw key rows `[Hkv·D]` (oldest first), for the gate pooling.
     pub pool_k: Vec<Vec<f32>>,
@@ -173,13 +181,42 @@ pub struct LinearCarry {
 }
 
 impl LinearCarry {
-    /// A fresh carry: state `1e-6`, no history.
+    /// A fresh carry with one state per query head: state `1e-6`, no history.
     pub fn new(heads: usize, dim: usize) -> Self {
         Self {
             state: vec![STATE_INIT; heads * dim * dim],
             pool_k: Vec::new(),
             pool_v: Vec::new(),
             prev: None,
+        }
+    }
+
+    /// A fresh carry with one state per kv head (see [`LinearCarry::state`]).
+    pub fn grouped(kv_heads: usize, dim: usize) -> Self {
+        Self::new(kv_heads, dim)
+    }
+
+    /// How many states the carry stores (`Hs`).
+    pub fn stored_states(&self, dim: usize) -> usize {
+        self.state.len() / (dim * dim).max(1)
+    }
+
+    /// The state of every one of `heads` query heads, `[H, D, D]`.
+    pub fn head_states(&self, heads: usize, dim: usize) -> Vec<f32> {
+        let (hs, dd) = (self.stored_states(dim), dim * dim);
+        if hs == heads || hs == 0 {
+            return self.state.clone();
+        }
+        let g = heads / hs;
+        (0..heads)
+            .flat_map(|h| self.state[h / g * dd..(h / g + 1) * dd].iter().copied())
+            .collect()
+    }
+
+    /// Store one state per query head (a no-op when it already does).
+    fn expand_states(&mut self, heads: usize, dim: usize) {
+        if self.stored_states(dim) != heads {
+            self.state = self.head_states(heads, dim);
         }
     }
 }
@@ -518,6 +555,7 @@ fn forward_expanded(
     push_rows(&mut carry.pool_v, v_raw);
 
     // §4.6–4.8
+    carry.expand_states(h_n, d);
     let chunk = chunk_size(s, shape.max_chunk);
     let inp = ScanInput {
         heads: h_n,
@@ -759,12 +797,13 @@ impl fast::ChunkRows for Fused<'_> {
     }
 }
 
-/// [`forward`] on the fast path: [`fast::run`] over [`Fused`] rows.
+/// [`forward`] on the fast path: [`fast::run`] (one token: [`fast::step`]) over [`Fused`] rows.
 ///
 /// The heads sharing a kv head see the same keys, values and gates, and the state recursion
 /// never reads the query, so their states stay equal and `W`, `U` and the states are computed once
-/// per kv head. That holds when their carried states and order-2 buffers agree (always, for carries
-/// made by this function); otherwise every head is its own group.
+/// per kv head, and stored once (the carry leaves with one state per kv head). That holds when
+/// their carried states and order-2 buffers agree (always, for carries made by this function);
+/// otherwise every head is its own group (and keeps its own state).
 fn forward_fused(
     shape: &LinearShape,
     q_raw: &[f32],
@@ -789,15 +828,32 @@ fn forward_fused(
                 == 0
         })
     };
-    let shared = (0..h_n).all(|h| {
-        let rep = h / g * g;
-        same(&carry.state, h, rep, d * d)
-            && prev.as_ref().is_none_or(|p| {
-                [&p.k, &p.v, &p.alpha, &p.beta]
-                    .iter()
-                    .all(|x| same(x, h, rep, d))
-            })
+    let dd = d * d;
+    let prev_shared = (0..h_n).all(|h| {
+        prev.as_ref().is_none_or(|p| {
+            [&p.k, &p.v, &p.alpha, &p.beta]
+                .iter()
+                .all(|x| same(x, h, h / g * g, d))
+        })
     });
+    let stored = carry.stored_states(d);
+    let shared = prev_shared
+        && (stored == hkv
+            || (stored == h_n && (0..h_n).all(|h| same(&carry.state, h, h / g * g, dd))));
+    // From here on the carry's states are indexed by key group.
+    if shared {
+        if stored != hkv {
+            carry.state = (0..hkv)
+                .flat_map(|kvh| {
+                    carry.state[kvh * g * dd..(kvh * g + 1) * dd]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+        }
+    } else {
+        carry.expand_states(h_n, d);
+    }
     let (members, groups): (Vec<Vec<usize>>, Vec<(usize, usize)>) = if shared {
         (0..hkv)
             .map(|kvh| ((kvh * g..(kvh + 1) * g).collect(), (kvh, kvh * g)))
@@ -830,7 +886,11 @@ fn forward_fused(
         linear: rc.linear,
         groups: &members,
     };
-    let y = fast::run(&rows, &plan, h_n, &mut carry.state);
+    let y = if s == 1 {
+        fast::step(&rows, &plan, h_n, &mut carry.state)
+    } else {
+        fast::run(&rows, &plan, h_n, &mut carry.state)
+    };
 
     // The next call's order-2 buffer: the last token, processed, per head.
     let next_prev = (n > 1).then(|| {
@@ -846,7 +906,10 @@ fn forward_fused(
         for h in 0..h_n {
             let r = h * d..(h + 1) * d;
             rows.proc_q(t, h, &mut p.q[r.clone()]);
-            rows.proc_kv(t, h / g, h, &mut kv);
+            // A real token's key-side rows only depend on its kv head: made once per group.
+            if h % g == 0 {
+                rows.proc_kv(t, h / g, h, &mut kv);
+            }
             p.k[r.clone()].copy_from_slice(&kv.k);
             p.v[r.clone()].copy_from_slice(&kv.v);
             p.alpha[r.clone()].copy_from_slice(&kv.alpha);
@@ -1099,14 +1162,18 @@ mod tests {
         }
     }
 
-    fn carry_diff(a: &LinearCarry, b: &LinearCarry) -> f32 {
+    /// The largest difference between two carries of `h` heads of size `d`, states compared per
+    /// query head (either may store one state per kv head).
+    fn carry_diff(a: &LinearCarry, b: &LinearCarry, h: usize, d: usize) -> f32 {
         let md = |x: &[f32], y: &[f32]| {
             x.iter()
                 .zip(y)
                 .map(|(p, q)| (p - q).abs())
                 .fold(0f32, f32::max)
         };
-        let mut m = md(&a.state, &b.state);
+        let (sa, sb) = (a.head_states(h, d), b.head_states(h, d));
+        assert_eq!((sa.len(), sb.len()), (h * d * d, h * d * d));
+        let mut m = md(&sa, &sb);
         assert_eq!(a.pool_k, b.pool_k);
         assert_eq!(a.pool_v, b.pool_v);
         match (&a.prev, &b.prev) {
@@ -1144,8 +1211,10 @@ mod tests {
                     max_chunk,
                 };
                 for cm in [CarryMode::Continue, CarryMode::Reference] {
-                    let (mut fast, mut naive) = (LinearCarry::new(h, d), LinearCarry::new(h, d));
-                    for (call, s) in [12usize, 1, 7, 30].into_iter().enumerate() {
+                    // The fast path starts with one state per kv head, the literal one per query head.
+                    let (mut fast, mut naive) =
+                        (LinearCarry::grouped(hkv, d), LinearCarry::new(h, d));
+                    for (call, s) in [12usize, 1, 1, 7, 1, 30, 1].into_iter().enumerate() {
                         let seed = 100 + call as u64;
                         let (q, k, v) = (
                             rand_vec(s * h * d, seed),
@@ -1163,11 +1232,12 @@ mod tests {
                             diff < 1e-4,
                             "{mode} C≤{max_chunk} {cm:?} call {call}: output {diff}"
                         );
-                        let cd = carry_diff(&fast, &naive);
+                        let cd = carry_diff(&fast, &naive, h, d);
                         assert!(
                             cd < 1e-5,
                             "{mode} C≤{max_chunk} {cm:?} call {call}: carry {cd}"
                         );
+                        assert_eq!(fast.stored_states(d), hkv, "{mode}: one state per kv head");
                     }
                 }
             }
@@ -1230,7 +1300,42 @@ mod tests {
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
             assert!(diff < 1e-4, "{mode}: output {diff}");
-            assert!(carry_diff(&fast, &naive) < 1e-5, "{mode}: carry");
+            assert!(carry_diff(&fast, &naive, h, d) < 1e-5, "{mode}: carry");
+            // Then one token (the decode step), still with per-head states.
+            let (q1, k1, v1) = (&q[..h * d], &k[..hkv * d], &v[..hkv * d]);
+            let of = forward(
+                &shape,
+                q1,
+                k1,
+                v1,
+                &mut fast,
+                CarryMode::Continue,
+                ScanImpl::Fast,
+            );
+            let on = forward(
+                &shape,
+                q1,
+                k1,
+                v1,
+                &mut naive,
+                CarryMode::Continue,
+                ScanImpl::Naive,
+            );
+            let diff = of
+                .iter()
+                .zip(&on)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "{mode}: one-token output {diff}");
+            assert_eq!(
+                fast.stored_states(d),
+                h,
+                "{mode}: unequal states stay per head"
+            );
+            assert!(
+                carry_diff(&fast, &naive, h, d) < 1e-5,
+                "{mode}: one-token carry"
+            );
         }
     }
 
