@@ -3,8 +3,10 @@
 //! `cargo run --release -p tptt --example linear_prof` times `linear::forward` (gates, pooling,
 //! virtual tokens, scan, merge) and `linear::scan` alone on the SmolLM2-135M shape (H 9, Hkv 3,
 //! D 64) at S = 512, for delta_product and delta_rule. With `model DIR [TOKENS]` it times a whole
-//! prefill of the model with the branch on (mag 0.125) and off (mag 0); env `MAGS`, `MODES` and
-//! `REPS` select the weights, operator modes and repetitions.
+//! prefill of the model with the branch on (mag 0.125) and off (mag 0) (`GGUF=file`: on that
+//! quantized base); `decode DIR [HISTORY]` an in-process decode A/B of the two and `step` the
+//! branch alone at one token; env `MAGS`, `MODES` and `REPS` select the weights, operator modes
+//! and repetitions.
 use std::time::Instant;
 
 use tptt::config::{RecurrentConfig, TpttSettings};
@@ -138,7 +140,11 @@ fn model(dir: &str, tokens: usize, reps: usize) -> Result<(), Box<dyn std::error
     let mags = std::env::var("MAGS").unwrap_or_else(|_| "0,0.125".into());
     for mag in mags.split(',').filter_map(|m| m.parse::<f32>().ok()) {
         let t = TpttSettings::injected("delta_product", mag, dir)?;
-        let m = Model::load_plain(std::path::Path::new(dir), t, &LoadOptions::default())?;
+        // `GGUF=file`: the same injection on that quantized base.
+        let m = match std::env::var("GGUF") {
+            Ok(g) => Model::load_gguf_plain(std::path::Path::new(&g), t, &LoadOptions::default())?,
+            Err(_) => Model::load_plain(std::path::Path::new(dir), t, &LoadOptions::default())?,
+        };
         let (med, min, cpu) = time(reps, || {
             let mut st = m.new_state(CarryMode::Continue, Some(8192));
             if let Err(e) = m.forward(&ids, &mut st, Logits::Last) {

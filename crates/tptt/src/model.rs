@@ -74,10 +74,21 @@ struct Linear {
     lora: Option<LoraSide>,
 }
 
+/// Rows of input from which a quantized matrix is widened to f32 for the product (a prompt):
+/// candle's quantized matmul takes the rows one by one, a dense product is blocked for the
+/// cache, and the widening (one pass over the matrix) is small next to `rows` products with it.
+const WIDEN_QUANT_ROWS: usize = 16;
+
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let mut y = match &self.w {
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
+            Matrix::Quant(QMatMul::QTensor(q))
+                if rows >= WIDEN_QUANT_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 =>
+            {
+                x.broadcast_matmul(&q.dequantize(x.device())?.t()?)?
+            }
             Matrix::Quant(q) => q.forward(x)?,
         };
         if let Some(l) = &self.lora {
@@ -1075,6 +1086,57 @@ impl TpttSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A prompt's rows through a quantized matrix take the widened (dequantized f32) product:
+    /// equal to the product with the dequantized matrix, and within the activation
+    /// quantization of candle's row-by-row quantized matmul (the reference path, still used
+    /// below [`WIDEN_QUANT_ROWS`] rows).
+    #[test]
+    fn widened_quantized_product_matches_row_by_row() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 64), &dev).expect("w");
+        let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize"));
+        let lin = Linear {
+            w: Matrix::Quant(QMatMul::from_arc(q.clone()).expect("qmatmul")),
+            b: None,
+            lora: None,
+        };
+        for rows in [1, WIDEN_QUANT_ROWS - 1, WIDEN_QUANT_ROWS, 40] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 64), &dev).expect("x");
+            let got = lin.forward(&x).expect("forward");
+            let by_rows = QMatMul::from_arc(q.clone())
+                .and_then(|m| m.forward(&x))
+                .expect("rows");
+            let widened = x
+                .matmul(&q.dequantize(&dev).and_then(|t| t.t()).expect("deq"))
+                .expect("matmul");
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>())
+                    .expect("diff")
+            };
+            let scale = widened
+                .abs()
+                .and_then(|t| t.max_all()?.to_scalar::<f32>())
+                .expect("max");
+            assert!(
+                diff(&by_rows, &widened) < 2e-2 * scale,
+                "rows {rows}: quantized activations drift"
+            );
+            if rows >= WIDEN_QUANT_ROWS {
+                assert!(
+                    diff(&got, &widened) < 1e-5 * scale,
+                    "rows {rows}: widened product"
+                );
+            } else {
+                assert!(
+                    diff(&got, &by_rows) < 1e-5 * scale,
+                    "rows {rows}: row-by-row product"
+                );
+            }
+        }
+    }
 
     #[test]
     fn unmerged_lora_equals_merged() {
