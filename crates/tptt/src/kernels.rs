@@ -10,6 +10,8 @@
 //! Each kernel has a naive reference beside it (`*_naive`), and tests comparing them on odd
 //! shapes; the whole step is compared with the tensor path by `tests/fused_step.rs`.
 
+pub mod prefill;
+
 /// Rows per parallel task of a matrix × vector product: large enough that the task overhead
 /// (a few µs) is small against streaming its rows, small enough to balance two or more threads.
 const MIN_TASK_ELEMS: usize = 64 * 1024;
@@ -747,7 +749,12 @@ fn dot_wide(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 pub fn exp_nonpos(x_in: f32) -> f32 {
     let x = x_in.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Adding and subtracting 1.5·2²³ rounds to an integer, which `t`'s low mantissa bits then
+    // hold: `2ⁿ` comes from those bits, with no float-to-int conversion (a saturating cast does
+    // not vectorise).
+    const ROUND: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     // Cody–Waite: ln 2 split in a part exact in n·hi (few mantissa bits) and the rest.
     let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
     let p = 1.0
@@ -757,7 +764,7 @@ pub fn exp_nonpos(x_in: f32) -> f32 {
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // n ∈ [−126, 0]: 2^n is a normal f32 with exponent bits n + 127.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
     // A select, not a branch: the loop stays vectorised.
     if x_in < -87.0 {
         0.0

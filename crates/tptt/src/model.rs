@@ -21,6 +21,8 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use crate::kernels::prefill::{AttendMany, KeySegment};
+
 use crate::config::{
     Activation, BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings,
 };
@@ -849,8 +851,15 @@ impl Model {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // Prompts on the CPU in ring mode: attention read in place from the ring and the new
+        // keys (`kernels::prefill`, no mask needed); the candle ops are its reference.
+        let in_place_prompt = !in_place
+            && ring
+            && self.fused_step
+            && self.device.is_cpu()
+            && self.embed.dtype() == DType::F32;
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
-        for layer in &self.layers {
+        for layer in self.layers.iter().filter(|_| !in_place_prompt) {
             let w = effective(layer);
             if masks.iter().any(|(x, _)| *x == w) {
                 continue;
@@ -889,11 +898,13 @@ impl Model {
             let k_raw = layer.k.forward(&x)?; // [S, Hkv·D]
             let v_raw = layer.v.forward(&x)?;
             let (cos, sin) = &cos_sin[layer.rope];
-            let mask = &masks
-                .iter()
-                .find(|(w, _)| *w == effective(layer))
-                .ok_or_else(|| Error::State("mask missing".into()))?
-                .1;
+            let mask = || -> Result<&Tensor> {
+                Ok(&masks
+                    .iter()
+                    .find(|(w, _)| *w == effective(layer))
+                    .ok_or_else(|| Error::State("mask missing".into()))?
+                    .1)
+            };
 
             // Softmax branch: q/k norms, clip, RoPE, GQA, window mask. The linear branch reads the
             // raw projections (tptt calls q_proj/k_proj/v_proj itself).
@@ -928,7 +939,51 @@ impl Model {
                 sin,
             )?; // [Hkv, S, D]
             let v = vs.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
-            let (k_att, v_att) = if in_place {
+            let attn = if in_place_prompt {
+                let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+                let (qd, kd, vd) = (
+                    step::Data::of(&qc),
+                    step::Data::of(&kc),
+                    step::Data::of(&vc),
+                );
+                let cache = match (&ls.k, &ls.v) {
+                    (Some(kb), Some(vb)) if filled_before > 0 => {
+                        Some((step::Data::of(kb), step::Data::of(vb), kb.dim(1)?))
+                    }
+                    _ => None,
+                };
+                let mut segments = Vec::with_capacity(2);
+                if let Some((kb, vb, capacity)) = &cache {
+                    segments.push(KeySegment {
+                        k: kb.slice()?,
+                        v: vb.slice()?,
+                        capacity: *capacity,
+                        pos: &state.key_pos[..filled_before],
+                    });
+                }
+                segments.push(KeySegment {
+                    k: kd.slice()?,
+                    v: vd.slice()?,
+                    capacity: s,
+                    pos: &positions,
+                });
+                let out = crate::kernels::prefill::attend_many(&AttendMany {
+                    q: qd.slice()?,
+                    q_pos: &positions,
+                    segments: &segments,
+                    window: effective(layer),
+                    heads: nh,
+                    kv_heads: nkv,
+                    dim: d,
+                    scale: scale as f32,
+                });
+                Some(Tensor::from_vec(out, (s, nh * d), &self.device)?)
+            } else {
+                None
+            };
+            let (k_att, v_att) = if in_place_prompt {
+                (None, None)
+            } else if in_place {
                 let slot = slot_of(state.pos);
                 ls.ensure_capacity(slot + 1, state.window, nkv, d, &self.device)?;
                 if let (Some(kb), Some(vb)) = (&ls.k, &ls.v) {
@@ -945,19 +1000,23 @@ impl Model {
                     _ => (Some(k.clone()), Some(v.clone())),
                 }
             };
-            let (k_att, v_att) = match (k_att, v_att) {
-                (Some(k), Some(v)) => (k, v),
+            let (attn, kv_att) = match (attn, k_att, v_att) {
+                (Some(attn), _, _) => (attn, None),
+                (None, Some(k_att), Some(v_att)) => {
+                    let qg = q.reshape((nkv, g * s, d))?; // heads h = kvh·G + g
+                    let scores = (qg.matmul(&k_att.t()?)? * scale)?; // [Hkv, G·S, T]
+                    let scores = scores.reshape((nkv, g, s, t_len))?.broadcast_add(mask()?)?;
+                    let probs =
+                        candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, g * s, t_len))?;
+                    let attn = probs
+                        .matmul(&v_att)?
+                        .reshape((nh, s, d))?
+                        .transpose(0, 1)?
+                        .reshape((s, nh * d))?; // [S, H·D]
+                    (attn, Some((k_att, v_att)))
+                }
                 _ => return Err(Error::State("KV cache missing after write".into())),
             };
-            let qg = q.reshape((nkv, g * s, d))?; // heads h = kvh·G + g
-            let scores = (qg.matmul(&k_att.t()?)? * scale)?; // [Hkv, G·S, T]
-            let scores = scores.reshape((nkv, g, s, t_len))?.broadcast_add(mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, g * s, t_len))?;
-            let attn = probs
-                .matmul(&v_att)?
-                .reshape((nh, s, d))?
-                .transpose(0, 1)?
-                .reshape((s, nh * d))?; // [S, H·D]
 
             let out = if linear_on {
                 let (qv, kv, vv) = (
@@ -1012,17 +1071,21 @@ impl Model {
 
             if !in_place {
                 if ring {
-                    // Write the last min(S, W) new keys into their slots.
+                    // Write the last min(S, W) new keys into their slots: runs of consecutive
+                    // slots, split where the ring wraps.
                     let keep = state.window.map_or(s, |w| w.min(s));
-                    for t in s - keep..s {
+                    let mut t = s - keep;
+                    while t < s {
                         let slot = slot_of(state.pos + t);
-                        ls.ensure_capacity(slot + 1, state.window, nkv, d, &self.device)?;
+                        let run = state.window.map_or(s - t, |w| (w - slot).min(s - t));
+                        ls.ensure_capacity(slot + run, state.window, nkv, d, &self.device)?;
                         if let (Some(kb), Some(vb)) = (&ls.k, &ls.v) {
-                            kb.slice_set(&k.narrow(1, t, 1)?.contiguous()?, 1, slot)?;
-                            vb.slice_set(&v.narrow(1, t, 1)?.contiguous()?, 1, slot)?;
+                            kb.slice_set(&k.narrow(1, t, run)?.contiguous()?, 1, slot)?;
+                            vb.slice_set(&v.narrow(1, t, run)?.contiguous()?, 1, slot)?;
                         }
+                        t += run;
                     }
-                } else {
+                } else if let Some((k_att, v_att)) = kv_att {
                     ls.k = Some(k_att);
                     ls.v = Some(v_att);
                 }

@@ -1,7 +1,8 @@
 //! The fused CPU decode step (`model/step.rs`) against the tensor path it replaces: every
 //! fixture repo and variant (Llama, Qwen2, Gemma-3 with local layers, OLMo, OLMoE, every
-//! operator mode, cross gate, base_scale_attn), a prompt, then single-token steps with a small
-//! window (ring wrap-around, layer windows) and without one. Logits and states must agree.
+//! operator mode, cross gate, base_scale_attn), two prompts (the fused side runs them through the
+//! in-place prefill attention), then single-token steps, with a small window (ring wrap-around,
+//! layer windows) and without one. Logits and states must agree.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -63,12 +64,31 @@ fn fused_step_matches_the_tensor_path_on_every_fixture() {
             let mut sf = fused.new_state(CarryMode::Continue, window);
             let mut st = tensor.new_state(CarryMode::Continue, window);
             let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 11) % vocab).collect();
-            fused
-                .forward(&prompt, &mut sf, Logits::Last)
-                .expect("prompt");
-            tensor
-                .forward(&prompt, &mut st, Logits::Last)
-                .expect("prompt");
+            // Prompts go through the in-place prefill attention (`kernels::prefill`) on the
+            // fused side: the first one, and a second one on top of a (wrapped) ring.
+            let all = |m: &Model, st: &mut tptt::state::State, ids: &[u32]| {
+                m.forward(ids, st, Logits::All)
+                    .expect("prompt")
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("f32")
+            };
+            let d = max_diff(
+                &all(&fused, &mut sf, &prompt),
+                &all(&tensor, &mut st, &prompt),
+            );
+            assert!(
+                d < 2e-5,
+                "{repo}/{variant} window {window:?}: prompt logits, max rel diff {d}"
+            );
+            worst = worst.max(d);
+            let more: Vec<u32> = prompt.iter().rev().map(|&i| (i * 7 + 3) % vocab).collect();
+            let d = max_diff(&all(&fused, &mut sf, &more), &all(&tensor, &mut st, &more));
+            assert!(
+                d < 2e-5,
+                "{repo}/{variant} window {window:?}: second prompt logits, max rel diff {d}"
+            );
+            worst = worst.max(d);
             for step in 0..12u32 {
                 let id = (step * 53 + 7) % vocab;
                 let a = fused

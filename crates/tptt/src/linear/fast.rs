@@ -398,7 +398,7 @@ pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool =
 
 /// True when the AVX2 + FMA variants may run (checked at run time, cached by std).
 #[inline(always)]
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(test)]
     if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
@@ -737,7 +737,7 @@ const NR: usize = 16;
 /// past the last whole tile take a scalar path.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn gemm<const F: bool>(
+pub(crate) fn gemm<const F: bool>(
     m: usize,
     n: usize,
     k: usize,

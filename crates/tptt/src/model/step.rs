@@ -20,18 +20,18 @@ use crate::rope;
 use crate::state::State;
 
 /// A read lock on a CPU tensor's storage, giving its contiguous f32 data.
-struct Data<'a> {
+pub(super) struct Data<'a> {
     storage: StorageRef<'a>,
     layout: &'a Layout,
 }
 
 impl<'a> Data<'a> {
-    fn of(t: &'a Tensor) -> Self {
+    pub(super) fn of(t: &'a Tensor) -> Self {
         let (storage, layout) = t.storage_and_layout();
         Self { storage, layout }
     }
 
-    fn slice(&self) -> Result<&[f32]> {
+    pub(super) fn slice(&self) -> Result<&[f32]> {
         let (a, b) = self
             .layout
             .contiguous_offsets()

@@ -1,0 +1,317 @@
+//! Softmax attention of a block of query tokens (a prompt, or a block of one) over keys read in
+//! place: the cached KV ring and the block's own new keys, with no concatenation and no
+//! `[queries, keys]` score matrix.
+//!
+//! Flash-attention on the CPU: per task (KV head, block of [`Q_BLOCK`] query tokens), the
+//! block's `G` query heads of that KV head form `Q_BLOCK·G` rows; keys go by in blocks of
+//! [`K_BLOCK`]: scores `Q·Kᵀ` by the linear branch's register-blocked product, the mask, an
+//! online softmax (running max and sum per row, earlier output rescaled when the max grows),
+//! then `O += P·V` by the same product. Key blocks no query of the task can see (in the future
+//! of all of them, or out of their window) are skipped, so a causal prompt does about half the
+//! work. Tasks run in parallel on the rayon pool.
+//!
+//! [`attend_many_naive`] is the literal definition (scores, mask, softmax, weighted sum), and the
+//! tensor path's candle ops compute the same; tests compare all of them.
+
+use rayon::prelude::*;
+
+use crate::kernels::exp_nonpos;
+use crate::linear::fast::{gemm, has_avx2_fma};
+
+/// Query tokens per task.
+const Q_BLOCK: usize = 32;
+/// Keys per block of the online softmax.
+const K_BLOCK: usize = 64;
+
+/// Keys and values of one source, `[Hkv, capacity, D]` each; slots `0..pos.len()` are read,
+/// slot `j` holding the key of position `pos[j]`.
+pub struct KeySegment<'a> {
+    /// Keys (RoPE'd).
+    pub k: &'a [f32],
+    /// Values.
+    pub v: &'a [f32],
+    /// Slots per KV head.
+    pub capacity: usize,
+    /// The position of the key in each slot read.
+    pub pos: &'a [usize],
+}
+
+/// The attention of `S` query tokens, GQA (query head `h` reads KV head `h / (H / Hkv)`).
+pub struct AttendMany<'a> {
+    /// `[H, S, D]`, head-major, RoPE'd.
+    pub q: &'a [f32],
+    /// The position of each query token.
+    pub q_pos: &'a [usize],
+    /// Where the keys are (any order; visibility only depends on positions).
+    pub segments: &'a [KeySegment<'a>],
+    /// A query at `p` sees keys at `kp ≤ p` with `p − kp < window`.
+    pub window: Option<usize>,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dim.
+    pub dim: usize,
+    /// Score scale.
+    pub scale: f32,
+}
+
+#[inline(always)]
+fn visible(qp: usize, kp: usize, window: Option<usize>) -> bool {
+    kp <= qp && window.is_none_or(|w| qp - kp < w)
+}
+
+/// The literal definition, `[S, H·D]`: every visible key's score, softmax, weighted sum of
+/// values (a query that sees nothing gets zeros).
+pub fn attend_many_naive(a: &AttendMany<'_>) -> Vec<f32> {
+    let (d, g, hd, s) = (a.dim, a.heads / a.kv_heads, a.heads * a.dim, a.q_pos.len());
+    let mut out = vec![0f32; s * hd];
+    for (t, &qp) in a.q_pos.iter().enumerate() {
+        for h in 0..a.heads {
+            let kvh = h / g;
+            let q = &a.q[(h * s + t) * d..(h * s + t + 1) * d];
+            let mut scored: Vec<(f32, &[f32])> = Vec::new();
+            for seg in a.segments {
+                for (j, &kp) in seg.pos.iter().enumerate() {
+                    if visible(qp, kp, a.window) {
+                        let o = (kvh * seg.capacity + j) * d;
+                        let s = q
+                            .iter()
+                            .zip(&seg.k[o..o + d])
+                            .map(|(x, y)| x * y)
+                            .sum::<f32>()
+                            * a.scale;
+                        scored.push((s, &seg.v[o..o + d]));
+                    }
+                }
+            }
+            let max = scored.iter().map(|x| x.0).fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = scored.iter().map(|x| (x.0 - max).exp()).sum();
+            let o = &mut out[t * hd + h * d..t * hd + (h + 1) * d];
+            for (s, v) in &scored {
+                let p = (s - max).exp() / sum;
+                for (x, y) in o.iter_mut().zip(*v) {
+                    *x += p * y;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// See the module doc. Same contract as [`attend_many_naive`].
+pub fn attend_many(a: &AttendMany<'_>) -> Vec<f32> {
+    let (d, g, hd, s) = (a.dim, a.heads / a.kv_heads, a.heads * a.dim, a.q_pos.len());
+    let tasks: Vec<(usize, usize)> = (0..a.kv_heads)
+        .flat_map(|kvh| (0..s).step_by(Q_BLOCK).map(move |t0| (kvh, t0)))
+        .collect();
+    let work = |&(kvh, t0): &(usize, usize)| task_dispatch(a, kvh, t0, (t0 + Q_BLOCK).min(s));
+    let keys: usize = a.segments.iter().map(|x| x.pos.len()).sum();
+    let blocks: Vec<Vec<f32>> = if tasks.len() > 1 && s * keys * d * g >= 1 << 18 {
+        tasks.par_iter().map(work).collect()
+    } else {
+        tasks.iter().map(work).collect()
+    };
+    let mut out = vec![0f32; s * hd];
+    for (&(kvh, t0), o) in tasks.iter().zip(&blocks) {
+        // Block rows are (token, member of the group), the group's heads adjacent in `out`.
+        for (i, rows) in o.chunks_exact(g * d).enumerate() {
+            let at = (t0 + i) * hd + kvh * g * d;
+            out[at..at + g * d].copy_from_slice(rows);
+        }
+    }
+    out
+}
+
+fn task_dispatch(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features `task_avx2` is compiled for were detected just above.
+        return unsafe { task_avx2(a, kvh, t0, t1) };
+    }
+    task::<false>(a, kvh, t0, t1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f32> {
+    task::<true>(a, kvh, t0, t1)
+}
+
+/// Query tokens `t0..t1` of KV head `kvh`'s group: `[t1 − t0, G, D]`.
+#[inline(always)]
+fn task<const F: bool>(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f32> {
+    let (d, g, s) = (a.dim, a.heads / a.kv_heads, a.q_pos.len());
+    let r = (t1 - t0) * g;
+    // Q rows (token i, member gi) → row i·G + gi.
+    let mut qm = vec![0f32; r * d];
+    for i in 0..t1 - t0 {
+        for gi in 0..g {
+            let src = ((kvh * g + gi) * s + t0 + i) * d;
+            qm[(i * g + gi) * d..(i * g + gi + 1) * d].copy_from_slice(&a.q[src..src + d]);
+        }
+    }
+    let qpos = &a.q_pos[t0..t1];
+    let (qmin, qmax) = (
+        qpos.iter().copied().min().unwrap_or(0),
+        qpos.iter().copied().max().unwrap_or(0),
+    );
+    let mut o = vec![0f32; r * d];
+    let mut m = vec![f32::NEG_INFINITY; r];
+    let mut l = vec![0f32; r];
+    let mut kt = vec![0f32; d * K_BLOCK];
+    let mut sc = vec![0f32; r * K_BLOCK];
+    for seg in a.segments {
+        let n = seg.pos.len();
+        for j0 in (0..n).step_by(K_BLOCK) {
+            let j1 = (j0 + K_BLOCK).min(n);
+            let bk = j1 - j0;
+            let kpos = &seg.pos[j0..j1];
+            let (kmin, kmax) = kpos
+                .iter()
+                .fold((usize::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+            // Nothing here is visible to any query of the task: all in their future, or all
+            // out of their window.
+            if kmin > qmax || a.window.is_some_and(|w| kmax + w <= qmin) {
+                continue;
+            }
+            let base = (kvh * seg.capacity + j0) * d;
+            let (keys, values) = (&seg.k[base..base + bk * d], &seg.v[base..base + bk * d]);
+            // Kᵀ `[D, bk]`.
+            for (j, kr) in keys.chunks_exact(d).enumerate() {
+                for (e, &x) in kr.iter().enumerate() {
+                    kt[e * bk + j] = x;
+                }
+            }
+            let sc = &mut sc[..r * bk];
+            gemm::<F>(r, bk, d, &qm, d, &kt, bk, sc, bk, a.scale, false);
+            for (row, srow) in sc.chunks_exact_mut(bk).enumerate() {
+                let qp = qpos[row / g];
+                let all_seen = kmax <= qp && a.window.is_none_or(|w| qp - kmin < w);
+                if !all_seen {
+                    for (x, &kp) in srow.iter_mut().zip(kpos) {
+                        if !visible(qp, kp, a.window) {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let bmax = srow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if bmax == f32::NEG_INFINITY {
+                    srow.fill(0.0);
+                    continue;
+                }
+                let mnew = m[row].max(bmax);
+                let corr = exp_nonpos(m[row] - mnew);
+                let mut sum = 0f32;
+                for x in srow.iter_mut() {
+                    *x = exp_nonpos(*x - mnew);
+                    sum += *x;
+                }
+                l[row] = l[row] * corr + sum;
+                m[row] = mnew;
+                if corr != 1.0 {
+                    o[row * d..(row + 1) * d]
+                        .iter_mut()
+                        .for_each(|x| *x *= corr);
+                }
+            }
+            gemm::<F>(r, d, bk, sc, bk, values, d, &mut o, d, 1.0, true);
+        }
+    }
+    for (orow, &lr) in o.chunks_exact_mut(d).zip(&l) {
+        if lr > 0.0 {
+            let inv = 1.0 / lr;
+            orow.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A ring of cached keys (positions wrapped into slots) and a block of new ones, with and
+    /// without a window, odd head dims and block-crossing lengths, GQA and not.
+    #[test]
+    fn attend_many_matches_naive() {
+        for &(h, hkv, d, cached, cap, s, window) in &[
+            (6, 2, 16, 0, 0, 1, None),
+            (6, 2, 16, 0, 0, 70, None),
+            (6, 3, 20, 50, 64, 37, Some(64)),
+            (4, 4, 8, 100, 100, 130, Some(90)),
+            (9, 3, 64, 200, 256, 65, None),
+            (2, 1, 12, 10, 16, 3, Some(5)),
+        ] {
+            let q = rand_vec(s * h * d, 1);
+            let (ck, cv) = (rand_vec(hkv * cap * d, 2), rand_vec(hkv * cap * d, 3));
+            let (nk, nv) = (rand_vec(hkv * s * d, 4), rand_vec(hkv * s * d, 5));
+            // Cached positions 0..cached in ring order (the oldest may have wrapped).
+            let wrap = window.unwrap_or(usize::MAX).min(cap.max(1));
+            let mut cpos = vec![0usize; cached.min(wrap)];
+            let first = cached.saturating_sub(cpos.len());
+            for p in first..cached {
+                cpos[p % wrap] = p;
+            }
+            let q_pos: Vec<usize> = (cached..cached + s).collect();
+            let segments = [
+                KeySegment {
+                    k: &ck,
+                    v: &cv,
+                    capacity: cap,
+                    pos: &cpos,
+                },
+                KeySegment {
+                    k: &nk,
+                    v: &nv,
+                    capacity: s,
+                    pos: &q_pos,
+                },
+            ];
+            let a = AttendMany {
+                q: &q,
+                q_pos: &q_pos,
+                segments: &segments,
+                window,
+                heads: h,
+                kv_heads: hkv,
+                dim: d,
+                scale: 0.3,
+            };
+            let want = attend_many_naive(&a);
+            let got = attend_many(&a);
+            let diff = want
+                .iter()
+                .zip(&got)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 2e-5,
+                "{h}/{hkv}/{d} cached {cached} S {s} window {window:?}: {diff}"
+            );
+            crate::linear::fast::FORCE_BASELINE.store(true, std::sync::atomic::Ordering::Relaxed);
+            let base = attend_many(&a);
+            crate::linear::fast::FORCE_BASELINE.store(false, std::sync::atomic::Ordering::Relaxed);
+            let diff = want
+                .iter()
+                .zip(&base)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 2e-5, "baseline {h}/{hkv}/{d}: {diff}");
+        }
+    }
+}
