@@ -5,6 +5,7 @@
 #![cfg_attr(not(debug_assertions), windows_subsystem = "windows")]
 
 fn main() {
+    tptt::alloc::tune_for_inference();
     tptt_chat::init_logging();
     if let Err(e) = tptt_chat::run_app(tauri::Builder::default()) {
         tracing::error!(error = %e, "the app failed");

@@ -344,6 +344,7 @@ fn pin_thread_count() {
 
 fn main() {
     pin_thread_count();
+    tptt::alloc::tune_for_inference();
     let cli = Cli::parse();
     let result = match &cli.cmd {
         Cmd::Inspect {

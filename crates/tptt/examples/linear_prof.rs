@@ -234,6 +234,7 @@ fn branch_step(mode: &str, reps: usize) {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tptt::alloc::tune_for_inference();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let reps: usize = std::env::var("REPS")
         .ok()

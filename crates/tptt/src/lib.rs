@@ -7,6 +7,7 @@
 //!
 //! The crate knows nothing of Tauri, SQLite, the network or threads.
 
+pub mod alloc;
 pub mod config;
 pub mod error;
 pub mod gguf;
