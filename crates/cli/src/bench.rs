@@ -11,7 +11,10 @@
 //!    (`mag_weight = 0`): prefill tok/s (one 512-token forward), decode tok/s after each history
 //!    length, snapshot size and time to first token after restoring a snapshot vs re-reading the
 //!    history, peak RSS;
-//! 4. (c) the reference tptt 0.12.1 (`scripts/bench/reference_bench.py`, when a Python with
+//! 4. `tptt_overhead`: decode of (a) and (b) after the shortest history again, their steps
+//!    alternating (paired, so both see the same machine; the separate runs of 3. stay in the
+//!    table);
+//! 5. (c) the reference tptt 0.12.1 (`scripts/bench/reference_bench.py`, when a Python with
 //!    `tptt` is found) and (d) llama.cpp's `llama-bench` on the GGUF (when installed).
 //!
 //! Histories are random token ids fed through [`Session::feed`] in blocks of 512 (the app's
@@ -307,6 +310,52 @@ fn decode_rate(
         tok_s_mean: DECODE_STEPS as f64 / total,
         kv_len: state.kv_len(),
     })
+}
+
+/// Decode after the same `history` for TPTT and the base, their steps alternating (the order
+/// swapped every round), so both see the same machine: the paired measurement behind
+/// `tptt_overhead`, where two separate runs would compare the neighbours' load as much as the
+/// engines. Returns (TPTT, base) tok/s, each 1 / median step time.
+fn paired_decode(
+    tptt: &Arc<Model>,
+    base: &Arc<Model>,
+    window: Option<usize>,
+    ids: &[u32],
+    history: usize,
+) -> Result<(f64, f64)> {
+    let opts = SessionOptions {
+        mode: CarryMode::Continue,
+        window,
+    };
+    let mut sides = Vec::new();
+    for model in [tptt, base] {
+        let mut s = Session::new(model.clone(), opts);
+        s.feed(&ids[..history], None)?;
+        let mut st = s.state.clone();
+        let id = step(
+            model,
+            &mut st,
+            argmax_slice(s.last_logits.as_deref().unwrap_or_default()),
+        )?; // warm-up
+        sides.push((model, st, id, Vec::with_capacity(2 * DECODE_STEPS)));
+    }
+    for round in 0..2 * DECODE_STEPS {
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (model, st, id, times) = &mut sides[i];
+            let t = Instant::now();
+            *id = step(model, st, *id)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let rate = |times: &mut Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        let n = times.len();
+        1.0 / ((times[(n - 1) / 2] + times[n / 2]) / 2.0)
+    };
+    let a = rate(&mut sides[0].3);
+    let b = rate(&mut sides[1].3);
+    Ok((a, b))
 }
 
 fn read_status_kb(key: &str) -> Option<u64> {
@@ -897,8 +946,20 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         args.window,
         &ids,
     )?;
-    drop(tptt_model);
-    let bb = run_engine("base", base_model, &base_identity, &plan, args.window, &ids)?;
+    let bb = run_engine(
+        "base",
+        base_model.clone(),
+        &base_identity,
+        &plan,
+        args.window,
+        &ids,
+    )?;
+    let short = plan.short();
+    let (ab_tptt, ab_base) = paired_decode(&tptt_model, &base_model, args.window, &ids, short)?;
+    progress(format!(
+        "[paired] decode after {short}, TPTT and base alternating: {ab_tptt:.2} / {ab_base:.2} tok/s"
+    ));
+    drop((tptt_model, base_model));
 
     let reference = reference(&subject, threads, args.quick);
     if let Baseline::Missing(why) = &reference {
@@ -913,14 +974,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         progress(format!("[llama.cpp] not available: {why}"));
     }
 
-    let short = plan.short();
     let long = plan.long();
     let a_short = a.decode_at(short);
     let ratios = json!({
         "decode_vs_bandwidth_limit": ratio(a_short, Some(bw_limit)),
         "decode_vs_reference": ratio(a_short, reference.num("decode_tok_s")),
         "prefill_vs_reference": ratio(Some(a.prefill_tok_s), reference.num("prefill_tok_s")),
-        "tptt_overhead": ratio(a_short, bb.decode_at(short)),
+        "tptt_overhead": ratio(Some(ab_tptt), Some(ab_base)),
         "long_history_flatness": ratio(a.decode_at(long), a_short),
         "resume_speedup": ratio(Some(a.resume.reread_ttft_s), Some(a.resume.restore_ttft_s)),
         "resume_ttft_s": Some(a.resume.restore_ttft_s),
@@ -989,7 +1049,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
             "loadavg_start": loadavg_start,
             "loadavg_end": loadavg(),
-            "build": if cfg!(debug_assertions) { "debug profile (deps, tptt and tptt-engine at opt-level 3, tptt-cli at 0)" } else { "release" },
+            "build": if cfg!(debug_assertions) { "dev profile (dependencies, tptt and tptt-engine at opt-level 3 without debug assertions in dependencies and tptt; tptt-cli at 0)" } else { "release" },
         },
         "model": {
             "label": subject.label,
@@ -1007,6 +1067,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "method": "memcmp of the two halves of each thread's part (glibc, vectorised), best of 3"},
         "bandwidth_limit_decode_tok_s": bw_limit,
         "engine": {"tptt": a.to_json(), "base": bb.to_json()},
+        "paired_decode": {"history": short, "tptt_tok_s": ab_tptt, "base_tok_s": ab_base, "steps_each": 2 * DECODE_STEPS, "method": "TPTT and base steps alternating, order swapped every round; 1 / median step"},
         "reference": reference.to_json(),
         "llamacpp": llama.to_json(),
         "quantized": quant.to_json(),
@@ -1130,6 +1191,13 @@ fn print_table(
             fmt_opt(v["tg128_tok_s"].as_f64(), 1)
         ),
     }
+    let pd = &report["paired_decode"];
+    println!(
+        "paired decode after {} (TPTT and base alternating, for tptt_overhead): {} / {} tok/s",
+        pd["history"],
+        fmt_opt(pd["tptt_tok_s"].as_f64(), 2),
+        fmt_opt(pd["base_tok_s"].as_f64(), 2)
+    );
     println!();
     println!("{:<30} {:>10}   target", "ratio", "value");
     let targets = &report["targets_met"];

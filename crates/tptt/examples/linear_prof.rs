@@ -165,7 +165,14 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
         .collect();
     let mode = std::env::var("MODES").unwrap_or_else(|_| "delta_product".into());
     let mut runs = Vec::new();
-    for mag in [0.125f32, 0.0] {
+    // `DECODE_MAGS=a,b`: other weights, in that order (`0,0.125`: the base first in every
+    // round; `0.125,0.125`: an A/A run showing the measurement's own bias).
+    let mags: Vec<f32> = std::env::var("DECODE_MAGS")
+        .unwrap_or_else(|_| "0.125,0".into())
+        .split(',')
+        .filter_map(|m| m.parse().ok())
+        .collect();
+    for &mag in mags.iter().take(2) {
         let t = TpttSettings::injected(&mode, mag, dir)?;
         let m = Model::load_plain(std::path::Path::new(dir), t, &LoadOptions::default())?;
         let mut st = m.new_state(CarryMode::Continue, Some(8192));
@@ -188,10 +195,7 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
             1.0 / med
         );
     }
-    println!(
-        "tptt_overhead (tptt / base tok/s): {:.3}",
-        meds[1] / meds[0]
-    );
+    println!("second / first tok/s: {:.3}", meds[0] / meds[1]);
     branch_step(&mode, reps);
     Ok(())
 }
@@ -233,6 +237,50 @@ fn branch_step(mode: &str, reps: usize) {
     );
 }
 
+/// One decode token's attention over `kv` cached positions in 30 layers of the SmolLM2 shape
+/// (H 9, Hkv 3, D 64), each layer's keys and values in their own buffers (together larger than
+/// the caches), on a step team as in decoding: time per token and the bytes it reads per second.
+fn attend(kv: usize, reps: usize) {
+    use tptt::kernels::{attend_one, AttendOne};
+    let (h, hkv, d, layers) = (9, 3, 64, 30);
+    let bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
+        .map(|l| {
+            (
+                rand_vec(hkv * kv * d, 10 + l as u64),
+                rand_vec(hkv * kv * d, 50 + l as u64),
+            )
+        })
+        .collect();
+    let q = rand_vec(h * d, 3);
+    let visible = vec![true; kv];
+    let threads = rayon::current_num_threads();
+    let t = time(reps, || {
+        tptt::team::with_team(threads, || {
+            for (k, v) in &bufs {
+                let a = AttendOne {
+                    q: &q,
+                    k,
+                    v,
+                    visible: &visible,
+                    heads: h,
+                    kv_heads: hkv,
+                    dim: d,
+                    capacity: kv,
+                    scale: 0.125,
+                };
+                std::hint::black_box(attend_one(&a));
+            }
+        })
+    });
+    let bytes = (layers * 2 * hkv * kv * d * 4) as f64;
+    println!(
+        "attend KV {kv}: median {:.2} ms/token, min {:.2} ms ({:.1} GB/s at the median)",
+        t.0 * 1e3,
+        t.1 * 1e3,
+        bytes / t.0 / 1e9
+    );
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tptt::alloc::tune_for_inference();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -257,6 +305,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let history = args.get(2).and_then(|t| t.parse().ok()).unwrap_or(128);
             decode(dir, history, reps)?;
         }
+        Some("attend") => attend(
+            args.get(1).and_then(|t| t.parse().ok()).unwrap_or(8192),
+            reps,
+        ),
         Some("step") => branch_step(
             &std::env::var("MODES").unwrap_or_else(|_| "delta_product".into()),
             reps,

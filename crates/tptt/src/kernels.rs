@@ -408,8 +408,15 @@ mod avx2 {
         _mm256_andnot_ps(tiny, y)
     }
 
-    /// [`super::attend_block`] with explicit AVX2: scores with two FMA chains per key, eight-lane
-    /// exponentials, and `Vᵀ·e` 64 columns at a time in eight register accumulators.
+    /// Heads handled together in one pass over a block's keys and values.
+    const HEADS_PER_PASS: usize = 4;
+
+    /// [`super::attend_block`] with explicit AVX2, the group's query heads (up to
+    /// [`HEADS_PER_PASS`] at a time) in one pass over the keys and one over the values, so each
+    /// cached row is loaded once for all of them (the block comes from memory once, with no
+    /// second pass from cache): per key, one FMA chain per head and a horizontal sum;
+    /// eight-lane exponentials; `Vᵀ·e` 16 columns (one cache line of a row) at a time for every
+    /// head of the pass in registers.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA, and `a.dim` must be a multiple of 8.
@@ -423,89 +430,124 @@ mod avx2 {
         let (d, g) = (a.dim, a.heads / a.kv_heads);
         assert!(d % 8 == 0, "attend_block: D must be a multiple of 8");
         let len = end - start;
+        let padded = len.div_ceil(8) * 8;
         let base = kvh * a.capacity;
         let keys = &a.k[(base + start) * d..(base + end) * d];
         let values = &a.v[(base + start) * d..(base + end) * d];
         let vis = &a.visible[start..end];
-        let mut e = vec![f32::NEG_INFINITY; len.div_ceil(8) * 8];
         let mut parts = Vec::with_capacity(g);
-        for gi in 0..g {
-            let h = kvh * g + gi;
-            let q = &a.q[h * d..(h + 1) * d];
-            let qp = q.as_ptr();
-            let mut max = f32::NEG_INFINITY;
-            // The padding lanes past `len` must be −∞ for every head (the previous head's pass
-            // turned them into 0).
-            e[len..].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
-            for j in 0..len {
-                if !vis[j] {
-                    e[j] = f32::NEG_INFINITY;
-                    continue;
-                }
-                let kp = keys.as_ptr().add(j * d);
-                let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut c = 0;
-                while c + 16 <= d {
-                    s0 =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c)), _mm256_loadu_ps(qp.add(c)), s0);
-                    s1 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(kp.add(c + 8)),
-                        _mm256_loadu_ps(qp.add(c + 8)),
-                        s1,
-                    );
-                    c += 16;
-                }
-                if c < d {
-                    s0 =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(kp.add(c)), _mm256_loadu_ps(qp.add(c)), s0);
-                }
-                let sc = hsum(_mm256_add_ps(s0, s1)) * a.scale;
-                e[j] = sc;
-                max = max.max(sc);
+        // Scores of the pass's heads, `[head, padded]`; padding lanes stay −∞ (exp → 0).
+        let mut e = vec![f32::NEG_INFINITY; HEADS_PER_PASS * padded];
+        for h0 in (0..g).step_by(HEADS_PER_PASS) {
+            let nh = HEADS_PER_PASS.min(g - h0);
+            let args = (a, keys, values, vis, kvh * g + h0, &mut e[..]);
+            match nh {
+                1 => heads_pass::<1>(args, &mut parts),
+                2 => heads_pass::<2>(args, &mut parts),
+                3 => heads_pass::<3>(args, &mut parts),
+                _ => heads_pass::<HEADS_PER_PASS>(args, &mut parts),
             }
-            let mut acc = vec![0f32; d];
-            let mut sum = 0f32;
-            if max != f32::NEG_INFINITY {
-                let m8 = _mm256_set1_ps(max);
-                let mut s8 = _mm256_setzero_ps();
-                for j in (0..e.len()).step_by(8) {
-                    let x = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(e.as_ptr().add(j)), m8));
-                    _mm256_storeu_ps(e.as_mut_ptr().add(j), x);
-                    s8 = _mm256_add_ps(s8, x);
-                }
-                // Lanes past `len` were −∞, so they add 0.
-                sum = hsum(s8);
-                let mut c0 = 0;
-                while c0 + 64 <= d {
-                    let mut r = [_mm256_setzero_ps(); 8];
-                    for (j, &w) in e[..len].iter().enumerate() {
-                        let w = _mm256_set1_ps(w);
-                        let vp = values.as_ptr().add(j * d + c0);
-                        for (i, ri) in r.iter_mut().enumerate() {
-                            *ri = _mm256_fmadd_ps(_mm256_loadu_ps(vp.add(8 * i)), w, *ri);
-                        }
-                    }
-                    for (i, ri) in r.iter().enumerate() {
-                        _mm256_storeu_ps(acc.as_mut_ptr().add(c0 + 8 * i), *ri);
-                    }
-                    c0 += 64;
-                }
-                while c0 < d {
-                    let mut r = _mm256_setzero_ps();
-                    for (j, &w) in e[..len].iter().enumerate() {
-                        r = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(values.as_ptr().add(j * d + c0)),
-                            _mm256_set1_ps(w),
-                            r,
-                        );
-                    }
-                    _mm256_storeu_ps(acc.as_mut_ptr().add(c0), r);
-                    c0 += 8;
-                }
-            }
-            parts.push(super::Partial { max, sum, acc });
         }
         parts
+    }
+
+    /// One pass of [`attend_block`] for the `N` query heads from `first`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn heads_pass<const N: usize>(
+        (a, keys, values, vis, first, e): (
+            &super::AttendOne<'_>,
+            &[f32],
+            &[f32],
+            &[bool],
+            usize,
+            &mut [f32],
+        ),
+        parts: &mut Vec<super::Partial>,
+    ) {
+        let d = a.dim;
+        let len = vis.len();
+        let padded = len.div_ceil(8) * 8;
+        e.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+        let qs: [*const f32; N] = std::array::from_fn(|i| a.q.as_ptr().add((first + i) * d));
+        let mut max = [f32::NEG_INFINITY; N];
+        for j in 0..len {
+            if !vis[j] {
+                continue;
+            }
+            let kp = keys.as_ptr().add(j * d);
+            let mut s = [_mm256_setzero_ps(); N];
+            let mut c = 0;
+            while c < d {
+                let k8 = _mm256_loadu_ps(kp.add(c));
+                for i in 0..N {
+                    s[i] = _mm256_fmadd_ps(k8, _mm256_loadu_ps(qs[i].add(c)), s[i]);
+                }
+                c += 8;
+            }
+            for i in 0..N {
+                let sc = hsum(s[i]) * a.scale;
+                *e.get_unchecked_mut(i * padded + j) = sc;
+                max[i] = max[i].max(sc);
+            }
+        }
+        let mut sums = [0f32; N];
+        for i in 0..N {
+            let row = e.as_mut_ptr().add(i * padded);
+            if max[i] == f32::NEG_INFINITY {
+                // Nothing visible for this head: zero weights, and a partial that merges to nothing.
+                std::slice::from_raw_parts_mut(row, padded).fill(0.0);
+                continue;
+            }
+            let m8 = _mm256_set1_ps(max[i]);
+            let mut s8 = _mm256_setzero_ps();
+            for j in (0..padded).step_by(8) {
+                let x = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(row.add(j)), m8));
+                _mm256_storeu_ps(row.add(j), x);
+                s8 = _mm256_add_ps(s8, x);
+            }
+            sums[i] = hsum(s8);
+        }
+        // acc[i] = Σ_j e[i, j] · V_j, per head, 64 columns at a time in eight accumulators (the
+        // block's values come from memory for the first head, from cache for the others).
+        let mut acc = vec![0f32; N * d];
+        for i in 0..N {
+            let w_row = &e[i * padded..i * padded + len];
+            let out = acc.as_mut_ptr().add(i * d);
+            let mut c0 = 0;
+            while c0 + 64 <= d {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (j, &w) in w_row.iter().enumerate() {
+                    let w = _mm256_set1_ps(w);
+                    let vp = values.as_ptr().add(j * d + c0);
+                    for (k, rk) in r.iter_mut().enumerate() {
+                        *rk = _mm256_fmadd_ps(_mm256_loadu_ps(vp.add(8 * k)), w, *rk);
+                    }
+                }
+                for (k, rk) in r.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(c0 + 8 * k), *rk);
+                }
+                c0 += 64;
+            }
+            while c0 < d {
+                let mut r = _mm256_setzero_ps();
+                for (j, &w) in w_row.iter().enumerate() {
+                    r = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(values.as_ptr().add(j * d + c0)),
+                        _mm256_set1_ps(w),
+                        r,
+                    );
+                }
+                _mm256_storeu_ps(out.add(c0), r);
+                c0 += 8;
+            }
+        }
+        for i in 0..N {
+            parts.push(super::Partial {
+                max: max[i],
+                sum: sums[i],
+                acc: acc[i * d..(i + 1) * d].to_vec(),
+            });
+        }
     }
 }
 
