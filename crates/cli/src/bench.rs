@@ -1018,6 +1018,27 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             json!(format!("reference not available: {why}")),
         );
     }
+    // The physical bound of long_history_flatness: at the long history a step reads the weights
+    // and the KV window, at the short one (almost) only the weights.
+    let kv_at = |h: usize| {
+        a.decode
+            .iter()
+            .find(|d| d.history == h)
+            .map_or(0, |d| d.kv_len)
+    };
+    let kv_bytes = |n: usize| (b.num_layers * 2 * b.num_kv_heads * b.head_dim * 4 * n) as f64;
+    let w = subject.weight_bytes as f64;
+    let flatness_bound = (w + kv_bytes(kv_at(short))) / (w + kv_bytes(kv_at(long)));
+    notes.insert(
+        "long_history_flatness_bound".into(),
+        json!(format!(
+            "bytes per step: weights {:.1} MB + f32 KV {:.1} MB at {long} (kv {}) vs {:.1} MB at {short}: the ratio cannot exceed {flatness_bound:.2} at any bandwidth (every layer reading its whole KV)",
+            w / 1e6,
+            kv_bytes(kv_at(long)) / 1e6,
+            kv_at(long),
+            kv_bytes(kv_at(short)) / 1e6
+        )),
+    );
     if args.quick {
         notes.insert("long_history_flatness".into(), json!(format!("--quick: decode at {long} / at {short} tokens of history (the full run uses 32768)")));
         notes.insert(
