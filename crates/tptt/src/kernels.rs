@@ -440,7 +440,14 @@ mod avx2 {
         let mut e = vec![f32::NEG_INFINITY; HEADS_PER_PASS * padded];
         for h0 in (0..g).step_by(HEADS_PER_PASS) {
             let nh = HEADS_PER_PASS.min(g - h0);
-            let args = (a, keys, values, vis, kvh * g + h0, &mut e[..]);
+            let args = Pass {
+                a,
+                keys,
+                values,
+                vis,
+                first: kvh * g + h0,
+                e: &mut e[..],
+            };
             match nh {
                 1 => heads_pass::<1>(args, &mut parts),
                 2 => heads_pass::<2>(args, &mut parts),
@@ -451,29 +458,35 @@ mod avx2 {
         parts
     }
 
+    /// What one pass of [`attend_block`] reads: the block's keys, values and visibility, the
+    /// first query head of the pass, and the score scratch (`[HEADS_PER_PASS, padded len]`).
+    struct Pass<'p, 'a> {
+        a: &'p super::AttendOne<'a>,
+        keys: &'p [f32],
+        values: &'p [f32],
+        vis: &'p [bool],
+        first: usize,
+        e: &'p mut [f32],
+    }
+
     /// One pass of [`attend_block`] for the `N` query heads from `first`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn heads_pass<const N: usize>(
-        (a, keys, values, vis, first, e): (
-            &super::AttendOne<'_>,
-            &[f32],
-            &[f32],
-            &[bool],
-            usize,
-            &mut [f32],
-        ),
-        parts: &mut Vec<super::Partial>,
-    ) {
+    unsafe fn heads_pass<const N: usize>(p: Pass<'_, '_>, parts: &mut Vec<super::Partial>) {
+        let Pass {
+            a,
+            keys,
+            values,
+            vis,
+            first,
+            e,
+        } = p;
         let d = a.dim;
         let len = vis.len();
         let padded = len.div_ceil(8) * 8;
         e.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
         let qs: [*const f32; N] = std::array::from_fn(|i| a.q.as_ptr().add((first + i) * d));
         let mut max = [f32::NEG_INFINITY; N];
-        for j in 0..len {
-            if !vis[j] {
-                continue;
-            }
+        for (j, _) in vis.iter().enumerate().filter(|(_, &seen)| seen) {
             let kp = keys.as_ptr().add(j * d);
             let mut s = [_mm256_setzero_ps(); N];
             let mut c = 0;
