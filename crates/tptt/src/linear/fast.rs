@@ -242,12 +242,38 @@ pub(crate) fn step<R: ChunkRows>(
             member[h] = (g, mi);
         }
     }
-    let block: Vec<Vec<f32>> = state
-        .chunks_exact_mut(d * d)
-        .take(plan.groups.len())
-        .enumerate()
-        .map(|(g, h)| step_dispatch(rows, plan, g, h))
-        .collect();
+    let n = plan.groups.len();
+    // Several groups: spread over the step's threads (on the decode step's team, a parallel
+    // region costs a few µs; a group's work is ~3 µs of arithmetic plus its state from memory).
+    let block: Vec<Vec<f32>> = if n > 1 && crate::team::threads() > 1 {
+        let slots: Vec<std::sync::Mutex<(&mut [f32], Vec<f32>)>> = state
+            .chunks_exact_mut(d * d)
+            .take(n)
+            .map(|h| std::sync::Mutex::new((h, Vec::new())))
+            .collect();
+        crate::team::for_each(n, &|g| {
+            let mut slot = slots[g]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (h, out) = &mut *slot;
+            *out = step_dispatch(rows, plan, g, h);
+        });
+        slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .1
+            })
+            .collect()
+    } else {
+        state
+            .chunks_exact_mut(d * d)
+            .take(n)
+            .enumerate()
+            .map(|(g, h)| step_dispatch(rows, plan, g, h))
+            .collect()
+    };
     Outputs {
         chunk: 1,
         dim: d,
