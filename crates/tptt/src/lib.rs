@@ -18,6 +18,8 @@ pub mod repo;
 pub mod rope;
 pub mod state;
 pub mod team;
+#[cfg(test)]
+mod testutil;
 pub mod weights;
 
 pub use error::{Error, Result};

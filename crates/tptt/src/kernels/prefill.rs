@@ -231,19 +231,7 @@ fn task<const F: bool>(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> 
 mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testutil::rand_vec;
 
     /// A ring of cached keys (positions wrapped into slots) and a block of new ones, with and
     /// without a window, odd head dims and block-crossing lengths, GQA and not.

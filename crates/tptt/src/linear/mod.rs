@@ -952,20 +952,7 @@ fn forward_fused(
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testutil::rand_vec;
 
     fn normalized_rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
         let mut v = rand_vec(n * d, seed);
