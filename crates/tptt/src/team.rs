@@ -1,6 +1,6 @@
 //! A team of spinning threads for the duration of one fused decode step.
 //!
-//! A decode step has ~150 parallel regions of 10–100 µs each. Through rayon, every region from
+//! A decode step has ~180 parallel regions (six per layer) of 10–100 µs each. Through rayon, every region from
 //! the caller's thread injects a job and wakes sleeping workers (futex, scheduler), which costs
 //! about as much as the region itself (measured: with 2 threads a quantized step was slower
 //! than with 1). A [`Team`] instead starts `threads − 1` helpers once per step, which spin on an
