@@ -1,4 +1,5 @@
-//! `tptt`: the command-line front end of the engine (inspect, logits, generate, chat, inject).
+//! `tptt`: the command-line front end of the engine (inspect, logits, generate, chat, inject,
+//! bench, eval).
 //! Thin by design: argument parsing and printing; the work lives in the `tptt` and
 //! `tptt-engine` crates.
 
@@ -10,6 +11,7 @@ use tptt::model::{LoadOptions, Model};
 
 mod bench;
 mod chat;
+mod eval;
 use tptt::repo::TpttRepo;
 
 #[derive(Parser)]
@@ -157,6 +159,9 @@ enum Cmd {
     /// Measure speed (prefill, decode vs history, resume, memory) against the memory-bandwidth
     /// limit, the base transformer, the reference tptt and llama.cpp (issue 6).
     Bench(bench::BenchArgs),
+    /// Long-context quality: perplexity by position bucket over long texts and recall probes at
+    /// a distance, for the variant, the same weights without memory, and full attention.
+    Eval(eval::EvalArgs),
 }
 
 pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
@@ -380,6 +385,7 @@ fn main() {
             mag_weight,
         } => inject(base, out, modes, *mag_weight),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Eval(args) => eval::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

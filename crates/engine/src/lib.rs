@@ -26,10 +26,16 @@
 //! - [`snapshot`]: sessions saved to / restored from versioned safetensors files, refused on
 //!   another model, variant or config.
 //! - [`worker`]: the [`Engine`] that runs jobs on its own OS thread.
+//! - [`health`]: [`Surprise`], the model's surprise on what a conversation read, and the
+//!   verdict on whether its memory still helps ([`Health`]).
+//! - [`eval`]: long-context evaluation — perplexity by position bucket over a long text, and
+//!   recall probes at a distance (`tptt eval`, the bench).
 
 pub mod chat;
 pub mod detok;
 pub mod error;
+pub mod eval;
+pub mod health;
 pub mod sampler;
 pub mod session;
 pub mod snapshot;
@@ -40,6 +46,7 @@ pub mod worker;
 pub use chat::{ChatTranscript, ChatTurn, ReadMark};
 pub use detok::IncrementalDecoder;
 pub use error::{Error, Result};
+pub use health::{Health, Surprise};
 pub use sampler::{Sampler, SamplingParams};
 pub use session::{
     CancelToken, Event, FinishReason, GenerateOptions, GenerationStats, Outcome, Session,

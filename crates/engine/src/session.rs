@@ -25,6 +25,8 @@ use tptt::model::{Logits, Model, State};
 
 use crate::detok::IncrementalDecoder;
 use crate::error::{Error, Result};
+use crate::eval::nll;
+use crate::health::{Surprise, SURPRISE_STRIDE};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 
@@ -148,6 +150,8 @@ pub struct Session {
     pub tokens: Vec<u32>,
     /// Logits after the last token (`None` before the first).
     pub last_logits: Option<Vec<f32>>,
+    /// The model's surprise on the prompts it read (a sample; see [`crate::health`]).
+    pub surprise: Surprise,
 }
 
 impl Session {
@@ -163,6 +167,7 @@ impl Session {
             state,
             tokens: Vec::new(),
             last_logits: None,
+            surprise: Surprise::default(),
         }
     }
 
@@ -178,6 +183,7 @@ impl Session {
             state,
             tokens,
             last_logits,
+            surprise: Surprise::default(),
         }
     }
 
@@ -187,19 +193,32 @@ impl Session {
     }
 
     /// Feed tokens (in blocks of [`PREFILL_BLOCK`]), keeping the last logits. Returns `false`
-    /// when cancelled between blocks (what was fed stays fed).
+    /// when cancelled between blocks (what was fed stays fed). A block of more than one token
+    /// also keeps every [`SURPRISE_STRIDE`]-th position's logits and records how surprising the
+    /// next token was ([`Session::surprise`]); single tokens (the model's own samples) are not
+    /// scored.
     pub fn feed(&mut self, ids: &[u32], cancel: Option<&CancelToken>) -> Result<bool> {
         for block in ids.chunks(PREFILL_BLOCK) {
             if cancel.is_some_and(CancelToken::is_cancelled) {
                 return Ok(false);
             }
-            let logits = self.model.forward(block, &mut self.state, Logits::Last)?;
-            self.last_logits = Some(
-                logits
-                    .squeeze(0)
-                    .and_then(|l| l.to_vec1::<f32>())
-                    .map_err(tptt::Error::from)?,
-            );
+            let which = if block.len() > 1 {
+                Logits::Every(SURPRISE_STRIDE)
+            } else {
+                Logits::Last
+            };
+            let mut rows = self
+                .model
+                .forward(block, &mut self.state, which)?
+                .to_vec2::<f32>()
+                .map_err(tptt::Error::from)?;
+            let start = self.tokens.len();
+            for (r, row) in which.rows(block.len()).into_iter().zip(&rows) {
+                if let Some(&next) = block.get(r + 1) {
+                    self.surprise.record(start + r + 1, nll(row, next)?);
+                }
+            }
+            self.last_logits = rows.pop();
             self.tokens.extend_from_slice(block);
         }
         Ok(true)

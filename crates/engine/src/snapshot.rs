@@ -6,7 +6,8 @@
 //! `last_logits` (f32 `[V]`), stored in name order. `__metadata__` (all strings): `format` =
 //! `tptt-chat-state`, `version` = [`SNAPSHOT_VERSION`], `engine_version`, `model`, `variant`,
 //! `config_hash`, `dtype` (`f32`), `window`, `mode`, `pos` (token count), `kv_len`,
-//! `history_len`, and `checksum` (16 hex digits), so a corrupted file is refused instead of
+//! `history_len`, `surprise` (the [`Surprise`] record as JSON; absent from files written before
+//! it existed, which still load with a fresh record), and `checksum` (16 hex digits), so a corrupted file is refused instead of
 //! silently restoring other numbers:
 //!
 //! * version 3 (written): a 64-bit FNV-1a chain over the other metadata (sorted, length-prefixed)
@@ -42,6 +43,7 @@ use tptt::linear::CarryMode;
 use tptt::model::{Model, State};
 
 use crate::error::{Error, Result};
+use crate::health::Surprise;
 use crate::session::Session;
 
 /// Format version written.
@@ -368,6 +370,11 @@ pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<
         ("pos", st.pos.to_string()),
         ("kv_len", st.kv_len().to_string()),
         ("history_len", hist.len().to_string()),
+        (
+            "surprise",
+            serde_json::to_string(&session.surprise)
+                .map_err(|e| snap_err(format!("cannot encode the surprise record: {e}")))?,
+        ),
         ("checksum", CHECKSUM_PLACEHOLDER.to_string()),
     ]
     .into_iter()
@@ -629,7 +636,15 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
         }
         None => None,
     };
-    Ok(Session::from_parts(model, state, tokens, last_logits))
+    let mut session = Session::from_parts(model, state, tokens, last_logits);
+    // Older snapshots have no surprise record: the health is measured afresh.
+    if let Some(text) = meta.get("surprise") {
+        session.surprise = serde_json::from_str::<Surprise>(text)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.validated())
+            .map_err(|e| snap_err(format!("surprise record: {e}")))?;
+    }
+    Ok(session)
 }
 
 #[cfg(test)]

@@ -100,6 +100,7 @@ fn round_trip(fx: &Fixture, opts: SessionOptions, scratch: &Scratch) {
 
     let mut restored = snapshot::load(model.clone(), &identity, &path).expect("load");
     assert_eq!(restored.tokens, live.tokens, "{label}: tokens");
+    assert_eq!(restored.surprise, live.surprise, "{label}: surprise record");
     assert_eq!(restored.state.pos, live.state.pos, "{label}: pos");
     assert_eq!(
         restored.state.key_pos, live.state.key_pos,
@@ -496,5 +497,29 @@ fn unknown_versions_are_refused_clearly() {
             }
             other => panic!("info of version {v}: {other:?}"),
         }
+    }
+}
+
+#[test]
+fn a_surprise_record_with_impossible_values_is_refused() {
+    // Written through `save`, so the checksum is right: the values themselves must be checked.
+    let scratch = Scratch::new("surprise");
+    let fx = Fixture::load("tptt-llama", "delta_rule");
+    let mut s = Session::new(fx.arc(), SessionOptions::default());
+    s.feed(&token_ids(40, 300, 2), None).expect("feed");
+    assert!(s.surprise.samples > 0, "a 40-token prompt is sampled");
+    let bad: [(&str, fn(&mut tptt_engine::Surprise)); 4] = [
+        ("too many recent samples", |x| x.recent.extend([1.0; 80])),
+        ("negative sample", |x| x.recent.push_back(-1.0)),
+        ("infinite early sum", |x| x.early_sum = f64::INFINITY),
+        ("more kept than recorded", |x| x.samples = 0),
+    ];
+    for (what, spoil) in bad {
+        let mut t = s.clone();
+        spoil(&mut t.surprise);
+        let path = scratch.path("bad-surprise.tptt-state");
+        snapshot::save(&t, &fx.identity(), &path).expect("save");
+        let reason = snapshot_reason(load_onto(&fx, &fx.identity(), &path), what);
+        assert!(reason.contains("surprise record"), "{what}: {reason}");
     }
 }

@@ -207,6 +207,26 @@ pub enum Logits {
     All,
     /// `[1, V]`, the last position only.
     Last,
+    /// `[R, V]`: every `k`-th position counted back from the last one (rows `S−1`, `S−1−k`, …,
+    /// in ascending order; [`Logits::rows`] lists them), so the last position is always there.
+    /// A sample of a prompt's logits at `1/k` of the `lm_head` cost; `Every(1)` is `All`.
+    Every(usize),
+}
+
+impl Logits {
+    /// The positions (0-based, ascending) of a call of `s` tokens whose logits are returned.
+    pub fn rows(self, s: usize) -> Vec<usize> {
+        match self {
+            Logits::All => (0..s).collect(),
+            Logits::Last => s.checked_sub(1).into_iter().collect(),
+            Logits::Every(k) => {
+                let k = k.max(1);
+                let mut rows: Vec<usize> = (0..s).rev().step_by(k).collect();
+                rows.reverse();
+                rows
+            }
+        }
+    }
 }
 
 /// A loaded TPTT model (immutable).
@@ -1113,8 +1133,13 @@ impl Model {
         state.pos += s;
 
         let h = match which {
-            Logits::All => h,
+            Logits::All | Logits::Every(0 | 1) => h,
             Logits::Last => h.narrow(0, s - 1, 1)?,
+            Logits::Every(_) => {
+                let rows: Vec<u32> = which.rows(s).into_iter().map(|r| r as u32).collect();
+                let n = rows.len();
+                h.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?
+            }
         };
         let h = self.norm.forward(&h)?;
         let logits = self.lm_head.forward(&h)?;
