@@ -481,7 +481,9 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
     let sink_text = partial.clone();
     let channel = ctx.channel.clone();
     let sink = Box::new(move |e: Event| {
-        let Event::Token { text, .. } = e;
+        let Event::Token { text, .. } = e else {
+            return;
+        };
         lock(&sink_text).push_str(&text);
         let _ = channel.send(ChatEvent::Token { text });
     });

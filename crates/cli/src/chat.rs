@@ -172,7 +172,9 @@ pub fn generate(
     let cancel = CancelToken::new();
     let mut out = std::io::stdout();
     let mut sink = |e: Event| {
-        let Event::Token { text, .. } = e;
+        let Event::Token { text, .. } = e else {
+            return;
+        };
         if !print_ids {
             let _ = write!(out, "{text}");
             let _ = out.flush();
@@ -295,7 +297,9 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
         )?;
         let cancel = CancelToken::new();
         let mut sink = |e: Event| {
-            let Event::Token { text, .. } = e;
+            let Event::Token { text, .. } = e else {
+                return;
+            };
             let _ = write!(out, "{text}");
             let _ = out.flush();
         };

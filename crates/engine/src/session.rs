@@ -116,6 +116,13 @@ pub struct Outcome {
 /// Streamed to the caller while generating.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The prompt has been read (sent once, before the first token, when the prompt is not
+    /// empty), with the session's surprise record after it: the moment to tell the user the
+    /// memory's health, before any of the answer streams.
+    PromptRead {
+        /// [`Session::surprise`] after the prompt.
+        surprise: Surprise,
+    },
     /// New visible text and the id that completed it.
     Token {
         /// The text piece.
@@ -266,6 +273,9 @@ impl Session {
         }
         let prefill_time = start.elapsed();
         if !prompt.is_empty() {
+            sink(Event::PromptRead {
+                surprise: self.surprise.clone(),
+            });
             stats.prefill_tokens_per_s = prompt.len() as f64 / prefill_time.as_secs_f64().max(1e-9);
         }
         if self.last_logits.is_none() {

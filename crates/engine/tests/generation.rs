@@ -46,7 +46,9 @@ fn run(
 ) -> (tptt_engine::Result<Outcome>, Vec<String>) {
     let mut pieces = Vec::new();
     let r = session.generate(prompt, opts, tok, cancel, &mut |e| {
-        let Event::Token { text, .. } = e;
+        let Event::Token { text, .. } = e else {
+            return;
+        };
         pieces.push(text);
     });
     (r, pieces)
@@ -156,7 +158,9 @@ fn cancelled_from_the_sink_keeps_the_partial_text() {
     let trigger = cancel.clone();
     let out = s
         .generate(&prompt(), &greedy(max), &tok, &cancel, &mut |e| {
-            let Event::Token { text, id } = e;
+            let Event::Token { text, id } = e else {
+                return;
+            };
             pieces.push((text, id));
             if pieces.len() == 3 {
                 trigger.cancel();
@@ -381,7 +385,10 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
     assert_eq!(out.text, direct.text);
     let streamed: String = events
         .try_iter()
-        .map(|Event::Token { text, .. }| text)
+        .filter_map(|e| match e {
+            Event::Token { text, .. } => Some(text),
+            _ => None,
+        })
         .collect();
     assert_eq!(streamed, out.text, "events streamed to the sink");
     assert_ne!(
@@ -415,7 +422,10 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
     assert_eq!(
         events
             .try_iter()
-            .map(|Event::Token { text, .. }| text)
+            .filter_map(|e| match e {
+                Event::Token { text, .. } => Some(text),
+                _ => None,
+            })
             .collect::<String>(),
         out.text
     );
@@ -494,9 +504,45 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
     assert_eq!(
         events
             .try_iter()
-            .map(|Event::Token { text, .. }| text)
+            .filter_map(|e| match e {
+                Event::Token { text, .. } => Some(text),
+                _ => None,
+            })
             .collect::<String>(),
         out.text
     );
     drop(engine); // joins the thread
+}
+
+#[test]
+fn the_prompt_read_event_comes_once_before_the_first_token() {
+    let fx = fixture();
+    let tok = fx.tokenizer();
+    let mut s = Session::new(fx.arc(), SessionOptions::default());
+    let mut events = Vec::new();
+    let prompt = token_ids(40, 300, 8);
+    s.generate(&prompt, &greedy(4), &tok, &CancelToken::new(), &mut |e| {
+        events.push(e)
+    })
+    .expect("generate");
+    let Some(Event::PromptRead { surprise }) = events.first() else {
+        panic!("first event: {:?}", events.first());
+    };
+    // A 40-token prompt is sampled every 8 positions; its record is the session's.
+    assert_eq!(surprise.samples, 4);
+    assert_eq!(*surprise, s.surprise, "generated tokens are not scored");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::PromptRead { .. }))
+            .count(),
+        1
+    );
+    // Continuing with an empty prompt reads nothing: no event.
+    let mut again = Vec::new();
+    s.generate(&[], &greedy(2), &tok, &CancelToken::new(), &mut |e| {
+        again.push(e)
+    })
+    .expect("continue");
+    assert!(again.iter().all(|e| matches!(e, Event::Token { .. })));
 }

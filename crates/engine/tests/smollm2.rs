@@ -111,7 +111,11 @@ fn base_model_session_answers_like_transformers() {
             &opts,
             &tok,
             &CancelToken::new(),
-            &mut |tptt_engine::Event::Token { text, .. }| streamed.push_str(&text),
+            &mut |e| {
+                if let tptt_engine::Event::Token { text, .. } = e {
+                    streamed.push_str(&text)
+                }
+            },
         )
         .expect("generate");
     assert_eq!(out.finish, FinishReason::Eos);
