@@ -1,5 +1,5 @@
 //! `tptt`: the command-line front end of the engine (inspect, logits, generate, chat, inject,
-//! bench, eval).
+//! bench, eval, distill).
 //! Thin by design: argument parsing and printing; the work lives in the `tptt` and
 //! `tptt-engine` crates.
 
@@ -11,6 +11,7 @@ use tptt::model::{LoadOptions, Model};
 
 mod bench;
 mod chat;
+mod distill;
 mod eval;
 use tptt::repo::TpttRepo;
 
@@ -162,6 +163,9 @@ enum Cmd {
     /// Long-context quality: perplexity by position bucket over long texts and recall probes at
     /// a distance, for the variant, the same weights without memory, and full attention.
     Eval(eval::EvalArgs),
+    /// Train the memory: LoRA on q/k/v/o of a plain base, distilled from the same base with
+    /// full attention on long texts (resumable; writes a normal TPTT variant).
+    Distill(distill::DistillArgs),
 }
 
 pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
@@ -386,6 +390,7 @@ fn main() {
         } => inject(base, out, modes, *mag_weight),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Eval(args) => eval::run(args),
+        Cmd::Distill(args) => distill::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -13,6 +13,15 @@ pub enum Error {
         /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// A file could not be written (disk full, permissions, ...); nothing half-written is left
+    /// in its place.
+    #[error("cannot write {path}: {message}")]
+    Write {
+        /// The file that failed.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// A JSON file (config, index) is not valid JSON or not of the expected form.
     #[error("invalid JSON in {path}: {message}")]
     Json {

@@ -20,6 +20,7 @@ pub mod state;
 pub mod team;
 #[cfg(test)]
 mod testutil;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

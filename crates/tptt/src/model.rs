@@ -34,6 +34,8 @@ pub use crate::state::{LayerState, State};
 use crate::weights::{self, AdapterReport, LoraSide, Weight, WeightMap};
 
 mod step;
+mod train;
+pub use train::{LayerLora, LoraPair, SeqContext};
 
 /// Options for [`Model::load`].
 #[derive(Debug, Clone)]

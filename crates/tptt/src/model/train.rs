@@ -1,0 +1,270 @@
+//! The model's layers as differentiable candle operations, for [`crate::train`]: the same
+//! computation as the tensor path of [`Model::forward`] on a whole sequence from a fresh state
+//! (softmax attention with the sliding-window mask, the LiZA branch through
+//! [`crate::train::linear`]), with LoRA deltas `s·B(A x)` added to q/k/v/o from tensors the
+//! caller owns (candle `Var`s while training). Gradients flow to the layer input and the LoRA
+//! tensors; the base weights are constants.
+
+use candle_core::{Tensor, D};
+
+use super::{Layer, Linear, Matrix, Model};
+use crate::config::QkNorm;
+use crate::error::{Error, Result};
+use crate::rope;
+
+/// LoRA tensors of one projection: `a: [r, in]`, `b: [out, r]`.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// `lora_A`.
+    pub a: Tensor,
+    /// `lora_B`.
+    pub b: Tensor,
+}
+
+/// LoRA of one layer's attention projections.
+#[derive(Debug, Clone)]
+pub struct LayerLora {
+    /// `q_proj`.
+    pub q: LoraPair,
+    /// `k_proj`.
+    pub k: LoraPair,
+    /// `v_proj`.
+    pub v: LoraPair,
+    /// `o_proj`.
+    pub o: LoraPair,
+}
+
+/// What every layer of one sequence shares: RoPE angles and the attention masks.
+#[derive(Debug)]
+pub struct SeqContext {
+    cos_sin: Vec<(Tensor, Tensor)>,
+    /// One additive mask `[S, S]` per distinct effective window.
+    masks: Vec<(Option<usize>, Tensor)>,
+    window: Option<usize>,
+    len: usize,
+}
+
+impl Model {
+    /// Checks that the model can be trained with external LoRA tensors: dense f32 projections
+    /// with no LoRA of their own, no mixture of experts (routing is not differentiable here).
+    pub fn check_trainable(&self) -> Result<()> {
+        if self.cfg.base.moe.is_some() {
+            return Err(Error::config(
+                "training a mixture-of-experts base (OLMoE) is not supported: its routing is not differentiable here",
+            ));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, p) in [("q", &l.q), ("k", &l.k), ("v", &l.v), ("o", &l.o)] {
+                if !matches!(p.w, Matrix::Dense(_)) || p.lora.is_some() {
+                    return Err(Error::config(format!(
+                        "layer {i} {name}_proj is quantized or carries a LoRA of its own: train from a plain f32/f16/bf16 base"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// RoPE angles and masks for a sequence of `len` tokens from position 0, with the TPTT
+    /// softmax `window` (`None`: full attention) combined with each layer's own.
+    pub fn seq_context(&self, len: usize, window: Option<usize>) -> Result<SeqContext> {
+        if len == 0 || window == Some(0) {
+            return Err(Error::Input(
+                "a training sequence needs at least one token and a window of at least 1".into(),
+            ));
+        }
+        let positions: Vec<usize> = (0..len).collect();
+        let cos_sin = self
+            .ropes
+            .iter()
+            .map(|r| r.cos_sin(&positions, &self.device))
+            .collect::<Result<_>>()?;
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        for layer in &self.layers {
+            let w = effective(window, layer);
+            if masks.iter().any(|(x, _)| *x == w) {
+                continue;
+            }
+            let mut mask = vec![0f32; len * len];
+            for q in 0..len {
+                for k in 0..len {
+                    if k > q || w.is_some_and(|w| q - k >= w) {
+                        mask[q * len + k] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            masks.push((w, Tensor::from_vec(mask, (len, len), &self.device)?));
+        }
+        Ok(SeqContext {
+            cos_sin,
+            masks,
+            window,
+            len,
+        })
+    }
+
+    /// `[S, E]` embeddings of `ids` (scaled as the base does).
+    pub fn train_embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let b = &self.cfg.base;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= b.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                b.vocab_size
+            )));
+        }
+        let t = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
+        let h = self.embed.index_select(&t, 0)?;
+        Ok(match b.embed_scale {
+            Some(scale) => (h * (scale as f32) as f64)?,
+            None => h,
+        })
+    }
+
+    /// Final norm, `lm_head` and soft-cap: `[S, E]` → `[S, V]`.
+    pub fn train_head(&self, h: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(&self.norm.forward(h)?)?;
+        Ok(match self.cfg.base.final_logit_softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        })
+    }
+
+    /// Layer `i` on `h: [S, E]` (the whole sequence, fresh state), with `lora` added to its
+    /// projections scaled by `scale`. Differentiable in `h` and the LoRA tensors.
+    pub fn train_layer(
+        &self,
+        i: usize,
+        h: &Tensor,
+        lora: Option<(&LayerLora, f64)>,
+        ctx: &SeqContext,
+    ) -> Result<Tensor> {
+        let layer = self
+            .layers
+            .get(i)
+            .ok_or_else(|| Error::Input(format!("layer {i} of {}", self.layers.len())))?;
+        let b = &self.cfg.base;
+        let s = h.dim(0)?;
+        if s != ctx.len {
+            return Err(Error::Input(format!(
+                "sequence of {s} tokens, context made for {}",
+                ctx.len
+            )));
+        }
+        let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+        let g = nh / nkv;
+        let proj =
+            |lin: &Linear, x: &Tensor, pick: fn(&LayerLora) -> &LoraPair| -> Result<Tensor> {
+                let y = lin.forward(x)?;
+                match lora {
+                    Some((l, scale)) => {
+                        let p = pick(l);
+                        Ok((y + (x.matmul(&p.a.t()?)?.matmul(&p.b.t()?)? * scale)?)?)
+                    }
+                    None => Ok(y),
+                }
+            };
+        let x = layer.in_norm.forward(h)?;
+        let q_raw = proj(&layer.q, &x, |l| &l.q)?;
+        let k_raw = proj(&layer.k, &x, |l| &l.k)?;
+        let v_raw = proj(&layer.v, &x, |l| &l.v)?;
+        let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            match b.qk_norm {
+                QkNorm::PerHead => {
+                    qs = qn.forward(&qs.reshape((s, nh, d))?)?.reshape((s, nh * d))?;
+                    ks = kn
+                        .forward(&ks.reshape((s, nkv, d))?)?
+                        .reshape((s, nkv * d))?;
+                }
+                _ => {
+                    qs = qn.forward(&qs)?;
+                    ks = kn.forward(&ks)?;
+                }
+            }
+        }
+        if let Some(c) = b.clip_qkv {
+            qs = qs.clamp(-c, c)?;
+            ks = ks.clamp(-c, c)?;
+            vs = vs.clamp(-c, c)?;
+        }
+        let (cos, sin) = &ctx.cos_sin[layer.rope];
+        let q = rope::apply(
+            &qs.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?,
+            cos,
+            sin,
+        )?;
+        let k = rope::apply(
+            &ks.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?,
+            cos,
+            sin,
+        )?;
+        let v = vs.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
+        let w = effective(ctx.window, layer);
+        let mask = &ctx
+            .masks
+            .iter()
+            .find(|(x, _)| *x == w)
+            .ok_or_else(|| Error::State("mask missing".into()))?
+            .1;
+        let qg = q.reshape((nkv, g * s, d))?; // heads h = kvh·G + g
+        let scores = (qg.matmul(&k.t()?)? * b.attn_scale)?; // [Hkv, G·S, S]
+        let scores = scores.reshape((nkv, g, s, s))?.broadcast_add(mask)?;
+        // The generic softmax: candle's fused `softmax_last_dim` has no backward.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((nkv, g * s, s))?;
+        let attn = probs
+            .matmul(&v)?
+            .reshape((nh, s, d))?
+            .transpose(0, 1)?
+            .reshape((s, nh * d))?;
+        let tptt = &self.cfg.tptt;
+        let m = tptt.mag_weight;
+        let o = |z: &Tensor| proj(&layer.o, z, |l| &l.o);
+        let out = if m != 0.0 {
+            let y = crate::train::linear::forward(&self.shape, &q_raw, &k_raw, &v_raw)?;
+            if !tptt.cross_gate && !tptt.base_scale_attn {
+                o(&((attn * (1.0 - m) as f64)? + (y * m as f64)?)?)?
+            } else {
+                let o_base = o(&attn)?;
+                let mut o_lin = o(&y)?;
+                if tptt.base_scale_attn {
+                    let rms = (o_base.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+                    o_lin = o_lin.broadcast_mul(&rms)?;
+                }
+                let sw = (&o_base * (1.0 - m) as f64)?;
+                let lw = (o_lin * m as f64)?;
+                if tptt.cross_gate {
+                    ((&sw + &lw)? + (&sw * &lw)?)?
+                } else {
+                    (sw + lw)?
+                }
+            }
+        } else {
+            o(&attn)?
+        };
+        let out = match &layer.post_attn_norm {
+            Some(n) => n.forward(&out)?,
+            None => out,
+        };
+        let h = (h + out)?;
+        let x = layer.pre_ff_norm.forward(&h)?;
+        let mlp = layer.mlp.forward(&x, b.hidden_act)?;
+        let mlp = match &layer.post_ff_norm {
+            Some(n) => n.forward(&mlp)?,
+            None => mlp,
+        };
+        Ok((h + mlp)?)
+    }
+}
+
+/// The TPTT window combined with a layer's own.
+fn effective(window: Option<usize>, layer: &Layer) -> Option<usize> {
+    match (window, layer.window) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
