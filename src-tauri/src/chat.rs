@@ -28,6 +28,17 @@
 //!
 //! The softmax window setting applies to memories created from then on (new conversations,
 //! rebuilt ones); an existing memory keeps the window it was built with (the meter shows it).
+//!
+//! # Memory health and the way out
+//! Once a turn's prompt is read, the session's surprise record
+//! ([`tptt_engine::health::Surprise`]) goes to the UI in a [`ChatEvent::Memory`] before any of
+//! the answer; a `broken` verdict is logged too, and generation goes on (the user decides, and
+//! Stop is there). [`reset_memory`] is the way out ("continue with a fresh memory"): it drops
+//! the held memory and the conversation's snapshots and marks the conversation (a setting,
+//! [`fresh_memory_key`], so it survives a restart). The next turn then rebuilds the memory
+//! from the text reading only its tail — the last `window` tokens of the rendered conversation
+//! — so the linear memory starts empty and the long paste that drowned it is not read again;
+//! the mark goes once that turn's snapshot is saved.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -44,7 +55,7 @@ use tptt_store::{
     NewSnapshot, Role,
 };
 
-use crate::dto::{ChatEvent, MemoryInfo, Stats};
+use crate::dto::{ChatEvent, MemoryInfo, Stats, Verdict};
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::runtime::{self, LoadKey, LoadedModel};
 use crate::state::{lock, AppState, Running};
@@ -379,7 +390,7 @@ fn memory_for(
             tracing::warn!(error = %e, "cannot look up snapshots: rebuilding the memory from the text")
         }
     }
-    let window = state.settings().window_size.map(|w| w as usize);
+    let window = fresh_window(state, Some(model));
     CachedSession {
         conversation,
         session: Session::new(
@@ -393,6 +404,60 @@ fn memory_for(
         identity: model.identity.clone(),
         read_position: None,
     }
+}
+
+/// The softmax window of a memory created now: the setting, else the model's (when `model` is
+/// given, or loaded), else unknown.
+fn fresh_window(state: &AppState, model: Option<&LoadedModel>) -> Option<usize> {
+    if let Some(w) = state.settings().window_size {
+        return Some(w as usize);
+    }
+    let window_of = |m: &LoadedModel| {
+        m.model
+            .config_window()
+            .unwrap_or(tptt_engine::session::DEFAULT_WINDOW)
+    };
+    match model {
+        Some(m) => Some(window_of(m)),
+        None => lock(&state.model).as_ref().map(|m| window_of(m)),
+    }
+}
+
+/// The setting that marks a conversation whose memory was reset ([`reset_memory`]).
+pub fn fresh_memory_key(conversation: ConversationId) -> String {
+    format!("chat.freshMemory.{}", conversation.0)
+}
+
+/// Whether `conversation`'s next rebuilt memory reads only the tail of the text.
+fn fresh_memory_marked(state: &AppState, conversation: ConversationId) -> bool {
+    match block_on(
+        state
+            .store
+            .get_setting::<bool>(&fresh_memory_key(conversation)),
+    ) {
+        Ok(v) => v.unwrap_or(false),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the fresh-memory mark: reading the whole text");
+            false
+        }
+    }
+}
+
+/// Of a fresh memory's prompt `ids`, what fits in its `window`: the tail, after the tokens the
+/// tokenizer puts before any text (`prefix`, e.g. BOS) when `ids` starts with them.
+fn tail_that_fits(ids: Vec<u32>, prefix: &[u32], window: usize) -> Vec<u32> {
+    if ids.len() <= window {
+        return ids;
+    }
+    let keep = if !prefix.is_empty() && prefix.len() < window && ids.starts_with(prefix) {
+        prefix.len()
+    } else {
+        0
+    };
+    let mut out = Vec::with_capacity(window);
+    out.extend_from_slice(&ids[..keep]);
+    out.extend_from_slice(&ids[ids.len() - (window - keep)..]);
+    out
 }
 
 fn model_key(id: &ModelIdentity) -> ModelKey {
@@ -444,17 +509,32 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
             )
         })?;
     let add_special = mem.session.tokens.is_empty() && model.format.add_special_tokens();
-    let ids = model
-        .tokenizer
-        .encode(turn.text.as_str(), add_special)
-        .map_err(|e| {
-            CommandError::new(
-                ErrorKind::Generation,
-                format!("The message cannot be tokenized: {e}"),
-            )
-        })?
-        .get_ids()
-        .to_vec();
+    let encode = |text: &str| {
+        model
+            .tokenizer
+            .encode(text, add_special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| {
+                CommandError::new(
+                    ErrorKind::Generation,
+                    format!("The message cannot be tokenized: {e}"),
+                )
+            })
+    };
+    let mut ids = encode(turn.text.as_str())?;
+    // After `reset_memory`: a fresh memory reads only the tail that fits in its window.
+    let fresh_tail = mem.session.state.pos == 0 && fresh_memory_marked(state, ctx.conversation);
+    if fresh_tail {
+        let window = mem.session.state.window.unwrap_or(usize::MAX);
+        let read = ids.len();
+        ids = tail_that_fits(ids, &encode("")?, window);
+        tracing::info!(
+            conversation = ctx.conversation.0,
+            text_tokens = read,
+            reading = ids.len(),
+            "fresh memory: reading the tail of the conversation that fits in the window"
+        );
+    }
     tracing::info!(
         conversation = ctx.conversation.0,
         read = mem.session.state.pos,
@@ -462,9 +542,8 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         extends = turn.extends,
         "turn starts"
     );
-    let _ = ctx.channel.send(ChatEvent::Started {
-        memory: MemoryInfo::of(&mem.session.state),
-    });
+    let before = MemoryInfo::of(&mem.session);
+    let _ = ctx.channel.send(ChatEvent::Started { memory: before });
 
     let options = GenerateOptions {
         params: settings.sampling.params(),
@@ -480,12 +559,25 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
     };
     let sink_text = partial.clone();
     let channel = ctx.channel.clone();
-    let sink = Box::new(move |e: Event| {
-        let Event::Token { text, .. } = e else {
-            return;
-        };
-        lock(&sink_text).push_str(&text);
-        let _ = channel.send(ChatEvent::Token { text });
+    let (conversation, fed) = (ctx.conversation, ids.len());
+    let sink = Box::new(move |e: Event| match e {
+        Event::PromptRead { surprise } => {
+            let memory = before.after_reading(fed, &surprise);
+            if memory.health.verdict == Verdict::Broken {
+                tracing::warn!(
+                    conversation = conversation.0,
+                    tokens = memory.total_tokens,
+                    early_perplexity = memory.health.early_perplexity,
+                    recent_perplexity = memory.health.recent_perplexity,
+                    "the memory is broken: the model no longer predicts the conversation (the UI offers a fresh memory)"
+                );
+            }
+            let _ = channel.send(ChatEvent::Memory { memory });
+        }
+        Event::Token { text, .. } => {
+            lock(&sink_text).push_str(&text);
+            let _ = channel.send(ChatEvent::Token { text });
+        }
     });
     let CachedSession {
         session,
@@ -561,8 +653,8 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         .decode(&outcome.ids, false)
         .unwrap_or_default();
     transcript.record(&turn, &raw, &outcome.finish);
-    let memory = MemoryInfo::of(&session.state);
-    if let Err(e) = save_snapshot(
+    let memory = MemoryInfo::of(&session);
+    let saved = save_snapshot(
         state,
         ctx.conversation,
         ctx.answer.id,
@@ -570,9 +662,21 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         &identity,
         transcript.mark(),
         memory,
-    ) {
+    );
+    match saved {
         // Not fatal: the memory is rebuilt from the text when no snapshot matches.
-        tracing::warn!(error = %e, "cannot save the state snapshot");
+        Err(e) => tracing::warn!(error = %e, "cannot save the state snapshot"),
+        // The fresh memory is kept: later rebuilds (another model) read the whole text again.
+        Ok(()) if fresh_tail => {
+            if let Err(e) = block_on(
+                state
+                    .store
+                    .delete_setting(&fresh_memory_key(ctx.conversation)),
+            ) {
+                tracing::warn!(error = %e, "cannot clear the fresh-memory mark");
+            }
+        }
+        Ok(()) => {}
     }
     if let Err(e) = block_on(state.store.set_conversation_model(
         ctx.conversation,
@@ -640,7 +744,7 @@ pub async fn memory_info(state: &AppState, conversation: ConversationId) -> Memo
     let held = lock(&state.session)
         .as_ref()
         .filter(|c| c.conversation == conversation)
-        .map(|c| MemoryInfo::of(&c.session.state));
+        .map(|c| MemoryInfo::of(&c.session));
     if let Some(m) = held {
         return m;
     }
@@ -649,10 +753,30 @@ pub async fn memory_info(state: &AppState, conversation: ConversationId) -> Memo
             return meta.memory;
         }
     }
-    MemoryInfo {
-        window_size: u64::from(state.settings().window_size.unwrap_or(0)),
-        ..Default::default()
-    }
+    MemoryInfo::new(0, fresh_window(state, None), 0)
+}
+
+/// `reset_memory` ("continue with a fresh memory", module doc): the held memory and the
+/// snapshots of `conversation` go, and its next turn rebuilds the memory from the tail of the
+/// text. Returns the (empty) meter. `busy` while a reply is generated, `not_found` for an
+/// unknown conversation.
+pub async fn reset_memory(state: &AppState, conversation: ConversationId) -> CmdResult<MemoryInfo> {
+    state.store.get_conversation(conversation).await?;
+    // The slot keeps a turn from starting (and reading the memory) while it is reset.
+    let (_slot, _cancel) = Slot::acquire(state, conversation)?;
+    invalidate_session(state, conversation, None);
+    let files = state.store.prune_snapshots(conversation, 0).await?;
+    remove_snapshot_files(&files);
+    state
+        .store
+        .set_setting(&fresh_memory_key(conversation), &true)
+        .await?;
+    tracing::info!(
+        conversation = conversation.0,
+        snapshots = files.len(),
+        "memory reset: the next turn reads the tail of the conversation"
+    );
+    Ok(memory_info(state, conversation).await)
 }
 
 /// `send_message`.
@@ -827,5 +951,29 @@ mod tests {
             ErrorKind::InputTooLong
         );
         check_content(&"y".repeat(1 << 20)).expect("a 1 MiB paste is accepted");
+    }
+
+    #[test]
+    fn a_fresh_memory_reads_the_tail_after_the_leading_specials() {
+        let ids: Vec<u32> = (0..10).collect();
+        assert_eq!(tail_that_fits(ids.clone(), &[0], 4), vec![0, 7, 8, 9]);
+        // No leading special (or another one): the plain tail.
+        assert_eq!(tail_that_fits(ids.clone(), &[], 4), vec![6, 7, 8, 9]);
+        assert_eq!(tail_that_fits(ids.clone(), &[5], 4), vec![6, 7, 8, 9]);
+        // A prefix as long as the window is not kept whole.
+        assert_eq!(
+            tail_that_fits(ids.clone(), &[0, 1, 2, 3], 4),
+            vec![6, 7, 8, 9]
+        );
+        // What fits is read whole.
+        assert_eq!(tail_that_fits(ids.clone(), &[0], 10), ids);
+    }
+
+    #[test]
+    fn an_old_sidecar_without_health_still_parses() {
+        let old = br#"{"mark":{"len":12,"hash":34},"memory":{"windowSize":64,"windowFill":64,"recurrentOnlyTokens":36,"totalTokens":100}}"#;
+        let meta: SnapshotMeta = serde_json::from_slice(old).expect("an old sidecar parses");
+        assert_eq!(meta.memory, MemoryInfo::new(100, Some(64), 64));
+        assert_eq!(meta.mark, Some(ReadMark { len: 12, hash: 34 }));
     }
 }

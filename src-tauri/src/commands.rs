@@ -11,7 +11,8 @@ use crate::chat;
 use crate::device;
 use crate::dto::{
     parse_id, ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent,
-    MessageDto, ModelEntry, ModelSource, RegenerateResult, SendResult, SettingsDto, VariantEntry,
+    MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SendResult, SettingsDto,
+    VariantEntry,
 };
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::models;
@@ -332,6 +333,13 @@ pub async fn delete_conversation(state: State<'_, AppState>, id: String) -> CmdR
     let files = state.store.delete_conversation(id).await?;
     chat::remove_snapshot_files(&files);
     chat::invalidate_session(&state, id, None);
+    if let Err(e) = state
+        .store
+        .delete_setting(&chat::fresh_memory_key(id))
+        .await
+    {
+        tracing::warn!(error = %e, "cannot remove the conversation's fresh-memory mark");
+    }
     let dir = state.config.snapshots_dir().join(id.0.to_string());
     if dir.is_dir() {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -415,6 +423,18 @@ pub async fn stop_generation(state: State<'_, AppState>, conversation_id: String
     let id = self::conversation_id(&conversation_id)?;
     chat::stop(&state, id);
     Ok(())
+}
+
+/// `reset_memory`: "continue with a fresh memory" — the conversation's held memory and
+/// snapshots go; its next turn rebuilds the memory from the tail of the text that fits in the
+/// softmax window. Returns the (empty) memory meter.
+#[tauri::command]
+pub async fn reset_memory(
+    state: State<'_, AppState>,
+    conversation_id: String,
+) -> CmdResult<MemoryInfo> {
+    let id = self::conversation_id(&conversation_id)?;
+    chat::reset_memory(&state, id).await
 }
 
 // ---- App ----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 //! parsed back with [`parse_id`].
 
 use serde::{Deserialize, Serialize};
-use tptt_engine::GenerationStats;
+use tptt_engine::{GenerationStats, Health, Session, Surprise};
 use tptt_store::{
     Conversation as StoredConversation, Message as StoredMessage, MessageStatus, Role,
 };
@@ -295,8 +295,9 @@ impl From<&GenerationStats> for Stats {
     }
 }
 
-/// `MemoryInfo`: the softmax window's fill and what lives only in the recurrent memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `MemoryInfo`: the softmax window's fill, what lives only in the recurrent memory, and the
+/// memory's health.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MemoryInfo {
     /// Positions the softmax KV window holds at most (0 when unknown).
@@ -307,22 +308,105 @@ pub struct MemoryInfo {
     pub recurrent_only_tokens: u64,
     /// Tokens the conversation's memory has read in all.
     pub total_tokens: u64,
+    /// The model's surprise on what it read (absent from sidecars written before it existed:
+    /// `unknown`).
+    #[serde(default)]
+    pub health: MemoryHealth,
 }
 
 impl MemoryInfo {
-    /// From a state's position, window and KV fill.
+    /// From a state's position, window and KV fill (health unknown).
     pub fn new(total: usize, window: Option<usize>, fill: usize) -> Self {
         Self {
             window_size: window.unwrap_or(0) as u64,
             window_fill: fill as u64,
             recurrent_only_tokens: total.saturating_sub(fill) as u64,
             total_tokens: total as u64,
+            health: MemoryHealth::default(),
         }
     }
 
-    /// Of a model state.
-    pub fn of(state: &tptt::model::State) -> Self {
-        Self::new(state.pos, state.window, state.kv_len())
+    /// Of a session: its state's meter and its surprise record.
+    pub fn of(session: &Session) -> Self {
+        let state = &session.state;
+        Self {
+            health: MemoryHealth::of(&session.surprise),
+            ..Self::new(state.pos, state.window, state.kv_len())
+        }
+    }
+
+    /// The meter after `fed` more tokens were read by a sliding-window state
+    /// (`CarryMode::Continue`: the window holds the last `min(total, window)` positions), with
+    /// the surprise record after them.
+    pub fn after_reading(&self, fed: usize, surprise: &Surprise) -> Self {
+        let total = self.total_tokens.saturating_add(fed as u64);
+        let fill = if self.window_size == 0 {
+            total
+        } else {
+            total.min(self.window_size)
+        };
+        Self {
+            window_size: self.window_size,
+            window_fill: fill,
+            recurrent_only_tokens: total - fill,
+            total_tokens: total,
+            health: MemoryHealth::of(surprise),
+        }
+    }
+}
+
+/// `MemoryHealth.verdict`: [`tptt_engine::Health`] on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Too little read yet to tell.
+    #[default]
+    Unknown,
+    /// Recent text is about as predictable as the conversation's start.
+    Healthy,
+    /// Recent text reads noticeably more surprising than the start.
+    Strained,
+    /// The model no longer predicts the text: its answers are unreliable.
+    Broken,
+}
+
+impl From<Health> for Verdict {
+    fn from(h: Health) -> Self {
+        match h {
+            Health::Unknown => Self::Unknown,
+            Health::Healthy => Self::Healthy,
+            Health::Strained => Self::Strained,
+            Health::Broken => Self::Broken,
+        }
+    }
+}
+
+/// `MemoryHealth`: the model's surprise on the text its memory read, as perplexities — over
+/// the conversation's start and over the recent samples — and the verdict on their ratio
+/// (`tptt_engine::health`). `null` figures until enough text was read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryHealth {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Perplexity over the conversation's start.
+    pub early_perplexity: Option<f64>,
+    /// Perplexity over the recent samples.
+    pub recent_perplexity: Option<f64>,
+    /// `recentPerplexity / earlyPerplexity`.
+    pub ratio: Option<f64>,
+}
+
+impl MemoryHealth {
+    /// Of a session's surprise record (non-finite figures are sent as `null`).
+    pub fn of(s: &Surprise) -> Self {
+        let finite = |x: Option<f64>| x.filter(|v| v.is_finite());
+        Self {
+            verdict: s.verdict().into(),
+            early_perplexity: finite(s.early_perplexity()),
+            recent_perplexity: finite(s.recent_perplexity()),
+            ratio: finite(s.ratio()),
+        }
     }
 }
 
@@ -337,6 +421,12 @@ pub enum ChatEvent {
     /// The model is ready and the turn starts; the memory before it.
     Started {
         /// Memory before the turn.
+        memory: MemoryInfo,
+    },
+    /// The turn's prompt has been read (before the first token): the memory after it, with
+    /// its health.
+    Memory {
+        /// Memory after the prompt.
         memory: MemoryInfo,
     },
     /// Streamed text.
@@ -422,7 +512,8 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_value(&e).expect("json"),
-            json!({"kind": "started", "memory": {"windowSize": 64, "windowFill": 64, "recurrentOnlyTokens": 36, "totalTokens": 100}})
+            json!({"kind": "started", "memory": {"windowSize": 64, "windowFill": 64, "recurrentOnlyTokens": 36, "totalTokens": 100,
+                "health": {"verdict": "unknown", "earlyPerplexity": null, "recentPerplexity": null, "ratio": null}}})
         );
         let e = DownloadEvent::Progress {
             file: "a".into(),
@@ -440,6 +531,60 @@ mod tests {
             serde_json::to_value(DownloadEvent::Done).expect("json"),
             json!({"kind": "done"})
         );
+    }
+
+    #[test]
+    fn memory_without_health_parses_as_unknown() {
+        // A sidecar's meter as written before the health existed.
+        let old: MemoryInfo = serde_json::from_value(json!({
+            "windowSize": 64, "windowFill": 64, "recurrentOnlyTokens": 36, "totalTokens": 100
+        }))
+        .expect("an old meter parses");
+        assert_eq!(old, MemoryInfo::new(100, Some(64), 64));
+        assert_eq!(old.health.verdict, Verdict::Unknown);
+        assert_eq!(old.health.ratio, None);
+    }
+
+    #[test]
+    fn health_reports_a_collapse_and_the_meter_advances_over_the_prompt() {
+        use tptt_engine::health::{EARLY_POSITIONS, RECENT_SAMPLES, SURPRISE_STRIDE};
+        let mut s = Surprise::default();
+        for i in 0..100 {
+            s.record(i * SURPRISE_STRIDE, 26f32.ln());
+        }
+        let h = MemoryHealth::of(&s);
+        assert_eq!(h.verdict, Verdict::Healthy);
+        for i in 0..RECENT_SAMPLES {
+            s.record(EARLY_POSITIONS * 4 + i * SURPRISE_STRIDE, 200f32.ln());
+        }
+        let h = MemoryHealth::of(&s);
+        assert_eq!(h.verdict, Verdict::Broken);
+        let (early, recent, ratio) = (
+            h.early_perplexity.expect("early"),
+            h.recent_perplexity.expect("recent"),
+            h.ratio.expect("ratio"),
+        );
+        assert!((early - 26.0).abs() < 0.01, "{early}");
+        assert!((recent - 200.0).abs() < 0.1, "{recent}");
+        assert!((ratio - 200.0 / 26.0).abs() < 0.01, "{ratio}");
+        assert_eq!(
+            serde_json::to_value(h).expect("json")["verdict"],
+            json!("broken")
+        );
+
+        let before = MemoryInfo::new(40, Some(64), 40);
+        let after = before.after_reading(100, &s);
+        assert_eq!(
+            (
+                after.total_tokens,
+                after.window_fill,
+                after.recurrent_only_tokens
+            ),
+            (140, 64, 76)
+        );
+        assert_eq!(after.health, h);
+        let small = MemoryInfo::new(0, Some(64), 0).after_reading(10, &Surprise::default());
+        assert_eq!((small.window_fill, small.recurrent_only_tokens), (10, 0));
     }
 
     #[test]

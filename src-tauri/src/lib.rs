@@ -95,6 +95,7 @@ pub fn build_app<R: Runtime>(
             commands::regenerate,
             commands::edit_and_resend,
             commands::stop_generation,
+            commands::reset_memory,
             commands::open_url,
         ])
         .build(context)?;

@@ -1,6 +1,6 @@
 //! The app's commands on Tauri's mock runtime, with a temporary data folder and the tiny
 //! fixture models (tests/fixtures/tiny): settings, device, model manager, chat (stream, stop,
-//! regenerate, edit and resend), snapshots and reopening, bad input.
+//! regenerate, edit and resend), snapshots and reopening, memory health and reset, bad input.
 
 mod common;
 
@@ -754,4 +754,135 @@ fn a_streaming_answer_is_saved_while_it_streams() {
         "what was saved midway is a prefix of the answer"
     );
     assert_eq!(answer_of(&app)["content"].as_str(), Some(text.as_str()));
+}
+
+/// The index of the first event of `kind`.
+fn first_of(events: &[serde_json::Value], kind: &str) -> Option<usize> {
+    events.iter().position(|e| e["kind"] == kind)
+}
+
+#[test]
+fn the_memory_health_comes_before_the_answer_and_a_reset_reads_only_the_window() {
+    const WINDOW: u64 = 48;
+    let dir = tempfile::tempdir().expect("dir");
+    let c = {
+        let app = TestApp::offline(dir.path());
+        app.use_tiny("delta_rule", 6);
+        let mut s = app.ok("get_settings", json!({}));
+        s["windowSize"] = json!(WINDOW);
+        app.ok("set_settings", json!({"settings": s}));
+        let c = app.new_conversation();
+        // Long enough for a verdict: one token in 8 is scored, 24 scores are needed.
+        let paste = "The quick brown fox jumps over the lazy dog. ".repeat(60);
+        let (_, events) = send(&app, &c, &paste);
+        assert_eq!(last_kind(&events), "done", "{events:?}");
+        let at = first_of(&events, "memory").expect("a memory event");
+        assert_eq!(events[0]["kind"], "started");
+        assert_eq!(at, 1, "the memory comes right after started: {events:?}");
+        assert!(first_of(&events, "token").is_none_or(|t| t > at));
+        let done = events.last().expect("done");
+        let prompt = done["stats"]["promptTokens"].as_u64().expect("prompt");
+        let memory = &events[at]["memory"];
+        assert_eq!(memory["totalTokens"].as_u64(), Some(prompt));
+        assert_eq!(memory["windowFill"].as_u64(), Some(prompt.min(WINDOW)));
+        assert_eq!(memory["windowSize"].as_u64(), Some(WINDOW));
+        let health = &memory["health"];
+        assert!(
+            ["healthy", "strained", "broken"].contains(&health["verdict"].as_str().unwrap_or("")),
+            "{health}"
+        );
+        let early = health["earlyPerplexity"].as_f64().expect("early");
+        let recent = health["recentPerplexity"].as_f64().expect("recent");
+        let ratio = health["ratio"].as_f64().expect("ratio");
+        assert!(early >= 1.0 && recent >= 1.0, "{health}");
+        assert!((ratio - recent / early).abs() < 1e-6 * ratio, "{health}");
+        // The answer's own tokens are not scored: the health after it is the prompt's.
+        assert_eq!(&done["memory"]["health"], health);
+        assert_eq!(app.conversation(&c)["memory"], done["memory"]);
+
+        // The way out: the memory and its snapshots go, the meter is empty.
+        let conv_id = tptt_store::ConversationId(c.parse().expect("id"));
+        assert!(!block_on(app.state().store.list_snapshots(conv_id))
+            .expect("snapshots")
+            .items
+            .is_empty());
+        let fresh = app.ok("reset_memory", json!({"conversationId": c}));
+        assert_eq!(fresh["totalTokens"], 0);
+        assert_eq!(fresh["windowSize"].as_u64(), Some(WINDOW));
+        assert_eq!(fresh["health"]["verdict"], "unknown");
+        assert!(block_on(app.state().store.list_snapshots(conv_id))
+            .expect("snapshots")
+            .items
+            .is_empty());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("states").join(&c))
+            .expect("states folder")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "snapshot files left: {left:?}");
+        assert_eq!(app.conversation(&c)["memory"], fresh);
+
+        // Errors: an unknown conversation, a malformed id, a reply being generated.
+        assert!(app
+            .err(
+                "reset_memory",
+                json!({"conversationId": "987654"}),
+                "not_found"
+            )
+            .contains("987654"));
+        app.err("reset_memory", json!({"conversationId": "x"}), "not_found");
+        let other = app.new_conversation();
+        let mut s = app.ok("get_settings", json!({}));
+        s["sampling"]["maxNewTokens"] = json!(60000);
+        app.ok("set_settings", json!({"settings": s.clone()}));
+        let (ch, rx) = channel();
+        block_on(tptt_chat::commands::send_message(
+            app.state(),
+            other.clone(),
+            "Tell me everything".into(),
+            ch,
+        ))
+        .expect("send");
+        app.err("reset_memory", json!({"conversationId": c}), "busy");
+        app.ok("stop_generation", json!({"conversationId": other}));
+        until_end(&rx);
+        s["sampling"]["maxNewTokens"] = json!(6);
+        app.ok("set_settings", json!({"settings": s}));
+        c
+    };
+
+    // After a restart (the mark is stored): the memory is rebuilt from the last WINDOW tokens
+    // of the conversation only, not from the whole paste.
+    let app = TestApp::offline(dir.path());
+    let (_, events) = send(&app, &c, "Go on.");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(events[0]["memory"]["totalTokens"], 0, "a fresh memory");
+    let done = events.last().expect("done").clone();
+    let generated = done["stats"]["generatedTokens"]
+        .as_u64()
+        .expect("generated");
+    assert_eq!(done["stats"]["promptTokens"].as_u64(), Some(WINDOW));
+    assert_eq!(
+        done["memory"]["totalTokens"].as_u64(),
+        Some(WINDOW + generated)
+    );
+    assert_eq!(done["memory"]["windowFill"].as_u64(), Some(WINDOW));
+    let at = first_of(&events, "memory").expect("memory event");
+    assert_eq!(events[at]["memory"]["totalTokens"].as_u64(), Some(WINDOW));
+    // The mark is spent once that memory is saved; the next turn continues it.
+    let conv_id = tptt_store::ConversationId(c.parse().expect("id"));
+    let mark: Option<bool> = block_on(
+        app.state()
+            .store
+            .get_setting(&tptt_chat::chat::fresh_memory_key(conv_id)),
+    )
+    .expect("setting");
+    assert_eq!(mark, None);
+    let (_, events) = send(&app, &c, "And then?");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(events[0]["memory"], done["memory"]);
+    let fed = events.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+    assert!(fed < WINDOW, "only the new turn is fed: {fed}");
 }
