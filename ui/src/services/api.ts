@@ -13,6 +13,7 @@ import type {
   DownloadEvent,
   ErrorKind,
   ExportFormat,
+  MemoryInfo,
   ModelEntry,
   RegenerateResult,
   SendResult,
@@ -161,6 +162,13 @@ export const editAndResend = (
 
 export const stopGeneration = (conversationId: string) =>
   call<void>('stop_generation', { conversationId });
+
+/**
+ * "Continue with a fresh memory": the conversation's memory is dropped; its next turn rebuilds it
+ * from the last window's worth of text. Resolves with the (empty) memory meter.
+ */
+export const resetMemory = (conversationId: string) =>
+  call<MemoryInfo>('reset_memory', { conversationId });
 
 // ---- App ----------------------------------------------------------------------------------
 

@@ -7,6 +7,11 @@
 // Controls for tests live on `window.__tpttMock` (see `MockControl`); the starting state is picked
 // by the page's `?scenario=` (`ready`, the default: a model downloaded and chosen, three
 // conversations; `empty`: nothing downloaded, no conversations).
+//
+// Memory health: a user message that contains `[[memory:broken]]` or is longer than 12,000
+// characters (a long paste, as drowns the untrained demo model) breaks the conversation's memory
+// (verdict `broken` in the `memory` event of its turn, and after); `[[memory:strained]]` strains
+// it. A broken or strained memory stays so until `reset_memory`.
 
 import { mockIPC } from '@tauri-apps/api/mocks';
 import type {
@@ -17,6 +22,7 @@ import type {
   DeviceInfo,
   DownloadEvent,
   ErrorKind,
+  MemoryHealth,
   MemoryInfo,
   Message,
   ModelEntry,
@@ -67,6 +73,12 @@ interface StoredConversation {
   variant: string | null;
   updatedAt: string;
   messages: Message[];
+  /** The memory's health after its last turn (absent: measured from its size). */
+  health?: MemoryHealth;
+  /** Tokens of the text the memory has not read (dropped by `reset_memory`). */
+  unreadTokens?: number;
+  /** Reset: the next turn reads only the last window's worth of text. */
+  freshMemory?: boolean;
 }
 
 export interface MockControl {
@@ -195,6 +207,22 @@ const DEFAULT_SETTINGS: Settings = {
 
 /** The mock model's own softmax window when settings leave it null. */
 const MODEL_WINDOW = 512;
+
+/** A user message with this marker breaks the memory (see the module comment). */
+export const BROKEN_MARKER = '[[memory:broken]]';
+/** A user message with this marker strains the memory. */
+export const STRAINED_MARKER = '[[memory:strained]]';
+/** A user message longer than this breaks the memory too. */
+const BROKEN_MESSAGE_CHARS = 12_000;
+
+function health(verdict: MemoryHealth['verdict'], early: number, recent: number): MemoryHealth {
+  return { verdict, earlyPerplexity: early, recentPerplexity: recent, ratio: recent / early };
+}
+
+const UNKNOWN: MemoryHealth = { verdict: 'unknown', earlyPerplexity: null, recentPerplexity: null, ratio: null };
+/** As measured on the untrained demo after a long paste. */
+const BROKEN: MemoryHealth = health('broken', 26.4, 203.7);
+const STRAINED: MemoryHealth = health('strained', 26.4, 79.2);
 
 const DEFAULT_REPLY = [
   'Here is how a **TPTT** model keeps a long chat going:',
@@ -485,6 +513,8 @@ class MockBackend implements MockControl {
       case 'stop_generation':
         this.stop(str('conversationId'));
         return null;
+      case 'reset_memory':
+        return this.resetMemory(str('conversationId'));
       case 'open_url': {
         const url = str('url');
         if (!/^(https?:|mailto:)/i.test(url)) throw fail('internal', 'Only web and mail links open.');
@@ -731,12 +761,48 @@ class MockBackend implements MockControl {
     return this.summary(c);
   }
 
+  /** Tokens of the whole conversation text. */
+  private textTokens(c: StoredConversation): number {
+    const system = countTokens(this.state.settings.systemPrompt);
+    return c.messages.reduce((n, m) => n + countTokens(m.content) + 4, system);
+  }
+
   private memory(c: StoredConversation, extra = 0): MemoryInfo {
     const windowSize = this.state.settings.windowSize ?? MODEL_WINDOW;
-    const system = countTokens(this.state.settings.systemPrompt);
-    const totalTokens = c.messages.reduce((n, m) => n + countTokens(m.content) + 4, system) + extra;
+    const totalTokens = Math.max(0, this.textTokens(c) - (c.unreadTokens ?? 0)) + extra;
     const windowFill = Math.min(totalTokens, windowSize);
-    return { windowSize, windowFill, recurrentOnlyTokens: totalTokens - windowFill, totalTokens };
+    return {
+      windowSize,
+      windowFill,
+      recurrentOnlyTokens: totalTokens - windowFill,
+      totalTokens,
+      health: c.health ?? this.measured(totalTokens),
+    };
+  }
+
+  /** A memory working as it should: healthy once enough was read to tell. */
+  private measured(totalTokens: number): MemoryHealth {
+    return totalTokens < 200 ? UNKNOWN : health('healthy', 24.3, 25.9);
+  }
+
+  /** The health after reading the conversation's last user message. */
+  private nextHealth(c: StoredConversation): MemoryHealth {
+    const text = c.messages.findLast((m) => m.role === 'user')?.content ?? '';
+    if (text.includes(BROKEN_MARKER) || text.length > BROKEN_MESSAGE_CHARS) return BROKEN;
+    if (text.includes(STRAINED_MARKER)) return STRAINED;
+    const now = c.health?.verdict;
+    if (now === 'broken' || now === 'strained') return c.health as MemoryHealth;
+    return this.measured(this.memory(c).totalTokens);
+  }
+
+  /** `reset_memory`: drops the memory; the next turn reads the last window's worth of text. */
+  private resetMemory(id: string): MemoryInfo {
+    const c = this.find(id);
+    if (this.generation) throw fail('busy', 'A reply is still being generated: wait for it, or stop it.');
+    c.unreadTokens = this.textTokens(c);
+    c.freshMemory = true;
+    c.health = UNKNOWN;
+    return this.memory(c);
   }
 
   private getConversation(id: string): Conversation {
@@ -790,7 +856,13 @@ class MockBackend implements MockControl {
       stats: null,
       createdAt: now(),
     };
-    const promptTokens = this.memory(c).totalTokens;
+    if (c.freshMemory) {
+      const windowSize = this.state.settings.windowSize ?? MODEL_WINDOW;
+      c.unreadTokens = Math.max(0, this.textTokens(c) - windowSize);
+      c.freshMemory = false;
+    }
+    const before = this.memory(c);
+    const promptTokens = before.totalTokens;
     c.messages.push(message);
     c.updatedAt = now();
     const g: Generation = {
@@ -808,7 +880,9 @@ class MockBackend implements MockControl {
     this.generationFailure = null;
     this.generation = g;
     g.timer = setTimeout(() => {
-      this.emit(channel, { kind: 'started', memory: this.memory(c) });
+      this.emit(channel, { kind: 'started', memory: before });
+      c.health = this.nextHealth(c);
+      this.emit(channel, { kind: 'memory', memory: this.memory(c) });
       this.tick(g, c);
     }, this.timing.firstTokenMs);
     return message;
@@ -867,7 +941,9 @@ class MockBackend implements MockControl {
     this.emit(g.channel, {
       kind: 'stopped',
       stats: g.message.stats,
-      memory: c ? this.memory(c) : { windowSize: 0, windowFill: 0, recurrentOnlyTokens: 0, totalTokens: 0 },
+      memory: c
+        ? this.memory(c)
+        : { windowSize: 0, windowFill: 0, recurrentOnlyTokens: 0, totalTokens: 0, health: UNKNOWN },
     });
   }
 

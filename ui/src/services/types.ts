@@ -119,12 +119,27 @@ export interface Stats {
   decodeTokensPerS: number;
 }
 
-/** The softmax window's fill, and how many earlier tokens live only in the recurrent memory. */
+export type MemoryVerdict = 'unknown' | 'healthy' | 'strained' | 'broken';
+
+/**
+ * The model's surprise on the text its memory read, as perplexities over the conversation's start
+ * and over the recent text (null until enough was read), and the verdict on their ratio.
+ */
+export interface MemoryHealth {
+  verdict: MemoryVerdict;
+  earlyPerplexity: number | null;
+  recentPerplexity: number | null;
+  /** recentPerplexity / earlyPerplexity. */
+  ratio: number | null;
+}
+
+/** The softmax window's fill, how many earlier tokens live only in the recurrent memory, and its health. */
 export interface MemoryInfo {
   windowSize: number;
   windowFill: number;
   recurrentOnlyTokens: number;
   totalTokens: number;
+  health: MemoryHealth;
 }
 
 export interface Message {
@@ -151,6 +166,8 @@ export type ExportFormat = 'markdown' | 'json';
 
 export type ChatEvent =
   | { kind: 'started'; memory: MemoryInfo }
+  /** The prompt has been read (before the first token): the memory after it, with its health. */
+  | { kind: 'memory'; memory: MemoryInfo }
   | { kind: 'token'; text: string }
   | { kind: 'done'; stats: Stats; memory: MemoryInfo }
   | { kind: 'stopped'; stats: Stats; memory: MemoryInfo }

@@ -10,10 +10,14 @@
 //   buffer first, so a stopped or failed answer keeps all the text that arrived.
 // - A failed command puts the messages back as they were; the composer's draft is only cleared
 //   once the backend has the message (drafts.svelte.ts).
+// - The memory's health is the meter's (`memory.health`): the `memory` event brings it once the
+//   prompt is read, before the answer streams; `resetMemory` replaces a broken memory with an
+//   empty one (its health `unknown`, so the warning goes).
 
 import * as api from '../services/api';
 import type { ChatEvent, Conversation, MemoryInfo, Message, Stats } from '../services/types';
 import { titleFrom } from '../lib/format';
+import { UNKNOWN_HEALTH } from '../lib/health';
 import { conversations } from './conversations.svelte';
 import { drafts, NEW_CHAT } from './drafts.svelte';
 import { settings } from './settings.svelte';
@@ -54,7 +58,13 @@ function remember(id: string | null) {
   }
 }
 
-const EMPTY_MEMORY: MemoryInfo = { windowSize: 0, windowFill: 0, recurrentOnlyTokens: 0, totalTokens: 0 };
+const EMPTY_MEMORY: MemoryInfo = {
+  windowSize: 0,
+  windowFill: 0,
+  recurrentOnlyTokens: 0,
+  totalTokens: 0,
+  health: UNKNOWN_HEALTH,
+};
 /** How long to wait for the backend's `stopped` after a successful stop command. */
 const STOP_GRACE_MS = 5000;
 
@@ -68,6 +78,8 @@ class ChatStore {
   live = $state<LiveGeneration | null>(null);
   /** A command (send, regenerate, edit) is on its way to the backend. */
   sending = $state(false);
+  /** `reset_memory` is on its way to the backend. */
+  resetting = $state(false);
 
   private openSeq = 0;
   private genSeq = 0;
@@ -94,7 +106,34 @@ class ChatStore {
     if (!live || !base.windowSize) return base.windowSize ? base : null;
     const totalTokens = base.totalTokens + live.tokens;
     const windowFill = Math.min(totalTokens, base.windowSize);
-    return { windowSize: base.windowSize, windowFill, recurrentOnlyTokens: totalTokens - windowFill, totalTokens };
+    return {
+      windowSize: base.windowSize,
+      windowFill,
+      recurrentOnlyTokens: totalTokens - windowFill,
+      totalTokens,
+      health: base.health ?? UNKNOWN_HEALTH,
+    };
+  }
+
+  /**
+   * "Continue with a fresh memory": the backend drops the conversation's memory (its next turn
+   * rebuilds it from the last window's worth of text), and the meter shows the empty one.
+   */
+  async resetMemory(): Promise<boolean> {
+    const conv = this.conversation;
+    if (!conv || this.resetting || this.live) return false;
+    this.resetting = true;
+    try {
+      const memory = await api.resetMemory(conv.id);
+      if (this.conversation?.id === conv.id) conv.memory = memory;
+      ui.info('The memory was reset', 'The next message rebuilds it from the most recent part of the conversation.');
+      return true;
+    } catch (err) {
+      ui.error(err, { context: 'Resetting the memory' });
+      return false;
+    } finally {
+      this.resetting = false;
+    }
   }
 
   /** Reopens the conversation that was open when the app last closed (if it still exists). */
@@ -383,6 +422,10 @@ class ChatStore {
     if (!live || live.seq !== seq) return;
     switch (event.kind) {
       case 'started':
+        live.memory = event.memory;
+        break;
+      case 'memory':
+        // The prompt is read: the meter and its health before the first token.
         live.memory = event.memory;
         break;
       case 'token': {
