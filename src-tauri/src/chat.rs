@@ -36,9 +36,12 @@
 //! Stop is there). [`reset_memory`] is the way out ("continue with a fresh memory"): it drops
 //! the held memory and the conversation's snapshots and marks the conversation (a setting,
 //! [`fresh_memory_key`], so it survives a restart). The next turn then rebuilds the memory
-//! from the text reading only its tail — the last `window` tokens of the rendered conversation
-//! — so the linear memory starts empty and the long paste that drowned it is not read again;
-//! the mark goes once that turn's snapshot is saved.
+//! from the text reading only its tail — the last `min(window, FRESH_MEMORY_TOKENS)` tokens of
+//! the rendered conversation — so the linear memory starts empty and the long paste that
+//! drowned it is not read again; the mark goes once that turn's snapshot is saved. The tail is
+//! bounded by [`FRESH_MEMORY_TOKENS`] as well as by the window because an untrained memory can
+//! drown the model well inside the window: the demo model's window is 8192 tokens, its memory
+//! breaks past ~3k, and re-reading a 5k-token paste within the window broke it again.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -70,6 +73,11 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const PARTIAL_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 /// Snapshots kept per conversation (the latest two turns).
 pub const SNAPSHOTS_KEPT: u32 = 2;
+/// Most tokens a memory rebuilt after [`reset_memory`] reads (when its window is smaller, the
+/// window): the span the health takes as a conversation's start
+/// ([`tptt_engine::health::EARLY_POSITIONS`]), over which even the untrained demo's memory keeps
+/// the model sane (perplexity 26 there, 200 past 3k tokens).
+pub const FRESH_MEMORY_TOKENS: usize = tptt_engine::health::EARLY_POSITIONS;
 
 /// The memory of the conversation used last, kept between turns.
 pub struct CachedSession {
@@ -443,20 +451,20 @@ fn fresh_memory_marked(state: &AppState, conversation: ConversationId) -> bool {
     }
 }
 
-/// Of a fresh memory's prompt `ids`, what fits in its `window`: the tail, after the tokens the
+/// Of a fresh memory's prompt `ids`, the `limit` tokens it reads: the tail, after the tokens the
 /// tokenizer puts before any text (`prefix`, e.g. BOS) when `ids` starts with them.
-fn tail_that_fits(ids: Vec<u32>, prefix: &[u32], window: usize) -> Vec<u32> {
-    if ids.len() <= window {
+fn tail_that_fits(ids: Vec<u32>, prefix: &[u32], limit: usize) -> Vec<u32> {
+    if ids.len() <= limit {
         return ids;
     }
-    let keep = if !prefix.is_empty() && prefix.len() < window && ids.starts_with(prefix) {
+    let keep = if !prefix.is_empty() && prefix.len() < limit && ids.starts_with(prefix) {
         prefix.len()
     } else {
         0
     };
-    let mut out = Vec::with_capacity(window);
+    let mut out = Vec::with_capacity(limit);
     out.extend_from_slice(&ids[..keep]);
-    out.extend_from_slice(&ids[ids.len() - (window - keep)..]);
+    out.extend_from_slice(&ids[ids.len() - (limit - keep)..]);
     out
 }
 
@@ -522,12 +530,17 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
             })
     };
     let mut ids = encode(turn.text.as_str())?;
-    // After `reset_memory`: a fresh memory reads only the tail that fits in its window.
+    // After `reset_memory`: a fresh memory reads only the tail that fits in its window (and in
+    // FRESH_MEMORY_TOKENS).
     let fresh_tail = mem.session.state.pos == 0 && fresh_memory_marked(state, ctx.conversation);
     if fresh_tail {
-        let window = mem.session.state.window.unwrap_or(usize::MAX);
+        let limit = mem
+            .session
+            .state
+            .window
+            .map_or(FRESH_MEMORY_TOKENS, |w| w.min(FRESH_MEMORY_TOKENS));
         let read = ids.len();
-        ids = tail_that_fits(ids, &encode("")?, window);
+        ids = tail_that_fits(ids, &encode("")?, limit);
         tracing::info!(
             conversation = ctx.conversation.0,
             text_tokens = read,
@@ -758,7 +771,7 @@ pub async fn memory_info(state: &AppState, conversation: ConversationId) -> Memo
 
 /// `reset_memory` ("continue with a fresh memory", module doc): the held memory and the
 /// snapshots of `conversation` go, and its next turn rebuilds the memory from the tail of the
-/// text. Returns the (empty) meter. `busy` while a reply is generated, `not_found` for an
+/// text (at most the window, at most [`FRESH_MEMORY_TOKENS`]). Returns the (empty) meter. `busy` while a reply is generated, `not_found` for an
 /// unknown conversation.
 pub async fn reset_memory(state: &AppState, conversation: ConversationId) -> CmdResult<MemoryInfo> {
     state.store.get_conversation(conversation).await?;

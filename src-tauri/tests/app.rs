@@ -764,6 +764,7 @@ fn first_of(events: &[serde_json::Value], kind: &str) -> Option<usize> {
 #[test]
 fn the_memory_health_comes_before_the_answer_and_a_reset_reads_only_the_window() {
     const WINDOW: u64 = 48;
+    const FRESH: usize = tptt_chat::chat::FRESH_MEMORY_TOKENS;
     let dir = tempfile::tempdir().expect("dir");
     let c = {
         let app = TestApp::offline(dir.path());
@@ -772,8 +773,9 @@ fn the_memory_health_comes_before_the_answer_and_a_reset_reads_only_the_window()
         s["windowSize"] = json!(WINDOW);
         app.ok("set_settings", json!({"settings": s}));
         let c = app.new_conversation();
-        // Long enough for a verdict: one token in 8 is scored, 24 scores are needed.
-        let paste = "The quick brown fox jumps over the lazy dog. ".repeat(60);
+        // Long enough for a verdict (one token in 8 is scored, 24 scores are needed), and longer
+        // than a fresh memory reads.
+        let paste = "The quick brown fox jumps over the lazy dog. ".repeat(300);
         let (_, events) = send(&app, &c, &paste);
         assert_eq!(last_kind(&events), "done", "{events:?}");
         let at = first_of(&events, "memory").expect("a memory event");
@@ -782,6 +784,7 @@ fn the_memory_health_comes_before_the_answer_and_a_reset_reads_only_the_window()
         assert!(first_of(&events, "token").is_none_or(|t| t > at));
         let done = events.last().expect("done");
         let prompt = done["stats"]["promptTokens"].as_u64().expect("prompt");
+        assert!(prompt > FRESH as u64 + 100, "{prompt}");
         let memory = &events[at]["memory"];
         assert_eq!(memory["totalTokens"].as_u64(), Some(prompt));
         assert_eq!(memory["windowFill"].as_u64(), Some(prompt.min(WINDOW)));
@@ -885,4 +888,26 @@ fn the_memory_health_comes_before_the_answer_and_a_reset_reads_only_the_window()
         .as_u64()
         .expect("prompt");
     assert!(fed < WINDOW, "only the new turn is fed: {fed}");
+
+    // With a window larger than FRESH_MEMORY_TOKENS, a fresh memory reads that many: an
+    // untrained memory can drown the model well inside its window.
+    let mut s = app.ok("get_settings", json!({}));
+    s["windowSize"] = json!(4096);
+    app.ok("set_settings", json!({"settings": s}));
+    assert_eq!(
+        app.ok("reset_memory", json!({"conversationId": c}))["windowSize"],
+        4096
+    );
+    let (_, events) = send(&app, &c, "Once more.");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    let done = events.last().expect("done");
+    let generated = done["stats"]["generatedTokens"]
+        .as_u64()
+        .expect("generated");
+    assert_eq!(done["stats"]["promptTokens"].as_u64(), Some(FRESH as u64));
+    assert_eq!(done["memory"]["windowSize"], 4096);
+    assert_eq!(
+        done["memory"]["windowFill"].as_u64(),
+        Some(FRESH as u64 + generated)
+    );
 }
