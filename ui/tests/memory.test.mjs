@@ -53,6 +53,7 @@ describe('memory health', () => {
     const text = await warning.textContent();
     assert.match(text, /memory is making its answers unreliable/);
     assert.match(text, /7\.7× as surprising/);
+    assert.match(text, /at most 512 tokens/, 'the mock window (512) bounds what a fresh memory reads');
     assert.equal(await warning.getAttribute('role'), 'alert');
     const health = page.getByTestId('memory-health');
     assert.equal(await health.getAttribute('data-verdict'), 'broken');

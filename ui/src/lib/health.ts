@@ -51,6 +51,14 @@ export function healthExplanation(h: MemoryHealth): string {
   }
 }
 
+/** Most tokens a memory rebuilt after `reset_memory` reads (docs/ipc.md), besides its window. */
+export const FRESH_MEMORY_TOKENS = 1024;
+
+/** How many tokens a fresh memory with this window reads at most (0: window unknown). */
+export function freshMemoryTokens(windowSize: number): number {
+  return windowSize > 0 ? Math.min(windowSize, FRESH_MEMORY_TOKENS) : FRESH_MEMORY_TOKENS;
+}
+
 /** How much more surprising the recent text is, for the warnings ("7.7×"), or null. */
 export function surpriseRatio(h: MemoryHealth): string | null {
   return h.ratio !== null && Number.isFinite(h.ratio) ? formatRatio(h.ratio) : null;

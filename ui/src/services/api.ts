@@ -165,7 +165,8 @@ export const stopGeneration = (conversationId: string) =>
 
 /**
  * "Continue with a fresh memory": the conversation's memory is dropped; its next turn rebuilds it
- * from the last window's worth of text. Resolves with the (empty) memory meter.
+ * from the text's tail (at most the window, at most 1024 tokens). Resolves with the (empty)
+ * memory meter.
  */
 export const resetMemory = (conversationId: string) =>
   call<MemoryInfo>('reset_memory', { conversationId });

@@ -14,6 +14,7 @@
 // it. A broken or strained memory stays so until `reset_memory`.
 
 import { mockIPC } from '@tauri-apps/api/mocks';
+import { freshMemoryTokens } from '../lib/health';
 import type {
   ChatEvent,
   CommandError,
@@ -77,7 +78,7 @@ interface StoredConversation {
   health?: MemoryHealth;
   /** Tokens of the text the memory has not read (dropped by `reset_memory`). */
   unreadTokens?: number;
-  /** Reset: the next turn reads only the last window's worth of text. */
+  /** Reset: the next turn reads only the text's tail. */
   freshMemory?: boolean;
 }
 
@@ -795,7 +796,7 @@ class MockBackend implements MockControl {
     return this.measured(this.memory(c).totalTokens);
   }
 
-  /** `reset_memory`: drops the memory; the next turn reads the last window's worth of text. */
+  /** `reset_memory`: drops the memory; the next turn reads the text's tail (at most the window, at most 1024 tokens). */
   private resetMemory(id: string): MemoryInfo {
     const c = this.find(id);
     if (this.generation) throw fail('busy', 'A reply is still being generated: wait for it, or stop it.');
@@ -858,7 +859,7 @@ class MockBackend implements MockControl {
     };
     if (c.freshMemory) {
       const windowSize = this.state.settings.windowSize ?? MODEL_WINDOW;
-      c.unreadTokens = Math.max(0, this.textTokens(c) - windowSize);
+      c.unreadTokens = Math.max(0, this.textTokens(c) - freshMemoryTokens(windowSize));
       c.freshMemory = false;
     }
     const before = this.memory(c);

@@ -117,7 +117,8 @@ class ChatStore {
 
   /**
    * "Continue with a fresh memory": the backend drops the conversation's memory (its next turn
-   * rebuilds it from the last window's worth of text), and the meter shows the empty one.
+   * rebuilds it from the text's tail: at most the window, at most 1024 tokens), and the meter
+   * shows the empty one.
    */
   async resetMemory(): Promise<boolean> {
     const conv = this.conversation;
