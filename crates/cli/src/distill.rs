@@ -99,6 +99,7 @@ fn fmt_duration(secs: f64) -> String {
 
 /// `tptt distill`.
 pub(crate) fn run(args: &DistillArgs) -> Result<()> {
+    tptt::alloc::tune_for_training();
     if args.checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1");
     }

@@ -28,3 +28,20 @@ pub fn tune_for_inference() -> bool {
         false
     }
 }
+
+/// [`tune_for_inference`], and no `mmap` for allocations at all: training frees and allocates
+/// tensors of hundreds of megabytes (attention scores of a long sequence, `[S, V]` logits) at
+/// every layer, above any mmap threshold glibc accepts (32 MiB at most), so each one would be
+/// mapped, faulted in and zeroed again. From the heap they are reused. Returns whether applied.
+pub fn tune_for_training() -> bool {
+    let inference = tune_for_inference();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `mallopt` only changes allocator parameters.
+        inference && unsafe { libc::mallopt(libc::M_MMAP_MAX, 0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        inference
+    }
+}

@@ -7,10 +7,12 @@
 
 use candle_core::{Tensor, D};
 
-use super::{Layer, Linear, Matrix, Model};
+use super::{Layer, Linear, Matrix, Mlp, Model};
+use crate::config::Activation;
 use crate::config::QkNorm;
 use crate::error::{Error, Result};
 use crate::rope;
+use crate::train::frozen::frozen_matmul;
 
 /// LoRA tensors of one projection: `a: [r, in]`, `b: [out, r]`.
 #[derive(Debug, Clone)]
@@ -42,6 +44,39 @@ pub struct SeqContext {
     masks: Vec<(Option<usize>, Tensor)>,
     window: Option<usize>,
     len: usize,
+}
+
+impl Linear {
+    /// [`Linear::forward`] with the gradient flowing to `x` only ([`frozen_matmul`]).
+    fn train_forward(&self, x: &Tensor) -> Result<Tensor> {
+        match (&self.w, &self.lora) {
+            (Matrix::Dense(w), None) => {
+                let y = frozen_matmul(x, w)?;
+                Ok(match &self.b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+            _ => self.forward(x),
+        }
+    }
+}
+
+impl Mlp {
+    /// The gated MLP with frozen matrices ([`Linear::train_forward`]).
+    fn train_forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match self {
+            Mlp::Gated(e) => {
+                let g = e.gate.train_forward(x)?;
+                let g = match act {
+                    Activation::Silu => candle_nn::ops::silu(&g)?,
+                    Activation::GeluTanh => g.gelu()?,
+                };
+                e.down.train_forward(&(g * e.up.train_forward(x)?)?)
+            }
+            Mlp::Moe { .. } => self.forward(x, act),
+        }
+    }
 }
 
 impl Model {
@@ -84,8 +119,9 @@ impl Model {
             .iter()
             .map(|r| r.cos_sin(&positions, &self.device))
             .collect::<Result<_>>()?;
+        // The CPU's window softmax needs no mask tensor (`crate::train::softmax`).
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
-        for layer in &self.layers {
+        for layer in self.layers.iter().filter(|_| !self.device.is_cpu()) {
             let w = effective(window, layer);
             if masks.iter().any(|(x, _)| *x == w) {
                 continue;
@@ -127,7 +163,7 @@ impl Model {
 
     /// Final norm, `lm_head` and soft-cap: `[S, E]` → `[S, V]`.
     pub fn train_head(&self, h: &Tensor) -> Result<Tensor> {
-        let logits = self.lm_head.forward(&self.norm.forward(h)?)?;
+        let logits = self.lm_head.train_forward(&self.norm.forward(h)?)?;
         Ok(match self.cfg.base.final_logit_softcap {
             Some(c) => ((logits / c)?.tanh()? * c)?,
             None => logits,
@@ -159,7 +195,7 @@ impl Model {
         let g = nh / nkv;
         let proj =
             |lin: &Linear, x: &Tensor, pick: fn(&LayerLora) -> &LoraPair| -> Result<Tensor> {
-                let y = lin.forward(x)?;
+                let y = lin.train_forward(x)?;
                 match lora {
                     Some((l, scale)) => {
                         let p = pick(l);
@@ -205,17 +241,22 @@ impl Model {
         )?;
         let v = vs.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
         let w = effective(ctx.window, layer);
-        let mask = &ctx
-            .masks
-            .iter()
-            .find(|(x, _)| *x == w)
-            .ok_or_else(|| Error::State("mask missing".into()))?
-            .1;
         let qg = q.reshape((nkv, g * s, d))?; // heads h = kvh·G + g
         let scores = (qg.matmul(&k.t()?)? * b.attn_scale)?; // [Hkv, G·S, S]
-        let scores = scores.reshape((nkv, g, s, s))?.broadcast_add(mask)?;
-        // The generic softmax: candle's fused `softmax_last_dim` has no backward.
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((nkv, g * s, s))?;
+        let scores = scores.reshape((nh, s, s))?;
+        let probs = if self.device.is_cpu() {
+            crate::train::softmax::window_softmax(&scores, w)?
+        } else {
+            // GPUs: the mask and candle's generic softmax (the fused one has no backward).
+            let mask = &ctx
+                .masks
+                .iter()
+                .find(|(x, _)| *x == w)
+                .ok_or_else(|| Error::State("mask missing".into()))?
+                .1;
+            candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?
+        };
+        let probs = probs.reshape((nkv, g * s, s))?;
         let attn = probs
             .matmul(&v)?
             .reshape((nh, s, d))?
@@ -252,7 +293,7 @@ impl Model {
         };
         let h = (h + out)?;
         let x = layer.pre_ff_norm.forward(&h)?;
-        let mlp = layer.mlp.forward(&x, b.hidden_act)?;
+        let mlp = layer.mlp.train_forward(&x, b.hidden_act)?;
         let mlp = match &layer.post_ff_norm {
             Some(n) => n.forward(&mlp)?,
             None => mlp,

@@ -5,4 +5,6 @@
 //! LiZA branch from tensor operations (tested against the naive scan).
 
 pub mod distill;
+pub mod frozen;
 pub mod linear;
+pub mod softmax;
