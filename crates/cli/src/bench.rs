@@ -47,6 +47,64 @@ use tptt::repo::TpttRepo;
 use tptt_engine::session::{Session, SessionOptions};
 use tptt_engine::snapshot::{self, config_hash, ModelIdentity};
 
+/// Softmax window of the long-context check (the memory is judged past 4× it).
+const LONG_CONTEXT_WINDOW: usize = 512;
+
+/// `tptt eval`'s figures on one text for the bench JSON: the report and the two ratios of the
+/// perplexity past 4× the window (TPTT / full attention, TPTT / same window without memory).
+fn long_context(
+    subject: &Subject,
+    dir: &Path,
+    text: &Path,
+    quick: bool,
+) -> std::result::Result<(Value, Option<f64>, Option<f64>), String> {
+    if text.as_os_str() == "none" {
+        return Err("--eval-text none".into());
+    }
+    let tok_path = [
+        dir.join("tokenizer.json"),
+        subject.base_dir.join("tokenizer.json"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .ok_or("no tokenizer.json next to the model")?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| e.to_string())?;
+    let max = if quick { 2560 } else { 8192 };
+    let texts = crate::eval::read_texts(&tokenizer, &[text.to_path_buf()], Some(max))
+        .map_err(|e| format!("{e:#}"))?;
+    let from = 4 * LONG_CONTEXT_WINDOW;
+    let len = texts[0].1.len();
+    if len <= from + 1 {
+        return Err(format!(
+            "{} has {len} tokens, fewer than 4× the window",
+            text.display()
+        ));
+    }
+    progress(format!(
+        "[long context] {} ({len} tokens), window {LONG_CONTEXT_WINDOW}",
+        text.display()
+    ));
+    let plan = crate::eval::EvalPlan {
+        texts: &texts,
+        window: LONG_CONTEXT_WINDOW,
+        edges: vec![0, LONG_CONTEXT_WINDOW, from, len],
+        full_max_tokens: max,
+        probe_distances: if quick { vec![512] } else { vec![1024, 4096] },
+    };
+    let results =
+        crate::eval::evaluate(&subject.model, &tokenizer, &plan).map_err(|e| format!("{e:#}"))?;
+    let past = |name: &str| {
+        results
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.buckets.as_ref().ok())
+            .and_then(|b| b.last().filter(|b| b.tokens > 0).map(|b| b.perplexity()))
+    };
+    let (t, w, f) = (past("tptt"), past("no_memory"), past("full_attention"));
+    let report = crate::eval::to_json(&subject.label, &texts, &results);
+    Ok((report, ratio(t, f), ratio(t, w)))
+}
+
 /// Greedy steps timed per decode measurement.
 const DECODE_STEPS: usize = 32;
 /// Bytes of the bandwidth buffer.
@@ -76,6 +134,10 @@ pub(crate) struct BenchArgs {
     /// Short histories (decode after 128 / 1k / 4k, resume after 2k) for a smoke run.
     #[arg(long)]
     quick: bool,
+    /// Text of the long-context quality check (`tptt eval` numbers in the JSON): default
+    /// Debian's GPL-3 text; `none` skips it.
+    #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
+    eval_text: PathBuf,
 }
 
 /// History lengths and sizes of one run.
@@ -974,6 +1036,15 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         progress(format!("[llama.cpp] not available: {why}"));
     }
 
+    let long_context = long_context(&subject, &dir, &args.eval_text, args.quick);
+    let (ctx_vs_full, ctx_vs_window) = match &long_context {
+        Ok((_, vs_full, vs_window)) => (*vs_full, *vs_window),
+        Err(why) => {
+            progress(format!("[long context] not measured: {why}"));
+            (None, None)
+        }
+    };
+
     let long = plan.long();
     let a_short = a.decode_at(short);
     let ratios = json!({
@@ -986,6 +1057,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "resume_ttft_s": Some(a.resume.restore_ttft_s),
         "quant_decode_vs_llamacpp": ratio(quant.num("decode_tok_s"), llama.num("tg128_tok_s")),
         "quant_prefill_vs_llamacpp": ratio(quant.num("prefill_tok_s"), llama.num("pp512_tok_s")),
+        "long_context_ppl_vs_full_attention": ctx_vs_full,
+        "long_context_ppl_vs_same_window": ctx_vs_window,
     });
     let r = |k: &str| ratios.get(k).and_then(Value::as_f64);
     let check = |v: Option<f64>, ok: fn(f64) -> bool| v.map(ok);
@@ -999,8 +1072,14 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "resume_speedup >= 20": check(r("resume_speedup"), |x| x >= 20.0),
         "quant_decode_vs_llamacpp >= 0.8": check(r("quant_decode_vs_llamacpp"), |x| x >= 0.8),
         "quant_prefill_vs_llamacpp >= 0.5": check(r("quant_prefill_vs_llamacpp"), |x| x >= 0.5),
+        "long_context_ppl_vs_full_attention <= 1.2": check(r("long_context_ppl_vs_full_attention"), |x| x <= 1.2),
+        "long_context_ppl_vs_same_window <= 0.8": check(r("long_context_ppl_vs_same_window"), |x| x <= 0.8),
     });
     let mut notes = serde_json::Map::new();
+    notes.insert(
+        "long_context_ppl_vs_full_attention".into(),
+        json!(format!("perplexity of the TPTT model with a {LONG_CONTEXT_WINDOW}-token window over positions from 4× the window to the end of the eval text, over (c) the same weights with full attention; `..._vs_same_window` over (b) the branch off with the same window (issue 18's targets); see `long_context`")),
+    );
     let quant_note = match (&quant, &llama) {
         (Baseline::Measured(_), Baseline::Measured(_)) => "ours: the GGUF base (Q4_1 re-quantized to Q8_0 at load, see crates/tptt/src/gguf.rs) with the same TPTT injection; llama.cpp: llama-bench pp512/tg128".to_string(),
         (Baseline::Measured(_), Baseline::Missing(why)) => format!("ours measured on the GGUF base (see `quantized`); llama.cpp not available: {why}"),
@@ -1092,6 +1171,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "reference": reference.to_json(),
         "llamacpp": llama.to_json(),
         "quantized": quant.to_json(),
+        "long_context": match &long_context {
+            Ok((report, _, _)) => report.clone(),
+            Err(why) => json!({ "not_available": why }),
+        },
         "ratios": ratios,
         "targets_met": targets,
         "notes": notes,

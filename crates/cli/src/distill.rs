@@ -152,6 +152,20 @@ pub(crate) fn run(args: &DistillArgs) -> Result<()> {
     if variant.is_empty() || variant.contains(['/', '\\']) || variant.starts_with('.') {
         bail!("--variant {variant:?} is not a folder name");
     }
+    // tptt 0.12.1 looks for the adapter in the repo folder itself (and silently runs without
+    // it) when the repo's path ends with the variant's name, e.g. `tptt-distilled/distilled`.
+    let out_name = args
+        .out
+        .canonicalize()
+        .unwrap_or_else(|_| args.out.clone())
+        .to_string_lossy()
+        .into_owned();
+    if out_name.trim_end_matches('/').ends_with(&variant) {
+        bail!(
+            "the repo folder {} ends with the variant name {variant:?}: tptt 0.12.1 would then ignore the adapter; choose another --variant or --out",
+            args.out.display()
+        );
+    }
     let mut distiller = Distiller::new(student, cfg, tokens)?;
     let work = args.out.join(".distill").join(&variant);
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;

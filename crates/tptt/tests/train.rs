@@ -259,3 +259,34 @@ fn what_cannot_train_is_refused() {
     let m = Model::load(&files, &LoadOptions::default()).expect("load");
     assert!(bad(cfg(8, 64), m, t).contains("mixture-of-experts"));
 }
+
+/// `tests/fixtures/tiny/tptt-trained/distilled` was written by `tptt distill` (command in the
+/// fixtures' README); `cases/distilled.safetensors` holds what tptt 0.12.1 computes with it
+/// (`reference_distilled.py`): with its trained window (8 tokens, the reference's limit) and
+/// with the window off over 40 tokens.
+#[test]
+fn the_reference_runs_what_we_trained() {
+    let dev = candle_core::Device::Cpu;
+    let cases =
+        candle_core::safetensors::load(fixtures().join("cases/distilled.safetensors"), &dev)
+            .expect("reference logits");
+    let files = TpttRepo::open(fixtures().join("tptt-trained"))
+        .and_then(|r| r.variant(Some("distilled"), None))
+        .expect("distilled variant");
+    assert_eq!(files.config.tptt.max_self_attn_length, Some(8));
+    assert!(files.config.tptt.lora.is_some(), "trained with LoRA");
+    let m = Model::load(&files, &LoadOptions::default()).expect("load");
+    for (name, window) in [("w", Some(8)), ("full", None)] {
+        let got_ids: Vec<u32> = cases[&format!("ids_{name}")]
+            .to_vec1::<i32>()
+            .expect("ids")
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        assert_eq!(got_ids, ids(got_ids.len(), 3), "{name}: the script's ids");
+        let mut st = m.new_state(CarryMode::Continue, window);
+        let ours = m.forward(&got_ids, &mut st, Logits::All).expect("forward");
+        let d = max_diff(&ours, &cases[&format!("logits_{name}")]);
+        assert!(d < 1e-4, "{name}: max |Δlogit| against tptt 0.12.1: {d}");
+    }
+}

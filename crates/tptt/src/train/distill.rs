@@ -697,6 +697,13 @@ fn write_safetensors(
         message,
     };
     safetensors::serialize_to_file(views, meta, &tmp).map_err(|e| io(e.to_string()))?;
+    // The safetensors crate creates the file owner-only; a model file is world-readable.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| io(e.to_string()))?;
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(e.to_string())
