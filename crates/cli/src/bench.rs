@@ -86,6 +86,7 @@ fn long_context(
     ));
     let plan = crate::eval::EvalPlan {
         texts: &texts,
+        configs: crate::eval::CONFIGS.to_vec(),
         window: LONG_CONTEXT_WINDOW,
         edges: vec![0, LONG_CONTEXT_WINDOW, from, len],
         full_max_tokens: max,

@@ -50,6 +50,14 @@ pub(crate) struct EvalArgs {
     /// Skip the recall probes.
     #[arg(long)]
     pub(crate) no_probes: bool,
+    /// Which configurations to run (tptt, no_memory, full_attention): the last two do not
+    /// depend on the variant's training, so comparing variants of one base needs them once.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tptt,no_memory,full_attention"
+    )]
+    pub(crate) configs: Vec<String>,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -110,6 +118,8 @@ pub(crate) struct ConfigResult {
 /// Options of [`evaluate`].
 pub(crate) struct EvalPlan<'a> {
     pub(crate) texts: &'a [(PathBuf, Vec<u32>)],
+    /// Names of [`CONFIGS`] to run.
+    pub(crate) configs: Vec<&'static str>,
     pub(crate) window: usize,
     pub(crate) edges: Vec<usize>,
     pub(crate) full_max_tokens: usize,
@@ -146,7 +156,7 @@ pub(crate) fn evaluate(
         .map(|d| d + plan.window)
         .collect();
     let mut out = Vec::new();
-    for name in CONFIGS {
+    for name in plan.configs.iter().copied() {
         let mut m = model.clone();
         let window = match name {
             "full_attention" => None,
@@ -272,8 +282,21 @@ pub(crate) fn run(args: &EvalArgs) -> Result<()> {
         .window
         .or_else(|| model.config_window())
         .unwrap_or(DEFAULT_WINDOW);
+    let configs =
+        args.configs
+            .iter()
+            .map(|c| {
+                CONFIGS.iter().copied().find(|k| k == c).with_context(|| {
+                    format!("--configs: {c:?} is not one of {}", CONFIGS.join(", "))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+    if configs.is_empty() {
+        bail!("--configs: name at least one of {}", CONFIGS.join(", "));
+    }
     let plan = EvalPlan {
         texts: &texts,
+        configs,
         window,
         edges,
         full_max_tokens: args.full_max_tokens,

@@ -93,6 +93,35 @@ fn the_json_report_covers_every_token_in_three_configurations() {
             .collect();
         assert_eq!(&distances[..2], &[40, 72], "{name}: window + distance");
     }
+    // --configs runs only those named.
+    let only = tptt(&[
+        "eval",
+        repo.to_str().expect("utf-8"),
+        "--variant",
+        "delta_product",
+        "--text",
+        text.to_str().expect("utf-8"),
+        "--window",
+        "32",
+        "--buckets",
+        "64,256",
+        "--no-probes",
+        "--configs",
+        "tptt",
+        "--json",
+    ]);
+    assert!(
+        only.status.success(),
+        "{}",
+        String::from_utf8_lossy(&only.stderr)
+    );
+    let o: serde_json::Value = serde_json::from_slice(&only.stdout).expect("JSON");
+    let names: Vec<&String> = o["configs"].as_object().expect("configs").keys().collect();
+    assert_eq!(names, ["tptt"]);
+    assert_eq!(
+        o["configs"]["tptt"]["buckets"],
+        v["configs"]["tptt"]["buckets"]
+    );
     // The variant's memory is on, the other two have it off.
     assert_eq!(v["configs"]["tptt"]["mag_weight"].as_f64(), Some(0.5));
     assert_eq!(v["configs"]["no_memory"]["mag_weight"].as_f64(), Some(0.0));
@@ -115,7 +144,8 @@ fn bad_input_is_a_clear_error() {
         empty.to_str().expect("utf-8"),
         binary.to_str().expect("utf-8"),
     );
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        (&["--text", t, "--configs", "tptt,bogus"], "--configs"),
         (&["--text", e], "at least 2"),
         (&["--text", b], "not UTF-8"),
         (&["--text", "/nonexistent/text.txt"], "reading"),
