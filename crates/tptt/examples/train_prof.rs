@@ -51,7 +51,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = (logits * g)?.sum_all()?.backward()?;
     eprintln!("head fwd+bwd: {:.2}s", t.elapsed().as_secs_f64());
     let grad = inputs[0].ones_like()?;
-    for i in [0usize, 1] {
+    let reps: usize = std::env::var("LAYER_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    for i in (0..reps).map(|r| r % 2) {
         let t = Instant::now();
         let x = Var::from_tensor(&inputs[i])?;
         let y = m.train_layer(i, x.as_tensor(), None, &ctx)?;

@@ -202,6 +202,84 @@ struct Layer {
     rope: usize,
 }
 
+impl Layer {
+    /// The softmax branch's inputs from the raw projections `[S, ·]`: q/k norms, `clip_qkv`,
+    /// RoPE. Returns `q: [H, S, D]`, `k: [Hkv, S, D]` (rotated) and `v: [S, Hkv·D]` (clipped).
+    fn softmax_qkv(
+        &self,
+        b: &BaseConfig,
+        q_raw: &Tensor,
+        k_raw: &Tensor,
+        v_raw: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+        let s = q_raw.dim(0)?;
+        let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            match b.qk_norm {
+                QkNorm::PerHead => {
+                    qs = qn.forward(&qs.reshape((s, nh, d))?)?.reshape((s, nh * d))?;
+                    ks = kn
+                        .forward(&ks.reshape((s, nkv, d))?)?
+                        .reshape((s, nkv * d))?;
+                }
+                _ => {
+                    qs = qn.forward(&qs)?;
+                    ks = kn.forward(&ks)?;
+                }
+            }
+        }
+        if let Some(c) = b.clip_qkv {
+            qs = qs.clamp(-c, c)?;
+            ks = ks.clamp(-c, c)?;
+            vs = vs.clamp(-c, c)?;
+        }
+        let q = rope::apply(
+            &qs.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?,
+            cos,
+            sin,
+        )?;
+        let k = rope::apply(
+            &ks.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?,
+            cos,
+            sin,
+        )?;
+        Ok((q, k, vs))
+    }
+}
+
+/// The Memory-as-Gate mix of the softmax output `attn` and the linear branch's `y` (both
+/// `[S, H·D]`) through the shared `o_proj` (SPEC §6): `o((1−m)·attn + m·y)` when neither
+/// `cross_gate` nor `base_scale_attn` is set (the mix is then linear in the branch outputs),
+/// else `(1−m)·o(attn)` and `m·o(y)` (rescaled by `rms(o(attn))`), plus their product with the
+/// cross gate.
+fn mix(
+    tptt: &TpttSettings,
+    attn: &Tensor,
+    y: &Tensor,
+    o: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let m = tptt.mag_weight;
+    if !tptt.cross_gate && !tptt.base_scale_attn {
+        return o(&((attn * (1.0 - m) as f64)? + (y * m as f64)?)?);
+    }
+    let o_base = o(attn)?; // [S, E]
+    let mut o_lin = o(y)?;
+    if tptt.base_scale_attn {
+        let rms = (o_base.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+        o_lin = o_lin.broadcast_mul(&rms)?;
+    }
+    let sw = (&o_base * (1.0 - m) as f64)?;
+    let lw = (o_lin * m as f64)?;
+    Ok(if tptt.cross_gate {
+        ((&sw + &lw)? + (&sw * &lw)?)?
+    } else {
+        (sw + lw)?
+    })
+}
+
 /// Which logits [`Model::forward`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -908,11 +986,7 @@ impl Model {
         let g = nh / nkv;
         let scale = b.attn_scale;
         let tptt = &self.cfg.tptt;
-        let m = tptt.mag_weight;
-        let linear_on = m != 0.0;
-        // Without cross gate / base scaling the mix is linear in the branch outputs, so the
-        // shared o_proj runs once: o((1−m)·a + m·y) = (1−m)·o(a) + m·o(y) (bias included).
-        let fuse_o = !tptt.cross_gate && !tptt.base_scale_attn;
+        let linear_on = tptt.mag_weight != 0.0;
         let filled_before = state.key_pos.len();
         for (layer, ls) in self.layers.iter().zip(state.layers.iter_mut()) {
             let x = layer.in_norm.forward(&h)?;
@@ -930,36 +1004,7 @@ impl Model {
 
             // Softmax branch: q/k norms, clip, RoPE, GQA, window mask. The linear branch reads the
             // raw projections (tptt calls q_proj/k_proj/v_proj itself).
-            let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                match b.qk_norm {
-                    QkNorm::PerHead => {
-                        qs = qn.forward(&qs.reshape((s, nh, d))?)?.reshape((s, nh * d))?;
-                        ks = kn
-                            .forward(&ks.reshape((s, nkv, d))?)?
-                            .reshape((s, nkv * d))?;
-                    }
-                    _ => {
-                        qs = qn.forward(&qs)?;
-                        ks = kn.forward(&ks)?;
-                    }
-                }
-            }
-            if let Some(c) = b.clip_qkv {
-                qs = qs.clamp(-c, c)?;
-                ks = ks.clamp(-c, c)?;
-                vs = vs.clamp(-c, c)?;
-            }
-            let q = rope::apply(
-                &qs.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?,
-                cos,
-                sin,
-            )?; // [H, S, D]
-            let k = rope::apply(
-                &ks.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?,
-                cos,
-                sin,
-            )?; // [Hkv, S, D]
+            let (q, k, vs) = layer.softmax_qkv(b, &q_raw, &k_raw, &v_raw, cos, sin)?;
             let v = vs.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
             let attn = if in_place_prompt {
                 let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -1056,25 +1101,7 @@ impl Model {
                     self.scan,
                 );
                 let y = Tensor::from_vec(y, (s, nh * d), &self.device)?;
-                if fuse_o {
-                    layer
-                        .o
-                        .forward(&((attn * (1.0 - m) as f64)? + (y * m as f64)?)?)?
-                } else {
-                    let o_base = layer.o.forward(&attn)?; // [S, E]
-                    let mut o_lin = layer.o.forward(&y)?;
-                    if tptt.base_scale_attn {
-                        let rms = (o_base.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
-                        o_lin = o_lin.broadcast_mul(&rms)?;
-                    }
-                    let sw = (&o_base * (1.0 - m) as f64)?;
-                    let lw = (o_lin * m as f64)?;
-                    if tptt.cross_gate {
-                        ((&sw + &lw)? + (&sw * &lw)?)?
-                    } else {
-                        (sw + lw)?
-                    }
-                }
+                mix(tptt, &attn, &y, |z| layer.o.forward(z))?
             } else {
                 layer.o.forward(&attn)?
             };

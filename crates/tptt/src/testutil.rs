@@ -14,3 +14,20 @@ pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The largest absolute difference between two tensors' values (flattened, f32).
+pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let a = a
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("f32 values");
+    let b = b
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("f32 values");
+    assert_eq!(a.len(), b.len(), "tensors of different sizes");
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}

@@ -9,9 +9,7 @@ use candle_core::{Tensor, D};
 
 use super::{Layer, Linear, Matrix, Mlp, Model};
 use crate::config::Activation;
-use crate::config::QkNorm;
 use crate::error::{Error, Result};
-use crate::rope;
 use crate::train::frozen::frozen_matmul;
 
 /// LoRA tensors of one projection: `a: [r, in]`, `b: [out, r]`.
@@ -208,37 +206,8 @@ impl Model {
         let q_raw = proj(&layer.q, &x, |l| &l.q)?;
         let k_raw = proj(&layer.k, &x, |l| &l.k)?;
         let v_raw = proj(&layer.v, &x, |l| &l.v)?;
-        let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            match b.qk_norm {
-                QkNorm::PerHead => {
-                    qs = qn.forward(&qs.reshape((s, nh, d))?)?.reshape((s, nh * d))?;
-                    ks = kn
-                        .forward(&ks.reshape((s, nkv, d))?)?
-                        .reshape((s, nkv * d))?;
-                }
-                _ => {
-                    qs = qn.forward(&qs)?;
-                    ks = kn.forward(&ks)?;
-                }
-            }
-        }
-        if let Some(c) = b.clip_qkv {
-            qs = qs.clamp(-c, c)?;
-            ks = ks.clamp(-c, c)?;
-            vs = vs.clamp(-c, c)?;
-        }
         let (cos, sin) = &ctx.cos_sin[layer.rope];
-        let q = rope::apply(
-            &qs.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?,
-            cos,
-            sin,
-        )?;
-        let k = rope::apply(
-            &ks.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?,
-            cos,
-            sin,
-        )?;
+        let (q, k, vs) = layer.softmax_qkv(b, &q_raw, &k_raw, &v_raw, cos, sin)?;
         let v = vs.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?;
         let w = effective(ctx.window, layer);
         let qg = q.reshape((nkv, g * s, d))?; // heads h = kvh·G + g
@@ -263,27 +232,10 @@ impl Model {
             .transpose(0, 1)?
             .reshape((s, nh * d))?;
         let tptt = &self.cfg.tptt;
-        let m = tptt.mag_weight;
         let o = |z: &Tensor| proj(&layer.o, z, |l| &l.o);
-        let out = if m != 0.0 {
+        let out = if tptt.mag_weight != 0.0 {
             let y = crate::train::linear::forward(&self.shape, &q_raw, &k_raw, &v_raw)?;
-            if !tptt.cross_gate && !tptt.base_scale_attn {
-                o(&((attn * (1.0 - m) as f64)? + (y * m as f64)?)?)?
-            } else {
-                let o_base = o(&attn)?;
-                let mut o_lin = o(&y)?;
-                if tptt.base_scale_attn {
-                    let rms = (o_base.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
-                    o_lin = o_lin.broadcast_mul(&rms)?;
-                }
-                let sw = (&o_base * (1.0 - m) as f64)?;
-                let lw = (o_lin * m as f64)?;
-                if tptt.cross_gate {
-                    ((&sw + &lw)? + (&sw * &lw)?)?
-                } else {
-                    (sw + lw)?
-                }
-            }
+            super::mix(tptt, &attn, &y, o)?
         } else {
             o(&attn)?
         };

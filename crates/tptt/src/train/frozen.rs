@@ -66,14 +66,7 @@ mod tests {
         let g = Tensor::from_vec(rand_vec(7 * 3, 3), (7, 3), &dev).expect("g");
         let fast = frozen_matmul(x.as_tensor(), &w).expect("op");
         let slow = x.as_tensor().matmul(&w.t().expect("t")).expect("matmul");
-        let d = |a: &Tensor, b: &Tensor| {
-            let a = a.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a");
-            let b = b.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b");
-            a.iter()
-                .zip(&b)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0f32, f32::max)
-        };
+        let d = crate::testutil::max_diff;
         assert!(d(&fast, &slow) < 1e-6);
         let gf = (fast * &g)
             .and_then(|t| t.sum_all())
