@@ -100,8 +100,8 @@ fn fmt_duration(secs: f64) -> String {
 /// `tptt distill`.
 pub(crate) fn run(args: &DistillArgs) -> Result<()> {
     tptt::alloc::tune_for_training();
-    if args.checkpoint_every == 0 {
-        bail!("--checkpoint-every must be at least 1");
+    if args.checkpoint_every == 0 || args.steps == 0 {
+        bail!("--steps and --checkpoint-every must be at least 1");
     }
     if !args.mag_weight.is_finite() || args.mag_weight <= 0.0 || args.mag_weight >= 1.0 {
         bail!("--mag-weight must be in (0, 1), got {}", args.mag_weight);
@@ -130,7 +130,8 @@ pub(crate) fn run(args: &DistillArgs) -> Result<()> {
     let student = Model::load_plain(base, settings, &LoadOptions::default())
         .with_context(|| format!("loading the base {}", base.display()))?;
     student.check_trainable()?;
-    let need = estimate_step_bytes(&student, args.seq_len) + student.weight_bytes() as u64 * 2;
+    let need = estimate_step_bytes(&student, args.seq_len)
+        .saturating_add((student.weight_bytes() as u64).saturating_mul(2));
     if let Some(avail) = available_memory() {
         if need > avail {
             bail!(

@@ -102,6 +102,9 @@ const PROBES: &[Probe] = &[
     },
 ];
 
+/// Longest probe distance (and window) accepted.
+const MAX_PROBE_DISTANCE: usize = 1 << 20;
+
 /// The three configurations, by name.
 pub(crate) const CONFIGS: [&str; 3] = ["tptt", "no_memory", "full_attention"];
 
@@ -282,6 +285,18 @@ pub(crate) fn run(args: &EvalArgs) -> Result<()> {
         .window
         .or_else(|| model.config_window())
         .unwrap_or(DEFAULT_WINDOW);
+    // Each probe reads window + distance tokens per configuration: bound it, so a typo cannot
+    // start a run of days.
+    if let Some(d) = args
+        .probe_distances
+        .iter()
+        .find(|&&d| d > MAX_PROBE_DISTANCE)
+    {
+        bail!("--probe-distances: {d} is more than {MAX_PROBE_DISTANCE} tokens");
+    }
+    if window > MAX_PROBE_DISTANCE {
+        bail!("--window {window} is more than {MAX_PROBE_DISTANCE} tokens");
+    }
     let configs =
         args.configs
             .iter()

@@ -144,7 +144,11 @@ fn bad_input_is_a_clear_error() {
         empty.to_str().expect("utf-8"),
         binary.to_str().expect("utf-8"),
     );
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["--text", t, "--probe-distances", "99999999999"],
+            "--probe-distances",
+        ),
         (&["--text", t, "--configs", "tptt,bogus"], "--configs"),
         (&["--text", e], "at least 2"),
         (&["--text", b], "not UTF-8"),

@@ -248,6 +248,11 @@ fn what_cannot_train_is_refused() {
         vec![999_999; 100]
     )
     .contains("vocabulary"));
+    let wide = DistillConfig {
+        rank: 1 << 20,
+        ..cfg(8, 64)
+    };
+    assert!(bad(wide, base_student("delta_rule", 0.5), t.clone()).contains("rank"));
     let nan = DistillConfig {
         lr: f64::NAN,
         ..cfg(8, 64)

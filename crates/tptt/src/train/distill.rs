@@ -88,12 +88,18 @@ impl DistillConfig {
 /// before any work is done.
 pub fn estimate_step_bytes(model: &Model, seq_len: usize) -> u64 {
     let b = &model.config().base;
+    // Saturating: an absurd --seq-len must come out as "too large", not overflow.
     let s = seq_len as u64;
-    let attention = 10 * b.num_heads as u64 * s * s;
-    let vocab = 6 * s * b.vocab_size as u64;
-    let saved = (b.num_layers as u64 + 2) * s * b.hidden_size as u64;
-    let layer = 12 * s * (b.intermediate_size as u64 + 4 * b.hidden_size as u64);
-    4 * (attention + vocab + saved + layer)
+    let mul = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
+    let attention = mul(&[10, b.num_heads as u64, s, s]);
+    let vocab = mul(&[6, s, b.vocab_size as u64]);
+    let saved = mul(&[b.num_layers as u64 + 2, s, b.hidden_size as u64]);
+    let layer = mul(&[12, s, b.intermediate_size as u64 + 4 * b.hidden_size as u64]);
+    attention
+        .saturating_add(vocab)
+        .saturating_add(saved)
+        .saturating_add(layer)
+        .saturating_mul(4)
 }
 
 /// What one step did.
@@ -292,6 +298,14 @@ impl Distiller {
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::Input(format!(
                 "token id {bad} is outside the vocabulary ({vocab}): the tokenizer does not belong to this base"
+            )));
+        }
+        let b = &student.config().base;
+        let widest = b.hidden_size.min(b.num_kv_heads * b.head_dim);
+        if cfg.rank > widest {
+            return Err(Error::config(format!(
+                "LoRA rank {} is larger than the smallest projection dimension ({widest}) of this base",
+                cfg.rank
             )));
         }
         let mut teacher = student.clone();
