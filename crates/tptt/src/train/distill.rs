@@ -277,7 +277,7 @@ pub struct Distiller {
 impl Distiller {
     /// A fresh run. `student` is the base with the TPTT settings to train (no adapter): its
     /// mag weight and operator mode are the student's; the teacher is the same weights with the
-    /// branch off and full attention. `tokens` is the training text, at least `seq_len + 1`
+    /// branch off and full attention. `tokens` is the training text, at least `seq_len`
     /// tokens.
     pub fn new(student: Model, cfg: DistillConfig, tokens: Vec<u32>) -> Result<Self> {
         cfg.validate()?;
