@@ -5,7 +5,14 @@
 //! `blobs/{etag}.incomplete`, resumed from its length with a `Range` request, checked
 //! (size always, SHA-256 when the hub announced one), synced, and only then renamed to
 //! `blobs/{etag}` and linked from the snapshot. A corrupt file is deleted; an interrupted or
-//! cancelled one stays `.incomplete` for the next attempt.
+//! cancelled one stays `.incomplete` for the next attempt (and `.tptt/@partial/{etag}` notes
+//! which paths it is for, so that removing their variant deletes it). Everything from the
+//! `.incomplete` file's opening to the snapshot link happens under the blob's lock
+//! (`lock.rs`); a download that finds it held waits, then reuses the blob the other one
+//! completed (or resumes the partial file it left).
+//!
+//! Sizes are the `HEAD`'s: bytes past it are never written (the file is refused and deleted,
+//! so a body that never ends is cut off), fewer is a broken transfer (resumed).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -19,8 +26,9 @@ use sha2::{Digest, Sha256};
 use crate::cache::{self, RepoCache};
 use crate::error::{display_url, io_error, network, Error, Result};
 use crate::http::{content_range_start, is_sha256, FileMeta};
+use crate::lock::BlobLock;
 use crate::progress::{Progress, ProgressKind, SpeedMeter};
-use crate::{Hub, RepoFile, RepoInfo};
+use crate::{Hub, RepoFile, RepoInfo, MAX_JSON_FILE_BYTES};
 
 /// Read size per chunk; the cancel flag is checked between chunks.
 const CHUNK: usize = 64 * 1024;
@@ -175,7 +183,34 @@ impl Hub {
         file: &RepoFile,
         tx: &mut Transfer<'_>,
     ) -> Result<PathBuf> {
+        self.fetch_file_within(repo, file, None, tx)
+    }
+
+    /// [`Hub::fetch_file`] for a JSON file this crate reads whole (a `config.json`, an index):
+    /// refused with [`Error::TooLarge`] when the listing or the `HEAD` says it is over
+    /// [`MAX_JSON_FILE_BYTES`], before any of its bytes are downloaded.
+    pub(crate) fn fetch_small(
+        &self,
+        repo: &RepoInfo,
+        file: &RepoFile,
+        tx: &mut Transfer<'_>,
+    ) -> Result<PathBuf> {
+        self.fetch_file_within(repo, file, Some(MAX_JSON_FILE_BYTES), tx)
+    }
+
+    fn fetch_file_within(
+        &self,
+        repo: &RepoInfo,
+        file: &RepoFile,
+        limit: Option<u64>,
+        tx: &mut Transfer<'_>,
+    ) -> Result<PathBuf> {
         tx.check_cancel()?;
+        let over = |size: Option<u64>| match (limit, size) {
+            (Some(limit), Some(size)) if size > limit => Err(too_large(repo, file, limit)),
+            _ => Ok(()),
+        };
+        over(file.size)?;
         let cache = RepoCache::new(&self.config.cache_dir, &repo.repo_id);
         let pointer = cache.pointer(&repo.commit_sha, &file.path);
         let planned = file.size.unwrap_or(0);
@@ -187,6 +222,7 @@ impl Hub {
         let meta = self
             .http
             .file_meta(&repo.repo_id, &repo.commit_sha, &file.path)?;
+        over(Some(meta.size))?;
         if file.size.is_some_and(|s| s != meta.size) {
             tracing::warn!(repo_id = %repo.repo_id, path = %file.path, listed = planned, served = meta.size, "file size differs from the listing; using the served size");
         }
@@ -194,6 +230,22 @@ impl Hub {
         let blob = cache.blob(&meta.etag);
         if cache::is_complete(&blob, Some(meta.size)) {
             cache::link(&blob, &pointer)?;
+            tx.file_reused(&repo.repo_id, &file.path, meta.size);
+            return Ok(pointer);
+        }
+        // One writer per blob (lock.rs): another download of it (a variant sharing the base,
+        // a listing refresh, another program) finishes or stops first.
+        let lock = BlobLock::acquire(
+            &cache.lock_file(&meta.etag),
+            &mut || tx.check_cancel().map(|()| false),
+            &mut || {
+                tracing::info!(repo_id = %repo.repo_id, path = %file.path, "waiting for another download of the same file")
+            },
+        )?
+        .ok_or(Error::Cancelled)?;
+        if cache::is_complete(&blob, Some(meta.size)) {
+            cache::link(&blob, &pointer)?;
+            drop(lock);
             tx.file_reused(&repo.repo_id, &file.path, meta.size);
             return Ok(pointer);
         }
@@ -205,12 +257,32 @@ impl Hub {
             .map(|h| h.to_ascii_lowercase());
         self.download_blob(repo, file, &meta, &cache, expected_sha.as_deref(), tx)?;
         cache::link(&blob, &pointer)?;
+        drop(lock);
         tx.file_finished(ProgressKind::FileDone);
         Ok(pointer)
     }
 
-    /// Bring `blobs/{etag}` into existence (module doc), retrying broken transfers.
+    /// [`Hub::write_blob`], keeping the note of what `blobs/{etag}.incomplete` is for exactly
+    /// as long as that file exists (a removed variant's partial files go with it). Called with
+    /// the blob's lock held.
     fn download_blob(
+        &self,
+        repo: &RepoInfo,
+        file: &RepoFile,
+        meta: &FileMeta,
+        cache: &RepoCache,
+        expected_sha: Option<&str>,
+        tx: &mut Transfer<'_>,
+    ) -> Result<()> {
+        let result = self.write_blob(repo, file, meta, cache, expected_sha, tx);
+        if !cache.incomplete(&meta.etag).exists() {
+            cache.write_partial(&meta.etag, &[]);
+        }
+        result
+    }
+
+    /// Bring `blobs/{etag}` into existence (module doc), retrying broken transfers.
+    fn write_blob(
         &self,
         repo: &RepoInfo,
         file: &RepoFile,
@@ -232,6 +304,7 @@ impl Hub {
             .write(true)
             .open(&part)
             .map_err(io)?;
+        cache.note_partial(&meta.etag, &file.path);
         let mut have = f.metadata().map_err(io)?.len();
         if have > meta.size {
             f.set_len(0).map_err(io)?;
@@ -330,11 +403,11 @@ impl Hub {
             &file.path,
         )?;
         match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {
-                if content_range_start(&resp) != Some(*have) {
-                    return Ok(Attempt::StartOver);
-                }
+            StatusCode::PARTIAL_CONTENT if content_range_start(&resp) != Some(*have) => {
+                return Ok(Attempt::StartOver);
             }
+            // The rest of the file, from where we are.
+            StatusCode::PARTIAL_CONTENT => {}
             StatusCode::RANGE_NOT_SATISFIABLE => return Ok(Attempt::StartOver),
             _ if *have > 0 => {
                 // 200: the whole file is coming; start over from this very response.
@@ -375,6 +448,14 @@ impl Hub {
             *have += n as u64;
             tx.bytes(*have, n as u64);
         }
+    }
+}
+
+fn too_large(repo: &RepoInfo, file: &RepoFile, limit: u64) -> Error {
+    Error::TooLarge {
+        what: format!("{}/{}", repo.repo_id, file.path),
+        kind: "a config or index file",
+        limit,
     }
 }
 

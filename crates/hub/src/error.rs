@@ -167,6 +167,31 @@ pub enum Error {
         message: String,
     },
 
+    /// An answer or file is larger than this app accepts for its kind (a repository listing
+    /// over [`crate::MAX_LISTING_BYTES`], a `config.json` or index over
+    /// [`crate::MAX_JSON_FILE_BYTES`]): the server is broken or hostile. It was cut off and
+    /// nothing of it was kept.
+    #[error("{what} is larger than {} MiB, the most accepted for {kind}; it was refused", limit >> 20)]
+    TooLarge {
+        /// The URL (without its query string) or the repository file (`owner/name/path`).
+        what: String,
+        /// What it was meant to be, e.g. `a repository listing`.
+        kind: &'static str,
+        /// The limit in bytes.
+        limit: u64,
+    },
+
+    /// A download is writing the files this operation would delete (a variant being removed
+    /// while it downloads, here or in another program using the same cache). Nothing was
+    /// changed.
+    #[error(
+        "{what} is downloading right now: cancel that download (or let it finish), then try again"
+    )]
+    Busy {
+        /// What is downloading, e.g. `variant "liza-a" of org/repo`.
+        what: String,
+    },
+
     /// Offline lookup: the repository or variant is not (completely) in the local cache.
     #[error("{what} is not in the local cache {}; download it first", cache.display())]
     NotCached {

@@ -1,7 +1,8 @@
 //! The hub's HTTP protocol, as `huggingface_hub` speaks it.
 //!
 //! - Listing: `GET {endpoint}/api/models/{repo_id}/revision/{revision}?blobs=true` returns JSON
-//!   with `sha` (the commit) and `siblings`: `{rfilename, size, blobId, lfs: {sha256, size}}`.
+//!   with `sha` (the commit) and `siblings`: `{rfilename, size, blobId, lfs: {sha256, size}}`;
+//!   read up to [`crate::MAX_LISTING_BYTES`], refused past it ([`read_capped`]).
 //! - File metadata: `HEAD {endpoint}/{repo_id}/resolve/{commit}/{path}` without following
 //!   redirects to other origins. A small file answers 200 with `ETag` (its git blob id),
 //!   `Content-Length` and `X-Repo-Commit`; an LFS file answers 302 to a CDN with
@@ -14,6 +15,7 @@
 //!
 //! Redirects are followed by hand so that `Authorization` goes to the endpoint's origin only.
 
+use std::io::Read;
 use std::time::Duration;
 
 use reqwest::blocking::{Client, RequestBuilder, Response};
@@ -202,7 +204,7 @@ impl Http {
         if !resp.status().is_success() {
             return Err(self.status_error(&resp, &url, repo_id, revision, None));
         }
-        let body = resp.bytes().map_err(|e| network(&url, &e.without_url()))?;
+        let body = read_capped(resp, &url, crate::MAX_LISTING_BYTES, "a repository listing")?;
         let raw: RawRepoInfo = serde_json::from_slice(&body).map_err(|e| Error::Protocol {
             url: display_url(&url),
             message: format!("repository JSON: {e}"),
@@ -368,6 +370,33 @@ impl Http {
             },
         }
     }
+}
+
+/// The body of `resp`, refused ([`Error::TooLarge`]) once longer than `limit` bytes, whatever
+/// its `Content-Length` says (or whether it has one): a broken or hostile server cannot make
+/// us read or allocate more.
+pub(crate) fn read_capped(
+    resp: Response,
+    url: &Url,
+    limit: u64,
+    kind: &'static str,
+) -> Result<Vec<u8>> {
+    let too_large = || Error::TooLarge {
+        what: display_url(url),
+        kind,
+        limit,
+    };
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    resp.take(limit + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| network(url, &e))?;
+    if body.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(body)
 }
 
 /// The `Location` of a redirect, resolved against the request URL.

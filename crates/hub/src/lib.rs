@@ -47,14 +47,18 @@
 //! # Ok::<(), tptt_hub::Error>(())
 //! ```
 //!
-//! One download per cache folder at a time: two processes writing the same `.incomplete` file
-//! are not coordinated (a corrupt result is still caught by the size and SHA-256 checks).
+//! Downloads may run at the same time (two variants sharing a base, a listing refreshed
+//! meanwhile, two programs on one cache): each blob is written by one of them under a lock
+//! per blob (`lock.rs`), the others wait and reuse it. Nothing read from the network grows
+//! without bound: a listing is cut off past [`MAX_LISTING_BYTES`], the JSON files read to plan
+//! a download past [`MAX_JSON_FILE_BYTES`], any file past the size its `HEAD` announced.
 
 mod cache;
 mod config;
 mod download;
 mod error;
 mod http;
+mod lock;
 mod progress;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -66,10 +70,20 @@ use std::path::{Path, PathBuf};
 pub use config::{HubConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_RETRIES};
 pub use error::{Error, Result};
 pub use progress::{Progress, ProgressKind, SpeedMeter};
-pub use variant::{is_tptt_config, TOKENIZER_FILES};
+pub use variant::{is_tptt_config, REMOVE_WAIT, TOKENIZER_FILES};
 
 /// The branch every listing and download uses.
 pub const MAIN: &str = "main";
+
+/// The most bytes read of a repository listing (the hub's JSON): a repository with tens of
+/// thousands of files lists in a few MiB; a longer answer is refused ([`Error::TooLarge`]).
+pub const MAX_LISTING_BYTES: u64 = 16 << 20;
+
+/// The most bytes of a JSON file read to find variants or plan a download (`config.json`,
+/// `model.safetensors.index.json`, the download records): real ones are kilobytes; a larger one
+/// is refused ([`Error::TooLarge`]) before its bytes are downloaded when the hub announces its
+/// size.
+pub const MAX_JSON_FILE_BYTES: u64 = 4 << 20;
 
 /// A handle on one hub endpoint and one cache folder. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]

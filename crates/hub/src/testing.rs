@@ -13,7 +13,7 @@
 //!   `GatedRepo`).
 //!
 //! Every request is logged; faults (dropped connection, corrupt bytes, a lying size, slow
-//! bodies) are injected per file path. Requests per test are few and bounded; the accept
+//! bodies, bodies that never end, padded listings) are injected per file path or repository. Requests per test are few and bounded; the accept
 //! threads end with the test process. Being test scaffolding, it panics on setup failures
 //! (a port that cannot be bound, an unreadable fixture) instead of returning errors.
 
@@ -120,7 +120,18 @@ pub struct Faults {
     pub lie_size: Option<(String, u64)>,
     /// `(path, pause)`: send the body in 8 KiB pieces with a pause after each.
     pub slow: Option<(String, Duration)>,
+    /// Answer `GET`s of this file with a body that never ends: no `Content-Length`, filler
+    /// bytes until the client hangs up (or [`ENDLESS_CAP`] bytes, so the server thread ends).
+    pub endless: Option<String>,
+    /// Answer the listing of this repository with a body that never ends (as `endless`).
+    pub endless_listing: Option<String>,
+    /// `(repo id, n)`: pad the listing of this repository with `n` spaces (still valid JSON,
+    /// `Content-Length` announced).
+    pub listing_padding: Option<(String, usize)>,
 }
+
+/// What an endless body sends at most before the server gives up on it.
+pub const ENDLESS_CAP: usize = 1 << 30;
 
 /// One request as the server saw it.
 #[derive(Debug, Clone)]
@@ -385,6 +396,8 @@ struct Answer {
     cut_at: Option<usize>,
     /// Fault: pause after each 8 KiB.
     pause: Option<Duration>,
+    /// Fault: no `Content-Length`, filler bytes after `body` until the client hangs up.
+    endless: bool,
 }
 
 impl Answer {
@@ -395,6 +408,7 @@ impl Answer {
             body: Vec::new(),
             cut_at: None,
             pause: None,
+            endless: false,
         }
     }
     fn header(mut self, k: &str, v: impl ToString) -> Self {
@@ -433,14 +447,15 @@ fn serve(mut stream: TcpStream, state: &State, server: &'static str) {
     };
     let head_only = req.method == "HEAD";
     let mut head = format!("HTTP/1.1 {} {}\r\n", answer.status, reason(answer.status));
-    let has_len = answer
-        .headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+    let is_len = |k: &str| k.eq_ignore_ascii_case("content-length");
+    let has_len = answer.headers.iter().any(|(k, _)| is_len(k));
     for (k, v) in &answer.headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
+        // An endless body has no length: it ends when the connection does.
+        if !(answer.endless && is_len(k)) {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
     }
-    if !has_len {
+    if !has_len && !answer.endless {
         head.push_str(&format!("Content-Length: {}\r\n", answer.body.len()));
     }
     head.push_str("Connection: close\r\n\r\n");
@@ -479,6 +494,12 @@ fn serve(mut stream: TcpStream, state: &State, server: &'static str) {
             if let Some(p) = answer.pause {
                 let _ = stream.flush();
                 std::thread::sleep(p);
+            }
+        }
+        if answer.endless {
+            let more = filler(7, 64 * 1024);
+            while sent < ENDLESS_CAP && stream.write_all(&more).is_ok() {
+                sent += more.len();
             }
         }
     }
@@ -534,6 +555,17 @@ fn api_revision(state: &State, repo_id: &str, rev: &str) -> Answer {
     });
     let mut a = Answer::new(200).header("Content-Type", "application/json");
     a.body = serde_json::to_vec(&body).expect("json");
+    let faults = state.faults.lock().expect("faults lock");
+    if let Some((_, n)) = faults
+        .listing_padding
+        .as_ref()
+        .filter(|(r, _)| r == repo_id)
+    {
+        a.body.extend(std::iter::repeat_n(b' ', *n));
+    }
+    if faults.endless_listing.as_deref() == Some(repo_id) {
+        a.endless = true;
+    }
     a
 }
 
@@ -650,6 +682,9 @@ fn content(req: &Req, bytes: &[u8], path: &str, state: &State) -> Answer {
             if p == path {
                 a.pause = Some(*pause);
             }
+        }
+        if faults.endless.as_deref() == Some(path) {
+            a.endless = true;
         }
     }
     a

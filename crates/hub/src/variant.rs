@@ -18,18 +18,23 @@
 //! adapter and the base's config and complete weights.
 
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cache::{self, RepoCache};
+use crate::cache::{self, RepoCache, RECORDS};
 use crate::download::Transfer;
 use crate::error::{io_error, Error, Result};
-use crate::http::is_safe_repo_path;
+use crate::http::{is_safe_name, is_safe_repo_path};
+use crate::lock::{BlobLock, VariantGuard};
 use crate::progress::Progress;
-use crate::{validate_repo_id, Hub, LocalVariant, RepoFile, RepoInfo, Variant, MAIN};
+use crate::{
+    validate_repo_id, Hub, LocalVariant, RepoFile, RepoInfo, Variant, MAIN, MAX_JSON_FILE_BYTES,
+};
 
 /// Tokenizer files fetched from the variant folder, the repository root and the base.
 pub const TOKENIZER_FILES: &[&str] = &[
@@ -49,8 +54,10 @@ const ADAPTER: &str = "adapter_model.safetensors";
 const GENERATION_CONFIG: &str = "generation_config.json";
 const WEIGHTS: &str = "model.safetensors";
 const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
-/// Our own folder inside a repository's cache folder (ignored by `huggingface_hub`).
-const RECORDS: &str = ".tptt";
+
+/// How long [`Hub::remove_variant`] waits for a download of the variant to stop (a cancelled
+/// one stops at its next 64 KiB chunk).
+pub const REMOVE_WAIT: Duration = Duration::from_secs(3);
 
 /// A TPTT config: `model_type` is `"tptt"` or it names a `base_model_name` (as the `tptt`
 /// crate decides).
@@ -192,12 +199,42 @@ pub(crate) fn index_shards(index: &Value) -> std::result::Result<Vec<String>, St
     Ok(shards.into_iter().collect())
 }
 
+/// A JSON file of the cache, read whole: at most [`MAX_JSON_FILE_BYTES`] (a larger one is
+/// [`Error::TooLarge`]), and only a regular file (a FIFO would block the reader forever).
 fn read_json(path: &Path) -> Result<Value> {
-    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    let too_large = || Error::TooLarge {
+        what: path.display().to_string(),
+        kind: "a config or index file",
+        limit: MAX_JSON_FILE_BYTES,
+    };
+    if !meta.is_file() {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"),
+        });
+    }
+    if meta.len() > MAX_JSON_FILE_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_error(path, e))?;
+    if bytes.len() as u64 > MAX_JSON_FILE_BYTES {
+        return Err(too_large());
+    }
     serde_json::from_slice(&bytes).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })
+}
+
+/// Files this crate or the loader reads whole as JSON: capped at [`MAX_JSON_FILE_BYTES`].
+fn is_capped(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name == CONFIG || name == WEIGHTS_INDEX
 }
 
 fn invalid(repo_id: &str, path: &str, message: impl Into<String>) -> Error {
@@ -231,7 +268,14 @@ impl Hub {
             let Some(file) = info.file(&path) else {
                 continue;
             };
-            let local = self.fetch_file(&info, file, &mut tx)?;
+            let local = match self.fetch_small(&info, file, &mut tx) {
+                Ok(local) => local,
+                Err(e @ Error::TooLarge { .. }) => {
+                    tracing::warn!(repo_id, path, error = %e, "skipping a config.json over the size limit");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match read_json(&local) {
                 Ok(v) if is_tptt_config(&v) => out.push(Variant::from_config(&name, v)),
                 Ok(_) => {}
@@ -264,6 +308,9 @@ impl Hub {
             variant: variant.to_string(),
             available: Vec::new(),
         })?;
+        // While it runs, `remove_variant` of this variant waits or refuses (lock.rs).
+        let _running =
+            VariantGuard::start(RepoCache::new(self.cache_dir(), repo_id).dir(), variant);
         // Small files needed to make the plan (configs, index) are fetched silently first;
         // they show up as reused in the plan's progress.
         let mut quiet = Transfer::new(None, cancel);
@@ -276,7 +323,7 @@ impl Hub {
             available: config_folders(&repo),
         };
         let config_file = repo.file(&config_path).ok_or_else(not_found)?;
-        let config = read_json(&self.fetch_file(&repo, config_file, &mut quiet)?)?;
+        let config = read_json(&self.fetch_small(&repo, config_file, &mut quiet)?)?;
         if !is_tptt_config(&config) {
             return Err(not_found());
         }
@@ -310,7 +357,7 @@ impl Hub {
         let wdir = prefix(sub.unwrap_or(""));
         let index_path = format!("{wdir}{WEIGHTS_INDEX}");
         if let Some(index_file) = base.file(&index_path) {
-            let index = read_json(&self.fetch_file(&base, index_file, &mut quiet)?)?;
+            let index = read_json(&self.fetch_small(&base, index_file, &mut quiet)?)?;
             let shards = index_shards(&index).map_err(|m| invalid(&base_id, &index_path, m))?;
             plan.push((&base, index_file));
             for s in shards {
@@ -332,13 +379,29 @@ impl Hub {
             });
         }
 
+        // Refused before anything is downloaded when the listing already says so.
+        if let Some((info, f)) = plan
+            .iter()
+            .find(|(_, f)| is_capped(&f.path) && f.size.is_some_and(|s| s > MAX_JSON_FILE_BYTES))
+        {
+            return Err(Error::TooLarge {
+                what: format!("{}/{}", info.repo_id, f.path),
+                kind: "a config or index file",
+                limit: MAX_JSON_FILE_BYTES,
+            });
+        }
+
         let mut tx = Transfer::new(Some(&mut progress), cancel);
         tx.set_plan(
             plan.iter().map(|(_, f)| f.size.unwrap_or(0)).sum(),
             plan.len(),
         );
         for (info, file) in &plan {
-            self.fetch_file(info, file, &mut tx)?;
+            if is_capped(&file.path) {
+                self.fetch_small(info, file, &mut tx)?;
+            } else {
+                self.fetch_file(info, file, &mut tx)?;
+            }
         }
 
         let repo_cache = RepoCache::new(self.cache_dir(), repo_id);
@@ -442,11 +505,17 @@ impl Hub {
     }
 
     /// Remove a downloaded variant from the cache: its download records, its folder's snapshot
-    /// entries in every snapshot of `repo_id`, and the blobs no other entry of the repository
-    /// uses. The base model and the repository's root files stay (other variants and other HF
-    /// tools share them). Returns the bytes of the blobs removed. No network. The root variant
-    /// (`"."`) loses only its records, so [`Hub::local_variant`] no longer finds it complete
-    /// through them.
+    /// entries in every snapshot of `repo_id`, the blobs no other entry of the repository
+    /// uses, and the partial files (`blobs/*.incomplete`) a cancelled download of its folder
+    /// left. The base model and the repository's root files stay (other variants and other HF
+    /// tools share them). Returns the bytes removed. No network. The root variant (`"."`)
+    /// loses only its records, so [`Hub::local_variant`] no longer finds it complete through
+    /// them.
+    ///
+    /// A download of the variant running in this process is waited for, up to
+    /// [`REMOVE_WAIT`] (a cancelled one stops within it), and so is another program writing
+    /// one of its partial files; one that still runs then is [`Error::Busy`], with nothing
+    /// removed (else the download would write the files again).
     pub fn remove_variant(&self, repo_id: &str, variant: &str) -> Result<u64> {
         validate_repo_id(repo_id)?;
         validate_variant(variant).map_err(|_| Error::VariantNotFound {
@@ -455,6 +524,13 @@ impl Hub {
             available: Vec::new(),
         })?;
         let cache = RepoCache::new(self.cache_dir(), repo_id);
+        let deadline = Instant::now() + REMOVE_WAIT;
+        if !VariantGuard::wait_none(cache.dir(), variant, deadline) {
+            return Err(Error::Busy {
+                what: format!("variant {variant:?} of {repo_id}"),
+            });
+        }
+        let partial_bytes = reclaim_partials(&cache, repo_id, variant, deadline)?;
         let snapshots = cache.snapshots();
         let mut pointers = Vec::new();
         for snap in &snapshots {
@@ -502,6 +578,7 @@ impl Hub {
                 std::fs::remove_file(t).map_err(|e| io_error(t, e))?;
             }
         }
+        let freed = freed + partial_bytes;
         tracing::info!(repo_id, variant, freed, "variant removed from the cache");
         Ok(freed)
     }
@@ -598,6 +675,60 @@ impl Hub {
     }
 }
 
+/// Delete the partial files noted for `variant`'s folder only (a partial also noted for a
+/// file elsewhere stays, for that file). Each is deleted under its blob's lock, waited for
+/// until `deadline`: a download writing it then is [`Error::Busy`]. Returns the bytes freed.
+fn reclaim_partials(
+    cache: &RepoCache,
+    repo_id: &str,
+    variant: &str,
+    deadline: Instant,
+) -> Result<u64> {
+    if variant == "." {
+        // The root's files are every variant's.
+        return Ok(0);
+    }
+    let prefix = format!("{variant}/");
+    let mut freed = 0;
+    for (etag, paths) in cache.partials() {
+        if !is_safe_name(&etag) || !paths.iter().any(|p| p.starts_with(&prefix)) {
+            continue;
+        }
+        let Some(_lock) = BlobLock::acquire_until(&cache.lock_file(&etag), deadline)? else {
+            return Err(Error::Busy {
+                what: format!("{} of {repo_id}", paths.join(", ")),
+            });
+        };
+        // Read again under the lock: a download may have added a path meanwhile.
+        let others: Vec<String> = cache
+            .partial_paths(&etag)
+            .into_iter()
+            .filter(|p| !p.starts_with(&prefix))
+            .collect();
+        if !others.is_empty() {
+            cache.write_partial(&etag, &others);
+            continue;
+        }
+        let part = cache.incomplete(&etag);
+        match std::fs::metadata(&part) {
+            Ok(m) => {
+                std::fs::remove_file(&part).map_err(|e| io_error(&part, e))?;
+                freed += m.len();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&part, e)),
+        }
+        cache.write_partial(&etag, &[]);
+        tracing::info!(
+            repo_id,
+            variant,
+            etag,
+            "partial download of a removed variant deleted"
+        );
+    }
+    Ok(freed)
+}
+
 /// Every file (or link to one) under `dir`, recursively; nothing when it does not exist.
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -657,16 +788,12 @@ impl RepoCache {
 }
 
 fn write_record(cache: &RepoCache, r: &Record) -> Result<()> {
-    let dir = cache.record_dir(&r.repo_commit);
-    std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     let path = cache.record_path(&r.repo_commit, &r.variant);
-    let tmp = path.with_extension("tmp");
     let json = serde_json::to_vec_pretty(r).map_err(|e| Error::Io {
         path: path.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
-    std::fs::write(&tmp, json).map_err(|e| io_error(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io_error(&path, e))
+    cache::write_atomic(&path, &json)
 }
 
 #[cfg(test)]
