@@ -10,6 +10,7 @@
 //!   listings, downloads with progress / cancel / resume).
 //! - [`runtime`]: the loaded model and its engine thread; [`device`]: CPU / CUDA / Metal.
 //! - [`settings`]: validated settings and the Hugging Face token file.
+//! - [`cleanup`]: at start-up, the snapshot files a crash left half-written are deleted.
 //! - [`state`]: [`AppState`] and [`AppConfig`]; [`dto`]: the camelCase wire types;
 //!   [`error`]: [`CommandError`] (`{ kind, message }`).
 //!
@@ -21,6 +22,7 @@
 //! same app on Tauri's mock runtime; [`run_app`] is the real thing.
 
 pub mod chat;
+pub mod cleanup;
 pub mod commands;
 pub mod device;
 pub mod dto;

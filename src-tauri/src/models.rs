@@ -7,6 +7,11 @@
 //! `config.json`, as `tptt_hub::Hub::discover_variants` (network) or the cache /
 //! `tptt::repo::TpttRepo` (offline) find them. Listings are remembered so the manager shows
 //! them offline; downloaded variants always show, from the cache.
+//!
+//! Downloads of different variants run side by side, also when they share a base: the hub crate
+//! writes each file once (a lock per blob) and the other download reuses it. Imported folders are
+//! files written by strangers: their sizes are walked without following links to folders, within
+//! bounds ([`dir_size`]), and their configs read only when small regular files.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -228,10 +233,26 @@ fn local_entry(path: &Path) -> ModelEntry {
     }
 }
 
+/// A variant's `config.json`, when it is a regular file (a FIFO would block the reader) of at
+/// most [`tptt_hub::MAX_JSON_FILE_BYTES`] holding JSON.
 fn read_config(path: &Path) -> Option<serde_json::Value> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    use std::io::Read;
+    let limit = tptt_hub::MAX_JSON_FILE_BYTES;
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > limit {
+        tracing::warn!(path = %path.display(), bytes = meta.len(), "config.json skipped: not a regular file, or larger than {limit} bytes");
+        return None;
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() as u64 > limit {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
 }
 
 fn operator_mode(config: Option<&serde_json::Value>) -> String {
@@ -242,21 +263,54 @@ fn operator_mode(config: Option<&serde_json::Value>) -> String {
         .to_string()
 }
 
-/// Bytes of the files under `dir` (links followed), recursively.
-fn dir_size(dir: &Path) -> u64 {
+/// Folder levels [`dir_size`] descends below the folder it is given: a variant is one or two.
+pub const SIZE_WALK_DEPTH: usize = 8;
+/// Entries [`dir_size`] looks at, at most: the listing stays quick whatever the folder holds.
+pub const SIZE_WALK_ENTRIES: usize = 100_000;
+
+/// Bytes of the files under `dir`. Links to files count (a cache snapshot is made of links to
+/// its blobs); links to folders are not followed, so a link loop (`loop -> .`, `a -> b -> a`)
+/// cannot make it endless; at most [`SIZE_WALK_DEPTH`] levels and [`SIZE_WALK_ENTRIES`]
+/// entries; what cannot be read (a dangling link, a folder without permission) counts 0.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut budget = SIZE_WALK_ENTRIES;
+    let size = size_below(dir, SIZE_WALK_DEPTH, &mut budget);
+    if budget == 0 {
+        tracing::warn!(folder = %dir.display(), "folder size: too many files, counting stopped at {SIZE_WALK_ENTRIES}");
+    }
+    size
+}
+
+fn size_below(dir: &Path, depth: usize, budget: &mut usize) -> u64 {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
-    rd.flatten()
-        .map(|e| {
-            let p = e.path();
-            match std::fs::metadata(&p) {
-                Ok(m) if m.is_dir() => dir_size(&p),
-                Ok(m) => m.len(),
-                Err(_) => 0,
+    let mut total = 0;
+    for e in rd.flatten() {
+        if *budget == 0 {
+            break;
+        }
+        *budget -= 1;
+        // The entry's own type (`DirEntry::file_type` does not follow links).
+        let Ok(kind) = e.file_type() else {
+            continue;
+        };
+        total += if kind.is_dir() {
+            if depth > 0 {
+                size_below(&e.path(), depth - 1, budget)
+            } else {
+                0
             }
-        })
-        .sum()
+        } else if kind.is_symlink() {
+            match std::fs::metadata(e.path()) {
+                Ok(m) if m.is_file() => m.len(),
+                _ => 0,
+            }
+        } else {
+            e.metadata().map(|m| m.len()).unwrap_or(0)
+        };
+    }
+    total
 }
 
 /// Lists `repo_id` on the hub (blocking, network): its variants with their folder sizes.

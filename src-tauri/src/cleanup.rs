@@ -1,0 +1,89 @@
+//! Start-up cleanup of what a crash leaves in the app's data folder.
+//!
+//! A state snapshot is written to `<states>/<conversation>/<answer>.tmp`, then renamed to its
+//! `.safetensors` name (`tptt_engine::snapshot::save`); a crash or a kill between the two
+//! leaves the `.tmp` file, which nothing reads or records. [`sweep_snapshot_temps`], run by
+//! [`crate::AppState::open`], deletes those files: `*.tmp` files (regular files, links not
+//! followed) directly in the snapshots folder or in a conversation's folder, last written more
+//! than [`TMP_GRACE`] ago — a younger one may be a snapshot another copy of the app is
+//! writing right now.
+//!
+//! Partial downloads (`blobs/*.incomplete` in the model cache) are not swept here: they resume
+//! after a restart; removing a variant deletes its own (`tptt_hub::Hub::remove_variant`).
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+/// How old a `.tmp` file must be (since its last write) to be a crash's leftover.
+pub const TMP_GRACE: Duration = Duration::from_secs(60);
+
+/// What a sweep deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Files deleted.
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Deletes the leftover snapshot temporaries under `states` (module doc). Never fails: what
+/// cannot be read or deleted is logged and left.
+pub fn sweep_snapshot_temps(states: &Path) -> Swept {
+    let mut swept = Swept::default();
+    let cutoff = SystemTime::now()
+        .checked_sub(TMP_GRACE)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    sweep_dir(states, cutoff, 1, &mut swept);
+    if swept.files > 0 {
+        tracing::info!(
+            files = swept.files,
+            bytes = swept.bytes,
+            folder = %states.display(),
+            "deleted snapshot files a crash left half-written"
+        );
+    }
+    swept
+}
+
+/// `.tmp` files of `dir`, and of its subfolders down to `depth` more levels.
+fn sweep_dir(dir: &Path, cutoff: SystemTime, depth: usize, swept: &mut Swept) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(folder = %dir.display(), error = %e, "cannot look for leftover snapshot files");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        // The entry's own type: a link (to a folder or a file elsewhere) is never followed.
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let path = entry.path();
+        if kind.is_dir() {
+            if depth > 0 {
+                sweep_dir(&path, cutoff, depth - 1, swept);
+            }
+            continue;
+        }
+        if !kind.is_file() || path.extension().is_none_or(|x| x != "tmp") {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if meta.modified().is_ok_and(|t| t > cutoff) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                swept.files += 1;
+                swept.bytes += meta.len();
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete a leftover snapshot file")
+            }
+        }
+    }
+}
