@@ -105,6 +105,7 @@ impl CommandError {
             E::DiskFull { .. } => ErrorKind::DiskFull,
             E::InvalidRepoId(_) => ErrorKind::InvalidRepoId,
             E::NotCached { .. } => ErrorKind::NoModel,
+            E::Busy { .. } => ErrorKind::Busy,
             _ => ErrorKind::Download,
         };
         Self::new(kind, message)
