@@ -385,12 +385,13 @@ pub async fn send_message(
     })
 }
 
-/// `regenerate`: replaces the last answer.
+/// `regenerate`: replaces the last answer once the new one has started. The channel is taken
+/// untyped: [`chat::regenerate`] sees each event before passing it on.
 #[tauri::command]
 pub async fn regenerate(
     state: State<'_, AppState>,
     conversation_id: String,
-    on_event: Channel<ChatEvent>,
+    on_event: Channel<tauri::ipc::InvokeResponseBody>,
 ) -> CmdResult<RegenerateResult> {
     let id = self::conversation_id(&conversation_id)?;
     let answer = chat::regenerate(&state, id, on_event).await?;
@@ -399,7 +400,8 @@ pub async fn regenerate(
     })
 }
 
-/// `edit_and_resend`: drops `message_id` and everything after it, sends `content`.
+/// `edit_and_resend`: `message_id` gets `content`, everything after it goes, a new answer
+/// follows (one transaction).
 #[tauri::command]
 pub async fn edit_and_resend(
     state: State<'_, AppState>,
