@@ -828,10 +828,21 @@ pub async fn send(
 
 /// `regenerate`: the last answer is replaced (a conversation that ends with the user's
 /// message gets its answer).
+///
+/// The old answer stays — in the store and, after a restart, on screen — until the new one
+/// has started: the new answer is stored after it
+/// ([`Store::begin_replacing_answer`](tptt_store::Store::begin_replacing_answer)) and takes
+/// its place at its first token (or at `done`, should it end without any). A regenerate that
+/// fails or is stopped before its first token (the model does not load, the template fails,
+/// Stop during a long prompt...) deletes the new answer and leaves the old one as it was.
+/// The first token is the point because before it there is no new text to show instead of the
+/// old; `started` only says the model is loaded. The events pass through [`Replacing`] on
+/// their way to `channel` (so it is taken untyped), and the replacement is committed before
+/// the UI sees the event that caused it.
 pub async fn regenerate(
     state: &AppState,
     conversation: ConversationId,
-    channel: Channel<ChatEvent>,
+    channel: Channel<tauri::ipc::InvokeResponseBody>,
 ) -> CmdResult<MessageId> {
     let (slot, cancel) = Slot::acquire(state, conversation)?;
     let target = find_target(state).await?;
@@ -843,45 +854,184 @@ pub async fn regenerate(
         )
     };
     let last = messages.last().ok_or_else(nothing)?;
-    if last.role == Role::Assistant {
-        let before = messages
-            .len()
-            .checked_sub(2)
-            .and_then(|i| messages.get(i))
-            .ok_or_else(nothing)?;
-        if before.role != Role::User {
-            return Err(nothing());
+    let (answer, replacing) = match last.role {
+        Role::Assistant => {
+            let before = messages
+                .len()
+                .checked_sub(2)
+                .and_then(|i| messages.get(i))
+                .ok_or_else(nothing)?;
+            if before.role != Role::User {
+                return Err(nothing());
+            }
+            let r = state
+                .store
+                .begin_replacing_answer(conversation, last.id)
+                .await?;
+            remove_snapshot_files(&r.files);
+            // A memory that read the old answer is no start for the new one.
+            invalidate_session(state, conversation, Some(last.position));
+            // The turn writes the new answer as the one at the old answer's position (it reads
+            // what comes before); the store moves it there once it has started.
+            let answer = Message {
+                position: r.old.position,
+                ..r.new
+            };
+            let replacing = Arc::new(Replacing {
+                state: state.clone(),
+                conversation,
+                old: r.old,
+                new: answer.id,
+                progress: Mutex::default(),
+            });
+            (answer, Some(replacing))
         }
-        let files = state
-            .store
-            .delete_messages_from(conversation, last.position)
-            .await?;
-        remove_snapshot_files(&files);
-        invalidate_session(state, conversation, Some(last.position));
-    } else if last.role != Role::User {
-        return Err(nothing());
-    }
-    let answer = state
-        .store
-        .add_message(conversation, &NewMessage::streaming_answer())
-        .await?;
+        Role::User => {
+            let answer = state
+                .store
+                .add_message(conversation, &NewMessage::streaming_answer())
+                .await?;
+            (answer, None)
+        }
+        Role::System => return Err(nothing()),
+    };
     let id = answer.id;
-    spawn_turn(
+    let started = spawn_turn(
         TurnCtx {
             state: state.clone(),
             conversation,
             answer,
-            channel,
+            channel: forward_events(channel, replacing.clone()),
             cancel,
             target,
         },
         slot,
-    )?;
+    );
+    if let Err(e) = started {
+        if replacing.is_some() {
+            // The turn never ran: the new answer goes, the old one stays.
+            match state.store.abandon_replacing_answer(id).await {
+                Ok(files) => remove_snapshot_files(&files),
+                Err(se) => tracing::error!(error = %se, "cannot drop the regenerated answer"),
+            }
+        }
+        return Err(e);
+    }
     Ok(id)
 }
 
-/// `edit_and_resend`: `message` (one of the user's) and everything after it are replaced by
-/// `content` and a new answer.
+/// A regenerated answer on its way ([`regenerate`]): replaces the old one at its first token,
+/// or is given up if the turn ends before it.
+struct Replacing {
+    state: AppState,
+    conversation: ConversationId,
+    /// The answer being replaced (position as stored).
+    old: Message,
+    /// The new answer.
+    new: MessageId,
+    progress: Mutex<ReplaceProgress>,
+}
+
+#[derive(Default)]
+struct ReplaceProgress {
+    /// Replaced or given up: nothing more to do.
+    settled: bool,
+    /// A token came (the new answer has started).
+    started: bool,
+}
+
+/// The one field of a [`ChatEvent`] that [`Replacing`] reads.
+#[derive(Deserialize)]
+struct EventKind {
+    kind: String,
+}
+
+impl Replacing {
+    /// Sees each event of the turn before the UI does.
+    fn on_event(&self, kind: &str) {
+        let mut p = lock(&self.progress);
+        if p.settled {
+            return;
+        }
+        match kind {
+            // The first token: tried once here; a failure is tried again at the end.
+            "token" if !p.started => {
+                p.started = true;
+                p.settled = self.replace();
+            }
+            "done" => p.settled = self.replace(),
+            "stopped" | "error" if p.started => p.settled = self.replace(),
+            "stopped" | "error" => p.settled = self.give_up(),
+            _ => {}
+        }
+    }
+
+    /// The new answer takes the old one's place. Whether it did.
+    fn replace(&self) -> bool {
+        match block_on(
+            self.state
+                .store
+                .finish_replacing_answer(self.old.id, self.new),
+        ) {
+            Ok(files) => {
+                remove_snapshot_files(&files);
+                tracing::debug!(
+                    old = self.old.id.0,
+                    new = self.new.0,
+                    "regenerated: the new answer replaces the old one"
+                );
+                true
+            }
+            Err(e) => {
+                // Both answers stay stored; the next start settles them (store doc).
+                tracing::error!(error = %e, "cannot put the regenerated answer in place of the old one");
+                false
+            }
+        }
+    }
+
+    /// The new answer ended before it started: it goes, the old one stays. Whether it went.
+    fn give_up(&self) -> bool {
+        match block_on(self.state.store.abandon_replacing_answer(self.new)) {
+            Ok(files) => {
+                remove_snapshot_files(&files);
+                // The held memory (after a stop) read the abandoned turn, not the old answer.
+                invalidate_session(&self.state, self.conversation, Some(self.old.position));
+                tracing::info!(
+                    conversation = self.conversation.0,
+                    "the regenerated answer ended before its first token: the old answer is kept"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot drop the regenerated answer that did not start");
+                false
+            }
+        }
+    }
+}
+
+/// The typed channel a turn sends to: each event goes on to `raw` (the UI's), after
+/// `replacing` has seen it.
+fn forward_events(
+    raw: Channel<tauri::ipc::InvokeResponseBody>,
+    replacing: Option<Arc<Replacing>>,
+) -> Channel<ChatEvent> {
+    Channel::new(move |body: tauri::ipc::InvokeResponseBody| {
+        if let (Some(r), tauri::ipc::InvokeResponseBody::Json(json)) = (&replacing, &body) {
+            match serde_json::from_str::<EventKind>(json) {
+                Ok(e) => r.on_event(&e.kind),
+                Err(e) => tracing::warn!(error = %e, "a chat event without a kind"),
+            }
+        }
+        raw.send(body)
+    })
+}
+
+/// `edit_and_resend`: `message` (one of the user's) gets `content`, everything after it goes
+/// and a new answer follows — one transaction
+/// ([`Store::edit_and_truncate`](tptt_store::Store::edit_and_truncate)): a failure leaves the
+/// conversation as it was. The message keeps its id.
 pub async fn edit_and_resend(
     state: &AppState,
     conversation: ConversationId,
@@ -892,36 +1042,36 @@ pub async fn edit_and_resend(
     check_content(&content)?;
     let (slot, cancel) = Slot::acquire(state, conversation)?;
     let target = find_target(state).await?;
-    let m = state.store.get_message(message).await?;
-    if m.conversation_id != conversation || m.role != Role::User {
-        return Err(CommandError::new(
+    let not_yours = || {
+        CommandError::new(
             ErrorKind::NotFound,
             format!(
                 "Message {} is not one of your messages in this conversation.",
                 message.0
             ),
-        ));
+        )
+    };
+    let m = state.store.get_message(message).await?;
+    if m.conversation_id != conversation || m.role != Role::User {
+        return Err(not_yours());
     }
-    let files = state
+    let edited = match state
         .store
-        .delete_messages_from(conversation, m.position)
-        .await?;
-    remove_snapshot_files(&files);
+        .edit_and_truncate(conversation, message, &content)
+        .await
+    {
+        Ok(e) => e,
+        Err(tptt_store::Error::InvalidInput(_)) => return Err(not_yours()),
+        Err(e) => return Err(e.into()),
+    };
+    remove_snapshot_files(&edited.files);
     invalidate_session(state, conversation, Some(m.position));
-    let user = state
-        .store
-        .add_message(conversation, &NewMessage::new(Role::User, content))
-        .await?;
-    let answer = state
-        .store
-        .add_message(conversation, &NewMessage::streaming_answer())
-        .await?;
-    let ids = (user.id, answer.id);
+    let ids = (edited.user.id, edited.answer.id);
     spawn_turn(
         TurnCtx {
             state: state.clone(),
             conversation,
-            answer,
+            answer: edited.answer,
             channel,
             cancel,
             target,

@@ -385,12 +385,13 @@ pub async fn send_message(
     })
 }
 
-/// `regenerate`: replaces the last answer.
+/// `regenerate`: replaces the last answer once the new one has started. The channel is taken
+/// untyped: [`chat::regenerate`] sees each event before passing it on.
 #[tauri::command]
 pub async fn regenerate(
     state: State<'_, AppState>,
     conversation_id: String,
-    on_event: Channel<ChatEvent>,
+    on_event: Channel<tauri::ipc::InvokeResponseBody>,
 ) -> CmdResult<RegenerateResult> {
     let id = self::conversation_id(&conversation_id)?;
     let answer = chat::regenerate(&state, id, on_event).await?;
@@ -399,7 +400,8 @@ pub async fn regenerate(
     })
 }
 
-/// `edit_and_resend`: drops `message_id` and everything after it, sends `content`.
+/// `edit_and_resend`: `message_id` gets `content`, everything after it goes, a new answer
+/// follows (one transaction).
 #[tauri::command]
 pub async fn edit_and_resend(
     state: State<'_, AppState>,
@@ -440,19 +442,17 @@ pub async fn reset_memory(
 // ---- App ----------------------------------------------------------------------------------
 
 /// `open_url`: an `http(s):` or `mailto:` link, in the system's browser (never in the app's
-/// webview).
+/// webview), if [`checked_link`] lets it through; else `internal` with the reason.
 #[tauri::command]
 pub async fn open_url(url: String) -> CmdResult<()> {
-    let ok_scheme = ["https://", "http://", "mailto:"].iter().any(|s| {
-        url.get(..s.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(s))
-    });
-    if !ok_scheme || url.chars().any(char::is_control) {
-        return Err(CommandError::new(
+    let url = checked_link(&url).map_err(|why| {
+        tracing::warn!(url = %url.chars().take(200).collect::<String>(), why, "link refused");
+        CommandError::new(
             ErrorKind::Internal,
-            "Only http, https and mailto links can be opened.",
-        ));
-    }
+            format!("This link was not opened: {why}."),
+        )
+    })?;
+    let url = url.as_str();
     #[cfg(target_os = "linux")]
     let mut cmd = std::process::Command::new("xdg-open");
     #[cfg(target_os = "macos")]
@@ -463,7 +463,7 @@ pub async fn open_url(url: String) -> CmdResult<()> {
         c.arg("url.dll,FileProtocolHandler");
         c
     };
-    cmd.arg(&url)
+    cmd.arg(url)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -473,4 +473,276 @@ pub async fn open_url(url: String) -> CmdResult<()> {
     // Reap the opener when it exits (it hands the URL over and returns).
     std::thread::spawn(move || child.wait());
     Ok(())
+}
+
+/// The longest link [`open_url`] opens, in bytes (long enough for a map or search link, short
+/// enough that no opener chokes on it).
+pub const MAX_LINK_BYTES: usize = 8192;
+
+/// The link policy of [`open_url`] (links come from model output: a stranger's text).
+/// Returns the link as it will be handed to the system's opener (normalized: scheme in lower
+/// case, host in punycode, unsafe characters percent-encoded), or why it is refused:
+/// - anything but `http:`, `https:` and `mailto:` (`file:`, `javascript:`, `data:`, custom
+///   schemes that start programs), in any letter case;
+/// - a link over [`MAX_LINK_BYTES`], or with a control character, whitespace or an invisible
+///   formatting character (bidi overrides, zero-width marks) anywhere: the text shown would not
+///   be the link opened;
+/// - `http(s)` without a host, or with a user name or password before the host
+///   (`https://bank.example@evil.example/` shows one site and opens another);
+/// - `mailto:` with a header other than `subject` and `body` (`attach`/`attachment` make
+///   some mail clients attach a local file; `to`/`cc`/`bcc` add recipients the text did not
+///   show), header names compared after percent-decoding and ignoring case; with a `;` in its
+///   query (some clients split on it), an address that decodes to `?`, `&` or a control
+///   character (a client that decodes first would find headers there), or a `#` fragment.
+pub fn checked_link(url: &str) -> Result<tauri::Url, String> {
+    if url.len() > MAX_LINK_BYTES {
+        return Err(format!(
+            "it is {} bytes long; at most {MAX_LINK_BYTES} are opened",
+            url.len()
+        ));
+    }
+    if let Some(c) = url.chars().find(|&c| hidden_char(c)) {
+        return Err(format!(
+            "it contains the character U+{:04X} (a space, control or invisible character)",
+            u32::from(c)
+        ));
+    }
+    let parsed = tauri::Url::parse(url).map_err(|e| format!("it is not a valid link ({e})"))?;
+    match parsed.scheme() {
+        "http" | "https" => {
+            if parsed.host_str().is_none_or(str::is_empty) {
+                return Err("it names no site".into());
+            }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                return Err(
+                    "it carries a user name or password before the site's name, which can hide the site it really opens"
+                        .into(),
+                );
+            }
+        }
+        "mailto" => {
+            if parsed.fragment().is_some() {
+                return Err("a mail link cannot have a `#` part".into());
+            }
+            let address = percent_decoded(parsed.path());
+            if address.contains(['?', '&']) || address.chars().any(hidden_char) {
+                return Err("its address hides extra fields".into());
+            }
+            if let Some(query) = parsed.query() {
+                if query.contains(';') {
+                    return Err("its fields are separated by `;`".into());
+                }
+                for (name, _) in parsed.query_pairs() {
+                    if !["subject", "body"]
+                        .iter()
+                        .any(|ok| name.eq_ignore_ascii_case(ok))
+                    {
+                        let name: String = name.chars().take(40).collect();
+                        return Err(format!(
+                            "a mail link may only fill in a subject and a body, and this one sets `{name}`"
+                        ));
+                    }
+                }
+            }
+        }
+        other => {
+            let other: String = other.chars().take(40).collect();
+            return Err(format!(
+                "only web (http, https) and mail (mailto) links are opened, not `{other}:`"
+            ));
+        }
+    }
+    Ok(parsed)
+}
+
+/// Characters a link must not hold: controls, whitespace, and invisible formatting (zero-width
+/// marks, bidi embeddings and overrides, the byte-order mark).
+fn hidden_char(c: char) -> bool {
+    c.is_control()
+        || c.is_whitespace()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// `s` with its `%XX` escapes decoded (invalid UTF-8 replaced).
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `url` opens (as `opened`, its normalized form, when given).
+    fn opens(url: &str, opened: Option<&str>) {
+        match checked_link(url) {
+            Ok(u) => {
+                if let Some(o) = opened {
+                    assert_eq!(u.as_str(), o, "{url}");
+                }
+            }
+            Err(why) => panic!("{url:?} was refused: {why}"),
+        }
+    }
+
+    /// `url` is refused, the reason containing `because`.
+    fn refused(url: &str, because: &str) {
+        match checked_link(url) {
+            Ok(u) => panic!("{url:?} was let through as {u}"),
+            Err(why) => assert!(
+                why.contains(because),
+                "{url:?}: {why:?} (expected {because:?})"
+            ),
+        }
+    }
+
+    #[test]
+    fn web_and_plain_mail_links_open() {
+        opens(
+            "https://example.com/a?b=c#d",
+            Some("https://example.com/a?b=c#d"),
+        );
+        opens("http://example.com", Some("http://example.com/"));
+        opens("HtTpS://Example.COM/Path", Some("https://example.com/Path"));
+        opens("https://例え.jp/", Some("https://xn--r8jz45g.jp/"));
+        opens("https://example.com/a%20b?q=%26", None);
+        opens("https://example.com:8443/x", None);
+        opens(
+            "mailto:someone@example.com",
+            Some("mailto:someone@example.com"),
+        );
+        opens(
+            "MAILTO:someone@example.com?Subject=Hi&BODY=See%20you%3B%20bye",
+            None,
+        );
+        opens("mailto:?subject=hi", None);
+        opens(
+            "mailto:a@example.com?subject=x%26attach%3D%2Fetc%2Fpasswd",
+            None,
+        );
+        opens(
+            &format!("https://example.com/{}", "a".repeat(MAX_LINK_BYTES - 30)),
+            None,
+        );
+    }
+
+    #[test]
+    fn other_schemes_are_refused() {
+        for (url, scheme) in [
+            ("file:///etc/passwd", "`file:`"),
+            ("javascript:alert(1)", "`javascript:`"),
+            ("JaVaScRiPt:alert(1)", "`javascript:`"),
+            ("data:text/html,<script>alert(1)</script>", "`data:`"),
+            ("vscode://file/etc/passwd", "`vscode:`"),
+            ("smb://host/share", "`smb:`"),
+            ("ftp://example.com/", "`ftp:`"),
+            ("tel:+123", "`tel:`"),
+        ] {
+            refused(url, scheme);
+        }
+        // Percent-encoded or missing separators are no scheme at all.
+        refused("https%3A//example.com", "not a valid link");
+        refused("javascript%3Aalert(1)", "not a valid link");
+        refused("//example.com/x", "not a valid link");
+        refused("example.com", "not a valid link");
+        refused("", "not a valid link");
+    }
+
+    #[test]
+    fn web_links_need_a_host_and_no_credentials() {
+        refused("http:", "not a valid link");
+        refused("https://", "not a valid link");
+        refused("http://user:pass@example.com/", "user name or password");
+        refused(
+            "https://bank.example@evil.example/",
+            "user name or password",
+        );
+        refused("https://:secret@example.com/", "user name or password");
+        refused("https://%62ank@evil.example/", "user name or password");
+    }
+
+    #[test]
+    fn hidden_characters_and_huge_links_are_refused() {
+        for url in [
+            " https://example.com",
+            "https://example.com ",
+            "https://exa\tmple.com",
+            "https://exa\nmple.com",
+            "java\nscript:alert(1)",
+            "https://example.com/\u{0}",
+            "https://example.com/\u{7f}",
+            "https://example.com/\u{202E}moc.live",
+            "https://exa\u{200B}mple.com",
+            "https://example.com/\u{FEFF}",
+            "https://example.com/\u{A0}",
+            "mailto:a@example.com?subject=\u{2028}",
+        ] {
+            refused(url, "U+");
+        }
+        refused(
+            &format!("https://example.com/{}", "a".repeat(MAX_LINK_BYTES)),
+            "bytes long",
+        );
+        refused(&"\u{1F600}".repeat(10_000), "bytes long");
+    }
+
+    #[test]
+    fn mail_links_only_fill_in_a_subject_and_a_body() {
+        for (url, header) in [
+            ("mailto:a@example.com?attach=/etc/passwd", "`attach`"),
+            (
+                "mailto:a@example.com?subject=x&attachment=~/.ssh/id_rsa",
+                "`attachment`",
+            ),
+            ("mailto:a@example.com?ATTACH=/etc/passwd", "`ATTACH`"),
+            ("mailto:a@example.com?%61ttach=/etc/passwd", "`attach`"),
+            (
+                "mailto:a@example.com?subject=x&%41TTACH=/etc/passwd",
+                "`ATTACH`",
+            ),
+            ("mailto:a@example.com?cc=b@example.com", "`cc`"),
+            ("mailto:a@example.com?bcc=b@example.com", "`bcc`"),
+            ("mailto:?to=b@example.com", "`to`"),
+            (
+                "mailto:a@example.com?subject=x&in-reply-to=<y>",
+                "`in-reply-to`",
+            ),
+            ("mailto:a@example.com?body=x&=y", "``"),
+        ] {
+            refused(url, header);
+        }
+        refused("mailto:a@example.com?subject=x;attach=/etc/passwd", "`;`");
+        refused(
+            "mailto:a@example.com%3Fattach=/etc/passwd",
+            "hides extra fields",
+        );
+        refused(
+            "mailto:a@example.com%26attach=/etc/passwd",
+            "hides extra fields",
+        );
+        refused(
+            "mailto:a@example.com%0d%0abcc:b@example.com",
+            "hides extra fields",
+        );
+        refused("mailto:a@example.com#x", "`#`");
+    }
 }

@@ -245,6 +245,10 @@ pub struct MessageDto {
     pub content: String,
     /// `complete`, `partial`, `error`.
     pub status: MessageStatus,
+    /// Why an answer is not complete, when known: the failure of an `error` answer, or, on a
+    /// `partial` one, that the app closed while it was written (it is then shown as
+    /// interrupted, not as stopped).
+    pub error: Option<String>,
     /// Generation statistics of an answer.
     pub stats: Option<Stats>,
     /// ISO 8601.
@@ -258,6 +262,7 @@ impl From<&StoredMessage> for MessageDto {
             role: m.role,
             content: m.content.clone(),
             status: m.status,
+            error: m.error.clone(),
             stats: m
                 .stats
                 .as_ref()

@@ -1,9 +1,11 @@
 // The end-to-end scenario of the desktop app, run by tests/e2e/run (which starts Xvfb, the fake
-// hub and tauri-driver, and passes their whereabouts in E2E_* variables). Each step is a test;
+// hub and tauri-driver, and passes their whereabouts in E2E_* variables): download, chat,
+// restart, continue; then kill -9 while an answer streams, start again, continue. Each step is a test;
 // after a failure the later steps are skipped (they build on it) and a screenshot of the window
 // is written to target/e2e/failure-<step>.png.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Builder, By, Key, until } from 'selenium-webdriver';
@@ -20,12 +22,21 @@ const APP_LOG = env('E2E_APP_LOG');
 const OUT = env('E2E_OUT');
 const REPO = env('E2E_REPO');
 const VARIANTS = env('E2E_VARIANTS').split(/\s+/);
+const DB = path.join(env('E2E_DATA_DIR'), 'conversations.sqlite3');
 // The first download becomes the model in use by itself; the second is picked with "Use".
 const [FIRST_VARIANT, VARIANT] = VARIANTS;
 
 const FIRST_MESSAGE = 'Hello tiny model, tell me about gardens';
 const SECOND_MESSAGE = 'And what about the rivers nearby?';
 const SEARCH = 'gardens';
+const LONG_MESSAGE = 'Now tell me everything you know, at length';
+/** Messages sent at most until an answer streams past its first save. */
+const KILL_ATTEMPTS = 30;
+const AFTER_KILL = 'Are you still there?';
+/** The reason the store gives an answer the app was killed in the middle of (messages::INTERRUPTED). */
+const INTERRUPTED = 'the app closed before this answer was finished; the text saved until then is kept';
+/** Most text lost to the kill, as time: the save interval (2 s), plus slack for a loaded machine. */
+const MAX_LOST_MS = 3000;
 
 const WAIT = 30_000; // one UI step (the model is tiny: nothing takes long)
 const GENERATION = 120_000; // one answer, model load included
@@ -33,7 +44,7 @@ const GENERATION = 120_000; // one answer, model load included
 /** @type {import('selenium-webdriver').WebDriver | null} */
 let driver = null;
 let broken = false;
-const seen = { appPid: null, memoryBefore: null, firstAnswer: null, conversationTitle: null };
+const seen = { appPid: null, memoryBefore: null, firstAnswer: null, conversationTitle: null, killed: null };
 
 // ---- helpers ----
 
@@ -183,6 +194,38 @@ async function waitForDriver() {
     }
     if (Date.now() > deadline) throw new Error(`tauri-driver does not answer at ${DRIVER_URL}`);
     await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+/** Rows of `sql` on the app's database, read with the sqlite3 tool (a second reader of its WAL). */
+function dbRows(sql) {
+  const out = execFileSync('sqlite3', ['-json', DB, sql], { encoding: 'utf8' });
+  return out.trim() ? JSON.parse(out) : [];
+}
+
+/** Saves settings with this answer length (the settings screen). */
+async function setMaxNewTokens(n) {
+  await click('[data-testid="nav-settings"]');
+  await setField('[data-testid="sampling-maxNewTokens"]', n);
+  await click('[data-testid="save-settings"]');
+  await waitFor(
+    async () => !(await (await find('[data-testid="save-settings"]')).isEnabled()),
+    'the settings are saved (nothing left to save)',
+  );
+  await click('[data-testid="nav-chat"]');
+}
+
+/** Kills the app with SIGKILL (no shutdown of any kind), then ends the dead WebDriver session. */
+async function killApp(pid) {
+  process.kill(pid, 'SIGKILL');
+  const d = driver;
+  driver = null;
+  // The session's browser is gone: ending it may fail or hang; either way it is over.
+  await Promise.race([d.quit().catch(() => {}), new Promise((r) => setTimeout(r, 10_000))]);
+  const deadline = Date.now() + WAIT;
+  while (appPids().includes(pid)) {
+    if (Date.now() > deadline) throw new Error(`the app (${pid}) still runs after SIGKILL`);
+    await new Promise((r) => setTimeout(r, 100));
   }
 }
 
@@ -440,6 +483,74 @@ step('continues the conversation from its saved state', async (t) => {
   const turn = /turn starts.*?read=(\d+)/.exec(log);
   assert.ok(turn && Number(turn[1]) === seen.memoryBefore, `the turn started from the saved position: ${turn?.[0]}`);
   await shot('chat');
+}, 240_000);
+
+step('killed (kill -9) while it streams an answer, the app keeps what was saved (at most the last 2 s are lost)', async (t) => {
+  await setMaxNewTokens(65536);
+  const answers = '[data-testid="message"][data-role="assistant"]';
+  // The tiny model usually ends an answer within a second or two (its EOS is one token in a few
+  // hundred), before the first save (2 s after the turn starts): another message until one is
+  // still streaming after a save, seen in the database.
+  for (let attempt = 1; attempt <= KILL_ATTEMPTS; attempt++) {
+    const before = (await driver.findElements(css(answers))).length;
+    const box = await findVisible('[data-testid="composer"]');
+    await box.sendKeys(`${LONG_MESSAGE} (${attempt})`, Key.ENTER);
+    await waitFor(async () => (await driver.findElements(css(answers))).length === before + 1, 'the answer appears');
+    const answer = async () => (await driver.findElements(css(answers)))[before];
+    const state = await waitFor(async () => {
+      if ((await (await answer()).getAttribute('data-status')) !== 'streaming') return 'ended';
+      const [row] = dbRows(
+        `SELECT length(content) AS n, updated_at FROM messages WHERE role = 'assistant' AND status = 'partial' AND stats IS NULL ORDER BY id DESC LIMIT 1`,
+      );
+      return row && row.n > 0 ? { saved: row } : false;
+    }, 'the answer streams', GENERATION);
+    if (state === 'ended') continue;
+    const pid = appPids()[0];
+    const killedAt = Date.now();
+    await killApp(pid);
+    seen.killed = { at: killedAt, pid, saved: state.saved, answersBefore: before, message: `${LONG_MESSAGE} (${attempt})` };
+    t.diagnostic(`attempt ${attempt}: app ${pid} killed while it streamed, ${state.saved.n} characters saved`);
+    return;
+  }
+  assert.fail(`no answer was still streaming after its first save in ${KILL_ATTEMPTS} attempts`);
+}, 600_000);
+
+step('started again, it shows the partial answer as interrupted and the chat goes on', async (t) => {
+  const killed = seen.killed;
+  const pid = await startApp();
+  assert.notEqual(pid, killed.pid, 'a new app process');
+  // What the killed process had saved: the answer's text, as of its last save.
+  const [row] = dbRows(
+    `SELECT id, content, status, error, updated_at FROM messages WHERE role = 'assistant' ORDER BY id DESC LIMIT 1`,
+  );
+  assert.ok(row.content.length >= killed.saved.n && row.content.length > 0, 'the text saved while it streamed');
+  assert.equal(row.status, 'partial');
+  assert.equal(row.error, INTERRUPTED, 'marked interrupted at the next start');
+  const lost = killed.at - row.updated_at;
+  t.diagnostic(`saved ${row.content.length} characters, the last save ${lost} ms before the kill`);
+  assert.ok(lost <= MAX_LOST_MS, `the last save was ${lost} ms before the kill (at most ${MAX_LOST_MS})`);
+
+  // The app reopens the conversation: the partial answer, shown as interrupted (not streaming).
+  const answers = '[data-testid="message"][data-role="assistant"]';
+  const answer = await waitFor(async () => {
+    const all = await driver.findElements(css(answers));
+    return all.length === killed.answersBefore + 1 && all[killed.answersBefore];
+  }, 'the conversation with the partial answer');
+  await scrollTo(answer);
+  assert.equal(await answer.getAttribute('data-status'), 'partial');
+  assert.match(await (await answer.findElement(css('[data-testid="message-status"]'))).getText(), /^Interrupted/);
+  assert.ok((await (await answer.findElement(css('[data-testid="message-body"]'))).getText()).trim().length > 0, 'its text is shown');
+  const user = await driver.findElements(css('[data-testid="message"][data-role="user"] [data-testid="message-body"]'));
+  assert.equal(await user.at(-1).getText(), killed.message, "the user's message is kept");
+  await shot('chat-interrupted');
+
+  // The next message is answered, its memory the last snapshot plus the text since.
+  await setMaxNewTokens(64);
+  await sendAndAwaitAnswer(AFTER_KILL, killed.answersBefore + 1);
+  const log = appRuns().at(-1);
+  assert.match(log, /answers left unfinished by a process that ended were settled/, 'the start settled the answer');
+  assert.match(log, /memory restored from its snapshot/, 'the memory came from the last snapshot');
+  await shot('chat-after-kill');
 }, 240_000);
 
 step('no panic and no error in the app log', async () => {

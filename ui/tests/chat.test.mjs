@@ -1,5 +1,6 @@
-// Chat: send and stream, stop (partial kept), regenerate, edit-and-resend, copy, generation
-// errors, and a send that fails keeping the draft.
+// Chat: send and stream, stop (partial kept), regenerate (the old answer kept when the new one
+// fails before its first token), edit-and-resend, copy, generation errors, an answer interrupted
+// by the app closing, and a send that fails keeping the draft.
 import assert from 'node:assert/strict';
 import { after, afterEach, before, describe, test } from 'node:test';
 import { mock, until, useSuite } from './helpers.mjs';
@@ -131,6 +132,52 @@ describe('chat', () => {
     await notice.getByRole('button', { name: 'Retry' }).click();
     await lastAssistant(page).and(page.locator('[data-status=complete]')).waitFor();
     // console errors are not expected: the error is handled, not thrown
+    clean(page);
+  });
+
+  test('a regenerate that fails before its first token keeps the old answer', async () => {
+    const { page } = await suite.open();
+    await page.locator('[data-testid=conversation-title]', { hasText: 'Rust borrow checker tips' }).click();
+    const answer = lastAssistant(page);
+    await answer.waitFor();
+    const old = await answer.locator('.markdown').textContent();
+    await mock(page, () => window.__tpttMock.failGeneration(0, 'model_load', 'The variant file is truncated.'));
+    await answer.hover();
+    await answer.getByRole('button', { name: 'Regenerate' }).click();
+    await page.getByTestId('notice').filter({ hasText: 'could not be loaded' }).waitFor();
+    await until(page, () => !document.querySelector('[data-testid=message][data-status=streaming]'));
+    const answers = page.locator('[data-testid=message][data-role=assistant]');
+    assert.equal(await answers.count(), 1, 'no failed answer beside it');
+    assert.equal(await answers.first().getAttribute('data-status'), 'complete');
+    assert.equal(await answers.first().locator('.markdown').textContent(), old, 'the old answer is back');
+    const stored = await mock(page, () => window.__tpttMock.state.conversations.find((c) => c.id === 'c-rust').messages);
+    assert.equal(stored.length, 2, 'the backend kept it too');
+    assert.equal(stored[1].status, 'complete');
+    clean(page);
+  });
+
+  test('an answer cut short by the app closing is shown as interrupted, with its text', async () => {
+    const { page } = await suite.open();
+    await mock(page, () => {
+      const c = window.__tpttMock.state.conversations.find((x) => x.id === 'c-rust');
+      Object.assign(c.messages[1], {
+        content: 'The borrow checker',
+        status: 'partial',
+        stats: null,
+        error: 'the app closed before this answer was finished; the text saved until then is kept',
+      });
+    });
+    await page.locator('[data-testid=conversation-title]', { hasText: 'Rust borrow checker tips' }).click();
+    const answer = lastAssistant(page);
+    await answer.waitFor();
+    assert.equal(await answer.getAttribute('data-status'), 'partial');
+    assert.equal((await answer.locator('.markdown').textContent()).trim(), 'The borrow checker');
+    assert.match(
+      await answer.getByTestId('message-status').textContent(),
+      /Interrupted — the app closed before this answer was finished/,
+    );
+    await answer.hover();
+    await answer.getByRole('button', { name: 'Regenerate' }).waitFor();
     clean(page);
   });
 

@@ -17,6 +17,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// SQLite primary result codes the store tells apart (`sqlite3.h`).
 const SQLITE_BUSY: &str = "5";
 const SQLITE_LOCKED: &str = "6";
+const SQLITE_INTERRUPT: &str = "9";
 const SQLITE_CORRUPT: &str = "11";
 const SQLITE_FULL: &str = "13";
 const SQLITE_NOTADB: &str = "26";
@@ -50,6 +51,9 @@ pub enum Error {
     /// The file exists but is not an SQLite database, or its content is damaged. Nothing was
     /// written to it. The way forward: move it aside ([`Store::move_aside`](crate::Store::move_aside)
     /// renames it, keeping it for recovery) and open again, which creates an empty database.
+    ///
+    /// Also given when the file fails SQLite's `PRAGMA quick_check` at open
+    /// ([`Damage::QuickCheck`]): the store refuses to write into a damaged file.
     #[error(
         "the conversation database {p} is damaged or is not an SQLite database ({source}). \
          Nothing was changed in it. Move it aside (rename it, e.g. to `{p}.corrupt`) and \
@@ -60,9 +64,9 @@ pub enum Error {
     Corrupt {
         /// The database file.
         path: PathBuf,
-        /// The SQLite error (`SQLITE_NOTADB` or `SQLITE_CORRUPT`).
+        /// What is wrong with it.
         #[source]
-        source: sqlx::Error,
+        source: Damage,
     },
 
     /// The database was written by a newer version of the app: it has schema migrations this
@@ -175,12 +179,30 @@ fn sqlite_code(e: &sqlx::Error) -> Option<String> {
     Some((n & 0xff).to_string())
 }
 
+/// Whether `e` is SQLite's `SQLITE_INTERRUPT` (a progress handler ended the statement).
+pub(crate) fn is_interrupt(e: &sqlx::Error) -> bool {
+    sqlite_code(e).as_deref() == Some(SQLITE_INTERRUPT)
+}
+
 /// Whether `e` says the file is not a database or is damaged.
 pub(crate) fn is_corruption(e: &sqlx::Error) -> bool {
     matches!(
         sqlite_code(e).as_deref(),
         Some(SQLITE_CORRUPT | SQLITE_NOTADB)
     )
+}
+
+/// What is wrong with a database file that [`Store::open`](crate::Store::open) refuses
+/// ([`Error::Corrupt`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Damage {
+    /// SQLite refused the file (`SQLITE_NOTADB`: not a database; `SQLITE_CORRUPT`: damaged).
+    #[error("{0}")]
+    Sqlite(#[source] sqlx::Error),
+    /// `PRAGMA quick_check` found problems (the first few of its lines).
+    #[error("its integrity check found: {}", .0.join("; "))]
+    QuickCheck(Vec<String>),
 }
 
 /// A row that could not be read: which table, which id, and why.

@@ -1,20 +1,37 @@
 //! `tptt-store`: TPTT Chat's conversations, messages, state snapshots and settings, in SQLite.
 //!
 //! [`Store`] is the whole API: [`Store::open`] a database file (created with its folders; WAL
-//! journal; foreign keys on; schema brought up to date by the numbered migrations in
-//! `migrations/`, embedded with [`sqlx::migrate!`]) or [`Store::open_in_memory`] for tests; then
-//! one async method per query, its SQL beside it:
+//! journal, `synchronous = FULL`; foreign keys on; checked — below —; schema brought up to
+//! date by the numbered migrations in `migrations/`, embedded with [`sqlx::migrate!`]) or
+//! [`Store::open_in_memory`] for tests; then one async method per query, its SQL beside it:
 //!
 //! - [`conversations`]: create, list (most recent first), get, rename, model/variant, settings,
 //!   archive, delete (messages and snapshot rows go with it).
 //! - [`messages`]: add (the user's message is committed before generation starts), update
 //!   (streamed, stopped or failed answers saved as [`MessageStatus::Partial`] /
-//!   [`MessageStatus::Error`] with their text), list, truncate for regenerate / edit-and-resend.
+//!   [`MessageStatus::Error`] with their text), list, edit-and-resend in one transaction
+//!   ([`Store::edit_and_truncate`]), regenerate without losing the old answer before the new
+//!   one has started ([`Store::begin_replacing_answer`]).
 //! - [`search`]: titles and message text, FTS5 trigram substring search.
 //! - [`snapshots`]: TPTT state snapshot files recorded at turn boundaries, keyed by
 //!   [`ModelKey`]; the latest usable one; stale ones dropped.
 //! - [`export`]: a conversation as Markdown or JSON, text as it is.
 //! - [`settings`]: application settings, one JSON value per key.
+//!
+//! Opening a file ([`Store::open`]):
+//! - `PRAGMA quick_check` runs before anything is written: a damaged file is refused
+//!   ([`Error::Corrupt`], naming it; nothing written to it), so what still reads can be
+//!   recovered. Problems of the full-text indexes alone do not refuse the file: a damaged
+//!   index (FTS5 `integrity-check` against its table) is rebuilt from the stored text and the
+//!   repair logged. Each check stops after [`CHECK_BUDGET`] (skipped, logged) on a huge file.
+//! - Answers left streaming by a process that ended (a crash, a `kill -9`, a power cut) are
+//!   settled: kept with their text and marked interrupted ([`messages::INTERRUPTED`]); a
+//!   regeneration that had not started is dropped, the answer it was to replace kept.
+//!
+//! Durability: WAL with `synchronous = FULL`, so a commit is on disk when it returns, power
+//! loss included. (`NORMAL` would survive the app being killed — the WAL is in the OS's
+//! hands — but could lose the last commits to a power cut or an OS crash.) The app saves a
+//! streaming answer every 2 s: a kill loses at most that much of it.
 //!
 //! Invariants:
 //! - Queries are checked at run time (`sqlx::query`), so building needs no database.
@@ -26,6 +43,7 @@
 //! - Timestamps ([`Timestamp`], ms since the epoch) from one `Store` strictly increase, so "most
 //!   recent first" is a total order even within a millisecond.
 
+mod check;
 pub mod conversations;
 mod error;
 pub mod export;
@@ -42,11 +60,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::{MigrateError, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
+pub use check::CHECK_BUDGET;
 pub use conversations::{Conversation, ListScope, NewConversation};
-pub use error::{Error, MalformedRow, Result};
-pub use messages::{Message, MessageUpdate, NewMessage};
+pub use error::{Damage, Error, MalformedRow, Result};
+pub use messages::{Edited, Message, MessageUpdate, NewMessage, Replacement, Settled};
 pub use search::{MessageHit, SearchHit};
 pub use snapshots::{NewSnapshot, Snapshot};
 pub use types::{
@@ -76,12 +97,13 @@ pub struct Store {
 
 impl Store {
     /// Opens the database at `path`, creating the file and its parent folders if needed, in WAL
-    /// mode with foreign keys enforced, and runs the migrations it lacks.
+    /// mode with foreign keys enforced; checks it, runs the migrations it lacks, rebuilds a
+    /// damaged search index and settles answers left streaming (module doc).
     ///
     /// Several `Store`s (or processes) may open the same file at once. A file that is not an
-    /// SQLite database or is damaged gives [`Error::Corrupt`] (see [`Store::move_aside`]); one
-    /// written by a newer version of the app gives [`Error::NewerSchema`]. Neither changes the
-    /// file.
+    /// SQLite database, or is damaged (`quick_check`), gives [`Error::Corrupt`] (see
+    /// [`Store::move_aside`]); one written by a newer version of the app gives
+    /// [`Error::NewerSchema`]. Neither changes the file.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -94,6 +116,8 @@ impl Store {
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            // Every commit is on disk when it returns, power loss included (module doc).
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
@@ -103,21 +127,45 @@ impl Store {
             .map_err(|e| open_error(&path, e))?;
         let store = Store {
             pool,
-            path: Some(path),
+            path: Some(path.clone()),
             clock: Arc::default(),
         };
-        store.migrate().await?;
+        match store.prepare(&path).await {
+            Ok(()) => Ok(store),
+            Err(e) => {
+                // Let go of the file at once: the caller may move it aside.
+                store.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Store::open`]'s work once connected: check, migrate, repair, settle.
+    async fn prepare(&self, path: &Path) -> Result<()> {
+        // Before anything is written: a damaged file is refused untouched.
+        check::quick_check(&self.pool, path).await?;
+        self.migrate().await?;
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&store.pool)
+            .fetch_one(&self.pool)
             .await
-            .map_err(|e| open_error(store.display_path(), e))?;
+            .map_err(|e| open_error(path, e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             // A file system without shared memory (some network mounts) refuses WAL; SQLite
             // then keeps the rollback journal, which is slower with readers but still correct.
-            tracing::warn!(path = %store.display_path().display(), mode, "WAL journal refused");
+            tracing::warn!(path = %path.display(), mode, "WAL journal refused");
         }
-        tracing::info!(path = %store.display_path().display(), "conversation database open");
-        Ok(store)
+        check::repair_search_index(&self.pool, path).await?;
+        let settled = self.settle_unfinished_answers().await?;
+        if settled.interrupted + settled.abandoned > 0 {
+            tracing::info!(
+                path = %path.display(),
+                interrupted = settled.interrupted,
+                abandoned_regenerations = settled.abandoned,
+                "answers left unfinished by a process that ended were settled"
+            );
+        }
+        tracing::info!(path = %path.display(), "conversation database open");
+        Ok(())
     }
 
     /// A fresh, empty database in memory, for tests. Everything is lost when the last clone of
@@ -232,7 +280,7 @@ impl Store {
                 {
                     return Err(Error::Corrupt {
                         path: path.to_path_buf(),
-                        source: e,
+                        source: Damage::Sqlite(e),
                     })
                 }
                 Err(e @ (MigrateError::Execute(_) | MigrateError::ExecuteMigration(..)))
@@ -257,7 +305,7 @@ fn open_error(path: &Path, e: sqlx::Error) -> Error {
     if error::is_corruption(&e) {
         Error::Corrupt {
             path: path.to_path_buf(),
-            source: e,
+            source: Damage::Sqlite(e),
         }
     } else {
         Error::Open {

@@ -1,13 +1,21 @@
-//! Messages: add, update, get, list, and truncate a conversation for regenerate or
-//! edit-and-resend.
+//! Messages: add, update, get, list; edit-and-resend, regenerate, and what a process that
+//! died left unfinished.
 //!
 //! The generation flow the app follows, so that no text is ever lost:
 //! 1. [`Store::add_message`] the user's message, committed before generation starts;
-//! 2. add the assistant's message as [`MessageStatus::Partial`] with empty text, and
-//!    [`Store::update_message`] it with the text so far as tokens stream (a crash leaves a
-//!    partial answer, not nothing);
-//! 3. finally update it to [`MessageStatus::Complete`], or keep it `Partial` when stopped, or
+//! 2. add the assistant's message as [`MessageStatus::Partial`] with empty text
+//!    ([`NewMessage::streaming_answer`]), and [`Store::update_message`] it with the text so far
+//!    (no stats) as tokens stream (a crash leaves a partial answer, not nothing);
+//! 3. finally update it to [`MessageStatus::Complete`], or keep it `Partial` when stopped
+//!    (with its stats: that is what tells a stopped answer from one still streaming), or
 //!    [`MessageStatus::Error`] with the error when generation failed — always with its text.
+//!
+//! An answer found still streaming when the database is opened was cut by the end of the
+//! process that wrote it: [`Store::open`] keeps its text and sets its error to
+//! [`INTERRUPTED`]. Regenerate goes through [`Store::begin_replacing_answer`]: the new answer
+//! is stored after the old one, which stays until [`Store::finish_replacing_answer`] (the new
+//! one has started) or [`Store::abandon_replacing_answer`] (it failed or was stopped first).
+//! Edit-and-resend is one transaction ([`Store::edit_and_truncate`]).
 //!
 //! Messages are ordered by `position` (0, 1, 2...), which the store assigns.
 
@@ -15,7 +23,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
+use sqlx::{Row, SqliteConnection};
 
 use crate::error::{Error, MalformedRow, Result};
 use crate::snapshots::unreferenced_paths;
@@ -178,6 +186,129 @@ fn stats_json(stats: &Option<serde_json::Value>) -> Result<Option<String>> {
     Ok(stats.as_ref().map(serde_json::to_string).transpose()?)
 }
 
+/// Moves a conversation's `updated_at` to `now`; [`Error::ConversationNotFound`] if there is
+/// no such conversation.
+async fn touch(
+    conn: &mut SqliteConnection,
+    conversation: ConversationId,
+    now: Timestamp,
+) -> Result<()> {
+    const TOUCH: &str = "UPDATE conversations SET updated_at = ? WHERE id = ?";
+    let touched = sqlx::query(TOUCH)
+        .bind(now.as_millis())
+        .bind(conversation.0)
+        .execute(&mut *conn)
+        .await?;
+    if touched.rows_affected() == 0 {
+        return Err(Error::ConversationNotFound(conversation));
+    }
+    Ok(())
+}
+
+/// Inserts `new` after the conversation's last message (inside the caller's transaction).
+async fn append(
+    conn: &mut SqliteConnection,
+    conversation: ConversationId,
+    new: &NewMessage,
+    now: Timestamp,
+) -> Result<Message> {
+    // One statement reads the next position and inserts.
+    const INSERT: &str = "INSERT INTO messages \
+        (conversation_id, position, role, content, status, error, created_at, updated_at, \
+         token_count, stats) \
+        SELECT ?1, COALESCE(MAX(position) + 1, 0), ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8 \
+        FROM messages WHERE conversation_id = ?1 \
+        RETURNING id, position";
+    let stats = stats_json(&new.stats)?;
+    let (id, position): (i64, i64) = sqlx::query_as(INSERT)
+        .bind(conversation.0)
+        .bind(new.role.as_str())
+        .bind(&new.content)
+        .bind(new.status.as_str())
+        .bind(&new.error)
+        .bind(now.as_millis())
+        .bind(new.token_count.map(i64::from))
+        .bind(&stats)
+        .fetch_one(&mut *conn)
+        .await?;
+    let position = u32::try_from(position)
+        .map_err(|_| Error::InvalidInput(format!("message position {position} overflows")))?;
+    Ok(Message {
+        id: MessageId(id),
+        conversation_id: conversation,
+        position,
+        role: new.role,
+        content: new.content.clone(),
+        status: new.status,
+        error: new.error.clone(),
+        created_at: now,
+        updated_at: now,
+        token_count: new.token_count,
+        stats: new.stats.clone(),
+    })
+}
+
+/// One message read inside the caller's transaction; [`Error::MessageNotFound`] if there is
+/// none with this id.
+async fn message_in(conn: &mut SqliteConnection, id: MessageId) -> Result<Message> {
+    const SQL: &str = concat!("SELECT ", message_columns!(), " FROM messages WHERE id = ?");
+    let row = sqlx::query(SQL)
+        .bind(id.0)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(Error::MessageNotFound(id))?;
+    Ok(message_from_row(&row)?)
+}
+
+/// Deletes the snapshot rows of message `id`, returning their paths.
+async fn delete_snapshots_of(conn: &mut SqliteConnection, id: MessageId) -> Result<Vec<String>> {
+    const SQL: &str = "DELETE FROM snapshots WHERE message_id = ? RETURNING path";
+    Ok(sqlx::query_scalar(SQL)
+        .bind(id.0)
+        .fetch_all(&mut *conn)
+        .await?)
+}
+
+/// The reason [`Store::open`] records on an answer that a process left streaming when it
+/// ended (a crash, a kill, a power cut): the answer stays [`MessageStatus::Partial`] with the
+/// text saved until then, and its `error` says this.
+pub const INTERRUPTED: &str =
+    "the app closed before this answer was finished; the text saved until then is kept";
+
+/// A regenerated answer on its way ([`Store::begin_replacing_answer`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replacement {
+    /// The answer being replaced, still in place.
+    pub old: Message,
+    /// The new, empty [`MessageStatus::Partial`] answer, stored after it until
+    /// [`Store::finish_replacing_answer`] puts it in its place.
+    pub new: Message,
+    /// Snapshot files of the old answer that no row refers to any more: the caller removes
+    /// them.
+    pub files: Vec<PathBuf>,
+}
+
+/// What [`Store::edit_and_truncate`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Edited {
+    /// The edited user message (same id and position, the new text).
+    pub user: Message,
+    /// The new, empty [`MessageStatus::Partial`] answer after it.
+    pub answer: Message,
+    /// Snapshot files no row refers to any more: the caller removes them.
+    pub files: Vec<PathBuf>,
+}
+
+/// What [`Store::open`] found left unfinished by a process that ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Answers that were streaming, now marked [`INTERRUPTED`] (their text kept).
+    pub interrupted: u64,
+    /// Regenerated answers that had not started (no text): removed, so the answer they were
+    /// to replace stays.
+    pub abandoned: u64,
+}
+
 impl Store {
     /// Appends a message to a conversation (the next position) and commits it; the
     /// conversation's `updated_at` moves to now.
@@ -186,52 +317,12 @@ impl Store {
         conversation: ConversationId,
         new: &NewMessage,
     ) -> Result<Message> {
-        const TOUCH: &str = "UPDATE conversations SET updated_at = ? WHERE id = ?";
-        // One statement reads the next position and inserts, inside a write transaction.
-        const INSERT: &str = "INSERT INTO messages \
-            (conversation_id, position, role, content, status, error, created_at, updated_at, \
-             token_count, stats) \
-            SELECT ?1, COALESCE(MAX(position) + 1, 0), ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8 \
-            FROM messages WHERE conversation_id = ?1 \
-            RETURNING id, position";
         let now = self.now();
-        let stats = stats_json(&new.stats)?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let touched = sqlx::query(TOUCH)
-            .bind(now.as_millis())
-            .bind(conversation.0)
-            .execute(&mut *tx)
-            .await?;
-        if touched.rows_affected() == 0 {
-            return Err(Error::ConversationNotFound(conversation));
-        }
-        let (id, position): (i64, i64) = sqlx::query_as(INSERT)
-            .bind(conversation.0)
-            .bind(new.role.as_str())
-            .bind(&new.content)
-            .bind(new.status.as_str())
-            .bind(&new.error)
-            .bind(now.as_millis())
-            .bind(new.token_count.map(i64::from))
-            .bind(&stats)
-            .fetch_one(&mut *tx)
-            .await?;
+        touch(&mut tx, conversation, now).await?;
+        let message = append(&mut tx, conversation, new, now).await?;
         tx.commit().await?;
-        let position = u32::try_from(position)
-            .map_err(|_| Error::InvalidInput(format!("message position {position} overflows")))?;
-        Ok(Message {
-            id: MessageId(id),
-            conversation_id: conversation,
-            position,
-            role: new.role,
-            content: new.content.clone(),
-            status: new.status,
-            error: new.error.clone(),
-            created_at: now,
-            updated_at: now,
-            token_count: new.token_count,
-            stats: new.stats.clone(),
-        })
+        Ok(message)
     }
 
     /// Replaces a message's text, status, error, token count and stats (streaming progress, a
@@ -354,5 +445,230 @@ impl Store {
         let files = unreferenced_paths(&mut tx, paths).await?;
         tx.commit().await?;
         Ok(files)
+    }
+
+    /// Edit-and-resend, in one transaction: the user message `message` of `conversation` gets
+    /// `content` (same id and position, status complete, `created_at` now), every later
+    /// message goes with the snapshots taken at or after it, and an empty
+    /// [`NewMessage::streaming_answer`] follows. A failure anywhere changes nothing.
+    ///
+    /// [`Error::MessageNotFound`] if there is no such message, [`Error::InvalidInput`] if it
+    /// is not a user message of `conversation`.
+    pub async fn edit_and_truncate(
+        &self,
+        conversation: ConversationId,
+        message: MessageId,
+        content: &str,
+    ) -> Result<Edited> {
+        const SNAPSHOTS: &str = "DELETE FROM snapshots WHERE message_id IN \
+            (SELECT id FROM messages WHERE conversation_id = ?1 AND position >= ?2) \
+            RETURNING path";
+        const LATER: &str = "DELETE FROM messages WHERE conversation_id = ? AND position > ?";
+        const EDIT: &str = "UPDATE messages SET content = ?, status = 'complete', error = NULL, \
+            token_count = NULL, stats = NULL, created_at = ?2, updated_at = ?2 WHERE id = ?3";
+        let now = self.now();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        touch(&mut tx, conversation, now).await?;
+        let old = message_in(&mut tx, message).await?;
+        if old.conversation_id != conversation || old.role != Role::User {
+            return Err(Error::InvalidInput(format!(
+                "message {message} is not a user message of conversation {conversation}"
+            )));
+        }
+        let paths: Vec<String> = sqlx::query_scalar(SNAPSHOTS)
+            .bind(conversation.0)
+            .bind(i64::from(old.position))
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query(LATER)
+            .bind(conversation.0)
+            .bind(i64::from(old.position))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(EDIT)
+            .bind(content)
+            .bind(now.as_millis())
+            .bind(message.0)
+            .execute(&mut *tx)
+            .await?;
+        let answer = append(&mut tx, conversation, &NewMessage::streaming_answer(), now).await?;
+        let files = unreferenced_paths(&mut tx, paths).await?;
+        tx.commit().await?;
+        let user = Message {
+            content: content.to_string(),
+            status: MessageStatus::Complete,
+            error: None,
+            token_count: None,
+            stats: None,
+            created_at: now,
+            updated_at: now,
+            ..old
+        };
+        Ok(Edited {
+            user,
+            answer,
+            files,
+        })
+    }
+
+    /// Regenerate, step 1: a new empty [`NewMessage::streaming_answer`] is stored after
+    /// `old`, the conversation's last message and an answer, which stays in place until the
+    /// new one has started ([`Store::finish_replacing_answer`]) or is given up
+    /// ([`Store::abandon_replacing_answer`]). The old answer's snapshots go at once (a memory
+    /// that read it is no start for its replacement; the one before it is).
+    ///
+    /// [`Error::InvalidInput`] if `old` is not the last message of `conversation` or not an
+    /// answer.
+    pub async fn begin_replacing_answer(
+        &self,
+        conversation: ConversationId,
+        old: MessageId,
+    ) -> Result<Replacement> {
+        const LAST: &str = "SELECT MAX(position) FROM messages WHERE conversation_id = ?";
+        let now = self.now();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        touch(&mut tx, conversation, now).await?;
+        let old = message_in(&mut tx, old).await?;
+        let last: Option<i64> = sqlx::query_scalar(LAST)
+            .bind(conversation.0)
+            .fetch_one(&mut *tx)
+            .await?;
+        if old.conversation_id != conversation
+            || old.role != Role::Assistant
+            || last != Some(i64::from(old.position))
+        {
+            return Err(Error::InvalidInput(format!(
+                "message {} is not the last answer of conversation {conversation}",
+                old.id
+            )));
+        }
+        let paths = delete_snapshots_of(&mut tx, old.id).await?;
+        let new = append(&mut tx, conversation, &NewMessage::streaming_answer(), now).await?;
+        let files = unreferenced_paths(&mut tx, paths).await?;
+        tx.commit().await?;
+        Ok(Replacement { old, new, files })
+    }
+
+    /// Regenerate, step 2 (the new answer has started): in one transaction the old answer is
+    /// deleted and the new one takes its position. Returns the snapshot files no row refers
+    /// to any more. Nothing to do (`Ok`) when the old answer is already gone;
+    /// [`Error::MessageNotFound`] when the new one is.
+    pub async fn finish_replacing_answer(
+        &self,
+        old: MessageId,
+        new: MessageId,
+    ) -> Result<Vec<PathBuf>> {
+        const DELETE: &str = "DELETE FROM messages WHERE id = ?";
+        const MOVE: &str = "UPDATE messages SET position = ? WHERE id = ?";
+        let now = self.now();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let new = message_in(&mut tx, new).await?;
+        let old = match message_in(&mut tx, old).await {
+            Ok(m) => m,
+            Err(Error::MessageNotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        if old.conversation_id != new.conversation_id || old.position >= new.position {
+            return Err(Error::InvalidInput(format!(
+                "message {} cannot replace message {}: not a later message of its conversation",
+                new.id, old.id
+            )));
+        }
+        let paths = delete_snapshots_of(&mut tx, old.id).await?;
+        sqlx::query(DELETE).bind(old.id.0).execute(&mut *tx).await?;
+        sqlx::query(MOVE)
+            .bind(i64::from(old.position))
+            .bind(new.id.0)
+            .execute(&mut *tx)
+            .await?;
+        touch(&mut tx, new.conversation_id, now).await?;
+        let files = unreferenced_paths(&mut tx, paths).await?;
+        tx.commit().await?;
+        Ok(files)
+    }
+
+    /// Regenerate given up before the new answer started (it failed, or was stopped, before
+    /// its first token): the new answer and its snapshots are deleted; the old answer was
+    /// never touched. Returns the snapshot files no row refers to any more.
+    pub async fn abandon_replacing_answer(&self, new: MessageId) -> Result<Vec<PathBuf>> {
+        const DELETE: &str = "DELETE FROM messages WHERE id = ? RETURNING conversation_id";
+        let now = self.now();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let paths = delete_snapshots_of(&mut tx, new).await?;
+        let conversation: Option<i64> = sqlx::query_scalar(DELETE)
+            .bind(new.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let conversation = conversation.ok_or(Error::MessageNotFound(new))?;
+        touch(&mut tx, ConversationId(conversation), now).await?;
+        let files = unreferenced_paths(&mut tx, paths).await?;
+        tx.commit().await?;
+        Ok(files)
+    }
+
+    /// Settles what a process that ended left mid-way (called by [`Store::open`], in one
+    /// transaction). An answer is still streaming when it is [`MessageStatus::Partial`] with
+    /// no stats and no error (the final save of a stopped answer carries its stats); such an
+    /// answer:
+    /// - right after another answer is a regeneration: with no text it had not started and is
+    ///   removed, so the answer it was to replace stays; with text it replaces that answer
+    ///   ([`Store::finish_replacing_answer`]) and is marked as below;
+    /// - otherwise keeps its text and gets the error [`INTERRUPTED`] (status unchanged).
+    pub(crate) async fn settle_unfinished_answers(&self) -> Result<Settled> {
+        const STREAMING: &str = concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE role = 'assistant' AND status = 'partial' \
+              AND stats IS NULL AND error IS NULL ORDER BY id"
+        );
+        const BEFORE: &str = "SELECT id, role FROM messages \
+            WHERE conversation_id = ? AND position < ? ORDER BY position DESC LIMIT 1";
+        const DELETE: &str = "DELETE FROM messages WHERE id = ?";
+        const MOVE: &str = "UPDATE messages SET position = ? WHERE id = ?";
+        const MARK: &str = "UPDATE messages SET error = ? WHERE id = ?";
+        let mut settled = Settled::default();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(STREAMING).fetch_all(&mut *tx).await?;
+        for row in &rows {
+            let m = match message_from_row(row) {
+                Ok(m) => m,
+                Err(bad) => {
+                    tracing::warn!(%bad, "an unfinished answer cannot be read: left as it is");
+                    continue;
+                }
+            };
+            let before: Option<(i64, String)> = sqlx::query_as(BEFORE)
+                .bind(m.conversation_id.0)
+                .bind(i64::from(m.position))
+                .fetch_optional(&mut *tx)
+                .await?;
+            let regenerating = before.filter(|(_, role)| role == Role::Assistant.as_str());
+            if let Some((before_id, _)) = regenerating {
+                if m.content.is_empty() {
+                    sqlx::query(DELETE).bind(m.id.0).execute(&mut *tx).await?;
+                    settled.abandoned += 1;
+                    continue;
+                }
+                // The new answer had started: it takes the old one's place.
+                let old = message_in(&mut tx, MessageId(before_id)).await?;
+                sqlx::query(DELETE)
+                    .bind(before_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(MOVE)
+                    .bind(i64::from(old.position))
+                    .bind(m.id.0)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(MARK)
+                .bind(INTERRUPTED)
+                .bind(m.id.0)
+                .execute(&mut *tx)
+                .await?;
+            settled.interrupted += 1;
+        }
+        tx.commit().await?;
+        Ok(settled)
     }
 }

@@ -149,8 +149,9 @@ pub enum MessageStatus {
     /// Written in full: a user's message, or an answer that ended normally.
     #[default]
     Complete,
-    /// An answer that was stopped, is still streaming, or was cut short by a crash; the text is
-    /// what had been generated.
+    /// An answer that was stopped (saved with its stats), is still streaming (no stats), or was
+    /// cut short when the app ended (its `error` is [`INTERRUPTED`](crate::messages::INTERRUPTED));
+    /// the text is what had been generated.
     Partial,
     /// An answer whose generation failed; the text is what had been generated, the message's
     /// `error` says why.

@@ -58,6 +58,8 @@ interface Generation {
   firstTokenAt: number | null;
   promptTokens: number;
   failAfter: { after: number; kind: ErrorKind; message: string } | null;
+  /** Regenerate: the old answer, kept until the first token (docs/ipc.md). */
+  replaces: Message | null;
 }
 
 interface Download {
@@ -283,6 +285,7 @@ function seedConversations(): StoredConversation[] {
     role,
     content,
     status: 'complete',
+    error: null,
     stats:
       role === 'assistant'
         ? {
@@ -854,6 +857,7 @@ class MockBackend implements MockControl {
       role: 'assistant',
       content: '',
       status: 'partial',
+      error: null,
       stats: null,
       createdAt: now(),
     };
@@ -877,6 +881,7 @@ class MockBackend implements MockControl {
       firstTokenAt: null,
       promptTokens,
       failAfter: this.generationFailure,
+      replaces: null,
     };
     this.generationFailure = null;
     this.generation = g;
@@ -907,7 +912,9 @@ class MockBackend implements MockControl {
     if (this.generation !== g) return;
     if (g.failAfter && g.sent >= g.failAfter.after) {
       g.message.status = 'error';
+      g.message.error = g.failAfter.message;
       this.generation = null;
+      this.settleReplacement(g, c);
       this.emit(g.channel, {
         kind: 'error',
         errorKind: g.failAfter.kind,
@@ -921,11 +928,13 @@ class MockBackend implements MockControl {
       g.message.stats = this.stats(g);
       c.updatedAt = now();
       this.generation = null;
+      this.settleReplacement(g, c, true);
       this.emit(g.channel, { kind: 'done', stats: g.message.stats, memory: this.memory(c) });
       return;
     }
     const text = g.tokens[g.sent++];
     if (g.firstTokenAt === null) g.firstTokenAt = performance.now();
+    this.settleReplacement(g, c);
     g.message.content += text;
     this.emit(g.channel, { kind: 'token', text });
     g.timer = setTimeout(() => this.tick(g, c), this.timing.tokenMs);
@@ -939,6 +948,7 @@ class MockBackend implements MockControl {
     g.message.status = 'partial';
     g.message.stats = this.stats(g);
     const c = this.state.conversations.find((x) => x.id === conversationId);
+    if (c) this.settleReplacement(g, c);
     this.emit(g.channel, {
       kind: 'stopped',
       stats: g.message.stats,
@@ -954,6 +964,7 @@ class MockBackend implements MockControl {
       role: 'user',
       content,
       status: 'complete',
+      error: null,
       stats: null,
       createdAt: now(),
     };
@@ -975,9 +986,25 @@ class MockBackend implements MockControl {
     this.checkReady(c);
     const last = c.messages[c.messages.length - 1];
     if (!last) throw fail('not_found', 'There is nothing to regenerate.');
-    if (last.role === 'assistant') c.messages.pop();
+    const replaces = last.role === 'assistant' ? last : null;
     const assistant = this.startGeneration(c, channel);
+    if (this.generation) this.generation.replaces = replaces;
     return { assistantMessageId: assistant.id };
+  }
+
+  /**
+   * Regenerate, as the backend does it: the new answer takes the old one's place at its first
+   * token (or when it completes); ended before that (error, stop), it goes and the old stays.
+   */
+  private settleReplacement(g: Generation, c: StoredConversation, done = false) {
+    const old = g.replaces;
+    if (!old) return;
+    g.replaces = null;
+    if (g.sent > 0 || done) {
+      c.messages = c.messages.filter((m) => m !== old);
+    } else {
+      c.messages = c.messages.filter((m) => m !== g.message);
+    }
   }
 
   private editAndResend(conversationId: string, messageId: string, content: string, channel: string) {
@@ -986,8 +1013,11 @@ class MockBackend implements MockControl {
     const i = c.messages.findIndex((m) => m.id === messageId);
     if (i < 0) throw fail('not_found', 'That message no longer exists.');
     this.checkReady(c);
-    c.messages.splice(i);
-    const user = this.addUser(c, content);
+    // One change, as the backend's transaction: the message keeps its id, what follows goes.
+    const user = c.messages[i];
+    c.messages.splice(i + 1);
+    user.content = content;
+    user.createdAt = now();
     const assistant = this.startGeneration(c, channel);
     return { userMessageId: user.id, assistantMessageId: assistant.id };
   }

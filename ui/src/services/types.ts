@@ -147,6 +147,11 @@ export interface Message {
   role: Role;
   content: string;
   status: MessageStatus;
+  /**
+   * Why an answer is not complete, when known: the failure of an `error` answer; on a `partial`
+   * one, that the app closed while it was written (shown as interrupted, not as stopped).
+   */
+  error: string | null;
   stats: Stats | null;
   createdAt: string;
 }

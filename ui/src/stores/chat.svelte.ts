@@ -44,6 +44,11 @@ export interface LiveGeneration {
   tokens: number;
   memory: MemoryInfo | null;
   stopping: boolean;
+  /**
+   * Regenerate: the answer being replaced. The backend keeps it until the new one's first token
+   * (docs/ipc.md): if the turn ends before any (an error, a stop), it is shown again.
+   */
+  replaces: ChatMessage | null;
 }
 
 const LAST_KEY = 'tptt-chat.last-conversation';
@@ -223,7 +228,7 @@ class ChatStore {
       const result = await this.start(conv, (seq) => {
         const now = new Date().toISOString();
         conv.messages.push(
-          { id: `pending-user-${seq}`, role: 'user', content, status: 'complete', stats: null, createdAt: now },
+          { id: `pending-user-${seq}`, role: 'user', content, status: 'complete', error: null, stats: null, createdAt: now },
           this.placeholder(seq),
         );
         return (onEvent) => api.sendMessage(conv.id, content, onEvent);
@@ -245,11 +250,12 @@ class ChatStore {
     if (!conv || this.sending || !this.canStart()) return false;
     this.sending = true;
     try {
+      let replaces: ChatMessage | null = null;
       const result = await this.start(conv, (seq) => {
-        if (conv.messages.at(-1)?.role === 'assistant') conv.messages.pop();
+        if (conv.messages.at(-1)?.role === 'assistant') replaces = conv.messages.pop() ?? null;
         conv.messages.push(this.placeholder(seq));
         return (onEvent) => api.regenerate(conv.id, onEvent);
-      }, () => void this.regenerate());
+      }, () => void this.regenerate(), () => replaces);
       return result !== null;
     } finally {
       this.sending = false;
@@ -271,6 +277,7 @@ class ChatStore {
             role: 'user',
             content,
             status: 'complete',
+            error: null,
             stats: null,
             createdAt: new Date().toISOString(),
           },
@@ -366,6 +373,7 @@ class ChatStore {
       role: 'assistant',
       content: '',
       status: 'partial',
+      error: null,
       stats: null,
       createdAt: new Date().toISOString(),
     };
@@ -379,6 +387,7 @@ class ChatStore {
     conv: OpenConversation,
     prepare: (seq: number) => (onEvent: (e: ChatEvent) => void) => Promise<R>,
     retry: () => void,
+    replaced: () => ChatMessage | null = () => null,
   ): Promise<(R & { seq: number }) | null> {
     const seq = ++this.genSeq;
     const before = conv.messages.slice();
@@ -395,6 +404,7 @@ class ChatStore {
       tokens: 0,
       memory: null,
       stopping: false,
+      replaces: replaced(),
     };
     try {
       const result = await command((event) => this.onEvent(seq, event));
@@ -475,7 +485,14 @@ class ChatStore {
     this.live = null;
     const conv = this.conversation;
     if (conv && conv.id === live.conversationId) {
-      const m = conv.messages.find((x) => x.id === live.messageId);
+      const i = conv.messages.findIndex((x) => x.id === live.messageId);
+      const m = conv.messages[i];
+      if (m && live.replaces && status !== 'complete' && live.tokens === 0 && !live.text) {
+        // A regenerate that ended before its first token: the backend kept the old answer.
+        conv.messages[i] = live.replaces;
+        void conversations.load();
+        return;
+      }
       if (m) {
         m.content = live.text;
         m.status = status;

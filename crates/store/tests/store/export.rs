@@ -150,8 +150,10 @@ async fn exports_keep_every_character() {
 async fn json_export_has_every_field() {
     let db = fresh().await;
     let s = &db.store;
-    let mut settings = ConversationSettings::default();
-    settings.window = Some(512);
+    let mut settings = ConversationSettings {
+        window: Some(512),
+        ..Default::default()
+    };
     settings.sampling.temperature = Some(0.5);
     let c = s
         .create_conversation(&NewConversation {

@@ -5,6 +5,7 @@
 mod common;
 mod conversations;
 mod export;
+mod hardening;
 mod malformed;
 mod messages;
 mod open;

@@ -17,6 +17,12 @@ async fn open_creates_the_file_and_its_folders_in_wal_mode() {
         .await
         .unwrap();
     assert_eq!(mode, "wal");
+    // Every commit is on disk when it returns (power loss included), not only in the WAL.
+    let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(synchronous, 2, "synchronous = FULL");
     let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
         .fetch_one(store.pool())
         .await
