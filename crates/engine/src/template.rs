@@ -780,7 +780,8 @@ fn rewrite_generation_tags(source: &str) -> String {
     while let Some(open) = rest.find("{%") {
         out.push_str(&rest[..open]);
         let tag = &rest[open..];
-        let Some(close) = tag.find("%}") else {
+        // The tag closes after its opening `{%` (in `{%}`, the `%}` overlaps it and does not).
+        let Some(close) = tag[2..].find("%}").map(|c| c + 2) else {
             // Unclosed tag: left as is for the parser to report.
             out.push_str(tag);
             return out;
@@ -1528,6 +1529,10 @@ mod tests {
             "{% if x %}a{%- endif %}"
         );
         assert_eq!(rewrite_generation_tags("a {% unclosed"), "a {% unclosed");
+        // Found by the fuzz tests: `{%}` used to slice [2..1] and panic.
+        assert_eq!(rewrite_generation_tags("{%}"), "{%}");
+        assert_eq!(rewrite_generation_tags("{%}x%}{%-%}"), "{%}x%}{%-%}");
+        assert!(ChatTemplate::new("{%}", SpecialTokens::default()).is_err());
     }
 
     #[test]
