@@ -429,11 +429,34 @@ impl GenerationConfig {
     }
 }
 
+/// The largest `tokenizer_config.json`, `generation_config.json` or chat template read. Real
+/// ones are kilobytes to a few megabytes (a config listing thousands of added tokens); a file
+/// past this is refused before it is read, not loaded whole into memory.
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io {
+    use std::io::Read;
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let too_big = || Error::InvalidConfig {
+        file: path.display().to_string(),
+        reason: format!("the file is larger than {} MiB", MAX_CONFIG_BYTES >> 20),
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut text = String::new();
+    // One byte past the cap tells a file at the cap from a longer one (one that grew since).
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    Ok(text)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(json: &str, file: &str) -> Result<T> {
@@ -2003,6 +2026,24 @@ mod tests {
             .render(&many, true)
             .expect("a heavy template on 4000 messages");
         heavy.render(&big, true).expect("a heavy template on 8 MiB");
+    }
+
+    #[test]
+    fn an_oversized_config_is_refused_before_it_is_read() {
+        let dir = std::env::temp_dir().join(format!("tptt-engine-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("tokenizer_config.json");
+        let file = std::fs::File::create(&path).expect("create");
+        // Sparse: no disk space used.
+        file.set_len(MAX_CONFIG_BYTES + 1).expect("grow");
+        match TokenizerConfig::from_file(&path) {
+            Err(Error::InvalidConfig { file, reason }) => {
+                assert!(file.ends_with("tokenizer_config.json"), "{file}");
+                assert!(reason.contains("64 MiB"), "{reason}");
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
