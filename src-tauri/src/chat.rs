@@ -11,6 +11,16 @@
 //! announced: `done` (complete), `stopped` (`stop_generation`: the partial text is kept) or
 //! `error` (the partial text is kept with status `error`).
 //!
+//! Rendering the conversation with the chat template (bounded by the engine's render limits)
+//! and tokenizing it run on a helper thread while the turn thread polls Stop, so a huge paste
+//! is stoppable at once: the answer is then an empty `partial` one and the memory is as it was.
+//! A bug never wedges the app: a panic in the engine's job comes back as an error (the engine
+//! thread lives on), a panic on the turn thread is caught around the turn, and both end the
+//! turn like an error — partial text saved with status `error`, slot released, an `error`
+//! event (kind `internal`) — with the memory the turn had taken dropped, so the next turn
+//! rebuilds it from the last snapshot or the text. If the engine thread is gone anyway, the
+//! cached model is dropped and the next turn loads it again.
+//!
 //! # The memory rule
 //! A conversation's memory is the TPTT state that has read it. After each turn the state is
 //! saved to a snapshot file (`<data>/states/<conversation>/<answer id>.safetensors`, with a
@@ -292,9 +302,19 @@ struct Finished {
     memory: MemoryInfo,
 }
 
+/// The turn thread's body: [`drive`], then the end saved and announced (module doc). A panic
+/// inside `drive` (a bug outside the engine, whose own panics come back as errors) is caught
+/// here and ends the turn like an error: the partial answer is saved with status `error`, the
+/// slot is released and an `error` event sent. The memory the turn had taken is not put back
+/// (it may be half-updated): the next turn restores it from its snapshot or the text.
 fn run_turn(ctx: TurnCtx, mut slot: Slot) {
     let partial = Arc::new(Mutex::new(String::new()));
-    let result = drive(&ctx, &partial);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(&ctx, &partial)))
+        .unwrap_or_else(|payload| {
+            let message = tptt_engine::error::panic_message(payload.as_ref());
+            tracing::error!(%message, "the turn panicked");
+            Err(internal_failure(&message))
+        });
     let event = match result {
         Ok(f) if f.stopped => ChatEvent::Stopped {
             stats: f.stats,
@@ -329,6 +349,26 @@ fn run_turn(ctx: TurnCtx, mut slot: Slot) {
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tauri::async_runtime::block_on(f)
+}
+
+/// The error of a turn that hit a bug (a panic, in the engine or on the turn thread).
+fn internal_failure(message: &str) -> CommandError {
+    CommandError::new(
+        ErrorKind::Internal,
+        format!(
+            "The answer stopped on an internal error ({message}). This is a bug: please report it. What was written so far is kept, and the conversation's memory is rebuilt for your next message."
+        ),
+    )
+}
+
+/// Drops `model` from the cache when it is still the one cached: its engine thread is gone, so
+/// the next turn loads the model again instead of failing on a dead thread.
+fn forget_model(state: &AppState, model: &Arc<LoadedModel>) {
+    let mut g = lock(&state.model);
+    if g.as_ref().is_some_and(|m| Arc::ptr_eq(m, model)) {
+        tracing::warn!("the generation thread is gone: the model is loaded again next turn");
+        *g = None;
+    }
 }
 
 /// The model for `target`, loading it (and dropping another one first) when needed.
@@ -481,6 +521,95 @@ fn engine_message(m: &Message) -> tptt_engine::Message {
     tptt_engine::Message::new(role, m.content.clone())
 }
 
+/// How often a turn being prepared looks at its cancel token.
+const STOP_POLL: Duration = Duration::from_millis(25);
+
+/// What [`prepare`] needs, owned (it runs on a helper thread).
+struct PrepareJob {
+    format: tptt_engine::PromptFormat,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    transcript: ChatTranscript,
+    messages: Vec<tptt_engine::Message>,
+    unread: usize,
+    add_special: bool,
+    /// After `reset_memory`: read only this many tokens of the tail.
+    tail_limit: Option<usize>,
+}
+
+/// A turn ready to feed.
+struct Prepared {
+    turn: tptt_engine::ChatTurn,
+    ids: Vec<u32>,
+    /// Tokens of the turn's text before a fresh memory's tail was cut.
+    text_tokens: usize,
+}
+
+/// Renders the turn with the chat template (bounded, see `tptt_engine::template`) and
+/// tokenizes it: the slow part of a turn before the engine, seconds for a 4 MiB paste.
+fn prepare(job: PrepareJob) -> CmdResult<Prepared> {
+    #[cfg(test)]
+    test_hooks::maybe_slow_prepare(&job.messages);
+    let turn = job
+        .transcript
+        .turn(&job.format, &job.messages, job.unread)
+        .map_err(|e| {
+            CommandError::new(
+                ErrorKind::Generation,
+                format!("The conversation cannot be put in the model's chat format: {e}"),
+            )
+        })?;
+    let encode = |text: &str| {
+        job.tokenizer
+            .encode(text, job.add_special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| {
+                CommandError::new(
+                    ErrorKind::Generation,
+                    format!("The message cannot be tokenized: {e}"),
+                )
+            })
+    };
+    let mut ids = encode(turn.text.as_str())?;
+    let text_tokens = ids.len();
+    if let Some(limit) = job.tail_limit {
+        ids = tail_that_fits(ids, &encode("")?, limit);
+    }
+    Ok(Prepared {
+        turn,
+        ids,
+        text_tokens,
+    })
+}
+
+/// [`prepare`] on a helper thread while this one polls `cancel` every [`STOP_POLL`]: Stop is
+/// answered at once (`Ok(None)`) even while a huge paste is tokenized, which cannot be
+/// interrupted; the helper then finishes in the background (bounded: the message size is) and
+/// its result is dropped. A panic in the helper is an internal error.
+fn prepare_stoppable(job: PrepareJob, cancel: &CancelToken) -> CmdResult<Option<Prepared>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("tptt-prepare".into())
+        .spawn(move || {
+            // The turn may have been stopped and gone: nobody to tell then.
+            let _ = tx.send(prepare(job));
+        })
+        .map_err(|e| CommandError::internal("Cannot start the tokenizing thread", e))?;
+    loop {
+        match rx.recv_timeout(STOP_POLL) {
+            Ok(prepared) => return prepared.map(Some),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if cancel.is_cancelled() => {
+                return Ok(None)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(internal_failure(
+                    "the thread rendering and tokenizing the turn panicked",
+                ))
+            }
+        }
+    }
+}
+
 fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
     let state = &ctx.state;
     let model = ensure_model(state, &ctx.target)?;
@@ -507,43 +636,54 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         .iter()
         .filter(|m| mem.read_position.is_none_or(|p| m.position > p))
         .count();
-    let turn = mem
-        .transcript
-        .turn(&model.format, &messages, unread)
-        .map_err(|e| {
-            CommandError::new(
-                ErrorKind::Generation,
-                format!("The conversation cannot be put in the model's chat format: {e}"),
-            )
-        })?;
-    let add_special = mem.session.tokens.is_empty() && model.format.add_special_tokens();
-    let encode = |text: &str| {
-        model
-            .tokenizer
-            .encode(text, add_special)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| {
-                CommandError::new(
-                    ErrorKind::Generation,
-                    format!("The message cannot be tokenized: {e}"),
-                )
-            })
-    };
-    let mut ids = encode(turn.text.as_str())?;
+    #[cfg(test)]
+    test_hooks::maybe_panic_in_drive(&history);
     // After `reset_memory`: a fresh memory reads only the tail that fits in its window (and in
     // FRESH_MEMORY_TOKENS).
     let fresh_tail = mem.session.state.pos == 0 && fresh_memory_marked(state, ctx.conversation);
-    if fresh_tail {
-        let limit = mem
-            .session
+    let tail_limit = fresh_tail.then(|| {
+        mem.session
             .state
             .window
-            .map_or(FRESH_MEMORY_TOKENS, |w| w.min(FRESH_MEMORY_TOKENS));
-        let read = ids.len();
-        ids = tail_that_fits(ids, &encode("")?, limit);
+            .map_or(FRESH_MEMORY_TOKENS, |w| w.min(FRESH_MEMORY_TOKENS))
+    });
+    let job = PrepareJob {
+        format: model.format.clone(),
+        tokenizer: model.tokenizer.clone(),
+        transcript: mem.transcript.clone(),
+        messages,
+        unread,
+        add_special: mem.session.tokens.is_empty() && model.format.add_special_tokens(),
+        tail_limit,
+    };
+    let Some(Prepared {
+        turn,
+        ids,
+        text_tokens,
+    }) = prepare_stoppable(job, &ctx.cancel)?
+    else {
+        // Stopped while the turn was rendered or tokenized: nothing was fed, so the memory is
+        // as it was and stays held; the answer is an empty partial one.
+        let memory = MemoryInfo::of(&mem.session);
+        block_on(state.store.update_message(
+            ctx.answer.id,
+            &MessageUpdate::new("", MessageStatus::Partial),
+        ))?;
+        *lock(&state.session) = Some(mem);
         tracing::info!(
             conversation = ctx.conversation.0,
-            text_tokens = read,
+            "stopped while the turn was prepared"
+        );
+        return Ok(Finished {
+            stopped: true,
+            stats: Stats::default(),
+            memory,
+        });
+    };
+    if fresh_tail {
+        tracing::info!(
+            conversation = ctx.conversation.0,
+            text_tokens,
             reading = ids.len(),
             "fresh memory: reading the tail of the conversation that fits in the window"
         );
@@ -572,6 +712,8 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
     };
     let sink_text = partial.clone();
     let channel = ctx.channel.clone();
+    #[cfg(test)]
+    let panic_in_sink = test_hooks::panics_in_engine(&history);
     let (conversation, fed) = (ctx.conversation, ids.len());
     let sink = Box::new(move |e: Event| match e {
         Event::PromptRead { surprise } => {
@@ -588,6 +730,8 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
             let _ = channel.send(ChatEvent::Memory { memory });
         }
         Event::Token { text, .. } => {
+            #[cfg(test)]
+            test_hooks::maybe_panic_in_sink(panic_in_sink);
             lock(&sink_text).push_str(&text);
             let _ = channel.send(ChatEvent::Token { text });
         }
@@ -598,16 +742,23 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         identity,
         ..
     } = mem;
-    let rx = model
-        .engine
-        .submit(Job {
-            session,
-            prompt: ids,
-            options,
-            sink,
-            cancel: ctx.cancel.clone(),
-        })
-        .map_err(|e| CommandError::internal("The generation thread is gone", e))?;
+    let submitted = model.engine.submit(Job {
+        session,
+        prompt: ids,
+        options,
+        sink,
+        cancel: ctx.cancel.clone(),
+    });
+    let rx = match submitted {
+        Ok(rx) => rx,
+        Err(e) => {
+            forget_model(state, &model);
+            return Err(CommandError::internal(
+                "The generation thread is gone; send again to reload the model",
+                e,
+            ));
+        }
+    };
     let mut saved_len = 0;
     let result = loop {
         match rx.recv_timeout(state.config.partial_save_every) {
@@ -625,24 +776,32 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                forget_model(state, &model);
                 return Err(CommandError::internal(
-                    "The generation thread stopped",
+                    "The generation thread stopped; send again to reload the model",
                     "its result channel closed",
                 ));
             }
         }
     };
-    let session = result.session;
-    let outcome = match result.outcome {
-        Ok(o) => o,
-        Err(e) => {
+    // On any failure the session is not cached: it read part of the turn (or, after a panic,
+    // may be half-updated and did not come back), so its snapshot (the state before) stays the
+    // memory of record, and the next turn starts from it.
+    let (outcome, session) = match (result.outcome, result.session) {
+        (Ok(o), Some(session)) => (o, session),
+        (Err(tptt_engine::Error::Panicked { message }), _) => {
+            tracing::error!(%message, "the generation job panicked");
+            return Err(internal_failure(&message));
+        }
+        (Err(e), _) => {
             tracing::warn!(error = %e, "generation failed");
-            // The session read part of the turn: its snapshot (the state before) stays the
-            // memory of record, and the next turn starts from it.
             return Err(CommandError::new(
                 ErrorKind::Generation,
                 format!("The answer failed: {e}"),
             ));
+        }
+        (Ok(_), None) => {
+            return Err(internal_failure("the engine returned no session"));
         }
     };
     let stopped = outcome.finish == FinishReason::Cancelled;
@@ -1098,9 +1257,232 @@ pub fn is_generating(state: &AppState, conversation: ConversationId) -> bool {
         .is_some_and(|r| r.conversation == conversation)
 }
 
+/// Test-only hooks, compiled only into this crate's unit tests (`cfg(test)`): a user message
+/// whose text is exactly one of these makes its turn fail or stall at a chosen place, so the
+/// tests below can check what a bug (or a slow tokenizer) there does to a turn.
+#[cfg(test)]
+mod test_hooks {
+    use super::{Message, Role};
+
+    /// The engine's sink panics on the first token (on the engine thread, inside the job).
+    pub const PANIC_IN_ENGINE: &str = "[test hook: the sink panics]";
+    /// `drive` panics on the turn thread, after it took the conversation's memory.
+    pub const PANIC_IN_DRIVE: &str = "[test hook: drive panics]";
+    /// Preparing the turn (rendering, tokenizing) takes 20 s, as a huge paste on a slow
+    /// machine might.
+    pub const SLOW_PREPARE: &str = "[test hook: tokenizing is slow]";
+
+    fn last_user_is(history: &[Message], hook: &str) -> bool {
+        history
+            .last()
+            .is_some_and(|m| m.role == Role::User && m.content == hook)
+    }
+
+    pub fn panics_in_engine(history: &[Message]) -> bool {
+        last_user_is(history, PANIC_IN_ENGINE)
+    }
+
+    pub fn maybe_panic_in_sink(on: bool) {
+        if on {
+            panic!("test hook: the sink panics");
+        }
+    }
+
+    pub fn maybe_panic_in_drive(history: &[Message]) {
+        if last_user_is(history, PANIC_IN_DRIVE) {
+            panic!("test hook: drive panics");
+        }
+    }
+
+    pub fn maybe_slow_prepare(messages: &[tptt_engine::Message]) {
+        if messages.last().is_some_and(|m| m.content == SLOW_PREPARE) {
+            std::thread::sleep(std::time::Duration::from_secs(20));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    use tauri::ipc::InvokeResponseBody;
+
+    use crate::state::AppConfig;
+
+    /// An app state over `dir` with the tiny Llama fixture chosen (CPU, greedy, 8 tokens).
+    fn tiny_app(dir: &Path) -> AppState {
+        let hub = tptt_hub::HubConfig::new("http://127.0.0.1:9", dir.join("hf"));
+        let state = block_on(AppState::open(AppConfig::in_dir(dir, hub))).expect("app state");
+        let repo = std::fs::canonicalize(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny/tptt-llama"),
+        )
+        .expect("fixture");
+        let id = repo.display().to_string();
+        block_on(state.update_registry(|r| r.local.push(id.clone()))).expect("registry");
+        let mut s = state.settings();
+        s.model_repo = Some(id);
+        s.variant = Some("delta_rule".into());
+        s.device = crate::device::DevicePref::Cpu;
+        s.sampling.temperature = 0.0;
+        s.sampling.repeat_penalty = 1.0;
+        s.sampling.max_new_tokens = 8;
+        s.sampling.seed = Some(7);
+        block_on(state.save_settings(s)).expect("settings");
+        state
+    }
+
+    fn conversation(state: &AppState) -> ConversationId {
+        block_on(
+            state
+                .store
+                .create_conversation(&tptt_store::NewConversation::titled("t")),
+        )
+        .expect("conversation")
+        .id
+    }
+
+    /// Sends `content`; the answer's id and a receiver of the turn's events (as JSON).
+    fn start(
+        state: &AppState,
+        c: ConversationId,
+        content: &str,
+    ) -> (MessageId, mpsc::Receiver<serde_json::Value>) {
+        let (tx, rx) = mpsc::channel();
+        let channel = Channel::new(move |body: InvokeResponseBody| {
+            if let InvokeResponseBody::Json(s) = body {
+                let _ = tx.send(serde_json::from_str(&s).expect("event JSON"));
+            }
+            Ok(())
+        });
+        let (_, answer) = block_on(send(state, c, content.into(), channel)).expect("send");
+        (answer, rx)
+    }
+
+    /// The events up to the turn's end.
+    fn until_end(rx: &mpsc::Receiver<serde_json::Value>) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        loop {
+            let e = rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the turn ends in time");
+            let end = matches!(e["kind"].as_str(), Some("done" | "stopped" | "error"));
+            out.push(e);
+            if end {
+                return out;
+            }
+        }
+    }
+
+    fn stored(state: &AppState, id: MessageId) -> Message {
+        block_on(state.store.get_message(id)).expect("stored answer")
+    }
+
+    fn streamed(events: &[serde_json::Value]) -> String {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "token")
+            .filter_map(|e| e["text"].as_str())
+            .collect()
+    }
+
+    /// A turn that works after one that failed: `done`, saved complete.
+    fn check_next_turn_works(state: &AppState, c: ConversationId) {
+        let (answer, rx) = start(state, c, "Hi again");
+        let events = until_end(&rx);
+        let last = events.last().expect("events");
+        assert_eq!(last["kind"], "done", "{events:?}");
+        let m = stored(state, answer);
+        assert_eq!(m.status, MessageStatus::Complete);
+        assert_eq!(m.content, streamed(&events));
+        assert!(!is_generating(state, c), "the slot is free");
+    }
+
+    #[test]
+    fn a_panic_in_the_engine_ends_the_turn_with_an_error_and_the_next_turn_works() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = tiny_app(dir.path());
+        let c = conversation(&state);
+        let (answer, rx) = start(&state, c, "Hello");
+        assert_eq!(until_end(&rx).last().expect("end")["kind"], "done");
+        let engine_before = lock(&state.model).clone().expect("loaded");
+
+        let (answer2, rx) = start(&state, c, test_hooks::PANIC_IN_ENGINE);
+        let events = until_end(&rx);
+        let last = events.last().expect("events");
+        assert_eq!(last["kind"], "error", "{events:?}");
+        assert_eq!(last["errorKind"], "internal");
+        let message = last["message"].as_str().expect("message");
+        assert!(
+            message.contains("the sink panics") && message.contains("report"),
+            "{message}"
+        );
+        let m = stored(&state, answer2);
+        assert_eq!(m.status, MessageStatus::Error);
+        assert_eq!(m.content, last["partial"].as_str().expect("partial"));
+        // The session that panicked is not held; the model (its engine thread alive) is.
+        assert!(
+            lock(&state.session).is_none(),
+            "a half-updated memory is not kept"
+        );
+        let engine_after = lock(&state.model).clone().expect("still loaded");
+        assert!(Arc::ptr_eq(&engine_before, &engine_after));
+        assert!(!is_generating(&state, c), "the slot is free");
+        // The first answer is untouched.
+        assert_eq!(stored(&state, answer).status, MessageStatus::Complete);
+
+        // The next turn works without restarting: the memory comes from the last snapshot.
+        check_next_turn_works(&state, c);
+    }
+
+    #[test]
+    fn a_panic_on_the_turn_thread_saves_the_answer_as_an_error_and_frees_the_slot() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = tiny_app(dir.path());
+        let c = conversation(&state);
+        let (_, rx) = start(&state, c, "Hello");
+        assert_eq!(until_end(&rx).last().expect("end")["kind"], "done");
+        assert!(lock(&state.session).is_some(), "the memory is held");
+
+        let (answer, rx) = start(&state, c, test_hooks::PANIC_IN_DRIVE);
+        let events = until_end(&rx);
+        let last = events.last().expect("events");
+        assert_eq!(last["kind"], "error", "{events:?}");
+        assert_eq!(last["errorKind"], "internal");
+        assert!(last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("drive panics")));
+        assert_eq!(stored(&state, answer).status, MessageStatus::Error);
+        assert!(!is_generating(&state, c), "the slot is free");
+        assert!(
+            lock(&state.session).is_none(),
+            "the memory the turn took is not put back"
+        );
+        check_next_turn_works(&state, c);
+    }
+
+    #[test]
+    fn stop_while_tokenizing_answers_at_once_and_the_next_turn_works() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = tiny_app(dir.path());
+        let c = conversation(&state);
+        let (answer, rx) = start(&state, c, test_hooks::SLOW_PREPARE);
+        std::thread::sleep(Duration::from_millis(200));
+        let stopped_at = Instant::now();
+        stop(&state, c);
+        let events = until_end(&rx);
+        let took = stopped_at.elapsed();
+        let last = events.last().expect("events");
+        assert_eq!(last["kind"], "stopped", "{events:?}");
+        // The preparation sleeps 20 s: an answer well before that came from the poll.
+        assert!(took < Duration::from_secs(5), "Stop took {took:?}");
+        let m = stored(&state, answer);
+        assert_eq!(m.status, MessageStatus::Partial);
+        assert_eq!(m.content, "");
+        assert!(!is_generating(&state, c), "the slot is free");
+        check_next_turn_works(&state, c);
+    }
 
     #[test]
     fn oversized_and_empty_messages_are_refused_before_storing() {

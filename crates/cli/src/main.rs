@@ -351,11 +351,87 @@ fn pin_thread_count() {
     }
 }
 
+/// Exit status of an internal error — a panic, i.e. a bug in `tptt` (sysexits.h `EX_SOFTWARE`).
+/// Errors the user can act on (bad input, missing files) exit with 1, argument errors with 2
+/// (clap), and nothing exits with Rust's 101.
+pub(crate) const EXIT_INTERNAL: i32 = 70;
+
+/// The last panic seen by [`install_panic_net`]'s hook: message, thread and place.
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The last-resort net for panics. This is a net, not a fix: every panic is a bug, and inputs
+/// are meant to be refused with an `error:` line before they reach code that could panic. When
+/// one slips through anyway, the user gets one line — `internal error: <what, where>; please
+/// report it` — and exit status [`EXIT_INTERNAL`], instead of Rust's panic message and
+/// status 101. The hook only records the panic (quietly, unless `RUST_BACKTRACE` is set, which
+/// keeps Rust's own report with its backtrace for whoever debugs it); `main` prints the line
+/// when the panic reaches it, or when a panic caught on another thread comes back as
+/// `tptt_engine::Error::Panicked`.
+fn install_panic_net() {
+    let rust_report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            rust_report(info);
+        }
+        let message = tptt_engine::error::panic_message(info.payload());
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed thread")
+            .to_string();
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let what = format!("{message} (thread {thread}{place})");
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(what);
+        }
+    }));
+}
+
+/// Prints the internal-error line for a panic whose payload message is `fallback` and exits.
+fn internal_error(fallback: &str) -> ! {
+    let what = LAST_PANIC
+        .lock()
+        .ok()
+        .and_then(|mut p| p.take())
+        .unwrap_or_else(|| fallback.to_string());
+    eprintln!("internal error: {what}; this is a bug in tptt, please report it");
+    std::process::exit(EXIT_INTERNAL);
+}
+
 fn main() {
+    install_panic_net();
     pin_thread_count();
     tptt::alloc::tune_for_inference();
     let cli = Cli::parse();
-    let result = match &cli.cmd {
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cli))) {
+        Ok(result) => result,
+        Err(payload) => internal_error(&tptt_engine::error::panic_message(payload.as_ref())),
+    };
+    if let Err(e) = result {
+        let panicked = e.chain().any(|cause| {
+            matches!(
+                cause.downcast_ref::<tptt_engine::Error>(),
+                Some(tptt_engine::Error::Panicked { .. })
+            )
+        });
+        if panicked {
+            internal_error(&format!("{e:#}"));
+        }
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs the command.
+fn run(cli: &Cli) -> Result<()> {
+    // A panic on purpose, so tests can check the net (debug builds only: the tests' builds).
+    #[cfg(debug_assertions)]
+    if std::env::var_os("TPTT_TEST_PANIC").is_some() {
+        panic!("TPTT_TEST_PANIC is set");
+    }
+    match &cli.cmd {
         Cmd::Inspect {
             repo,
             variant,
@@ -391,9 +467,5 @@ fn main() {
         Cmd::Bench(args) => bench::run(args),
         Cmd::Eval(args) => eval::run(args),
         Cmd::Distill(args) => distill::run(args),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }

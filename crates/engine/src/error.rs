@@ -108,4 +108,38 @@ pub enum Error {
     /// Generation cannot start (e.g. an empty prompt with nothing to continue from).
     #[error("cannot generate: {0}")]
     Generate(String),
+    /// A job panicked on the engine thread (a bug: in a kernel, in the sampler, in the caller's
+    /// sink...). The engine caught it at the job boundary and keeps serving later jobs; the
+    /// job's session was dropped, since it may be half-updated ([`crate::JobResult::session`]
+    /// is `None`).
+    #[error("the generation thread caught a panic ({message}); this is a bug, please report it")]
+    Panicked {
+        /// The panic's message (its `&str`/`String` payload), or a placeholder for another
+        /// payload type.
+        message: String,
+    },
+    /// A chat template used up a render limit: the template is hostile or broken, not the
+    /// conversation (the limits scale with the conversation's size, see
+    /// [`crate::template::RenderLimits`]).
+    #[error("the chat template ({template}) exceeded its {limit} while rendering {messages} messages; the template is broken or hostile: fix it or use another model")]
+    TemplateLimit {
+        /// Where the template came from (`tokenizer_config.json of <model>`, `chat_template.jinja`...).
+        template: String,
+        /// Which limit, in words (the fuel budget with its value, the output size cap...).
+        limit: String,
+        /// How many messages were being rendered.
+        messages: usize,
+    },
+}
+
+/// The message of a caught panic: its `&str` or `String` payload (what `panic!` formats), else
+/// a placeholder. For [`Error::Panicked`] and the callers that catch panics themselves.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
 }

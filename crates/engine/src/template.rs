@@ -25,6 +25,31 @@
 //! [`Error::TemplateRender`], and a `raise_exception` call is [`Error::TemplateException`]
 //! carrying the template's message.
 //!
+//! # Bounded rendering
+//! A chat template is code from a stranger's repository, run on every turn. Each render is
+//! bounded ([`RenderLimits::for_messages`]), so a hostile or broken template (nested
+//! `range()` loops, a recursive macro, `'x' * 10**10`, a huge `tojson(indent=…)`) ends with
+//! [`Error::TemplateLimit`] naming the template's origin (the `tokenizer_config.json` or
+//! `chat_template.jinja` path, [`ChatTemplate::origin`]) and the limit, instead of hanging or
+//! exhausting memory:
+//! - fuel (minijinja's budget: one per instruction, one per 64 bytes of data created, checked
+//!   before large values are made): [`FUEL_BASE`] + [`FUEL_PER_MESSAGE`] per message + one per
+//!   [`CONTENT_BYTES_PER_FUEL`] bytes of content, at most [`MAX_FUEL`]; real templates use
+//!   hundreds of times less on short conversations and 4-5 times less on huge pastes
+//!   (measured). A hostile template on a short conversation stops in about 0.1 s, on the
+//!   largest budget in about 4 s;
+//! - output: [`OUTPUT_BASE_BYTES`] + [`OUTPUT_PER_CONTENT_BYTE`] per content byte +
+//!   [`OUTPUT_PER_MESSAGE`] per message;
+//! - nesting of calls: [`RECURSION_LIMIT`];
+//! - the stack: a render runs on a thread of its own whose stack is sized to its fuel
+//!   ([`render_stack_bytes`]), so values nested as deep as the fuel allows are dropped and
+//!   printed without overflowing it.
+//!
+//! Not covered: minijinja 3.1 lets a template put a namespace inside itself
+//! (`{% set ns.me = ns %}`), and printing or comparing such a cyclic value recurses without end
+//! (a stack overflow aborts the process). Templates cannot be checked for this without
+//! minijinja's parser internals; no real template does it.
+//!
 //! # The Alpaca format
 //!
 //! The prompt is a list of blocks joined by one blank line (`"\n\n"`):
@@ -79,11 +104,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::value::{Enumerator, Kwargs, Object, ObjectRepr, Value, ValueKind};
-use minijinja::{Environment, ErrorKind};
+use minijinja::{Environment, ErrorKind, State};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 
 /// The default Alpaca preamble (the original Stanford Alpaca "no input" prompt).
 pub const ALPACA_PREAMBLE: &str = "Below is an instruction that describes a task. \
@@ -223,6 +248,9 @@ impl SpecialTokens {
 pub struct TokenizerConfig {
     /// The Jinja chat template, if the model has one.
     pub chat_template: Option<String>,
+    /// Where [`TokenizerConfig::chat_template`] was read from (the file's path, or
+    /// `tokenizer_config.json` for JSON text): named by errors about the template.
+    pub template_origin: Option<String>,
     /// The special tokens it names.
     pub special: SpecialTokens,
 }
@@ -297,11 +325,13 @@ impl TokenizerConfig {
         let json = dir.join("chat_template.json");
         if jinja.is_file() {
             config.chat_template = Some(read(&jinja)?);
+            config.template_origin = Some(jinja.display().to_string());
         } else if json.is_file() {
             let file = json.display().to_string();
             let raw: RawTokenizerConfig = parse_json(&read(&json)?, &file)?;
             if let Some(template) = raw.chat_template {
                 config.chat_template = Some(pick_template(template, &file)?);
+                config.template_origin = Some(file);
             }
         }
         Ok(config)
@@ -314,6 +344,7 @@ impl TokenizerConfig {
             .map(|t| pick_template(t, file))
             .transpose()?;
         Ok(Self {
+            template_origin: chat_template.as_ref().map(|_| file.to_string()),
             chat_template,
             special: SpecialTokens {
                 bos: raw.bos_token.map(RawToken::into_string),
@@ -398,11 +429,34 @@ impl GenerationConfig {
     }
 }
 
+/// The largest `tokenizer_config.json`, `generation_config.json` or chat template read. Real
+/// ones are kilobytes to a few megabytes (a config listing thousands of added tokens); a file
+/// past this is refused before it is read, not loaded whole into memory.
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io {
+    use std::io::Read;
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let too_big = || Error::InvalidConfig {
+        file: path.display().to_string(),
+        reason: format!("the file is larger than {} MiB", MAX_CONFIG_BYTES >> 20),
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut text = String::new();
+    // One byte past the cap tells a file at the cap from a longer one (one that grew since).
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    Ok(text)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(json: &str, file: &str) -> Result<T> {
@@ -412,10 +466,87 @@ fn parse_json<T: serde::de::DeserializeOwned>(json: &str, file: &str) -> Result<
     })
 }
 
+/// The bounds of one render of a chat template (module doc, "Bounded rendering"): a fuel
+/// budget (minijinja's count of instructions executed and data created, one fuel per
+/// instruction and per 64 bytes), the most bytes the template may write, and the nesting depth
+/// of calls. [`RenderLimits::for_messages`] scales the first two with the conversation, so a
+/// real template renders any conversation the app accepts while a hostile one (nested
+/// `range()` loops, a recursive macro, a string multiplied a billion times) ends with
+/// [`Error::TemplateLimit`] in well under a second on a short conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderLimits {
+    /// Fuel for the whole render.
+    pub fuel: u64,
+    /// Most bytes of output.
+    pub max_output_bytes: usize,
+}
+
+/// Fuel every render gets, whatever the conversation: the fixed part of a real template (a
+/// long default system prompt, a date, tool-handling branches) costs hundreds of fuel; 2 M is
+/// thousands of times that, and under 0.1 s of rendering here for a hostile template.
+pub const FUEL_BASE: u64 = 2_000_000;
+/// Fuel per message. Measured: SmolLM2's template spends 26 fuel on a short message, a
+/// DeepSeek-R1 one 57, a Mistral-Small-3.1 one (alternation checks, a filtered copy of the
+/// list) 59; this leaves a margin of 300, which also pays for templates that rebuild a list of
+/// the messages in a loop (quadratic: they run out only past ~50 000 messages).
+pub const FUEL_PER_MESSAGE: u64 = 20_000;
+/// Bytes of message content one fuel pays for. Measured: the same templates spend 1/16 to 1/21
+/// fuel per byte (each copy of a byte costs 1/64: concatenations, `split('</think>')`); one fuel
+/// per 4 bytes leaves a margin of 4 to 5.
+pub const CONTENT_BYTES_PER_FUEL: u64 = 4;
+/// The most fuel any render gets: at 1/4 fuel per byte, conversations of up to ~55 MiB of
+/// text; about 4 s of a hostile template's work. It bounds the render thread's stack
+/// ([`render_stack_bytes`]).
+pub const MAX_FUEL: u64 = 16_000_000;
+/// Output every render may write, whatever the conversation (a default system prompt, headers).
+pub const OUTPUT_BASE_BYTES: usize = 1 << 20;
+/// Output allowed per byte of message content: a real template writes each message once.
+pub const OUTPUT_PER_CONTENT_BYTE: usize = 4;
+/// Output allowed per message beyond its content: role headers and separators (tens of bytes
+/// in real templates).
+pub const OUTPUT_PER_MESSAGE: usize = 4 << 10;
+/// Deepest nesting of calls (macros, `loop()`, nested blocks) a render may reach, in
+/// minijinja's units (a macro call counts several): minijinja's own ceiling without its
+/// `stacker` feature, enough for any real template; a recursive macro ends there with
+/// [`Error::TemplateLimit`].
+pub const RECURSION_LIMIT: usize = 500;
+
+impl RenderLimits {
+    /// The limits for rendering `messages` (module doc, "Bounded rendering").
+    pub fn for_messages(messages: &[Message]) -> Self {
+        let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+        let n = messages.len();
+        Self {
+            fuel: FUEL_BASE
+                .saturating_add(FUEL_PER_MESSAGE.saturating_mul(n as u64))
+                .saturating_add(bytes as u64 / CONTENT_BYTES_PER_FUEL)
+                .min(MAX_FUEL),
+            max_output_bytes: OUTPUT_BASE_BYTES
+                .saturating_add(OUTPUT_PER_CONTENT_BYTE.saturating_mul(bytes))
+                .saturating_add(OUTPUT_PER_MESSAGE.saturating_mul(n)),
+        }
+    }
+}
+
+/// The stack of the thread a render with `fuel` runs on. A template can nest values (a list in
+/// a list in a namespace attribute, once per loop turn) as deep as its fuel allows, about one
+/// level per 8.5 fuel, and minijinja drops and prints them recursively (about 100 bytes of
+/// stack a level, measured): 32 bytes per fuel keeps that within the stack, so deep nesting
+/// ends on the fuel, never in a stack overflow (tested at [`MAX_FUEL`]). The stack is address
+/// space reserved (at most ~540 MiB), not memory used.
+pub fn render_stack_bytes(fuel: u64) -> usize {
+    const BASE: usize = 32 << 20;
+    const PER_FUEL: u64 = 32;
+    BASE.saturating_add(
+        usize::try_from(fuel.min(MAX_FUEL).saturating_mul(PER_FUEL)).unwrap_or(usize::MAX),
+    )
+}
+
 /// A compiled Hugging Face chat template.
 #[derive(Clone)]
 pub struct ChatTemplate {
     source: Arc<str>,
+    origin: Arc<str>,
     special: SpecialTokens,
     env: Arc<Environment<'static>>,
 }
@@ -424,8 +555,44 @@ impl fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChatTemplate")
             .field("source", &self.source)
+            .field("origin", &self.origin)
             .field("special", &self.special)
             .finish_non_exhaustive()
+    }
+}
+
+/// What [`ChatTemplate::origin`] says of a template made with [`ChatTemplate::new`] alone.
+pub const INLINE_ORIGIN: &str = "a template given as text";
+
+/// The output of a render, refusing to grow past `cap` bytes.
+struct CappedOutput {
+    out: Vec<u8>,
+    cap: usize,
+}
+
+/// The I/O error [`CappedOutput`] returns past its cap (found again in the error's sources).
+#[derive(Debug)]
+struct OutputCapReached(usize);
+
+impl fmt::Display for OutputCapReached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the output passed {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for OutputCapReached {}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len().saturating_add(buf.len()) > self.cap {
+            return Err(std::io::Error::other(OutputCapReached(self.cap)));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -444,18 +611,33 @@ impl ChatTemplate {
         env.add_filter("tojson", py_tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.set_recursion_limit(RECURSION_LIMIT);
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(&source))
             .map_err(syntax_error)?;
         Ok(Self {
             source: source.into(),
+            origin: INLINE_ORIGIN.into(),
             special,
             env: Arc::new(env),
         })
     }
 
+    /// The same template, saying it came from `origin` (a file path, "tokenizer_config.json of
+    /// X") in its errors.
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = origin.into().into();
+        self
+    }
+
     /// The template's source text.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Where the template came from ([`INLINE_ORIGIN`] unless [`ChatTemplate::with_origin`]
+    /// said).
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// The special tokens it is rendered with.
@@ -464,9 +646,57 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`; with `add_generation_prompt` the template appends the opening of an
-    /// assistant turn.
+    /// assistant turn. Bounded by [`RenderLimits::for_messages`].
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(render_error)?;
+        self.render_with_limits(
+            messages,
+            add_generation_prompt,
+            RenderLimits::for_messages(messages),
+        )
+    }
+
+    /// [`ChatTemplate::render`] within `limits`: past one, [`Error::TemplateLimit`] naming the
+    /// template's origin and the limit. Runs on a thread of its own whose stack is sized to
+    /// the fuel ([`render_stack_bytes`]); the caller's thread waits.
+    pub fn render_with_limits(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        limits: RenderLimits,
+    ) -> Result<String> {
+        let stack = render_stack_bytes(limits.fuel);
+        std::thread::scope(|scope| {
+            let render = std::thread::Builder::new()
+                .name("tptt-template".into())
+                .stack_size(stack)
+                .spawn_scoped(scope, || {
+                    self.render_here(messages, add_generation_prompt, limits)
+                })
+                .map_err(|e| {
+                    Error::Generate(format!(
+                        "cannot start the template thread ({stack} bytes of stack): {e}"
+                    ))
+                })?;
+            render.join().unwrap_or_else(|payload| {
+                Err(Error::Panicked {
+                    message: panic_message(payload.as_ref()),
+                })
+            })
+        })
+    }
+
+    fn render_here(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        limits: RenderLimits,
+    ) -> Result<String> {
+        // Fuel is a setting of the environment: a clone (its templates are shared, not
+        // recompiled) carries this render's budget.
+        let mut env = Environment::clone(&self.env);
+        env.set_fuel(Some(limits.fuel));
+        let template = env.get_template(TEMPLATE_NAME).map_err(render_error)?;
+        let count = messages.len();
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -492,7 +722,74 @@ impl ChatTemplate {
                 ctx.insert(name, Value::from(token.as_str()));
             }
         }
-        template.render(Value::from(ctx)).map_err(render_error)
+        let mut output = CappedOutput {
+            out: Vec::new(),
+            cap: limits.max_output_bytes,
+        };
+        let rendered = template.render_captured_to(Value::from(ctx), &mut output);
+        if let Err(e) = rendered {
+            return Err(self
+                .limit_error(&e, &limits, count)
+                .unwrap_or_else(|| render_error(e)));
+        }
+        // minijinja writes whole `str`s: the bytes are UTF-8.
+        String::from_utf8(output.out).map_err(|e| {
+            render_error(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("the output is not UTF-8: {e}"),
+            ))
+        })
+    }
+
+    /// [`Error::TemplateLimit`] when `e` is a render limit being hit.
+    fn limit_error(
+        &self,
+        e: &minijinja::Error,
+        limits: &RenderLimits,
+        messages: usize,
+    ) -> Option<Error> {
+        let limit = if e.kind() == ErrorKind::OutOfFuel {
+            format!(
+                "work budget ({} fuel for this conversation: one per instruction and per 64 bytes of data)",
+                limits.fuel
+            )
+        } else if e.kind() == ErrorKind::InvalidOperation
+            && e.detail() == Some("recursion limit exceeded")
+        {
+            format!("recursion limit ({RECURSION_LIMIT} levels of nested calls)")
+        } else {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+            let mut capped = false;
+            while let Some(err) = cause {
+                if err.downcast_ref::<OutputCapReached>().is_some() {
+                    capped = true;
+                    break;
+                }
+                // An io::Error hides its payload from `source()`: look inside it.
+                if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                    if io
+                        .get_ref()
+                        .is_some_and(|inner| inner.downcast_ref::<OutputCapReached>().is_some())
+                    {
+                        capped = true;
+                        break;
+                    }
+                }
+                cause = err.source();
+            }
+            if !capped {
+                return None;
+            }
+            format!(
+                "output size limit ({} bytes for this conversation)",
+                limits.max_output_bytes
+            )
+        };
+        Some(Error::TemplateLimit {
+            template: self.origin.to_string(),
+            limit,
+            messages,
+        })
     }
 }
 
@@ -506,7 +803,8 @@ fn rewrite_generation_tags(source: &str) -> String {
     while let Some(open) = rest.find("{%") {
         out.push_str(&rest[..open]);
         let tag = &rest[open..];
-        let Some(close) = tag.find("%}") else {
+        // The tag closes after its opening `{%` (in `{%}`, the `%}` overlaps it and does not).
+        let Some(close) = tag[2..].find("%}").map(|c| c + 2) else {
             // Unclosed tag: left as is for the parser to report.
             out.push_str(tag);
             return out;
@@ -734,7 +1032,12 @@ fn day_of_year(year: i64, month: u32, day: u32) -> u32 {
 /// `tojson` as `transformers` defines it:
 /// `json.dumps(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`;
 /// positional arguments follow that order.
+///
+/// Bounded like minijinja's own `tojson`: the text may not outgrow what the render's remaining
+/// fuel pays for (16 units a byte, as minijinja charges serialization), checked as it grows, so
+/// `tojson(indent=10**12)` or a deep `indent` fails with `OutOfFuel` instead of allocating.
 fn py_tojson(
+    state: &State,
     value: &Value,
     positional: &[Value],
     kwargs: Kwargs,
@@ -751,14 +1054,21 @@ fn py_tojson(
             "tojson takes at most 4 arguments",
         ));
     }
+    // Bytes of JSON the remaining fuel pays for (no fuel set: unbounded).
+    let max_bytes = state.fuel_levels().map_or(usize::MAX, |(_, remaining)| {
+        usize::try_from(remaining.saturating_mul(JSON_BYTES_PER_FUEL)).unwrap_or(usize::MAX)
+    });
     let ensure_ascii = arg(0, "ensure_ascii")?.is_some_and(|v| v.is_true());
     let indent = match arg(1, "indent")? {
         None => None,
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) if v.kind() == ValueKind::String => Some(v.to_string()),
         Some(v) => {
-            let n = i64::try_from(v)?;
-            Some(" ".repeat(usize::try_from(n).unwrap_or(0)))
+            let n = usize::try_from(i64::try_from(v)?).unwrap_or(0);
+            if n > max_bytes {
+                return Err(json_too_big(max_bytes));
+            }
+            Some(" ".repeat(n))
         }
     };
     let (item_sep, key_sep) = match arg(2, "separators")? {
@@ -787,9 +1097,28 @@ fn py_tojson(
         ensure_ascii,
         sort_keys,
         depth: 0,
+        max_bytes,
     };
     writer.value(value)?;
+    // Charged as minijinja charges its own serializations (the engine adds the returned
+    // string's bytes itself).
+    state.consume_fuel(writer.out.len() as u64 / JSON_BYTES_PER_FUEL)?;
     Ok(Value::from(writer.out))
+}
+
+/// The deepest nesting `tojson` writes (Python's default recursion limit is 1000).
+const MAX_JSON_DEPTH: usize = 500;
+
+/// Bytes of `tojson` output one fuel pays for (minijinja charges 16 of its 64 units per
+/// serialized byte).
+const JSON_BYTES_PER_FUEL: u64 = 4;
+
+/// The error of a `tojson` past what the render's fuel pays for.
+fn json_too_big(max_bytes: usize) -> minijinja::Error {
+    minijinja::Error::new(
+        ErrorKind::OutOfFuel,
+        format!("tojson: the JSON would pass the {max_bytes} bytes the remaining fuel pays for"),
+    )
 }
 
 /// Python's `json.dumps` over minijinja values.
@@ -801,9 +1130,19 @@ struct PyJson {
     ensure_ascii: bool,
     sort_keys: bool,
     depth: usize,
+    /// The most bytes `out` may grow to.
+    max_bytes: usize,
 }
 
 impl PyJson {
+    /// Fails once `out` plus `more` bytes would pass `max_bytes`.
+    fn room_for(&self, more: usize) -> std::result::Result<(), minijinja::Error> {
+        if self.out.len().saturating_add(more) > self.max_bytes {
+            return Err(json_too_big(self.max_bytes));
+        }
+        Ok(())
+    }
+
     fn value(&mut self, v: &Value) -> std::result::Result<(), minijinja::Error> {
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
@@ -811,7 +1150,7 @@ impl PyJson {
                 .out
                 .push_str(if v.is_true() { "true" } else { "false" }),
             ValueKind::Number => self.number(v)?,
-            ValueKind::String | ValueKind::Plain => self.string(&v.to_string()),
+            ValueKind::String | ValueKind::Plain => self.string(&v.to_string())?,
             ValueKind::Bytes | ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = v.try_iter()?.collect();
                 self.container('[', ']', items.len(), |w, i| w.value(&items[i]))?;
@@ -826,7 +1165,7 @@ impl PyJson {
                     entries.sort_by(|a, b| a.0.cmp(&b.0));
                 }
                 self.container('{', '}', entries.len(), |w, i| {
-                    w.string(&entries[i].0);
+                    w.string(&entries[i].0)?;
                     w.out.push_str(&w.key_sep.clone());
                     w.value(&entries[i].1)
                 })?;
@@ -837,7 +1176,7 @@ impl PyJson {
                     format!("cannot serialize {v:?} to JSON"),
                 ))
             }
-            _ => self.string(&v.to_string()),
+            _ => self.string(&v.to_string())?,
         }
         Ok(())
     }
@@ -855,28 +1194,38 @@ impl PyJson {
             self.out.push(close);
             return Ok(());
         }
+        if self.depth >= MAX_JSON_DEPTH {
+            // Python's json.dumps stops at its recursion limit too; here it guards our stack.
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: the value is nested more than {MAX_JSON_DEPTH} levels deep"),
+            ));
+        }
         self.depth += 1;
         for i in 0..len {
             if i > 0 {
                 let sep = self.item_sep.clone();
+                self.room_for(sep.len())?;
                 self.out.push_str(&sep);
             }
-            self.newline();
+            self.newline()?;
             item(self, i)?;
         }
         self.depth -= 1;
-        self.newline();
+        self.newline()?;
         self.out.push(close);
         Ok(())
     }
 
-    fn newline(&mut self) {
+    fn newline(&mut self) -> std::result::Result<(), minijinja::Error> {
         if let Some(indent) = &self.indent {
+            self.room_for(indent.len().saturating_mul(self.depth).saturating_add(1))?;
             self.out.push('\n');
             for _ in 0..self.depth {
                 self.out.push_str(indent);
             }
         }
+        Ok(())
     }
 
     /// Dict keys become strings as in Python: `1` → `"1"`, `true` → `"true"`, `None` → `"null"`.
@@ -894,6 +1243,7 @@ impl PyJson {
                     ensure_ascii: false,
                     sort_keys: false,
                     depth: 0,
+                    max_bytes: usize::MAX,
                 };
                 w.number(key)?;
                 w.out
@@ -931,7 +1281,9 @@ impl PyJson {
         Ok(())
     }
 
-    fn string(&mut self, s: &str) {
+    /// Writes `s` quoted; checked after (its escaped form is at most 6 bytes per byte of a value
+    /// that exists already).
+    fn string(&mut self, s: &str) -> std::result::Result<(), minijinja::Error> {
         self.out.push('"');
         for c in s.chars() {
             match c {
@@ -952,6 +1304,7 @@ impl PyJson {
             }
         }
         self.out.push('"');
+        self.room_for(0)
     }
 }
 
@@ -1005,10 +1358,13 @@ impl PromptFormat {
     /// Jinja when `config` has a chat template, else Alpaca.
     pub fn from_tokenizer_config(config: &TokenizerConfig) -> Result<Self> {
         match &config.chat_template {
-            Some(source) => Ok(Self::Jinja(ChatTemplate::new(
-                source.as_str(),
-                config.special.clone(),
-            )?)),
+            Some(source) => {
+                let template = ChatTemplate::new(source.as_str(), config.special.clone())?;
+                Ok(Self::Jinja(match &config.template_origin {
+                    Some(origin) => template.with_origin(origin.as_str()),
+                    None => template,
+                }))
+            }
             None => Ok(Self::Alpaca),
         }
     }
@@ -1196,6 +1552,10 @@ mod tests {
             "{% if x %}a{%- endif %}"
         );
         assert_eq!(rewrite_generation_tags("a {% unclosed"), "a {% unclosed");
+        // Found by the fuzz tests: `{%}` used to slice [2..1] and panic.
+        assert_eq!(rewrite_generation_tags("{%}"), "{%}");
+        assert_eq!(rewrite_generation_tags("{%}x%}{%-%}"), "{%}x%}{%-%}");
+        assert!(ChatTemplate::new("{%}", SpecialTokens::default()).is_err());
     }
 
     #[test]
@@ -1498,6 +1858,219 @@ mod tests {
             Some("{{ messages[0].content }}")
         );
         assert_eq!(config.special.eos.as_deref(), Some("<|im_end|>"));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// Renders `source` on one short message within the default limits, checking it ends
+    /// (in seconds: a hang detector, not a speed target).
+    fn render_hostile(source: &str) -> Result<String> {
+        let template = jinja(source).with_origin("/models/x/tokenizer_config.json");
+        let started = std::time::Instant::now();
+        let r = template.render(&[Message::user("hi")], true);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{source}: {:?}",
+            started.elapsed()
+        );
+        r
+    }
+
+    fn assert_limit(r: Result<String>, which: &str) {
+        match r {
+            Err(Error::TemplateLimit {
+                template, limit, ..
+            }) => {
+                assert_eq!(template, "/models/x/tokenizer_config.json");
+                assert!(limit.contains(which), "{limit}");
+            }
+            other => panic!("expected the {which} limit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nested_ranges_run_out_of_fuel() {
+        let r = render_hostile(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        );
+        let shown = r.as_ref().map(|_| ()).expect_err("limit").to_string();
+        assert!(
+            shown.contains("/models/x/tokenizer_config.json") && shown.contains("work budget"),
+            "{shown}"
+        );
+        assert_limit(r, "work budget");
+        // Loops that write nothing cost fuel too.
+        assert_limit(
+            render_hostile(
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            ),
+            "work budget",
+        );
+        // A huge value is refused before it is made.
+        assert_limit(render_hostile("{{ 'x' * 10000000000 }}"), "work budget");
+    }
+
+    #[test]
+    fn a_template_writing_too_much_hits_the_output_cap() {
+        // 100 MB of output is within the fuel (1 per 64 bytes) but past the output cap.
+        let r = render_hostile("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}");
+        assert_limit(r, "output size");
+        let limits = RenderLimits::for_messages(&[Message::user("hi")]);
+        let capped = jinja("{% for i in range(100) %}{{ 'x' * 1000 }}{% endfor %}")
+            .render_with_limits(
+                &[Message::user("hi")],
+                true,
+                RenderLimits {
+                    max_output_bytes: 99_999,
+                    ..limits
+                },
+            );
+        assert!(
+            matches!(capped, Err(Error::TemplateLimit { .. })),
+            "{capped:?}"
+        );
+    }
+
+    #[test]
+    fn recursion_ends_in_an_error_not_a_stack_overflow() {
+        assert_limit(
+            render_hostile("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
+            "recursion",
+        );
+        assert_limit(
+            render_hostile(
+                "{% macro f(n) %}{% for i in [1, 2] %}{{ f(n) }}{% endfor %}{% endmacro %}{{ f(0) }}",
+            ),
+            "recursion",
+        );
+    }
+
+    #[test]
+    fn values_nested_as_deep_as_the_fuel_allows_do_not_overflow_the_stack() {
+        // One level of nesting per loop turn until the fuel runs out: dropping and printing
+        // such a value recurses once per level. At the largest budget (the render thread's
+        // stack is sized for it).
+        let source = "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}\
+                      {% for j in range(100000) %}{% set ns.x = {'a': ns.x} %}{% endfor %}\
+                      {{ ns.x|length }}{% endfor %}";
+        let r = jinja(source).render_with_limits(
+            &[Message::user("hi")],
+            true,
+            RenderLimits {
+                fuel: MAX_FUEL,
+                max_output_bytes: OUTPUT_BASE_BYTES,
+            },
+        );
+        assert!(matches!(r, Err(Error::TemplateLimit { .. })), "{r:?}");
+        assert_limit(
+            render_hostile(
+                "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}\
+                 {% for j in range(100000) %}{% set ns.x = [ns.x] %}{% endfor %}{% endfor %}{{ ns.x }}",
+            ),
+            "work budget",
+        );
+    }
+
+    #[test]
+    fn tojson_cannot_allocate_past_the_fuel() {
+        for source in [
+            "{{ messages | tojson(indent=1000000000000) }}",
+            "{{ messages | tojson(indent=10000000) }}",
+            "{% set ns = namespace(x=[]) %}{% for i in range(600) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x | tojson }}",
+        ] {
+            let r = render_hostile(source);
+            assert!(r.is_err(), "{source}: no error");
+        }
+        // Ordinary use is unaffected.
+        assert_eq!(
+            render_hostile("{{ messages[0] | tojson(indent=2) }}").expect("renders"),
+            "{\n  \"role\": \"user\",\n  \"content\": \"hi\"\n}"
+        );
+    }
+
+    #[test]
+    fn real_templates_render_long_conversations_within_the_limits() {
+        let format = PromptFormat::from_tokenizer_config_json(SMOLLM2_CONFIG).expect("loads");
+        // 4000 short messages, then two of 4 MiB (the largest message the app accepts).
+        let many: Vec<Message> = (0..4000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    Message::user(format!("question {i}"))
+                } else {
+                    Message::assistant(format!("answer {i}"))
+                }
+            })
+            .collect();
+        let out = format
+            .render(&many, true)
+            .expect("a long conversation renders");
+        assert!(out.ends_with("<|im_start|>assistant\n"));
+        let big = [
+            Message::user("u".repeat(4 << 20)),
+            Message::assistant("a".repeat(4 << 20)),
+        ];
+        let out = format.render(&big, true).expect("huge messages render");
+        assert!(out.len() > 8 << 20);
+        // A template that filters and checks every message (as Mistral's and DeepSeek's do)
+        // on a long conversation.
+        let heavy = jinja(
+            "{%- set ns = namespace(sys='', kept=[]) -%}{%- for m in messages -%}\
+             {%- if m['role'] == 'system' %}{% set ns.sys = m['content'] %}{% endif -%}\
+             {%- if m['role'] not in ['tool'] and not m.get('tool_calls') %}{% set ns.kept = ns.kept + [m] %}{% endif -%}\
+             {%- endfor -%}{{ bos_token }}{{ ns.sys }}\
+             {%- for m in ns.kept -%}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}\
+             {{ raise_exception('roles must alternate') }}{%- endif -%}\
+             {%- set c = m['content'] -%}{%- if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif -%}\
+             {{ '[' + m['role'] + ']' + c.strip() + eos_token }}{%- endfor -%}",
+        );
+        heavy
+            .render(&many, true)
+            .expect("a heavy template on 4000 messages");
+        heavy.render(&big, true).expect("a heavy template on 8 MiB");
+    }
+
+    #[test]
+    fn an_oversized_config_is_refused_before_it_is_read() {
+        let dir = std::env::temp_dir().join(format!("tptt-engine-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("tokenizer_config.json");
+        let file = std::fs::File::create(&path).expect("create");
+        // Sparse: no disk space used.
+        file.set_len(MAX_CONFIG_BYTES + 1).expect("grow");
+        match TokenizerConfig::from_file(&path) {
+            Err(Error::InvalidConfig { file, reason }) => {
+                assert!(file.ends_with("tokenizer_config.json"), "{file}");
+                assert!(reason.contains("64 MiB"), "{reason}");
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn the_template_names_where_it_came_from() {
+        let dir = std::env::temp_dir().join(format!("tptt-engine-origin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("tokenizer_config.json");
+        std::fs::write(
+            &path,
+            r#"{"chat_template": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"}"#,
+        )
+        .expect("write");
+        let format = PromptFormat::from_tokenizer_config_file(&path).expect("compiles");
+        let err = format
+            .render(&[Message::user("hi")], true)
+            .expect_err("runs out");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        std::fs::write(dir.join("chat_template.jinja"), "{{ 'y' * 10000000000 }}").expect("write");
+        let config = TokenizerConfig::from_model_dir(&dir).expect("loads");
+        let err = PromptFormat::from_tokenizer_config(&config)
+            .expect("compiles")
+            .render(&[Message::user("hi")], true)
+            .expect_err("runs out");
+        assert!(err.to_string().contains("chat_template.jinja"), "{err}");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -396,7 +396,7 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
         Some(caller),
         "the job ran on the engine's own thread"
     );
-    let session = result.session;
+    let session = result.session.expect("the session comes back");
     assert_eq!(
         session.tokens,
         [prompt(), out.ids.clone()].concat(),
@@ -434,9 +434,10 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
     let cancel = CancelToken::new();
     cancel.cancel();
     let (sink, _events) = channel_sink();
-    let before = result.session.tokens.len();
+    let session = result.session.expect("the session comes back");
+    let before = session.tokens.len();
     let job = Job {
-        session: result.session,
+        session,
         prompt: vec![9],
         options: greedy(6),
         sink,
@@ -451,7 +452,10 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
         result.outcome.expect("cancelled is not an error").finish,
         FinishReason::Cancelled
     );
-    assert_eq!(result.session.tokens.len(), before);
+    let session = result
+        .session
+        .expect("a cancelled job hands the session back");
+    assert_eq!(session.tokens.len(), before);
     let (sink, _events) = channel_sink();
     let bad = GenerateOptions {
         params: SamplingParams {
@@ -461,7 +465,7 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
         ..Default::default()
     };
     let job = Job {
-        session: result.session,
+        session,
         prompt: vec![9],
         options: bad,
         sink,
@@ -476,7 +480,14 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
         result.outcome,
         Err(Error::InvalidSamplingParam { .. })
     ));
-    assert_eq!(result.session.tokens.len(), before);
+    assert_eq!(
+        result
+            .session
+            .expect("a failed job hands the session back")
+            .tokens
+            .len(),
+        before
+    );
 
     // Cancelling a running job from another thread stops it.
     let cancel = CancelToken::new();
@@ -512,6 +523,80 @@ fn engine_thread_runs_jobs_streams_events_and_returns_the_session() {
         out.text
     );
     drop(engine); // joins the thread
+}
+
+#[test]
+fn a_panicking_job_ends_in_an_error_and_the_engine_runs_the_next_job() {
+    let fx = fixture();
+    let tok = fx.tokenizer();
+    let expected = run(
+        &mut Session::new(fx.arc(), SessionOptions::default()),
+        &prompt(),
+        &greedy(5),
+        &tok,
+        &CancelToken::new(),
+    )
+    .0
+    .expect("generate");
+    let engine = Engine::spawn(Arc::new(tok)).expect("spawn the engine thread");
+    // A sink that panics on the first token (a bug in the caller's code, or anywhere in the
+    // generation loop: the job boundary is the same).
+    let sink: Box<dyn FnMut(Event) + Send> = Box::new(|e| {
+        if let Event::Token { text, .. } = e {
+            panic!("sink bug on {text:?}");
+        }
+    });
+    let job = Job {
+        session: Session::new(fx.arc(), SessionOptions::default()),
+        prompt: prompt(),
+        options: greedy(5),
+        sink,
+        cancel: CancelToken::new(),
+    };
+    let result = engine
+        .submit(job)
+        .expect("submit")
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a result, not a dead thread");
+    match &result.outcome {
+        Err(Error::Panicked { message }) => {
+            assert!(message.contains("sink bug on"), "{message}")
+        }
+        other => panic!("expected Error::Panicked, got {other:?}"),
+    }
+    let shown = result
+        .outcome
+        .as_ref()
+        .map(|_| ())
+        .expect_err("error")
+        .to_string();
+    assert!(
+        shown.contains("sink bug on") && shown.contains("report"),
+        "{shown}"
+    );
+    assert!(
+        result.session.is_none(),
+        "a session that may be half-updated is not handed back"
+    );
+
+    // The thread lives on: the next job on the same engine runs normally.
+    let (sink, events) = channel_sink();
+    let job = Job {
+        session: Session::new(fx.arc(), SessionOptions::default()),
+        prompt: prompt(),
+        options: greedy(5),
+        sink,
+        cancel: CancelToken::new(),
+    };
+    let result = engine
+        .submit(job)
+        .expect("the engine still takes jobs")
+        .recv_timeout(Duration::from_secs(60))
+        .expect("job result");
+    let out = result.outcome.expect("the next job succeeds");
+    assert_eq!(out.ids, expected.ids);
+    assert!(result.session.is_some());
+    assert!(events.try_iter().any(|e| matches!(e, Event::Token { .. })));
 }
 
 #[test]
