@@ -135,7 +135,7 @@ fn unpermute_rows(
         .shape()
         .dims2()
         .map_err(|e| err(path, format!("{name}: {e}")))?;
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(err(
             path,
             format!("{name}: {rows} rows do not split into {heads} heads of even size"),

@@ -15,6 +15,24 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 use crate::linear::{CarryMode, LinearCarry, PrevToken};
 
+/// Largest softmax window `W` accepted anywhere it enters (a `--window` flag, a config's
+/// `max_self_attn_length`, the app's settings, a snapshot): 2^20 positions, far beyond any
+/// context the supported bases were trained on, yet small enough that a typo cannot ask for a
+/// KV cache of terabytes.
+pub const MAX_WINDOW: usize = 1 << 20;
+
+/// Check a softmax window read from `field` (`--window`, `max_self_attn_length`, a snapshot's
+/// `window`): between 1 and [`MAX_WINDOW`]. The error message names the field and the value.
+pub fn validate_window(field: &str, window: usize) -> std::result::Result<usize, String> {
+    if (1..=MAX_WINDOW).contains(&window) {
+        Ok(window)
+    } else {
+        Err(format!(
+            "{field} must be between 1 and {MAX_WINDOW} positions, got {window}"
+        ))
+    }
+}
+
 /// Per-layer part of a [`State`].
 #[derive(Debug)]
 pub struct LayerState {

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{json, Map, Value};
-use tptt::model::{LoadOptions, Model};
+use tptt::linear::CarryMode;
+use tptt::model::{LoadOptions, Logits, Model};
 use tptt::repo::TpttRepo;
 use tptt::Error;
 
@@ -605,6 +606,13 @@ fn config_values_out_of_range() {
     let cases: &[(&str, Value, &str)] = &[
         ("max_chunk_size", json!(0), "max_chunk_size"),
         ("max_self_attn_length", json!(0), "max_self_attn_length"),
+        ("max_self_attn_length", json!(-5), "max_self_attn_length"),
+        // Beyond `MAX_WINDOW`: accepted before (a window of 2^40 positions).
+        (
+            "max_self_attn_length",
+            json!(1u64 << 40),
+            "max_self_attn_length",
+        ),
         ("linear_precision", json!("int8"), "int8"),
         (
             "model_task",
@@ -992,6 +1000,27 @@ fn token_id_outside_the_vocabulary() {
             |e| matches!(e, Error::Input(_)),
             &[&bad.to_string(), "300"],
         );
+    }
+}
+
+#[test]
+fn a_state_with_an_impossible_window_is_refused_not_a_panic() {
+    // `--window 0` reached the ring's `position mod W` and panicked; the flags, configs and
+    // snapshots now refuse such a window where it enters, and `forward` refuses a state made
+    // with one by hand, on both paths (the fused decode step and the tensor path).
+    let fx = Fx::llama("delta_rule");
+    let model = fx.load().expect("load");
+    for mode in [CarryMode::Continue, CarryMode::Reference] {
+        for w in [0, tptt::state::MAX_WINDOW + 1] {
+            for ids in [&[1u32][..], &[1, 5, 9]] {
+                let mut st = model.new_state(mode, Some(w));
+                check(
+                    model.forward(ids, &mut st, Logits::Last).map(|_| ()),
+                    |e| matches!(e, Error::State(_)),
+                    &["window", &w.to_string()],
+                );
+            }
+        }
     }
 }
 
