@@ -559,7 +559,10 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
     let mode = match meta.get("mode").map(String::as_str) {
         Some("continue") => Ok(CarryMode::Continue),
         Some("reference") => Ok(CarryMode::Reference),
-        other => Err(snap_err(format!("unknown mode {other:?}"))),
+        Some(other) => Err(snap_err(format!(
+            "metadata mode {other:?} is not known (continue, reference)"
+        ))),
+        None => Err(snap_err("metadata lacks \"mode\"".into())),
     };
     let b = &model.config().base;
     let parts: Vec<Part<'_>> = st
@@ -617,11 +620,12 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
     mode?;
     match meta.get("dtype").map(String::as_str) {
         Some("f32") => {}
-        other => {
+        Some(other) => {
             return Err(snap_err(format!(
                 "metadata dtype {other:?} is not supported (f32 only)"
             )))
         }
+        None => return Err(snap_err("metadata lacks \"dtype\"".into())),
     }
     let state = match state {
         Some(r) => r.map_err(|e| snap_err(e.to_string()))?,

@@ -347,8 +347,17 @@ fn carried_tensors_of_the_wrong_shape_are_refused() {
     );
 }
 
+fn name_label(name: &str) -> &'static str {
+    match name.rsplit('.').next() {
+        Some("k") => "cached keys",
+        Some("v") => "cached values",
+        Some("state") => "recurrent state",
+        _ => "pool_k",
+    }
+}
+
 #[test]
-fn non_finite_carried_values_are_refused() {
+fn non_finite_or_absurd_carried_values_are_refused() {
     let saved = Saved::new(CarryMode::Continue);
     let poison = |name: &'static str, at: usize, x: f32| {
         move |r: &mut RawSnapshot| {
@@ -359,13 +368,28 @@ fn non_finite_carried_values_are_refused() {
         }
     };
     for (name, label, x) in [
+        ("layers.0.k", "cached keys", f32::NAN),
+        ("layers.1.v", "cached values", f32::INFINITY),
         ("layers.0.state", "recurrent state", f32::NAN),
         ("layers.1.state", "recurrent state", f32::INFINITY),
         ("layers.0.pool_v", "pool_v", f32::NEG_INFINITY),
         ("layers.1.prev", "prev", f32::NAN),
         ("last_logits", "last_logits", f32::NAN),
     ] {
-        saved.refused(name, poison(name, 3, x), &[label, "non-finite", "index 3"]);
+        saved.refused(name, poison(name, 3, x), &[label, "index 3"]);
+    }
+    // Finite but absurd: overflows the first product it enters.
+    for name in [
+        "layers.0.k",
+        "layers.1.v",
+        "layers.0.state",
+        "layers.1.pool_k",
+    ] {
+        saved.refused(
+            name,
+            poison(name, 5, 3e38),
+            &[name_label(name), "index 5", "1e15"],
+        );
     }
 }
 

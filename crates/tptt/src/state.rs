@@ -188,13 +188,25 @@ fn check_key_positions(
     Ok(())
 }
 
-/// Refuse NaN or infinite values in a carried vector (`what` names it in the message): a
-/// recurrent state that has gone non-finite can only produce NaN logits from then on.
+/// Largest magnitude a restored value (KV cache, recurrent state, pooled rows, order-2 buffer)
+/// may have. Healthy values stay within a few thousand (keys and values are projections of a
+/// normalized hidden state; the delta rule keeps its state of the order of the values); one of
+/// 1e30 is finite yet overflows the first dot product it enters and turns every later logit
+/// into NaN. Refusing such a snapshot costs at most a rebuild from the text.
+pub const MAX_CARRIED_MAGNITUDE: f32 = 1e15;
+
+/// Refuse a carried vector (`what` names it in the message) holding a NaN, an infinity or a
+/// value beyond ±[`MAX_CARRIED_MAGNITUDE`]: it can only produce NaN logits from then on. One
+/// branch-free pass first (vectorized), the position only on failure.
 fn check_finite(values: &[f32], what: impl FnOnce() -> String) -> Result<()> {
-    match values.iter().position(|x| !x.is_finite()) {
+    let fine = |x: &f32| x.abs() <= MAX_CARRIED_MAGNITUDE; // false for NaN
+    if values.iter().fold(true, |ok, x| ok & fine(x)) {
+        return Ok(());
+    }
+    match values.iter().position(|x| !fine(x)) {
         None => Ok(()),
         Some(j) => Err(Error::State(format!(
-            "{} holds a non-finite value ({}) at index {j}",
+            "{} holds {:e} at index {j} (a carried value must be finite and within ±{MAX_CARRIED_MAGNITUDE:e})",
             what(),
             values[j]
         ))),
@@ -456,8 +468,8 @@ impl State {
     /// and still wrong: the window (`1..=`[`MAX_WINDOW`]), the key positions against `pos`, the
     /// mode and the window (`check_key_positions`), the shape of every carried tensor against
     /// the model (KV `[Hkv, kv_len, D]`, recurrent state, at most two pooled rows of `Hkv·D`,
-    /// order-2 buffer `[5, H·D]`), and the recurrent state, pooled rows and order-2 buffer are
-    /// finite. What a file can make this allocate is bounded by the file's own tensors (the KV
+    /// order-2 buffer `[5, H·D]`), and every carried value (KV cache, recurrent state, pooled
+    /// rows, order-2 buffer) is finite and within ±[`MAX_CARRIED_MAGNITUDE`]. What a file can make this allocate is bounded by the file's own tensors (the KV
     /// buffer at most about twice their size).
     pub fn from_safetensors(
         t: &SafeTensors<'_>,
@@ -537,10 +549,16 @@ impl State {
                 // One buffer [L, 2, Hkv, cap, D], each head's n positions then zeros up to cap.
                 let cap = restored_capacity(n, mode, window);
                 let mut buf = big_buffer(num_layers * 2 * h * cap * dim);
-                for (k, v) in &kv {
-                    for x in [k, v] {
+                for (i, (k, v)) in kv.iter().enumerate() {
+                    for (name, x) in [("keys", k), ("values", v)] {
                         for head in 0..h {
+                            let from = buf.len();
                             x.extend_into(&mut buf, head * n * dim, n * dim);
+                            // Checked while the copy is in cache (a branch-free pass the
+                            // compiler vectorizes): a NaN here would poison every later answer.
+                            check_finite(&buf[from..], || {
+                                format!("layer {i}: the cached {name} of KV head {head}")
+                            })?;
                             buf.resize(buf.len() + (cap - n) * dim, 0.0);
                         }
                     }

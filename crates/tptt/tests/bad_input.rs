@@ -363,7 +363,8 @@ fn weight_headers_that_lie_about_offsets() {
         let o = &m[name]["data_offsets"];
         (o[0].as_u64().expect("start"), o[1].as_u64().expect("end"))
     };
-    let lies: [(&str, fn(u64, u64) -> (u64, u64)); 5] = [
+    type Lie = fn(u64, u64) -> (u64, u64);
+    let lies: [(&str, Lie); 5] = [
         ("shorter than its shape", |a, b| (a, b - 4)),
         ("longer than its shape", |a, b| (a, b + 4)),
         ("shifted (overlaps the next tensor)", |a, b| (a + 4, b + 4)),

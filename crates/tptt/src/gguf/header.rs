@@ -14,7 +14,8 @@
 //!   whatever the file claims) and arrays nested at most [`MAX_VALUE_DEPTH`] deep;
 //! * names (keys, tensor names) at most [`MAX_NAME_BYTES`] long, none repeated;
 //! * `general.alignment`: an unsigned 32-bit integer, a power of two;
-//! * each tensor: at most [`MAX_DIMS`] dimensions whose product fits `u64` and `usize`, a ggml
+//! * each tensor: at most [`MAX_DIMS`] dimensions, none 0 (candle panics on an empty tensor),
+//!   whose product fits `u64` and `usize`, a ggml
 //!   type candle handles, rows a whole number of quantization blocks, an offset aligned and
 //!   its data (offset + size) inside the file.
 //!
@@ -395,7 +396,13 @@ impl<R: Read + Seek> Reader<R> {
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
-            dims.push(self.length(&what(&format!("dimension {d}")))?);
+            let n = self.length(&what(&format!("dimension {d}")))?;
+            // An empty tensor holds nothing a model could use, and candle panics on one (its
+            // zero-length buffer is not aligned for the element type).
+            if n == 0 {
+                return Err(self.err(what(&format!("dimension {d} is 0 (an empty tensor)"))));
+            }
+            dims.push(n);
         }
         let elems = dims
             .iter()
