@@ -23,8 +23,8 @@ use crate::error::{CmdResult, CommandError, ErrorKind};
 pub const SETTINGS_KEY: &str = "app.settings";
 /// Longest system prompt accepted, in bytes.
 pub const MAX_SYSTEM_PROMPT_BYTES: usize = 64 * 1024;
-/// Largest softmax window accepted.
-pub const MAX_WINDOW: u64 = 1 << 20;
+/// Largest softmax window accepted (the engine's bound, [`tptt::state::MAX_WINDOW`]).
+pub const MAX_WINDOW: u64 = tptt::state::MAX_WINDOW as u64;
 /// Most tokens one answer may be asked for.
 pub const MAX_NEW_TOKENS: u64 = 1 << 16;
 

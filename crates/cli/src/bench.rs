@@ -127,7 +127,7 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// Softmax window (KV positions kept); default: the config's, else 8192.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_window)]
     window: Option<usize>,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]

@@ -29,7 +29,7 @@ pub(crate) struct DistillArgs {
     #[arg(long, required = true, num_args = 1..)]
     text: Vec<PathBuf>,
     /// The student's softmax window (written as max_self_attn_length).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::parse_window)]
     window: usize,
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 2048)]

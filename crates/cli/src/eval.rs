@@ -31,7 +31,7 @@ pub(crate) struct EvalArgs {
     #[arg(long, required = true, num_args = 1..)]
     pub(crate) text: Vec<PathBuf>,
     /// Softmax window of (a) and (b); default: the config's, else 8192.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_window)]
     pub(crate) window: Option<usize>,
     /// Read at most this many tokens of each text.
     #[arg(long)]

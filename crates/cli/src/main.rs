@@ -85,8 +85,19 @@ pub(crate) struct GenArgs {
     #[arg(long)]
     pub(crate) ignore_eos: bool,
     /// Softmax window (KV positions kept); defaults to max_self_attn_length, else 8192.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_window)]
     pub(crate) window: Option<usize>,
+}
+
+/// `--window N` (every subcommand that has it): a number of positions between 1 and
+/// [`tptt::state::MAX_WINDOW`] (0 would divide by zero in the KV ring, a huge one asks for an
+/// absurd cache); clap reports a refusal as `invalid value … for '--window <WINDOW>': …`.
+pub(crate) fn parse_window(s: &str) -> std::result::Result<usize, String> {
+    let w: usize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("--window must be a whole number of positions ({e})"))?;
+    tptt::state::validate_window("--window", w)
 }
 
 #[derive(Subcommand)]

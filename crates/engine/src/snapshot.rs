@@ -21,6 +21,17 @@
 //!
 //! Other versions are refused with an error naming the version.
 //!
+//! A matching checksum only says the file is as it was written, not that the writer told the
+//! truth, so every value is then checked before use and a file that fails is refused with an
+//! [`Error::Snapshot`] naming the value: the window (`1..=`[`tptt::state::MAX_WINDOW`]), the
+//! mode and dtype, `kv_len` / `history_len` against the tensors, the key positions against
+//! `pos`, the mode and the window, the shape of every carried tensor against the model, finite
+//! recurrent values and `last_logits` (length = vocabulary), token ids inside the vocabulary
+//! (see [`State::from_safetensors`] for the state's part). The framing is the safetensors
+//! crate's: a header length beyond the file or over its 100 MB cap is refused before anything
+//! is allocated; what a file can make [`load`] allocate is bounded by its own size.
+//! [`testing`] (feature `testing`) builds files with arbitrary values and a correct checksum.
+//!
 //! Speed: [`load`] memory-maps the file, checks the checksum on one thread while
 //! [`State::from_safetensors`] copies the KV cache once, straight from the mapped bytes into its
 //! final (ring-capacity) buffer, on the other, and judges the result only once the checksum
@@ -256,12 +267,15 @@ fn le_bytes<T: bytemuck::Pod>(values: &[T], to_le: fn(&T) -> [u8; 4]) -> Cow<'_,
     }
 }
 
+/// A tensor's dtype and its bytes in pieces.
+type Pieces<'a> = (Dtype, Vec<Cow<'a, [u8]>>);
+
 /// The bytes of a CPU f32 or u32 tensor, in row-major order, as the blocks of its layout
 /// (borrowed from `storage`, the tensor's storage, no copy on a little-endian machine).
 fn tensor_pieces<'a>(
     t: &'a Tensor,
     storage: &'a Storage,
-) -> std::result::Result<(Dtype, Vec<Cow<'a, [u8]>>), String> {
+) -> std::result::Result<Pieces<'a>, String> {
     fn blocks<'a, T: bytemuck::Pod>(
         t: &'a Tensor,
         v: &'a [T],
@@ -496,15 +510,18 @@ fn parse_info(path: &Path, meta: &HashMap<String, String>, bytes: u64) -> Result
             .ok_or_else(|| snap_err(format!("metadata lacks {k:?}")))
     };
     let num = |k: &str| -> Result<usize> {
-        get(k)?
-            .parse()
-            .map_err(|_| snap_err(format!("metadata {k:?} is not a number")))
+        let v = get(k)?;
+        v.parse()
+            .map_err(|_| snap_err(format!("metadata {k:?} = {v:?} is not a number")))
     };
     let window = match get("window")?.as_str() {
         "none" => None,
         w => Some(
             w.parse()
-                .map_err(|_| snap_err("metadata window is not a number".into()))?,
+                .map_err(|_| snap_err(format!("metadata window {w:?} is not a number")))
+                .and_then(|w| {
+                    tptt::state::validate_window("metadata window", w).map_err(snap_err)
+                })?,
         ),
     };
     Ok(SnapshotInfo {
@@ -542,7 +559,10 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
     let mode = match meta.get("mode").map(String::as_str) {
         Some("continue") => Ok(CarryMode::Continue),
         Some("reference") => Ok(CarryMode::Reference),
-        other => Err(snap_err(format!("unknown mode {other:?}"))),
+        Some(other) => Err(snap_err(format!(
+            "metadata mode {other:?} is not known (continue, reference)"
+        ))),
+        None => Err(snap_err("metadata lacks \"mode\"".into())),
     };
     let b = &model.config().base;
     let parts: Vec<Part<'_>> = st
@@ -598,6 +618,15 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
         )));
     }
     mode?;
+    match meta.get("dtype").map(String::as_str) {
+        Some("f32") => {}
+        Some(other) => {
+            return Err(snap_err(format!(
+                "metadata dtype {other:?} is not supported (f32 only)"
+            )))
+        }
+        None => return Err(snap_err("metadata lacks \"dtype\"".into())),
+    }
     let state = match state {
         Some(r) => r.map_err(|e| snap_err(e.to_string()))?,
         None => return Err(snap_err("the state could not be read".into())),
@@ -622,6 +651,36 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
         Some(b) => words(b).into_iter().map(u32::from_le_bytes).collect(),
         None => return Err(snap_err("lacks tokens".into())),
     };
+    // The metadata's counts must describe the tensors (the checksum only says that nothing
+    // changed since they were written, not that the writer told the truth).
+    let counted = |k: &str, have: usize, what: &str| -> Result<()> {
+        match meta.get(k).map(|v| (v, v.parse::<usize>())) {
+            Some((_, Ok(n))) if n == have => Ok(()),
+            Some((v, _)) => Err(snap_err(format!(
+                "metadata {k} = {v:?} but the file holds {have} {what}"
+            ))),
+            None => Err(snap_err(format!("metadata lacks {k:?}"))),
+        }
+    };
+    counted("kv_len", state.kv_len(), "cached positions (key_pos)")?;
+    counted("history_len", tokens.len(), "token ids (tokens)")?;
+    if tokens.len() > state.pos.min(HISTORY_KEPT) {
+        return Err(snap_err(format!(
+            "{} token ids kept after {} tokens read (at most min(pos, {HISTORY_KEPT}))",
+            tokens.len(),
+            state.pos
+        )));
+    }
+    if let Some((i, id)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= b.vocab_size)
+    {
+        return Err(snap_err(format!(
+            "token id {id} (tokens[{i}]) is outside the vocabulary of {}",
+            b.vocab_size
+        )));
+    }
     let last_logits: Option<Vec<f32>> = match vector("last_logits", Dtype::F32)? {
         Some(bytes) => {
             let v: Vec<f32> = words(bytes).into_iter().map(f32::from_le_bytes).collect();
@@ -630,6 +689,12 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
                     "last_logits has {} entries, vocabulary is {}",
                     v.len(),
                     b.vocab_size
+                )));
+            }
+            if let Some(j) = v.iter().position(|x| !x.is_finite()) {
+                return Err(snap_err(format!(
+                    "last_logits holds a non-finite value ({}) at index {j}",
+                    v[j]
                 )));
             }
             Some(v)
@@ -645,6 +710,130 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
             .map_err(|e| snap_err(format!("surprise record: {e}")))?;
     }
     Ok(session)
+}
+
+/// Snapshot files with arbitrary contents and a correct checksum (feature `testing`): the
+/// loader's value checks can only be reached by a file whose checksum matches, so its tests and
+/// the fuzz tests craft files here.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    use std::collections::{BTreeMap, HashMap};
+
+    use safetensors::{Dtype, SafeTensors};
+
+    use super::{checksum, header, Part, SNAPSHOT_VERSION};
+
+    /// One tensor of a snapshot, owned.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct RawTensor {
+        /// Element type.
+        pub dtype: Dtype,
+        /// Shape.
+        pub shape: Vec<usize>,
+        /// Little-endian bytes (nothing checks that they match the shape: a test may lie).
+        pub data: Vec<u8>,
+    }
+
+    /// A snapshot file taken apart: its metadata (all strings) and tensors by name.
+    #[derive(Debug, Clone, PartialEq, Default)]
+    pub struct RawSnapshot {
+        /// `__metadata__`, `checksum` included (it is recomputed by [`RawSnapshot::to_bytes`]).
+        pub meta: HashMap<String, String>,
+        /// The tensors.
+        pub tensors: BTreeMap<String, RawTensor>,
+    }
+
+    impl RawSnapshot {
+        /// Take a safetensors file's bytes apart (no check beyond the safetensors format).
+        pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+            let (_, md) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+            let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+            let tensors = st
+                .iter()
+                .map(|(name, v)| {
+                    let raw = RawTensor {
+                        dtype: v.dtype(),
+                        shape: v.shape().to_vec(),
+                        data: v.data().to_vec(),
+                    };
+                    (name.to_string(), raw)
+                })
+                .collect();
+            Ok(Self {
+                meta: md.metadata().clone().unwrap_or_default(),
+                tensors,
+            })
+        }
+
+        /// The file's bytes, tensors in name order, with `checksum` recomputed as the loader
+        /// computes it for `meta["version"]` (format 3 when absent).
+        pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
+            let parts: Vec<Part<'_>> = self
+                .tensors
+                .iter()
+                .map(|(name, t)| Part {
+                    name,
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    pieces: vec![std::borrow::Cow::Borrowed(&t.data[..])],
+                })
+                .collect();
+            let version = self
+                .meta
+                .get("version")
+                .map_or(SNAPSHOT_VERSION, String::as_str);
+            let mut meta = self.meta.clone();
+            meta.insert("checksum".into(), checksum(version, &self.meta, &parts));
+            let mut out = header(&meta, &parts)?;
+            for t in self.tensors.values() {
+                out.extend_from_slice(&t.data);
+            }
+            Ok(out)
+        }
+
+        /// Replace (or add) an f32 tensor.
+        pub fn set_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) {
+            let data = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            self.set(name, Dtype::F32, shape, data);
+        }
+
+        /// Replace (or add) a u32 tensor.
+        pub fn set_u32(&mut self, name: &str, shape: &[usize], values: &[u32]) {
+            let data = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            self.set(name, Dtype::U32, shape, data);
+        }
+
+        fn set(&mut self, name: &str, dtype: Dtype, shape: &[usize], data: Vec<u8>) {
+            let t = RawTensor {
+                dtype,
+                shape: shape.to_vec(),
+                data,
+            };
+            self.tensors.insert(name.to_string(), t);
+        }
+
+        /// The values of a 4-byte tensor, as `f32` (`None` when absent).
+        pub fn f32s(&self, name: &str) -> Option<Vec<f32>> {
+            let t = self.tensors.get(name)?;
+            Some(
+                t.data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
+        }
+
+        /// The values of a 4-byte tensor, as `u32` (`None` when absent).
+        pub fn u32s(&self, name: &str) -> Option<Vec<u32>> {
+            let t = self.tensors.get(name)?;
+            Some(
+                t.data
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
+        }
+    }
 }
 
 #[cfg(test)]

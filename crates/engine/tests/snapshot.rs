@@ -508,7 +508,8 @@ fn a_surprise_record_with_impossible_values_is_refused() {
     let mut s = Session::new(fx.arc(), SessionOptions::default());
     s.feed(&token_ids(40, 300, 2), None).expect("feed");
     assert!(s.surprise.samples > 0, "a 40-token prompt is sampled");
-    let bad: [(&str, fn(&mut tptt_engine::Surprise)); 4] = [
+    type Spoil = fn(&mut tptt_engine::Surprise);
+    let bad: [(&str, Spoil); 4] = [
         ("too many recent samples", |x| x.recent.extend([1.0; 80])),
         ("negative sample", |x| x.recent.push_back(-1.0)),
         ("infinite early sum", |x| x.early_sum = f64::INFINITY),

@@ -558,7 +558,7 @@ impl BaseConfig {
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         if raw.num_attention_heads == 0
             || num_kv_heads == 0
-            || raw.num_attention_heads % num_kv_heads != 0
+            || !raw.num_attention_heads.is_multiple_of(num_kv_heads)
         {
             return Err(with_path(Error::config(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
@@ -583,7 +583,7 @@ impl BaseConfig {
                 raw.num_attention_heads
             ))));
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(with_path(Error::config(format!(
                 "head_dim {head_dim} must be even for RoPE"
             ))));
@@ -858,8 +858,17 @@ impl TpttSettings {
         }
         let max_self_attn_length = match raw.max_self_attn_length {
             None => None,
-            Some(w) if w >= 1 => Some(w as usize),
-            Some(w) => return Err(err(format!("max_self_attn_length must be >= 1, got {w}"))),
+            Some(w) => match usize::try_from(w) {
+                Ok(w) => {
+                    Some(crate::state::validate_window("max_self_attn_length", w).map_err(err)?)
+                }
+                Err(_) => {
+                    return Err(err(format!(
+                        "max_self_attn_length must be between 1 and {} positions, got {w}",
+                        crate::state::MAX_WINDOW
+                    )))
+                }
+            },
         };
         match raw.linear_precision.as_str() {
             "float32" | "bfloat16" | "float16" | "float64" => {}

@@ -10,6 +10,11 @@
 //!
 //! On the CPU, Q4_1 / Q5_0 / Q5_1 matrices are re-quantized to Q8_0 at load: candle has no SIMD
 //! kernel for them (Q4_0, Q8_0 and the K-quants have one).
+//!
+//! Every file's header is checked by our own bounded reader ([`header`]) before candle parses
+//! it: candle panics on some hostile values (`general.alignment` = 0) and trusts others.
+//! Both ways in go through it: [`read_config`] (a repo opened with a GGUF base, `tptt inspect
+//! --base FILE.gguf`) and [`load`].
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -24,6 +29,8 @@ use crate::config::BaseConfig;
 use crate::error::{Error, Result};
 use crate::weights::{Weight, WeightMap};
 
+pub mod header;
+
 fn err(path: &Path, message: impl Into<String>) -> Error {
     Error::Weights {
         path: path.to_path_buf(),
@@ -31,13 +38,30 @@ fn err(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
+/// Parse a GGUF file's header: checked by [`header::check_file`] first, then read by candle
+/// (whose reading must then agree on where the data starts).
 fn read_content(path: &Path) -> Result<(Content, std::fs::File)> {
+    let checked = header::check_file(path)?;
     let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let content =
         Content::read(&mut f).map_err(|e| err(path, format!("not a valid GGUF file: {e}")))?;
+    if content.tensor_data_offset != checked.data_offset
+        || content.tensor_infos.len() != checked.tensors.len()
+    {
+        return Err(err(
+            path,
+            format!(
+                "the GGUF header reads differently here ({} tensors, data at byte {}) and in candle ({} tensors, data at byte {})",
+                checked.tensors.len(),
+                checked.data_offset,
+                content.tensor_infos.len(),
+                content.tensor_data_offset
+            ),
+        ));
+    }
     Ok((content, f))
 }
 
@@ -135,7 +159,7 @@ fn unpermute_rows(
         .shape()
         .dims2()
         .map_err(|e| err(path, format!("{name}: {e}")))?;
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(err(
             path,
             format!("{name}: {rows} rows do not split into {heads} heads of even size"),

@@ -843,7 +843,9 @@ impl Model {
         self.cfg.tptt.max_self_attn_length
     }
 
-    /// A fresh state.
+    /// A fresh state. `window` is the softmax window `W` (`None`: unbounded); it must lie in
+    /// `1..=`[`crate::state::MAX_WINDOW`] ([`crate::state::validate_window`], where it enters):
+    /// [`Model::forward`] refuses a state whose window does not.
     pub fn new_state(&self, mode: CarryMode, window: Option<usize>) -> State {
         let b = &self.cfg.base;
         State {
@@ -885,6 +887,11 @@ impl Model {
                 state.layers.len(),
                 b.num_layers
             )));
+        }
+        // The window enters through validated flags, configs and snapshots; a state built by
+        // hand with a window of 0 would divide by zero below (slot = position mod W).
+        if let Some(w) = state.window {
+            crate::state::validate_window("the state's softmax window", w).map_err(Error::State)?;
         }
         let s = ids.len();
         if s == 1 && state.mode == CarryMode::Continue && self.fused_step && step::supported(self) {

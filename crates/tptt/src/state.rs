@@ -2,7 +2,9 @@
 //! window, the linear branch's carries, position), and its conversion to and from a flat map of
 //! named tensors for snapshots (the engine adds the file format and metadata).
 //!
-//! Restoring is built for speed: [`State::from_safetensors`] reads the little-endian bytes of a
+//! Restoring checks every value it reads against the model and the invariants of the forward
+//! pass (window, key positions, shapes, finiteness; see [`State::from_safetensors`]) and is
+//! built for speed: [`State::from_safetensors`] reads the little-endian bytes of a
 //! (memory-mapped) snapshot straight into one KV allocation for all layers, sized to the capacity
 //! the next decode step needs (so it does not reallocate) and, on Linux, marked for transparent
 //! huge pages (faulting in hundreds of megabytes 4 KiB at a time costs more than the copy).
@@ -14,6 +16,24 @@ use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
 use crate::linear::{CarryMode, LinearCarry, PrevToken};
+
+/// Largest softmax window `W` accepted anywhere it enters (a `--window` flag, a config's
+/// `max_self_attn_length`, the app's settings, a snapshot): 2^20 positions, far beyond any
+/// context the supported bases were trained on, yet small enough that a typo cannot ask for a
+/// KV cache of terabytes.
+pub const MAX_WINDOW: usize = 1 << 20;
+
+/// Check a softmax window read from `field` (`--window`, `max_self_attn_length`, a snapshot's
+/// `window`): between 1 and [`MAX_WINDOW`]. The error message names the field and the value.
+pub fn validate_window(field: &str, window: usize) -> std::result::Result<usize, String> {
+    if (1..=MAX_WINDOW).contains(&window) {
+        Ok(window)
+    } else {
+        Err(format!(
+            "{field} must be between 1 and {MAX_WINDOW} positions, got {window}"
+        ))
+    }
+}
 
 /// Per-layer part of a [`State`].
 #[derive(Debug)]
@@ -106,6 +126,90 @@ fn restored_capacity(n: usize, mode: CarryMode, window: Option<usize>) -> usize 
         (CarryMode::Reference, _) => n,
         (CarryMode::Continue, Some(w)) if n >= w => n,
         (CarryMode::Continue, _) => grown_capacity(n, n + 1, window),
+    }
+}
+
+/// Check the positions a restored KV cache claims to hold against the invariants the forward
+/// pass keeps (see [`State::key_pos`]), so that a snapshot whose checksum is right but whose
+/// values are not is refused instead of reaching the ring's index arithmetic:
+/// * `Continue` with window `W`: `min(pos, W)` positions, exactly the last ones, position `p`
+///   in slot `p mod W`; without a window: positions `0..pos` in order;
+/// * `Reference`: strictly increasing, each before `pos`, and with window `W` at most
+///   `2W − 1` of them (the cache is cropped to its first `W − 1` before a call of at most `W`).
+fn check_key_positions(
+    key_pos: &[usize],
+    pos: usize,
+    mode: CarryMode,
+    window: Option<usize>,
+) -> Result<()> {
+    let n = key_pos.len();
+    let bad = |why: String| Err(Error::State(format!("key positions (key_pos): {why}")));
+    let shown = window.map_or("no window".to_string(), |w| format!("a window of {w}"));
+    match mode {
+        CarryMode::Continue => {
+            let want = window.map_or(pos, |w| w.min(pos));
+            if n != want {
+                return bad(format!(
+                    "{n} cached positions after {pos} tokens with {shown}, which holds {want}"
+                ));
+            }
+            let first = pos - want;
+            for (slot, &p) in key_pos.iter().enumerate() {
+                let in_slot = window.map_or(p == slot, |w| p % w == slot);
+                if !(first..pos).contains(&p) || !in_slot {
+                    return bad(format!(
+                        "slot {slot} holds position {p}; after {pos} tokens with {shown} it holds one of the last {want} positions{}",
+                        window.map_or(String::new(), |w| format!(" ≡ {slot} mod {w}"))
+                    ));
+                }
+            }
+        }
+        CarryMode::Reference => {
+            if let Some(w) = window {
+                if n > 2 * w - 1 {
+                    return bad(format!(
+                        "{n} cached positions, more than the {} a window of {w} can leave",
+                        2 * w - 1
+                    ));
+                }
+            }
+            if let Some(&p) = key_pos.iter().find(|&&p| p >= pos) {
+                return bad(format!("position {p} is not before the {pos} tokens read"));
+            }
+            if let Some(i) = (1..n).find(|&i| key_pos[i] <= key_pos[i - 1]) {
+                return bad(format!(
+                    "positions {} then {} are not increasing",
+                    key_pos[i - 1],
+                    key_pos[i]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Largest magnitude a restored value (KV cache, recurrent state, pooled rows, order-2 buffer)
+/// may have. Healthy values stay within a few thousand (keys and values are projections of a
+/// normalized hidden state; the delta rule keeps its state of the order of the values); one of
+/// 1e30 is finite yet overflows the first dot product it enters and turns every later logit
+/// into NaN. Refusing such a snapshot costs at most a rebuild from the text.
+pub const MAX_CARRIED_MAGNITUDE: f32 = 1e15;
+
+/// Refuse a carried vector (`what` names it in the message) holding a NaN, an infinity or a
+/// value beyond ±[`MAX_CARRIED_MAGNITUDE`]: it can only produce NaN logits from then on. One
+/// branch-free pass first (vectorized), the position only on failure.
+fn check_finite(values: &[f32], what: impl FnOnce() -> String) -> Result<()> {
+    let fine = |x: &f32| x.abs() <= MAX_CARRIED_MAGNITUDE; // false for NaN
+    if values.iter().fold(true, |ok, x| ok & fine(x)) {
+        return Ok(());
+    }
+    match values.iter().position(|x| !fine(x)) {
+        None => Ok(()),
+        Some(j) => Err(Error::State(format!(
+            "{} holds {:e} at index {j} (a carried value must be finite and within ±{MAX_CARRIED_MAGNITUDE:e})",
+            what(),
+            values[j]
+        ))),
     }
 }
 
@@ -359,6 +463,14 @@ impl State {
     /// costs one pass over the file. `base` is the config of the model the state is restored
     /// onto; any disagreement in shape (layers, heads, KV heads, head size) is an error. Tensors
     /// other than the state's (the engine's `tokens`, say) are ignored.
+    ///
+    /// Every value is checked before use, because a file can be well formed (its checksum right)
+    /// and still wrong: the window (`1..=`[`MAX_WINDOW`]), the key positions against `pos`, the
+    /// mode and the window (`check_key_positions`), the shape of every carried tensor against
+    /// the model (KV `[Hkv, kv_len, D]`, recurrent state, at most two pooled rows of `Hkv·D`,
+    /// order-2 buffer `[5, H·D]`), and every carried value (KV cache, recurrent state, pooled
+    /// rows, order-2 buffer) is finite and within ±[`MAX_CARRIED_MAGNITUDE`]. What a file can make this allocate is bounded by the file's own tensors (the KV
+    /// buffer at most about twice their size).
     pub fn from_safetensors(
         t: &SafeTensors<'_>,
         base: &crate::config::BaseConfig,
@@ -403,14 +515,11 @@ impl State {
             .into_iter()
             .map(|p| p as usize)
             .collect();
-        let n = key_pos.len();
-        if let (CarryMode::Continue, Some(w)) = (mode, window) {
-            if n > w {
-                return Err(Error::State(format!(
-                    "{n} cached positions do not fit the window of {w}"
-                )));
-            }
+        if let Some(w) = window {
+            validate_window("the snapshot's softmax window", w).map_err(Error::State)?;
         }
+        let n = key_pos.len();
+        check_key_positions(&key_pos, pos, mode, window)?;
 
         // The KV cache of every layer, checked: [Hkv, n, D] each, the same Hkv throughout.
         let mut kv: Vec<(Values<'_>, Values<'_>)> = Vec::with_capacity(num_layers);
@@ -422,7 +531,9 @@ impl State {
             ) {
                 (Some((ks, k)), Some((vs, v))) => {
                     let h = *hkv.get_or_insert(ks.first().copied().unwrap_or(0));
-                    if ks != [h, n, dim] || vs != ks {
+                    // Without the model's KV head count (`from_tensors`), the first layer's
+                    // must at least divide the query heads.
+                    if h == 0 || !heads.is_multiple_of(h) || ks != [h, n, dim] || vs != ks {
                         return Err(Error::State(format!(
                             "layer {i}: KV cache shapes {ks:?} / {vs:?} do not match {n} positions of {h} heads × {dim}"
                         )));
@@ -438,10 +549,16 @@ impl State {
                 // One buffer [L, 2, Hkv, cap, D], each head's n positions then zeros up to cap.
                 let cap = restored_capacity(n, mode, window);
                 let mut buf = big_buffer(num_layers * 2 * h * cap * dim);
-                for (k, v) in &kv {
-                    for x in [k, v] {
+                for (i, (k, v)) in kv.iter().enumerate() {
+                    for (name, x) in [("keys", k), ("values", v)] {
                         for head in 0..h {
+                            let from = buf.len();
                             x.extend_into(&mut buf, head * n * dim, n * dim);
+                            // Checked while the copy is in cache (a branch-free pass the
+                            // compiler vectorizes): a NaN here would poison every later answer.
+                            check_finite(&buf[from..], || {
+                                format!("layer {i}: the cached {name} of KV head {head}")
+                            })?;
                             buf.resize(buf.len() + (cap - n) * dim, 0.0);
                         }
                     }
@@ -466,7 +583,7 @@ impl State {
                 _ => 0,
             };
             let fits = stored == heads
-                || (stored > 0 && heads % stored == 0 && hkv.is_none_or(|k| stored == k));
+                || (stored > 0 && heads.is_multiple_of(stored) && hkv.is_none_or(|k| stored == k));
             if !fits {
                 return Err(Error::State(format!(
                     "layer {i}: recurrent state has shape {shape:?}, model needs [{}] (one per query head) or one per kv head",
@@ -474,28 +591,48 @@ impl State {
                 )));
             }
             let state = state.into_vec();
+            check_finite(&state, || format!("layer {i}: the recurrent state"))?;
+            // Gate pooling history: up to two raw key / value rows of `Hkv·D` (when the KV head
+            // count is unknown, a width of whole heads that divides the query heads).
+            let row_width_fits = |c: usize| match hkv {
+                Some(h) => c == h * dim,
+                None => c > 0 && c.is_multiple_of(dim) && heads.is_multiple_of(c / dim),
+            };
             let rows = |name: &str| -> Result<Vec<Vec<f32>>> {
                 match t.f32s(&format!("layers.{i}.{name}"))? {
                     Some((shape, x)) => match shape[..] {
-                        [_, c] if c > 0 => {
-                            Ok(x.into_vec().chunks_exact(c).map(<[f32]>::to_vec).collect())
-                        }
                         [0, _] => Ok(Vec::new()),
+                        [r, c] if r <= 2 && row_width_fits(c) => {
+                            let x = x.into_vec();
+                            check_finite(&x, || format!("layer {i}: {name}"))?;
+                            Ok(x.chunks_exact(c).map(<[f32]>::to_vec).collect())
+                        }
                         _ => Err(Error::State(format!(
-                            "layer {i}: {name} has the wrong shape {shape:?}"
+                            "layer {i}: {name} has the wrong shape {shape:?} (at most 2 rows of {})",
+                            hkv.map_or("whole heads".to_string(), |h| (h * dim).to_string())
                         ))),
                     },
                     None => Ok(Vec::new()),
                 }
             };
+            let (pool_k, pool_v) = (rows("pool_k")?, rows("pool_v")?);
+            if pool_k.len() != pool_v.len() {
+                return Err(Error::State(format!(
+                    "layer {i}: {} pooled key rows but {} value rows (they are kept together)",
+                    pool_k.len(),
+                    pool_v.len()
+                )));
+            }
             let prev = match t.f32s(&format!("layers.{i}.prev"))? {
                 Some((shape, x)) => {
                     if shape != [5, heads * dim] {
                         return Err(Error::State(format!(
-                            "layer {i}: order-2 buffer has the wrong shape"
+                            "layer {i}: order-2 buffer (prev) has shape {shape:?}, model needs [5, {}]",
+                            heads * dim
                         )));
                     }
                     let r = x.into_vec();
+                    check_finite(&r, || format!("layer {i}: the order-2 buffer (prev)"))?;
                     let part = |j: usize| r[j * heads * dim..(j + 1) * heads * dim].to_vec();
                     Some(PrevToken {
                         q: part(0),
@@ -516,8 +653,8 @@ impl State {
                 v,
                 linear: LinearCarry {
                     state,
-                    pool_k: rows("pool_k")?,
-                    pool_v: rows("pool_v")?,
+                    pool_k,
+                    pool_v,
                     prev,
                 },
             });

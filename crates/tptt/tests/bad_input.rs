@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{json, Map, Value};
-use tptt::model::{LoadOptions, Model};
+use tptt::linear::CarryMode;
+use tptt::model::{LoadOptions, Logits, Model};
 use tptt::repo::TpttRepo;
 use tptt::Error;
 
@@ -339,6 +340,56 @@ fn adapter_tensor_shape_overflows() {
     );
 }
 
+/// Rewrite the JSON header of a safetensors file (the data stays), length prefix updated.
+fn edit_header(path: &Path, edit: impl FnOnce(&mut Map<String, Value>)) {
+    let bytes = std::fs::read(path).expect("read safetensors");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header json");
+    edit(header.as_object_mut().expect("header object"));
+    let json = serde_json::to_vec(&header).expect("serialize header");
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).expect("write safetensors");
+}
+
+#[test]
+fn weight_headers_that_lie_about_offsets() {
+    // The safetensors crate checks every tensor's offsets (in order, contiguous, as long as
+    // its shape and dtype say, inside the file) before anything is read: confirmed here for
+    // the base weights, each lie on its own.
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let offsets = |m: &Map<String, Value>| -> (u64, u64) {
+        let o = &m[name]["data_offsets"];
+        (o[0].as_u64().expect("start"), o[1].as_u64().expect("end"))
+    };
+    type Lie = fn(u64, u64) -> (u64, u64);
+    let lies: [(&str, Lie); 5] = [
+        ("shorter than its shape", |a, b| (a, b - 4)),
+        ("longer than its shape", |a, b| (a, b + 4)),
+        ("shifted (overlaps the next tensor)", |a, b| (a + 4, b + 4)),
+        ("past the end of the file", |a, b| {
+            (a + (1 << 40), b + (1 << 40))
+        }),
+        ("end before start", |a, b| (b, a)),
+    ];
+    for (what, lie) in lies {
+        let fx = Fx::llama("delta_rule");
+        let path = fx.base.join("model.safetensors");
+        edit_header(&path, |m| {
+            let (a, b) = offsets(m);
+            let (a, b) = lie(a, b);
+            m[name]["data_offsets"] = json!([a, b]);
+        });
+        eprintln!("{what}:");
+        check(
+            fx.run_ok(),
+            |e| matches!(e, Error::Weights { .. }),
+            &["model.safetensors", "not a valid safetensors file"],
+        );
+    }
+}
+
 #[test]
 fn adapter_tensor_of_unsupported_dtype() {
     let fx = Fx::llama("delta_rule");
@@ -605,6 +656,13 @@ fn config_values_out_of_range() {
     let cases: &[(&str, Value, &str)] = &[
         ("max_chunk_size", json!(0), "max_chunk_size"),
         ("max_self_attn_length", json!(0), "max_self_attn_length"),
+        ("max_self_attn_length", json!(-5), "max_self_attn_length"),
+        // Beyond `MAX_WINDOW`: accepted before (a window of 2^40 positions).
+        (
+            "max_self_attn_length",
+            json!(1u64 << 40),
+            "max_self_attn_length",
+        ),
         ("linear_precision", json!("int8"), "int8"),
         (
             "model_task",
@@ -992,6 +1050,27 @@ fn token_id_outside_the_vocabulary() {
             |e| matches!(e, Error::Input(_)),
             &[&bad.to_string(), "300"],
         );
+    }
+}
+
+#[test]
+fn a_state_with_an_impossible_window_is_refused_not_a_panic() {
+    // `--window 0` reached the ring's `position mod W` and panicked; the flags, configs and
+    // snapshots now refuse such a window where it enters, and `forward` refuses a state made
+    // with one by hand, on both paths (the fused decode step and the tensor path).
+    let fx = Fx::llama("delta_rule");
+    let model = fx.load().expect("load");
+    for mode in [CarryMode::Continue, CarryMode::Reference] {
+        for w in [0, tptt::state::MAX_WINDOW + 1] {
+            for ids in [&[1u32][..], &[1, 5, 9]] {
+                let mut st = model.new_state(mode, Some(w));
+                check(
+                    model.forward(ids, &mut st, Logits::Last).map(|_| ()),
+                    |e| matches!(e, Error::State(_)),
+                    &["window", &w.to_string()],
+                );
+            }
+        }
     }
 }
 
