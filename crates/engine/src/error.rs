@@ -108,11 +108,11 @@ pub enum Error {
     /// Generation cannot start (e.g. an empty prompt with nothing to continue from).
     #[error("cannot generate: {0}")]
     Generate(String),
-    /// A job panicked on the engine thread (a bug: in a kernel, in the sampler, in the caller's
-    /// sink...). The engine caught it at the job boundary and keeps serving later jobs; the
-    /// job's session was dropped, since it may be half-updated ([`crate::JobResult::session`]
-    /// is `None`).
-    #[error("the generation thread caught a panic ({message}); this is a bug, please report it")]
+    /// A panic was caught: in a job on the engine thread (a bug in a kernel, in the sampler, in
+    /// the caller's sink...), which keeps serving later jobs while the job's possibly
+    /// half-updated session is dropped ([`crate::JobResult::session`] is `None`); or on the
+    /// thread rendering a chat template.
+    #[error("a panic was caught ({message}); this is a bug, please report it")]
     Panicked {
         /// The panic's message (its `&str`/`String` payload), or a placeholder for another
         /// payload type.
