@@ -961,9 +961,6 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or(1);
-    if args.window == Some(0) {
-        bail!("--window must be at least 1");
-    }
     let plan = Plan::new(args.quick);
     let load_start = std::time::Instant::now();
     let loadavg_start = loadavg();

@@ -269,9 +269,6 @@ pub(crate) fn read_texts(
 
 /// `tptt eval`.
 pub(crate) fn run(args: &EvalArgs) -> Result<()> {
-    if args.window == Some(0) {
-        bail!("--window must be at least 1");
-    }
     let (model, files) = crate::load(&args.model)?;
     let tokenizer = crate::tokenizer(&files)?;
     let texts = read_texts(&tokenizer, &args.text, args.max_tokens)?;

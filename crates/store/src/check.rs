@@ -128,7 +128,7 @@ pub(crate) async fn repair_search_index(
                 tracing::warn!(path = %path.display(), table, "search index rebuilt; no message was changed");
                 rebuilt.push(table);
             }
-            Err(e) if error::is_corruption(&e) => return Err(open_failure(path, e)),
+            Err(e) if error::is_corruption(&e) => return Err(crate::open_error(path, e)),
             // The messages are intact and readable; only search (and writes, through the
             // index's triggers) may fail: the next start tries again.
             Err(e) => tracing::error!(
@@ -149,11 +149,14 @@ async fn bounded(
     path: &Path,
     sql: &'static str,
 ) -> Result<Outcome<Vec<String>>> {
-    let mut conn = pool.acquire().await.map_err(|e| open_failure(path, e))?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| crate::open_error(path, e))?;
     let deadline = Instant::now() + CHECK_BUDGET;
     conn.lock_handle()
         .await
-        .map_err(|e| open_failure(path, e))?
+        .map_err(|e| crate::open_error(path, e))?
         .set_progress_handler(PROGRESS_OPS, move || Instant::now() < deadline);
     let result = sqlx::query_scalar::<_, String>(sql)
         .fetch_all(&mut *conn)
@@ -173,21 +176,5 @@ async fn bounded(
         Ok(rows) => Ok(Outcome::Done(rows)),
         Err(e) if error::is_interrupt(&e) => Ok(Outcome::TimedOut),
         Err(e) => Err(Error::from(e)),
-    }
-}
-
-/// An error met while checking `path`: corruption refuses the file, anything else is an open
-/// failure.
-fn open_failure(path: &Path, e: sqlx::Error) -> Error {
-    if error::is_corruption(&e) {
-        Error::Corrupt {
-            path: path.to_path_buf(),
-            source: Damage::Sqlite(e),
-        }
-    } else {
-        Error::Open {
-            path: path.to_path_buf(),
-            source: e,
-        }
     }
 }

@@ -301,7 +301,7 @@ impl Store {
 }
 
 /// The error for a failure while opening `path`.
-fn open_error(path: &Path, e: sqlx::Error) -> Error {
+pub(crate) fn open_error(path: &Path, e: sqlx::Error) -> Error {
     if error::is_corruption(&e) {
         Error::Corrupt {
             path: path.to_path_buf(),
