@@ -34,6 +34,17 @@ pub(crate) struct DistillArgs {
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 2048)]
     seq_len: usize,
+    /// Tokens per episode, a multiple of --seq-len: the text is read in episodes of
+    /// consecutive sequences with the memory (linear state and softmax window) carried from one
+    /// to the next, so the memory learns on what it holds after this many tokens (default: the
+    /// sequence length, independent sequences).
+    #[arg(long)]
+    episode_len: Option<usize>,
+    /// Start from the LoRA of a variant trained before (its folder or its
+    /// adapter_model.safetensors; same base, rank and mode) instead of a fresh one; ignored
+    /// when resuming from a checkpoint.
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Optimisation steps in all (a resumed run continues up to this number).
     #[arg(long, default_value_t = 100)]
     steps: usize,
@@ -109,6 +120,7 @@ pub(crate) fn run(args: &DistillArgs) -> Result<()> {
     let cfg = DistillConfig {
         window: args.window,
         seq_len: args.seq_len,
+        episode_len: args.episode_len.unwrap_or(args.seq_len),
         rank: args.lora_rank,
         alpha: args.lora_alpha,
         lr: args.lr,
@@ -130,7 +142,7 @@ pub(crate) fn run(args: &DistillArgs) -> Result<()> {
     let student = Model::load_plain(base, settings, &LoadOptions::default())
         .with_context(|| format!("loading the base {}", base.display()))?;
     student.check_trainable()?;
-    let need = estimate_step_bytes(&student, args.seq_len)
+    let need = estimate_step_bytes(&student, &cfg)
         .saturating_add((student.weight_bytes() as u64).saturating_mul(2));
     if let Some(avail) = available_memory() {
         if need > avail {
@@ -180,15 +192,26 @@ pub(crate) fn run(args: &DistillArgs) -> Result<()> {
             distiller.steps_done(),
             ckpt.display()
         );
+    } else if let Some(init) = &args.init {
+        let file = if init.is_dir() {
+            init.join("adapter_model.safetensors")
+        } else {
+            init.clone()
+        };
+        distiller
+            .init_from_adapter(&file)
+            .with_context(|| format!("starting from the adapter {}", file.display()))?;
+        eprintln!("[distill] starting from the adapter {}", file.display());
     }
     eprintln!(
-        "[distill] {} → {}/{variant}: mode {}, mag {}, window {}, sequences of {}, LoRA r{} α{}, lr {}, {} steps",
+        "[distill] {} → {}/{variant}: mode {}, mag {}, window {}, sequences of {} in episodes of {}, LoRA r{} α{}, lr {}, {} steps",
         base.display(),
         args.out.display(),
         args.mode,
         args.mag_weight,
         args.window,
         args.seq_len,
+        distiller.config().episode_len,
         args.lora_rank,
         args.lora_alpha,
         args.lr,

@@ -35,7 +35,7 @@ use crate::weights::{self, AdapterReport, LoraSide, Weight, WeightMap};
 
 mod step;
 mod train;
-pub use train::{LayerLora, LoraPair, SeqContext};
+pub use train::{LayerLora, LoraPair, SeqContext, TrainCarry};
 
 /// Options for [`Model::load`].
 #[derive(Debug, Clone)]

@@ -6,6 +6,9 @@
 //! * a few distillation steps lower the loss; a checkpoint resumes exactly;
 //! * the written variant loads through `TpttRepo` / `Model::load` (PEFT names, LoRA merged) and
 //!   gives the student's logits: what was trained is what runs;
+//! * episodes (truncated back-propagation through time): a text read in segments with the
+//!   carry gives the logits of one uninterrupted read, and of inference fed the same segments;
+//!   a run stopped in the middle of an episode resumes exactly;
 //! * settings and inputs that cannot train are refused with an error.
 
 use std::path::{Path, PathBuf};
@@ -86,6 +89,7 @@ fn cfg(window: usize, seq_len: usize) -> DistillConfig {
     DistillConfig {
         window,
         seq_len,
+        episode_len: seq_len,
         rank: 4,
         alpha: 8.0,
         lr: 1e-2,
@@ -258,6 +262,20 @@ fn what_cannot_train_is_refused() {
         ..cfg(8, 64)
     };
     assert!(bad(nan, base_student("delta_rule", 0.5), t.clone()).contains("learning rate"));
+    for episode_len in [0, 63, 100] {
+        let odd = DistillConfig {
+            episode_len,
+            ..cfg(8, 64)
+        };
+        let e = bad(odd, base_student("delta_rule", 0.5), t.clone());
+        assert!(e.contains("multiple"), "episode {episode_len}: {e}");
+    }
+    let long = DistillConfig {
+        episode_len: 640,
+        ..cfg(8, 64)
+    };
+    let e = bad(long, base_student("delta_rule", 0.5), t.clone());
+    assert!(e.contains("--episode-len"), "{e}");
     // A mixture-of-experts base is refused up front.
     let r = TpttRepo::open(fixtures().join("tptt-olmoe")).expect("olmoe repo");
     let files = r.variant(Some(&r.variants[0]), None).expect("variant");
@@ -295,3 +313,104 @@ fn the_reference_runs_what_we_trained() {
         assert!(d < 1e-4, "{name}: max |Δlogit| against tptt 0.12.1: {d}");
     }
 }
+
+fn episodes(window: usize, seq_len: usize, segments: usize) -> DistillConfig {
+    DistillConfig {
+        episode_len: seq_len * segments,
+        ..cfg(window, seq_len)
+    }
+}
+
+#[test]
+fn an_episode_reads_like_one_long_text() {
+    let scratch = std::env::temp_dir().join(format!("tptt-episode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    let base_dir = fixtures().join("llama-base");
+    let base_cfg = tptt::config::read_json_object(&base_dir.join("config.json")).expect("cfg");
+    let base_name = base_dir.canonicalize().expect("abs").display().to_string();
+    // A window of 5 (prefix rows: 5, more than the linear branch's 3 of history) and of 2
+    // (prefix rows: 3, more than the window).
+    for (mode, window, seq_len) in [
+        ("delta_product_c", 5, 32),
+        ("delta_rule", 2, 16),
+        ("delta_rule_gelu", 5, 32),
+    ] {
+        let mut d = Distiller::new(base_student(mode, 0.5), episodes(window, seq_len, 3), text())
+            .expect("new");
+        // Steps inside an episode make the LoRA non-zero and run the carried path.
+        for _ in 0..2 {
+            let r = d.step().expect("step");
+            assert!(r.loss.is_finite() && r.grad_norm > 0.0, "{mode}: {r:?}");
+        }
+        let toks = ids(3 * seq_len - 5, 11);
+        let got = d.episode_logits(&toks, seq_len).expect("episode");
+        // The same model, written and loaded as a variant, fed the same segments.
+        let repo = scratch.join(mode);
+        d.write_variant(&repo.join("v"), &base_cfg, &base_name)
+            .expect("write");
+        let files = TpttRepo::open(&repo)
+            .and_then(|r| r.variant(Some("v"), None))
+            .expect("variant");
+        let m = Model::load(&files, &LoadOptions::default()).expect("load");
+        let mut st = m.new_state(CarryMode::Continue, Some(window));
+        let parts: Vec<Tensor> = toks
+            .chunks(seq_len)
+            .map(|seg| m.forward(seg, &mut st, Logits::All).expect("forward"))
+            .collect();
+        let want = Tensor::cat(&parts, 0).expect("cat");
+        let diff = max_diff(&got, &want);
+        assert!(diff < 2e-4, "{mode}: episode vs inference: max |Δlogit| {diff}");
+        // One uninterrupted read, where its chunks of the linear branch fall where the
+        // segments' do (the branch's output depends on the chunking, SPEC §4.6): 3 × 64
+        // tokens read at once are chunked by 64, like each segment of 64.
+        if seq_len == 64 {
+            let toks = ids(3 * seq_len, 12);
+            let got = d.episode_logits(&toks, seq_len).expect("episode");
+            let whole = d.student_logits(&toks).expect("whole");
+            let diff = max_diff(&got, &whole);
+            assert!(diff < 2e-4, "{mode}: episode vs one read: max |Δlogit| {diff}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+#[test]
+fn a_run_stopped_inside_an_episode_resumes_exactly() {
+    let scratch = std::env::temp_dir().join(format!("tptt-episode-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    let c = episodes(6, 32, 3);
+    let new = || Distiller::new(base_student("delta_product_c", 0.5), c.clone(), text());
+    let mut d = new().expect("new");
+    // Segments 0 and 1 of episode 0 read; the checkpoint carries the student's memory.
+    d.step().expect("step");
+    d.step().expect("step");
+    let ckpt = scratch.join("checkpoint.safetensors");
+    d.save_checkpoint(&ckpt).expect("checkpoint");
+    let mut resumed = new().expect("new");
+    resumed.load_checkpoint(&ckpt).expect("resume");
+    for _ in 0..3 {
+        // Segment 2, then episode 1 from a fresh memory.
+        let a = d.step().expect("step");
+        let b = resumed.step().expect("step");
+        assert_eq!(a, b, "the resumed run continues exactly");
+    }
+    // Segments follow each other in the text; episodes start at drawn offsets.
+    let (s0, s1) = (d.sequence(0).as_ptr() as usize, d.sequence(1).as_ptr() as usize);
+    assert_eq!(s1 - s0, 32 * std::mem::size_of::<u32>());
+    // A checkpoint of independent sequences does not resume an episode run, and a carry
+    // that does not fit is refused.
+    let mut plain = Distiller::new(base_student("delta_product_c", 0.5), cfg(6, 32), text())
+        .expect("new");
+    plain.step().expect("step");
+    let other = scratch.join("plain.safetensors");
+    plain.save_checkpoint(&other).expect("checkpoint");
+    let e = new()
+        .expect("new")
+        .load_checkpoint(&other)
+        .expect_err("other settings");
+    assert!(e.to_string().contains("other settings"), "{e}");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+

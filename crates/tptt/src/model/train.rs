@@ -34,6 +34,15 @@ pub struct LayerLora {
     pub o: LoraPair,
 }
 
+/// What a segment continues from in [`Model::train_layer_carried`].
+#[derive(Debug, Clone, Copy)]
+pub struct TrainCarry<'a> {
+    /// Rows of the layer input that belong to tokens before the segment.
+    pub prefix: usize,
+    /// The linear branch's state after them, `[Hkv, D, D]`.
+    pub state: &'a Tensor,
+}
+
 /// What every layer of one sequence shares: RoPE angles and the attention masks.
 #[derive(Debug)]
 pub struct SeqContext {
@@ -106,12 +115,26 @@ impl Model {
     /// RoPE angles and masks for a sequence of `len` tokens from position 0, with the TPTT
     /// softmax `window` (`None`: full attention) combined with each layer's own.
     pub fn seq_context(&self, len: usize, window: Option<usize>) -> Result<SeqContext> {
+        self.seq_context_at(0, len, window)
+    }
+
+    /// [`Model::seq_context`] for `len` tokens from position `start` of a longer text (a
+    /// segment read with its carry, [`Model::train_layer_carried`]).
+    pub fn seq_context_at(
+        &self,
+        start: usize,
+        len: usize,
+        window: Option<usize>,
+    ) -> Result<SeqContext> {
         if len == 0 || window == Some(0) {
             return Err(Error::Input(
                 "a training sequence needs at least one token and a window of at least 1".into(),
             ));
         }
-        let positions: Vec<usize> = (0..len).collect();
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| Error::Input(format!("positions {start} + {len} overflow")))?;
+        let positions: Vec<usize> = (start..end).collect();
         let cos_sin = self
             .ropes
             .iter()
@@ -177,6 +200,25 @@ impl Model {
         lora: Option<(&LayerLora, f64)>,
         ctx: &SeqContext,
     ) -> Result<Tensor> {
+        Ok(self.train_layer_carried(i, h, lora, ctx, None)?.0)
+    }
+
+    /// Layer `i` continuing a text read before (truncated back-propagation through time).
+    /// `h: [P + S, E]` is the layer's input for the `P = carry.prefix` tokens before the
+    /// segment (saved when they were read: their keys and values fill the softmax window of
+    /// the segment's first tokens) followed by the segment's `S` tokens; `carry.state` is the
+    /// linear branch's state after the prefix's last token. `carry = None`: a fresh read
+    /// (`P = 0`, state `1e-6`). Returns the segment's output `[S, E]` and the linear state
+    /// after its last token (`None` when the branch is off). Differentiable in `h`, the LoRA
+    /// tensors and the state.
+    pub fn train_layer_carried(
+        &self,
+        i: usize,
+        h: &Tensor,
+        lora: Option<(&LayerLora, f64)>,
+        ctx: &SeqContext,
+        carry: Option<TrainCarry<'_>>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let layer = self
             .layers
             .get(i)
@@ -187,6 +229,12 @@ impl Model {
             return Err(Error::Input(format!(
                 "sequence of {s} tokens, context made for {}",
                 ctx.len
+            )));
+        }
+        let prefix = carry.as_ref().map_or(0, |c| c.prefix);
+        if prefix >= s {
+            return Err(Error::Input(format!(
+                "a prefix of {prefix} tokens leaves no segment in {s} rows"
             )));
         }
         let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
@@ -231,26 +279,46 @@ impl Model {
             .reshape((nh, s, d))?
             .transpose(0, 1)?
             .reshape((s, nh * d))?;
+        // From here on, the segment's rows only: the prefix's outputs were computed when it
+        // was read.
+        let seg = s - prefix;
+        let tail = |x: &Tensor| -> Result<Tensor> {
+            Ok(if prefix == 0 {
+                x.clone()
+            } else {
+                x.narrow(0, prefix, seg)?
+            })
+        };
+        let attn = tail(&attn)?;
         let tptt = &self.cfg.tptt;
         let o = |z: &Tensor| proj(&layer.o, z, |l| &l.o);
-        let out = if tptt.mag_weight != 0.0 {
-            let y = crate::train::linear::forward(&self.shape, &q_raw, &k_raw, &v_raw)?;
-            super::mix(tptt, &attn, &y, o)?
+        let (out, state) = if tptt.mag_weight != 0.0 {
+            let hist = prefix.min(crate::train::linear::HISTORY);
+            let rows = |x: &Tensor| x.narrow(0, prefix - hist, seg + hist);
+            let (y, state) = crate::train::linear::forward_carried(
+                &self.shape,
+                &rows(&q_raw)?,
+                &rows(&k_raw)?,
+                &rows(&v_raw)?,
+                hist,
+                carry.map(|c| c.state),
+            )?;
+            (super::mix(tptt, &attn, &y, o)?, Some(state))
         } else {
-            o(&attn)?
+            (o(&attn)?, None)
         };
         let out = match &layer.post_attn_norm {
             Some(n) => n.forward(&out)?,
             None => out,
         };
-        let h = (h + out)?;
+        let h = (tail(h)? + out)?;
         let x = layer.pre_ff_norm.forward(&h)?;
         let mlp = layer.mlp.train_forward(&x, b.hidden_act)?;
         let mlp = match &layer.post_ff_norm {
             Some(n) => n.forward(&mlp)?,
             None => mlp,
         };
-        Ok((h + mlp)?)
+        Ok(((h + mlp)?, state))
     }
 }
 

@@ -13,6 +13,17 @@
 //!    its input (the next layer down's output gradient);
 //! 5. the gradients are clipped to a global norm and applied with Adam.
 //!
+//! **Episodes** (truncated back-propagation through time): with `episode_len > seq_len`, an
+//! episode of `episode_len` tokens is read as consecutive segments of `seq_len`, one per step.
+//! The teacher reads the whole episode with full attention (its inference state carried from
+//! segment to segment); the student continues from what it read before, as in a long chat —
+//! each layer's linear state after the previous segment, and each layer's saved input for the
+//! last `max(window, 3)` tokens before the segment, whose keys and values fill the softmax
+//! window of the segment's first tokens ([`Model::train_layer_carried`]). The carry is a
+//! constant (no gradient flows into the previous segment) computed with the weights of the
+//! step that read it. So the memory learns on states that have read up to `episode_len`
+//! tokens, not only `seq_len`, at the cost of `seq_len` tokens per step.
+//!
 //! The LoRA is PEFT's: `W x + s·B(A x)`, `s = alpha / r`, `A` Kaiming-uniform (bound
 //! `1/√in`), `B = 0`, so training starts from the untrained injection. [`Distiller::save_adapter`]
 //! writes it with the names the reference's `save_tptt_safetensors` uses (SPEC §1.3), which our
@@ -26,15 +37,19 @@ use candle_core::{DType, Tensor, Var, D};
 
 use crate::error::{Error, Result};
 use crate::linear::CarryMode;
-use crate::model::{LayerLora, Logits, LoraPair, Model};
+use crate::model::{LayerLora, Logits, LoraPair, Model, SeqContext, State, TrainCarry};
+use crate::train::linear::HISTORY;
 
 /// Distillation settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DistillConfig {
     /// The student's softmax window.
     pub window: usize,
-    /// Tokens per training sequence.
+    /// Tokens per training sequence (one step).
     pub seq_len: usize,
+    /// Tokens per episode: a multiple of `seq_len`, read as consecutive segments with the
+    /// memory carried across them (module doc); `seq_len` for independent sequences.
+    pub episode_len: usize,
     /// LoRA rank.
     pub rank: usize,
     /// LoRA alpha (scale `alpha / rank`).
@@ -66,6 +81,12 @@ impl DistillConfig {
                 self.window, self.seq_len
             ));
         }
+        if self.episode_len < self.seq_len || self.episode_len % self.seq_len != 0 {
+            return bad(format!(
+                "the episode length ({}) must be a multiple of the sequence length ({})",
+                self.episode_len, self.seq_len
+            ));
+        }
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr < 1.0) {
             return bad(format!("learning rate {} must be in (0, 1)", self.lr));
         }
@@ -81,24 +102,38 @@ impl DistillConfig {
     }
 }
 
-/// A rough upper bound of the memory one [`Distiller::step`] on `seq_len` tokens needs beyond
-/// the weights, in bytes: one layer's attention graph (`H·S²` floats, a few times over), the
-/// teacher's and student's `[S, V]` log-probabilities and their gradient, every layer's saved
-/// input, and one layer's other activations. Used to refuse a sequence length that cannot fit
+/// A rough upper bound of the memory one [`Distiller::step`] needs beyond the weights, in
+/// bytes: one layer's attention graph over the segment and its carried prefix (`H·R²` floats,
+/// a few times over), the teacher's and student's `[S, V]` log-probabilities and their
+/// gradient, every layer's saved input and prefix, one layer's other activations, and the
+/// teacher's keys and values for a whole episode. Used to refuse settings that cannot fit
 /// before any work is done.
-pub fn estimate_step_bytes(model: &Model, seq_len: usize) -> u64 {
+pub fn estimate_step_bytes(model: &Model, cfg: &DistillConfig) -> u64 {
     let b = &model.config().base;
     // Saturating: an absurd --seq-len must come out as "too large", not overflow.
-    let s = seq_len as u64;
+    let s = cfg.seq_len as u64;
+    let episodes = cfg.episode_len > cfg.seq_len;
+    let p = if episodes {
+        cfg.window.max(HISTORY) as u64
+    } else {
+        0
+    };
+    let r = s.saturating_add(p);
     let mul = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
-    let attention = mul(&[10, b.num_heads as u64, s, s]);
+    let attention = mul(&[10, b.num_heads as u64, r, r]);
     let vocab = mul(&[6, s, b.vocab_size as u64]);
-    let saved = mul(&[b.num_layers as u64 + 2, s, b.hidden_size as u64]);
-    let layer = mul(&[12, s, b.intermediate_size as u64 + 4 * b.hidden_size as u64]);
+    let saved = mul(&[2 * b.num_layers as u64 + 2, r, b.hidden_size as u64]);
+    let layer = mul(&[12, r, b.intermediate_size as u64 + 4 * b.hidden_size as u64]);
+    let teacher_kv = mul(&[
+        2 * b.num_layers as u64,
+        cfg.episode_len as u64,
+        (b.num_kv_heads * b.head_dim) as u64,
+    ]);
     attention
         .saturating_add(vocab)
         .saturating_add(saved)
         .saturating_add(layer)
+        .saturating_add(teacher_kv)
         .saturating_mul(4)
 }
 
@@ -263,6 +298,44 @@ impl Adam {
     }
 }
 
+/// What the student carries from one segment of an episode to the next (module doc).
+#[derive(Debug, Clone, Default)]
+struct Carry {
+    /// Tokens of the episode read before the segment.
+    read: usize,
+    /// Per layer, its input for the last tokens read, `[P, E]` (empty when nothing was read).
+    prefix: Vec<Tensor>,
+    /// Per layer, the linear state after the last token read (empty when nothing was read).
+    states: Vec<Tensor>,
+}
+
+impl Carry {
+    /// Rows of the prefix.
+    fn rows(&self) -> Result<usize> {
+        Ok(match self.prefix.first() {
+            Some(t) => t.dim(0)?,
+            None => 0,
+        })
+    }
+}
+
+/// An episode being read: the teacher's inference state and the student's carry, before the
+/// segment of step `step`.
+struct Episode {
+    step: usize,
+    teacher: State,
+    carry: Carry,
+}
+
+/// What the student's forward without a graph gives: every layer's input for the segment
+/// (`[S, E]`; the last entry is the top layer's output), the context it ran with, and the carry
+/// after the segment.
+struct Forward {
+    inputs: Vec<Tensor>,
+    ctx: SeqContext,
+    next: Carry,
+}
+
 /// A distillation run: student, teacher, LoRA, optimizer and data.
 pub struct Distiller {
     student: Model,
@@ -272,6 +345,10 @@ pub struct Distiller {
     cfg: DistillConfig,
     tokens: Vec<u32>,
     step: usize,
+    /// The episode being read, when a step continues one.
+    episode: Option<Episode>,
+    /// A student carry loaded from a checkpoint, for step `.0`.
+    resumed: Option<(usize, Carry)>,
 }
 
 impl Distiller {
@@ -287,11 +364,13 @@ impl Distiller {
                 "mag_weight is 0: the student has no memory to train",
             ));
         }
-        if tokens.len() < cfg.seq_len {
+        if tokens.len() < cfg.episode_len {
             return Err(Error::Input(format!(
-                "the training text has {} tokens; a sequence of {} needs at least that many (use a longer text or a shorter --seq-len)",
+                "the training text has {} tokens; {} {} needs at least that many (use a longer text or a shorter {})",
                 tokens.len(),
-                cfg.seq_len
+                if cfg.episode_len > cfg.seq_len { "an episode of" } else { "a sequence of" },
+                cfg.episode_len,
+                if cfg.episode_len > cfg.seq_len { "--episode-len" } else { "--seq-len" },
             )));
         }
         let vocab = student.config().base.vocab_size;
@@ -320,6 +399,8 @@ impl Distiller {
             cfg,
             tokens,
             step: 0,
+            episode: None,
+            resumed: None,
         })
     }
 
@@ -333,18 +414,54 @@ impl Distiller {
         &self.cfg
     }
 
-    /// The training sequence of step `k` (0-based): a slice of the text at an offset drawn from
-    /// `(seed, k)`, so a resumed run reads what an uninterrupted one would.
+    /// Segments per episode.
+    fn segments(&self) -> usize {
+        self.cfg.episode_len / self.cfg.seq_len
+    }
+
+    /// The training sequence of step `k` (0-based): segment `k mod n` of episode `k / n`
+    /// (`n` segments per episode), an episode being a slice of the text at an offset drawn
+    /// from `(seed, episode)`, so a resumed run reads what an uninterrupted one would.
     pub fn sequence(&self, k: usize) -> &[u32] {
-        let room = self.tokens.len() - self.cfg.seq_len;
-        let mut x = (self.cfg.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+        let n = self.segments();
+        let (e, j) = (k / n, k % n);
+        let room = self.tokens.len() - self.cfg.episode_len;
+        let mut x = (self.cfg.seed ^ (e as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
         for _ in 0..3 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
         }
-        let at = (x % (room as u64 + 1)) as usize;
+        let at = (x % (room as u64 + 1)) as usize + j * self.cfg.seq_len;
         &self.tokens[at..at + self.cfg.seq_len]
+    }
+
+    /// The episode state before step `k`: the one carried from step `k − 1`, or rebuilt by
+    /// reading the episode's earlier segments (after a resume: the teacher replays them, the
+    /// student's carry comes from the checkpoint).
+    fn episode_for(&mut self, k: usize) -> Result<Episode> {
+        if let Some(ep) = self.episode.take().filter(|ep| ep.step == k) {
+            return Ok(ep);
+        }
+        let first = k - k % self.segments();
+        let resumed = self.resumed.take().filter(|(at, _)| *at == k);
+        let mut ep = Episode {
+            step: first,
+            teacher: self.teacher.new_state(CarryMode::Continue, None),
+            carry: Carry::default(),
+        };
+        for j in first..k {
+            let ids = self.sequence(j).to_vec();
+            self.teacher.forward(&ids, &mut ep.teacher, Logits::Last)?;
+            if resumed.is_none() {
+                ep.carry = self.student_forward(&ids, &ep.carry)?.next;
+            }
+        }
+        if let Some((_, carry)) = resumed {
+            ep.carry = carry;
+        }
+        ep.step = k;
+        Ok(ep)
     }
 
     fn lr_at(&self, step: usize) -> f64 {
@@ -354,8 +471,11 @@ impl Distiller {
 
     /// One optimisation step on the next sequence (module doc).
     pub fn step(&mut self) -> Result<StepReport> {
-        let ids = self.sequence(self.step).to_vec();
-        let (loss, loss_past, grads) = self.loss_and_grads(&ids)?;
+        let k = self.step;
+        let ids = self.sequence(k).to_vec();
+        let mut ep = self.episode_for(k)?;
+        let t_logp = self.teacher_logp(&ids, &mut ep.teacher)?;
+        let (loss, loss_past, grads, next) = self.loss_and_grads(&ids, &t_logp, &ep.carry)?;
         let vars = self.lora.named();
         let sq: f64 = grads
             .iter()
@@ -387,6 +507,11 @@ impl Distiller {
         let lr = self.lr_at(self.step);
         self.adam.update(&vars, &grads, lr)?;
         self.step += 1;
+        if self.step % self.segments() != 0 {
+            ep.carry = next;
+            ep.step = self.step;
+            self.episode = Some(ep);
+        }
         Ok(StepReport {
             step: self.step,
             loss,
@@ -398,21 +523,40 @@ impl Distiller {
 
     /// The student's logits `[S, V]` on `ids` with the current LoRA (no graph).
     pub fn student_logits(&self, ids: &[u32]) -> Result<Tensor> {
-        let ctx = self.student.seq_context(ids.len(), Some(self.cfg.window))?;
-        let mut h = self.student.train_embed(ids)?;
-        for i in 0..self.student.num_layers() {
-            let l = self.lora.layer(i, true);
-            h = self
-                .student
-                .train_layer(i, &h, Some((&l, self.lora.scale)), &ctx)?;
+        let f = self.student_forward(ids, &Carry::default())?;
+        let top = f
+            .inputs
+            .last()
+            .ok_or_else(|| Error::State("no layer output".into()))?;
+        self.student.train_head(top)
+    }
+
+    /// The student's logits `[S, V]` on `ids` read as an episode is: in segments of
+    /// `segment` tokens (the last one may be shorter), each continuing from the carry of the
+    /// one before (no graph).
+    pub fn episode_logits(&self, ids: &[u32], segment: usize) -> Result<Tensor> {
+        if segment == 0 {
+            return Err(Error::Input("segments of 0 tokens".into()));
         }
-        self.student.train_head(&h)
+        let mut carry = Carry::default();
+        let mut out = Vec::new();
+        for seg in ids.chunks(segment) {
+            let f = self.student_forward(seg, &carry)?;
+            let top = f
+                .inputs
+                .last()
+                .ok_or_else(|| Error::State("no layer output".into()))?;
+            out.push(self.student.train_head(top)?);
+            carry = f.next;
+        }
+        Ok(Tensor::cat(&out, 0)?)
     }
 
     /// The loss (all positions, positions past the window) of the current LoRA on `ids`,
     /// without training: a held-out check.
     pub fn eval_loss(&self, ids: &[u32]) -> Result<(f64, f64)> {
-        let t_logp = self.teacher_logp(ids)?;
+        let mut st = self.teacher.new_state(CarryMode::Continue, None);
+        let t_logp = self.teacher_logp(ids, &mut st)?;
         let (loss, past, _) = kl_and_grad(&t_logp, &self.student_logits(ids)?, self.cfg.window)?;
         Ok((loss, past))
     }
@@ -425,7 +569,9 @@ impl Distiller {
     /// The gradients of the loss on `ids` for every LoRA tensor (order of [`Lora::named`]),
     /// computed layer by layer as [`Distiller::step`] does; no update.
     pub fn gradients(&self, ids: &[u32]) -> Result<Vec<Tensor>> {
-        Ok(self.loss_and_grads(ids)?.2)
+        let mut st = self.teacher.new_state(CarryMode::Continue, None);
+        let t_logp = self.teacher_logp(ids, &mut st)?;
+        Ok(self.loss_and_grads(ids, &t_logp, &Carry::default())?.2)
     }
 
     /// Writes a complete variant folder `dir` (a TPTT `config.json` — the base's keys, the TPTT
@@ -499,6 +645,7 @@ impl Distiller {
             "tptt_chat_distill": {
                 "window": self.cfg.window,
                 "seq_len": self.cfg.seq_len,
+                "episode_len": self.cfg.episode_len,
                 "steps": self.step,
                 "rank": self.cfg.rank,
                 "lr": self.cfg.lr
@@ -526,42 +673,91 @@ impl Distiller {
         std::fs::rename(&tmp, dir).map_err(|e| werr(dir, e.to_string()))
     }
 
-    fn teacher_logp(&self, ids: &[u32]) -> Result<Tensor> {
-        let mut st = self.teacher.new_state(CarryMode::Continue, None);
-        let logits = self.teacher.forward(ids, &mut st, Logits::All)?;
+    /// The teacher's log-probabilities `[S, V]` on `ids`, continuing `state`.
+    fn teacher_logp(&self, ids: &[u32], state: &mut State) -> Result<Tensor> {
+        let logits = self.teacher.forward(ids, state, Logits::All)?;
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
     }
 
-    /// Loss, loss past the window, and the gradient of every LoRA tensor (order of
-    /// [`Lora::named`]).
-    fn loss_and_grads(&self, ids: &[u32]) -> Result<(f64, f64, Vec<Tensor>)> {
-        let t_logp = self.teacher_logp(ids)?;
+    /// Layer `i`'s input for the segment preceded by the carry's prefix (`[P + S, E]`).
+    fn with_prefix(carry: &Carry, i: usize, x: &Tensor) -> Result<Tensor> {
+        Ok(match carry.prefix.get(i) {
+            Some(p) => Tensor::cat(&[p, x], 0)?,
+            None => x.clone(),
+        })
+    }
+
+    /// The student's forward on a segment without a graph, continuing `carry` (module doc).
+    fn student_forward(&self, ids: &[u32], carry: &Carry) -> Result<Forward> {
         let model = &self.student;
         let n_layers = model.num_layers();
-        let ctx = model.seq_context(ids.len(), Some(self.cfg.window))?;
-        // Forward without a graph, keeping every layer's input.
+        let p = carry.rows()?;
+        if p > 0 && (carry.prefix.len() != n_layers || carry.states.len() != n_layers) {
+            return Err(Error::State(
+                "the carry does not match the model's layers".into(),
+            ));
+        }
+        let start = carry.read.checked_sub(p).ok_or_else(|| {
+            Error::State(format!("a prefix of {p} tokens after {} read", carry.read))
+        })?;
+        let ctx = model.seq_context_at(start, p + ids.len(), Some(self.cfg.window))?;
+        let read = carry.read + ids.len();
+        let keep = self.cfg.window.max(HISTORY).min(read);
         let mut inputs = Vec::with_capacity(n_layers + 1);
         inputs.push(model.train_embed(ids)?);
+        let mut next = Carry {
+            read,
+            prefix: Vec::with_capacity(n_layers),
+            states: Vec::with_capacity(n_layers),
+        };
         for i in 0..n_layers {
             let l = self.lora.layer(i, true);
-            let out = model.train_layer(i, &inputs[i], Some((&l, self.lora.scale)), &ctx)?;
+            let full = Self::with_prefix(carry, i, &inputs[i])?;
+            let tc = carry.states.get(i).map(|state| TrainCarry { prefix: p, state });
+            let (out, state) =
+                model.train_layer_carried(i, &full, Some((&l, self.lora.scale)), &ctx, tc)?;
+            let rows = full.dim(0)?;
+            next.prefix.push(full.narrow(0, rows - keep, keep)?);
+            next.states.push(
+                state.ok_or_else(|| Error::State("the student has no linear branch".into()))?,
+            );
             inputs.push(out);
         }
+        Ok(Forward { inputs, ctx, next })
+    }
+
+    /// Loss, loss past the window, the gradient of every LoRA tensor (order of
+    /// [`Lora::named`]) on the segment `ids` continuing `carry`, and the carry after it.
+    fn loss_and_grads(
+        &self,
+        ids: &[u32],
+        t_logp: &Tensor,
+        carry: &Carry,
+    ) -> Result<(f64, f64, Vec<Tensor>, Carry)> {
+        let model = &self.student;
+        let n_layers = model.num_layers();
+        // Forward without a graph, keeping every layer's input.
+        let Forward { inputs, ctx, next } = self.student_forward(ids, carry)?;
         // The head: loss and the gradient at the last layer's output.
         let top = Var::from_tensor(&inputs[n_layers])?;
         let logits = model.train_head(top.as_tensor())?;
-        let (loss, past, g_logits) = kl_and_grad(&t_logp, &logits.detach(), self.cfg.window)?;
+        let past_from = self.cfg.window.saturating_sub(carry.read);
+        let (loss, past, g_logits) = kl_and_grad(t_logp, &logits.detach(), past_from)?;
         let mut grad = (logits * g_logits)?
             .sum_all()?
             .backward()?
             .remove(top.as_tensor())
             .ok_or_else(|| Error::State("no gradient reached the last layer".into()))?;
         // Layer by layer from the top, recomputed with a graph.
+        let p = carry.rows()?;
         let mut grads: Vec<Option<Tensor>> = vec![None; n_layers * 8];
         for i in (0..n_layers).rev() {
             let x = Var::from_tensor(&inputs[i])?;
             let l = self.lora.layer(i, false);
-            let y = model.train_layer(i, x.as_tensor(), Some((&l, self.lora.scale)), &ctx)?;
+            let full = Self::with_prefix(carry, i, x.as_tensor())?;
+            let tc = carry.states.get(i).map(|state| TrainCarry { prefix: p, state });
+            let (y, _) =
+                model.train_layer_carried(i, &full, Some((&l, self.lora.scale)), &ctx, tc)?;
             let mut store = (y * &grad)?.sum_all()?.backward()?;
             for (j, t) in [
                 &l.q.a, &l.q.b, &l.k.a, &l.k.b, &l.v.a, &l.v.b, &l.o.a, &l.o.b,
@@ -583,7 +779,7 @@ impl Distiller {
             .into_iter()
             .map(|g| g.ok_or_else(|| Error::State("a LoRA gradient is missing".into())))
             .collect::<Result<Vec<_>>>()?;
-        Ok((loss, past, grads))
+        Ok((loss, past, grads, next))
     }
 
     /// Writes the adapter (`adapter_model.safetensors`, PEFT names, f32) to `path`, atomically.
@@ -597,8 +793,9 @@ impl Distiller {
         write_safetensors(path, &tensors, None)
     }
 
-    /// Writes a checkpoint (LoRA, Adam's moments, the step and the settings) to `path`,
-    /// atomically.
+    /// Writes a checkpoint (LoRA, Adam's moments, the step and the settings; in the middle of
+    /// an episode, the student's carry too — the teacher's is rebuilt by reading the episode
+    /// again) to `path`, atomically.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for (i, (n, v)) in self.lora.named().into_iter().enumerate() {
@@ -606,12 +803,42 @@ impl Distiller {
             tensors.push((format!("adam_m.{n}"), self.adam.m[i].clone()));
             tensors.push((format!("adam_v.{n}"), self.adam.v[i].clone()));
         }
-        let meta = HashMap::from([
+        let mut meta = HashMap::from([
             ("step".to_string(), self.step.to_string()),
             ("adam_t".to_string(), self.adam.t.to_string()),
             ("config".to_string(), format!("{:?}", self.cfg)),
         ]);
+        let carry = match (&self.episode, &self.resumed) {
+            (Some(ep), _) if ep.step == self.step => Some(&ep.carry),
+            (_, Some((at, c))) if *at == self.step => Some(c),
+            _ => None,
+        };
+        if let Some(c) = carry.filter(|c| c.read > 0) {
+            meta.insert("carry_read".to_string(), c.read.to_string());
+            for (i, (p, st)) in c.prefix.iter().zip(&c.states).enumerate() {
+                tensors.push((format!("carry.prefix.{i}"), p.clone()));
+                tensors.push((format!("carry.state.{i}"), st.clone()));
+            }
+        }
         write_safetensors(path, &tensors, Some(meta))
+    }
+
+    /// Starts from the LoRA of a variant trained before (its `adapter_model.safetensors`, PEFT
+    /// names, same rank), instead of PEFT's initialisation; Adam starts afresh. Only before the
+    /// first step.
+    pub fn init_from_adapter(&mut self, path: &Path) -> Result<()> {
+        if self.step > 0 {
+            return Err(Error::State(
+                "a run that has taken steps cannot start from another adapter".into(),
+            ));
+        }
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, self.student.device())
+            .map_err(|e| Error::Input(format!("{}: not an adapter ({e})", path.display())))?;
+        self.lora.load(&tensors, "")
     }
 
     /// Continues from a checkpoint written by [`Distiller::save_checkpoint`] with the same
@@ -656,6 +883,57 @@ impl Distiller {
         }
         self.step = step as usize;
         self.adam.t = t;
+        self.episode = None;
+        self.resumed = None;
+        if let Some(read) = meta.get("carry_read") {
+            let read: usize = read
+                .parse()
+                .map_err(|_| Error::Input(format!("{}: no valid carry_read", path.display())))?;
+            let n = self.student.num_layers();
+            let get = |k: String| {
+                tensors
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| Error::Input(format!("the checkpoint lacks {k}")))
+            };
+            let carry = Carry {
+                read,
+                prefix: (0..n)
+                    .map(|i| get(format!("carry.prefix.{i}")))
+                    .collect::<Result<_>>()?,
+                states: (0..n)
+                    .map(|i| get(format!("carry.state.{i}")))
+                    .collect::<Result<_>>()?,
+            };
+            let b = &self.student.config().base;
+            let rows = self.cfg.window.max(HISTORY).min(read);
+            let shapes_ok = carry.prefix.iter().all(|t| t.dims() == [rows, b.hidden_size])
+                && carry
+                    .states
+                    .iter()
+                    .all(|t| t.dims() == [b.num_kv_heads, b.head_dim, b.head_dim]);
+            if !shapes_ok {
+                return Err(Error::Input(format!(
+                    "{}: the carried tensors do not have this model's shapes",
+                    path.display()
+                )));
+            }
+            let in_episode = self.step % self.segments();
+            if in_episode == 0 || read != in_episode * self.cfg.seq_len {
+                return Err(Error::Input(format!(
+                    "{}: a carry after {read} tokens does not fit step {}",
+                    path.display(),
+                    self.step
+                )));
+            }
+            self.resumed = Some((self.step, carry));
+        } else if self.step % self.segments() != 0 {
+            return Err(Error::Input(format!(
+                "{}: step {} is in the middle of an episode but the checkpoint has no carry",
+                path.display(),
+                self.step
+            )));
+        }
         Ok(())
     }
 }

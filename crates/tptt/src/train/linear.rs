@@ -3,9 +3,13 @@
 //! [`crate::linear::forward`] (slices, fast scan); the test below holds this function to the
 //! naive reference of that module on every operator mode and odd shapes.
 //!
-//! One call reads a whole training sequence from a fresh carry (state `1e-6`, replicate padding
-//! for the gate pooling, zeros before the first token for the order-2 virtual rows), as the
-//! reference's `use_cache=False` forward does. Per chunk of `C` tokens (`N = C·n` virtual rows):
+//! [`forward`] reads a whole training sequence from a fresh carry (state `1e-6`, replicate
+//! padding for the gate pooling, zeros before the first token for the order-2 virtual rows), as
+//! the reference's `use_cache=False` forward does. [`forward_carried`] continues a sequence
+//! read before (truncated back-propagation through time): it starts from a given state, and the
+//! raw rows of up to [`HISTORY`] tokens before the segment stand in for the padding, so the gates
+//! and virtual rows of the segment's first tokens are those of one uninterrupted read. Per chunk
+//! of `C` tokens (`N = C·n` virtual rows):
 //!
 //! * `kβ = k⊙β`, `vβ = v⊙β`, `A = −tril(kβ·kᵀ, −1)`, `T = (I − A)⁻¹`, `W = T·kβ`, `U = T·vβ` —
 //!   for all chunks at once. `A` is strictly lower triangular, so `(I − A)⁻¹ = Σ_{j<N} Aʲ`
@@ -120,6 +124,10 @@ fn rowdot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.broadcast_mul(b)?.sum_keepdim(D::Minus1)?)
 }
 
+/// Tokens before a segment whose raw rows [`forward_carried`] needs to continue exactly: two
+/// for the causal 3-mean of the gates, one more for the order-2 row of the token before.
+pub const HISTORY: usize = 3;
+
 /// The branch on the raw projections of a whole sequence: `q_raw: [S, H·D]`,
 /// `k_raw, v_raw: [S, Hkv·D]` → `[S, H·D]`, RMS-normalised per token (ready for `o_proj`).
 /// Differentiable in all three inputs.
@@ -129,12 +137,32 @@ pub fn forward(
     k_raw: &Tensor,
     v_raw: &Tensor,
 ) -> Result<Tensor> {
+    Ok(forward_carried(shape, q_raw, k_raw, v_raw, 0, None)?.0)
+}
+
+/// [`forward`] continuing a read: the first `history` rows of the inputs (at most
+/// [`HISTORY`]; fewer only at the start of a text) are the tokens just before the segment,
+/// read already — they feed the gate pooling and the order-2 rows of the segment's first
+/// tokens but produce no output — and `h0: [Hkv, D, D]` is the state after them (`None`: the
+/// fresh `1e-6` state). Returns the segment's output `[S − history, H·D]` and the state after
+/// its last token, which the next segment starts from. Differentiable in the inputs and `h0`.
+pub fn forward_carried(
+    shape: &LinearShape,
+    q_raw: &Tensor,
+    k_raw: &Tensor,
+    v_raw: &Tensor,
+    history: usize,
+    h0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let (h_n, hkv, d, rc) = (shape.heads, shape.kv_heads, shape.dim, shape.rc);
     let g = h_n / hkv;
-    let s = q_raw.dim(0)?;
-    if s == 0 {
-        return Err(Error::Input("no tokens for the linear branch".into()));
+    let rows = q_raw.dim(0)?;
+    if history > HISTORY || history >= rows {
+        return Err(Error::Input(format!(
+            "{rows} rows with {history} of history: the linear branch needs at most {HISTORY} rows of history and at least one new token"
+        )));
     }
+    let s = rows - history;
     let device = q_raw.device().clone();
     // §4.2 gates per kv channel, §4.3 per head.
     let f_gate = candle_nn::ops::sigmoid(&pool3(k_raw)?)?;
@@ -148,7 +176,7 @@ pub fn forward(
             Gate::K => fg.clone(),
             Gate::V => wg.clone(),
             Gate::Kv => (&fg * &wg)?,
-            Gate::C => Tensor::full(if beta { 0.5f32 } else { 1.0 }, (hkv, s, d), &device)?,
+            Gate::C => Tensor::full(if beta { 0.5f32 } else { 1.0 }, (hkv, rows, d), &device)?,
         })
     };
     let (alpha, beta) = (gate(rc.alpha_gate, false)?, gate(rc.beta_gate, true)?);
@@ -167,6 +195,13 @@ pub fn forward(
         (q, k, v, alpha, beta)
     } else {
         return Err(Error::config(format!("recurrent order {n} is not 1 or 2")));
+    };
+    // The history's rows have done their part (pooling, the order-2 row before the segment).
+    let (q, k, v, alpha, beta) = if history > 0 {
+        let seg = |x: &Tensor| x.narrow(1, history * n, s * n);
+        (seg(&q)?, seg(&k)?, seg(&v)?, seg(&alpha)?, seg(&beta)?)
+    } else {
+        (q, k, v, alpha, beta)
     };
     // §4.6–4.8 chunks: [Hx, M, N, D].
     let c = chunk_size(s, shape.max_chunk);
@@ -190,7 +225,17 @@ pub fn forward(
     let u = t.matmul(&vb)?;
     // Queries grouped by kv head: [Hkv, G, M, N, D] (head h = kvh·G + g).
     let qg = q.reshape((hkv, g, m, big_n, d))?;
-    let mut h0 = Tensor::full(STATE_INIT, (hkv, d, d), &device)?;
+    let mut h0 = match h0 {
+        Some(h) if h.dims() == [hkv, d, d] => h.clone(),
+        Some(h) => {
+            return Err(Error::Input(format!(
+                "a carried state of shape {:?}, expected {:?}",
+                h.dims(),
+                [hkv, d, d]
+            )))
+        }
+        None => Tensor::full(STATE_INIT, (hkv, d, d), &device)?,
+    };
     let mut outs = Vec::with_capacity(m);
     for chunk in 0..m {
         let at = |x: &Tensor| x.narrow(1, chunk, 1)?.squeeze(1); // [Hkv, N, D]
@@ -251,7 +296,7 @@ pub fn forward(
         .transpose(0, 1)?
         .reshape((s, h_n * d))?;
     let ms = y.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(y.broadcast_div(&(ms + 1e-6)?.sqrt()?)?)
+    Ok((y.broadcast_div(&(ms + 1e-6)?.sqrt()?)?, h0))
 }
 
 #[cfg(test)]
@@ -315,6 +360,96 @@ mod tests {
             check(mode, 100, 16, (3, 1), 10, seed + 5); // chunk 10
             check(mode, 40, 64, (2, 1), 16, seed + 9); // one chunk of 40
         }
+    }
+
+    /// A read in two calls of the naive scan (what inference does) against [`forward`] on the
+    /// first part and [`forward_carried`] on the second, from the first's state with up to
+    /// [`HISTORY`] rows before it.
+    fn check_carried(mode: &str, s1: usize, s2: usize, max_chunk: usize, seed: u64) {
+        let (h, hkv, d) = (4, 2, 6);
+        let shape = LinearShape {
+            heads: h,
+            kv_heads: hkv,
+            dim: d,
+            rc: RecurrentConfig::from_operator_mode(mode).expect("mode"),
+            max_chunk,
+        };
+        let s = s1 + s2;
+        let q = rand_vec(s * h * d, seed);
+        let k = rand_vec(s * hkv * d, seed + 1);
+        let v = rand_vec(s * hkv * d, seed + 2);
+        let rows = |x: &[f32], w: usize, a: usize, b: usize| x[a * w..b * w].to_vec();
+        let mut carry = LinearCarry::grouped(hkv, d);
+        let mut naive = |a: usize, b: usize| {
+            linear::forward(
+                &shape,
+                &rows(&q, h * d, a, b),
+                &rows(&k, hkv * d, a, b),
+                &rows(&v, hkv * d, a, b),
+                &mut carry,
+                CarryMode::Continue,
+                ScanImpl::Naive,
+            )
+        };
+        let _ = naive(0, s1);
+        let want = naive(s1, s);
+        let dev = Device::Cpu;
+        let t = |x: &[f32], w: usize, a: usize, b: usize| {
+            Tensor::from_vec(rows(x, w, a, b), (b - a, w), &dev).expect("tensor")
+        };
+        let (_, state) = forward_carried(
+            &shape,
+            &t(&q, h * d, 0, s1),
+            &t(&k, hkv * d, 0, s1),
+            &t(&v, hkv * d, 0, s1),
+            0,
+            None,
+        )
+        .expect("first part");
+        let hist = HISTORY.min(s1);
+        let a = s1 - hist;
+        let (y, _) = forward_carried(
+            &shape,
+            &t(&q, h * d, a, s),
+            &t(&k, hkv * d, a, s),
+            &t(&v, hkv * d, a, s),
+            hist,
+            Some(&state),
+        )
+        .expect("second part");
+        let got = y.flatten_all().and_then(|y| y.to_vec1::<f32>()).expect("vec");
+        assert_eq!(got.len(), want.len());
+        let diff = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < TOL,
+            "{mode} {s1}+{s2} chunk≤{max_chunk}: max |Δ| {diff}"
+        );
+    }
+
+    #[test]
+    fn a_carried_read_continues_like_the_naive_scan() {
+        for (i, mode) in OPERATOR_MODES.iter().enumerate() {
+            let seed = 300 + i as u64 * 11;
+            check_carried(mode, 32, 48, 16, seed);
+            check_carried(mode, 40, 27, 16, seed + 1); // second part: prime, chunk 1
+            check_carried(mode, 2, 20, 8, seed + 2); // fewer rows before than HISTORY
+        }
+        let shape = LinearShape {
+            heads: 2,
+            kv_heads: 1,
+            dim: 4,
+            rc: RecurrentConfig::from_operator_mode("delta_rule").expect("mode"),
+            max_chunk: 8,
+        };
+        let x = Tensor::zeros((5, 8), DType::F32, &Device::Cpu).expect("zeros");
+        let kv = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).expect("zeros");
+        let bad_state = Tensor::zeros((2, 4, 4), DType::F32, &Device::Cpu).expect("zeros");
+        assert!(forward_carried(&shape, &x, &kv, &kv, 4, None).is_err(), "too much history");
+        assert!(forward_carried(&shape, &x, &kv, &kv, 3, Some(&bad_state)).is_err());
     }
 
     #[test]
