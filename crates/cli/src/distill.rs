@@ -147,8 +147,9 @@ pub(crate) fn run(args: &DistillArgs) -> Result<()> {
     if let Some(avail) = available_memory() {
         if need > avail {
             bail!(
-                "a training sequence of {} tokens needs about {:.1} GB of memory; {:.1} GB are available: lower --seq-len",
+                "a training sequence of {} tokens (episodes of {}) needs about {:.1} GB of memory; {:.1} GB are available: lower --seq-len or --episode-len",
                 args.seq_len,
+                cfg.episode_len,
                 need as f64 / 1e9,
                 avail as f64 / 1e9
             );

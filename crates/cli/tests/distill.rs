@@ -25,7 +25,7 @@ fn hostile_settings_and_texts_are_refused() {
         empty.to_str().expect("utf-8"),
         long.to_str().expect("utf-8"),
     );
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 12] = [
         (&["--text", l, "--steps", "0"], "--steps"),
         (
             &[
@@ -58,6 +58,71 @@ fn hostile_settings_and_texts_are_refused() {
         (&["--text", s, "--seq-len", "64", "--window", "8"], "tokens"),
         (&["--text", e], "empty"),
         (&["--text", l, "--mag-weight", "0"], "--mag-weight"),
+        (
+            &[
+                "--text",
+                l,
+                "--seq-len",
+                "64",
+                "--window",
+                "8",
+                "--episode-len",
+                "0",
+            ],
+            "multiple",
+        ),
+        (
+            &[
+                "--text",
+                l,
+                "--seq-len",
+                "64",
+                "--window",
+                "8",
+                "--episode-len",
+                "100",
+            ],
+            "multiple",
+        ),
+        (
+            &[
+                "--text",
+                l,
+                "--seq-len",
+                "64",
+                "--window",
+                "8",
+                "--episode-len",
+                "18446744073709551552",
+            ],
+            "--episode-len",
+        ),
+        (
+            &[
+                "--text",
+                l,
+                "--seq-len",
+                "64",
+                "--window",
+                "8",
+                "--episode-len",
+                "64000",
+            ],
+            "--episode-len",
+        ),
+        (
+            &[
+                "--text",
+                l,
+                "--seq-len",
+                "64",
+                "--window",
+                "8",
+                "--init",
+                "/nonexistent/v",
+            ],
+            "adapter",
+        ),
     ];
     let base = base();
     for (extra, want) in cases {

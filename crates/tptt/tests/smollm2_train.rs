@@ -71,7 +71,10 @@ fn the_training_path_gives_the_demo_variants_logits() {
     let got = d.student_logits(toks).expect("student");
     let diff = max_diff(&want, &got);
     eprintln!("one read of {}: max |Δlogit| {diff}", toks.len());
-    assert!(diff < 1e-3, "training vs inference, one read: max |Δlogit| {diff}");
+    assert!(
+        diff < 1e-3,
+        "training vs inference, one read: max |Δlogit| {diff}"
+    );
     let mut st = m.new_state(CarryMode::Continue, Some(window));
     let parts: Vec<Tensor> = toks
         .chunks(seg)
@@ -81,5 +84,8 @@ fn the_training_path_gives_the_demo_variants_logits() {
     let got = d.episode_logits(toks, seg).expect("episode");
     let diff = max_diff(&want, &got);
     eprintln!("two segments of {seg}: max |Δlogit| {diff}");
-    assert!(diff < 1e-3, "training vs inference, segments: max |Δlogit| {diff}");
+    assert!(
+        diff < 1e-3,
+        "training vs inference, segments: max |Δlogit| {diff}"
+    );
 }

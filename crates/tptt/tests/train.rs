@@ -336,8 +336,12 @@ fn an_episode_reads_like_one_long_text() {
         ("delta_rule", 2, 16),
         ("delta_rule_gelu", 5, 32),
     ] {
-        let mut d = Distiller::new(base_student(mode, 0.5), episodes(window, seq_len, 3), text())
-            .expect("new");
+        let mut d = Distiller::new(
+            base_student(mode, 0.5),
+            episodes(window, seq_len, 3),
+            text(),
+        )
+        .expect("new");
         // Steps inside an episode make the LoRA non-zero and run the carried path.
         for _ in 0..2 {
             let r = d.step().expect("step");
@@ -360,7 +364,10 @@ fn an_episode_reads_like_one_long_text() {
             .collect();
         let want = Tensor::cat(&parts, 0).expect("cat");
         let diff = max_diff(&got, &want);
-        assert!(diff < 2e-4, "{mode}: episode vs inference: max |Δlogit| {diff}");
+        assert!(
+            diff < 2e-4,
+            "{mode}: episode vs inference: max |Δlogit| {diff}"
+        );
         // One uninterrupted read, where its chunks of the linear branch fall where the
         // segments' do (the branch's output depends on the chunking, SPEC §4.6): 3 × 64
         // tokens read at once are chunked by 64, like each segment of 64.
@@ -369,7 +376,10 @@ fn an_episode_reads_like_one_long_text() {
             let got = d.episode_logits(&toks, seq_len).expect("episode");
             let whole = d.student_logits(&toks).expect("whole");
             let diff = max_diff(&got, &whole);
-            assert!(diff < 2e-4, "{mode}: episode vs one read: max |Δlogit| {diff}");
+            assert!(
+                diff < 2e-4,
+                "{mode}: episode vs one read: max |Δlogit| {diff}"
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
@@ -397,12 +407,15 @@ fn a_run_stopped_inside_an_episode_resumes_exactly() {
         assert_eq!(a, b, "the resumed run continues exactly");
     }
     // Segments follow each other in the text; episodes start at drawn offsets.
-    let (s0, s1) = (d.sequence(0).as_ptr() as usize, d.sequence(1).as_ptr() as usize);
+    let (s0, s1) = (
+        d.sequence(0).as_ptr() as usize,
+        d.sequence(1).as_ptr() as usize,
+    );
     assert_eq!(s1 - s0, 32 * std::mem::size_of::<u32>());
     // A checkpoint of independent sequences does not resume an episode run, and a carry
     // that does not fit is refused.
-    let mut plain = Distiller::new(base_student("delta_product_c", 0.5), cfg(6, 32), text())
-        .expect("new");
+    let mut plain =
+        Distiller::new(base_student("delta_product_c", 0.5), cfg(6, 32), text()).expect("new");
     plain.step().expect("step");
     let other = scratch.join("plain.safetensors");
     plain.save_checkpoint(&other).expect("checkpoint");
@@ -413,4 +426,3 @@ fn a_run_stopped_inside_an_episode_resumes_exactly() {
     assert!(e.to_string().contains("other settings"), "{e}");
     let _ = std::fs::remove_dir_all(&scratch);
 }
-

@@ -713,7 +713,10 @@ impl Distiller {
         for i in 0..n_layers {
             let l = self.lora.layer(i, true);
             let full = Self::with_prefix(carry, i, &inputs[i])?;
-            let tc = carry.states.get(i).map(|state| TrainCarry { prefix: p, state });
+            let tc = carry
+                .states
+                .get(i)
+                .map(|state| TrainCarry { prefix: p, state });
             let (out, state) =
                 model.train_layer_carried(i, &full, Some((&l, self.lora.scale)), &ctx, tc)?;
             let rows = full.dim(0)?;
@@ -755,7 +758,10 @@ impl Distiller {
             let x = Var::from_tensor(&inputs[i])?;
             let l = self.lora.layer(i, false);
             let full = Self::with_prefix(carry, i, x.as_tensor())?;
-            let tc = carry.states.get(i).map(|state| TrainCarry { prefix: p, state });
+            let tc = carry
+                .states
+                .get(i)
+                .map(|state| TrainCarry { prefix: p, state });
             let (y, _) =
                 model.train_layer_carried(i, &full, Some((&l, self.lora.scale)), &ctx, tc)?;
             let mut store = (y * &grad)?.sum_all()?.backward()?;
@@ -907,7 +913,10 @@ impl Distiller {
             };
             let b = &self.student.config().base;
             let rows = self.cfg.window.max(HISTORY).min(read);
-            let shapes_ok = carry.prefix.iter().all(|t| t.dims() == [rows, b.hidden_size])
+            let shapes_ok = carry
+                .prefix
+                .iter()
+                .all(|t| t.dims() == [rows, b.hidden_size])
                 && carry
                     .states
                     .iter()

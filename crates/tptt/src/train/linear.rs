@@ -417,7 +417,10 @@ mod tests {
             Some(&state),
         )
         .expect("second part");
-        let got = y.flatten_all().and_then(|y| y.to_vec1::<f32>()).expect("vec");
+        let got = y
+            .flatten_all()
+            .and_then(|y| y.to_vec1::<f32>())
+            .expect("vec");
         assert_eq!(got.len(), want.len());
         let diff = want
             .iter()
@@ -448,7 +451,10 @@ mod tests {
         let x = Tensor::zeros((5, 8), DType::F32, &Device::Cpu).expect("zeros");
         let kv = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).expect("zeros");
         let bad_state = Tensor::zeros((2, 4, 4), DType::F32, &Device::Cpu).expect("zeros");
-        assert!(forward_carried(&shape, &x, &kv, &kv, 4, None).is_err(), "too much history");
+        assert!(
+            forward_carried(&shape, &x, &kv, &kv, 4, None).is_err(),
+            "too much history"
+        );
         assert!(forward_carried(&shape, &x, &kv, &kv, 3, Some(&bad_state)).is_err());
     }
 
