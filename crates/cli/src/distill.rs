@@ -225,8 +225,18 @@ pub(crate) fn run(args: &DistillArgs) -> Result<()> {
         let done = r.step - first;
         let secs = started.elapsed().as_secs_f64();
         let per_step = secs / done as f64;
+        let segments = distiller.config().episode_len / distiller.config().seq_len;
+        let within = if segments > 1 {
+            format!(
+                " (episode {}, part {}/{segments})",
+                (r.step - 1) / segments + 1,
+                (r.step - 1) % segments + 1
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "[distill] step {}/{}  loss {:.4}  past window {:.4}  |grad| {:.3}  lr {:.2e}  {:.0} tok/s  ETA {}",
+            "[distill] step {}/{}{within}  loss {:.4}  past window {:.4}  |grad| {:.3}  lr {:.2e}  {:.0} tok/s  ETA {}",
             r.step,
             args.steps,
             r.loss,
