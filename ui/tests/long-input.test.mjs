@@ -156,6 +156,29 @@ describe('a long paste', () => {
     clean(page);
   });
 
+  test('a Stop the backend confirms late: the meter stays at what was read, the late end still counts', async () => {
+    const { page } = await suite.open({ timing: { firstTokenMs: 60, tokenMs: 12, prefillTokensPerS: 3000, stopMs: 6500 } });
+    await openMemoryChat(page);
+    const before = await meterTotal(page);
+    await recordReading(page);
+    await page.getByTestId('composer').fill('x'.repeat(60_000));
+    await page.getByTestId('composer').press('Enter');
+    await until(page, () => /[1-9]/.test(document.querySelector('[data-testid=prefill-read]')?.textContent.split('/')[0] ?? ''));
+    await page.getByTestId('prefill-stop').click();
+    const answer = lastAssistant(page);
+    // After 5 s without the backend's word, the UI ends the stream itself...
+    await answer.and(page.locator('[data-status=partial]')).waitFor({ timeout: 8000 });
+    // What the reading had reached (the mock reads no further once stopped).
+    const read = number((await page.evaluate(() => window.__reading.at(-1).text)).split('/')[0]);
+    assert.ok(read > 0);
+    assert.equal(await meterTotal(page), before + read, 'the meter still shows what was read');
+    assert.match(await answer.getByTestId('message-status').textContent(), /^Stopped before the answer began\.$/);
+    // ...and the backend's late `stopped` brings the stats.
+    await answer.getByTestId('message-status').filter({ hasText: `had read ${read.toLocaleString('en-US')} tokens` }).waitFor({ timeout: 5000 });
+    assert.equal(await meterTotal(page), before + read);
+    clean(page);
+  });
+
   test('TTFT means the same live and saved, the model load is shown apart, long waits in minutes', async () => {
     const { page } = await suite.open({ timing: { firstTokenMs: 700, tokenMs: 40, prefillTokensPerS: 8000 } });
     await page.getByTestId('composer').fill('y'.repeat(24_000)); // 6,004 tokens, ~0.75 s to read

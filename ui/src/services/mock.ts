@@ -39,6 +39,8 @@ interface Timing {
   firstTokenMs: number;
   /** How fast a prompt is read, tokens/s (0: at once). Prompts over one block (512) send `prefill` events. */
   prefillTokensPerS: number;
+  /** How long a stop takes to be confirmed (`stopped`), ms: a real model ends its block first. */
+  stopMs: number;
   /** Delay between tokens, ms. */
   tokenMs: number;
   /** Progress ticks a download takes from 0 to done. */
@@ -68,6 +70,8 @@ interface Generation {
   before: MemoryInfo;
   /** The model's loading, when this turn loaded it. */
   loadMs: number | null;
+  /** Stop was asked (a second stop changes nothing). */
+  stopping: boolean;
   failAfter: { after: number; kind: ErrorKind; message: string } | null;
   /** Regenerate: the old answer, kept until the first token (docs/ipc.md). */
   replaces: Message | null;
@@ -402,6 +406,7 @@ class MockBackend implements MockControl {
   private timing: Timing = {
     firstTokenMs: 120,
     prefillTokensPerS: 0,
+    stopMs: 0,
     tokenMs: 40,
     downloadTicks: 30,
     downloadTickMs: 100,
@@ -920,6 +925,7 @@ class MockBackend implements MockControl {
       read: 0,
       before,
       loadMs: this.loaded === model ? null : this.timing.firstTokenMs,
+      stopping: false,
       failAfter: this.generationFailure,
       replaces: null,
     };
@@ -1012,8 +1018,17 @@ class MockBackend implements MockControl {
 
   private stop(conversationId: string) {
     const g = this.generation;
-    if (!g || g.conversationId !== conversationId) return;
+    if (!g || g.conversationId !== conversationId || g.stopping) return;
+    g.stopping = true;
     if (g.timer) clearTimeout(g.timer);
+    g.timer = null;
+    if (this.timing.stopMs > 0) g.timer = setTimeout(() => this.stopped(g), this.timing.stopMs);
+    else this.stopped(g);
+  }
+
+  /** The end of a stopped generation: saved, then announced. */
+  private stopped(g: Generation) {
+    const conversationId = g.conversationId;
     this.generation = null;
     g.message.status = 'partial';
     g.message.stats = this.stats(g);

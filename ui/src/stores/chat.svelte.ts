@@ -546,8 +546,11 @@ class ChatStore {
     this.flush();
     const live = this.live;
     if (!live || live.seq !== seq) return;
-    // Without the backend's meter (a stream ended here), the one last shown stays.
-    const shown = memory ?? (live.memory ? (this.liveHere === live ? this.memory : live.memory) : null);
+    // A stream ended here after Stop (no backend meter yet): the meter last shown stays, as the
+    // stopped memory keeps what it read. After an error the memory goes back to its last
+    // snapshot (docs/ipc.md): the meter from before the turn stays.
+    const stoppedHere = !memory && status === 'partial' && live.memory;
+    const shown = memory ?? (stoppedHere ? (this.liveHere === live ? this.memory : live.memory) : null);
     this.live = null;
     const conv = this.conversation;
     if (conv && conv.id === live.conversationId) {
