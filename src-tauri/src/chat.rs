@@ -5,8 +5,10 @@
 //! are here, no other generation runs), commits the user's message and an empty `partial`
 //! answer to the store, starts a turn thread and returns the ids. The turn thread loads the
 //! model if needed, finds the conversation's memory (below), feeds what the turn adds
-//! ([`tptt_engine::ChatTranscript`]) and generates on the engine's thread; tokens stream to the
-//! UI's channel as [`ChatEvent::Token`]s while the answer's text is saved every
+//! ([`tptt_engine::ChatTranscript`]) and generates on the engine's thread. A long prompt's
+//! reading goes to the UI as [`ChatEvent::Prefill`]s (at most every [`PREFILL_EVENT_INTERVAL`],
+//! each with the memory meter after what was read, so the meter follows the model); tokens
+//! stream to the UI's channel as [`ChatEvent::Token`]s while the answer's text is saved every
 //! [`PARTIAL_SAVE_INTERVAL`] (a crash loses at most that much). The end is saved first, then
 //! announced: `done` (complete), `stopped` (`stop_generation`: the partial text is kept) or
 //! `error` (the partial text is kept with status `error`).
