@@ -5,8 +5,10 @@
 //! are here, no other generation runs), commits the user's message and an empty `partial`
 //! answer to the store, starts a turn thread and returns the ids. The turn thread loads the
 //! model if needed, finds the conversation's memory (below), feeds what the turn adds
-//! ([`tptt_engine::ChatTranscript`]) and generates on the engine's thread; tokens stream to the
-//! UI's channel as [`ChatEvent::Token`]s while the answer's text is saved every
+//! ([`tptt_engine::ChatTranscript`]) and generates on the engine's thread. A long prompt's
+//! reading goes to the UI as [`ChatEvent::Prefill`]s (at most every [`PREFILL_EVENT_INTERVAL`],
+//! each with the memory meter after what was read, so the meter follows the model); tokens
+//! stream to the UI's channel as [`ChatEvent::Token`]s while the answer's text is saved every
 //! [`PARTIAL_SAVE_INTERVAL`] (a crash loses at most that much). The end is saved first, then
 //! announced: `done` (complete), `stopped` (`stop_generation`: the partial text is kept) or
 //! `error` (the partial text is kept with status `error`).
@@ -55,7 +57,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tauri::ipc::Channel;
@@ -81,6 +83,9 @@ use crate::state::{lock, AppState, Running};
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// How often a streaming answer's text is saved (`AppConfig::partial_save_every`).
 pub const PARTIAL_SAVE_INTERVAL: Duration = Duration::from_secs(2);
+/// Least time between two `prefill` events of a turn: a fast model reads a block in
+/// milliseconds, and every event costs the webview a render that would take CPU from the model.
+pub const PREFILL_EVENT_INTERVAL: Duration = Duration::from_millis(250);
 /// Snapshots kept per conversation (the latest two turns).
 pub const SNAPSHOTS_KEPT: u32 = 2;
 /// Most tokens a memory rebuilt after [`reset_memory`] reads (when its window is smaller, the
@@ -371,12 +376,16 @@ fn forget_model(state: &AppState, model: &Arc<LoadedModel>) {
     }
 }
 
-/// The model for `target`, loading it (and dropping another one first) when needed.
-fn ensure_model(state: &AppState, target: &Target) -> CmdResult<Arc<LoadedModel>> {
+/// The model for `target`, loading it (and dropping another one first) when needed; with how
+/// long the loading took, when it was loaded now.
+fn ensure_model(
+    state: &AppState,
+    target: &Target,
+) -> CmdResult<(Arc<LoadedModel>, Option<Duration>)> {
     {
         let mut g = lock(&state.model);
         match g.as_ref() {
-            Some(m) if m.key == target.key => return Ok(m.clone()),
+            Some(m) if m.key == target.key => return Ok((m.clone(), None)),
             Some(_) => *g = None,
             None => {}
         }
@@ -384,9 +393,10 @@ fn ensure_model(state: &AppState, target: &Target) -> CmdResult<Arc<LoadedModel>
     // The cached memory holds the old weights (and device) alive: let both go before loading;
     // it is in its snapshot.
     *lock(&state.session) = None;
+    let started = Instant::now();
     let loaded = Arc::new(runtime::load(target.key.clone(), &target.files)?);
     *lock(&state.model) = Some(loaded.clone());
-    Ok(loaded)
+    Ok((loaded, Some(started.elapsed())))
 }
 
 /// Finds the conversation's memory for `model` (module doc): the held one, its latest matching
@@ -612,7 +622,8 @@ fn prepare_stoppable(job: PrepareJob, cancel: &CancelToken) -> CmdResult<Option<
 
 fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
     let state = &ctx.state;
-    let model = ensure_model(state, &ctx.target)?;
+    let (model, load_time) = ensure_model(state, &ctx.target)?;
+    let load_ms = load_time.map(|d| d.as_secs_f64() * 1000.0);
     let listing = block_on(state.store.list_messages(ctx.conversation))?;
     let history: Vec<Message> = listing
         .items
@@ -676,7 +687,10 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         );
         return Ok(Finished {
             stopped: true,
-            stats: Stats::default(),
+            stats: Stats {
+                load_ms,
+                ..Stats::default()
+            },
             memory,
         });
     };
@@ -696,7 +710,11 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         "turn starts"
     );
     let before = MemoryInfo::of(&mem.session);
-    let _ = ctx.channel.send(ChatEvent::Started { memory: before });
+    let _ = ctx.channel.send(ChatEvent::Started {
+        memory: before,
+        prompt_tokens: ids.len() as u64,
+        load_ms,
+    });
 
     let options = GenerateOptions {
         params: settings.sampling.params(),
@@ -715,7 +733,24 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
     #[cfg(test)]
     let panic_in_sink = test_hooks::panics_in_engine(&history);
     let (conversation, fed) = (ctx.conversation, ids.len());
+    let mut last_progress: Option<Instant> = None;
     let sink = Box::new(move |e: Event| match e {
+        Event::Prefill {
+            read,
+            total,
+            elapsed,
+        } => {
+            if last_progress.is_some_and(|t| t.elapsed() < PREFILL_EVENT_INTERVAL) {
+                return;
+            }
+            last_progress = Some(Instant::now());
+            let _ = channel.send(ChatEvent::Prefill {
+                read: read as u64,
+                total: total as u64,
+                elapsed_ms: elapsed.as_secs_f64() * 1000.0,
+                memory: before.advanced(read),
+            });
+        }
         Event::PromptRead { surprise } => {
             let memory = before.after_reading(fed, &surprise);
             if memory.health.verdict == Verdict::Broken {
@@ -729,11 +764,16 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
             }
             let _ = channel.send(ChatEvent::Memory { memory });
         }
-        Event::Token { text, .. } => {
+        Event::Token {
+            text, generated, ..
+        } => {
             #[cfg(test)]
             test_hooks::maybe_panic_in_sink(panic_in_sink);
             lock(&sink_text).push_str(&text);
-            let _ = channel.send(ChatEvent::Token { text });
+            let _ = channel.send(ChatEvent::Token {
+                text,
+                generated: generated as u64,
+            });
         }
     });
     let CachedSession {
@@ -805,7 +845,10 @@ fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Finished> {
         }
     };
     let stopped = outcome.finish == FinishReason::Cancelled;
-    let stats = Stats::from(&outcome.stats);
+    let stats = Stats {
+        load_ms,
+        ..Stats::from(&outcome.stats)
+    };
     let mut stats_json = serde_json::to_value(&stats).unwrap_or_default();
     stats_json["finish"] = serde_json::json!(format!("{:?}", outcome.finish));
     let update = MessageUpdate {

@@ -28,6 +28,9 @@ pub struct ModelEntry {
     pub variants: Option<Vec<VariantEntry>>,
     /// The base model of the variants, when known.
     pub base_model: Option<String>,
+    /// Bytes of that base model, which every variant needs beside its own files (downloaded
+    /// once, shared by the variants), when known.
+    pub base_size_bytes: Option<u64>,
 }
 
 /// `ModelEntry.source`.
@@ -280,12 +283,17 @@ pub struct Stats {
     pub prompt_tokens: u64,
     /// Tokens generated.
     pub generated_tokens: u64,
-    /// Time to the first generated token, prefill included.
+    /// Time to the first generated token from the moment the prompt began to be read (its
+    /// reading included; the model's loading, `load_ms`, not).
     pub ttft_ms: f64,
     /// Prompt tokens per second.
     pub prefill_tokens_per_s: f64,
     /// Generated tokens per second after the first.
     pub decode_tokens_per_s: f64,
+    /// How long loading the model took, when this turn loaded it (absent from answers saved
+    /// before it was recorded).
+    #[serde(default)]
+    pub load_ms: Option<f64>,
 }
 
 impl From<&GenerationStats> for Stats {
@@ -296,6 +304,7 @@ impl From<&GenerationStats> for Stats {
             ttft_ms: s.time_to_first_token.as_secs_f64() * 1000.0,
             prefill_tokens_per_s: s.prefill_tokens_per_s,
             decode_tokens_per_s: s.decode_tokens_per_s,
+            load_ms: None,
         }
     }
 }
@@ -344,6 +353,14 @@ impl MemoryInfo {
     /// (`CarryMode::Continue`: the window holds the last `min(total, window)` positions), with
     /// the surprise record after them.
     pub fn after_reading(&self, fed: usize, surprise: &Surprise) -> Self {
+        Self {
+            health: MemoryHealth::of(surprise),
+            ..self.advanced(fed)
+        }
+    }
+
+    /// The meter after `fed` more tokens were read, its health as it was.
+    pub fn advanced(&self, fed: usize) -> Self {
         let total = self.total_tokens.saturating_add(fed as u64);
         let fill = if self.window_size == 0 {
             total
@@ -355,7 +372,7 @@ impl MemoryInfo {
             window_fill: fill,
             recurrent_only_tokens: total - fill,
             total_tokens: total,
-            health: MemoryHealth::of(surprise),
+            health: self.health,
         }
     }
 }
@@ -427,6 +444,25 @@ pub enum ChatEvent {
     Started {
         /// Memory before the turn.
         memory: MemoryInfo,
+        /// Tokens of the prompt the turn is about to read.
+        prompt_tokens: u64,
+        /// How long loading the model took, when this turn loaded it (`null` when it was
+        /// loaded already). Not part of the time to first token.
+        load_ms: Option<f64>,
+    },
+    /// Part of a long prompt has been read (at most every [`PREFILL_EVENT_INTERVAL`], after a
+    /// block of the prompt): the progress, and the memory as it is now.
+    ///
+    /// [`PREFILL_EVENT_INTERVAL`]: crate::chat::PREFILL_EVENT_INTERVAL
+    Prefill {
+        /// Prompt tokens read so far.
+        read: u64,
+        /// Prompt tokens in all.
+        total: u64,
+        /// Since the prompt began to be read.
+        elapsed_ms: f64,
+        /// The memory after the tokens read so far (the health as before the turn).
+        memory: MemoryInfo,
     },
     /// The turn's prompt has been read (before the first token): the memory after it, with
     /// its health.
@@ -438,6 +474,9 @@ pub enum ChatEvent {
     Token {
         /// The piece (whole UTF-8 characters).
         text: String,
+        /// Tokens generated so far (each one read into the memory too): the piece may be the
+        /// text of several.
+        generated: u64,
     },
     /// Finished normally; the answer is saved.
     Done {
@@ -514,12 +553,51 @@ mod tests {
         );
         let e = ChatEvent::Started {
             memory: MemoryInfo::new(100, Some(64), 64),
+            prompt_tokens: 7,
+            load_ms: None,
         };
         assert_eq!(
             serde_json::to_value(&e).expect("json"),
             json!({"kind": "started", "memory": {"windowSize": 64, "windowFill": 64, "recurrentOnlyTokens": 36, "totalTokens": 100,
-                "health": {"verdict": "unknown", "earlyPerplexity": null, "recentPerplexity": null, "ratio": null}}})
+                "health": {"verdict": "unknown", "earlyPerplexity": null, "recentPerplexity": null, "ratio": null}},
+                "promptTokens": 7, "loadMs": null})
         );
+        let e = ChatEvent::Prefill {
+            read: 512,
+            total: 2000,
+            elapsed_ms: 1500.0,
+            memory: MemoryInfo::new(612, Some(64), 64),
+        };
+        let v = serde_json::to_value(&e).expect("json");
+        assert_eq!(
+            (
+                &v["kind"],
+                &v["read"],
+                &v["total"],
+                &v["elapsedMs"],
+                &v["memory"]["totalTokens"]
+            ),
+            (
+                &json!("prefill"),
+                &json!(512),
+                &json!(2000),
+                &json!(1500.0),
+                &json!(612)
+            )
+        );
+        assert_eq!(
+            serde_json::to_value(ChatEvent::Token {
+                text: "a".into(),
+                generated: 3
+            })
+            .expect("json"),
+            json!({"kind": "token", "text": "a", "generated": 3})
+        );
+        // Stats saved before `loadMs` existed still parse.
+        let old: Stats = serde_json::from_value(json!({"promptTokens": 1, "generatedTokens": 2,
+            "ttftMs": 3.0, "prefillTokensPerS": 4.0, "decodeTokensPerS": 5.0}))
+        .expect("old stats parse");
+        assert_eq!(old.load_ms, None);
         let e = DownloadEvent::Progress {
             file: "a".into(),
             file_bytes: 1,

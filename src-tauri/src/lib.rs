@@ -13,6 +13,8 @@
 //! - [`cleanup`]: at start-up, the snapshot files a crash left half-written are deleted.
 //! - [`state`]: [`AppState`] and [`AppConfig`]; [`dto`]: the camelCase wire types;
 //!   [`error`]: [`CommandError`] (`{ kind, message }`).
+//! - [`webview`]: on Linux without a GPU render node, WebKit paints without compositing (its
+//!   software OpenGL would take the model's CPU).
 //!
 //! Invariants: commands return at once (long work is on worker threads); at most one
 //! generation runs; a user's message is stored before its answer is generated; an answer's
@@ -31,6 +33,7 @@ pub mod models;
 pub mod runtime;
 pub mod settings;
 pub mod state;
+pub mod webview;
 
 pub use error::{CmdResult, CommandError, ErrorKind};
 pub use state::{AppConfig, AppState};

@@ -7,6 +7,8 @@
 fn main() {
     tptt::alloc::tune_for_inference();
     tptt_chat::init_logging();
+    // Before any thread starts: it sets an environment variable WebKit reads.
+    tptt_chat::webview::paint_cheaply_without_gpu();
     if let Err(e) = tptt_chat::run_app(tauri::Builder::default()) {
         tracing::error!(error = %e, "the app failed");
         eprintln!("error: {e}");

@@ -58,6 +58,10 @@ pub struct Listed {
     pub variants: Vec<ListedVariant>,
     /// The base model the variants name (the first one's).
     pub base_model: Option<String>,
+    /// Bytes of that base model's weights and configs on the hub (absent from listings made
+    /// before it was recorded, or when the base cannot be listed: a gated one without a token).
+    #[serde(default)]
+    pub base_size_bytes: Option<u64>,
 }
 
 /// What the model manager remembers (module doc).
@@ -164,6 +168,12 @@ fn hub_entry(
     let base_model = listed
         .and_then(|l| l.base_model.clone())
         .or_else(|| local.first().map(|l| l.base_model_name.clone()));
+    // The base as the cache holds it (once a variant is downloaded), else as the hub lists it.
+    let base_size_bytes = local
+        .first()
+        .map(|l| dir_size(&l.base_dir))
+        .filter(|n| *n > 0)
+        .or_else(|| listed.and_then(|l| l.base_size_bytes));
     ModelEntry {
         repo_id: repo.to_string(),
         title: title.to_string(),
@@ -171,6 +181,7 @@ fn hub_entry(
         description: description.to_string(),
         variants: (listed.is_some() || !local.is_empty()).then(|| variants.into_values().collect()),
         base_model,
+        base_size_bytes,
     }
 }
 
@@ -216,13 +227,18 @@ fn local_entry(path: &Path) -> ModelEntry {
         }
         Err(e) => (
             Vec::new(),
-            None,
+            None::<String>,
             format!(
                 "Imported folder {} — not readable any more: {e}",
                 path.display()
             ),
         ),
     };
+    // The base folder the variants name, found as loading finds it.
+    let base_size_bytes = base_model
+        .as_deref()
+        .and_then(|b| tptt::repo::resolve_base(b, path).ok())
+        .map(|dir| dir_size(&dir));
     ModelEntry {
         repo_id: path.display().to_string(),
         title,
@@ -230,6 +246,7 @@ fn local_entry(path: &Path) -> ModelEntry {
         description,
         variants: Some(variants),
         base_model,
+        base_size_bytes,
     }
 }
 
@@ -344,9 +361,25 @@ pub fn list_on_hub(hub: &Hub, repo_id: &str) -> CmdResult<Listed> {
             }
         })
         .collect();
+    let base_model = found.iter().find_map(|v| v.base_model_name.clone());
+    // What a download fetches of the base: its weights and JSON files (a base that cannot be
+    // listed, a gated one say, leaves the size unknown).
+    let base_size_bytes = base_model.as_deref().and_then(|base| {
+        let files = hub.list_files(base, tptt_hub::MAIN).ok()?.files;
+        files
+            .iter()
+            .filter(|f| {
+                [".safetensors", ".json", ".gguf", ".model"]
+                    .iter()
+                    .any(|ext| f.path.ends_with(ext))
+            })
+            .map(|f| f.size)
+            .sum()
+    });
     Ok(Listed {
         variants,
-        base_model: found.iter().find_map(|v| v.base_model_name.clone()),
+        base_model,
+        base_size_bytes,
     })
 }
 

@@ -165,6 +165,14 @@ fn the_model_manager_lists_adds_and_imports() {
     );
     assert_eq!(local["source"], "local");
     assert_eq!(local["baseModel"], "llama-base");
+    // The base the variants need (found beside the folder, as loading finds it) and its size.
+    let base_bytes: u64 = std::fs::read_dir(tiny().join("llama-base"))
+        .expect("base fixture")
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert_eq!(local["baseSizeBytes"].as_u64(), Some(base_bytes));
     let variants = local["variants"].as_array().expect("variants");
     assert!(variants.len() >= 10, "{variants:?}");
     let dr = variants
@@ -780,7 +788,10 @@ fn the_memory_health_comes_before_the_answer_and_a_reset_reads_only_the_window()
         assert_eq!(last_kind(&events), "done", "{events:?}");
         let at = first_of(&events, "memory").expect("a memory event");
         assert_eq!(events[0]["kind"], "started");
-        assert_eq!(at, 1, "the memory comes right after started: {events:?}");
+        assert!(
+            events[1..at].iter().all(|e| e["kind"] == "prefill"),
+            "the memory comes right after started and the prompt's progress: {events:?}"
+        );
         assert!(first_of(&events, "token").is_none_or(|t| t > at));
         let done = events.last().expect("done");
         let prompt = done["stats"]["promptTokens"].as_u64().expect("prompt");
@@ -910,4 +921,121 @@ fn the_memory_health_comes_before_the_answer_and_a_reset_reads_only_the_window()
         done["memory"]["windowFill"].as_u64(),
         Some(FRESH as u64 + generated)
     );
+}
+
+/// The `totalTokens` of an event's memory.
+fn total_of(e: &serde_json::Value) -> u64 {
+    e["memory"]["totalTokens"]
+        .as_u64()
+        .expect("memory.totalTokens")
+}
+
+#[test]
+fn a_long_paste_reports_its_reading_and_the_memory_follows_what_was_read() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::offline(dir.path());
+    app.use_tiny("delta_rule", 6);
+    let c = app.new_conversation();
+    let (_, first) = send(&app, &c, "Hello there");
+    assert_eq!(last_kind(&first), "done", "{first:?}");
+    let before = total_of(first.last().expect("done"));
+    // The first turn loaded the model: its load time is reported, apart from the TTFT.
+    assert!(
+        first[0]["loadMs"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{:?}",
+        first[0]
+    );
+    assert!(first.last().expect("done")["stats"]["loadMs"]
+        .as_f64()
+        .is_some());
+
+    let paste = "The quick brown fox jumps over the lazy dog. ".repeat(400);
+    let (_, events) = send(&app, &c, &paste);
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    let started = &events[0];
+    assert_eq!(started["kind"], "started");
+    assert_eq!(started["loadMs"], serde_json::Value::Null, "loaded already");
+    assert_eq!(total_of(started), before);
+    let total = started["promptTokens"].as_u64().expect("promptTokens");
+    let done = events.last().expect("done");
+    assert_eq!(done["stats"]["promptTokens"].as_u64(), Some(total));
+    assert!(total > 1024, "{total}");
+    // The reading's progress: counting up, below the whole, the meter at what was read.
+    let prefill: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["kind"] == "prefill").collect();
+    assert!(
+        !prefill.is_empty(),
+        "a paste of {total} tokens reports its reading"
+    );
+    let mut last_read = 0;
+    for p in &prefill {
+        let read = p["read"].as_u64().expect("read");
+        assert!(read > last_read && read < total, "{prefill:?}");
+        assert_eq!(p["total"].as_u64(), Some(total));
+        assert!(p["elapsedMs"].as_f64().is_some_and(|ms| ms > 0.0));
+        assert_eq!(total_of(p), before + read, "the meter follows the reading");
+        last_read = read;
+    }
+    let read_at = first_of(&events, "memory").expect("memory");
+    assert_eq!(total_of(&events[read_at]), before + total);
+    // While decoding, each token says how many were generated; the end's meter is the backend's.
+    let generated: Vec<u64> = events
+        .iter()
+        .filter(|e| e["kind"] == "token")
+        .map(|e| e["generated"].as_u64().expect("generated"))
+        .collect();
+    assert!(generated.windows(2).all(|w| w[0] <= w[1]), "{generated:?}");
+    let all = done["stats"]["generatedTokens"]
+        .as_u64()
+        .expect("generated");
+    assert!(generated.last().is_some_and(|g| *g <= all));
+    assert_eq!(total_of(done), before + total + all);
+    assert_eq!(app.conversation(&c)["memory"], done["memory"]);
+    assert_eq!(done["stats"]["loadMs"], serde_json::Value::Null);
+    let ttft = done["stats"]["ttftMs"].as_f64().expect("ttft");
+    let speed = done["stats"]["prefillTokensPerS"].as_f64().expect("speed");
+    assert!(ttft > 0.0 && speed > 0.0);
+
+    // Stopped while the paste is read: the stop counts what was read, the meter is the memory's,
+    // and the conversation goes on.
+    let c2 = app.new_conversation();
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(2000);
+    let (ch, rx) = channel();
+    block_on(tptt_chat::commands::send_message(
+        app.state(),
+        c2.clone(),
+        long,
+        ch,
+    ))
+    .expect("send");
+    let mut events = Vec::new();
+    loop {
+        let e = rx.recv_timeout(STREAM_TIMEOUT).expect("event");
+        let kind = e["kind"].as_str().unwrap_or_default().to_string();
+        events.push(e);
+        assert!(kind != "done" && kind != "error", "{events:?}");
+        if kind == "prefill" {
+            break;
+        }
+    }
+    app.ok("stop_generation", json!({"conversationId": c2}));
+    app.ok("stop_generation", json!({"conversationId": c2})); // twice: harmless
+    events.extend(until_end(&rx));
+    let stopped = events.last().expect("end");
+    assert_eq!(stopped["kind"], "stopped", "{events:?}");
+    let whole = events[0]["promptTokens"].as_u64().expect("promptTokens");
+    let read = stopped["stats"]["promptTokens"].as_u64().expect("read");
+    let seen = events
+        .iter()
+        .filter(|e| e["kind"] == "prefill")
+        .map(|e| e["read"].as_u64().unwrap_or(0))
+        .max();
+    assert!(
+        seen.is_some_and(|s| s <= read) && read < whole,
+        "read {read} of {whole}: {events:?}"
+    );
+    assert_eq!(total_of(stopped), read);
+    assert_eq!(app.conversation(&c2)["memory"], stopped["memory"]);
+    let (_, next) = send(&app, &c2, "Still there?");
+    assert_eq!(last_kind(&next), "done", "{next:?}");
 }

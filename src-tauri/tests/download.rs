@@ -165,6 +165,19 @@ fn download_with_token_cancel_resume_then_chat_offline_and_remove() {
     );
     assert_eq!(variant_entry(&app, "delta_rule")["downloaded"], true);
     assert_eq!(variant_entry(&app, "delta_product")["downloaded"], false);
+    // The base the variants need is in the cache now: its size is known (weights included).
+    let base_bytes = app
+        .ok("list_models", json!({}))
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|m| m["repoId"] == REPO)
+        .expect("entry")["baseSizeBytes"]
+        .as_u64();
+    let weights = std::fs::metadata(tiny().join("llama-base/model.safetensors"))
+        .expect("fixture")
+        .len();
+    assert!(base_bytes.is_some_and(|b| b > weights), "{base_bytes:?}");
     app.choose(REPO, "delta_rule", 6);
     drop(app);
 

@@ -38,6 +38,12 @@ const INTERRUPTED = 'the app closed before this answer was finished; the text sa
 /** Most text lost to the kill, as time: the save interval (2 s), plus slack for a loaded machine. */
 const MAX_LOST_MS = 3000;
 
+/** The long paste: repeated until the tiny model takes seconds to read it (debug build). */
+const PASTE_UNIT = 'A long paste, read block by block while the user watches the progress. ';
+const PASTE_CHARS = 80_000;
+/** Most of the app's CPU the webview may take while the model reads the paste. */
+const MAX_WEBVIEW_SHARE = 0.25;
+
 const WAIT = 30_000; // one UI step (the model is tiny: nothing takes long)
 const GENERATION = 120_000; // one answer, model load included
 
@@ -135,19 +141,30 @@ async function setField(selector, value) {
   await el.sendKeys(String(value));
 }
 
-/** PIDs of the app binary among tauri-driver's descendants (from /proc). */
-function appPids() {
+/** The fields of a /proc stat file after the command name (field 3 on), or null when gone. */
+function statFields(path) {
+  try {
+    const stat = fs.readFileSync(path, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  } catch {
+    return null; // gone meanwhile
+  }
+}
+
+/** Every process's parent, from /proc. */
+function parents() {
   const parent = new Map();
   for (const d of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(d)) continue;
-    try {
-      const stat = fs.readFileSync(`/proc/${d}/stat`, 'utf8');
-      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      parent.set(Number(d), ppid);
-    } catch {
-      // gone meanwhile
-    }
+    const fields = statFields(`/proc/${d}/stat`);
+    if (fields) parent.set(Number(d), Number(fields[1]));
   }
+  return parent;
+}
+
+/** PIDs of the app binary among tauri-driver's descendants (from /proc). */
+function appPids() {
+  const parent = parents();
   const under = (pid) => {
     for (let p = parent.get(pid); p && p > 1; p = parent.get(p)) if (p === DRIVER_PID) return true;
     return false;
@@ -280,9 +297,13 @@ async function memoryTotal() {
   `);
 }
 
-/** The live stats lines ("… N tokens") seen while streaming count up, at least twice. */
+/**
+ * The live stats lines ("… N tokens") seen while streaming count up, at least twice (a line may
+ * change without its count: the model's load time, the TTFT appear).
+ */
 function assertCountsUp(lines) {
-  const counts = lines.map((l) => Number(/([\d,]+) tokens/.exec(l)?.[1].replace(/,/g, '') ?? NaN));
+  const all = lines.map((l) => Number(/([\d,]+) tokens/.exec(l)?.[1].replace(/,/g, '') ?? NaN));
+  const counts = all.filter((c, i) => i === 0 || c !== all[i - 1]);
   assert.ok(counts.length >= 3 && counts.every((c, i) => Number.isFinite(c) && (i === 0 || c > counts[i - 1])),
     `the live token count went up while the answer streamed: ${JSON.stringify(lines.slice(0, 5))} … (${lines.length})`);
 }
@@ -312,6 +333,33 @@ async function sendAndAwaitAnswer(text, answersBefore) {
   const body = await (await answer()).findElement(css('[data-testid="message-body"]')).getText();
   assert.ok(body.trim().length > 0, 'the answer has text');
   return { body, record: await streamRecord() };
+}
+
+/** Clock ticks (user + system) a process or thread has used, from its /proc stat file. */
+function ticks(statPath) {
+  const fields = statFields(statPath);
+  return fields ? Number(fields[11]) + Number(fields[12]) : 0; // utime, stime (fields 14 and 15)
+}
+
+/** PIDs of `pid`'s descendants (the webview's WebKit processes are the app's children). */
+function descendantsOf(pid) {
+  const children = new Map();
+  for (const [child, ppid] of parents()) children.set(ppid, [...(children.get(ppid) ?? []), child]);
+  const out = [];
+  const walk = (p) => (children.get(p) ?? []).forEach((c) => (out.push(c), walk(c)));
+  walk(pid);
+  return out;
+}
+
+/**
+ * The app's CPU split now: the model (the app's threads but its main one) and the webview (the
+ * main thread, where GTK and the webview's UI side run, and WebKit's processes), in clock ticks.
+ */
+function cpuSplit(appPid) {
+  const main = ticks(`/proc/${appPid}/task/${appPid}/stat`);
+  const app = ticks(`/proc/${appPid}/stat`);
+  const webkit = descendantsOf(appPid).reduce((n, p) => n + ticks(`/proc/${p}/stat`), 0);
+  return { model: app - main, webview: main + webkit };
 }
 
 // ---- the scenario ----
@@ -484,6 +532,95 @@ step('continues the conversation from its saved state', async (t) => {
   assert.ok(turn && Number(turn[1]) === seen.memoryBefore, `the turn started from the saved position: ${turn?.[0]}`);
   await shot('chat');
 }, 240_000);
+
+step('a long paste: its reading shows in the chat, the meter follows the backend, the webview leaves the CPU to the model', async (t) => {
+  const appPid = appPids()[0];
+  const answers = '[data-testid="message"][data-role="assistant"]';
+  const before = (await driver.findElements(css(answers))).length;
+  const memoryBefore = await memoryTotal();
+  await driver.executeScript(`
+    const rec = [];
+    window.__e2eReading = rec;
+    new MutationObserver(() => {
+      const p = document.querySelector('[data-testid="prefill-progress"]');
+      if (!p) return;
+      const meter = document.querySelector('[data-testid="memory-meter"] [role="meter"]');
+      const more = document.querySelector('[data-testid="memory-recurrent"]')?.textContent ?? '';
+      const m = /([\\d,]+) earlier/.exec(more);
+      const text = p.querySelector('[data-testid="prefill-read"]')?.textContent ?? '';
+      const meterTotal = meter ? Number(meter.getAttribute('aria-valuenow')) + (m ? Number(m[1].replace(/,/g, '')) : 0) : null;
+      if (rec.at(-1)?.text !== text || rec.at(-1)?.meter !== meterTotal) {
+        rec.push({ text, meter: meterTotal, speed: p.querySelector('[data-testid="prefill-speed"]')?.textContent ?? null,
+          left: p.querySelector('[data-testid="prefill-left"]')?.textContent ?? null });
+      }
+    }).observe(document.body, { subtree: true, childList: true, characterData: true, attributes: true });
+  `);
+  // Pasted (typing 80,000 characters through WebDriver would take the test's whole time).
+  const paste = PASTE_UNIT.repeat(Math.ceil(PASTE_CHARS / PASTE_UNIT.length));
+  const box = await findVisible('[data-testid="composer"]');
+  await driver.executeScript(`
+    const box = arguments[0];
+    box.focus();
+    box.value = arguments[1];
+    box.dispatchEvent(new InputEvent('input', { bubbles: true, inputType: 'insertFromPaste' }));
+  `, box, paste);
+  // The composer shows what is about to be sent: far more than one line.
+  const height = await driver.executeScript('return arguments[0].getBoundingClientRect().height', box);
+  assert.ok(height > 150, `the composer is ${height}px high with the paste in it`);
+  await click('[data-testid="send"]');
+
+  // The reading, in the chat: tokens read of the whole, speed and time left, Stop.
+  await waitFor(async () => {
+    const rec = await driver.executeScript('return window.__e2eReading');
+    return rec.some((r) => r.speed && r.left);
+  }, 'the reading shows its speed and the time left', GENERATION);
+  // The webview's share of the app's CPU while the model reads, over a couple of seconds.
+  const from = cpuSplit(appPid);
+  await new Promise((r) => setTimeout(r, 2500));
+  const to = cpuSplit(appPid);
+  const reading = await displayed('[data-testid="prefill-progress"]');
+  assert.ok(reading, 'the paste was still being read after the CPU measurement (make PASTE_CHARS larger)');
+  await scrollTo(reading);
+  await rawShot('long-prefill');
+  assert.ok(await displayed('[data-testid="prefill-stop"]'), 'Stop is offered beside the progress');
+  const model = to.model - from.model;
+  const webview = to.webview - from.webview;
+  const share = webview / Math.max(1, model + webview);
+  t.diagnostic(`while reading the paste: model ${model} ticks, webview ${webview} ticks (${(share * 100).toFixed(1)} %)`);
+  assert.ok(model > 100, `the model computed (${model} ticks in 2.5 s)`);
+  assert.ok(share <= MAX_WEBVIEW_SHARE, `the webview took ${(share * 100).toFixed(1)} % of the app's CPU (at most ${MAX_WEBVIEW_SHARE * 100} %)`);
+
+  const status = await waitFor(async () => {
+    const all = await driver.findElements(css(answers));
+    const s = all.length === before + 1 && (await all[before].getAttribute('data-status'));
+    return s && s !== 'streaming' && s;
+  }, 'the answer to the paste finishes', 300_000);
+  assert.equal(status, 'complete');
+
+  // The meter followed what the model read: at each reading, the memory before + the tokens read,
+  // and the reading's figures are grouped by thousands (whatever the webview's locale).
+  const rec = await driver.executeScript('return window.__e2eReading');
+  t.diagnostic(`${rec.length} readings: ${rec[0]?.text} … ${rec.at(-1)?.text} (${rec.at(-1)?.speed}, ${rec.at(-1)?.left})`);
+  assert.ok(rec.length >= 3, `several readings: ${JSON.stringify(rec)}`);
+  for (const r of rec) {
+    assert.match(r.text, /^\d{1,3}(,\d{3})* \/ \d{1,3}(,\d{3})+ tokens$/, `grouped thousands: ${r.text}`);
+    const read = Number(r.text.split('/')[0].replace(/,/g, ''));
+    assert.equal(r.meter, memoryBefore + read, `the meter is the memory before plus what was read: ${JSON.stringify(r)}`);
+  }
+  // The backend's word: the turn read from the memory before, and the state it saved is what
+  // the meter shows now.
+  const log = appRuns().at(-1);
+  const turns = [...log.matchAll(/turn starts.*?read=(\d+) feeding=(\d+)/g)];
+  const [, read, feeding] = turns.at(-1);
+  assert.equal(Number(read), memoryBefore, 'the turn started from the memory the meter showed');
+  const total = Number(rec[0].text.split('/')[1].replace(/\D/g, ''));
+  assert.equal(Number(feeding), total, 'the reading counted the prompt the backend fed');
+  const [snap] = dbRows('SELECT token_count FROM snapshots ORDER BY id DESC LIMIT 1');
+  await waitFor(async () => (await memoryTotal()) === snap.token_count, `the meter shows the saved memory (${snap.token_count} tokens)`);
+  // The answer's stats: the prompt and how fast it was read.
+  const stats = await (await driver.findElements(css(`${answers} [data-testid="prompt-stats"]`))).at(-1).getText();
+  assert.match(stats, new RegExp(`^prompt ${total.toLocaleString('en-US')} at [\\d.,]+ tok/s$`));
+}, 420_000);
 
 step('killed (kill -9) while it streams an answer, the app keeps what was saved (at most the last 2 s are lost)', async (t) => {
   await setMaxNewTokens(65536);

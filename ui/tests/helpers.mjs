@@ -95,13 +95,15 @@ export function useSuite({ before, after, afterEach }) {
     get baseUrl() {
       return state.server.url;
     },
-    async open({ scenario = 'ready', csp = true, timing = { firstTokenMs: 60, tokenMs: 12 }, viewport } = {}) {
+    async open({ scenario = 'ready', csp = true, timing = { firstTokenMs: 60, tokenMs: 12 }, viewport, init } = {}) {
       const context = await state.browser.newContext({
         viewport: viewport ?? { width: 1280, height: 860 },
         acceptDownloads: true,
       });
       state.contexts.push(context);
       const page = await context.newPage();
+      // A script run before the app's (e.g. to stand in for a webview without a locale).
+      if (init) await page.addInitScript(init);
       const seen = { errors: [], dialogs: [] };
       problems.set(page, seen);
       page.on('pageerror', (err) => seen.errors.push(`pageerror: ${err.message}`));

@@ -143,4 +143,41 @@ describe('models', () => {
     await local.getByText('In use').waitFor();
     clean(page);
   });
+
+  test('a variant’s size includes the base it needs', async () => {
+    const { page } = await suite.open({ scenario: 'empty' });
+    await page.getByTestId('nav-models').click();
+    await card(page, GEMMA).getByTestId('list-variants').click();
+    // 12 MB of its own + the 540 MB Gemma base.
+    const size = variantRow(page, GEMMA, 'delta_rule').getByTestId('variant-size');
+    await size.waitFor();
+    assert.match(await size.textContent(), /delta_rule\s+·\s+552 MB with its base/);
+    assert.match(await size.locator('span').getAttribute('title'), /12\.0 MB of its own, and the base model \(540 MB/);
+    clean(page);
+  });
+
+  test('an imported model is chosen when no model is, and not when one is', async () => {
+    const { page } = await suite.open({ scenario: 'empty' });
+    await page.getByTestId('nav-models').click();
+    const folder = page.getByTestId('import-path');
+    await folder.fill('/home/me/models/demo-smollm2-tptt');
+    await folder.press('Enter');
+    const local = card(page, '/home/me/models/demo-smollm2-tptt');
+    await local.getByTestId('variant-in-use').waitFor();
+    await page.getByTestId('notice').filter({ hasText: 'delta_rule is in use' }).waitFor();
+    // A variant of 909 bytes that needs a 540 MB base.
+    assert.match(await local.getByTestId('variant-size').textContent(), /540 MB with its base/);
+    const chosen = await mock(page, () => window.__tpttMock.state.settings);
+    assert.deepEqual([chosen.modelRepo, chosen.variant], ['/home/me/models/demo-smollm2-tptt', 'delta_rule']);
+    await page.getByTestId('nav-chat').click();
+    await page.getByTestId('model-chip').waitFor();
+
+    // With a model chosen, an import leaves the choice alone.
+    await page.getByTestId('nav-models').click();
+    await folder.fill('/home/me/models/another');
+    await folder.press('Enter');
+    await page.getByTestId('notice').filter({ hasText: 'choose a variant with' }).waitFor();
+    assert.equal((await mock(page, () => window.__tpttMock.state.settings)).modelRepo, '/home/me/models/demo-smollm2-tptt');
+    clean(page);
+  });
 });

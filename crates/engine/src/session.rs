@@ -8,7 +8,8 @@
 //!   [`DEFAULT_WINDOW`]; a setting may lower it); RoPE positions keep growing and stay exact.
 //!   Memory is therefore constant once the window is full, however long the chat.
 //! * Prompts are fed in blocks of [`PREFILL_BLOCK`] tokens (bounded memory, cancellable between
-//!   blocks); each block's linear chunk size follows the reference rule for that block's length.
+//!   blocks; [`Event::Prefill`] after each block but the last tells how far a long prompt is
+//!   read); each block's linear chunk size follows the reference rule for that block's length.
 //!   Decoding feeds one token per call (chunk 1, the recurrent form).
 //! * After generating, the last token is fed too, so the session always holds the logits for the
 //!   next token: continuing later (or after a snapshot round trip) is exactly continuing now.
@@ -88,11 +89,14 @@ pub enum FinishReason {
 /// Timing and counts of one generation.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationStats {
-    /// Tokens fed before generating.
+    /// Prompt tokens read before generating: the whole prompt, or, when stopped while it was
+    /// read, the blocks read until then.
     pub prompt_tokens: usize,
     /// Tokens generated.
     pub generated_tokens: usize,
-    /// From the start of the call to the first sampled token.
+    /// From the start of the call (the prompt's reading begins) to the first sampled token:
+    /// the prompt's reading and the first sampling step, nothing before the call (a caller's
+    /// model load or tokenizing is its own to report).
     pub time_to_first_token: Duration,
     /// Prompt tokens per second.
     pub prefill_tokens_per_s: f64,
@@ -116,6 +120,17 @@ pub struct Outcome {
 /// Streamed to the caller while generating.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// Part of a long prompt has been read: sent after each [`PREFILL_BLOCK`] of the prompt but
+    /// the last (the last is announced by [`Event::PromptRead`]), so a prompt of one block sends
+    /// none. What lets a caller show how far a long prompt is read, and how fast.
+    Prefill {
+        /// Prompt tokens read so far (the session has read them: they stay read if stopped).
+        read: usize,
+        /// Prompt tokens in all.
+        total: usize,
+        /// Since the prompt began to be read.
+        elapsed: Duration,
+    },
     /// The prompt has been read (sent once, before the first token, when the prompt is not
     /// empty), with the session's surprise record after it: the moment to tell the user the
     /// memory's health, before any of the answer streams.
@@ -129,6 +144,10 @@ pub enum Event {
         text: String,
         /// The token id.
         id: u32,
+        /// Tokens generated so far, this one included (each is fed to the session: its memory
+        /// holds the prompt plus these). Can run ahead of the pieces sent, since a token may
+        /// complete no visible text.
+        generated: usize,
     },
 }
 
@@ -205,6 +224,17 @@ impl Session {
     /// next token was ([`Session::surprise`]); single tokens (the model's own samples) are not
     /// scored.
     pub fn feed(&mut self, ids: &[u32], cancel: Option<&CancelToken>) -> Result<bool> {
+        self.feed_reporting(ids, cancel, &mut |_| {})
+    }
+
+    /// [`Session::feed`], calling `read` with the number of `ids` read after each block.
+    pub fn feed_reporting(
+        &mut self,
+        ids: &[u32],
+        cancel: Option<&CancelToken>,
+        read: &mut dyn FnMut(usize),
+    ) -> Result<bool> {
+        let mut done = 0;
         for block in ids.chunks(PREFILL_BLOCK) {
             if cancel.is_some_and(CancelToken::is_cancelled) {
                 return Ok(false);
@@ -227,6 +257,8 @@ impl Session {
             }
             self.last_logits = rows.pop();
             self.tokens.extend_from_slice(block);
+            done += block.len();
+            read(done);
         }
         Ok(true)
     }
@@ -263,7 +295,23 @@ impl Session {
                 finish,
                 stats,
             };
-        if !self.feed(prompt, Some(cancel))? {
+        let total = prompt.len();
+        let mut read_so_far = 0;
+        let fed_all = self.feed_reporting(prompt, Some(cancel), &mut |read| {
+            read_so_far = read;
+            if read < total {
+                sink(Event::Prefill {
+                    read,
+                    total,
+                    elapsed: start.elapsed(),
+                });
+            }
+        })?;
+        if !fed_all {
+            // Stopped while reading: the stats count what was read.
+            stats.prompt_tokens = read_so_far;
+            stats.prefill_tokens_per_s =
+                read_so_far as f64 / start.elapsed().as_secs_f64().max(1e-9);
             return Ok(outcome(
                 String::new(),
                 Vec::new(),
@@ -313,7 +361,11 @@ impl Session {
                 let r = stop.push(&piece);
                 if !r.emit.is_empty() {
                     text.push_str(&r.emit);
-                    sink(Event::Token { text: r.emit, id });
+                    sink(Event::Token {
+                        text: r.emit,
+                        id,
+                        generated: ids.len(),
+                    });
                 }
                 if r.stopped {
                     finish = FinishReason::Stop(stop.matched().unwrap_or_default().to_string());
@@ -332,6 +384,7 @@ impl Session {
                 sink(Event::Token {
                     text: rest,
                     id: ids.last().copied().unwrap_or_default(),
+                    generated: ids.len(),
                 });
             }
         }

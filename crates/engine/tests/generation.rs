@@ -158,7 +158,7 @@ fn cancelled_from_the_sink_keeps_the_partial_text() {
     let trigger = cancel.clone();
     let out = s
         .generate(&prompt(), &greedy(max), &tok, &cancel, &mut |e| {
-            let Event::Token { text, id } = e else {
+            let Event::Token { text, id, .. } = e else {
                 return;
             };
             pieces.push((text, id));
@@ -630,4 +630,66 @@ fn the_prompt_read_event_comes_once_before_the_first_token() {
     })
     .expect("continue");
     assert!(again.iter().all(|e| matches!(e, Event::Token { .. })));
+}
+
+#[test]
+fn a_long_prompt_reports_its_reading_block_by_block_and_a_stop_counts_what_was_read() {
+    use tptt_engine::session::PREFILL_BLOCK;
+    let fx = fixture();
+    let tok = fx.tokenizer();
+    let long = token_ids(2 * PREFILL_BLOCK + 100, 300, 5);
+    let mut s = Session::new(fx.arc(), SessionOptions::default());
+    let mut events = Vec::new();
+    let out = s
+        .generate(&long, &greedy(3), &tok, &CancelToken::new(), &mut |e| {
+            events.push(e)
+        })
+        .expect("generate");
+    // One event per block but the last, counting up to the prompt, then the prompt read.
+    let reads: Vec<(usize, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Prefill { read, total, .. } => Some((*read, *total)),
+            _ => None,
+        })
+        .collect();
+    let total = long.len();
+    assert_eq!(
+        reads,
+        vec![(PREFILL_BLOCK, total), (2 * PREFILL_BLOCK, total)]
+    );
+    let first_other = events
+        .iter()
+        .position(|e| !matches!(e, Event::Prefill { .. }))
+        .expect("more events");
+    assert_eq!(first_other, 2);
+    assert!(matches!(events[2], Event::PromptRead { .. }));
+    // Each token says how many were generated so far; the last says all of them.
+    let generated: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { generated, .. } => Some(*generated),
+            _ => None,
+        })
+        .collect();
+    assert!(generated.windows(2).all(|w| w[0] <= w[1]), "{generated:?}");
+    assert_eq!(generated.last(), Some(&out.ids.len()));
+    assert_eq!(out.stats.prompt_tokens, total);
+
+    // Stopped after the first block: the stats count what was read, the session holds it.
+    let cancel = CancelToken::new();
+    let trigger = cancel.clone();
+    let mut s = Session::new(fx.arc(), SessionOptions::default());
+    let out = s
+        .generate(&long, &greedy(3), &tok, &cancel, &mut |e| {
+            if matches!(e, Event::Prefill { .. }) {
+                trigger.cancel();
+            }
+        })
+        .expect("a stop is not an error");
+    assert_eq!(out.finish, FinishReason::Cancelled);
+    assert_eq!(out.stats.prompt_tokens, PREFILL_BLOCK);
+    assert_eq!(s.tokens.len(), PREFILL_BLOCK);
+    assert_eq!(s.state.pos, PREFILL_BLOCK);
+    assert!(out.stats.prefill_tokens_per_s > 0.0);
 }

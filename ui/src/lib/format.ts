@@ -1,6 +1,15 @@
 // Small, pure formatting helpers for numbers, sizes, speeds and dates.
 
-const nf = new Intl.NumberFormat(undefined);
+/**
+ * The user's number format, if it groups thousands; else (no locale set: the webview falls back
+ * to a POSIX locale that does not group) English grouping, "16,266".
+ */
+export function intFormat(locale: string | undefined = undefined): Intl.NumberFormat {
+  const own = new Intl.NumberFormat(locale, { maximumFractionDigits: 0 });
+  return /^\d+$/.test(own.format(1_234_567)) ? new Intl.NumberFormat('en-US', { maximumFractionDigits: 0 }) : own;
+}
+
+const nf = intFormat();
 
 export function formatInt(n: number): string {
   return nf.format(Math.round(n));
@@ -25,17 +34,22 @@ export function formatSpeed(bytesPerSec: number): string {
   return `${formatBytes(bytesPerSec)}/s`;
 }
 
-/** Seconds left at the current speed, as "12 s" / "3 min" / "2 h". */
-export function formatEta(remainingBytes: number, bytesPerSec: number): string {
-  if (bytesPerSec <= 0) return '';
-  const s = remainingBytes / bytesPerSec;
+/** A wait: "253 ms", "2.91 s", "6 min 39 s", "1 h 02 min". */
+export function formatMs(ms: number): string {
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(2)} s`;
+  const s = Math.round(ms / 1000);
+  if (s < 3600) return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, '0')} s`;
+  return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, '0')} min`;
+}
+
+/** Time left for `remaining` units at `perSecond`: "12 s left", "5 min left", "1.2 h left". */
+export function formatTimeLeft(remaining: number, perSecond: number): string {
+  if (!(perSecond > 0)) return '';
+  const s = remaining / perSecond;
   if (s < 60) return `${Math.ceil(s)} s left`;
   if (s < 3600) return `${Math.ceil(s / 60)} min left`;
   return `${(s / 3600).toFixed(1)} h left`;
-}
-
-export function formatMs(ms: number): string {
-  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
 }
 
 export function formatRate(perSecond: number): string {

@@ -35,8 +35,12 @@ import type {
 export type Scenario = 'ready' | 'empty';
 
 interface Timing {
-  /** Delay before the first token, ms. */
+  /** Delay before the turn starts (`started`): loading the model the first time, preparing the turn, ms. */
   firstTokenMs: number;
+  /** How fast a prompt is read, tokens/s (0: at once). Prompts over one block (512) send `prefill` events. */
+  prefillTokensPerS: number;
+  /** How long a stop takes to be confirmed (`stopped`), ms: a real model ends its block first. */
+  stopMs: number;
   /** Delay between tokens, ms. */
   tokenMs: number;
   /** Progress ticks a download takes from 0 to done. */
@@ -54,9 +58,20 @@ interface Generation {
   sent: number;
   channel: string;
   timer: ReturnType<typeof setTimeout> | null;
-  startedAt: number;
+  /** When the prompt began to be read (`started`). */
+  promptStartedAt: number | null;
+  /** When it was read. */
+  promptReadAt: number | null;
   firstTokenAt: number | null;
   promptTokens: number;
+  /** Prompt tokens read so far. */
+  read: number;
+  /** The memory before the turn. */
+  before: MemoryInfo;
+  /** The model's loading, when this turn loaded it. */
+  loadMs: number | null;
+  /** Stop was asked (a second stop changes nothing). */
+  stopping: boolean;
   failAfter: { after: number; kind: ErrorKind; message: string } | null;
   /** Regenerate: the old answer, kept until the first token (docs/ipc.md). */
   replaces: Message | null;
@@ -254,6 +269,18 @@ function clone<T>(value: T): T {
   return JSON.parse(JSON.stringify(value)) as T;
 }
 
+/** The device's name as the backend words it (src-tauri/src/device.rs). */
+function deviceName(kind: string): string {
+  return kind === 'cpu' ? 'CPU (8 threads)' : `${kind.toUpperCase()} device 0`;
+}
+
+/** `memory` after `fed` more tokens were read (negative: before they were). */
+function advance(memory: MemoryInfo, fed: number): MemoryInfo {
+  const totalTokens = Math.max(0, memory.totalTokens + fed);
+  const windowFill = Math.min(totalTokens, memory.windowSize);
+  return { ...memory, windowFill, recurrentOnlyTokens: totalTokens - windowFill, totalTokens };
+}
+
 function fail(kind: ErrorKind, message: string): CommandError {
   return { kind, message };
 }
@@ -294,6 +321,7 @@ function seedConversations(): StoredConversation[] {
             ttftMs: 180,
             prefillTokensPerS: 950,
             decodeTokensPerS: 42.5,
+            loadMs: null,
           }
         : null,
     createdAt: at(minutesAgo),
@@ -351,6 +379,7 @@ function initialState(scenario: Scenario): MockState {
     description: item.description,
     variants: null,
     baseModel: item.baseModel,
+    baseSizeBytes: item.baseBytes,
   }));
   const settings = clone(DEFAULT_SETTINGS);
   let conversations: StoredConversation[] = [];
@@ -365,7 +394,7 @@ function initialState(scenario: Scenario): MockState {
     settings,
     hfToken: null,
     conversations,
-    device: { compiled: ['cpu', 'cuda'], inUse: 'cuda', name: 'NVIDIA RTX 4070 (mock)' },
+    device: { compiled: ['cpu', 'cuda'], inUse: 'cuda', name: deviceName('cuda') },
   };
 }
 
@@ -376,6 +405,8 @@ class MockBackend implements MockControl {
   private reply: string | null = null;
   private timing: Timing = {
     firstTokenMs: 120,
+    prefillTokensPerS: 0,
+    stopMs: 0,
     tokenMs: 40,
     downloadTicks: 30,
     downloadTickMs: 100,
@@ -385,6 +416,8 @@ class MockBackend implements MockControl {
   private generationFailure: Generation['failAfter'] = null;
   private downloadFailure: { at: number; kind: ErrorKind; message: string } | null = null;
   private generation: Generation | null = null;
+  /** The model (repo/variant) the last turn ran on: another one is "loaded" by the next turn. */
+  private loaded: string | null = null;
   private downloads = new Map<string, Download>();
   private channelIndex = new Map<string, number>();
   private nextId = 1;
@@ -398,6 +431,7 @@ class MockBackend implements MockControl {
   reset(scenario: Scenario = 'ready') {
     if (this.generation?.timer) clearTimeout(this.generation.timer);
     this.generation = null;
+    this.loaded = null;
     for (const d of this.downloads.values()) clearInterval(d.timer);
     this.downloads.clear();
     this.failures.clear();
@@ -572,6 +606,7 @@ class MockBackend implements MockControl {
       description: 'Added by repository id.',
       variants: null,
       baseModel: null,
+      baseSizeBytes: null,
     };
     this.state.models.push(entry);
     return entry;
@@ -591,8 +626,9 @@ class MockBackend implements MockControl {
       title: name,
       source: 'local',
       description: `Imported from ${p}.`,
-      variants: [{ name: 'delta_rule', operatorMode: 'delta_rule', downloaded: true, sizeBytes: 8 * MiB }],
-      baseModel: null,
+      variants: [{ name: 'delta_rule', operatorMode: 'delta_rule', downloaded: true, sizeBytes: 909 }],
+      baseModel: '../models/smollm2-135m-instruct',
+      baseSizeBytes: 540 * MiB,
     };
     this.state.models = this.state.models.filter((m) => m.repoId !== p);
     this.state.models.push(entry);
@@ -716,6 +752,7 @@ class MockBackend implements MockControl {
     this.state.settings = { ...clone(next), hfTokenSet: this.state.hfToken !== null };
     const d = this.state.device;
     d.inUse = next.device === 'auto' ? (d.compiled.includes('cuda') ? 'cuda' : 'cpu') : next.device;
+    d.name = deviceName(d.inUse);
     return this.settingsOut();
   }
 
@@ -866,10 +903,14 @@ class MockBackend implements MockControl {
       c.unreadTokens = Math.max(0, this.textTokens(c) - freshMemoryTokens(windowSize));
       c.freshMemory = false;
     }
-    const before = this.memory(c);
-    const promptTokens = before.totalTokens;
+    // The prompt: the last user message (with its template tokens), read on top of the memory.
+    const after = this.memory(c);
+    const last = c.messages.at(-1);
+    const promptTokens = Math.min(after.totalTokens, last?.role === 'user' ? countTokens(last.content) + 4 : 4);
+    const before = advance(after, -promptTokens);
     c.messages.push(message);
     c.updatedAt = now();
+    const model = `${this.state.settings.modelRepo}/${this.state.settings.variant}`;
     const g: Generation = {
       conversationId: c.id,
       message,
@@ -877,34 +918,69 @@ class MockBackend implements MockControl {
       sent: 0,
       channel,
       timer: null,
-      startedAt: performance.now(),
+      promptStartedAt: null,
+      promptReadAt: null,
       firstTokenAt: null,
       promptTokens,
+      read: 0,
+      before,
+      loadMs: this.loaded === model ? null : this.timing.firstTokenMs,
+      stopping: false,
       failAfter: this.generationFailure,
       replaces: null,
     };
+    this.loaded = model;
     this.generationFailure = null;
     this.generation = g;
     g.timer = setTimeout(() => {
-      this.emit(channel, { kind: 'started', memory: before });
-      c.health = this.nextHealth(c);
-      this.emit(channel, { kind: 'memory', memory: this.memory(c) });
-      this.tick(g, c);
+      g.promptStartedAt = performance.now();
+      this.emit(channel, { kind: 'started', memory: before, promptTokens, loadMs: g.loadMs });
+      this.readPrompt(g, c);
     }, this.timing.firstTokenMs);
     return message;
   }
 
+  /** Reads the prompt block by block (512 tokens), at `prefillTokensPerS`, as the backend does. */
+  private readPrompt(g: Generation, c: StoredConversation) {
+    if (this.generation !== g) return;
+    const speed = this.timing.prefillTokensPerS;
+    if (g.read > 0 && g.read < g.promptTokens) {
+      this.emit(g.channel, {
+        kind: 'prefill',
+        read: g.read,
+        total: g.promptTokens,
+        elapsedMs: performance.now() - (g.promptStartedAt ?? 0),
+        memory: advance(g.before, g.read),
+      });
+    }
+    if (g.read >= g.promptTokens || !(speed > 0)) {
+      g.read = g.promptTokens;
+      g.promptReadAt = performance.now();
+      c.health = this.nextHealth(c);
+      this.emit(g.channel, { kind: 'memory', memory: { ...advance(g.before, g.read), health: c.health } });
+      this.tick(g, c);
+      return;
+    }
+    const block = Math.min(512, g.promptTokens - g.read);
+    g.timer = setTimeout(() => {
+      g.read += block;
+      this.readPrompt(g, c);
+    }, (block / speed) * 1000);
+  }
+
   private stats(g: Generation): Stats {
     const end = performance.now();
+    const start = g.promptStartedAt ?? end;
     const first = g.firstTokenAt ?? end;
     const decodeSecs = Math.max((end - first) / 1000, 1e-3);
-    const ttftMs = Math.round(first - g.startedAt);
+    const readSecs = Math.max(((g.promptReadAt ?? end) - start) / 1000, 1e-3);
     return {
-      promptTokens: g.promptTokens,
+      promptTokens: g.read,
       generatedTokens: g.sent,
-      ttftMs,
-      prefillTokensPerS: Math.round(g.promptTokens / Math.max(ttftMs / 1000, 1e-3)),
+      ttftMs: Math.round(first - start),
+      prefillTokensPerS: Math.round(g.read / readSecs),
       decodeTokensPerS: g.sent > 1 ? Math.round(((g.sent - 1) / decodeSecs) * 10) / 10 : 0,
+      loadMs: g.loadMs,
     };
   }
 
@@ -936,26 +1012,32 @@ class MockBackend implements MockControl {
     if (g.firstTokenAt === null) g.firstTokenAt = performance.now();
     this.settleReplacement(g, c);
     g.message.content += text;
-    this.emit(g.channel, { kind: 'token', text });
+    this.emit(g.channel, { kind: 'token', text, generated: g.sent });
     g.timer = setTimeout(() => this.tick(g, c), this.timing.tokenMs);
   }
 
   private stop(conversationId: string) {
     const g = this.generation;
-    if (!g || g.conversationId !== conversationId) return;
+    if (!g || g.conversationId !== conversationId || g.stopping) return;
+    g.stopping = true;
     if (g.timer) clearTimeout(g.timer);
+    g.timer = null;
+    if (this.timing.stopMs > 0) g.timer = setTimeout(() => this.stopped(g), this.timing.stopMs);
+    else this.stopped(g);
+  }
+
+  /** The end of a stopped generation: saved, then announced. */
+  private stopped(g: Generation) {
+    const conversationId = g.conversationId;
     this.generation = null;
     g.message.status = 'partial';
     g.message.stats = this.stats(g);
     const c = this.state.conversations.find((x) => x.id === conversationId);
     if (c) this.settleReplacement(g, c);
-    this.emit(g.channel, {
-      kind: 'stopped',
-      stats: g.message.stats,
-      memory: c
-        ? this.memory(c)
-        : { windowSize: 0, windowFill: 0, recurrentOnlyTokens: 0, totalTokens: 0, health: UNKNOWN },
-    });
+    // The memory holds what was read: the prompt so far, and the tokens generated.
+    const memory = { ...advance(g.before, g.read + g.sent), health: c?.health ?? UNKNOWN };
+    if (c) c.unreadTokens = Math.max(0, this.textTokens(c) - memory.totalTokens);
+    this.emit(g.channel, { kind: 'stopped', stats: g.message.stats, memory });
   }
 
   private addUser(c: StoredConversation, content: string): Message {

@@ -45,6 +45,8 @@ export interface ModelEntry {
   /** null until the repo's files have been listed (refresh_variants). */
   variants: VariantEntry[] | null;
   baseModel: string | null;
+  /** Bytes of the base model every variant needs beside its own files (shared), when known. */
+  baseSizeBytes: number | null;
 }
 
 export type DownloadEvent =
@@ -112,11 +114,15 @@ export type Role = 'user' | 'assistant' | 'system';
 export type MessageStatus = 'complete' | 'partial' | 'error';
 
 export interface Stats {
+  /** Prompt tokens read (when stopped while reading it, as many as were read). */
   promptTokens: number;
   generatedTokens: number;
+  /** From the moment the prompt began to be read to the first token (model loading excluded). */
   ttftMs: number;
   prefillTokensPerS: number;
   decodeTokensPerS: number;
+  /** How long loading the model took, when this answer's turn loaded it. */
+  loadMs: number | null;
 }
 
 export type MemoryVerdict = 'unknown' | 'healthy' | 'strained' | 'broken';
@@ -170,10 +176,13 @@ export type ExportFormat = 'markdown' | 'json';
 // ---- Chat ---------------------------------------------------------------------------------
 
 export type ChatEvent =
-  | { kind: 'started'; memory: MemoryInfo }
+  | { kind: 'started'; memory: MemoryInfo; promptTokens: number; loadMs: number | null }
+  /** Part of a long prompt has been read: how far, how long it took, and the memory now. */
+  | { kind: 'prefill'; read: number; total: number; elapsedMs: number; memory: MemoryInfo }
   /** The prompt has been read (before the first token): the memory after it, with its health. */
   | { kind: 'memory'; memory: MemoryInfo }
-  | { kind: 'token'; text: string }
+  /** `generated`: tokens generated so far (a piece may hold several). */
+  | { kind: 'token'; text: string; generated: number }
   | { kind: 'done'; stats: Stats; memory: MemoryInfo }
   | { kind: 'stopped'; stats: Stats; memory: MemoryInfo }
   | { kind: 'error'; errorKind?: ErrorKind; message: string; partial: string };

@@ -6,13 +6,21 @@
 //   event from an older stream never touches a newer one.
 // - Channel events may arrive before `send_message` resolves: the new messages carry placeholder
 //   ids until then, and events address the live message, not an id.
-// - Tokens are buffered and applied once per animation frame; every terminal event applies the
-//   buffer first, so a stopped or failed answer keeps all the text that arrived.
+// - Tokens are buffered and applied at most every FLUSH_MS (each application re-renders the
+//   answer's markdown: at a fast model's rate, once a frame, that is CPU taken from the model);
+//   every terminal event applies the buffer first, so a stopped or failed answer keeps all the
+//   text that arrived.
 // - A failed command puts the messages back as they were; the composer's draft is only cleared
 //   once the backend has the message (drafts.svelte.ts).
 // - The memory's health is the meter's (`memory.health`): the `memory` event brings it once the
 //   prompt is read, before the answer streams; `resetMemory` replaces a broken memory with an
 //   empty one (its health `unknown`, so the warning goes).
+// - The meter shows what the model has read, live: the backend's memory from `started`, each
+//   `prefill` (a long prompt being read) and `memory`, plus the tokens generated since (each is
+//   read too). A stream ended here (Stop not confirmed in time) keeps the meter last shown, and
+//   the backend's late end still updates the meter and the answer's stats.
+// - TTFT has one meaning, live and saved: from the moment the prompt began to be read (`started`)
+//   to the first token; the model's loading is shown apart.
 
 import * as api from '../services/api';
 import type { ChatEvent, Conversation, MemoryInfo, Message, Stats } from '../services/types';
@@ -42,6 +50,14 @@ export interface LiveGeneration {
   firstTokenAt: number | null;
   lastTokenAt: number | null;
   tokens: number;
+  /** Tokens generated so far, as the backend counts them (a piece may hold several). */
+  generated: number;
+  /** When `started` came: the prompt began to be read (the TTFT's start). */
+  promptStartedAt: number | null;
+  /** The model's loading, when this turn loaded it. */
+  loadMs: number | null;
+  /** The prompt's reading: tokens read, in all, and how long it has taken so far. */
+  prompt: { read: number; total: number; elapsedMs: number } | null;
   memory: MemoryInfo | null;
   stopping: boolean;
   /**
@@ -70,8 +86,23 @@ const EMPTY_MEMORY: MemoryInfo = {
   totalTokens: 0,
   health: UNKNOWN_HEALTH,
 };
+/** Least time between two renders of a streaming answer's text. */
+const FLUSH_MS = 100;
 /** How long to wait for the backend's `stopped` after a successful stop command. */
 const STOP_GRACE_MS = 5000;
+
+/** `memory` after `fed` more tokens were read (the window holds the last `windowSize`). */
+export function advanceMemory(memory: MemoryInfo, fed: number): MemoryInfo {
+  const totalTokens = memory.totalTokens + fed;
+  const windowFill = memory.windowSize ? Math.min(totalTokens, memory.windowSize) : totalTokens;
+  return {
+    windowSize: memory.windowSize,
+    windowFill,
+    recurrentOnlyTokens: totalTokens - windowFill,
+    totalTokens,
+    health: memory.health ?? UNKNOWN_HEALTH,
+  };
+}
 
 class ChatStore {
   /** The conversation on screen; null for a new chat not created yet. */
@@ -88,8 +119,10 @@ class ChatStore {
 
   private openSeq = 0;
   private genSeq = 0;
+  /** A stream ended here before the backend confirmed its end: its late end still counts. */
+  private late: { seq: number; conversationId: string; messageId: string } | null = null;
   private pending = '';
-  private frame: number | null = null;
+  private frame: ReturnType<typeof setTimeout> | null = null;
 
   /** The drafts key of what is on screen. */
   get draftKey(): string {
@@ -102,22 +135,18 @@ class ChatStore {
     return live && this.conversation && live.conversationId === this.conversation.id ? live : null;
   }
 
-  /** The memory meter's figures, advanced token by token while an answer streams. */
+  /**
+   * The memory meter's figures: what the model has read, live — the backend's latest meter
+   * (before the turn, while a long prompt is read, once it is read) plus the tokens generated
+   * since.
+   */
   get memory(): MemoryInfo | null {
     const c = this.conversation;
     if (!c) return null;
     const live = this.liveHere;
     const base = live?.memory ?? c.memory;
-    if (!live || !base.windowSize) return base.windowSize ? base : null;
-    const totalTokens = base.totalTokens + live.tokens;
-    const windowFill = Math.min(totalTokens, base.windowSize);
-    return {
-      windowSize: base.windowSize,
-      windowFill,
-      recurrentOnlyTokens: totalTokens - windowFill,
-      totalTokens,
-      health: base.health ?? UNKNOWN_HEALTH,
-    };
+    if (!base.windowSize) return null;
+    return live?.generated ? advanceMemory(base, live.generated) : base;
   }
 
   /**
@@ -302,7 +331,10 @@ class ChatStore {
       const seq = live.seq;
       // If the backend never confirms, end the stream here with what arrived.
       setTimeout(() => {
-        if (this.live?.seq === seq) this.finish(seq, 'partial', null, null);
+        const l = this.live;
+        if (l?.seq !== seq) return;
+        this.late = { seq, conversationId: l.conversationId, messageId: l.messageId };
+        this.finish(seq, 'partial', null, null);
       }, STOP_GRACE_MS);
     } catch (err) {
       if (this.live?.seq === live.seq) this.live.stopping = false;
@@ -402,6 +434,10 @@ class ChatStore {
       firstTokenAt: null,
       lastTokenAt: null,
       tokens: 0,
+      generated: 0,
+      promptStartedAt: null,
+      loadMs: null,
+      prompt: null,
       memory: null,
       stopping: false,
       replaces: replaced(),
@@ -410,6 +446,7 @@ class ChatStore {
       const result = await command((event) => this.onEvent(seq, event));
       this.renameMessage(conv, `pending-assistant-${seq}`, result.assistantMessageId);
       if (this.live?.seq === seq) this.live.messageId = result.assistantMessageId;
+      if (this.late?.seq === seq) this.late.messageId = result.assistantMessageId;
       void conversations.load();
       return { ...result, seq };
     } catch (err) {
@@ -430,13 +467,24 @@ class ChatStore {
 
   private onEvent(seq: number, event: ChatEvent) {
     const live = this.live;
-    if (!live || live.seq !== seq) return;
+    if (!live || live.seq !== seq) {
+      this.onLateEnd(seq, event);
+      return;
+    }
     switch (event.kind) {
       case 'started':
+        live.promptStartedAt = performance.now();
+        live.loadMs = event.loadMs ?? null;
+        live.prompt = { read: 0, total: event.promptTokens ?? 0, elapsedMs: 0 };
+        live.memory = event.memory;
+        break;
+      case 'prefill':
+        live.prompt = { read: event.read, total: event.total, elapsedMs: event.elapsedMs };
         live.memory = event.memory;
         break;
       case 'memory':
         // The prompt is read: the meter and its health before the first token.
+        if (live.prompt) live.prompt = { ...live.prompt, read: live.prompt.total };
         live.memory = event.memory;
         break;
       case 'token': {
@@ -444,8 +492,9 @@ class ChatStore {
         if (live.firstTokenAt === null) live.firstTokenAt = now;
         live.lastTokenAt = now;
         live.tokens++;
+        live.generated = Math.max(live.generated, event.generated ?? live.tokens);
         this.pending += event.text;
-        if (this.frame === null) this.frame = requestAnimationFrame(() => this.flush());
+        if (this.frame === null) this.frame = setTimeout(() => this.flush(), FLUSH_MS);
         break;
       }
       case 'done':
@@ -466,10 +515,25 @@ class ChatStore {
   }
 
   private flush() {
-    if (this.frame !== null) cancelAnimationFrame(this.frame);
+    if (this.frame !== null) clearTimeout(this.frame);
     this.frame = null;
     if (this.live && this.pending) this.live.text += this.pending;
     this.pending = '';
+  }
+
+  /**
+   * The backend's end of a stream this side already ended (Stop not confirmed in time): the
+   * answer's stats and the meter become the backend's.
+   */
+  private onLateEnd(seq: number, event: ChatEvent) {
+    const late = this.late;
+    if (!late || late.seq !== seq || (event.kind !== 'stopped' && event.kind !== 'done')) return;
+    this.late = null;
+    const conv = this.conversation;
+    if (!conv || conv.id !== late.conversationId) return;
+    const m = conv.messages.find((x) => x.id === late.messageId);
+    if (m) m.stats = event.stats;
+    conv.memory = event.memory;
   }
 
   private finish(
@@ -482,6 +546,11 @@ class ChatStore {
     this.flush();
     const live = this.live;
     if (!live || live.seq !== seq) return;
+    // A stream ended here after Stop (no backend meter yet): the meter last shown stays, as the
+    // stopped memory keeps what it read. After an error the memory goes back to its last
+    // snapshot (docs/ipc.md): the meter from before the turn stays.
+    const stoppedHere = !memory && status === 'partial' && live.memory;
+    const shown = memory ?? (stoppedHere ? (this.liveHere === live ? this.memory : live.memory) : null);
     this.live = null;
     const conv = this.conversation;
     if (conv && conv.id === live.conversationId) {
@@ -499,7 +568,7 @@ class ChatStore {
         m.stats = stats;
         if (errorText) m.errorText = errorText;
       }
-      if (memory) conv.memory = memory;
+      if (shown) conv.memory = shown;
     }
     void conversations.load();
   }

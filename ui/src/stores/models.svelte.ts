@@ -76,10 +76,22 @@ class ModelsStore {
     return entry;
   }
 
-  async importLocal(path: string): Promise<ModelEntry> {
+  /**
+   * Imports a folder. When no model is chosen yet, its first variant becomes the one in use (as
+   * the first download does); the variant chosen is returned with the entry (null: none was).
+   */
+  async importLocal(path: string): Promise<{ entry: ModelEntry; chosen: string | null }> {
     const entry = await api.importLocalModel(path.trim());
     this.replace(entry);
-    return entry;
+    const first = entry.variants?.find((v) => v.downloaded)?.name ?? null;
+    if (!first || !settings.value || settings.ready) return { entry, chosen: null };
+    try {
+      await settings.use(entry.repoId, first);
+      return { entry, chosen: first };
+    } catch (err) {
+      ui.error(err, { context: 'Choosing the model' });
+      return { entry, chosen: null };
+    }
   }
 
   async download(repoId: string, variant: string) {
