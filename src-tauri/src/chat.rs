@@ -519,7 +519,7 @@ fn tail_that_fits(ids: Vec<u32>, prefix: &[u32], limit: usize) -> Vec<u32> {
 }
 
 fn model_key(id: &ModelIdentity) -> ModelKey {
-    ModelKey::new(id.model.clone(), id.variant.clone(), id.config_hash.clone())
+    ModelKey::new(id.model.clone(), id.variant.clone(), id.numerics_key())
 }
 
 fn engine_message(m: &Message) -> tptt_engine::Message {

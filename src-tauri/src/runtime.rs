@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokenizers::Tokenizer;
 use tptt::model::{LoadOptions, Model};
 use tptt::repo::{TpttRepo, VariantFiles};
-use tptt_engine::snapshot::{config_hash, ModelIdentity};
+use tptt_engine::snapshot::ModelIdentity;
 use tptt_engine::template::{GenerationConfig, PromptFormat, TokenizerConfig};
 use tptt_engine::Engine;
 use tptt_hub::Hub;
@@ -171,11 +171,8 @@ pub fn load(key: LoadKey, files: &VariantFiles) -> CmdResult<LoadedModel> {
     }
     let format = PromptFormat::from_tokenizer_config(&tcfg)
         .map_err(|e| CommandError::model_load(&what, e))?;
-    let identity = ModelIdentity {
-        model: key.model.id(),
-        variant: key.variant.clone(),
-        config_hash: config_hash(model.config()),
-    };
+    let identity = ModelIdentity::of(key.model.id(), files, model.config())
+        .map_err(|e| CommandError::model_load(&what, e))?;
     let tokenizer = Arc::new(tokenizer);
     let engine = Engine::spawn(tokenizer.clone())
         .map_err(|e| CommandError::internal("Cannot start the generation thread", e))?;

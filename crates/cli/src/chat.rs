@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use tokenizers::Tokenizer;
 use tptt::repo::VariantFiles;
 use tptt_engine::session::{CancelToken, Event, GenerateOptions, Session, SessionOptions};
-use tptt_engine::snapshot::{self, config_hash, ModelIdentity};
+use tptt_engine::snapshot::{self, ModelIdentity};
 use tptt_engine::template::{GenerationConfig, Message, PromptFormat, TokenizerConfig};
 use tptt_engine::ChatTranscript;
 use tptt_engine::SamplingParams;
@@ -57,11 +57,11 @@ fn ready(args: &ModelArgs) -> Result<Ready> {
 fn identity(files: &VariantFiles, model: &tptt::model::Model) -> Result<ModelIdentity> {
     let root = files.dir.parent().unwrap_or(&files.dir);
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    Ok(ModelIdentity {
-        model: root.display().to_string(),
-        variant: files.name.clone(),
-        config_hash: config_hash(model.config()),
-    })
+    Ok(ModelIdentity::of(
+        root.display().to_string(),
+        files,
+        model.config(),
+    )?)
 }
 
 fn options(gen: &GenArgs, ready: &Ready) -> Result<GenerateOptions> {

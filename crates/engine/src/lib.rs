@@ -24,7 +24,7 @@
 //!   and where they differ from the reference.
 //! - [`chat`]: [`ChatTranscript`], chat turns that feed only what they add to the state.
 //! - [`snapshot`]: sessions saved to / restored from versioned safetensors files, refused on
-//!   another model, variant or config.
+//!   another model, variant, config or weights ([`identity`]: [`ModelIdentity`]).
 //! - [`worker`]: the [`Engine`] that runs jobs on its own OS thread.
 //! - [`health`]: [`Surprise`], the model's surprise on what a conversation read, and the
 //!   verdict on whether its memory still helps ([`Health`]).
@@ -33,9 +33,11 @@
 
 pub mod chat;
 pub mod detok;
+mod digest;
 pub mod error;
 pub mod eval;
 pub mod health;
+pub mod identity;
 pub mod sampler;
 pub mod session;
 pub mod snapshot;

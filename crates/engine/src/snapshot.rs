@@ -1,22 +1,27 @@
 //! State snapshots: a [`Session`] saved to a versioned, self-describing safetensors file and
-//! restored onto the same model, variant and config only.
+//! restored onto the same model, variant, config and weights only ([`ModelIdentity`]).
 //!
 //! File: safetensors; tensors from [`tptt::state::State::to_tensors`] plus `tokens` (u32, the last
 //! [`HISTORY_KEPT`] ids, for the repetition penalty and the detokenizer context) and
 //! `last_logits` (f32 `[V]`), stored in name order. `__metadata__` (all strings): `format` =
 //! `tptt-chat-state`, `version` = [`SNAPSHOT_VERSION`], `engine_version`, `model`, `variant`,
-//! `config_hash`, `dtype` (`f32`), `window`, `mode`, `pos` (token count), `kv_len`,
-//! `history_len`, `surprise` (the [`Surprise`] record as JSON; absent from files written before
-//! it existed, which still load with a fresh record), and `checksum` (16 hex digits), so a corrupted file is refused instead of
-//! silently restoring other numbers:
+//! `config_hash`, `weights` (the [`ModelIdentity`], see [`crate::identity`]), `dtype` (`f32`),
+//! `window`, `mode`, `pos` (token count), `kv_len`, `history_len`, `surprise` (the [`Surprise`]
+//! record as JSON; absent from files written before it existed, which still load with a fresh
+//! record), and `checksum` (16 hex digits), so a corrupted file is refused instead of silently
+//! restoring other numbers:
 //!
-//! * version 3 (written): a 64-bit FNV-1a chain over the other metadata (sorted, length-prefixed)
+//! * version 4 (written): a 64-bit FNV-1a chain over the other metadata (sorted, length-prefixed)
 //!   and, per tensor in name order, its name, dtype, shape and a digest of its bytes. The digest
 //!   runs 8 independent FNV-style lanes over 64-byte blocks (lane `i` takes word `i` of each
 //!   block), folded with the length at the end, which runs at memory speed. Every step
 //!   `h ← (h ⊕ w)·p` (odd `p`) is a bijection of `h` and injective in `w`, so a change confined to
 //!   one 8-byte word (any single flipped byte) always changes the checksum.
-//! * version 2 (still read): the same FNV-1a chain fed the tensors' bytes 8 at a time in a single
+//! * version 3 (still read): the same layout and checksum with the identity of before
+//!   [`crate::identity`]: `config_hash` over the config's `Debug` text, no `weights`. Such a
+//!   file loads when its hash matches that old hash of the model's config; its weights cannot
+//!   be checked (it was written before they were fingerprinted).
+//! * version 2 (still read, identity as version 3): the same FNV-1a chain fed the tensors' bytes 8 at a time in a single
 //!   lane (about 4 times slower).
 //!
 //! Other versions are refused with an error naming the version.
@@ -49,49 +54,28 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, Device, Storage, StridedBlocks, Tensor};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
-use tptt::config::ModelConfig;
 use tptt::linear::CarryMode;
 use tptt::model::{Model, State};
 
+use crate::digest::{Fnv, Lanes};
 use crate::error::{Error, Result};
 use crate::health::Surprise;
+use crate::identity::legacy_config_hash;
+pub use crate::identity::{config_hash, ModelIdentity};
 use crate::session::Session;
 
 /// Format version written.
-pub const SNAPSHOT_VERSION: &str = "3";
-/// The previous format version, still read (same layout, slower single-lane checksum).
+pub const SNAPSHOT_VERSION: &str = "4";
+/// An earlier format version, still read: the version 4 layout and checksum, an older identity
+/// (a config hash of the `Debug` text, no weights fingerprint).
+pub const SNAPSHOT_VERSION_V3: &str = "3";
+/// The oldest format version still read (the version 3 layout, slower single-lane checksum).
 pub const SNAPSHOT_VERSION_V2: &str = "2";
 /// Token ids kept in a snapshot.
 pub const HISTORY_KEPT: usize = 4096;
 const FORMAT: &str = "tptt-chat-state";
 /// A checksum value's placeholder while the data is written (same length as every value).
 const CHECKSUM_PLACEHOLDER: &str = "0000000000000000";
-
-/// Which model a snapshot belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelIdentity {
-    /// Repo id or folder.
-    pub model: String,
-    /// Variant name.
-    pub variant: String,
-    /// [`config_hash`] of the loaded config.
-    pub config_hash: String,
-}
-
-/// A stable hash of everything in the config that changes the numerics (not paths).
-pub fn config_hash(cfg: &ModelConfig) -> String {
-    let mut t = cfg.tptt.clone();
-    t.base_model_name.clear();
-    t.base_model_subfolder = None;
-    let text = format!("{:?}|{:?}", cfg.base, t);
-    // FNV-1a 64
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
-}
 
 /// Snapshot metadata, as read back.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,102 +92,6 @@ pub struct SnapshotInfo {
     pub bytes: u64,
 }
 
-const FNV_OFFSET: u64 = 0xcbf29ce484222325;
-const FNV_PRIME: u64 = 0x100000001b3;
-
-/// 64-bit FNV-1a, fed 8 bytes at a time (every step is a bijection of the running hash, so a
-/// changed word always changes the result). Not cryptographic: it detects corruption only.
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Self(FNV_OFFSET)
-    }
-    fn word(&mut self, w: u64) {
-        self.0 ^= w;
-        self.0 = self.0.wrapping_mul(FNV_PRIME);
-    }
-    /// Length-prefixed, so that field boundaries count.
-    fn bytes(&mut self, b: &[u8]) {
-        self.word(b.len() as u64);
-        let mut words = b.chunks_exact(8);
-        for w in &mut words {
-            self.word(u64::from_le_bytes([
-                w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
-            ]));
-        }
-        let mut last = [0u8; 8];
-        last[..words.remainder().len()].copy_from_slice(words.remainder());
-        self.word(u64::from_le_bytes(last));
-    }
-}
-
-/// The version 3 digest of one tensor's bytes, fed in pieces: 8 FNV-style lanes over 64-byte
-/// blocks (lane `i` takes the block's word `i`), a zero-padded last block, then the byte count
-/// and the lanes folded by [`Fnv`]. The lanes are independent, so the CPU runs them in parallel.
-struct Lanes {
-    lanes: [u64; 8],
-    pending: [u8; 64],
-    pending_len: usize,
-    len: u64,
-}
-
-impl Lanes {
-    fn new() -> Self {
-        Self {
-            lanes: std::array::from_fn(|i| FNV_OFFSET ^ i as u64),
-            pending: [0; 64],
-            pending_len: 0,
-            len: 0,
-        }
-    }
-
-    fn block(lanes: &mut [u64; 8], block: &[u8]) {
-        for (i, lane) in lanes.iter_mut().enumerate() {
-            let w = &block[i * 8..i * 8 + 8];
-            *lane ^= u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-            *lane = lane.wrapping_mul(FNV_PRIME);
-        }
-    }
-
-    fn update(&mut self, mut b: &[u8]) {
-        self.len += b.len() as u64;
-        if self.pending_len > 0 {
-            let take = (64 - self.pending_len).min(b.len());
-            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&b[..take]);
-            self.pending_len += take;
-            b = &b[take..];
-            if self.pending_len < 64 {
-                return;
-            }
-            let block = self.pending;
-            Self::block(&mut self.lanes, &block);
-            self.pending_len = 0;
-        }
-        let mut blocks = b.chunks_exact(64);
-        for block in &mut blocks {
-            Self::block(&mut self.lanes, block);
-        }
-        let rest = blocks.remainder();
-        self.pending[..rest.len()].copy_from_slice(rest);
-        self.pending_len = rest.len();
-    }
-
-    fn finish(mut self) -> u64 {
-        if self.pending_len > 0 {
-            self.pending[self.pending_len..].fill(0);
-            let block = self.pending;
-            Self::block(&mut self.lanes, &block);
-        }
-        let mut h = Fnv::new();
-        h.word(self.len);
-        for lane in self.lanes {
-            h.word(lane);
-        }
-        h.0
-    }
-}
-
 /// One tensor as written or read: its bytes may come in several pieces (the blocks of a view).
 struct Part<'a> {
     name: &'a str,
@@ -218,8 +106,8 @@ impl Part<'_> {
     }
 }
 
-/// The `checksum` metadata value of a snapshot of format `version` ([`SNAPSHOT_VERSION`] or
-/// [`SNAPSHOT_VERSION_V2`], see the module doc): the metadata (sorted, without `checksum`) and
+/// The `checksum` metadata value of a snapshot of format `version` ([`SNAPSHOT_VERSION`],
+/// [`SNAPSHOT_VERSION_V3`] or [`SNAPSHOT_VERSION_V2`], see the module doc): the metadata (sorted, without `checksum`) and
 /// the tensors (sorted by name) as `(name, dtype, shape, bytes)`.
 fn checksum(version: &str, meta: &HashMap<String, String>, parts: &[Part<'_>]) -> String {
     let mut h = Fnv::new();
@@ -373,6 +261,7 @@ pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<
         ("model", identity.model.clone()),
         ("variant", identity.variant.clone()),
         ("config_hash", identity.config_hash.clone()),
+        ("weights", identity.weights.clone()),
         ("dtype", "f32".to_string()),
         (
             "window",
@@ -491,9 +380,9 @@ fn read_meta(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
         ));
     }
     match meta.get("version").map(String::as_str) {
-        Some(SNAPSHOT_VERSION | SNAPSHOT_VERSION_V2) => Ok(meta),
+        Some(SNAPSHOT_VERSION | SNAPSHOT_VERSION_V3 | SNAPSHOT_VERSION_V2) => Ok(meta),
         Some(v) => Err(snap_err(format!(
-            "snapshot version {v:?} is not supported (this build reads versions {SNAPSHOT_VERSION_V2} and {SNAPSHOT_VERSION}; a newer TPTT Chat may have written it)"
+            "snapshot version {v:?} is not supported (this build reads versions {SNAPSHOT_VERSION_V2} to {SNAPSHOT_VERSION}; a newer TPTT Chat may have written it)"
         ))),
         None => Err(snap_err("snapshot version missing".into())),
     }
@@ -529,6 +418,8 @@ fn parse_info(path: &Path, meta: &HashMap<String, String>, bytes: u64) -> Result
             model: get("model")?,
             variant: get("variant")?,
             config_hash: get("config_hash")?,
+            // Versions 2 and 3 recorded no weights fingerprint.
+            weights: meta.get("weights").cloned().unwrap_or_default(),
         },
         pos: num("pos")?,
         kv_len: num("kv_len")?,
@@ -537,8 +428,8 @@ fn parse_info(path: &Path, meta: &HashMap<String, String>, bytes: u64) -> Result
     })
 }
 
-/// Restore a snapshot (version [`SNAPSHOT_VERSION`] or [`SNAPSHOT_VERSION_V2`]) onto `model`,
-/// refusing a corrupt one, or one that belongs to another model, variant or config.
+/// Restore a snapshot (versions [`SNAPSHOT_VERSION_V2`] to [`SNAPSHOT_VERSION`]) onto `model`,
+/// refusing a corrupt one, or one that belongs to another model, variant, config or weights.
 pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<Session> {
     let snap_err = |reason: String| Error::Snapshot {
         path: path.to_path_buf(),
@@ -611,10 +502,24 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
             info.identity.variant, identity.variant
         )));
     }
-    if info.identity.config_hash != identity.config_hash {
+    // Versions 2 and 3 are judged by the identity they recorded: the old config hash, and no
+    // weights fingerprint (crate::identity).
+    let current = version == SNAPSHOT_VERSION;
+    let want_config = if current {
+        identity.config_hash.clone()
+    } else {
+        legacy_config_hash(model.config())
+    };
+    if info.identity.config_hash != want_config {
         return Err(snap_err(format!(
-            "it was saved with a different model configuration (config hash {} vs {})",
-            info.identity.config_hash, identity.config_hash
+            "it was saved with a different model configuration (config hash {} vs {want_config})",
+            info.identity.config_hash
+        )));
+    }
+    if current && info.identity.weights != identity.weights {
+        return Err(snap_err(format!(
+            "it was computed by other weights (fingerprint {} vs {}): the variant or its base changed",
+            info.identity.weights, identity.weights
         )));
     }
     mode?;

@@ -106,6 +106,7 @@ fn snapshot_save_and_load_times_at_benchmark_size() {
         model: dir.display().to_string(),
         variant: "delta_product".into(),
         config_hash: config_hash(model.config()),
+        weights: "the synthetic model of this test".into(),
     };
     let session = synthetic_session(model.clone());
     let scratch = std::env::temp_dir().join(format!("tptt-snapshot-speed-{}", std::process::id()));

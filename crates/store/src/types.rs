@@ -248,7 +248,8 @@ pub struct ModelKey {
     pub model: String,
     /// Variant name.
     pub variant: String,
-    /// The engine's `config_hash` of the loaded config.
+    /// The engine's identity of the loaded numerics: its config hash and weights fingerprint
+    /// (`ModelIdentity::numerics_key`).
     pub config_hash: String,
 }
 

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use tokenizers::Tokenizer;
 use tptt::model::{LoadOptions, Model};
 use tptt::repo::{TpttRepo, VariantFiles};
-use tptt_engine::snapshot::config_hash;
 use tptt_engine::ModelIdentity;
 
 /// The two tiny fixture repos, one per base architecture.
@@ -77,11 +76,8 @@ impl Fixture {
 
 pub fn identity_for(files: &VariantFiles, model: &Model) -> ModelIdentity {
     let root = files.dir.parent().unwrap_or(&files.dir);
-    ModelIdentity {
-        model: root.display().to_string(),
-        variant: files.name.clone(),
-        config_hash: config_hash(model.config()),
-    }
+    ModelIdentity::of(root.display().to_string(), files, model.config())
+        .expect("the fixture's weight files are readable")
 }
 
 /// `n` deterministic pseudo-random token ids in `[0, vocab)` (xorshift, seeded).
