@@ -386,8 +386,16 @@ pub async fn save_conversation<R: Runtime>(
     format: String,
 ) -> CmdResult<Option<String>> {
     let text = export_conversation(state.clone(), id.clone(), format.clone()).await?;
-    let title = state.store.get_conversation(conversation_id(&id)?).await?.title;
-    let (filter, ext) = if format == "json" { ("JSON", "json") } else { ("Markdown", "md") };
+    let title = state
+        .store
+        .get_conversation(conversation_id(&id)?)
+        .await?
+        .title;
+    let (filter, ext) = if format == "json" {
+        ("JSON", "json")
+    } else {
+        ("Markdown", "md")
+    };
     let suggested = format!("{}.{ext}", export_file_stem(&title));
     let Some(path) =
         desktop::pick_save_path(&app, "Export the conversation", &suggested, (filter, ext)).await?
@@ -400,7 +408,10 @@ pub async fn save_conversation<R: Runtime>(
             tracing::warn!(path = %path.display(), error = %e, "export not written");
             CommandError::new(
                 ErrorKind::Internal,
-                format!("The conversation could not be written to {}: {e}.", path.display()),
+                format!(
+                    "The conversation could not be written to {}: {e}.",
+                    path.display()
+                ),
             )
         })
     })

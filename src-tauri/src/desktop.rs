@@ -63,7 +63,11 @@ pub fn exit_on_terminate<R: Runtime>(app: &AppHandle<R>) {
         .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
-                let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                let name = if signal == SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                };
                 tracing::info!("{name}: quitting");
                 app.exit(0);
             }
@@ -95,7 +99,10 @@ pub fn focus_main_window<R: Runtime>(app: &AppHandle<R>) {
 }
 
 /// A folder chosen in the native folder dialog, or `None` when the user cancels.
-pub async fn pick_folder<R: Runtime>(app: &AppHandle<R>, title: &str) -> CmdResult<Option<PathBuf>> {
+pub async fn pick_folder<R: Runtime>(
+    app: &AppHandle<R>,
+    title: &str,
+) -> CmdResult<Option<PathBuf>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     app.dialog()
         .file()
