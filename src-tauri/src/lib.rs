@@ -10,6 +10,9 @@
 //!   listings, downloads with progress / cancel / resume).
 //! - [`runtime`]: the loaded model and its engine thread; [`device`]: CPU / CUDA / Metal.
 //! - [`settings`]: validated settings and the Hugging Face token file.
+//! - [`desktop`]: one instance, the window's geometry remembered, native file dialogs, links
+//!   and folders handed to the desktop (Tauri's plugins); [`logging`]: stderr and a rotating
+//!   log file in the app's log folder.
 //! - [`cleanup`]: at start-up, the snapshot files a crash left half-written are deleted.
 //! - [`state`]: [`AppState`] and [`AppConfig`]; [`dto`]: the camelCase wire types;
 //!   [`error`]: [`CommandError`] (`{ kind, message }`).
@@ -26,9 +29,11 @@
 pub mod chat;
 pub mod cleanup;
 pub mod commands;
+pub mod desktop;
 pub mod device;
 pub mod dto;
 pub mod error;
+pub mod logging;
 pub mod models;
 pub mod runtime;
 pub mod settings;
@@ -40,25 +45,9 @@ pub use state::{AppConfig, AppState};
 
 use tauri::{App, Builder, Context, Runtime};
 
-/// Logs to stderr; `RUST_LOG` filters (default: info for the app's crates, warnings else).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "warn,tptt_chat=info,tptt_engine=info,tptt_hub=info,tptt_store=info",
-        )
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// Why the app could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    /// No folder for the app's data.
-    #[error("{0}")]
-    Config(String),
     /// The conversation database could not be opened, not even in memory.
     #[error("cannot open the conversation database: {0}")]
     Store(#[from] tptt_store::Error),
@@ -68,7 +57,8 @@ pub enum AppError {
 }
 
 /// Builds the app on `builder`'s runtime with `context` and `config`: opens the database,
-/// registers the state and the commands. Nothing runs until the caller runs the app.
+/// registers the state, the commands and the plugins they use ([`desktop::with_system_plugins`]).
+/// Nothing runs until the caller runs the app.
 pub fn build_app<R: Runtime>(
     builder: Builder<R>,
     context: Context<R>,
@@ -76,13 +66,14 @@ pub fn build_app<R: Runtime>(
 ) -> Result<App<R>, AppError> {
     tracing::info!(data = %config.data_dir.display(), cache = %config.hub.cache_dir.display(), "starting");
     let state = tauri::async_runtime::block_on(AppState::open(config))?;
-    let app = builder
+    let app = desktop::with_system_plugins(builder)
         .manage(state)
         .invoke_handler(tauri::generate_handler![
             commands::list_models,
             commands::refresh_variants,
             commands::add_model,
             commands::import_local_model,
+            commands::pick_model_folder,
             commands::download_variant,
             commands::cancel_download,
             commands::remove_variant,
@@ -96,6 +87,8 @@ pub fn build_app<R: Runtime>(
             commands::rename_conversation,
             commands::delete_conversation,
             commands::export_conversation,
+            commands::save_conversation,
+            commands::open_logs_folder,
             commands::send_message,
             commands::regenerate,
             commands::edit_and_resend,
@@ -107,11 +100,14 @@ pub fn build_app<R: Runtime>(
     Ok(app)
 }
 
-/// Runs the app with its embedded configuration and UI, the per-user folders and the hub of
-/// the environment ([`AppConfig::from_env`]). Returns when the last window closes.
-pub fn run_app<R: Runtime>(builder: Builder<R>) -> Result<(), AppError> {
-    let config = AppConfig::from_env().map_err(AppError::Config)?;
+/// Runs the app with its embedded configuration and UI on `config` (the per-user folders and
+/// the hub of the environment: [`AppConfig::from_env`]), as a desktop app: one instance, the
+/// window's geometry remembered ([`desktop::with_desktop_plugins`]). Returns when the last
+/// window closes.
+pub fn run_app<R: Runtime>(builder: Builder<R>, config: AppConfig) -> Result<(), AppError> {
+    let builder = desktop::with_desktop_plugins(builder);
     let app = build_app(builder, tauri::generate_context!(), config)?;
+    desktop::exit_on_terminate(app.handle());
     app.run(|_, _| {});
     Ok(())
 }

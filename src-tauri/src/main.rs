@@ -6,10 +6,19 @@
 
 fn main() {
     tptt::alloc::tune_for_inference();
-    tptt_chat::init_logging();
+    let config = match tptt_chat::AppConfig::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    // An unwritable log folder leaves the log on stderr (said there); the app still starts and
+    // reports an unwritable data folder in its window.
+    let _ = tptt_chat::logging::init(Some(&config.log_dir()));
     // Before any thread starts: it sets an environment variable WebKit reads.
     tptt_chat::webview::paint_cheaply_without_gpu();
-    if let Err(e) = tptt_chat::run_app(tauri::Builder::default()) {
+    if let Err(e) = tptt_chat::run_app(tauri::Builder::default(), config) {
         tracing::error!(error = %e, "the app failed");
         eprintln!("error: {e}");
         std::process::exit(1);

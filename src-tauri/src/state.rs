@@ -72,6 +72,11 @@ impl AppConfig {
         self.data_dir.join("conversations.sqlite3")
     }
 
+    /// The log files ([`crate::logging`]).
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+
     /// The state snapshots (one folder per conversation).
     pub fn snapshots_dir(&self) -> PathBuf {
         self.data_dir.join("states")

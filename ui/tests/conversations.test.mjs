@@ -1,8 +1,7 @@
-// The conversation list: search (titles and message text), rename, delete, export.
+// The conversation list: search (titles and message text), rename, delete, export (native save dialog).
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
 import { after, afterEach, before, describe, test } from 'node:test';
-import { mock, useSuite } from './helpers.mjs';
+import { mock, until, useSuite } from './helpers.mjs';
 
 const suite = useSuite({ before, after, afterEach });
 const titles = (page) => page.getByTestId('conversation-title').allTextContents();
@@ -80,22 +79,38 @@ describe('conversations', () => {
     clean(page);
   });
 
-  test('export saves Markdown and JSON files', async () => {
+  test('export writes Markdown and JSON files chosen in the native save dialog', async () => {
     const { page } = await suite.open();
     await page.getByTestId('conversation').first().waitFor();
-    const [md] = await Promise.all([page.waitForEvent('download'), menu(page, 'Trip to Lisbon', 'Export Markdown')]);
-    assert.equal(md.suggestedFilename(), 'Trip to Lisbon.md');
-    const mdText = await readFile(await md.path(), 'utf8');
-    assert.match(mdText, /^# Trip to Lisbon/);
-    assert.match(mdText, /Alfama, Belém and the LX Factory\./);
+    await menu(page, 'Trip to Lisbon', 'Export Markdown');
+    await page.getByTestId('notice').filter({ hasText: 'Saved to /home/user/Documents/Trip to Lisbon.md' }).waitFor();
+    let saved = await mock(page, () => window.__tpttMock.savedFiles);
+    assert.equal(saved.length, 1);
+    assert.equal(saved[0].path, '/home/user/Documents/Trip to Lisbon.md');
+    assert.match(saved[0].text, /^# Trip to Lisbon/);
+    assert.match(saved[0].text, /Alfama, Belém and the LX Factory\./);
 
-    const [json] = await Promise.all([page.waitForEvent('download'), menu(page, 'Trip to Lisbon', 'Export JSON')]);
-    assert.equal(json.suggestedFilename(), 'Trip to Lisbon.json');
-    const parsed = JSON.parse(await readFile(await json.path(), 'utf8'));
+    await mock(page, () => window.__tpttMock.setDialogAnswer('/tmp/lisbon.json'));
+    await menu(page, 'Trip to Lisbon', 'Export JSON');
+    await page.getByTestId('notice').filter({ hasText: 'Saved to /tmp/lisbon.json' }).waitFor();
+    saved = await mock(page, () => window.__tpttMock.savedFiles);
+    assert.equal(saved.length, 2);
+    const parsed = JSON.parse(saved[1].text);
     assert.equal(parsed.id, 'c-lisbon');
     assert.equal(parsed.messages.length, 2);
+    // No webview download is offered any more.
+    assert.equal(await page.locator('a[download]').count(), 0);
 
-    await mock(page, () => window.__tpttMock.failNext('export_conversation', 'database', 'disk I/O error'));
+    // Cancelling the dialog writes nothing and says nothing.
+    await mock(page, () => window.__tpttMock.setDialogAnswer(null));
+    const savedNotices = page.getByTestId('notice').filter({ hasText: 'Saved to' });
+    const shown = await savedNotices.count();
+    await menu(page, 'Trip to Lisbon', 'Export Markdown');
+    await until(page, () => window.__tpttMock.calls.filter((c) => c.command === 'save_conversation').length === 3);
+    assert.equal((await mock(page, () => window.__tpttMock.savedFiles)).length, 2);
+    assert.ok((await savedNotices.count()) <= shown, 'a cancelled export says nothing');
+
+    await mock(page, () => window.__tpttMock.failNext('save_conversation', 'database', 'disk I/O error'));
     await menu(page, 'Trip to Lisbon', 'Export JSON');
     const notice = page.getByTestId('notice').filter({ hasText: 'disk I/O error' });
     await notice.waitFor();

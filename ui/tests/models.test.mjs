@@ -144,6 +144,31 @@ describe('models', () => {
     clean(page);
   });
 
+  test('a folder chosen in the native folder dialog is imported at once; a cancelled one is not', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('nav-models').click();
+    const choose = page.getByTestId('choose-folder');
+    // Cancelled (the mock's folder dialog answers null by default): nothing is imported.
+    await choose.click();
+    await until(page, () => window.__tpttMock.calls.some((c) => c.command === 'pick_model_folder'));
+    assert.ok(!(await mock(page, () => window.__tpttMock.calls.some((c) => c.command === 'import_local_model'))));
+    assert.equal(await page.getByTestId('import-path').inputValue(), '');
+
+    await mock(page, () => window.__tpttMock.setDialogAnswer('/home/me/models/picked-tptt'));
+    await choose.click();
+    const local = card(page, '/home/me/models/picked-tptt');
+    await local.waitFor();
+    assert.match(await local.textContent(), /Local folder/);
+    const imported = await mock(page, () => window.__tpttMock.calls.filter((c) => c.command === 'import_local_model'));
+    assert.deepEqual(imported.map((c) => c.args.path), ['/home/me/models/picked-tptt']);
+
+    // A folder that is no TPTT model: the same error as a typed path.
+    await mock(page, () => window.__tpttMock.setDialogAnswer('/home/me/not-tptt'));
+    await choose.click();
+    await page.getByRole('alert').filter({ hasText: 'That folder is not a TPTT model' }).waitFor();
+    clean(page);
+  });
+
   test('a variant’s size includes the base it needs', async () => {
     const { page } = await suite.open({ scenario: 'empty' });
     await page.getByTestId('nav-models').click();

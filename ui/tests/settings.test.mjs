@@ -1,5 +1,5 @@
 // Settings: switching variant (takes effect on the next message), device facts, validation
-// errors by field, theme, and the write-only Hugging Face token.
+// errors by field, theme, the write-only Hugging Face token, and the logs folder.
 import assert from 'node:assert/strict';
 import { after, afterEach, before, describe, test } from 'node:test';
 import { mock, useSuite } from './helpers.mjs';
@@ -116,6 +116,20 @@ describe('settings', () => {
     await page.getByRole('button', { name: 'Remove' }).click();
     await page.getByTestId('token-state').filter({ hasText: 'No token saved' }).waitFor();
     assert.equal(await mock(page, () => window.__tpttMock.state.hfToken), null);
+    clean(page);
+  });
+
+  test('"Open logs folder" opens the app\'s log folder and shows where it is', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('nav-settings').click();
+    assert.equal(await page.getByTestId('logs-path').count(), 0);
+    await page.getByTestId('open-logs').click();
+    await page.getByTestId('logs-path').filter({ hasText: '/home/user/.local/share/tptt-chat/logs' }).waitFor();
+    assert.deepEqual(await mock(page, () => window.__tpttMock.openedFolders), ['/home/user/.local/share/tptt-chat/logs']);
+
+    await mock(page, () => window.__tpttMock.failNext('open_logs_folder', 'internal', 'No file manager.'));
+    await page.getByTestId('open-logs').click();
+    await page.getByTestId('notice').filter({ hasText: 'No file manager.' }).waitFor();
     clean(page);
   });
 });

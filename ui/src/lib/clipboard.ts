@@ -24,16 +24,3 @@ export async function copyText(text: string): Promise<boolean> {
   area.remove();
   return ok;
 }
-
-/** Offers text as a file download (a Blob URL; the webview saves it). */
-export function saveText(filename: string, text: string, mime: string) {
-  const url = URL.createObjectURL(new Blob([text], { type: `${mime};charset=utf-8` }));
-  const a = document.createElement('a');
-  a.href = url;
-  a.download = filename;
-  a.rel = 'noopener';
-  document.body.append(a);
-  a.click();
-  a.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 10_000);
-}

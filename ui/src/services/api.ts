@@ -136,6 +136,13 @@ export const deleteConversation = (id: string) => call<void>('delete_conversatio
 export const exportConversation = (id: string, format: ExportFormat) =>
   call<string>('export_conversation', { id, format });
 
+/**
+ * Exports a conversation to a file the user picks in the native save dialog. Resolves with the
+ * file's path, or null when the dialog was cancelled.
+ */
+export const saveConversation = (id: string, format: ExportFormat) =>
+  call<string | null>('save_conversation', { id, format });
+
 // ---- Chat ---------------------------------------------------------------------------------
 
 export const sendMessage = (
@@ -172,6 +179,12 @@ export const resetMemory = (conversationId: string) =>
   call<MemoryInfo>('reset_memory', { conversationId });
 
 // ---- App ----------------------------------------------------------------------------------
+
+/** The native folder dialog: the folder chosen (to import), or null when cancelled. */
+export const pickModelFolder = () => call<string | null>('pick_model_folder');
+
+/** Opens the app's log folder in the system's file manager; resolves with its path. */
+export const openLogsFolder = () => call<string>('open_logs_folder');
 
 /** Opens an http(s) or mailto link in the system browser (never inside the app's webview). */
 export const openUrl = (url: string) => call<void>('open_url', { url });

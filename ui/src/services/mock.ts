@@ -115,6 +115,16 @@ export interface MockControl {
   readonly calls: { command: string; args: Record<string, unknown> }[];
   /** URLs passed to open_url. */
   readonly openedUrls: string[];
+  /**
+   * What the native dialogs answer from now on: a path, or null (the user cancels). Unset (the
+   * default): a save dialog takes the suggested file in /home/user/Documents, a folder dialog is
+   * cancelled.
+   */
+  setDialogAnswer(path: string | null): void;
+  /** Files written by save_conversation, with their text. */
+  readonly savedFiles: { path: string; text: string }[];
+  /** Folders opened in the file manager (open_logs_folder). */
+  readonly openedFolders: string[];
   /** The backend's state, for assertions. */
   readonly state: MockState;
 }
@@ -398,10 +408,16 @@ function initialState(scenario: Scenario): MockState {
   };
 }
 
+/** Where the mock's logs folder is (open_logs_folder). */
+const MOCK_LOG_DIR = '/home/user/.local/share/tptt-chat/logs';
+
 class MockBackend implements MockControl {
   state: MockState;
   calls: { command: string; args: Record<string, unknown> }[] = [];
   openedUrls: string[] = [];
+  savedFiles: { path: string; text: string }[] = [];
+  openedFolders: string[] = [];
+  private dialogAnswer: string | null | undefined = undefined;
   private reply: string | null = null;
   private timing: Timing = {
     firstTokenMs: 120,
@@ -437,7 +453,14 @@ class MockBackend implements MockControl {
     this.failures.clear();
     this.generationFailure = null;
     this.downloadFailure = null;
+    this.dialogAnswer = undefined;
+    this.savedFiles = [];
+    this.openedFolders = [];
     this.state = initialState(scenario);
+  }
+
+  setDialogAnswer(path: string | null) {
+    this.dialogAnswer = path;
   }
 
   setReply(text: string | null) {
@@ -542,6 +565,13 @@ class MockBackend implements MockControl {
       }
       case 'export_conversation':
         return this.exportConversation(str('id'), str('format'));
+      case 'save_conversation':
+        return this.saveConversation(str('id'), str('format'));
+      case 'pick_model_folder':
+        return this.dialogAnswer ?? null;
+      case 'open_logs_folder':
+        this.openedFolders.push(MOCK_LOG_DIR);
+        return MOCK_LOG_DIR;
       case 'send_message':
         return this.send(str('conversationId'), str('content'), str('onEvent'));
       case 'regenerate':
@@ -867,6 +897,17 @@ class MockBackend implements MockControl {
       lines.push(`## ${m.role === 'user' ? 'You' : m.role === 'assistant' ? 'Assistant' : 'System'}`, '', m.content, '');
     }
     return lines.join('\n');
+  }
+
+  private saveConversation(id: string, format: string): string | null {
+    const text = this.exportConversation(id, format);
+    const stem = this.find(id).title.replace(/[^\p{L}\p{N} _-]+/gu, '').trim().slice(0, 60).trim() || 'conversation';
+    const path =
+      this.dialogAnswer === undefined
+        ? `/home/user/Documents/${stem}.${format === 'json' ? 'json' : 'md'}`
+        : this.dialogAnswer;
+    if (path !== null) this.savedFiles.push({ path, text });
+    return path;
   }
 
   // ---- Chat ----

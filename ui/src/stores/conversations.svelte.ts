@@ -4,7 +4,6 @@
 
 import * as api from '../services/api';
 import type { ConversationSummary, ExportFormat } from '../services/types';
-import { saveText } from '../lib/clipboard';
 import { ui } from './ui.svelte';
 
 const SEARCH_DELAY_MS = 150;
@@ -72,11 +71,9 @@ class ConversationsStore {
 
   async exportAs(id: string, format: ExportFormat) {
     try {
-      const text = await api.exportConversation(id, format);
-      const title = this.items.find((c) => c.id === id)?.title ?? 'conversation';
-      const base = title.replace(/[^\p{L}\p{N} _-]+/gu, '').trim().slice(0, 60) || 'conversation';
-      if (format === 'json') saveText(`${base}.json`, text, 'application/json');
-      else saveText(`${base}.md`, text, 'text/markdown');
+      // The native save dialog (the backend writes the file); null: the user cancelled.
+      const path = await api.saveConversation(id, format);
+      if (path) ui.info('Conversation exported', `Saved to ${path}.`);
     } catch (err) {
       ui.error(err, { context: 'Exporting', retry: () => void this.exportAs(id, format) });
     }

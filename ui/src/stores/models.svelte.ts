@@ -94,6 +94,11 @@ class ModelsStore {
     }
   }
 
+  /** The native folder dialog: the folder chosen, or null (cancelled). Throws the ApiError. */
+  pickFolder(): Promise<string | null> {
+    return api.pickModelFolder();
+  }
+
   async download(repoId: string, variant: string) {
     const key = downloadKey(repoId, variant);
     const current = this.downloads[key];

@@ -53,6 +53,11 @@ class SettingsStore {
   }
 
   /** Chooses a model and variant (from the model manager's "Use"). */
+  /** Opens the app's log folder in the file manager; resolves with its path (throws the ApiError). */
+  openLogsFolder(): Promise<string> {
+    return api.openLogsFolder();
+  }
+
   async use(repoId: string, variant: string) {
     if (!this.value) await this.load();
     if (!this.value) return;
