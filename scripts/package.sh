@@ -2,9 +2,9 @@
 # Builds the desktop app's Debian package with the Tauri bundler (`tauri bundle`, from the
 # @tauri-apps/cli npm package pinned in ui/package.json: its prebuilt binary, nothing compiled):
 #
-#   scripts/package.sh --debug     the dev-profile app the tests build (`cargo build -p tptt-chat`,
-#                                  the same command, profile and features as tests/e2e/run, so after
-#                                  scripts/test.sh cargo has nothing to recompile)
+#   scripts/package.sh --debug     the dev-profile app the tests build (scripts/build.sh, the
+#                                  build `cargo test --workspace --all-targets` and tests/e2e/run
+#                                  share, so after scripts/test.sh cargo has nothing to recompile)
 #                                  → target/debug/bundle/deb/tptt-chat_<version>_amd64.deb
 #   scripts/package.sh [--release] the distributable: `cargo build --release -p tptt-chat` (LTO)
 #                                  → target/release/bundle/deb/tptt-chat_<version>_amd64.deb
@@ -45,7 +45,7 @@ fi
 
 echo "== building the app ($profile)"
 if [[ "$profile" == debug ]]; then
-    cargo build -p tptt-chat
+    scripts/build.sh
 else
     cargo build --release -p tptt-chat
 fi

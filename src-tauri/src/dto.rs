@@ -43,6 +43,9 @@ pub enum ModelSource {
     Added,
     /// An imported local folder.
     Local,
+    /// A TPTT repository found in the Hugging Face cache (downloaded by another tool or an
+    /// earlier install), neither in the catalog nor added.
+    Cache,
 }
 
 /// `VariantEntry`.

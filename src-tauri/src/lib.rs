@@ -13,6 +13,7 @@
 //! - [`desktop`]: one instance, the window's geometry remembered, native file dialogs, links
 //!   and folders handed to the desktop (Tauri's plugins); [`logging`]: stderr and a rotating
 //!   log file in the app's log folder.
+//! - [`launch`]: the command line (`--model FOLDER [--variant V]`: a folder imported and chosen).
 //! - [`cleanup`]: at start-up, the snapshot files a crash left half-written are deleted.
 //! - [`state`]: [`AppState`] and [`AppConfig`]; [`dto`]: the camelCase wire types;
 //!   [`error`]: [`CommandError`] (`{ kind, message }`).
@@ -33,6 +34,7 @@ pub mod desktop;
 pub mod device;
 pub mod dto;
 pub mod error;
+pub mod launch;
 pub mod logging;
 pub mod models;
 pub mod runtime;
@@ -43,7 +45,7 @@ pub mod webview;
 pub use error::{CmdResult, CommandError, ErrorKind};
 pub use state::{AppConfig, AppState};
 
-use tauri::{App, Builder, Context, Runtime};
+use tauri::{App, Builder, Context, Manager, Runtime};
 
 /// Why the app could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,9 @@ pub enum AppError {
     /// Tauri failed (no display, a broken configuration...).
     #[error(transparent)]
     Tauri(#[from] tauri::Error),
+    /// The command line's `--model` cannot be used ([`launch`]).
+    #[error("{0}")]
+    Launch(CommandError),
 }
 
 /// Builds the app on `builder`'s runtime with `context` and `config`: opens the database,
@@ -102,11 +107,22 @@ pub fn build_app<R: Runtime>(
 
 /// Runs the app with its embedded configuration and UI on `config` (the per-user folders and
 /// the hub of the environment: [`AppConfig::from_env`]), as a desktop app: one instance, the
-/// window's geometry remembered ([`desktop::with_desktop_plugins`]). Returns when the last
-/// window closes.
-pub fn run_app<R: Runtime>(builder: Builder<R>, config: AppConfig) -> Result<(), AppError> {
+/// window's geometry remembered ([`desktop::with_desktop_plugins`]), the model of the command
+/// line ([`launch::check`]ed by the caller) chosen ([`launch::apply`], once a second launch has
+/// handed over and exited). Returns
+/// when the last window closes.
+pub fn run_app<R: Runtime>(
+    builder: Builder<R>,
+    config: AppConfig,
+    choice: Option<launch::ModelChoice>,
+) -> Result<(), AppError> {
     let builder = desktop::with_desktop_plugins(builder);
     let app = build_app(builder, tauri::generate_context!(), config)?;
+    // Before the event loop runs: the web UI reads the settings after this.
+    if let Some(choice) = &choice {
+        let state = app.state::<AppState>().inner().clone();
+        tauri::async_runtime::block_on(launch::apply(&state, choice)).map_err(AppError::Launch)?;
+    }
     desktop::exit_on_terminate(app.handle());
     app.run(|_, _| {});
     Ok(())

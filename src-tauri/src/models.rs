@@ -1,5 +1,6 @@
 //! The model manager: the catalog of published TPTT repositories, repositories added by id,
-//! imported local folders ([`Registry`], stored in the database under [`REGISTRY_KEY`]), their
+//! imported local folders ([`Registry`], stored in the database under [`REGISTRY_KEY`]), the
+//! TPTT repositories another tool left in the Hugging Face cache ([`Hub::cached_repos`]), their
 //! variants (listed from the hub, or found in the cache / the folder without any network), and
 //! downloads on worker threads with progress through a channel, cancel and resume.
 //!
@@ -76,7 +77,9 @@ pub struct Registry {
     pub listings: BTreeMap<String, Listed>,
 }
 
-/// Where `repo_id` comes from, if the manager knows it.
+/// Where `repo_id` comes from, if the manager knows it from its own records (a repository only
+/// found in the cache is [`ModelSource::Cache`] in [`entries`], unknown here: it acts as a hub
+/// repository nobody added).
 pub fn source_of(registry: &Registry, repo_id: &str) -> Option<ModelSource> {
     if CATALOG.iter().any(|(r, ..)| *r == repo_id) {
         Some(ModelSource::Catalog)
@@ -89,7 +92,8 @@ pub fn source_of(registry: &Registry, repo_id: &str) -> Option<ModelSource> {
     }
 }
 
-/// Every entry: the catalog, then added repositories, then imported folders.
+/// Every entry: the catalog, then added repositories, then imported folders, then the TPTT
+/// repositories found in the Hugging Face cache that none of those names.
 pub fn entries(registry: &Registry, hub: &Hub) -> Vec<ModelEntry> {
     let mut out: Vec<ModelEntry> = CATALOG
         .iter()
@@ -117,6 +121,24 @@ pub fn entries(registry: &Registry, hub: &Hub) -> Vec<ModelEntry> {
     }
     for path in &registry.local {
         out.push(local_entry(Path::new(path)));
+    }
+    for repo in hub.cached_repos() {
+        if source_of(registry, &repo).is_some() {
+            continue;
+        }
+        let title = repo.rsplit('/').next().unwrap_or(&repo).to_string();
+        let description = format!(
+            "Found in your Hugging Face cache ({}): usable without downloading.",
+            hub.cache_dir().display()
+        );
+        out.push(hub_entry(
+            registry,
+            hub,
+            &repo,
+            &title,
+            ModelSource::Cache,
+            &description,
+        ));
     }
     out
 }
@@ -528,6 +550,73 @@ mod tests {
         assert!(list
             .iter()
             .all(|e| e.variants.is_none() && e.source == ModelSource::Catalog));
+    }
+
+    /// Copies the regular files of `from` into `to` (created).
+    fn copy_files(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("folder");
+        for e in std::fs::read_dir(from).expect("fixture").flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+            }
+        }
+    }
+
+    #[test]
+    fn a_tptt_repo_another_tool_left_in_the_cache_is_listed_and_usable_offline() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny");
+        let cache = tempfile::tempdir().expect("dir");
+        // As `huggingface-cli download` leaves them: snapshot folders, no records of ours.
+        let repo = "someone/Titans-Tiny";
+        let base = "someone/tiny-base";
+        let variant_dir = cache
+            .path()
+            .join("models--someone--Titans-Tiny/snapshots/0123abc/delta_rule");
+        copy_files(&fixtures.join("tptt-llama/delta_rule"), &variant_dir);
+        let config_path = variant_dir.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config_path).expect("config")).expect("json");
+        config["base_model_name"] = base.into();
+        std::fs::write(&config_path, config.to_string()).expect("write config");
+        copy_files(
+            &fixtures.join("llama-base"),
+            &cache
+                .path()
+                .join("models--someone--tiny-base/snapshots/4567def"),
+        );
+        let hub =
+            Hub::new(tptt_hub::HubConfig::new("http://127.0.0.1:9", cache.path())).expect("hub");
+
+        let mut registry = Registry::default();
+        let list = entries(&registry, &hub);
+        let found: Vec<&ModelEntry> = list
+            .iter()
+            .filter(|e| e.source == ModelSource::Cache)
+            .collect();
+        assert_eq!(found.len(), 1, "only the TPTT repo, not its base: {list:?}");
+        let e = found[0];
+        assert_eq!(
+            (e.repo_id.as_str(), e.title.as_str()),
+            (repo, "Titans-Tiny")
+        );
+        assert_eq!(e.base_model.as_deref(), Some(base));
+        let variants = e.variants.as_ref().expect("variants known offline");
+        assert_eq!(variants.len(), 1);
+        assert!(variants[0].downloaded && variants[0].name == "delta_rule");
+        assert!(e.description.contains("Hugging Face cache"));
+        // Its files resolve from the cache, as a chat's model load does: nothing to download.
+        let files = crate::runtime::variant_files(&hub, &model_ref(&registry, repo), "delta_rule")
+            .expect("the variant's files, offline");
+        assert!(files
+            .adapter
+            .as_ref()
+            .is_some_and(|a| a.starts_with(cache.path())));
+
+        // Once added by id, it is listed once, as added.
+        registry.added.push(repo.to_string());
+        let list = entries(&registry, &hub);
+        assert!(list.iter().all(|e| e.source != ModelSource::Cache));
+        assert_eq!(list.iter().filter(|e| e.repo_id == repo).count(), 1);
     }
 
     #[test]

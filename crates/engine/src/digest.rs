@@ -97,4 +97,3 @@ impl Lanes {
         h.0
     }
 }
-

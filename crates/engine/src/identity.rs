@@ -25,9 +25,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use tptt::config::{
-    Activation, Gate, ModelConfig, NormKind, QkNorm, RopeScaling, Trick,
-};
+use tptt::config::{Activation, Gate, ModelConfig, NormKind, QkNorm, RopeScaling, Trick};
 use tptt::repo::VariantFiles;
 
 use crate::digest::{Fnv, Lanes};
@@ -135,7 +133,10 @@ pub fn canonical_config(cfg: &ModelConfig) -> String {
             RopeScaling::Linear { factor } => format!("linear,{}", f(*factor)),
         },
     );
-    put("max_position_embeddings", b.max_position_embeddings.to_string());
+    put(
+        "max_position_embeddings",
+        b.max_position_embeddings.to_string(),
+    );
     put("vocab_size", b.vocab_size.to_string());
     put("tie_word_embeddings", b.tie_word_embeddings.to_string());
     put("qkv_bias", b.qkv_bias.to_string());

@@ -30,8 +30,15 @@ fn the_config_hash_is_pinned_and_independent_of_paths() {
     ] {
         assert!(text.contains(line), "{line:?} missing from:\n{text}");
     }
-    assert!(!text.contains("llama-base"), "paths are not numerics:\n{text}");
-    assert_eq!(config_hash(fx.model.config()), DELTA_PRODUCT_CONFIG_HASH, "{text}");
+    assert!(
+        !text.contains("llama-base"),
+        "paths are not numerics:\n{text}"
+    );
+    assert_eq!(
+        config_hash(fx.model.config()),
+        DELTA_PRODUCT_CONFIG_HASH,
+        "{text}"
+    );
 
     let mut moved = fx.model.config().clone();
     moved.tptt.base_model_name = "/elsewhere/llama-base".into();
@@ -131,8 +138,7 @@ fn a_retrained_adapter_with_the_same_shapes_is_other_weights() {
     bytes[last] ^= 0x01;
     std::fs::write(&adapter, &bytes).expect("write");
     let retrained = Model::load(&files, &LoadOptions::default()).expect("load");
-    let new_identity =
-        ModelIdentity::of("copy", &files, retrained.config()).expect("identity");
+    let new_identity = ModelIdentity::of("copy", &files, retrained.config()).expect("identity");
     assert_eq!(new_identity.config_hash, identity.config_hash);
     assert_ne!(new_identity.weights, identity.weights);
     match snapshot::load(std::sync::Arc::new(retrained), &new_identity, &snap) {
@@ -148,7 +154,10 @@ fn a_retrained_adapter_with_the_same_shapes_is_other_weights() {
     let mut bytes = std::fs::read(&base).expect("read");
     bytes.extend_from_slice(&[0; 8]);
     std::fs::write(&base, &bytes).expect("write");
-    assert_ne!(weights_hash(&files).expect("fingerprint"), new_identity.weights);
+    assert_ne!(
+        weights_hash(&files).expect("fingerprint"),
+        new_identity.weights
+    );
 
     // Missing weight files are an error naming the file, not a panic.
     std::fs::remove_file(&adapter).expect("rm");

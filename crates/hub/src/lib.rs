@@ -70,7 +70,9 @@ use std::path::{Path, PathBuf};
 pub use config::{HubConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_RETRIES};
 pub use error::{Error, Result};
 pub use progress::{Progress, ProgressKind, SpeedMeter};
-pub use variant::{is_tptt_config, REMOVE_WAIT, TOKENIZER_FILES};
+pub use variant::{
+    is_tptt_config, repo_id_of_cache_folder, MAX_CACHED_REPOS, REMOVE_WAIT, TOKENIZER_FILES,
+};
 
 /// The branch every listing and download uses.
 pub const MAIN: &str = "main";
@@ -227,6 +229,29 @@ pub fn validate_repo_id(repo_id: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_folders_are_read_as_huggingface_hub_names_them() {
+        assert_eq!(
+            repo_id_of_cache_folder("models--ffurfaro--Titans-Llama-3.2-1B").as_deref(),
+            Some("ffurfaro/Titans-Llama-3.2-1B")
+        );
+        assert_eq!(
+            repo_id_of_cache_folder("models--gpt2").as_deref(),
+            Some("gpt2")
+        );
+        for not_a_model in [
+            "datasets--a--b",
+            "spaces--a--b",
+            ".locks",
+            "models--",
+            "models--a--b--c",
+            "models--..--etc",
+            "models--a--b c",
+        ] {
+            assert_eq!(repo_id_of_cache_folder(not_a_model), None, "{not_a_model}");
+        }
+    }
 
     #[test]
     fn repo_ids() {

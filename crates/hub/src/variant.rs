@@ -504,6 +504,25 @@ impl Hub {
             .collect()
     }
 
+    /// The repositories of the cache that hold at least one variant [`Hub::local_variant`]
+    /// would find (a complete TPTT variant and its base), sorted: what another tool
+    /// (`huggingface-cli download`, `huggingface_hub`) or an earlier install left there, usable
+    /// without any network. Folder names are read as `huggingface_hub` writes them
+    /// (`models--{owner}--{name}`); at most [`MAX_CACHED_REPOS`] are looked at. No network.
+    pub fn cached_repos(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(self.cache_dir()) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = rd
+            .flatten()
+            .take(MAX_CACHED_REPOS)
+            .filter_map(|e| repo_id_of_cache_folder(&e.file_name().to_string_lossy()))
+            .collect();
+        ids.sort();
+        ids.retain(|id| !self.local_variants(id).is_empty());
+        ids
+    }
+
     /// Remove a downloaded variant from the cache: its download records, its folder's snapshot
     /// entries in every snapshot of `repo_id`, the blobs no other entry of the repository
     /// uses, and the partial files (`blobs/*.incomplete`) a cancelled download of its folder
@@ -673,6 +692,20 @@ impl Hub {
         }
         None
     }
+}
+
+/// Cache folders [`Hub::cached_repos`] looks at, at most: listing stays quick whatever the
+/// cache holds.
+pub const MAX_CACHED_REPOS: usize = 10_000;
+
+/// The repository id of a model folder of the cache (`models--{owner}--{name}`, as
+/// `huggingface_hub` names them: `/` written `--`), when it is a valid one. Datasets, spaces,
+/// `.locks` and anything else are not models.
+pub fn repo_id_of_cache_folder(folder: &str) -> Option<String> {
+    let rest = folder.strip_prefix("models--")?;
+    let id = rest.split("--").collect::<Vec<_>>().join("/");
+    validate_repo_id(&id).ok()?;
+    Some(id)
 }
 
 /// Delete the partial files noted for `variant`'s folder only (a partial also noted for a

@@ -622,6 +622,17 @@ fn a_completed_download_is_found_offline() {
     ));
     let all = offline.local_variants(REPO);
     assert_eq!(all, vec![local.clone()]);
+    // The cache's usable repositories: the TPTT one, not its base (no TPTT variant), nor an
+    // empty or foreign folder.
+    for junk in [
+        "models--someone--empty",
+        "datasets--someone--text",
+        "models--..--x",
+        ".locks",
+    ] {
+        std::fs::create_dir_all(cache.path().join(junk)).expect("junk folder");
+    }
+    assert_eq!(offline.cached_repos(), vec![REPO.to_string()]);
     let (r, _) = download(&offline, "liza-a");
     assert!(matches!(r, Err(Error::Network { .. })), "{r:?}");
 

@@ -28,7 +28,7 @@ export interface CommandError {
 
 // ---- Models -------------------------------------------------------------------------------
 
-export type ModelSource = 'catalog' | 'added' | 'local';
+export type ModelSource = 'catalog' | 'added' | 'local' | 'cache';
 
 export interface VariantEntry {
   name: string;
