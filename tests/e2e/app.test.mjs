@@ -1,6 +1,7 @@
 // The end-to-end scenario of the desktop app, run by tests/e2e/run (which starts Xvfb, the fake
 // hub and tauri-driver, and passes their whereabouts in E2E_* variables): download, chat,
-// restart, continue; then kill -9 while an answer streams, start again, continue. Each step is a test;
+// restart, continue; then kill -9 while an answer streams, start again, continue; then started with
+// `--model` on the offline demo (SmolLM2 + its distilled memory), a real answer. Each step is a test;
 // after a failure the later steps are skipped (they build on it) and a screenshot of the window
 // is written to target/e2e/failure-<step>.png.
 import { test, after } from 'node:test';
@@ -23,6 +24,11 @@ const OUT = env('E2E_OUT');
 const REPO = env('E2E_REPO');
 const VARIANTS = env('E2E_VARIANTS').split(/\s+/);
 const DB = path.join(env('E2E_DATA_DIR'), 'conversations.sqlite3');
+/** The offline demo (assets/demo-memory, its base fetched into models/), as scripts/run.sh opens it. */
+const DEMO = env('E2E_DEMO');
+const DEMO_VARIANT = env('E2E_DEMO_VARIANT');
+/** A question with a known answer: SmolLM2-135M-Instruct with the demo's memory, greedy. */
+const DEMO_QUESTION = 'What is the capital of France?';
 // The first download becomes the model in use by itself; the second is picked with "Use".
 const [FIRST_VARIANT, VARIANT] = VARIANTS;
 
@@ -186,12 +192,13 @@ function appRuns() {
   return runs;
 }
 
-async function startApp() {
+/** Starts the app (with these command-line arguments) in a new WebDriver session; its PID. */
+async function startApp(args = []) {
   // tauri-driver answers once it listens; it may still be starting when the first step runs.
   await waitForDriver();
   driver = await new Builder()
     .usingServer(DRIVER_URL)
-    .withCapabilities({ browserName: 'wry', 'tauri:options': { application: APP } })
+    .withCapabilities({ browserName: 'wry', 'tauri:options': { application: APP, args } })
     .build();
   await driver.manage().setTimeouts({ implicit: 0, pageLoad: WAIT, script: WAIT });
   await find('[data-testid="nav-models"]');
@@ -689,6 +696,33 @@ step('started again, it shows the partial answer as interrupted and the chat goe
   assert.match(log, /memory restored from its snapshot/, 'the memory came from the last snapshot');
   await shot('chat-after-kill');
 }, 240_000);
+
+step('started with --model on the offline demo, it opens ready to chat and answers a question', async (t) => {
+  await stopApp();
+  await startApp(['--model', DEMO, '--variant', DEMO_VARIANT]);
+  // Imported and chosen by the command line: nothing to do in the model manager.
+  await click('[data-testid="new-chat"]');
+  await findVisible('[data-testid="welcome"]');
+  await waitFor(
+    async () => (await (await find('[data-testid="model-chip-variant"]')).getText()) === DEMO_VARIANT,
+    'the chat shows the demo chosen',
+  );
+  // Greedy and short: the answer is the model's most likely one.
+  await click('[data-testid="nav-settings"]');
+  await setField('[data-testid="sampling-temperature"]', 0);
+  await setField('[data-testid="sampling-maxNewTokens"]', 32);
+  await click('[data-testid="save-settings"]');
+  await waitFor(
+    async () => !(await (await find('[data-testid="save-settings"]')).isEnabled()),
+    'the settings are saved (nothing left to save)',
+  );
+  await click('[data-testid="nav-chat"]');
+  const { body } = await sendAndAwaitAnswer(DEMO_QUESTION, 0);
+  t.diagnostic(`the demo answered: ${JSON.stringify(body)}`);
+  assert.match(body, /Paris/, 'the demo knows the capital of France');
+  await shot('demo-answer');
+  assert.match(appRuns().at(-1), /model chosen on the command line/);
+}, 300_000);
 
 step('no panic and no error in the app log', async () => {
   await stopApp();

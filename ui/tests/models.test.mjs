@@ -205,4 +205,34 @@ describe('models', () => {
     assert.equal((await mock(page, () => window.__tpttMock.state.settings)).modelRepo, '/home/me/models/demo-smollm2-tptt');
     clean(page);
   });
+
+  test('a TPTT repo found in the Hugging Face cache is listed as such and used without a download', async () => {
+    const { page } = await suite.open({ scenario: 'empty' });
+    const repo = 'someone/Titans-Tiny';
+    // What list_models gives for a repo another tool downloaded (source "cache", variants known).
+    await mock(page, (id) => {
+      window.__tpttMock.state.models.push({
+        repoId: id,
+        title: 'Titans-Tiny',
+        source: 'cache',
+        description: 'Found in your Hugging Face cache (/home/me/.cache/huggingface/hub): usable without downloading.',
+        variants: [{ name: 'delta_rule', operatorMode: 'delta_rule', downloaded: true, sizeBytes: 4 * 1024 * 1024 }],
+        baseModel: 'someone/tiny-base',
+        baseSizeBytes: 500 * 1000 * 1000,
+      });
+    }, repo);
+    await page.getByTestId('nav-models').click();
+    const cached = card(page, repo);
+    await cached.waitFor();
+    assert.match(await cached.textContent(), /Hugging Face cache/);
+    const row = variantRow(page, repo, 'delta_rule');
+    assert.equal(await row.getByTestId('variant-download').count(), 0, 'nothing to download');
+    await row.getByTestId('variant-use').click();
+    await row.getByTestId('variant-in-use').waitFor();
+    const chosen = await mock(page, () => window.__tpttMock.state.settings);
+    assert.deepEqual([chosen.modelRepo, chosen.variant], [repo, 'delta_rule']);
+    const calls = await mock(page, () => window.__tpttMock.calls.map((c) => c.command));
+    assert.ok(!calls.includes('download_variant'), `no download: ${calls}`);
+    clean(page);
+  });
 });
