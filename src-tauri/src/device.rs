@@ -21,6 +21,9 @@ pub enum DevicePref {
 }
 
 impl DevicePref {
+    /// Every preference, in the settings' order.
+    pub const ALL: [DevicePref; 4] = [Self::Auto, Self::Cpu, Self::Cuda, Self::Metal];
+
     /// From the UI's spelling.
     pub fn parse(s: &str) -> Option<Self> {
         match s {

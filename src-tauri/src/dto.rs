@@ -1,6 +1,10 @@
 //! The UI's JSON: the camelCase data types of docs/ipc.md, one for one, and their conversions
 //! from store and engine types. Only this crate knows these shapes (STYLE habit 9).
 //!
+//! Their TypeScript types are generated from these (ts-rs, [`crate::ipc_types`]) into
+//! `ui/src/services/ipc.gen.ts`; a test fails when the checked-in file differs. Integers are
+//! `number`s there (`#[ts(type = "number")]`: every count fits in 2^53).
+//!
 //! Ids travel as strings of decimal digits (the UI treats them as opaque strings); they are
 //! parsed back with [`parse_id`].
 
@@ -9,11 +13,12 @@ use tptt_engine::{GenerationStats, Health, Session, Surprise};
 use tptt_store::{
     Conversation as StoredConversation, Message as StoredMessage, MessageStatus, Role,
 };
+use ts_rs::TS;
 
 use crate::error::{CommandError, ErrorKind};
 
 /// `ModelEntry`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelEntry {
     /// Hub id (`owner/name`) or, for an imported folder, its absolute path.
@@ -30,11 +35,12 @@ pub struct ModelEntry {
     pub base_model: Option<String>,
     /// Bytes of that base model, which every variant needs beside its own files (downloaded
     /// once, shared by the variants), when known.
+    #[ts(type = "number | null")]
     pub base_size_bytes: Option<u64>,
 }
 
 /// `ModelEntry.source`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelSource {
     /// One of the published TPTT repositories.
@@ -49,7 +55,7 @@ pub enum ModelSource {
 }
 
 /// `VariantEntry`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct VariantEntry {
     /// The variant's folder name.
@@ -59,11 +65,12 @@ pub struct VariantEntry {
     /// Complete in the cache (or a local folder): usable offline.
     pub downloaded: bool,
     /// Bytes of the variant's own files (adapter, config), without the shared base.
+    #[ts(type = "number | null")]
     pub size_bytes: Option<u64>,
 }
 
 /// `DownloadEvent`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(
     tag = "kind",
     rename_all = "camelCase",
@@ -75,12 +82,16 @@ pub enum DownloadEvent {
         /// The current file, relative to its repository.
         file: String,
         /// Bytes of it on disk.
+        #[ts(type = "number")]
         file_bytes: u64,
         /// Its size.
+        #[ts(type = "number")]
         file_total: u64,
         /// Bytes of the whole download complete.
+        #[ts(type = "number")]
         bytes: u64,
         /// Bytes of the whole download.
+        #[ts(type = "number")]
         total: u64,
         /// Recent speed.
         bytes_per_sec: f64,
@@ -99,8 +110,9 @@ pub enum DownloadEvent {
 }
 
 /// `Settings.sampling`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "Sampling")]
 pub struct SamplingDto {
     /// Softmax temperature (0: greedy).
     pub temperature: f64,
@@ -126,14 +138,16 @@ pub struct SamplingDto {
 
 /// `Settings`. Numbers are `f64` on the way in so that a wrong value is reported by field
 /// (`invalid_settings`) rather than as a deserialization failure.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "Settings")]
 pub struct SettingsDto {
     /// Model (hub id or imported folder).
     pub model_repo: Option<String>,
     /// Variant of that model.
     pub variant: Option<String>,
     /// `auto`, `cpu`, `cuda`, `metal`.
+    #[ts(type = "Device")]
     pub device: String,
     /// Sampling parameters.
     pub sampling: SamplingDto,
@@ -143,6 +157,7 @@ pub struct SettingsDto {
     #[serde(serialize_with = "whole_opt")]
     pub window_size: Option<f64>,
     /// `light`, `dark`, `system`.
+    #[ts(type = "Theme")]
     pub theme: String,
     /// Whether a Hugging Face token is stored (ignored on the way in).
     #[serde(default)]
@@ -166,7 +181,7 @@ fn whole_opt<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Er
 }
 
 /// `device_info()`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceInfo {
     /// Devices compiled into this build (`cpu` always; `cuda`, `metal` with their features).
@@ -178,7 +193,7 @@ pub struct DeviceInfo {
 }
 
 /// `ConversationSummary`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct ConversationSummary {
     /// Id.
@@ -222,8 +237,9 @@ impl ConversationSummary {
 }
 
 /// `Conversation`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "Conversation")]
 pub struct ConversationDto {
     /// Id.
     pub id: String,
@@ -240,16 +256,19 @@ pub struct ConversationDto {
 }
 
 /// `Message`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]
+#[ts(rename = "Message")]
 pub struct MessageDto {
     /// Id.
     pub id: String,
     /// `user`, `assistant`, `system`.
+    #[ts(type = "Role")]
     pub role: Role,
     /// The text, verbatim.
     pub content: String,
     /// `complete`, `partial`, `error`.
+    #[ts(type = "MessageStatus")]
     pub status: MessageStatus,
     /// Why an answer is not complete, when known: the failure of an `error` answer, or, on a
     /// `partial` one, that the app closed while it was written (it is then shown as
@@ -279,12 +298,14 @@ impl From<&StoredMessage> for MessageDto {
 }
 
 /// `Stats`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
     /// Tokens fed before generating (the turn's prompt: what it added to the memory).
+    #[ts(type = "number")]
     pub prompt_tokens: u64,
     /// Tokens generated.
+    #[ts(type = "number")]
     pub generated_tokens: u64,
     /// Time to the first generated token from the moment the prompt began to be read (its
     /// reading included; the model's loading, `load_ms`, not).
@@ -314,16 +335,20 @@ impl From<&GenerationStats> for Stats {
 
 /// `MemoryInfo`: the softmax window's fill, what lives only in the recurrent memory, and the
 /// memory's health.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct MemoryInfo {
     /// Positions the softmax KV window holds at most (0 when unknown).
+    #[ts(type = "number")]
     pub window_size: u64,
     /// Positions it holds now.
+    #[ts(type = "number")]
     pub window_fill: u64,
     /// Tokens read earlier than the window: they live only in the linear (recurrent) memory.
+    #[ts(type = "number")]
     pub recurrent_only_tokens: u64,
     /// Tokens the conversation's memory has read in all.
+    #[ts(type = "number")]
     pub total_tokens: u64,
     /// The model's surprise on what it read (absent from sidecars written before it existed:
     /// `unknown`).
@@ -381,8 +406,9 @@ impl MemoryInfo {
 }
 
 /// `MemoryHealth.verdict`: [`tptt_engine::Health`] on the wire.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
+#[ts(rename = "MemoryVerdict")]
 pub enum Verdict {
     /// Too little read yet to tell.
     #[default]
@@ -409,7 +435,7 @@ impl From<Health> for Verdict {
 /// `MemoryHealth`: the model's surprise on the text its memory read, as perplexities — over
 /// the conversation's start and over the recent samples — and the verdict on their ratio
 /// (`tptt_engine::health`). `null` figures until enough text was read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct MemoryHealth {
     /// The verdict.
@@ -436,7 +462,7 @@ impl MemoryHealth {
 }
 
 /// `ChatEvent`, streamed through the `onEvent` channel of the chat commands.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(
     tag = "kind",
     rename_all = "camelCase",
@@ -448,6 +474,7 @@ pub enum ChatEvent {
         /// Memory before the turn.
         memory: MemoryInfo,
         /// Tokens of the prompt the turn is about to read.
+        #[ts(type = "number")]
         prompt_tokens: u64,
         /// How long loading the model took, when this turn loaded it (`null` when it was
         /// loaded already). Not part of the time to first token.
@@ -459,8 +486,10 @@ pub enum ChatEvent {
     /// [`PREFILL_EVENT_INTERVAL`]: crate::chat::PREFILL_EVENT_INTERVAL
     Prefill {
         /// Prompt tokens read so far.
+        #[ts(type = "number")]
         read: u64,
         /// Prompt tokens in all.
+        #[ts(type = "number")]
         total: u64,
         /// Since the prompt began to be read.
         elapsed_ms: f64,
@@ -479,6 +508,7 @@ pub enum ChatEvent {
         text: String,
         /// Tokens generated so far (each one read into the memory too): the piece may be the
         /// text of several.
+        #[ts(type = "number")]
         generated: u64,
     },
     /// Finished normally; the answer is saved.
@@ -507,7 +537,7 @@ pub enum ChatEvent {
 }
 
 /// `send_message` / `edit_and_resend` result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct SendResult {
     /// The stored user message.
@@ -517,7 +547,7 @@ pub struct SendResult {
 }
 
 /// `regenerate` result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]
 pub struct RegenerateResult {
     /// The new answer.

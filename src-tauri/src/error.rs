@@ -7,9 +7,10 @@
 //! secrets (the hub never puts the token in an error), so their `Display` is the message.
 
 use serde::Serialize;
+use ts_rs::TS;
 
 /// What kind of failure, as the UI branches on it (docs/ipc.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, TS)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// No model is chosen, or the chosen variant is not (any more) in the cache.
@@ -45,7 +46,7 @@ pub enum ErrorKind {
 }
 
 /// A command's failure: `{ kind, message }` on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, TS, thiserror::Error)]
 #[error("{message}")]
 pub struct CommandError {
     /// What kind of failure.

@@ -16,7 +16,8 @@
 //! - [`launch`]: the command line (`--model FOLDER [--variant V]`: a folder imported and chosen).
 //! - [`cleanup`]: at start-up, the snapshot files a crash left half-written are deleted.
 //! - [`state`]: [`AppState`] and [`AppConfig`]; [`dto`]: the camelCase wire types;
-//!   [`error`]: [`CommandError`] (`{ kind, message }`).
+//!   [`error`]: [`CommandError`] (`{ kind, message }`); [`ipc_types`]: their TypeScript, generated
+//!   into `ui/src/services/ipc.gen.ts` (checked by a test).
 //! - [`webview`]: on Linux without a GPU render node, WebKit paints without compositing (its
 //!   software OpenGL would take the model's CPU).
 //!
@@ -34,6 +35,7 @@ pub mod desktop;
 pub mod device;
 pub mod dto;
 pub mod error;
+pub mod ipc_types;
 pub mod launch;
 pub mod logging;
 pub mod models;

@@ -27,6 +27,12 @@ pub const MAX_SYSTEM_PROMPT_BYTES: usize = 64 * 1024;
 pub const MAX_WINDOW: u64 = tptt::state::MAX_WINDOW as u64;
 /// Most tokens one answer may be asked for.
 pub const MAX_NEW_TOKENS: u64 = 1 << 16;
+/// Largest top-k accepted.
+pub const MAX_TOP_K: u64 = 100_000;
+/// Most tokens the repetition penalty may look back on.
+pub const MAX_REPEAT_LAST_N: u64 = 1 << 16;
+/// Largest seed accepted (a JavaScript number holds it exactly).
+pub const MAX_SEED: u64 = (1 << 53) - 1;
 
 /// The UI theme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -39,6 +45,20 @@ pub enum Theme {
     /// Follow the system.
     #[default]
     System,
+}
+
+impl Theme {
+    /// Every theme, in the settings' order.
+    pub const ALL: [Theme; 3] = [Theme::Light, Theme::Dark, Theme::System];
+
+    /// The UI's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Theme::Light => "light",
+            Theme::Dark => "dark",
+            Theme::System => "system",
+        }
+    }
 }
 
 /// Sampling settings as stored.
@@ -136,12 +156,7 @@ impl AppSettings {
             },
             system_prompt: self.system_prompt.clone(),
             window_size: self.window_size.map(f64::from),
-            theme: match self.theme {
-                Theme::Light => "light",
-                Theme::Dark => "dark",
-                Theme::System => "system",
-            }
-            .to_string(),
+            theme: self.theme.as_str().to_string(),
             hf_token_set,
         }
     }
@@ -177,7 +192,7 @@ impl AppSettings {
                 (0.0..=5.0).contains(&s.temperature),
                 "must be from 0 (greedy) to 5",
             )?,
-            top_k: int("sampling.topK", s.top_k, 0, 100_000)? as u32,
+            top_k: int("sampling.topK", s.top_k, 0, MAX_TOP_K)? as u32,
             top_p: real(
                 "sampling.topP",
                 s.top_p,
@@ -196,12 +211,17 @@ impl AppSettings {
                 s.repeat_penalty > 0.0 && s.repeat_penalty <= 10.0,
                 "must be above 0 and at most 10",
             )?,
-            repeat_last_n: int("sampling.repeatLastN", s.repeat_last_n, 0, 1 << 16)? as u32,
+            repeat_last_n: int(
+                "sampling.repeatLastN",
+                s.repeat_last_n,
+                0,
+                MAX_REPEAT_LAST_N,
+            )? as u32,
             max_new_tokens: int("sampling.maxNewTokens", s.max_new_tokens, 1, MAX_NEW_TOKENS)?
                 as u32,
             seed: s
                 .seed
-                .map(|x| int("sampling.seed", x, 0, (1 << 53) - 1))
+                .map(|x| int("sampling.seed", x, 0, MAX_SEED))
                 .transpose()?,
         };
         // The engine's own rules, as a backstop.
@@ -221,17 +241,15 @@ impl AppSettings {
                 format!("{} support is not compiled into this build (rebuild with the cargo feature `{}`)", device.label(), device.as_str()),
             ));
         }
-        let theme = match d.theme.as_str() {
-            "light" => Theme::Light,
-            "dark" => Theme::Dark,
-            "system" => Theme::System,
-            other => {
-                return Err(bad(
+        let theme = Theme::ALL
+            .into_iter()
+            .find(|t| t.as_str() == d.theme)
+            .ok_or_else(|| {
+                bad(
                     "theme",
-                    format!("must be light, dark or system, got {other:?}"),
-                ))
-            }
-        };
+                    format!("must be light, dark or system, got {:?}", d.theme),
+                )
+            })?;
         if d.system_prompt.len() > MAX_SYSTEM_PROMPT_BYTES {
             return Err(bad(
                 "systemPrompt",

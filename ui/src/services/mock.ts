@@ -31,6 +31,8 @@ import type {
   Stats,
   VariantEntry,
 } from './types';
+// The backend's bounds, generated from the Rust settings (the mock checks the same ones).
+import { SETTINGS_LIMITS } from './types';
 
 export type Scenario = 'ready' | 'empty';
 
@@ -755,17 +757,20 @@ class MockBackend implements MockControl {
       throw fail('invalid_settings', `${field}: ${why}`);
     };
     if (!(s.temperature >= 0 && s.temperature <= 5)) bad('temperature', 'must be between 0 and 5');
-    if (!(Number.isInteger(s.topK) && s.topK >= 0)) bad('topK', 'must be a whole number ≥ 0');
+    const whole = (v: number, lo: number, hi: number) => Number.isInteger(v) && v >= lo && v <= hi;
+    if (!whole(s.topK, 0, SETTINGS_LIMITS.topK)) bad('topK', `must be a whole number from 0 to ${SETTINGS_LIMITS.topK}`);
     if (!(s.topP > 0 && s.topP <= 1)) bad('topP', 'must be in (0, 1]');
     if (!(s.minP >= 0 && s.minP < 1)) bad('minP', 'must be in [0, 1)');
     if (!(s.repeatPenalty >= 1 && s.repeatPenalty <= 2)) bad('repeatPenalty', 'must be between 1 and 2');
-    if (!(Number.isInteger(s.repeatLastN) && s.repeatLastN >= 0)) bad('repeatLastN', 'must be ≥ 0');
-    if (!(Number.isInteger(s.maxNewTokens) && s.maxNewTokens >= 1 && s.maxNewTokens <= 32768)) {
-      bad('maxNewTokens', 'must be between 1 and 32768');
+    if (!whole(s.repeatLastN, 0, SETTINGS_LIMITS.repeatLastN)) {
+      bad('repeatLastN', `must be a whole number from 0 to ${SETTINGS_LIMITS.repeatLastN}`);
     }
-    if (s.seed !== null && !(Number.isInteger(s.seed) && s.seed >= 0)) bad('seed', 'must be a whole number ≥ 0');
-    if (next.windowSize !== null && !(Number.isInteger(next.windowSize) && next.windowSize >= 16)) {
-      bad('windowSize', 'must be a whole number ≥ 16');
+    if (!whole(s.maxNewTokens, 1, SETTINGS_LIMITS.maxNewTokens)) {
+      bad('maxNewTokens', `must be a whole number from 1 to ${SETTINGS_LIMITS.maxNewTokens}`);
+    }
+    if (s.seed !== null && !whole(s.seed, 0, SETTINGS_LIMITS.seed)) bad('seed', `must be a whole number from 0 to ${SETTINGS_LIMITS.seed}`);
+    if (next.windowSize !== null && !whole(next.windowSize, 1, SETTINGS_LIMITS.windowSize)) {
+      bad('windowSize', `must be a whole number from 1 to ${SETTINGS_LIMITS.windowSize}`);
     }
     if (!['auto', 'cpu', 'cuda', 'metal'].includes(next.device)) bad('device', 'unknown device');
     if (next.device !== 'auto' && !this.state.device.compiled.includes(next.device)) {

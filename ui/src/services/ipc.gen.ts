@@ -1,0 +1,514 @@
+// GENERATED from the Rust types of src-tauri (src/ipc_types.rs): do not edit.
+// Regenerate: TPTT_WRITE_IPC=1 cargo test --workspace --all-targets ipc_contract
+/* eslint-disable */
+
+// ---- Values the Rust side spells as strings ----
+
+/** A device preference (src/device.rs `DevicePref`). */
+export type Device = "auto" | "cpu" | "cuda" | "metal";
+
+/** The UI theme (src/settings.rs `Theme`). */
+export type Theme = "light" | "dark" | "system";
+
+/** Who wrote a message (the store's `Role`). */
+export type Role = "system" | "user" | "assistant";
+
+/** How far a message got (the store's `MessageStatus`). */
+export type MessageStatus = "complete" | "partial" | "error";
+
+// ---- Types ----
+
+/**
+ * What kind of failure, as the UI branches on it (docs/ipc.md).
+ */
+export type ErrorKind = "no_model" | "model_load" | "download" | "network" | "auth" | "disk_full" | "invalid_settings" | "invalid_repo_id" | "not_a_tptt_repo" | "not_found" | "busy" | "database" | "generation" | "input_too_long" | "internal";
+
+/**
+ * A command's failure: `{ kind, message }` on the wire.
+ */
+export type CommandError = { 
+/**
+ * What kind of failure.
+ */
+kind: ErrorKind, 
+/**
+ * For people: what happened and the way forward.
+ */
+message: string, };
+
+/**
+ * `ModelEntry.source`.
+ */
+export type ModelSource = "catalog" | "added" | "local" | "cache";
+
+/**
+ * `VariantEntry`.
+ */
+export type VariantEntry = { 
+/**
+ * The variant's folder name.
+ */
+name: string, 
+/**
+ * `operator_mode` of its config (`delta_rule`, ...), empty when unknown.
+ */
+operatorMode: string, 
+/**
+ * Complete in the cache (or a local folder): usable offline.
+ */
+downloaded: boolean, 
+/**
+ * Bytes of the variant's own files (adapter, config), without the shared base.
+ */
+sizeBytes: number | null, };
+
+/**
+ * `ModelEntry`.
+ */
+export type ModelEntry = { 
+/**
+ * Hub id (`owner/name`) or, for an imported folder, its absolute path.
+ */
+repoId: string, 
+/**
+ * Display name.
+ */
+title: string, 
+/**
+ * Where the entry comes from.
+ */
+source: ModelSource, 
+/**
+ * One line about it.
+ */
+description: string, 
+/**
+ * `None` until the repository has been listed (or a variant downloaded).
+ */
+variants: Array<VariantEntry> | null, 
+/**
+ * The base model of the variants, when known.
+ */
+baseModel: string | null, 
+/**
+ * Bytes of that base model, which every variant needs beside its own files (downloaded
+ * once, shared by the variants), when known.
+ */
+baseSizeBytes: number | null, };
+
+/**
+ * `DownloadEvent`.
+ */
+export type DownloadEvent = { "kind": "progress", 
+/**
+ * The current file, relative to its repository.
+ */
+file: string, 
+/**
+ * Bytes of it on disk.
+ */
+fileBytes: number, 
+/**
+ * Its size.
+ */
+fileTotal: number, 
+/**
+ * Bytes of the whole download complete.
+ */
+bytes: number, 
+/**
+ * Bytes of the whole download.
+ */
+total: number, 
+/**
+ * Recent speed.
+ */
+bytesPerSec: number, } | { "kind": "done" } | { "kind": "cancelled" } | { "kind": "error", 
+/**
+ * For people.
+ */
+message: string, 
+/**
+ * The error kind (`network`, `auth`, `disk_full`, `download`...).
+ */
+errorKind: ErrorKind, };
+
+/**
+ * `Settings.sampling`.
+ */
+export type Sampling = { 
+/**
+ * Softmax temperature (0: greedy).
+ */
+temperature: number, 
+/**
+ * Top-k (0: off).
+ */
+topK: number, 
+/**
+ * Nucleus threshold (1: off).
+ */
+topP: number, 
+/**
+ * Min-p (0: off).
+ */
+minP: number, 
+/**
+ * Repetition penalty (1: off).
+ */
+repeatPenalty: number, 
+/**
+ * Tokens the penalty looks back on.
+ */
+repeatLastN: number, 
+/**
+ * Answer length limit.
+ */
+maxNewTokens: number, 
+/**
+ * Fixed seed, or a fresh one per answer.
+ */
+seed: number | null, };
+
+/**
+ * `Settings`. Numbers are `f64` on the way in so that a wrong value is reported by field
+ * (`invalid_settings`) rather than as a deserialization failure.
+ */
+export type Settings = { 
+/**
+ * Model (hub id or imported folder).
+ */
+modelRepo: string | null, 
+/**
+ * Variant of that model.
+ */
+variant: string | null, 
+/**
+ * `auto`, `cpu`, `cuda`, `metal`.
+ */
+device: Device, 
+/**
+ * Sampling parameters.
+ */
+sampling: Sampling, 
+/**
+ * System prompt ("" for none).
+ */
+systemPrompt: string, 
+/**
+ * Softmax window (`None`: the model's).
+ */
+windowSize: number | null, 
+/**
+ * `light`, `dark`, `system`.
+ */
+theme: Theme, 
+/**
+ * Whether a Hugging Face token is stored (ignored on the way in).
+ */
+hfTokenSet: boolean, };
+
+/**
+ * `device_info()`.
+ */
+export type DeviceInfo = { 
+/**
+ * Devices compiled into this build (`cpu` always; `cuda`, `metal` with their features).
+ */
+compiled: Array<string>, 
+/**
+ * The device the loaded model runs on, else the one the setting would pick now.
+ */
+inUse: string, 
+/**
+ * For people, e.g. `CPU (16 threads)` or `CUDA device 0`.
+ */
+name: string, };
+
+/**
+ * `ConversationSummary`.
+ */
+export type ConversationSummary = { 
+/**
+ * Id.
+ */
+id: string, 
+/**
+ * Title.
+ */
+title: string, 
+/**
+ * ISO 8601.
+ */
+updatedAt: string, 
+/**
+ * Model of the last answer (or chosen when it was created).
+ */
+modelRepo: string | null, 
+/**
+ * Its variant.
+ */
+variant: string | null, 
+/**
+ * The start of the last message (or of the search hit).
+ */
+preview: string, };
+
+/**
+ * `Stats`.
+ */
+export type Stats = { 
+/**
+ * Tokens fed before generating (the turn's prompt: what it added to the memory).
+ */
+promptTokens: number, 
+/**
+ * Tokens generated.
+ */
+generatedTokens: number, 
+/**
+ * Time to the first generated token from the moment the prompt began to be read (its
+ * reading included; the model's loading, `load_ms`, not).
+ */
+ttftMs: number, 
+/**
+ * Prompt tokens per second.
+ */
+prefillTokensPerS: number, 
+/**
+ * Generated tokens per second after the first.
+ */
+decodeTokensPerS: number, 
+/**
+ * How long loading the model took, when this turn loaded it (absent from answers saved
+ * before it was recorded).
+ */
+loadMs: number | null, };
+
+/**
+ * `MemoryHealth.verdict`: [`tptt_engine::Health`] on the wire.
+ */
+export type MemoryVerdict = "unknown" | "healthy" | "strained" | "broken";
+
+/**
+ * `MemoryHealth`: the model's surprise on the text its memory read, as perplexities — over
+ * the conversation's start and over the recent samples — and the verdict on their ratio
+ * (`tptt_engine::health`). `null` figures until enough text was read.
+ */
+export type MemoryHealth = { 
+/**
+ * The verdict.
+ */
+verdict: MemoryVerdict, 
+/**
+ * Perplexity over the conversation's start.
+ */
+earlyPerplexity: number | null, 
+/**
+ * Perplexity over the recent samples.
+ */
+recentPerplexity: number | null, 
+/**
+ * `recentPerplexity / earlyPerplexity`.
+ */
+ratio: number | null, };
+
+/**
+ * `MemoryInfo`: the softmax window's fill, what lives only in the recurrent memory, and the
+ * memory's health.
+ */
+export type MemoryInfo = { 
+/**
+ * Positions the softmax KV window holds at most (0 when unknown).
+ */
+windowSize: number, 
+/**
+ * Positions it holds now.
+ */
+windowFill: number, 
+/**
+ * Tokens read earlier than the window: they live only in the linear (recurrent) memory.
+ */
+recurrentOnlyTokens: number, 
+/**
+ * Tokens the conversation's memory has read in all.
+ */
+totalTokens: number, 
+/**
+ * The model's surprise on what it read (absent from sidecars written before it existed:
+ * `unknown`).
+ */
+health: MemoryHealth, };
+
+/**
+ * `Message`.
+ */
+export type Message = { 
+/**
+ * Id.
+ */
+id: string, 
+/**
+ * `user`, `assistant`, `system`.
+ */
+role: Role, 
+/**
+ * The text, verbatim.
+ */
+content: string, 
+/**
+ * `complete`, `partial`, `error`.
+ */
+status: MessageStatus, 
+/**
+ * Why an answer is not complete, when known: the failure of an `error` answer, or, on a
+ * `partial` one, that the app closed while it was written (it is then shown as
+ * interrupted, not as stopped).
+ */
+error: string | null, 
+/**
+ * Generation statistics of an answer.
+ */
+stats: Stats | null, 
+/**
+ * ISO 8601.
+ */
+createdAt: string, };
+
+/**
+ * `Conversation`.
+ */
+export type Conversation = { 
+/**
+ * Id.
+ */
+id: string, 
+/**
+ * Title.
+ */
+title: string, 
+/**
+ * Model.
+ */
+modelRepo: string | null, 
+/**
+ * Variant.
+ */
+variant: string | null, 
+/**
+ * Messages in order.
+ */
+messages: Array<Message>, 
+/**
+ * The conversation's memory as last saved (or as held now).
+ */
+memory: MemoryInfo, };
+
+/**
+ * `ChatEvent`, streamed through the `onEvent` channel of the chat commands.
+ */
+export type ChatEvent = { "kind": "started", 
+/**
+ * Memory before the turn.
+ */
+memory: MemoryInfo, 
+/**
+ * Tokens of the prompt the turn is about to read.
+ */
+promptTokens: number, 
+/**
+ * How long loading the model took, when this turn loaded it (`null` when it was
+ * loaded already). Not part of the time to first token.
+ */
+loadMs: number | null, } | { "kind": "prefill", 
+/**
+ * Prompt tokens read so far.
+ */
+read: number, 
+/**
+ * Prompt tokens in all.
+ */
+total: number, 
+/**
+ * Since the prompt began to be read.
+ */
+elapsedMs: number, 
+/**
+ * The memory after the tokens read so far (the health as before the turn).
+ */
+memory: MemoryInfo, } | { "kind": "memory", 
+/**
+ * Memory after the prompt.
+ */
+memory: MemoryInfo, } | { "kind": "token", 
+/**
+ * The piece (whole UTF-8 characters).
+ */
+text: string, 
+/**
+ * Tokens generated so far (each one read into the memory too): the piece may be the
+ * text of several.
+ */
+generated: number, } | { "kind": "done", 
+/**
+ * Statistics.
+ */
+stats: Stats, 
+/**
+ * Memory after the turn.
+ */
+memory: MemoryInfo, } | { "kind": "stopped", 
+/**
+ * Statistics.
+ */
+stats: Stats, 
+/**
+ * Memory after the turn.
+ */
+memory: MemoryInfo, } | { "kind": "error", 
+/**
+ * For people.
+ */
+message: string, 
+/**
+ * The text generated before the failure.
+ */
+partial: string, 
+/**
+ * The error kind (`model_load`, `no_model`, `generation`, `database`...).
+ */
+errorKind: ErrorKind, };
+
+/**
+ * `send_message` / `edit_and_resend` result.
+ */
+export type SendResult = { 
+/**
+ * The stored user message.
+ */
+userMessageId: string, 
+/**
+ * The answer being generated (stored as `partial` until it ends).
+ */
+assistantMessageId: string, };
+
+/**
+ * `regenerate` result.
+ */
+export type RegenerateResult = { 
+/**
+ * The new answer.
+ */
+assistantMessageId: string, };
+
+// ---- Bounds the backend enforces (src/settings.rs) ----
+
+/** The largest values `set_settings` accepts (the smallest are 0, or 1 for maxNewTokens and windowSize). */
+export const SETTINGS_LIMITS = {
+  maxNewTokens: 65536,
+  topK: 100000,
+  repeatLastN: 65536,
+  seed: 9007199254740991,
+  windowSize: 1048576,
+  systemPromptBytes: 65536,
+} as const;
