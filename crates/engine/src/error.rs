@@ -96,7 +96,7 @@ pub enum Error {
     Tokenizer(#[source] tokenizers::Error),
     /// The model failed (load, forward, bad token id, state mismatch).
     #[error(transparent)]
-    Model(#[from] tptt::Error),
+    Model(Box<tptt::Error>),
     /// A state snapshot is corrupt, truncated, foreign, or belongs to another model/variant/config.
     #[error("state snapshot {path}: {reason}")]
     Snapshot {
@@ -130,6 +130,14 @@ pub enum Error {
         /// How many messages were being rendered.
         messages: usize,
     },
+}
+
+impl From<tptt::Error> for Error {
+    /// Boxed: a model error is large (it carries candle's), and every `Result` of the engine
+    /// would carry its size.
+    fn from(e: tptt::Error) -> Self {
+        Error::Model(Box::new(e))
+    }
 }
 
 /// The message of a caught panic: its `&str` or `String` payload (what `panic!` formats), else

@@ -80,9 +80,9 @@ pub enum Error {
         /// The adapter key.
         key: String,
         /// The shape found in the adapter.
-        got: Vec<usize>,
+        got: Box<[usize]>,
         /// The shape the base weight (and `lora_config.r`) imply.
-        expected: Vec<usize>,
+        expected: Box<[usize]>,
         /// Which base weight and rank the expectation comes from.
         detail: String,
     },

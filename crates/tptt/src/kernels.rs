@@ -50,7 +50,8 @@ impl<'a> Rows<'a> {
         match self {
             Rows::F32(w) => w.len() == rows * cols,
             Rows::Q8_0(w) => {
-                cols % Q8_0_BLOCK == 0 && w.len() == rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES
+                cols.is_multiple_of(Q8_0_BLOCK)
+                    && w.len() == rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES
             }
         }
     }
@@ -708,7 +709,7 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
 fn attend_block_dispatch(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<Partial> {
     #[cfg(target_arch = "x86_64")]
     {
-        if a.dim % 8 == 0
+        if a.dim.is_multiple_of(8)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
         {

@@ -221,8 +221,8 @@ pub fn apply_adapter(
         Error::AdapterShapeMismatch {
             path: path.to_path_buf(),
             key: key.to_string(),
-            got: got.to_vec(),
-            expected,
+            got: got.into(),
+            expected: expected.into(),
             detail,
         }
     };

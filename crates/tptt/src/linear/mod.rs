@@ -62,7 +62,7 @@ pub enum ScanImpl {
 
 /// Run the scan. `state`: `[H, D, D]` in, final state out. Returns `[H, S, D]`.
 pub fn scan(inp: &ScanInput<'_>, state: &mut [f32], which: ScanImpl) -> Vec<f32> {
-    debug_assert!(inp.chunk >= 1 && inp.tokens % inp.chunk == 0);
+    debug_assert!(inp.chunk >= 1 && inp.tokens.is_multiple_of(inp.chunk));
     match which {
         ScanImpl::Fast => fast::scan(inp, state),
         ScanImpl::Naive => naive::scan(inp, state),
@@ -73,7 +73,7 @@ pub fn scan(inp: &ScanInput<'_>, state: &mut [f32], which: ScanImpl) -> Vec<f32>
 pub fn chunk_size(tokens: usize, max_chunk: usize) -> usize {
     (1..=max_chunk.min(tokens).max(1))
         .rev()
-        .find(|c| tokens % c == 0)
+        .find(|c| tokens.is_multiple_of(*c))
         .unwrap_or(1)
 }
 
@@ -1072,8 +1072,8 @@ mod tests {
         let out = expand(&[1.0, 2.0], None, 1, 1, 2, 2, Trick::Rot);
         assert_eq!(out[..2], [1.0, 2.0]);
         let s = -8.742278e-08f32;
-        assert_eq!(out[2], 1.0 * -1.0 - 2.0 * s);
-        assert_eq!(out[3], 1.0 * s + 2.0 * -1.0);
+        assert_eq!(out[2], -1.0 - 2.0 * s);
+        assert_eq!(out[3], 1.0 * s + -2.0);
     }
 
     #[test]

@@ -76,7 +76,7 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
             Matrix::Quant(QMatMul::QTensor(q))
                 if device.is_cpu()
                     && q.dtype() == GgmlDType::Q8_0
-                    && x.len() % kernels::Q8_0_BLOCK == 0 =>
+                    && x.len().is_multiple_of(kernels::Q8_0_BLOCK) =>
             {
                 outs.push(vec![0f32; q.shape().dims().first().copied().unwrap_or(0)]);
                 own.push((i, Own::Q8(q.data()?), bias));

@@ -81,7 +81,7 @@ impl DistillConfig {
                 self.window, self.seq_len
             ));
         }
-        if self.episode_len < self.seq_len || self.episode_len % self.seq_len != 0 {
+        if self.episode_len < self.seq_len || !self.episode_len.is_multiple_of(self.seq_len) {
             return bad(format!(
                 "the episode length ({}) must be a multiple of the sequence length ({})",
                 self.episode_len, self.seq_len
@@ -90,9 +90,8 @@ impl DistillConfig {
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr < 1.0) {
             return bad(format!("learning rate {} must be in (0, 1)", self.lr));
         }
-        if !(self.alpha.is_finite() && self.alpha > 0.0)
-            || !(self.clip.is_finite() && self.clip > 0.0)
-        {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !(positive(self.alpha) && positive(self.clip)) {
             return bad(format!(
                 "LoRA alpha ({}) and the gradient clip ({}) must be positive numbers",
                 self.alpha, self.clip
@@ -507,7 +506,7 @@ impl Distiller {
         let lr = self.lr_at(self.step);
         self.adam.update(&vars, &grads, lr)?;
         self.step += 1;
-        if self.step % self.segments() != 0 {
+        if !self.step.is_multiple_of(self.segments()) {
             ep.carry = next;
             ep.step = self.step;
             self.episode = Some(ep);
@@ -936,7 +935,7 @@ impl Distiller {
                 )));
             }
             self.resumed = Some((self.step, carry));
-        } else if self.step % self.segments() != 0 {
+        } else if !self.step.is_multiple_of(self.segments()) {
             return Err(Error::Input(format!(
                 "{}: step {} is in the middle of an episode but the checkpoint has no carry",
                 path.display(),
