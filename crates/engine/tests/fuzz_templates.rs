@@ -8,7 +8,7 @@
 //! The cases are a fixed number with a fixed seed, so CI runs the same ones each time (set
 //! `PROPTEST_RNG_SEED`/`PROPTEST_CASES` to explore more locally). Not generated: a namespace
 //! assigned into itself (`{% set ns.me = ns %}`), which minijinja cannot print without
-//! recursing forever (documented in `template.rs`); namespace attributes here only ever
+//! recursing forever (documented in `template/limits.rs`); namespace attributes here only ever
 //! receive values built from other values.
 
 use std::time::{Duration, Instant};
