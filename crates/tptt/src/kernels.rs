@@ -184,8 +184,7 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
 fn matvec_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::cpu::has_avx2_fma() {
             // SAFETY: the CPU has the features the function is compiled for (checked above), and
             // `w` holds `out.len()` rows of `x.len()` values (checked inside).
             unsafe { avx2::matvec_rows(w, x, out) };
@@ -235,10 +234,7 @@ pub fn matvec_q8_0_quantized_naive(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f
 fn matvec_q8_0_rows(w: &[u8], xq: &[i8], xd: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if crate::cpu::has_avx2_fma_f16c() {
             // SAFETY: the CPU has the features the function is compiled for (checked above); the
             // sizes are checked inside.
             unsafe { avx2::matvec_q8_0_rows(w, xq, xd, out) };
@@ -276,6 +272,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// Sum of the eight lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
@@ -375,40 +374,6 @@ mod avx2 {
         }
     }
 
-    /// `exp(x)` for `x ≤ 0`, eight lanes: [`super::exp_nonpos`] with the same reduction.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp_nonpos8(x_in: __m256) -> __m256 {
-        let x = _mm256_max_ps(x_in, _mm256_set1_ps(-87.0));
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_add_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))),
-            _mm256_mul_ps(n, _mm256_set1_ps(2.121_944_4e-4)),
-        );
-        let mut p = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        ));
-        let y = _mm256_mul_ps(p, scale);
-        // Below −87 (and −∞): exactly 0.
-        let tiny = _mm256_cmp_ps(x_in, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
-        _mm256_andnot_ps(tiny, y)
-    }
-
     /// Heads handled together in one pass over a block's keys and values.
     const HEADS_PER_PASS: usize = 4;
 
@@ -471,6 +436,9 @@ mod avx2 {
     }
 
     /// One pass of [`attend_block`] for the `N` query heads from `first`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn heads_pass<const N: usize>(p: Pass<'_, '_>, parts: &mut Vec<super::Partial>) {
         let Pass {
@@ -515,7 +483,8 @@ mod avx2 {
             let m8 = _mm256_set1_ps(max[i]);
             let mut s8 = _mm256_setzero_ps();
             for j in (0..padded).step_by(8) {
-                let x = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(row.add(j)), m8));
+                let x =
+                    crate::cpu::math::avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(row.add(j)), m8));
                 _mm256_storeu_ps(row.add(j), x);
                 s8 = _mm256_add_ps(s8, x);
             }
@@ -709,10 +678,7 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
 fn attend_block_dispatch(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<Partial> {
     #[cfg(target_arch = "x86_64")]
     {
-        if a.dim.is_multiple_of(8)
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        if a.dim.is_multiple_of(8) && crate::cpu::has_avx2_fma() {
             // SAFETY: the features the function is compiled for were detected just above, and
             // `D` is a multiple of 8 as it requires.
             return unsafe { avx2::attend_block(a, kvh, start, end) };
@@ -751,7 +717,7 @@ fn attend_block(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<
         let mut sum = 0f32;
         if max != f32::NEG_INFINITY {
             for x in e.iter_mut() {
-                *x = exp_nonpos(*x - max);
+                *x = crate::cpu::math::exp(*x - max);
             }
             sum = e.iter().sum();
             // acc = Σ_j e_j · V_j, 64 columns at a time.
@@ -798,37 +764,6 @@ fn dot_wide(a: &[f32], b: &[f32]) -> f32 {
     (s[0] + s[4]) + (s[1] + s[5]) + (s[2] + s[6]) + (s[3] + s[7]) + dot(ra, rb)
 }
 
-/// `exp(x)` for `x ≤ 0` (−∞ gives 0) without a libm call, so loops over it vectorise:
-/// `x = n·ln2 + r` with |r| ≤ ln2/2, a degree-7 Taylor polynomial for `e^r` (relative error ~1e-7 on that
-/// range) and `2^n` put into the exponent bits. Below −87 the result flushes to 0 (a weight
-/// under 1e-38 next to the max's 1).
-#[inline(always)]
-pub fn exp_nonpos(x_in: f32) -> f32 {
-    let x = x_in.max(-87.0);
-    // Adding and subtracting 1.5·2²³ rounds to an integer, which `t`'s low mantissa bits then
-    // hold: `2ⁿ` comes from those bits, with no float-to-int conversion (a saturating cast does
-    // not vectorise).
-    const ROUND: f32 = 12_582_912.0;
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    // Cody–Waite: ln 2 split in a part exact in n·hi (few mantissa bits) and the rest.
-    let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // n ∈ [−126, 0]: 2^n is a normal f32 with exponent bits n + 127.
-    let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
-    // A select, not a branch: the loop stays vectorised.
-    if x_in < -87.0 {
-        0.0
-    } else {
-        p * scale
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -855,21 +790,6 @@ mod tests {
                 "index {i}: {x} vs {y}"
             );
         }
-    }
-
-    #[test]
-    fn exp_nonpos_is_close_to_exp() {
-        let mut x = 0f32;
-        while x > -100.0 {
-            let (got, want) = (exp_nonpos(x), x.exp());
-            assert!(
-                (got - want).abs() <= 3e-7 * want + 2e-38,
-                "exp({x}) = {want}, got {got}"
-            );
-            x -= 0.0137;
-        }
-        assert_eq!(exp_nonpos(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpos(0.0), 1.0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod gguf;
 pub mod kernels;

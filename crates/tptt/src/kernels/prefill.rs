@@ -15,8 +15,9 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::exp_nonpos;
-use crate::linear::fast::{gemm, has_avx2_fma};
+use crate::cpu::gemm::gemm;
+use crate::cpu::has_avx2_fma;
+use crate::cpu::math::exp;
 
 /// Query tokens per task.
 const Q_BLOCK: usize = 32;
@@ -132,6 +133,10 @@ fn task_dispatch(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f3
     task::<false>(a, kvh, t0, t1)
 }
 
+/// The AVX2 + FMA instantiation of its portable twin.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn task_avx2(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f32> {
@@ -201,10 +206,10 @@ fn task<const F: bool>(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> 
                     continue;
                 }
                 let mnew = m[row].max(bmax);
-                let corr = exp_nonpos(m[row] - mnew);
+                let corr = exp(m[row] - mnew);
                 let mut sum = 0f32;
                 for x in srow.iter_mut() {
-                    *x = exp_nonpos(*x - mnew);
+                    *x = exp(*x - mnew);
                     sum += *x;
                 }
                 l[row] = l[row] * corr + sum;
@@ -291,9 +296,9 @@ mod tests {
                 diff < 2e-5,
                 "{h}/{hkv}/{d} cached {cached} S {s} window {window:?}: {diff}"
             );
-            crate::linear::fast::FORCE_BASELINE.store(true, std::sync::atomic::Ordering::Relaxed);
+            crate::cpu::force_portable(true);
             let base = attend_many(&a);
-            crate::linear::fast::FORCE_BASELINE.store(false, std::sync::atomic::Ordering::Relaxed);
+            crate::cpu::force_portable(false);
             let diff = want
                 .iter()
                 .zip(&base)

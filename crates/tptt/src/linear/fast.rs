@@ -33,6 +33,9 @@
 use rayon::prelude::*;
 
 use super::{gelu_rows, ScanInput};
+use crate::cpu::gemm::{gemm, NR};
+use crate::cpu::has_avx2_fma;
+use crate::cpu::math::{axpy, dot};
 
 /// Where the scan reads the virtual rows of a chunk from (all rows `D` wide).
 pub(crate) trait ChunkRows: Sync {
@@ -293,6 +296,10 @@ fn step_dispatch<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, h: &mut [f32
     step_group::<false, R>(rows, plan, g, h)
 }
 
+/// The AVX2 + FMA instantiation of its portable twin.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn step_avx2<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, h: &mut [f32]) -> Vec<f32> {
@@ -417,28 +424,6 @@ fn map_tasks<T: Send>(n: usize, par: bool, f: impl Fn(usize) -> T + Sync + Send)
     }
 }
 
-/// Unit tests set this to run the baseline variants on an AVX2 machine too.
-#[cfg(test)]
-pub(crate) static FORCE_BASELINE: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// True when the AVX2 + FMA variants may run (checked at run time, cached by std).
-#[inline(always)]
-pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(test)]
-    if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Phase 1 of one (group, chunk): `[W | U]` (`[N, 2D]`) and `α` (`[N, D]`).
 struct Solved {
     wu: Vec<f32>,
@@ -454,6 +439,10 @@ fn solve_dispatch<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize) -
     solve::<false, R>(rows, plan, g, c)
 }
 
+/// The AVX2 + FMA instantiation of its portable twin.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn solve_avx2<R: ChunkRows>(rows: &R, plan: &Plan<'_>, g: usize, c: usize) -> Solved {
@@ -469,6 +458,10 @@ fn chain_dispatch(plan: &Plan<'_>, solved: &[Solved], h: &mut [f32]) -> Vec<f32>
     chain::<false>(plan, solved, h)
 }
 
+/// The AVX2 + FMA instantiation of its portable twin.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn chain_avx2(plan: &Plan<'_>, solved: &[Solved], h: &mut [f32]) -> Vec<f32> {
@@ -491,6 +484,10 @@ fn outputs_dispatch<R: ChunkRows>(
     outputs::<false, R>(rows, plan, g, c, sol, h0)
 }
 
+/// The AVX2 + FMA instantiation of its portable twin.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn outputs_avx2<R: ChunkRows>(
@@ -712,201 +709,4 @@ fn outputs<const F: bool, R: ChunkRows>(
         }
     }
     out
-}
-
-/// `a·b + c`, fused when `F` (only instantiated with `F` inside the AVX2 + FMA variants, where
-/// `mul_add` is one instruction; elsewhere it would be a slow library call).
-#[inline(always)]
-fn fmadd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if F {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// Dot product with 8 independent accumulators, so that it vectorises (a single f32 sum is a
-/// serial dependency chain the compiler may not reorder).
-#[inline(always)]
-fn dot<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] = fmadd::<F>(x[i], y[i], acc[i]);
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
-}
-
-/// `y += a·x`.
-#[inline(always)]
-fn axpy<const F: bool>(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi = fmadd::<F>(a, xi, *yi);
-    }
-}
-
-/// Micro-kernel rows.
-const MR: usize = 6;
-/// Micro-kernel columns (two 8-lane vectors).
-const NR: usize = 16;
-
-/// `c[i, j] = (acc ? c[i, j] : 0) + s·Σ_p a[i, p]·b[p, j]` for `i < m`, `j < n`, `p < k`, all
-/// row-major with row strides `lda`, `ldb`, `ldc`.
-///
-/// Rows go in panels of [`MR`], packed `p`-major so the micro-kernel reads them contiguously;
-/// columns in tiles of [`NR`], each a `MR×NR` block of accumulators kept in registers while `p`
-/// runs over `k` (two vector loads of `b` and `MR` broadcasts feed `2·MR` multiply-adds). Columns
-/// past the last whole tile take a scalar path.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm<const F: bool>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-    s: f32,
-    acc: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if m <= 2 {
-        // One or two rows (decoding): a register tile would be a chain of `k` dependent
-        // multiply-adds per vector; instead accumulate whole rows of `b` (`n/8` independent
-        // vectors per step).
-        let mut t = vec![0f32; n];
-        for i in 0..m {
-            t.fill(0.0);
-            for (p, &x) in a[i * lda..i * lda + k].iter().enumerate() {
-                axpy::<F>(&mut t, x, &b[p * ldb..p * ldb + n]);
-            }
-            for (cv, &tv) in c[i * ldc..i * ldc + n].iter_mut().zip(&t) {
-                *cv = if acc { fmadd::<F>(s, tv, *cv) } else { s * tv };
-            }
-        }
-        return;
-    }
-    let mut pack = vec![0f32; MR * k];
-    let whole = n - n % NR;
-    for i0 in (0..m).step_by(MR) {
-        let mr = MR.min(m - i0);
-        for r in 0..MR {
-            if r < mr {
-                let row = &a[(i0 + r) * lda..(i0 + r) * lda + k];
-                for (p, &x) in row.iter().enumerate() {
-                    pack[p * MR + r] = x;
-                }
-            } else {
-                for p in 0..k {
-                    pack[p * MR + r] = 0.0;
-                }
-            }
-        }
-        for j0 in (0..whole).step_by(NR) {
-            // A short last panel (and single-row products when decoding) runs a kernel of its
-            // own height rather than multiplying zero rows.
-            match mr {
-                1 => store::<F, 1>(
-                    micro::<F, 1>(k, &pack, b, ldb, j0),
-                    c,
-                    (i0, j0, ldc),
-                    s,
-                    acc,
-                ),
-                2 => store::<F, 2>(
-                    micro::<F, 2>(k, &pack, b, ldb, j0),
-                    c,
-                    (i0, j0, ldc),
-                    s,
-                    acc,
-                ),
-                3 => store::<F, 3>(
-                    micro::<F, 3>(k, &pack, b, ldb, j0),
-                    c,
-                    (i0, j0, ldc),
-                    s,
-                    acc,
-                ),
-                4 => store::<F, 4>(
-                    micro::<F, 4>(k, &pack, b, ldb, j0),
-                    c,
-                    (i0, j0, ldc),
-                    s,
-                    acc,
-                ),
-                5 => store::<F, 5>(
-                    micro::<F, 5>(k, &pack, b, ldb, j0),
-                    c,
-                    (i0, j0, ldc),
-                    s,
-                    acc,
-                ),
-                _ => store::<F, MR>(
-                    micro::<F, MR>(k, &pack, b, ldb, j0),
-                    c,
-                    (i0, j0, ldc),
-                    s,
-                    acc,
-                ),
-            }
-        }
-        for j in whole..n {
-            for r in 0..mr {
-                let mut t = 0f32;
-                for p in 0..k {
-                    t = fmadd::<F>(pack[p * MR + r], b[p * ldb + j], t);
-                }
-                let cv = &mut c[(i0 + r) * ldc + j];
-                *cv = if acc { fmadd::<F>(s, t, *cv) } else { s * t };
-            }
-        }
-    }
-}
-
-/// `c[i0 + r, j0 + j] = (acc ? c : 0) + s·tile[r][j]`.
-#[inline(always)]
-fn store<const F: bool, const M: usize>(
-    tile: [[f32; NR]; M],
-    c: &mut [f32],
-    (i0, j0, ldc): (usize, usize, usize),
-    s: f32,
-    acc: bool,
-) {
-    for (r, tr) in tile.iter().enumerate() {
-        let cr = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + NR];
-        for (cv, &t) in cr.iter_mut().zip(tr) {
-            *cv = if acc { fmadd::<F>(s, t, *cv) } else { s * t };
-        }
-    }
-}
-
-/// The `M×NR` block `Σ_p pack[p, :M]ᵀ·b[p, j0..j0+NR]` (`M ≤ MR`; the pack's row stride is `MR`).
-#[inline(always)]
-fn micro<const F: bool, const M: usize>(
-    k: usize,
-    pack: &[f32],
-    b: &[f32],
-    ldb: usize,
-    j0: usize,
-) -> [[f32; NR]; M] {
-    let mut t = [[0f32; NR]; M];
-    for (p, ap) in pack.chunks_exact(MR).take(k).enumerate() {
-        let bp = &b[p * ldb + j0..p * ldb + j0 + NR];
-        for r in 0..M {
-            let ar = ap[r];
-            for j in 0..NR {
-                t[r][j] = fmadd::<F>(ar, bp[j], t[r][j]);
-            }
-        }
-    }
-    t
 }

@@ -11,7 +11,9 @@
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Layout, Storage, StorageRef, Tensor};
 
-use super::{Layer, Linear, Matrix, Mlp, Model, Norm};
+use super::kv::KvRing;
+use super::layers::Mlp;
+use super::{Layer, Linear, Matrix, Model, Norm};
 use crate::config::{Activation, NormKind, QkNorm};
 use crate::error::{Error, Result};
 use crate::kernels::{self, AttendOne, MatVec, Rows};
@@ -221,18 +223,9 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
     let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
     let e = b.hidden_size;
     let qp = state.pos;
-    let slot = state.window.map_or(qp, |w| qp % w);
-    // Positions held by the slots once this token is written.
-    let mut key_pos = state.key_pos.clone();
-    if slot < key_pos.len() {
-        key_pos[slot] = qp;
-    } else if slot == key_pos.len() {
-        key_pos.push(qp);
-    } else {
-        return Err(Error::State(
-            "KV ring has unfilled slots (positions not contiguous)".into(),
-        ));
-    }
+    let ring = KvRing::of(state, nkv, d);
+    // The token's slot, and the positions the slots hold once it is written.
+    let (slot, key_pos) = ring.after_one(&state.key_pos, qp)?;
     let t_len = key_pos.len();
     let ropes: Vec<(Vec<f32>, Vec<f32>)> = model.ropes.iter().map(|r| r.cos_sin_one(qp)).collect();
 
@@ -248,11 +241,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         let s = scale as f32;
         h.iter_mut().for_each(|x| *x *= s);
     }
-    let tptt = &model.cfg.tptt;
-    let m = tptt.mag_weight;
-    let linear_on = m != 0.0;
-    let fuse_o = !tptt.cross_gate && !tptt.base_scale_attn;
-    let (wa, wl) = ((1.0 - m) as f64 as f32, m as f64 as f32);
+    let linear_on = model.mix.branch_on();
     let mut visible = vec![false; t_len];
     for (layer, ls) in model.layers.iter().zip(state.layers.iter_mut()) {
         let x = normed(&layer.in_norm, &h)?;
@@ -277,13 +266,17 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         let (cos, sin) = &ropes[layer.rope];
         rope::apply_one(&mut qs, cos, sin);
         rope::apply_one(&mut ks, cos, sin);
-        ls.ensure_capacity(slot + 1, state.window, nkv, d, &model.device)?;
+        ring.write_one(
+            ls,
+            &Tensor::from_vec(ks, (nkv, 1, d), &model.device)?,
+            &Tensor::from_vec(vs, (nkv, 1, d), &model.device)?,
+            slot,
+            &model.device,
+        )?;
         let (kb, vb) = match (&ls.k, &ls.v) {
             (Some(k), Some(v)) => (k, v),
             _ => return Err(Error::State("KV cache missing after allocation".into())),
         };
-        kb.slice_set(&Tensor::from_vec(ks, (nkv, 1, d), &model.device)?, 1, slot)?;
-        vb.slice_set(&Tensor::from_vec(vs, (nkv, 1, d), &model.device)?, 1, slot)?;
         let window = match (state.window, layer.window) {
             (Some(a), Some(c)) => Some(a.min(c)),
             (a, c) => a.or(c),
@@ -322,34 +315,10 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
             )
         });
 
-        let mut out = if let Some(y) = y {
-            if fuse_o {
-                let mixed: Vec<f32> = attn.iter().zip(&y).map(|(a, y)| a * wa + y * wl).collect();
-                linear1(&layer.o, &mixed, &model.device)?
-            } else {
-                let o_base = linear1(&layer.o, &attn, &model.device)?;
-                let mut o_lin = linear1(&layer.o, &y, &model.device)?;
-                if tptt.base_scale_attn {
-                    let rms = (o_base.iter().map(|x| x * x).sum::<f32>() / o_base.len() as f32
-                        + 1e-5)
-                        .sqrt();
-                    o_lin.iter_mut().for_each(|x| *x *= rms);
-                }
-                o_base
-                    .iter()
-                    .zip(&o_lin)
-                    .map(|(ob, ol)| {
-                        let (sw, lw) = (ob * wa, ol * wl);
-                        if tptt.cross_gate {
-                            (sw + lw) + sw * lw
-                        } else {
-                            sw + lw
-                        }
-                    })
-                    .collect()
-            }
-        } else {
-            linear1(&layer.o, &attn, &model.device)?
+        let o = |x: &[f32]| linear1(&layer.o, x, &model.device);
+        let mut out = match y {
+            Some(y) => model.mix.row(&attn, &y, o)?,
+            None => o(&attn)?,
         };
         if let Some(n) = &layer.post_attn_norm {
             norm(n, &mut out, e)?;

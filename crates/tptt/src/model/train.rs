@@ -7,7 +7,8 @@
 
 use candle_core::{Tensor, D};
 
-use super::{Layer, Linear, Matrix, Mlp, Model};
+use super::layers::Mlp;
+use super::{Layer, Linear, Matrix, Model};
 use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::train::frozen::frozen_matmul;
@@ -290,9 +291,8 @@ impl Model {
             })
         };
         let attn = tail(&attn)?;
-        let tptt = &self.cfg.tptt;
         let o = |z: &Tensor| proj(&layer.o, z, |l| &l.o);
-        let (out, state) = if tptt.mag_weight != 0.0 {
+        let (out, state) = if self.mix.branch_on() {
             let hist = prefix.min(crate::train::linear::HISTORY);
             let rows = |x: &Tensor| x.narrow(0, prefix - hist, seg + hist);
             let (y, state) = crate::train::linear::forward_carried(
@@ -303,7 +303,7 @@ impl Model {
                 hist,
                 carry.map(|c| c.state),
             )?;
-            (super::mix(tptt, &attn, &y, o)?, Some(state))
+            (self.mix.tensors(&attn, &y, o)?, Some(state))
         } else {
             (o(&attn)?, None)
         };

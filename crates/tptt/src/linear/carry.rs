@@ -1,0 +1,78 @@
+//! What crosses calls of the linear branch (module doc of [`super`]): the recurrent states,
+//! the last raw k/v rows for the gate pooling and, for order 2, the previous processed token.
+
+use super::STATE_INIT;
+
+/// The previous token's processed values, per query head (`[H·D]` each): the order-2 buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrevToken {
+    /// Normalised query.
+    pub q: Vec<f32>,
+    /// Normalised key.
+    pub k: Vec<f32>,
+    /// Scaled value.
+    pub v: Vec<f32>,
+    /// Decay gate.
+    pub alpha: Vec<f32>,
+    /// Write gate.
+    pub beta: Vec<f32>,
+}
+
+/// What the linear branch of one layer carries from call to call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearCarry {
+    /// The recurrent states, `[Hs, D, D]` (rows: key dim, columns: value dim), where `Hs` divides
+    /// the query heads `H`: query head `h` reads state `h / (H / Hs)`. `Hs = H` is one state per
+    /// query head; `Hs = Hkv` (what [`LinearCarry::grouped`] makes and the fast path keeps) is one
+    /// per kv head, shared by the query heads of its group, whose states are equal: they see the
+    /// same keys, values and gates, and the recursion never reads the query. [`forward`] accepts
+    /// both; [`LinearCarry::head_states`] gives the per-head view.
+    pub state: Vec<f32>,
+    /// Up to two previous raw key rows `[Hkv·D]` (oldest first), for the gate pooling.
+    pub pool_k: Vec<Vec<f32>>,
+    /// Up to two previous raw value rows, likewise.
+    pub pool_v: Vec<Vec<f32>>,
+    /// Order 2: the previous token, processed.
+    pub prev: Option<PrevToken>,
+}
+
+impl LinearCarry {
+    /// A fresh carry with one state per query head: state `1e-6`, no history.
+    pub fn new(heads: usize, dim: usize) -> Self {
+        Self {
+            state: vec![STATE_INIT; heads * dim * dim],
+            pool_k: Vec::new(),
+            pool_v: Vec::new(),
+            prev: None,
+        }
+    }
+
+    /// A fresh carry with one state per kv head (see [`LinearCarry::state`]).
+    pub fn grouped(kv_heads: usize, dim: usize) -> Self {
+        Self::new(kv_heads, dim)
+    }
+
+    /// How many states the carry stores (`Hs`).
+    pub fn stored_states(&self, dim: usize) -> usize {
+        self.state.len() / (dim * dim).max(1)
+    }
+
+    /// The state of every one of `heads` query heads, `[H, D, D]`.
+    pub fn head_states(&self, heads: usize, dim: usize) -> Vec<f32> {
+        let (hs, dd) = (self.stored_states(dim), dim * dim);
+        if hs == heads || hs == 0 {
+            return self.state.clone();
+        }
+        let g = heads / hs;
+        (0..heads)
+            .flat_map(|h| self.state[h / g * dd..(h / g + 1) * dd].iter().copied())
+            .collect()
+    }
+
+    /// Store one state per query head (a no-op when it already does).
+    pub(super) fn expand_states(&mut self, heads: usize, dim: usize) {
+        if self.stored_states(dim) != heads {
+            self.state = self.head_states(heads, dim);
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The layers of the decoder on tensors: projections (dense, quantized, with unmerged LoRA),
+//! norms, the gated MLP and OLMoE's mixture of experts, and a decoder layer's weights with the
+//! softmax branch's q/k/v preparation (q/k norms, `clip_qkv`, RoPE), shared by inference, the
+//! fused step and training.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Module, Tensor, D};
+
+use crate::config::{Activation, BaseConfig, NormKind, QkNorm};
+use crate::error::Result;
+use crate::rope;
+use crate::weights::LoraSide;
+
+#[derive(Debug, Clone)]
+pub(super) enum Matrix {
+    /// `[out, in]` f32.
+    Dense(Tensor),
+    /// Quantized, through candle's quantized matmul.
+    Quant(QMatMul),
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Linear {
+    pub(super) w: Matrix,
+    pub(super) b: Option<Tensor>,
+    /// LoRA kept unmerged (quantized bases).
+    pub(super) lora: Option<LoraSide>,
+}
+
+/// Rows of input from which a quantized matrix is widened to f32 for the product (a prompt):
+/// candle's quantized matmul takes the rows one by one, a dense product is blocked for the
+/// cache, and the widening (one pass over the matrix) is small next to `rows` products with it.
+pub(super) const WIDEN_QUANT_ROWS: usize = 16;
+
+impl Linear {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        let mut y = match &self.w {
+            Matrix::Dense(w) => x.matmul(&w.t()?)?,
+            Matrix::Quant(QMatMul::QTensor(q))
+                if rows >= WIDEN_QUANT_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 =>
+            {
+                x.broadcast_matmul(&q.dequantize(x.device())?.t()?)?
+            }
+            Matrix::Quant(q) => q.forward(x)?,
+        };
+        if let Some(l) = &self.lora {
+            // y += s · B(A x)
+            y = (y + (x.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?;
+        }
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    pub(super) fn tensors(&self) -> Vec<Tensor> {
+        let mut v = Vec::new();
+        if let Matrix::Dense(w) = &self.w {
+            v.push(w.clone());
+        }
+        v.extend(self.b.iter().cloned());
+        if let Some(l) = &self.lora {
+            v.extend([l.a.clone(), l.b.clone()]);
+        }
+        v
+    }
+
+    pub(super) fn size_bytes(&self) -> usize {
+        let q = match &self.w {
+            Matrix::Quant(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            _ => 0,
+        };
+        q + self
+            .tensors()
+            .iter()
+            .map(|t| t.elem_count() * 4)
+            .sum::<usize>()
+    }
+}
+
+/// A normalisation with its weight (if any).
+#[derive(Debug, Clone)]
+pub(super) struct Norm {
+    pub(super) kind: NormKind,
+    pub(super) w: Option<Tensor>,
+    pub(super) eps: f64,
+}
+
+impl Norm {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.kind {
+            NormKind::LayerNoParam => {
+                // F.layer_norm without affine parameters, eps 1e-5.
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let xc = x.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                Ok(xc.broadcast_div(&(var + self.eps)?.sqrt()?)?)
+            }
+            NormKind::Rms | NormKind::RmsOnePlus => {
+                // x * rsqrt(mean(x²) + eps), then weight (Llama) or (1 + weight) (Gemma).
+                let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                match &self.w {
+                    Some(w) => Ok(normed.broadcast_mul(w)?),
+                    None => Ok(normed),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Expert {
+    pub(super) gate: Linear,
+    pub(super) up: Linear,
+    pub(super) down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Mlp {
+    /// `down(act(gate(x)) · up(x))`.
+    Gated(Expert),
+    /// OLMoE: softmax router, top-k experts weighted by their routing probability.
+    Moe {
+        router: Linear,
+        experts: Vec<Expert>,
+        top_k: usize,
+        norm_topk: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Layer {
+    pub(super) in_norm: Norm,
+    /// Gemma-3: applied to the attention output before the residual add.
+    pub(super) post_attn_norm: Option<Norm>,
+    pub(super) pre_ff_norm: Norm,
+    /// Gemma-3: applied to the MLP output before the residual add.
+    pub(super) post_ff_norm: Option<Norm>,
+    pub(super) q: Linear,
+    pub(super) k: Linear,
+    pub(super) v: Linear,
+    pub(super) o: Linear,
+    pub(super) q_norm: Option<Norm>,
+    pub(super) k_norm: Option<Norm>,
+    pub(super) mlp: Mlp,
+    /// The base's own window for this layer.
+    pub(super) window: Option<usize>,
+    /// Index into `Model::ropes`.
+    pub(super) rope: usize,
+}
+
+impl Layer {
+    /// The softmax branch's inputs from the raw projections `[S, ·]`: q/k norms, `clip_qkv`,
+    /// RoPE. Returns `q: [H, S, D]`, `k: [Hkv, S, D]` (rotated) and `v: [S, Hkv·D]` (clipped).
+    pub(super) fn softmax_qkv(
+        &self,
+        b: &BaseConfig,
+        q_raw: &Tensor,
+        k_raw: &Tensor,
+        v_raw: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+        let s = q_raw.dim(0)?;
+        let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            match b.qk_norm {
+                QkNorm::PerHead => {
+                    qs = qn.forward(&qs.reshape((s, nh, d))?)?.reshape((s, nh * d))?;
+                    ks = kn
+                        .forward(&ks.reshape((s, nkv, d))?)?
+                        .reshape((s, nkv * d))?;
+                }
+                _ => {
+                    qs = qn.forward(&qs)?;
+                    ks = kn.forward(&ks)?;
+                }
+            }
+        }
+        if let Some(c) = b.clip_qkv {
+            qs = qs.clamp(-c, c)?;
+            ks = ks.clamp(-c, c)?;
+            vs = vs.clamp(-c, c)?;
+        }
+        let q = rope::apply(
+            &qs.reshape((s, nh, d))?.transpose(0, 1)?.contiguous()?,
+            cos,
+            sin,
+        )?;
+        let k = rope::apply(
+            &ks.reshape((s, nkv, d))?.transpose(0, 1)?.contiguous()?,
+            cos,
+            sin,
+        )?;
+        Ok((q, k, vs))
+    }
+}
+
+impl Expert {
+    pub(super) fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let g = self.gate.forward(x)?;
+        let g = match act {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+impl Mlp {
+    pub(super) fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match self {
+            Mlp::Gated(e) => e.forward(x, act),
+            Mlp::Moe {
+                router,
+                experts,
+                top_k,
+                norm_topk,
+            } => {
+                let (s, e_dim) = x.dims2()?;
+                let probs =
+                    candle_nn::ops::softmax_last_dim(&router.forward(x)?)?.to_vec2::<f32>()?;
+                // Route each token; then run each expert once on the tokens that chose it.
+                let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> =
+                    vec![(Vec::new(), Vec::new()); experts.len()];
+                for (t, p) in probs.iter().enumerate() {
+                    let mut idx: Vec<usize> = (0..p.len()).collect();
+                    // torch.topk order: by value, descending (ties: lower index first).
+                    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+                    let top = &idx[..*top_k];
+                    let sum: f32 = top.iter().map(|&i| p[i]).sum();
+                    for &i in top {
+                        let w = if *norm_topk { p[i] / sum } else { p[i] };
+                        per_expert[i].0.push(t as u32);
+                        per_expert[i].1.push(w);
+                    }
+                }
+                let mut out = Tensor::zeros((s, e_dim), DType::F32, x.device())?;
+                for (expert, (tokens, weights)) in experts.iter().zip(per_expert) {
+                    if tokens.is_empty() {
+                        continue;
+                    }
+                    let n = tokens.len();
+                    let idx = Tensor::from_vec(tokens, n, x.device())?;
+                    let y = expert.forward(&x.index_select(&idx, 0)?, act)?;
+                    let y = y.broadcast_mul(&Tensor::from_vec(weights, (n, 1), x.device())?)?;
+                    out = out.index_add(&idx, &y, 0)?;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A prompt's rows through a quantized matrix take the widened (dequantized f32) product:
+    /// equal to the product with the dequantized matrix, and within the activation
+    /// quantization of candle's row-by-row quantized matmul (the reference path, still used
+    /// below [`WIDEN_QUANT_ROWS`] rows).
+    #[test]
+    fn widened_quantized_product_matches_row_by_row() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 64), &dev).expect("w");
+        let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize"));
+        let lin = Linear {
+            w: Matrix::Quant(QMatMul::from_arc(q.clone()).expect("qmatmul")),
+            b: None,
+            lora: None,
+        };
+        for rows in [1, WIDEN_QUANT_ROWS - 1, WIDEN_QUANT_ROWS, 40] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 64), &dev).expect("x");
+            let got = lin.forward(&x).expect("forward");
+            let by_rows = QMatMul::from_arc(q.clone())
+                .and_then(|m| m.forward(&x))
+                .expect("rows");
+            let widened = x
+                .matmul(&q.dequantize(&dev).and_then(|t| t.t()).expect("deq"))
+                .expect("matmul");
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>())
+                    .expect("diff")
+            };
+            let scale = widened
+                .abs()
+                .and_then(|t| t.max_all()?.to_scalar::<f32>())
+                .expect("max");
+            assert!(
+                diff(&by_rows, &widened) < 2e-2 * scale,
+                "rows {rows}: quantized activations drift"
+            );
+            if rows >= WIDEN_QUANT_ROWS {
+                assert!(
+                    diff(&got, &widened) < 1e-5 * scale,
+                    "rows {rows}: widened product"
+                );
+            } else {
+                assert!(
+                    diff(&got, &by_rows) < 1e-5 * scale,
+                    "rows {rows}: row-by-row product"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unmerged_lora_equals_merged() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 16), &dev).expect("w");
+        let a = Tensor::randn(0f32, 1.0, (4, 16), &dev).expect("a");
+        let b = Tensor::randn(0f32, 1.0, (24, 4), &dev).expect("b");
+        let x = Tensor::randn(0f32, 1.0, (5, 16), &dev).expect("x");
+        let scale = 0.7;
+        let merged = Linear {
+            w: Matrix::Dense((&w + (b.matmul(&a).expect("ba") * scale).expect("s")).expect("add")),
+            b: None,
+            lora: None,
+        };
+        let side = Linear {
+            w: Matrix::Quant(QMatMul::Tensor(w)),
+            b: None,
+            lora: Some(LoraSide { a, b, scale }),
+        };
+        let d = (merged.forward(&x).expect("m") - side.forward(&x).expect("s"))
+            .and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("diff");
+        assert!(d < 1e-4, "{d}");
+    }
+}

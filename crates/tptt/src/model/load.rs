@@ -1,0 +1,335 @@
+//! Building a [`Model`] from weights: a variant (base safetensors or GGUF, the adapter applied
+//! or kept unmerged on quantized matrices, the reference's re-tie), a plain base, or a map of
+//! already adapted tensors; every tensor's shape checked against the config.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Tensor};
+
+use super::layers::{Expert, Layer, Linear, Matrix, Mlp, Norm};
+use super::mix::MagMix;
+use super::{LoadOptions, Model};
+use crate::config::{BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings};
+use crate::error::{Error, Result};
+use crate::linear::LinearShape;
+use crate::repo::VariantFiles;
+use crate::rope::Rope;
+use crate::weights::{self, AdapterReport, LoraSide, Weight, WeightMap};
+
+/// Where weights come from while building a model.
+struct Source<'a> {
+    map: WeightMap,
+    loras: &'a std::collections::HashMap<String, LoraSide>,
+    location: &'a str,
+    device: Device,
+}
+
+impl Source<'_> {
+    fn weight(&mut self, name: &str, dims: &[usize]) -> Result<Weight> {
+        let w = self.map.remove(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            location: self.location.into(),
+        })?;
+        if w.dims() != dims {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                got: w.dims().to_vec(),
+                expected: dims.to_vec(),
+            });
+        }
+        Ok(w)
+    }
+
+    /// A dense tensor (quantized ones are dequantized: norms, embeddings).
+    fn tensor(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        Ok(match self.weight(name, dims)? {
+            Weight::Dense(t) => t,
+            Weight::Quant(q) => q.dequantize(&self.device)?,
+        })
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let w = match self.weight(&name, &[out, inp])? {
+            Weight::Dense(t) => Matrix::Dense(t),
+            Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
+        };
+        let b = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            w,
+            b,
+            lora: self.loras.get(&name).cloned(),
+        })
+    }
+}
+
+fn take_norm(src: &mut Source<'_>, name: &str, b: &BaseConfig, dim: usize) -> Result<Norm> {
+    let (w, eps) = match b.norm {
+        NormKind::LayerNoParam => (None, 1e-5),
+        NormKind::Rms => (Some(src.tensor(name, &[dim])?), b.rms_norm_eps),
+        // Gemma stores w and multiplies by (1 + w): fold the 1 in once at load.
+        NormKind::RmsOnePlus => (Some((src.tensor(name, &[dim])? + 1.0)?), b.rms_norm_eps),
+    };
+    Ok(Norm {
+        kind: b.norm,
+        w,
+        eps,
+    })
+}
+
+fn take_expert(src: &mut Source<'_>, p: &str, b: &BaseConfig) -> Result<Expert> {
+    let (e, i) = (b.hidden_size, b.intermediate_size);
+    Ok(Expert {
+        gate: src.linear(&format!("{p}.gate_proj"), i, e, b.mlp_bias)?,
+        up: src.linear(&format!("{p}.up_proj"), i, e, b.mlp_bias)?,
+        down: src.linear(&format!("{p}.down_proj"), e, i, b.mlp_bias)?,
+    })
+}
+
+impl Model {
+    /// Load a variant: base weights, adapter, re-tie.
+    pub fn load(files: &VariantFiles, opts: &LoadOptions) -> Result<Self> {
+        let (config, mut map) = match &files.base_gguf {
+            Some(g) => {
+                let (base, map) = crate::gguf::load(g, &opts.device)?;
+                (
+                    ModelConfig {
+                        base,
+                        tptt: files.config.tptt.clone(),
+                    },
+                    map,
+                )
+            }
+            None => (
+                files.config.clone(),
+                weights::dense(weights::load_model_dir(&files.base_dir, &opts.device)?),
+            ),
+        };
+        let adapter = match (&files.adapter, &files.config.tptt.lora) {
+            (Some(path), lora) => weights::apply_adapter(
+                &mut map,
+                path,
+                lora.as_ref(),
+                &files.target_modules(),
+                &opts.device,
+            )?,
+            (None, Some(_)) => {
+                return Err(Error::NotFound(format!(
+                    "{} has a lora_config but no adapter_model.safetensors",
+                    files.dir.display()
+                )))
+            }
+            (None, None) => AdapterReport::default(),
+        };
+        Self::from_weights(
+            config,
+            map,
+            &files.base_dir.display().to_string(),
+            adapter,
+            opts,
+        )
+    }
+
+    /// Load a plain Hugging Face model folder (no TPTT repo) with the given TPTT settings: an
+    /// untrained injection, or `mag_weight = 0` for the base transformer alone.
+    pub fn load_plain(
+        base_dir: &std::path::Path,
+        tptt: TpttSettings,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let cfg_path = base_dir.join("config.json");
+        let base = crate::config::BaseConfig::from_json(
+            &crate::config::read_json_object(&cfg_path)?,
+            Some(&cfg_path),
+        )?;
+        let map = weights::dense(weights::load_model_dir(base_dir, &opts.device)?);
+        Self::from_weights(
+            ModelConfig { base, tptt },
+            map,
+            &base_dir.display().to_string(),
+            AdapterReport::default(),
+            opts,
+        )
+    }
+
+    /// Load a GGUF base (quantized) with the given TPTT settings and no adapter.
+    pub fn load_gguf_plain(
+        path: &std::path::Path,
+        tptt: TpttSettings,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let (base, map) = crate::gguf::load(path, &opts.device)?;
+        Self::from_weights(
+            ModelConfig { base, tptt },
+            map,
+            &path.display().to_string(),
+            AdapterReport::default(),
+            opts,
+        )
+    }
+
+    /// Build from already loaded (and adapted) tensors with HF names.
+    pub fn from_weights(
+        cfg: ModelConfig,
+        map: WeightMap,
+        location: &str,
+        adapter: AdapterReport,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let b = &cfg.base;
+        let mut src = Source {
+            map,
+            loras: &adapter.unmerged,
+            location,
+            device: opts.device.clone(),
+        };
+        let (e, hd, kvd) = (
+            b.hidden_size,
+            b.num_heads * b.head_dim,
+            b.num_kv_heads * b.head_dim,
+        );
+        let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
+        // Lookups need dense rows; a tied lm_head keeps the (possibly quantized) matrix.
+        let embed = match &embed_w {
+            Weight::Dense(t) => t.clone(),
+            Weight::Quant(q) => q.dequantize(&opts.device)?,
+        };
+        let mut layers = Vec::new(); // not with_capacity: num_layers is untrusted until the weights confirm it
+        for i in 0..b.num_layers {
+            let p = format!("model.layers.{i}");
+            let (q_norm, k_norm) = match b.qk_norm {
+                QkNorm::None => (None, None),
+                QkNorm::PerHead => (
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.self_attn.q_norm.weight"),
+                        b,
+                        b.head_dim,
+                    )?),
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.self_attn.k_norm.weight"),
+                        b,
+                        b.head_dim,
+                    )?),
+                ),
+                QkNorm::Full => (
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.self_attn.q_norm.weight"),
+                        b,
+                        hd,
+                    )?),
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.self_attn.k_norm.weight"),
+                        b,
+                        kvd,
+                    )?),
+                ),
+            };
+            let mlp = match b.moe {
+                None => Mlp::Gated(take_expert(&mut src, &format!("{p}.mlp"), b)?),
+                Some(moe) => Mlp::Moe {
+                    router: src.linear(&format!("{p}.mlp.gate"), moe.num_experts, e, false)?,
+                    experts: (0..moe.num_experts)
+                        .map(|x| take_expert(&mut src, &format!("{p}.mlp.experts.{x}"), b))
+                        .collect::<Result<_>>()?,
+                    top_k: moe.top_k,
+                    norm_topk: moe.norm_topk_prob,
+                },
+            };
+            let (post_attn_norm, pre_ff_norm, post_ff_norm) = if b.sandwich_norms {
+                (
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        b,
+                        e,
+                    )?),
+                    take_norm(
+                        &mut src,
+                        &format!("{p}.pre_feedforward_layernorm.weight"),
+                        b,
+                        e,
+                    )?,
+                    Some(take_norm(
+                        &mut src,
+                        &format!("{p}.post_feedforward_layernorm.weight"),
+                        b,
+                        e,
+                    )?),
+                )
+            } else {
+                (
+                    None,
+                    take_norm(
+                        &mut src,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        b,
+                        e,
+                    )?,
+                    None,
+                )
+            };
+            let window = b.layer_windows.get(i).copied().flatten();
+            layers.push(Layer {
+                in_norm: take_norm(&mut src, &format!("{p}.input_layernorm.weight"), b, e)?,
+                post_attn_norm,
+                pre_ff_norm,
+                post_ff_norm,
+                q: src.linear(&format!("{p}.self_attn.q_proj"), hd, e, b.qkv_bias)?,
+                k: src.linear(&format!("{p}.self_attn.k_proj"), kvd, e, b.qkv_bias)?,
+                v: src.linear(&format!("{p}.self_attn.v_proj"), kvd, e, b.qkv_bias)?,
+                o: src.linear(&format!("{p}.self_attn.o_proj"), e, hd, b.o_bias)?,
+                q_norm,
+                k_norm,
+                mlp,
+                window,
+                rope: usize::from(window.is_some() && b.local_rope_theta.is_some()),
+            });
+        }
+        let norm = take_norm(&mut src, "model.norm.weight", b, e)?;
+        let lm_head = if opts.retie_lm_head || b.tie_word_embeddings {
+            let w = match embed_w {
+                Weight::Dense(t) => Matrix::Dense(t),
+                Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
+            };
+            Linear {
+                w,
+                b: None,
+                lora: None,
+            }
+        } else {
+            src.linear("lm_head", b.vocab_size, e, false)?
+        };
+        let mut ropes = vec![Rope::new(b.head_dim, b.rope_theta, &b.rope_scaling)];
+        if let Some(theta) = b.local_rope_theta {
+            ropes.push(Rope::new(b.head_dim, theta, &RopeScaling::None));
+        }
+        let shape = LinearShape {
+            heads: b.num_heads,
+            kv_heads: b.num_kv_heads,
+            dim: b.head_dim,
+            rc: cfg.tptt.recurrent,
+            max_chunk: cfg.tptt.max_chunk_size,
+        };
+        Ok(Self {
+            device: opts.device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            ropes,
+            shape,
+            scan: opts.scan,
+            fused_step: opts.fused_step,
+            adapter,
+            mix: MagMix::of(&cfg.tptt),
+            cfg,
+        })
+    }
+}
