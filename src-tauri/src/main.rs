@@ -29,7 +29,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    tptt::alloc::tune_for_inference();
+    // Thread count pinned, allocator tuned: as the CLI does.
+    tptt_engine::prepare_process();
     let config = match tptt_chat::AppConfig::from_env() {
         Ok(config) => config,
         Err(e) => {

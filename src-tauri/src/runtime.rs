@@ -12,8 +12,8 @@ use tokenizers::Tokenizer;
 use tptt::model::{LoadOptions, Model};
 use tptt::repo::{TpttRepo, VariantFiles};
 use tptt_engine::snapshot::ModelIdentity;
-use tptt_engine::template::{GenerationConfig, PromptFormat, TokenizerConfig};
-use tptt_engine::Engine;
+use tptt_engine::template::PromptFormat;
+use tptt_engine::{ChatModel, Engine};
 use tptt_hub::Hub;
 
 use crate::device::{self, DevicePref};
@@ -145,41 +145,20 @@ pub fn load(key: LoadKey, files: &VariantFiles) -> CmdResult<LoadedModel> {
         ..Default::default()
     };
     let model = Model::load(files, &opts).map_err(|e| CommandError::model_load(&what, e))?;
-    let tok_path = files.tokenizer.as_ref().ok_or_else(|| {
-        CommandError::model_load(
-            &what,
-            "no tokenizer.json in the variant, the repository or the base",
-        )
-    })?;
-    let tokenizer = Tokenizer::from_file(tok_path)
-        .map_err(|e| CommandError::model_load(&what, format!("{}: {e}", tok_path.display())))?;
-    let tcfg = match &files.tokenizer_config {
-        Some(p) => TokenizerConfig::from_file(p).map_err(|e| CommandError::model_load(&what, e))?,
-        None => TokenizerConfig::default(),
-    };
-    let gcfg = files
-        .generation_config
-        .as_deref()
-        .map(GenerationConfig::from_file)
-        .transpose()
+    let ChatModel {
+        model,
+        tokenizer,
+        format,
+        eos_ids,
+        identity,
+    } = ChatModel::new(model, files, key.model.id())
         .map_err(|e| CommandError::model_load(&what, e))?;
-    let mut eos_ids = tcfg.special.eos_token_ids(&tokenizer, gcfg.as_ref());
-    for id in &model.config().base.eos_token_ids {
-        if !eos_ids.contains(id) {
-            eos_ids.push(*id);
-        }
-    }
-    let format = PromptFormat::from_tokenizer_config(&tcfg)
-        .map_err(|e| CommandError::model_load(&what, e))?;
-    let identity = ModelIdentity::of(key.model.id(), files, model.config())
-        .map_err(|e| CommandError::model_load(&what, e))?;
-    let tokenizer = Arc::new(tokenizer);
     let engine = Engine::spawn(tokenizer.clone())
         .map_err(|e| CommandError::internal("Cannot start the generation thread", e))?;
     tracing::info!(model = %what, device = %dev.name, secs = started.elapsed().as_secs_f64(), "model loaded");
     Ok(LoadedModel {
         key,
-        model: Arc::new(model),
+        model,
         tokenizer,
         format,
         eos_ids,

@@ -3,68 +3,27 @@
 
 use std::io::{BufRead, Write};
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tokenizers::Tokenizer;
-use tptt::repo::VariantFiles;
 use tptt_engine::session::{CancelToken, Event, GenerateOptions, Session, SessionOptions};
-use tptt_engine::snapshot::{self, ModelIdentity};
-use tptt_engine::template::{GenerationConfig, Message, PromptFormat, TokenizerConfig};
-use tptt_engine::ChatTranscript;
+use tptt_engine::snapshot;
+use tptt_engine::template::Message;
 use tptt_engine::SamplingParams;
+use tptt_engine::{ChatModel, ChatTranscript};
 
-use crate::{load, tokenizer, GenArgs, ModelArgs};
+use crate::{load, GenArgs, ModelArgs};
 
-/// Everything loaded for generating with one variant.
-struct Ready {
-    model: Arc<tptt::model::Model>,
-    tok: Tokenizer,
-    format: PromptFormat,
-    eos_ids: Vec<u32>,
-    identity: ModelIdentity,
-}
-
-fn ready(args: &ModelArgs) -> Result<Ready> {
+/// The variant loaded for chatting ([`ChatModel`]), named by its repository's folder in
+/// snapshots.
+fn ready(args: &ModelArgs) -> Result<ChatModel> {
     let (model, files) = load(args)?;
-    let tok = tokenizer(&files)?;
-    let tcfg = match &files.tokenizer_config {
-        Some(p) => TokenizerConfig::from_file(p)?,
-        None => TokenizerConfig::default(),
-    };
-    let gcfg = files
-        .generation_config
-        .as_deref()
-        .map(GenerationConfig::from_file)
-        .transpose()?;
-    let mut eos_ids = tcfg.special.eos_token_ids(&tok, gcfg.as_ref());
-    for id in &model.config().base.eos_token_ids {
-        if !eos_ids.contains(id) {
-            eos_ids.push(*id);
-        }
-    }
-    let format = PromptFormat::from_tokenizer_config(&tcfg)?;
-    let identity = identity(&files, &model)?;
-    Ok(Ready {
-        model: Arc::new(model),
-        tok,
-        format,
-        eos_ids,
-        identity,
-    })
-}
-
-fn identity(files: &VariantFiles, model: &tptt::model::Model) -> Result<ModelIdentity> {
     let root = files.dir.parent().unwrap_or(&files.dir);
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    Ok(ModelIdentity::of(
-        root.display().to_string(),
-        files,
-        model.config(),
-    )?)
+    Ok(ChatModel::new(model, &files, root.display().to_string())?)
 }
 
-fn options(gen: &GenArgs, ready: &Ready) -> Result<GenerateOptions> {
+fn options(gen: &GenArgs, ready: &ChatModel) -> Result<GenerateOptions> {
     let mut p = if gen.greedy {
         SamplingParams::greedy()
     } else {
@@ -105,7 +64,7 @@ fn options(gen: &GenArgs, ready: &Ready) -> Result<GenerateOptions> {
     })
 }
 
-fn new_session(ready: &Ready, gen: &GenArgs, load_state: Option<&Path>) -> Result<Session> {
+fn new_session(ready: &ChatModel, gen: &GenArgs, load_state: Option<&Path>) -> Result<Session> {
     match load_state {
         Some(p) => {
             let s = snapshot::load(ready.model.clone(), &ready.identity, p)?;
@@ -157,14 +116,14 @@ pub fn generate(
         msgs.push(Message::user(prompt.to_string()));
         let text = ready.format.render(&msgs, true)?;
         encode(
-            &ready.tok,
+            &ready.tokenizer,
             &text,
             fresh && ready.format.add_special_tokens(),
         )?
     } else if prompt.is_empty() {
         Vec::new()
     } else {
-        encode(&ready.tok, prompt, fresh)?
+        encode(&ready.tokenizer, prompt, fresh)?
     };
     if ids.is_empty() && session.last_logits.is_none() {
         bail!("the prompt is empty and there is no loaded state to continue from");
@@ -180,7 +139,7 @@ pub fn generate(
             let _ = out.flush();
         }
     };
-    let outcome = session.generate(&ids, &opts, &ready.tok, &cancel, &mut sink)?;
+    let outcome = session.generate(&ids, &opts, &ready.tokenizer, &cancel, &mut sink)?;
     if print_ids {
         let line: Vec<String> = outcome.ids.iter().map(u32::to_string).collect();
         println!("{}", line.join(","));
@@ -291,7 +250,7 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
         // on its own (the state keeps the earlier turns): tptt_engine::chat.
         let turn = transcript.turn(&ready.format, &messages, 1)?;
         let ids = encode(
-            &ready.tok,
+            &ready.tokenizer,
             &turn.text,
             session.tokens.is_empty() && ready.format.add_special_tokens(),
         )?;
@@ -303,11 +262,11 @@ pub fn chat(args: &ModelArgs, gen: &GenArgs, load_state: Option<&Path>) -> Resul
             let _ = write!(out, "{text}");
             let _ = out.flush();
         };
-        match session.generate(&ids, &opts, &ready.tok, &cancel, &mut sink) {
+        match session.generate(&ids, &opts, &ready.tokenizer, &cancel, &mut sink) {
             Ok(o) => {
                 println!();
                 let raw = ready
-                    .tok
+                    .tokenizer
                     .decode(&o.ids, false)
                     .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
                 messages.push(Message::assistant(o.text.clone()));

@@ -201,12 +201,7 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)
 }
 
 pub(crate) fn tokenizer(files: &tptt::repo::VariantFiles) -> Result<tokenizers::Tokenizer> {
-    let path = files
-        .tokenizer
-        .as_ref()
-        .context("no tokenizer.json in the variant, the repo or the base")?;
-    tokenizers::Tokenizer::from_file(path)
-        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))
+    Ok(tptt_engine::chat_model::load_tokenizer(files)?)
 }
 
 fn inspect(repo: &Path, variant: Option<&str>, base: Option<&Path>) -> Result<()> {
@@ -350,18 +345,6 @@ fn inject(base: &Path, out: &Path, modes: &[String], mag: f64) -> Result<()> {
     Ok(())
 }
 
-/// candle and rayon size their thread pools from `RAYON_NUM_THREADS`; when it is unset candle
-/// re-derives the CPU count on every matmul (reading /proc), which costs ~10% of decode time.
-fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        // Single-threaded here: no other thread reads the environment yet.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-}
-
 /// Exit status of an internal error — a panic, i.e. a bug in `tptt` (sysexits.h `EX_SOFTWARE`).
 /// Errors the user can act on (bad input, missing files) exit with 1, argument errors with 2
 /// (clap), and nothing exits with Rust's 101.
@@ -413,8 +396,7 @@ fn internal_error(fallback: &str) -> ! {
 
 fn main() {
     install_panic_net();
-    pin_thread_count();
-    tptt::alloc::tune_for_inference();
+    tptt_engine::prepare_process();
     let cli = Cli::parse();
     let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cli))) {
         Ok(result) => result,

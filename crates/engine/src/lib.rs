@@ -23,6 +23,8 @@
 //!   read, the last logits) and the generation loop; its module doc states the memory semantics
 //!   and where they differ from the reference.
 //! - [`chat`]: [`ChatTranscript`], chat turns that feed only what they add to the state.
+//! - [`chat_model`]: [`ChatModel`], a loaded model with its tokenizer, format, EOS ids and
+//!   identity (the CLI and the app load it alike), and [`prepare_process`].
 //! - [`snapshot`]: sessions saved to / restored from versioned safetensors files, refused on
 //!   another model, variant, config or weights ([`identity`]: [`ModelIdentity`]).
 //! - [`worker`]: the [`Engine`] that runs jobs on its own OS thread.
@@ -32,6 +34,7 @@
 //!   recall probes at a distance (`tptt eval`, the bench).
 
 pub mod chat;
+pub mod chat_model;
 pub mod detok;
 mod digest;
 pub mod error;
@@ -46,6 +49,7 @@ pub mod template;
 pub mod worker;
 
 pub use chat::{ChatTranscript, ChatTurn, ReadMark};
+pub use chat_model::{prepare_process, ChatModel};
 pub use detok::IncrementalDecoder;
 pub use error::{Error, Result};
 pub use health::{Health, Surprise};

@@ -1,0 +1,260 @@
+//! The baselines measured beside the engine: the reference tptt 0.12.1 (a Python script), llama.cpp's
+//! `llama-bench` on the GGUF, and the quantized path of our own engine.
+
+use super::*;
+
+/// Outcome of a baseline: its JSON, or why it is missing.
+pub(super) enum Baseline {
+    Measured(Value),
+    Missing(String),
+}
+
+impl Baseline {
+    pub(super) fn num(&self, key: &str) -> Option<f64> {
+        match self {
+            Baseline::Measured(v) => v.get(key).and_then(Value::as_f64),
+            Baseline::Missing(_) => None,
+        }
+    }
+    pub(super) fn to_json(&self) -> Value {
+        match self {
+            Baseline::Measured(v) => {
+                let mut v = v.clone();
+                if let Value::Object(m) = &mut v {
+                    m.insert("available".into(), Value::Bool(true));
+                }
+                v
+            }
+            Baseline::Missing(why) => json!({"available": false, "why": why}),
+        }
+    }
+}
+
+pub(super) fn tail(text: &str, lines: usize) -> String {
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join(" | ")
+}
+
+pub(super) fn find_script() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TPTT_REF_SCRIPT") {
+        return Some(PathBuf::from(p));
+    }
+    let rel = Path::new("scripts/bench/reference_bench.py");
+    let in_tree = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel);
+    [rel.to_path_buf(), in_tree]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// (c) the reference tptt 0.12.1 through the committed script.
+pub(super) fn reference(subject: &Subject, threads: usize, quick: bool) -> Baseline {
+    let python = std::env::var("TPTT_REF_PYTHON").unwrap_or_else(|_| "python3".into());
+    let Some(script) = find_script() else {
+        return Baseline::Missing("scripts/bench/reference_bench.py not found (run from the repository root or set TPTT_REF_SCRIPT)".into());
+    };
+    let t = &subject.model.config().tptt;
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script)
+        .arg(&subject.base_dir)
+        .args(["--threads", &threads.to_string(), "--json"])
+        .args([
+            "--operator-mode",
+            &t.operator_mode,
+            "--mag-weight",
+            &t.mag_weight.to_string(),
+        ]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    progress(format!(
+        "[reference] {python} {} (this takes minutes)",
+        script.display()
+    ));
+    let out = match cmd.output() {
+        Ok(o) => o,
+        Err(e) => {
+            return Baseline::Missing(format!(
+                "cannot run {python} ({e}); set TPTT_REF_PYTHON to a Python with tptt 0.12.1"
+            ))
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let why = match out.status.code() {
+            Some(3) => format!(
+                "{python} cannot import the reference stack: {}",
+                tail(&stderr, 1)
+            ),
+            c => format!("reference script failed (exit {c:?}): {}", tail(&stderr, 3)),
+        };
+        return Baseline::Missing(why);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
+        Some(v) if v.get("decode_tok_s").is_some_and(Value::is_number) => {
+            if subject.model.config().tptt.lora.is_some() {
+                let mut v = v;
+                if let Value::Object(m) = &mut v {
+                    m.insert("note".into(), json!("injected into the variant's base without its LoRA adapter (same shapes, same work per token)"));
+                }
+                return Baseline::Measured(v);
+            }
+            Baseline::Measured(v)
+        }
+        _ => Baseline::Missing(format!(
+            "reference script printed no result JSON: {}",
+            tail(&stdout, 2)
+        )),
+    }
+}
+
+pub(super) fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+pub(super) fn find_gguf(subject: &Subject) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TPTT_BENCH_GGUF") {
+        return Some(PathBuf::from(p));
+    }
+    let mut dirs = vec![subject.base_dir.clone(), subject.base_dir.join("../.cache")];
+    if let Some(c) = std::env::var_os("SMOLLM2_CACHE_DIR") {
+        dirs.insert(0, PathBuf::from(c));
+    }
+    dirs.into_iter().find_map(|d| {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&d)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        v.sort();
+        v.into_iter().next()
+    })
+}
+
+/// (d) llama.cpp's llama-bench: pp512 and tg128 on the GGUF.
+pub(super) fn llamacpp(subject: &Subject, threads: usize) -> Baseline {
+    let bin = match std::env::var_os("LLAMA_BENCH")
+        .map(PathBuf::from)
+        .or_else(|| on_path("llama-bench"))
+    {
+        Some(b) => b,
+        None => {
+            return Baseline::Missing(
+                "llama-bench is not on PATH (set LLAMA_BENCH to its path)".into(),
+            )
+        }
+    };
+    let Some(gguf) = find_gguf(subject) else {
+        return Baseline::Missing(
+            "no GGUF found next to the model or in ../.cache (set TPTT_BENCH_GGUF)".into(),
+        );
+    };
+    progress(format!(
+        "[llama.cpp] {} -m {}",
+        bin.display(),
+        gguf.display()
+    ));
+    let out = match Command::new(&bin)
+        .arg("-m")
+        .arg(&gguf)
+        .args([
+            "-p",
+            "512",
+            "-n",
+            "128",
+            "-t",
+            &threads.to_string(),
+            "-o",
+            "json",
+        ])
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => return Baseline::Missing(format!("cannot run {} ({e})", bin.display())),
+    };
+    if !out.status.success() {
+        return Baseline::Missing(format!(
+            "llama-bench failed (exit {:?}): {}",
+            out.status.code(),
+            tail(&String::from_utf8_lossy(&out.stderr), 3)
+        ));
+    }
+    let rows: Vec<Value> = match serde_json::from_slice(&out.stdout) {
+        Ok(v) => v,
+        Err(e) => return Baseline::Missing(format!("llama-bench printed no JSON array ({e})")),
+    };
+    let rate = |p: u64, n: u64| {
+        rows.iter()
+            .find(|r| {
+                r.get("n_prompt").and_then(Value::as_u64) == Some(p)
+                    && r.get("n_gen").and_then(Value::as_u64) == Some(n)
+            })
+            .and_then(|r| r.get("avg_ts").and_then(Value::as_f64))
+    };
+    Baseline::Measured(
+        json!({"gguf": gguf.display().to_string(), "threads": threads, "pp512_tok_s": rate(512, 0), "tg128_tok_s": rate(0, 128)}),
+    )
+}
+
+/// Our engine on the quantized GGUF base (the same file llama.cpp would run), with the same
+/// TPTT injection: prefill of the plan's prompt and decode after the shortest history.
+pub(super) fn quantized(subject: &Subject, plan: &Plan, ids: &[u32]) -> Baseline {
+    let Some(gguf) = find_gguf(subject) else {
+        return Baseline::Missing(
+            "no .gguf next to the model (scripts/smollm2/fetch.sh keeps it in models/.cache)"
+                .into(),
+        );
+    };
+    let run = || -> Result<Value> {
+        progress(format!("[quantized] loading {}", gguf.display()));
+        let model = Model::load_gguf_plain(
+            &gguf,
+            subject.model.config().tptt.clone(),
+            &LoadOptions::default(),
+        )?;
+        let opts = SessionOptions {
+            mode: CarryMode::Continue,
+            window: None,
+        };
+        let mut warm = Session::new(Arc::new(model.clone()), opts).state;
+        model.forward(&ids[..16], &mut warm, Logits::Last)?;
+        let mut prefill_s = f64::INFINITY;
+        for _ in 0..plan.prefill_repeats {
+            let mut st = Session::new(Arc::new(model.clone()), opts).state;
+            let start = Instant::now();
+            argmax_tensor(&model.forward(&ids[..plan.prefill], &mut st, Logits::Last)?)?;
+            prefill_s = prefill_s.min(start.elapsed().as_secs_f64());
+        }
+        let short = plan.short();
+        let mut session = Session::new(Arc::new(model.clone()), opts);
+        session.feed(&ids[..short], None)?;
+        let r = decode_rate(
+            &model,
+            &session.state,
+            session.last_logits.as_deref().unwrap_or_default(),
+            short,
+        )?;
+        let prefill_tok_s = plan.prefill as f64 / prefill_s;
+        progress(format!(
+            "[quantized] prefill {:.1} tok/s, decode after {short}: {:.2} tok/s",
+            prefill_tok_s, r.tok_s
+        ));
+        Ok(
+            json!({"gguf": gguf.display().to_string(), "weight_bytes": model.weight_bytes(), "prefill_tok_s": prefill_tok_s, "decode_tok_s": r.tok_s, "decode_history": short}),
+        )
+    };
+    match run() {
+        Ok(v) => Baseline::Measured(v),
+        Err(e) => Baseline::Missing(format!("{e:#}")),
+    }
+}

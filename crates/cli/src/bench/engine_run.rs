@@ -1,0 +1,208 @@
+//! One engine run of the bench (module doc of [`super`], step 3): prefill, decode after each
+//! history length, snapshot size and restore-vs-re-read time to first token, peak RSS.
+
+use super::*;
+
+pub(super) struct ResumeResult {
+    pub(super) history: usize,
+    pub(super) restore_ttft_s: f64,
+    /// Of the best restore: `snapshot::load` alone, and the first step after it.
+    pub(super) restore_load_s: f64,
+    pub(super) restore_step_s: f64,
+    pub(super) reread_ttft_s: f64,
+    pub(super) snapshot_bytes: u64,
+    pub(super) state_bytes: usize,
+    pub(super) kv_len: usize,
+}
+
+pub(super) struct EngineRun {
+    pub(super) mag_weight: f32,
+    pub(super) prefill_tok_s: f64,
+    pub(super) prefill_s: f64,
+    pub(super) decode: Vec<DecodeRate>,
+    pub(super) resume: ResumeResult,
+    pub(super) peak_rss: Option<u64>,
+    pub(super) peak_rss_reset: bool,
+    pub(super) window: Option<usize>,
+}
+
+impl EngineRun {
+    pub(super) fn decode_at(&self, history: usize) -> Option<f64> {
+        self.decode
+            .iter()
+            .find(|d| d.history == history)
+            .map(|d| d.tok_s)
+    }
+
+    pub(super) fn to_json(&self) -> Value {
+        json!({
+            "mag_weight": self.mag_weight,
+            "window": self.window,
+            "prefill_tokens": 512,
+            "prefill_s": self.prefill_s,
+            "prefill_tok_s": self.prefill_tok_s,
+            "decode": self.decode.iter().map(|d| json!({"history": d.history, "tok_s": d.tok_s, "tok_s_mean": d.tok_s_mean, "kv_len": d.kv_len, "steps": DECODE_STEPS})).collect::<Vec<_>>(),
+            "resume": {
+                "history": self.resume.history,
+                "restore_ttft_s": self.resume.restore_ttft_s,
+                "restore_load_s": self.resume.restore_load_s,
+                "restore_step_s": self.resume.restore_step_s,
+                "reread_ttft_s": self.resume.reread_ttft_s,
+                "speedup": self.resume.reread_ttft_s / self.resume.restore_ttft_s,
+                "snapshot_bytes": self.resume.snapshot_bytes,
+                "state_bytes": self.resume.state_bytes,
+                "kv_len": self.resume.kv_len,
+            },
+            "peak_rss_bytes": self.peak_rss,
+            "peak_rss_scope": if self.peak_rss_reset { "this engine run (VmHWM reset before it; weights included)" } else { "process since start (VmHWM could not be reset)" },
+        })
+    }
+}
+
+/// One engine configuration through every measurement.
+pub(super) fn run_engine(
+    name: &'static str,
+    model: Arc<Model>,
+    identity: &ModelIdentity,
+    plan: &Plan,
+    window: Option<usize>,
+    ids: &[u32],
+) -> Result<EngineRun> {
+    let peak_rss_reset = reset_peak_rss();
+    let opts = SessionOptions {
+        mode: CarryMode::Continue,
+        window,
+    };
+
+    // Prefill: one 512-token forward from a fresh state (after a small warm-up call).
+    let mut warm = Session::new(model.clone(), opts).state;
+    model.forward(&ids[..16], &mut warm, Logits::Last)?;
+    drop(warm);
+    let mut prefill_s = f64::INFINITY;
+    for _ in 0..plan.prefill_repeats {
+        let mut st = Session::new(model.clone(), opts).state;
+        let start = Instant::now();
+        let logits = model.forward(&ids[..plan.prefill], &mut st, Logits::Last)?;
+        argmax_tensor(&logits)?;
+        prefill_s = prefill_s.min(start.elapsed().as_secs_f64());
+    }
+    let prefill_tok_s = plan.prefill as f64 / prefill_s;
+    progress(format!(
+        "[{name}] prefill {}: {prefill_s:.2} s, {prefill_tok_s:.1} tok/s",
+        plan.prefill
+    ));
+
+    let mut decode = Vec::new();
+    // The shortest history on its own (it is shorter than a feeding block).
+    let short = plan.short();
+    {
+        let mut s = Session::new(model.clone(), opts);
+        s.feed(&ids[..short], None)?;
+        let r = decode_rate(
+            &model,
+            &s.state,
+            s.last_logits.as_deref().unwrap_or_default(),
+            short,
+        )?;
+        progress(format!(
+            "[{name}] decode after {short}: {:.2} tok/s (mean {:.2})",
+            r.tok_s, r.tok_s_mean
+        ));
+        decode.push(r);
+    }
+
+    // The long history, block by block, as a reopened chat would be re-read.
+    let mut session = Session::new(model.clone(), opts);
+    let used_window = session.state.window;
+    let mut fed = Duration::ZERO;
+    let mut resume = None;
+    let total = plan.history_len();
+    let snap_path =
+        std::env::temp_dir().join(format!("tptt-bench-{}-{name}.state", std::process::id()));
+    let checkpoints: Vec<usize> = plan
+        .decode_at
+        .iter()
+        .copied()
+        .filter(|&h| h != short)
+        .chain([plan.resume_at])
+        .collect();
+    let mut last_report = Instant::now();
+    while session.tokens.len() < total {
+        let pos = session.tokens.len();
+        let next_stop = checkpoints
+            .iter()
+            .copied()
+            .filter(|&c| c > pos)
+            .min()
+            .unwrap_or(total);
+        let end = (pos + 512 - pos % 512).min(next_stop);
+        let start = Instant::now();
+        session.feed(&ids[pos..end], None)?;
+        fed += start.elapsed();
+        if last_report.elapsed() > Duration::from_secs(20) {
+            progress(format!(
+                "[{name}] history {end}/{total} ({:.0} tok/s so far)",
+                end as f64 / fed.as_secs_f64()
+            ));
+            last_report = Instant::now();
+        }
+        let logits = session.last_logits.clone().unwrap_or_default();
+        if plan.decode_at.contains(&end) && end != short {
+            let r = decode_rate(&model, &session.state, &logits, end)?;
+            progress(format!(
+                "[{name}] decode after {end}: {:.2} tok/s (mean {:.2}, kv {})",
+                r.tok_s, r.tok_s_mean, r.kv_len
+            ));
+            decode.push(r);
+        }
+        if end == plan.resume_at {
+            // Re-read: the feed so far plus the first step (on a clone, so the history stays).
+            let mut st = session.state.clone();
+            let t = Instant::now();
+            step(&model, &mut st, argmax_slice(&logits))?;
+            let reread = fed + t.elapsed();
+            drop(st);
+            let snapshot_bytes = snapshot::save(&session, identity, &snap_path)?;
+            let (mut restore, mut restore_load, mut restore_step) = (f64::INFINITY, 0.0, 0.0);
+            for _ in 0..2 {
+                let t = Instant::now();
+                let mut restored = snapshot::load(model.clone(), identity, &snap_path)?;
+                let loaded = t.elapsed().as_secs_f64();
+                let first = argmax_slice(restored.last_logits.as_deref().unwrap_or_default());
+                restored.feed(&[first], None)?;
+                let total = t.elapsed().as_secs_f64();
+                if total < restore {
+                    (restore, restore_load, restore_step) = (total, loaded, total - loaded);
+                }
+            }
+            let _ = std::fs::remove_file(&snap_path);
+            progress(format!(
+                "[{name}] resume after {end}: restore {restore:.3} s (load {restore_load:.3} + step {restore_step:.3}) vs re-read {:.2} s, snapshot {:.1} MB",
+                reread.as_secs_f64(),
+                snapshot_bytes as f64 / 1e6
+            ));
+            resume = Some(ResumeResult {
+                history: end,
+                restore_ttft_s: restore,
+                restore_load_s: restore_load,
+                restore_step_s: restore_step,
+                reread_ttft_s: reread.as_secs_f64(),
+                snapshot_bytes,
+                state_bytes: session.state.size_bytes(),
+                kv_len: session.state.kv_len(),
+            });
+        }
+    }
+    let resume = resume.context("the resume point was never reached")?;
+    decode.sort_by_key(|d| d.history);
+    Ok(EngineRun {
+        mag_weight: model.config().tptt.mag_weight,
+        prefill_tok_s,
+        prefill_s,
+        decode,
+        resume,
+        peak_rss: peak_rss_bytes(),
+        peak_rss_reset,
+        window: used_window,
+    })
+}

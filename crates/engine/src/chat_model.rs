@@ -1,0 +1,98 @@
+//! [`ChatModel`]: a loaded TPTT model with everything chatting with it needs — its tokenizer,
+//! prompt format, the ids that end an answer and the identity its snapshots are keyed by —,
+//! assembled the same way for the CLI (`tptt generate`, `tptt chat`) and the desktop app; and
+//! [`prepare_process`], the process-wide set-up both do first.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+use tptt::model::Model;
+use tptt::repo::VariantFiles;
+
+use crate::error::{Error, Result};
+use crate::snapshot::ModelIdentity;
+use crate::template::{GenerationConfig, PromptFormat, TokenizerConfig};
+
+/// A model ready to chat with (module doc).
+#[derive(Debug, Clone)]
+pub struct ChatModel {
+    /// The weights.
+    pub model: Arc<Model>,
+    /// Its tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The model's chat template, or the built-in Alpaca format.
+    pub format: PromptFormat,
+    /// Ids that end an answer: `generation_config.json`'s, the tokenizer's `eos_token`, then
+    /// the base config's, without duplicates.
+    pub eos_ids: Vec<u32>,
+    /// What its state snapshots are keyed by.
+    pub identity: ModelIdentity,
+}
+
+impl ChatModel {
+    /// `model`, loaded from `files`, with its tokenizer, format and EOS ids read from those
+    /// files, under the name `model_id` (what identifies it in snapshots: a hub repository id,
+    /// a folder).
+    pub fn new(model: Model, files: &VariantFiles, model_id: impl Into<String>) -> Result<Self> {
+        let tokenizer = load_tokenizer(files)?;
+        let tcfg = match &files.tokenizer_config {
+            Some(p) => TokenizerConfig::from_file(p)?,
+            None => TokenizerConfig::default(),
+        };
+        let gcfg = files
+            .generation_config
+            .as_deref()
+            .map(GenerationConfig::from_file)
+            .transpose()?;
+        let mut eos_ids = tcfg.special.eos_token_ids(&tokenizer, gcfg.as_ref());
+        for id in &model.config().base.eos_token_ids {
+            if !eos_ids.contains(id) {
+                eos_ids.push(*id);
+            }
+        }
+        let format = PromptFormat::from_tokenizer_config(&tcfg)?;
+        let identity = ModelIdentity::of(model_id, files, model.config())?;
+        Ok(Self {
+            model: Arc::new(model),
+            tokenizer: Arc::new(tokenizer),
+            format,
+            eos_ids,
+            identity,
+        })
+    }
+}
+
+/// The variant's `tokenizer.json` (from the variant, the repository or the base).
+pub fn load_tokenizer(files: &VariantFiles) -> Result<Tokenizer> {
+    let path = files
+        .tokenizer
+        .as_deref()
+        .ok_or_else(|| Error::InvalidConfig {
+            file: files.dir.join("tokenizer.json").display().to_string(),
+            reason: "no tokenizer.json in the variant, the repository or the base".into(),
+        })?;
+    tokenizer_file(path)
+}
+
+fn tokenizer_file(path: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_file(path).map_err(|e| Error::InvalidConfig {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// What a program that runs models does first, while it is still single-threaded (the
+/// environment is only safe to change then): pins the thread count candle and rayon use
+/// (`RAYON_NUM_THREADS`, to the CPUs available, unless set — unset, candle re-reads the CPU
+/// count on every matmul, ~10% of decode time) and tunes the allocator for inference
+/// ([`tptt::alloc::tune_for_inference`]).
+pub fn prepare_process() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    tptt::alloc::tune_for_inference();
+}

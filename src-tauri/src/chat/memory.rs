@@ -1,0 +1,288 @@
+//! The conversation's memory (module doc of [`super`], "The memory rule"): the state held
+//! between turns, the snapshots on disk and their sidecars, the fresh memory after a reset, and
+//! the memory meter.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tptt_engine::session::{Session, SessionOptions};
+use tptt_engine::snapshot::{self, ModelIdentity};
+use tptt_engine::{ChatTranscript, ReadMark};
+use tptt_store::{ConversationId, Message, MessageId, ModelKey, NewSnapshot};
+
+use super::slot::Slot;
+use super::turn::block_on;
+use super::SNAPSHOTS_KEPT;
+use crate::dto::MemoryInfo;
+use crate::error::CmdResult;
+use crate::runtime::LoadedModel;
+use crate::state::{lock, AppState};
+
+/// The memory of the conversation used last, kept between turns.
+pub struct CachedSession {
+    /// Its conversation.
+    pub conversation: ConversationId,
+    /// The state (and tokens, logits).
+    pub session: Session,
+    /// What rendered text it read.
+    pub transcript: ChatTranscript,
+    /// The model it belongs to.
+    pub identity: ModelIdentity,
+    /// Position of the last message it read.
+    pub read_position: Option<u32>,
+}
+
+/// A snapshot's sidecar: the text its state read, and its memory meter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotMeta {
+    /// What the state read (`None`: unknown).
+    pub mark: Option<ReadMark>,
+    /// Its memory.
+    pub memory: MemoryInfo,
+}
+
+/// The sidecar of snapshot file `path`.
+pub fn meta_path(snapshot: &Path) -> PathBuf {
+    snapshot.with_extension("json")
+}
+
+/// Reads a snapshot's sidecar.
+pub fn read_meta(snapshot: &Path) -> Option<SnapshotMeta> {
+    std::fs::read(meta_path(snapshot))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// Removes snapshot files (and their sidecars) the store no longer refers to.
+pub fn remove_snapshot_files(paths: &[PathBuf]) {
+    for p in paths {
+        for f in [p.clone(), meta_path(p)] {
+            if let Err(e) = std::fs::remove_file(&f) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %f.display(), error = %e, "cannot remove a snapshot file");
+                }
+            }
+        }
+    }
+}
+
+/// Drops the cached memory of `conversation` if it read the message at `from_position` or a
+/// later one (they are being deleted); `None` drops it whatever it read.
+pub fn invalidate_session(
+    state: &AppState,
+    conversation: ConversationId,
+    from_position: Option<u32>,
+) {
+    let mut g = lock(&state.session);
+    let stale = g.as_ref().is_some_and(|c| {
+        c.conversation == conversation
+            && from_position.is_none_or(|from| c.read_position.is_some_and(|p| p >= from))
+    });
+    if stale {
+        *g = None;
+    }
+}
+
+/// Finds the conversation's memory for `model` (module doc): the held one, its latest matching
+/// snapshot, or a fresh one (then the whole conversation is fed: rebuilt from the text).
+pub(super) fn memory_for(
+    state: &AppState,
+    conversation: ConversationId,
+    model: &LoadedModel,
+    history: &[Message],
+    answer_position: u32,
+) -> CachedSession {
+    if let Some(c) = lock(&state.session).take() {
+        if c.conversation == conversation
+            && c.identity == model.identity
+            && c.read_position.is_none_or(|p| p < answer_position)
+        {
+            return c;
+        }
+        // Another conversation's (or another model's) memory: it is in its snapshot already.
+    }
+    let key = model_key(&model.identity);
+    match block_on(state.store.latest_snapshot(conversation, &key)) {
+        Ok(Some(snap)) => {
+            let position = history
+                .iter()
+                .find(|m| m.id == snap.message_id)
+                .map(|m| m.position);
+            match (position, snapshot::load(model.model.clone(), &model.identity, &snap.path)) {
+                (Some(p), Ok(session)) => {
+                    let mark = read_meta(&snap.path).and_then(|m| m.mark);
+                    tracing::info!(conversation = conversation.0, tokens = session.state.pos, "memory restored from its snapshot");
+                    return CachedSession {
+                        conversation,
+                        session,
+                        transcript: ChatTranscript::from_mark(mark),
+                        identity: model.identity.clone(),
+                        read_position: Some(p),
+                    };
+                }
+                (_, Err(e)) => tracing::warn!(path = %snap.path.display(), error = %e, "snapshot refused: rebuilding the memory from the text"),
+                (None, Ok(_)) => tracing::warn!("snapshot of a message outside the history: rebuilding the memory from the text"),
+            }
+        }
+        Ok(None) => tracing::info!(
+            conversation = conversation.0,
+            "no snapshot for this model: the memory is built from the text"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look up snapshots: rebuilding the memory from the text")
+        }
+    }
+    let window = fresh_window(state, Some(model));
+    CachedSession {
+        conversation,
+        session: Session::new(
+            model.model.clone(),
+            SessionOptions {
+                window,
+                ..Default::default()
+            },
+        ),
+        transcript: ChatTranscript::fresh(),
+        identity: model.identity.clone(),
+        read_position: None,
+    }
+}
+
+/// The softmax window of a memory created now: the setting, else the model's (when `model` is
+/// given, or loaded), else unknown.
+pub(super) fn fresh_window(state: &AppState, model: Option<&LoadedModel>) -> Option<usize> {
+    if let Some(w) = state.settings().window_size {
+        return Some(w as usize);
+    }
+    let window_of = |m: &LoadedModel| {
+        m.model
+            .config_window()
+            .unwrap_or(tptt_engine::session::DEFAULT_WINDOW)
+    };
+    match model {
+        Some(m) => Some(window_of(m)),
+        None => lock(&state.model).as_ref().map(|m| window_of(m)),
+    }
+}
+
+/// The setting that marks a conversation whose memory was reset ([`reset_memory`]).
+pub fn fresh_memory_key(conversation: ConversationId) -> String {
+    format!("chat.freshMemory.{}", conversation.0)
+}
+
+/// Whether `conversation`'s next rebuilt memory reads only the tail of the text.
+pub(super) fn fresh_memory_marked(state: &AppState, conversation: ConversationId) -> bool {
+    match block_on(
+        state
+            .store
+            .get_setting::<bool>(&fresh_memory_key(conversation)),
+    ) {
+        Ok(v) => v.unwrap_or(false),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the fresh-memory mark: reading the whole text");
+            false
+        }
+    }
+}
+
+/// Of a fresh memory's prompt `ids`, the `limit` tokens it reads: the tail, after the tokens the
+/// tokenizer puts before any text (`prefix`, e.g. BOS) when `ids` starts with them.
+pub(super) fn tail_that_fits(ids: Vec<u32>, prefix: &[u32], limit: usize) -> Vec<u32> {
+    if ids.len() <= limit {
+        return ids;
+    }
+    let keep = if !prefix.is_empty() && prefix.len() < limit && ids.starts_with(prefix) {
+        prefix.len()
+    } else {
+        0
+    };
+    let mut out = Vec::with_capacity(limit);
+    out.extend_from_slice(&ids[..keep]);
+    out.extend_from_slice(&ids[ids.len() - (limit - keep)..]);
+    out
+}
+
+pub(super) fn model_key(id: &ModelIdentity) -> ModelKey {
+    ModelKey::new(id.model.clone(), id.variant.clone(), id.numerics_key())
+}
+
+/// Writes the state after `message` and records it; prunes old and stale snapshots.
+pub(super) fn save_snapshot(
+    state: &AppState,
+    conversation: ConversationId,
+    message: MessageId,
+    session: &Session,
+    identity: &ModelIdentity,
+    mark: Option<ReadMark>,
+    memory: MemoryInfo,
+) -> Result<(), String> {
+    let dir = state
+        .config
+        .snapshots_dir()
+        .join(conversation.0.to_string());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join(format!("{}.safetensors", message.0));
+    let bytes = snapshot::save(session, identity, &path).map_err(|e| e.to_string())?;
+    let meta = serde_json::to_vec(&SnapshotMeta { mark, memory }).map_err(|e| e.to_string())?;
+    std::fs::write(meta_path(&path), meta)
+        .map_err(|e| format!("{}: {e}", meta_path(&path).display()))?;
+    let key = model_key(identity);
+    let new = NewSnapshot {
+        conversation_id: conversation,
+        message_id: message,
+        key: key.clone(),
+        path,
+        size_bytes: bytes,
+        token_count: session.state.pos as u64,
+    };
+    block_on(state.store.record_snapshot(&new)).map_err(|e| e.to_string())?;
+    let old = block_on(state.store.prune_snapshots(conversation, SNAPSHOTS_KEPT))
+        .map_err(|e| e.to_string())?;
+    remove_snapshot_files(&old);
+    let stale = block_on(state.store.delete_stale_snapshots(conversation, &key))
+        .map_err(|e| e.to_string())?;
+    remove_snapshot_files(&stale);
+    tracing::debug!(conversation = conversation.0, bytes, "snapshot saved");
+    Ok(())
+}
+
+/// The conversation's memory meter: the held memory, else the latest snapshot's, else empty.
+pub async fn memory_info(state: &AppState, conversation: ConversationId) -> MemoryInfo {
+    let held = lock(&state.session)
+        .as_ref()
+        .filter(|c| c.conversation == conversation)
+        .map(|c| MemoryInfo::of(&c.session));
+    if let Some(m) = held {
+        return m;
+    }
+    if let Ok(listing) = state.store.list_snapshots(conversation).await {
+        if let Some(meta) = listing.items.last().and_then(|s| read_meta(&s.path)) {
+            return meta.memory;
+        }
+    }
+    MemoryInfo::new(0, fresh_window(state, None), 0)
+}
+
+/// `reset_memory` ("continue with a fresh memory", module doc): the held memory and the
+/// snapshots of `conversation` go, and its next turn rebuilds the memory from the tail of the
+/// text (at most the window, at most [`super::FRESH_MEMORY_TOKENS`]). Returns the (empty) meter. `busy` while a reply is generated, `not_found` for an
+/// unknown conversation.
+pub async fn reset_memory(state: &AppState, conversation: ConversationId) -> CmdResult<MemoryInfo> {
+    state.store.get_conversation(conversation).await?;
+    // The slot keeps a turn from starting (and reading the memory) while it is reset.
+    let (_slot, _cancel) = Slot::acquire(state, conversation)?;
+    invalidate_session(state, conversation, None);
+    let files = state.store.prune_snapshots(conversation, 0).await?;
+    remove_snapshot_files(&files);
+    state
+        .store
+        .set_setting(&fresh_memory_key(conversation), &true)
+        .await?;
+    tracing::info!(
+        conversation = conversation.0,
+        snapshots = files.len(),
+        "memory reset: the next turn reads the tail of the conversation"
+    );
+    Ok(memory_info(state, conversation).await)
+}
