@@ -51,6 +51,8 @@ const PASTE_CHARS = 80_000;
 const MAX_WEBVIEW_SHARE = 0.25;
 
 const WAIT = 30_000; // one UI step (the model is tiny: nothing takes long)
+/** Most time a screenshot (and the paint before it) may take before the window counts as hung. */
+const SHOT_WAIT = 60_000;
 const GENERATION = 120_000; // one answer, model load included
 
 /** @type {import('selenium-webdriver').WebDriver | null} */
@@ -67,14 +69,58 @@ function step(name, fn, timeout = 180_000) {
       t.skip('an earlier step failed');
       return;
     }
+    const tag = name.replace(/[^a-z0-9]+/gi, '-').toLowerCase();
     try {
       await fn(t);
     } catch (err) {
       broken = true;
-      await rawShot(`failure-${name.replace(/[^a-z0-9]+/gi, '-').toLowerCase()}`).catch(() => {});
+      // A screenshot that hangs too (a wedged webview) must not hold the step: bounded, and
+      // the processes' stacks are written first.
+      if (/timed out|hangs/.test(String(err))) dumpStacks(`failure-${tag}`);
+      await withTimeout(rawShot(`failure-${tag}`), SHOT_WAIT, 'the failure screenshot').catch(() => {});
       throw err;
     }
   });
+}
+
+/** `promise`, or an error naming `what` once `ms` have passed (WebDriver calls have no timeout). */
+async function withTimeout(promise, ms, what) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms (it hangs)`)), ms);
+  });
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * The stacks of every thread of the processes under tauri-driver (the app, its WebKit web
+ * process, WebKitWebDriver), by gdb, into target/e2e/stacks-TAG-PID.txt: what a hang was
+ * waiting for. Skipped without gdb.
+ */
+function dumpStacks(tag) {
+  const parent = parents();
+  const pids = [...parent.keys()].filter((pid) => {
+    for (let p = parent.get(pid); p && p > 1; p = parent.get(p)) if (p === DRIVER_PID) return true;
+    return false;
+  });
+  for (const pid of pids) {
+    let exe = '?';
+    try {
+      exe = fs.readlinkSync(`/proc/${pid}/exe`);
+      const out = execFileSync('gdb', ['-p', String(pid), '-batch', '-ex', 'thread apply all bt 30'], {
+        encoding: 'utf8',
+        timeout: 60_000,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      fs.writeFileSync(path.join(OUT, `stacks-${tag}-${pid}.txt`), `${exe}\n${out}`);
+    } catch (e) {
+      fs.writeFileSync(path.join(OUT, `stacks-${tag}-${pid}.txt`), `${exe}\nno stacks: ${e.message}\n`);
+    }
+  }
 }
 
 /**
@@ -88,8 +134,8 @@ async function shot(name) {
     await close.click().catch(() => {}); // it may have faded meanwhile
   }
   await waitFor(async () => (await driver.findElements(css('[data-testid="notice"]'))).length === 0, 'the notices are gone');
-  await painted();
-  await rawShot(name);
+  await withTimeout(painted(), SHOT_WAIT, `painting the window for ${name}.png`);
+  await withTimeout(rawShot(name), SHOT_WAIT, `the screenshot ${name}.png`);
 }
 
 /** Waits until the page has painted what the DOM holds (a WebDriver screenshot shows the last paint). */
@@ -229,8 +275,13 @@ function dbRows(sql) {
 
 /** Saves settings with this answer length (the settings screen). */
 async function setMaxNewTokens(n) {
+  await saveSettings({ 'sampling-maxNewTokens': n });
+}
+
+/** Sets fields of the settings screen (by data-testid), saves, and goes back to the chat. */
+async function saveSettings(fields) {
   await click('[data-testid="nav-settings"]');
-  await setField('[data-testid="sampling-maxNewTokens"]', n);
+  for (const [testid, value] of Object.entries(fields)) await setField(`[data-testid="${testid}"]`, value);
   await click('[data-testid="save-settings"]');
   await waitFor(
     async () => !(await (await find('[data-testid="save-settings"]')).isEnabled()),
@@ -256,10 +307,13 @@ async function killApp(pid) {
 async function stopApp() {
   const d = driver;
   driver = null;
-  await d.quit();
+  await withTimeout(d.quit(), WAIT, 'ending the WebDriver session');
   const deadline = Date.now() + WAIT;
   while (appPids().length > 0) {
-    if (Date.now() > deadline) throw new Error(`the app is still running after the session ended: ${appPids()}`);
+    if (Date.now() > deadline) {
+      dumpStacks('still-running');
+      throw new Error(`the app is still running after the session ended: ${appPids()} (stacks in target/e2e/stacks-still-running-*.txt)`);
+    }
     await new Promise((r) => setTimeout(r, 200));
   }
 }
@@ -708,15 +762,7 @@ step('started with --model on the offline demo, it opens ready to chat and answe
     'the chat shows the demo chosen',
   );
   // Greedy and short: the answer is the model's most likely one.
-  await click('[data-testid="nav-settings"]');
-  await setField('[data-testid="sampling-temperature"]', 0);
-  await setField('[data-testid="sampling-maxNewTokens"]', 32);
-  await click('[data-testid="save-settings"]');
-  await waitFor(
-    async () => !(await (await find('[data-testid="save-settings"]')).isEnabled()),
-    'the settings are saved (nothing left to save)',
-  );
-  await click('[data-testid="nav-chat"]');
+  await saveSettings({ 'sampling-temperature': 0, 'sampling-maxNewTokens': 32 });
   const { body } = await sendAndAwaitAnswer(DEMO_QUESTION, 0);
   t.diagnostic(`the demo answered: ${JSON.stringify(body)}`);
   assert.match(body, /Paris/, 'the demo knows the capital of France');
