@@ -148,7 +148,32 @@ async function painted() {
 
 async function rawShot(name) {
   if (!driver) return;
-  const png = Buffer.from(await driver.takeScreenshot(), 'base64');
+  // WebKit answers a screenshot after the page's next rendering update. A page where nothing
+  // moves (the app animates nothing while a CPU-only machine computes) may not have one, and the
+  // screenshot then waits forever with every process idle (seen: gdb stacks of the app, its web
+  // process and WebKitWebDriver all in their main loops). A one-pixel, all but transparent
+  // element in a corner, changed every 100 ms while the screenshot is taken, gives it one.
+  await driver.executeScript(`
+    let el = document.getElementById('e2e-repaint');
+    if (!el) {
+      el = document.createElement('div');
+      el.id = 'e2e-repaint';
+      el.style.cssText = 'position:fixed;left:0;top:0;width:1px;height:1px;opacity:0.01;pointer-events:none';
+      document.body.appendChild(el);
+    }
+    let on = false;
+    clearInterval(window.__e2eRepaint);
+    window.__e2eRepaint = setInterval(() => { on = !on; el.style.background = on ? '#000' : '#fff'; }, 100);
+  `);
+  let shotB64;
+  try {
+    shotB64 = await driver.takeScreenshot();
+  } finally {
+    await driver
+      .executeScript(`clearInterval(window.__e2eRepaint); document.getElementById('e2e-repaint')?.remove();`)
+      .catch(() => {});
+  }
+  const png = Buffer.from(shotB64, 'base64');
   assert.ok(png.subarray(1, 4).toString() === 'PNG', 'a PNG screenshot');
   fs.writeFileSync(path.join(OUT, `${name}.png`), png);
 }
@@ -426,7 +451,8 @@ function cpuSplit(appPid) {
 // ---- the scenario ----
 
 after(async () => {
-  if (driver) await driver.quit().catch(() => {});
+  // Bounded: after a hang the session may never end (the app is killed with tauri-driver).
+  if (driver) await withTimeout(driver.quit(), WAIT, 'ending the WebDriver session').catch(() => {});
 });
 
 step('the app starts with no model and offers the model manager', async () => {
