@@ -515,6 +515,28 @@ fn a_reopened_conversation_continues_from_its_snapshot_and_a_switch_rebuilds() {
         assert_eq!(last_kind(&events), "done", "{events:?}");
         (c, events.last().expect("done")["memory"].clone())
     };
+    // The snapshot records what text its state read (checksummed with it), the sidecar the meter.
+    let states = dir.path().join("states").join(&c);
+    let snap = std::fs::read_dir(&states)
+        .expect("states")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .expect("a snapshot");
+    // A safetensors file: an 8-byte little-endian header length, then the JSON header.
+    let bytes = std::fs::read(&snap).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let mark: tptt_engine::ReadMark = serde_json::from_str(
+        header["__metadata__"]["read_mark"]
+            .as_str()
+            .expect("a read mark"),
+    )
+    .expect("mark");
+    assert!(mark.len > 0, "{mark:?}");
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap.with_extension("json")).expect("sidecar"))
+            .expect("sidecar JSON");
+    assert_eq!(sidecar["memory"], mem1);
     // A new app on the same folder: the conversation, its memory meter, and its state.
     let app = TestApp::offline(dir.path());
     let conv = app.conversation(&c);

@@ -8,7 +8,8 @@
 //! `config_hash`, `weights` (the [`ModelIdentity`], see [`crate::identity`]), `dtype` (`f32`),
 //! `window`, `mode`, `pos` (token count), `kv_len`, `history_len`, `surprise` (the [`Surprise`]
 //! record as JSON; absent from files written before it existed, which still load with a fresh
-//! record), and `checksum` (16 hex digits), so a corrupted file is refused instead of silently
+//! record), `read_mark` (the [`ReadMark`] of the rendered text the session read, as JSON, when
+//! the writer knew it: [`save_marked`]; [`load_marked`] returns it), and `checksum` (16 hex digits), so a corrupted file is refused instead of silently
 //! restoring other numbers:
 //!
 //! * version 4 (written): a 64-bit FNV-1a chain over the other metadata (sorted, length-prefixed)
@@ -57,6 +58,7 @@ use safetensors::{Dtype, SafeTensors};
 use tptt::linear::CarryMode;
 use tptt::model::{Model, State};
 
+use crate::chat::ReadMark;
 use crate::digest::{Fnv, Lanes};
 use crate::error::{Error, Result};
 use crate::health::Surprise;
@@ -236,6 +238,17 @@ fn header(
 /// Write `session` to `path` (atomically: a temporary file renamed into place), in format
 /// [`SNAPSHOT_VERSION`]. Returns the file size.
 pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<u64> {
+    save_marked(session, identity, None, path)
+}
+
+/// [`save`], recording `mark` (what rendered text the session read, [`ReadMark`]) in the
+/// checksummed metadata (`read_mark`), so the next turn knows what to feed from the file itself.
+pub fn save_marked(
+    session: &Session,
+    identity: &ModelIdentity,
+    mark: Option<ReadMark>,
+    path: &Path,
+) -> Result<u64> {
     let snap_err = |reason: String| Error::Snapshot {
         path: path.to_path_buf(),
         reason,
@@ -283,6 +296,13 @@ pub fn save(session: &Session, identity: &ModelIdentity, path: &Path) -> Result<
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if let Some(mark) = mark {
+        meta.insert(
+            "read_mark".into(),
+            serde_json::to_string(&mark)
+                .map_err(|e| snap_err(format!("cannot encode the read mark: {e}")))?,
+        );
+    }
 
     // The tensors in name order, their bytes borrowed from their storage (read-locked while
     // hashed and written).
@@ -431,6 +451,16 @@ fn parse_info(path: &Path, meta: &HashMap<String, String>, bytes: u64) -> Result
 /// Restore a snapshot (versions [`SNAPSHOT_VERSION_V2`] to [`SNAPSHOT_VERSION`]) onto `model`,
 /// refusing a corrupt one, or one that belongs to another model, variant, config or weights.
 pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<Session> {
+    load_marked(model, identity, path).map(|(session, _)| session)
+}
+
+/// [`load`], with the [`ReadMark`] the file records (`None` for files written without one:
+/// by [`save`], or before marks were kept in snapshots), checked by the checksum like the rest.
+pub fn load_marked(
+    model: Arc<Model>,
+    identity: &ModelIdentity,
+    path: &Path,
+) -> Result<(Session, Option<ReadMark>)> {
     let snap_err = |reason: String| Error::Snapshot {
         path: path.to_path_buf(),
         reason,
@@ -614,7 +644,14 @@ pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<
             .and_then(|s| s.validated())
             .map_err(|e| snap_err(format!("surprise record: {e}")))?;
     }
-    Ok(session)
+    let mark = meta
+        .get("read_mark")
+        .map(|text| {
+            serde_json::from_str::<ReadMark>(text)
+                .map_err(|e| snap_err(format!("read mark {text:?}: {e}")))
+        })
+        .transpose()?;
+    Ok((session, mark))
 }
 
 /// Snapshot files with arbitrary contents and a correct checksum (feature `testing`): the

@@ -526,3 +526,48 @@ fn a_surprise_record_with_impossible_values_is_refused() {
         assert!(reason.contains("surprise record"), "{what}: {reason}");
     }
 }
+
+/// The read mark (what rendered text the state read) is kept in the snapshot, under its
+/// checksum: it comes back from `load_marked`, a plain `save` records none, an edited mark is a
+/// corrupt file, and a resealed file with a malformed mark is refused naming it.
+#[test]
+fn the_read_mark_is_in_the_snapshot_under_its_checksum() {
+    use tptt_engine::snapshot::testing::RawSnapshot;
+    use tptt_engine::ReadMark;
+    let scratch = Scratch::new("mark");
+    let (fx, plain) = saved(&scratch);
+    let identity = fx.identity();
+    let (_, none) = snapshot::load_marked(fx.arc(), &identity, &plain).expect("load");
+    assert_eq!(none, None, "a plain save records no mark");
+
+    let session = load_onto(&fx, &identity, &plain).expect("load");
+    let mark = ReadMark::of("<|im_start|>user\nhello<|im_end|>\n");
+    let marked = scratch.path("marked.tptt-state");
+    snapshot::save_marked(&session, &identity, Some(mark), &marked).expect("save");
+    let (restored, got) = snapshot::load_marked(fx.arc(), &identity, &marked).expect("load");
+    assert_eq!(got, Some(mark));
+    assert_eq!(restored.state.pos, session.state.pos);
+
+    // Another mark written over the original (same length), checksum left as it was: corrupt.
+    let bytes = std::fs::read(&marked).expect("read");
+    let old = format!("\\\"len\\\":{}", mark.len);
+    let new = format!("\\\"len\\\":{}", mark.len ^ 1);
+    assert_eq!(old.len(), new.len());
+    let at = bytes
+        .windows(old.len())
+        .position(|w| w == old.as_bytes())
+        .expect("the mark is in the header");
+    let mut b = bytes.clone();
+    b[at..at + new.len()].copy_from_slice(new.as_bytes());
+    let bad = scratch.path("edited.tptt-state");
+    std::fs::write(&bad, &b).expect("write");
+    let reason = snapshot_reason(load_onto(&fx, &identity, &bad), "an edited mark");
+    assert!(reason.contains("corrupt"), "{reason}");
+
+    // Resealed with a mark that is not one: refused, naming it.
+    let mut raw = RawSnapshot::parse(&bytes).expect("parse");
+    raw.meta.insert("read_mark".into(), "{\"len\": -1}".into());
+    std::fs::write(&bad, raw.to_bytes().expect("bytes")).expect("write");
+    let reason = snapshot_reason(load_onto(&fx, &identity, &bad), "a malformed mark");
+    assert!(reason.contains("read mark"), "{reason}");
+}

@@ -32,7 +32,9 @@ pub struct CachedSession {
     pub read_position: Option<u32>,
 }
 
-/// A snapshot's sidecar: the text its state read, and its memory meter.
+/// A snapshot's sidecar: its memory meter (shown before the snapshot is loaded) and the text its
+/// state read — which the snapshot itself records since it keeps a read mark (the sidecar's is
+/// read only for older files).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotMeta {
@@ -45,6 +47,16 @@ pub struct SnapshotMeta {
 /// The sidecar of snapshot file `path`.
 pub fn meta_path(snapshot: &Path) -> PathBuf {
     snapshot.with_extension("json")
+}
+
+/// Writes a snapshot's sidecar atomically: a temporary `.json.tmp` renamed into place (a crash
+/// leaves the old sidecar or the new one, and the start-up sweep deletes the temporary).
+fn write_meta(snapshot: &Path, meta: &SnapshotMeta) -> Result<(), String> {
+    let path = meta_path(snapshot);
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Reads a snapshot's sidecar.
@@ -109,9 +121,11 @@ pub(super) fn memory_for(
                 .iter()
                 .find(|m| m.id == snap.message_id)
                 .map(|m| m.position);
-            match (position, snapshot::load(model.model.clone(), &model.identity, &snap.path)) {
-                (Some(p), Ok(session)) => {
-                    let mark = read_meta(&snap.path).and_then(|m| m.mark);
+            match (position, snapshot::load_marked(model.model.clone(), &model.identity, &snap.path)) {
+                (Some(p), Ok((session, mark))) => {
+                    // The mark is in the snapshot (checksummed); files written before it was
+                    // have it in their sidecar only.
+                    let mark = mark.or_else(|| read_meta(&snap.path).and_then(|m| m.mark));
                     tracing::info!(conversation = conversation.0, tokens = session.state.pos, "memory restored from its snapshot");
                     return CachedSession {
                         conversation,
@@ -223,10 +237,8 @@ pub(super) fn save_snapshot(
         .join(conversation.0.to_string());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let path = dir.join(format!("{}.safetensors", message.0));
-    let bytes = snapshot::save(session, identity, &path).map_err(|e| e.to_string())?;
-    let meta = serde_json::to_vec(&SnapshotMeta { mark, memory }).map_err(|e| e.to_string())?;
-    std::fs::write(meta_path(&path), meta)
-        .map_err(|e| format!("{}: {e}", meta_path(&path).display()))?;
+    let bytes = snapshot::save_marked(session, identity, mark, &path).map_err(|e| e.to_string())?;
+    write_meta(&path, &SnapshotMeta { mark, memory })?;
     let key = model_key(identity);
     let new = NewSnapshot {
         conversation_id: conversation,

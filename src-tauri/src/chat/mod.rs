@@ -25,8 +25,9 @@
 //!
 //! # The memory rule
 //! A conversation's memory is the TPTT state that has read it. After each turn the state is
-//! saved to a snapshot file (`<data>/states/<conversation>/<answer id>.safetensors`, with a
-//! `.json` sidecar holding what text it read and its memory meter), recorded in the store under
+//! saved to a snapshot file (`<data>/states/<conversation>/<answer id>.safetensors`, which
+//! records what rendered text it read — its `ReadMark`, checksummed with the rest —, and a
+//! `.json` sidecar, written atomically, with its memory meter), recorded in the store under
 //! the model identity (model, variant, config hash); the last [`SNAPSHOTS_KEPT`] are kept, so
 //! regenerating the last answer restarts from the state before it. For the next turn:
 //! * the state held in memory (the last conversation used) is reused when it belongs to this
