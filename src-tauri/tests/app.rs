@@ -608,6 +608,79 @@ fn a_reopened_conversation_continues_from_its_snapshot_and_a_switch_rebuilds() {
     );
 }
 
+/// A conversation whose snapshot was saved before format version 5 (FNV digests, recorded
+/// under the version 4 key) reopens from it without re-reading, and the next save moves it to
+/// the current format and key.
+#[test]
+fn a_snapshot_saved_by_the_previous_format_reopens_without_re_reading() {
+    use tptt_engine::snapshot::testing::RawSnapshot;
+    let dir = tempfile::tempdir().expect("dir");
+    let (c, mem1) = {
+        let app = TestApp::offline(dir.path());
+        app.use_tiny("delta_rule", 8);
+        let c = app.new_conversation();
+        let (_, events) = send(&app, &c, "Remember the number 7.");
+        assert_eq!(last_kind(&events), "done", "{events:?}");
+        (c, events.last().expect("done")["memory"].clone())
+    };
+    let conv_id = tptt_store::ConversationId(c.parse().expect("id"));
+    {
+        // Rewrite the snapshot as the version 4 writer wrote it, and its record as it was kept.
+        let app = TestApp::offline(dir.path());
+        let store = &app.state().store;
+        let snaps = block_on(store.list_snapshots(conv_id))
+            .expect("snapshots")
+            .items;
+        let [snap] = &snaps[..] else {
+            panic!("one snapshot expected: {snaps:?}")
+        };
+        let files = tptt::repo::TpttRepo::open(tiny_llama())
+            .and_then(|r| r.variant(Some("delta_rule"), None))
+            .expect("variant");
+        let model =
+            tptt::model::Model::load(&files, &tptt::model::LoadOptions::default()).expect("model");
+        let id = tptt_engine::ModelIdentity::of(snap.key.model.clone(), &files, model.config())
+            .expect("identity");
+        assert_eq!(snap.key.config_hash, id.numerics_key(), "the app's key");
+        let mut raw = RawSnapshot::parse(&std::fs::read(&snap.path).expect("read")).expect("parse");
+        raw.meta.insert("version".into(), "4".into());
+        raw.meta
+            .insert("config_hash".into(), id.v4.config_hash.clone());
+        raw.meta.insert("weights".into(), id.v4.weights.clone());
+        std::fs::write(&snap.path, raw.to_bytes().expect("bytes")).expect("write");
+        let key_v4 =
+            tptt_store::ModelKey::new(&snap.key.model, &snap.key.variant, id.numerics_key_v4());
+        block_on(store.record_snapshot(&tptt_store::NewSnapshot {
+            conversation_id: conv_id,
+            message_id: snap.message_id,
+            key: key_v4.clone(),
+            path: snap.path.clone(),
+            size_bytes: snap.size_bytes,
+            token_count: snap.token_count,
+        }))
+        .expect("record");
+        block_on(store.delete_stale_snapshots(conv_id, &key_v4)).expect("drop the v5 record");
+    }
+    let app = TestApp::offline(dir.path());
+    let (_, events) = send(&app, &c, "Which number?");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(
+        events[0]["memory"], mem1,
+        "restored from the version 4 snapshot, not re-read"
+    );
+    let snaps = block_on(app.state().store.list_snapshots(conv_id))
+        .expect("snapshots")
+        .items;
+    let newest = snaps.last().expect("a snapshot");
+    let bytes = std::fs::read(&newest.path).expect("read");
+    let raw = RawSnapshot::parse(&bytes).expect("parse");
+    assert_eq!(raw.meta.get("version").map(String::as_str), Some("5"));
+    assert!(
+        snaps.iter().all(|s| s.key == newest.key),
+        "the version 4 record went once the new one was saved: {snaps:?}"
+    );
+}
+
 #[test]
 fn commands_over_ipc_send_search_rename_export_delete() {
     let dir = tempfile::tempdir().expect("dir");

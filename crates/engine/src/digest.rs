@@ -1,11 +1,42 @@
-//! Non-cryptographic digests for integrity checks: [`Fnv`] (64-bit FNV-1a fed a word at a time)
-//! and [`Lanes`] (8 independent FNV-style lanes over 64-byte blocks, at memory speed). They
-//! detect corruption and tell files apart; they are no defence against a forger.
+//! Digests for integrity checks and identities. They detect corruption and tell files apart;
+//! they are no defence against a forger (a snapshot's values are validated on load regardless).
+//!
+//! - [`Xxh`]: XXH3-64 (the `xxhash-rust` crate, a standard, specified hash running at memory
+//!   speed), fed length-prefixed fields and little-endian words. Snapshot format version 5's
+//!   checksum and the [`crate::identity`] digests.
+//! - [`Fnv`] (64-bit FNV-1a fed a word at a time) and [`Lanes`] (8 FNV-style lanes over 64-byte
+//!   blocks): what snapshot versions 2 to 4 were written with, kept only to read those files.
+
+use xxhash_rust::xxh3::Xxh3;
+
+/// XXH3-64 over a sequence of fields: [`Xxh::bytes`] writes a length prefix (so that field
+/// boundaries count), [`Xxh::word`] a little-endian `u64`, [`Xxh::raw`] bytes as they are (a
+/// long field fed in pieces after its length).
+pub(crate) struct Xxh(Xxh3);
+
+impl Xxh {
+    pub(crate) fn new() -> Self {
+        Self(Xxh3::new())
+    }
+    pub(crate) fn word(&mut self, w: u64) {
+        self.0.update(&w.to_le_bytes());
+    }
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
+        self.word(b.len() as u64);
+        self.0.update(b);
+    }
+    pub(crate) fn raw(&mut self, b: &[u8]) {
+        self.0.update(b);
+    }
+    pub(crate) fn finish(&self) -> u64 {
+        self.0.digest()
+    }
+}
 
 const FNV_OFFSET: u64 = 0xcbf29ce484222325;
 const FNV_PRIME: u64 = 0x100000001b3;
 
-/// 64-bit FNV-1a, fed 8 bytes at a time (every step is a bijection of the running hash, so a
+/// (Versions 2 to 4.) 64-bit FNV-1a, fed 8 bytes at a time (every step is a bijection of the running hash, so a
 /// changed word always changes the result). Not cryptographic: it detects corruption only.
 pub(crate) struct Fnv(pub(crate) u64);
 
@@ -32,7 +63,7 @@ impl Fnv {
     }
 }
 
-/// The version 3 digest of one tensor's bytes, fed in pieces: 8 FNV-style lanes over 64-byte
+/// (Versions 3 and 4.) The digest of one tensor's bytes, fed in pieces: 8 FNV-style lanes over 64-byte
 /// blocks (lane `i` takes the block's word `i`), a zero-padded last block, then the byte count
 /// and the lanes folded by [`Fnv`]. The lanes are independent, so the CPU runs them in parallel.
 pub(crate) struct Lanes {
@@ -95,5 +126,45 @@ impl Lanes {
             h.word(lane);
         }
         h.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Xxh;
+
+    /// XXH3-64 is a specified hash: these values are the reference C implementation's (through
+    /// PyPI's `xxhash`), so a dependency that changed them fails here, not in users' files.
+    #[test]
+    fn xxh3_is_the_standard_one() {
+        assert_eq!(Xxh::new().finish(), 0x2d06800538d394c2);
+        let mut h = Xxh::new();
+        h.raw(b"a");
+        assert_eq!(h.finish(), 0xe6c632b61e964e1f);
+        // 2560 bytes fed in uneven pieces (the streaming state crosses its 256-byte stripes).
+        let data: Vec<u8> = (0..2560).map(|i| (i % 256) as u8).collect();
+        let mut h = Xxh::new();
+        for piece in data.chunks(97) {
+            h.raw(piece);
+        }
+        assert_eq!(h.finish(), 0xce94c58d4049e3e5);
+    }
+
+    #[test]
+    fn fields_are_framed() {
+        let of = |parts: &[&[u8]]| {
+            let mut h = Xxh::new();
+            for p in parts {
+                h.bytes(p);
+            }
+            h.finish()
+        };
+        assert_ne!(of(&[b"ab", b"c"]), of(&[b"a", b"bc"]));
+        assert_ne!(of(&[b"", b"x"]), of(&[b"x"]));
+        let mut pieces = Xxh::new();
+        pieces.word(3);
+        pieces.raw(b"a");
+        pieces.raw(b"bc");
+        assert_eq!(pieces.finish(), of(&[b"abc"]));
     }
 }

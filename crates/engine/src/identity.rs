@@ -17,8 +17,11 @@
 //!   file's name, length and header (the safetensors header, or the first
 //!   [`GGUF_HEADER_BYTES`] of a GGUF, which hold the tensors' names, types and offsets).
 //!
-//! The digests are [`crate::digest`]'s: they tell files apart, they do not resist a forger (a
-//! snapshot's values are validated on load regardless).
+//! Both are XXH3-64 ([`crate::digest::Xxh`]) of explicit, length-prefixed fields, pinned by
+//! tests; they tell files apart, they do not resist a forger (a snapshot's values are validated
+//! on load regardless). Snapshots written before format version 5 recorded FNV digests of the
+//! same fields: [`ModelIdentity::v4`] recognises them, so those
+//! chats reopen without re-reading.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -28,7 +31,7 @@ use std::path::Path;
 use tptt::config::{Activation, Gate, ModelConfig, NormKind, QkNorm, RopeScaling, Trick};
 use tptt::repo::VariantFiles;
 
-use crate::digest::{Fnv, Lanes};
+use crate::digest::{Fnv, Lanes, Xxh};
 use crate::error::{Error, Result};
 
 /// Bytes of a GGUF base read into its fingerprint (its header: metadata and tensor infos).
@@ -36,8 +39,10 @@ pub const GGUF_HEADER_BYTES: u64 = 8 << 20;
 /// The largest safetensors header read into a fingerprint (the safetensors crate's own cap).
 const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 
-/// Which model a snapshot belongs to (module doc).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which model a snapshot belongs to (module doc). Two identities are equal when their model,
+/// variant, config hash and weights fingerprint are ([`ModelIdentity::v4`] holds the same
+/// digests in an older form, unknown for an identity read from a file).
+#[derive(Debug, Clone)]
 pub struct ModelIdentity {
     /// Repo id or folder.
     pub model: String,
@@ -47,17 +52,49 @@ pub struct ModelIdentity {
     pub config_hash: String,
     /// [`weights_hash`] of the loaded files.
     pub weights: String,
+    /// The same digests as snapshot format version 4 computed them (FNV), to recognise files
+    /// (and the app's records of them) written before version 5; empty where unknown (an
+    /// identity read from a file).
+    pub v4: LegacyDigests,
 }
+
+/// The config hash and weights fingerprint of an older snapshot format.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LegacyDigests {
+    /// The config hash.
+    pub config_hash: String,
+    /// The weights fingerprint.
+    pub weights: String,
+}
+
+impl PartialEq for ModelIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.model, &self.variant, &self.config_hash, &self.weights)
+            == (
+                &other.model,
+                &other.variant,
+                &other.config_hash,
+                &other.weights,
+            )
+    }
+}
+
+impl Eq for ModelIdentity {}
 
 impl ModelIdentity {
     /// The identity of `files` loaded with the configuration `cfg` (the loaded model's: a GGUF
     /// base's metadata replaces the base config), under the name `model`.
     pub fn of(model: impl Into<String>, files: &VariantFiles, cfg: &ModelConfig) -> Result<Self> {
+        let (weights, weights_v4) = fingerprints(files)?;
         Ok(Self {
             model: model.into(),
             variant: files.name.clone(),
             config_hash: config_hash(cfg),
-            weights: weights_hash(files)?,
+            weights,
+            v4: LegacyDigests {
+                config_hash: config_hash_v4(cfg),
+                weights: weights_v4,
+            },
         })
     }
 
@@ -65,10 +102,23 @@ impl ModelIdentity {
     pub fn numerics_key(&self) -> String {
         format!("{}-{}", self.config_hash, self.weights)
     }
+
+    /// [`ModelIdentity::numerics_key`] as it was before snapshot format version 5 (records of
+    /// older snapshots are found by it).
+    pub fn numerics_key_v4(&self) -> String {
+        format!("{}-{}", self.v4.config_hash, self.v4.weights)
+    }
 }
 
 /// A digest of [`canonical_config`] (16 hex digits).
 pub fn config_hash(cfg: &ModelConfig) -> String {
+    let mut h = Xxh::new();
+    h.bytes(canonical_config(cfg).as_bytes());
+    format!("{:016x}", h.finish())
+}
+
+/// The config hash that snapshot version 4 recorded: FNV-1a of the same [`canonical_config`].
+fn config_hash_v4(cfg: &ModelConfig) -> String {
     let mut h = Fnv::new();
     h.bytes(canonical_config(cfg).as_bytes());
     format!("{:016x}", h.0)
@@ -78,7 +128,7 @@ pub fn config_hash(cfg: &ModelConfig) -> String {
 /// text of the config with its paths cleared. Kept only to recognise those files (their chats
 /// reopen without re-reading); if the types' `Debug` text changes, such files are refused and
 /// their conversations read again, which is safe.
-pub(crate) fn legacy_config_hash(cfg: &ModelConfig) -> String {
+pub(crate) fn config_hash_v3(cfg: &ModelConfig) -> String {
     let mut t = cfg.tptt.clone();
     t.base_model_name.clear();
     t.base_model_subfolder = None;
@@ -251,11 +301,19 @@ pub fn canonical_config(cfg: &ModelConfig) -> String {
 
 /// A fingerprint of the weight files of `files` (16 hex digits; module doc).
 pub fn weights_hash(files: &VariantFiles) -> Result<String> {
-    let mut h = Fnv::new();
+    fingerprints(files).map(|(current, _)| current)
+}
+
+/// The fingerprint of `files` and its version 4 (FNV) form, from one read of each file.
+fn fingerprints(files: &VariantFiles) -> Result<(String, String)> {
+    let mut h = Both {
+        xxh: Xxh::new(),
+        v4: Fnv::new(),
+    };
     match &files.adapter {
         Some(path) => {
             h.bytes(b"adapter");
-            h.word(digest_file(path, u64::MAX)?);
+            h.file(&digest_file(path, u64::MAX)?);
         }
         None => h.bytes(b"no adapter"),
     }
@@ -263,7 +321,7 @@ pub fn weights_hash(files: &VariantFiles) -> Result<String> {
         Some(path) => {
             h.bytes(b"gguf");
             h.word(file_len(path)?);
-            h.word(digest_file(path, GGUF_HEADER_BYTES)?);
+            h.file(&digest_file(path, GGUF_HEADER_BYTES)?);
         }
         None => {
             for path in tptt::weights::weight_files(&files.base_dir)? {
@@ -272,11 +330,38 @@ pub fn weights_hash(files: &VariantFiles) -> Result<String> {
                 h.bytes(name.unwrap_or_default().as_bytes());
                 let len = file_len(&path)?;
                 h.word(len);
-                h.word(digest_file(&path, safetensors_header_len(&path)?.min(len))?);
+                h.file(&digest_file(
+                    &path,
+                    safetensors_header_len(&path)?.min(len),
+                )?);
             }
         }
     }
-    Ok(format!("{:016x}", h.0))
+    Ok((
+        format!("{:016x}", h.xxh.finish()),
+        format!("{:016x}", h.v4.0),
+    ))
+}
+
+/// The current and the version 4 fingerprint, fed the same fields.
+struct Both {
+    xxh: Xxh,
+    v4: Fnv,
+}
+
+impl Both {
+    fn bytes(&mut self, b: &[u8]) {
+        self.xxh.bytes(b);
+        self.v4.bytes(b);
+    }
+    fn word(&mut self, w: u64) {
+        self.xxh.word(w);
+        self.v4.word(w);
+    }
+    fn file(&mut self, d: &FileDigest) {
+        self.xxh.word(d.xxh);
+        self.v4.word(d.lanes);
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -299,18 +384,32 @@ fn safetensors_header_len(path: &Path) -> Result<u64> {
     Ok(8 + u64::from_le_bytes(n).min(MAX_SAFETENSORS_HEADER))
 }
 
-/// The [`Lanes`] digest of the first `limit` bytes of a file (all of it with `u64::MAX`).
-fn digest_file(path: &Path, limit: u64) -> Result<u64> {
+/// A file's digests: XXH3 of its bytes and their count, and the version 4 [`Lanes`] digest.
+struct FileDigest {
+    xxh: u64,
+    lanes: u64,
+}
+
+/// The digests of the first `limit` bytes of a file (all of it with `u64::MAX`), one read.
+fn digest_file(path: &Path, limit: u64) -> Result<FileDigest> {
     let file = File::open(path).map_err(io_err(path))?;
     let mut reader = file.take(limit);
+    let mut x = Xxh::new();
     let mut d = Lanes::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut n_all = 0u64;
     loop {
         let n = reader.read(&mut buf).map_err(io_err(path))?;
         if n == 0 {
             break;
         }
+        x.raw(&buf[..n]);
         d.update(&buf[..n]);
+        n_all += n as u64;
     }
-    Ok(d.finish())
+    x.word(n_all);
+    Ok(FileDigest {
+        xxh: x.finish(),
+        lanes: d.finish(),
+    })
 }

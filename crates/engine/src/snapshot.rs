@@ -12,18 +12,20 @@
 //! the writer knew it: [`save_marked`]; [`load_marked`] returns it), and `checksum` (16 hex digits), so a corrupted file is refused instead of silently
 //! restoring other numbers:
 //!
-//! * version 4 (written): a 64-bit FNV-1a chain over the other metadata (sorted, length-prefixed)
-//!   and, per tensor in name order, its name, dtype, shape and a digest of its bytes. The digest
-//!   runs 8 independent FNV-style lanes over 64-byte blocks (lane `i` takes word `i` of each
-//!   block), folded with the length at the end, which runs at memory speed. Every step
-//!   `h ← (h ⊕ w)·p` (odd `p`) is a bijection of `h` and injective in `w`, so a change confined to
-//!   one 8-byte word (any single flipped byte) always changes the checksum.
-//! * version 3 (still read): the same layout and checksum with the identity of before
+//! * version 5 (written): XXH3-64 ([`crate::digest::Xxh`]) over the other metadata (sorted by
+//!   key, each key and value length-prefixed) and, per tensor in name order, its name, its dtype
+//!   (by name), its shape (rank, then each extent, little-endian `u64`s), its byte count and its
+//!   bytes. The identity is [`crate::identity`]'s (XXH3 digests of explicit fields).
+//! * version 4 (still read): the same fields under a 64-bit FNV-1a chain (metadata sorted,
+//!   length-prefixed; per tensor its name, the `Debug` text of dtype and shape, and a digest of
+//!   its bytes by 8 FNV-style lanes over 64-byte blocks), with the same identity fields hashed
+//!   by FNV ([`ModelIdentity::v4`]).
+//! * version 3 (still read): the version 4 layout and checksum with the identity of before
 //!   [`crate::identity`]: `config_hash` over the config's `Debug` text, no `weights`. Such a
 //!   file loads when its hash matches that old hash of the model's config; its weights cannot
 //!   be checked (it was written before they were fingerprinted).
-//! * version 2 (still read, identity as version 3): the same FNV-1a chain fed the tensors' bytes 8 at a time in a single
-//!   lane (about 4 times slower).
+//! * version 2 (still read, identity as version 3): the same FNV-1a chain fed the tensors' bytes
+//!   8 at a time in a single lane.
 //!
 //! Other versions are refused with an error naming the version.
 //!
@@ -59,15 +61,17 @@ use tptt::linear::CarryMode;
 use tptt::model::{Model, State};
 
 use crate::chat::ReadMark;
-use crate::digest::{Fnv, Lanes};
+use crate::digest::{Fnv, Lanes, Xxh};
 use crate::error::{Error, Result};
 use crate::health::Surprise;
-use crate::identity::legacy_config_hash;
+use crate::identity::config_hash_v3;
 pub use crate::identity::{config_hash, ModelIdentity};
 use crate::session::Session;
 
 /// Format version written.
-pub const SNAPSHOT_VERSION: &str = "4";
+pub const SNAPSHOT_VERSION: &str = "5";
+/// An earlier format version, still read: FNV checksum and identity digests (module doc).
+pub const SNAPSHOT_VERSION_V4: &str = "4";
 /// An earlier format version, still read: the version 4 layout and checksum, an older identity
 /// (a config hash of the `Debug` text, no weights fingerprint).
 pub const SNAPSHOT_VERSION_V3: &str = "3";
@@ -108,19 +112,70 @@ impl Part<'_> {
     }
 }
 
-/// The `checksum` metadata value of a snapshot of format `version` ([`SNAPSHOT_VERSION`],
-/// [`SNAPSHOT_VERSION_V3`] or [`SNAPSHOT_VERSION_V2`], see the module doc): the metadata (sorted, without `checksum`) and
-/// the tensors (sorted by name) as `(name, dtype, shape, bytes)`.
+/// The `checksum` metadata value of a snapshot of format `version` (see the module doc): the
+/// metadata (sorted, without `checksum`) and the tensors (sorted by name).
 fn checksum(version: &str, meta: &HashMap<String, String>, parts: &[Part<'_>]) -> String {
-    let mut h = Fnv::new();
     let mut keys: Vec<&String> = meta.keys().filter(|k| k.as_str() != "checksum").collect();
     keys.sort();
+    let mut order: Vec<&Part<'_>> = parts.iter().collect();
+    order.sort_by(|a, b| a.name.cmp(b.name));
+    if version != SNAPSHOT_VERSION {
+        return checksum_fnv(version, meta, &keys, &order);
+    }
+    let mut h = Xxh::new();
     for k in keys {
         h.bytes(k.as_bytes());
         h.bytes(meta[k].as_bytes());
     }
-    let mut order: Vec<&Part<'_>> = parts.iter().collect();
-    order.sort_by(|a, b| a.name.cmp(b.name));
+    for p in order {
+        h.bytes(p.name.as_bytes());
+        h.bytes(dtype_name(p.dtype).as_bytes());
+        h.word(p.shape.len() as u64);
+        for &d in &p.shape {
+            h.word(d as u64);
+        }
+        h.word(p.byte_len() as u64);
+        for piece in &p.pieces {
+            h.raw(piece);
+        }
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// A dtype's name in the version 5 checksum (safetensors' spelling, written out here so that a
+/// change in how the crate prints its types cannot change a checksum).
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::BOOL => "BOOL",
+        Dtype::U8 => "U8",
+        Dtype::I8 => "I8",
+        Dtype::I16 => "I16",
+        Dtype::U16 => "U16",
+        Dtype::F16 => "F16",
+        Dtype::BF16 => "BF16",
+        Dtype::I32 => "I32",
+        Dtype::U32 => "U32",
+        Dtype::F32 => "F32",
+        Dtype::F64 => "F64",
+        Dtype::I64 => "I64",
+        Dtype::U64 => "U64",
+        // Types no snapshot holds (the file is refused by its tensors' checks anyway).
+        _ => "other",
+    }
+}
+
+/// The checksum of versions 2 to 4 (module doc).
+fn checksum_fnv(
+    version: &str,
+    meta: &HashMap<String, String>,
+    keys: &[&String],
+    order: &[&Part<'_>],
+) -> String {
+    let mut h = Fnv::new();
+    for k in keys {
+        h.bytes(k.as_bytes());
+        h.bytes(meta[*k].as_bytes());
+    }
     for p in order {
         h.bytes(p.name.as_bytes());
         h.bytes(format!("{:?}{:?}", p.dtype, p.shape).as_bytes());
@@ -400,7 +455,9 @@ fn read_meta(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
         ));
     }
     match meta.get("version").map(String::as_str) {
-        Some(SNAPSHOT_VERSION | SNAPSHOT_VERSION_V3 | SNAPSHOT_VERSION_V2) => Ok(meta),
+        Some(SNAPSHOT_VERSION | SNAPSHOT_VERSION_V4 | SNAPSHOT_VERSION_V3 | SNAPSHOT_VERSION_V2) => {
+            Ok(meta)
+        }
         Some(v) => Err(snap_err(format!(
             "snapshot version {v:?} is not supported (this build reads versions {SNAPSHOT_VERSION_V2} to {SNAPSHOT_VERSION}; a newer TPTT Chat may have written it)"
         ))),
@@ -440,6 +497,7 @@ fn parse_info(path: &Path, meta: &HashMap<String, String>, bytes: u64) -> Result
             config_hash: get("config_hash")?,
             // Versions 2 and 3 recorded no weights fingerprint.
             weights: meta.get("weights").cloned().unwrap_or_default(),
+            v4: Default::default(),
         },
         pos: num("pos")?,
         kv_len: num("kv_len")?,
@@ -532,13 +590,12 @@ pub fn load_marked(
             info.identity.variant, identity.variant
         )));
     }
-    // Versions 2 and 3 are judged by the identity they recorded: the old config hash, and no
-    // weights fingerprint (crate::identity).
-    let current = version == SNAPSHOT_VERSION;
-    let want_config = if current {
-        identity.config_hash.clone()
-    } else {
-        legacy_config_hash(model.config())
+    // Older versions are judged by the identity of their time: version 4 by the same fields
+    // under FNV, versions 2 and 3 by the config's `Debug` text and no weights fingerprint.
+    let (want_config, want_weights) = match version {
+        SNAPSHOT_VERSION => (identity.config_hash.clone(), Some(&identity.weights)),
+        SNAPSHOT_VERSION_V4 => (identity.v4.config_hash.clone(), Some(&identity.v4.weights)),
+        _ => (config_hash_v3(model.config()), None),
     };
     if info.identity.config_hash != want_config {
         return Err(snap_err(format!(
@@ -546,11 +603,13 @@ pub fn load_marked(
             info.identity.config_hash
         )));
     }
-    if current && info.identity.weights != identity.weights {
-        return Err(snap_err(format!(
-            "it was computed by other weights (fingerprint {} vs {}): the variant or its base changed",
-            info.identity.weights, identity.weights
-        )));
+    if let Some(want) = want_weights {
+        if &info.identity.weights != want {
+            return Err(snap_err(format!(
+                "it was computed by other weights (fingerprint {} vs {want}): the variant or its base changed",
+                info.identity.weights
+            )));
+        }
     }
     mode?;
     match meta.get("dtype").map(String::as_str) {
@@ -822,5 +881,62 @@ mod tests {
             longer.push(0);
             assert_ne!(digest(&[&longer]), base, "len {len} + a zero byte");
         }
+    }
+
+    /// Synthetic metadata and two tensors, the second in two pieces.
+    fn sample() -> (HashMap<String, String>, Vec<Part<'static>>) {
+        let meta: HashMap<String, String> =
+            [("format", FORMAT), ("pos", "20"), ("checksum", "ignored")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let parts = vec![
+            Part {
+                name: "tokens",
+                dtype: Dtype::U32,
+                shape: vec![2],
+                pieces: vec![Cow::Borrowed(&[1, 0, 0, 0, 2, 0, 0, 0])],
+            },
+            Part {
+                name: "last_logits",
+                dtype: Dtype::F32,
+                shape: vec![1, 2],
+                pieces: vec![
+                    Cow::Borrowed(&[0, 0, 128, 63]),
+                    Cow::Borrowed(&[0, 0, 0, 64]),
+                ],
+            },
+        ];
+        (meta, parts)
+    }
+
+    /// The version 5 checksum is pinned: files written today must verify in every later build.
+    /// If this fails, saved chats stop reopening (they are read again): change the value only
+    /// together with a new format version. (The value was computed independently from the
+    /// framing in the module doc with PyPI's `xxhash`, the reference C implementation.)
+    #[test]
+    fn the_version_5_checksum_is_pinned() {
+        let (meta, parts) = sample();
+        assert_eq!(
+            checksum(SNAPSHOT_VERSION, &meta, &parts),
+            "1656d062a110b3a2"
+        );
+        // Neither the tensors' order nor how their bytes are split matters; the checksum key
+        // itself is left out.
+        let (mut meta2, mut parts2) = sample();
+        parts2.reverse();
+        parts2[0].pieces = vec![Cow::Owned(vec![0, 0, 128, 63, 0, 0, 0, 64])];
+        meta2.insert("checksum".into(), "other".into());
+        assert_eq!(
+            checksum(SNAPSHOT_VERSION, &meta2, &parts2),
+            checksum(SNAPSHOT_VERSION, &meta, &parts)
+        );
+        // A shape with the same bytes, or a moved byte between tensors, is another file.
+        let (_, mut reshaped) = sample();
+        reshaped[1].shape = vec![2, 1];
+        assert_ne!(
+            checksum(SNAPSHOT_VERSION, &meta, &reshaped),
+            checksum(SNAPSHOT_VERSION, &meta, &parts)
+        );
     }
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use common::{token_ids, Fixture, Scratch, REPOS};
 use tokenizers::Tokenizer;
 use tptt::linear::CarryMode;
+use tptt_engine::identity::LegacyDigests;
 use tptt_engine::snapshot::{self, config_hash};
 use tptt_engine::{
     CancelToken, Error, FinishReason, GenerateOptions, ModelIdentity, SamplingParams, Session,
@@ -478,7 +479,7 @@ fn unknown_versions_are_refused_clearly() {
     assert!(header.contains(tag), "fixture header: {header}");
     let scratch = Scratch::new("future");
     let fx = Fixture::load("tptt-llama", "delta_product");
-    for v in ["5", "1", "x"] {
+    for v in ["6", "1", "x"] {
         let changed = header.replace(tag, &format!("\"version\":\"{v}\""));
         let mut b = bytes[..8].to_vec();
         b.extend_from_slice(changed.as_bytes());
@@ -570,4 +571,70 @@ fn the_read_mark_is_in_the_snapshot_under_its_checksum() {
     std::fs::write(&bad, raw.to_bytes().expect("bytes")).expect("write");
     let reason = snapshot_reason(load_onto(&fx, &identity, &bad), "a malformed mark");
     assert!(reason.contains("read mark"), "{reason}");
+}
+
+/// `tests/fixtures/snapshot-v4.tptt-state`: written by the version 4 writer (FNV checksum and
+/// identity digests) from `tptt-llama/delta_product`, window 8, fed `token_ids(20, vocab, 5)`,
+/// with `model` = `tests/fixtures/tiny/tptt-llama`.
+#[test]
+fn version_4_snapshots_still_load_judged_by_their_fnv_identity() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/snapshot-v4.tptt-state");
+    let fx = Fixture::load("tptt-llama", "delta_product");
+    let info = snapshot::info(&path).expect("info of a v4 file");
+    assert_eq!((info.pos, info.kv_len, info.window), (20, 8, Some(8)));
+    // Its digests are the FNV ones of the same fields, not today's.
+    let identity = ModelIdentity {
+        model: info.identity.model.clone(),
+        ..fx.identity()
+    };
+    assert_ne!(info.identity.config_hash, identity.config_hash);
+    assert_eq!(info.identity.config_hash, identity.v4.config_hash);
+    assert_eq!(info.identity.weights, identity.v4.weights);
+    let restored = snapshot::load(fx.arc(), &identity, &path).expect("a v4 snapshot loads");
+
+    // It holds what the same tokens compute today.
+    let mut fresh = Session::new(
+        fx.arc(),
+        SessionOptions {
+            window: Some(8),
+            ..Default::default()
+        },
+    );
+    fresh
+        .feed(&token_ids(20, fx.model.config().base.vocab_size, 5), None)
+        .expect("feed");
+    assert_eq!(restored.tokens, fresh.tokens);
+    assert_eq!(restored.state.key_pos, fresh.state.key_pos);
+    let (a, b) = (
+        restored.last_logits.as_deref().expect("logits"),
+        fresh.last_logits.as_deref().expect("logits"),
+    );
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "last logits differ by {worst}");
+
+    // Other weights (by the version 4 fingerprint) are refused.
+    let other = ModelIdentity {
+        v4: LegacyDigests {
+            weights: "0123456789abcdef".into(),
+            ..identity.v4.clone()
+        },
+        ..identity.clone()
+    };
+    let reason = snapshot_reason(load_onto(&fx, &other, &path), "v4, other weights");
+    assert!(reason.contains("other weights"), "{reason}");
+
+    // The FNV checksum is still checked.
+    let bytes = std::fs::read(&path).expect("read");
+    let start = data_start(&bytes);
+    let mut b = bytes.clone();
+    b[start + (bytes.len() - start) / 2] ^= 0x04;
+    let scratch = Scratch::new("v4");
+    let bad = scratch.path("bad-v4.tptt-state");
+    std::fs::write(&bad, &b).expect("write");
+    let reason = snapshot_reason(load_onto(&fx, &identity, &bad), "flipped v4 byte");
+    assert!(reason.contains("corrupt"), "{reason}");
 }

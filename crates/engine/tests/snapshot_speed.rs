@@ -107,6 +107,7 @@ fn snapshot_save_and_load_times_at_benchmark_size() {
         variant: "delta_product".into(),
         config_hash: config_hash(model.config()),
         weights: "the synthetic model of this test".into(),
+        v4: Default::default(),
     };
     let session = synthetic_session(model.clone());
     let scratch = std::env::temp_dir().join(format!("tptt-snapshot-speed-{}", std::process::id()));

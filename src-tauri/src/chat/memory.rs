@@ -114,8 +114,19 @@ pub(super) fn memory_for(
         }
         // Another conversation's (or another model's) memory: it is in its snapshot already.
     }
+    // Snapshots recorded before format version 5 are found under the version 4 key (they
+    // still load; the next save records the current key and drops the old row).
     let key = model_key(&model.identity);
-    match block_on(state.store.latest_snapshot(conversation, &key)) {
+    let key_v4 = ModelKey::new(
+        model.identity.model.clone(),
+        model.identity.variant.clone(),
+        model.identity.numerics_key_v4(),
+    );
+    let found = match block_on(state.store.latest_snapshot(conversation, &key)) {
+        Ok(None) => block_on(state.store.latest_snapshot(conversation, &key_v4)),
+        other => other,
+    };
+    match found {
         Ok(Some(snap)) => {
             let position = history
                 .iter()

@@ -81,6 +81,7 @@ pub(super) fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject>
         variant: variant_name,
         config_hash: config_hash(model.config()),
         weights: "this bench run".into(),
+        v4: Default::default(),
     };
     Ok(Subject {
         model,
