@@ -12,8 +12,8 @@ use crate::desktop;
 use crate::device;
 use crate::dto::{
     parse_id, ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent,
-    MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SendResult, SettingsDto,
-    VariantEntry,
+    ExportFormat, MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SendResult,
+    SettingsDto, VariantEntry,
 };
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::models;
@@ -366,12 +366,12 @@ pub async fn export_conversation(
     format: String,
 ) -> CmdResult<String> {
     let id = conversation_id(&id)?;
-    match format.as_str() {
-        "markdown" => Ok(state.store.export_markdown(id).await?),
-        "json" => Ok(state.store.export_json(id).await?),
-        other => Err(CommandError::new(
+    match ExportFormat::parse(&format) {
+        Some(ExportFormat::Markdown) => Ok(state.store.export_markdown(id).await?),
+        Some(ExportFormat::Json) => Ok(state.store.export_json(id).await?),
+        None => Err(CommandError::new(
             ErrorKind::InvalidSettings,
-            format!("format: must be markdown or json, got {other:?}"),
+            format!("format: must be markdown or json, got {format:?}"),
         )),
     }
 }

@@ -17,6 +17,27 @@ use ts_rs::TS;
 
 use crate::error::{CommandError, ErrorKind};
 
+/// How `export_conversation` writes a conversation (its `format` argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, TS)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    /// Markdown, one section per message.
+    Markdown,
+    /// JSON: the conversation and its messages.
+    Json,
+}
+
+impl ExportFormat {
+    /// The format named `s` on the wire.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "markdown" => Some(Self::Markdown),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
+}
+
 /// `ModelEntry`.
 #[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]

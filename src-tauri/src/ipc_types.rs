@@ -2,7 +2,8 @@
 //! [`crate::dto`] and [`crate::error`] (ts-rs derives, with the docs), the string unions the Rust
 //! side keeps as enums elsewhere (device, theme, message role and status, spelled as the wire
 //! spells them), and the settings' bounds. [`typescript`] is the text of
-//! `ui/src/services/ipc.gen.ts`; the test `tests/ipc_contract.rs` fails when the checked-in file
+//! `ui/src/services/ipc.gen.ts`, with the commands' signatures ([`crate::ipc_commands`]); the
+//! test `tests/ipc_contract.rs` fails when the checked-in file
 //! differs, and writes it with `TPTT_WRITE_IPC=1`. The UI imports its wire types from there
 //! (`ui/src/services/types.ts` re-exports them), so a field renamed or a bound changed in Rust
 //! shows up as a type error or a failing test, not as drift.
@@ -11,9 +12,9 @@ use ts_rs::TS;
 
 use crate::device::DevicePref;
 use crate::dto::{
-    ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent, MemoryHealth,
-    MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SamplingDto, SendResult,
-    SettingsDto, Stats, VariantEntry, Verdict,
+    ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat,
+    MemoryHealth, MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SamplingDto,
+    SendResult, SettingsDto, Stats, VariantEntry, Verdict,
 };
 use crate::error::{CommandError, ErrorKind};
 use crate::settings::{
@@ -30,7 +31,8 @@ pub fn typescript() -> String {
     let mut out = String::from(
         "// GENERATED from the Rust types of src-tauri (src/ipc_types.rs): do not edit.\n\
          // Regenerate: TPTT_WRITE_IPC=1 cargo test --workspace --all-targets ipc_contract\n\
-         /* eslint-disable */\n\n",
+         /* eslint-disable */\n\n\
+         import type { Channel } from '@tauri-apps/api/core';\n\n",
     );
     out += "// ---- Values the Rust side spells as strings ----\n\n";
     out += &union(
@@ -74,9 +76,20 @@ pub fn typescript() -> String {
         declaration::<ChatEvent>(),
         declaration::<SendResult>(),
         declaration::<RegenerateResult>(),
+        declaration::<ExportFormat>(),
     ] {
         out += &decl;
     }
+    let kinds: Vec<String> = error_kinds()
+        .iter()
+        .map(|k| format!("{:?}", wire(k)))
+        .collect();
+    out += &format!(
+        "/** Every `ErrorKind`, for telling a command's error from anything else. */\nexport const ERROR_KINDS: readonly ErrorKind[] = [{}];\n\n",
+        kinds.join(", ")
+    );
+    out += "// ---- Commands ----\n\n";
+    out += &crate::ipc_commands::typescript();
     out += "// ---- Bounds the backend enforces (src/settings.rs) ----\n\n";
     out += "/** The largest values `set_settings` accepts (the smallest are 0, or 1 for maxNewTokens and windowSize). */\n";
     out += &format!(
@@ -132,6 +145,48 @@ fn roles() -> [Role; 3] {
     for r in all {
         match r {
             Role::System | Role::User | Role::Assistant => {}
+        }
+    }
+    all
+}
+
+/// Every [`ErrorKind`] (as [`roles`]).
+fn error_kinds() -> [ErrorKind; 15] {
+    use ErrorKind as K;
+    let all = [
+        K::NoModel,
+        K::ModelLoad,
+        K::Download,
+        K::Network,
+        K::Auth,
+        K::DiskFull,
+        K::InvalidSettings,
+        K::InvalidRepoId,
+        K::NotATpttRepo,
+        K::NotFound,
+        K::Busy,
+        K::Database,
+        K::Generation,
+        K::InputTooLong,
+        K::Internal,
+    ];
+    for k in all {
+        match k {
+            K::NoModel
+            | K::ModelLoad
+            | K::Download
+            | K::Network
+            | K::Auth
+            | K::DiskFull
+            | K::InvalidSettings
+            | K::InvalidRepoId
+            | K::NotATpttRepo
+            | K::NotFound
+            | K::Busy
+            | K::Database
+            | K::Generation
+            | K::InputTooLong
+            | K::Internal => {}
         }
     }
     all

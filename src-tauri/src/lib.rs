@@ -35,6 +35,7 @@ pub mod desktop;
 pub mod device;
 pub mod dto;
 pub mod error;
+pub mod ipc_commands;
 pub mod ipc_types;
 pub mod launch;
 pub mod logging;
@@ -75,34 +76,7 @@ pub fn build_app<R: Runtime>(
     let state = tauri::async_runtime::block_on(AppState::open(config))?;
     let app = desktop::with_system_plugins(builder)
         .manage(state)
-        .invoke_handler(tauri::generate_handler![
-            commands::list_models,
-            commands::refresh_variants,
-            commands::add_model,
-            commands::import_local_model,
-            commands::pick_model_folder,
-            commands::download_variant,
-            commands::cancel_download,
-            commands::remove_variant,
-            commands::get_settings,
-            commands::set_settings,
-            commands::set_hf_token,
-            commands::device_info,
-            commands::list_conversations,
-            commands::create_conversation,
-            commands::get_conversation,
-            commands::rename_conversation,
-            commands::delete_conversation,
-            commands::export_conversation,
-            commands::save_conversation,
-            commands::open_logs_folder,
-            commands::send_message,
-            commands::regenerate,
-            commands::edit_and_resend,
-            commands::stop_generation,
-            commands::reset_memory,
-            commands::open_url,
-        ])
+        .invoke_handler(ipc_commands::handler())
         .build(context)?;
     Ok(app)
 }

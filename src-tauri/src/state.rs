@@ -14,9 +14,9 @@ use tptt_engine::CancelToken;
 use tptt_hub::{Hub, HubConfig};
 use tptt_store::{ConversationId, Store};
 
-use crate::chat::CachedSession;
+use crate::chat::held::CachedSession;
 use crate::error::{CmdResult, CommandError, ErrorKind};
-use crate::models::{Registry, REGISTRY_KEY};
+use crate::models::registry::{Registry, REGISTRY_KEY};
 use crate::runtime::LoadedModel;
 use crate::settings::{AppSettings, TokenFile, SETTINGS_KEY};
 

@@ -120,6 +120,9 @@ describe('models', () => {
     const { page } = await suite.open();
     await page.getByTestId('nav-models').click();
     const repo = page.getByTestId('add-repo');
+    await mock(page, () =>
+      window.__tpttMock.failNext('add_model', 'invalid_repo_id', '"not a repo id" is not of the form owner/name.'),
+    );
     await repo.fill('not a repo id');
     await repo.press('Enter');
     await page.getByRole('alert').filter({ hasText: 'That is not a repository id' }).waitFor();

@@ -59,6 +59,10 @@ describe('settings', () => {
     await page.getByTestId('nav-settings').click();
     const temperature = page.getByTestId('sampling-temperature');
     await temperature.fill('9');
+    // The backend's refusal (its rule is tested in Rust; the mock keeps no value rules).
+    await mock(page, () =>
+      window.__tpttMock.failNext('set_settings', 'invalid_settings', 'temperature: must be between 0 and 5'),
+    );
     await page.getByTestId('save-settings').click();
     await page.getByRole('alert').filter({ hasText: 'temperature: must be between 0 and 5' }).waitFor();
     assert.equal(await temperature.getAttribute('aria-invalid'), 'true');

@@ -10,6 +10,7 @@ use tptt_engine::snapshot::{self, ModelIdentity};
 use tptt_engine::{ChatTranscript, ReadMark};
 use tptt_store::{ConversationId, Message, MessageId, ModelKey, NewSnapshot};
 
+use super::held::CachedSession;
 use super::slot::Slot;
 use super::turn::block_on;
 use super::SNAPSHOTS_KEPT;
@@ -17,20 +18,6 @@ use crate::dto::MemoryInfo;
 use crate::error::CmdResult;
 use crate::runtime::LoadedModel;
 use crate::state::{lock, AppState};
-
-/// The memory of the conversation used last, kept between turns.
-pub struct CachedSession {
-    /// Its conversation.
-    pub conversation: ConversationId,
-    /// The state (and tokens, logits).
-    pub session: Session,
-    /// What rendered text it read.
-    pub transcript: ChatTranscript,
-    /// The model it belongs to.
-    pub identity: ModelIdentity,
-    /// Position of the last message it read.
-    pub read_position: Option<u32>,
-}
 
 /// A snapshot's sidecar: its memory meter (shown before the snapshot is loaded) and the text its
 /// state read — which the snapshot itself records since it keeps a read mark (the sidecar's is

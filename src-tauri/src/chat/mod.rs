@@ -56,6 +56,7 @@
 //! drown the model well inside the window: the demo model's window is 8192 tokens, its memory
 //! breaks past ~3k, and re-reading a 5k-token paste within the window broke it again.
 
+pub mod held;
 mod memory;
 mod model;
 mod prepare;
@@ -78,9 +79,10 @@ use crate::dto::ChatEvent;
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::state::{lock, AppState};
 
+pub use held::CachedSession;
 pub use memory::{
     fresh_memory_key, invalidate_session, memory_info, meta_path, read_meta, remove_snapshot_files,
-    reset_memory, CachedSession, SnapshotMeta,
+    reset_memory, SnapshotMeta,
 };
 pub use model::{target, Target};
 pub use slot::Slot;

@@ -10,9 +10,8 @@ use tptt_engine::session::{Event, FinishReason, GenerateOptions};
 use tptt_engine::{CancelToken, Job};
 use tptt_store::{ConversationId, Message, MessageStatus, MessageUpdate};
 
-use super::memory::{
-    fresh_memory_key, fresh_memory_marked, memory_for, save_snapshot, CachedSession,
-};
+use super::held::CachedSession;
+use super::memory::{fresh_memory_key, fresh_memory_marked, memory_for, save_snapshot};
 use super::model::{ensure_model, forget_model, Target};
 use super::prepare::{engine_message, prepare_stoppable, PrepareJob, Prepared};
 use super::slot::Slot;

@@ -3,41 +3,18 @@
 // raw error shapes. Streams are `Channel`s whose handler is set before the command is sent (a
 // handler set later would miss the first messages).
 
-import { Channel, invoke } from '@tauri-apps/api/core';
+import { Channel, invoke, type InvokeArgs } from '@tauri-apps/api/core';
+import { ERROR_KINDS, type Commands } from './ipc.gen';
 import type {
   ChatEvent,
   CommandError,
-  Conversation,
-  ConversationSummary,
-  DeviceInfo,
   DownloadEvent,
   ErrorKind,
   ExportFormat,
-  MemoryInfo,
-  ModelEntry,
-  RegenerateResult,
-  SendResult,
   Settings,
-  VariantEntry,
 } from './types';
 
-const KINDS: ReadonlySet<string> = new Set<ErrorKind>([
-  'no_model',
-  'model_load',
-  'download',
-  'network',
-  'auth',
-  'disk_full',
-  'invalid_settings',
-  'invalid_repo_id',
-  'not_a_tptt_repo',
-  'not_found',
-  'busy',
-  'database',
-  'generation',
-  'input_too_long',
-  'internal',
-]);
+const KINDS: ReadonlySet<string> = new Set<string>(ERROR_KINDS);
 
 /** A command's failure, as the contract describes it: `{ kind, message }`. */
 export class ApiError extends Error implements CommandError {
@@ -72,9 +49,18 @@ export function toApiError(err: unknown, command = ''): ApiError {
   return new ApiError('internal', err instanceof Error ? err.message : String(err), command);
 }
 
-async function call<T>(command: string, args?: Record<string, unknown>): Promise<T> {
+type Name = keyof Commands;
+type Args<K extends Name> = Commands[K]['args'];
+/** A command's arguments, or none when it takes none. */
+type ArgList<K extends Name> = Args<K> extends Record<string, never> ? [] : [args: Args<K>];
+
+/**
+ * Invokes `command` with the arguments and result its generated signature (`Commands`, from the
+ * Rust declarations) gives it: a call that no longer fits the backend fails the type check.
+ */
+async function call<K extends Name>(command: K, ...args: ArgList<K>): Promise<Commands[K]['result']> {
   try {
-    return await invoke<T>(command, args);
+    return await invoke<Commands[K]['result']>(command, args[0] as InvokeArgs | undefined);
   } catch (err) {
     throw toApiError(err, command);
   }
@@ -86,62 +72,62 @@ function channel<E>(onEvent: (event: E) => void): Channel<E> {
 
 // ---- Models -------------------------------------------------------------------------------
 
-export const listModels = () => call<ModelEntry[]>('list_models');
+export const listModels = () => call('list_models');
 
 export const refreshVariants = (repoId: string) =>
-  call<VariantEntry[]>('refresh_variants', { repoId });
+  call('refresh_variants', { repoId });
 
-export const addModel = (repoId: string) => call<ModelEntry>('add_model', { repoId });
+export const addModel = (repoId: string) => call('add_model', { repoId });
 
-export const importLocalModel = (path: string) => call<ModelEntry>('import_local_model', { path });
+export const importLocalModel = (path: string) => call('import_local_model', { path });
 
 /** Starts a download and returns once it is under way; progress arrives through `onEvent`. */
 export const downloadVariant = (
   repoId: string,
   variant: string,
   onEvent: (event: DownloadEvent) => void,
-) => call<void>('download_variant', { repoId, variant, onEvent: channel(onEvent) });
+) => call('download_variant', { repoId, variant, onEvent: channel(onEvent) });
 
 export const cancelDownload = (repoId: string, variant: string) =>
-  call<void>('cancel_download', { repoId, variant });
+  call('cancel_download', { repoId, variant });
 
 export const removeVariant = (repoId: string, variant: string) =>
-  call<void>('remove_variant', { repoId, variant });
+  call('remove_variant', { repoId, variant });
 
 // ---- Settings -----------------------------------------------------------------------------
 
-export const getSettings = () => call<Settings>('get_settings');
+export const getSettings = () => call('get_settings');
 
-export const setSettings = (settings: Settings) => call<Settings>('set_settings', { settings });
+export const setSettings = (settings: Settings) => call('set_settings', { settings });
 
 /** Stores (or with null, forgets) the Hugging Face token. It is never read back. */
-export const setHfToken = (token: string | null) => call<void>('set_hf_token', { token });
+export const setHfToken = (token: string | null) => call('set_hf_token', { token });
 
-export const deviceInfo = () => call<DeviceInfo>('device_info');
+export const deviceInfo = () => call('device_info');
 
 // ---- Conversations ------------------------------------------------------------------------
 
 export const listConversations = (query: string | null) =>
-  call<ConversationSummary[]>('list_conversations', { query });
+  call('list_conversations', { query });
 
-export const createConversation = () => call<ConversationSummary>('create_conversation');
+export const createConversation = () => call('create_conversation');
 
-export const getConversation = (id: string) => call<Conversation>('get_conversation', { id });
+export const getConversation = (id: string) => call('get_conversation', { id });
 
 export const renameConversation = (id: string, title: string) =>
-  call<void>('rename_conversation', { id, title });
+  call('rename_conversation', { id, title });
 
-export const deleteConversation = (id: string) => call<void>('delete_conversation', { id });
+export const deleteConversation = (id: string) => call('delete_conversation', { id });
 
 export const exportConversation = (id: string, format: ExportFormat) =>
-  call<string>('export_conversation', { id, format });
+  call('export_conversation', { id, format });
 
 /**
  * Exports a conversation to a file the user picks in the native save dialog. Resolves with the
  * file's path, or null when the dialog was cancelled.
  */
 export const saveConversation = (id: string, format: ExportFormat) =>
-  call<string | null>('save_conversation', { id, format });
+  call('save_conversation', { id, format });
 
 // ---- Chat ---------------------------------------------------------------------------------
 
@@ -149,10 +135,10 @@ export const sendMessage = (
   conversationId: string,
   content: string,
   onEvent: (event: ChatEvent) => void,
-) => call<SendResult>('send_message', { conversationId, content, onEvent: channel(onEvent) });
+) => call('send_message', { conversationId, content, onEvent: channel(onEvent) });
 
 export const regenerate = (conversationId: string, onEvent: (event: ChatEvent) => void) =>
-  call<RegenerateResult>('regenerate', { conversationId, onEvent: channel(onEvent) });
+  call('regenerate', { conversationId, onEvent: channel(onEvent) });
 
 export const editAndResend = (
   conversationId: string,
@@ -160,7 +146,7 @@ export const editAndResend = (
   content: string,
   onEvent: (event: ChatEvent) => void,
 ) =>
-  call<SendResult>('edit_and_resend', {
+  call('edit_and_resend', {
     conversationId,
     messageId,
     content,
@@ -168,7 +154,7 @@ export const editAndResend = (
   });
 
 export const stopGeneration = (conversationId: string) =>
-  call<void>('stop_generation', { conversationId });
+  call('stop_generation', { conversationId });
 
 /**
  * "Continue with a fresh memory": the conversation's memory is dropped; its next turn rebuilds it
@@ -176,15 +162,15 @@ export const stopGeneration = (conversationId: string) =>
  * memory meter.
  */
 export const resetMemory = (conversationId: string) =>
-  call<MemoryInfo>('reset_memory', { conversationId });
+  call('reset_memory', { conversationId });
 
 // ---- App ----------------------------------------------------------------------------------
 
 /** The native folder dialog: the folder chosen (to import), or null when cancelled. */
-export const pickModelFolder = () => call<string | null>('pick_model_folder');
+export const pickModelFolder = () => call('pick_model_folder');
 
 /** Opens the app's log folder in the system's file manager; resolves with its path. */
-export const openLogsFolder = () => call<string>('open_logs_folder');
+export const openLogsFolder = () => call('open_logs_folder');
 
 /** Opens an http(s) or mailto link in the system browser (never inside the app's webview). */
-export const openUrl = (url: string) => call<void>('open_url', { url });
+export const openUrl = (url: string) => call('open_url', { url });

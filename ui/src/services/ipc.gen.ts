@@ -2,6 +2,8 @@
 // Regenerate: TPTT_WRITE_IPC=1 cargo test --workspace --all-targets ipc_contract
 /* eslint-disable */
 
+import type { Channel } from '@tauri-apps/api/core';
+
 // ---- Values the Rust side spells as strings ----
 
 /** A device preference (src/device.rs `DevicePref`). */
@@ -500,6 +502,49 @@ export type RegenerateResult = {
  * The new answer.
  */
 assistantMessageId: string, };
+
+/**
+ * How `export_conversation` writes a conversation (its `format` argument).
+ */
+export type ExportFormat = "markdown" | "json";
+
+/** Every `ErrorKind`, for telling a command's error from anything else. */
+export const ERROR_KINDS: readonly ErrorKind[] = ["no_model", "model_load", "download", "network", "auth", "disk_full", "invalid_settings", "invalid_repo_id", "not_a_tptt_repo", "not_found", "busy", "database", "generation", "input_too_long", "internal"];
+
+// ---- Commands ----
+
+/**
+ * Every command of the IPC (src-tauri/src/ipc_commands.rs): its arguments and its result.
+ * `api.ts` calls them through this, so a call that no longer fits fails the type check.
+ */
+export interface Commands {
+  list_models: { args: Record<string, never>; result: Array<ModelEntry> };
+  refresh_variants: { args: { repoId: string }; result: Array<VariantEntry> };
+  add_model: { args: { repoId: string }; result: ModelEntry };
+  import_local_model: { args: { path: string }; result: ModelEntry };
+  pick_model_folder: { args: Record<string, never>; result: string | null };
+  download_variant: { args: { repoId: string; variant: string; onEvent: Channel<DownloadEvent> }; result: null };
+  cancel_download: { args: { repoId: string; variant: string }; result: null };
+  remove_variant: { args: { repoId: string; variant: string }; result: null };
+  get_settings: { args: Record<string, never>; result: Settings };
+  set_settings: { args: { settings: Settings }; result: Settings };
+  set_hf_token: { args: { token: string | null }; result: null };
+  device_info: { args: Record<string, never>; result: DeviceInfo };
+  list_conversations: { args: { query: string | null }; result: Array<ConversationSummary> };
+  create_conversation: { args: Record<string, never>; result: ConversationSummary };
+  get_conversation: { args: { id: string }; result: Conversation };
+  rename_conversation: { args: { id: string; title: string }; result: null };
+  delete_conversation: { args: { id: string }; result: null };
+  export_conversation: { args: { id: string; format: ExportFormat }; result: string };
+  save_conversation: { args: { id: string; format: ExportFormat }; result: string | null };
+  open_logs_folder: { args: Record<string, never>; result: string };
+  send_message: { args: { conversationId: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };
+  regenerate: { args: { conversationId: string; onEvent: Channel<ChatEvent> }; result: RegenerateResult };
+  edit_and_resend: { args: { conversationId: string; messageId: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };
+  stop_generation: { args: { conversationId: string }; result: null };
+  reset_memory: { args: { conversationId: string }; result: MemoryInfo };
+  open_url: { args: { url: string }; result: null };
+}
 
 // ---- Bounds the backend enforces (src/settings.rs) ----
 

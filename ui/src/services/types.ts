@@ -25,10 +25,8 @@ export type {
   SendResult,
   Settings,
   Stats,
+  ExportFormat,
   Theme,
   VariantEntry,
 } from './ipc.gen';
 export { SETTINGS_LIMITS } from './ipc.gen';
-
-/** How `export_conversation` writes a conversation (its `format` argument). */
-export type ExportFormat = 'markdown' | 'json';

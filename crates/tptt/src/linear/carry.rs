@@ -70,6 +70,19 @@ impl LinearCarry {
     }
 
     /// Store one state per query head (a no-op when it already does).
+    /// Keeps the last two raw key and value rows (`fkv` wide) of a call's `k_raw` / `v_raw`,
+    /// after those of earlier calls: the causal 3-mean of the next call's gates reads them.
+    pub(super) fn push_pool_rows(&mut self, k_raw: &[f32], v_raw: &[f32], fkv: usize) {
+        let s = k_raw.len() / fkv;
+        for (hist, x) in [(&mut self.pool_k, k_raw), (&mut self.pool_v, v_raw)] {
+            for t in s.saturating_sub(2)..s {
+                hist.push(x[t * fkv..(t + 1) * fkv].to_vec());
+            }
+            let extra = hist.len().saturating_sub(2);
+            hist.drain(..extra);
+        }
+    }
+
     pub(super) fn expand_states(&mut self, heads: usize, dim: usize) {
         if self.stored_states(dim) != heads {
             self.state = self.head_states(heads, dim);

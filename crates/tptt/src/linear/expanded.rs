@@ -3,7 +3,6 @@
 
 use super::prepare::*;
 use super::{chunk_size, scan, LinearCarry, LinearShape, PrevToken, ScanImpl, ScanInput};
-use crate::config::{Gate, Trick};
 
 /// The literal order of SPEC §4: all processed values, all virtual rows, then [`super::naive::scan`].
 pub(super) fn forward_expanded(
@@ -50,20 +49,8 @@ pub(super) fn forward_expanded(
                 p.q[dst + e] = silu(qs[e]);
                 p.k[dst + e] = silu(ks[e]);
                 p.v[dst + e] = vs[e] * scaling;
-                let gate = |which: Gate, beta: bool| match which {
-                    Gate::K => fg[e],
-                    Gate::V => wg[e],
-                    Gate::Kv => fg[e] * wg[e],
-                    Gate::C => {
-                        if beta {
-                            0.5
-                        } else {
-                            1.0
-                        }
-                    }
-                };
-                p.alpha[dst + e] = gate(rc.alpha_gate, false);
-                p.beta[dst + e] = gate(rc.beta_gate, true);
+                p.alpha[dst + e] = gate_value(rc.alpha_gate, false, fg[e], wg[e]);
+                p.beta[dst + e] = gate_value(rc.beta_gate, true, fg[e], wg[e]);
             }
             l2norm(&mut p.q[dst..dst + d]);
             l2norm(&mut p.k[dst..dst + d]);
@@ -73,13 +60,6 @@ pub(super) fn forward_expanded(
     // §4.4/4.5 virtual tokens; the buffer (if any) is the row before token 0.
     let n = rc.order;
     let prev = carry.prev.take();
-    let trick_for = |gate: Gate| {
-        if gate == Gate::C {
-            Trick::Cte
-        } else {
-            rc.trick
-        }
-    };
     let q = expand(
         &p.q,
         prev.as_ref().map(|b| b.q.as_slice()),
@@ -114,7 +94,7 @@ pub(super) fn forward_expanded(
         s,
         d,
         n,
-        trick_for(rc.alpha_gate),
+        trick_for(&rc, rc.alpha_gate),
     );
     let beta = expand(
         &p.beta,
@@ -123,7 +103,7 @@ pub(super) fn forward_expanded(
         s,
         d,
         n,
-        trick_for(rc.beta_gate),
+        trick_for(&rc, rc.beta_gate),
     );
 
     // Update the carry's histories before the scan consumes the state.
@@ -141,16 +121,7 @@ pub(super) fn forward_expanded(
             beta: last(&p.beta),
         });
     }
-    let push_rows = |hist: &mut Vec<Vec<f32>>, x: &[f32]| {
-        let start = s.saturating_sub(2);
-        for t in start..s {
-            hist.push(x[t * fkv..(t + 1) * fkv].to_vec());
-        }
-        let extra = hist.len().saturating_sub(2);
-        hist.drain(..extra);
-    };
-    push_rows(&mut carry.pool_k, k_raw);
-    push_rows(&mut carry.pool_v, v_raw);
+    carry.push_pool_rows(k_raw, v_raw, fkv);
 
     // §4.6–4.8
     carry.expand_states(h_n, d);
@@ -178,9 +149,7 @@ pub(super) fn forward_expanded(
         for h in 0..h_n {
             row[h * d..(h + 1) * d].copy_from_slice(&y[(h * s + t) * d..(h * s + t + 1) * d]);
         }
-        let ms = row.iter().map(|x| x * x).sum::<f32>() / hd as f32;
-        let inv = 1.0 / (ms + 1e-6).sqrt();
-        row.iter_mut().for_each(|x| *x *= inv);
+        rms_normalise(row);
     }
     out
 }

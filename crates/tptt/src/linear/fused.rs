@@ -124,20 +124,8 @@ impl<'a> Fused<'a> {
         }
         for e in 0..d {
             let (fg, wg) = (out.fg[e], out.wg[e]);
-            let gate = |which: Gate, beta: bool| match which {
-                Gate::K => fg,
-                Gate::V => wg,
-                Gate::Kv => fg * wg,
-                Gate::C => {
-                    if beta {
-                        0.5
-                    } else {
-                        1.0
-                    }
-                }
-            };
-            out.alpha[e] = gate(self.rc.alpha_gate, false);
-            out.beta[e] = gate(self.rc.beta_gate, true);
+            out.alpha[e] = gate_value(self.rc.alpha_gate, false, fg, wg);
+            out.beta[e] = gate_value(self.rc.beta_gate, true, fg, wg);
         }
     }
 }
@@ -168,13 +156,6 @@ impl fast::ChunkRows for Fused<'_> {
             }
             return;
         }
-        let trick_for = |gate: Gate| {
-            if gate == Gate::C {
-                Trick::Cte
-            } else {
-                self.rc.trick
-            }
-        };
         let (mut cur, mut before) = (KvRow::new(d), KvRow::new(d));
         self.proc_kv(t0 - 1, kvh, rep, &mut before);
         for tok in 0..c {
@@ -189,9 +170,14 @@ impl fast::ChunkRows for Fused<'_> {
                 alpha,
                 &cur.alpha,
                 &before.alpha,
-                trick_for(self.rc.alpha_gate),
+                trick_for(&self.rc, self.rc.alpha_gate),
             );
-            pair(beta, &cur.beta, &before.beta, trick_for(self.rc.beta_gate));
+            pair(
+                beta,
+                &cur.beta,
+                &before.beta,
+                trick_for(&self.rc, self.rc.beta_gate),
+            );
             std::mem::swap(&mut cur, &mut before);
         }
     }
@@ -337,15 +323,7 @@ pub(super) fn forward_fused(
         p
     });
     carry.prev = next_prev;
-    let push_rows = |hist: &mut Vec<Vec<f32>>, x: &[f32]| {
-        for t in s.saturating_sub(2)..s {
-            hist.push(x[t * fkv..(t + 1) * fkv].to_vec());
-        }
-        let extra = hist.len().saturating_sub(2);
-        hist.drain(..extra);
-    };
-    push_rows(&mut carry.pool_k, k_raw);
-    push_rows(&mut carry.pool_v, v_raw);
+    carry.push_pool_rows(k_raw, v_raw, fkv);
 
     // §4.9 merge heads and RMS-normalise each token over H·D (no weight).
     let hd = h_n * d;
@@ -354,9 +332,7 @@ pub(super) fn forward_fused(
         for h in 0..h_n {
             row[h * d..(h + 1) * d].copy_from_slice(y.row(h, t));
         }
-        let ms = row.iter().map(|x| x * x).sum::<f32>() / hd as f32;
-        let inv = 1.0 / (ms + 1e-6).sqrt();
-        row.iter_mut().for_each(|x| *x *= inv);
+        rms_normalise(row);
     };
     if s >= 64 {
         use rayon::prelude::*;

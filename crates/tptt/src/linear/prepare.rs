@@ -2,7 +2,7 @@
 //! 3-mean pooling, the activations (exact, and the libm-free forms of the fast path), the
 //! L2 norm, and order 2's virtual rows (the tricks' rotations and differences).
 
-use crate::config::Trick;
+use crate::config::{Gate, RecurrentConfig, Trick};
 
 /// `gelu_tanh(x)`, as `F.gelu(approximate="tanh")`.
 pub(super) fn gelu_tanh(x: f32) -> f32 {
@@ -82,6 +82,40 @@ pub(super) fn pool3(x: &[f32], f: usize, history: &[Vec<f32>]) -> Vec<f32> {
         }
     }
     out
+}
+
+/// §4.2: the value of gate `which` for one channel, from its `k` and `v` gates (`fg`, `wg`);
+/// the constant gate is 1 for α and 0.5 for β.
+#[inline(always)]
+pub(super) fn gate_value(which: Gate, is_beta: bool, fg: f32, wg: f32) -> f32 {
+    match which {
+        Gate::K => fg,
+        Gate::V => wg,
+        Gate::Kv => fg * wg,
+        Gate::C => {
+            if is_beta {
+                0.5
+            } else {
+                1.0
+            }
+        }
+    }
+}
+
+/// §4.5: the virtual-token trick of a gate's rows (a constant gate's are constant: `Cte`).
+pub(super) fn trick_for(rc: &RecurrentConfig, gate: Gate) -> Trick {
+    if gate == Gate::C {
+        Trick::Cte
+    } else {
+        rc.trick
+    }
+}
+
+/// §4.9: one token's merged heads (`H·D` values) RMS-normalised in place (no weight).
+pub(super) fn rms_normalise(row: &mut [f32]) {
+    let ms = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
+    let inv = 1.0 / (ms + 1e-6).sqrt();
+    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// Per-token processed values `[H, S, D]` for one of q/k/v/α/β.
