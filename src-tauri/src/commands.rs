@@ -8,12 +8,13 @@ use tauri::{AppHandle, Runtime, State};
 use tptt_store::{ConversationId, ListScope, MessageId, NewConversation};
 
 use crate::chat;
+use crate::chat_settings;
 use crate::desktop;
 use crate::device;
 use crate::dto::{
-    parse_id, ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent,
-    ExportFormat, MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SendResult,
-    SettingsDto, VariantEntry,
+    parse_id, ChatEvent, ChatSettingsDto, ChatSettingsSaved, ConversationDto, ConversationSummary,
+    DeviceInfo, DownloadEvent, ExportFormat, MemoryInfo, MessageDto, ModelEntry, ModelSource,
+    RegenerateResult, SendResult, SettingsDto, VariantEntry,
 };
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::models;
@@ -302,6 +303,7 @@ pub async fn get_conversation(
         );
     }
     let memory = chat::memory_info(&state, id).await;
+    let settings = chat_settings::to_dto(&c.settings, &state.settings().sampling);
     Ok(ConversationDto {
         id: c.id.0.to_string(),
         title: c.title,
@@ -309,7 +311,36 @@ pub async fn get_conversation(
         variant: c.variant,
         messages: listing.items.iter().map(MessageDto::from).collect(),
         memory,
+        settings,
     })
+}
+
+/// `set_conversation_settings`: the conversation's own system prompt and sampling (`null`:
+/// the app's), see [`chat::set_settings`]. The settings are taken as JSON so that a malformed
+/// value is an `invalid_settings` error naming its field.
+#[tauri::command]
+pub async fn set_conversation_settings(
+    state: State<'_, AppState>,
+    id: String,
+    settings: serde_json::Value,
+) -> CmdResult<ChatSettingsSaved> {
+    let id = conversation_id(&id)?;
+    let dto: ChatSettingsDto = serde_json::from_value(settings)
+        .map_err(|e| CommandError::new(ErrorKind::InvalidSettings, format!("settings: {e}")))?;
+    chat::set_settings(&state, id, &dto).await
+}
+
+/// `branch_conversation`: a new conversation, a copy of `id` up to and including `message_id`,
+/// continuing from that message's saved state when there is one ([`chat::branch`]).
+#[tauri::command]
+pub async fn branch_conversation(
+    state: State<'_, AppState>,
+    id: String,
+    message_id: String,
+) -> CmdResult<ConversationSummary> {
+    let id = conversation_id(&id)?;
+    let message = MessageId(parse_id("message", &message_id)?);
+    chat::branch(&state, id, message).await
 }
 
 /// `rename_conversation`.

@@ -21,10 +21,12 @@
 
 use std::path::{Path, PathBuf};
 
-use tauri::{AppHandle, Builder, Manager, Runtime};
+use tauri::{AppHandle, Builder, Emitter, Manager, Runtime};
 use tauri_plugin_dialog::DialogExt;
 
+use crate::dto::LAUNCH_EVENT;
 use crate::error::{CmdResult, CommandError};
+use crate::state::AppState;
 
 /// The label of the app's one window (tauri.conf.json).
 pub const MAIN_WINDOW: &str = "main";
@@ -34,11 +36,26 @@ pub const MAIN_WINDOW: &str = "main";
 /// starts.
 pub fn with_desktop_plugins<R: Runtime>(builder: Builder<R>) -> Builder<R> {
     builder
-        .plugin(tauri_plugin_single_instance::init(|app, _argv, _cwd| {
+        .plugin(tauri_plugin_single_instance::init(|app, argv, cwd| {
             tracing::info!("a second launch: focusing this window");
             focus_main_window(app);
+            follow_second_launch(app, argv, cwd);
         }))
         .plugin(tauri_plugin_window_state::Builder::default().build())
+}
+
+/// Follows a later launch's `--model` ([`crate::launch::handover`]) off the event loop and
+/// tells the UI ([`LAUNCH_EVENT`]).
+fn follow_second_launch<R: Runtime>(app: &AppHandle<R>, argv: Vec<String>, cwd: String) {
+    let app = app.clone();
+    tauri::async_runtime::spawn(async move {
+        let state = app.state::<AppState>().inner().clone();
+        if let Some(event) = crate::launch::handover(&state, &argv, Path::new(&cwd)).await {
+            if let Err(e) = app.emit(LAUNCH_EVENT, event) {
+                tracing::warn!(error = %e, "cannot tell the UI about the later launch");
+            }
+        }
+    });
 }
 
 /// Adds the plugins the app's commands use (the native dialogs).

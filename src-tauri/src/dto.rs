@@ -274,6 +274,74 @@ pub struct ConversationDto {
     pub messages: Vec<MessageDto>,
     /// The conversation's memory as last saved (or as held now).
     pub memory: MemoryInfo,
+    /// Its own settings (what is `null` there follows the app's).
+    pub settings: ChatSettingsDto,
+}
+
+/// `ChatSettings`: one conversation's own settings. `null` follows the app's (`Settings`), so
+/// a chat without settings of its own changes with them.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, TS)]
+#[serde(rename_all = "camelCase")]
+#[ts(rename = "ChatSettings")]
+pub struct ChatSettingsDto {
+    /// This chat's model and variant, or `null` for the app's.
+    pub model: Option<ChatModelDto>,
+    /// This chat's softmax window (tokens), or `null` for the app's.
+    #[serde(default, serialize_with = "whole_opt")]
+    pub window_size: Option<f64>,
+    /// This chat's system prompt ("" for none), or `null` for the app's.
+    pub system_prompt: Option<String>,
+    /// This chat's sampling, or `null` for the app's.
+    pub sampling: Option<SamplingDto>,
+}
+
+/// `ChatModel`: a model (hub id or imported folder, as `ModelEntry.repoId`) and its variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, TS)]
+#[serde(rename_all = "camelCase")]
+#[ts(rename = "ChatModel")]
+pub struct ChatModelDto {
+    /// The model.
+    pub repo_id: String,
+    /// Its variant.
+    pub variant: String,
+}
+
+/// `LaunchEvent`, emitted as the event [`LAUNCH_EVENT`] when the app is started again with
+/// `--model FOLDER` while it runs: the running app follows that command line.
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum LaunchEvent {
+    /// The folder was imported (if new) and its variant chosen: the UI reloads its settings and
+    /// models.
+    #[serde(rename_all = "camelCase")]
+    ModelChosen {
+        /// The folder's id (its canonical path).
+        repo_id: String,
+        /// The variant chosen.
+        variant: String,
+    },
+    /// The command line could not be followed (the folder went away since it was checked...).
+    Error {
+        /// For people.
+        message: String,
+    },
+}
+
+/// The name of the event that carries a [`LaunchEvent`].
+pub const LAUNCH_EVENT: &str = "launch";
+
+/// What `set_conversation_settings` did.
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatSettingsSaved {
+    /// The settings as stored.
+    pub settings: ChatSettingsDto,
+    /// Whether the conversation's memory was dropped (its system prompt or window changed: the
+    /// memory was built with the old one), so its next message reads the whole conversation
+    /// again.
+    pub rebuilt: bool,
+    /// The memory meter after the change.
+    pub memory: MemoryInfo,
 }
 
 /// `Message`.

@@ -18,8 +18,8 @@ use ts_rs::TS;
 
 use crate::commands;
 use crate::dto::{
-    ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent, MemoryInfo,
-    ModelEntry, RegenerateResult, SendResult, SettingsDto, VariantEntry,
+    ChatEvent, ChatSettingsSaved, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent,
+    MemoryInfo, ModelEntry, RegenerateResult, SendResult, SettingsDto, VariantEntry,
 };
 use crate::error::CmdResult;
 use crate::state::AppState;
@@ -144,6 +144,8 @@ ipc_commands! {
     list_conversations [state] (query: Option<String>) -> Vec<ConversationSummary>;
     create_conversation [state] () -> ConversationSummary;
     get_conversation [state] (id: String) -> ConversationDto;
+    set_conversation_settings [state] (id: String, settings: serde_json::Value as "ChatSettings") -> ChatSettingsSaved;
+    branch_conversation [state] (id: String, message_id: String) -> ConversationSummary;
     rename_conversation [state] (id: String, title: String) -> ();
     delete_conversation [state] (id: String) -> ();
     export_conversation [state] (id: String, format: String as "ExportFormat") -> String;

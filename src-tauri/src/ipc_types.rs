@@ -12,9 +12,10 @@ use ts_rs::TS;
 
 use crate::device::DevicePref;
 use crate::dto::{
-    ChatEvent, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat,
-    MemoryHealth, MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SamplingDto,
-    SendResult, SettingsDto, Stats, VariantEntry, Verdict,
+    ChatEvent, ChatModelDto, ChatSettingsDto, ChatSettingsSaved, ConversationDto,
+    ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat, LaunchEvent, MemoryHealth,
+    MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SamplingDto, SendResult,
+    SettingsDto, Stats, VariantEntry, Verdict, LAUNCH_EVENT,
 };
 use crate::error::{CommandError, ErrorKind};
 use crate::settings::{
@@ -72,11 +73,15 @@ pub fn typescript() -> String {
         declaration::<MemoryHealth>(),
         declaration::<MemoryInfo>(),
         declaration::<MessageDto>(),
+        declaration::<ChatModelDto>(),
+        declaration::<ChatSettingsDto>(),
+        declaration::<ChatSettingsSaved>(),
         declaration::<ConversationDto>(),
         declaration::<ChatEvent>(),
         declaration::<SendResult>(),
         declaration::<RegenerateResult>(),
         declaration::<ExportFormat>(),
+        declaration::<LaunchEvent>(),
     ] {
         out += &decl;
     }
@@ -87,6 +92,9 @@ pub fn typescript() -> String {
     out += &format!(
         "/** Every `ErrorKind`, for telling a command's error from anything else. */\nexport const ERROR_KINDS: readonly ErrorKind[] = [{}];\n\n",
         kinds.join(", ")
+    );
+    out += &format!(
+        "/** The event that carries a `LaunchEvent` (the app started again with `--model`). */\nexport const LAUNCH_EVENT = {LAUNCH_EVENT:?};\n\n"
     );
     out += "// ---- Commands ----\n\n";
     out += &crate::ipc_commands::typescript();

@@ -8,13 +8,18 @@
 //! conversations and other settings are kept, and a later choice in the app holds until the app is
 //! started with `--model` again.
 //!
+//! Started again while it runs (one instance per session), the app hands the new command line
+//! to the running one ([`handover`]), which follows its `--model` and tells the UI (a
+//! [`LaunchEvent`]): the window comes forward with that model chosen.
+//!
 //! A command line the app cannot follow (an unknown option, a missing value, a folder without TPTT
 //! variants, a variant the folder lacks) stops the start with a message on stderr and status 2,
 //! before any window opens: the one who typed it is at the terminal.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use crate::dto::LaunchEvent;
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::models;
 use crate::state::AppState;
@@ -161,6 +166,50 @@ pub async fn apply(state: &AppState, choice: &ModelChoice) -> CmdResult<String> 
     state.save_settings(settings).await?;
     tracing::info!(model = %choice.id, %variant, "model chosen on the command line");
     Ok(variant)
+}
+
+/// A later launch's command line (`argv` with the program first, `cwd` its working folder),
+/// handed over by the single-instance plugin when the app already runs: with `--model`, the
+/// folder is checked and applied as at start; the event for the UI comes back (`None` without
+/// `--model`: the window is just brought forward). The later process checked the command line
+/// before handing it over, so an error here means the folder changed in between.
+pub async fn handover(state: &AppState, argv: &[String], cwd: &Path) -> Option<LaunchEvent> {
+    let args = match Launch::parse(argv.iter().skip(1).map(OsString::from)) {
+        Ok(Launch::Run(args)) => args,
+        Ok(_) => return None,
+        Err(e) => {
+            return Some(LaunchEvent::Error {
+                message: format!("The command line of the new launch was not followed: {e}."),
+            })
+        }
+    };
+    let Some(folder) = &args.model else {
+        return None;
+    };
+    // Relative to where the later launch was started, not to this process.
+    let args = LaunchArgs {
+        model: Some(cwd.join(folder)),
+        ..args
+    };
+    let outcome = match check(&args) {
+        Ok(Some(choice)) => apply(state, &choice)
+            .await
+            .map(|variant| (choice.id, variant)),
+        Ok(None) => return None,
+        Err(e) => Err(e),
+    };
+    Some(match outcome {
+        Ok((repo_id, variant)) => {
+            tracing::info!(model = %repo_id, %variant, "a later launch chose the model");
+            LaunchEvent::ModelChosen { repo_id, variant }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e.message, "a later launch's --model was not followed");
+            LaunchEvent::Error {
+                message: format!("--model {}: {}", folder.display(), e.message),
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@
 //! same app on Tauri's mock runtime; [`run_app`] is the real thing.
 
 pub mod chat;
+pub mod chat_settings;
 pub mod cleanup;
 pub mod commands;
 pub mod desktop;

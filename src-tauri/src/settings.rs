@@ -99,74 +99,55 @@ impl Default for Sampling {
     }
 }
 
+/// An `invalid_settings` error naming `field`.
+fn bad(field: &str, msg: String) -> CommandError {
+    CommandError::new(ErrorKind::InvalidSettings, format!("{field}: {msg}"))
+}
+
+/// A whole number in `lo..=hi`, or an error naming `field`.
+pub fn whole(field: &str, v: f64, lo: u64, hi: u64) -> CmdResult<u64> {
+    if v.is_finite() && v.fract() == 0.0 && v >= lo as f64 && v <= hi as f64 {
+        Ok(v as u64)
+    } else {
+        Err(bad(
+            field,
+            format!("must be a whole number from {lo} to {hi}, got {v}"),
+        ))
+    }
+}
+
+/// A system prompt's size check (`systemPrompt: …` when too long).
+pub fn check_system_prompt(text: &str) -> CmdResult<()> {
+    if text.len() > MAX_SYSTEM_PROMPT_BYTES {
+        return Err(bad(
+            "systemPrompt",
+            format!(
+                "is {} bytes, at most {MAX_SYSTEM_PROMPT_BYTES} are accepted",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Sampling {
-    /// The engine's parameters.
-    pub fn params(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k as usize,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            repeat_last_n: self.repeat_last_n as usize,
-            seed: self.seed,
-            max_new_tokens: self.max_new_tokens as usize,
-        }
-    }
-}
-
-/// Everything the settings screen sets, as stored (snake_case JSON; unknown keys ignored,
-/// missing ones defaulted, so older and newer versions read each other's settings).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct AppSettings {
-    /// Model (hub id or imported folder) for the next message.
-    pub model_repo: Option<String>,
-    /// Its variant.
-    pub variant: Option<String>,
-    /// Device preference.
-    pub device: DevicePref,
-    /// Sampling.
-    pub sampling: Sampling,
-    /// System prompt ("" for none).
-    pub system_prompt: String,
-    /// Softmax window for new memories (`None`: the model's).
-    pub window_size: Option<u32>,
-    /// Theme.
-    pub theme: Theme,
-}
-
-impl AppSettings {
     /// The wire form.
-    pub fn to_dto(&self, hf_token_set: bool) -> SettingsDto {
-        let s = &self.sampling;
-        SettingsDto {
-            model_repo: self.model_repo.clone(),
-            variant: self.variant.clone(),
-            device: self.device.as_str().to_string(),
-            sampling: SamplingDto {
-                temperature: decimal(s.temperature),
-                top_k: f64::from(s.top_k),
-                top_p: decimal(s.top_p),
-                min_p: decimal(s.min_p),
-                repeat_penalty: decimal(s.repeat_penalty),
-                repeat_last_n: f64::from(s.repeat_last_n),
-                max_new_tokens: f64::from(s.max_new_tokens),
-                seed: s.seed.map(|x| x as f64),
-            },
-            system_prompt: self.system_prompt.clone(),
-            window_size: self.window_size.map(f64::from),
-            theme: self.theme.as_str().to_string(),
-            hf_token_set,
+    pub fn to_dto(&self) -> SamplingDto {
+        SamplingDto {
+            temperature: decimal(self.temperature),
+            top_k: f64::from(self.top_k),
+            top_p: decimal(self.top_p),
+            min_p: decimal(self.min_p),
+            repeat_penalty: decimal(self.repeat_penalty),
+            repeat_last_n: f64::from(self.repeat_last_n),
+            max_new_tokens: f64::from(self.max_new_tokens),
+            seed: self.seed.map(|x| x as f64),
         }
     }
 
-    /// Validates settings from the UI: the first bad field is named in an `invalid_settings`
-    /// error (fields as the UI spells them, e.g. `sampling.topP`).
-    pub fn from_dto(d: &SettingsDto) -> CmdResult<Self> {
-        let bad = |field: &str, msg: String| {
-            CommandError::new(ErrorKind::InvalidSettings, format!("{field}: {msg}"))
-        };
+    /// Validates sampling from the UI: the first bad field is named in an `invalid_settings`
+    /// error (`sampling.topP: …`).
+    pub fn from_dto(s: &SamplingDto) -> CmdResult<Self> {
         let real = |field: &str, v: f64, ok: bool, expected: &str| -> CmdResult<f32> {
             if v.is_finite() && ok {
                 Ok(v as f32)
@@ -174,18 +155,8 @@ impl AppSettings {
                 Err(bad(field, format!("{expected}, got {v}")))
             }
         };
-        let int = |field: &str, v: f64, lo: u64, hi: u64| -> CmdResult<u64> {
-            if v.is_finite() && v.fract() == 0.0 && v >= lo as f64 && v <= hi as f64 {
-                Ok(v as u64)
-            } else {
-                Err(bad(
-                    field,
-                    format!("must be a whole number from {lo} to {hi}, got {v}"),
-                ))
-            }
-        };
-        let s = &d.sampling;
-        let sampling = Sampling {
+        let int = whole;
+        let sampling = Self {
             temperature: real(
                 "sampling.temperature",
                 s.temperature,
@@ -229,6 +200,64 @@ impl AppSettings {
             .params()
             .validate()
             .map_err(|e| bad("sampling", e.to_string()))?;
+        Ok(sampling)
+    }
+
+    /// The engine's parameters.
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k as usize,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n as usize,
+            seed: self.seed,
+            max_new_tokens: self.max_new_tokens as usize,
+        }
+    }
+}
+
+/// Everything the settings screen sets, as stored (snake_case JSON; unknown keys ignored,
+/// missing ones defaulted, so older and newer versions read each other's settings).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AppSettings {
+    /// Model (hub id or imported folder) for the next message.
+    pub model_repo: Option<String>,
+    /// Its variant.
+    pub variant: Option<String>,
+    /// Device preference.
+    pub device: DevicePref,
+    /// Sampling.
+    pub sampling: Sampling,
+    /// System prompt ("" for none).
+    pub system_prompt: String,
+    /// Softmax window for new memories (`None`: the model's).
+    pub window_size: Option<u32>,
+    /// Theme.
+    pub theme: Theme,
+}
+
+impl AppSettings {
+    /// The wire form.
+    pub fn to_dto(&self, hf_token_set: bool) -> SettingsDto {
+        SettingsDto {
+            model_repo: self.model_repo.clone(),
+            variant: self.variant.clone(),
+            device: self.device.as_str().to_string(),
+            sampling: self.sampling.to_dto(),
+            system_prompt: self.system_prompt.clone(),
+            window_size: self.window_size.map(f64::from),
+            theme: self.theme.as_str().to_string(),
+            hf_token_set,
+        }
+    }
+
+    /// Validates settings from the UI: the first bad field is named in an `invalid_settings`
+    /// error (fields as the UI spells them, e.g. `sampling.topP`).
+    pub fn from_dto(d: &SettingsDto) -> CmdResult<Self> {
+        let sampling = Sampling::from_dto(&d.sampling)?;
         let device = DevicePref::parse(&d.device).ok_or_else(|| {
             bad(
                 "device",
@@ -250,18 +279,10 @@ impl AppSettings {
                     format!("must be light, dark or system, got {:?}", d.theme),
                 )
             })?;
-        if d.system_prompt.len() > MAX_SYSTEM_PROMPT_BYTES {
-            return Err(bad(
-                "systemPrompt",
-                format!(
-                    "is {} bytes, at most {MAX_SYSTEM_PROMPT_BYTES} are accepted",
-                    d.system_prompt.len()
-                ),
-            ));
-        }
+        check_system_prompt(&d.system_prompt)?;
         let window_size = d
             .window_size
-            .map(|w| int("windowSize", w, 1, MAX_WINDOW))
+            .map(|w| whole("windowSize", w, 1, MAX_WINDOW))
             .transpose()?
             .map(|w| w as u32);
         let model_repo = d

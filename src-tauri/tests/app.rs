@@ -1134,3 +1134,288 @@ fn a_long_paste_reports_its_reading_and_the_memory_follows_what_was_read() {
     let (_, next) = send(&app, &c2, "Still there?");
     assert_eq!(last_kind(&next), "done", "{next:?}");
 }
+
+/// A conversation's own settings: its sampling and system prompt win over the app's, other
+/// conversations keep following the app's; a new system prompt rebuilds the memory (it read the
+/// old one); bad values are refused by field.
+#[test]
+fn a_conversation_has_its_own_system_prompt_and_sampling() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::offline(dir.path());
+    app.use_tiny("delta_rule", 8);
+    let own = app.new_conversation();
+    let other = app.new_conversation();
+    assert_eq!(
+        app.conversation(&own)["settings"],
+        json!({"model": null, "windowSize": null, "systemPrompt": null, "sampling": null}),
+        "a new chat follows the app"
+    );
+
+    let mut sampling = app.ok("get_settings", json!({}))["sampling"].clone();
+    sampling["maxNewTokens"] = json!(2);
+    let saved = app.ok(
+        "set_conversation_settings",
+        json!({"id": own, "settings": {"systemPrompt": null, "sampling": sampling}}),
+    );
+    assert_eq!(
+        saved["rebuilt"], false,
+        "nothing to rebuild: no messages yet"
+    );
+    assert_eq!(saved["settings"]["sampling"]["maxNewTokens"], 2);
+    assert_eq!(app.conversation(&own)["settings"], saved["settings"]);
+
+    let generated = |events: &[serde_json::Value]| {
+        events.last().expect("done")["stats"]["generatedTokens"]
+            .as_u64()
+            .expect("generated")
+    };
+    let (_, events) = send(&app, &own, "Count to ten.");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert!(generated(&events) <= 2, "this chat's limit: {events:?}");
+    let (_, events) = send(&app, &other, "Count to ten.");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert!(generated(&events) > 2, "the app's limit (8) elsewhere");
+    let first_prompt = events.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+
+    // A system prompt of its own (longer than anything the template adds), once the chat has
+    // messages: its memory is rebuilt.
+    let terse = "You are a terse assistant. ".repeat(12);
+    let saved = app.ok(
+        "set_conversation_settings",
+        json!({"id": other, "settings": {"systemPrompt": terse, "sampling": null}}),
+    );
+    assert_eq!(saved["rebuilt"], true);
+    assert_eq!(saved["memory"]["totalTokens"], 0);
+    let (_, events) = send(&app, &other, "Again.");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(events[0]["memory"]["totalTokens"], 0, "read from the text");
+    let prompt = events.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+    assert!(
+        prompt > first_prompt,
+        "the whole conversation, with its system prompt, was read: {prompt} vs {first_prompt}"
+    );
+    // The same prompt again changes nothing.
+    let same = app.ok(
+        "set_conversation_settings",
+        json!({"id": other, "settings": {"systemPrompt": terse, "sampling": null}}),
+    );
+    assert_eq!(same["rebuilt"], false);
+
+    // A softmax window of its own: the memory is rebuilt with it.
+    let windowed = app.ok(
+        "set_conversation_settings",
+        json!({"id": other, "settings": {"systemPrompt": terse, "sampling": null, "windowSize": 16}}),
+    );
+    assert_eq!(windowed["rebuilt"], true);
+    assert_eq!(windowed["settings"]["windowSize"], 16);
+    assert_eq!(
+        windowed["memory"]["windowSize"], 16,
+        "the empty meter shows the chat's window"
+    );
+    let (_, events) = send(&app, &other, "Once more.");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(events.last().expect("done")["memory"]["windowSize"], 16);
+    let msg = app.err(
+        "set_conversation_settings",
+        json!({"id": other, "settings": {"systemPrompt": terse, "sampling": null, "windowSize": 0}}),
+        "invalid_settings",
+    );
+    assert!(msg.starts_with("windowSize:"), "{msg}");
+
+    // Bad input, by field; an unknown conversation.
+    let mut bad = sampling.clone();
+    bad["topP"] = json!(0);
+    let msg = app.err(
+        "set_conversation_settings",
+        json!({"id": own, "settings": {"systemPrompt": null, "sampling": bad}}),
+        "invalid_settings",
+    );
+    assert!(msg.starts_with("sampling.topP:"), "{msg}");
+    let msg = app.err(
+        "set_conversation_settings",
+        json!({"id": own, "settings": {"systemPrompt": "x".repeat(70_000), "sampling": null}}),
+        "invalid_settings",
+    );
+    assert!(msg.starts_with("systemPrompt:"), "{msg}");
+    app.err(
+        "set_conversation_settings",
+        json!({"id": own, "settings": "not settings"}),
+        "invalid_settings",
+    );
+    app.err(
+        "set_conversation_settings",
+        json!({"id": "999999", "settings": {"systemPrompt": null, "sampling": null}}),
+        "not_found",
+    );
+    assert_eq!(
+        app.conversation(&own)["settings"]["sampling"]["maxNewTokens"],
+        2,
+        "a refused change leaves the settings as they were"
+    );
+}
+
+/// A conversation's own model and variant: its turns run on them while other conversations
+/// follow the app's choice; one that is not there is refused before anything is stored.
+#[test]
+fn a_conversation_can_run_on_its_own_model_variant() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::offline(dir.path());
+    let repo = app.use_tiny("delta_rule", 4);
+    let own = app.new_conversation();
+    let other = app.new_conversation();
+    let saved = app.ok(
+        "set_conversation_settings",
+        json!({"id": own, "settings": {"model": {"repoId": repo, "variant": "delta_product"}, "systemPrompt": null, "sampling": null}}),
+    );
+    assert_eq!(saved["settings"]["model"]["variant"], "delta_product");
+    assert_eq!(saved["rebuilt"], false);
+    for c in [&own, &other] {
+        let (_, events) = send(&app, c, "Hello there.");
+        assert_eq!(last_kind(&events), "done", "{events:?}");
+    }
+    assert_eq!(app.conversation(&own)["variant"], "delta_product");
+    assert_eq!(app.conversation(&other)["variant"], "delta_rule");
+    // Back and forth: the memory follows the model that runs (rebuilt from the text when the
+    // model changes, by the memory rule), and the chat goes on.
+    app.ok(
+        "set_conversation_settings",
+        json!({"id": own, "settings": {"model": null, "systemPrompt": null, "sampling": null}}),
+    );
+    let (_, events) = send(&app, &own, "And now?");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(
+        events[0]["memory"]["totalTokens"], 0,
+        "another model: rebuilt"
+    );
+    assert_eq!(app.conversation(&own)["variant"], "delta_rule");
+
+    let msg = app.err(
+        "set_conversation_settings",
+        json!({"id": own, "settings": {"model": {"repoId": repo, "variant": "no_such_variant"}, "systemPrompt": null, "sampling": null}}),
+        "no_model",
+    );
+    assert!(msg.contains("no_such_variant"), "{msg}");
+    app.err(
+        "set_conversation_settings",
+        json!({"id": own, "settings": {"model": {"repoId": "", "variant": "x"}, "systemPrompt": null, "sampling": null}}),
+        "invalid_settings",
+    );
+    assert_eq!(
+        app.conversation(&own)["settings"]["model"],
+        serde_json::Value::Null,
+        "a refused model leaves the settings as they were"
+    );
+}
+
+/// "Branch from here": the branch is a copy up to the message; from an answer it continues from
+/// the state saved after that answer (shared, so it survives the source's deletion) without
+/// re-reading; from elsewhere its memory is rebuilt from the text; the source is untouched.
+#[test]
+fn a_branch_continues_from_the_state_of_the_answer_it_starts_at() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::offline(dir.path());
+    app.use_tiny("delta_rule", 6);
+    let src = app.new_conversation();
+    let (_, first) = send(&app, &src, "Remember the number 7.");
+    assert_eq!(last_kind(&first), "done", "{first:?}");
+    let mem1 = first.last().expect("done")["memory"].clone();
+    let (_, second) = send(&app, &src, "And the number 9.");
+    assert_eq!(last_kind(&second), "done", "{second:?}");
+    let messages = app.conversation(&src)["messages"].clone();
+    let ids: Vec<String> = messages
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(ids.len(), 4);
+
+    // From the first answer: its state is shared with the branch.
+    let b1 = app.ok(
+        "branch_conversation",
+        json!({"id": src, "messageId": ids[1]}),
+    );
+    let b1_id = b1["id"].as_str().expect("id").to_string();
+    assert!(
+        b1["title"].as_str().expect("title").ends_with("(branch)"),
+        "{b1}"
+    );
+    let conv = app.conversation(&b1_id);
+    assert_eq!(conv["messages"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        conv["memory"], mem1,
+        "the meter of the state it starts from"
+    );
+    // The source goes: the branch keeps its state.
+    app.ok("delete_conversation", json!({"id": src}));
+    let (_, events) = send(&app, &b1_id, "Which number?");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(events[0]["memory"], mem1, "continued, not re-read");
+    let prompt = events.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+    assert!(
+        prompt < mem1["totalTokens"].as_u64().expect("total"),
+        "only the new turn was fed: {prompt}"
+    );
+
+    // From a user message (no state after it): rebuilt from the text at its first turn.
+    let b1_messages: Vec<String> = app.conversation(&b1_id)["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_string())
+        .collect();
+    let b2 = app.ok(
+        "branch_conversation",
+        json!({"id": b1_id, "messageId": b1_messages[2]}),
+    );
+    let b2_id = b2["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        app.conversation(&b2_id)["messages"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    let events = app_regenerate(&app, &b2_id);
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(
+        events[0]["memory"]["totalTokens"], 0,
+        "rebuilt from the text"
+    );
+    assert_eq!(
+        app.conversation(&b1_id)["messages"]
+            .as_array()
+            .map(Vec::len),
+        Some(4),
+        "the source of a branch is untouched"
+    );
+
+    // Bad input.
+    app.err(
+        "branch_conversation",
+        json!({"id": b1_id, "messageId": "999999"}),
+        "not_found",
+    );
+    app.err(
+        "branch_conversation",
+        json!({"id": "999999", "messageId": b1_messages[0]}),
+        "not_found",
+    );
+}
+
+/// `regenerate` on `conversation`, to its end.
+fn app_regenerate(app: &TestApp, conversation: &str) -> Vec<serde_json::Value> {
+    let (ch, rx) = channel();
+    block_on(tptt_chat::commands::regenerate(
+        app.state(),
+        conversation.into(),
+        ch,
+    ))
+    .expect("regenerate");
+    until_end(&rx)
+}

@@ -134,3 +134,60 @@ fn the_program_says_what_is_wrong_with_its_command_line() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// The app started again while it runs: the running app follows the new command line's
+/// `--model` (a path relative to where the new launch started), and says what happened.
+#[test]
+fn a_later_launch_hands_its_model_over_to_the_running_app() {
+    use tptt_chat::dto::LaunchEvent;
+    let dir = tempfile::tempdir().expect("dir");
+    let st = state(dir.path());
+    let folder = fixture();
+    let parent = folder.parent().expect("parent");
+    let argv = |rest: &[&str]| -> Vec<String> {
+        std::iter::once("tptt-chat")
+            .chain(rest.iter().copied())
+            .map(String::from)
+            .collect()
+    };
+
+    // No --model (or --help): the window just comes forward.
+    assert_eq!(block_on(launch::handover(&st, &argv(&[]), parent)), None);
+    assert_eq!(
+        block_on(launch::handover(&st, &argv(&["--help"]), parent)),
+        None
+    );
+    assert_eq!(st.settings().model_repo, None, "nothing chosen");
+
+    // A relative folder and a variant, from the later launch's working folder.
+    let event = block_on(launch::handover(
+        &st,
+        &argv(&["--model", "tptt-llama", "--variant", "delta_product"]),
+        parent,
+    ));
+    let id = folder.display().to_string();
+    assert_eq!(
+        event,
+        Some(LaunchEvent::ModelChosen {
+            repo_id: id.clone(),
+            variant: "delta_product".into(),
+        })
+    );
+    let s = st.settings();
+    assert_eq!(s.model_repo.as_deref(), Some(id.as_str()));
+    assert_eq!(s.variant.as_deref(), Some("delta_product"));
+    assert_eq!(st.registry().local, vec![id.clone()]);
+
+    // What cannot be followed is said, and changes nothing.
+    for rest in [
+        &["--model", "no-such-folder"][..],
+        &["--model", "tptt-llama", "--variant", "no_such_variant"][..],
+        &["--bogus"][..],
+    ] {
+        match block_on(launch::handover(&st, &argv(rest), parent)) {
+            Some(LaunchEvent::Error { message }) => assert!(!message.is_empty(), "{rest:?}"),
+            other => panic!("{rest:?}: {other:?}"),
+        }
+        assert_eq!(st.settings().variant.as_deref(), Some("delta_product"));
+    }
+}

@@ -43,6 +43,7 @@
 //! - Timestamps ([`Timestamp`], ms since the epoch) from one `Store` strictly increase, so "most
 //!   recent first" is a total order even within a millisecond.
 
+pub mod branch;
 mod check;
 pub mod conversations;
 mod error;
@@ -64,6 +65,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+pub use branch::Branch;
 pub use check::CHECK_BUDGET;
 pub use conversations::{Conversation, ListScope, NewConversation};
 pub use error::{Damage, Error, MalformedRow, Result};

@@ -233,6 +233,12 @@ pub struct ConversationSettings {
     /// Softmax window (tokens kept in the attention KV cache); `None` uses the model's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<u32>,
+    /// The model (repo id or folder) this conversation uses; `None` uses the app's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_repo: Option<String>,
+    /// Its variant (set together with `model_repo`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// Sampling parameters.
     pub sampling: SamplingSettings,
     /// Unknown keys, kept as they are.
@@ -335,7 +341,12 @@ mod tests {
         let s: ConversationSettings = serde_json::from_str(json).expect("parses");
         assert_eq!(s.system_prompt.as_deref(), Some("Be brief."));
         assert_eq!(s.sampling.temperature, Some(0.5));
+        assert_eq!(s.model_repo, None, "a record without a model of its own");
         let back: serde_json::Value = serde_json::to_value(&s).expect("serializes");
         assert_eq!(back["future"]["x"], 1);
+        assert!(
+            back.get("model_repo").is_none(),
+            "nothing written for the app's model"
+        );
     }
 }

@@ -14,7 +14,8 @@ use super::held::CachedSession;
 use super::slot::Slot;
 use super::turn::block_on;
 use super::SNAPSHOTS_KEPT;
-use crate::dto::MemoryInfo;
+use crate::chat_settings;
+use crate::dto::{ChatSettingsDto, ChatSettingsSaved, MemoryInfo};
 use crate::error::CmdResult;
 use crate::runtime::LoadedModel;
 use crate::state::{lock, AppState};
@@ -91,6 +92,7 @@ pub(super) fn memory_for(
     model: &LoadedModel,
     history: &[Message],
     answer_position: u32,
+    window: Option<u32>,
 ) -> CachedSession {
     if let Some(c) = lock(&state.session).take() {
         if c.conversation == conversation
@@ -145,7 +147,7 @@ pub(super) fn memory_for(
             tracing::warn!(error = %e, "cannot look up snapshots: rebuilding the memory from the text")
         }
     }
-    let window = fresh_window(state, Some(model));
+    let window = fresh_window(state, window, Some(model));
     CachedSession {
         conversation,
         session: Session::new(
@@ -161,10 +163,14 @@ pub(super) fn memory_for(
     }
 }
 
-/// The softmax window of a memory created now: the setting, else the model's (when `model` is
-/// given, or loaded), else unknown.
-pub(super) fn fresh_window(state: &AppState, model: Option<&LoadedModel>) -> Option<usize> {
-    if let Some(w) = state.settings().window_size {
+/// The softmax window of a memory created now: `window` (the conversation's or the app's
+/// setting), else the model's (when `model` is given, or loaded), else unknown.
+pub(super) fn fresh_window(
+    state: &AppState,
+    window: Option<u32>,
+    model: Option<&LoadedModel>,
+) -> Option<usize> {
+    if let Some(w) = window {
         return Some(w as usize);
     }
     let window_of = |m: &LoadedModel| {
@@ -271,7 +277,70 @@ pub async fn memory_info(state: &AppState, conversation: ConversationId) -> Memo
             return meta.memory;
         }
     }
-    MemoryInfo::new(0, fresh_window(state, None), 0)
+    let window = match state.store.get_conversation(conversation).await {
+        Ok(c) => chat_settings::effective(&state.settings(), &c.settings).window,
+        Err(_) => state.settings().window_size,
+    };
+    MemoryInfo::new(0, fresh_window(state, window, None), 0)
+}
+
+/// `set_conversation_settings`: the conversation's own settings ([`crate::chat_settings`]),
+/// validated (`invalid_settings` naming the field; a model of its own must be downloaded or
+/// imported: `no_model` otherwise). A model change keeps the memory: the next turn rebuilds it
+/// from the text when it belongs to another model (the memory rule). A change of the system
+/// prompt or window it uses drops its memory and snapshots when it has messages — the memory
+/// was built with the old ones — so the next turn reads the whole conversation again
+/// (`rebuilt`); `busy` then while it generates. Sampling changes apply from the next answer and keep the memory.
+pub async fn set_settings(
+    state: &AppState,
+    conversation: ConversationId,
+    dto: &ChatSettingsDto,
+) -> CmdResult<ChatSettingsSaved> {
+    let c = state.store.get_conversation(conversation).await?;
+    let app = state.settings();
+    let stored = chat_settings::from_dto(dto, &c.settings)?;
+    let own_model_changed = stored.model_repo.is_some()
+        && (stored.model_repo != c.settings.model_repo || stored.variant != c.settings.variant);
+    if own_model_changed {
+        // A model of its own must be there to run on (`no_model` naming what is missing).
+        let (st, chosen) = (state.clone(), chat_settings::effective(&app, &stored));
+        crate::state::blocking(move || super::target(&st, &chosen).map(|_| ())).await?;
+    }
+    let (before, after) = (
+        chat_settings::effective(&app, &c.settings),
+        chat_settings::effective(&app, &stored),
+    );
+    let memory_changed =
+        before.system_prompt != after.system_prompt || before.window != after.window;
+    let rebuilt = memory_changed && {
+        let listing = state.store.list_messages(conversation).await?;
+        !(listing.items.is_empty() && listing.skipped.is_empty())
+    };
+    if rebuilt {
+        // The slot keeps a turn from reading the memory while it goes.
+        let (_slot, _cancel) = Slot::acquire(state, conversation)?;
+        state
+            .store
+            .update_conversation_settings(conversation, &stored)
+            .await?;
+        invalidate_session(state, conversation, None);
+        let files = state.store.prune_snapshots(conversation, 0).await?;
+        remove_snapshot_files(&files);
+        tracing::info!(
+            conversation = conversation.0,
+            "system prompt or window changed: the memory is rebuilt from the text at the next turn"
+        );
+    } else {
+        state
+            .store
+            .update_conversation_settings(conversation, &stored)
+            .await?;
+    }
+    Ok(ChatSettingsSaved {
+        settings: chat_settings::to_dto(&stored, &app.sampling),
+        rebuilt,
+        memory: memory_info(state, conversation).await,
+    })
 }
 
 /// `reset_memory` ("continue with a fresh memory", module doc): the held memory and the

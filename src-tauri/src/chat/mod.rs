@@ -56,6 +56,7 @@
 //! drown the model well inside the window: the demo model's window is 8192 tokens, its memory
 //! breaks past ~3k, and re-reading a 5k-token paste within the window broke it again.
 
+mod branch;
 pub mod held;
 mod memory;
 mod model;
@@ -75,14 +76,16 @@ use std::time::Duration;
 use tauri::ipc::Channel;
 use tptt_store::{ConversationId, Message, MessageId, NewMessage, Role};
 
+use crate::chat_settings;
 use crate::dto::ChatEvent;
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::state::{lock, AppState};
 
+pub use branch::branch;
 pub use held::CachedSession;
 pub use memory::{
     fresh_memory_key, invalidate_session, memory_info, meta_path, read_meta, remove_snapshot_files,
-    reset_memory, SnapshotMeta,
+    reset_memory, set_settings, SnapshotMeta,
 };
 pub use model::{target, Target};
 pub use slot::Slot;
@@ -131,6 +134,16 @@ pub fn check_content(content: &str) -> CmdResult<()> {
     Ok(())
 }
 
+/// The settings a turn of `conversation` uses: its own over the app's (`not_found` for an
+/// unknown conversation).
+async fn turn_settings(
+    state: &AppState,
+    conversation: ConversationId,
+) -> CmdResult<chat_settings::Effective> {
+    let c = state.store.get_conversation(conversation).await?;
+    Ok(chat_settings::effective(&state.settings(), &c.settings))
+}
+
 /// `send_message`.
 pub async fn send(
     state: &AppState,
@@ -140,8 +153,8 @@ pub async fn send(
 ) -> CmdResult<(MessageId, MessageId)> {
     check_content(&content)?;
     let (slot, cancel) = Slot::acquire(state, conversation)?;
-    let target = find_target(state).await?;
-    state.store.get_conversation(conversation).await?;
+    let settings = turn_settings(state, conversation).await?;
+    let target = find_target(state, &settings).await?;
     let user = state
         .store
         .add_message(conversation, &NewMessage::new(Role::User, content))
@@ -159,6 +172,7 @@ pub async fn send(
             channel,
             cancel,
             target,
+            settings,
         },
         slot,
     )?;
@@ -184,7 +198,8 @@ pub async fn regenerate(
     channel: Channel<tauri::ipc::InvokeResponseBody>,
 ) -> CmdResult<MessageId> {
     let (slot, cancel) = Slot::acquire(state, conversation)?;
-    let target = find_target(state).await?;
+    let settings = turn_settings(state, conversation).await?;
+    let target = find_target(state, &settings).await?;
     let messages = state.store.list_messages(conversation).await?.items;
     let nothing = || {
         CommandError::new(
@@ -243,6 +258,7 @@ pub async fn regenerate(
             channel: forward_events(channel, replacing.clone()),
             cancel,
             target,
+            settings,
         },
         slot,
     );
@@ -272,7 +288,8 @@ pub async fn edit_and_resend(
 ) -> CmdResult<(MessageId, MessageId)> {
     check_content(&content)?;
     let (slot, cancel) = Slot::acquire(state, conversation)?;
-    let target = find_target(state).await?;
+    let settings = turn_settings(state, conversation).await?;
+    let target = find_target(state, &settings).await?;
     let not_yours = || {
         CommandError::new(
             ErrorKind::NotFound,
@@ -306,6 +323,7 @@ pub async fn edit_and_resend(
             channel,
             cancel,
             target,
+            settings,
         },
         slot,
     )?;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tptt::repo::VariantFiles;
 
+use crate::chat_settings::Effective;
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::runtime::{self, LoadKey, LoadedModel};
 use crate::state::{lock, AppState};
@@ -16,11 +17,12 @@ pub struct Target {
     pub(super) files: VariantFiles,
 }
 
-/// The model the settings choose, with its files: `no_model` when none is chosen or its
-/// files are gone.
-pub fn target(state: &AppState) -> CmdResult<Target> {
+/// The model `settings` choose (a conversation's own, else the app's), with its files:
+/// `no_model` when none is chosen or its files are gone.
+pub fn target(state: &AppState, settings: &Effective) -> CmdResult<Target> {
     let s = state.settings();
-    let (Some(repo), Some(variant)) = (s.model_repo.as_deref(), s.variant.as_deref()) else {
+    let (Some(repo), Some(variant)) = (settings.model_repo.as_deref(), settings.variant.as_deref())
+    else {
         return Err(CommandError::new(
             ErrorKind::NoModel,
             "No model is chosen: download a model in the model manager, then pick it and a variant in Settings.",
@@ -39,9 +41,9 @@ pub fn target(state: &AppState) -> CmdResult<Target> {
 }
 
 /// [`target`] on a worker thread (it reads the cache through a blocking hub client).
-pub(super) async fn find_target(state: &AppState) -> CmdResult<Target> {
-    let st = state.clone();
-    crate::state::blocking(move || target(&st)).await
+pub(super) async fn find_target(state: &AppState, settings: &Effective) -> CmdResult<Target> {
+    let (st, settings) = (state.clone(), settings.clone());
+    crate::state::blocking(move || target(&st, &settings)).await
 }
 
 /// Drops `model` from the cache when it is still the one cached: its engine thread is gone, so

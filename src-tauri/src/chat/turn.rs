@@ -35,6 +35,8 @@ pub struct TurnCtx {
     pub cancel: CancelToken,
     /// The model.
     pub target: Target,
+    /// The conversation's settings over the app's, as the turn started.
+    pub settings: crate::chat_settings::Effective,
 }
 
 /// Starts the turn thread; the slot goes with it.
@@ -143,6 +145,7 @@ pub(super) fn drive(ctx: &TurnCtx, partial: &Arc<Mutex<String>>) -> CmdResult<Fi
         &model,
         &history,
         ctx.answer.position,
+        ctx.settings.window,
     );
     #[cfg(test)]
     super::test_hooks::maybe_panic_in_drive(&history);
@@ -172,10 +175,11 @@ fn prepare_job(
     mem: &CachedSession,
     history: &[Message],
 ) -> (PrepareJob, bool) {
-    let settings = ctx.state.settings();
     let mut messages: Vec<tptt_engine::Message> = Vec::with_capacity(history.len() + 1);
-    if !settings.system_prompt.trim().is_empty() {
-        messages.push(tptt_engine::Message::system(settings.system_prompt.clone()));
+    if !ctx.settings.system_prompt.trim().is_empty() {
+        messages.push(tptt_engine::Message::system(
+            ctx.settings.system_prompt.clone(),
+        ));
     }
     messages.extend(history.iter().map(engine_message));
     let unread = history
@@ -252,7 +256,6 @@ fn generate(
     #[cfg_attr(not(test), allow(unused_variables))] history: &[Message],
 ) -> CmdResult<Generated> {
     let state = &ctx.state;
-    let settings = state.settings();
     let Prepared { turn, ids, .. } = prepared;
     tracing::info!(
         conversation = ctx.conversation.0,
@@ -269,7 +272,7 @@ fn generate(
     });
 
     let options = GenerateOptions {
-        params: settings.sampling.params(),
+        params: ctx.settings.sampling.params(),
         eos_ids: model.eos_ids.clone(),
         ignore_eos: false,
         stop_strings: model

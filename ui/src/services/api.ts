@@ -4,9 +4,12 @@
 // handler set later would miss the first messages).
 
 import { Channel, invoke, type InvokeArgs } from '@tauri-apps/api/core';
-import { ERROR_KINDS, type Commands } from './ipc.gen';
+import { listen, type UnlistenFn } from '@tauri-apps/api/event';
+import { ERROR_KINDS, LAUNCH_EVENT, type Commands } from './ipc.gen';
 import type {
   ChatEvent,
+  ChatSettings,
+  LaunchEvent,
   CommandError,
   DownloadEvent,
   ErrorKind,
@@ -114,6 +117,20 @@ export const createConversation = () => call('create_conversation');
 
 export const getConversation = (id: string) => call('get_conversation', { id });
 
+/**
+ * A conversation's own system prompt and sampling (`null`: the app's). `rebuilt` says its memory
+ * was dropped (the system prompt it uses changed), so the next message reads it all again.
+ */
+export const setConversationSettings = (id: string, settings: ChatSettings) =>
+  call('set_conversation_settings', { id, settings });
+
+/**
+ * "Branch from here": a new conversation, a copy of `id` up to and including `messageId`, that
+ * continues from that message's saved state when there is one (else it reads the text again).
+ */
+export const branchConversation = (id: string, messageId: string) =>
+  call('branch_conversation', { id, messageId });
+
 export const renameConversation = (id: string, title: string) =>
   call('rename_conversation', { id, title });
 
@@ -174,3 +191,11 @@ export const openLogsFolder = () => call('open_logs_folder');
 
 /** Opens an http(s) or mailto link in the system browser (never inside the app's webview). */
 export const openUrl = (url: string) => call('open_url', { url });
+
+/**
+ * Calls `handler` when the app is started again with `--model` while it runs (the running app
+ * has followed that command line: the settings and models changed). Resolves with the function
+ * that stops listening.
+ */
+export const onLaunch = (handler: (event: LaunchEvent) => void): Promise<UnlistenFn> =>
+  listen<LaunchEvent>(LAUNCH_EVENT, (e) => handler(e.payload));

@@ -378,6 +378,60 @@ stats: Stats | null,
 createdAt: string, };
 
 /**
+ * `ChatModel`: a model (hub id or imported folder, as `ModelEntry.repoId`) and its variant.
+ */
+export type ChatModel = { 
+/**
+ * The model.
+ */
+repoId: string, 
+/**
+ * Its variant.
+ */
+variant: string, };
+
+/**
+ * `ChatSettings`: one conversation's own settings. `null` follows the app's (`Settings`), so
+ * a chat without settings of its own changes with them.
+ */
+export type ChatSettings = { 
+/**
+ * This chat's model and variant, or `null` for the app's.
+ */
+model: ChatModel | null, 
+/**
+ * This chat's softmax window (tokens), or `null` for the app's.
+ */
+windowSize: number | null, 
+/**
+ * This chat's system prompt ("" for none), or `null` for the app's.
+ */
+systemPrompt: string | null, 
+/**
+ * This chat's sampling, or `null` for the app's.
+ */
+sampling: Sampling | null, };
+
+/**
+ * What `set_conversation_settings` did.
+ */
+export type ChatSettingsSaved = { 
+/**
+ * The settings as stored.
+ */
+settings: ChatSettings, 
+/**
+ * Whether the conversation's memory was dropped (its system prompt or window changed: the
+ * memory was built with the old one), so its next message reads the whole conversation
+ * again.
+ */
+rebuilt: boolean, 
+/**
+ * The memory meter after the change.
+ */
+memory: MemoryInfo, };
+
+/**
  * `Conversation`.
  */
 export type Conversation = { 
@@ -404,7 +458,11 @@ messages: Array<Message>,
 /**
  * The conversation's memory as last saved (or as held now).
  */
-memory: MemoryInfo, };
+memory: MemoryInfo, 
+/**
+ * Its own settings (what is `null` there follows the app's).
+ */
+settings: ChatSettings, };
 
 /**
  * `ChatEvent`, streamed through the `onEvent` channel of the chat commands.
@@ -508,8 +566,29 @@ assistantMessageId: string, };
  */
 export type ExportFormat = "markdown" | "json";
 
+/**
+ * `LaunchEvent`, emitted as the event [`LAUNCH_EVENT`] when the app is started again with
+ * `--model FOLDER` while it runs: the running app follows that command line.
+ */
+export type LaunchEvent = { "kind": "modelChosen", 
+/**
+ * The folder's id (its canonical path).
+ */
+repoId: string, 
+/**
+ * The variant chosen.
+ */
+variant: string, } | { "kind": "error", 
+/**
+ * For people.
+ */
+message: string, };
+
 /** Every `ErrorKind`, for telling a command's error from anything else. */
 export const ERROR_KINDS: readonly ErrorKind[] = ["no_model", "model_load", "download", "network", "auth", "disk_full", "invalid_settings", "invalid_repo_id", "not_a_tptt_repo", "not_found", "busy", "database", "generation", "input_too_long", "internal"];
+
+/** The event that carries a `LaunchEvent` (the app started again with `--model`). */
+export const LAUNCH_EVENT = "launch";
 
 // ---- Commands ----
 
@@ -533,6 +612,8 @@ export interface Commands {
   list_conversations: { args: { query: string | null }; result: Array<ConversationSummary> };
   create_conversation: { args: Record<string, never>; result: ConversationSummary };
   get_conversation: { args: { id: string }; result: Conversation };
+  set_conversation_settings: { args: { id: string; settings: ChatSettings }; result: ChatSettingsSaved };
+  branch_conversation: { args: { id: string; messageId: string }; result: ConversationSummary };
   rename_conversation: { args: { id: string; title: string }; result: null };
   delete_conversation: { args: { id: string }; result: null };
   export_conversation: { args: { id: string; format: ExportFormat }; result: string };

@@ -13,10 +13,14 @@
 // (verdict `broken` in the `memory` event of its turn, and after); `[[memory:strained]]` strains
 // it. A broken or strained memory stays so until `reset_memory`.
 
+import { emit } from '@tauri-apps/api/event';
 import { mockIPC } from '@tauri-apps/api/mocks';
 import { freshMemoryTokens } from '../lib/health';
 import type {
   ChatEvent,
+  ChatSettings,
+  ChatSettingsSaved,
+  LaunchEvent,
   CommandError,
   Conversation,
   ConversationSummary,
@@ -31,7 +35,7 @@ import type {
   Stats,
   VariantEntry,
 } from './types';
-import type { Commands } from './ipc.gen';
+import { LAUNCH_EVENT, type Commands } from './ipc.gen';
 
 export type Scenario = 'ready' | 'empty';
 
@@ -108,6 +112,8 @@ interface StoredConversation {
   unreadTokens?: number;
   /** Reset: the next turn reads only the text's tail. */
   freshMemory?: boolean;
+  /** Its own settings (absent: the app's). */
+  settings?: ChatSettings;
 }
 
 export interface MockControl {
@@ -118,6 +124,11 @@ export interface MockControl {
   setTiming(timing: Partial<Timing>): void;
   /** The next call of `command` rejects with `{ kind, message }`. */
   failNext(command: string, kind: ErrorKind, message?: string): void;
+  /**
+   * The app started again with `--model` while it runs: a `modelChosen` event chooses that
+   * (listed) model and variant as the backend does, then the event reaches the UI.
+   */
+  launchAgain(event: LaunchEvent): Promise<void>;
   /** The next generation streams `afterTokens` tokens, then ends with an error event. */
   failGeneration(afterTokens: number, kind?: ErrorKind, message?: string): void;
   /** The next download fails with an error event at this fraction of its bytes. */
@@ -482,6 +493,13 @@ class MockBackend implements MockControl {
     this.timing = { ...this.timing, ...timing };
   }
 
+  async launchAgain(event: LaunchEvent) {
+    if (event.kind === 'modelChosen') {
+      this.state.settings = { ...this.state.settings, modelRepo: event.repoId, variant: event.variant };
+    }
+    await emit(LAUNCH_EVENT, event);
+  }
+
   failNext(command: string, kind: ErrorKind, message = `Injected ${kind} failure.`) {
     this.failures.set(command, fail(kind, message));
   }
@@ -554,6 +572,8 @@ class MockBackend implements MockControl {
     list_conversations: (a) => this.listConversations(a.query ?? null),
     create_conversation: () => this.createConversation(),
     get_conversation: (a) => this.getConversation(a.id),
+    set_conversation_settings: (a) => this.setChatSettings(a.id, a.settings),
+    branch_conversation: (a) => this.branch(a.id, a.messageId),
     rename_conversation: (a) => {
       const c = this.find(a.id);
       c.title = a.title.trim();
@@ -858,7 +878,48 @@ class MockBackend implements MockControl {
       variant: c.variant,
       messages: c.messages,
       memory: this.memory(c),
+      settings: c.settings ?? { model: null, windowSize: null, systemPrompt: null, sampling: null },
     };
+  }
+
+  private branch(id: string, messageId: string): ConversationSummary {
+    const c = this.find(id);
+    const at = c.messages.findIndex((m) => m.id === messageId);
+    if (at < 0) throw fail('not_found', `Message ${messageId} does not exist (it may have been deleted).`);
+    if (this.generation?.conversationId === id && at === c.messages.length - 1) {
+      throw fail('busy', 'This answer is still being written: branch from it once it is done, or stop it.');
+    }
+    const branch: StoredConversation = {
+      ...clone(c),
+      id: this.id('conv'),
+      title: `${c.title} (branch)`,
+      updatedAt: now(),
+      messages: clone(c.messages.slice(0, at + 1)).map((m) => ({ ...m, id: this.id('msg') })),
+    };
+    this.state.conversations.unshift(branch);
+    return this.summary(branch);
+  }
+
+  private setChatSettings(id: string, settings: ChatSettings): ChatSettingsSaved {
+    const c = this.find(id);
+    if (settings.model) {
+      // The fixtures' state: a model of its own must be downloaded.
+      const { repoId, variant } = settings.model;
+      const v = this.state.models.find((m) => m.repoId === repoId)?.variants?.find((x) => x.name === variant);
+      if (!v?.downloaded) throw fail('no_model', `${repoId} (${variant}) is not downloaded.`);
+    }
+    const app = this.state.settings;
+    const prompt = (s: ChatSettings | undefined) => s?.systemPrompt ?? app.systemPrompt;
+    const window = (s: ChatSettings | undefined) => s?.windowSize ?? app.windowSize;
+    const changed = prompt(c.settings) !== prompt(settings) || window(c.settings) !== window(settings);
+    const rebuilt = changed && c.messages.length > 0;
+    if (rebuilt) {
+      if (this.generation?.conversationId === id) throw fail('busy', 'A reply is still being generated: wait for it, or stop it.');
+      c.unreadTokens = this.textTokens(c);
+      c.health = UNKNOWN;
+    }
+    c.settings = clone(settings);
+    return { settings: clone(settings), rebuilt, memory: this.memory(c) };
   }
 
   private exportConversation(id: string, format: string): string {
@@ -1114,7 +1175,7 @@ class MockBackend implements MockControl {
 export function installMockBackend(params: URLSearchParams): MockControl {
   const scenario: Scenario = params.get('scenario') === 'empty' ? 'empty' : 'ready';
   const backend = new MockBackend(scenario);
-  mockIPC((command, args) => backend.handle(command, args));
+  mockIPC((command, args) => backend.handle(command, args), { shouldMockEvents: true });
   window.__tpttMock = backend;
   return backend;
 }

@@ -5,6 +5,9 @@
 
 export type {
   ChatEvent,
+  ChatModel,
+  ChatSettings,
+  ChatSettingsSaved,
   CommandError,
   Conversation,
   ConversationSummary,
@@ -26,6 +29,7 @@ export type {
   Settings,
   Stats,
   ExportFormat,
+  LaunchEvent,
   Theme,
   VariantEntry,
 } from './ipc.gen';

@@ -23,7 +23,7 @@
 //   to the first token; the model's loading is shown apart.
 
 import * as api from '../services/api';
-import type { ChatEvent, Conversation, MemoryInfo, Message, Stats } from '../services/types';
+import type { ChatEvent, ChatSettings, Conversation, MemoryInfo, Message, Stats } from '../services/types';
 import { titleFrom } from '../lib/format';
 import { UNKNOWN_HEALTH } from '../lib/health';
 import { conversations } from './conversations.svelte';
@@ -168,6 +168,38 @@ class ChatStore {
       return false;
     } finally {
       this.resetting = false;
+    }
+  }
+
+  /**
+   * Saves the open conversation's own settings. Resolves with whether its memory is rebuilt
+   * (the system prompt it uses changed); rejects with the backend's `ApiError` (a refused value
+   * names its field), for the dialog to show beside it.
+   */
+  async saveChatSettings(settings: ChatSettings): Promise<{ rebuilt: boolean } | null> {
+    const conv = this.conversation;
+    if (!conv) return null;
+    const saved = await api.setConversationSettings(conv.id, settings);
+    if (this.conversation?.id === conv.id) {
+      conv.settings = saved.settings;
+      conv.memory = saved.memory;
+    }
+    return { rebuilt: saved.rebuilt };
+  }
+
+  /** "Branch from here": a new chat, the open one up to `messageId`, opened. */
+  async branchFrom(messageId: string): Promise<boolean> {
+    const conv = this.conversation;
+    if (!conv) return false;
+    try {
+      const summary = await api.branchConversation(conv.id, messageId);
+      conversations.upsert(summary);
+      await this.open(summary.id);
+      ui.info('Branched', `“${summary.title}” continues from that message; the original is unchanged.`);
+      return true;
+    } catch (err) {
+      ui.error(err, { context: 'Branching' });
+      return false;
     }
   }
 
@@ -370,6 +402,7 @@ class ChatStore {
         variant: summary.variant,
         messages: [],
         memory: EMPTY_MEMORY,
+        settings: { model: null, windowSize: null, systemPrompt: null, sampling: null },
       };
       conversations.upsert(summary);
       return this.conversation;

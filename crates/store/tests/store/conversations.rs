@@ -20,6 +20,8 @@ async fn create_then_get_round_trips_every_field() {
     let settings = ConversationSettings {
         system_prompt: Some("Answer in French.".into()),
         window: Some(1024),
+        model_repo: Some("/models/demo".into()),
+        variant: Some("delta_product".into()),
         sampling: SamplingSettings {
             temperature: Some(0.2),
             top_k: Some(20),

@@ -2,6 +2,7 @@
 //! file (or in memory), through the public API; "hand-written" bad rows go through a raw
 //! SQLite connection, as a person with the `sqlite3` tool would write them.
 
+mod branch;
 mod common;
 mod conversations;
 mod export;

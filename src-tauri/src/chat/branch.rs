@@ -1,0 +1,111 @@
+//! "Branch from here": a new conversation that starts as a copy of another one up to a message
+//! ([`tptt_store::Store::branch_conversation`]). When the source has a state snapshot taken
+//! after that message, the branch gets it too (a hard link to the same immutable file, a copy
+//! where links cannot be made), so its next message continues from that state without
+//! re-reading; otherwise its memory is rebuilt from the text at its first turn, as for any
+//! conversation without a snapshot.
+
+use std::path::Path;
+
+use tptt_store::{ConversationId, MessageId, NewSnapshot};
+
+use super::memory::{meta_path, remove_snapshot_files};
+use crate::dto::ConversationSummary;
+use crate::error::{CmdResult, CommandError, ErrorKind};
+use crate::state::AppState;
+
+/// The longest title a branch gets (the source's, marked as a branch).
+const MAX_TITLE_CHARS: usize = 200;
+
+/// `branch_conversation`: the branch of `source` through `through` (module doc). `busy` for the
+/// answer being generated now; `not_found` for an unknown conversation or a message not in it.
+pub async fn branch(
+    state: &AppState,
+    source: ConversationId,
+    through: MessageId,
+) -> CmdResult<ConversationSummary> {
+    let c = state.store.get_conversation(source).await?;
+    let messages = state.store.list_messages(source).await?.items;
+    if super::is_generating(state, source) && messages.last().is_some_and(|m| m.id == through) {
+        return Err(CommandError::new(
+            ErrorKind::Busy,
+            "This answer is still being written: branch from it once it is done, or stop it.",
+        ));
+    }
+    let base = if c.title.trim().is_empty() {
+        "Chat"
+    } else {
+        c.title.trim()
+    };
+    let title: String = format!("{base} (branch)")
+        .chars()
+        .take(MAX_TITLE_CHARS)
+        .collect();
+    let made = state
+        .store
+        .branch_conversation(source, through, &title)
+        .await?;
+    let new_through = made
+        .messages
+        .iter()
+        .find(|(old, _)| *old == through)
+        .map(|(_, new)| *new);
+    let mut reused = 0;
+    if let Some(new_through) = new_through {
+        let snapshots = state.store.list_snapshots(source).await?.items;
+        for s in snapshots.iter().filter(|s| s.message_id == through) {
+            let dir = state
+                .config
+                .snapshots_dir()
+                .join(made.conversation.0.to_string());
+            let path = dir.join(format!("{}.safetensors", new_through.0));
+            if let Err(e) = share_file(&s.path, &path, &dir) {
+                tracing::warn!(error = %e, "the branch's state could not be shared: it is rebuilt from the text");
+                continue;
+            }
+            // The sidecar (the meter) goes with it; without it the meter shows once loaded.
+            let _ = share_file(&meta_path(&s.path), &meta_path(&path), &dir);
+            let recorded = state
+                .store
+                .record_snapshot(&NewSnapshot {
+                    conversation_id: made.conversation,
+                    message_id: new_through,
+                    key: s.key.clone(),
+                    path: path.clone(),
+                    size_bytes: s.size_bytes,
+                    token_count: s.token_count,
+                })
+                .await;
+            match recorded {
+                Ok(_) => reused += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the branch's state could not be recorded");
+                    remove_snapshot_files(&[path]);
+                }
+            }
+        }
+    }
+    tracing::info!(
+        source = source.0,
+        branch = made.conversation.0,
+        messages = made.messages.len(),
+        states = reused,
+        "branched"
+    );
+    let branch = state.store.get_conversation(made.conversation).await?;
+    let preview = messages
+        .iter()
+        .find(|m| m.id == through)
+        .map_or("", |m| m.content.as_str());
+    Ok(ConversationSummary::new(&branch, preview))
+}
+
+/// `to` as a hard link to `from` (snapshot files are never written again once made), or a copy
+/// where a link cannot be made (another file system).
+fn share_file(from: &Path, to: &Path, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    match std::fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(_) => std::fs::copy(from, to).map(|_| ()),
+    }
+}
