@@ -59,12 +59,13 @@ pub async fn branch(
                 .snapshots_dir()
                 .join(made.conversation.0.to_string());
             let path = dir.join(format!("{}.safetensors", new_through.0));
-            if let Err(e) = share_file(&s.path, &path, &dir) {
+            // Under a `.tmp` name until its row is recorded: a kill in between leaves a file the
+            // start-up sweep deletes (`crate::cleanup`), never an unrecorded snapshot.
+            let tmp = path.with_extension("tmp");
+            if let Err(e) = share_file(&s.path, &tmp, &dir) {
                 tracing::warn!(error = %e, "the branch's state could not be shared: it is rebuilt from the text");
                 continue;
             }
-            // The sidecar (the meter) goes with it; without it the meter shows once loaded.
-            let _ = share_file(&meta_path(&s.path), &meta_path(&path), &dir);
             let recorded = state
                 .store
                 .record_snapshot(&NewSnapshot {
@@ -76,13 +77,20 @@ pub async fn branch(
                     token_count: s.token_count,
                 })
                 .await;
-            match recorded {
-                Ok(_) => reused += 1,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the branch's state could not be recorded");
-                    remove_snapshot_files(&[path]);
-                }
+            if let Err(e) = recorded {
+                tracing::warn!(error = %e, "the branch's state could not be recorded");
+                remove_snapshot_files(&[tmp]);
+                continue;
             }
+            // A row whose file is missing (a kill right here) is refused on load and the
+            // memory rebuilt from the text, as for any damaged snapshot.
+            if let Err(e) = std::fs::rename(&tmp, &path) {
+                tracing::warn!(error = %e, "the branch's state could not be put in place");
+                continue;
+            }
+            // The sidecar (the meter) goes with it; without it the meter shows once loaded.
+            let _ = share_file(&meta_path(&s.path), &meta_path(&path), &dir);
+            reused += 1;
         }
     }
     tracing::info!(
