@@ -1304,6 +1304,26 @@ fn a_conversation_can_run_on_its_own_model_variant() {
         json!({"id": own, "settings": {"model": {"repoId": "", "variant": "x"}, "systemPrompt": null, "sampling": null}}),
         "invalid_settings",
     );
+    // Paths in disguise are names that are not downloaded, nothing more.
+    for (repo_id, variant) in [
+        ("../../../etc", "passwd"),
+        ("owner/name", "../../secrets"),
+        ("/", "."),
+    ] {
+        app.err(
+            "set_conversation_settings",
+            json!({"id": own, "settings": {"model": {"repoId": repo_id, "variant": variant}, "systemPrompt": null, "sampling": null}}),
+            "no_model",
+        );
+    }
+    let mut huge = app.ok("get_settings", json!({}))["sampling"].clone();
+    huge["maxNewTokens"] = json!(1e300);
+    let msg = app.err(
+        "set_conversation_settings",
+        json!({"id": own, "settings": {"model": null, "systemPrompt": null, "sampling": huge}}),
+        "invalid_settings",
+    );
+    assert!(msg.starts_with("sampling.maxNewTokens:"), "{msg}");
     assert_eq!(
         app.conversation(&own)["settings"]["model"],
         serde_json::Value::Null,

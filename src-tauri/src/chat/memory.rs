@@ -16,7 +16,7 @@ use super::turn::block_on;
 use super::SNAPSHOTS_KEPT;
 use crate::chat_settings;
 use crate::dto::{ChatSettingsDto, ChatSettingsSaved, MemoryInfo};
-use crate::error::CmdResult;
+use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::runtime::LoadedModel;
 use crate::state::{lock, AppState};
 
@@ -302,6 +302,20 @@ pub async fn set_settings(
     let own_model_changed = stored.model_repo.is_some()
         && (stored.model_repo != c.settings.model_repo || stored.variant != c.settings.variant);
     if own_model_changed {
+        // A folder must be one the model manager imported (any other path is not a model the
+        // user chose).
+        if let Some(repo) = stored.model_repo.as_deref() {
+            let local = matches!(
+                crate::runtime::ModelRef::parse(repo),
+                crate::runtime::ModelRef::Local(_)
+            );
+            if local && !state.registry().local.iter().any(|p| p == repo) {
+                return Err(CommandError::new(
+                    ErrorKind::NoModel,
+                    format!("{repo} is not an imported model folder: import it in the model manager first."),
+                ));
+            }
+        }
         // A model of its own must be there to run on (`no_model` naming what is missing).
         let (st, chosen) = (state.clone(), chat_settings::effective(&app, &stored));
         crate::state::blocking(move || super::target(&st, &chosen).map(|_| ())).await?;
