@@ -201,6 +201,14 @@ pub async fn set_settings(
     let dto: SettingsDto = serde_json::from_value(settings)
         .map_err(|e| CommandError::new(ErrorKind::InvalidSettings, format!("settings: {e}")))?;
     let s = AppSettings::from_dto(&dto)?;
+    if let Some(repo) = s.model_repo.as_deref() {
+        if !models::is_choosable(&state.registry(), repo) {
+            return Err(CommandError::new(
+                ErrorKind::InvalidSettings,
+                format!("modelRepo: {repo} is not an imported model folder: import it in the model manager first"),
+            ));
+        }
+    }
     state.save_settings(s).await?;
     Ok(state.settings().to_dto(state.token.is_set()))
 }

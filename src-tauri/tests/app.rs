@@ -52,6 +52,13 @@ fn settings_round_trip_and_name_the_bad_field() {
             .err("set_settings", json!({"settings": bad}), "invalid_settings")
             .contains("not compiled"));
     }
+    // A path that is not an imported folder is not a model to choose.
+    let mut bad = s.clone();
+    bad["modelRepo"] = json!("/");
+    bad["variant"] = json!("etc");
+    assert!(app
+        .err("set_settings", json!({"settings": bad}), "invalid_settings")
+        .starts_with("modelRepo: / is not an imported model folder"));
     // A refused change changed nothing.
     assert_eq!(app.ok("get_settings", json!({})), s);
 

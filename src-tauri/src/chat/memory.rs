@@ -302,14 +302,9 @@ pub async fn set_settings(
     let own_model_changed = stored.model_repo.is_some()
         && (stored.model_repo != c.settings.model_repo || stored.variant != c.settings.variant);
     if own_model_changed {
-        // A folder must be one the model manager imported (any other path is not a model the
-        // user chose).
+        // A folder must be one the model manager imported.
         if let Some(repo) = stored.model_repo.as_deref() {
-            let local = matches!(
-                crate::runtime::ModelRef::parse(repo),
-                crate::runtime::ModelRef::Local(_)
-            );
-            if local && !state.registry().local.iter().any(|p| p == repo) {
+            if !crate::models::is_choosable(&state.registry(), repo) {
                 return Err(CommandError::new(
                     ErrorKind::NoModel,
                     format!("{repo} is not an imported model folder: import it in the model manager first."),

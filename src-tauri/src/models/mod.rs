@@ -459,6 +459,13 @@ pub fn cancel_download(state: &AppState, repo_id: &str, variant: &str) {
 }
 
 /// The model reference of a manager entry id.
+/// Whether `repo_id` can name a model to use: a hub id, or a folder the manager imported (any
+/// other path is not a model the user chose; `ModelRef::parse` would take it as a folder).
+pub fn is_choosable(registry: &Registry, repo_id: &str) -> bool {
+    matches!(ModelRef::parse(repo_id), ModelRef::Hub(_))
+        || registry.local.iter().any(|p| p == repo_id)
+}
+
 pub fn model_ref(registry: &Registry, repo_id: &str) -> ModelRef {
     if registry.local.iter().any(|p| p == repo_id) {
         ModelRef::Local(PathBuf::from(repo_id))
