@@ -3,34 +3,76 @@
 
 use super::*;
 
-/// Streaming read bandwidth with `threads` threads, GB/s (1e9), each run and the best.
-pub(super) fn bandwidth(threads: usize) -> Result<(f64, Vec<f64>)> {
-    // memset writes every page, so the reads hit real memory (not the shared zero page).
-    let buf = vec![0x5au8; BANDWIDTH_BYTES];
-    let per = BANDWIDTH_BYTES / threads;
-    let mut runs = Vec::new();
-    for _ in 0..3 {
+/// The memory bandwidth ceiling, measured as STREAM does: every thread on its own part of a
+/// buffer far larger than the last-level cache, several passes, the best one; a read-only pass
+/// (sum every word) and a read-modify-write one (add one to every word: two bytes of traffic per
+/// byte), with the wide-load kernels of `tptt::cpu::stream` (optimised in every profile).
+#[derive(Debug, Clone)]
+pub(super) struct Bandwidth {
+    /// Best read-only pass, GB/s (1e9).
+    pub(super) read_gb_s: f64,
+    /// Every read-only pass.
+    pub(super) read_runs: Vec<f64>,
+    /// Best read-modify-write pass, GB/s of traffic (read + written).
+    pub(super) rmw_gb_s: f64,
+    /// Every read-modify-write pass.
+    pub(super) rmw_runs: Vec<f64>,
+}
+
+/// [`Bandwidth`] with `threads` threads over [`BANDWIDTH_BYTES`], [`BANDWIDTH_PASSES`] each.
+pub(super) fn bandwidth(threads: usize) -> Result<Bandwidth> {
+    let words = BANDWIDTH_BYTES / 8;
+    // Written once, so every page is backed by real memory (not the shared zero page).
+    let mut buf: Vec<u64> = (0..words as u64).collect();
+    let per = words.div_ceil(threads.max(1));
+    let bytes = (words * 8) as f64;
+    let mut read_runs = Vec::new();
+    let mut rmw_runs = Vec::new();
+    let mut check = 0u64;
+    for _ in 0..BANDWIDTH_PASSES {
         let start = Instant::now();
-        let all_equal = std::thread::scope(|s| {
+        let sums: Vec<u64> = std::thread::scope(|s| {
             let handles: Vec<_> = buf
                 .chunks(per)
-                .map(|part| {
-                    s.spawn(move || {
-                        let (a, b) = part.split_at(part.len() / 2);
-                        a == &b[..a.len()] // memcmp: reads both halves, i.e. the whole part
-                    })
-                })
+                .map(|part| s.spawn(move || tptt::cpu::stream::read_sum(part)))
                 .collect();
-            handles.into_iter().all(|h| h.join().unwrap_or(false))
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).collect()
         });
-        let dt = start.elapsed().as_secs_f64();
-        if !all_equal {
-            bail!("bandwidth buffer compared unequal (a thread failed)");
-        }
-        runs.push(BANDWIDTH_BYTES as f64 / dt / 1e9);
+        read_runs.push(bytes / start.elapsed().as_secs_f64() / 1e9);
+        check = sums.iter().fold(check, |a, &s| a.wrapping_add(s));
+
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for part in buf.chunks_mut(per) {
+                s.spawn(move || tptt::cpu::stream::add_one(part));
+            }
+        });
+        rmw_runs.push(2.0 * bytes / start.elapsed().as_secs_f64() / 1e9);
     }
-    let best = runs.iter().copied().fold(0.0, f64::max);
-    Ok((best, runs))
+    // The sums depend on every word read, so no pass can be optimised away; and word `i`
+    // started as `i` and got one added per pass, which the final sum checks.
+    let n = words as u64;
+    let want = n * (n - 1) / 2 + n * BANDWIDTH_PASSES as u64;
+    let got = std::thread::scope(|s| {
+        let handles: Vec<_> = buf
+            .chunks(per)
+            .map(|part| s.spawn(move || tptt::cpu::stream::read_sum(part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(0))
+            .fold(0u64, u64::wrapping_add)
+    });
+    if got != want || check == 0 {
+        bail!("the bandwidth passes did not read or write what they should (a thread failed)");
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    Ok(Bandwidth {
+        read_gb_s: best(&read_runs),
+        read_runs,
+        rmw_gb_s: best(&rmw_runs),
+        rmw_runs,
+    })
 }
 
 /// Deterministic random token ids (xorshift64*), never special-casing any id.

@@ -62,8 +62,10 @@ use subject::*;
 /// Greedy steps timed per decode measurement.
 pub(super) const DECODE_STEPS: usize = 32;
 
-/// Bytes of the bandwidth buffer.
+/// Bytes of the bandwidth buffer (far larger than any last-level cache).
 pub(super) const BANDWIDTH_BYTES: usize = 1 << 30;
+/// Passes of each kind over it (the best counts).
+pub(super) const BANDWIDTH_PASSES: usize = 5;
 
 /// What the injection into a plain folder uses (the demo model's settings).
 pub(super) const INJECT_MODE: &str = "delta_product";
@@ -226,10 +228,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     );
 
     progress(format!(
-        "memory bandwidth: streaming read of {} MiB, best of 3",
+        "memory bandwidth: {} MiB, {BANDWIDTH_PASSES} read and read-modify-write passes",
         BANDWIDTH_BYTES >> 20
     ));
-    let (bw, bw_runs) = bandwidth(threads)?;
+    let bandwidth = bandwidth(threads)?;
+    // The ceiling: the most traffic any pass moved (a decode step only reads, but a
+    // read-modify-write pass that moves more shows that the memory can).
+    let bw = bandwidth.read_gb_s.max(bandwidth.rmw_gb_s);
     let bw_limit = bw * 1e9 / subject.weight_bytes as f64;
     progress(format!(
         "bandwidth {bw:.2} GB/s; weights {:.1} MB per token → limit {bw_limit:.1} tok/s",
@@ -308,7 +313,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let r = |k: &str| ratios.get(k).and_then(Value::as_f64);
     let check = |v: Option<f64>, ok: fn(f64) -> bool| v.map(ok);
     let targets = json!({
-        "decode_vs_bandwidth_limit >= 0.7": check(r("decode_vs_bandwidth_limit"), |x| x >= 0.7),
+        // Above 1 the ceiling was measured too low: a broken measurement, not a success.
+        "decode_vs_bandwidth_limit >= 0.7": check(r("decode_vs_bandwidth_limit"), |x| (0.7..=1.0).contains(&x)),
         "decode_vs_reference >= 5": check(r("decode_vs_reference"), |x| x >= 5.0),
         "prefill_vs_reference >= 3": check(r("prefill_vs_reference"), |x| x >= 3.0),
         "tptt_overhead >= 0.9": check(r("tptt_overhead"), |x| x >= 0.9),
@@ -321,6 +327,12 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "long_context_ppl_vs_same_window <= 0.8": check(r("long_context_ppl_vs_same_window"), |x| x <= 0.8),
     });
     let mut notes = serde_json::Map::new();
+    if r("decode_vs_bandwidth_limit").is_some_and(|x| x > 1.0) {
+        notes.insert(
+            "decode_vs_bandwidth_limit".into(),
+            json!("BROKEN MEASUREMENT: decode moved more bytes per second than the measured ceiling, which is impossible for a real limit; the target is reported as not met"),
+        );
+    }
     notes.insert(
         "long_context_ppl_vs_full_attention".into(),
         json!(format!("perplexity of the TPTT model with a {LONG_CONTEXT_WINDOW}-token window over positions from 4× the window to the end of the eval text, over (c) the same weights with full attention; `..._vs_same_window` over (b) the branch off with the same window (issue 18's targets); see `long_context`")),
@@ -409,7 +421,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             "load_s": load_s,
         },
         "plan": {"prefill_tokens": plan.prefill, "decode_histories": plan.decode_at, "decode_steps": DECODE_STEPS, "resume_history": plan.resume_at},
-        "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "method": "memcmp of the two halves of each thread's part (glibc, vectorised), best of 3"},
+        "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bandwidth.read_runs, "rmw_gb_per_s": bandwidth.rmw_gb_s, "rmw_runs_gb_per_s": bandwidth.rmw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "method": format!("STREAM-like: each thread its own part of the buffer; read-only passes (sum of every 64-bit word, 8 accumulators, AVX2 loads where present) and read-modify-write passes (every word + 1, 2 bytes of traffic per byte), {BANDWIDTH_PASSES} each; the ceiling (gb_per_s) is the best pass of either kind"), "read_gb_per_s": bandwidth.read_gb_s},
         "bandwidth_limit_decode_tok_s": bw_limit,
         "engine": {"tptt": a.to_json(), "base": bb.to_json()},
         "paired_decode": {"history": short, "tptt_tok_s": ab_tptt, "base_tok_s": ab_base, "steps_each": 2 * DECODE_STEPS, "method": "TPTT and base steps alternating, order swapped every round; 1 / median step"},

@@ -5,10 +5,12 @@
 //!   tests force the portable paths on an AVX2 machine with [`force_portable`], so both variants
 //!   of every dispatched kernel are compared with their naive references;
 //! - [`math`]: a libm-free `exp` (scalar and eight lanes), fused multiply-add, dot, axpy;
-//! - [`gemm`]: a register-blocked f32 matrix product.
+//! - [`gemm`]: a register-blocked f32 matrix product;
+//! - [`stream`]: the memory-bandwidth passes of the bench's ceiling (read, read-modify-write).
 
 pub mod gemm;
 pub mod math;
+pub mod stream;
 
 #[cfg(test)]
 static FORCE_PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
