@@ -325,13 +325,17 @@ pub async fn set_settings(
         let listing = state.store.list_messages(conversation).await?;
         !(listing.items.is_empty() && listing.skipped.is_empty())
     };
+    // The slot keeps a turn from reading the memory while it goes (`busy` while one runs).
+    let _slot = if rebuilt {
+        Some(Slot::acquire(state, conversation)?)
+    } else {
+        None
+    };
+    state
+        .store
+        .update_conversation_settings(conversation, &stored)
+        .await?;
     if rebuilt {
-        // The slot keeps a turn from reading the memory while it goes.
-        let (_slot, _cancel) = Slot::acquire(state, conversation)?;
-        state
-            .store
-            .update_conversation_settings(conversation, &stored)
-            .await?;
         invalidate_session(state, conversation, None);
         let files = state.store.prune_snapshots(conversation, 0).await?;
         remove_snapshot_files(&files);
@@ -339,11 +343,6 @@ pub async fn set_settings(
             conversation = conversation.0,
             "system prompt or window changed: the memory is rebuilt from the text at the next turn"
         );
-    } else {
-        state
-            .store
-            .update_conversation_settings(conversation, &stored)
-            .await?;
     }
     Ok(ChatSettingsSaved {
         settings: chat_settings::to_dto(&stored, &app.sampling),
