@@ -1,7 +1,9 @@
-// The sampling form's fields (the Settings screen and a chat's own settings share them) and how
-// a backend refusal names its field (`sampling.topP: …` → `topP`).
+// The sampling form's fields (the Settings screen and a chat's own settings share them), and the
+// settings forms' errors: beside the field a backend refusal names (`sampling.topP: …` → `topP`).
 
+import { toApiError } from '../services/api';
 import { SETTINGS_LIMITS, type Sampling } from '../services/types';
+import { helpFor } from './errors';
 
 export type NumField = { key: Exclude<keyof Sampling, 'seed'>; label: string; min: number; max?: number; step: number; help: string };
 
@@ -28,4 +30,18 @@ export function missingNumber(s: Sampling): { field: string; message: string } |
     if (typeof v !== 'number' || !Number.isFinite(v)) return { field: f.key, message: `${f.key}: a number is needed` };
   }
   return null;
+}
+
+/** An error as the settings forms show it: beside `field` when there is one. */
+export type FormError = { field: string | null; message: string; title: string };
+
+/** A value caught before anything is sent (`field: why`). */
+export function localError(local: { field: string; message: string }): FormError {
+  return { ...local, title: helpFor('invalid_settings').title };
+}
+
+/** A save the backend refused: beside its field when it names one. */
+export function saveError(err: unknown): FormError {
+  const e = toApiError(err);
+  return { field: e.kind === 'invalid_settings' ? fieldOf(e.message) : null, message: e.message, title: helpFor(e.kind).title };
 }
