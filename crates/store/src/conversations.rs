@@ -159,7 +159,8 @@ impl Store {
         const SQL: &str = concat!(
             "SELECT ",
             conversation_columns!(),
-            " FROM conversations WHERE archived IN (?, ?) ORDER BY updated_at DESC, id DESC"
+            " FROM conversations WHERE archived IN (?, ?) AND owner_id IS NULL \
+              ORDER BY updated_at DESC, id DESC"
         );
         let (a, b) = match scope {
             ListScope::Active => (0, 0),
@@ -251,10 +252,12 @@ impl Store {
         found(done.rows_affected(), id)
     }
 
-    /// Deletes a conversation with its messages and snapshot rows (the schema cascades).
-    /// Returns the snapshot files no row refers to any more, for the caller to remove.
+    /// Deletes a conversation with its messages, snapshot rows and versions (the schema
+    /// cascades, to the holders of its versions too). Returns the snapshot files no row refers
+    /// to any more, for the caller to remove.
     pub async fn delete_conversation(&self, id: ConversationId) -> Result<Vec<PathBuf>> {
-        const SNAPSHOTS: &str = "DELETE FROM snapshots WHERE conversation_id = ? RETURNING path";
+        const SNAPSHOTS: &str = "DELETE FROM snapshots WHERE conversation_id IN \
+            (SELECT id FROM conversations WHERE id = ?1 OR owner_id = ?1) RETURNING path";
         const CONVERSATION: &str = "DELETE FROM conversations WHERE id = ?";
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let paths: Vec<String> = sqlx::query_scalar(SNAPSHOTS)

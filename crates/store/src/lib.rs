@@ -12,6 +12,9 @@
 //!   [`MessageStatus::Error`] with their text), list, edit-and-resend in one transaction
 //!   ([`Store::edit_and_truncate`]), regenerate without losing the old answer before the new
 //!   one has started ([`Store::begin_replacing_answer`]).
+//! - [`versions`]: what regenerate and edit replace is kept as a version of its position, and
+//!   [`Store::switch_version`] brings it back (messages, ids and snapshots), in one transaction.
+//! - [`branch`]: a new conversation copied from another up to a message.
 //! - [`search`]: titles and message text, FTS5 trigram substring search.
 //! - [`snapshots`]: TPTT state snapshot files recorded at turn boundaries, keyed by
 //!   [`ModelKey`]; the latest usable one; stale ones dropped.
@@ -53,6 +56,7 @@ pub mod search;
 pub mod settings;
 pub mod snapshots;
 mod types;
+pub mod versions;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -76,6 +80,7 @@ pub use types::{
     ConversationId, ConversationSettings, Listing, MessageId, MessageStatus, ModelKey, Role,
     SamplingSettings, SnapshotId, Timestamp,
 };
+pub use versions::{Switched, VersionSet, HELD_SNAPSHOTS};
 
 /// The schema migrations, embedded at build time from `migrations/NNNN_name.sql`.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");

@@ -28,6 +28,7 @@ use sqlx::{Row, SqliteConnection};
 use crate::error::{Error, MalformedRow, Result};
 use crate::snapshots::unreferenced_paths;
 use crate::types::{ConversationId, Listing, MessageId, MessageStatus, Role, Timestamp};
+use crate::versions::{delete_versions_from, stash_version};
 use crate::Store;
 
 /// A message of a conversation.
@@ -410,9 +411,9 @@ impl Store {
         Ok(Listing::collect(rows.iter().map(message_from_row)))
     }
 
-    /// Deletes the messages at `from_position` and after (regenerate the last answer, or edit
-    /// a message and resend), with the snapshots taken after them. Returns the snapshot files no
-    /// row refers to any more, for the caller to remove.
+    /// Deletes the messages at `from_position` and after, with the snapshots taken after them
+    /// and every version of those positions ([`crate::versions`]). Returns the snapshot files
+    /// no row refers to any more, for the caller to remove.
     pub async fn delete_messages_from(
         &self,
         conversation: ConversationId,
@@ -432,11 +433,12 @@ impl Store {
         if touched.rows_affected() == 0 {
             return Err(Error::ConversationNotFound(conversation));
         }
-        let paths: Vec<String> = sqlx::query_scalar(SNAPSHOTS)
+        let mut paths: Vec<String> = sqlx::query_scalar(SNAPSHOTS)
             .bind(conversation.0)
             .bind(i64::from(from_position))
             .fetch_all(&mut *tx)
             .await?;
+        paths.extend(delete_versions_from(&mut tx, conversation, from_position).await?);
         sqlx::query(MESSAGES)
             .bind(conversation.0)
             .bind(i64::from(from_position))
@@ -447,9 +449,10 @@ impl Store {
         Ok(files)
     }
 
-    /// Edit-and-resend, in one transaction: the user message `message` of `conversation` gets
-    /// `content` (same id and position, status complete, `created_at` now), every later
-    /// message goes with the snapshots taken at or after it, and an empty
+    /// Edit-and-resend, in one transaction: the user message `message` of `conversation` and
+    /// everything after it are kept as a version of its position ([`crate::versions`]; their
+    /// snapshots go with them, the latest kept), a new user message with `content` takes its
+    /// position (a new id; the old message keeps its own in its version), and an empty
     /// [`NewMessage::streaming_answer`] follows. A failure anywhere changes nothing.
     ///
     /// [`Error::MessageNotFound`] if there is no such message, [`Error::InvalidInput`] if it
@@ -460,12 +463,6 @@ impl Store {
         message: MessageId,
         content: &str,
     ) -> Result<Edited> {
-        const SNAPSHOTS: &str = "DELETE FROM snapshots WHERE message_id IN \
-            (SELECT id FROM messages WHERE conversation_id = ?1 AND position >= ?2) \
-            RETURNING path";
-        const LATER: &str = "DELETE FROM messages WHERE conversation_id = ? AND position > ?";
-        const EDIT: &str = "UPDATE messages SET content = ?, status = 'complete', error = NULL, \
-            token_count = NULL, stats = NULL, created_at = ?2, updated_at = ?2 WHERE id = ?3";
         let now = self.now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         touch(&mut tx, conversation, now).await?;
@@ -475,35 +472,17 @@ impl Store {
                 "message {message} is not a user message of conversation {conversation}"
             )));
         }
-        let paths: Vec<String> = sqlx::query_scalar(SNAPSHOTS)
-            .bind(conversation.0)
-            .bind(i64::from(old.position))
-            .fetch_all(&mut *tx)
-            .await?;
-        sqlx::query(LATER)
-            .bind(conversation.0)
-            .bind(i64::from(old.position))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(EDIT)
-            .bind(content)
-            .bind(now.as_millis())
-            .bind(message.0)
-            .execute(&mut *tx)
-            .await?;
+        let paths = stash_version(&mut tx, conversation, old.position, None, now).await?;
+        let user = append(
+            &mut tx,
+            conversation,
+            &NewMessage::new(Role::User, content),
+            now,
+        )
+        .await?;
         let answer = append(&mut tx, conversation, &NewMessage::streaming_answer(), now).await?;
         let files = unreferenced_paths(&mut tx, paths).await?;
         tx.commit().await?;
-        let user = Message {
-            content: content.to_string(),
-            status: MessageStatus::Complete,
-            error: None,
-            token_count: None,
-            stats: None,
-            created_at: now,
-            updated_at: now,
-            ..old
-        };
         Ok(Edited {
             user,
             answer,
@@ -550,15 +529,15 @@ impl Store {
     }
 
     /// Regenerate, step 2 (the new answer has started): in one transaction the old answer is
-    /// deleted and the new one takes its position. Returns the snapshot files no row refers
-    /// to any more. Nothing to do (`Ok`) when the old answer is already gone;
-    /// [`Error::MessageNotFound`] when the new one is.
+    /// kept as a version of its position ([`crate::versions`]) and the new one takes its
+    /// position. Returns the snapshot files no row refers to any more. Nothing to do (`Ok`)
+    /// when the old answer is already gone or held; [`Error::MessageNotFound`] when the new
+    /// one is.
     pub async fn finish_replacing_answer(
         &self,
         old: MessageId,
         new: MessageId,
     ) -> Result<Vec<PathBuf>> {
-        const DELETE: &str = "DELETE FROM messages WHERE id = ?";
         const MOVE: &str = "UPDATE messages SET position = ? WHERE id = ?";
         let now = self.now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -568,14 +547,31 @@ impl Store {
             Err(Error::MessageNotFound(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
+        // Already replaced: the old answer is held as a version of the new one's conversation.
+        const HELD: &str = "SELECT EXISTS (SELECT 1 FROM versions \
+            WHERE conversation_id = ? AND holder_id = ?)";
+        let held: bool = sqlx::query_scalar(HELD)
+            .bind(new.conversation_id.0)
+            .bind(old.conversation_id.0)
+            .fetch_one(&mut *tx)
+            .await?;
+        if held && old.position == new.position {
+            return Ok(Vec::new());
+        }
         if old.conversation_id != new.conversation_id || old.position >= new.position {
             return Err(Error::InvalidInput(format!(
                 "message {} cannot replace message {}: not a later message of its conversation",
                 new.id, old.id
             )));
         }
-        let paths = delete_snapshots_of(&mut tx, old.id).await?;
-        sqlx::query(DELETE).bind(old.id.0).execute(&mut *tx).await?;
+        let paths = stash_version(
+            &mut tx,
+            old.conversation_id,
+            old.position,
+            Some(new.position),
+            now,
+        )
+        .await?;
         sqlx::query(MOVE)
             .bind(i64::from(old.position))
             .bind(new.id.0)
@@ -612,7 +608,8 @@ impl Store {
     /// answer:
     /// - right after another answer is a regeneration: with no text it had not started and is
     ///   removed, so the answer it was to replace stays; with text it replaces that answer
-    ///   ([`Store::finish_replacing_answer`]) and is marked as below;
+    ///   ([`Store::finish_replacing_answer`]: the old one is kept as a version) and is marked as
+    ///   below;
     /// - otherwise keeps its text and gets the error [`INTERRUPTED`] (status unchanged).
     pub(crate) async fn settle_unfinished_answers(&self) -> Result<Settled> {
         const STREAMING: &str = concat!(
@@ -649,12 +646,24 @@ impl Store {
                     settled.abandoned += 1;
                     continue;
                 }
-                // The new answer had started: it takes the old one's place.
+                // The new answer had started: it takes the old one's place, which is kept as
+                // a version (its snapshots went when the regeneration began).
                 let old = message_in(&mut tx, MessageId(before_id)).await?;
-                sqlx::query(DELETE)
-                    .bind(before_id)
-                    .execute(&mut *tx)
-                    .await?;
+                let now = self.now();
+                let stale = stash_version(
+                    &mut tx,
+                    m.conversation_id,
+                    old.position,
+                    Some(m.position),
+                    now,
+                )
+                .await?;
+                if !stale.is_empty() {
+                    tracing::warn!(
+                        files = stale.len(),
+                        "snapshots of a replaced answer left in the store"
+                    );
+                }
                 sqlx::query(MOVE)
                     .bind(i64::from(old.position))
                     .bind(m.id.0)

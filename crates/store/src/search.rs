@@ -170,7 +170,7 @@ macro_rules! search_sql {
             conversation_columns!(),
             ", id IN title_hits AS title_matches, hit_id, hit_position, hit_role, hit_content \
              FROM conversations LEFT JOIN first_hits ON first_hits.cid = conversations.id \
-             WHERE id IN title_hits OR hit_id IS NOT NULL \
+             WHERE (id IN title_hits OR hit_id IS NOT NULL) AND owner_id IS NULL \
              ORDER BY updated_at DESC, id DESC LIMIT ?2"
         )
     };

@@ -246,18 +246,27 @@ impl Store {
         conversation: ConversationId,
         keep: u32,
     ) -> Result<Vec<PathBuf>> {
-        const SQL: &str = "DELETE FROM snapshots WHERE conversation_id = ?1 AND id NOT IN \
-            (SELECT s.id FROM snapshots s JOIN messages m ON m.id = s.message_id \
-             WHERE s.conversation_id = ?1 ORDER BY m.position DESC, s.id DESC LIMIT ?2) \
-            RETURNING path";
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let paths: Vec<String> = sqlx::query_scalar(SQL)
-            .bind(conversation.0)
-            .bind(i64::from(keep))
-            .fetch_all(&mut *tx)
-            .await?;
+        let paths = prune_in(&mut tx, conversation, keep).await?;
         let files = unreferenced_paths(&mut tx, paths).await?;
         tx.commit().await?;
         Ok(files)
     }
+}
+
+/// [`Store::prune_snapshots`] inside the caller's transaction: returns the deleted rows' paths.
+pub(crate) async fn prune_in(
+    conn: &mut SqliteConnection,
+    conversation: ConversationId,
+    keep: u32,
+) -> Result<Vec<String>> {
+    const SQL: &str = "DELETE FROM snapshots WHERE conversation_id = ?1 AND id NOT IN \
+        (SELECT s.id FROM snapshots s JOIN messages m ON m.id = s.message_id \
+         WHERE s.conversation_id = ?1 ORDER BY m.position DESC, s.id DESC LIMIT ?2) \
+        RETURNING path";
+    Ok(sqlx::query_scalar(SQL)
+        .bind(conversation.0)
+        .bind(i64::from(keep))
+        .fetch_all(&mut *conn)
+        .await?)
 }

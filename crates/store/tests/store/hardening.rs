@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tptt_store::messages::INTERRUPTED;
 use tptt_store::{
     ConversationId, Damage, Error, Message, MessageStatus, MessageUpdate, ModelKey, NewMessage,
-    NewSnapshot, Role, Store,
+    NewSnapshot, Role, Store, VersionSet,
 };
 
 use crate::common::{conversation_with, exec, fresh, fts_integrity, raw};
@@ -58,8 +58,8 @@ async fn two_turns(s: &Store) -> (ConversationId, Vec<Message>) {
     (c, messages)
 }
 
-/// Edit-and-resend: the edit, the removal of what follows (with its snapshots) and the new
-/// answer are one change.
+/// Edit-and-resend: keeping the old message and what follows as a version (with its latest
+/// snapshot), the edited message and the new answer are one change.
 #[tokio::test]
 async fn edit_and_truncate_edits_drops_what_follows_and_adds_the_answer() {
     let db = fresh().await;
@@ -69,20 +69,32 @@ async fn edit_and_truncate_edits_drops_what_follows_and_adds_the_answer() {
         .edit_and_truncate(c, messages[0].id, "q1 edited")
         .await
         .unwrap();
-    assert_eq!(edited.user.id, messages[0].id);
+    assert_ne!(edited.user.id, messages[0].id);
+    assert_eq!(edited.user.position, 0);
     assert_eq!(edited.user.content, "q1 edited");
     assert_eq!(edited.answer.position, 1);
     assert_eq!(edited.answer.status, MessageStatus::Partial);
-    let mut files = edited.files.clone();
-    files.sort();
-    assert_eq!(files, [PathBuf::from("/snap/1"), PathBuf::from("/snap/3")]);
+    // The old continuation keeps its latest snapshot only.
+    assert_eq!(edited.files, [PathBuf::from("/snap/1")]);
     assert_eq!(
         contents(s, c).await,
         owned(&[(0, Role::User, "q1 edited"), (1, Role::Assistant, "")])
     );
-    assert_eq!(s.get_message(messages[0].id).await.unwrap(), edited.user);
+    assert_eq!(s.get_message(edited.user.id).await.unwrap(), edited.user);
+    // The old message is kept, with its id and text, outside the conversation shown.
+    let kept = s.get_message(messages[0].id).await.unwrap();
+    assert_eq!((kept.content.as_str(), kept.position), ("q1", 0));
+    assert_ne!(kept.conversation_id, c);
     assert!(s.list_snapshots(c).await.unwrap().items.is_empty());
-    // The search index follows the edit.
+    assert_eq!(
+        s.list_versions(c).await.unwrap(),
+        [VersionSet {
+            position: 0,
+            current: 2,
+            total: 2
+        }]
+    );
+    // The search index follows the edit; kept versions are not found.
     assert!(s.search("q1 edited", 5).await.unwrap().items.len() == 1);
     assert!(s.search("a2", 5).await.unwrap().items.is_empty());
     fts_integrity(s).await;
@@ -178,10 +190,18 @@ async fn a_replaced_answer_stays_until_the_new_one_has_started() {
             (3, Role::Assistant, "a2 again"),
         ])
     );
-    assert!(matches!(
-        s.get_message(old.id).await,
-        Err(Error::MessageNotFound(_))
-    ));
+    // The old answer is kept as version 1 of its position.
+    let kept = s.get_message(old.id).await.unwrap();
+    assert_eq!((kept.content.as_str(), kept.position), ("a2", 3));
+    assert_ne!(kept.conversation_id, c);
+    assert_eq!(
+        s.list_versions(c).await.unwrap(),
+        [VersionSet {
+            position: 3,
+            current: 2,
+            total: 2
+        }]
+    );
     // Finishing twice is harmless; the next message comes after the new answer.
     assert!(s
         .finish_replacing_answer(old.id, r.new.id)
@@ -277,6 +297,16 @@ async fn answers_left_streaming_by_a_dead_process_are_settled_at_open() {
         s.get_message(r.new.id).await.unwrap().error.as_deref(),
         Some(INTERRUPTED)
     );
+    // The answer it replaced is kept as a version; the one not started made none.
+    assert_eq!(
+        s.list_versions(started).await.unwrap(),
+        [VersionSet {
+            position: 3,
+            current: 2,
+            total: 2
+        }]
+    );
+    assert!(s.list_versions(not_started).await.unwrap().is_empty());
     assert_eq!(s.get_message(st.id).await.unwrap(), stopped_before);
     // Settling is done once: a second open changes nothing.
     let all = |s: Store| async move {

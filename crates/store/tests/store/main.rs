@@ -13,3 +13,4 @@ mod open;
 mod search;
 mod settings;
 mod snapshots;
+mod versions;
