@@ -14,7 +14,7 @@ use crate::device;
 use crate::dto::{
     parse_id, ChatEvent, ChatSettingsDto, ChatSettingsSaved, ConversationDto, ConversationSummary,
     DeviceInfo, DownloadEvent, ExportFormat, MemoryInfo, MessageDto, ModelEntry, ModelSource,
-    RegenerateResult, SendResult, SettingsDto, VariantEntry,
+    RegenerateResult, SendResult, SettingsDto, VariantEntry, VersionsDto,
 };
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::models;
@@ -301,6 +301,38 @@ pub async fn get_conversation(
     id: String,
 ) -> CmdResult<ConversationDto> {
     let id = conversation_id(&id)?;
+    conversation_dto(&state, id).await
+}
+
+/// `switch_version`: shows version `version` of the continuation `message_id` starts
+/// ([`chat::switch_version`]); the conversation as it is then.
+#[tauri::command]
+pub async fn switch_version(
+    state: State<'_, AppState>,
+    conversation_id: String,
+    message_id: String,
+    version: serde_json::Value,
+) -> CmdResult<ConversationDto> {
+    let id = self::conversation_id(&conversation_id)?;
+    let message = MessageId(parse_id("message", &message_id)?);
+    // Taken as JSON so that -1, 1.5 or "2" get an error naming the field.
+    let version = version
+        .as_u64()
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|&v| v >= 1)
+        .ok_or_else(|| {
+            CommandError::new(
+                ErrorKind::InvalidSettings,
+                format!("version: {version} is not a version number (1, 2, 3…)"),
+            )
+        })?;
+    chat::switch_version(&state, id, message, version).await?;
+    conversation_dto(&state, id).await
+}
+
+/// A conversation with its messages (each first message of a continuation with versions
+/// carrying them), its memory meter and its own settings.
+async fn conversation_dto(state: &AppState, id: ConversationId) -> CmdResult<ConversationDto> {
     let c = state.store.get_conversation(id).await?;
     let listing = state.store.list_messages(id).await?;
     if !listing.skipped.is_empty() {
@@ -310,14 +342,29 @@ pub async fn get_conversation(
             "unreadable messages left out"
         );
     }
-    let memory = chat::memory_info(&state, id).await;
+    let versions = state.store.list_versions(id).await?;
+    let messages = listing
+        .items
+        .iter()
+        .map(|m| MessageDto {
+            versions: versions
+                .iter()
+                .find(|v| v.position == m.position)
+                .map(|v| VersionsDto {
+                    current: v.current,
+                    total: v.total,
+                }),
+            ..MessageDto::from(m)
+        })
+        .collect();
+    let memory = chat::memory_info(state, id).await;
     let settings = chat_settings::to_dto(&c.settings, &state.settings().sampling);
     Ok(ConversationDto {
         id: c.id.0.to_string(),
         title: c.title,
         model_repo: c.model,
         variant: c.variant,
-        messages: listing.items.iter().map(MessageDto::from).collect(),
+        messages,
         memory,
         settings,
     })

@@ -367,6 +367,20 @@ pub struct MessageDto {
     pub stats: Option<Stats>,
     /// ISO 8601.
     pub created_at: String,
+    /// The versions of the continuation this message starts, when regenerate or edit made
+    /// more than one (`switch_version` shows another).
+    pub versions: Option<VersionsDto>,
+}
+
+/// `Versions`: a position's versions (what regenerate and edit replaced is kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, TS)]
+#[serde(rename_all = "camelCase")]
+#[ts(rename = "Versions")]
+pub struct VersionsDto {
+    /// The version shown, from 1.
+    pub current: u32,
+    /// How many there are (at least 2).
+    pub total: u32,
 }
 
 impl From<&StoredMessage> for MessageDto {
@@ -382,6 +396,7 @@ impl From<&StoredMessage> for MessageDto {
                 .as_ref()
                 .and_then(|v| serde_json::from_value(v.clone()).ok()),
             created_at: m.created_at.to_string(),
+            versions: None,
         }
     }
 }

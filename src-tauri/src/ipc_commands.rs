@@ -146,6 +146,7 @@ ipc_commands! {
     get_conversation [state] (id: String) -> ConversationDto;
     set_conversation_settings [state] (id: String, settings: serde_json::Value as "ChatSettings") -> ChatSettingsSaved;
     branch_conversation [state] (id: String, message_id: String) -> ConversationSummary;
+    switch_version [state] (conversation_id: String, message_id: String, version: serde_json::Value as "number") -> ConversationDto;
     rename_conversation [state] (id: String, title: String) -> ();
     delete_conversation [state] (id: String) -> ();
     export_conversation [state] (id: String, format: String as "ExportFormat") -> String;

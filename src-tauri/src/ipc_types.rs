@@ -15,7 +15,7 @@ use crate::dto::{
     ChatEvent, ChatModelDto, ChatSettingsDto, ChatSettingsSaved, ConversationDto,
     ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat, LaunchEvent, MemoryHealth,
     MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SamplingDto, SendResult,
-    SettingsDto, Stats, VariantEntry, Verdict, LAUNCH_EVENT,
+    SettingsDto, Stats, VariantEntry, Verdict, VersionsDto, LAUNCH_EVENT,
 };
 use crate::error::{CommandError, ErrorKind};
 use crate::settings::{
@@ -72,6 +72,7 @@ pub fn typescript() -> String {
         declaration::<Verdict>(),
         declaration::<MemoryHealth>(),
         declaration::<MemoryInfo>(),
+        declaration::<VersionsDto>(),
         declaration::<MessageDto>(),
         declaration::<ChatModelDto>(),
         declaration::<ChatSettingsDto>(),

@@ -385,13 +385,14 @@ fn a_message_streams_is_saved_and_regenerates_and_edits() {
         .clone();
     assert_eq!(msgs.len(), 2);
     assert_eq!(msgs[0]["id"].as_str(), Some(r.user_message_id.as_str()));
-    // Only the latest snapshots are kept, and none of deleted messages.
+    // Only the latest snapshots are kept: the new answer's, and the latest of each version the
+    // regenerate and the edit replaced (kept to switch back to).
     let kept = std::fs::read_dir(&states)
         .expect("states")
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
         .count();
-    assert_eq!(kept, 1);
+    assert_eq!(kept, 3);
 
     // Editing someone else's message, or a message of another conversation, is refused.
     let (ch, _rx) = channel();
@@ -1432,6 +1433,143 @@ fn a_branch_continues_from_the_state_of_the_answer_it_starts_at() {
         "branch_conversation",
         json!({"id": "999999", "messageId": b1_messages[0]}),
         "not_found",
+    );
+}
+
+/// Versions: regenerate and edit keep what they replace (`versions` on the message that starts
+/// the continuation); `switch_version` shows it again with its ids, and the next turn continues
+/// from its saved state, reading only the new message.
+#[test]
+fn regenerate_and_edit_keep_versions_and_a_switch_continues_from_their_state() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::offline(dir.path());
+    app.use_tiny("delta_rule", 6);
+    let c = app.new_conversation();
+    let (_, first) = send(&app, &c, "Remember the number 7.");
+    assert_eq!(last_kind(&first), "done", "{first:?}");
+    let (ids2, second) = send(&app, &c, "And the number 9.");
+    assert_eq!(last_kind(&second), "done", "{second:?}");
+    let mem2 = second.last().expect("done")["memory"].clone();
+    let a2 = ids2["assistantMessageId"].as_str().expect("id").to_string();
+    let ids = |conv: &serde_json::Value| -> Vec<String> {
+        conv["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+
+    // Regenerate: the old answer is version 1, the new one version 2.
+    let events = app_regenerate(&app, &c);
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    let conv = app.conversation(&c);
+    let regenerated = ids(&conv)[3].clone();
+    assert_ne!(regenerated, a2);
+    assert_eq!(
+        conv["messages"][3]["versions"],
+        json!({"current": 2, "total": 2})
+    );
+    assert_eq!(conv["messages"][1]["versions"], json!(null));
+
+    // Back to version 1: the old answer, its id, and the memory saved after it.
+    let conv = app.ok(
+        "switch_version",
+        json!({"conversationId": c, "messageId": regenerated, "version": 1}),
+    );
+    assert_eq!(ids(&conv)[3], a2);
+    assert_eq!(
+        conv["messages"][3]["versions"],
+        json!({"current": 1, "total": 2})
+    );
+    assert_eq!(
+        conv["memory"], mem2,
+        "the meter of the old answer's snapshot"
+    );
+    let (_, third) = send(&app, &c, "Which numbers?");
+    assert_eq!(last_kind(&third), "done", "{third:?}");
+    assert_eq!(
+        third[0]["memory"], mem2,
+        "continued from the old answer's state"
+    );
+    let prompt = third.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+    assert!(
+        prompt < mem2["totalTokens"].as_u64().expect("total"),
+        "only the new turn was read: {prompt}"
+    );
+    let mem3 = third.last().expect("done")["memory"].clone();
+    let before_edit = ids(&app.conversation(&c));
+
+    // Edit the second message: it and what followed are version 1 of its position.
+    let (ch, rx) = channel();
+    let edited = block_on(tptt_chat::commands::edit_and_resend(
+        app.state(),
+        c.clone(),
+        before_edit[2].clone(),
+        "And the number 4.".into(),
+        ch,
+    ))
+    .expect("edit");
+    assert_eq!(last_kind(&until_end(&rx)), "done");
+    let conv = app.conversation(&c);
+    assert_eq!(ids(&conv).len(), 4);
+    assert_eq!(ids(&conv)[2], edited.user_message_id);
+    assert_eq!(
+        conv["messages"][2]["versions"],
+        json!({"current": 2, "total": 2})
+    );
+    assert_eq!(conv["messages"][2]["content"], "And the number 4.");
+    // Back: every message with its id, and the memory of the last answer of that version.
+    let conv = app.ok(
+        "switch_version",
+        json!({"conversationId": c, "messageId": edited.user_message_id, "version": 1}),
+    );
+    assert_eq!(ids(&conv), before_edit);
+    assert_eq!(
+        conv["messages"][3]["versions"],
+        json!({"current": 1, "total": 2})
+    );
+    assert_eq!(conv["memory"], mem3);
+    let (_, fourth) = send(&app, &c, "Thanks.");
+    assert_eq!(
+        fourth[0]["memory"], mem3,
+        "continued from that version's state"
+    );
+    // Hidden versions are not conversations of the list.
+    let listed = app.ok("list_conversations", json!({"query": null}));
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
+    // Bad input: each a clear error, nothing moves.
+    let m = &before_edit[2];
+    for (version, kind) in [
+        (json!(3), "not_found"),
+        (json!(0), "invalid_settings"),
+        (json!(-1), "invalid_settings"),
+        (json!(1.5), "invalid_settings"),
+        (json!("2"), "invalid_settings"),
+        (json!(1e300), "invalid_settings"),
+    ] {
+        app.err(
+            "switch_version",
+            json!({"conversationId": c, "messageId": m, "version": version}),
+            kind,
+        );
+    }
+    app.err(
+        "switch_version",
+        json!({"conversationId": c, "messageId": "999999", "version": 1}),
+        "not_found",
+    );
+    app.err(
+        "switch_version",
+        json!({"conversationId": "999999", "messageId": m, "version": 1}),
+        "not_found",
+    );
+    assert_eq!(
+        ids(&app.conversation(&c))[..before_edit.len()],
+        before_edit[..]
     );
 }
 

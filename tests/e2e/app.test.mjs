@@ -34,6 +34,7 @@ const [FIRST_VARIANT, VARIANT] = VARIANTS;
 
 const FIRST_MESSAGE = 'Hello tiny model, tell me about gardens';
 const SECOND_MESSAGE = 'And what about the rivers nearby?';
+const VERSION_MESSAGE = 'Which one is the longest?';
 const SEARCH = 'gardens';
 const LONG_MESSAGE = 'Now tell me everything you know, at length';
 /** Messages sent at most until an answer streams past its first save. */
@@ -619,6 +620,59 @@ step('continues the conversation from its saved state', async (t) => {
   assert.ok(turn && Number(turn[1]) === seen.memoryBefore, `the turn started from the saved position: ${turn?.[0]}`);
   await shot('chat');
 }, 240_000);
+
+step('regenerate keeps the old answer as a version: ‹ shows it again and the chat continues from its state', async () => {
+  const answers = '[data-testid="message"][data-role="assistant"]';
+  const count = (await driver.findElements(css(answers))).length;
+  const last = async () => (await driver.findElements(css(answers)))[count - 1];
+  const label = async () => {
+    const found = await (await last()).findElements(css('[data-testid="version-label"]'));
+    return found.length ? (await found[0].getText()).trim() : null;
+  };
+  const restored = () => (appRuns().at(-1).match(/memory restored from its snapshot/g) ?? []).length;
+  const restoredBefore = restored();
+  const oldText = await (await (await last()).findElement(css('[data-testid="message-body"]'))).getText();
+  await (await (await last()).findElement(css('button[aria-label="Regenerate"]'))).click();
+  await waitFor(async () => (await label()) === '2/2', 'the regenerated answer shows 2/2', GENERATION);
+  await waitFor(async () => (await (await last()).getAttribute('data-status')) === 'complete', 'the new answer completes', GENERATION);
+  const rows = dbRows('SELECT position, version, holder_id IS NULL AS shown FROM versions ORDER BY version');
+  assert.deepEqual(rows.map((r) => [r.version, r.shown]), [[1, 0], [2, 1]], JSON.stringify(rows));
+  await (await (await last()).findElement(css('[data-testid="version-prev"]'))).click();
+  await waitFor(async () => (await label()) === '1/2', 'the old answer shows 1/2');
+  const shownText = await (await (await last()).findElement(css('[data-testid="message-body"]'))).getText();
+  assert.equal(shownText, oldText, 'the old answer, as it was');
+  await shot('alternatives');
+  // The next turn continues from the old answer's saved state: restored, nothing re-read.
+  await sendAndAwaitAnswer(VERSION_MESSAGE, count);
+  const log = appRuns().at(-1);
+  assert.ok(restored() >= restoredBefore + 2, `the regenerate and the turn after the switch restored snapshots (${restoredBefore} → ${restored()})`);
+  assert.doesNotMatch(log, /memory is built from the text|rebuilding the memory/, 'nothing was re-read');
+}, 240_000);
+
+step('branch from here: a new chat continues from the first answer, the original is unchanged', async () => {
+  const messages = '[data-testid="message"]';
+  const total = (await driver.findElements(css(messages))).length;
+  const firstAnswer = (await driver.findElements(css('[data-testid="message"][data-role="assistant"]')))[0];
+  await (await firstAnswer.findElement(css('[data-testid="branch"]'))).click();
+  await waitFor(
+    async () => (await (await find('[data-testid="chat-title"]')).getText()).endsWith('(branch)'),
+    'the branch opens',
+  );
+  await waitFor(async () => (await driver.findElements(css(messages))).length === 2, 'the branch holds the first turn');
+  assert.ok(total > 2, `the original had ${total} messages`);
+  await shot('branch');
+  // Back to the original, found by its title in the list: whole.
+  let original = null;
+  await waitFor(async () => {
+    for (const item of await driver.findElements(css('[data-testid="conversation"]'))) {
+      const title = await (await item.findElement(css('[data-testid="conversation-title"]'))).getText();
+      if (title === seen.conversationTitle) original = await item.findElement(css('.conversation-open'));
+    }
+    return original;
+  }, 'the original is listed');
+  await original.click();
+  await waitFor(async () => (await driver.findElements(css(messages))).length === total, 'the original is unchanged');
+});
 
 step('a long paste: its reading shows in the chat, the meter follows the backend, the webview leaves the CPU to the model', async (t) => {
   const appPid = appPids()[0];

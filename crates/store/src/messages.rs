@@ -284,9 +284,6 @@ pub struct Replacement {
     /// The new, empty [`MessageStatus::Partial`] answer, stored after it until
     /// [`Store::finish_replacing_answer`] puts it in its place.
     pub new: Message,
-    /// Snapshot files of the old answer that no row refers to any more: the caller removes
-    /// them.
-    pub files: Vec<PathBuf>,
 }
 
 /// What [`Store::edit_and_truncate`] did.
@@ -493,8 +490,9 @@ impl Store {
     /// Regenerate, step 1: a new empty [`NewMessage::streaming_answer`] is stored after
     /// `old`, the conversation's last message and an answer, which stays in place until the
     /// new one has started ([`Store::finish_replacing_answer`]) or is given up
-    /// ([`Store::abandon_replacing_answer`]). The old answer's snapshots go at once (a memory
-    /// that read it is no start for its replacement; the one before it is).
+    /// ([`Store::abandon_replacing_answer`]). The old answer keeps its snapshots (it may come
+    /// back, as a version or when the regeneration is given up): the memory to start the new
+    /// one from is [`Store::latest_snapshot_before`] its position.
     ///
     /// [`Error::InvalidInput`] if `old` is not the last message of `conversation` or not an
     /// answer.
@@ -521,11 +519,9 @@ impl Store {
                 old.id
             )));
         }
-        let paths = delete_snapshots_of(&mut tx, old.id).await?;
         let new = append(&mut tx, conversation, &NewMessage::streaming_answer(), now).await?;
-        let files = unreferenced_paths(&mut tx, paths).await?;
         tx.commit().await?;
-        Ok(Replacement { old, new, files })
+        Ok(Replacement { old, new })
     }
 
     /// Regenerate, step 2 (the new answer has started): in one transaction the old answer is
@@ -647,7 +643,7 @@ impl Store {
                     continue;
                 }
                 // The new answer had started: it takes the old one's place, which is kept as
-                // a version (its snapshots went when the regeneration began).
+                // a version with its latest snapshot.
                 let old = message_in(&mut tx, MessageId(before_id)).await?;
                 let now = self.now();
                 let stale = stash_version(

@@ -185,18 +185,32 @@ impl Store {
         conversation: ConversationId,
         key: &ModelKey,
     ) -> Result<Option<Snapshot>> {
+        self.latest_snapshot_before(conversation, key, u32::MAX)
+            .await
+    }
+
+    /// [`Store::latest_snapshot`] among the messages before `position`: the memory to start
+    /// the answer at `position` from (a regenerated answer is written there while the old one,
+    /// with its snapshot, still stands).
+    pub async fn latest_snapshot_before(
+        &self,
+        conversation: ConversationId,
+        key: &ModelKey,
+        position: u32,
+    ) -> Result<Option<Snapshot>> {
         const SQL: &str = concat!(
             "SELECT ",
             snapshot_columns!(),
             " FROM snapshots s JOIN messages m ON m.id = s.message_id \
              WHERE s.conversation_id = ? AND s.model = ? AND s.variant = ? AND s.config_hash = ? \
-             ORDER BY m.position DESC, s.id DESC LIMIT 1"
+             AND m.position < ? ORDER BY m.position DESC, s.id DESC LIMIT 1"
         );
         let row = sqlx::query(SQL)
             .bind(conversation.0)
             .bind(&key.model)
             .bind(&key.variant)
             .bind(&key.config_hash)
+            .bind(i64::from(position))
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(snapshot_from_row).transpose()?)

@@ -111,8 +111,15 @@ pub(super) fn memory_for(
         model.identity.variant.clone(),
         model.identity.numerics_key_v4(),
     );
-    let found = match block_on(state.store.latest_snapshot(conversation, &key)) {
-        Ok(None) => block_on(state.store.latest_snapshot(conversation, &key_v4)),
+    // Of the messages before the answer: a regenerated answer's old one still stands, with its
+    // snapshot, until the new one has started.
+    let before = |key| {
+        state
+            .store
+            .latest_snapshot_before(conversation, key, answer_position)
+    };
+    let found = match block_on(before(&key)) {
+        Ok(None) => block_on(before(&key_v4)),
         other => other,
     };
     match found {

@@ -64,6 +64,7 @@ mod prepare;
 mod replace;
 mod slot;
 mod turn;
+mod versions;
 
 #[cfg(test)]
 mod test_hooks;
@@ -90,6 +91,7 @@ pub use memory::{
 pub use model::{target, Target};
 pub use slot::Slot;
 pub use turn::{spawn_turn, TurnCtx};
+pub use versions::switch_version;
 
 use model::find_target;
 use replace::{forward_events, Replacing};
@@ -188,6 +190,7 @@ pub async fn send(
 /// its place at its first token (or at `done`, should it end without any). A regenerate that
 /// fails or is stopped before its first token (the model does not load, the template fails,
 /// Stop during a long prompt...) deletes the new answer and leaves the old one as it was.
+/// Once replaced, the old answer is kept as a version of its position (`switch_version`).
 /// The first token is the point because before it there is no new text to show instead of the
 /// old; `started` only says the model is loaded. The events pass through [`Replacing`] on
 /// their way to `channel` (so it is taken untyped), and the replacement is committed before
@@ -222,7 +225,6 @@ pub async fn regenerate(
                 .store
                 .begin_replacing_answer(conversation, last.id)
                 .await?;
-            remove_snapshot_files(&r.files);
             // A memory that read the old answer is no start for the new one.
             invalidate_session(state, conversation, Some(last.position));
             // The turn writes the new answer as the one at the old answer's position (it reads
@@ -275,10 +277,11 @@ pub async fn regenerate(
     Ok(id)
 }
 
-/// `edit_and_resend`: `message` (one of the user's) gets `content`, everything after it goes
-/// and a new answer follows — one transaction
+/// `edit_and_resend`: a new message of the user's with `content` takes the place of `message`,
+/// which is kept with everything after it as a version of its position, and a new answer
+/// follows — one transaction
 /// ([`Store::edit_and_truncate`](tptt_store::Store::edit_and_truncate)): a failure leaves the
-/// conversation as it was. The message keeps its id.
+/// conversation as it was.
 pub async fn edit_and_resend(
     state: &AppState,
     conversation: ConversationId,

@@ -131,6 +131,10 @@ export const setConversationSettings = (id: string, settings: ChatSettings) =>
 export const branchConversation = (id: string, messageId: string) =>
   call('branch_conversation', { id, messageId });
 
+/** Shows version `version` of the continuation `messageId` starts; the conversation as it is then. */
+export const switchVersion = (conversationId: string, messageId: string, version: number) =>
+  call('switch_version', { conversationId, messageId, version });
+
 export const renameConversation = (id: string, title: string) =>
   call('rename_conversation', { id, title });
 

@@ -343,6 +343,19 @@ totalTokens: number,
 health: MemoryHealth, };
 
 /**
+ * `Versions`: a position's versions (what regenerate and edit replaced is kept).
+ */
+export type Versions = { 
+/**
+ * The version shown, from 1.
+ */
+current: number, 
+/**
+ * How many there are (at least 2).
+ */
+total: number, };
+
+/**
  * `Message`.
  */
 export type Message = { 
@@ -375,7 +388,12 @@ stats: Stats | null,
 /**
  * ISO 8601.
  */
-createdAt: string, };
+createdAt: string, 
+/**
+ * The versions of the continuation this message starts, when regenerate or edit made
+ * more than one (`switch_version` shows another).
+ */
+versions: Versions | null, };
 
 /**
  * `ChatModel`: a model (hub id or imported folder, as `ModelEntry.repoId`) and its variant.
@@ -614,6 +632,7 @@ export interface Commands {
   get_conversation: { args: { id: string }; result: Conversation };
   set_conversation_settings: { args: { id: string; settings: ChatSettings }; result: ChatSettingsSaved };
   branch_conversation: { args: { id: string; messageId: string }; result: ConversationSummary };
+  switch_version: { args: { conversationId: string; messageId: string; version: number }; result: Conversation };
   rename_conversation: { args: { id: string; title: string }; result: null };
   delete_conversation: { args: { id: string }; result: null };
   export_conversation: { args: { id: string; format: ExportFormat }; result: string };

@@ -114,6 +114,17 @@ interface StoredConversation {
   freshMemory?: boolean;
   /** Its own settings (absent: the app's). */
   settings?: ChatSettings;
+  /** The positions with more than one version (absent: none). */
+  versions?: VersionSet[];
+}
+
+/** The versions of one position, as the store keeps them (`crates/store/src/versions.rs`). */
+interface VersionSet {
+  position: number;
+  /** The version shown. */
+  shown: number;
+  /** The others: each continuation with the version sets of its later positions. */
+  held: { version: number; messages: Message[]; sets: VersionSet[] }[];
 }
 
 export interface MockControl {
@@ -357,6 +368,7 @@ function seedConversations(): StoredConversation[] {
           }
         : null,
     createdAt: at(minutesAgo),
+    versions: null,
   });
   const long = 'The meeting notes continue. '.repeat(2400);
   return [
@@ -574,6 +586,7 @@ class MockBackend implements MockControl {
     get_conversation: (a) => this.getConversation(a.id),
     set_conversation_settings: (a) => this.setChatSettings(a.id, a.settings),
     branch_conversation: (a) => this.branch(a.id, a.messageId),
+    switch_version: (a) => this.switchVersion(a.conversationId, a.messageId, a.version),
     rename_conversation: (a) => {
       const c = this.find(a.id);
       c.title = a.title.trim();
@@ -871,15 +884,62 @@ class MockBackend implements MockControl {
 
   private getConversation(id: string): Conversation {
     const c = this.find(id);
+    const sets = c.versions ?? [];
     return {
       id: c.id,
       title: c.title,
       modelRepo: c.modelRepo,
       variant: c.variant,
-      messages: c.messages,
+      messages: c.messages.map((m, i) => {
+        const set = sets.find((s) => s.position === i);
+        return { ...m, versions: set ? { current: set.shown, total: set.held.length + 1 } : null };
+      }),
       memory: this.memory(c),
       settings: c.settings ?? { model: null, windowSize: null, systemPrompt: null, sampling: null },
     };
+  }
+
+  /**
+   * Keeps `tail` (the messages from `position` on, taken out by the caller) as a version of
+   * `position`, with the version sets of later positions; what follows is the newest version.
+   */
+  private stash(c: StoredConversation, position: number, tail: Message[]) {
+    const sets = c.versions ?? [];
+    const nested = sets.filter((s) => s.position > position);
+    c.versions = sets.filter((s) => s.position <= position);
+    let set = c.versions.find((s) => s.position === position);
+    if (!set) {
+      set = { position, shown: 1, held: [] };
+      c.versions.push(set);
+    }
+    set.held.push({ version: set.shown, messages: tail, sets: nested });
+    set.shown = Math.max(...set.held.map((h) => h.version)) + 1;
+  }
+
+  /** `switch_version`, as the store does it: the shown continuation and the chosen one swap. */
+  private switchVersion(id: string, messageId: string, version: unknown): Conversation {
+    const c = this.find(id);
+    if (typeof version !== 'number' || !Number.isInteger(version) || version < 1 || version > 0xffffffff) {
+      throw fail('invalid_settings', `version: ${JSON.stringify(version)} is not a version number (1, 2, 3…)`);
+    }
+    const at = c.messages.findIndex((m) => m.id === messageId);
+    if (at < 0) throw fail('not_found', `Message ${messageId} is not shown in this conversation.`);
+    if (this.generation) throw fail('busy', 'A reply is still being generated: wait for it, or stop it.');
+    const set = (c.versions ?? []).find((s) => s.position === at);
+    const target = set?.held.find((h) => h.version === version);
+    if (!set || (!target && set.shown !== version)) throw fail('not_found', `This message has no version ${version}.`);
+    if (target) {
+      const tail = c.messages.splice(at);
+      const sets = c.versions ?? [];
+      const nested = sets.filter((s) => s.position > at);
+      c.versions = sets.filter((s) => s.position <= at);
+      set.held = set.held.filter((h) => h !== target);
+      set.held.push({ version: set.shown, messages: tail, sets: nested });
+      set.shown = version;
+      c.messages.push(...target.messages);
+      c.versions.push(...target.sets);
+    }
+    return this.getConversation(id);
   }
 
   private branch(id: string, messageId: string): ConversationSummary {
@@ -965,6 +1025,7 @@ class MockBackend implements MockControl {
       error: null,
       stats: null,
       createdAt: now(),
+      versions: null,
     };
     if (c.freshMemory) {
       const windowSize = this.state.settings.windowSize ?? MODEL_WINDOW;
@@ -1117,6 +1178,7 @@ class MockBackend implements MockControl {
       error: null,
       stats: null,
       createdAt: now(),
+      versions: null,
     };
     c.messages.push(m);
     return m;
@@ -1150,7 +1212,9 @@ class MockBackend implements MockControl {
     if (!old) return;
     g.replaces = null;
     if (g.sent > 0 || done) {
+      const at = c.messages.indexOf(old);
       c.messages = c.messages.filter((m) => m !== old);
+      if (at >= 0) this.stash(c, at, [old]);
     } else {
       c.messages = c.messages.filter((m) => m !== g.message);
     }
@@ -1161,11 +1225,10 @@ class MockBackend implements MockControl {
     const i = c.messages.findIndex((m) => m.id === messageId);
     if (i < 0) throw fail('not_found', 'That message no longer exists.');
     this.checkReady(c);
-    // One change, as the backend's transaction: the message keeps its id, what follows goes.
-    const user = c.messages[i];
-    c.messages.splice(i + 1);
-    user.content = content;
-    user.createdAt = now();
+    // One change, as the backend's transaction: the message and what follows are kept as a
+    // version of its position, and a new message takes its place.
+    this.stash(c, i, c.messages.splice(i));
+    const user = this.addUser(c, content);
     const assistant = this.startGeneration(c, channel);
     return { userMessageId: user.id, assistantMessageId: assistant.id };
   }

@@ -32,5 +32,6 @@ export type {
   LaunchEvent,
   Theme,
   VariantEntry,
+  Versions,
 } from './ipc.gen';
 export { SETTINGS_LIMITS } from './ipc.gen';

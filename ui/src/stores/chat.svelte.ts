@@ -65,6 +65,8 @@ export interface LiveGeneration {
    * (docs/ipc.md): if the turn ends before any (an error, a stop), it is shown again.
    */
   replaces: ChatMessage | null;
+  /** Regenerate or edit: what it replaces is kept as a version (the pager is refreshed at the end). */
+  versioned: boolean;
 }
 
 const LAST_KEY = 'tptt-chat.last-conversation';
@@ -116,6 +118,8 @@ class ChatStore {
   sending = $state(false);
   /** `reset_memory` is on its way to the backend. */
   resetting = $state(false);
+  /** `switch_version` is on its way to the backend. */
+  switching = $state(false);
 
   private openSeq = 0;
   private genSeq = 0;
@@ -185,6 +189,27 @@ class ChatStore {
       conv.memory = saved.memory;
     }
     return { rebuilt: saved.rebuilt };
+  }
+
+  /**
+   * Shows version `version` of the continuation `messageId` starts (‹ 2/3 ›): the backend swaps
+   * the messages, and the memory continues from that version's saved state.
+   */
+  async switchVersion(messageId: string, version: number): Promise<boolean> {
+    const conv = this.conversation;
+    if (!conv || this.live || this.switching) return false;
+    this.switching = true;
+    try {
+      const c = await api.switchVersion(conv.id, messageId, version);
+      if (this.conversation?.id === conv.id) this.conversation = c;
+      void conversations.load();
+      return true;
+    } catch (err) {
+      ui.error(err, { context: 'Showing another version' });
+      return false;
+    } finally {
+      this.switching = false;
+    }
   }
 
   /** "Branch from here": a new chat, the open one up to `messageId`, opened. */
@@ -289,7 +314,7 @@ class ChatStore {
       const result = await this.start(conv, (seq) => {
         const now = new Date().toISOString();
         conv.messages.push(
-          { id: `pending-user-${seq}`, role: 'user', content, status: 'complete', error: null, stats: null, createdAt: now },
+          { id: `pending-user-${seq}`, role: 'user', content, status: 'complete', error: null, stats: null, createdAt: now, versions: null },
           this.placeholder(seq),
         );
         return (onEvent) => api.sendMessage(conv.id, content, onEvent);
@@ -316,7 +341,7 @@ class ChatStore {
         if (conv.messages.at(-1)?.role === 'assistant') replaces = conv.messages.pop() ?? null;
         conv.messages.push(this.placeholder(seq));
         return (onEvent) => api.regenerate(conv.id, onEvent);
-      }, () => void this.regenerate(), () => replaces);
+      }, () => void this.regenerate(), () => replaces, true);
       return result !== null;
     } finally {
       this.sending = false;
@@ -341,11 +366,12 @@ class ChatStore {
             error: null,
             stats: null,
             createdAt: new Date().toISOString(),
+            versions: null,
           },
           this.placeholder(seq),
         );
         return (onEvent) => api.editAndResend(conv.id, messageId, content, onEvent);
-      }, () => void this.editAndResend(messageId, content));
+      }, () => void this.editAndResend(messageId, content), undefined, true);
       if (!result) return false;
       this.renameMessage(conv, `pending-user-${result.seq}`, result.userMessageId);
       return true;
@@ -441,6 +467,7 @@ class ChatStore {
       error: null,
       stats: null,
       createdAt: new Date().toISOString(),
+      versions: null,
     };
   }
 
@@ -453,6 +480,7 @@ class ChatStore {
     prepare: (seq: number) => (onEvent: (e: ChatEvent) => void) => Promise<R>,
     retry: () => void,
     replaced: () => ChatMessage | null = () => null,
+    versioned = false,
   ): Promise<(R & { seq: number }) | null> {
     const seq = ++this.genSeq;
     const before = conv.messages.slice();
@@ -474,6 +502,7 @@ class ChatStore {
       memory: null,
       stopping: false,
       replaces: replaced(),
+      versioned,
     };
     try {
       const result = await command((event) => this.onEvent(seq, event));
@@ -602,8 +631,22 @@ class ChatStore {
         if (errorText) m.errorText = errorText;
       }
       if (shown) conv.memory = shown;
+      if (live.versioned) void this.refreshVersions(conv.id);
     }
     void conversations.load();
+  }
+
+  /** After a regenerate or an edit: the backend's versions of the messages on screen (‹ 2/3 ›). */
+  private async refreshVersions(id: string) {
+    try {
+      const fresh = await api.getConversation(id);
+      const conv = this.conversation;
+      if (!conv || conv.id !== id || this.live) return;
+      for (const m of conv.messages) m.versions = fresh.messages.find((f) => f.id === m.id)?.versions ?? null;
+    } catch (err) {
+      // Only the pager waits: it shows when the conversation is opened again.
+      console.warn('cannot refresh the versions', err);
+    }
   }
 }
 

@@ -146,21 +146,21 @@ async fn a_replaced_answer_stays_until_the_new_one_has_started() {
 
     let r = s.begin_replacing_answer(c, old.id).await.unwrap();
     assert_eq!(r.old, *old);
-    assert_eq!(r.files, [PathBuf::from("/snap/3")]);
     assert_eq!(r.new.position, 4);
-    // Meanwhile the old answer is there, whole; the memory to start from is the one before it.
+    // Meanwhile the old answer is there, whole, with its snapshot; the memory to start the new
+    // one from is the one before the old one's position.
     assert_eq!(s.get_message(old.id).await.unwrap(), *old);
+    let key = ModelKey::new("m", "v", "h");
+    let latest = |before| s.latest_snapshot_before(c, &key, before);
     assert_eq!(
-        s.latest_snapshot(c, &ModelKey::new("m", "v", "h"))
-            .await
-            .unwrap()
-            .unwrap()
-            .message_id,
+        latest(old.position).await.unwrap().unwrap().message_id,
         messages[1].id
     );
-    // Given up (failed or stopped before its first token): as before, but the old snapshot.
+    assert_eq!(latest(u32::MAX).await.unwrap().unwrap().message_id, old.id);
+    // Given up (failed or stopped before its first token): as before, snapshot included.
     let files = s.abandon_replacing_answer(r.new.id).await.unwrap();
     assert!(files.is_empty());
+    assert_eq!(latest(u32::MAX).await.unwrap().unwrap().message_id, old.id);
     assert_eq!(
         contents(s, c).await,
         owned(&[
@@ -190,7 +190,11 @@ async fn a_replaced_answer_stays_until_the_new_one_has_started() {
             (3, Role::Assistant, "a2 again"),
         ])
     );
-    // The old answer is kept as version 1 of its position.
+    // The old answer is kept as version 1 of its position, with its snapshot.
+    assert_eq!(
+        latest(u32::MAX).await.unwrap().unwrap().message_id,
+        messages[1].id
+    );
     let kept = s.get_message(old.id).await.unwrap();
     assert_eq!((kept.content.as_str(), kept.position), ("a2", 3));
     assert_ne!(kept.conversation_id, c);
