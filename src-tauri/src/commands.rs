@@ -266,19 +266,77 @@ pub async fn list_conversations(
             })
             .collect());
     }
-    let listing = state.store.list_conversations(ListScope::Active).await?;
+    summaries(&state, ListScope::Active).await
+}
+
+/// `list_archived_conversations`: the archived conversations, most recent first.
+#[tauri::command]
+pub async fn list_archived_conversations(
+    state: State<'_, AppState>,
+) -> CmdResult<Vec<ConversationSummary>> {
+    summaries(&state, ListScope::Archived).await
+}
+
+/// The listed conversations of `scope` (pinned first, then most recent), each with the start of
+/// its last message.
+async fn summaries(state: &AppState, scope: ListScope) -> CmdResult<Vec<ConversationSummary>> {
+    let listing = state.store.list_conversations(scope).await?;
     let mut out = Vec::with_capacity(listing.items.len());
     for c in &listing.items {
-        let last = match state.store.last_message(c.id).await {
-            Ok(m) => m.map(|m| m.content).unwrap_or_default(),
-            Err(e) => {
-                tracing::warn!(conversation = c.id.0, error = %e, "no preview");
-                String::new()
-            }
-        };
-        out.push(ConversationSummary::new(c, &last));
+        out.push(summary(state, c).await);
     }
     Ok(out)
+}
+
+/// A conversation's summary, previewing its last message.
+async fn summary(state: &AppState, c: &tptt_store::Conversation) -> ConversationSummary {
+    let last = match state.store.last_message(c.id).await {
+        Ok(m) => m.map(|m| m.content).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(conversation = c.id.0, error = %e, "no preview");
+            String::new()
+        }
+    };
+    ConversationSummary::new(c, &last)
+}
+
+/// A `true` / `false` argument taken as JSON, so that anything else is an error naming it.
+fn flag(name: &str, value: &serde_json::Value) -> CmdResult<bool> {
+    value.as_bool().ok_or_else(|| {
+        CommandError::new(
+            ErrorKind::InvalidSettings,
+            format!("{name}: {value} is not true or false"),
+        )
+    })
+}
+
+/// `set_conversation_pinned`: a pinned conversation is listed first. Its summary after.
+#[tauri::command]
+pub async fn set_conversation_pinned(
+    state: State<'_, AppState>,
+    id: String,
+    pinned: serde_json::Value,
+) -> CmdResult<ConversationSummary> {
+    let id = conversation_id(&id)?;
+    let pinned = flag("pinned", &pinned)?;
+    state.store.set_pinned(id, pinned).await?;
+    let c = state.store.get_conversation(id).await?;
+    Ok(summary(&state, &c).await)
+}
+
+/// `set_conversation_archived`: an archived conversation leaves the main list and its search for
+/// the archived list; it opens and continues as before. Its summary after.
+#[tauri::command]
+pub async fn set_conversation_archived(
+    state: State<'_, AppState>,
+    id: String,
+    archived: serde_json::Value,
+) -> CmdResult<ConversationSummary> {
+    let id = conversation_id(&id)?;
+    let archived = flag("archived", &archived)?;
+    state.store.set_archived(id, archived).await?;
+    let c = state.store.get_conversation(id).await?;
+    Ok(summary(&state, &c).await)
 }
 
 /// `create_conversation`: empty, on the model the settings choose.

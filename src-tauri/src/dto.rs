@@ -229,6 +229,10 @@ pub struct ConversationSummary {
     pub variant: Option<String>,
     /// The start of the last message (or of the search hit).
     pub preview: String,
+    /// Listed first.
+    pub pinned: bool,
+    /// In the archived list, not the main one.
+    pub archived: bool,
 }
 
 /// Characters of a message shown as a preview.
@@ -253,6 +257,8 @@ impl ConversationSummary {
             model_repo: c.model.clone(),
             variant: c.variant.clone(),
             preview: preview(preview_text),
+            pinned: c.pinned,
+            archived: c.archived,
         }
     }
 }

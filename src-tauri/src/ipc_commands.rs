@@ -142,6 +142,9 @@ ipc_commands! {
     set_hf_token [state] (token: Option<String>) -> ();
     device_info [state] () -> DeviceInfo;
     list_conversations [state] (query: Option<String>) -> Vec<ConversationSummary>;
+    list_archived_conversations [state] () -> Vec<ConversationSummary>;
+    set_conversation_pinned [state] (id: String, pinned: serde_json::Value as "boolean") -> ConversationSummary;
+    set_conversation_archived [state] (id: String, archived: serde_json::Value as "boolean") -> ConversationSummary;
     create_conversation [state] () -> ConversationSummary;
     get_conversation [state] (id: String) -> ConversationDto;
     set_conversation_settings [state] (id: String, settings: serde_json::Value as "ChatSettings") -> ChatSettingsSaved;

@@ -762,6 +762,62 @@ fn commands_over_ipc_send_search_rename_export_delete() {
         .as_str()
         .expect("text")
         .contains("Unique words zebracorn"));
+    // Pinned first; archived leave the list (and its search) for the archived one.
+    let pinned = app.ok("set_conversation_pinned", json!({"id": c, "pinned": true}));
+    assert_eq!(
+        (pinned["id"].as_str(), &pinned["pinned"]),
+        (Some(c.as_str()), &json!(true))
+    );
+    let order = |list: serde_json::Value| -> Vec<String> {
+        list.as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|s| s["id"].as_str().map(String::from))
+            .collect()
+    };
+    assert_eq!(
+        order(app.ok("list_conversations", json!({"query": null}))),
+        [c.clone(), other.clone()]
+    );
+    let archived = app.ok(
+        "set_conversation_archived",
+        json!({"id": other, "archived": true}),
+    );
+    assert_eq!(archived["archived"], json!(true));
+    assert_eq!(
+        order(app.ok("list_conversations", json!({"query": null}))),
+        [c.as_str()]
+    );
+    assert_eq!(
+        order(app.ok("list_archived_conversations", json!({}))),
+        [other.as_str()]
+    );
+    app.ok(
+        "set_conversation_archived",
+        json!({"id": other, "archived": false}),
+    );
+    assert_eq!(
+        order(app.ok("list_archived_conversations", json!({}))),
+        Vec::<String>::new()
+    );
+    for bad in [json!("yes"), json!(1), json!(null)] {
+        app.err(
+            "set_conversation_pinned",
+            json!({"id": c, "pinned": bad}),
+            "invalid_settings",
+        );
+        app.err(
+            "set_conversation_archived",
+            json!({"id": c, "archived": bad}),
+            "invalid_settings",
+        );
+    }
+    app.err(
+        "set_conversation_pinned",
+        json!({"id": "999999", "pinned": true}),
+        "not_found",
+    );
+
     let js = app.ok("export_conversation", json!({"id": c, "format": "json"}));
     assert!(serde_json::from_str::<serde_json::Value>(js.as_str().expect("text")).is_ok());
     app.err(

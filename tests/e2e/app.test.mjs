@@ -654,10 +654,10 @@ step('branch from here: a new chat continues from the first answer, the original
   const total = (await driver.findElements(css(messages))).length;
   const firstAnswer = (await driver.findElements(css('[data-testid="message"][data-role="assistant"]')))[0];
   await (await firstAnswer.findElement(css('[data-testid="branch"]'))).click();
-  await waitFor(
-    async () => (await (await find('[data-testid="chat-title"]')).getText()).endsWith('(branch)'),
-    'the branch opens',
-  );
+  const title = () => driver.executeScript('return document.querySelector(\'[data-testid="chat-title"]\')?.textContent ?? ""');
+  await waitFor(async () => (await title()).trim().endsWith('(branch)'), 'the branch opens').catch(async (err) => {
+    throw new Error(`${err.message}: the title is “${await title()}”`);
+  });
   await waitFor(async () => (await driver.findElements(css(messages))).length === 2, 'the branch holds the first turn');
   assert.ok(total > 2, `the original had ${total} messages`);
   await shot('branch');

@@ -1,4 +1,5 @@
-// The conversation list: search (titles and message text), rename, delete, export (native save dialog).
+// The conversation list: search (titles and message text), rename, delete, export (native save
+// dialog), pin and archive.
 import assert from 'node:assert/strict';
 import { after, afterEach, before, describe, test } from 'node:test';
 import { mock, until, useSuite } from './helpers.mjs';
@@ -115,6 +116,42 @@ describe('conversations', () => {
     const notice = page.getByTestId('notice').filter({ hasText: 'disk I/O error' });
     await notice.waitFor();
     await notice.getByRole('button', { name: 'Retry' }).waitFor();
+    clean(page);
+  });
+
+  test('a pinned chat comes first; an archived one leaves the list for the archived one and comes back', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('conversation').first().waitFor();
+    assert.deepEqual(await titles(page), ['Linear attention memory', 'Rust borrow checker tips', 'Trip to Lisbon']);
+    await menu(page, 'Trip to Lisbon', 'Pin');
+    await until(page, () => document.querySelector('[data-testid=conversation-title]')?.textContent === 'Trip to Lisbon');
+    assert.deepEqual(await titles(page), ['Trip to Lisbon', 'Linear attention memory', 'Rust borrow checker tips']);
+    const pinned = page.getByTestId('conversation').filter({ hasText: 'Trip to Lisbon' }).getByTestId('pinned');
+    await pinned.waitFor();
+
+    await menu(page, 'Linear attention memory', 'Archive');
+    await page.getByTestId('notice').filter({ hasText: 'Chat archived' }).waitFor();
+    assert.deepEqual(await titles(page), ['Trip to Lisbon', 'Rust borrow checker tips']);
+    await page.getByTestId('show-archived').click();
+    await until(page, () => document.querySelectorAll('[data-testid=conversation]').length === 1);
+    assert.deepEqual(await titles(page), ['Linear attention memory']);
+    // An archived chat still opens.
+    await page.locator('[data-testid=conversation-title]', { hasText: 'Linear attention memory' }).click();
+    await page.getByTestId('chat-title').filter({ hasText: 'Linear attention memory' }).waitFor();
+    await menu(page, 'Linear attention memory', 'Unarchive');
+    await page.getByTestId('notice').filter({ hasText: 'Chat restored' }).waitFor();
+    await page.getByTestId('no-conversations').filter({ hasText: 'No archived chats.' }).waitFor();
+    await page.getByTestId('show-archived').click();
+    await until(page, () => document.querySelectorAll('[data-testid=conversation]').length === 3);
+    assert.deepEqual(await titles(page), ['Trip to Lisbon', 'Linear attention memory', 'Rust borrow checker tips']);
+
+    // Unpinned: back among the others by recency. A refusal is shown, nothing moves.
+    await menu(page, 'Trip to Lisbon', 'Unpin');
+    await until(page, () => !document.querySelector('[data-testid=pinned]'));
+    await mock(page, () => window.__tpttMock.failNext('set_conversation_archived', 'database', 'The database is read-only.'));
+    await menu(page, 'Rust borrow checker tips', 'Archive');
+    await page.getByTestId('notice').filter({ hasText: 'The database is read-only' }).waitFor();
+    assert.equal((await titles(page)).length, 3);
     clean(page);
   });
 });

@@ -1,4 +1,4 @@
-//! Conversations: create, list, get, rename, choose model and variant, settings, archive,
+//! Conversations: create, list, get, rename, choose model and variant, settings, archive, pin,
 //! delete.
 //!
 //! A [`Conversation`] row holds its title, timestamps, the model and variant its next message
@@ -35,6 +35,8 @@ pub struct Conversation {
     pub settings: ConversationSettings,
     /// Hidden from the main list.
     pub archived: bool,
+    /// Listed first.
+    pub pinned: bool,
 }
 
 /// What [`Store::create_conversation`] needs.
@@ -75,7 +77,7 @@ pub enum ListScope {
 /// Column list read by [`conversation_from_row`].
 macro_rules! conversation_columns {
     () => {
-        "id, title, created_at, updated_at, model, variant, settings, archived"
+        "id, title, created_at, updated_at, model, variant, settings, archived, pinned"
     };
 }
 pub(crate) use conversation_columns;
@@ -104,14 +106,18 @@ pub(crate) fn conversation_from_row(row: &SqliteRow) -> Result<Conversation, Mal
             "settings are not valid conversation settings JSON: {e}"
         ))
     })?;
-    let archived = match row
-        .try_get::<i64, _>("archived")
-        .map_err(|e| bad(e.to_string()))?
-    {
-        0 => false,
-        1 => true,
-        other => return Err(bad(format!("archived flag is {other}, expected 0 or 1"))),
+    let flag = |name: &str| -> Result<bool, MalformedRow> {
+        match row
+            .try_get::<i64, _>(name)
+            .map_err(|e| bad(format!("{name}: {e}")))?
+        {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(bad(format!("{name} flag is {other}, expected 0 or 1"))),
+        }
     };
+    let archived = flag("archived")?;
+    let pinned = flag("pinned")?;
     Ok(Conversation {
         id: ConversationId(id),
         title,
@@ -121,6 +127,7 @@ pub(crate) fn conversation_from_row(row: &SqliteRow) -> Result<Conversation, Mal
         variant,
         settings,
         archived,
+        pinned,
     })
 }
 
@@ -150,17 +157,18 @@ impl Store {
             variant: new.variant.clone(),
             settings: new.settings.clone(),
             archived: false,
+            pinned: false,
         })
     }
 
-    /// Conversations, most recently updated first. Rows that cannot be read are skipped and
+    /// Conversations, pinned ones first, then most recently updated first. Rows that cannot be read are skipped and
     /// reported in [`Listing::skipped`].
     pub async fn list_conversations(&self, scope: ListScope) -> Result<Listing<Conversation>> {
         const SQL: &str = concat!(
             "SELECT ",
             conversation_columns!(),
             " FROM conversations WHERE archived IN (?, ?) AND owner_id IS NULL \
-              ORDER BY updated_at DESC, id DESC"
+              ORDER BY pinned DESC, updated_at DESC, id DESC"
         );
         let (a, b) = match scope {
             ListScope::Active => (0, 0),
@@ -246,6 +254,18 @@ impl Store {
         let done = sqlx::query(SQL)
             .bind(i64::from(archived))
             .bind(self.now().as_millis())
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
+        found(done.rows_affected(), id)
+    }
+
+    /// Pins a conversation (listed first) or unpins it; its place among the recent ones does
+    /// not change (`updated_at` stays).
+    pub async fn set_pinned(&self, id: ConversationId, pinned: bool) -> Result<()> {
+        const SQL: &str = "UPDATE conversations SET pinned = ? WHERE id = ? AND owner_id IS NULL";
+        let done = sqlx::query(SQL)
+            .bind(i64::from(pinned))
             .bind(id.0)
             .execute(&self.pool)
             .await?;

@@ -131,6 +131,14 @@ export const setConversationSettings = (id: string, settings: ChatSettings) =>
 export const branchConversation = (id: string, messageId: string) =>
   call('branch_conversation', { id, messageId });
 
+export const listArchivedConversations = () => call('list_archived_conversations');
+
+export const setConversationPinned = (id: string, pinned: boolean) =>
+  call('set_conversation_pinned', { id, pinned });
+
+export const setConversationArchived = (id: string, archived: boolean) =>
+  call('set_conversation_archived', { id, archived });
+
 /** Shows version `version` of the continuation `messageId` starts; the conversation as it is then. */
 export const switchVersion = (conversationId: string, messageId: string, version: number) =>
   call('switch_version', { conversationId, messageId, version });

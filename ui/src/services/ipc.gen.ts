@@ -254,7 +254,15 @@ variant: string | null,
 /**
  * The start of the last message (or of the search hit).
  */
-preview: string, };
+preview: string, 
+/**
+ * Listed first.
+ */
+pinned: boolean, 
+/**
+ * In the archived list, not the main one.
+ */
+archived: boolean, };
 
 /**
  * `Stats`.
@@ -628,6 +636,9 @@ export interface Commands {
   set_hf_token: { args: { token: string | null }; result: null };
   device_info: { args: Record<string, never>; result: DeviceInfo };
   list_conversations: { args: { query: string | null }; result: Array<ConversationSummary> };
+  list_archived_conversations: { args: Record<string, never>; result: Array<ConversationSummary> };
+  set_conversation_pinned: { args: { id: string; pinned: boolean }; result: ConversationSummary };
+  set_conversation_archived: { args: { id: string; archived: boolean }; result: ConversationSummary };
   create_conversation: { args: Record<string, never>; result: ConversationSummary };
   get_conversation: { args: { id: string }; result: Conversation };
   set_conversation_settings: { args: { id: string; settings: ChatSettings }; result: ChatSettingsSaved };

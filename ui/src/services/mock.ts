@@ -114,6 +114,10 @@ interface StoredConversation {
   freshMemory?: boolean;
   /** Its own settings (absent: the app's). */
   settings?: ChatSettings;
+  /** Listed first. */
+  pinned?: boolean;
+  /** In the archived list. */
+  archived?: boolean;
   /** The positions with more than one version (absent: none). */
   versions?: VersionSet[];
 }
@@ -582,6 +586,9 @@ class MockBackend implements MockControl {
     },
     device_info: () => this.state.device,
     list_conversations: (a) => this.listConversations(a.query ?? null),
+    list_archived_conversations: () => this.listConversations(null, true),
+    set_conversation_pinned: (a) => this.setFlag(a.id, 'pinned', a.pinned),
+    set_conversation_archived: (a) => this.setFlag(a.id, 'archived', a.archived),
     create_conversation: () => this.createConversation(),
     get_conversation: (a) => this.getConversation(a.id),
     set_conversation_settings: (a) => this.setChatSettings(a.id, a.settings),
@@ -809,20 +816,35 @@ class MockBackend implements MockControl {
       modelRepo: c.modelRepo,
       variant: c.variant,
       preview: last ? last.content.slice(0, 120).replace(/\s+/g, ' ') : '',
+      pinned: c.pinned ?? false,
+      archived: c.archived ?? false,
     };
   }
 
-  private listConversations(query: string | null): ConversationSummary[] {
+  /** The main list (pinned first, then most recent) or a search in it; or the archived list. */
+  private listConversations(query: string | null, archived = false): ConversationSummary[] {
     const q = query?.trim().toLowerCase() ?? '';
+    const rank = (c: StoredConversation) => (!q && c.pinned ? 1 : 0);
     return this.state.conversations
+      .filter((c) => (c.archived ?? false) === archived)
       .filter(
         (c) =>
           !q ||
           c.title.toLowerCase().includes(q) ||
           c.messages.some((m) => m.content.toLowerCase().includes(q)),
       )
-      .sort((x, y) => y.updatedAt.localeCompare(x.updatedAt))
+      .sort((x, y) => rank(y) - rank(x) || y.updatedAt.localeCompare(x.updatedAt))
       .map((c) => this.summary(c));
+  }
+
+  /** `set_conversation_pinned` / `set_conversation_archived`: the flag must be a boolean. */
+  private setFlag(id: string, name: 'pinned' | 'archived', value: unknown): ConversationSummary {
+    const c = this.find(id);
+    if (typeof value !== 'boolean') throw fail('invalid_settings', `${name}: ${JSON.stringify(value)} is not true or false`);
+    c[name] = value;
+    // As the store: archiving is a change of the conversation, pinning is not.
+    if (name === 'archived') c.updatedAt = now();
+    return this.summary(c);
   }
 
   private createConversation(): ConversationSummary {

@@ -1,4 +1,4 @@
-//! Conversations: create, get, list order and scopes, rename, model, settings, archive,
+//! Conversations: create, get, list order and scopes, rename, model, settings, archive, pin,
 //! delete with cascade.
 
 use std::path::PathBuf;
@@ -70,6 +70,41 @@ async fn listing_is_most_recent_first() {
     assert!(listing.skipped.is_empty());
     let times: Vec<_> = listing.items.iter().map(|c| c.updated_at).collect();
     assert!(times.windows(2).all(|w| w[0] > w[1]), "{times:?}");
+}
+
+/// Pinned conversations come first (most recent first among them); pinning does not move a
+/// conversation among the recent ones; archived ones, pinned or not, leave the main list.
+#[tokio::test]
+async fn pinned_come_first_and_archived_leave_the_list() {
+    let db = fresh().await;
+    let s = &db.store;
+    let a = conversation_with(s, "a", &[]).await;
+    let b = conversation_with(s, "b", &[]).await;
+    let c = conversation_with(s, "c", &[]).await;
+    let before = s.get_conversation(a).await.unwrap().updated_at;
+    s.set_pinned(a, true).await.unwrap();
+    assert!(s.get_conversation(a).await.unwrap().pinned);
+    assert_eq!(s.get_conversation(a).await.unwrap().updated_at, before);
+    let active = |s: &tptt_store::Store| {
+        let s = s.clone();
+        async move { ids(&s.list_conversations(ListScope::Active).await.unwrap()) }
+    };
+    assert_eq!(active(s).await, [a, c, b]);
+    s.set_pinned(b, true).await.unwrap();
+    assert_eq!(
+        active(s).await,
+        [b, a, c],
+        "among pinned, most recent first"
+    );
+    s.set_pinned(b, false).await.unwrap();
+    assert_eq!(active(s).await, [a, c, b]);
+    s.set_archived(a, true).await.unwrap();
+    assert_eq!(active(s).await, [c, b]);
+    let archived = s.list_conversations(ListScope::Archived).await.unwrap();
+    assert_eq!(ids(&archived), [a]);
+    assert!(archived.items[0].pinned, "archiving keeps the pin");
+    let err = s.set_pinned(ConversationId(9999), true).await.unwrap_err();
+    assert!(matches!(err, Error::ConversationNotFound(_)), "{err:?}");
 }
 
 #[tokio::test]

@@ -197,7 +197,8 @@ async fn json_export_has_every_field() {
             "model": "repo",
             "variant": null,
             "settings": {"window": 512, "sampling": {"temperature": 0.5}},
-            "archived": false
+            "archived": false,
+            "pinned": false
         },
         "messages": [{
             "id": m.id.0,
