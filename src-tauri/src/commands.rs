@@ -5,18 +5,21 @@
 
 use tauri::ipc::Channel;
 use tauri::{AppHandle, Runtime, State};
-use tptt_store::{ConversationId, ListScope, MessageId, NewConversation};
+use tptt_store::{ConversationId, ListScope, MemoryId, MessageId, NewConversation};
 
+use crate::backup;
 use crate::chat;
 use crate::chat_settings;
 use crate::desktop;
 use crate::device;
 use crate::dto::{
-    parse_id, ChatEvent, ChatSettingsDto, ChatSettingsSaved, ConversationDto, ConversationSummary,
-    DeviceInfo, DownloadEvent, ExportFormat, MemoryInfo, MessageDto, ModelEntry, ModelSource,
-    RegenerateResult, SendResult, SettingsDto, VariantEntry, VersionsDto,
+    parse_id, BackupSummary, ChatEvent, ChatSettingsDto, ChatSettingsSaved, ConversationDto,
+    ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat, ImportSummary, MemoryInfo,
+    MessageDto, ModelEntry, ModelSource, RegenerateResult, SavedMemory, SendResult, SettingsDto,
+    VariantEntry, VersionsDto,
 };
 use crate::error::{CmdResult, CommandError, ErrorKind};
+use crate::memories;
 use crate::models;
 use crate::runtime::ModelRef;
 use crate::settings::AppSettings;
@@ -454,6 +457,87 @@ pub async fn branch_conversation(
     let id = conversation_id(&id)?;
     let message = MessageId(parse_id("message", &message_id)?);
     chat::branch(&state, id, message).await
+}
+
+/// `save_memory`: the conversation's memory saved under `name` ([`memories::save`]).
+#[tauri::command]
+pub async fn save_memory(
+    state: State<'_, AppState>,
+    conversation_id: String,
+    name: String,
+) -> CmdResult<SavedMemory> {
+    let id = self::conversation_id(&conversation_id)?;
+    memories::save(&state, id, &name).await
+}
+
+/// `list_memories`: the saved memories, most recent first.
+#[tauri::command]
+pub async fn list_memories(state: State<'_, AppState>) -> CmdResult<Vec<SavedMemory>> {
+    memories::list(&state).await
+}
+
+/// `rename_memory`.
+#[tauri::command]
+pub async fn rename_memory(state: State<'_, AppState>, id: String, name: String) -> CmdResult<()> {
+    memories::rename(&state, MemoryId(parse_id("memory", &id)?), &name).await
+}
+
+/// `delete_memory`: with its file.
+#[tauri::command]
+pub async fn delete_memory(state: State<'_, AppState>, id: String) -> CmdResult<()> {
+    memories::delete(&state, MemoryId(parse_id("memory", &id)?)).await
+}
+
+/// `new_chat_from_memory`: a new chat whose memory starts as the saved one.
+#[tauri::command]
+pub async fn new_chat_from_memory(
+    state: State<'_, AppState>,
+    id: String,
+) -> CmdResult<ConversationSummary> {
+    memories::new_chat(&state, MemoryId(parse_id("memory", &id)?)).await
+}
+
+/// `export_backup`: every conversation (with its memory state when `include_states`) into one
+/// file chosen in the native save dialog ([`backup::write`]); `null` when cancelled.
+#[tauri::command]
+pub async fn export_backup<R: Runtime>(
+    app: AppHandle<R>,
+    state: State<'_, AppState>,
+    include_states: serde_json::Value,
+) -> CmdResult<Option<BackupSummary>> {
+    let include_states = flag("includeStates", &include_states)?;
+    let day = tptt_store::Timestamp::now().to_string();
+    let suggested = format!("tptt-chat-backup-{}.zip", day.get(..10).unwrap_or("today"));
+    let Some(path) = desktop::pick_save_path(
+        &app,
+        "Back up all conversations",
+        &suggested,
+        ("TPTT Chat backup", "zip"),
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    backup::write(&state, &path, include_states).await.map(Some)
+}
+
+/// `import_backup`: a backup chosen in the native open dialog, imported as new conversations
+/// ([`backup::import`]); `null` when cancelled.
+#[tauri::command]
+pub async fn import_backup<R: Runtime>(
+    app: AppHandle<R>,
+    state: State<'_, AppState>,
+) -> CmdResult<Option<ImportSummary>> {
+    let Some(path) =
+        desktop::pick_open_file(&app, "Import a backup", ("TPTT Chat backup", "zip")).await?
+    else {
+        return Ok(None);
+    };
+    let done = backup::import(&state, &path).await?;
+    Ok(Some(ImportSummary {
+        conversations: done.conversations as u32,
+        states: done.states as u32,
+    }))
 }
 
 /// `rename_conversation`.

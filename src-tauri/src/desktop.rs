@@ -130,6 +130,28 @@ pub async fn pick_folder<R: Runtime>(
     chosen_path(rx.await)
 }
 
+/// A file chosen in the native open dialog (one filter of `extension`), or `None` when the user
+/// cancels.
+pub async fn pick_open_file<R: Runtime>(
+    app: &AppHandle<R>,
+    title: &str,
+    filter: (&str, &str),
+) -> CmdResult<Option<PathBuf>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut dialog = app
+        .dialog()
+        .file()
+        .set_title(title)
+        .add_filter(filter.0, &[filter.1]);
+    if let Some(dir) = default_folder() {
+        dialog = dialog.set_directory(dir);
+    }
+    dialog.pick_file(move |picked| {
+        let _ = tx.send(picked);
+    });
+    chosen_path(rx.await)
+}
+
 /// A file name chosen in the native save dialog (`suggested` in `folder` proposed, one filter
 /// of `extension`), or `None` when the user cancels.
 pub async fn pick_save_path<R: Runtime>(

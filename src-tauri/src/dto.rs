@@ -263,6 +263,70 @@ impl ConversationSummary {
     }
 }
 
+/// `BackupSummary`: what `export_backup` wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSummary {
+    /// Conversations written.
+    pub conversations: u32,
+    /// Of which with their memory state.
+    pub states: u32,
+    /// The file's size.
+    #[ts(type = "number")]
+    pub bytes: u64,
+    /// Where.
+    pub path: String,
+}
+
+/// `ImportSummary`: what `import_backup` brought in.
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportSummary {
+    /// Conversations imported (new ones; nothing that existed was touched).
+    pub conversations: u32,
+    /// Of which with their memory state (they reopen without re-reading on the same model).
+    pub states: u32,
+}
+
+/// `SavedMemory`: a primed memory of the library (`list_memories`).
+#[derive(Debug, Clone, PartialEq, Serialize, TS)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedMemory {
+    /// Id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The model it was saved with (only it, with the same variant, can use it).
+    pub model_repo: String,
+    /// That model's variant.
+    pub variant: String,
+    /// Tokens it has read.
+    #[ts(type = "number")]
+    pub tokens: u64,
+    /// Its file's size.
+    #[ts(type = "number")]
+    pub size_bytes: u64,
+    /// The title of the chat it was saved from.
+    pub source_title: String,
+    /// ISO 8601.
+    pub created_at: String,
+}
+
+impl From<&tptt_store::Memory> for SavedMemory {
+    fn from(m: &tptt_store::Memory) -> Self {
+        Self {
+            id: m.id.0.to_string(),
+            name: m.name.clone(),
+            model_repo: m.key.model.clone(),
+            variant: m.key.variant.clone(),
+            tokens: m.token_count,
+            size_bytes: m.size_bytes,
+            source_title: m.source_title.clone(),
+            created_at: m.created_at.to_string(),
+        }
+    }
+}
+
 /// `Conversation`.
 #[derive(Debug, Clone, PartialEq, Serialize, TS)]
 #[serde(rename_all = "camelCase")]

@@ -83,6 +83,7 @@ impl CommandError {
         match e {
             E::ConversationNotFound(id) => Self::new(ErrorKind::NotFound, format!("Conversation {id} does not exist (it may have been deleted).")),
             E::MessageNotFound(id) => Self::new(ErrorKind::NotFound, format!("Message {id} does not exist (it may have been deleted).")),
+            E::MemoryNotFound(id) => Self::new(ErrorKind::NotFound, format!("Memory {id} does not exist (it may have been deleted).")),
             E::DiskFull(_) => Self::new(ErrorKind::DiskFull, "The disk is full: the change was not saved, nothing saved before was lost. Free some space and try again."),
             E::Busy(_) => Self::new(ErrorKind::Database, "Another program keeps the conversation database locked. Close it (or another copy of TPTT Chat) and try again."),
             E::Damaged(_) | E::Corrupt { .. } => Self::new(

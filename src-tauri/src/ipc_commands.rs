@@ -18,8 +18,9 @@ use ts_rs::TS;
 
 use crate::commands;
 use crate::dto::{
-    ChatEvent, ChatSettingsSaved, ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent,
-    MemoryInfo, ModelEntry, RegenerateResult, SendResult, SettingsDto, VariantEntry,
+    BackupSummary, ChatEvent, ChatSettingsSaved, ConversationDto, ConversationSummary, DeviceInfo,
+    DownloadEvent, ImportSummary, MemoryInfo, ModelEntry, RegenerateResult, SavedMemory,
+    SendResult, SettingsDto, VariantEntry,
 };
 use crate::error::CmdResult;
 use crate::state::AppState;
@@ -149,11 +150,18 @@ ipc_commands! {
     get_conversation [state] (id: String) -> ConversationDto;
     set_conversation_settings [state] (id: String, settings: serde_json::Value as "ChatSettings") -> ChatSettingsSaved;
     branch_conversation [state] (id: String, message_id: String) -> ConversationSummary;
+    save_memory [state] (conversation_id: String, name: String) -> SavedMemory;
+    list_memories [state] () -> Vec<SavedMemory>;
+    rename_memory [state] (id: String, name: String) -> ();
+    delete_memory [state] (id: String) -> ();
+    new_chat_from_memory [state] (id: String) -> ConversationSummary;
     switch_version [state] (conversation_id: String, message_id: String, version: serde_json::Value as "number") -> ConversationDto;
     rename_conversation [state] (id: String, title: String) -> ();
     delete_conversation [state] (id: String) -> ();
     export_conversation [state] (id: String, format: String as "ExportFormat") -> String;
     save_conversation [app, state] (id: String, format: String as "ExportFormat") -> Option<String>;
+    export_backup [app, state] (include_states: serde_json::Value as "boolean") -> Option<BackupSummary>;
+    import_backup [app, state] () -> Option<ImportSummary>;
     open_logs_folder [state] () -> String;
     send_message [state] (conversation_id: String, content: String, on_event: Channel<ChatEvent>) -> SendResult;
     regenerate [state] (conversation_id: String, on_event: Channel<tauri::ipc::InvokeResponseBody> as "Channel<ChatEvent>") -> RegenerateResult;

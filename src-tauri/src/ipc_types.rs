@@ -12,10 +12,10 @@ use ts_rs::TS;
 
 use crate::device::DevicePref;
 use crate::dto::{
-    ChatEvent, ChatModelDto, ChatSettingsDto, ChatSettingsSaved, ConversationDto,
-    ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat, LaunchEvent, MemoryHealth,
-    MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SamplingDto, SendResult,
-    SettingsDto, Stats, VariantEntry, Verdict, VersionsDto, LAUNCH_EVENT,
+    BackupSummary, ChatEvent, ChatModelDto, ChatSettingsDto, ChatSettingsSaved, ConversationDto,
+    ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat, ImportSummary, LaunchEvent,
+    MemoryHealth, MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SamplingDto,
+    SavedMemory, SendResult, SettingsDto, Stats, VariantEntry, Verdict, VersionsDto, LAUNCH_EVENT,
 };
 use crate::error::{CommandError, ErrorKind};
 use crate::settings::{
@@ -78,6 +78,9 @@ pub fn typescript() -> String {
         declaration::<ChatSettingsDto>(),
         declaration::<ChatSettingsSaved>(),
         declaration::<ConversationDto>(),
+        declaration::<SavedMemory>(),
+        declaration::<BackupSummary>(),
+        declaration::<ImportSummary>(),
         declaration::<ChatEvent>(),
         declaration::<SendResult>(),
         declaration::<RegenerateResult>(),

@@ -28,6 +28,7 @@
 //! [`build_app`] takes its runtime (`tauri::Builder<R>`) and its context, so the tests run the
 //! same app on Tauri's mock runtime; [`run_app`] is the real thing.
 
+pub mod backup;
 pub mod chat;
 pub mod chat_settings;
 pub mod cleanup;
@@ -40,6 +41,7 @@ pub mod ipc_commands;
 pub mod ipc_types;
 pub mod launch;
 pub mod logging;
+pub mod memories;
 pub mod models;
 pub mod runtime;
 pub mod settings;

@@ -1629,6 +1629,337 @@ fn regenerate_and_edit_keep_versions_and_a_switch_continues_from_their_state() {
     );
 }
 
+/// Saved memories: a chat's memory saved under a name starts new chats that read only their own
+/// messages on top of it (nothing of the source is read again); the library lists, renames and
+/// deletes them; a chat started from a memory keeps going once the memory is deleted.
+#[test]
+fn a_saved_memory_starts_new_chats_that_read_only_their_own_messages() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::offline(dir.path());
+    app.use_tiny("delta_rule", 6);
+    let c = app.new_conversation();
+    let msg = app.err(
+        "save_memory",
+        json!({"conversationId": c, "name": "Numbers"}),
+        "not_found",
+    );
+    assert!(msg.contains("no saved memory yet"), "{msg}");
+    let (_, first) = send(&app, &c, "Remember the number 7.");
+    assert_eq!(last_kind(&first), "done", "{first:?}");
+    let mem1 = first.last().expect("done")["memory"].clone();
+    let total1 = mem1["totalTokens"].as_u64().expect("total");
+
+    let saved = app.ok(
+        "save_memory",
+        json!({"conversationId": c, "name": "  Numbers  "}),
+    );
+    assert_eq!(saved["name"], "Numbers");
+    assert_eq!(saved["tokens"].as_u64(), Some(total1));
+    assert!(
+        saved["sizeBytes"].as_u64().is_some_and(|n| n > 0),
+        "{saved}"
+    );
+    let id = saved["id"].as_str().expect("id").to_string();
+    for bad in [json!(""), json!("   "), json!("x".repeat(201))] {
+        app.err(
+            "save_memory",
+            json!({"conversationId": c, "name": bad}),
+            "invalid_settings",
+        );
+    }
+    let listed = app.ok("list_memories", json!({}));
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
+    // A new chat from it: its meter is the memory's, and its first turn starts from it.
+    let chat = app.ok("new_chat_from_memory", json!({"id": id}));
+    assert_eq!(chat["title"], "Numbers");
+    let n = chat["id"].as_str().expect("id").to_string();
+    assert_eq!(app.conversation(&n)["memory"], mem1);
+    let (_, events) = send(&app, &n, "Which number?");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_eq!(
+        events[0]["memory"]["totalTokens"].as_u64(),
+        Some(total1),
+        "started from the saved memory"
+    );
+    let prompt = events.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+    assert!(
+        prompt < total1,
+        "only the new chat's text was read: {prompt}"
+    );
+
+    // Rename, delete: the chat started from it goes on from its own snapshot.
+    app.ok("rename_memory", json!({"id": id, "name": "Lucky numbers"}));
+    assert_eq!(
+        app.ok("list_memories", json!({}))[0]["name"],
+        "Lucky numbers"
+    );
+    app.err(
+        "rename_memory",
+        json!({"id": id, "name": " "}),
+        "invalid_settings",
+    );
+    let files_before = std::fs::read_dir(dir.path().join("states").join("memories"))
+        .expect("memories folder")
+        .count();
+    assert_eq!(files_before, 2, "the state and its meter");
+    app.ok("delete_memory", json!({"id": id}));
+    assert_eq!(app.ok("list_memories", json!({})), json!([]));
+    let files_after = std::fs::read_dir(dir.path().join("states").join("memories"))
+        .expect("memories folder")
+        .count();
+    assert_eq!(files_after, 0, "its files went with it");
+    let mem_n = events.last().expect("done")["memory"].clone();
+    let (_, again) = send(&app, &n, "Thanks.");
+    assert_eq!(last_kind(&again), "done", "{again:?}");
+    assert_eq!(again[0]["memory"], mem_n, "continued from its own state");
+    for (cmd, args) in [
+        ("new_chat_from_memory", json!({"id": id})),
+        ("delete_memory", json!({"id": id})),
+        ("rename_memory", json!({"id": id, "name": "x"})),
+        ("new_chat_from_memory", json!({"id": "abc"})),
+        (
+            "save_memory",
+            json!({"conversationId": "999999", "name": "x"}),
+        ),
+    ] {
+        app.err(cmd, args, "not_found");
+    }
+}
+
+/// A crafted backup: `backup.json` with `manifest`, and `extra` entries.
+fn crafted_backup(path: &std::path::Path, manifest: &serde_json::Value, extra: &[(&str, &[u8])]) {
+    use std::io::Write;
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).expect("create"));
+    zip.start_file("backup.json", options).expect("entry");
+    zip.write_all(manifest.to_string().as_bytes())
+        .expect("write");
+    for (name, bytes) in extra {
+        zip.start_file(*name, options).expect("entry");
+        zip.write_all(bytes).expect("write");
+    }
+    zip.finish().expect("finish");
+}
+
+/// Backup and restore: every conversation into one file and into another app's data (new
+/// conversations, nothing there touched); with states, an imported chat continues without
+/// re-reading, without them its memory is rebuilt from the text; a file that is not a backup,
+/// cut short, edited, from a newer version or naming entries outside its states is refused with
+/// a message and changes nothing.
+#[test]
+fn a_backup_restores_the_conversations_and_their_memory_in_another_app() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::offline(dir.path());
+    app.use_tiny("delta_rule", 6);
+    let c = app.new_conversation();
+    let (_, first) = send(&app, &c, "Remember the number 7.");
+    assert_eq!(last_kind(&first), "done", "{first:?}");
+    let mem1 = first.last().expect("done")["memory"].clone();
+    app.ok("set_conversation_pinned", json!({"id": c, "pinned": true}));
+    let c2 = app.new_conversation();
+    let (_, other) = send(&app, &c2, "Hello there.");
+    assert_eq!(last_kind(&other), "done", "{other:?}");
+
+    let full = dir.path().join("backup.zip");
+    let text_only = dir.path().join("text.zip");
+    let written = block_on(tptt_chat::backup::write(&app.state(), &full, true)).expect("backup");
+    assert_eq!((written.conversations, written.states), (2, 2));
+    let light =
+        block_on(tptt_chat::backup::write(&app.state(), &text_only, false)).expect("backup");
+    assert_eq!((light.conversations, light.states), (2, 0));
+    assert!(
+        light.bytes < written.bytes,
+        "{} < {}",
+        light.bytes,
+        written.bytes
+    );
+
+    // Another app's data, with a conversation of its own.
+    let dir2 = tempfile::tempdir().expect("dir");
+    let app2 = TestApp::offline(dir2.path());
+    app2.use_tiny("delta_rule", 6);
+    let own = app2.new_conversation();
+    let count = |app: &TestApp| {
+        app.ok("list_conversations", json!({"query": null}))
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0)
+    };
+    let done = block_on(tptt_chat::backup::import(&app2.state(), &full)).expect("import");
+    assert_eq!((done.conversations, done.states), (2, 2));
+    let listed = app2.ok("list_conversations", json!({"query": null}));
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+    assert_eq!(
+        listed[0]["pinned"],
+        json!(true),
+        "the pin came along: {listed}"
+    );
+    let imported = listed[0]["id"].as_str().expect("id").to_string();
+    assert_ne!(imported, own);
+    let conv = app2.conversation(&imported);
+    assert_eq!(conv["messages"][0]["content"], "Remember the number 7.");
+    let without_ids = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        let mut out = v.as_array().expect("messages").clone();
+        for m in &mut out {
+            m["id"] = json!(null);
+        }
+        out
+    };
+    assert_eq!(
+        without_ids(&conv["messages"]),
+        without_ids(&app.conversation(&c)["messages"]),
+        "new ids, everything else as it was"
+    );
+    assert_eq!(conv["memory"], mem1, "the meter came with the state");
+    let (_, next) = send(&app2, &imported, "Which number?");
+    assert_eq!(last_kind(&next), "done", "{next:?}");
+    assert_eq!(
+        next[0]["memory"], mem1,
+        "continued from the imported state, nothing re-read"
+    );
+    assert!(
+        app2.conversation(&own)["messages"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "untouched"
+    );
+
+    // Without states: the memory is rebuilt from the text at the next turn.
+    let ids = |app: &TestApp| -> Vec<String> {
+        app.ok("list_conversations", json!({"query": null}))
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|c| c["id"].as_str().map(String::from))
+            .collect()
+    };
+    let known = ids(&app2);
+    let done = block_on(tptt_chat::backup::import(&app2.state(), &text_only)).expect("import");
+    assert_eq!((done.conversations, done.states), (2, 0));
+    let plain = ids(&app2)
+        .into_iter()
+        .filter(|id| !known.contains(id))
+        .find(|id| app2.conversation(id)["messages"][0]["content"] == "Remember the number 7.")
+        .expect("the imported copy");
+    let (_, rebuilt) = send(&app2, &plain, "Which number?");
+    assert_eq!(
+        rebuilt[0]["memory"]["totalTokens"], 0,
+        "rebuilt from the text"
+    );
+
+    // Bad files: refused, nothing changes.
+    let before = count(&app2);
+    let bytes = std::fs::read(&full).expect("read");
+    let bad = |name: &str, contents: &[u8]| {
+        let p = dir2.path().join(name);
+        std::fs::write(&p, contents).expect("write");
+        p
+    };
+    let mut edited = bytes.clone();
+    let middle = edited.len() / 2;
+    edited[middle] ^= 0x55;
+    let newer = dir2.path().join("newer.zip");
+    crafted_backup(
+        &newer,
+        &json!({"format": "tptt-chat-backup", "version": 2, "future": true}),
+        &[],
+    );
+    let foreign = dir2.path().join("foreign.zip");
+    crafted_backup(
+        &foreign,
+        &json!({"format": "something-else", "version": 1}),
+        &[],
+    );
+    let conversation = |state: serde_json::Value| {
+        json!({"format": "tptt-chat-backup", "version": 1, "appVersion": "0", "createdAt": 0, "states": true,
+            "conversations": [{"title": "x", "createdAt": 0, "updatedAt": 0, "model": null, "variant": null,
+                "settings": {}, "archived": false, "pinned": false,
+                "messages": [{"role": "user", "content": "hi", "status": "complete", "error": null,
+                    "createdAt": 0, "updatedAt": 0, "tokenCount": null, "stats": null}],
+                "state": state}]})
+    };
+    let state_entry = |file: &str, message: usize, size: u64| {
+        json!({"message": message, "model": "m", "variant": "v", "configHash": "h", "file": file,
+            "meta": null, "sizeBytes": size, "tokenCount": 1})
+    };
+    let escape = dir2.path().join("escape.zip");
+    crafted_backup(
+        &escape,
+        &conversation(state_entry("../../escape.safetensors", 0, 3)),
+        &[("../../escape.safetensors", b"abc")],
+    );
+    let beyond = dir2.path().join("beyond.zip");
+    crafted_backup(
+        &beyond,
+        &conversation(state_entry("states/0.safetensors", 5, 3)),
+        &[("states/0.safetensors", b"abc")],
+    );
+    let missing = dir2.path().join("missing.zip");
+    crafted_backup(
+        &missing,
+        &conversation(state_entry("states/0.safetensors", 0, 3)),
+        &[],
+    );
+    let lying = dir2.path().join("lying.zip");
+    crafted_backup(
+        &lying,
+        &conversation(state_entry("states/0.safetensors", 0, 1 << 20)),
+        &[("states/0.safetensors", b"abc")],
+    );
+    let bad_role = dir2.path().join("role.zip");
+    let mut m = conversation(json!(null));
+    m["conversations"][0]["messages"][0]["role"] = json!("admin");
+    crafted_backup(&bad_role, &m, &[]);
+    for (path, says) in [
+        (bad("empty.zip", b""), "not a TPTT Chat backup"),
+        (
+            bad("text.txt", b"hello, not a zip"),
+            "not a TPTT Chat backup",
+        ),
+        (bad("cut.zip", &bytes[..bytes.len() / 2]), "cut short"),
+        (bad("edited.zip", &edited), "damaged"),
+        (newer, "newer version"),
+        (foreign, "not a TPTT Chat backup"),
+        (escape, "not a state entry name"),
+        (beyond, "follows message 6 of 1"),
+        (missing, "missing"),
+        (lying, "bytes"),
+        (bad_role, "conversation 1 message 1"),
+        (dir2.path().join("absent.zip"), "cannot be read"),
+    ] {
+        let e = block_on(tptt_chat::backup::import(&app2.state(), &path)).expect_err("refused");
+        assert_eq!(
+            e.kind,
+            tptt_chat::ErrorKind::InvalidSettings,
+            "{}: {}",
+            path.display(),
+            e.message
+        );
+        assert!(
+            e.message.contains(says),
+            "{}: {}",
+            path.display(),
+            e.message
+        );
+        assert!(e.message.contains("Nothing was changed"), "{}", e.message);
+        assert_eq!(count(&app2), before, "{}", path.display());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir2.path().join("states"))
+        .expect("states")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("import-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "no temporary folder left: {leftovers:?}"
+    );
+    assert!(!dir2.path().join("escape.safetensors").exists());
+}
+
 /// `regenerate` on `conversation`, to its end.
 fn app_regenerate(app: &TestApp, conversation: &str) -> Vec<serde_json::Value> {
     let (ch, rx) = channel();

@@ -35,6 +35,8 @@ const [FIRST_VARIANT, VARIANT] = VARIANTS;
 const FIRST_MESSAGE = 'Hello tiny model, tell me about gardens';
 const SECOND_MESSAGE = 'And what about the rivers nearby?';
 const VERSION_MESSAGE = 'Which one is the longest?';
+const MEMORY_NAME = 'Gardens and rivers';
+const MEMORY_QUESTION = 'What do you remember about gardens?';
 const SEARCH = 'gardens';
 const LONG_MESSAGE = 'Now tell me everything you know, at length';
 /** Messages sent at most until an answer streams past its first save. */
@@ -213,6 +215,19 @@ async function click(selector) {
 async function scrollTo(el) {
   await driver.executeScript('arguments[0].scrollIntoView({ block: "center" })', el);
 }
+/**
+ * An element's text from the DOM. WebKitWebDriver's getText answers "" for the titles (one line,
+ * cut with an ellipsis by CSS), which made every comparison of titles pass vacuously.
+ */
+async function textOf(el) {
+  return (await driver.executeScript('return arguments[0].textContent', el)).trim();
+}
+
+/** The open chat's title (see `textOf`). */
+async function chatTitle() {
+  return textOf(await find('[data-testid="chat-title"]'));
+}
+
 async function setField(selector, value) {
   const el = await findVisible(selector);
   await el.clear();
@@ -560,7 +575,8 @@ step('sends a message and sees the answer stream in', async (t) => {
   seen.memoryBefore = await waitFor(async () => (await memoryTotal()) || false, 'the memory meter shows the memory');
   // The conversation is in the list, titled from the first message.
   const item = await findVisible('[data-testid="conversation"] [data-testid="conversation-title"]');
-  seen.conversationTitle = await item.getText();
+  seen.conversationTitle = await textOf(item);
+  assert.ok(seen.conversationTitle, 'the conversation has a title');
   assert.ok(FIRST_MESSAGE.startsWith(seen.conversationTitle.replace(/…$/, '')), `title: ${seen.conversationTitle}`);
   await shot('chat-first-answer');
   const log = appRuns().at(-1);
@@ -583,7 +599,7 @@ step('the app starts again on the same data and lists the conversation', async (
   await findVisible('[data-testid="welcome"]');
   await setField('[data-testid="search"]', SEARCH);
   const title = await findVisible('[data-testid="conversation"] [data-testid="conversation-title"]');
-  assert.equal(await title.getText(), seen.conversationTitle);
+  assert.equal(await textOf(title), seen.conversationTitle);
   await waitFor(async () => (await driver.findElements(css('[data-testid="conversation"]'))).length === 1, 'one match');
   await shot('conversations');
 });
@@ -591,7 +607,7 @@ step('the app starts again on the same data and lists the conversation', async (
 step('continues the conversation from its saved state', async (t) => {
   await click('[data-testid="conversation"] .conversation-open');
   await waitFor(
-    async () => (await (await find('[data-testid="chat-title"]')).getText()) === seen.conversationTitle,
+    async () => (await chatTitle()) === seen.conversationTitle,
     'the conversation opens',
   );
   const answers = '[data-testid="message"][data-role="assistant"] [data-testid="message-body"]';
@@ -654,9 +670,8 @@ step('branch from here: a new chat continues from the first answer, the original
   const total = (await driver.findElements(css(messages))).length;
   const firstAnswer = (await driver.findElements(css('[data-testid="message"][data-role="assistant"]')))[0];
   await (await firstAnswer.findElement(css('[data-testid="branch"]'))).click();
-  const title = () => driver.executeScript('return document.querySelector(\'[data-testid="chat-title"]\')?.textContent ?? ""');
-  await waitFor(async () => (await title()).trim().endsWith('(branch)'), 'the branch opens').catch(async (err) => {
-    throw new Error(`${err.message}: the title is “${await title()}”`);
+  await waitFor(async () => (await chatTitle()).endsWith('(branch)'), 'the branch opens').catch(async (err) => {
+    throw new Error(`${err.message}: the title is “${await chatTitle()}”`);
   });
   await waitFor(async () => (await driver.findElements(css(messages))).length === 2, 'the branch holds the first turn');
   assert.ok(total > 2, `the original had ${total} messages`);
@@ -665,7 +680,7 @@ step('branch from here: a new chat continues from the first answer, the original
   let original = null;
   await waitFor(async () => {
     for (const item of await driver.findElements(css('[data-testid="conversation"]'))) {
-      const title = await (await item.findElement(css('[data-testid="conversation-title"]'))).getText();
+      const title = await textOf(await item.findElement(css('[data-testid="conversation-title"]')));
       if (title === seen.conversationTitle) original = await item.findElement(css('.conversation-open'));
     }
     return original;
@@ -673,6 +688,51 @@ step('branch from here: a new chat continues from the first answer, the original
   await original.click();
   await waitFor(async () => (await driver.findElements(css(messages))).length === total, 'the original is unchanged');
 });
+
+step('a saved memory: saved from the chat, listed in Memories, a new chat starts from it reading only its own text', async () => {
+  const restored = async () => {
+    let original = null;
+    await waitFor(async () => {
+      for (const item of await driver.findElements(css('[data-testid="conversation"]'))) {
+        const title = await textOf(await item.findElement(css('[data-testid="conversation-title"]')));
+        if (title === seen.conversationTitle) original = await item.findElement(css('.conversation-open'));
+      }
+      return original;
+    }, 'the original is listed');
+    return original;
+  };
+  const tokens = await memoryTotal();
+  await click('[data-testid="save-memory"]');
+  await setField('[data-testid="memory-name"]', MEMORY_NAME);
+  await click('[data-testid="memory-save"]');
+  await waitFor(async () => dbRows('SELECT COUNT(*) AS n FROM memories')[0].n === 1, 'the memory is recorded');
+  await waitFor(async () => !(await (await find('[data-testid="memory-name"]')).isDisplayed()), 'the dialog closes');
+  await click('[data-testid="nav-memories"]');
+  const name = await findVisible('[data-testid="memory"] [data-testid="memory-name"]');
+  assert.equal(await name.getText(), MEMORY_NAME);
+  const listed = Number((await (await find('[data-testid="memory-tokens"]')).getText()).replace(/\D/g, ''));
+  assert.equal(listed, tokens, 'the memory holds what the chat had read');
+  const [row] = dbRows('SELECT token_count, path FROM memories');
+  assert.equal(row.token_count, tokens);
+  await shot('memories');
+  await click('[data-testid="memory-new-chat"]');
+  await waitFor(async () => (await chatTitle()) === MEMORY_NAME, 'the new chat opens').catch(async (err) => {
+    throw new Error(`${err.message}: the title is “${await chatTitle()}”`);
+  });
+  await waitFor(async () => (await memoryTotal()) === tokens, `the new chat's meter starts with the memory (${tokens} tokens)`);
+  await sendAndAwaitAnswer(MEMORY_QUESTION, 0);
+  const log = appRuns().at(-1);
+  assert.match(log, /memory started from a saved memory/, 'the turn started from the saved memory');
+  const turns = [...log.matchAll(/turn starts.*?read=(\d+) feeding=(\d+)/g)];
+  const [, read, feeding] = turns.at(-1);
+  assert.equal(Number(read), tokens, 'the turn started from the memory');
+  assert.ok(Number(feeding) < tokens, `only the new chat's text was read (${feeding} tokens)`);
+  // Back to the original conversation for the steps that follow.
+  await (await restored()).click();
+  await waitFor(async () => (await chatTitle()) === seen.conversationTitle, 'the original opens').catch(async (err) => {
+    throw new Error(`${err.message}: the title is ${JSON.stringify(await chatTitle())}, not ${JSON.stringify(seen.conversationTitle)}`);
+  });
+}, 240_000);
 
 step('a long paste: its reading shows in the chat, the meter follows the backend, the webview leaves the CPU to the model', async (t) => {
   const appPid = appPids()[0];

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::types::{ConversationId, MessageId};
+use crate::types::{ConversationId, MemoryId, MessageId};
 
 /// `Result` with the store's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -132,6 +132,10 @@ pub enum Error {
     /// No message has this id.
     #[error("message {0} does not exist")]
     MessageNotFound(MessageId),
+
+    /// No primed memory has this id.
+    #[error("memory {0} does not exist")]
+    MemoryNotFound(MemoryId),
 
     /// A row holds something this version cannot read (an unknown role, invalid settings JSON,
     /// text that is not UTF-8...): the row was edited by hand, by a newer version, or damaged.

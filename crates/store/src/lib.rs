@@ -15,10 +15,13 @@
 //! - [`versions`]: what regenerate and edit replace is kept as a version of its position, and
 //!   [`Store::switch_version`] brings it back (messages, ids and snapshots), in one transaction.
 //! - [`branch`]: a new conversation copied from another up to a message.
+//! - [`memories`]: primed memories — a conversation's state saved under a name — and new
+//!   conversations that start from one.
 //! - [`search`]: titles and message text, FTS5 trigram substring search.
 //! - [`snapshots`]: TPTT state snapshot files recorded at turn boundaries, keyed by
 //!   [`ModelKey`]; the latest usable one; stale ones dropped.
 //! - [`export`]: a conversation as Markdown or JSON, text as it is.
+//! - [`import`]: conversations from a backup, all in one transaction, as new conversations.
 //! - [`settings`]: application settings, one JSON value per key.
 //!
 //! Opening a file ([`Store::open`]):
@@ -51,6 +54,8 @@ mod check;
 pub mod conversations;
 mod error;
 pub mod export;
+pub mod import;
+pub mod memories;
 pub mod messages;
 pub mod search;
 pub mod settings;
@@ -73,12 +78,14 @@ pub use branch::Branch;
 pub use check::CHECK_BUDGET;
 pub use conversations::{Conversation, ListScope, NewConversation};
 pub use error::{Damage, Error, MalformedRow, Result};
+pub use import::{ImportConversation, ImportMessage, Imported};
+pub use memories::{Memory, NewMemory, MAX_MEMORY_NAME_CHARS};
 pub use messages::{Edited, Message, MessageUpdate, NewMessage, Replacement, Settled};
 pub use search::{MessageHit, SearchHit};
 pub use snapshots::{NewSnapshot, Snapshot};
 pub use types::{
-    ConversationId, ConversationSettings, Listing, MessageId, MessageStatus, ModelKey, Role,
-    SamplingSettings, SnapshotId, Timestamp,
+    ConversationId, ConversationSettings, Listing, MemoryId, MessageId, MessageStatus, ModelKey,
+    Role, SamplingSettings, SnapshotId, Timestamp,
 };
 pub use versions::{Switched, VersionSet, HELD_SNAPSHOTS};
 

@@ -38,6 +38,10 @@ id_type!(
     /// A state snapshot's id.
     SnapshotId
 );
+id_type!(
+    /// A primed memory's id (never reused after a delete).
+    MemoryId
+);
 
 /// A point in time: milliseconds since the Unix epoch, UTC. Serialized as RFC 3339
 /// (`2023-11-14T22:13:20.000Z`).

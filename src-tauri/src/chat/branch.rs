@@ -5,11 +5,9 @@
 //! re-reading; otherwise its memory is rebuilt from the text at its first turn, as for any
 //! conversation without a snapshot.
 
-use std::path::Path;
-
 use tptt_store::{ConversationId, MessageId, NewSnapshot};
 
-use super::memory::{meta_path, remove_snapshot_files};
+use super::memory::{meta_path, remove_snapshot_files, share_file};
 use crate::dto::ConversationSummary;
 use crate::error::{CmdResult, CommandError, ErrorKind};
 use crate::state::AppState;
@@ -106,14 +104,4 @@ pub async fn branch(
         .find(|m| m.id == through)
         .map_or("", |m| m.content.as_str());
     Ok(ConversationSummary::new(&branch, preview))
-}
-
-/// `to` as a hard link to `from` (snapshot files are never written again once made), or a copy
-/// where a link cannot be made (another file system).
-fn share_file(from: &Path, to: &Path, dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    match std::fs::hard_link(from, to) {
-        Ok(()) => Ok(()),
-        Err(_) => std::fs::copy(from, to).map(|_| ()),
-    }
 }

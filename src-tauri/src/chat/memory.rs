@@ -1,6 +1,6 @@
 //! The conversation's memory (module doc of [`super`], "The memory rule"): the state held
-//! between turns, the snapshots on disk and their sidecars, the fresh memory after a reset, and
-//! the memory meter.
+//! between turns, the snapshots on disk and their sidecars, the saved memory a chat started
+//! from, the fresh memory after a reset, and the memory meter.
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +52,16 @@ pub fn read_meta(snapshot: &Path) -> Option<SnapshotMeta> {
     std::fs::read(meta_path(snapshot))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// `to` (in folder `dir`, created if need be) as a hard link to `from` (snapshot files are
+/// never written again once made), or a copy where a link cannot be made (another file system).
+pub fn share_file(from: &Path, to: &Path, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    match std::fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(_) => std::fs::copy(from, to).map(|_| ()),
+    }
 }
 
 /// Removes snapshot files (and their sidecars) the store no longer refers to.
@@ -154,6 +164,9 @@ pub(super) fn memory_for(
             tracing::warn!(error = %e, "cannot look up snapshots: rebuilding the memory from the text")
         }
     }
+    if let Some(primed) = primed(state, conversation, model) {
+        return primed;
+    }
     let window = fresh_window(state, window, Some(model));
     CachedSession {
         conversation,
@@ -167,6 +180,57 @@ pub(super) fn memory_for(
         transcript: ChatTranscript::fresh(),
         identity: model.identity.clone(),
         read_position: None,
+    }
+}
+
+/// The saved memory the conversation started from ([`crate::memories`]), loaded, when it still
+/// exists, belongs to the loaded model and the conversation was not reset since: the turn then
+/// reads the whole conversation on top of it (as a fresh memory reads it: the memory's own text
+/// is not the conversation's).
+fn primed(
+    state: &AppState,
+    conversation: ConversationId,
+    model: &LoadedModel,
+) -> Option<CachedSession> {
+    if fresh_memory_marked(state, conversation) {
+        return None;
+    }
+    let m = match block_on(state.store.conversation_memory(conversation)) {
+        Ok(Some(m)) => m,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look up the chat's saved memory: building the memory from the text");
+            return None;
+        }
+    };
+    if m.key != model_key(&model.identity) {
+        tracing::warn!(
+            conversation = conversation.0,
+            memory = m.id.0,
+            "the saved memory this chat started from belongs to another model or config: the memory is built from the text"
+        );
+        return None;
+    }
+    match snapshot::load_marked(model.model.clone(), &model.identity, &m.path) {
+        Ok((session, _)) => {
+            tracing::info!(
+                conversation = conversation.0,
+                memory = m.id.0,
+                tokens = session.state.pos,
+                "memory started from a saved memory"
+            );
+            Some(CachedSession {
+                conversation,
+                session,
+                transcript: ChatTranscript::fresh(),
+                identity: model.identity.clone(),
+                read_position: None,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(path = %m.path.display(), error = %e, "saved memory refused: the memory is built from the text");
+            None
+        }
     }
 }
 
@@ -281,6 +345,12 @@ pub async fn memory_info(state: &AppState, conversation: ConversationId) -> Memo
     }
     if let Ok(listing) = state.store.list_snapshots(conversation).await {
         if let Some(meta) = listing.items.last().and_then(|s| read_meta(&s.path)) {
+            return meta.memory;
+        }
+    }
+    // A chat started from a saved memory, before its first answer: that memory.
+    if let Ok(Some(m)) = state.store.conversation_memory(conversation).await {
+        if let Some(meta) = read_meta(&m.path) {
             return meta.memory;
         }
     }

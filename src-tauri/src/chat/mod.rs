@@ -34,6 +34,8 @@
 //!   conversation and to the loaded model's identity;
 //! * else the latest snapshot recorded under the loaded model's **same model, variant and
 //!   config hash** is loaded: continuing needs no re-reading of the history;
+//! * else, for a chat started from a saved memory ([`crate::memories`]) of that model, variant
+//!   and config, that memory, on which the whole conversation is read (all of it is new to it);
 //! * else (another model, variant or config — a switch in the settings, which takes effect for
 //!   the next message —, or a snapshot that is missing, corrupt or refused) the memory is
 //!   rebuilt from the stored text: the whole conversation is fed again. Once that turn is
@@ -86,7 +88,7 @@ pub use branch::branch;
 pub use held::CachedSession;
 pub use memory::{
     fresh_memory_key, invalidate_session, memory_info, meta_path, read_meta, remove_snapshot_files,
-    reset_memory, set_settings, SnapshotMeta,
+    reset_memory, set_settings, share_file, SnapshotMeta,
 };
 pub use model::{target, Target};
 pub use slot::Slot;

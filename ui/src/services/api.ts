@@ -139,6 +139,24 @@ export const setConversationPinned = (id: string, pinned: boolean) =>
 export const setConversationArchived = (id: string, archived: boolean) =>
   call('set_conversation_archived', { id, archived });
 
+/** Saves the conversation's memory (as after its last answer) under `name`. */
+export const saveMemory = (conversationId: string, name: string) => call('save_memory', { conversationId, name });
+
+export const listMemories = () => call('list_memories');
+
+export const renameMemory = (id: string, name: string) => call('rename_memory', { id, name });
+
+export const deleteMemory = (id: string) => call('delete_memory', { id });
+
+/** A new chat whose memory starts as the saved one. */
+export const newChatFromMemory = (id: string) => call('new_chat_from_memory', { id });
+
+/** Backs up every conversation into a file chosen in the save dialog; null when cancelled. */
+export const exportBackup = (includeStates: boolean) => call('export_backup', { includeStates });
+
+/** Imports a backup chosen in the open dialog, as new conversations; null when cancelled. */
+export const importBackup = () => call('import_backup');
+
 /** Shows version `version` of the continuation `messageId` starts; the conversation as it is then. */
 export const switchVersion = (conversationId: string, messageId: string, version: number) =>
   call('switch_version', { conversationId, messageId, version });

@@ -491,6 +491,77 @@ memory: MemoryInfo,
 settings: ChatSettings, };
 
 /**
+ * `SavedMemory`: a primed memory of the library (`list_memories`).
+ */
+export type SavedMemory = { 
+/**
+ * Id.
+ */
+id: string, 
+/**
+ * Its name.
+ */
+name: string, 
+/**
+ * The model it was saved with (only it, with the same variant, can use it).
+ */
+modelRepo: string, 
+/**
+ * That model's variant.
+ */
+variant: string, 
+/**
+ * Tokens it has read.
+ */
+tokens: number, 
+/**
+ * Its file's size.
+ */
+sizeBytes: number, 
+/**
+ * The title of the chat it was saved from.
+ */
+sourceTitle: string, 
+/**
+ * ISO 8601.
+ */
+createdAt: string, };
+
+/**
+ * `BackupSummary`: what `export_backup` wrote.
+ */
+export type BackupSummary = { 
+/**
+ * Conversations written.
+ */
+conversations: number, 
+/**
+ * Of which with their memory state.
+ */
+states: number, 
+/**
+ * The file's size.
+ */
+bytes: number, 
+/**
+ * Where.
+ */
+path: string, };
+
+/**
+ * `ImportSummary`: what `import_backup` brought in.
+ */
+export type ImportSummary = { 
+/**
+ * Conversations imported (new ones; nothing that existed was touched).
+ */
+conversations: number, 
+/**
+ * Of which with their memory state (they reopen without re-reading on the same model).
+ */
+states: number, };
+
+/**
  * `ChatEvent`, streamed through the `onEvent` channel of the chat commands.
  */
 export type ChatEvent = { "kind": "started", 
@@ -643,11 +714,18 @@ export interface Commands {
   get_conversation: { args: { id: string }; result: Conversation };
   set_conversation_settings: { args: { id: string; settings: ChatSettings }; result: ChatSettingsSaved };
   branch_conversation: { args: { id: string; messageId: string }; result: ConversationSummary };
+  save_memory: { args: { conversationId: string; name: string }; result: SavedMemory };
+  list_memories: { args: Record<string, never>; result: Array<SavedMemory> };
+  rename_memory: { args: { id: string; name: string }; result: null };
+  delete_memory: { args: { id: string }; result: null };
+  new_chat_from_memory: { args: { id: string }; result: ConversationSummary };
   switch_version: { args: { conversationId: string; messageId: string; version: number }; result: Conversation };
   rename_conversation: { args: { id: string; title: string }; result: null };
   delete_conversation: { args: { id: string }; result: null };
   export_conversation: { args: { id: string; format: ExportFormat }; result: string };
   save_conversation: { args: { id: string; format: ExportFormat }; result: string | null };
+  export_backup: { args: { includeStates: boolean }; result: BackupSummary | null };
+  import_backup: { args: Record<string, never>; result: ImportSummary | null };
   open_logs_folder: { args: Record<string, never>; result: string };
   send_message: { args: { conversationId: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };
   regenerate: { args: { conversationId: string; onEvent: Channel<ChatEvent> }; result: RegenerateResult };

@@ -30,6 +30,9 @@ import type {
   MemoryHealth,
   MemoryInfo,
   Message,
+  SavedMemory,
+  BackupSummary,
+  ImportSummary,
   ModelEntry,
   Settings,
   Stats,
@@ -114,6 +117,8 @@ interface StoredConversation {
   freshMemory?: boolean;
   /** Its own settings (absent: the app's). */
   settings?: ChatSettings;
+  /** Tokens of the saved memory it started from (its meter starts there). */
+  primedTokens?: number;
   /** Listed first. */
   pinned?: boolean;
   /** In the archived list. */
@@ -171,6 +176,8 @@ interface MockState {
   settings: Settings;
   hfToken: string | null;
   conversations: StoredConversation[];
+  /** Saved memories, most recent first. */
+  memories: SavedMemory[];
   device: DeviceInfo;
 }
 
@@ -442,6 +449,7 @@ function initialState(scenario: Scenario): MockState {
     settings,
     hfToken: null,
     conversations,
+    memories: [],
     device: { compiled: ['cpu', 'cuda'], inUse: 'cuda', name: deviceName('cuda') },
   };
 }
@@ -456,6 +464,8 @@ class MockBackend implements MockControl {
   savedFiles: { path: string; text: string }[] = [];
   openedFolders: string[] = [];
   private dialogAnswer: string | null | undefined = undefined;
+  /** What `import_backup` brings in (default: a copy of the conversations as they are). */
+  private backupSource: StoredConversation[] | null = null;
   private reply: string | null = null;
   private timing: Timing = {
     firstTokenMs: 120,
@@ -593,6 +603,19 @@ class MockBackend implements MockControl {
     get_conversation: (a) => this.getConversation(a.id),
     set_conversation_settings: (a) => this.setChatSettings(a.id, a.settings),
     branch_conversation: (a) => this.branch(a.id, a.messageId),
+    save_memory: (a) => this.saveMemory(a.conversationId, a.name),
+    list_memories: () => this.state.memories,
+    rename_memory: (a) => {
+      const m = this.findMemory(a.id);
+      m.name = this.memoryName(a.name);
+      return null;
+    },
+    delete_memory: (a) => {
+      this.findMemory(a.id);
+      this.state.memories = this.state.memories.filter((m) => m.id !== a.id);
+      return null;
+    },
+    new_chat_from_memory: (a) => this.newChatFromMemory(a.id),
     switch_version: (a) => this.switchVersion(a.conversationId, a.messageId, a.version),
     rename_conversation: (a) => {
       const c = this.find(a.id);
@@ -607,6 +630,8 @@ class MockBackend implements MockControl {
     },
     export_conversation: (a) => this.exportConversation(a.id, a.format),
     save_conversation: (a) => this.saveConversation(a.id, a.format),
+    export_backup: (a) => this.exportBackup(a.includeStates),
+    import_backup: () => this.importBackup(),
     open_logs_folder: () => {
       this.openedFolders.push(MOCK_LOG_DIR);
       return MOCK_LOG_DIR;
@@ -868,7 +893,9 @@ class MockBackend implements MockControl {
 
   private memory(c: StoredConversation, extra = 0): MemoryInfo {
     const windowSize = this.state.settings.windowSize ?? MODEL_WINDOW;
-    const totalTokens = Math.max(0, this.textTokens(c) - (c.unreadTokens ?? 0)) + extra;
+    // A chat started from a saved memory reads its own text (system prompt included) at its first turn.
+    const text = c.primedTokens !== undefined && c.messages.length === 0 ? 0 : this.textTokens(c);
+    const totalTokens = Math.max(0, text - (c.unreadTokens ?? 0)) + (c.primedTokens ?? 0) + extra;
     const windowFill = Math.min(totalTokens, windowSize);
     return {
       windowSize,
@@ -936,6 +963,59 @@ class MockBackend implements MockControl {
     }
     set.held.push({ version: set.shown, messages: tail, sets: nested });
     set.shown = Math.max(...set.held.map((h) => h.version)) + 1;
+  }
+
+  private findMemory(id: string): SavedMemory {
+    const m = this.state.memories.find((x) => x.id === id);
+    if (!m) throw fail('not_found', `Memory ${id} does not exist (it may have been deleted).`);
+    return m;
+  }
+
+  /** A memory's name as the backend takes it: trimmed, 1 to 200 characters. */
+  private memoryName(name: string): string {
+    const clean = name.trim();
+    if (!clean) throw fail('invalid_settings', 'name: give the memory a name');
+    if ([...clean].length > 200) throw fail('invalid_settings', 'name: at most 200 characters');
+    return clean;
+  }
+
+  /** `save_memory`: the chat's memory after its last answer (none yet: `not_found`). */
+  private saveMemory(conversationId: string, name: string): SavedMemory {
+    const clean = this.memoryName(name);
+    const c = this.find(conversationId);
+    if (this.generation) throw fail('busy', 'A reply is still being generated: wait for it, or stop it.');
+    if (!c.messages.some((m) => m.role === 'assistant')) {
+      throw fail('not_found', 'This chat has no saved memory yet: its memory is saved after each answer.');
+    }
+    const tokens = this.memory(c).totalTokens;
+    const m: SavedMemory = {
+      id: this.id('mem'),
+      name: clean,
+      modelRepo: c.modelRepo ?? this.state.settings.modelRepo ?? '',
+      variant: c.variant ?? this.state.settings.variant ?? '',
+      tokens,
+      sizeBytes: 4 * MiB + tokens * 46_080,
+      sourceTitle: c.title,
+      createdAt: now(),
+    };
+    this.state.memories.unshift(m);
+    return m;
+  }
+
+  /** `new_chat_from_memory`: a chat titled as the memory, whose meter starts at its tokens. */
+  private newChatFromMemory(id: string): ConversationSummary {
+    const m = this.findMemory(id);
+    const c: StoredConversation = {
+      id: this.id('c'),
+      title: m.name,
+      modelRepo: m.modelRepo,
+      variant: m.variant,
+      updatedAt: now(),
+      messages: [],
+      primedTokens: m.tokens,
+    };
+    this.state.conversations.push(c);
+    return this.summary(c);
   }
 
   /** `switch_version`, as the store does it: the shown continuation and the chosen one swap. */
@@ -1024,6 +1104,28 @@ class MockBackend implements MockControl {
         : this.dialogAnswer;
     if (path !== null) this.savedFiles.push({ path, text });
     return path;
+  }
+
+  /** `export_backup`: the file chosen (the dialog answer), what went in; null when cancelled. */
+  private exportBackup(includeStates: unknown): BackupSummary | null {
+    if (typeof includeStates !== 'boolean') throw fail('invalid_settings', `includeStates: ${JSON.stringify(includeStates)} is not true or false`);
+    if (this.generation) throw fail('busy', 'A reply is still being generated: wait for it, or stop it.');
+    const path = this.dialogAnswer === undefined ? '/home/user/Documents/tptt-chat-backup.zip' : this.dialogAnswer;
+    if (path === null) return null;
+    const all = this.state.conversations;
+    const states = includeStates ? all.filter((c) => c.messages.some((m) => m.role === 'assistant')).length : 0;
+    const text = JSON.stringify(all.map((c) => c.messages));
+    this.savedFiles.push({ path, text });
+    return { conversations: all.length, states, bytes: text.length + states * 8 * MiB, path };
+  }
+
+  /** `import_backup`: the last backup written comes back as new conversations; null when cancelled. */
+  private importBackup(): ImportSummary | null {
+    if (this.dialogAnswer === null) return null;
+    const source = this.backupSource ?? this.state.conversations;
+    const copies = clone(source).map((c) => ({ ...c, id: this.id('c'), messages: c.messages.map((m) => ({ ...m, id: this.id('m') })) }));
+    this.state.conversations.push(...copies);
+    return { conversations: copies.length, states: copies.filter((c) => c.messages.some((m) => m.role === 'assistant')).length };
   }
 
   // ---- Chat ----

@@ -4,6 +4,8 @@
 // Nothing here knows Svelte or the DOM.
 
 export type {
+  BackupSummary,
+  ImportSummary,
   ChatEvent,
   ChatModel,
   ChatSettings,
@@ -25,6 +27,7 @@ export type {
   RegenerateResult,
   Role,
   Sampling,
+  SavedMemory,
   SendResult,
   Settings,
   Stats,

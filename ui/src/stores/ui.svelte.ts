@@ -5,7 +5,7 @@ import { ApiError } from '../services/api';
 import { helpFor, type Remedy } from '../lib/errors';
 import type { Theme } from '../services/types';
 
-export type Screen = 'chat' | 'models' | 'settings';
+export type Screen = 'chat' | 'models' | 'memories' | 'settings';
 
 export interface NoticeAction {
   label: string;
