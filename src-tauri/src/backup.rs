@@ -111,6 +111,9 @@ pub struct BackupMessage {
     pub token_count: Option<u32>,
     /// Generation statistics.
     pub stats: Option<serde_json::Value>,
+    /// The document attached to it (its text is part of `content`).
+    #[serde(default)]
+    pub attachment: Option<tptt_store::Attachment>,
 }
 
 /// A conversation's memory state in a backup.
@@ -211,6 +214,7 @@ pub async fn write(
                     updated_at: m.updated_at.as_millis(),
                     token_count: m.token_count,
                     stats: m.stats.clone(),
+                    attachment: m.attachment.clone(),
                 })
                 .collect(),
             state: snapshot,
@@ -464,6 +468,7 @@ fn read_and_check(path: &Path, dir: &Path) -> CmdResult<Checked> {
                 updated_at: Timestamp(clamp(m.updated_at)),
                 token_count: m.token_count,
                 stats: m.stats.clone(),
+                attachment: m.attachment.clone().filter(|a| a.fits(&m.content)),
             });
         }
         let state = match &c.state {

@@ -497,6 +497,52 @@ pub async fn new_chat_from_memory(
     memories::new_chat(&state, MemoryId(parse_id("memory", &id)?)).await
 }
 
+/// `pick_document`: a document chosen in the native open dialog, read and checked
+/// ([`crate::documents`]); `null` when cancelled. Its text stays here: `send_document` reads it
+/// again from `path`.
+#[tauri::command]
+pub async fn pick_document<R: Runtime>(
+    app: AppHandle<R>,
+) -> CmdResult<Option<crate::documents::DocumentInfo>> {
+    let Some(path) = desktop::pick_document(&app).await? else {
+        return Ok(None);
+    };
+    document_info(path).await.map(Some)
+}
+
+async fn document_info(path: std::path::PathBuf) -> CmdResult<crate::documents::DocumentInfo> {
+    blocking(move || {
+        let doc = crate::documents::read(&path)?;
+        Ok(crate::documents::DocumentInfo::of(&path, &doc))
+    })
+    .await
+}
+
+/// `send_document`: the document at `path` with `content` (the question; may be empty) as one
+/// message, answered like `send_message` ([`chat::send_document`]).
+#[tauri::command]
+pub async fn send_document(
+    state: State<'_, AppState>,
+    conversation_id: String,
+    path: String,
+    content: String,
+    on_event: Channel<ChatEvent>,
+) -> CmdResult<SendResult> {
+    let id = self::conversation_id(&conversation_id)?;
+    let (user, answer) = chat::send_document(
+        &state,
+        id,
+        std::path::PathBuf::from(path),
+        content,
+        on_event,
+    )
+    .await?;
+    Ok(SendResult {
+        user_message_id: user.0.to_string(),
+        assistant_message_id: answer.0.to_string(),
+    })
+}
+
 /// `export_backup`: every conversation (with its memory state when `include_states`) into one
 /// file chosen in the native save dialog ([`backup::write`]); `null` when cancelled.
 #[tauri::command]
@@ -711,8 +757,8 @@ pub async fn regenerate(
     })
 }
 
-/// `edit_and_resend`: `message_id` gets `content`, everything after it goes, a new answer
-/// follows (one transaction).
+/// `edit_and_resend`: a new message with `content` takes the place of `message_id`, which is
+/// kept with what followed as a version; a new answer follows (one transaction).
 #[tauri::command]
 pub async fn edit_and_resend(
     state: State<'_, AppState>,

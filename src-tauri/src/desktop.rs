@@ -152,6 +152,44 @@ pub async fn pick_open_file<R: Runtime>(
     chosen_path(rx.await)
 }
 
+/// In a debug build, the document the end-to-end test "chooses" (`TPTT_TEST_DOCUMENT`): a
+/// native file dialog cannot be driven over WebDriver. Never read by a release build.
+#[cfg(debug_assertions)]
+fn scripted_document() -> Option<PathBuf> {
+    std::env::var_os("TPTT_TEST_DOCUMENT").map(PathBuf::from)
+}
+
+#[cfg(not(debug_assertions))]
+fn scripted_document() -> Option<PathBuf> {
+    None
+}
+
+/// A document chosen in the native open dialog (the kinds `crate::documents` reads), or `None`.
+pub async fn pick_document<R: Runtime>(app: &AppHandle<R>) -> CmdResult<Option<PathBuf>> {
+    if let Some(path) = scripted_document() {
+        return Ok(Some(path));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut dialog = app
+        .dialog()
+        .file()
+        .set_title("Attach a document")
+        .add_filter(
+            "Documents",
+            &[
+                "txt", "md", "markdown", "html", "htm", "pdf", "rs", "py", "js", "ts", "c", "cpp",
+                "h", "java", "go", "json", "toml", "yaml", "yml", "csv", "log",
+            ],
+        );
+    if let Some(dir) = default_folder() {
+        dialog = dialog.set_directory(dir);
+    }
+    dialog.pick_file(move |picked| {
+        let _ = tx.send(picked);
+    });
+    chosen_path(rx.await)
+}
+
 /// A file name chosen in the native save dialog (`suggested` in `folder` proposed, one filter
 /// of `extension`), or `None` when the user cancels.
 pub async fn pick_save_path<R: Runtime>(

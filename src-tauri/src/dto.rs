@@ -440,6 +440,26 @@ pub struct MessageDto {
     /// The versions of the continuation this message starts, when regenerate or edit made
     /// more than one (`switch_version` shows another).
     pub versions: Option<VersionsDto>,
+    /// The document attached to it: `content` is then the text typed with it, the document's
+    /// text (which the model read) is not sent.
+    pub attachment: Option<AttachmentDto>,
+}
+
+/// `Attachment`: a document attached to a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, TS)]
+#[serde(rename_all = "camelCase")]
+#[ts(rename = "Attachment")]
+pub struct AttachmentDto {
+    /// The file's name.
+    pub name: String,
+    /// `text`, `markdown`, `code`, `html` or `pdf`.
+    pub kind: String,
+    /// The file's size.
+    #[ts(type = "number")]
+    pub bytes: u64,
+    /// Characters of its text.
+    #[ts(type = "number")]
+    pub chars: u64,
 }
 
 /// `Versions`: a position's versions (what regenerate and edit replaced is kept).
@@ -455,10 +475,23 @@ pub struct VersionsDto {
 
 impl From<&StoredMessage> for MessageDto {
     fn from(m: &StoredMessage) -> Self {
+        let attached = m.attachment.as_ref().filter(|a| a.fits(&m.content));
+        let content = match attached {
+            Some(a) => format!("{}{}", &m.content[..a.start], &m.content[a.end..])
+                .trim()
+                .to_string(),
+            None => m.content.clone(),
+        };
         Self {
             id: m.id.0.to_string(),
             role: m.role,
-            content: m.content.clone(),
+            content,
+            attachment: attached.map(|a| AttachmentDto {
+                name: a.name.clone(),
+                kind: a.kind.clone(),
+                bytes: a.bytes,
+                chars: m.content[a.start..a.end].chars().count() as u64,
+            }),
             status: m.status,
             error: m.error.clone(),
             stats: m

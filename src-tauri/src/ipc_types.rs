@@ -12,10 +12,11 @@ use ts_rs::TS;
 
 use crate::device::DevicePref;
 use crate::dto::{
-    BackupSummary, ChatEvent, ChatModelDto, ChatSettingsDto, ChatSettingsSaved, ConversationDto,
-    ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat, ImportSummary, LaunchEvent,
-    MemoryHealth, MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult, SamplingDto,
-    SavedMemory, SendResult, SettingsDto, Stats, VariantEntry, Verdict, VersionsDto, LAUNCH_EVENT,
+    AttachmentDto, BackupSummary, ChatEvent, ChatModelDto, ChatSettingsDto, ChatSettingsSaved,
+    ConversationDto, ConversationSummary, DeviceInfo, DownloadEvent, ExportFormat, ImportSummary,
+    LaunchEvent, MemoryHealth, MemoryInfo, MessageDto, ModelEntry, ModelSource, RegenerateResult,
+    SamplingDto, SavedMemory, SendResult, SettingsDto, Stats, VariantEntry, Verdict, VersionsDto,
+    LAUNCH_EVENT,
 };
 use crate::error::{CommandError, ErrorKind};
 use crate::settings::{
@@ -73,6 +74,8 @@ pub fn typescript() -> String {
         declaration::<MemoryHealth>(),
         declaration::<MemoryInfo>(),
         declaration::<VersionsDto>(),
+        declaration::<AttachmentDto>(),
+        declaration::<crate::documents::DocumentInfo>(),
         declaration::<MessageDto>(),
         declaration::<ChatModelDto>(),
         declaration::<ChatSettingsDto>(),

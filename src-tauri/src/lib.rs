@@ -35,6 +35,7 @@ pub mod cleanup;
 pub mod commands;
 pub mod desktop;
 pub mod device;
+pub mod documents;
 pub mod dto;
 pub mod error;
 pub mod ipc_commands;

@@ -1729,6 +1729,160 @@ fn a_saved_memory_starts_new_chats_that_read_only_their_own_messages() {
     }
 }
 
+/// A one-page PDF showing `text` (Helvetica), with a correct cross-reference table.
+fn tiny_pdf(text: &str) -> Vec<u8> {
+    let stream = format!("BT /F1 12 Tf 72 712 Td ({text}) Tj ET");
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R \
+         /Resources << /Font << /F1 5 0 R >> >> >>"
+            .to_string(),
+        format!(
+            "<< /Length {} >>\nstream\n{stream}\nendstream",
+            stream.len()
+        ),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
+    ];
+    let mut pdf = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, body) in objects.iter().enumerate() {
+        offsets.push(pdf.len());
+        pdf.extend_from_slice(format!("{} 0 obj\n{body}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = pdf.len();
+    pdf.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
+    for o in offsets {
+        pdf.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
+    }
+    pdf.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    pdf
+}
+
+/// `send_document` on `conversation`: the result or the error, and the events to the end.
+fn send_doc(
+    app: &TestApp,
+    conversation: &str,
+    path: &std::path::Path,
+    question: &str,
+) -> Result<Vec<serde_json::Value>, tptt_chat::CommandError> {
+    let (ch, rx) = channel();
+    block_on(tptt_chat::commands::send_document(
+        app.state(),
+        conversation.into(),
+        path.display().to_string(),
+        question.into(),
+        ch,
+    ))?;
+    Ok(until_end(&rx))
+}
+
+/// Documents: a file is read into the chat as one message with its question; the message
+/// shows the question and the attachment (name, kind, size, characters), the model read the
+/// document (its prompt), and the chat goes on from its snapshot; Markdown, HTML and PDF; bad
+/// files are refused before anything is stored.
+#[test]
+fn a_document_is_read_into_the_chat_and_shown_as_an_attachment() {
+    let dir = tempfile::tempdir().expect("dir");
+    let app = TestApp::offline(dir.path());
+    app.use_tiny("delta_rule", 6);
+    let c = app.new_conversation();
+    let notes = dir.path().join("notes.md");
+    let text = "# Garden notes\n\nThe roses bloom in June. ".repeat(40);
+    std::fs::write(&notes, &text).expect("write");
+    let events = send_doc(&app, &c, &notes, "What blooms in June?").expect("sent");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    let prompt = events.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+    assert!(prompt > 200, "the document was read: {prompt} tokens");
+    let mem = events.last().expect("done")["memory"].clone();
+    let conv = app.conversation(&c);
+    let m = &conv["messages"][0];
+    assert_eq!(m["content"], "What blooms in June?");
+    assert_eq!(m["attachment"]["name"], "notes.md");
+    assert_eq!(m["attachment"]["kind"], "markdown");
+    assert_eq!(m["attachment"]["bytes"].as_u64(), Some(text.len() as u64));
+    assert!(m["attachment"]["chars"]
+        .as_u64()
+        .is_some_and(|n| n >= text.len() as u64));
+    // The chat goes on from its snapshot: nothing read again.
+    let (_, next) = send(&app, &c, "And in July?");
+    assert_eq!(next[0]["memory"], mem, "continued");
+
+    // HTML and PDF: their text is what is read.
+    let page = dir.path().join("page.html");
+    std::fs::write(
+        &page,
+        "<html><script>x()</script><p>Tulips &amp; roses</p></html>",
+    )
+    .expect("write");
+    let pdf = dir.path().join("paper.pdf");
+    std::fs::write(&pdf, tiny_pdf("Hello PDF world")).expect("write");
+    for (path, kind) in [(&page, "html"), (&pdf, "pdf")] {
+        let events = send_doc(&app, &c, path, "").expect("sent");
+        assert_eq!(last_kind(&events), "done", "{events:?}");
+        let conv = app.conversation(&c);
+        let messages = conv["messages"].as_array().expect("messages");
+        let user = &messages[messages.len() - 2];
+        assert_eq!(user["attachment"]["kind"], kind);
+        assert_eq!(user["content"], "", "no question typed");
+    }
+    let stored = block_on(
+        app.state()
+            .store
+            .list_messages(tptt_store::ConversationId(c.parse().expect("id"))),
+    )
+    .expect("messages")
+    .items;
+    let pdf_message = &stored[stored.len() - 2];
+    assert!(
+        pdf_message.content.contains("Hello PDF world"),
+        "{}",
+        pdf_message.content
+    );
+    let html_message = &stored[stored.len() - 4];
+    assert!(
+        html_message.content.contains("Tulips & roses") && !html_message.content.contains("x()"),
+        "{}",
+        html_message.content
+    );
+
+    // Bad files: refused with the file's name before anything is stored.
+    let count = || app.conversation(&c)["messages"].as_array().map(Vec::len);
+    let before = count();
+    let binary = dir.path().join("movie.mkv");
+    std::fs::write(&binary, [0x1a, 0x45, 0xdf, 0xa3, 0, 0, 0, 0]).expect("write");
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, b"").expect("write");
+    let broken = dir.path().join("broken.pdf");
+    std::fs::write(&broken, b"%PDF-1.7\n1 0 obj << /Type /Catalog").expect("write");
+    for (path, says) in [
+        (binary, "movie.mkv: is a binary file"),
+        (empty, "empty.txt: is empty"),
+        (broken, "broken.pdf: is "),
+        (dir.path().join("gone.md"), "gone.md: cannot be read"),
+    ] {
+        let e = send_doc(&app, &c, &path, "?").expect_err("refused");
+        assert_eq!(
+            e.kind,
+            tptt_chat::ErrorKind::InvalidSettings,
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains(says), "{}", e.message);
+        assert_eq!(count(), before, "nothing stored");
+    }
+}
+
 /// A crafted backup: `backup.json` with `manifest`, and `extra` entries.
 fn crafted_backup(path: &std::path::Path, manifest: &serde_json::Value, extra: &[(&str, &[u8])]) {
     use std::io::Write;

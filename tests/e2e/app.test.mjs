@@ -37,6 +37,7 @@ const SECOND_MESSAGE = 'And what about the rivers nearby?';
 const VERSION_MESSAGE = 'Which one is the longest?';
 const MEMORY_NAME = 'Gardens and rivers';
 const MEMORY_QUESTION = 'What do you remember about gardens?';
+const DOCUMENT_QUESTION = 'Where does the path turn?';
 const SEARCH = 'gardens';
 const LONG_MESSAGE = 'Now tell me everything you know, at length';
 /** Messages sent at most until an answer streams past its first save. */
@@ -733,6 +734,34 @@ step('a saved memory: saved from the chat, listed in Memories, a new chat starts
     throw new Error(`${err.message}: the title is ${JSON.stringify(await chatTitle())}, not ${JSON.stringify(seen.conversationTitle)}`);
   });
 }, 240_000);
+
+step('a document longer than the window is read into the memory and shown as an attachment', async () => {
+  const answers = '[data-testid="message"][data-role="assistant"]';
+  const before = (await driver.findElements(css(answers))).length;
+  const memoryBefore = await memoryTotal();
+  await click('[data-testid="attach"]');
+  const chip = await findVisible('[data-testid="composer-attachment"]');
+  assert.match(await textOf(chip), /garden-notes\.md/);
+  const box = await findVisible('[data-testid="composer"]');
+  await box.sendKeys(DOCUMENT_QUESTION, Key.ENTER);
+  await waitFor(async () => (await driver.findElements(css(answers))).length === before + 1, 'the answer appears');
+  const answer = async () => (await driver.findElements(css(answers)))[before];
+  await waitFor(async () => (await (await answer()).getAttribute('data-status')) === 'complete', 'the answer completes', GENERATION);
+  const users = await driver.findElements(css('[data-testid="message"][data-role="user"]'));
+  const sent = users.at(-1);
+  assert.match(await textOf(await sent.findElement(css('[data-testid="attachment"]'))), /garden-notes\.md\s*markdown · [\d.]+ KB · [\d,]+ characters · [\d,]+ tokens read/);
+  assert.equal(await textOf(await sent.findElement(css('[data-testid="message-body"]'))), DOCUMENT_QUESTION);
+  // Longer than the window: what left it lives on in the recurrent memory, as the meter says.
+  const recurrent = await textOf(await find('[data-testid="memory-recurrent"]'));
+  assert.match(recurrent, /earlier tokens in recurrent memory/);
+  const total = await memoryTotal();
+  assert.ok(total > memoryBefore && total > 8192, `the document was read whole, past the window (${memoryBefore} → ${total} tokens)`);
+  const log = appRuns().at(-1);
+  assert.match(log, /document attached.*kind="?markdown/);
+  const [row] = dbRows(`SELECT attachment FROM messages WHERE attachment IS NOT NULL ORDER BY id DESC LIMIT 1`);
+  assert.equal(JSON.parse(row.attachment).name, 'garden-notes.md');
+  await shot('document');
+}, 420_000);
 
 step('a long paste: its reading shows in the chat, the meter follows the backend, the webview leaves the CPU to the model', async (t) => {
   const appPid = appPids()[0];

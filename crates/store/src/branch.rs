@@ -36,9 +36,9 @@ impl Store {
             WHERE conversation_id = ? AND position <= ? ORDER BY position";
         const COPY: &str = "INSERT INTO messages \
             (conversation_id, position, role, content, status, error, created_at, updated_at, \
-             token_count, stats) \
-            SELECT ?, position, role, content, status, error, created_at, ?, token_count, stats \
-            FROM messages WHERE id = ? RETURNING id";
+             token_count, stats, attachment) \
+            SELECT ?, position, role, content, status, error, created_at, ?, token_count, stats, \
+            attachment FROM messages WHERE id = ? RETURNING id";
         let now = self.now().as_millis();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = ?")

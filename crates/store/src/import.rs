@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::types::{
-    ConversationId, ConversationSettings, MessageId, MessageStatus, Role, Timestamp,
+    Attachment, ConversationId, ConversationSettings, MessageId, MessageStatus, Role, Timestamp,
 };
 use crate::Store;
 
@@ -29,6 +29,8 @@ pub struct ImportMessage {
     pub token_count: Option<u32>,
     /// Its generation statistics.
     pub stats: Option<Value>,
+    /// The document attached to it.
+    pub attachment: Option<Attachment>,
 }
 
 /// A conversation to import.
@@ -75,7 +77,7 @@ impl Store {
             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id";
         const MESSAGE: &str = "INSERT INTO messages \
             (conversation_id, position, role, content, status, error, created_at, updated_at, \
-             token_count, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id";
+             token_count, stats, attachment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id";
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut out = Vec::with_capacity(conversations.len());
         for c in conversations {
@@ -96,6 +98,17 @@ impl Store {
                 let position = i64::try_from(position)
                     .map_err(|_| Error::InvalidInput("too many messages".into()))?;
                 let stats = m.stats.as_ref().map(serde_json::to_string).transpose()?;
+                if let Some(a) = m.attachment.as_ref().filter(|a| !a.fits(&m.content)) {
+                    return Err(Error::InvalidInput(format!(
+                        "attachment range {}..{} is not within its message's text",
+                        a.start, a.end
+                    )));
+                }
+                let attachment = m
+                    .attachment
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()?;
                 let mid: i64 = sqlx::query_scalar(MESSAGE)
                     .bind(id)
                     .bind(position)
@@ -107,6 +120,7 @@ impl Store {
                     .bind(m.updated_at.as_millis())
                     .bind(m.token_count.map(i64::from))
                     .bind(stats)
+                    .bind(attachment)
                     .fetch_one(&mut *tx)
                     .await?;
                 messages.push(MessageId(mid));

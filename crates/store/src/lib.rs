@@ -84,8 +84,8 @@ pub use messages::{Edited, Message, MessageUpdate, NewMessage, Replacement, Sett
 pub use search::{MessageHit, SearchHit};
 pub use snapshots::{NewSnapshot, Snapshot};
 pub use types::{
-    ConversationId, ConversationSettings, Listing, MemoryId, MessageId, MessageStatus, ModelKey,
-    Role, SamplingSettings, SnapshotId, Timestamp,
+    Attachment, ConversationId, ConversationSettings, Listing, MemoryId, MessageId, MessageStatus,
+    ModelKey, Role, SamplingSettings, SnapshotId, Timestamp,
 };
 pub use versions::{Switched, VersionSet, HELD_SNAPSHOTS};
 

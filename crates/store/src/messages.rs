@@ -27,7 +27,9 @@ use sqlx::{Row, SqliteConnection};
 
 use crate::error::{Error, MalformedRow, Result};
 use crate::snapshots::unreferenced_paths;
-use crate::types::{ConversationId, Listing, MessageId, MessageStatus, Role, Timestamp};
+use crate::types::{
+    Attachment, ConversationId, Listing, MessageId, MessageStatus, Role, Timestamp,
+};
 use crate::versions::{delete_versions_from, stash_version};
 use crate::Store;
 
@@ -56,6 +58,8 @@ pub struct Message {
     pub token_count: Option<u32>,
     /// Generation statistics (free-form JSON written by the app).
     pub stats: Option<serde_json::Value>,
+    /// The document attached to it (a user message), whose text is part of `content`.
+    pub attachment: Option<Attachment>,
 }
 
 /// What [`Store::add_message`] needs.
@@ -73,6 +77,8 @@ pub struct NewMessage {
     pub token_count: Option<u32>,
     /// Generation statistics.
     pub stats: Option<serde_json::Value>,
+    /// The document attached to it; its range must lie in `content`.
+    pub attachment: Option<Attachment>,
 }
 
 impl NewMessage {
@@ -85,6 +91,7 @@ impl NewMessage {
             error: None,
             token_count: None,
             stats: None,
+            attachment: None,
         }
     }
 
@@ -129,7 +136,7 @@ impl MessageUpdate {
 macro_rules! message_columns {
     () => {
         "id, conversation_id, position, role, content, status, error, created_at, updated_at, \
-         token_count, stats"
+         token_count, stats, attachment"
     };
 }
 
@@ -168,6 +175,18 @@ pub(crate) fn message_from_row(row: &SqliteRow) -> Result<Message, MalformedRow>
     let stats = stats
         .map(|s| serde_json::from_str(&s).map_err(|e| bad(format!("stats are not JSON: {e}"))))
         .transpose()?;
+    let attachment: Option<String> = row
+        .try_get("attachment")
+        .map_err(|e| bad(format!("attachment: {e}")))?;
+    let attachment: Option<Attachment> = attachment
+        .map(|a| serde_json::from_str(&a).map_err(|e| bad(format!("attachment is not valid: {e}"))))
+        .transpose()?;
+    if let Some(a) = attachment.as_ref().filter(|a| !a.fits(&content)) {
+        return Err(bad(format!(
+            "attachment range {}..{} is not within its text",
+            a.start, a.end
+        )));
+    }
     Ok(Message {
         id: MessageId(id),
         conversation_id: ConversationId(conversation_id),
@@ -180,6 +199,7 @@ pub(crate) fn message_from_row(row: &SqliteRow) -> Result<Message, MalformedRow>
         updated_at: Timestamp(updated_at),
         token_count,
         stats,
+        attachment,
     })
 }
 
@@ -216,11 +236,22 @@ async fn append(
     // One statement reads the next position and inserts.
     const INSERT: &str = "INSERT INTO messages \
         (conversation_id, position, role, content, status, error, created_at, updated_at, \
-         token_count, stats) \
-        SELECT ?1, COALESCE(MAX(position) + 1, 0), ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8 \
+         token_count, stats, attachment) \
+        SELECT ?1, COALESCE(MAX(position) + 1, 0), ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9 \
         FROM messages WHERE conversation_id = ?1 \
         RETURNING id, position";
     let stats = stats_json(&new.stats)?;
+    if let Some(a) = new.attachment.as_ref().filter(|a| !a.fits(&new.content)) {
+        return Err(Error::InvalidInput(format!(
+            "attachment range {}..{} is not within the message's text",
+            a.start, a.end
+        )));
+    }
+    let attachment = new
+        .attachment
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()?;
     let (id, position): (i64, i64) = sqlx::query_as(INSERT)
         .bind(conversation.0)
         .bind(new.role.as_str())
@@ -230,6 +261,7 @@ async fn append(
         .bind(now.as_millis())
         .bind(new.token_count.map(i64::from))
         .bind(&stats)
+        .bind(&attachment)
         .fetch_one(&mut *conn)
         .await?;
     let position = u32::try_from(position)
@@ -246,6 +278,7 @@ async fn append(
         updated_at: now,
         token_count: new.token_count,
         stats: new.stats.clone(),
+        attachment: new.attachment.clone(),
     })
 }
 

@@ -354,3 +354,30 @@ mod tests {
         );
     }
 }
+
+/// A document attached to a user message (schema 5): its text is the part `start..end` (byte
+/// offsets) of the message's content — the model reads it with the message —, shown as the
+/// attachment rather than as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The file's name.
+    pub name: String,
+    /// `text`, `markdown`, `code`, `html` or `pdf`.
+    pub kind: String,
+    /// The file's size on disk.
+    pub bytes: u64,
+    /// Where its text starts in the content.
+    pub start: usize,
+    /// Where its text ends in the content.
+    pub end: usize,
+}
+
+impl Attachment {
+    /// Whether its range is a valid part of `content` (within it, on character boundaries).
+    pub fn fits(&self, content: &str) -> bool {
+        self.start <= self.end
+            && self.end <= content.len()
+            && content.is_char_boundary(self.start)
+            && content.is_char_boundary(self.end)
+    }
+}

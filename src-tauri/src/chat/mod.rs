@@ -156,13 +156,53 @@ pub async fn send(
     channel: Channel<ChatEvent>,
 ) -> CmdResult<(MessageId, MessageId)> {
     check_content(&content)?;
+    send_new(
+        state,
+        conversation,
+        NewMessage::new(Role::User, content),
+        channel,
+    )
+    .await
+}
+
+/// `send_document`: the document at `path` ([`crate::documents`]), read and checked before
+/// anything is stored, sent with `question` (which may be empty) as one message.
+pub async fn send_document(
+    state: &AppState,
+    conversation: ConversationId,
+    path: std::path::PathBuf,
+    question: String,
+    channel: Channel<ChatEvent>,
+) -> CmdResult<(MessageId, MessageId)> {
+    state.store.get_conversation(conversation).await?;
+    let doc = crate::state::blocking(move || crate::documents::read(&path)).await?;
+    let (content, attachment) = crate::documents::message_content(&doc, &question);
+    check_content(&content)?;
+    tracing::info!(
+        conversation = conversation.0,
+        kind = doc.kind,
+        bytes = doc.bytes,
+        text = doc.text.len(),
+        "document attached"
+    );
+    let message = NewMessage {
+        attachment: Some(attachment),
+        ..NewMessage::new(Role::User, content)
+    };
+    send_new(state, conversation, message, channel).await
+}
+
+/// A user message (checked) and its answer: stored, then the turn started.
+async fn send_new(
+    state: &AppState,
+    conversation: ConversationId,
+    message: NewMessage,
+    channel: Channel<ChatEvent>,
+) -> CmdResult<(MessageId, MessageId)> {
     let (slot, cancel) = Slot::acquire(state, conversation)?;
     let settings = turn_settings(state, conversation).await?;
     let target = find_target(state, &settings).await?;
-    let user = state
-        .store
-        .add_message(conversation, &NewMessage::new(Role::User, content))
-        .await?;
+    let user = state.store.add_message(conversation, &message).await?;
     let answer = state
         .store
         .add_message(conversation, &NewMessage::streaming_answer())

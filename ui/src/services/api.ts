@@ -151,6 +151,17 @@ export const deleteMemory = (id: string) => call('delete_memory', { id });
 /** A new chat whose memory starts as the saved one. */
 export const newChatFromMemory = (id: string) => call('new_chat_from_memory', { id });
 
+/** A document chosen in the open dialog, read and checked; null when cancelled. */
+export const pickDocument = () => call('pick_document');
+
+/** Sends the document at `path` with `content` (the question; may be empty) as one message. */
+export const sendDocument = (
+  conversationId: string,
+  path: string,
+  content: string,
+  onEvent: (event: ChatEvent) => void,
+) => call('send_document', { conversationId, path, content, onEvent: channel(onEvent) });
+
 /** Backs up every conversation into a file chosen in the save dialog; null when cancelled. */
 export const exportBackup = (includeStates: boolean) => call('export_backup', { includeStates });
 

@@ -364,6 +364,53 @@ current: number,
 total: number, };
 
 /**
+ * `Attachment`: a document attached to a message.
+ */
+export type Attachment = { 
+/**
+ * The file's name.
+ */
+name: string, 
+/**
+ * `text`, `markdown`, `code`, `html` or `pdf`.
+ */
+kind: string, 
+/**
+ * The file's size.
+ */
+bytes: number, 
+/**
+ * Characters of its text.
+ */
+chars: number, };
+
+/**
+ * `DocumentInfo`: a document chosen to attach — where it is (sent back with the message) and
+ * what its attachment will show; its text stays in the backend.
+ */
+export type DocumentInfo = { 
+/**
+ * Where it is.
+ */
+path: string, 
+/**
+ * The file's name.
+ */
+name: string, 
+/**
+ * `text`, `markdown`, `code`, `html` or `pdf`.
+ */
+kind: string, 
+/**
+ * The file's size.
+ */
+bytes: number, 
+/**
+ * Characters of its text.
+ */
+chars: number, };
+
+/**
  * `Message`.
  */
 export type Message = { 
@@ -401,7 +448,12 @@ createdAt: string,
  * The versions of the continuation this message starts, when regenerate or edit made
  * more than one (`switch_version` shows another).
  */
-versions: Versions | null, };
+versions: Versions | null, 
+/**
+ * The document attached to it: `content` is then the text typed with it, the document's
+ * text (which the model read) is not sent.
+ */
+attachment: Attachment | null, };
 
 /**
  * `ChatModel`: a model (hub id or imported folder, as `ModelEntry.repoId`) and its variant.
@@ -728,6 +780,8 @@ export interface Commands {
   import_backup: { args: Record<string, never>; result: ImportSummary | null };
   open_logs_folder: { args: Record<string, never>; result: string };
   send_message: { args: { conversationId: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };
+  pick_document: { args: Record<string, never>; result: DocumentInfo | null };
+  send_document: { args: { conversationId: string; path: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };
   regenerate: { args: { conversationId: string; onEvent: Channel<ChatEvent> }; result: RegenerateResult };
   edit_and_resend: { args: { conversationId: string; messageId: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };
   stop_generation: { args: { conversationId: string }; result: null };

@@ -31,6 +31,7 @@ import type {
   MemoryInfo,
   Message,
   SavedMemory,
+  DocumentInfo,
   BackupSummary,
   ImportSummary,
   ModelEntry,
@@ -163,6 +164,8 @@ export interface MockControl {
    * cancelled.
    */
   setDialogAnswer(path: string | null): void;
+  /** What the document dialog answers (undefined: a default Markdown file; null: cancelled). */
+  setDocument(doc: DocumentInfo | null | undefined): void;
   /** Files written by save_conversation, with their text. */
   readonly savedFiles: { path: string; text: string }[];
   /** Folders opened in the file manager (open_logs_folder). */
@@ -380,6 +383,7 @@ function seedConversations(): StoredConversation[] {
         : null,
     createdAt: at(minutesAgo),
     versions: null,
+    attachment: null,
   });
   const long = 'The meeting notes continue. '.repeat(2400);
   return [
@@ -464,6 +468,8 @@ class MockBackend implements MockControl {
   savedFiles: { path: string; text: string }[] = [];
   openedFolders: string[] = [];
   private dialogAnswer: string | null | undefined = undefined;
+  /** What `pick_document` answers (undefined: a default document; null: cancelled). */
+  private documentAnswer: DocumentInfo | null | undefined = undefined;
   /** What `import_backup` brings in (default: a copy of the conversations as they are). */
   private backupSource: StoredConversation[] | null = null;
   private reply: string | null = null;
@@ -502,6 +508,7 @@ class MockBackend implements MockControl {
     this.generationFailure = null;
     this.downloadFailure = null;
     this.dialogAnswer = undefined;
+    this.documentAnswer = undefined;
     this.savedFiles = [];
     this.openedFolders = [];
     this.state = initialState(scenario);
@@ -509,6 +516,10 @@ class MockBackend implements MockControl {
 
   setDialogAnswer(path: string | null) {
     this.dialogAnswer = path;
+  }
+
+  setDocument(doc: DocumentInfo | null | undefined) {
+    this.documentAnswer = doc;
   }
 
   setReply(text: string | null) {
@@ -637,6 +648,8 @@ class MockBackend implements MockControl {
       return MOCK_LOG_DIR;
     },
     send_message: (a) => this.send(a.conversationId, a.content, a.onEvent),
+    pick_document: () => this.pickDocument(),
+    send_document: (a) => this.sendDocument(a.conversationId, a.path, a.content, a.onEvent),
     regenerate: (a) => this.regenerate(a.conversationId, a.onEvent),
     edit_and_resend: (a) => this.editAndResend(a.conversationId, a.messageId, a.content, a.onEvent),
     stop_generation: (a) => {
@@ -888,7 +901,12 @@ class MockBackend implements MockControl {
   /** Tokens of the whole conversation text. */
   private textTokens(c: StoredConversation): number {
     const system = countTokens(this.state.settings.systemPrompt);
-    return c.messages.reduce((n, m) => n + countTokens(m.content) + 4, system);
+    return c.messages.reduce((n, m) => n + countTokens(m.content) + 4 + this.documentTokens(m), system);
+  }
+
+  /** Tokens of a message's attached document (its text stays in the backend: about 4 characters a token). */
+  private documentTokens(m: Message): number {
+    return m.attachment ? Math.ceil(m.attachment.chars / 4) : 0;
   }
 
   private memory(c: StoredConversation, extra = 0): MemoryInfo {
@@ -1150,6 +1168,7 @@ class MockBackend implements MockControl {
       stats: null,
       createdAt: now(),
       versions: null,
+      attachment: null,
     };
     if (c.freshMemory) {
       const windowSize = this.state.settings.windowSize ?? MODEL_WINDOW;
@@ -1159,7 +1178,10 @@ class MockBackend implements MockControl {
     // The prompt: the last user message (with its template tokens), read on top of the memory.
     const after = this.memory(c);
     const last = c.messages.at(-1);
-    const promptTokens = Math.min(after.totalTokens, last?.role === 'user' ? countTokens(last.content) + 4 : 4);
+    const promptTokens = Math.min(
+      after.totalTokens,
+      last?.role === 'user' ? countTokens(last.content) + 4 + this.documentTokens(last) : 4,
+    );
     const before = advance(after, -promptTokens);
     c.messages.push(message);
     c.updatedAt = now();
@@ -1303,9 +1325,28 @@ class MockBackend implements MockControl {
       stats: null,
       createdAt: now(),
       versions: null,
+      attachment: null,
     };
     c.messages.push(m);
     return m;
+  }
+
+  /** `pick_document`: the document the test set (`setDocument`), or a default Markdown file; null when cancelled. */
+  private pickDocument(): DocumentInfo | null {
+    if (this.documentAnswer === null) return null;
+    return this.documentAnswer ?? { path: '/home/user/Documents/notes.md', name: 'notes.md', kind: 'markdown', bytes: 48_213, chars: 47_900 };
+  }
+
+  /** `send_document`: the message shows the attachment; the model reads the document's tokens. */
+  private sendDocument(conversationId: string, path: string, content: string, channel: string) {
+    const c = this.find(conversationId);
+    this.checkReady(c);
+    const doc = this.documentAnswer ?? this.pickDocument();
+    if (!doc || doc.path !== path) throw fail('invalid_settings', `${path.split('/').at(-1)}: cannot be read (No such file or directory)`);
+    const user = this.addUser(c, content.trim());
+    user.attachment = { name: doc.name, kind: doc.kind, bytes: doc.bytes, chars: doc.chars };
+    const assistant = this.startGeneration(c, channel);
+    return { userMessageId: user.id, assistantMessageId: assistant.id };
   }
 
   private send(conversationId: string, content: string, channel: string) {

@@ -23,7 +23,7 @@
 //   to the first token; the model's loading is shown apart.
 
 import * as api from '../services/api';
-import type { ChatEvent, ChatSettings, Conversation, MemoryInfo, Message, Stats } from '../services/types';
+import type { ChatEvent, ChatSettings, Conversation, DocumentInfo, MemoryInfo, Message, Stats } from '../services/types';
 import { titleFrom } from '../lib/format';
 import { UNKNOWN_HEALTH } from '../lib/health';
 import { conversations } from './conversations.svelte';
@@ -303,22 +303,36 @@ class ChatStore {
    * Sends `content`. Resolves true once the backend has it (the caller may then let the draft
    * go), false if it was not accepted (the draft stays, and a notice says why).
    */
-  async send(content: string): Promise<boolean> {
-    if (!content.trim() || this.sending || !this.canStart()) return false;
+  async send(content: string, document: DocumentInfo | null = null): Promise<boolean> {
+    if ((!content.trim() && !document) || this.sending || !this.canStart()) return false;
     this.sending = true;
     try {
       const created = !this.conversation;
-      const conv = this.conversation ?? (await this.createFor(content));
+      const conv = this.conversation ?? (await this.createFor(content.trim() || (document?.name ?? '')));
       if (!conv) return false;
       const draftKey = conv.id;
+      const attachment = document
+        ? { name: document.name, kind: document.kind, bytes: document.bytes, chars: document.chars }
+        : null;
       const result = await this.start(conv, (seq) => {
         const now = new Date().toISOString();
         conv.messages.push(
-          { id: `pending-user-${seq}`, role: 'user', content, status: 'complete', error: null, stats: null, createdAt: now, versions: null },
+          {
+            id: `pending-user-${seq}`,
+            role: 'user',
+            content: content.trim() && document ? content.trim() : content,
+            status: 'complete',
+            error: null,
+            stats: null,
+            createdAt: now,
+            versions: null,
+            attachment,
+          },
           this.placeholder(seq),
         );
-        return (onEvent) => api.sendMessage(conv.id, content, onEvent);
-      }, () => void this.send(drafts.get(draftKey) || content));
+        return (onEvent) =>
+          document ? api.sendDocument(conv.id, document.path, content, onEvent) : api.sendMessage(conv.id, content, onEvent);
+      }, () => void this.send(drafts.get(draftKey) || content, document));
       if (!result) {
         if (created) this.abandon(conv);
         return false;
@@ -367,6 +381,7 @@ class ChatStore {
             stats: null,
             createdAt: new Date().toISOString(),
             versions: null,
+            attachment: null,
           },
           this.placeholder(seq),
         );
@@ -468,6 +483,7 @@ class ChatStore {
       stats: null,
       createdAt: new Date().toISOString(),
       versions: null,
+      attachment: null,
     };
   }
 

@@ -211,7 +211,8 @@ async fn json_export_has_every_field() {
             "created_at": "2023-11-14T22:13:20.000Z",
             "updated_at": "2023-11-14T22:13:20.001Z",
             "token_count": 3,
-            "stats": {"ttft_ms": 12}
+            "stats": {"ttft_ms": 12},
+            "attachment": null
         }]
     });
     assert_eq!(json, expected);

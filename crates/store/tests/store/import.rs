@@ -2,8 +2,8 @@
 //! with new ids; a failure in the middle imports none.
 
 use tptt_store::{
-    ConversationSettings, ImportConversation, ImportMessage, ListScope, MessageStatus, Role,
-    Timestamp,
+    Attachment, ConversationSettings, ImportConversation, ImportMessage, ListScope, MessageStatus,
+    Role, Timestamp,
 };
 
 use crate::common::{conversation_with, exec, fresh, fts_integrity};
@@ -32,6 +32,13 @@ fn conversation(title: &str, texts: &[(Role, &str)]) -> ImportConversation {
                 updated_at: Timestamp(1_700_000_000_200),
                 token_count: Some(3),
                 stats: Some(serde_json::json!({"ttft_ms": 5})),
+                attachment: (text == "q").then(|| Attachment {
+                    name: "q.txt".into(),
+                    kind: "text".into(),
+                    bytes: 1,
+                    start: 0,
+                    end: 1,
+                }),
             })
             .collect(),
     }
@@ -70,6 +77,11 @@ async fn imported_conversations_are_new_and_whole() {
         [(0, "q"), (1, "a")]
     );
     assert_eq!(messages[1].stats, Some(serde_json::json!({"ttft_ms": 5})));
+    assert_eq!(
+        messages[0].attachment.as_ref().map(|a| a.name.as_str()),
+        Some("q.txt")
+    );
+    assert_eq!(messages[1].attachment, None);
     assert_eq!(
         s.list_messages(mine).await.unwrap().items[0].content,
         "keep me"

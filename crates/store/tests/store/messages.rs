@@ -5,7 +5,7 @@ use tptt_store::{
     Error, MessageId, MessageStatus, MessageUpdate, ModelKey, NewMessage, NewSnapshot, Role, Store,
 };
 
-use crate::common::{conversation_with, fresh, fts_integrity};
+use crate::common::{conversation_with, exec, fresh, fts_integrity};
 
 #[tokio::test]
 async fn messages_get_positions_in_order() {
@@ -254,4 +254,69 @@ async fn the_last_message_is_the_preview() {
         s.last_message(c).await.unwrap().map(|m| m.content),
         Some("q".to_string())
     );
+}
+
+/// A document attached to a user message round-trips; a range outside the text is refused on
+/// the way in, and a hand-edited one makes that row unreadable (reported, the others listed).
+#[tokio::test]
+async fn an_attachment_round_trips_and_a_bad_range_is_refused() {
+    let db = fresh().await;
+    let s = &db.store;
+    let c = conversation_with(s, "doc", &[]).await;
+    let content = "Summarize this.\n\n<document>The text ✓</document>";
+    let start = content.find("<document>").unwrap();
+    let attachment = tptt_store::Attachment {
+        name: "notes.md".into(),
+        kind: "markdown".into(),
+        bytes: 42,
+        start,
+        end: content.len(),
+    };
+    let m = s
+        .add_message(
+            c,
+            &NewMessage {
+                attachment: Some(attachment.clone()),
+                ..NewMessage::new(Role::User, content)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_message(m.id).await.unwrap().attachment,
+        Some(attachment.clone())
+    );
+    for (start, end) in [
+        (0, content.len() + 1),
+        (5, 4),
+        (content.find('✓').unwrap() + 1, content.len()),
+    ] {
+        let bad = tptt_store::Attachment {
+            start,
+            end,
+            ..attachment.clone()
+        };
+        let err = s
+            .add_message(
+                c,
+                &NewMessage {
+                    attachment: Some(bad),
+                    ..NewMessage::new(Role::User, content)
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, tptt_store::Error::InvalidInput(_)),
+            "{start}..{end}: {err:?}"
+        );
+    }
+    exec(
+        &db.path,
+        "UPDATE messages SET attachment = '{\"name\":\"x\",\"kind\":\"text\",\"bytes\":1,\"start\":0,\"end\":99999}'",
+    )
+    .await;
+    let listing = s.list_messages(c).await.unwrap();
+    assert!(listing.items.is_empty());
+    assert_eq!(listing.skipped.len(), 1);
 }
