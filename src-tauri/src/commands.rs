@@ -575,7 +575,7 @@ pub async fn import_backup<R: Runtime>(
     state: State<'_, AppState>,
 ) -> CmdResult<Option<ImportSummary>> {
     let Some(path) =
-        desktop::pick_open_file(&app, "Import a backup", ("TPTT Chat backup", "zip")).await?
+        desktop::pick_open_file(&app, "Import a backup", ("TPTT Chat backup", &["zip"])).await?
     else {
         return Ok(None);
     };

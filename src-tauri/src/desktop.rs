@@ -130,19 +130,19 @@ pub async fn pick_folder<R: Runtime>(
     chosen_path(rx.await)
 }
 
-/// A file chosen in the native open dialog (one filter of `extension`), or `None` when the user
-/// cancels.
+/// A file chosen in the native open dialog (one filter: `filter.0` names the `filter.1`
+/// extensions), or `None` when the user cancels.
 pub async fn pick_open_file<R: Runtime>(
     app: &AppHandle<R>,
     title: &str,
-    filter: (&str, &str),
+    filter: (&str, &[&str]),
 ) -> CmdResult<Option<PathBuf>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let mut dialog = app
         .dialog()
         .file()
         .set_title(title)
-        .add_filter(filter.0, &[filter.1]);
+        .add_filter(filter.0, filter.1);
     if let Some(dir) = default_folder() {
         dialog = dialog.set_directory(dir);
     }
@@ -169,25 +169,11 @@ pub async fn pick_document<R: Runtime>(app: &AppHandle<R>) -> CmdResult<Option<P
     if let Some(path) = scripted_document() {
         return Ok(Some(path));
     }
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let mut dialog = app
-        .dialog()
-        .file()
-        .set_title("Attach a document")
-        .add_filter(
-            "Documents",
-            &[
-                "txt", "md", "markdown", "html", "htm", "pdf", "rs", "py", "js", "ts", "c", "cpp",
-                "h", "java", "go", "json", "toml", "yaml", "yml", "csv", "log",
-            ],
-        );
-    if let Some(dir) = default_folder() {
-        dialog = dialog.set_directory(dir);
-    }
-    dialog.pick_file(move |picked| {
-        let _ = tx.send(picked);
-    });
-    chosen_path(rx.await)
+    const KINDS: &[&str] = &[
+        "txt", "md", "markdown", "html", "htm", "pdf", "rs", "py", "js", "ts", "c", "cpp", "h",
+        "java", "go", "json", "toml", "yaml", "yml", "csv", "log",
+    ];
+    pick_open_file(app, "Attach a document", ("Documents", KINDS)).await
 }
 
 /// A file name chosen in the native save dialog (`suggested` in `folder` proposed, one filter
