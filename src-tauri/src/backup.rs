@@ -307,10 +307,13 @@ struct Checked {
 /// Imports the backup at `path` (module doc). `invalid_settings` for a file that is not one,
 /// is damaged, or comes from a newer version; nothing is changed then.
 pub async fn import(state: &AppState, path: &Path) -> CmdResult<Imported> {
+    // One folder per import, even for two in the same millisecond.
+    static IMPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = IMPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let work = state
         .config
         .snapshots_dir()
-        .join(format!("import-{}", Timestamp::now().as_millis()));
+        .join(format!("import-{}-{n}", Timestamp::now().as_millis()));
     let (path, dir) = (path.to_path_buf(), work.clone());
     let checked = blocking(move || read_and_check(&path, &dir)).await;
     let checked = match checked {

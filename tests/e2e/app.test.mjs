@@ -38,6 +38,7 @@ const VERSION_MESSAGE = 'Which one is the longest?';
 const MEMORY_NAME = 'Gardens and rivers';
 const MEMORY_QUESTION = 'What do you remember about gardens?';
 const DOCUMENT_QUESTION = 'Where does the path turn?';
+const CHAT_SYSTEM_PROMPT = 'Answer in one short sentence.';
 const SEARCH = 'gardens';
 const LONG_MESSAGE = 'Now tell me everything you know, at length';
 /** Messages sent at most until an answer streams past its first save. */
@@ -734,6 +735,36 @@ step('a saved memory: saved from the chat, listed in Memories, a new chat starts
     throw new Error(`${err.message}: the title is ${JSON.stringify(await chatTitle())}, not ${JSON.stringify(seen.conversationTitle)}`);
   });
 }, 240_000);
+
+step("a chat's own settings: a system prompt of its own, and the note that its memory will be rebuilt", async () => {
+  const open = async (wanted) => {
+    let found = null;
+    await waitFor(async () => {
+      for (const item of await driver.findElements(css('[data-testid="conversation"]'))) {
+        const title = await textOf(await item.findElement(css('[data-testid="conversation-title"]')));
+        if (wanted(title)) found = await item.findElement(css('.conversation-open'));
+      }
+      return found;
+    }, 'the conversation is listed');
+    await found.click();
+  };
+  await open((t) => t.endsWith('(branch)'));
+  await waitFor(async () => (await chatTitle()).endsWith('(branch)'), 'the branch opens');
+  await click('[data-testid="chat-settings"]');
+  await findVisible('[data-testid="chat-settings-form"]');
+  // The segmented control's radio is drawn by its label (the input itself is not displayed).
+  await driver.executeScript('document.querySelector(\'[data-testid="prompt-own"]\').click()');
+  await setField('[data-testid="chat-system-prompt"]', CHAT_SYSTEM_PROMPT);
+  await findVisible('[data-testid="rebuild-note"]');
+  await shot('conversation-settings');
+  await click('[data-testid="chat-settings-save"]');
+  await waitFor(async () => (await textOf(await find('[data-testid="chat-settings"]'))) === 'Own settings', 'the chip says the chat has its own settings');
+  const [row] = dbRows(`SELECT settings FROM conversations WHERE title LIKE '%(branch)' LIMIT 1`);
+  assert.equal(JSON.parse(row.settings).system_prompt, CHAT_SYSTEM_PROMPT);
+  assert.match(appRuns().at(-1), /system prompt or window changed: the memory is rebuilt/);
+  await open((t) => t === seen.conversationTitle);
+  await waitFor(async () => (await chatTitle()) === seen.conversationTitle, 'the original opens');
+});
 
 step('a document longer than the window is read into the memory and shown as an attachment', async () => {
   const answers = '[data-testid="message"][data-role="assistant"]';
