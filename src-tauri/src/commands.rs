@@ -510,6 +510,13 @@ pub async fn pick_document<R: Runtime>(
     document_info(path).await.map(Some)
 }
 
+/// `inspect_document`: the document at `path` (a file dropped on the window) read and checked,
+/// as `pick_document` does.
+#[tauri::command]
+pub async fn inspect_document(path: String) -> CmdResult<crate::documents::DocumentInfo> {
+    document_info(std::path::PathBuf::from(path)).await
+}
+
 async fn document_info(path: std::path::PathBuf) -> CmdResult<crate::documents::DocumentInfo> {
     blocking(move || {
         let doc = crate::documents::read(&path)?;

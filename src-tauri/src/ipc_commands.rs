@@ -165,6 +165,7 @@ ipc_commands! {
     open_logs_folder [state] () -> String;
     send_message [state] (conversation_id: String, content: String, on_event: Channel<ChatEvent>) -> SendResult;
     pick_document [app] () -> Option<crate::documents::DocumentInfo>;
+    inspect_document [] (path: String) -> crate::documents::DocumentInfo;
     send_document [state] (conversation_id: String, path: String, content: String, on_event: Channel<ChatEvent>) -> SendResult;
     regenerate [state] (conversation_id: String, on_event: Channel<tauri::ipc::InvokeResponseBody> as "Channel<ChatEvent>") -> RegenerateResult;
     edit_and_resend [state] (conversation_id: String, message_id: String, content: String, on_event: Channel<ChatEvent>) -> SendResult;

@@ -1798,6 +1798,13 @@ fn a_document_is_read_into_the_chat_and_shown_as_an_attachment() {
     let notes = dir.path().join("notes.md");
     let text = "# Garden notes\n\nThe roses bloom in June. ".repeat(40);
     std::fs::write(&notes, &text).expect("write");
+    // A dropped file is inspected as the dialog's is.
+    let info = app.ok("inspect_document", json!({"path": notes}));
+    assert_eq!(
+        (info["name"].as_str(), info["kind"].as_str()),
+        (Some("notes.md"), Some("markdown"))
+    );
+    assert_eq!(info["chars"].as_u64(), Some(text.chars().count() as u64));
     let events = send_doc(&app, &c, &notes, "What blooms in June?").expect("sent");
     assert_eq!(last_kind(&events), "done", "{events:?}");
     let prompt = events.last().expect("done")["stats"]["promptTokens"]
@@ -1865,6 +1872,12 @@ fn a_document_is_read_into_the_chat_and_shown_as_an_attachment() {
     std::fs::write(&empty, b"").expect("write");
     let broken = dir.path().join("broken.pdf");
     std::fs::write(&broken, b"%PDF-1.7\n1 0 obj << /Type /Catalog").expect("write");
+    let refused = app.err(
+        "inspect_document",
+        json!({"path": binary}),
+        "invalid_settings",
+    );
+    assert!(refused.contains("movie.mkv: is a binary file"), "{refused}");
     for (path, says) in [
         (binary, "movie.mkv: is a binary file"),
         (empty, "empty.txt: is empty"),

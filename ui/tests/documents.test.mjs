@@ -1,6 +1,7 @@
-// Documents into memory: attach a file (the backend reads and checks it), send it with a
-// question or alone; the message shows the attachment, not its text; the long reading shows its
-// progress; a refused or cancelled pick leaves the composer as it was.
+// Documents into memory: attach a file (the backend reads and checks it) from the dialog or by
+// dropping it on the window, send it with a question or alone; the message shows the
+// attachment, not its text; the long reading shows its progress; a refused or cancelled pick
+// leaves the composer as it was.
 import assert from 'node:assert/strict';
 import { after, afterEach, before, describe, test } from 'node:test';
 import { mock, until, useSuite } from './helpers.mjs';
@@ -57,6 +58,24 @@ describe('documents', () => {
     await lastAssistant(page).and(page.locator('[data-status=complete]')).waitFor();
     await until(page, () => document.querySelectorAll('[data-testid=message][data-role=user] [data-testid=attachment]').length === 2);
     assert.equal(await lastUser(page).getByTestId('message-body').count(), 0, 'no empty text under the attachment');
+    assert.deepEqual(suite.problems(page).errors, [], 'no page errors');
+  });
+
+  test('a file dropped on the window is attached; a refused one is explained', async () => {
+    const { page } = await suite.open({ timing: { firstTokenMs: 10, tokenMs: 5 } });
+    await page.locator('[data-testid=conversation-title]', { hasText: 'Trip to Lisbon' }).click();
+    await page.locator('[data-testid=message]').first().waitFor();
+    await mock(page, () => window.__tpttMock.dropFiles(['/home/user/Videos/movie.mkv']));
+    await page.getByTestId('notice').filter({ hasText: 'movie.mkv: is a binary file' }).waitFor();
+    assert.equal(await page.getByTestId('composer-attachment').count(), 0);
+    await mock(page, () => window.__tpttMock.dropFiles(['/home/user/Documents/itinerary.pdf', '/home/user/Documents/other.txt']));
+    await page.getByTestId('composer-attachment').filter({ hasText: 'itinerary.pdf' }).waitFor();
+    await page.getByTestId('notice').filter({ hasText: 'One document at a time' }).waitFor();
+    const call = await mock(page, () => window.__tpttMock.calls.filter((c) => c.command === 'inspect_document').at(-1));
+    assert.equal(call.args.path, '/home/user/Documents/itinerary.pdf');
+    await page.getByTestId('composer').press('Enter');
+    await lastAssistant(page).and(page.locator('[data-status=complete]')).waitFor();
+    await lastUser(page).getByTestId('attachment').filter({ hasText: 'itinerary.pdf' }).waitFor();
     assert.deepEqual(suite.problems(page).errors, [], 'no page errors');
   });
 });

@@ -5,6 +5,7 @@
 
 import { Channel, invoke, type InvokeArgs } from '@tauri-apps/api/core';
 import { listen, type UnlistenFn } from '@tauri-apps/api/event';
+import { getCurrentWebview } from '@tauri-apps/api/webview';
 import { ERROR_KINDS, LAUNCH_EVENT, type Commands } from './ipc.gen';
 import type {
   ChatEvent,
@@ -153,6 +154,19 @@ export const newChatFromMemory = (id: string) => call('new_chat_from_memory', { 
 
 /** A document chosen in the open dialog, read and checked; null when cancelled. */
 export const pickDocument = () => call('pick_document');
+
+/** The document at `path` (a file dropped on the window), read and checked. */
+export const inspectDocument = (path: string) => call('inspect_document', { path });
+
+/**
+ * Calls `handler` with the paths of files dropped on the window (Tauri takes the OS drop: the
+ * page sees no HTML drop event for files). Resolves with the way to stop listening.
+ */
+export async function onFileDrop(handler: (paths: string[]) => void): Promise<UnlistenFn> {
+  return getCurrentWebview().onDragDropEvent((event) => {
+    if (event.payload.type === 'drop' && event.payload.paths.length > 0) handler(event.payload.paths);
+  });
+}
 
 /** Sends the document at `path` with `content` (the question; may be empty) as one message. */
 export const sendDocument = (

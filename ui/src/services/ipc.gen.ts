@@ -781,6 +781,7 @@ export interface Commands {
   open_logs_folder: { args: Record<string, never>; result: string };
   send_message: { args: { conversationId: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };
   pick_document: { args: Record<string, never>; result: DocumentInfo | null };
+  inspect_document: { args: { path: string }; result: DocumentInfo };
   send_document: { args: { conversationId: string; path: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };
   regenerate: { args: { conversationId: string; onEvent: Channel<ChatEvent> }; result: RegenerateResult };
   edit_and_resend: { args: { conversationId: string; messageId: string; content: string; onEvent: Channel<ChatEvent> }; result: SendResult };

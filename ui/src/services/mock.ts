@@ -14,7 +14,7 @@
 // it. A broken or strained memory stays so until `reset_memory`.
 
 import { emit } from '@tauri-apps/api/event';
-import { mockIPC } from '@tauri-apps/api/mocks';
+import { mockIPC, mockWindows } from '@tauri-apps/api/mocks';
 import { freshMemoryTokens } from '../lib/health';
 import type {
   ChatEvent,
@@ -166,6 +166,8 @@ export interface MockControl {
   setDialogAnswer(path: string | null): void;
   /** What the document dialog answers (undefined: a default Markdown file; null: cancelled). */
   setDocument(doc: DocumentInfo | null | undefined): void;
+  /** Files dropped on the window, as Tauri reports them. */
+  dropFiles(paths: string[]): Promise<void>;
   /** Files written by save_conversation, with their text. */
   readonly savedFiles: { path: string; text: string }[];
   /** Folders opened in the file manager (open_logs_folder). */
@@ -649,6 +651,7 @@ class MockBackend implements MockControl {
     },
     send_message: (a) => this.send(a.conversationId, a.content, a.onEvent),
     pick_document: () => this.pickDocument(),
+    inspect_document: (a) => this.inspectDocument(a.path),
     send_document: (a) => this.sendDocument(a.conversationId, a.path, a.content, a.onEvent),
     regenerate: (a) => this.regenerate(a.conversationId, a.onEvent),
     edit_and_resend: (a) => this.editAndResend(a.conversationId, a.messageId, a.content, a.onEvent),
@@ -1337,6 +1340,20 @@ class MockBackend implements MockControl {
     return this.documentAnswer ?? { path: '/home/user/Documents/notes.md', name: 'notes.md', kind: 'markdown', bytes: 48_213, chars: 47_900 };
   }
 
+  /** `inspect_document`: a dropped file, read as the backend would (`.mkv`: binary, refused). */
+  private inspectDocument(path: string): DocumentInfo {
+    const name = path.split('/').at(-1) ?? path;
+    if (name.endsWith('.mkv')) throw fail('invalid_settings', `${name}: is a binary file, not text`);
+    const doc = { path, name, kind: name.endsWith('.pdf') ? 'pdf' : 'text', bytes: 20_480, chars: 19_000 };
+    this.documentAnswer = doc;
+    return doc;
+  }
+
+  /** Files dropped on the window (Tauri's drag-drop event). */
+  async dropFiles(paths: string[]) {
+    await emit('tauri://drag-drop', { paths, position: { x: 200, y: 200 } });
+  }
+
   /** `send_document`: the message shows the attachment; the model reads the document's tokens. */
   private sendDocument(conversationId: string, path: string, content: string, channel: string) {
     const c = this.find(conversationId);
@@ -1404,6 +1421,8 @@ export function installMockBackend(params: URLSearchParams): MockControl {
   const scenario: Scenario = params.get('scenario') === 'empty' ? 'empty' : 'ready';
   const backend = new MockBackend(scenario);
   mockIPC((command, args) => backend.handle(command, args), { shouldMockEvents: true });
+  // The window and webview the app runs in (files dropped on it come as its events).
+  mockWindows('main');
   window.__tpttMock = backend;
   return backend;
 }
