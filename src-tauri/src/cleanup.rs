@@ -6,7 +6,8 @@
 //! [`crate::AppState::open`], deletes those files: `*.tmp` files (regular files, links not
 //! followed) directly in the snapshots folder or in a conversation's folder, last written more
 //! than [`TMP_GRACE`] ago — a younger one may be a snapshot another copy of the app is
-//! writing right now.
+//! writing right now. A backup import's temporary folder (`<states>/import-*`) goes with its
+//! `.tmp` files once it is empty and as old.
 //!
 //! Partial downloads (`blobs/*.incomplete` in the model cache) are not swept here: they resume
 //! after a restart; removing a variant deletes its own (`tptt_hub::Hub::remove_variant`).
@@ -45,6 +46,21 @@ pub fn sweep_snapshot_temps(states: &Path) -> Swept {
     swept
 }
 
+/// A backup import's temporary folder (`import-*`, [`crate::backup`]) that a crash left, older
+/// than the grace period: gone once empty (its `.tmp` files swept).
+fn remove_import_folder(dir: &Path) {
+    let is_import = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("import-"));
+    if is_import {
+        // Fails, and is left, when not empty.
+        if std::fs::remove_dir(dir).is_ok() {
+            tracing::info!(folder = %dir.display(), "deleted the folder of an import a crash cut short");
+        }
+    }
+}
+
 /// `.tmp` files of `dir`, and of its subfolders down to `depth` more levels.
 fn sweep_dir(dir: &Path, cutoff: SystemTime, depth: usize, swept: &mut Swept) {
     let entries = match std::fs::read_dir(dir) {
@@ -63,7 +79,15 @@ fn sweep_dir(dir: &Path, cutoff: SystemTime, depth: usize, swept: &mut Swept) {
         let path = entry.path();
         if kind.is_dir() {
             if depth > 0 {
+                // Its age before the sweep (deleting its files makes it young).
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t <= cutoff);
                 sweep_dir(&path, cutoff, depth - 1, swept);
+                if old {
+                    remove_import_folder(&path);
+                }
             }
             continue;
         }

@@ -106,6 +106,12 @@ fn age(path: &Path, ago: Duration) {
     f.set_modified(SystemTime::now() - ago).expect("set mtime");
 }
 
+/// Sets a folder's last change `ago` in the past.
+fn age_dir(path: &Path, ago: Duration) {
+    let f = std::fs::File::open(path).expect("open folder");
+    f.set_modified(SystemTime::now() - ago).expect("set mtime");
+}
+
 #[test]
 fn snapshot_files_a_crash_left_half_written_are_deleted_at_start() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -134,8 +140,22 @@ fn snapshot_files_a_crash_left_half_written_are_deleted_at_start() {
     age(&outside.join("mine.tmp"), old);
     #[cfg(unix)]
     symlink(outside.to_str().expect("utf-8 path"), &states.join("9"));
+    // A backup import a crash cut short: its copied states go, then its folder; a folder of an
+    // import under way (young) and any other folder stay.
+    let import = states.join("import-1700000000000-0");
+    write(&import.join("0.tmp"), &[1u8; 100]);
+    age(&import.join("0.tmp"), old);
+    age_dir(&import, old);
+    let importing = states.join("import-1700000000001-1");
+    std::fs::create_dir_all(&importing).expect("folder");
+    let empty_chat = states.join("10");
+    std::fs::create_dir_all(&empty_chat).expect("folder");
+    age_dir(&empty_chat, old);
 
     let state = tauri::async_runtime::block_on(AppState::open(config)).expect("app state");
+    assert!(!import.exists(), "the cut import's folder is deleted");
+    assert!(importing.exists(), "an import under way keeps its folder");
+    assert!(empty_chat.exists(), "other folders stay");
     assert!(!crashed.exists(), "the crash's leftover is deleted");
     for k in &kept {
         assert!(k.exists(), "{} kept", k.display());
