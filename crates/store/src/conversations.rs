@@ -1,6 +1,9 @@
 //! Conversations: create, list, get, rename, choose model and variant, settings, archive, pin,
 //! delete.
 //!
+//! The holders of hidden versions ([`crate::versions`]) are conversation rows too, but not
+//! conversations of this API: their ids are not found here.
+//!
 //! A [`Conversation`] row holds its title, timestamps, the model and variant its next message
 //! uses, and its [`ConversationSettings`] (JSON). `updated_at` moves on every change to the
 //! conversation or its messages, and listings are ordered by it, most recent first.
@@ -189,7 +192,7 @@ impl Store {
         const SQL: &str = concat!(
             "SELECT ",
             conversation_columns!(),
-            " FROM conversations WHERE id = ?"
+            " FROM conversations WHERE id = ? AND owner_id IS NULL"
         );
         let row = sqlx::query(SQL)
             .bind(id.0)
@@ -201,7 +204,8 @@ impl Store {
 
     /// Sets the title. Any string is accepted, the empty one included.
     pub async fn rename_conversation(&self, id: ConversationId, title: &str) -> Result<()> {
-        const SQL: &str = "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?";
+        const SQL: &str =
+            "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ? AND owner_id IS NULL";
         let done = sqlx::query(SQL)
             .bind(title)
             .bind(self.now().as_millis())
@@ -219,8 +223,8 @@ impl Store {
         model: Option<&str>,
         variant: Option<&str>,
     ) -> Result<()> {
-        const SQL: &str =
-            "UPDATE conversations SET model = ?, variant = ?, updated_at = ? WHERE id = ?";
+        const SQL: &str = "UPDATE conversations SET model = ?, variant = ?, updated_at = ? \
+             WHERE id = ? AND owner_id IS NULL";
         let done = sqlx::query(SQL)
             .bind(model)
             .bind(variant)
@@ -237,7 +241,8 @@ impl Store {
         id: ConversationId,
         settings: &ConversationSettings,
     ) -> Result<()> {
-        const SQL: &str = "UPDATE conversations SET settings = ?, updated_at = ? WHERE id = ?";
+        const SQL: &str = "UPDATE conversations SET settings = ?, updated_at = ? \
+            WHERE id = ? AND owner_id IS NULL";
         let json = serde_json::to_string(settings)?;
         let done = sqlx::query(SQL)
             .bind(json)
@@ -250,7 +255,8 @@ impl Store {
 
     /// Archives or restores a conversation.
     pub async fn set_archived(&self, id: ConversationId, archived: bool) -> Result<()> {
-        const SQL: &str = "UPDATE conversations SET archived = ?, updated_at = ? WHERE id = ?";
+        const SQL: &str = "UPDATE conversations SET archived = ?, updated_at = ? \
+            WHERE id = ? AND owner_id IS NULL";
         let done = sqlx::query(SQL)
             .bind(i64::from(archived))
             .bind(self.now().as_millis())
@@ -278,7 +284,7 @@ impl Store {
     pub async fn delete_conversation(&self, id: ConversationId) -> Result<Vec<PathBuf>> {
         const SNAPSHOTS: &str = "DELETE FROM snapshots WHERE conversation_id IN \
             (SELECT id FROM conversations WHERE id = ?1 OR owner_id = ?1) RETURNING path";
-        const CONVERSATION: &str = "DELETE FROM conversations WHERE id = ?";
+        const CONVERSATION: &str = "DELETE FROM conversations WHERE id = ? AND owner_id IS NULL";
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let paths: Vec<String> = sqlx::query_scalar(SNAPSHOTS)
             .bind(id.0)

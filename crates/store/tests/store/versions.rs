@@ -95,9 +95,26 @@ async fn regenerated_answers_are_versions_and_switching_brings_each_back() {
     // A regenerate from a shown older version adds a fourth.
     regenerate(s, c, "a1 fourth").await;
     assert_eq!(s.list_versions(c).await.unwrap(), [set(1, 4, 4)]);
-    // Hidden versions are in no list and no search.
+    // Hidden versions are in no list and no search, and their holders are no conversations of
+    // the API (an id guessed by a caller is not found, nothing is changed).
     let listed = s.list_conversations(ListScope::All).await.unwrap().items;
     assert_eq!(listed.len(), 1);
+    let holder: i64 = sqlx::query_scalar("SELECT id FROM conversations WHERE owner_id = ? LIMIT 1")
+        .bind(c.0)
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    let holder = ConversationId(holder);
+    for err in [
+        s.get_conversation(holder).await.unwrap_err(),
+        s.rename_conversation(holder, "x").await.unwrap_err(),
+        s.set_archived(holder, true).await.unwrap_err(),
+        s.set_pinned(holder, true).await.unwrap_err(),
+        s.delete_conversation(holder).await.unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::ConversationNotFound(_)), "{err:?}");
+    }
+    assert_eq!(s.list_versions(c).await.unwrap(), [set(1, 4, 4)]);
     assert!(s.search("a1 third", 5).await.unwrap().items.is_empty());
     assert_eq!(s.search("a1 fourth", 5).await.unwrap().items.len(), 1);
     fts_integrity(s).await;
