@@ -9,7 +9,10 @@
 //!   messages and settings;
 //! - `states/<n>.safetensors` (and `states/<n>.json`, its memory meter): with states, each
 //!   conversation's latest snapshot, named in its `state` entry with the model key it was taken
-//!   with and the message it follows.
+//!   with and the message it follows;
+//! - `pages/<name>.kvpage`: the KV pages those snapshots keep their softmax window in
+//!   (`tptt_engine::snapshot::save_paged`), each once, listed in the `pages` of the states that
+//!   use them (a page's name is the digest of its bytes, checked when the state loads).
 //!
 //! Import reads and checks everything before it changes anything: the format and version (a
 //! newer backup is refused with the way out), every value (roles, statuses, settings, a state's
@@ -46,6 +49,9 @@ const MANIFEST: &str = "backup.json";
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 /// The largest state entry read.
 const MAX_STATE_BYTES: u64 = 64 << 30;
+/// The largest KV page entry read (a page holds at most
+/// `tptt_engine::snapshot::PAGE_POSITIONS` positions of every layer's keys and values).
+const MAX_PAGE_BYTES: u64 = 4 << 30;
 
 /// `backup.json`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -136,6 +142,15 @@ pub struct BackupState {
     pub size_bytes: u64,
     /// Tokens it has read.
     pub token_count: u64,
+    /// The KV pages it refers to (entries `pages/<name>.kvpage`); none for a snapshot that
+    /// holds its KV cache itself, or in a backup written before pages existed.
+    #[serde(default)]
+    pub pages: Vec<String>,
+}
+
+/// The entry of KV page `name`.
+fn page_entry(name: &str) -> String {
+    format!("pages/{name}.kvpage")
 }
 
 /// A refused backup file: `invalid_settings` with what is wrong and what to do.
@@ -158,6 +173,8 @@ pub async fn write(
     let listing = state.store.list_conversations(ListScope::All).await?;
     let mut conversations = Vec::with_capacity(listing.items.len());
     let mut files: Vec<(String, PathBuf)> = Vec::new();
+    let pages_dir = crate::chat::pages_dir(&state.config.snapshots_dir());
+    let mut pages_written = std::collections::HashSet::new();
     for c in &listing.items {
         let messages = state.store.list_messages(c.id).await?;
         if !messages.skipped.is_empty() {
@@ -171,7 +188,27 @@ pub async fn write(
         if include_states {
             let latest = state.store.list_snapshots(c.id).await?.items.pop();
             if let Some(s) = latest.filter(|s| s.path.is_file()) {
-                if let Some(index) = messages.items.iter().position(|m| m.id == s.message_id) {
+                let pages = match tptt_engine::snapshot::page_names(&s.path) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::warn!(conversation = c.id.0, error = %e, "a snapshot left out of the backup: it cannot be read");
+                        None
+                    }
+                };
+                let pages = pages.filter(|p| {
+                    p.iter()
+                        .all(|n| tptt_engine::snapshot::page_path(&pages_dir, n).is_file())
+                });
+                let index = messages.items.iter().position(|m| m.id == s.message_id);
+                if let (Some(index), Some(pages)) = (index, pages) {
+                    for name in &pages {
+                        if pages_written.insert(name.clone()) {
+                            files.push((
+                                page_entry(name),
+                                tptt_engine::snapshot::page_path(&pages_dir, name),
+                            ));
+                        }
+                    }
                     let n = files.len();
                     let file = format!("states/{n}.safetensors");
                     let meta_file = meta_path(&s.path);
@@ -187,8 +224,9 @@ pub async fn write(
                         config_hash: s.key.config_hash.clone(),
                         file,
                         meta,
-                        size_bytes: s.size_bytes,
+                        size_bytes: std::fs::metadata(&s.path).map_or(s.size_bytes, |m| m.len()),
                         token_count: s.token_count,
+                        pages,
                     });
                 }
             }
@@ -296,6 +334,8 @@ struct Extracted {
     file: PathBuf,
     /// Its meter, when the backup had it.
     meta: Option<PathBuf>,
+    /// The KV pages it refers to, copied out: (name, file in the import's folder).
+    pages: Vec<(String, PathBuf)>,
 }
 
 /// The conversations ready for the store, and per conversation its extracted state.
@@ -342,6 +382,7 @@ pub async fn import(state: &AppState, path: &Path) -> CmdResult<Imported> {
             tokens,
             file,
             meta,
+            pages,
         }) = st
         else {
             continue;
@@ -354,6 +395,21 @@ pub async fn import(state: &AppState, path: &Path) -> CmdResult<Imported> {
             .snapshots_dir()
             .join(done.conversation.0.to_string());
         let to = dir.join(format!("{}.safetensors", message.0));
+        // Its pages first (a page already here has the same bytes: its name is their digest).
+        let pages_dir = crate::chat::pages_dir(&state.config.snapshots_dir());
+        let pages_placed = std::fs::create_dir_all(&pages_dir).and_then(|()| {
+            pages.iter().try_for_each(|(name, from)| {
+                let to = tptt_engine::snapshot::page_path(&pages_dir, name);
+                match to.is_file() {
+                    true => Ok(()),
+                    false => std::fs::rename(from, &to),
+                }
+            })
+        });
+        if let Err(e) = pages_placed {
+            tracing::warn!(error = %e, "an imported state's pages could not be put in place: that chat is rebuilt from its text");
+            continue;
+        }
         let placed = std::fs::create_dir_all(&dir).and_then(|()| std::fs::rename(&file, &to));
         if let Err(e) = placed {
             tracing::warn!(error = %e, "an imported state could not be put in place: that chat is rebuilt from its text");
@@ -447,6 +503,8 @@ fn read_and_check(path: &Path, dir: &Path) -> CmdResult<Checked> {
     let mut conversations = Vec::with_capacity(manifest.conversations.len());
     let mut states = Vec::with_capacity(manifest.conversations.len());
     std::fs::create_dir_all(dir).map_err(|e| storage_error("the import", e))?;
+    // The pages copied out so far (one file per page, whichever states share it).
+    let mut extracted_pages = std::collections::HashMap::new();
     for (ci, c) in manifest.conversations.iter().enumerate() {
         let mut messages = Vec::with_capacity(c.messages.len());
         for (mi, m) in c.messages.iter().enumerate() {
@@ -475,9 +533,14 @@ fn read_and_check(path: &Path, dir: &Path) -> CmdResult<Checked> {
             });
         }
         let state = match &c.state {
-            Some(s) if manifest.states => {
-                Some(extract_state(&mut zip, ci, s, c.messages.len(), dir)?)
-            }
+            Some(s) if manifest.states => Some(extract_state(
+                &mut zip,
+                ci,
+                s,
+                c.messages.len(),
+                dir,
+                &mut extracted_pages,
+            )?),
             _ => None,
         };
         states.push(state);
@@ -514,6 +577,7 @@ fn extract_state<R: Read + std::io::Seek>(
     s: &BackupState,
     messages: usize,
     dir: &Path,
+    extracted_pages: &mut std::collections::HashMap<String, PathBuf>,
 ) -> CmdResult<Extracted> {
     let at = format!("conversation {}", ci + 1);
     if s.message >= messages {
@@ -545,13 +609,68 @@ fn extract_state<R: Read + std::io::Seek>(
         Some(m) => return Err(refused(format!("{at}: {m:?} is not a state entry name"))),
         None => None,
     };
+    if s.pages.len() > MAX_PAGES_PER_STATE {
+        return Err(refused(format!(
+            "{at}: its state lists {} pages (at most {MAX_PAGES_PER_STATE})",
+            s.pages.len()
+        )));
+    }
+    let mut pages = Vec::with_capacity(s.pages.len());
+    for name in &s.pages {
+        if !page_name(name) {
+            return Err(refused(format!("{at}: {name:?} is not a page name")));
+        }
+        let file = match extracted_pages.get(name) {
+            Some(f) => f.clone(),
+            None => {
+                let out = dir.join(format!("page-{name}.tmp"));
+                copy_entry_within(zip, &page_entry(name), &out, MAX_PAGE_BYTES, &at)?;
+                extracted_pages.insert(name.clone(), out.clone());
+                out
+            }
+        };
+        pages.push((name.clone(), file));
+    }
     Ok(Extracted {
         message: s.message,
         key: ModelKey::new(s.model.clone(), s.variant.clone(), s.config_hash.clone()),
         tokens: s.token_count,
         file,
         meta,
+        pages,
     })
+}
+
+/// Most pages one state may list (a window of a million positions in pages of 256, twice).
+const MAX_PAGES_PER_STATE: usize = 8192;
+
+/// Whether `name` is a KV page's name (32 lowercase hex digits: nothing else reaches a path).
+fn page_name(name: &str) -> bool {
+    name.len() == 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// [`copy_entry`] of an entry of any size up to `limit` (its own recorded size).
+fn copy_entry_within<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    name: &str,
+    to: &Path,
+    limit: u64,
+    at: &str,
+) -> CmdResult<()> {
+    let size = zip
+        .by_name(name)
+        .map_err(|e| refused(format!("{at}: its entry {name} is missing ({e})")))?
+        .size();
+    if size > limit {
+        return Err(refused(format!(
+            "{at}: its entry {name} is larger than {} GiB",
+            limit >> 30
+        )));
+    }
+    copy_entry(zip, name, to, Some(size), at)
 }
 
 /// Copies entry `name` to `to`: exactly `size` bytes when given (else at most 16 MiB), its

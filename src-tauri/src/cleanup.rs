@@ -9,6 +9,13 @@
 //! writing right now. A backup import's temporary folder (`<states>/import-*`) goes with its
 //! `.tmp` files once it is empty and as old.
 //!
+//! KV pages (`<states>/kv-pages/`, shared by the paged snapshots of successive turns) that no
+//! snapshot file refers to any more — their conversation deleted, their turns pruned — go in
+//! [`sweep_unused_pages`], run on a thread of its own at start-up: it reads the page list of
+//! every snapshot file under `<states>` (conversations, saved memories, an import's folder) and
+//! removes the other pages older than [`PAGE_GRACE`] (a younger one may belong to a snapshot
+//! being written). If a folder cannot be listed, nothing is removed.
+//!
 //! Partial downloads (`blobs/*.incomplete` in the model cache) are not swept here: they resume
 //! after a restart; removing a variant deletes its own (`tptt_hub::Hub::remove_variant`).
 
@@ -17,6 +24,61 @@ use std::time::{Duration, SystemTime};
 
 /// How old a `.tmp` file must be (since its last write) to be a crash's leftover.
 pub const TMP_GRACE: Duration = Duration::from_secs(60);
+
+/// How old an unreferenced KV page must be to be removed.
+pub const PAGE_GRACE: Duration = Duration::from_secs(600);
+
+/// Removes the KV pages no snapshot file under `states` refers to (module doc).
+pub fn sweep_unused_pages(states: &Path) -> Swept {
+    let pages = crate::chat::pages_dir(states);
+    if !pages.is_dir() {
+        return Swept::default();
+    }
+    let mut keep = std::collections::HashSet::new();
+    let mut folders = vec![states.to_path_buf()];
+    while let Some(dir) = folders.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(folder = %dir.display(), error = %e, "cannot list snapshots: unused KV pages are kept");
+                return Swept::default();
+            }
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let path = entry.path();
+            if kind.is_dir() && dir == states && path != pages {
+                folders.push(path);
+            } else if kind.is_file() && path.extension().is_some_and(|x| x == "safetensors") {
+                // A file that cannot be read is refused at load anyway: its pages do not count.
+                if let Ok(names) = tptt_engine::snapshot::page_names(&path) {
+                    keep.extend(names);
+                }
+            }
+        }
+    }
+    match tptt_engine::snapshot::sweep_pages(&pages, &keep, PAGE_GRACE) {
+        Ok(s) => {
+            if s.pages > 0 {
+                tracing::info!(
+                    pages = s.pages,
+                    bytes = s.bytes,
+                    "deleted KV pages no snapshot uses"
+                );
+            }
+            Swept {
+                files: s.pages,
+                bytes: s.bytes,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot sweep unused KV pages");
+            Swept::default()
+        }
+    }
+}
 
 /// What a sweep deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -82,7 +82,8 @@ pub async fn save(
             name: name.to_string(),
             key: latest.key.clone(),
             path: path.clone(),
-            size_bytes: latest.size_bytes,
+            // Its file and the KV pages it keeps alive.
+            size_bytes: crate::chat::state_disk_bytes(&state.config.snapshots_dir(), &latest.path),
             token_count: latest.token_count,
             source_title: c.title.clone(),
         })

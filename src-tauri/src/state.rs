@@ -133,13 +133,21 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AppState {
-    /// Deletes the snapshot files a crash left half-written ([`crate::cleanup`]), then opens
+    /// Deletes the snapshot files a crash left half-written ([`crate::cleanup`]) and starts the
+    /// sweep of unused KV pages on a thread of its own, then opens
     /// the database (a damaged one is moved aside and a new one started, with a notice;
     /// one that cannot be opened at all gives an in-memory database, with a notice that
     /// nothing will be kept) and reads the settings and the model registry. Fails only when
     /// not even an in-memory database opens.
     pub async fn open(config: AppConfig) -> Result<Self, tptt_store::Error> {
         crate::cleanup::sweep_snapshot_temps(&config.snapshots_dir());
+        let states = config.snapshots_dir();
+        let swept = std::thread::Builder::new()
+            .name("page-sweep".into())
+            .spawn(move || crate::cleanup::sweep_unused_pages(&states));
+        if let Err(e) = swept {
+            tracing::warn!(error = %e, "cannot start the sweep of unused KV pages");
+        }
         let mut notices = Vec::new();
         let path = config.db_path();
         let store = match Store::open(&path).await {

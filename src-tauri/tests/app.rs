@@ -650,6 +650,13 @@ fn a_snapshot_saved_by_the_previous_format_reopens_without_re_reading() {
         let id = tptt_engine::ModelIdentity::of(snap.key.model.clone(), &files, model.config())
             .expect("identity");
         assert_eq!(snap.key.config_hash, id.numerics_key(), "the app's key");
+        // The app saves paged snapshots (format 6); version 4 kept the KV cache in the file:
+        // written back as one (format 5) first.
+        let pages = tptt_chat::chat::pages_dir(&app.state().config.snapshots_dir());
+        let (session, mark) =
+            tptt_engine::snapshot::load_paged(std::sync::Arc::new(model), &id, &snap.path, &pages)
+                .expect("load");
+        tptt_engine::snapshot::save_marked(&session, &id, mark, &snap.path).expect("save");
         let mut raw = RawSnapshot::parse(&std::fs::read(&snap.path).expect("read")).expect("parse");
         raw.meta.insert("version".into(), "4".into());
         raw.meta
@@ -682,7 +689,11 @@ fn a_snapshot_saved_by_the_previous_format_reopens_without_re_reading() {
     let newest = snaps.last().expect("a snapshot");
     let bytes = std::fs::read(&newest.path).expect("read");
     let raw = RawSnapshot::parse(&bytes).expect("parse");
-    assert_eq!(raw.meta.get("version").map(String::as_str), Some("5"));
+    assert_eq!(
+        raw.meta.get("version").map(String::as_str),
+        Some("6"),
+        "saved paged"
+    );
     assert!(
         snaps.iter().all(|s| s.key == newest.key),
         "the version 4 record went once the new one was saved: {snaps:?}"
@@ -1397,7 +1408,8 @@ fn a_conversation_can_run_on_its_own_model_variant() {
 
 /// "Branch from here": the branch is a copy up to the message; from an answer it continues from
 /// the state saved after that answer (shared, so it survives the source's deletion) without
-/// re-reading; from elsewhere its memory is rebuilt from the text; the source is untouched.
+/// re-reading; from a user message, from the state of the answer before it, reading only that
+/// message; the source is untouched.
 #[test]
 fn a_branch_continues_from_the_state_of_the_answer_it_starts_at() {
     let dir = tempfile::tempdir().expect("dir");
@@ -1447,7 +1459,7 @@ fn a_branch_continues_from_the_state_of_the_answer_it_starts_at() {
         "only the new turn was fed: {prompt}"
     );
 
-    // From a user message (no state after it): rebuilt from the text at its first turn.
+    // From a user message: from the state of the answer before it, reading only the message.
     let b1_messages: Vec<String> = app.conversation(&b1_id)["messages"]
         .as_array()
         .expect("messages")
@@ -1468,8 +1480,15 @@ fn a_branch_continues_from_the_state_of_the_answer_it_starts_at() {
     let events = app_regenerate(&app, &b2_id);
     assert_eq!(last_kind(&events), "done", "{events:?}");
     assert_eq!(
-        events[0]["memory"]["totalTokens"], 0,
-        "rebuilt from the text"
+        events[0]["memory"], mem1,
+        "continued from the first answer's state"
+    );
+    let prompt = events.last().expect("done")["stats"]["promptTokens"]
+        .as_u64()
+        .expect("prompt");
+    assert!(
+        prompt < mem1["totalTokens"].as_u64().expect("total"),
+        "only the message was fed: {prompt}"
     );
     assert_eq!(
         app.conversation(&b1_id)["messages"]
@@ -1489,6 +1508,97 @@ fn a_branch_continues_from_the_state_of_the_answer_it_starts_at() {
         "branch_conversation",
         json!({"id": "999999", "messageId": b1_messages[0]}),
         "not_found",
+    );
+}
+
+/// A state is kept after every answer, its softmax window in KV pages shared with the turns
+/// before it (a turn adds its recurrent state and its new positions, not a whole window); a
+/// branch from the first answer of three continues from that answer's state; pages no snapshot
+/// uses any more go at the next start once old enough, the others stay.
+#[test]
+fn every_answer_keeps_a_state_whose_pages_the_next_turns_share() {
+    use tptt_engine::snapshot;
+    let dir = tempfile::tempdir().expect("dir");
+    let states = {
+        let app = TestApp::offline(dir.path());
+        app.use_tiny("delta_rule", 6);
+        let mut settings = app.ok("get_settings", json!({}));
+        settings["windowSize"] = json!(64);
+        app.ok("set_settings", json!({"settings": settings}));
+        let c = app.new_conversation();
+        let mut memories = Vec::new();
+        for text in ["Remember the number 7.", "And the number 9.", "And 11."] {
+            let (_, events) = send(&app, &c, text);
+            assert_eq!(last_kind(&events), "done", "{events:?}");
+            memories.push(events.last().expect("done")["memory"].clone());
+        }
+        let conv_id = tptt_store::ConversationId(c.parse().expect("id"));
+        let snaps = block_on(app.state().store.list_snapshots(conv_id))
+            .expect("snapshots")
+            .items;
+        assert_eq!(snaps.len(), 3, "one state per answer: {snaps:?}");
+        let names = |p: &std::path::Path| -> std::collections::HashSet<String> {
+            snapshot::page_names(p)
+                .expect("pages")
+                .into_iter()
+                .collect()
+        };
+        for pair in snaps.windows(2) {
+            assert!(
+                !names(&pair[0].path).is_disjoint(&names(&pair[1].path)),
+                "a turn shares the pages of the one before"
+            );
+        }
+        // Branch from the first answer: its own state, nothing re-read.
+        let first_answer = app.conversation(&c)["messages"][1]["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let b = app.ok(
+            "branch_conversation",
+            json!({"id": c, "messageId": first_answer}),
+        );
+        let b_id = b["id"].as_str().expect("id").to_string();
+        let (_, events) = send(&app, &b_id, "Which number?");
+        assert_eq!(last_kind(&events), "done", "{events:?}");
+        assert_eq!(events[0]["memory"], memories[0], "continued, not re-read");
+        app.ok("delete_conversation", json!({"id": c}));
+        app.state().config.snapshots_dir()
+    };
+    let pages = tptt_chat::chat::pages_dir(&states);
+    let all: Vec<std::path::PathBuf> = std::fs::read_dir(&pages)
+        .expect("pages")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    // Aged past the grace period, as if the app had been closed for a while.
+    let old = std::time::SystemTime::now() - 2 * tptt_chat::cleanup::PAGE_GRACE;
+    for p in &all {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .and_then(|f| f.set_modified(old))
+            .expect("age");
+    }
+    let app = TestApp::offline(dir.path());
+    // The sweep runs on its own thread at start-up.
+    let mut left = all.len();
+    for _ in 0..100 {
+        left = all.iter().filter(|p| p.exists()).count();
+        if left < all.len() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(left < all.len(), "the deleted chat's own pages went");
+    assert!(left > 0, "the branch's pages stay");
+    let b = app.ok("list_conversations", json!({"query": null}));
+    let b_id = b[0]["id"].as_str().expect("id").to_string();
+    let (_, events) = send(&app, &b_id, "Still there?");
+    assert_eq!(last_kind(&events), "done", "{events:?}");
+    assert_ne!(
+        events[0]["memory"]["totalTokens"], 0,
+        "its state still loads"
     );
 }
 
@@ -1935,6 +2045,15 @@ fn a_backup_restores_the_conversations_and_their_memory_in_another_app() {
     let text_only = dir.path().join("text.zip");
     let written = block_on(tptt_chat::backup::write(&app.state(), &full, true)).expect("backup");
     assert_eq!((written.conversations, written.states), (2, 2));
+    // The states' KV pages travel with them, each once.
+    let names: Vec<String> = {
+        let zip = zip::ZipArchive::new(std::fs::File::open(&full).expect("open")).expect("zip");
+        zip.file_names()
+            .map(|n| n.map(|s| s.to_string()).unwrap_or_default())
+            .collect()
+    };
+    let pages = names.iter().filter(|n| n.starts_with("pages/")).count();
+    assert!(pages > 0, "{names:?}");
     let light =
         block_on(tptt_chat::backup::write(&app.state(), &text_only, false)).expect("backup");
     assert_eq!((light.conversations, light.states), (2, 0));
@@ -2077,6 +2196,23 @@ fn a_backup_restores_the_conversations_and_their_memory_in_another_app() {
         &conversation(state_entry("states/0.safetensors", 0, 1 << 20)),
         &[("states/0.safetensors", b"abc")],
     );
+    let with_pages = |pages: serde_json::Value| {
+        let mut s = state_entry("states/0.safetensors", 0, 3);
+        s["pages"] = pages;
+        conversation(s)
+    };
+    let page_escape = dir2.path().join("page-escape.zip");
+    crafted_backup(
+        &page_escape,
+        &with_pages(json!(["../../escape"])),
+        &[("states/0.safetensors", b"abc")],
+    );
+    let page_missing = dir2.path().join("page-missing.zip");
+    crafted_backup(
+        &page_missing,
+        &with_pages(json!(["0123456789abcdef0123456789abcdef"])),
+        &[("states/0.safetensors", b"abc")],
+    );
     let bad_role = dir2.path().join("role.zip");
     let mut m = conversation(json!(null));
     m["conversations"][0]["messages"][0]["role"] = json!("admin");
@@ -2095,6 +2231,11 @@ fn a_backup_restores_the_conversations_and_their_memory_in_another_app() {
         (beyond, "follows message 6 of 1"),
         (missing, "missing"),
         (lying, "bytes"),
+        (page_escape, "not a page name"),
+        (
+            page_missing,
+            "pages/0123456789abcdef0123456789abcdef.kvpage is missing",
+        ),
         (bad_role, "conversation 1 message 1"),
         (dir2.path().join("absent.zip"), "cannot be read"),
     ] {

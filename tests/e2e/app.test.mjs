@@ -35,6 +35,7 @@ const [FIRST_VARIANT, VARIANT] = VARIANTS;
 const FIRST_MESSAGE = 'Hello tiny model, tell me about gardens';
 const SECOND_MESSAGE = 'And what about the rivers nearby?';
 const VERSION_MESSAGE = 'Which one is the longest?';
+const BRANCH_MESSAGE = 'What grows there in spring?';
 const MEMORY_NAME = 'Gardens and rivers';
 const MEMORY_QUESTION = 'What do you remember about gardens?';
 const DOCUMENT_QUESTION = 'Where does the path turn?';
@@ -678,6 +679,18 @@ step('branch from here: a new chat continues from the first answer, the original
   await waitFor(async () => (await driver.findElements(css(messages))).length === 2, 'the branch holds the first turn');
   assert.ok(total > 2, `the original had ${total} messages`);
   await shot('branch');
+  // The first answer kept its own state (a snapshot after every turn, its KV window in pages
+  // shared with the later turns): the branch's first message continues from it, nothing re-read.
+  const [snap] = dbRows(
+    `SELECT s.token_count AS tokens FROM snapshots s JOIN conversations c ON c.id = s.conversation_id WHERE c.title LIKE '%(branch)'`,
+  );
+  assert.ok(snap && snap.tokens > 0, `the branch has the first answer's state: ${JSON.stringify(snap)}`);
+  const rebuilt = () => (appRuns().at(-1).match(/memory is built from the text|rebuilding the memory/g) ?? []).length;
+  const rebuiltBefore = rebuilt();
+  await sendAndAwaitAnswer(BRANCH_MESSAGE, 1);
+  const turn = [...appRuns().at(-1).matchAll(/turn starts.*?read=(\d+)/g)].at(-1);
+  assert.ok(turn && Number(turn[1]) === snap.tokens, `the branch's turn started from the saved state (${snap.tokens} tokens): ${turn?.[0]}`);
+  assert.equal(rebuilt(), rebuiltBefore, 'nothing was re-read');
   // Back to the original, found by its title in the list: whole.
   let original = null;
   await waitFor(async () => {

@@ -479,7 +479,7 @@ fn unknown_versions_are_refused_clearly() {
     assert!(header.contains(tag), "fixture header: {header}");
     let scratch = Scratch::new("future");
     let fx = Fixture::load("tptt-llama", "delta_product");
-    for v in ["6", "1", "x"] {
+    for v in ["7", "1", "x"] {
         let changed = header.replace(tag, &format!("\"version\":\"{v}\""));
         let mut b = bytes[..8].to_vec();
         b.extend_from_slice(changed.as_bytes());

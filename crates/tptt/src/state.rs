@@ -17,6 +17,10 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 use crate::linear::{CarryMode, LinearCarry, PrevToken};
 
+mod paged;
+pub use paged::{KvPage, KvRef};
+use paged::{PagedSource, PagedValues};
+
 /// Largest softmax window `W` accepted anywhere it enters (a `--window` flag, a config's
 /// `max_self_attn_length`, the app's settings, a snapshot): 2^20 positions, far beyond any
 /// context the supported bases were trained on, yet small enough that a typo cannot ask for a
@@ -257,6 +261,8 @@ fn extend_le_f32(dst: &mut Vec<f32>, bytes: &[u8]) {
 enum Values<'a> {
     Bytes(&'a [u8]),
     Decoded(Vec<f32>),
+    /// A KV tensor gathered from the pages of a paged snapshot.
+    Paged(PagedValues<'a>),
 }
 
 impl Values<'_> {
@@ -265,6 +271,7 @@ impl Values<'_> {
         match self {
             Values::Bytes(b) => extend_le_f32(dst, &b[from * 4..(from + len) * 4]),
             Values::Decoded(v) => dst.extend_from_slice(&v[from..from + len]),
+            Values::Paged(p) => p.extend_into(dst, from, len),
         }
     }
 
@@ -276,6 +283,11 @@ impl Values<'_> {
                 v
             }
             Values::Decoded(v) => v,
+            Values::Paged(p) => {
+                let mut v = Vec::with_capacity(p.elem_count());
+                p.extend_into(&mut v, 0, p.elem_count());
+                v
+            }
         }
     }
 }
@@ -284,6 +296,8 @@ impl Values<'_> {
 enum Source<'a, 'b> {
     Tensors(&'a HashMap<String, Tensor>),
     File(&'a SafeTensors<'b>),
+    /// A snapshot file whose KV cache lies in pages.
+    Paged(&'a PagedSource<'a, 'b>),
 }
 
 impl<'b> Source<'_, 'b> {
@@ -301,15 +315,8 @@ impl<'b> Source<'_, 'b> {
                     Values::Decoded(x.flatten_all()?.to_vec1()?),
                 ))),
             },
-            Source::File(st) => match st.tensor(name) {
-                Err(_) => Ok(None),
-                Ok(v) if v.dtype() != safetensors::Dtype::F32 => Err(Error::State(format!(
-                    "tensor {name:?} is {:?}, not f32",
-                    v.dtype()
-                ))),
-                // The file's parser has checked that the byte length matches the shape.
-                Ok(v) => Ok(Some((v.shape().to_vec(), Values::Bytes(v.data())))),
-            },
+            Source::File(st) => file_f32s(st, name),
+            Source::Paged(p) => p.f32s(name),
         }
     }
 
@@ -321,19 +328,38 @@ impl<'b> Source<'_, 'b> {
                 .map(|x| x.to_vec1::<u32>())
                 .transpose()
                 .map_err(Error::from),
-            Source::File(st) => match st.tensor(name) {
-                Err(_) => Ok(None),
-                Ok(v) if v.dtype() != safetensors::Dtype::U32 || v.shape().len() != 1 => {
-                    Err(Error::State(format!("tensor {name:?} is not a u32 vector")))
-                }
-                Ok(v) => Ok(Some(
-                    v.data()
-                        .chunks_exact(4)
-                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                )),
-            },
+            Source::File(st) => file_u32s(st, name),
+            Source::Paged(p) => file_u32s(p.main, name),
         }
+    }
+}
+
+/// Shape and values of an f32 tensor of a safetensors file, `None` when absent.
+fn file_f32s<'b>(st: &SafeTensors<'b>, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
+    match st.tensor(name) {
+        Err(_) => Ok(None),
+        Ok(v) if v.dtype() != safetensors::Dtype::F32 => Err(Error::State(format!(
+            "tensor {name:?} is {:?}, not f32",
+            v.dtype()
+        ))),
+        // The file's parser has checked that the byte length matches the shape.
+        Ok(v) => Ok(Some((v.shape().to_vec(), Values::Bytes(v.data())))),
+    }
+}
+
+/// The values of a rank-1 u32 tensor of a safetensors file, `None` when absent.
+fn file_u32s(st: &SafeTensors<'_>, name: &str) -> Result<Option<Vec<u32>>> {
+    match st.tensor(name) {
+        Err(_) => Ok(None),
+        Ok(v) if v.dtype() != safetensors::Dtype::U32 || v.shape().len() != 1 => {
+            Err(Error::State(format!("tensor {name:?} is not a u32 vector")))
+        }
+        Ok(v) => Ok(Some(
+            v.data()
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        )),
     }
 }
 

@@ -1,9 +1,11 @@
 //! "Branch from here": a new conversation that starts as a copy of another one up to a message
-//! ([`tptt_store::Store::branch_conversation`]). When the source has a state snapshot taken
-//! after that message, the branch gets it too (a hard link to the same immutable file, a copy
-//! where links cannot be made), so its next message continues from that state without
-//! re-reading; otherwise its memory is rebuilt from the text at its first turn, as for any
-//! conversation without a snapshot.
+//! ([`tptt_store::Store::branch_conversation`]). The source keeps a state snapshot after each
+//! answer; the branch gets the latest one at or before that message, per model identity (a
+//! hard link to the same immutable file, whose KV pages it then shares, or a copy where links
+//! cannot be made), so its next message continues from that state without re-reading the
+//! history (only what follows the snapshot: the message branched from, when it is a user's).
+//! Without one its memory is rebuilt from the text at its first turn, as for any conversation
+//! without a snapshot.
 
 use tptt_store::{ConversationId, MessageId, NewSnapshot};
 
@@ -49,14 +51,34 @@ pub async fn branch(
         .find(|(old, _)| *old == through)
         .map(|(_, new)| *new);
     let mut reused = 0;
-    if let Some(new_through) = new_through {
-        let snapshots = state.store.list_snapshots(source).await?.items;
-        for s in snapshots.iter().filter(|s| s.message_id == through) {
+    let position_of = |id| messages.iter().find(|m| m.id == id).map(|m| m.position);
+    if let (Some(_), Some(limit)) = (new_through, position_of(through)) {
+        // Per model key, the snapshot of the latest message at or before `through`.
+        let mut latest: Vec<(u32, tptt_store::Snapshot)> = Vec::new();
+        for s in state.store.list_snapshots(source).await?.items {
+            let Some(p) = position_of(s.message_id).filter(|&p| p <= limit) else {
+                continue;
+            };
+            match latest.iter_mut().find(|(_, l)| l.key == s.key) {
+                Some(l) if l.0 < p => *l = (p, s),
+                Some(_) => {}
+                None => latest.push((p, s)),
+            }
+        }
+        for (_, s) in &latest {
+            let Some(new_message) = made
+                .messages
+                .iter()
+                .find(|(old, _)| *old == s.message_id)
+                .map(|(_, new)| *new)
+            else {
+                continue;
+            };
             let dir = state
                 .config
                 .snapshots_dir()
                 .join(made.conversation.0.to_string());
-            let path = dir.join(format!("{}.safetensors", new_through.0));
+            let path = dir.join(format!("{}.safetensors", new_message.0));
             // Under a `.tmp` name until its row is recorded: a kill in between leaves a file the
             // start-up sweep deletes (`crate::cleanup`), never an unrecorded snapshot.
             let tmp = path.with_extension("tmp");
@@ -68,7 +90,7 @@ pub async fn branch(
                 .store
                 .record_snapshot(&NewSnapshot {
                     conversation_id: made.conversation,
-                    message_id: new_through,
+                    message_id: new_message,
                     key: s.key.clone(),
                     path: path.clone(),
                     size_bytes: s.size_bytes,

@@ -47,6 +47,34 @@ fn write_meta(snapshot: &Path, meta: &SnapshotMeta) -> Result<(), String> {
     std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The folder of the KV pages the app's snapshots share (`tptt_engine::snapshot::save_paged`).
+pub fn pages_dir(states: &Path) -> PathBuf {
+    states.join(snapshot::PAGES_DIR)
+}
+
+/// What snapshot `path` holds on disk: its file and every KV page it refers to (pages shared
+/// with other snapshots counted whole).
+pub fn state_disk_bytes(states: &Path, path: &Path) -> u64 {
+    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let pages = pages_dir(states);
+    let shared: u64 = snapshot::page_names(path)
+        .unwrap_or_default()
+        .iter()
+        .map(|n| len(&snapshot::page_path(&pages, n)))
+        .sum();
+    len(path) + shared
+}
+
+/// Restores snapshot `path` (any format; a paged one's pages in [`pages_dir`]) onto `model`.
+pub fn load_snapshot(
+    state: &AppState,
+    model: &LoadedModel,
+    path: &Path,
+) -> tptt_engine::Result<(Session, Option<ReadMark>)> {
+    let pages = pages_dir(&state.config.snapshots_dir());
+    snapshot::load_paged(model.model.clone(), &model.identity, path, &pages)
+}
+
 /// Reads a snapshot's sidecar.
 pub fn read_meta(snapshot: &Path) -> Option<SnapshotMeta> {
     std::fs::read(meta_path(snapshot))
@@ -138,7 +166,7 @@ pub(super) fn memory_for(
                 .iter()
                 .find(|m| m.id == snap.message_id)
                 .map(|m| m.position);
-            match (position, snapshot::load_marked(model.model.clone(), &model.identity, &snap.path)) {
+            match (position, load_snapshot(state, model, &snap.path)) {
                 (Some(p), Ok((session, mark))) => {
                     // The mark is in the snapshot (checksummed); files written before it was
                     // have it in their sidecar only.
@@ -211,7 +239,7 @@ fn primed(
         );
         return None;
     }
-    match snapshot::load_marked(model.model.clone(), &model.identity, &m.path) {
+    match load_snapshot(state, model, &m.path) {
         Ok((session, _)) => {
             tracing::info!(
                 conversation = conversation.0,
@@ -312,7 +340,23 @@ pub(super) fn save_snapshot(
         .join(conversation.0.to_string());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let path = dir.join(format!("{}.safetensors", message.0));
-    let bytes = snapshot::save_marked(session, identity, mark, &path).map_err(|e| e.to_string())?;
+    // The pages of the conversation's latest snapshot are shared where their bytes are this
+    // state's (the positions both windows hold).
+    let reuse: Vec<PathBuf> = match block_on(
+        state
+            .store
+            .latest_snapshot(conversation, &model_key(identity)),
+    ) {
+        Ok(latest) => latest.map(|s| s.path).into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look up the previous snapshot: its pages are not shared");
+            Vec::new()
+        }
+    };
+    let pages = pages_dir(&state.config.snapshots_dir());
+    let saved = snapshot::save_paged(session, identity, mark, &path, &pages, &reuse)
+        .map_err(|e| e.to_string())?;
+    let bytes = saved.file_bytes;
     write_meta(&path, &SnapshotMeta { mark, memory })?;
     let key = model_key(identity);
     let new = NewSnapshot {

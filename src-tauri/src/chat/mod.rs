@@ -28,8 +28,13 @@
 //! saved to a snapshot file (`<data>/states/<conversation>/<answer id>.safetensors`, which
 //! records what rendered text it read — its `ReadMark`, checksummed with the rest —, and a
 //! `.json` sidecar, written atomically, with its memory meter), recorded in the store under
-//! the model identity (model, variant, config hash); the last [`SNAPSHOTS_KEPT`] are kept, so
-//! regenerating the last answer restarts from the state before it. For the next turn:
+//! the model identity (model, variant, config hash). The file is a paged snapshot: its softmax
+//! window lies in KV pages (`<data>/states/kv-pages/`, see [`pages_dir`]) shared with the
+//! conversation's earlier turns, so a turn's snapshot costs its recurrent state plus the turn's
+//! new positions, and one is kept after every answer (the latest [`SNAPSHOTS_KEPT`]): a branch
+//! from any answer, or regenerating any answer, restarts from the state before it without
+//! re-reading. Pages no snapshot refers to are removed at start-up
+//! ([`crate::cleanup::sweep_unused_pages`]). For the next turn:
 //! * the state held in memory (the last conversation used) is reused when it belongs to this
 //!   conversation and to the loaded model's identity;
 //! * else the latest snapshot recorded under the loaded model's **same model, variant and
@@ -87,8 +92,8 @@ use crate::state::{lock, AppState};
 pub use branch::branch;
 pub use held::CachedSession;
 pub use memory::{
-    fresh_memory_key, invalidate_session, memory_info, meta_path, read_meta, remove_snapshot_files,
-    reset_memory, set_settings, share_file, SnapshotMeta,
+    fresh_memory_key, invalidate_session, memory_info, meta_path, pages_dir, read_meta,
+    remove_snapshot_files, reset_memory, set_settings, share_file, state_disk_bytes, SnapshotMeta,
 };
 pub use model::{target, Target};
 pub use slot::Slot;
@@ -109,8 +114,10 @@ pub const PARTIAL_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 /// Least time between two `prefill` events of a turn: a fast model reads a block in
 /// milliseconds, and every event costs the webview a render that would take CPU from the model.
 pub const PREFILL_EVENT_INTERVAL: Duration = Duration::from_millis(250);
-/// Snapshots kept per conversation (the latest two turns).
-pub const SNAPSHOTS_KEPT: u32 = 2;
+/// Snapshots kept per conversation: one per answer, the latest this many (a turn's snapshot
+/// costs its recurrent state plus its new positions' keys and values: the softmax window lies
+/// in KV pages shared between turns).
+pub const SNAPSHOTS_KEPT: u32 = 1000;
 /// Most tokens a memory rebuilt after [`reset_memory`] reads (when its window is smaller, the
 /// window): the span the health takes as a conversation's start
 /// ([`tptt_engine::health::EARLY_POSITIONS`]), over which even the untrained demo's memory keeps

@@ -13,6 +13,87 @@ pub(super) struct ResumeResult {
     pub(super) snapshot_bytes: u64,
     pub(super) state_bytes: usize,
     pub(super) kv_len: usize,
+    pub(super) branch: BranchResult,
+}
+
+/// Per-turn snapshots (paged, format 6) at the resume point: what one more turn costs on disk,
+/// and the time to the first token of a message sent in a branch from the earlier turn.
+pub(super) struct BranchResult {
+    /// The paged snapshot at the resume point: its file and its pages.
+    pub(super) first_file_bytes: u64,
+    pub(super) first_page_bytes: u64,
+    /// The next turn's snapshot: what it added (file + new pages), for `turn_tokens` tokens.
+    pub(super) turn_bytes: u64,
+    pub(super) turn_tokens: usize,
+    /// Best of two: `load_paged` of the earlier turn + reading a `message_tokens` message.
+    pub(super) ttft_s: f64,
+    pub(super) load_s: f64,
+    pub(super) message_tokens: usize,
+}
+
+/// Tokens of the turn the bench adds after the resume point, and of the message sent in the
+/// branch.
+const BRANCH_TURN_TOKENS: usize = 128;
+const BRANCH_MESSAGE_TOKENS: usize = 16;
+
+/// [`BranchResult`] for `session` (its history ends at the resume point); `ids` supplies the
+/// next turn's and the message's tokens.
+fn measure_branch(
+    model: &Arc<Model>,
+    identity: &ModelIdentity,
+    session: &Session,
+    ids: &[u32],
+    name: &str,
+) -> Result<BranchResult> {
+    let dir = std::env::temp_dir().join(format!("tptt-bench-{}-{name}-turns", std::process::id()));
+    let pages = dir.join(snapshot::PAGES_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<BranchResult> {
+        let at = session.tokens.len();
+        let take = |from: usize, n: usize| -> Vec<u32> {
+            (0..n).map(|i| ids[(from + i) % ids.len()]).collect()
+        };
+        let first_path = dir.join("turn-1.state");
+        let first = snapshot::save_paged(session, identity, None, &first_path, &pages, &[])?;
+        let mut next = session.clone();
+        next.feed(&take(at, BRANCH_TURN_TOKENS), None)?;
+        let second = snapshot::save_paged(
+            &next,
+            identity,
+            None,
+            &dir.join("turn-2.state"),
+            &pages,
+            std::slice::from_ref(&first_path),
+        )?;
+        drop(next);
+        let message = take(at + BRANCH_TURN_TOKENS, BRANCH_MESSAGE_TOKENS);
+        let (mut best, mut best_load) = (f64::INFINITY, 0.0);
+        for _ in 0..2 {
+            let t = Instant::now();
+            let (mut branch, _) =
+                snapshot::load_paged(model.clone(), identity, &first_path, &pages)?;
+            let loaded = t.elapsed().as_secs_f64();
+            branch.feed(&message, None)?;
+            std::hint::black_box(argmax_slice(
+                branch.last_logits.as_deref().unwrap_or_default(),
+            ));
+            let total = t.elapsed().as_secs_f64();
+            if total < best {
+                (best, best_load) = (total, loaded);
+            }
+        }
+        Ok(BranchResult {
+            first_file_bytes: first.file_bytes,
+            first_page_bytes: first.new_page_bytes,
+            turn_bytes: second.added_bytes(),
+            turn_tokens: BRANCH_TURN_TOKENS,
+            ttft_s: best,
+            load_s: best_load,
+            message_tokens: BRANCH_MESSAGE_TOKENS,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 pub(super) struct EngineRun {
@@ -52,6 +133,16 @@ impl EngineRun {
                 "snapshot_bytes": self.resume.snapshot_bytes,
                 "state_bytes": self.resume.state_bytes,
                 "kv_len": self.resume.kv_len,
+                "branch": {
+                    "format": "paged snapshot (format 6): recurrent state + logits + token ids in the file, the KV window in pages shared between turns",
+                    "first_file_bytes": self.resume.branch.first_file_bytes,
+                    "first_page_bytes": self.resume.branch.first_page_bytes,
+                    "turn_tokens": self.resume.branch.turn_tokens,
+                    "turn_snapshot_bytes": self.resume.branch.turn_bytes,
+                    "branch_ttft_s": self.resume.branch.ttft_s,
+                    "branch_load_s": self.resume.branch.load_s,
+                    "message_tokens": self.resume.branch.message_tokens,
+                },
             },
             "peak_rss_bytes": self.peak_rss,
             "peak_rss_scope": if self.peak_rss_reset { "this engine run (VmHWM reset before it; weights included)" } else { "process since start (VmHWM could not be reset)" },
@@ -176,6 +267,17 @@ pub(super) fn run_engine(
                 }
             }
             let _ = std::fs::remove_file(&snap_path);
+            let branch = measure_branch(&model, identity, &session, ids, name)?;
+            progress(format!(
+                "[{name}] per-turn snapshots after {end}: the next {}-token turn adds {:.1} MB (first turn {:.1} MB + {:.1} MB of pages); branch from the earlier turn: first token of a {}-token message in {:.3} s (load {:.3})",
+                branch.turn_tokens,
+                branch.turn_bytes as f64 / 1e6,
+                branch.first_file_bytes as f64 / 1e6,
+                branch.first_page_bytes as f64 / 1e6,
+                branch.message_tokens,
+                branch.ttft_s,
+                branch.load_s
+            ));
             progress(format!(
                 "[{name}] resume after {end}: restore {restore:.3} s (load {restore_load:.3} + step {restore_step:.3}) vs re-read {:.2} s, snapshot {:.1} MB",
                 reread.as_secs_f64(),
@@ -190,6 +292,7 @@ pub(super) fn run_engine(
                 snapshot_bytes,
                 state_bytes: session.state.size_bytes(),
                 kv_len: session.state.kv_len(),
+                branch,
             });
         }
     }

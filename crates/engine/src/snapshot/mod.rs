@@ -12,7 +12,14 @@
 //! the writer knew it: [`save_marked`]; [`load_marked`] returns it), and `checksum` (16 hex digits), so a corrupted file is refused instead of silently
 //! restoring other numbers:
 //!
-//! * version 5 (written): XXH3-64 ([`crate::digest::Xxh`]) over the other metadata (sorted by
+//! * version 6 (written by [`save_paged`]): version 5 without the `layers.{i}.k` / `.v`
+//!   tensors, and a `kv_pages` metadata entry (JSON list of `[page, start, len]` in position
+//!   order) naming the KV pages ([`pages`]) that hold those positions, shared with the
+//!   snapshots of other turns. Each page's name is the XXH3-128 digest of its bytes, checked on
+//!   load; the references are checked against the cached positions ([`tptt::state::KvRef`]).
+//!   [`load_paged`] takes the page folder; [`load_marked`] looks in [`PAGES_DIR`] beside the
+//!   file.
+//! * version 5 (written by [`save`] and [`save_marked`]): XXH3-64 ([`crate::digest::Xxh`]) over the other metadata (sorted by
 //!   key, each key and value length-prefixed) and, per tensor in name order, its name, its dtype
 //!   (by name), its shape (rank, then each extent, little-endian `u64`s), its byte count and its
 //!   bytes. The identity is [`crate::identity`]'s (XXH3 digests of explicit fields).
@@ -68,8 +75,14 @@ use crate::identity::config_hash_v3;
 pub use crate::identity::{config_hash, ModelIdentity};
 use crate::session::Session;
 
+mod pages;
+pub use pages::{page_path, sweep_pages, PageRef, Swept, PAGES_DIR, PAGE_POSITIONS};
+
 /// Format version written.
 pub const SNAPSHOT_VERSION: &str = "5";
+/// The format written by [`save_paged`]: version 5 without the KV tensors, which lie in shared
+/// pages that the `kv_pages` metadata lists ([`pages`]).
+pub const SNAPSHOT_VERSION_PAGED: &str = "6";
 /// An earlier format version, still read: FNV checksum and identity digests (module doc).
 pub const SNAPSHOT_VERSION_V4: &str = "4";
 /// An earlier format version, still read: the version 4 layout and checksum, an older identity
@@ -119,7 +132,7 @@ fn checksum(version: &str, meta: &HashMap<String, String>, parts: &[Part<'_>]) -
     keys.sort();
     let mut order: Vec<&Part<'_>> = parts.iter().collect();
     order.sort_by(|a, b| a.name.cmp(b.name));
-    if version != SNAPSHOT_VERSION {
+    if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_PAGED {
         return checksum_fnv(version, meta, &keys, &order);
     }
     let mut h = Xxh::new();
@@ -304,12 +317,87 @@ pub fn save_marked(
     mark: Option<ReadMark>,
     path: &Path,
 ) -> Result<u64> {
+    write_file(session, identity, mark, path, None)
+}
+
+/// What [`save_paged`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Saved {
+    /// The snapshot file's size.
+    pub file_bytes: u64,
+    /// Bytes of the KV pages written for it (pages it shares with earlier snapshots cost
+    /// nothing).
+    pub new_page_bytes: u64,
+    /// KV pages written for it.
+    pub new_pages: usize,
+    /// KV pages it refers to.
+    pub pages: usize,
+}
+
+impl Saved {
+    /// What this snapshot added to the disk.
+    pub fn added_bytes(&self) -> u64 {
+        self.file_bytes + self.new_page_bytes
+    }
+}
+
+/// [`save_marked`] in format [`SNAPSHOT_VERSION_PAGED`]: the KV cache goes into pages in folder
+/// `pages_dir` (shared by every snapshot that uses it), reusing the pages of the snapshots in
+/// `reuse` (the conversation's previous turn, typically) for the positions where their bytes
+/// are this session's, so a snapshot after each turn costs the recurrent state plus that turn's
+/// new positions. A state whose cached positions are not one contiguous range is saved as
+/// [`save_marked`] does (its pages count is then 0).
+pub fn save_paged(
+    session: &Session,
+    identity: &ModelIdentity,
+    mark: Option<ReadMark>,
+    path: &Path,
+    pages_dir: &Path,
+    reuse: &[std::path::PathBuf],
+) -> Result<Saved> {
+    let Some(written) = pages::write_pages(&session.state, pages_dir, reuse)? else {
+        let file_bytes = write_file(session, identity, mark, path, None)?;
+        return Ok(Saved {
+            file_bytes,
+            new_page_bytes: 0,
+            new_pages: 0,
+            pages: 0,
+        });
+    };
+    let file_bytes = write_file(session, identity, mark, path, Some(&written.refs))?;
+    let mut names: Vec<&str> = written.refs.iter().map(PageRef::page).collect();
+    names.sort_unstable();
+    names.dedup();
+    Ok(Saved {
+        file_bytes,
+        new_page_bytes: written.new_bytes,
+        new_pages: written.new_pages,
+        pages: names.len(),
+    })
+}
+
+/// Write a snapshot file: format [`SNAPSHOT_VERSION`] with the KV cache inside, or
+/// [`SNAPSHOT_VERSION_PAGED`] with `kv_pages` listing where it lies instead.
+fn write_file(
+    session: &Session,
+    identity: &ModelIdentity,
+    mark: Option<ReadMark>,
+    path: &Path,
+    kv_pages: Option<&[PageRef]>,
+) -> Result<u64> {
     let snap_err = |reason: String| Error::Snapshot {
         path: path.to_path_buf(),
         reason,
     };
     let st = &session.state;
     let mut tensors = st.to_tensors()?;
+    let version = match kv_pages {
+        Some(_) => {
+            tensors.retain(|name, _| !(name.ends_with(".k") || name.ends_with(".v")));
+            SNAPSHOT_VERSION_PAGED
+        }
+        None => SNAPSHOT_VERSION,
+    };
     let hist = &session.tokens[session.tokens.len().saturating_sub(HISTORY_KEPT)..];
     let cpu = Device::Cpu;
     tensors.insert(
@@ -324,7 +412,7 @@ pub fn save_marked(
     }
     let mut meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
-        ("version", SNAPSHOT_VERSION.to_string()),
+        ("version", version.to_string()),
         ("engine_version", env!("CARGO_PKG_VERSION").to_string()),
         ("model", identity.model.clone()),
         ("variant", identity.variant.clone()),
@@ -351,6 +439,13 @@ pub fn save_marked(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if let Some(refs) = kv_pages {
+        meta.insert(
+            "kv_pages".into(),
+            serde_json::to_string(refs)
+                .map_err(|e| snap_err(format!("cannot encode the KV page list: {e}")))?,
+        );
+    }
     if let Some(mark) = mark {
         meta.insert(
             "read_mark".into(),
@@ -386,7 +481,7 @@ pub fn save_marked(
     let tmp = path.with_extension("tmp");
     let write_err = |e: std::io::Error| snap_err(format!("cannot write: {e}"));
     let (sum, written) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| checksum(SNAPSHOT_VERSION, &meta, &parts));
+        let hasher = s.spawn(|| checksum(version, &meta, &parts));
         let written = (|| -> std::io::Result<File> {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
             w.write_all(&placeholder)?;
@@ -455,11 +550,15 @@ fn read_meta(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
         ));
     }
     match meta.get("version").map(String::as_str) {
-        Some(SNAPSHOT_VERSION | SNAPSHOT_VERSION_V4 | SNAPSHOT_VERSION_V3 | SNAPSHOT_VERSION_V2) => {
-            Ok(meta)
-        }
+        Some(
+            SNAPSHOT_VERSION_PAGED
+            | SNAPSHOT_VERSION
+            | SNAPSHOT_VERSION_V4
+            | SNAPSHOT_VERSION_V3
+            | SNAPSHOT_VERSION_V2,
+        ) => Ok(meta),
         Some(v) => Err(snap_err(format!(
-            "snapshot version {v:?} is not supported (this build reads versions {SNAPSHOT_VERSION_V2} to {SNAPSHOT_VERSION}; a newer TPTT Chat may have written it)"
+            "snapshot version {v:?} is not supported (this build reads versions {SNAPSHOT_VERSION_V2} to {SNAPSHOT_VERSION_PAGED}; a newer TPTT Chat may have written it)"
         ))),
         None => Err(snap_err("snapshot version missing".into())),
     }
@@ -506,8 +605,10 @@ fn parse_info(path: &Path, meta: &HashMap<String, String>, bytes: u64) -> Result
     })
 }
 
-/// Restore a snapshot (versions [`SNAPSHOT_VERSION_V2`] to [`SNAPSHOT_VERSION`]) onto `model`,
-/// refusing a corrupt one, or one that belongs to another model, variant, config or weights.
+/// Restore a snapshot (versions [`SNAPSHOT_VERSION_V2`] to [`SNAPSHOT_VERSION_PAGED`]) onto
+/// `model`, refusing a corrupt one, or one that belongs to another model, variant, config or
+/// weights. A paged snapshot's pages are looked for in the folder [`PAGES_DIR`] beside it (see
+/// [`load_paged`]).
 pub fn load(model: Arc<Model>, identity: &ModelIdentity, path: &Path) -> Result<Session> {
     load_marked(model, identity, path).map(|(session, _)| session)
 }
@@ -518,6 +619,129 @@ pub fn load_marked(
     model: Arc<Model>,
     identity: &ModelIdentity,
     path: &Path,
+) -> Result<(Session, Option<ReadMark>)> {
+    let beside = path.parent().unwrap_or(Path::new(".")).join(PAGES_DIR);
+    load_paged(model, identity, path, &beside)
+}
+
+/// The KV page references a snapshot's `kv_pages` metadata lists, checked (names, at most
+/// [`pages::MAX_REFS`]); none for a snapshot of another version.
+fn parse_refs(path: &Path, meta: &HashMap<String, String>) -> Result<Vec<PageRef>> {
+    let snap_err = |reason: String| Error::Snapshot {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if meta.get("version").map(String::as_str) != Some(SNAPSHOT_VERSION_PAGED) {
+        return Ok(Vec::new());
+    }
+    let text = meta
+        .get("kv_pages")
+        .ok_or_else(|| snap_err("metadata lacks \"kv_pages\"".into()))?;
+    let refs: Vec<PageRef> = serde_json::from_str(text)
+        .map_err(|e| snap_err(format!("kv_pages is not a list of [page, start, len]: {e}")))?;
+    if refs.len() > pages::MAX_REFS {
+        return Err(snap_err(format!(
+            "kv_pages lists {} references (at most {})",
+            refs.len(),
+            pages::MAX_REFS
+        )));
+    }
+    if let Some(r) = refs.iter().find(|r| !pages::valid_name(r.page())) {
+        return Err(snap_err(format!(
+            "kv_pages names {:?}, which is not a page name (32 hex digits)",
+            r.page()
+        )));
+    }
+    Ok(refs)
+}
+
+/// The KV pages a snapshot refers to, in position order (reads only its header): empty for a
+/// snapshot that keeps its KV cache itself.
+pub fn page_refs(path: &Path) -> Result<Vec<PageRef>> {
+    let bytes = map(path)?;
+    let meta = read_meta(path, &bytes)?;
+    parse_refs(path, &meta)
+}
+
+/// The names of the KV pages a snapshot refers to (see [`sweep_pages`]).
+pub fn page_names(path: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = page_refs(path)?.into_iter().map(|r| r.0).collect();
+    names.sort_unstable();
+    names.dedup();
+    Ok(names)
+}
+
+/// The pages of a paged snapshot, mapped, and its references as (page index, start, len).
+type OpenPages = (Vec<pages::Mapped>, Vec<tptt::state::KvRef>);
+
+fn open_pages(refs: &[PageRef], dir: &Path) -> Result<OpenPages> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut maps = Vec::new();
+    let mut kv_refs = Vec::with_capacity(refs.len());
+    for r in refs {
+        let page = match index.get(r.page()) {
+            Some(&i) => i,
+            None => {
+                maps.push(pages::map_page(dir, r.page())?);
+                index.insert(r.page(), maps.len() - 1);
+                maps.len() - 1
+            }
+        };
+        kv_refs.push(tptt::state::KvRef {
+            page,
+            start: r.start(),
+            len: r.len(),
+        });
+    }
+    Ok((maps, kv_refs))
+}
+
+/// Restore a paged snapshot's state from its mapped pages.
+fn restore_paged(
+    st: &SafeTensors<'_>,
+    (maps, refs): &OpenPages,
+    base: &tptt::config::BaseConfig,
+    info: &SnapshotInfo,
+    mode: CarryMode,
+    device: &Device,
+) -> std::result::Result<State, String> {
+    let parsed = maps
+        .iter()
+        .map(|m| {
+            let span =
+                pages::page_span(&m.bytes).map_err(|e| format!("KV page {}: {e}", m.name))?;
+            let st = SafeTensors::deserialize(&m.bytes)
+                .map_err(|e| format!("KV page {}: not a valid page ({e})", m.name))?;
+            Ok((st, span))
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    let kv_pages: Vec<tptt::state::KvPage<'_, '_>> = parsed
+        .iter()
+        .map(|(st, (first, len))| tptt::state::KvPage {
+            tensors: st,
+            first: *first,
+            len: *len,
+        })
+        .collect();
+    State::from_safetensors_paged(
+        st,
+        &kv_pages,
+        refs,
+        base,
+        info.pos,
+        mode,
+        info.window,
+        device,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// [`load_marked`], with the folder of the KV pages a paged snapshot ([`save_paged`]) refers to.
+pub fn load_paged(
+    model: Arc<Model>,
+    identity: &ModelIdentity,
+    path: &Path,
+    pages_dir: &Path,
 ) -> Result<(Session, Option<ReadMark>)> {
     let snap_err = |reason: String| Error::Snapshot {
         path: path.to_path_buf(),
@@ -553,24 +777,34 @@ pub fn load_marked(
             pieces: vec![Cow::Borrowed(v.data())],
         })
         .collect();
-    // The checksum on one thread, the state (one copy of the KV cache) on this one; the state is
-    // only looked at once the checksum matched.
+    let paged = version == SNAPSHOT_VERSION_PAGED;
+    let opened = parse_refs(path, &meta).and_then(|refs| open_pages(&refs, pages_dir));
+    // The checksum (and the pages' digests) on one thread, the state (one copy of the KV cache)
+    // on this one; the state is only looked at once the checksum matched.
     let (got, state) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| checksum(version, &meta, &parts));
-        let state = match (&info, &mode) {
-            (Ok(i), Ok(m)) => Some(State::from_safetensors(
-                &st,
-                b,
-                i.pos,
-                *m,
-                i.window,
-                model.device(),
-            )),
+        let hasher = s.spawn(|| {
+            let sum = checksum(version, &meta, &parts);
+            let corrupt_page = opened.as_ref().ok().and_then(|(maps, _)| {
+                maps.iter()
+                    .find(|m| pages::digest(&[&m.bytes]) != m.name)
+                    .map(|m| m.name.clone())
+            });
+            (sum, corrupt_page)
+        });
+        let state = match (&info, &mode, &opened) {
+            (Ok(i), Ok(m), Ok(open)) if paged => {
+                Some(restore_paged(&st, open, b, i, *m, model.device()))
+            }
+            (Ok(i), Ok(m), _) if !paged => Some(
+                State::from_safetensors(&st, b, i.pos, *m, i.window, model.device())
+                    .map_err(|e| e.to_string()),
+            ),
             _ => None,
         };
         (hasher.join(), state)
     });
-    let got = got.map_err(|_| snap_err("the checksum computation panicked".into()))?;
+    let (got, corrupt_page) =
+        got.map_err(|_| snap_err("the checksum computation panicked".into()))?;
     // Integrity first: a corrupted file must not be judged by its (possibly damaged) identity.
     if &got != want {
         return Err(snap_err(format!(
@@ -593,7 +827,9 @@ pub fn load_marked(
     // Older versions are judged by the identity of their time: version 4 by the same fields
     // under FNV, versions 2 and 3 by the config's `Debug` text and no weights fingerprint.
     let (want_config, want_weights) = match version {
-        SNAPSHOT_VERSION => (identity.config_hash.clone(), Some(&identity.weights)),
+        SNAPSHOT_VERSION | SNAPSHOT_VERSION_PAGED => {
+            (identity.config_hash.clone(), Some(&identity.weights))
+        }
         SNAPSHOT_VERSION_V4 => (identity.v4.config_hash.clone(), Some(&identity.v4.weights)),
         _ => (config_hash_v3(model.config()), None),
     };
@@ -621,8 +857,14 @@ pub fn load_marked(
         }
         None => return Err(snap_err("metadata lacks \"dtype\"".into())),
     }
+    opened?;
+    if let Some(name) = corrupt_page {
+        return Err(snap_err(format!(
+            "KV page {name} is corrupt (its bytes do not match its name)"
+        )));
+    }
     let state = match state {
-        Some(r) => r.map_err(|e| snap_err(e.to_string()))?,
+        Some(r) => r.map_err(snap_err)?,
         None => return Err(snap_err("the state could not be read".into())),
     };
     let vector = |name: &str, dtype: Dtype| -> Result<Option<&[u8]>> {

@@ -1,0 +1,271 @@
+//! Restoring a [`State`] whose KV cache a snapshot keeps in *pages*: files of keys and values
+//! for a range of absolute positions, shared by the snapshots of successive turns (the engine
+//! writes and names them; see `tptt_engine::snapshot`). The snapshot file itself holds
+//! everything else (`key_pos`, the linear carries) and a list of [`KvRef`]s: which positions
+//! come from which page.
+//!
+//! The pages' bytes are read in place, as a plain snapshot's are: each layer's keys (and
+//! values) become a [`PagedValues`], a list of pieces of pages in slot order, which the restore
+//! copies straight into its single KV buffer. Every reference is checked before use (inside its
+//! page, in position order, not overlapping, covering exactly the cached positions), and so is
+//! every page tensor's shape (`[Hkv, page length, D]`, the same heads and head size throughout);
+//! the restore then applies its usual checks (shapes against the model, finite values).
+
+use candle_core::Device;
+use safetensors::SafeTensors;
+
+use super::{extend_le_f32, file_f32s, file_u32s, Source, State, Values};
+use crate::config::BaseConfig;
+use crate::error::{Error, Result};
+use crate::linear::CarryMode;
+
+/// One page: its tensors `layers.{i}.k` / `layers.{i}.v` (f32, `[Hkv, len, D]`) hold the keys
+/// and values of absolute positions `first..first + len`.
+#[derive(Clone, Copy)]
+pub struct KvPage<'a, 'b> {
+    /// The page file, parsed.
+    pub tensors: &'a SafeTensors<'b>,
+    /// Absolute position of its first entry.
+    pub first: usize,
+    /// Positions it holds.
+    pub len: usize,
+}
+
+/// Positions `start..start + len` (absolute) taken from page `page` (an index into the pages
+/// given with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvRef {
+    /// Which page.
+    pub page: usize,
+    /// First position taken.
+    pub start: usize,
+    /// Positions taken.
+    pub len: usize,
+}
+
+/// Consecutive KV slots whose positions are consecutive entries of one page.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    page: usize,
+    /// Index of the run's first position in the page.
+    offset: usize,
+    len: usize,
+}
+
+/// A snapshot file plus the pages its KV cache comes from, as a [`Source`].
+pub(super) struct PagedSource<'a, 'b> {
+    pub(super) main: &'a SafeTensors<'b>,
+    pages: &'a [KvPage<'a, 'b>],
+    runs: Vec<Run>,
+    slots: usize,
+}
+
+impl<'a, 'b> PagedSource<'a, 'b> {
+    fn new(main: &'a SafeTensors<'b>, pages: &'a [KvPage<'a, 'b>], refs: &[KvRef]) -> Result<Self> {
+        let bad = |why: String| Err(Error::State(format!("KV page references: {why}")));
+        let key_pos = file_u32s(main, "key_pos")?
+            .ok_or_else(|| Error::State("snapshot lacks tensor \"key_pos\"".into()))?;
+        let mut total = 0usize;
+        for (i, r) in refs.iter().enumerate() {
+            let Some(page) = pages.get(r.page) else {
+                return bad(format!(
+                    "reference {i} names page {} of {}",
+                    r.page,
+                    pages.len()
+                ));
+            };
+            let end = r.start.checked_add(r.len);
+            let page_end = page.first.checked_add(page.len);
+            if r.len == 0 || r.start < page.first || end.is_none() || end > page_end {
+                return bad(format!(
+                    "reference {i} takes positions {}+{} from a page holding {}+{}",
+                    r.start, r.len, page.first, page.len
+                ));
+            }
+            if let Some(prev) = i.checked_sub(1).map(|j| refs[j]) {
+                if r.start < prev.start + prev.len {
+                    return bad(format!(
+                        "reference {i} (from position {}) overlaps or precedes the one before (to {})",
+                        r.start,
+                        prev.start + prev.len
+                    ));
+                }
+            }
+            total += r.len;
+        }
+        if total != key_pos.len() {
+            return bad(format!(
+                "they take {total} positions, the snapshot caches {}",
+                key_pos.len()
+            ));
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        for (slot, &p) in key_pos.iter().enumerate() {
+            let p = p as usize;
+            let i = refs.partition_point(|r| r.start + r.len <= p);
+            let Some(r) = refs.get(i).filter(|r| r.start <= p) else {
+                return bad(format!(
+                    "slot {slot} holds position {p}, which no reference covers"
+                ));
+            };
+            let offset = p - pages[r.page].first;
+            match runs.last_mut() {
+                Some(last) if last.page == r.page && last.offset + last.len == offset => {
+                    last.len += 1
+                }
+                _ => runs.push(Run {
+                    page: r.page,
+                    offset,
+                    len: 1,
+                }),
+            }
+        }
+        Ok(Self {
+            main,
+            pages,
+            runs,
+            slots: key_pos.len(),
+        })
+    }
+
+    /// Shape and values of an f32 tensor: a layer's keys or values gathered from the pages,
+    /// anything else from the snapshot file.
+    pub(super) fn f32s(&self, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
+        let is_kv = name
+            .strip_prefix("layers.")
+            .and_then(|r| r.strip_suffix(".k").or_else(|| r.strip_suffix(".v")))
+            .is_some_and(|i| i.parse::<usize>().is_ok());
+        if !is_kv {
+            return file_f32s(self.main, name);
+        }
+        if self.main.tensor(name).is_ok() {
+            return Err(Error::State(format!(
+                "a snapshot whose KV cache is in pages holds {name:?} itself"
+            )));
+        }
+        if self.runs.is_empty() {
+            return Ok(None);
+        }
+        let mut shape: Option<(usize, usize)> = None;
+        let mut pieces = Vec::with_capacity(self.runs.len());
+        let mut starts = Vec::with_capacity(self.runs.len());
+        let mut slot = 0;
+        for run in &self.runs {
+            let page = &self.pages[run.page];
+            let view = page
+                .tensors
+                .tensor(name)
+                .map_err(|_| Error::State(format!("KV page {} lacks tensor {name:?}", run.page)))?;
+            let dims = view.shape();
+            let fits = match dims {
+                &[h, l, d] if view.dtype() == safetensors::Dtype::F32 && l == page.len => {
+                    shape.is_none_or(|s| s == (h, d))
+                }
+                _ => false,
+            };
+            if !fits {
+                return Err(Error::State(format!(
+                    "KV page {}: {name:?} is {:?} {dims:?}, not f32 [heads, {}, head size] like the other pages",
+                    run.page,
+                    view.dtype(),
+                    page.len
+                )));
+            }
+            shape = Some((dims[0], dims[2]));
+            pieces.push(Piece {
+                bytes: view.data(),
+                page_len: page.len,
+                offset: run.offset,
+                len: run.len,
+            });
+            starts.push(slot);
+            slot += run.len;
+        }
+        let Some((heads, dim)) = shape else {
+            return Ok(None);
+        };
+        Ok(Some((
+            vec![heads, self.slots, dim],
+            Values::Paged(PagedValues {
+                pieces,
+                starts,
+                slots: self.slots,
+                heads,
+                dim,
+            }),
+        )))
+    }
+}
+
+/// A run of slots in one page's tensor (`[Hkv, page_len, D]`, little-endian f32 bytes).
+struct Piece<'b> {
+    bytes: &'b [u8],
+    page_len: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// A `[Hkv, slots, D]` tensor gathered from pages: its pieces in slot order.
+pub(super) struct PagedValues<'b> {
+    pieces: Vec<Piece<'b>>,
+    /// The slot each piece starts at.
+    starts: Vec<usize>,
+    slots: usize,
+    heads: usize,
+    dim: usize,
+}
+
+impl PagedValues<'_> {
+    pub(super) fn elem_count(&self) -> usize {
+        self.heads * self.slots * self.dim
+    }
+
+    /// Append elements `[from, from + len)` of the gathered tensor, in row-major order, to `dst`
+    /// (the range is checked by the caller).
+    pub(super) fn extend_into(&self, dst: &mut Vec<f32>, from: usize, len: usize) {
+        let (per_head, dim) = (self.slots * self.dim, self.dim);
+        let (mut i, end) = (from, from + len);
+        while i < end {
+            let (head, rem) = (i / per_head, i % per_head);
+            let (slot, d) = (rem / dim, rem % dim);
+            let k = self.starts.partition_point(|&s| s <= slot) - 1;
+            let piece = &self.pieces[k];
+            let within = slot - self.starts[k];
+            let take = ((piece.len - within) * dim - d).min(end - i);
+            let src = (head * piece.page_len + piece.offset + within) * dim + d;
+            extend_le_f32(dst, &piece.bytes[src * 4..(src + take) * 4]);
+            i += take;
+        }
+    }
+}
+
+impl State {
+    /// [`State::from_safetensors`] for a snapshot whose KV cache lies in `pages`: `refs` (in
+    /// position order) say which positions come from which page; the snapshot file `t` holds
+    /// everything else and must not hold the KV tensors itself. The references are checked
+    /// (module doc), then the state is restored and checked exactly as from a plain snapshot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_safetensors_paged<'a, 'b>(
+        t: &'a SafeTensors<'b>,
+        pages: &'a [KvPage<'a, 'b>],
+        refs: &[KvRef],
+        base: &BaseConfig,
+        pos: usize,
+        mode: CarryMode,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let source = PagedSource::new(t, pages, refs)?;
+        Self::restore(
+            &Source::Paged(&source),
+            base.num_layers,
+            base.num_heads,
+            Some(base.num_kv_heads),
+            base.head_dim,
+            pos,
+            mode,
+            window,
+            device,
+        )
+    }
+}
