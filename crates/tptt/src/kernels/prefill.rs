@@ -8,7 +8,10 @@
 //! online softmax (running max and sum per row, earlier output rescaled when the max grows),
 //! then `O += P·V` by the same product. Key blocks no query of the task can see (in the future
 //! of all of them, or out of their window) are skipped, so a causal prompt does about half the
-//! work. Tasks run in parallel on the rayon pool.
+//! work. Tasks run in parallel on the rayon pool. A short prompt over a long cache (a message
+//! sent after restoring a long chat) has fewer tasks than the pool has threads to keep busy: its
+//! keys are then split into contiguous ranges, one task each, whose partial results (running max,
+//! sum and unnormalized output per row) are merged at the end — flash-decoding's split-K.
 //!
 //! [`attend_many_naive`] is the literal definition (scores, mask, softmax, weighted sum), and the
 //! tensor path's candle ops compute the same; tests compare all of them.
@@ -23,6 +26,10 @@ use crate::cpu::math::exp;
 const Q_BLOCK: usize = 32;
 /// Keys per block of the online softmax.
 const K_BLOCK: usize = 64;
+/// Tasks per pool thread below which the keys are split (module doc).
+const TASKS_PER_THREAD: usize = 2;
+/// Fewest key blocks a split range holds.
+const MIN_SPLIT_BLOCKS: usize = 4;
 
 /// Keys and values of one source, `[Hkv, capacity, D]` each; slots `0..pos.len()` are read,
 /// slot `j` holding the key of position `pos[j]`.
@@ -102,19 +109,56 @@ pub fn attend_many_naive(a: &AttendMany<'_>) -> Vec<f32> {
 
 /// See the module doc. Same contract as [`attend_many_naive`].
 pub fn attend_many(a: &AttendMany<'_>) -> Vec<f32> {
+    let threads = rayon::current_num_threads();
+    attend_many_split(a, split_parts(a, threads))
+}
+
+/// Into how many key ranges each (KV head, query block) task is split so that `threads` have
+/// [`TASKS_PER_THREAD`] tasks each, ranges of at least [`MIN_SPLIT_BLOCKS`] key blocks.
+fn split_parts(a: &AttendMany<'_>, threads: usize) -> usize {
+    let tasks = a.kv_heads * a.q_pos.len().div_ceil(Q_BLOCK);
+    let blocks: usize = a
+        .segments
+        .iter()
+        .map(|x| x.pos.len().div_ceil(K_BLOCK))
+        .sum();
+    let want = (TASKS_PER_THREAD * threads).div_ceil(tasks.max(1));
+    want.min(blocks / MIN_SPLIT_BLOCKS).max(1)
+}
+
+/// [`attend_many`] with each task's keys split into `parts` contiguous ranges.
+fn attend_many_split(a: &AttendMany<'_>, parts: usize) -> Vec<f32> {
     let (d, g, hd, s) = (a.dim, a.heads / a.kv_heads, a.heads * a.dim, a.q_pos.len());
-    let tasks: Vec<(usize, usize)> = (0..a.kv_heads)
-        .flat_map(|kvh| (0..s).step_by(Q_BLOCK).map(move |t0| (kvh, t0)))
+    // Every key block, in segment order: (segment, first slot).
+    let blocks: Vec<(usize, usize)> = a
+        .segments
+        .iter()
+        .enumerate()
+        .flat_map(|(si, seg)| (0..seg.pos.len()).step_by(K_BLOCK).map(move |j0| (si, j0)))
         .collect();
-    let work = |&(kvh, t0): &(usize, usize)| task_dispatch(a, kvh, t0, (t0 + Q_BLOCK).min(s));
+    let parts = parts.clamp(1, blocks.len().max(1));
+    let range =
+        |part: usize| &blocks[part * blocks.len() / parts..(part + 1) * blocks.len() / parts];
+    let tasks: Vec<(usize, usize, usize)> = (0..a.kv_heads)
+        .flat_map(|kvh| {
+            (0..s)
+                .step_by(Q_BLOCK)
+                .flat_map(move |t0| (0..parts).map(move |part| (kvh, t0, part)))
+        })
+        .collect();
+    let work = |&(kvh, t0, part): &(usize, usize, usize)| {
+        task_dispatch(a, kvh, t0, (t0 + Q_BLOCK).min(s), range(part))
+    };
     let keys: usize = a.segments.iter().map(|x| x.pos.len()).sum();
-    let blocks: Vec<Vec<f32>> = if tasks.len() > 1 && s * keys * d * g >= 1 << 18 {
+    let partials: Vec<Partial> = if tasks.len() > 1 && s * keys * d * g >= 1 << 18 {
         tasks.par_iter().map(work).collect()
     } else {
         tasks.iter().map(work).collect()
     };
     let mut out = vec![0f32; s * hd];
-    for (&(kvh, t0), o) in tasks.iter().zip(&blocks) {
+    for (i, group) in partials.chunks_exact(parts).enumerate() {
+        let (kvh, t0, _) = tasks[i * parts];
+        let o = merge(group, d);
         // Block rows are (token, member of the group), the group's heads adjacent in `out`.
         for (i, rows) in o.chunks_exact(g * d).enumerate() {
             let at = (t0 + i) * hd + kvh * g * d;
@@ -124,13 +168,73 @@ pub fn attend_many(a: &AttendMany<'_>) -> Vec<f32> {
     out
 }
 
-fn task_dispatch(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f32> {
+/// One task's rows over its keys: the online softmax's running max `m` and sum `l` per row and
+/// the output `o` not yet divided by `l` (`[rows, D]`).
+struct Partial {
+    o: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+/// The attention output of rows whose keys were split over `parts` (one range each): each
+/// part's sum and output rescaled to the common max, summed, divided by the total sum (a row
+/// that sees nothing stays zero). One part is only divided by its sum.
+fn merge(parts: &[Partial], d: usize) -> Vec<f32> {
+    let Some((first, rest)) = parts.split_first() else {
+        return Vec::new();
+    };
+    let mut o = first.o.clone();
+    let mut l = first.l.clone();
+    if !rest.is_empty() {
+        for (row, orow) in o.chunks_exact_mut(d).enumerate() {
+            let m = parts
+                .iter()
+                .map(|p| p.m[row])
+                .fold(f32::NEG_INFINITY, f32::max);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let scale = |p: &Partial| match p.m[row] {
+                x if x == f32::NEG_INFINITY => 0.0,
+                x => exp(x - m),
+            };
+            let c0 = scale(first);
+            orow.iter_mut().for_each(|x| *x *= c0);
+            l[row] *= c0;
+            for p in rest {
+                let c = scale(p);
+                if c == 0.0 {
+                    continue;
+                }
+                l[row] += p.l[row] * c;
+                for (x, y) in orow.iter_mut().zip(&p.o[row * d..(row + 1) * d]) {
+                    *x += y * c;
+                }
+            }
+        }
+    }
+    for (orow, &lr) in o.chunks_exact_mut(d).zip(&l) {
+        if lr > 0.0 {
+            let inv = 1.0 / lr;
+            orow.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+    o
+}
+
+fn task_dispatch(
+    a: &AttendMany<'_>,
+    kvh: usize,
+    t0: usize,
+    t1: usize,
+    blocks: &[(usize, usize)],
+) -> Partial {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features `task_avx2` is compiled for were detected just above.
-        return unsafe { task_avx2(a, kvh, t0, t1) };
+        return unsafe { task_avx2(a, kvh, t0, t1, blocks) };
     }
-    task::<false>(a, kvh, t0, t1)
+    task::<false>(a, kvh, t0, t1, blocks)
 }
 
 /// The AVX2 + FMA instantiation of its portable twin.
@@ -139,13 +243,26 @@ fn task_dispatch(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f3
 /// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f32> {
-    task::<true>(a, kvh, t0, t1)
+unsafe fn task_avx2(
+    a: &AttendMany<'_>,
+    kvh: usize,
+    t0: usize,
+    t1: usize,
+    blocks: &[(usize, usize)],
+) -> Partial {
+    task::<true>(a, kvh, t0, t1, blocks)
 }
 
-/// Query tokens `t0..t1` of KV head `kvh`'s group: `[t1 − t0, G, D]`.
+/// Query tokens `t0..t1` of KV head `kvh`'s group over the key blocks `blocks` ((segment, first
+/// slot) each): `[t1 − t0, G, D]` rows, not yet divided by their sums.
 #[inline(always)]
-fn task<const F: bool>(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> Vec<f32> {
+fn task<const F: bool>(
+    a: &AttendMany<'_>,
+    kvh: usize,
+    t0: usize,
+    t1: usize,
+    blocks: &[(usize, usize)],
+) -> Partial {
     let (d, g, s) = (a.dim, a.heads / a.kv_heads, a.q_pos.len());
     let r = (t1 - t0) * g;
     // Q rows (token i, member gi) → row i·G + gi.
@@ -166,9 +283,10 @@ fn task<const F: bool>(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> 
     let mut l = vec![0f32; r];
     let mut kt = vec![0f32; d * K_BLOCK];
     let mut sc = vec![0f32; r * K_BLOCK];
-    for seg in a.segments {
+    for &(si, j0) in blocks {
+        let seg = &a.segments[si];
         let n = seg.pos.len();
-        for j0 in (0..n).step_by(K_BLOCK) {
+        {
             let j1 = (j0 + K_BLOCK).min(n);
             let bk = j1 - j0;
             let kpos = &seg.pos[j0..j1];
@@ -223,13 +341,7 @@ fn task<const F: bool>(a: &AttendMany<'_>, kvh: usize, t0: usize, t1: usize) -> 
             gemm::<F>(r, d, bk, sc, bk, values, d, &mut o, d, 1.0, true);
         }
     }
-    for (orow, &lr) in o.chunks_exact_mut(d).zip(&l) {
-        if lr > 0.0 {
-            let inv = 1.0 / lr;
-            orow.iter_mut().for_each(|x| *x *= inv);
-        }
-    }
-    o
+    Partial { o, m, l }
 }
 
 #[cfg(test)]
@@ -249,6 +361,8 @@ mod tests {
             (4, 4, 8, 100, 100, 130, Some(90)),
             (9, 3, 64, 200, 256, 65, None),
             (2, 1, 12, 10, 16, 3, Some(5)),
+            // A short message over a long ring: split over the threads' tasks.
+            (9, 3, 64, 3000, 2048, 16, Some(2048)),
         ] {
             let q = rand_vec(s * h * d, 1);
             let (ck, cv) = (rand_vec(hkv * cap * d, 2), rand_vec(hkv * cap * d, 3));
@@ -287,6 +401,19 @@ mod tests {
             };
             let want = attend_many_naive(&a);
             let got = attend_many(&a);
+            // The keys split over several tasks (as for a short prompt over a long cache).
+            for parts in [2, 3, 7] {
+                let split = attend_many_split(&a, parts);
+                let diff = want
+                    .iter()
+                    .zip(&split)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff < 2e-5,
+                    "{h}/{hkv}/{d} cached {cached} S {s} window {window:?}, keys in {parts}: {diff}"
+                );
+            }
             let diff = want
                 .iter()
                 .zip(&got)
@@ -296,6 +423,12 @@ mod tests {
                 diff < 2e-5,
                 "{h}/{hkv}/{d} cached {cached} S {s} window {window:?}: {diff}"
             );
+            if s == 16 {
+                assert!(
+                    split_parts(&a, 2) > 1,
+                    "a short prompt over a long ring is split"
+                );
+            }
             crate::cpu::force_portable(true);
             let base = attend_many(&a);
             crate::cpu::force_portable(false);
