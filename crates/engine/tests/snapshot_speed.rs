@@ -169,3 +169,58 @@ fn snapshot_save_and_load_times_at_benchmark_size() {
     );
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// The branch of a long chat, timed: a paged snapshot (format 6) of the benchmark-size state
+/// loaded, then a 16-token message read (the first token's logits): the median of each part,
+/// and the same message read by the state that was saved (no restore before it).
+#[test]
+#[ignore = "timing harness: needs TPTT_SMOLLM2_DIR and ~1.6 GB of memory"]
+fn paged_branch_message_times_at_benchmark_size() {
+    let Some(dir) = std::env::var_os("TPTT_SMOLLM2_DIR").map(PathBuf::from) else {
+        eprintln!("TPTT_SMOLLM2_DIR is not set: skipping");
+        return;
+    };
+    let settings = TpttSettings::injected("delta_product", 0.125, &dir.display().to_string())
+        .expect("settings");
+    let model =
+        Arc::new(Model::load_plain(&dir, settings, &LoadOptions::default()).expect("model"));
+    let identity = ModelIdentity {
+        model: dir.display().to_string(),
+        variant: "delta_product".into(),
+        config_hash: config_hash(model.config()),
+        weights: "the synthetic model of this test".into(),
+        v4: Default::default(),
+    };
+    let session = synthetic_session(model.clone());
+    let scratch = std::env::temp_dir().join(format!("tptt-branch-speed-{}", std::process::id()));
+    let (path, pages) = (scratch.join("turn.state"), scratch.join("kv-pages"));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let saved =
+        snapshot::save_paged(&session, &identity, None, &path, &pages, &[]).expect("save_paged");
+    let message: Vec<u32> = (0..16u32).map(|i| 100 + i * 37).collect();
+    let (mut loads, mut reads, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        let (mut branch, _) =
+            snapshot::load_paged(model.clone(), &identity, &path, &pages).expect("load");
+        loads.push(t.elapsed());
+        let t = Instant::now();
+        branch.feed(&message, None).expect("message");
+        reads.push(t.elapsed());
+        let mut live = session.clone();
+        let t = Instant::now();
+        live.feed(&message, None).expect("message");
+        plain.push(t.elapsed());
+        assert_eq!(branch.last_logits, live.last_logits, "the branch reads as the live state");
+    }
+    eprintln!(
+        "paged snapshot {:.1} MB + {} pages ({:.1} MB): load median {:.1} ms, 16-token message {:.1} ms after the load, {:.1} ms on the live state",
+        saved.file_bytes as f64 / 1e6,
+        saved.pages,
+        saved.new_page_bytes as f64 / 1e6,
+        median(loads).as_secs_f64() * 1e3,
+        median(reads).as_secs_f64() * 1e3,
+        median(plain).as_secs_f64() * 1e3,
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+}
