@@ -17,7 +17,7 @@ describe('branch from here', () => {
     const firstAnswer = page.locator('[data-testid=message][data-role=assistant]').first();
     await firstAnswer.hover();
     await firstAnswer.getByTestId('branch').click();
-    await page.getByTestId('notice').filter({ hasText: 'Branched' }).waitFor();
+    await page.getByTestId('notice').filter({ hasText: 'continues from the memory saved at that turn' }).waitFor();
     await page.getByTestId('chat-title').filter({ hasText: 'Linear attention memory (branch)' }).waitFor();
     const kept = await page.locator('[data-testid=message]').count();
     assert.ok(kept < total, `the branch has ${kept} of ${total} messages`);
@@ -36,6 +36,19 @@ describe('branch from here', () => {
     await answer.getByTestId('branch').click();
     await page.getByTestId('notice').filter({ hasText: 'Message 9 does not exist' }).waitFor();
     await page.getByTestId('chat-title').filter({ hasText: /^Linear attention memory$/ }).waitFor();
+    assert.deepEqual(suite.problems(page).errors, [], 'no page errors');
+  });
+
+  test('a branch of a chat with no memory saved at that turn says it reads the conversation again', async () => {
+    const { page } = await suite.open();
+    await mock(page, () => window.__tpttMock.forgetSnapshots('Linear attention memory'));
+    await page.locator('[data-testid=conversation-title]', { hasText: 'Linear attention memory' }).click();
+    const firstAnswer = page.locator('[data-testid=message][data-role=assistant]').first();
+    await firstAnswer.waitFor();
+    await firstAnswer.hover();
+    await firstAnswer.getByTestId('branch').click();
+    await page.getByTestId('notice').filter({ hasText: 'reads the conversation again' }).waitFor();
+    await page.getByTestId('chat-title').filter({ hasText: 'Linear attention memory (branch)' }).waitFor();
     assert.deepEqual(suite.problems(page).errors, [], 'no page errors');
   });
 });

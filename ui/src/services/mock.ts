@@ -116,6 +116,8 @@ interface StoredConversation {
   unreadTokens?: number;
   /** Reset: the next turn reads only the text's tail. */
   freshMemory?: boolean;
+  /** Its turns have no saved memory (an older app's chat, or another model's): a branch reads its text again. */
+  noSnapshots?: boolean;
   /** Its own settings (absent: the app's). */
   settings?: ChatSettings;
   /** Tokens of the saved memory it started from (its meter starts there). */
@@ -168,6 +170,8 @@ export interface MockControl {
   setDocument(doc: DocumentInfo | null | undefined): void;
   /** Files dropped on the window, as Tauri reports them. */
   dropFiles(paths: string[]): Promise<void>;
+  /** The conversation titled `title` keeps no saved memory of its turns (a branch of it reads its text). */
+  forgetSnapshots(title: string): void;
   /** Files written by save_conversation, with their text. */
   readonly savedFiles: { path: string; text: string }[];
   /** Folders opened in the file manager (open_logs_folder). */
@@ -522,6 +526,12 @@ class MockBackend implements MockControl {
 
   setDocument(doc: DocumentInfo | null | undefined) {
     this.documentAnswer = doc;
+  }
+
+  forgetSnapshots(title: string) {
+    const c = this.state.conversations.find((x) => x.title === title);
+    if (!c) throw new Error(`no conversation titled ${title}`);
+    c.noSnapshots = true;
   }
 
   setReply(text: string | null) {
@@ -1079,6 +1089,8 @@ class MockBackend implements MockControl {
       updatedAt: now(),
       messages: clone(c.messages.slice(0, at + 1)).map((m) => ({ ...m, id: this.id('msg') })),
     };
+    // Without a saved memory at that turn, the branch's first message reads its text.
+    if (c.noSnapshots) branch.unreadTokens = this.textTokens(branch);
     this.state.conversations.unshift(branch);
     return this.summary(branch);
   }

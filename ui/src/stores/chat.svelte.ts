@@ -220,7 +220,15 @@ class ChatStore {
       const summary = await api.branchConversation(conv.id, messageId);
       conversations.upsert(summary);
       await this.open(summary.id);
-      ui.info('Branched', `“${summary.title}” continues from that message; the original is unchanged.`);
+      // The branch shares the memory saved at that turn; an older chat (or another model's)
+      // may have none there: then its first message reads the conversation again.
+      const saved = (this.conversation?.memory.totalTokens ?? 0) > 0;
+      ui.info(
+        'Branched',
+        saved
+          ? `“${summary.title}” continues from the memory saved at that turn; the original is unchanged.`
+          : `“${summary.title}” has no memory saved at that turn (an older chat, or another model): its first message reads the conversation again. The original is unchanged.`,
+      );
       return true;
     } catch (err) {
       ui.error(err, { context: 'Branching' });
