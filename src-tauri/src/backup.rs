@@ -196,8 +196,13 @@ pub async fn write(
                     }
                 };
                 let pages = pages.filter(|p| {
-                    p.iter()
-                        .all(|n| tptt_engine::snapshot::page_path(&pages_dir, n).is_file())
+                    let whole = p
+                        .iter()
+                        .all(|n| tptt_engine::snapshot::page_path(&pages_dir, n).is_file());
+                    if !whole {
+                        tracing::warn!(conversation = c.id.0, "a snapshot left out of the backup: some of its KV pages are missing (its chat is rebuilt from the text after an import)");
+                    }
+                    whole
                 });
                 let index = messages.items.iter().position(|m| m.id == s.message_id);
                 if let (Some(index), Some(pages)) = (index, pages) {

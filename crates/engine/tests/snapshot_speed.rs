@@ -211,7 +211,10 @@ fn paged_branch_message_times_at_benchmark_size() {
         let t = Instant::now();
         live.feed(&message, None).expect("message");
         plain.push(t.elapsed());
-        assert_eq!(branch.last_logits, live.last_logits, "the branch reads as the live state");
+        assert_eq!(
+            branch.last_logits, live.last_logits,
+            "the branch reads as the live state"
+        );
     }
     eprintln!(
         "paged snapshot {:.1} MB + {} pages ({:.1} MB): load median {:.1} ms, 16-token message {:.1} ms after the load, {:.1} ms on the live state",

@@ -91,7 +91,7 @@ impl<'a, 'b> PagedSource<'a, 'b> {
                     ));
                 }
             }
-            total += r.len;
+            total = total.saturating_add(r.len);
         }
         if total != key_pos.len() {
             return bad(format!(
