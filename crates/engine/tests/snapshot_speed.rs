@@ -91,13 +91,10 @@ fn synthetic_session(model: Arc<Model>) -> Session {
     Session::from_parts(model, state, tokens, Some(logits))
 }
 
-#[test]
-#[ignore = "timing harness: needs TPTT_SMOLLM2_DIR and ~1.2 GB of memory"]
-fn snapshot_save_and_load_times_at_benchmark_size() {
-    let Some(dir) = std::env::var_os("TPTT_SMOLLM2_DIR").map(PathBuf::from) else {
-        eprintln!("TPTT_SMOLLM2_DIR is not set: skipping");
-        return;
-    };
+/// SmolLM2-135M-Instruct from `TPTT_SMOLLM2_DIR` with an untrained injection, and an identity
+/// for its snapshots; `None` when the variable is not set.
+fn smollm2() -> Option<(Arc<Model>, ModelIdentity)> {
+    let dir = std::env::var_os("TPTT_SMOLLM2_DIR").map(PathBuf::from)?;
     let settings = TpttSettings::injected("delta_product", 0.125, &dir.display().to_string())
         .expect("settings");
     let model =
@@ -108,6 +105,16 @@ fn snapshot_save_and_load_times_at_benchmark_size() {
         config_hash: config_hash(model.config()),
         weights: "the synthetic model of this test".into(),
         v4: Default::default(),
+    };
+    Some((model, identity))
+}
+
+#[test]
+#[ignore = "timing harness: needs TPTT_SMOLLM2_DIR and ~1.2 GB of memory"]
+fn snapshot_save_and_load_times_at_benchmark_size() {
+    let Some((model, identity)) = smollm2() else {
+        eprintln!("TPTT_SMOLLM2_DIR is not set: skipping");
+        return;
     };
     let session = synthetic_session(model.clone());
     let scratch = std::env::temp_dir().join(format!("tptt-snapshot-speed-{}", std::process::id()));
@@ -176,20 +183,9 @@ fn snapshot_save_and_load_times_at_benchmark_size() {
 #[test]
 #[ignore = "timing harness: needs TPTT_SMOLLM2_DIR and ~1.6 GB of memory"]
 fn paged_branch_message_times_at_benchmark_size() {
-    let Some(dir) = std::env::var_os("TPTT_SMOLLM2_DIR").map(PathBuf::from) else {
+    let Some((model, identity)) = smollm2() else {
         eprintln!("TPTT_SMOLLM2_DIR is not set: skipping");
         return;
-    };
-    let settings = TpttSettings::injected("delta_product", 0.125, &dir.display().to_string())
-        .expect("settings");
-    let model =
-        Arc::new(Model::load_plain(&dir, settings, &LoadOptions::default()).expect("model"));
-    let identity = ModelIdentity {
-        model: dir.display().to_string(),
-        variant: "delta_product".into(),
-        config_hash: config_hash(model.config()),
-        weights: "the synthetic model of this test".into(),
-        v4: Default::default(),
     };
     let session = synthetic_session(model.clone());
     let scratch = std::env::temp_dir().join(format!("tptt-branch-speed-{}", std::process::id()));

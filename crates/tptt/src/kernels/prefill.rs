@@ -401,24 +401,21 @@ mod tests {
             };
             let want = attend_many_naive(&a);
             let got = attend_many(&a);
+            let max_diff = |other: &[f32]| {
+                want.iter()
+                    .zip(other)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max)
+            };
             // The keys split over several tasks (as for a short prompt over a long cache).
             for parts in [2, 3, 7] {
-                let split = attend_many_split(&a, parts);
-                let diff = want
-                    .iter()
-                    .zip(&split)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max);
+                let diff = max_diff(&attend_many_split(&a, parts));
                 assert!(
                     diff < 2e-5,
                     "{h}/{hkv}/{d} cached {cached} S {s} window {window:?}, keys in {parts}: {diff}"
                 );
             }
-            let diff = want
-                .iter()
-                .zip(&got)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let diff = max_diff(&got);
             assert!(
                 diff < 2e-5,
                 "{h}/{hkv}/{d} cached {cached} S {s} window {window:?}: {diff}"
@@ -432,11 +429,7 @@ mod tests {
             crate::cpu::force_portable(true);
             let base = attend_many(&a);
             crate::cpu::force_portable(false);
-            let diff = want
-                .iter()
-                .zip(&base)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let diff = max_diff(&base);
             assert!(diff < 2e-5, "baseline {h}/{hkv}/{d}: {diff}");
         }
     }
