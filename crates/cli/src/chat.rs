@@ -16,7 +16,7 @@ use crate::{load, GenArgs, ModelArgs};
 
 /// The variant loaded for chatting ([`ChatModel`]), named by its repository's folder in
 /// snapshots.
-fn ready(args: &ModelArgs) -> Result<ChatModel> {
+pub(crate) fn ready(args: &ModelArgs) -> Result<ChatModel> {
     let (model, files) = load(args)?;
     let root = files.dir.parent().unwrap_or(&files.dir);
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());

@@ -13,6 +13,7 @@ mod bench;
 mod chat;
 mod distill;
 mod eval;
+mod serve;
 use tptt::repo::TpttRepo;
 
 #[derive(Parser)]
@@ -171,6 +172,9 @@ enum Cmd {
     /// Measure speed (prefill, decode vs history, resume, memory) against the memory-bandwidth
     /// limit, the base transformer, the reference tptt and llama.cpp (issue 6).
     Bench(bench::BenchArgs),
+    /// Serve the variant over an OpenAI-compatible HTTP API (issue 15): /v1/models,
+    /// /v1/chat/completions, /v1/completions; conversations resume from their saved state.
+    Serve(serve::ServeArgs),
     /// Long-context quality: perplexity by position bucket over long texts and recall probes at
     /// a distance, for the variant, the same weights without memory, and full attention.
     Eval(eval::EvalArgs),
@@ -458,6 +462,7 @@ fn run(cli: &Cli) -> Result<()> {
             mag_weight,
         } => inject(base, out, modes, *mag_weight),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Serve(args) => serve::run(args),
         Cmd::Eval(args) => eval::run(args),
         Cmd::Distill(args) => distill::run(args),
     }
