@@ -121,6 +121,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .fallback(unknown)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(api)
 }
@@ -132,6 +133,19 @@ pub async fn serve(listener: tokio::net::TcpListener, api: Arc<Api>) -> std::io:
 
 async fn unknown(uri: Uri) -> ApiError {
     ApiError::unknown_path(uri.path())
+}
+
+async fn wrong_method(method: axum::http::Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!(
+            "{method} is not allowed on {}: GET /v1/models, POST /v1/chat/completions, POST /v1/completions.",
+            uri.path()
+        ),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed"),
+    }
 }
 
 async fn models(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
@@ -416,6 +430,7 @@ fn generate(
             },
         )
     };
+    let mut taken = None;
     let (mut session, transcript, turn) = match &req.messages {
         Some(messages) => {
             let full = chat
@@ -424,7 +439,10 @@ fn generate(
                 .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
             let kept = api.sessions.lock().ok().and_then(|mut s| s.take(&full));
             let (session, transcript) = match kept {
-                Some((mark, session)) => (session, ChatTranscript::from_mark(Some(mark))),
+                Some((mark, session)) => {
+                    taken = Some(mark);
+                    (session, ChatTranscript::from_mark(Some(mark)))
+                }
                 None => (fresh(), ChatTranscript::fresh()),
             };
             let turn = transcript
@@ -451,6 +469,10 @@ fn generate(
         ));
     }
     if cached_tokens + ids.len() > api.cfg.max_prompt_tokens {
+        // Refused before anything was read: the kept state goes back, unchanged.
+        if let (Some(mark), Ok(mut kept)) = (taken, api.sessions.lock()) {
+            kept.put(mark, session);
+        }
         return Err(ApiError::bad_request(
             Some(if req.messages.is_some() {
                 "messages"

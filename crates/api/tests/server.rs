@@ -336,6 +336,14 @@ fn bad_requests_get_error_objects_with_their_status() {
     assert_eq!(status, 413, "{v}");
     let (status, v) = raw("/embeddings", b"{}".to_vec());
     assert_eq!(status, 404, "{v}");
+    let get = client()
+        .get(format!("{}/chat/completions", s.url))
+        .bearer_auth("sesame")
+        .send()
+        .expect("send");
+    assert_eq!(get.status().as_u16(), 405);
+    let v: Value = serde_json::from_str(&get.text().expect("body")).expect("JSON");
+    assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
     // The server is still up.
     let (status, _) = post(
         &s,
@@ -344,6 +352,38 @@ fn bad_requests_get_error_objects_with_their_status() {
         key,
     );
     assert_eq!(status, 200);
+}
+
+#[test]
+fn a_prompt_over_the_limit_is_refused_and_the_kept_conversation_survives() {
+    let s = start(|c| c.max_prompt_tokens = 200);
+    let first = json!([{"role": "user", "content": "Hello"}]);
+    let (status, answer) = post(&s, "/chat/completions", &greedy(first, 6), None);
+    assert_eq!(status, 200, "{answer}");
+    let text = answer["choices"][0]["message"]["content"].clone();
+    let total = answer["usage"]["total_tokens"].as_u64().expect("total");
+    let long = "word ".repeat(400);
+    let over = json!([
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": long}
+    ]);
+    let (status, v) = post(&s, "/chat/completions", &greedy(over, 4), None);
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "messages");
+    assert!(error_of(&v).1.contains("at most 200"), "{v}");
+    let next = json!([
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "Short"}
+    ]);
+    let (status, v) = post(&s, "/chat/completions", &greedy(next, 4), None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(total),
+        "the refused request left the conversation's state kept"
+    );
 }
 
 #[test]
