@@ -207,9 +207,9 @@ fn chat_streaming_completions_and_a_resumed_second_turn() {
     assert!(done["choices"][0]["text"].is_string());
 }
 
-#[test]
-fn a_client_gone_mid_stream_cancels_its_generation() {
-    let s = start(|_| {});
+/// A streamed greedy answer of up to a million tokens (the fixture model never stops by
+/// itself that soon), read line by line.
+fn long_stream(s: &Server) -> std::io::Lines<BufReader<reqwest::blocking::Response>> {
     let mut body = greedy(
         json!([{"role": "user", "content": "Tell me everything"}]),
         1_000_000,
@@ -221,7 +221,13 @@ fn a_client_gone_mid_stream_cancels_its_generation() {
         .body(body.to_string())
         .send()
         .expect("send");
-    let mut lines = BufReader::new(resp).lines();
+    BufReader::new(resp).lines()
+}
+
+#[test]
+fn a_client_gone_mid_stream_cancels_its_generation() {
+    let s = start(|_| {});
+    let mut lines = long_stream(&s);
     // Two chunks read (the role, then text), then the connection is dropped.
     for _ in 0..4 {
         lines.next().expect("a line").expect("read");
@@ -390,18 +396,7 @@ fn a_prompt_over_the_limit_is_refused_and_the_kept_conversation_survives() {
 fn past_the_queue_limit_a_request_gets_503() {
     let s = start(|c| c.max_waiting = 0);
     // One long generation holds the model; with no room to wait, the next is refused at once.
-    let mut body = greedy(
-        json!([{"role": "user", "content": "Tell me everything"}]),
-        1_000_000,
-    );
-    body["stream"] = json!(true);
-    let resp = client()
-        .post(format!("{}/chat/completions", s.url))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .expect("send");
-    let mut lines = BufReader::new(resp).lines();
+    let mut lines = long_stream(&s);
     lines.next().expect("a line").expect("read");
     let (status, v) = post(
         &s,
