@@ -497,11 +497,16 @@ fn generate(
         .generate(&ids, &opts, &chat.tokenizer, cancel, &mut sink)
         .map_err(internal)?;
     if let (Some(mut transcript), TurnText::Chat(turn)) = (transcript, turn) {
-        let raw = chat
-            .tokenizer
-            .decode(&outcome.ids, false)
-            .unwrap_or_default();
-        transcript.record(&turn, &raw, &outcome.finish);
+        // The answer as the state read it (special tokens included); an answer that cannot be
+        // decoded leaves the state's text unknown, and an unknown state is not kept (a wrong
+        // mark would make a later request skip text the state never read, or read it twice).
+        match chat.tokenizer.decode(&outcome.ids, false) {
+            Ok(raw) => transcript.record(&turn, &raw, &outcome.finish),
+            Err(e) => {
+                tracing::warn!(error = %e, "the answer cannot be decoded: its state is not kept");
+                transcript.forget();
+            }
+        }
         if let Some(mark) = transcript.mark() {
             if let Ok(mut kept) = api.sessions.lock() {
                 kept.put(mark, session);

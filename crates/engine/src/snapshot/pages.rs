@@ -154,10 +154,11 @@ impl KvBytes<'_> {
 }
 
 /// The keys and values of every layer (`views`, `[Hkv, n, D]` each, read-locked by `guards`)
-/// as bytes, or `None` when the state caches nothing.
+/// as bytes, or `None` when the state caches nothing; errors name `dir`, the page folder.
 fn kv_bytes<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
     views: &'a [(Tensor, Tensor)],
     guards: &'a [[G; 2]],
+    dir: &Path,
 ) -> Result<Option<KvBytes<'a>>> {
     let Some((k0, _)) = views.first() else {
         return Ok(None);
@@ -168,13 +169,13 @@ fn kv_bytes<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
     for ((k, v), g) in views.iter().zip(guards) {
         let one = |t: &'a Tensor, g: &'a candle_core::Storage| -> Result<Vec<Cow<'a, [u8]>>> {
             let (_, pieces) = tensor_pieces(t, g).map_err(|reason| Error::Snapshot {
-                path: PathBuf::new(),
-                reason,
+                path: dir.to_path_buf(),
+                reason: format!("the KV cache cannot be read for its pages: {reason}"),
             })?;
             let total: usize = pieces.iter().map(|p| p.len()).sum();
             if t.dims() != [heads, slots, dim] || total != heads * per_head {
                 return Err(Error::Snapshot {
-                    path: PathBuf::new(),
+                    path: dir.to_path_buf(),
                     reason: format!(
                         "KV cache view {:?}, want [{heads}, {slots}, {dim}]",
                         t.dims()
@@ -256,7 +257,7 @@ pub(super) fn write_pages(state: &State, dir: &Path, reuse: &[PathBuf]) -> Resul
         .iter()
         .map(|(k, v)| [k.storage_and_layout().0, v.storage_and_layout().0])
         .collect();
-    let Some(kv) = kv_bytes(&views, &guards)? else {
+    let Some(kv) = kv_bytes(&views, &guards, dir)? else {
         return Ok(Some(Written {
             refs: Vec::new(),
             new_bytes: 0,
