@@ -80,6 +80,28 @@ impl ApiError {
         }
     }
 
+    /// 503: the model is still loading.
+    pub fn loading(model: &str) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("The model `{model}` is still loading. Retry in a few seconds."),
+            kind: "server_error",
+            param: None,
+            code: Some("model_loading"),
+        }
+    }
+
+    /// 503: no model can answer (none chosen, or it cannot be loaded); `message` says why.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("model_unavailable"),
+        }
+    }
+
     /// 500: the engine failed on a request it had accepted.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
@@ -104,6 +126,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut r = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Clients that honour it (the official ones do) wait before retrying.
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("2"),
+            );
+        }
+        r
     }
 }

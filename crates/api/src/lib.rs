@@ -9,13 +9,16 @@
 //! tokens it did not read again. Requests wait in a bounded queue for the one model (503 past
 //! it); a client that disconnects cancels its generation.
 //!
-//! The engine stays free of the network: this crate owns the HTTP side (axum on tokio) and runs
-//! each generation on a blocking thread.
+//! The engine stays free of the network: this crate owns the HTTP side (axum on tokio); the
+//! generations run on the [`Host`]'s engine thread (`tptt serve`: its own; the desktop app: the
+//! one its chats use, so both queue behind each other).
 
 pub mod error;
+pub mod host;
 pub mod server;
 pub mod sessions;
 pub mod wire;
 
 pub use error::ApiError;
-pub use server::{router, serve, Api, ApiConfig};
+pub use host::{Host, LoadingHost, Runner, Serving};
+pub use server::{router, serve, serve_until, Api, ApiConfig};

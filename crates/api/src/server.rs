@@ -16,18 +16,20 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
-use tptt_engine::session::{CancelToken, Event, FinishReason, GenerateOptions, SessionOptions};
+use tptt_engine::session::{
+    CancelToken, Event, FinishReason, GenerateOptions, Outcome, SessionOptions,
+};
+use tptt_engine::worker::Job;
 use tptt_engine::{ChatModel, ChatTranscript, SamplingParams, Session};
 
 use crate::error::ApiError;
+use crate::host::{Host, Serving};
 use crate::sessions::SessionCache;
 use crate::wire::{self, Request};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// The model id clients name (`GET /v1/models` lists it).
-    pub model_id: String,
     /// The key clients must send as `Authorization: Bearer <key>` (`None`: no key).
     pub api_key: Option<String>,
     /// Requests that may wait for the model while one runs; more get 503.
@@ -42,15 +44,11 @@ pub struct ApiConfig {
     pub max_prompt_tokens: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
-    /// Softmax window of new conversations (`None`: the model's).
-    pub window: Option<usize>,
 }
 
-impl ApiConfig {
-    /// Defaults for serving `model_id`.
-    pub fn new(model_id: impl Into<String>) -> Self {
+impl Default for ApiConfig {
+    fn default() -> Self {
         Self {
-            model_id: model_id.into(),
             api_key: None,
             max_waiting: 16,
             max_sessions: 8,
@@ -58,14 +56,13 @@ impl ApiConfig {
             default_max_tokens: 1024,
             max_prompt_tokens: 1 << 20,
             max_body_bytes: 8 << 20,
-            window: None,
         }
     }
 }
 
-/// The server's state: the model, the queue, the kept conversations.
+/// The server's state: where its model comes from, the queue, the kept conversations.
 pub struct Api {
-    chat: ChatModel,
+    host: Arc<dyn Host>,
     cfg: ApiConfig,
     sessions: Mutex<SessionCache>,
     gate: Arc<Semaphore>,
@@ -75,11 +72,11 @@ pub struct Api {
 }
 
 impl Api {
-    /// A server of `chat` (the loaded model) with `cfg`.
-    pub fn new(chat: ChatModel, cfg: ApiConfig) -> Arc<Self> {
+    /// A server of the model `host` serves, with `cfg`.
+    pub fn new(host: Arc<dyn Host>, cfg: ApiConfig) -> Arc<Self> {
         Arc::new(Self {
             sessions: Mutex::new(SessionCache::new(cfg.max_sessions, cfg.max_session_bytes)),
-            chat,
+            host,
             cfg,
             gate: Arc::new(Semaphore::new(1)),
             waiting: AtomicUsize::new(0),
@@ -96,6 +93,13 @@ impl Api {
     /// Conversation states kept now.
     pub fn kept_sessions(&self) -> usize {
         self.sessions.lock().map_or(0, |s| s.len())
+    }
+
+    /// Drops every kept conversation state (the host's model changed: they hold its weights).
+    pub fn forget_sessions(&self) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.clear();
+        }
     }
 
     fn authorized(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -131,6 +135,18 @@ pub async fn serve(listener: tokio::net::TcpListener, api: Arc<Api>) -> std::io:
     axum::serve(listener, router(api)).await
 }
 
+/// Serves `api` on `listener` until `stop` completes: then it accepts no more connections and
+/// returns once those open have ended.
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(api))
+        .with_graceful_shutdown(stop)
+        .await
+}
+
 async fn unknown(uri: Uri) -> ApiError {
     ApiError::unknown_path(uri.path())
 }
@@ -152,11 +168,13 @@ async fn models(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
     if let Err(e) = api.authorized(&headers) {
         return e.into_response();
     }
-    Json(json!({
-        "object": "list",
-        "data": [{"id": api.cfg.model_id, "object": "model", "created": 0, "owned_by": "tptt-chat"}],
-    }))
-    .into_response()
+    let data: Vec<Value> = api
+        .host
+        .model_id()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "tptt-chat"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// The body, at most the configured size (413 beyond), once the key is checked.
@@ -247,8 +265,17 @@ impl Done {
 
 /// One request: queued behind the model, generated on a blocking thread.
 async fn run(api: Arc<Api>, req: Request) -> Result<Response, ApiError> {
-    if req.model != api.cfg.model_id {
-        return Err(ApiError::model_not_found(&req.model, &api.cfg.model_id));
+    match api.host.model_id() {
+        Some(id) if id == req.model => {}
+        Some(id) => return Err(ApiError::model_not_found(&req.model, &id)),
+        // None chosen: the host says why.
+        None => {
+            return Err(api
+                .host
+                .serving()
+                .err()
+                .unwrap_or_else(|| ApiError::unavailable("No model is chosen.")))
+        }
     }
     let cancel = CancelToken::new();
     let guard = CancelOnDrop(cancel.clone());
@@ -265,6 +292,11 @@ async fn run(api: Arc<Api>, req: Request) -> Result<Response, ApiError> {
             p.map_err(|_| ApiError::internal("the server is shutting down"))?
         }
     };
+    // Asked once the request's turn has come: the host's model may have changed meanwhile.
+    let serving = api.host.serving()?;
+    if serving.model_id != req.model {
+        return Err(ApiError::model_not_found(&req.model, &serving.model_id));
+    }
     let serial = api.serial.fetch_add(1, Ordering::Relaxed);
     let chat = req.messages.is_some();
     let id = format!("{}-{serial}", if chat { "chatcmpl" } else { "cmpl" });
@@ -274,7 +306,7 @@ async fn run(api: Arc<Api>, req: Request) -> Result<Response, ApiError> {
     let head = Head {
         id,
         created,
-        model: api.cfg.model_id.clone(),
+        model: serving.model_id.clone(),
         chat,
     };
     if req.stream {
@@ -292,7 +324,7 @@ async fn run(api: Arc<Api>, req: Request) -> Result<Response, ApiError> {
                     cancel.cancel();
                 }
             };
-            match generate(&api, &req, &cancel, &mut on_text) {
+            match generate(&api, &serving, &req, &cancel, &mut on_text) {
                 Ok(done) => {
                     send(stream_head.chunk(stream_head.delta_end(), Some(done.finish)));
                     if include_usage {
@@ -316,7 +348,7 @@ async fn run(api: Arc<Api>, req: Request) -> Result<Response, ApiError> {
     }
     let job = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        generate(&api, &req, &cancel, &mut |_| {})
+        generate(&api, &serving, &req, &cancel, &mut |_| {})
     });
     let done = job
         .await
@@ -382,7 +414,7 @@ impl Head {
 }
 
 /// The sampling of a request: OpenAI's defaults (temperature 1, top-p 1, no other filter).
-fn options(api: &Api, req: &Request) -> Result<GenerateOptions, ApiError> {
+fn options(api: &Api, chat: &ChatModel, req: &Request) -> Result<GenerateOptions, ApiError> {
     let params = SamplingParams {
         temperature: req.temperature.unwrap_or(1.0),
         top_k: 0,
@@ -398,46 +430,51 @@ fn options(api: &Api, req: &Request) -> Result<GenerateOptions, ApiError> {
         .map_err(|e| ApiError::bad_request(None, e.to_string()))?;
     let mut stop_strings = req.stop.clone();
     if req.messages.is_some() {
-        stop_strings.extend(api.chat.format.stop_strings().iter().map(|s| s.to_string()));
+        stop_strings.extend(chat.format.stop_strings().iter().map(|s| s.to_string()));
     }
     Ok(GenerateOptions {
         params,
-        eos_ids: api.chat.eos_ids.clone(),
+        eos_ids: chat.eos_ids.clone(),
         ignore_eos: false,
         stop_strings,
         skip_special_tokens: true,
     })
 }
 
-/// Generates the answer to `req` (on the calling, blocking thread): a kept conversation state
-/// whose text the request's conversation starts with is continued (only the rest is read),
-/// else a fresh one; `on_text` gets the answer's text as it comes.
+/// Generates the answer to `req` on `serving`'s runner (waiting for it on the calling,
+/// blocking thread): a kept conversation state whose text the request's conversation starts
+/// with is continued (only the rest is read), else a fresh one; `on_text` gets the answer's
+/// text as it comes.
 fn generate(
     api: &Api,
+    serving: &Serving,
     req: &Request,
     cancel: &CancelToken,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Done, ApiError> {
-    let opts = options(api, req)?;
-    let chat = &api.chat;
-    let internal = |e: tptt_engine::Error| ApiError::internal(e.to_string());
+    let chat = &serving.chat;
+    let opts = options(api, chat, req)?;
     let fresh = || {
         Session::new(
             chat.model.clone(),
             SessionOptions {
-                window: api.cfg.window,
+                window: serving.window,
                 ..Default::default()
             },
         )
     };
     let mut taken = None;
-    let (mut session, transcript, turn) = match &req.messages {
+    let (session, transcript, turn) = match &req.messages {
         Some(messages) => {
             let full = chat
                 .format
                 .render(messages, true)
                 .map_err(|e| ApiError::bad_request(Some("messages"), e.to_string()))?;
-            let kept = api.sessions.lock().ok().and_then(|mut s| s.take(&full));
+            let kept = api
+                .sessions
+                .lock()
+                .ok()
+                .and_then(|mut s| s.take(&full, &chat.model));
             let (session, transcript) = match kept {
                 Some((mark, session)) => {
                     taken = Some(mark);
@@ -486,16 +523,7 @@ fn generate(
             ),
         ));
     }
-    let mut sink = |e: Event| {
-        if let Event::Token { text, .. } = e {
-            if !text.is_empty() {
-                on_text(&text);
-            }
-        }
-    };
-    let outcome = session
-        .generate(&ids, &opts, &chat.tokenizer, cancel, &mut sink)
-        .map_err(internal)?;
+    let (session, outcome) = run_job(serving, session, ids, opts, cancel, on_text)?;
     if let (Some(mut transcript), TurnText::Chat(turn)) = (transcript, turn) {
         // The answer as the state read it (special tokens included); an answer that cannot be
         // decoded leaves the state's text unknown, and an unknown state is not kept (a wrong
@@ -528,6 +556,52 @@ fn generate(
         cached_tokens,
         completion_tokens: outcome.stats.generated_tokens,
     })
+}
+
+/// Runs one generation on `serving`'s runner, passing its text to `on_text` as it comes: the
+/// session after it and the outcome. A job that failed or panicked loses its session (it may
+/// hold half of what it read): the error is the request's.
+fn run_job(
+    serving: &Serving,
+    session: Session,
+    prompt: Vec<u32>,
+    options: GenerateOptions,
+    cancel: &CancelToken,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<(Session, Outcome), ApiError> {
+    let (text_tx, text_rx) = std::sync::mpsc::channel::<String>();
+    let job = Job {
+        session,
+        prompt,
+        options,
+        sink: Box::new(move |e: Event| {
+            if let Event::Token { text, .. } = e {
+                if !text.is_empty() {
+                    // The receiver lives until the job ends (below).
+                    let _ = text_tx.send(text);
+                }
+            }
+        }),
+        cancel: cancel.clone(),
+    };
+    let done = serving
+        .runner
+        .submit(job)
+        .map_err(|e| ApiError::internal(format!("the generation thread is gone: {e}")))?;
+    // The text ends when the job drops its sink, as it ends.
+    for text in text_rx {
+        on_text(&text);
+    }
+    let result = done
+        .recv()
+        .map_err(|_| ApiError::internal("the generation thread stopped during the request"))?;
+    let outcome = result
+        .outcome
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let session = result
+        .session
+        .ok_or_else(|| ApiError::internal("the generation failed and lost its state"))?;
+    Ok((session, outcome))
 }
 
 /// What a request's model reads: a chat turn (recorded afterwards), or a plain prompt.

@@ -13,6 +13,9 @@
 //! reuses, a TPTT state is the softmax window plus a fixed-size recurrent memory: resuming a
 //! conversation of any length costs the same, and so does keeping it.
 
+use std::sync::Arc;
+
+use tptt::model::Model;
 use tptt_engine::session::Session;
 use tptt_engine::ReadMark;
 
@@ -52,8 +55,17 @@ impl SessionCache {
         self.entries.is_empty()
     }
 
-    /// Takes out the state whose text is the longest prefix of `rendered`, with its mark.
-    pub fn take(&mut self, rendered: &str) -> Option<(ReadMark, Session)> {
+    /// Drops every state.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// Takes out the state of `model` whose text is the longest prefix of `rendered`, with its
+    /// mark; states of other models are dropped (the served model changed: they only hold its
+    /// weights alive).
+    pub fn take(&mut self, rendered: &str, model: &Arc<Model>) -> Option<(ReadMark, Session)> {
+        self.entries
+            .retain(|e| Arc::ptr_eq(e.session.model(), model));
         let best = self
             .entries
             .iter()

@@ -18,8 +18,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tptt::model::{LoadOptions, Model};
 use tptt::repo::TpttRepo;
-use tptt_api::{Api, ApiConfig};
-use tptt_engine::ChatModel;
+use tptt_api::{Api, ApiConfig, LoadingHost, Serving};
+use tptt_engine::{ChatModel, Engine};
 
 const MODEL: &str = "tiny/delta_rule";
 
@@ -27,21 +27,37 @@ const MODEL: &str = "tiny/delta_rule";
 /// changes; its runtime lives as long as the returned value.
 struct Server {
     api: Arc<Api>,
+    host: Arc<LoadingHost>,
     url: String,
     _runtime: tokio::runtime::Runtime,
 }
 
-fn start(configure: impl FnOnce(&mut ApiConfig)) -> Server {
+/// The fixture's model, ready to serve as [`MODEL`] on its own engine thread.
+fn fixture() -> Serving {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny/tptt-llama");
     let files = TpttRepo::open(&repo)
         .and_then(|r| r.variant(Some("delta_rule"), None))
         .expect("fixture");
     let model = Model::load(&files, &LoadOptions::default()).expect("model");
     let chat = ChatModel::new(model, &files, "tiny").expect("chat model");
-    let mut cfg = ApiConfig::new(MODEL);
-    cfg.default_max_tokens = 16;
+    let engine = Engine::spawn(chat.tokenizer.clone()).expect("engine");
+    Serving {
+        model_id: MODEL.into(),
+        chat,
+        runner: Arc::new(engine),
+        window: None,
+    }
+}
+
+/// A server whose model is still loading (its host is set by the test).
+fn start_loading(configure: impl FnOnce(&mut ApiConfig)) -> Server {
+    let mut cfg = ApiConfig {
+        default_max_tokens: 16,
+        ..Default::default()
+    };
     configure(&mut cfg);
-    let api = Api::new(chat, cfg);
+    let host = LoadingHost::new(MODEL);
+    let api = Api::new(host.clone(), cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -57,9 +73,16 @@ fn start(configure: impl FnOnce(&mut ApiConfig)) -> Server {
     runtime.spawn(tptt_api::serve(listener, api.clone()));
     Server {
         api,
+        host,
         url: format!("http://{at}/v1"),
         _runtime: runtime,
     }
+}
+
+fn start(configure: impl FnOnce(&mut ApiConfig)) -> Server {
+    let s = start_loading(configure);
+    s.host.set(Ok(fixture()));
+    s
 }
 
 fn client() -> reqwest::blocking::Client {
@@ -407,4 +430,42 @@ fn past_the_queue_limit_a_request_gets_503() {
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "server_busy");
     drop(lines);
+}
+
+#[test]
+fn while_the_model_loads_requests_get_503_and_a_failed_load_says_why() {
+    let s = start_loading(|_| {});
+    let ask = greedy(json!([{"role": "user", "content": "Hi"}]), 2);
+    let (status, v) = post(&s, "/chat/completions", &ask, None);
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "model_loading", "{v}");
+    let resp = client()
+        .post(format!("{}/chat/completions", s.url))
+        .body(ask.to_string())
+        .send()
+        .expect("send");
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|h| h.to_str().ok()),
+        Some("2"),
+        "a 503 tells clients when to retry"
+    );
+    // The id is known while loading, and an unknown model is still a 404.
+    let (status, v) = post(
+        &s,
+        "/chat/completions",
+        &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}),
+        None,
+    );
+    assert_eq!(status, 404, "{v}");
+    s.host.set(Err("the weights file is truncated".into()));
+    let (status, v) = post(&s, "/chat/completions", &ask, None);
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "model_unavailable", "{v}");
+    assert!(error_of(&v).1.contains("truncated"), "{v}");
+    // Loaded at last: it answers.
+    s.host.set(Ok(fixture()));
+    let (status, v) = post(&s, "/chat/completions", &ask, None);
+    assert_eq!(status, 200, "{v}");
 }

@@ -49,23 +49,29 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
     if let Some(w) = args.window {
         tptt::state::validate_window("--window", w).map_err(anyhow::Error::msg)?;
     }
-    let chat = crate::chat::ready(&args.model)?;
+    // The variant is resolved now (a wrong folder or variant fails at once); its weights load
+    // in the background while the server already answers (503 `model_loading` meanwhile).
+    let variant = tptt::repo::TpttRepo::open(&args.model.repo)?
+        .variant(args.model.variant.as_deref(), args.model.base.as_deref())?
+        .name;
     let model_id = args.model_id.clone().unwrap_or_else(|| {
-        let repo = args
-            .model
-            .repo
+        let repo =
+            std::fs::canonicalize(&args.model.repo).unwrap_or_else(|_| args.model.repo.clone());
+        let repo = repo
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "tptt".into());
-        format!("{repo}/{}", chat.identity.variant)
+        format!("{repo}/{variant}")
     });
-    let mut cfg = tptt_api::ApiConfig::new(model_id.clone());
-    cfg.api_key = args.api_key.clone().filter(|k| !k.is_empty());
-    cfg.window = args.window;
-    cfg.max_sessions = args.max_sessions;
-    cfg.max_waiting = args.max_waiting;
-    cfg.default_max_tokens = args.default_max_tokens.max(1);
-    let api = tptt_api::Api::new(chat, cfg);
+    let cfg = tptt_api::ApiConfig {
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        max_sessions: args.max_sessions,
+        max_waiting: args.max_waiting,
+        default_max_tokens: args.default_max_tokens.max(1),
+        ..Default::default()
+    };
+    let host = tptt_api::LoadingHost::new(model_id.clone());
+    let api = tptt_api::Api::new(host.clone(), cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_io()
@@ -78,10 +84,70 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {ip}:{}", args.port))?;
         let at = listener.local_addr().context("the listening address")?;
         eprintln!(
-            "tptt serve: model {model_id} on http://{at}/v1 (OpenAI-compatible; Ctrl-C stops)"
+            "tptt serve: model {model_id} on http://{at}/v1 (OpenAI-compatible; loading the model; Ctrl-C stops)"
         );
-        tptt_api::serve(listener, api)
-            .await
-            .context("the server stopped")
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        let (model, window) = (args.model.clone(), args.window);
+        let loader_id = model_id.clone();
+        std::thread::Builder::new()
+            .name("model-load".into())
+            .spawn(move || match load(&model, &loader_id, window) {
+                Ok(serving) => {
+                    host.set(Ok(serving));
+                    eprintln!("tptt serve: model loaded, serving requests");
+                }
+                Err(e) => {
+                    host.set(Err(format!("{e:#}")));
+                    let _ = failed_tx.send(e);
+                }
+            })
+            .context("starting the model's loader")?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            axum_serve(listener, api, stop_rx),
+        );
+        match failed_rx.await {
+            // A model that cannot load stops the server: it could never answer.
+            Ok(e) => {
+                let _ = stop_tx.send(());
+                let _ = server.await;
+                Err(e.context("the model could not be loaded"))
+            }
+            // Loaded: serve until the process ends.
+            Err(_) => {
+                server
+                    .await
+                    .context("the server failed")?
+                    .context("the server stopped")?;
+                drop(stop_tx);
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Serves `api` until `stop` fires (or is dropped without firing: never).
+async fn axum_serve(
+    listener: tokio::net::TcpListener,
+    api: std::sync::Arc<tptt_api::Api>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    tptt_api::serve_until(listener, api, async move {
+        if stop.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    })
+    .await
+}
+
+/// The model of `args` loaded, with its own engine thread.
+fn load(args: &ModelArgs, model_id: &str, window: Option<usize>) -> Result<tptt_api::Serving> {
+    let chat = crate::chat::ready(args)?;
+    let engine = tptt_engine::Engine::spawn(chat.tokenizer.clone())?;
+    Ok(tptt_api::Serving {
+        model_id: model_id.to_string(),
+        chat,
+        runner: std::sync::Arc::new(engine),
+        window,
     })
 }
