@@ -7,6 +7,7 @@ use tauri::ipc::Channel;
 use tauri::{AppHandle, Runtime, State};
 use tptt_store::{ConversationId, ListScope, MemoryId, MessageId, NewConversation};
 
+use crate::api_server::ApiServerStatus;
 use crate::backup;
 use crate::chat;
 use crate::chat_settings;
@@ -213,7 +214,14 @@ pub async fn set_settings(
         }
     }
     state.save_settings(s).await?;
+    state.api_server.apply(&state).await;
     Ok(state.settings().to_dto(state.token.is_set()))
+}
+
+/// `api_server_status`: whether the local API server listens, where, or why it cannot.
+#[tauri::command]
+pub async fn api_server_status(state: State<'_, AppState>) -> CmdResult<ApiServerStatus> {
+    Ok(state.api_server.status(&state))
 }
 
 /// `set_hf_token`: stores (or with null, forgets) the token; never echoed.

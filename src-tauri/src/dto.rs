@@ -180,13 +180,16 @@ pub struct SettingsDto {
     /// `light`, `dark`, `system`.
     #[ts(type = "Theme")]
     pub theme: String,
+    /// The local OpenAI-compatible API server (off by default).
+    #[serde(default)]
+    pub api_server: crate::api_server::ApiServerDto,
     /// Whether a Hugging Face token is stored (ignored on the way in).
     #[serde(default)]
     pub hf_token_set: bool,
 }
 
 /// A whole number written as an integer (`512`, not `512.0`).
-fn whole<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn whole<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
     if v.fract() == 0.0 && *v >= 0.0 && *v <= 9_007_199_254_740_991.0 {
         s.serialize_u64(*v as u64)
     } else {

@@ -16,6 +16,7 @@ use tauri::ipc::Channel;
 use tauri::{AppHandle, Runtime, State};
 use ts_rs::TS;
 
+use crate::api_server::ApiServerStatus;
 use crate::commands;
 use crate::dto::{
     BackupSummary, ChatEvent, ChatSettingsSaved, ConversationDto, ConversationSummary, DeviceInfo,
@@ -141,6 +142,7 @@ ipc_commands! {
     get_settings [state] () -> SettingsDto;
     set_settings [state] (settings: serde_json::Value as "Settings") -> SettingsDto;
     set_hf_token [state] (token: Option<String>) -> ();
+    api_server_status [state] () -> ApiServerStatus;
     device_info [state] () -> DeviceInfo;
     list_conversations [state] (query: Option<String>) -> Vec<ConversationSummary>;
     list_archived_conversations [state] () -> Vec<ConversationSummary>;

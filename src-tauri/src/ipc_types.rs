@@ -10,6 +10,7 @@
 
 use ts_rs::TS;
 
+use crate::api_server::{ApiServerDto, ApiServerStatus};
 use crate::device::DevicePref;
 use crate::dto::{
     AttachmentDto, BackupSummary, ChatEvent, ChatModelDto, ChatSettingsDto, ChatSettingsSaved,
@@ -66,7 +67,9 @@ pub fn typescript() -> String {
         declaration::<ModelEntry>(),
         declaration::<DownloadEvent>(),
         declaration::<SamplingDto>(),
+        declaration::<ApiServerDto>(),
         declaration::<SettingsDto>(),
+        declaration::<ApiServerStatus>(),
         declaration::<DeviceInfo>(),
         declaration::<ConversationSummary>(),
         declaration::<Stats>(),

@@ -28,6 +28,7 @@
 //! [`build_app`] takes its runtime (`tauri::Builder<R>`) and its context, so the tests run the
 //! same app on Tauri's mock runtime; [`run_app`] is the real thing.
 
+pub mod api_server;
 pub mod backup;
 pub mod chat;
 pub mod chat_settings;
@@ -78,6 +79,8 @@ pub fn build_app<R: Runtime>(
 ) -> Result<App<R>, AppError> {
     tracing::info!(data = %config.data_dir.display(), cache = %config.hub.cache_dir.display(), "starting");
     let state = tauri::async_runtime::block_on(AppState::open(config))?;
+    // The local API server, when the settings switch it on (a port in use is shown in Settings).
+    tauri::async_runtime::block_on(state.api_server.apply(&state));
     let app = desktop::with_system_plugins(builder)
         .manage(state)
         .invoke_handler(ipc_commands::handler())

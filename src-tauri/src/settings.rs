@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tptt_engine::SamplingParams;
 
+use crate::api_server::ApiServerSettings;
 use crate::device::DevicePref;
 use crate::dto::{SamplingDto, SettingsDto};
 use crate::error::{CmdResult, CommandError, ErrorKind};
@@ -237,6 +238,8 @@ pub struct AppSettings {
     pub window_size: Option<u32>,
     /// Theme.
     pub theme: Theme,
+    /// The local API server.
+    pub api_server: ApiServerSettings,
 }
 
 impl AppSettings {
@@ -250,6 +253,7 @@ impl AppSettings {
             system_prompt: self.system_prompt.clone(),
             window_size: self.window_size.map(f64::from),
             theme: self.theme.as_str().to_string(),
+            api_server: self.api_server.to_dto(),
             hf_token_set,
         }
     }
@@ -280,6 +284,7 @@ impl AppSettings {
                 )
             })?;
         check_system_prompt(&d.system_prompt)?;
+        let api_server = ApiServerSettings::from_dto(&d.api_server)?;
         let window_size = d
             .window_size
             .map(|w| whole("windowSize", w, 1, MAX_WINDOW))
@@ -306,6 +311,7 @@ impl AppSettings {
             system_prompt: d.system_prompt.clone(),
             window_size,
             theme,
+            api_server,
         })
     }
 }
@@ -461,6 +467,7 @@ mod tests {
                 "systemPrompt",
             ),
             (|d| d.variant = Some("v".into()), "variant"),
+            (|d| d.api_server.port = 70_000.0, "apiServer.port"),
         ];
         for (edit, field) in cases {
             let mut d = dto();

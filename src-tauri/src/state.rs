@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tptt_engine::CancelToken;
 use tptt_hub::{Hub, HubConfig};
@@ -114,6 +114,10 @@ pub struct Inner {
     pub downloads: Mutex<HashMap<(String, String), Arc<AtomicBool>>>,
     /// Things to tell the user once (the damaged database that was moved aside...).
     pub notices: Mutex<Vec<CommandError>>,
+    /// Held while a model loads: a chat and the API server never load two at once.
+    pub loading: Mutex<()>,
+    /// The local API server ([`crate::api_server`]).
+    pub api_server: crate::api_server::ApiControl,
 }
 
 /// A handle on the shared state; clones share it.
@@ -196,7 +200,19 @@ impl AppState {
             generation: Mutex::new(None),
             downloads: Mutex::new(HashMap::new()),
             notices: Mutex::new(notices),
+            loading: Mutex::new(()),
+            api_server: Default::default(),
         })))
+    }
+
+    /// A handle that does not keep the state alive ([`AppState::upgrade`] gets it back).
+    pub fn downgrade(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.0)
+    }
+
+    /// The state of `weak`, while it lives.
+    pub fn upgrade(weak: &Weak<Inner>) -> Option<Self> {
+        weak.upgrade().map(Self)
     }
 
     /// The current settings.

@@ -69,6 +69,10 @@ pub struct Api {
     waiting: AtomicUsize,
     serial: AtomicU64,
     cancelled: AtomicU64,
+    /// Stopped ([`Api::stop`]): every request is refused, running ones are cancelled.
+    stopped: CancelToken,
+    /// The generations running or waiting, cancelled by [`Api::stop`].
+    running: Mutex<Vec<CancelToken>>,
 }
 
 impl Api {
@@ -82,7 +86,25 @@ impl Api {
             waiting: AtomicUsize::new(0),
             serial: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            stopped: CancelToken::new(),
+            running: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Stops serving: requests from now on get a 503, running generations are cancelled (a
+    /// server being shut down, whose open connections may outlive its listener).
+    pub fn stop(&self) {
+        self.stopped.cancel();
+        if let Ok(mut r) = self.running.lock() {
+            for c in r.drain(..) {
+                c.cancel();
+            }
+        }
+    }
+
+    /// Requests given to the model so far.
+    pub fn requests(&self) -> u64 {
+        self.serial.load(Ordering::SeqCst)
     }
 
     /// Generations cancelled so far (their client went away).
@@ -277,8 +299,15 @@ async fn run(api: Arc<Api>, req: Request) -> Result<Response, ApiError> {
                 .unwrap_or_else(|| ApiError::unavailable("No model is chosen.")))
         }
     }
+    if api.stopped.is_cancelled() {
+        return Err(ApiError::unavailable("The server is stopping."));
+    }
     let cancel = CancelToken::new();
     let guard = CancelOnDrop(cancel.clone());
+    if let Ok(mut r) = api.running.lock() {
+        r.retain(|c| !c.is_cancelled());
+        r.push(cancel.clone());
+    }
     let permit = match api.gate.clone().try_acquire_owned() {
         Ok(p) => p,
         Err(_) => {

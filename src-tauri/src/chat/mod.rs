@@ -66,7 +66,7 @@
 mod branch;
 pub mod held;
 mod memory;
-mod model;
+pub(crate) mod model;
 mod prepare;
 mod replace;
 mod slot;

@@ -58,10 +58,12 @@ pub(super) fn forget_model(state: &AppState, model: &Arc<LoadedModel>) {
 
 /// The model for `target`, loading it (and dropping another one first) when needed; with how
 /// long the loading took, when it was loaded now.
-pub(super) fn ensure_model(
+pub(crate) fn ensure_model(
     state: &AppState,
     target: &Target,
 ) -> CmdResult<(Arc<LoadedModel>, Option<Duration>)> {
+    // One load at a time (a chat's turn, the API server): the second finds the first's model.
+    let _loading = lock(&state.loading);
     {
         let mut g = lock(&state.model);
         match g.as_ref() {
@@ -73,6 +75,7 @@ pub(super) fn ensure_model(
     // The cached memory holds the old weights (and device) alive: let both go before loading;
     // it is in its snapshot.
     *lock(&state.session) = None;
+    state.api_server.forget_sessions();
     let started = Instant::now();
     let loaded = Arc::new(runtime::load(target.key.clone(), &target.files)?);
     *lock(&state.model) = Some(loaded.clone());

@@ -173,6 +173,23 @@ maxNewTokens: number,
 seed: number | null, };
 
 /**
+ * `Settings.apiServer`: the local OpenAI-compatible API server.
+ */
+export type ApiServerSettings = { 
+/**
+ * Whether it runs (serving the model chosen in Settings).
+ */
+enabled: boolean, 
+/**
+ * Its port on 127.0.0.1 (0: any free port).
+ */
+port: number, 
+/**
+ * The key clients must send as `Authorization: Bearer <key>` ("" for none).
+ */
+apiKey: string, };
+
+/**
  * `Settings`. Numbers are `f64` on the way in so that a wrong value is reported by field
  * (`invalid_settings`) rather than as a deserialization failure.
  */
@@ -206,9 +223,34 @@ windowSize: number | null,
  */
 theme: Theme, 
 /**
+ * The local OpenAI-compatible API server (off by default).
+ */
+apiServer: ApiServerSettings, 
+/**
  * Whether a Hugging Face token is stored (ignored on the way in).
  */
 hfTokenSet: boolean, };
+
+/**
+ * `ApiServerStatus`: what the local API server is doing.
+ */
+export type ApiServerStatus = { "state": "off" } | { "state": "listening", 
+/**
+ * The base URL clients use (`http://127.0.0.1:PORT/v1`).
+ */
+url: string, 
+/**
+ * The model id requests name (the model chosen in Settings), if any is chosen.
+ */
+modelId: string | null, 
+/**
+ * Requests answered since it started.
+ */
+served: number, } | { "state": "failed", 
+/**
+ * What went wrong and what to do.
+ */
+message: string, };
 
 /**
  * `device_info()`.
@@ -757,6 +799,7 @@ export interface Commands {
   get_settings: { args: Record<string, never>; result: Settings };
   set_settings: { args: { settings: Settings }; result: Settings };
   set_hf_token: { args: { token: string | null }; result: null };
+  api_server_status: { args: Record<string, never>; result: ApiServerStatus };
   device_info: { args: Record<string, never>; result: DeviceInfo };
   list_conversations: { args: { query: string | null }; result: Array<ConversationSummary> };
   list_archived_conversations: { args: Record<string, never>; result: Array<ConversationSummary> };
