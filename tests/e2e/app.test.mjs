@@ -1,7 +1,8 @@
 // The end-to-end scenario of the desktop app, run by tests/e2e/run (which starts Xvfb, the fake
 // hub and tauri-driver, and passes their whereabouts in E2E_* variables): download, chat,
 // restart, continue; then kill -9 while an answer streams, start again, continue; then started with
-// `--model` on the offline demo (SmolLM2 + its distilled memory), a real answer. Each step is a test;
+// `--model` on the offline demo (SmolLM2 + its distilled memory), a real answer, and the same
+// question asked over the app's local OpenAI-compatible API server. Each step is a test;
 // after a failure the later steps are skipped (they build on it) and a screenshot of the window
 // is written to target/e2e/failure-<step>.png.
 import { test, after } from 'node:test';
@@ -981,6 +982,45 @@ step('started with --model on the offline demo, it opens ready to chat and answe
   assert.match(body, /Paris/, 'the demo knows the capital of France');
   await shot('demo-answer');
   assert.match(appRuns().at(-1), /model chosen on the command line/);
+}, 300_000);
+
+step('the local API server: switched on in Settings, a program asks the demo over HTTP; nothing shows in the chats', async (t) => {
+  await click('[data-testid="nav-settings"]');
+  const enabled = await findVisible('[data-testid="api-enabled"]');
+  await scrollTo(enabled);
+  if (!(await enabled.isSelected())) await enabled.click();
+  await setField('[data-testid="api-port"]', 0);
+  await click('[data-testid="save-settings"]');
+  const url = await waitFor(async () => {
+    const shown = await driver.findElements(css('[data-testid="api-url"]'));
+    return shown.length > 0 && (await shown[0].getText());
+  }, 'the server listens');
+  assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/v1$/, 'on loopback');
+  const model = await (await find('[data-testid="api-model"]')).getText();
+  assert.ok(model.endsWith(`/${DEMO_VARIANT}`), `the id names the chosen model and variant: ${model}`);
+  await scrollTo(await find('[data-testid="api-server"]'));
+  await shot('settings-api-server');
+  const chats = (await driver.findElements(css('[data-testid="conversation"]'))).length;
+  const body = JSON.stringify({
+    model,
+    messages: [{ role: 'user', content: DEMO_QUESTION }],
+    temperature: 0,
+    max_tokens: 32,
+  });
+  const answer = await waitFor(async () => {
+    const r = await fetch(`${url}/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body });
+    const v = await r.json();
+    if (r.status === 503 && v.error?.code === 'model_loading') return false;
+    assert.equal(r.status, 200, JSON.stringify(v));
+    return v;
+  }, 'the API answers', GENERATION);
+  const text = answer.choices[0].message.content;
+  t.diagnostic(`the API answered: ${JSON.stringify(text)} (usage ${JSON.stringify(answer.usage)})`);
+  assert.match(text, /Paris/, 'the same model, the same answer');
+  await click('[data-testid="nav-chat"]');
+  assert.equal((await driver.findElements(css('[data-testid="conversation"]'))).length, chats, 'no conversation was added');
+  const [row] = dbRows(`SELECT count(*) AS n FROM messages WHERE content LIKE '%${DEMO_QUESTION.replace(/'/g, "''")}%'`);
+  assert.equal(row.n, 1, "only the chat's own message holds the question");
 }, 300_000);
 
 step('no panic and no error in the app log', async () => {

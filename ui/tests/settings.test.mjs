@@ -1,5 +1,6 @@
 // Settings: switching variant (takes effect on the next message), device facts, validation
-// errors by field, theme, the write-only Hugging Face token, and the logs folder.
+// errors by field, theme, the write-only Hugging Face token, the logs folder, and the local API
+// server (on/off, port, key, its status).
 import assert from 'node:assert/strict';
 import { after, afterEach, before, describe, test } from 'node:test';
 import { mock, useSuite } from './helpers.mjs';
@@ -134,6 +135,53 @@ describe('settings', () => {
     await mock(page, () => window.__tpttMock.failNext('open_logs_folder', 'internal', 'No file manager.'));
     await page.getByTestId('open-logs').click();
     await page.getByTestId('notice').filter({ hasText: 'No file manager.' }).waitFor();
+    clean(page);
+  });
+
+  test('the local API server: off by default, a port in use says so, then it listens with the model id', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('nav-settings').click();
+    const status = page.getByTestId('api-status');
+    await status.filter({ hasText: 'Off.' }).waitFor();
+    assert.equal(await page.getByTestId('api-enabled').isChecked(), false);
+
+    // An emptied port is caught before anything is sent.
+    await page.getByTestId('api-enabled').check();
+    await page.getByTestId('api-port').fill('');
+    await page.getByTestId('save-settings').click();
+    await page.getByTestId('api-server').getByRole('alert').filter({ hasText: 'port number' }).waitFor();
+    assert.equal(await mock(page, () => window.__tpttMock.state.settings.apiServer.enabled), false, 'nothing was sent');
+
+    // A port another program holds: saved, and the status says why it is not running.
+    await page.getByTestId('api-port').fill('8080');
+    await page.getByTestId('save-settings').click();
+    await status.filter({ hasText: 'Not running: Port 8080 is already in use' }).waitFor();
+
+    // Another port and a key: it listens, with the address and the model id to give clients.
+    await page.getByTestId('api-port').fill('9000');
+    await page.getByTestId('api-key').fill('sk-local');
+    assert.equal(await page.getByTestId('api-key').getAttribute('type'), 'password', 'the key is hidden until asked');
+    await page.getByTestId('save-settings').click();
+    await page.getByTestId('api-url').filter({ hasText: 'http://127.0.0.1:9000/v1' }).waitFor();
+    const modelId = await page.getByTestId('api-model').textContent();
+    const s = await mock(page, () => window.__tpttMock.state.settings);
+    assert.equal(modelId, `${s.modelRepo}/${s.variant}`);
+    assert.deepEqual(s.apiServer, { enabled: true, port: 9000, apiKey: 'sk-local' });
+
+    // A key the backend refuses is shown beside its field.
+    await mock(page, () =>
+      window.__tpttMock.failNext('set_settings', 'invalid_settings', 'apiServer.apiKey: a key is one word of printable ASCII characters, at most 256'),
+    );
+    await page.getByTestId('api-key').fill('two words');
+    await page.getByTestId('save-settings').click();
+    await page.getByTestId('api-server').getByRole('alert').filter({ hasText: 'printable ASCII' }).waitFor();
+
+    // Reopened, the saved values and the status are there.
+    await page.getByRole('button', { name: 'Revert' }).click();
+    await page.getByTestId('nav-chat').click();
+    await page.getByTestId('nav-settings').click();
+    assert.equal(await page.getByTestId('api-port').inputValue(), '9000');
+    await page.getByTestId('api-url').waitFor();
     clean(page);
   });
 });

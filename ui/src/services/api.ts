@@ -109,6 +109,9 @@ export const setHfToken = (token: string | null) => call('set_hf_token', { token
 
 export const deviceInfo = () => call('device_info');
 
+/** Whether the local API server listens, where, or why it cannot. */
+export const apiServerStatus = () => call('api_server_status');
+
 // ---- Conversations ------------------------------------------------------------------------
 
 export const listConversations = (query: string | null) =>

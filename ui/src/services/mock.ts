@@ -17,6 +17,7 @@ import { emit } from '@tauri-apps/api/event';
 import { mockIPC, mockWindows } from '@tauri-apps/api/mocks';
 import { freshMemoryTokens } from '../lib/health';
 import type {
+  ApiServerStatus,
   ChatEvent,
   ChatSettings,
   ChatSettingsSaved,
@@ -283,8 +284,12 @@ const DEFAULT_SETTINGS: Settings = {
   systemPrompt: 'You are a helpful assistant.',
   windowSize: null,
   theme: 'system',
+  apiServer: { enabled: false, port: 8484, apiKey: '' },
   hfTokenSet: false,
 };
+
+/** A port the mock's "other program" holds: the API server cannot listen there. */
+export const MOCK_PORT_IN_USE = 8080;
 
 /** The mock model's own softmax window when settings leave it null. */
 const MODEL_WINDOW = 512;
@@ -618,6 +623,7 @@ class MockBackend implements MockControl {
       return null;
     },
     device_info: () => this.state.device,
+    api_server_status: () => this.apiServerStatus(),
     list_conversations: (a) => this.listConversations(a.query ?? null),
     list_archived_conversations: () => this.listConversations(null, true),
     set_conversation_pinned: (a) => this.setFlag(a.id, 'pinned', a.pinned),
@@ -848,6 +854,27 @@ class MockBackend implements MockControl {
     d.inUse = next.device === 'auto' ? (d.compiled.includes('cuda') ? 'cuda' : 'cpu') : next.device;
     d.name = deviceName(d.inUse);
     return this.settingsOut();
+  }
+
+  /** The API server as the backend reports it: it listens where the settings say, except on
+   * [`MOCK_PORT_IN_USE`]; a request count the mock never serves. */
+  private apiServerStatus(): ApiServerStatus {
+    const a = this.state.settings.apiServer;
+    if (!a.enabled) return { state: 'off' };
+    if (a.port === MOCK_PORT_IN_USE) {
+      return {
+        state: 'failed',
+        message: `Port ${a.port} is already in use by another program: choose another port (or 0 for any free one).`,
+      };
+    }
+    const s = this.state.settings;
+    const name = s.modelRepo?.split('/').pop();
+    return {
+      state: 'listening',
+      url: `http://127.0.0.1:${a.port === 0 ? 49152 : a.port}/v1`,
+      modelId: s.modelRepo && s.variant ? `${s.modelRepo.startsWith('/') ? name : s.modelRepo}/${s.variant}` : null,
+      served: 0,
+    };
   }
 
   // ---- Conversations ----

@@ -4,6 +4,8 @@
 // Nothing here knows Svelte or the DOM.
 
 export type {
+  ApiServerSettings,
+  ApiServerStatus,
   Attachment,
   DocumentInfo,
   BackupSummary,

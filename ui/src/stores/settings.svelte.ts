@@ -2,13 +2,15 @@
 // set_settings) and keeps what the backend returns; the theme is applied from here.
 
 import * as api from '../services/api';
-import type { DeviceInfo, Settings } from '../services/types';
+import type { ApiServerStatus, DeviceInfo, Settings } from '../services/types';
 import { applyTheme, ui } from './ui.svelte';
 
 class SettingsStore {
   value = $state<Settings | null>(null);
   device = $state<DeviceInfo | null>(null);
   loadError = $state<api.ApiError | null>(null);
+  /** The local API server's state (null until asked). */
+  apiServer = $state<ApiServerStatus | null>(null);
 
   /** Whether a model and variant are chosen, so a message can be sent. */
   get ready(): boolean {
@@ -38,7 +40,17 @@ class SettingsStore {
     } catch {
       // The device line is informative; the settings were saved.
     }
+    await this.loadApiServer();
     return saved;
+  }
+
+  /** Asks whether the local API server listens (its status line in Settings). */
+  async loadApiServer() {
+    try {
+      this.apiServer = await api.apiServerStatus();
+    } catch (err) {
+      this.apiServer = { state: 'failed', message: api.toApiError(err).message };
+    }
   }
 
   async setToken(token: string | null) {
