@@ -45,14 +45,47 @@ impl ChatModel {
             .as_deref()
             .map(GenerationConfig::from_file)
             .transpose()?;
-        let mut eos_ids = tcfg.special.eos_token_ids(&tokenizer, gcfg.as_ref());
+        let identity = ModelIdentity::of(model_id, files, model.config())?;
+        Self::assemble(model, tokenizer, &tcfg, gcfg.as_ref(), identity)
+    }
+
+    /// `model`, with its tokenizer, format and EOS ids read from one plain model folder `dir`
+    /// (`tokenizer.json`, and `tokenizer_config.json` / `generation_config.json` when there):
+    /// a base with TPTT injected at load, which has no variant files. Snapshots are keyed by
+    /// `identity`.
+    pub fn from_folder(model: Model, dir: &Path, identity: ModelIdentity) -> Result<Self> {
+        let tokenizer = tokenizer_file(&dir.join("tokenizer.json"))?;
+        let tcfg_path = dir.join("tokenizer_config.json");
+        let tcfg = if tcfg_path.is_file() {
+            TokenizerConfig::from_file(&tcfg_path)?
+        } else {
+            TokenizerConfig::default()
+        };
+        let gcfg_path = dir.join("generation_config.json");
+        let gcfg = if gcfg_path.is_file() {
+            Some(GenerationConfig::from_file(&gcfg_path)?)
+        } else {
+            None
+        };
+        Self::assemble(model, tokenizer, &tcfg, gcfg.as_ref(), identity)
+    }
+
+    /// The EOS ids (the tokenizer's and generation config's, then the base config's, without
+    /// duplicates) and the prompt format, around the parts.
+    fn assemble(
+        model: Model,
+        tokenizer: Tokenizer,
+        tcfg: &TokenizerConfig,
+        gcfg: Option<&GenerationConfig>,
+        identity: ModelIdentity,
+    ) -> Result<Self> {
+        let mut eos_ids = tcfg.special.eos_token_ids(&tokenizer, gcfg);
         for id in &model.config().base.eos_token_ids {
             if !eos_ids.contains(id) {
                 eos_ids.push(*id);
             }
         }
-        let format = PromptFormat::from_tokenizer_config(&tcfg)?;
-        let identity = ModelIdentity::of(model_id, files, model.config())?;
+        let format = PromptFormat::from_tokenizer_config(tcfg)?;
         Ok(Self {
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),

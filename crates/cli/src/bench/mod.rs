@@ -15,7 +15,9 @@
 //!    alternating (paired, so both see the same machine; the separate runs of 3. stay in the
 //!    table);
 //! 5. (c) the reference tptt 0.12.1 (`scripts/bench/reference_bench.py`, when a Python with
-//!    `tptt` is found) and (d) llama.cpp's `llama-bench` on the GGUF (when installed).
+//!    `tptt` is found) and (d) llama.cpp's `llama-bench` on the GGUF (when installed);
+//! 6. the OpenAI-compatible API: a 20-turn conversation through our server, and through
+//!    llama.cpp's `llama-server` on the GGUF when installed ([`api_turn`]).
 //!
 //! Histories are random token ids fed through [`Session::feed`] in blocks of 512 (the app's
 //! path). A decode measurement runs on a clone of the state at that point: one warm-up step,
@@ -32,6 +34,7 @@
 //! Output: a table, or with `--json` one JSON object on stdout (progress goes to stderr) whose
 //! `ratios` object holds the numbers other tools read (names fixed by issue 6).
 
+mod api_turn;
 mod baselines;
 mod engine_run;
 mod long_context;
@@ -295,6 +298,25 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         }
     };
 
+    let turns = if args.quick {
+        api_turn::QUICK_TURNS
+    } else {
+        api_turn::TURNS
+    };
+    let api_text = std::fs::read_to_string(&args.eval_text).unwrap_or_default();
+    let user = api_turn::messages(&api_text, turns);
+    let api_ours = match api_turn::ours(&subject, args.window, &user) {
+        Ok(v) => Baseline::Measured(v),
+        Err(e) => Baseline::Missing(format!("{e:#}")),
+    };
+    if let Baseline::Missing(why) = &api_ours {
+        progress(format!("[api] our server's conversation failed: {why}"));
+    }
+    let api_llama = api_turn::llama_server(&subject, threads, &user);
+    if let Baseline::Missing(why) = &api_llama {
+        progress(format!("[api] llama-server not measured: {why}"));
+    }
+
     let long = plan.long();
     let a_short = a.decode_at(short);
     let ratios = json!({
@@ -311,6 +333,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "quant_prefill_vs_llamacpp": ratio(quant.num("prefill_tok_s"), llama.num("pp512_tok_s")),
         "long_context_ppl_vs_full_attention": ctx_vs_full,
         "long_context_ppl_vs_same_window": ctx_vs_window,
+        "api_turn_ttft_s": api_ours.num("last_turn_ttft_s"),
+        "api_turn_speedup_vs_llama_server": ratio(api_llama.num("last_turn_ttft_s"), api_ours.num("last_turn_ttft_s")),
     });
     let r = |k: &str| ratios.get(k).and_then(Value::as_f64);
     let check = |v: Option<f64>, ok: fn(f64) -> bool| v.map(ok);
@@ -402,6 +426,16 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             a.resume.branch.turn_tokens, a.resume.history
         )),
     );
+    let api_note = format!(
+        "TTFT of turn {turns} of a conversation sent through the OpenAI-compatible API (each request the whole history plus a new ~{} -character message of the eval text, streamed, greedy, answers of at most {} tokens; measured by the client, loopback). Ours continues from the conversation's saved recurrent state (only the new message is read){}",
+        api_turn::MESSAGE_CHARS,
+        api_turn::ANSWER_TOKENS,
+        match &api_llama {
+            Baseline::Measured(_) => "; the speedup is llama-server's TTFT of the same turn (the base GGUF without TPTT, its prompt cache on) over ours".to_string(),
+            Baseline::Missing(why) => format!("; llama-server not measured: {why}"),
+        }
+    );
+    notes.insert("api_turn_ttft_s".into(), json!(api_note));
     notes.insert(
         "decode_tok_s".into(),
         json!("decode tok/s = 1 / median step (Model::forward of one token + argmax, f32) over 32 steps, tok_s_mean = steps / total; the ratios use (a) TPTT at the shortest history, and the reference's median step likewise"),
@@ -445,6 +479,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "reference": reference.to_json(),
         "llamacpp": llama.to_json(),
         "quantized": quant.to_json(),
+        "api_turn": {"ours": api_ours.to_json(), "llama_server": api_llama.to_json()},
         "long_context": match &long_context {
             Ok((report, _, _)) => report.clone(),
             Err(why) => json!({ "not_available": why }),

@@ -10,6 +10,11 @@ pub(super) struct Subject {
     pub(super) base_dir: PathBuf,
     pub(super) label: String,
     pub(super) weight_bytes: u64,
+    /// The variant's files (a TPTT repository), or `None` for a plain folder (its tokenizer
+    /// files are in it).
+    pub(super) files: Option<tptt::repo::VariantFiles>,
+    /// The folder given.
+    pub(super) dir: PathBuf,
 }
 
 pub(super) fn progress(msg: impl AsRef<str>) {
@@ -34,7 +39,7 @@ pub(super) fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject>
         && !tptt::config::is_tptt_config(&tptt::config::read_json_object(&cfg_path)?);
     let opts = LoadOptions::default();
     let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let (model, variant_name, base_dir, label) = if plain {
+    let (model, variant_name, base_dir, label, files) = if plain {
         if let Some(v) = variant {
             bail!(
                 "--variant {v}: {} is a plain Hugging Face model folder, not a TPTT repo",
@@ -54,6 +59,7 @@ pub(super) fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject>
             format!("{INJECT_MODE}_mag{INJECT_MAG}"),
             dir.to_path_buf(),
             label,
+            None,
         )
     } else {
         let repo = TpttRepo::open(dir)?;
@@ -61,7 +67,8 @@ pub(super) fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject>
         let model = Model::load(&files, &opts)
             .with_context(|| format!("loading variant {}", files.name))?;
         let label = format!("{} variant {}", dir.display(), files.name);
-        (model, files.name.clone(), files.base_dir.clone(), label)
+        let (name, base_dir) = (files.name.clone(), files.base_dir.clone());
+        (model, name, base_dir, label, Some(files))
     };
     let b = &model.config().base;
     // Decoding reads every weight once, lm_head included; of the embedding only one row, so a
@@ -89,5 +96,7 @@ pub(super) fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject>
         base_dir,
         label,
         weight_bytes,
+        files,
+        dir: dir.to_path_buf(),
     })
 }
