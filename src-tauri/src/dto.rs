@@ -183,9 +183,18 @@ pub struct SettingsDto {
     /// The local OpenAI-compatible API server (off by default).
     #[serde(default)]
     pub api_server: crate::api_server::ApiServerDto,
+    /// How memories store their softmax keys and values: `f32` (exact) or `f16` (half the
+    /// memory). New memories and memories reopened from a snapshot use it.
+    #[serde(default = "f32_name")]
+    #[ts(type = "KvFormat")]
+    pub kv_format: String,
     /// Whether a Hugging Face token is stored (ignored on the way in).
     #[serde(default)]
     pub hf_token_set: bool,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// A whole number written as an integer (`512`, not `512.0`).

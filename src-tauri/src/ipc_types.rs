@@ -21,8 +21,8 @@ use crate::dto::{
 };
 use crate::error::{CommandError, ErrorKind};
 use crate::settings::{
-    Theme, MAX_NEW_TOKENS, MAX_REPEAT_LAST_N, MAX_SEED, MAX_SYSTEM_PROMPT_BYTES, MAX_TOP_K,
-    MAX_WINDOW,
+    KvSetting, Theme, MAX_NEW_TOKENS, MAX_REPEAT_LAST_N, MAX_SEED, MAX_SYSTEM_PROMPT_BYTES,
+    MAX_TOP_K, MAX_WINDOW,
 };
 use tptt_store::{MessageStatus, Role};
 
@@ -47,6 +47,11 @@ pub fn typescript() -> String {
         "Theme",
         "The UI theme (src/settings.rs `Theme`).",
         Theme::ALL.map(|t| t.as_str().to_string()),
+    );
+    out += &union(
+        "KvFormat",
+        "How a memory stores its KV cache (src/settings.rs `KvSetting`).",
+        KvSetting::ALL.map(|k| k.as_str().to_string()),
     );
     out += &union(
         "Role",

@@ -184,4 +184,17 @@ describe('settings', () => {
     await page.getByTestId('api-url').waitFor();
     clean(page);
   });
+
+  test('memory precision: exact by default, compact saved', async () => {
+    const { page } = await suite.open();
+    await page.getByTestId('nav-settings').click();
+    const kv = page.getByTestId('kv-format');
+    assert.equal(await kv.inputValue(), 'f32');
+    assert.deepEqual(await kv.locator('option').allTextContents(), ['Exact (f32)', 'Compact (f16)']);
+    await kv.selectOption('f16');
+    await page.getByTestId('save-settings').click();
+    await page.getByTestId('notice').filter({ hasText: 'Settings saved' }).waitFor();
+    assert.equal(await mock(page, () => window.__tpttMock.state.settings.kvFormat), 'f16');
+    clean(page);
+  });
 });

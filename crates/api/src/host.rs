@@ -35,6 +35,8 @@ pub struct Serving {
     pub runner: Arc<dyn Runner>,
     /// Softmax window of new conversations (`None`: the model's).
     pub window: Option<usize>,
+    /// How new conversations store their KV cache.
+    pub kv_format: tptt::state::KvFormat,
 }
 
 /// Where the server finds its model (module doc).

@@ -488,6 +488,7 @@ fn generate(
             chat.model.clone(),
             SessionOptions {
                 window: serving.window,
+                kv_format: serving.kv_format,
                 ..Default::default()
             },
         )

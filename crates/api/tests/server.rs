@@ -46,6 +46,7 @@ fn fixture() -> Serving {
         chat,
         runner: Arc::new(engine),
         window: None,
+        kv_format: Default::default(),
     }
 }
 

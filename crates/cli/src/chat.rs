@@ -67,7 +67,9 @@ fn options(gen: &GenArgs, ready: &ChatModel) -> Result<GenerateOptions> {
 fn new_session(ready: &ChatModel, gen: &GenArgs, load_state: Option<&Path>) -> Result<Session> {
     match load_state {
         Some(p) => {
-            let s = snapshot::load(ready.model.clone(), &ready.identity, p)?;
+            let mut s = snapshot::load(ready.model.clone(), &ready.identity, p)?;
+            // A snapshot holds its cache in f32: stored from now on as asked.
+            s.state.set_kv_format(gen.kv)?;
             if let Some(w) = gen.window {
                 if s.state.window != Some(w) {
                     eprintln!(
@@ -82,6 +84,7 @@ fn new_session(ready: &ChatModel, gen: &GenArgs, load_state: Option<&Path>) -> R
             ready.model.clone(),
             SessionOptions {
                 window: gen.window,
+                kv_format: gen.kv,
                 ..Default::default()
             },
         )),

@@ -33,6 +33,9 @@ pub(crate) struct EvalArgs {
     /// Softmax window of (a) and (b); default: the config's, else 8192.
     #[arg(long, value_parser = crate::parse_window)]
     pub(crate) window: Option<usize>,
+    /// How the softmax KV cache is stored: f32 (exact) or f16 (half the memory).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
+    pub(crate) kv: tptt::state::KvFormat,
     /// Read at most this many tokens of each text.
     #[arg(long)]
     pub(crate) max_tokens: Option<usize>,
@@ -124,6 +127,7 @@ pub(crate) struct EvalPlan<'a> {
     /// Names of [`CONFIGS`] to run.
     pub(crate) configs: Vec<&'static str>,
     pub(crate) window: usize,
+    pub(crate) kv: tptt::state::KvFormat,
     pub(crate) edges: Vec<usize>,
     pub(crate) full_max_tokens: usize,
     pub(crate) probe_distances: Vec<usize>,
@@ -179,7 +183,7 @@ pub(crate) fn evaluate(
             let mut sum: Vec<Bucket> = buckets(&[], &plan.edges);
             for (path, ids) in plan.texts {
                 let label = format!("{name}, {}", file_name(path));
-                let nll = score_text(&m, ids, window, None, &mut progress(&label))?
+                let nll = score_text(&m, ids, window, plan.kv, None, &mut progress(&label))?
                     .context("evaluation cancelled")?;
                 for (acc, b) in sum.iter_mut().zip(buckets(&nll, &plan.edges)) {
                     acc.merge(&b);
@@ -310,6 +314,7 @@ pub(crate) fn run(args: &EvalArgs) -> Result<()> {
         texts: &texts,
         configs,
         window,
+        kv: args.kv,
         edges,
         full_max_tokens: args.full_max_tokens,
         probe_distances: if args.no_probes {

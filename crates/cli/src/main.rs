@@ -15,6 +15,7 @@ mod distill;
 mod eval;
 mod serve;
 use tptt::repo::TpttRepo;
+use tptt::state::KvFormat;
 
 #[derive(Parser)]
 #[command(name = "tptt", version, about = "Run TPTT (Titans) models locally")]
@@ -88,6 +89,9 @@ pub(crate) struct GenArgs {
     /// Softmax window (KV positions kept); defaults to max_self_attn_length, else 8192.
     #[arg(long, value_parser = parse_window)]
     pub(crate) window: Option<usize>,
+    /// How the softmax KV cache is stored: f32 (exact) or f16 (half the memory).
+    #[arg(long, default_value = "f32", value_parser = parse_kv)]
+    pub(crate) kv: KvFormat,
 }
 
 /// `--window N` (every subcommand that has it): a number of positions between 1 and
@@ -99,6 +103,14 @@ pub(crate) fn parse_window(s: &str) -> std::result::Result<usize, String> {
         .parse()
         .map_err(|e| format!("--window must be a whole number of positions ({e})"))?;
     tptt::state::validate_window("--window", w)
+}
+
+/// `--kv f32|f16`: the KV cache format.
+pub(crate) fn parse_kv(s: &str) -> std::result::Result<KvFormat, String> {
+    KvFormat::parse(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = KvFormat::ALL.iter().map(|f| f.as_str()).collect();
+        format!("--kv must be one of {}, got {s:?}", names.join(", "))
+    })
 }
 
 #[derive(Subcommand)]

@@ -25,6 +25,9 @@ pub(crate) struct ServeArgs {
     /// Softmax window of new conversations (default: the variant's).
     #[arg(long)]
     window: Option<usize>,
+    /// How conversations store their softmax KV cache: f32 (exact) or f16 (half the memory).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
+    kv: tptt::state::KvFormat,
     /// Conversation states kept for resuming.
     #[arg(long, default_value_t = 8)]
     max_sessions: usize,
@@ -87,11 +90,11 @@ pub(crate) fn run(args: &ServeArgs) -> Result<()> {
             "tptt serve: model {model_id} on http://{at}/v1 (OpenAI-compatible; loading the model; Ctrl-C stops)"
         );
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
-        let (model, window) = (args.model.clone(), args.window);
+        let (model, window, kv) = (args.model.clone(), args.window, args.kv);
         let loader_id = model_id.clone();
         std::thread::Builder::new()
             .name("model-load".into())
-            .spawn(move || match load(&model, &loader_id, window) {
+            .spawn(move || match load(&model, &loader_id, window, kv) {
                 Ok(serving) => {
                     host.set(Ok(serving));
                     eprintln!("tptt serve: model loaded, serving requests");
@@ -141,7 +144,12 @@ async fn axum_serve(
 }
 
 /// The model of `args` loaded, with its own engine thread.
-fn load(args: &ModelArgs, model_id: &str, window: Option<usize>) -> Result<tptt_api::Serving> {
+fn load(
+    args: &ModelArgs,
+    model_id: &str,
+    window: Option<usize>,
+    kv_format: tptt::state::KvFormat,
+) -> Result<tptt_api::Serving> {
     let chat = crate::chat::ready(args)?;
     let engine = tptt_engine::Engine::spawn(chat.tokenizer.clone())?;
     Ok(tptt_api::Serving {
@@ -149,5 +157,6 @@ fn load(args: &ModelArgs, model_id: &str, window: Option<usize>) -> Result<tptt_
         chat,
         runner: std::sync::Arc::new(engine),
         window,
+        kv_format,
     })
 }

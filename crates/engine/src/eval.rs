@@ -14,6 +14,7 @@
 
 use tptt::linear::CarryMode;
 use tptt::model::{Logits, Model, State};
+use tptt::state::KvFormat;
 
 use crate::error::{Error, Result};
 use crate::session::{CancelToken, PREFILL_BLOCK};
@@ -56,12 +57,14 @@ pub fn is_top(logits: &[f32], target: u32) -> bool {
 /// The negative log-likelihood of every token of `ids` after the first: element `i` is
 /// `−ln p(ids[i+1] | ids[..=i])`, so the result has `ids.len() − 1` entries. The text is fed
 /// in blocks of [`PREFILL_BLOCK`] tokens into a fresh state with the given softmax `window`
-/// (`None`: full attention), in [`CarryMode::Continue`]. `progress` is told how many tokens
-/// have been read after each block. Returns `Ok(None)` when cancelled between blocks.
+/// (`None`: full attention) and KV cache format, in [`CarryMode::Continue`]. `progress` is told
+/// how many tokens have been read after each block. Returns `Ok(None)` when cancelled between
+/// blocks.
 pub fn score_text(
     model: &Model,
     ids: &[u32],
     window: Option<usize>,
+    kv_format: KvFormat,
     cancel: Option<&CancelToken>,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Option<Vec<f32>>> {
@@ -71,6 +74,7 @@ pub fn score_text(
         ));
     }
     let mut state = model.new_state(CarryMode::Continue, window);
+    state.kv_format = kv_format;
     let mut out = Vec::with_capacity(ids.len().saturating_sub(1));
     let mut start = 0;
     while start < ids.len() {

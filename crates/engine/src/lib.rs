@@ -63,4 +63,5 @@ pub use stop::{StopMatcher, StopResult};
 pub use template::{
     ChatTemplate, GenerationConfig, Message, PromptFormat, Role, SpecialTokens, TokenizerConfig,
 };
+pub use tptt::state::KvFormat;
 pub use worker::{Engine, Job, JobResult};

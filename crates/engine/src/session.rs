@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 use tptt::linear::CarryMode;
 use tptt::model::{Logits, Model, State};
+use tptt::state::KvFormat;
 
 use crate::detok::IncrementalDecoder;
 use crate::error::{Error, Result};
@@ -62,6 +63,9 @@ pub struct SessionOptions {
     pub mode: CarryMode,
     /// Softmax window; `None` uses the config's, else [`DEFAULT_WINDOW`].
     pub window: Option<usize>,
+    /// How the softmax KV cache is stored. A compact format needs `CarryMode::Continue`: in the
+    /// reference mode the cache stays f32 whatever this says.
+    pub kv_format: KvFormat,
 }
 
 impl Default for SessionOptions {
@@ -69,6 +73,7 @@ impl Default for SessionOptions {
         Self {
             mode: CarryMode::Continue,
             window: None,
+            kv_format: KvFormat::F32,
         }
     }
 }
@@ -187,7 +192,10 @@ impl Session {
             .window
             .or_else(|| model.config_window())
             .or(Some(DEFAULT_WINDOW));
-        let state = model.new_state(opts.mode, window);
+        let mut state = model.new_state(opts.mode, window);
+        if opts.mode == CarryMode::Continue {
+            state.kv_format = opts.kv_format;
+        }
         Self {
             model,
             state,

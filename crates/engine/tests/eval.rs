@@ -40,7 +40,7 @@ fn score_text_equals_one_forward_without_memory() {
     let mut fx = Fixture::load("tptt-llama", "delta_product");
     fx.model.set_mag_weight(0.0);
     let ids = token_ids(700, fx.model.config().base.vocab_size, 7);
-    let scored = score_text(&fx.model, &ids, None, None, &mut |_| {})
+    let scored = score_text(&fx.model, &ids, None, Default::default(), None, &mut |_| {})
         .expect("score")
         .expect("not cancelled");
     assert_eq!(scored.len(), ids.len() - 1);
@@ -62,9 +62,16 @@ fn score_text_with_memory_and_window_feeds_blocks_of_512() {
     let fx = Fixture::load("tptt-llama", "delta_product_c");
     let ids = token_ids(600, fx.model.config().base.vocab_size, 3);
     let mut seen = Vec::new();
-    let scored = score_text(&fx.model, &ids, Some(16), None, &mut |n| seen.push(n))
-        .expect("score")
-        .expect("not cancelled");
+    let scored = score_text(
+        &fx.model,
+        &ids,
+        Some(16),
+        Default::default(),
+        None,
+        &mut |n| seen.push(n),
+    )
+    .expect("score")
+    .expect("not cancelled");
     assert_eq!(seen, vec![512, 600]);
     let mut st = fx.model.new_state(CarryMode::Continue, Some(16));
     let mut rows = Vec::new();
@@ -78,7 +85,15 @@ fn score_text_with_memory_and_window_feeds_blocks_of_512() {
     rows.pop();
     assert!(max_diff(&scored, &nll_rows(&rows, &ids)) < 1e-6);
     // A zero window is an error, not a panic.
-    assert!(score_text(&fx.model, &ids, Some(0), None, &mut |_| {}).is_err());
+    assert!(score_text(
+        &fx.model,
+        &ids,
+        Some(0),
+        Default::default(),
+        None,
+        &mut |_| {}
+    )
+    .is_err());
 }
 
 #[test]
@@ -111,9 +126,16 @@ fn the_session_samples_the_surprise_score_text_computes() {
     let fx = Fixture::load("tptt-llama", "delta_rule");
     let ids = token_ids(1100, fx.model.config().base.vocab_size, 5);
     let window = Some(64);
-    let scored = score_text(&fx.model, &ids, window, None, &mut |_| {})
-        .expect("score")
-        .expect("not cancelled");
+    let scored = score_text(
+        &fx.model,
+        &ids,
+        window,
+        Default::default(),
+        None,
+        &mut |_| {},
+    )
+    .expect("score")
+    .expect("not cancelled");
     let mut s = Session::new(
         fx.arc(),
         SessionOptions {

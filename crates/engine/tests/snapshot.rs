@@ -170,6 +170,7 @@ fn save_restore_continue_is_exact_for_every_variant() {
         SessionOptions {
             mode: CarryMode::Reference,
             window: Some(64),
+            ..Default::default()
         },
         &scratch,
     );

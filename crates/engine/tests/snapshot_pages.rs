@@ -161,6 +161,7 @@ fn paged_snapshots_after_every_turn_restore_exactly_and_share_pages() {
         SessionOptions {
             mode: CarryMode::Reference,
             window: Some(16),
+            ..Default::default()
         },
         &scratch,
         "reference",

@@ -83,6 +83,7 @@ fn synthetic_session(model: Arc<Model>) -> Session {
         layers,
         mode: CarryMode::Continue,
         window: Some(WINDOW),
+        kv_format: Default::default(),
     };
     let tokens = (0..4096u32)
         .map(|i| (i * 7919) % b.vocab_size as u32)

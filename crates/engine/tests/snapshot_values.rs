@@ -37,6 +37,7 @@ impl Saved {
             SessionOptions {
                 window: Some(WINDOW),
                 mode,
+                ..Default::default()
             },
         );
         let opts = GenerateOptions {

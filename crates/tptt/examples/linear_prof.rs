@@ -259,8 +259,8 @@ fn attend(kv: usize, reps: usize) {
             for (k, v) in &bufs {
                 let a = AttendOne {
                     q: &q,
-                    k,
-                    v,
+                    k: k.into(),
+                    v: v.into(),
                     visible: &visible,
                     heads: h,
                     kv_heads: hkv,

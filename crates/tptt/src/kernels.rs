@@ -10,7 +10,10 @@
 //! Each kernel has a naive reference beside it (`*_naive`), and tests comparing them on odd
 //! shapes; the whole step is compared with the tensor path by `tests/fused_step.rs`.
 
+pub mod kv;
 pub mod prefill;
+
+pub use kv::KvSlice;
 
 /// Rows per parallel task of a matrix × vector product: large enough that the task overhead
 /// (a few µs) is small against streaming its rows, small enough to balance two or more threads.
@@ -398,8 +401,9 @@ mod avx2 {
         let len = end - start;
         let padded = len.div_ceil(8) * 8;
         let base = kvh * a.capacity;
-        let keys = &a.k[(base + start) * d..(base + end) * d];
-        let values = &a.v[(base + start) * d..(base + end) * d];
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        let keys = a.k.f32_range((base + start) * d, (base + end) * d, &mut ks);
+        let values = a.v.f32_range((base + start) * d, (base + end) * d, &mut vs);
         let vis = &a.visible[start..end];
         let mut parts = Vec::with_capacity(g);
         // Scores of the pass's heads, `[head, padded]`; padding lanes stay −∞ (exp → 0).
@@ -539,10 +543,10 @@ mod avx2 {
 pub struct AttendOne<'a> {
     /// `[H, D]`, RoPE'd.
     pub q: &'a [f32],
-    /// `[Hkv, capacity, D]`; slots `0..visible.len()` are read.
-    pub k: &'a [f32],
+    /// `[Hkv, capacity, D]`, as stored; slots `0..visible.len()` are read.
+    pub k: KvSlice<'a>,
     /// Like `k`.
-    pub v: &'a [f32],
+    pub v: KvSlice<'a>,
     /// Which slots the query may see.
     pub visible: &'a [bool],
     /// Query heads.
@@ -560,13 +564,14 @@ pub struct AttendOne<'a> {
 /// The literal definition: scores, softmax over the visible slots, weighted sum. `[H, D]`.
 pub fn attend_one_naive(a: &AttendOne<'_>) -> Vec<f32> {
     let (d, g) = (a.dim, a.heads / a.kv_heads);
+    let (ks, vs) = (a.k.to_f32_vec(), a.v.to_f32_vec());
     let mut out = vec![0f32; a.heads * d];
     for h in 0..a.heads {
         let kvh = h / g;
         let q = &a.q[h * d..(h + 1) * d];
         let scores: Vec<f32> = (0..a.visible.len())
             .map(|j| {
-                let k = &a.k[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
+                let k = &ks[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
                 if a.visible[j] {
                     q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * a.scale
                 } else {
@@ -578,7 +583,7 @@ pub fn attend_one_naive(a: &AttendOne<'_>) -> Vec<f32> {
         let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let sum: f32 = e.iter().sum();
         for (j, p) in e.iter().enumerate() {
-            let v = &a.v[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
+            let v = &vs[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
             for (o, x) in out[h * d..(h + 1) * d].iter_mut().zip(v) {
                 *o += p / sum * x;
             }
@@ -696,8 +701,9 @@ fn attend_block(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<
     let (d, g) = (a.dim, a.heads / a.kv_heads);
     let len = end - start;
     let base = kvh * a.capacity;
-    let keys = &a.k[(base + start) * d..(base + end) * d];
-    let values = &a.v[(base + start) * d..(base + end) * d];
+    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+    let keys = a.k.f32_range((base + start) * d, (base + end) * d, &mut ks);
+    let values = a.v.f32_range((base + start) * d, (base + end) * d, &mut vs);
     let vis = &a.visible[start..end];
     // Hidden slots get −∞ (their exponential is exactly 0).
     let mut e = vec![f32::NEG_INFINITY; len];
@@ -927,8 +933,8 @@ mod tests {
             let visible: Vec<bool> = (0..t).map(|j| j == t - 1 || j % 7 != 3).collect();
             let a = AttendOne {
                 q: &q,
-                k: &k,
-                v: &v,
+                k: KvSlice::F32(&k),
+                v: KvSlice::F32(&v),
                 visible: &visible,
                 heads,
                 kv_heads,
@@ -936,7 +942,25 @@ mod tests {
                 capacity: cap,
                 scale: 0.125,
             };
-            close(&attend_one(&a), &attend_one_naive(&a), 1e-5);
+            let exact = attend_one(&a);
+            close(&exact, &attend_one_naive(&a), 1e-5);
+            // An f16 cache: the kernel reads exactly what the naive definition reads, and the
+            // answer moves by about the rounding of the values (2⁻¹¹ relative).
+            let half = |x: &[f32]| -> Vec<half::f16> {
+                x.iter().map(|&y| half::f16::from_f32(y)).collect()
+            };
+            let (k16, v16) = (half(&k), half(&v));
+            let a16 = AttendOne {
+                k: KvSlice::F16(&k16),
+                v: KvSlice::F16(&v16),
+                ..a
+            };
+            let compact = attend_one(&a16);
+            close(&compact, &attend_one_naive(&a16), 1e-5);
+            close(&compact, &exact, 2e-3);
+            crate::cpu::force_portable(true);
+            close(&attend_one(&a16), &compact, 1e-5);
+            crate::cpu::force_portable(false);
         }
     }
 }

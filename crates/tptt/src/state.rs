@@ -39,12 +39,56 @@ pub fn validate_window(field: &str, window: usize) -> std::result::Result<usize,
     }
 }
 
+/// How a state stores its softmax keys and values (the recurrent memory is always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum KvFormat {
+    /// 4 bytes a value: exact, the reference's (parity tests, `CarryMode::Reference`).
+    #[default]
+    F32,
+    /// 2 bytes a value (IEEE half): half the memory and half the bytes each decode step reads
+    /// at long history; keys and values are rounded to 11 significant bits when written, and
+    /// the attention kernels read them back to f32 (F16C where the CPU has it).
+    F16,
+}
+
+impl KvFormat {
+    /// Every format, in the order settings list them.
+    pub const ALL: [KvFormat; 2] = [KvFormat::F32, KvFormat::F16];
+
+    /// The name settings, flags and snapshots use (`f32`, `f16`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvFormat::F32 => "f32",
+            KvFormat::F16 => "f16",
+        }
+    }
+
+    /// The format named `name` (as [`KvFormat::as_str`] writes it), if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+
+    /// The buffers' element type.
+    pub fn dtype(self) -> DType {
+        match self {
+            KvFormat::F32 => DType::F32,
+            KvFormat::F16 => DType::F16,
+        }
+    }
+
+    /// Bytes of one stored value.
+    pub fn value_bytes(self) -> usize {
+        self.dtype().size_in_bytes()
+    }
+}
+
 /// Per-layer part of a [`State`].
 #[derive(Debug)]
 pub struct LayerState {
-    /// Cached RoPE'd keys `[Hkv, capacity, D]`; the first `State::key_pos.len()` slots are valid.
-    /// Written in place (`slice_set`), so a clone must deep-copy it. After a restore it is a view
-    /// of one buffer shared by all layers' keys and values ([`State::from_safetensors`]).
+    /// Cached RoPE'd keys `[Hkv, capacity, D]` in the state's [`KvFormat`]; the first
+    /// `State::key_pos.len()` slots are valid. Written in place (`slice_set`), so a clone must
+    /// deep-copy it. After a restore it is a view of one buffer shared by all layers' keys and
+    /// values ([`State::from_safetensors`]).
     pub k: Option<Tensor>,
     /// Cached values, likewise.
     pub v: Option<Tensor>,
@@ -67,30 +111,28 @@ impl Clone for LayerState {
 }
 
 impl LayerState {
-    /// The first `n` slots of the keys (`None` when empty).
+    /// The first `n` slots of the keys as f32 (`None` when empty): a view, or a converted copy
+    /// of a compact cache.
     pub fn k_view(&self, n: usize) -> Result<Option<Tensor>> {
-        Ok(match &self.k {
-            Some(k) if n > 0 => Some(k.narrow(1, 0, n)?),
-            _ => None,
-        })
+        view_f32(&self.k, n)
     }
 
-    /// The first `n` slots of the values.
+    /// The first `n` slots of the values, likewise.
     pub fn v_view(&self, n: usize) -> Result<Option<Tensor>> {
-        Ok(match &self.v {
-            Some(v) if n > 0 => Some(v.narrow(1, 0, n)?),
-            _ => None,
-        })
+        view_f32(&self.v, n)
     }
 
     /// Make room for `slots` KV slots: capacity doubles (bounded by the window), existing
-    /// slots are copied over.
+    /// slots are copied over. A new cache is allocated in `format`; an existing one keeps its
+    /// own.
+    #[allow(clippy::too_many_arguments)]
     pub fn ensure_capacity(
         &mut self,
         slots: usize,
         window: Option<usize>,
         kv_heads: usize,
         dim: usize,
+        format: KvFormat,
         device: &Device,
     ) -> Result<()> {
         let cap = self.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0));
@@ -98,8 +140,9 @@ impl LayerState {
             return Ok(());
         }
         let new_cap = grown_capacity(cap, slots, window);
+        let dtype = self.k.as_ref().map_or(format.dtype(), Tensor::dtype);
         let grow = |old: &Option<Tensor>| -> Result<Tensor> {
-            let buf = Tensor::zeros((kv_heads, new_cap, dim), candle_core::DType::F32, device)?;
+            let buf = Tensor::zeros((kv_heads, new_cap, dim), dtype, device)?;
             if let Some(o) = old {
                 buf.slice_set(&o.contiguous()?, 1, 0)?;
             }
@@ -109,6 +152,20 @@ impl LayerState {
         self.v = Some(grow(&self.v)?);
         Ok(())
     }
+}
+
+/// The first `n` slots of a cache as f32.
+fn view_f32(t: &Option<Tensor>, n: usize) -> Result<Option<Tensor>> {
+    Ok(match t {
+        Some(t) if n > 0 => {
+            let view = t.narrow(1, 0, n)?;
+            Some(match view.dtype() {
+                DType::F32 => view,
+                _ => view.to_dtype(DType::F32)?,
+            })
+        }
+        _ => None,
+    })
 }
 
 /// The capacity [`LayerState::ensure_capacity`] grows a cache of `cap` slots to when it must hold
@@ -378,9 +435,33 @@ pub struct State {
     pub mode: CarryMode,
     /// Softmax window `W` (None: unbounded).
     pub window: Option<usize>,
+    /// How the KV cache is stored (buffers allocated from now on; [`State::set_kv_format`]
+    /// converts the existing ones).
+    pub kv_format: KvFormat,
 }
 
 impl State {
+    /// Stores the KV cache in `format` from now on, converting what it holds (f32 → f16 rounds
+    /// every value to the nearest half; f16 → f32 is exact). Only a `CarryMode::Continue` state
+    /// may be compact: the reference mode reproduces tptt 0.12.1's f32 cache.
+    pub fn set_kv_format(&mut self, format: KvFormat) -> Result<()> {
+        if format != KvFormat::F32 && self.mode == CarryMode::Reference {
+            return Err(Error::State(format!(
+                "a {} KV cache needs CarryMode::Continue: the reference mode keeps tptt 0.12.1's f32 cache",
+                format.as_str()
+            )));
+        }
+        for l in &mut self.layers {
+            for t in [&mut l.k, &mut l.v] {
+                if let Some(x) = t.as_ref().filter(|x| x.dtype() != format.dtype()) {
+                    *t = Some(x.to_dtype(format.dtype())?);
+                }
+            }
+        }
+        self.kv_format = format;
+        Ok(())
+    }
+
     /// Number of cached softmax positions.
     pub fn kv_len(&self) -> usize {
         self.key_pos.len()
@@ -389,11 +470,14 @@ impl State {
     /// Bytes held by the state's tensors and vectors (KV window + linear carries).
     pub fn size_bytes(&self) -> usize {
         let f = std::mem::size_of::<f32>();
+        let bytes = |t: &Option<Tensor>| {
+            t.as_ref()
+                .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+        };
         self.layers
             .iter()
             .map(|l| {
-                let kv = l.k.as_ref().map_or(0, |t| t.elem_count())
-                    + l.v.as_ref().map_or(0, |t| t.elem_count());
+                let kv = bytes(&l.k) + bytes(&l.v);
                 let lin = l.linear.state.len()
                     + l.linear
                         .pool_k
@@ -402,7 +486,7 @@ impl State {
                         .map(Vec::len)
                         .sum::<usize>()
                     + l.linear.prev.as_ref().map_or(0, |p| p.q.len() * 5);
-                (kv + lin) * f
+                kv + lin * f
             })
             .sum::<usize>()
             + self.key_pos.len() * std::mem::size_of::<usize>()
@@ -697,6 +781,7 @@ impl State {
             layers,
             mode,
             window,
+            kv_format: KvFormat::F32,
         })
     }
 }

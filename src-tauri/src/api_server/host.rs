@@ -113,6 +113,7 @@ impl Host for AppHost {
                     identity: m.identity.clone(),
                 },
                 window: chosen.window.map(|w| w as usize),
+                kv_format: settings.kv_format.format(),
                 runner: Arc::new(AppRunner(m)),
             });
         }

@@ -72,7 +72,13 @@ pub fn load_snapshot(
     path: &Path,
 ) -> tptt_engine::Result<(Session, Option<ReadMark>)> {
     let pages = pages_dir(&state.config.snapshots_dir());
-    snapshot::load_paged(model.model.clone(), &model.identity, path, &pages)
+    let (mut session, mark) =
+        snapshot::load_paged(model.model.clone(), &model.identity, path, &pages)?;
+    // Snapshots hold the KV cache in f32: stored from now on as the settings say.
+    session
+        .state
+        .set_kv_format(state.settings().kv_format.format())?;
+    Ok((session, mark))
 }
 
 /// Reads a snapshot's sidecar.
@@ -202,6 +208,7 @@ pub(super) fn memory_for(
             model.model.clone(),
             SessionOptions {
                 window,
+                kv_format: state.settings().kv_format.format(),
                 ..Default::default()
             },
         ),

@@ -12,6 +12,9 @@ export type Device = "auto" | "cpu" | "cuda" | "metal";
 /** The UI theme (src/settings.rs `Theme`). */
 export type Theme = "light" | "dark" | "system";
 
+/** How a memory stores its KV cache (src/settings.rs `KvSetting`). */
+export type KvFormat = "f32" | "f16";
+
 /** Who wrote a message (the store's `Role`). */
 export type Role = "system" | "user" | "assistant";
 
@@ -226,6 +229,11 @@ theme: Theme,
  * The local OpenAI-compatible API server (off by default).
  */
 apiServer: ApiServerSettings, 
+/**
+ * How memories store their softmax keys and values: `f32` (exact) or `f16` (half the
+ * memory). New memories and memories reopened from a snapshot use it.
+ */
+kvFormat: KvFormat, 
 /**
  * Whether a Hugging Face token is stored (ignored on the way in).
  */

@@ -10,6 +10,7 @@ export type {
   DocumentInfo,
   BackupSummary,
   ImportSummary,
+  KvFormat,
   ChatEvent,
   ChatModel,
   ChatSettings,

@@ -72,14 +72,23 @@ pub(super) fn messages(text: &str, turns: usize) -> Vec<String> {
         .collect()
 }
 
-/// Sends the conversation to `url` (an OpenAI-compatible `/v1`), one turn after the other.
-pub(super) fn converse(url: &str, model: &str, user: &[String]) -> Result<Vec<Turn>> {
+/// Sends the conversation to `url` (an OpenAI-compatible `/v1`), one turn after the other:
+/// the turns served, and why the next one was not when one failed (a server whose context is
+/// full refuses the rest of the conversation).
+pub(super) fn converse(url: &str, model: &str, user: &[String]) -> (Vec<Turn>, Option<String>) {
+    let mut turns = Vec::new();
+    match converse_into(url, model, user, &mut turns) {
+        Ok(()) => (turns, None),
+        Err(e) => (turns, Some(format!("{e:#}"))),
+    }
+}
+
+fn converse_into(url: &str, model: &str, user: &[String], turns: &mut Vec<Turn>) -> Result<()> {
     let client = reqwest::blocking::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .build()
         .context("an HTTP client")?;
     let mut history: Vec<Value> = Vec::new();
-    let mut turns = Vec::new();
     for (i, message) in user.iter().enumerate() {
         history.push(json!({"role": "user", "content": message}));
         let body = json!({
@@ -146,15 +155,18 @@ pub(super) fn converse(url: &str, model: &str, user: &[String]) -> Result<Vec<Tu
         ));
         history.push(json!({"role": "assistant", "content": answer}));
     }
-    Ok(turns)
+    Ok(())
 }
 
-/// The conversation's report: every turn, and the last one's TTFT.
-fn report(turns: &[Turn], extra: Value) -> Value {
+/// The conversation's report: every turn served, the last one's TTFT, and why the rest was
+/// not served (if so).
+fn report(turns: &[Turn], failed: Option<String>, extra: Value) -> Value {
     let mut v = json!({
         "turns": turns.iter().map(Turn::to_json).collect::<Vec<_>>(),
+        "turns_served": turns.len(),
         "last_turn_ttft_s": turns.last().map(|t| t.ttft_s),
         "first_turn_ttft_s": turns.first().map(|t| t.ttft_s),
+        "refused": failed,
     });
     if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
         m.extend(e);
@@ -163,7 +175,12 @@ fn report(turns: &[Turn], extra: Value) -> Value {
 }
 
 /// Our server on the subject (its own engine thread), in this process.
-pub(super) fn ours(subject: &Subject, window: Option<usize>, user: &[String]) -> Result<Value> {
+pub(super) fn ours(
+    subject: &Subject,
+    window: Option<usize>,
+    kv_format: tptt::state::KvFormat,
+    user: &[String],
+) -> Result<Value> {
     let model = subject.model.clone();
     let chat = match &subject.files {
         Some(files) => ChatModel::new(model, files, subject.identity.model.clone())?,
@@ -176,6 +193,7 @@ pub(super) fn ours(subject: &Subject, window: Option<usize>, user: &[String]) ->
         chat,
         runner: Arc::new(engine),
         window,
+        kv_format,
     }));
     let api = Api::new(host, ApiConfig::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -196,9 +214,16 @@ pub(super) fn ours(subject: &Subject, window: Option<usize>, user: &[String]) ->
         "[api] {} turns through our server at {at}",
         user.len()
     ));
-    let turns = converse(&format!("http://{at}/v1"), "bench", user)?;
+    let (turns, failed) = converse(&format!("http://{at}/v1"), "bench", user);
     runtime.shutdown_background();
-    Ok(report(&turns, json!({"server": "tptt serve (in process)"})))
+    if let Some(why) = failed {
+        bail!("turn {} failed: {why}", turns.len() + 1);
+    }
+    Ok(report(
+        &turns,
+        None,
+        json!({"server": "tptt serve (in process)"}),
+    ))
 }
 
 /// Kills the server when dropped.
@@ -280,14 +305,32 @@ pub(super) fn llama_server(subject: &Subject, threads: usize, user: &[String]) -
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let result = converse(&format!("{url}/v1"), "gguf", user);
+    let (turns, failed) = converse(&format!("{url}/v1"), "gguf", user);
     drop(child);
-    match result {
-        Ok(turns) => Baseline::Measured(report(
-            &turns,
-            json!({"server": "llama-server", "gguf": gguf.display().to_string()}),
-        )),
-        Err(e) => Baseline::Missing(format!("llama-server's conversation failed: {e:#}")),
+    if turns.is_empty() {
+        return Baseline::Missing(format!(
+            "llama-server answered no turn: {}",
+            failed.unwrap_or_default()
+        ));
+    }
+    if let Some(why) = &failed {
+        progress(format!(
+            "[api] llama-server stopped at turn {}: {why}",
+            turns.len() + 1
+        ));
+    }
+    Baseline::Measured(report(
+        &turns,
+        failed,
+        json!({"server": "llama-server", "gguf": gguf.display().to_string()}),
+    ))
+}
+
+/// TTFT of turn `n` (1-based) in a report.
+pub(super) fn ttft_of(report: &Baseline, n: usize) -> Option<f64> {
+    match report {
+        Baseline::Measured(v) => v["turns"].get(n.checked_sub(1)?)?["ttft_s"].as_f64(),
+        Baseline::Missing(_) => None,
     }
 }
 

@@ -225,6 +225,7 @@ pub(super) fn quantized(subject: &Subject, plan: &Plan, ids: &[u32]) -> Baseline
         let opts = SessionOptions {
             mode: CarryMode::Continue,
             window: None,
+            kv_format: plan.kv,
         };
         let mut warm = Session::new(Arc::new(model.clone()), opts).state;
         model.forward(&ids[..16], &mut warm, Logits::Last)?;

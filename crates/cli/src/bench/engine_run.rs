@@ -72,6 +72,7 @@ fn measure_branch(
             let t = Instant::now();
             let (mut branch, _) =
                 snapshot::load_paged(model.clone(), identity, &first_path, &pages)?;
+            branch.state.set_kv_format(session.state.kv_format)?;
             let loaded = t.elapsed().as_secs_f64();
             branch.feed(&message, None)?;
             std::hint::black_box(argmax_slice(
@@ -163,6 +164,7 @@ pub(super) fn run_engine(
     let opts = SessionOptions {
         mode: CarryMode::Continue,
         window,
+        kv_format: plan.kv,
     };
 
     // Prefill: one 512-token forward from a fresh state (after a small warm-up call).
@@ -258,6 +260,8 @@ pub(super) fn run_engine(
             for _ in 0..2 {
                 let t = Instant::now();
                 let mut restored = snapshot::load(model.clone(), identity, &snap_path)?;
+                // Snapshots hold the cache in f32: stored as the run asks from now on.
+                restored.state.set_kv_format(plan.kv)?;
                 let loaded = t.elapsed().as_secs_f64();
                 let first = argmax_slice(restored.last_logits.as_deref().unwrap_or_default());
                 restored.feed(&[first], None)?;

@@ -12,6 +12,7 @@ pub(super) fn long_context(
     dir: &Path,
     text: &Path,
     quick: bool,
+    kv: tptt::state::KvFormat,
 ) -> std::result::Result<(Value, Option<f64>, Option<f64>), String> {
     if text.as_os_str() == "none" {
         return Err("--eval-text none".into());
@@ -43,6 +44,7 @@ pub(super) fn long_context(
         texts: &texts,
         configs: crate::eval::CONFIGS.to_vec(),
         window: LONG_CONTEXT_WINDOW,
+        kv,
         edges: vec![0, LONG_CONTEXT_WINDOW, from, len],
         full_max_tokens: max,
         probe_distances: if quick { vec![512] } else { vec![1024, 4096] },

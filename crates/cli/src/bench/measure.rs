@@ -155,12 +155,14 @@ pub(super) fn paired_decode(
     tptt: &Arc<Model>,
     base: &Arc<Model>,
     window: Option<usize>,
+    kv: tptt::state::KvFormat,
     ids: &[u32],
     history: usize,
 ) -> Result<(f64, f64)> {
     let opts = SessionOptions {
         mode: CarryMode::Continue,
         window,
+        kv_format: kv,
     };
     let mut sides = Vec::new();
     for model in [tptt, base] {

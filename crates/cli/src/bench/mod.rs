@@ -90,6 +90,9 @@ pub(crate) struct BenchArgs {
     /// Softmax window (KV positions kept); default: the config's, else 8192.
     #[arg(long, value_parser = crate::parse_window)]
     window: Option<usize>,
+    /// How the softmax KV cache is stored in every measurement: f32 (exact) or f16.
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
+    kv: tptt::state::KvFormat,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -109,10 +112,11 @@ pub(super) struct Plan {
     resume_at: usize,
     prefill_repeats: usize,
     quick: bool,
+    kv: tptt::state::KvFormat,
 }
 
 impl Plan {
-    fn new(quick: bool) -> Self {
+    fn new(quick: bool, kv: tptt::state::KvFormat) -> Self {
         if quick {
             Self {
                 prefill: 512,
@@ -120,6 +124,7 @@ impl Plan {
                 resume_at: 2048,
                 prefill_repeats: 2,
                 quick,
+                kv,
             }
         } else {
             Self {
@@ -128,6 +133,7 @@ impl Plan {
                 resume_at: 16384,
                 prefill_repeats: 2,
                 quick,
+                kv,
             }
         }
     }
@@ -213,7 +219,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or(1);
-    let plan = Plan::new(args.quick);
+    let plan = Plan::new(args.quick, args.kv);
     let load_start = std::time::Instant::now();
     let loadavg_start = loadavg();
     let started = utc_now();
@@ -270,7 +276,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         &ids,
     )?;
     let short = plan.short();
-    let (ab_tptt, ab_base) = paired_decode(&tptt_model, &base_model, args.window, &ids, short)?;
+    let (ab_tptt, ab_base) =
+        paired_decode(&tptt_model, &base_model, args.window, args.kv, &ids, short)?;
     progress(format!(
         "[paired] decode after {short}, TPTT and base alternating: {ab_tptt:.2} / {ab_base:.2} tok/s"
     ));
@@ -289,7 +296,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         progress(format!("[llama.cpp] not available: {why}"));
     }
 
-    let long_context = long_context(&subject, &dir, &args.eval_text, args.quick);
+    let long_context = long_context(&subject, &dir, &args.eval_text, args.quick, args.kv);
     let (ctx_vs_full, ctx_vs_window) = match &long_context {
         Ok((_, vs_full, vs_window)) => (*vs_full, *vs_window),
         Err(why) => {
@@ -305,7 +312,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     };
     let api_text = std::fs::read_to_string(&args.eval_text).unwrap_or_default();
     let user = api_turn::messages(&api_text, turns);
-    let api_ours = match api_turn::ours(&subject, args.window, &user) {
+    let api_ours = match api_turn::ours(&subject, args.window, args.kv, &user) {
         Ok(v) => Baseline::Measured(v),
         Err(e) => Baseline::Missing(format!("{e:#}")),
     };
@@ -316,6 +323,12 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     if let Baseline::Missing(why) = &api_llama {
         progress(format!("[api] llama-server not measured: {why}"));
     }
+
+    // The last turn both servers answered (llama-server refuses turns past its context).
+    let api_common = match (api_ours.num("turns_served"), api_llama.num("turns_served")) {
+        (Some(a), Some(b)) => a.min(b) as usize,
+        _ => 0,
+    };
 
     let long = plan.long();
     let a_short = a.decode_at(short);
@@ -334,7 +347,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "long_context_ppl_vs_full_attention": ctx_vs_full,
         "long_context_ppl_vs_same_window": ctx_vs_window,
         "api_turn_ttft_s": api_ours.num("last_turn_ttft_s"),
-        "api_turn_speedup_vs_llama_server": ratio(api_llama.num("last_turn_ttft_s"), api_ours.num("last_turn_ttft_s")),
+        "api_turn_speedup_vs_llama_server": ratio(api_turn::ttft_of(&api_llama, api_common), api_turn::ttft_of(&api_ours, api_common)),
     });
     let r = |k: &str| ratios.get(k).and_then(Value::as_f64);
     let check = |v: Option<f64>, ok: fn(f64) -> bool| v.map(ok);
@@ -389,14 +402,17 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             .find(|d| d.history == h)
             .map_or(0, |d| d.kv_len)
     };
-    let kv_bytes = |n: usize| (b.num_layers * 2 * b.num_kv_heads * b.head_dim * 4 * n) as f64;
+    let kv_bytes = |n: usize| {
+        (b.num_layers * 2 * b.num_kv_heads * b.head_dim * args.kv.value_bytes() * n) as f64
+    };
     let w = subject.weight_bytes as f64;
     let flatness_bound = (w + kv_bytes(kv_at(short))) / (w + kv_bytes(kv_at(long)));
     notes.insert(
         "long_history_flatness_bound".into(),
         json!(format!(
-            "bytes per step: weights {:.1} MB + f32 KV {:.1} MB at {long} (kv {}) vs {:.1} MB at {short}: the ratio cannot exceed {flatness_bound:.2} at any bandwidth (every layer reading its whole KV)",
+            "bytes per step: weights {:.1} MB + {} KV {:.1} MB at {long} (kv {}) vs {:.1} MB at {short}: the ratio cannot exceed {flatness_bound:.2} at any bandwidth (every layer reading its whole KV)",
             w / 1e6,
+            args.kv.as_str(),
             kv_bytes(kv_at(long)) / 1e6,
             kv_at(long),
             kv_bytes(kv_at(short)) / 1e6
@@ -431,7 +447,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         api_turn::MESSAGE_CHARS,
         api_turn::ANSWER_TOKENS,
         match &api_llama {
-            Baseline::Measured(_) => "; the speedup is llama-server's TTFT of the same turn (the base GGUF without TPTT, its prompt cache on) over ours".to_string(),
+            Baseline::Measured(v) => format!(
+                "; the speedup is llama-server's TTFT over ours at turn {api_common}, the last both answered (llama-server: the base GGUF without TPTT, its prompt cache on{})",
+                v["refused"].as_str().map_or(String::new(), |why| format!(
+                    "; it refused turn {}: {why}",
+                    api_common + 1
+                ))
+            ),
             Baseline::Missing(why) => format!("; llama-server not measured: {why}"),
         }
     );
@@ -471,6 +493,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             "weight_bytes_per_token": subject.weight_bytes,
             "load_s": load_s,
         },
+        "kv_format": args.kv.as_str(),
         "plan": {"prefill_tokens": plan.prefill, "decode_histories": plan.decode_at, "decode_steps": DECODE_STEPS, "resume_history": plan.resume_at},
         "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bandwidth.read_runs, "rmw_gb_per_s": bandwidth.rmw_gb_s, "rmw_runs_gb_per_s": bandwidth.rmw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "method": format!("STREAM-like: each thread its own part of the buffer; read-only passes (sum of every 64-bit word, 8 accumulators, AVX2 loads where present) and read-modify-write passes (every word + 1, 2 bytes of traffic per byte), {BANDWIDTH_PASSES} each; the ceiling (gb_per_s) is the best pass of either kind"), "read_gb_per_s": bandwidth.read_gb_s},
         "bandwidth_limit_decode_tok_s": bw_limit,

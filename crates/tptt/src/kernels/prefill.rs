@@ -18,6 +18,7 @@
 
 use rayon::prelude::*;
 
+use super::KvSlice;
 use crate::cpu::gemm::gemm;
 use crate::cpu::has_avx2_fma;
 use crate::cpu::math::exp;
@@ -34,10 +35,10 @@ const MIN_SPLIT_BLOCKS: usize = 4;
 /// Keys and values of one source, `[Hkv, capacity, D]` each; slots `0..pos.len()` are read,
 /// slot `j` holding the key of position `pos[j]`.
 pub struct KeySegment<'a> {
-    /// Keys (RoPE'd).
-    pub k: &'a [f32],
-    /// Values.
-    pub v: &'a [f32],
+    /// Keys (RoPE'd), as stored.
+    pub k: KvSlice<'a>,
+    /// Values, likewise.
+    pub v: KvSlice<'a>,
     /// Slots per KV head.
     pub capacity: usize,
     /// The position of the key in each slot read.
@@ -73,23 +74,24 @@ fn visible(qp: usize, kp: usize, window: Option<usize>) -> bool {
 /// values (a query that sees nothing gets zeros).
 pub fn attend_many_naive(a: &AttendMany<'_>) -> Vec<f32> {
     let (d, g, hd, s) = (a.dim, a.heads / a.kv_heads, a.heads * a.dim, a.q_pos.len());
+    let values: Vec<(Vec<f32>, Vec<f32>)> = a
+        .segments
+        .iter()
+        .map(|seg| (seg.k.to_f32_vec(), seg.v.to_f32_vec()))
+        .collect();
     let mut out = vec![0f32; s * hd];
     for (t, &qp) in a.q_pos.iter().enumerate() {
         for h in 0..a.heads {
             let kvh = h / g;
             let q = &a.q[(h * s + t) * d..(h * s + t + 1) * d];
             let mut scored: Vec<(f32, &[f32])> = Vec::new();
-            for seg in a.segments {
+            for (seg, (sk, sv)) in a.segments.iter().zip(&values) {
                 for (j, &kp) in seg.pos.iter().enumerate() {
                     if visible(qp, kp, a.window) {
                         let o = (kvh * seg.capacity + j) * d;
-                        let s = q
-                            .iter()
-                            .zip(&seg.k[o..o + d])
-                            .map(|(x, y)| x * y)
-                            .sum::<f32>()
-                            * a.scale;
-                        scored.push((s, &seg.v[o..o + d]));
+                        let s =
+                            q.iter().zip(&sk[o..o + d]).map(|(x, y)| x * y).sum::<f32>() * a.scale;
+                        scored.push((s, &sv[o..o + d]));
                     }
                 }
             }
@@ -283,6 +285,8 @@ fn task<const F: bool>(
     let mut l = vec![0f32; r];
     let mut kt = vec![0f32; d * K_BLOCK];
     let mut sc = vec![0f32; r * K_BLOCK];
+    // A compact cache's block, converted to f32 (module doc of `kernels::kv`).
+    let (mut ks, mut vs) = (Vec::new(), Vec::new());
     for &(si, j0) in blocks {
         let seg = &a.segments[si];
         let n = seg.pos.len();
@@ -299,7 +303,8 @@ fn task<const F: bool>(
                 continue;
             }
             let base = (kvh * seg.capacity + j0) * d;
-            let (keys, values) = (&seg.k[base..base + bk * d], &seg.v[base..base + bk * d]);
+            let keys = seg.k.f32_range(base, base + bk * d, &mut ks);
+            let values = seg.v.f32_range(base, base + bk * d, &mut vs);
             // Kᵀ `[D, bk]`.
             for (j, kr) in keys.chunks_exact(d).enumerate() {
                 for (e, &x) in kr.iter().enumerate() {
@@ -377,14 +382,14 @@ mod tests {
             let q_pos: Vec<usize> = (cached..cached + s).collect();
             let segments = [
                 KeySegment {
-                    k: &ck,
-                    v: &cv,
+                    k: KvSlice::F32(&ck),
+                    v: KvSlice::F32(&cv),
                     capacity: cap,
                     pos: &cpos,
                 },
                 KeySegment {
-                    k: &nk,
-                    v: &nv,
+                    k: KvSlice::F32(&nk),
+                    v: KvSlice::F32(&nv),
                     capacity: s,
                     pos: &q_pos,
                 },
@@ -431,6 +436,46 @@ mod tests {
             crate::cpu::force_portable(false);
             let diff = max_diff(&base);
             assert!(diff < 2e-5, "baseline {h}/{hkv}/{d}: {diff}");
+
+            // The cache in f16 (the new keys stay f32, as a prompt's are): the kernel reads
+            // what the naive definition reads, split or not, and moves by about the rounding.
+            let half = |x: &[f32]| -> Vec<half::f16> {
+                x.iter().map(|&y| half::f16::from_f32(y)).collect()
+            };
+            let (ck16, cv16) = (half(&ck), half(&cv));
+            let segments16 = [
+                KeySegment {
+                    k: KvSlice::F16(&ck16),
+                    v: KvSlice::F16(&cv16),
+                    capacity: cap,
+                    pos: &cpos,
+                },
+                KeySegment {
+                    k: KvSlice::F32(&nk),
+                    v: KvSlice::F32(&nv),
+                    capacity: s,
+                    pos: &q_pos,
+                },
+            ];
+            let a16 = AttendMany {
+                segments: &segments16,
+                ..a
+            };
+            let want16 = attend_many_naive(&a16);
+            let close16 = |got: &[f32], tol: f32, what: &str| {
+                let diff = want16
+                    .iter()
+                    .zip(got)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff < tol,
+                    "f16 {what} {h}/{hkv}/{d} cached {cached} S {s}: {diff}"
+                );
+            };
+            close16(&attend_many(&a16), 2e-5, "kernel");
+            close16(&attend_many_split(&a16, 3), 2e-5, "split");
+            close16(&want, 5e-3, "vs f32");
         }
     }
 }

@@ -358,15 +358,15 @@ impl Model {
         let mut segments = Vec::with_capacity(2);
         if let Some((kb, vb, capacity)) = &cache {
             segments.push(KeySegment {
-                k: kb.slice()?,
-                v: vb.slice()?,
+                k: kb.kv()?,
+                v: vb.kv()?,
                 capacity: *capacity,
                 pos: &key_pos[..call.filled_before],
             });
         }
         segments.push(KeySegment {
-            k: kd.slice()?,
-            v: vd.slice()?,
+            k: kd.slice()?.into(),
+            v: vd.slice()?.into(),
             capacity: call.s,
             pos: &call.positions,
         });

@@ -10,7 +10,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::state::{LayerState, State};
+use crate::state::{KvFormat, LayerState, State};
 
 /// The ring of a state (its window) for a model's key/value shape.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +18,7 @@ pub(super) struct KvRing {
     window: Option<usize>,
     kv_heads: usize,
     dim: usize,
+    format: KvFormat,
 }
 
 impl KvRing {
@@ -27,6 +28,7 @@ impl KvRing {
             window: state.window,
             kv_heads,
             dim,
+            format: state.kv_format,
         }
     }
 
@@ -76,12 +78,19 @@ impl KvRing {
         slot: usize,
         device: &Device,
     ) -> Result<()> {
-        ls.ensure_capacity(slot + 1, self.window, self.kv_heads, self.dim, device)?;
+        ls.ensure_capacity(
+            slot + 1,
+            self.window,
+            self.kv_heads,
+            self.dim,
+            self.format,
+            device,
+        )?;
         let (Some(kb), Some(vb)) = (&ls.k, &ls.v) else {
             return Err(Error::State("KV cache missing after allocation".into()));
         };
-        kb.slice_set(k, 1, slot)?;
-        vb.slice_set(v, 1, slot)?;
+        kb.slice_set(&stored(k, kb)?, 1, slot)?;
+        vb.slice_set(&stored(v, vb)?, 1, slot)?;
         Ok(())
     }
 
@@ -101,15 +110,31 @@ impl KvRing {
         while t < s {
             let slot = self.slot(pos + t);
             let run = self.window.map_or(s - t, |w| (w - slot).min(s - t));
-            ls.ensure_capacity(slot + run, self.window, self.kv_heads, self.dim, device)?;
+            ls.ensure_capacity(
+                slot + run,
+                self.window,
+                self.kv_heads,
+                self.dim,
+                self.format,
+                device,
+            )?;
             if let (Some(kb), Some(vb)) = (&ls.k, &ls.v) {
-                kb.slice_set(&k.narrow(1, t, run)?.contiguous()?, 1, slot)?;
-                vb.slice_set(&v.narrow(1, t, run)?.contiguous()?, 1, slot)?;
+                kb.slice_set(&stored(&k.narrow(1, t, run)?.contiguous()?, kb)?, 1, slot)?;
+                vb.slice_set(&stored(&v.narrow(1, t, run)?.contiguous()?, vb)?, 1, slot)?;
             }
             t += run;
         }
         Ok(())
     }
+}
+
+/// `x` (f32) in the element type of the buffer it is written into.
+fn stored(x: &Tensor, buffer: &Tensor) -> Result<Tensor> {
+    Ok(if x.dtype() == buffer.dtype() {
+        x.clone()
+    } else {
+        x.to_dtype(buffer.dtype())?
+    })
 }
 
 fn hole() -> Error {
@@ -132,6 +157,7 @@ mod tests {
             }],
             mode: CarryMode::Continue,
             window,
+            kv_format: KvFormat::F32,
         }
     }
 

@@ -283,6 +283,7 @@ impl Model {
                 .collect(),
             mode,
             window,
+            kv_format: Default::default(),
         }
     }
 

@@ -16,7 +16,7 @@ use super::layers::Mlp;
 use super::{Layer, Linear, Matrix, Model, Norm};
 use crate::config::{Activation, NormKind, QkNorm};
 use crate::error::{Error, Result};
-use crate::kernels::{self, AttendOne, MatVec, Rows};
+use crate::kernels::{self, AttendOne, KvSlice, MatVec, Rows};
 use crate::linear::{self, CarryMode};
 use crate::rope;
 use crate::state::State;
@@ -43,6 +43,19 @@ impl<'a> Data<'a> {
             _ => Err(Error::State(
                 "fused step: a tensor is not on the CPU".into(),
             )),
+        }
+    }
+
+    /// A KV buffer's contiguous data in its own format (f32 or f16).
+    pub(super) fn kv(&self) -> Result<KvSlice<'_>> {
+        let (a, b) = self
+            .layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::State("a KV buffer is not contiguous".into()))?;
+        match &*self.storage {
+            Storage::Cpu(candle_core::CpuStorage::F16(x)) => Ok(KvSlice::F16(&x[a..b])),
+            Storage::Cpu(c) => Ok(KvSlice::F32(&c.as_slice::<f32>()?[a..b])),
+            _ => Err(Error::State("a KV buffer is not on the CPU".into())),
         }
     }
 }
@@ -286,7 +299,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         }
         let capacity = kb.dim(1)?;
         let (kd, vd) = (Data::of(kb), Data::of(vb));
-        let (ks_all, vs_all) = (kd.slice()?, vd.slice()?);
+        let (ks_all, vs_all) = (kd.kv()?, vd.kv()?);
         let attn = {
             kernels::attend_one(&AttendOne {
                 q: &qs,
