@@ -387,23 +387,76 @@ mod avx2 {
     /// eight-lane exponentials; `Vᵀ·e` 16 columns (one cache line of a row) at a time for every
     /// head of the pass in registers.
     ///
+    /// An f16 cache is read as stored: eight halves widened by F16C right where they are used.
+    ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA, and `a.dim` must be a multiple of 8.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2, FMA and F16C, and `a.dim` must be a multiple of 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend_block(
         a: &super::AttendOne<'_>,
         kvh: usize,
         start: usize,
         end: usize,
     ) -> Vec<super::Partial> {
+        let d = a.dim;
+        let (from, to) = ((kvh * a.capacity + start) * d, (kvh * a.capacity + end) * d);
+        match (a.k, a.v) {
+            (super::KvSlice::F16(k), super::KvSlice::F16(v)) => {
+                block_of(a, kvh, start, end, &k[from..to], &v[from..to])
+            }
+            _ => {
+                let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                let keys = a.k.f32_range(from, to, &mut ks);
+                let values = a.v.f32_range(from, to, &mut vs);
+                block_of(a, kvh, start, end, keys, values)
+            }
+        }
+    }
+
+    /// A value of a KV buffer that eight at a time widen to f32 lanes.
+    trait Lanes: Copy {
+        /// Eight values from `p` as f32.
+        ///
+        /// # Safety
+        /// `p..p + 8` must be readable; the CPU must have AVX2 and F16C.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Lanes for half::f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const half::f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+
+    /// [`attend_block`] on the block's keys and values (`[end − start, D]` each).
+    ///
+    /// # Safety
+    /// As [`attend_block`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_of<E: Lanes>(
+        a: &super::AttendOne<'_>,
+        kvh: usize,
+        start: usize,
+        end: usize,
+        keys: &[E],
+        values: &[E],
+    ) -> Vec<super::Partial> {
         let (d, g) = (a.dim, a.heads / a.kv_heads);
         assert!(d % 8 == 0, "attend_block: D must be a multiple of 8");
         let len = end - start;
+        assert!(
+            keys.len() >= len * d && values.len() >= len * d,
+            "attend_block: short block"
+        );
         let padded = len.div_ceil(8) * 8;
-        let base = kvh * a.capacity;
-        let (mut ks, mut vs) = (Vec::new(), Vec::new());
-        let keys = a.k.f32_range((base + start) * d, (base + end) * d, &mut ks);
-        let values = a.v.f32_range((base + start) * d, (base + end) * d, &mut vs);
         let vis = &a.visible[start..end];
         let mut parts = Vec::with_capacity(g);
         // Scores of the pass's heads, `[head, padded]`; padding lanes stay −∞ (exp → 0).
@@ -419,10 +472,10 @@ mod avx2 {
                 e: &mut e[..],
             };
             match nh {
-                1 => heads_pass::<1>(args, &mut parts),
-                2 => heads_pass::<2>(args, &mut parts),
-                3 => heads_pass::<3>(args, &mut parts),
-                _ => heads_pass::<HEADS_PER_PASS>(args, &mut parts),
+                1 => heads_pass::<1, E>(args, &mut parts),
+                2 => heads_pass::<2, E>(args, &mut parts),
+                3 => heads_pass::<3, E>(args, &mut parts),
+                _ => heads_pass::<HEADS_PER_PASS, E>(args, &mut parts),
             }
         }
         parts
@@ -430,10 +483,10 @@ mod avx2 {
 
     /// What one pass of [`attend_block`] reads: the block's keys, values and visibility, the
     /// first query head of the pass, and the score scratch (`[HEADS_PER_PASS, padded len]`).
-    struct Pass<'p, 'a> {
+    struct Pass<'p, 'a, E> {
         a: &'p super::AttendOne<'a>,
-        keys: &'p [f32],
-        values: &'p [f32],
+        keys: &'p [E],
+        values: &'p [E],
         vis: &'p [bool],
         first: usize,
         e: &'p mut [f32],
@@ -442,9 +495,12 @@ mod avx2 {
     /// One pass of [`attend_block`] for the `N` query heads from `first`.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn heads_pass<const N: usize>(p: Pass<'_, '_>, parts: &mut Vec<super::Partial>) {
+    /// The CPU must have AVX2, FMA and F16C ([`crate::cpu::has_avx2_fma_f16c`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn heads_pass<const N: usize, E: Lanes>(
+        p: Pass<'_, '_, E>,
+        parts: &mut Vec<super::Partial>,
+    ) {
         let Pass {
             a,
             keys,
@@ -464,7 +520,7 @@ mod avx2 {
             let mut s = [_mm256_setzero_ps(); N];
             let mut c = 0;
             while c < d {
-                let k8 = _mm256_loadu_ps(kp.add(c));
+                let k8 = E::load8(kp.add(c));
                 for i in 0..N {
                     s[i] = _mm256_fmadd_ps(k8, _mm256_loadu_ps(qs[i].add(c)), s[i]);
                 }
@@ -507,7 +563,7 @@ mod avx2 {
                     let w = _mm256_set1_ps(w);
                     let vp = values.as_ptr().add(j * d + c0);
                     for (k, rk) in r.iter_mut().enumerate() {
-                        *rk = _mm256_fmadd_ps(_mm256_loadu_ps(vp.add(8 * k)), w, *rk);
+                        *rk = _mm256_fmadd_ps(E::load8(vp.add(8 * k)), w, *rk);
                     }
                 }
                 for (k, rk) in r.iter().enumerate() {
@@ -519,7 +575,7 @@ mod avx2 {
                 let mut r = _mm256_setzero_ps();
                 for (j, &w) in w_row.iter().enumerate() {
                     r = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(values.as_ptr().add(j * d + c0)),
+                        E::load8(values.as_ptr().add(j * d + c0)),
                         _mm256_set1_ps(w),
                         r,
                     );
@@ -678,12 +734,12 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
     out
 }
 
-/// [`avx2::attend_block`] when the CPU has AVX2 + FMA and `D` is a multiple of 8, else the
+/// [`avx2::attend_block`] when the CPU has AVX2 + FMA + F16C and `D` is a multiple of 8, else the
 /// portable [`attend_block`].
 fn attend_block_dispatch(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<Partial> {
     #[cfg(target_arch = "x86_64")]
     {
-        if a.dim.is_multiple_of(8) && crate::cpu::has_avx2_fma() {
+        if a.dim.is_multiple_of(8) && crate::cpu::has_avx2_fma_f16c() {
             // SAFETY: the features the function is compiled for were detected just above, and
             // `D` is a multiple of 8 as it requires.
             return unsafe { avx2::attend_block(a, kvh, start, end) };
