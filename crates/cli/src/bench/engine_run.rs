@@ -106,6 +106,9 @@ pub(super) struct EngineRun {
     pub(super) peak_rss: Option<u64>,
     pub(super) peak_rss_reset: bool,
     pub(super) window: Option<usize>,
+    /// Decode at the longest history with the KV cache in f32 and in f16, paired: (history,
+    /// f32 tok/s, f16 tok/s).
+    pub(super) kv_paired: Option<(usize, f64, f64)>,
 }
 
 impl EngineRun {
@@ -145,6 +148,7 @@ impl EngineRun {
                     "message_tokens": self.resume.branch.message_tokens,
                 },
             },
+            "kv_formats_paired": self.kv_paired.map(|(h, a, b)| json!({"history": h, "f32_tok_s": a, "f16_tok_s": b, "method": "the same state, its KV cache in f32 and in f16, steps alternating; 1 / median step"})),
             "peak_rss_bytes": self.peak_rss,
             "peak_rss_scope": if self.peak_rss_reset { "this engine run (VmHWM reset before it; weights included)" } else { "process since start (VmHWM could not be reset)" },
         })
@@ -209,6 +213,7 @@ pub(super) fn run_engine(
     let used_window = session.state.window;
     let mut fed = Duration::ZERO;
     let mut resume = None;
+    let mut kv_paired = None;
     let total = plan.history_len();
     let snap_path =
         std::env::temp_dir().join(format!("tptt-bench-{}-{name}.state", std::process::id()));
@@ -247,6 +252,13 @@ pub(super) fn run_engine(
                 r.tok_s, r.tok_s_mean, r.kv_len
             ));
             decode.push(r);
+            if end == plan.long() && name == "tptt" {
+                let (a, b) = paired_kv_formats(&model, &session.state, &logits)?;
+                progress(format!(
+                    "[{name}] decode after {end}, KV in f32 and f16 alternating: {a:.2} / {b:.2} tok/s"
+                ));
+                kv_paired = Some((end, a, b));
+            }
         }
         if end == plan.resume_at {
             // Re-read: the feed so far plus the first step (on a clone, so the history stays).
@@ -311,5 +323,6 @@ pub(super) fn run_engine(
         peak_rss: peak_rss_bytes(),
         peak_rss_reset,
         window: used_window,
+        kv_paired,
     })
 }

@@ -342,6 +342,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "resume_ttft_s": Some(a.resume.restore_ttft_s),
         "branch_ttft_s": Some(a.resume.branch.ttft_s),
         "turn_snapshot_mb": Some(a.resume.branch.turn_bytes as f64 / 1e6),
+        "snapshot_mb_16k": Some(a.resume.snapshot_bytes as f64 / 1e6),
+        "kv_f16_decode_speedup": a.kv_paired.map(|(_, f32s, f16s)| f16s / f32s),
         "quant_decode_vs_llamacpp": ratio(quant.num("decode_tok_s"), llama.num("tg128_tok_s")),
         "quant_prefill_vs_llamacpp": ratio(quant.num("prefill_tok_s"), llama.num("pp512_tok_s")),
         "long_context_ppl_vs_full_attention": ctx_vs_full,
@@ -406,6 +408,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         (b.num_layers * 2 * b.num_kv_heads * b.head_dim * args.kv.value_bytes() * n) as f64
     };
     let w = subject.weight_bytes as f64;
+    let kv_bytes4 = |n: usize| (b.num_layers * 2 * b.num_kv_heads * b.head_dim * 4 * n) as f64;
     let flatness_bound = (w + kv_bytes(kv_at(short))) / (w + kv_bytes(kv_at(long)));
     notes.insert(
         "long_history_flatness_bound".into(),
@@ -433,6 +436,21 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         json!(format!(
             "a snapshot after every turn (paged, format 6: the KV window in pages shared between turns): load the snapshot of the turn at {} tokens after a later turn was saved, read a {}-token message, first token's logits; best of 2, page cache warm",
             a.resume.history, a.resume.branch.message_tokens
+        )),
+    );
+    notes.insert(
+        "kv_f16_decode_speedup".into(),
+        json!(format!(
+            "decode after {long} tokens of history with the KV cache in f16 over f32: the same state in both formats, steps alternating (paired; separate runs on this machine differ by more than the effect). Bound: (weights + f32 KV) / (weights + f16 KV) bytes = {:.2}",
+            (w + kv_bytes4(kv_at(long))) / (w + kv_bytes4(kv_at(long)) / 2.0)
+        )),
+    );
+    notes.insert(
+        "snapshot_mb_16k".into(),
+        json!(format!(
+            "size of the (unpaged) snapshot of the session after {} tokens{}; snapshots hold the KV window in f32 whatever --kv says (f16 and 8-bit snapshots are still to come)",
+            a.resume.history,
+            if args.quick { " (--quick; the full run uses 16384)" } else { "" }
         )),
     );
     notes.insert(

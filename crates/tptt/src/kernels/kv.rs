@@ -1,10 +1,11 @@
 //! Cached keys and values as the attention kernels read them: [`KvSlice`], the storage of a KV
-//! buffer in its format (f32, or f16 — half the bytes to read at long history), and the one way
-//! the kernels get f32 out of it, a block at a time ([`KvSlice::f32_range`]): borrowed when
-//! stored as f32, converted into the task's scratch (F16C when the CPU has it, through `half`)
-//! when stored as f16. A block is small (it stays in L1/L2 while the heads that share it read
-//! it), so the conversion costs a pass over data already in cache, and memory traffic is that of
-//! the compact format.
+//! buffer in its format (f32, or f16 — half the bytes to read at long history), and the way the
+//! portable and prefill kernels get f32 out of it, a block at a time ([`KvSlice::f32_range`]):
+//! borrowed when stored as f32, converted into the task's scratch (F16C when the CPU has it,
+//! through `half`) when stored as f16. A block is small (it stays in L1/L2 while the heads that
+//! share it read it), so the conversion costs a pass over data already in cache, and memory
+//! traffic is that of the compact format. The AVX2 decode kernel reads f16 in place instead,
+//! widening eight halves at a time inside its products (`kernels.rs`, `avx2::Lanes`).
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -33,7 +34,7 @@ impl<'a> KvSlice<'a> {
     }
 
     /// Values `from..to` as f32: the stored slice itself (f32), or converted into `scratch`
-    /// (f16; `scratch` is resized, its earlier contents dropped).
+    /// (f16; `scratch` is resized to the range and every element overwritten).
     ///
     /// # Panics
     /// When the range is out of bounds, as slicing does.
@@ -42,7 +43,8 @@ impl<'a> KvSlice<'a> {
         match self {
             KvSlice::F32(x) => &x[from..to],
             KvSlice::F16(x) => {
-                scratch.clear();
+                // Every element is overwritten: a scratch reused from block to block is only
+                // zero-filled where it grows.
                 scratch.resize(to - from, 0.0);
                 x[from..to].convert_to_f32_slice(scratch);
                 scratch
