@@ -168,36 +168,15 @@ pub(super) fn paired_decode(
     for model in [tptt, base] {
         let mut s = Session::new(model.clone(), opts);
         s.feed(&ids[..history], None)?;
-        let mut st = s.state.clone();
-        let id = step(
-            model,
-            &mut st,
-            argmax_slice(s.last_logits.as_deref().unwrap_or_default()),
-        )?; // warm-up
-        sides.push((model, st, id, Vec::with_capacity(2 * DECODE_STEPS)));
+        let first = argmax_slice(s.last_logits.as_deref().unwrap_or_default());
+        sides.push((model.as_ref(), s.state, first));
     }
-    for round in 0..2 * DECODE_STEPS {
-        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let (model, st, id, times) = &mut sides[i];
-            let t = Instant::now();
-            *id = step(model, st, *id)?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    let rate = |times: &mut Vec<f64>| {
-        times.sort_by(f64::total_cmp);
-        let n = times.len();
-        1.0 / ((times[(n - 1) / 2] + times[n / 2]) / 2.0)
-    };
-    let a = rate(&mut sides[0].3);
-    let b = rate(&mut sides[1].3);
-    Ok((a, b))
+    alternating_rates(sides)
 }
 
-/// Decode from `state` with its KV cache in f32 and in f16, their steps alternating (the order
-/// swapped every round) on two clones: (f32, f16) tok/s, each 1 / median step. The paired
-/// measurement behind `kv_f16_decode_speedup` (separate runs here differ by 10–30 %).
+/// Decode from `state` with its KV cache in f32 and in f16, their steps alternating on two
+/// clones: (f32, f16) tok/s, each 1 / median step. The paired measurement behind
+/// `kv_f16_decode_speedup` (separate runs here differ by 10–30 %).
 pub(super) fn paired_kv_formats(
     model: &Model,
     state: &State,
@@ -209,13 +188,23 @@ pub(super) fn paired_kv_formats(
     for kv in [KvFormat::F32, KvFormat::F16] {
         let mut st = state.clone();
         st.set_kv_format(kv)?;
+        sides.push((model, st, first));
+    }
+    alternating_rates(sides)
+}
+
+/// Two decoders (model, state, first token) stepped in turn, the order swapped every round,
+/// after one warm-up step each: their tok/s, each 1 / median step time.
+fn alternating_rates(sides: Vec<(&Model, State, u32)>) -> Result<(f64, f64)> {
+    let mut runs = Vec::with_capacity(sides.len());
+    for (model, mut st, first) in sides {
         let id = step(model, &mut st, first)?; // warm-up
-        sides.push((st, id, Vec::with_capacity(2 * DECODE_STEPS)));
+        runs.push((model, st, id, Vec::with_capacity(2 * DECODE_STEPS)));
     }
     for round in 0..2 * DECODE_STEPS {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            let (st, id, times) = &mut sides[i];
+            let (model, st, id, times) = &mut runs[i];
             let t = Instant::now();
             *id = step(model, st, *id)?;
             times.push(t.elapsed().as_secs_f64());
@@ -226,8 +215,8 @@ pub(super) fn paired_kv_formats(
         let n = times.len();
         1.0 / ((times[(n - 1) / 2] + times[n / 2]) / 2.0)
     };
-    let a = rate(&mut sides[0].2);
-    let b = rate(&mut sides[1].2);
+    let a = rate(&mut runs[0].3);
+    let b = rate(&mut runs[1].3);
     Ok((a, b))
 }
 
