@@ -467,6 +467,18 @@ impl State {
         self.key_pos.len()
     }
 
+    /// Bytes held by the KV cache's buffers (their whole capacity, in their format).
+    pub fn kv_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .map(|t| {
+                t.as_ref()
+                    .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+            })
+            .sum()
+    }
+
     /// Bytes held by the state's tensors and vectors (KV window + linear carries).
     pub fn size_bytes(&self) -> usize {
         let f = std::mem::size_of::<f32>();

@@ -109,6 +109,8 @@ pub(super) struct EngineRun {
     /// Decode at the longest history with the KV cache in f32 and in f16, paired: (history,
     /// f32 tok/s, f16 tok/s).
     pub(super) kv_paired: Option<(usize, f64, f64)>,
+    /// The most the session's KV buffers held (bytes, in the run's format).
+    pub(super) kv_bytes: usize,
 }
 
 impl EngineRun {
@@ -149,6 +151,7 @@ impl EngineRun {
                 },
             },
             "kv_formats_paired": self.kv_paired.map(|(h, a, b)| json!({"history": h, "f32_tok_s": a, "f16_tok_s": b, "method": "the same state, its KV cache in f32 and in f16, steps alternating; 1 / median step"})),
+            "kv_bytes": self.kv_bytes,
             "peak_rss_bytes": self.peak_rss,
             "peak_rss_scope": if self.peak_rss_reset { "this engine run (VmHWM reset before it; weights included)" } else { "process since start (VmHWM could not be reset)" },
         })
@@ -214,6 +217,7 @@ pub(super) fn run_engine(
     let mut fed = Duration::ZERO;
     let mut resume = None;
     let mut kv_paired = None;
+    let mut kv_bytes = 0;
     let total = plan.history_len();
     let snap_path =
         std::env::temp_dir().join(format!("tptt-bench-{}-{name}.state", std::process::id()));
@@ -244,6 +248,7 @@ pub(super) fn run_engine(
             ));
             last_report = Instant::now();
         }
+        kv_bytes = kv_bytes.max(session.state.kv_bytes());
         let logits = session.last_logits.clone().unwrap_or_default();
         if plan.decode_at.contains(&end) && end != short {
             let r = decode_rate(&model, &session.state, &logits, end)?;
@@ -324,5 +329,6 @@ pub(super) fn run_engine(
         peak_rss_reset,
         window: used_window,
         kv_paired,
+        kv_bytes,
     })
 }

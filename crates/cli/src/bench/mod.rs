@@ -330,6 +330,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         _ => 0,
     };
 
+    // What the weights hold in memory (f32, the embedding once when tied).
+    let weights_resident = subject.model.num_params() * 4;
+
     let long = plan.long();
     let a_short = a.decode_at(short);
     let ratios = json!({
@@ -344,6 +347,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "turn_snapshot_mb": Some(a.resume.branch.turn_bytes as f64 / 1e6),
         "snapshot_mb_16k": Some(a.resume.snapshot_bytes as f64 / 1e6),
         "kv_f16_decode_speedup": a.kv_paired.map(|(_, f32s, f16s)| f16s / f32s),
+        "peak_rss_vs_weights_kv": ratio(a.peak_rss.map(|p| p as f64), Some((weights_resident + a.kv_bytes) as f64)),
         "quant_decode_vs_llamacpp": ratio(quant.num("decode_tok_s"), llama.num("tg128_tok_s")),
         "quant_prefill_vs_llamacpp": ratio(quant.num("prefill_tok_s"), llama.num("pp512_tok_s")),
         "long_context_ppl_vs_full_attention": ctx_vs_full,
@@ -436,6 +440,17 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         json!(format!(
             "a snapshot after every turn (paged, format 6: the KV window in pages shared between turns): load the snapshot of the turn at {} tokens after a later turn was saved, read a {}-token message, first token's logits; best of 2, page cache warm",
             a.resume.history, a.resume.branch.message_tokens
+        )),
+    );
+    notes.insert(
+        "peak_rss_vs_weights_kv".into(),
+        json!(format!(
+            "peak RSS of (a)'s engine run ({}) over weights ({:.1} MB: parameters × 4 B) + its KV buffers at their largest ({:.1} MB, {}); the rest, {:.1} MB, is activations, the bench's own buffers (token ids, mapped snapshots, cloned states for the decode measurements), the runtime and allocator slack",
+            fmt_opt(a.peak_rss.map(|p| p as f64 / 1e6), 1) + " MB",
+            weights_resident as f64 / 1e6,
+            a.kv_bytes as f64 / 1e6,
+            args.kv.as_str(),
+            a.peak_rss.map_or(0.0, |p| p as f64 - (weights_resident + a.kv_bytes) as f64) / 1e6,
         )),
     );
     notes.insert(
