@@ -133,10 +133,16 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match sent {
-            Some(s) if s.as_bytes() == key.as_bytes() => Ok(()),
+            Some(s) if same_key(s.as_bytes(), key.as_bytes()) => Ok(()),
             _ => Err(ApiError::unauthorized()),
         }
     }
+}
+
+/// Whether `sent` is `key`, in a time that does not depend on where they first differ (a
+/// client timing its refusals learns nothing of the key but, at most, its length).
+fn same_key(sent: &[u8], key: &[u8]) -> bool {
+    sent.len() == key.len() && sent.iter().zip(key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// The routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`; anything
@@ -646,5 +652,19 @@ impl TurnText {
             TurnText::Chat(t) => &t.text,
             TurnText::Plain(p) => p,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_key;
+
+    #[test]
+    fn keys_match_only_when_equal() {
+        assert!(same_key(b"sk-local", b"sk-local"));
+        assert!(!same_key(b"sk-locaX", b"sk-local"));
+        assert!(!same_key(b"sk-loca", b"sk-local"));
+        assert!(!same_key(b"", b"sk-local"));
+        assert!(same_key(b"", b""));
     }
 }
