@@ -193,8 +193,9 @@ fn the_app_serves_its_model_on_a_local_openai_api() {
     assert_eq!(status, 401, "{v}");
     let (status, v) = chat(&url, &hello, Some("sk-local-1"));
     assert_eq!(status, 200, "{v}");
-    assert!(
-        !app.ok("get_settings", json!({}))["apiServer"]["apiKey"].is_null(),
+    assert_eq!(
+        app.ok("get_settings", json!({}))["apiServer"]["apiKey"],
+        "sk-local-1",
         "the key is shown in Settings (clients need it)"
     );
 
