@@ -239,6 +239,21 @@ fn inspect(repo: &Path, variant: Option<&str>, base: Option<&Path>) -> Result<()
             Ok(f) => {
                 let (b, t) = (&f.config.base, &f.config.tptt);
                 println!("  architecture: {} ({} layers, hidden {}, heads {}/{} kv, head_dim {}, vocab {})", b.arch.name(), b.num_layers, b.hidden_size, b.num_heads, b.num_kv_heads, b.head_dim, b.vocab_size);
+                if let Some(dims) = &b.layer_dims {
+                    let heads: Vec<String> = dims
+                        .iter()
+                        .map(|d| format!("{}/{}", d.num_heads, d.num_kv_heads))
+                        .collect();
+                    let ffn: Vec<String> = dims
+                        .iter()
+                        .map(|d| d.intermediate_size.to_string())
+                        .collect();
+                    println!(
+                        "  per layer: heads/kv {} · ffn {}",
+                        heads.join(" "),
+                        ffn.join(" ")
+                    );
+                }
                 println!("  base: {}", f.base_dir.display());
                 println!(
                     "  operator_mode: {} (order {}, alpha {:?}, beta {:?}, linear {}, trick {:?})",

@@ -161,6 +161,15 @@ pub fn canonical_config(cfg: &ModelConfig) -> String {
     put("num_hidden_layers", b.num_layers.to_string());
     put("num_attention_heads", b.num_heads.to_string());
     put("num_key_value_heads", b.num_kv_heads.to_string());
+    if let Some(dims) = &b.layer_dims {
+        // OpenELM: the per-layer sizes (absent for uniform bases, whose identity is unchanged).
+        let list = dims
+            .iter()
+            .map(|d| format!("{}/{}/{}", d.num_heads, d.num_kv_heads, d.intermediate_size))
+            .collect::<Vec<_>>()
+            .join(",");
+        put("layer_dims", list);
+    }
     put("head_dim", b.head_dim.to_string());
     put("rms_norm_eps", f(b.rms_norm_eps));
     put("rope_theta", f(b.rope_theta));

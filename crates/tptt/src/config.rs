@@ -14,6 +14,8 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+mod openelm;
+
 /// Keys of a TPTT `config.json` that never overlay the base config: `PretrainedConfig.__init__`
 /// resets them inside `TpttConfig`, so their saved values are not the base model's.
 const NON_OVERLAY_KEYS: &[&str] = &[
@@ -45,6 +47,9 @@ pub enum Architecture {
     Olmo,
     /// OLMoE: OLMo-style attention with full-width q/k RMS norms and a top-k mixture of experts.
     Olmoe,
+    /// Apple's OpenELM: layer-wise scaling (query / KV heads and FFN width per layer), a fused
+    /// `qkv_proj`, per-head q/k RMS norms, a fused gate/up `proj_1`.
+    OpenElm,
 }
 
 impl Architecture {
@@ -56,6 +61,7 @@ impl Architecture {
             "gemma3_text" | "gemma3" => Ok(Self::Gemma3),
             "olmo" => Ok(Self::Olmo),
             "olmoe" => Ok(Self::Olmoe),
+            "openelm" => Ok(Self::OpenElm),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -69,6 +75,7 @@ impl Architecture {
             Self::Gemma3 => "gemma3_text",
             Self::Olmo => "olmo",
             Self::Olmoe => "olmoe",
+            Self::OpenElm => "openelm",
         }
     }
 }
@@ -295,6 +302,17 @@ pub struct MoeConfig {
     pub norm_topk_prob: bool,
 }
 
+/// The sizes of one decoder layer that OpenELM varies from layer to layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerDims {
+    /// Query heads.
+    pub num_heads: usize,
+    /// KV heads (dividing `num_heads`).
+    pub num_kv_heads: usize,
+    /// Width of the gated MLP.
+    pub intermediate_size: usize,
+}
+
 /// Validated base-model hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BaseConfig {
@@ -302,14 +320,17 @@ pub struct BaseConfig {
     pub arch: Architecture,
     /// `hidden_size` (E).
     pub hidden_size: usize,
-    /// `intermediate_size`.
+    /// `intermediate_size` (OpenELM: the widest layer's; see [`BaseConfig::layer`]).
     pub intermediate_size: usize,
     /// `num_hidden_layers`.
     pub num_layers: usize,
-    /// `num_attention_heads` (H).
+    /// `num_attention_heads` (H; OpenELM: the most of any layer, see [`BaseConfig::layer`]).
     pub num_heads: usize,
-    /// `num_key_value_heads` (Hkv).
+    /// `num_key_value_heads` (Hkv; OpenELM: the most of any layer).
     pub num_kv_heads: usize,
+    /// Per-layer sizes when they differ from layer to layer (OpenELM); `None`: every layer has
+    /// `num_heads`, `num_kv_heads` and `intermediate_size`.
+    pub layer_dims: Option<Vec<LayerDims>>,
     /// `head_dim` (D).
     pub head_dim: usize,
     /// `rms_norm_eps`.
@@ -358,6 +379,29 @@ pub struct BaseConfig {
     pub bos_token_id: Option<u32>,
     /// `eos_token_id`(s) of the base.
     pub eos_token_ids: Vec<u32>,
+}
+
+impl BaseConfig {
+    /// The sizes of decoder layer `i` (the uniform ones for every base but OpenELM).
+    pub fn layer(&self, i: usize) -> LayerDims {
+        match self.layer_dims.as_ref().and_then(|d| d.get(i)) {
+            Some(d) => *d,
+            None => LayerDims {
+                num_heads: self.num_heads,
+                num_kv_heads: self.num_kv_heads,
+                intermediate_size: self.intermediate_size,
+            },
+        }
+    }
+
+    /// KV heads summed over the layers (the KV cache holds this many `head_dim` rows per
+    /// position, for keys and for values).
+    pub fn total_kv_heads(&self) -> usize {
+        match &self.layer_dims {
+            Some(d) => d.iter().map(|l| l.num_kv_heads).sum(),
+            None => self.num_kv_heads.saturating_mul(self.num_layers),
+        }
+    }
 }
 
 /// A variant's full configuration: base hyper-parameters plus TPTT settings.
@@ -523,6 +567,15 @@ impl BaseConfig {
             },
             e => e,
         };
+        let declared = map.get("model_type").and_then(Value::as_str).or_else(|| {
+            map.get("architectures")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(Value::as_str)
+        });
+        if matches!(declared, Some("openelm" | "OpenELMForCausalLM")) {
+            return openelm::base_config(map).map_err(with_path);
+        }
         let raw: RawBaseConfig = from_object(map).map_err(|m| with_path(Error::config(m)))?;
         let model_type = raw
             .model_type
@@ -659,6 +712,7 @@ impl BaseConfig {
             num_layers: raw.num_hidden_layers,
             num_heads: raw.num_attention_heads,
             num_kv_heads,
+            layer_dims: None,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps,
             rope_theta: raw.rope_theta,

@@ -154,6 +154,16 @@ impl LayerState {
     }
 }
 
+/// The query and KV heads of every layer of `base`.
+fn per_layer_heads(base: &crate::config::BaseConfig) -> (Vec<usize>, Vec<usize>) {
+    (0..base.num_layers)
+        .map(|i| {
+            let l = base.layer(i);
+            (l.num_heads, l.num_kv_heads)
+        })
+        .unzip()
+}
+
 /// The first `n` slots of a cache as f32.
 fn view_f32(t: &Option<Tensor>, n: usize) -> Result<Option<Tensor>> {
     Ok(match t {
@@ -568,7 +578,7 @@ impl State {
         Self::restore(
             &Source::Tensors(t),
             num_layers,
-            heads,
+            &vec![heads; num_layers],
             None,
             dim,
             pos,
@@ -601,11 +611,12 @@ impl State {
         window: Option<usize>,
         device: &Device,
     ) -> Result<Self> {
+        let (heads, kv_heads) = per_layer_heads(base);
         Self::restore(
             &Source::File(t),
             base.num_layers,
-            base.num_heads,
-            Some(base.num_kv_heads),
+            &heads,
+            Some(&kv_heads),
             base.head_dim,
             pos,
             mode,
@@ -614,13 +625,14 @@ impl State {
         )
     }
 
-    /// [`State::from_tensors`] and [`State::from_safetensors`]: `kv_heads` is checked when given.
+    /// [`State::from_tensors`] and [`State::from_safetensors`]: `heads` (query heads) and
+    /// `kv_heads` are per layer; `kv_heads` is checked when given.
     #[allow(clippy::too_many_arguments)]
     fn restore(
         t: &Source<'_, '_>,
         num_layers: usize,
-        heads: usize,
-        kv_heads: Option<usize>,
+        heads: &[usize],
+        kv_heads: Option<&[usize]>,
         dim: usize,
         pos: usize,
         mode: CarryMode,
@@ -643,19 +655,26 @@ impl State {
         let n = key_pos.len();
         check_key_positions(&key_pos, pos, mode, window)?;
 
-        // The KV cache of every layer, checked: [Hkv, n, D] each, the same Hkv throughout.
+        // The KV cache of every layer, checked: [Hkv, n, D] each (Hkv per layer: OpenELM's
+        // layers differ).
+        if heads.len() != num_layers || kv_heads.is_some_and(|k| k.len() != num_layers) {
+            return Err(Error::State(format!(
+                "head counts given for {} layers, the model has {num_layers}",
+                heads.len()
+            )));
+        }
         let mut kv: Vec<(Values<'_>, Values<'_>)> = Vec::with_capacity(num_layers);
-        let mut hkv = kv_heads;
+        let mut hkv: Vec<Option<usize>> = (0..num_layers).map(|i| kv_heads.map(|k| k[i])).collect();
         for i in 0..num_layers {
             match (
                 t.f32s(&format!("layers.{i}.k"))?,
                 t.f32s(&format!("layers.{i}.v"))?,
             ) {
                 (Some((ks, k)), Some((vs, v))) => {
-                    let h = *hkv.get_or_insert(ks.first().copied().unwrap_or(0));
-                    // Without the model's KV head count (`from_tensors`), the first layer's
-                    // must at least divide the query heads.
-                    if h == 0 || !heads.is_multiple_of(h) || ks != [h, n, dim] || vs != ks {
+                    let h = *hkv[i].get_or_insert(ks.first().copied().unwrap_or(0));
+                    // Without the model's KV head count (`from_tensors`), the layer's own
+                    // must at least divide its query heads.
+                    if h == 0 || !heads[i].is_multiple_of(h) || ks != [h, n, dim] || vs != ks {
                         return Err(Error::State(format!(
                             "layer {i}: KV cache shapes {ks:?} / {vs:?} do not match {n} positions of {h} heads × {dim}"
                         )));
@@ -666,37 +685,45 @@ impl State {
                 _ => return Err(Error::State(format!("layer {i}: KV cache missing"))),
             }
         }
-        let kv_bufs: Vec<Option<(Tensor, Tensor)>> = match hkv {
-            Some(h) if kv.len() == num_layers && n > 0 => {
-                // One buffer [L, 2, Hkv, cap, D], each head's n positions then zeros up to cap.
-                let cap = restored_capacity(n, mode, window);
-                let mut buf = big_buffer(num_layers * 2 * h * cap * dim);
-                for (i, (k, v)) in kv.iter().enumerate() {
-                    for (name, x) in [("keys", k), ("values", v)] {
-                        for head in 0..h {
-                            let from = buf.len();
-                            x.extend_into(&mut buf, head * n * dim, n * dim);
-                            // Checked while the copy is in cache (a branch-free pass the
-                            // compiler vectorizes): a NaN here would poison every later answer.
-                            check_finite(&buf[from..], || {
-                                format!("layer {i}: the cached {name} of KV head {head}")
-                            })?;
-                            buf.resize(buf.len() + (cap - n) * dim, 0.0);
-                        }
+        let kv_bufs: Vec<Option<(Tensor, Tensor)>> = if kv.len() == num_layers && n > 0 {
+            // One buffer for every layer ([2, Hkv_i, cap, D] after one another), each head's
+            // n positions then zeros up to cap.
+            let cap = restored_capacity(n, mode, window);
+            let layer_heads: Vec<usize> = hkv.iter().map(|h| h.unwrap_or(0)).collect();
+            let total: usize = layer_heads.iter().map(|h| 2 * h * cap * dim).sum();
+            let mut buf = big_buffer(total);
+            for (i, (k, v)) in kv.iter().enumerate() {
+                for (name, x) in [("keys", k), ("values", v)] {
+                    for head in 0..layer_heads[i] {
+                        let from = buf.len();
+                        x.extend_into(&mut buf, head * n * dim, n * dim);
+                        // Checked while the copy is in cache (a branch-free pass the
+                        // compiler vectorizes): a NaN here would poison every later answer.
+                        check_finite(&buf[from..], || {
+                            format!("layer {i}: the cached {name} of KV head {head}")
+                        })?;
+                        buf.resize(buf.len() + (cap - n) * dim, 0.0);
                     }
                 }
-                drop(kv);
-                let all = Tensor::from_vec(buf, (num_layers, 2, h, cap, dim), &Device::Cpu)?
-                    .to_device(device)?;
-                (0..num_layers)
-                    .map(|i| Ok(Some((all.i((i, 0))?, all.i((i, 1))?))))
-                    .collect::<Result<_>>()?
             }
-            _ => (0..num_layers).map(|_| None).collect(),
+            drop(kv);
+            let all = Tensor::from_vec(buf, total, &Device::Cpu)?.to_device(device)?;
+            let mut offset = 0;
+            let mut bufs = Vec::with_capacity(num_layers);
+            for &h in &layer_heads {
+                let len = 2 * h * cap * dim;
+                let layer = all.narrow(0, offset, len)?.reshape((2, h, cap, dim))?;
+                offset += len;
+                bufs.push(Some((layer.i(0)?, layer.i(1)?)));
+            }
+            bufs
+        } else {
+            (0..num_layers).map(|_| None).collect()
         };
 
         let mut layers = Vec::with_capacity(num_layers);
         for (i, kv) in kv_bufs.into_iter().enumerate() {
+            let (heads, hkv) = (heads[i], hkv[i]);
             let (shape, state) = get(&format!("layers.{i}.state"))?;
             // One state per query head, or one per kv head (`LinearCarry::state`).
             let dd = dim * dim;

@@ -408,11 +408,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             .find(|d| d.history == h)
             .map_or(0, |d| d.kv_len)
     };
-    let kv_bytes = |n: usize| {
-        (b.num_layers * 2 * b.num_kv_heads * b.head_dim * args.kv.value_bytes() * n) as f64
-    };
+    let kv_bytes =
+        |n: usize| (2 * b.total_kv_heads() * b.head_dim * args.kv.value_bytes() * n) as f64;
     let w = subject.weight_bytes as f64;
-    let kv_bytes4 = |n: usize| (b.num_layers * 2 * b.num_kv_heads * b.head_dim * 4 * n) as f64;
+    let kv_bytes4 = |n: usize| (2 * b.total_kv_heads() * b.head_dim * 4 * n) as f64;
     let flatness_bound = (w + kv_bytes(kv_at(short))) / (w + kv_bytes(kv_at(long)));
     notes.insert(
         "long_history_flatness_bound".into(),

@@ -61,7 +61,7 @@ struct Call {
 impl Call {
     fn plan(model: &Model, state: &State, s: usize) -> Result<Self> {
         let b = &model.cfg.base;
-        let ring = KvRing::of(state, b.num_kv_heads, b.head_dim);
+        let ring = KvRing::of(state, b.head_dim);
         let positions: Vec<usize> = (state.pos..state.pos + s).collect();
         let cos_sin = model
             .ropes
@@ -234,7 +234,7 @@ impl Model {
         mode: CarryMode,
     ) -> Result<Tensor> {
         let b = &self.cfg.base;
-        let (nkv, d) = (b.num_kv_heads, b.head_dim);
+        let (nkv, d) = (layer.kv_heads, b.head_dim);
         let s = call.s;
         let x = layer.in_norm.forward(&h)?;
         let q_raw = layer.q.forward(&x)?; // [S, H·D]
@@ -252,7 +252,7 @@ impl Model {
                 let t_len = call.att_pos.len();
                 match (ls.k_view(t_len)?, ls.v_view(t_len)?) {
                     (Some(ka), Some(va)) => {
-                        self.attend_masked(&q, &ka, &va, call.mask_of(layer)?)?
+                        self.attend_masked(layer, &q, &ka, &va, call.mask_of(layer)?)?
                     }
                     _ => return Err(Error::State("KV cache missing after write".into())),
                 }
@@ -267,7 +267,7 @@ impl Model {
                     }
                     _ => (k.clone(), v.clone()),
                 };
-                let attn = self.attend_masked(&q, &ka, &va, call.mask_of(layer)?)?;
+                let attn = self.attend_masked(layer, &q, &ka, &va, call.mask_of(layer)?)?;
                 if mode == CarryMode::Reference {
                     // The cache is the ordered list of every key attended to.
                     ls.k = Some(ka);
@@ -279,7 +279,7 @@ impl Model {
         let out = if self.mix.branch_on() {
             let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
             let y = linear::forward(
-                &self.shape,
+                &self.linear_shape(layer),
                 &flat(&q_raw)?,
                 &flat(&k_raw)?,
                 &flat(&v_raw)?,
@@ -287,7 +287,7 @@ impl Model {
                 mode,
                 self.scan,
             );
-            let y = Tensor::from_vec(y, (s, b.num_heads * d), &self.device)?;
+            let y = Tensor::from_vec(y, (s, layer.heads * d), &self.device)?;
             self.mix.tensors(&attn, &y, |z| layer.o.forward(z))?
         } else {
             layer.o.forward(&attn)?
@@ -313,9 +313,16 @@ impl Model {
 
     /// Softmax attention of `q` (`[H, S, D]`) over `k`, `v` (`[Hkv, T, D]`) with `mask`
     /// (`[S, T]`, additive): `[S, H·D]`. Query heads `kvh·G + g` share kv head `kvh`.
-    fn attend_masked(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn attend_masked(
+        &self,
+        layer: &Layer,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let b = &self.cfg.base;
-        let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+        let (nh, nkv, d) = (layer.heads, layer.kv_heads, b.head_dim);
         let (g, s, t_len) = (nh / nkv, q.dim(1)?, k.dim(1)?);
         let qg = q.reshape((nkv, g * s, d))?;
         let scores = (qg.matmul(&k.t()?)? * b.attn_scale)?; // [Hkv, G·S, T]
@@ -342,7 +349,7 @@ impl Model {
         key_pos: &[usize],
     ) -> Result<Tensor> {
         let b = &self.cfg.base;
-        let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+        let (nh, nkv, d) = (layer.heads, layer.kv_heads, b.head_dim);
         let (qc, kc, vc) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (qd, kd, vd) = (
             step::Data::of(&qc),

@@ -16,17 +16,16 @@ use crate::state::{KvFormat, LayerState, State};
 #[derive(Debug, Clone, Copy)]
 pub(super) struct KvRing {
     window: Option<usize>,
-    kv_heads: usize,
     dim: usize,
     format: KvFormat,
 }
 
 impl KvRing {
-    /// The ring of `state` for keys of `kv_heads × dim`.
-    pub(super) fn of(state: &State, kv_heads: usize, dim: usize) -> Self {
+    /// The ring of `state` for keys of `dim` per head (a layer's KV head count is that of the
+    /// keys written: OpenELM's layers differ).
+    pub(super) fn of(state: &State, dim: usize) -> Self {
         Self {
             window: state.window,
-            kv_heads,
             dim,
             format: state.kv_format,
         }
@@ -81,7 +80,7 @@ impl KvRing {
         ls.ensure_capacity(
             slot + 1,
             self.window,
-            self.kv_heads,
+            k.dim(0)?,
             self.dim,
             self.format,
             device,
@@ -113,7 +112,7 @@ impl KvRing {
             ls.ensure_capacity(
                 slot + run,
                 self.window,
-                self.kv_heads,
+                k.dim(0)?,
                 self.dim,
                 self.format,
                 device,
@@ -170,7 +169,7 @@ mod tests {
             for calls in [vec![1usize; 9], vec![2, 5, 2], vec![9], vec![3, 1, 1, 4]] {
                 let mut a = state(window);
                 let mut b = state(window);
-                let ring = KvRing::of(&a, 1, 2);
+                let ring = KvRing::of(&a, 2);
                 for p in 0..9usize {
                     let kv =
                         Tensor::from_vec(vec![p as f32, -(p as f32)], (1, 1, 2), &dev).expect("kv");
@@ -214,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_hole_in_the_ring_is_refused() {
-        let ring = KvRing::of(&state(Some(8)), 1, 2);
+        let ring = KvRing::of(&state(Some(8)), 2);
         // Slots 0..2 filled, the next token would go to slot 5.
         assert!(ring.after_one(&[0, 1], 5).is_err());
         let mut key_pos = vec![0, 1];

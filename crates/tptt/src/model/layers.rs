@@ -149,6 +149,10 @@ pub(super) struct Layer {
     pub(super) window: Option<usize>,
     /// Index into `Model::ropes`.
     pub(super) rope: usize,
+    /// Query heads of this layer (OpenELM's differ from layer to layer).
+    pub(super) heads: usize,
+    /// KV heads of this layer.
+    pub(super) kv_heads: usize,
 }
 
 impl Layer {
@@ -163,7 +167,7 @@ impl Layer {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+        let (nh, nkv, d) = (self.heads, self.kv_heads, b.head_dim);
         let s = q_raw.dim(0)?;
         let (mut qs, mut ks, mut vs) = (q_raw.clone(), k_raw.clone(), v_raw.clone());
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {

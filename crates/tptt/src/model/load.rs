@@ -8,7 +8,9 @@ use candle_core::{Device, Tensor};
 use super::layers::{Expert, Layer, Linear, Matrix, Mlp, Norm};
 use super::mix::MagMix;
 use super::{LoadOptions, Model};
-use crate::config::{BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings};
+use crate::config::{
+    Architecture, BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings,
+};
 use crate::error::{Error, Result};
 use crate::linear::LinearShape;
 use crate::repo::VariantFiles;
@@ -80,8 +82,8 @@ fn take_norm(src: &mut Source<'_>, name: &str, b: &BaseConfig, dim: usize) -> Re
     })
 }
 
-fn take_expert(src: &mut Source<'_>, p: &str, b: &BaseConfig) -> Result<Expert> {
-    let (e, i) = (b.hidden_size, b.intermediate_size);
+fn take_expert(src: &mut Source<'_>, p: &str, b: &BaseConfig, i: usize) -> Result<Expert> {
+    let e = b.hidden_size;
     Ok(Expert {
         gate: src.linear(&format!("{p}.gate_proj"), i, e, b.mlp_bias)?,
         up: src.linear(&format!("{p}.up_proj"), i, e, b.mlp_bias)?,
@@ -180,17 +182,24 @@ impl Model {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let b = &cfg.base;
+        let map = match b.arch {
+            Architecture::OpenElm => {
+                if let Some(name) = adapter.unmerged.keys().next() {
+                    return Err(Error::config(format!(
+                        "{name}: an OpenELM base must be dense (safetensors) to take its LoRA"
+                    )));
+                }
+                super::openelm::llama_names(map, b, location)?
+            }
+            _ => map,
+        };
         let mut src = Source {
             map,
             loras: &adapter.unmerged,
             location,
             device: opts.device.clone(),
         };
-        let (e, hd, kvd) = (
-            b.hidden_size,
-            b.num_heads * b.head_dim,
-            b.num_kv_heads * b.head_dim,
-        );
+        let e = b.hidden_size;
         let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
         // Lookups need dense rows; a tied lm_head keeps the (possibly quantized) matrix.
         let embed = match &embed_w {
@@ -200,6 +209,8 @@ impl Model {
         let mut layers = Vec::new(); // not with_capacity: num_layers is untrusted until the weights confirm it
         for i in 0..b.num_layers {
             let p = format!("model.layers.{i}");
+            let dims = b.layer(i);
+            let (hd, kvd) = (dims.num_heads * b.head_dim, dims.num_kv_heads * b.head_dim);
             let (q_norm, k_norm) = match b.qk_norm {
                 QkNorm::None => (None, None),
                 QkNorm::PerHead => (
@@ -232,11 +243,23 @@ impl Model {
                 ),
             };
             let mlp = match b.moe {
-                None => Mlp::Gated(take_expert(&mut src, &format!("{p}.mlp"), b)?),
+                None => Mlp::Gated(take_expert(
+                    &mut src,
+                    &format!("{p}.mlp"),
+                    b,
+                    dims.intermediate_size,
+                )?),
                 Some(moe) => Mlp::Moe {
                     router: src.linear(&format!("{p}.mlp.gate"), moe.num_experts, e, false)?,
                     experts: (0..moe.num_experts)
-                        .map(|x| take_expert(&mut src, &format!("{p}.mlp.experts.{x}"), b))
+                        .map(|x| {
+                            take_expert(
+                                &mut src,
+                                &format!("{p}.mlp.experts.{x}"),
+                                b,
+                                dims.intermediate_size,
+                            )
+                        })
                         .collect::<Result<_>>()?,
                     top_k: moe.top_k,
                     norm_topk: moe.norm_topk_prob,
@@ -290,6 +313,8 @@ impl Model {
                 mlp,
                 window,
                 rope: usize::from(window.is_some() && b.local_rope_theta.is_some()),
+                heads: dims.num_heads,
+                kv_heads: dims.num_kv_heads,
             });
         }
         let norm = take_norm(&mut src, "model.norm.weight", b, e)?;

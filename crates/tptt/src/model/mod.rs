@@ -40,6 +40,7 @@ mod kv;
 mod layers;
 mod load;
 mod mix;
+mod openelm;
 mod step;
 mod train;
 pub use train::{LayerLora, LoraPair, SeqContext, TrainCarry};
@@ -239,6 +240,15 @@ impl Model {
         layers + self.lm_head.size_bytes() + self.norm.w.as_ref().map_or(0, |w| w.elem_count() * 4)
     }
 
+    /// The linear branch's shape for one layer (its own head counts).
+    fn linear_shape(&self, layer: &Layer) -> LinearShape {
+        LinearShape {
+            heads: layer.heads,
+            kv_heads: layer.kv_heads,
+            ..self.shape
+        }
+    }
+
     /// Override `max_chunk_size` (e.g. 1 for a pure per-token recurrence).
     pub fn set_max_chunk_size(&mut self, c: usize) -> Result<()> {
         if c == 0 {
@@ -274,11 +284,13 @@ impl Model {
         State {
             pos: 0,
             key_pos: Vec::new(),
-            layers: (0..b.num_layers)
-                .map(|_| LayerState {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerState {
                     k: None,
                     v: None,
-                    linear: LinearCarry::grouped(b.num_kv_heads, b.head_dim),
+                    linear: LinearCarry::grouped(l.kv_heads, b.head_dim),
                 })
                 .collect(),
             mode,

@@ -233,10 +233,10 @@ fn mlp(layer: &Layer, x: &[f32], act: Activation, model: &Model) -> Result<Vec<f
 pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<Tensor> {
     debug_assert_eq!(state.mode, CarryMode::Continue);
     let b = &model.cfg.base;
-    let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+    let d = b.head_dim;
     let e = b.hidden_size;
     let qp = state.pos;
-    let ring = KvRing::of(state, nkv, d);
+    let ring = KvRing::of(state, d);
     // The token's slot, and the positions the slots hold once it is written.
     let (slot, key_pos) = ring.after_one(&state.key_pos, qp)?;
     let t_len = key_pos.len();
@@ -257,6 +257,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
     let linear_on = model.mix.branch_on();
     let mut visible = vec![false; t_len];
     for (layer, ls) in model.layers.iter().zip(state.layers.iter_mut()) {
+        let (nh, nkv) = (layer.heads, layer.kv_heads);
         let x = normed(&layer.in_norm, &h)?;
         let [q_raw, k_raw, v_raw] = linears_n([&layer.q, &layer.k, &layer.v], &x, &model.device)?;
 
@@ -318,7 +319,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         // slower here: both are small at batch 1.)
         let y = linear_on.then(|| {
             linear::forward(
-                &model.shape,
+                &model.linear_shape(layer),
                 &q_raw,
                 &k_raw,
                 &v_raw,

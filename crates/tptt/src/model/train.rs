@@ -96,6 +96,13 @@ impl Model {
                 "training a mixture-of-experts base (OLMoE) is not supported: its routing is not differentiable here",
             ));
         }
+        if self.cfg.base.layer_dims.is_some() {
+            // The trained LoRA is written for q_proj/k_proj/v_proj/o_proj; OpenELM's adapter
+            // targets its fused qkv_proj / out_proj (and its layers differ in width).
+            return Err(Error::config(
+                "training an OpenELM base is not supported yet: its adapter would target the fused qkv_proj, which tptt distill does not write",
+            ));
+        }
         for (i, l) in self.layers.iter().enumerate() {
             for (name, p) in [("q", &l.q), ("k", &l.k), ("v", &l.v), ("o", &l.o)] {
                 if !matches!(p.w, Matrix::Dense(_)) || p.lora.is_some() {
@@ -238,7 +245,7 @@ impl Model {
                 "a prefix of {prefix} tokens leaves no segment in {s} rows"
             )));
         }
-        let (nh, nkv, d) = (b.num_heads, b.num_kv_heads, b.head_dim);
+        let (nh, nkv, d) = (layer.heads, layer.kv_heads, b.head_dim);
         let g = nh / nkv;
         let proj =
             |lin: &Linear, x: &Tensor, pick: fn(&LayerLora) -> &LoraPair| -> Result<Tensor> {
@@ -296,7 +303,7 @@ impl Model {
             let hist = prefix.min(crate::train::linear::HISTORY);
             let rows = |x: &Tensor| x.narrow(0, prefix - hist, seg + hist);
             let (y, state) = crate::train::linear::forward_carried(
-                &self.shape,
+                &self.linear_shape(layer),
                 &rows(&q_raw)?,
                 &rows(&k_raw)?,
                 &rows(&v_raw)?,

@@ -256,11 +256,12 @@ impl State {
         device: &Device,
     ) -> Result<Self> {
         let source = PagedSource::new(t, pages, refs)?;
+        let (heads, kv_heads) = super::per_layer_heads(base);
         Self::restore(
             &Source::Paged(&source),
             base.num_layers,
-            base.num_heads,
-            Some(base.num_kv_heads),
+            &heads,
+            Some(&kv_heads),
             base.head_dim,
             pos,
             mode,
