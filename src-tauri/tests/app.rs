@@ -130,6 +130,7 @@ fn the_model_manager_lists_adds_and_imports() {
         "ffurfaro/Titans-OLMo-1B-hf",
         "ffurfaro/Titans-v2-Mistral-7B-v0.3",
         "ffurfaro/Titanesque-gemma-3-270m",
+        "ffurfaro/Titans-OpenELM-1_1B",
     ] {
         assert!(repos.contains(&r), "{r} in the catalog");
     }

@@ -1,6 +1,7 @@
 //! `tptt generate` end to end: greedy ids of one run equal those of a run split by
 //! `--save-state` / `--load-state` (for several operator modes); broken or foreign snapshots
-//! are refused with an `error:` line and a non-zero exit, never a panic; and, with
+//! are refused with an `error:` line and a non-zero exit, never a panic; OpenELM's layers of
+//! different widths through state files and `inject`; and, with
 //! `TPTT_SMOLLM2_DIR`, an injected SmolLM2 with TPTT switched off answers a chat question.
 
 use std::path::{Path, PathBuf};
@@ -49,10 +50,14 @@ fn text(b: &[u8]) -> String {
 
 /// Run `tptt generate` on a tiny llama variant, greedy, `--print-ids`; returns the ids.
 fn generate_ids(variant: &str, extra: &[&str]) -> Vec<u32> {
-    let llama = fixtures().join("tptt-llama");
+    generate_ids_in(&fixtures().join("tptt-llama"), variant, extra)
+}
+
+/// [`generate_ids`] on a variant of any repo.
+fn generate_ids_in(repo: &Path, variant: &str, extra: &[&str]) -> Vec<u32> {
     let mut args = vec![
         "generate",
-        llama.to_str().expect("utf-8 path"),
+        repo.to_str().expect("utf-8 path"),
         "--variant",
         variant,
         "--greedy",
@@ -117,6 +122,79 @@ fn split_run_through_a_state_file_equals_one_run() {
             "{variant}: 8 + 8 through {state} differs from 16 in one run"
         );
     }
+}
+
+/// OpenELM (layers of different head counts): a split run through a state file equals one
+/// run, in both KV formats; `inject` on its plain base gives a repo that `inspect` describes
+/// layer by layer and that generates.
+#[test]
+fn openelm_split_run_and_injection() {
+    let scratch = Scratch::new();
+    let repo = fixtures().join("tptt-openelm");
+    for (variant, kv) in [
+        ("delta_rule", "f32"),
+        ("delta_product", "f16"),
+        ("gated_delta_product", "f32"),
+    ] {
+        let run = |extra: &[&str]| {
+            let mut args = vec!["--kv", kv];
+            args.extend_from_slice(extra);
+            generate_ids_in(&repo, variant, &args)
+        };
+        let whole = run(&["--prompt", "hello world", "--max-new-tokens", "12"]);
+        assert_eq!(whole.len(), 12, "{variant}");
+        let state = scratch.path(&format!("openelm-{variant}.tptt-state"));
+        let state = state.to_str().expect("utf-8 path");
+        let first = run(&[
+            "--prompt",
+            "hello world",
+            "--max-new-tokens",
+            "5",
+            "--save-state",
+            state,
+        ]);
+        let second = run(&["--load-state", state, "--max-new-tokens", "7"]);
+        assert_eq!(
+            [first, second].concat(),
+            whole,
+            "openelm {variant} ({kv}): 5 + 7 through a state file differs from 12 in one run"
+        );
+    }
+
+    let base = fixtures().join("openelm-base");
+    let out_dir = scratch.path("openelm-injected");
+    let (base, out_dir) = (
+        base.to_str().expect("utf-8 path"),
+        out_dir.to_str().expect("utf-8 path"),
+    );
+    let out = tptt(&[
+        "inject",
+        base,
+        "--out",
+        out_dir,
+        "--modes",
+        "delta_product",
+        "--mag-weight",
+        "0.25",
+    ]);
+    assert!(out.status.success(), "inject: {}", text(&out.stderr));
+    let out = tptt(&["inspect", out_dir]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "inspect: {}", text(&out.stderr));
+    assert!(
+        stdout.contains("architecture: openelm (3 layers"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("per layer: heads/kv 2/1 4/2 4/2 · ffn 32 144 256"),
+        "{stdout}"
+    );
+    let ids = generate_ids_in(
+        Path::new(out_dir),
+        "delta_product_mag0.25",
+        &["--prompt", "hello", "--max-new-tokens", "6"],
+    );
+    assert_eq!(ids.len(), 6);
 }
 
 /// Assert a clean failure: non-zero exit, an `error:` line containing `needle`, no panic.

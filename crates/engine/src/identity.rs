@@ -132,7 +132,10 @@ pub(crate) fn config_hash_v3(cfg: &ModelConfig) -> String {
     let mut t = cfg.tptt.clone();
     t.base_model_name.clear();
     t.base_model_subfolder = None;
-    let text = format!("{:?}|{:?}", cfg.base, t);
+    // `layer_dims` came later (with OpenELM, which no such snapshot can hold): left out, so
+    // that a uniform base's text is the one those versions hashed.
+    let base = format!("{:?}", cfg.base).replacen(", layer_dims: None", "", 1);
+    let text = format!("{base}|{t:?}");
     let mut h: u64 = 0xcbf29ce484222325;
     for b in text.bytes() {
         h ^= b as u64;

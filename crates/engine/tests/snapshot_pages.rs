@@ -94,7 +94,7 @@ fn turns(fx: &Fixture, opts: SessionOptions, scratch: &Scratch, tag: &str) {
         }
         // Per position: layers × (keys + values) × KV heads × head size × 4 bytes.
         let b = &fx.model.config().base;
-        let per_position = (b.num_layers * 2 * b.num_kv_heads * b.head_dim * 4) as u64;
+        let per_position = (2 * b.total_kv_heads() * b.head_dim * 4) as u64;
         if let Some((prev, prev_session)) = saved.last() {
             // Only the positions the previous turn's window did not hold are new.
             let new_positions = live.state.pos - prev_session.state.pos;

@@ -1194,3 +1194,118 @@ fn zero_sliding_window() {
         &["sliding_window", "config.json"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// OpenELM: per-layer sizes from the config, fused projections from the weights.
+
+/// Edit a key of an OpenELM variant's config everywhere it is read (the base's config and the
+/// copy the TPTT config carries, which overlays it).
+fn edit_openelm(fx: &Fx, key: &str, value: Value) {
+    for path in [fx.base_config(), fx.config()] {
+        edit_json(&path, |m| {
+            m.insert(key.into(), value.clone());
+        });
+    }
+}
+
+#[test]
+fn openelm_fixture_loads_unbroken() {
+    Fx::new("openelm", &["delta_rule"])
+        .run_ok()
+        .expect("openelm delta_rule");
+}
+
+#[test]
+fn openelm_per_layer_lists_of_the_wrong_length() {
+    for (key, value, words) in [
+        (
+            "num_query_heads",
+            json!([2, 4]),
+            "num_query_heads has 2 entries for 3 layers",
+        ),
+        (
+            "num_kv_heads",
+            json!([1, 2, 2, 2]),
+            "num_kv_heads has 4 entries for 3 layers",
+        ),
+        (
+            "ffn_multipliers",
+            json!([0.5, 1.0, 2.0, 4.0]),
+            "ffn_multipliers: 4 entries for 3 layers",
+        ),
+    ] {
+        let fx = Fx::new("openelm", &["delta_rule"]);
+        edit_openelm(&fx, key, value);
+        check(fx.run_ok(), |e| matches!(e, Error::Config { .. }), &[words]);
+    }
+}
+
+#[test]
+fn openelm_head_counts_that_do_not_fit() {
+    // KV heads that do not divide the query heads (3 of layer 1's 4), and a group count that
+    // changes every layer's heads from what the lists (and the weights) say.
+    let fx = Fx::new("openelm", &["delta_rule"]);
+    edit_openelm(&fx, "num_kv_heads", json!([1, 3, 2]));
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["num_kv_heads [1, 3, 2]", "[1, 2, 2]"],
+    );
+    let fx = Fx::new("openelm", &["delta_rule"]);
+    edit_openelm(&fx, "num_gqa_groups", json!(0));
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::Config { .. }),
+        &["num_gqa_groups"],
+    );
+    // Lists removed, groups changed: the computed heads no longer match the weights.
+    let fx = Fx::new("openelm", &["delta_rule"]);
+    for path in [fx.base_config(), fx.config()] {
+        edit_json(&path, |m| {
+            m.remove("num_query_heads");
+            m.remove("num_kv_heads");
+            m.insert("num_gqa_groups".into(), json!(4));
+        });
+    }
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::ShapeMismatch { .. }),
+        &["transformer.layers.0.attn.qkv_proj.weight", "[96, 64]"],
+    );
+}
+
+#[test]
+fn openelm_qkv_rows_that_do_not_match_the_heads() {
+    // The plain base (no adapter in the way): the fused projection named as the checkpoint has it.
+    let fx = Fx::new("openelm", &["delta_rule"]);
+    let name = "transformer.layers.1.attn.qkv_proj.weight";
+    rewrite(&fx.base.join("model.safetensors"), |m| {
+        m.insert(name.into(), Raw::f32(&[100, 64]));
+    });
+    let plain = Model::load_plain(
+        &fx.base,
+        tptt::config::TpttSettings::injected("delta_rule", 0.5, "openelm-base").expect("settings"),
+        &LoadOptions::default(),
+    );
+    check(
+        plain.map(|_| ()),
+        |e| matches!(e, Error::ShapeMismatch { .. }),
+        &[name, "[100, 64]", "[128, 64]"],
+    );
+    // Through the variant, the adapter's LoRA for it is the first to disagree.
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::AdapterShapeMismatch { .. }),
+        &["qkv_proj.lora_B", name],
+    );
+    // A fused FFN projection that is missing.
+    let fx = Fx::new("openelm", &["delta_rule"]);
+    rewrite(&fx.base.join("model.safetensors"), |m| {
+        m.remove("transformer.layers.2.ffn.proj_1.weight");
+    });
+    check(
+        fx.run_ok(),
+        |e| matches!(e, Error::MissingTensor { .. }),
+        &["transformer.layers.2.ffn.proj_1.weight"],
+    );
+}

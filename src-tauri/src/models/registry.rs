@@ -19,6 +19,7 @@ pub const CATALOG: &[(&str, &str, &str)] = &[
     ("ffurfaro/Titans-OLMo-1B-hf", "Titans OLMo 1B", "OLMo 1B turned into a Titans-style model with TPTT."),
     ("ffurfaro/Titans-v2-Mistral-7B-v0.3", "Titans v2 Mistral 7B v0.3", "Mistral 7B v0.3 turned into a Titans-style model with TPTT (large: about 15 GB)."),
     ("ffurfaro/Titanesque-gemma-3-270m", "Titanesque Gemma 3 270M", "Gemma 3 270M turned into a Titans-style model with TPTT: small and fast."),
+    ("ffurfaro/Titans-OpenELM-1_1B", "Titans OpenELM 1.1B", "Apple's OpenELM 1.1B (its layers grow in width from first to last) turned into a Titans-style model with TPTT."),
 ];
 
 /// A variant as a listing found it.

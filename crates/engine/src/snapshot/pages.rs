@@ -137,7 +137,8 @@ struct KvBytes<'a> {
     /// Per layer, keys then values: the bytes of a `[Hkv, n, D]` view, in one piece or one
     /// piece per head (as the cache's layout gives them, borrowed).
     tensors: Vec<[Vec<Cow<'a, [u8]>>; 2]>,
-    heads: usize,
+    /// KV heads per layer (OpenELM's layers differ).
+    heads: Vec<usize>,
     slots: usize,
     row: usize,
 }
@@ -163,10 +164,13 @@ fn kv_bytes<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
     let Some((k0, _)) = views.first() else {
         return Ok(None);
     };
-    let (heads, slots, dim) = k0.dims3().map_err(tptt::Error::from)?;
+    let (_, slots, dim) = k0.dims3().map_err(tptt::Error::from)?;
     let per_head = slots * dim * 4;
     let mut tensors = Vec::with_capacity(views.len());
+    let mut layer_heads = Vec::with_capacity(views.len());
     for ((k, v), g) in views.iter().zip(guards) {
+        let heads = k.dim(0).map_err(tptt::Error::from)?;
+        layer_heads.push(heads);
         let one = |t: &'a Tensor, g: &'a candle_core::Storage| -> Result<Vec<Cow<'a, [u8]>>> {
             let (_, pieces) = tensor_pieces(t, g).map_err(|reason| Error::Snapshot {
                 path: dir.to_path_buf(),
@@ -192,7 +196,7 @@ fn kv_bytes<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
     }
     Ok(Some(KvBytes {
         tensors,
-        heads,
+        heads: layer_heads,
         slots,
         row: dim * 4,
     }))
@@ -297,11 +301,12 @@ pub(super) fn write_pages(state: &State, dir: &Path, reuse: &[PathBuf]) -> Resul
                 let Ok(t) = st.tensor(&format!("layers.{layer}.{kind}")) else {
                     return false;
                 };
-                if t.dtype() != Dtype::F32 || t.shape() != [kv.heads, len, kv.row / 4] {
+                let heads = kv.heads[layer];
+                if t.dtype() != Dtype::F32 || t.shape() != [heads, len, kv.row / 4] {
                     return false;
                 }
                 let data = t.data();
-                (0..kv.heads).all(|h| {
+                (0..heads).all(|h| {
                     runs.iter().all(|&(p, s, count)| {
                         let at = (h * len + (p - first)) * kv.row;
                         data.get(at..at + count * kv.row)
@@ -387,8 +392,8 @@ fn write_page(
         .map(|(name, layer, which)| Part {
             name,
             dtype: Dtype::F32,
-            shape: vec![kv.heads, b - a, kv.row / 4],
-            pieces: (0..kv.heads)
+            shape: vec![kv.heads[*layer], b - a, kv.row / 4],
+            pieces: (0..kv.heads[*layer])
                 .flat_map(|h| {
                     runs.iter().map(move |&(_, s, count)| {
                         Cow::Borrowed(kv.rows(*layer, *which, h, s, count))

@@ -12,14 +12,15 @@ use tptt::model::{LoadOptions, Model};
 use tptt::repo::{TpttRepo, VariantFiles};
 use tptt_engine::ModelIdentity;
 
-/// The two tiny fixture repos, one per base architecture.
-pub const REPOS: [&str; 2] = ["tptt-llama", "tptt-qwen2"];
+/// Tiny fixture repos: two base architectures, and OpenELM (layers of different widths).
+pub const REPOS: [&str; 3] = ["tptt-llama", "tptt-qwen2", "tptt-openelm"];
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny")
 }
 
-/// The variant names of a fixture repo (16 each, every operator mode among them).
+/// The variant names of a fixture repo (Llama and Qwen2: 16 each, every operator mode among
+/// them; OpenELM: 3).
 pub fn variants(repo: &str) -> Vec<String> {
     TpttRepo::open(fixtures().join(repo))
         .expect("open fixture repo")

@@ -45,6 +45,7 @@ struct RawOpenElm {
     rope_freq_constant: f64,
     #[serde(default = "default_ctx")]
     max_context_length: usize,
+    tie_word_embeddings: Option<bool>,
     num_query_heads: Option<Value>,
     num_kv_heads: Option<Value>,
     bos_token_id: Option<Value>,
@@ -275,7 +276,11 @@ pub(super) fn base_config(map: &Map<String, Value>) -> Result<BaseConfig> {
         rope_scaling: RopeScaling::None,
         max_position_embeddings: raw.max_context_length,
         vocab_size: raw.vocab_size,
-        tie_word_embeddings: raw.share_input_output_layers,
+        // Shared layers have no head at all; an unshared head is still tied to the embeddings
+        // by transformers when the remote code runs under it, unless the config says otherwise
+        // (OpenELMConfig leaves PretrainedConfig's `tie_word_embeddings` at true).
+        tie_word_embeddings: raw.share_input_output_layers
+            || raw.tie_word_embeddings.unwrap_or(true),
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
