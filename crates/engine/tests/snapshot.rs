@@ -14,6 +14,7 @@ use std::sync::Arc;
 use common::{token_ids, Fixture, Scratch, REPOS};
 use tokenizers::Tokenizer;
 use tptt::linear::CarryMode;
+use tptt::state::KvFormat;
 use tptt_engine::identity::LegacyDigests;
 use tptt_engine::snapshot::{self, config_hash};
 use tptt_engine::{
@@ -78,9 +79,10 @@ fn round_trip(fx: &Fixture, opts: SessionOptions, scratch: &Scratch) {
     let mut live = Session::new(model.clone(), opts);
     generate(&mut live, &token_ids(13, vocab, 3), 7, &tok);
     let path = scratch.path(&format!(
-        "{}-{}.tptt-state",
+        "{}-{}-{}.tptt-state",
         fx.files.name,
-        opts.window.unwrap_or(0)
+        opts.window.unwrap_or(0),
+        opts.kv_format.as_str()
     ));
     let bytes = snapshot::save(&live, &identity, &path).expect("save");
 
@@ -108,6 +110,10 @@ fn round_trip(fx: &Fixture, opts: SessionOptions, scratch: &Scratch) {
         "{label}: key positions"
     );
     assert_eq!(restored.state.mode, live.state.mode, "{label}: mode");
+    assert_eq!(
+        restored.state.kv_format, live.state.kv_format,
+        "{label}: the snapshot keeps the KV format"
+    );
     assert_eq!(restored.state.window, live.state.window, "{label}: window");
     for (a, b) in restored.state.layers.iter().zip(&live.state.layers) {
         assert_eq!(a.linear, b.linear, "{label}: linear carry");
@@ -157,6 +163,16 @@ fn save_restore_continue_is_exact_for_every_variant() {
                 &fx,
                 SessionOptions {
                     window: Some(8),
+                    ..Default::default()
+                },
+                &scratch,
+            );
+            // A compact (f16) cache is saved and restored as such: the same bits continue.
+            round_trip(
+                &fx,
+                SessionOptions {
+                    window: Some(8),
+                    kv_format: KvFormat::F16,
                     ..Default::default()
                 },
                 &scratch,
@@ -638,4 +654,107 @@ fn version_4_snapshots_still_load_judged_by_their_fnv_identity() {
     std::fs::write(&bad, &b).expect("write");
     let reason = snapshot_reason(load_onto(&fx, &identity, &bad), "flipped v4 byte");
     assert!(reason.contains("corrupt"), "{reason}");
+}
+
+/// An f16 cache is written as f16 (its KV bytes half those of the same conversation in f32);
+/// a snapshot of one format opened by a session of the other is converted, never misread: f16
+/// values widen exactly, f32 ones round to the nearest half.
+#[test]
+fn kv_formats_in_snapshots_are_kept_and_converted() {
+    let scratch = Scratch::new("kv-format");
+    let fx = Fixture::load("tptt-llama", "delta_product");
+    let tok = fx.tokenizer();
+    let identity = fx.identity();
+    let run = |kv_format: KvFormat| {
+        let mut s = Session::new(
+            fx.arc(),
+            SessionOptions {
+                window: Some(24),
+                kv_format,
+                ..Default::default()
+            },
+        );
+        generate(&mut s, &token_ids(20, 300, 9), 6, &tok);
+        s
+    };
+    let (s32, s16) = (run(KvFormat::F32), run(KvFormat::F16));
+    let (p32, p16) = (
+        scratch.path("f32.tptt-state"),
+        scratch.path("f16.tptt-state"),
+    );
+    let b32 = snapshot::save(&s32, &identity, &p32).expect("save f32");
+    let b16 = snapshot::save(&s16, &identity, &p16).expect("save f16");
+    let b = &fx.model.config().base;
+    let kv32 = (s32.state.kv_len() * 2 * b.total_kv_heads() * b.head_dim * 4) as u64;
+    assert_eq!(s16.state.kv_len(), s32.state.kv_len());
+    // The f16 file is smaller by half the f32 KV cache (headers aside).
+    let saved = b32 - b16;
+    assert!(
+        saved.abs_diff(kv32 / 2) <= 512,
+        "f32 snapshot {b32} B, f16 {b16} B: saved {saved} B, half the KV cache is {} B",
+        kv32 / 2
+    );
+    // Each file's tensors are in its format.
+    let bytes = std::fs::read(&p16).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    assert_eq!(
+        st.tensor("layers.0.k").expect("keys").dtype(),
+        safetensors::Dtype::F16
+    );
+    assert_eq!(
+        st.tensor("layers.0.state").expect("state").dtype(),
+        safetensors::Dtype::F32
+    );
+
+    // f16 file → f32 session: exact widening, then the session continues in f32.
+    let mut widened = snapshot::load(fx.arc(), &identity, &p16).expect("load f16");
+    assert_eq!(widened.state.kv_format, KvFormat::F16);
+    let before: Vec<f32> = widened.state.layers[1]
+        .k_view(widened.state.kv_len())
+        .expect("view")
+        .expect("keys")
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .expect("f32");
+    widened.state.set_kv_format(KvFormat::F32).expect("to f32");
+    let after: Vec<f32> = widened.state.layers[1]
+        .k_view(widened.state.kv_len())
+        .expect("view")
+        .expect("keys")
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .expect("f32");
+    assert_eq!(before, after, "f16 → f32 is exact");
+    assert_eq!(widened.state.kv_bytes(), 2 * s16.state.kv_bytes());
+    // f32 file → f16 session: every key rounded to the nearest half.
+    let mut narrowed = snapshot::load(fx.arc(), &identity, &p32).expect("load f32");
+    assert_eq!(narrowed.state.kv_format, KvFormat::F32);
+    narrowed.state.set_kv_format(KvFormat::F16).expect("to f16");
+    let want: Vec<f32> = s32.state.layers[1]
+        .k_view(s32.state.kv_len())
+        .expect("view")
+        .expect("keys")
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .expect("f32")
+        .into_iter()
+        .map(|x| half::f16::from_f32(x).to_f32())
+        .collect();
+    let got: Vec<f32> = narrowed.state.layers[1]
+        .k_view(narrowed.state.kv_len())
+        .expect("view")
+        .expect("keys")
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .expect("f32");
+    assert_eq!(got, want, "f32 → f16 rounds each value");
+    for s in [&mut widened, &mut narrowed] {
+        generate(s, &[], 4, &tok);
+        assert!(s
+            .last_logits
+            .as_ref()
+            .expect("logits")
+            .iter()
+            .all(|x| x.is_finite()));
+    }
 }

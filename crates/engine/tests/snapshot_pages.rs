@@ -94,7 +94,8 @@ fn turns(fx: &Fixture, opts: SessionOptions, scratch: &Scratch, tag: &str) {
         }
         // Per position: layers × (keys + values) × KV heads × head size × 4 bytes.
         let b = &fx.model.config().base;
-        let per_position = (2 * b.total_kv_heads() * b.head_dim * 4) as u64;
+        let per_position =
+            (2 * b.total_kv_heads() * b.head_dim * opts.kv_format.value_bytes()) as u64;
         if let Some((prev, prev_session)) = saved.last() {
             // Only the positions the previous turn's window did not hold are new.
             let new_positions = live.state.pos - prev_session.state.pos;
@@ -130,6 +131,10 @@ fn turns(fx: &Fixture, opts: SessionOptions, scratch: &Scratch, tag: &str) {
             restored.state.key_pos, at_save.state.key_pos,
             "{label} turn {turn}"
         );
+        assert_eq!(
+            restored.state.kv_format, at_save.state.kv_format,
+            "{label} turn {turn}: KV format"
+        );
         let mut twin = at_save.clone();
         assert!(
             continuation(&mut restored, vocab, &tok) == continuation(&mut twin, vocab, &tok),
@@ -153,6 +158,14 @@ fn paged_snapshots_after_every_turn_restore_exactly_and_share_pages() {
                 };
                 turns(&fx, opts, &scratch, &format!("t{n}"));
             }
+            // A compact cache's pages hold f16, shared and restored as such.
+            n += 1;
+            let opts = SessionOptions {
+                window: Some(8),
+                kv_format: tptt::state::KvFormat::F16,
+                ..Default::default()
+            };
+            turns(&fx, opts, &scratch, &format!("t{n}"));
         }
     }
     let fx = Fixture::load("tptt-llama", "delta_product");

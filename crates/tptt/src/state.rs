@@ -17,7 +17,9 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 use crate::linear::{CarryMode, LinearCarry, PrevToken};
 
+mod elem;
 mod paged;
+use elem::{first_bad, KvElem, Stored};
 pub use paged::{KvPage, KvRef};
 use paged::{PagedSource, PagedValues};
 
@@ -122,6 +124,17 @@ impl LayerState {
         view_f32(&self.v, n)
     }
 
+    /// The first `n` slots of the keys as stored (f32 or f16; a view, `None` when empty): what
+    /// a snapshot writes.
+    pub fn k_stored(&self, n: usize) -> Result<Option<Tensor>> {
+        view_stored(&self.k, n)
+    }
+
+    /// The first `n` slots of the values as stored, likewise.
+    pub fn v_stored(&self, n: usize) -> Result<Option<Tensor>> {
+        view_stored(&self.v, n)
+    }
+
     /// Make room for `slots` KV slots: capacity doubles (bounded by the window), existing
     /// slots are copied over. A new cache is allocated in `format`; an existing one keeps its
     /// own.
@@ -162,6 +175,14 @@ fn per_layer_heads(base: &crate::config::BaseConfig) -> (Vec<usize>, Vec<usize>)
             (l.num_heads, l.num_kv_heads)
         })
         .unzip()
+}
+
+/// The first `n` slots of a cache in its own dtype.
+fn view_stored(t: &Option<Tensor>, n: usize) -> Result<Option<Tensor>> {
+    Ok(match t {
+        Some(t) if n > 0 => Some(t.narrow(1, 0, n)?),
+        _ => None,
+    })
 }
 
 /// The first `n` slots of a cache as f32.
@@ -287,13 +308,13 @@ fn check_finite(values: &[f32], what: impl FnOnce() -> String) -> Result<()> {
 /// An empty vector with room for `len` values. On Linux a large one is marked for transparent
 /// huge pages (`MADV_HUGEPAGE`, a hint the kernel may ignore): filling a few hundred megabytes
 /// of fresh memory 4 KiB page by page costs several times the copy itself.
-fn big_buffer(len: usize) -> Vec<f32> {
-    let v: Vec<f32> = Vec::with_capacity(len);
+fn big_buffer<T>(len: usize) -> Vec<T> {
+    let v: Vec<T> = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
         let start = v.as_ptr() as usize;
-        let bytes = v.capacity() * std::mem::size_of::<f32>();
+        let bytes = v.capacity() * std::mem::size_of::<T>();
         let (from, to) = (
             (start + HUGE - 1) & !(HUGE - 1),
             (start + bytes) & !(HUGE - 1),
@@ -310,49 +331,56 @@ fn big_buffer(len: usize) -> Vec<f32> {
     v
 }
 
-/// Append little-endian f32 bytes (a multiple of 4 long) to `dst`.
-fn extend_le_f32(dst: &mut Vec<f32>, bytes: &[u8]) {
-    match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-        // Aligned (as in a memory-mapped safetensors file) on a little-endian machine: one memcpy.
-        Ok(values) if cfg!(target_endian = "little") => dst.extend_from_slice(values),
-        _ => dst.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-    }
-}
-
-/// The values of one f32 tensor of a snapshot: its little-endian bytes (borrowed from the
-/// file) or already decoded.
+/// The values of one tensor of a snapshot: its little-endian bytes as stored (borrowed from
+/// the file: f32, or f16 for a compact KV cache) or already decoded.
 enum Values<'a> {
-    Bytes(&'a [u8]),
+    Bytes(&'a [u8], Stored),
     Decoded(Vec<f32>),
+    DecodedF16(Vec<half::f16>),
     /// A KV tensor gathered from the pages of a paged snapshot.
     Paged(PagedValues<'a>),
 }
 
 impl Values<'_> {
-    /// Append elements `[from, from + len)` to `dst` (the range is checked by the caller).
-    fn extend_into(&self, dst: &mut Vec<f32>, from: usize, len: usize) {
+    /// Append elements `[from, from + len)` to `dst`, decoded by their own stored type (the
+    /// range is checked by the caller).
+    fn extend_into<T: KvElem>(&self, dst: &mut Vec<T>, from: usize, len: usize) {
         match self {
-            Values::Bytes(b) => extend_le_f32(dst, &b[from * 4..(from + len) * 4]),
-            Values::Decoded(v) => dst.extend_from_slice(&v[from..from + len]),
+            Values::Bytes(b, s) => {
+                T::extend_from_le(dst, &b[from * s.size()..(from + len) * s.size()], *s)
+            }
+            Values::Decoded(v) => T::extend_from_f32(dst, &v[from..from + len]),
+            Values::DecodedF16(v) => T::extend_from_f16(dst, &v[from..from + len]),
             Values::Paged(p) => p.extend_into(dst, from, len),
+        }
+    }
+
+    /// How the values are stored (a paged tensor: as its first page holds them).
+    fn stored(&self) -> Stored {
+        match self {
+            Values::Bytes(_, s) => *s,
+            Values::Decoded(_) => Stored::F32,
+            Values::DecodedF16(_) => Stored::F16,
+            Values::Paged(p) => p.stored(),
+        }
+    }
+
+    fn elem_count(&self) -> usize {
+        match self {
+            Values::Bytes(b, s) => b.len() / s.size(),
+            Values::Decoded(v) => v.len(),
+            Values::DecodedF16(v) => v.len(),
+            Values::Paged(p) => p.elem_count(),
         }
     }
 
     fn into_vec(self) -> Vec<f32> {
         match self {
-            Values::Bytes(b) => {
-                let mut v = Vec::with_capacity(b.len() / 4);
-                extend_le_f32(&mut v, b);
-                v
-            }
             Values::Decoded(v) => v,
-            Values::Paged(p) => {
-                let mut v = Vec::with_capacity(p.elem_count());
-                p.extend_into(&mut v, 0, p.elem_count());
+            other => {
+                let n = other.elem_count();
+                let mut v = Vec::with_capacity(n);
+                other.extend_into(&mut v, 0, n);
                 v
             }
         }
@@ -368,6 +396,22 @@ enum Source<'a, 'b> {
 }
 
 impl<'b> Source<'_, 'b> {
+    /// Shape and values of a KV cache tensor (f32 or f16), `None` when absent.
+    fn kv(&self, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
+        match self {
+            Source::Tensors(t) => match t.get(name) {
+                None => Ok(None),
+                Some(x) if x.dtype() == DType::F16 => Ok(Some((
+                    x.dims().to_vec(),
+                    Values::DecodedF16(x.flatten_all()?.to_vec1()?),
+                ))),
+                Some(_) => self.f32s(name),
+            },
+            Source::File(st) => file_values(st, name, true),
+            Source::Paged(p) => p.kv(name),
+        }
+    }
+
     /// Shape and values of an f32 tensor, `None` when absent.
     fn f32s(&self, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
         match self {
@@ -382,8 +426,8 @@ impl<'b> Source<'_, 'b> {
                     Values::Decoded(x.flatten_all()?.to_vec1()?),
                 ))),
             },
-            Source::File(st) => file_f32s(st, name),
-            Source::Paged(p) => p.f32s(name),
+            Source::File(st) => file_values(st, name, false),
+            Source::Paged(p) => file_values(p.main, name, false),
         }
     }
 
@@ -401,16 +445,26 @@ impl<'b> Source<'_, 'b> {
     }
 }
 
-/// Shape and values of an f32 tensor of a safetensors file, `None` when absent.
-fn file_f32s<'b>(st: &SafeTensors<'b>, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
+/// Shape and values of an f32 tensor of a safetensors file (or f16 too when `kv`: a KV cache
+/// tensor), `None` when absent.
+fn file_values<'b>(
+    st: &SafeTensors<'b>,
+    name: &str,
+    kv: bool,
+) -> Result<Option<(Vec<usize>, Values<'b>)>> {
     match st.tensor(name) {
         Err(_) => Ok(None),
-        Ok(v) if v.dtype() != safetensors::Dtype::F32 => Err(Error::State(format!(
-            "tensor {name:?} is {:?}, not f32",
-            v.dtype()
-        ))),
-        // The file's parser has checked that the byte length matches the shape.
-        Ok(v) => Ok(Some((v.shape().to_vec(), Values::Bytes(v.data())))),
+        Ok(v) => match Stored::of(v.dtype()) {
+            // The file's parser has checked that the byte length matches the shape.
+            Some(s) if kv || s == Stored::F32 => {
+                Ok(Some((v.shape().to_vec(), Values::Bytes(v.data(), s))))
+            }
+            _ => Err(Error::State(format!(
+                "tensor {name:?} is {:?}, not {}",
+                v.dtype(),
+                if kv { "f32 or f16" } else { "f32" }
+            ))),
+        },
     }
 }
 
@@ -514,9 +568,10 @@ impl State {
             + self.key_pos.len() * std::mem::size_of::<usize>()
     }
 
-    /// Flatten into named f32/u32 tensors (CPU) for a snapshot: `key_pos` (u32), and per layer
-    /// `layers.{i}.k`/`.v` (`[Hkv, kv_len, D]`, views of the cache's valid slots, possibly not
-    /// contiguous), `.state`, `.pool_k`/`.pool_v` (rows) and `.prev` (`[5, H·D]`) where present.
+    /// Flatten into named tensors (CPU) for a snapshot: `key_pos` (u32), and per layer
+    /// `layers.{i}.k`/`.v` (`[Hkv, kv_len, D]` in the state's [`KvFormat`], f32 or f16: views of
+    /// the cache's valid slots, possibly not contiguous), and the f32 `.state`,
+    /// `.pool_k`/`.pool_v` (rows) and `.prev` (`[5, H·D]`) where present.
     pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let cpu = Device::Cpu;
         let mut m = HashMap::new();
@@ -526,9 +581,10 @@ impl State {
             Tensor::from_vec(kp.clone(), kp.len(), &cpu)?,
         );
         for (i, l) in self.layers.iter().enumerate() {
-            if let (Some(k), Some(v)) =
-                (l.k_view(self.key_pos.len())?, l.v_view(self.key_pos.len())?)
-            {
+            if let (Some(k), Some(v)) = (
+                l.k_stored(self.key_pos.len())?,
+                l.v_stored(self.key_pos.len())?,
+            ) {
                 // Views of the first slots (not copied): a snapshot writer reads their blocks.
                 m.insert(format!("layers.{i}.k"), k.to_device(&cpu)?);
                 m.insert(format!("layers.{i}.v"), v.to_device(&cpu)?);
@@ -602,7 +658,9 @@ impl State {
     /// the model (KV `[Hkv, kv_len, D]`, recurrent state, at most two pooled rows of `Hkv·D`,
     /// order-2 buffer `[5, H·D]`), and every carried value (KV cache, recurrent state, pooled
     /// rows, order-2 buffer) is finite and within ±[`MAX_CARRIED_MAGNITUDE`]. What a file can make this allocate is bounded by the file's own tensors (the KV
-    /// buffer at most about twice their size).
+    /// buffer at most about twice their size). The KV cache keeps the file's format (f32 or f16,
+    /// [`State::kv_format`]; a `CarryMode::Reference` state is always f32): callers that want
+    /// another call [`State::set_kv_format`].
     pub fn from_safetensors(
         t: &SafeTensors<'_>,
         base: &crate::config::BaseConfig,
@@ -656,7 +714,7 @@ impl State {
         check_key_positions(&key_pos, pos, mode, window)?;
 
         // The KV cache of every layer, checked: [Hkv, n, D] each (Hkv per layer: OpenELM's
-        // layers differ).
+        // layers differ), f32 or f16.
         if heads.len() != num_layers || kv_heads.is_some_and(|k| k.len() != num_layers) {
             return Err(Error::State(format!(
                 "head counts given for {} layers, the model has {num_layers}",
@@ -667,8 +725,8 @@ impl State {
         let mut hkv: Vec<Option<usize>> = (0..num_layers).map(|i| kv_heads.map(|k| k[i])).collect();
         for i in 0..num_layers {
             match (
-                t.f32s(&format!("layers.{i}.k"))?,
-                t.f32s(&format!("layers.{i}.v"))?,
+                t.kv(&format!("layers.{i}.k"))?,
+                t.kv(&format!("layers.{i}.v"))?,
             ) {
                 (Some((ks, k)), Some((vs, v))) => {
                     let h = *hkv[i].get_or_insert(ks.first().copied().unwrap_or(0));
@@ -685,38 +743,26 @@ impl State {
                 _ => return Err(Error::State(format!("layer {i}: KV cache missing"))),
             }
         }
+        // The restored cache keeps the snapshot's format (its first layer's keys); a tensor
+        // stored otherwise is converted as it is copied, never reinterpreted.
+        // (The reference-compatible mode keeps tptt's f32 cache whatever a file holds.)
+        let format = match kv.first() {
+            Some((k, _)) if mode == CarryMode::Continue => k.stored().format(),
+            _ => KvFormat::F32,
+        };
         let kv_bufs: Vec<Option<(Tensor, Tensor)>> = if kv.len() == num_layers && n > 0 {
-            // One buffer for every layer ([2, Hkv_i, cap, D] after one another), each head's
-            // n positions then zeros up to cap.
             let cap = restored_capacity(n, mode, window);
             let layer_heads: Vec<usize> = hkv.iter().map(|h| h.unwrap_or(0)).collect();
-            let total: usize = layer_heads.iter().map(|h| 2 * h * cap * dim).sum();
-            let mut buf = big_buffer(total);
-            for (i, (k, v)) in kv.iter().enumerate() {
-                for (name, x) in [("keys", k), ("values", v)] {
-                    for head in 0..layer_heads[i] {
-                        let from = buf.len();
-                        x.extend_into(&mut buf, head * n * dim, n * dim);
-                        // Checked while the copy is in cache (a branch-free pass the
-                        // compiler vectorizes): a NaN here would poison every later answer.
-                        check_finite(&buf[from..], || {
-                            format!("layer {i}: the cached {name} of KV head {head}")
-                        })?;
-                        buf.resize(buf.len() + (cap - n) * dim, 0.0);
-                    }
-                }
+            let shape = KvShape {
+                heads: &layer_heads,
+                n,
+                cap,
+                dim,
+            };
+            match format {
+                KvFormat::F16 => restore_kv::<half::f16>(kv, &shape, device)?,
+                KvFormat::F32 => restore_kv::<f32>(kv, &shape, device)?,
             }
-            drop(kv);
-            let all = Tensor::from_vec(buf, total, &Device::Cpu)?.to_device(device)?;
-            let mut offset = 0;
-            let mut bufs = Vec::with_capacity(num_layers);
-            for &h in &layer_heads {
-                let len = 2 * h * cap * dim;
-                let layer = all.narrow(0, offset, len)?.reshape((2, h, cap, dim))?;
-                offset += len;
-                bufs.push(Some((layer.i(0)?, layer.i(1)?)));
-            }
-            bufs
         } else {
             (0..num_layers).map(|_| None).collect()
         };
@@ -820,7 +866,56 @@ impl State {
             layers,
             mode,
             window,
-            kv_format: KvFormat::F32,
+            kv_format: format,
         })
     }
+}
+
+/// The sizes of a restored KV cache: KV heads per layer, cached positions, slots, head size.
+struct KvShape<'a> {
+    heads: &'a [usize],
+    n: usize,
+    cap: usize,
+    dim: usize,
+}
+
+/// Copy every layer's keys and values into one buffer of `T` (`[2, Hkv_i, cap, D]` per layer
+/// after one another, each head's `n` positions then zeros up to `cap`), each value checked,
+/// and return the layers' views of it.
+fn restore_kv<T: KvElem>(
+    kv: Vec<(Values<'_>, Values<'_>)>,
+    shape: &KvShape<'_>,
+    device: &Device,
+) -> Result<Vec<Option<(Tensor, Tensor)>>> {
+    let KvShape { heads, n, cap, dim } = *shape;
+    let total: usize = heads.iter().map(|h| 2 * h * cap * dim).sum();
+    let mut buf: Vec<T> = big_buffer(total);
+    let zero = T::from_f64(0.0);
+    for (i, (k, v)) in kv.iter().enumerate() {
+        for (name, x) in [("keys", k), ("values", v)] {
+            for head in 0..heads[i] {
+                let from = buf.len();
+                x.extend_into(&mut buf, head * n * dim, n * dim);
+                // Checked while the copy is in cache (a branch-free pass the compiler
+                // vectorizes): a NaN here would poison every later answer.
+                if let Some((j, bad)) = first_bad(&buf[from..]) {
+                    return Err(Error::State(format!(
+                        "layer {i}: the cached {name} of KV head {head} holds {bad:e} at index {j} (a carried value must be finite and within ±{MAX_CARRIED_MAGNITUDE:e})"
+                    )));
+                }
+                buf.resize(buf.len() + (cap - n) * dim, zero);
+            }
+        }
+    }
+    drop(kv);
+    let all = Tensor::from_vec(buf, total, &Device::Cpu)?.to_device(device)?;
+    let mut offset = 0;
+    let mut bufs = Vec::with_capacity(heads.len());
+    for &h in heads {
+        let len = 2 * h * cap * dim;
+        let layer = all.narrow(0, offset, len)?.reshape((2, h, cap, dim))?;
+        offset += len;
+        bufs.push(Some((layer.i(0)?, layer.i(1)?)));
+    }
+    Ok(bufs)
 }

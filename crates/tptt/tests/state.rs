@@ -104,9 +104,19 @@ fn clones_are_independent_of_the_original() {
 
 #[test]
 fn state_round_trips_through_tensors() {
+    for format in tptt::state::KvFormat::ALL {
+        round_trip_through_tensors(format);
+    }
+}
+
+/// Through [`State::to_tensors`] / [`State::from_tensors`] in the KV format `format`: the
+/// tensors hold the cache as stored, the restored state keeps the format and continues with
+/// the same bits.
+fn round_trip_through_tensors(format: tptt::state::KvFormat) {
     let m = model("tptt-qwen2", "delta_product_c");
     let toks = ids(40);
     let mut st = m.new_state(CarryMode::Continue, Some(12));
+    st.set_kv_format(format).expect("format");
     m.forward(&toks[..25], &mut st, Logits::Last)
         .expect("prompt");
     let tensors = st.to_tensors().expect("to tensors");
@@ -122,6 +132,8 @@ fn state_round_trips_through_tensors() {
         m.device(),
     )
     .expect("from tensors");
+    assert_eq!(tensors["layers.0.k"].dtype(), format.dtype());
+    assert_eq!(back.kv_format, format);
     for &t in &toks[25..] {
         let x = m.forward(&[t], &mut st, Logits::Last).expect("orig");
         let y = m.forward(&[t], &mut back, Logits::Last).expect("restored");

@@ -1,7 +1,8 @@
 //! State snapshots: a [`Session`] saved to a versioned, self-describing safetensors file and
 //! restored onto the same model, variant, config and weights only ([`ModelIdentity`]).
 //!
-//! File: safetensors; tensors from [`tptt::state::State::to_tensors`] plus `tokens` (u32, the last
+//! File: safetensors; tensors from [`tptt::state::State::to_tensors`] (the KV cache as the state
+//! stores it, f32 or f16 — a restore keeps that format — everything else f32) plus `tokens` (u32, the last
 //! [`HISTORY_KEPT`] ids, for the repetition penalty and the detokenizer context) and
 //! `last_logits` (f32 `[V]`), stored in name order. `__metadata__` (all strings): `format` =
 //! `tptt-chat-state`, `version` = [`SNAPSHOT_VERSION`], `engine_version`, `model`, `variant`,
@@ -217,8 +218,11 @@ fn mode_name(m: CarryMode) -> &'static str {
 }
 
 /// The little-endian bytes of `values`, borrowed where the machine is little-endian.
-fn le_bytes<T: bytemuck::Pod>(values: &[T], to_le: fn(&T) -> [u8; 4]) -> Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") && std::mem::size_of::<T>() == 4 {
+fn le_bytes<T: bytemuck::Pod, const N: usize>(
+    values: &[T],
+    to_le: fn(&T) -> [u8; N],
+) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") && std::mem::size_of::<T>() == N {
         Cow::Borrowed(bytemuck::cast_slice(values))
     } else {
         Cow::Owned(values.iter().flat_map(to_le).collect())
@@ -228,16 +232,17 @@ fn le_bytes<T: bytemuck::Pod>(values: &[T], to_le: fn(&T) -> [u8; 4]) -> Cow<'_,
 /// A tensor's dtype and its bytes in pieces.
 type Pieces<'a> = (Dtype, Vec<Cow<'a, [u8]>>);
 
-/// The bytes of a CPU f32 or u32 tensor, in row-major order, as the blocks of its layout
-/// (borrowed from `storage`, the tensor's storage, no copy on a little-endian machine).
+/// The bytes of a CPU f32, f16 (a compact KV cache) or u32 tensor, in row-major order, as the
+/// blocks of its layout (borrowed from `storage`, the tensor's storage, no copy on a
+/// little-endian machine).
 fn tensor_pieces<'a>(
     t: &'a Tensor,
     storage: &'a Storage,
 ) -> std::result::Result<Pieces<'a>, String> {
-    fn blocks<'a, T: bytemuck::Pod>(
+    fn blocks<'a, T: bytemuck::Pod, const N: usize>(
         t: &'a Tensor,
         v: &'a [T],
-        to_le: fn(&T) -> [u8; 4],
+        to_le: fn(&T) -> [u8; N],
     ) -> std::result::Result<Vec<Cow<'a, [u8]>>, String> {
         let block = |start: usize, len: usize| {
             v.get(start..start + len)
@@ -265,6 +270,7 @@ fn tensor_pieces<'a>(
     match storage {
         Storage::Cpu(CpuStorage::F32(v)) => Ok((Dtype::F32, blocks(t, v, |x| x.to_le_bytes())?)),
         Storage::Cpu(CpuStorage::U32(v)) => Ok((Dtype::U32, blocks(t, v, |x| x.to_le_bytes())?)),
+        Storage::Cpu(CpuStorage::F16(v)) => Ok((Dtype::F16, blocks(t, v, |x| x.to_le_bytes())?)),
         _ => Err(format!(
             "unexpected tensor storage ({:?} on {:?})",
             t.dtype(),

@@ -4,7 +4,7 @@
 //! recurrent state plus the turn's new positions, not a whole window.
 //!
 //! A page is a safetensors file, `<name>.kvpage` in the page folder: tensors `layers.{i}.k` and
-//! `layers.{i}.v` (f32, `[Hkv, len, D]`) and metadata `format` = `tptt-chat-kv-page`, `version`
+//! `layers.{i}.v` (`[Hkv, len, D]`, f32 or f16 as the state's KV cache stores them) and metadata `format` = `tptt-chat-kv-page`, `version`
 //! = `1`, `first` (absolute position of its first entry) and `len`. Its name is the XXH3-128
 //! digest of the whole file (32 hex digits): a page is never written twice, and a loader checks
 //! each page's bytes against its name, as it checks the snapshot against its checksum. A page
@@ -140,7 +140,12 @@ struct KvBytes<'a> {
     /// KV heads per layer (OpenELM's layers differ).
     heads: Vec<usize>,
     slots: usize,
+    /// Bytes of one position of one head (head size × the stored value's size).
     row: usize,
+    /// Head size.
+    dim: usize,
+    /// How the cache stores its values (f32, or f16 for a compact cache).
+    dtype: Dtype,
 }
 
 impl KvBytes<'_> {
@@ -165,17 +170,28 @@ fn kv_bytes<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
         return Ok(None);
     };
     let (_, slots, dim) = k0.dims3().map_err(tptt::Error::from)?;
-    let per_head = slots * dim * 4;
+    let dtype = match k0.dtype() {
+        candle_core::DType::F16 => Dtype::F16,
+        _ => Dtype::F32,
+    };
+    let size = if dtype == Dtype::F16 { 2 } else { 4 };
+    let per_head = slots * dim * size;
     let mut tensors = Vec::with_capacity(views.len());
     let mut layer_heads = Vec::with_capacity(views.len());
     for ((k, v), g) in views.iter().zip(guards) {
         let heads = k.dim(0).map_err(tptt::Error::from)?;
         layer_heads.push(heads);
         let one = |t: &'a Tensor, g: &'a candle_core::Storage| -> Result<Vec<Cow<'a, [u8]>>> {
-            let (_, pieces) = tensor_pieces(t, g).map_err(|reason| Error::Snapshot {
+            let (got, pieces) = tensor_pieces(t, g).map_err(|reason| Error::Snapshot {
                 path: dir.to_path_buf(),
                 reason: format!("the KV cache cannot be read for its pages: {reason}"),
             })?;
+            if got != dtype {
+                return Err(Error::Snapshot {
+                    path: dir.to_path_buf(),
+                    reason: format!("the KV cache mixes {got:?} and {dtype:?} layers"),
+                });
+            }
             let total: usize = pieces.iter().map(|p| p.len()).sum();
             if t.dims() != [heads, slots, dim] || total != heads * per_head {
                 return Err(Error::Snapshot {
@@ -198,7 +214,9 @@ fn kv_bytes<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
         tensors,
         heads: layer_heads,
         slots,
-        row: dim * 4,
+        row: dim * size,
+        dim,
+        dtype,
     }))
 }
 
@@ -248,7 +266,7 @@ pub(super) fn write_pages(state: &State, dir: &Path, reuse: &[PathBuf]) -> Resul
     let cpu = candle_core::Device::Cpu;
     let mut views = Vec::with_capacity(state.layers.len());
     for l in &state.layers {
-        match (l.k_view(n)?, l.v_view(n)?) {
+        match (l.k_stored(n)?, l.v_stored(n)?) {
             (Some(k), Some(v)) => views.push((
                 k.to_device(&cpu).map_err(tptt::Error::from)?,
                 v.to_device(&cpu).map_err(tptt::Error::from)?,
@@ -302,7 +320,7 @@ pub(super) fn write_pages(state: &State, dir: &Path, reuse: &[PathBuf]) -> Resul
                     return false;
                 };
                 let heads = kv.heads[layer];
-                if t.dtype() != Dtype::F32 || t.shape() != [heads, len, kv.row / 4] {
+                if t.dtype() != kv.dtype || t.shape() != [heads, len, kv.dim] {
                     return false;
                 }
                 let data = t.data();
@@ -391,8 +409,8 @@ fn write_page(
         .iter()
         .map(|(name, layer, which)| Part {
             name,
-            dtype: Dtype::F32,
-            shape: vec![kv.heads[*layer], b - a, kv.row / 4],
+            dtype: kv.dtype,
+            shape: vec![kv.heads[*layer], b - a, kv.dim],
             pieces: (0..kv.heads[*layer])
                 .flat_map(|h| {
                     runs.iter().map(move |&(_, s, count)| {

@@ -8,13 +8,15 @@
 //! values) become a [`PagedValues`], a list of pieces of pages in slot order, which the restore
 //! copies straight into its single KV buffer. Every reference is checked before use (inside its
 //! page, in position order, not overlapping, covering exactly the cached positions), and so is
-//! every page tensor's shape (`[Hkv, page length, D]`, the same heads and head size throughout);
+//! every page tensor's shape (`[Hkv, page length, D]`, the same heads and head size throughout)
+//! and type (f32, or f16 for a compact cache: each page decoded by its own);
 //! the restore then applies its usual checks (shapes against the model, finite values).
 
 use candle_core::Device;
 use safetensors::SafeTensors;
 
-use super::{extend_le_f32, file_f32s, file_u32s, Source, State, Values};
+use super::elem::{KvElem, Stored};
+use super::{file_u32s, file_values, Source, State, Values};
 use crate::config::BaseConfig;
 use crate::error::{Error, Result};
 use crate::linear::CarryMode;
@@ -128,15 +130,15 @@ impl<'a, 'b> PagedSource<'a, 'b> {
         })
     }
 
-    /// Shape and values of an f32 tensor: a layer's keys or values gathered from the pages,
-    /// anything else from the snapshot file.
-    pub(super) fn f32s(&self, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
+    /// Shape and values of a layer's keys or values (f32 or f16) gathered from the pages
+    /// (any other tensor: from the snapshot file, f32).
+    pub(super) fn kv(&self, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
         let is_kv = name
             .strip_prefix("layers.")
             .and_then(|r| r.strip_suffix(".k").or_else(|| r.strip_suffix(".v")))
             .is_some_and(|i| i.parse::<usize>().is_ok());
         if !is_kv {
-            return file_f32s(self.main, name);
+            return file_values(self.main, name, false);
         }
         if self.main.tensor(name).is_ok() {
             return Err(Error::State(format!(
@@ -157,22 +159,24 @@ impl<'a, 'b> PagedSource<'a, 'b> {
                 .tensor(name)
                 .map_err(|_| Error::State(format!("KV page {} lacks tensor {name:?}", run.page)))?;
             let dims = view.shape();
+            let stored = Stored::of(view.dtype());
             let fits = match dims {
-                &[h, l, d] if view.dtype() == safetensors::Dtype::F32 && l == page.len => {
+                &[h, l, d] if stored.is_some() && l == page.len => {
                     shape.is_none_or(|s| s == (h, d))
                 }
                 _ => false,
             };
-            if !fits {
+            let Some(stored) = stored.filter(|_| fits) else {
                 return Err(Error::State(format!(
-                    "KV page {}: {name:?} is {:?} {dims:?}, not f32 [heads, {}, head size] like the other pages",
+                    "KV page {}: {name:?} is {:?} {dims:?}, not f32 or f16 [heads, {}, head size] like the other pages",
                     run.page,
                     view.dtype(),
                     page.len
                 )));
-            }
+            };
             shape = Some((dims[0], dims[2]));
             pieces.push(Piece {
+                stored,
                 bytes: view.data(),
                 page_len: page.len,
                 offset: run.offset,
@@ -197,8 +201,10 @@ impl<'a, 'b> PagedSource<'a, 'b> {
     }
 }
 
-/// A run of slots in one page's tensor (`[Hkv, page_len, D]`, little-endian f32 bytes).
+/// A run of slots in one page's tensor (`[Hkv, page_len, D]`, little-endian bytes of its own
+/// stored type: the pages of one snapshot may differ, each is decoded by its own).
 struct Piece<'b> {
+    stored: Stored,
     bytes: &'b [u8],
     page_len: usize,
     offset: usize,
@@ -220,9 +226,15 @@ impl PagedValues<'_> {
         self.heads * self.slots * self.dim
     }
 
+    /// How the first piece is stored (the restore's buffer type follows it; other pieces are
+    /// converted as they are read).
+    pub(super) fn stored(&self) -> Stored {
+        self.pieces.first().map_or(Stored::F32, |p| p.stored)
+    }
+
     /// Append elements `[from, from + len)` of the gathered tensor, in row-major order, to `dst`
     /// (the range is checked by the caller).
-    pub(super) fn extend_into(&self, dst: &mut Vec<f32>, from: usize, len: usize) {
+    pub(super) fn extend_into<T: KvElem>(&self, dst: &mut Vec<T>, from: usize, len: usize) {
         let (per_head, dim) = (self.slots * self.dim, self.dim);
         let (mut i, end) = (from, from + len);
         while i < end {
@@ -233,7 +245,12 @@ impl PagedValues<'_> {
             let within = slot - self.starts[k];
             let take = ((piece.len - within) * dim - d).min(end - i);
             let src = (head * piece.page_len + piece.offset + within) * dim + d;
-            extend_le_f32(dst, &piece.bytes[src * 4..(src + take) * 4]);
+            let size = piece.stored.size();
+            T::extend_from_le(
+                dst,
+                &piece.bytes[src * size..(src + take) * size],
+                piece.stored,
+            );
             i += take;
         }
     }
