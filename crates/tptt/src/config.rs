@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-mod openelm;
+pub(crate) mod openelm;
 
 /// Keys of a TPTT `config.json` that never overlay the base config: `PretrainedConfig.__init__`
 /// resets them inside `TpttConfig`, so their saved values are not the base model's.

@@ -1,5 +1,6 @@
 //! Quantized bases from GGUF files (llama.cpp's format): Llama-architecture models such as
-//! SmolLM2, with their Q4_0 / Q4_1 / Q8_0 / K-quant matrices kept quantized and multiplied by
+//! SmolLM2, and OpenELM (per-layer head counts and FFN widths from the metadata's arrays), with
+//! their Q4_0 / Q4_1 / Q8_0 / K-quant matrices kept quantized and multiplied by
 //! candle's quantized kernels. TPTT LoRA adapters are then applied unmerged beside them
 //! (`y = Wq·x + s·B(A x)`, see [`crate::weights::apply_adapter`]).
 //!
@@ -78,9 +79,12 @@ fn config_of(path: &Path, c: &Content) -> Result<BaseConfig> {
         .and_then(|v| v.to_string().ok())
         .ok_or_else(|| err(path, "GGUF metadata lacks general.architecture"))?
         .clone();
+    if arch == "openelm" {
+        return openelm_config(path, c);
+    }
     if arch != "llama" {
         return Err(Error::UnsupportedArchitecture(format!(
-            "{arch} (GGUF bases: llama only)"
+            "{arch} (GGUF bases: llama, openelm)"
         )));
     }
     let u = |key: &str| -> Result<u64> {
@@ -146,6 +150,79 @@ fn config_of(path: &Path, c: &Content) -> Result<BaseConfig> {
     BaseConfig::from_json(&cfg, Some(path))
 }
 
+/// An OpenELM GGUF's config (llama.cpp's converter writes the per-layer head counts and FFN
+/// widths as arrays; its RoPE is the rotate-half kind, so nothing is permuted).
+fn openelm_config(path: &Path, c: &Content) -> Result<BaseConfig> {
+    let md = &c.metadata;
+    let key = |k: &str| format!("openelm.{k}");
+    let num = |v: &candle_core::quantized::gguf_file::Value| -> Option<usize> {
+        v.to_u32()
+            .ok()
+            .map(|x| x as usize)
+            .or_else(|| v.to_i32().ok().and_then(|x| usize::try_from(x).ok()))
+            .or_else(|| v.to_u64().ok().and_then(|x| usize::try_from(x).ok()))
+    };
+    let list = |k: &str| -> Result<Vec<usize>> {
+        let v = md
+            .get(&key(k))
+            .ok_or_else(|| err(path, format!("GGUF metadata lacks {}", key(k))))?;
+        let items = v
+            .to_vec()
+            .map_err(|_| err(path, format!("{} is not an array", key(k))))?;
+        items
+            .iter()
+            .map(|x| num(x).ok_or_else(|| err(path, format!("{} holds {x:?}", key(k)))))
+            .collect()
+    };
+    let one = |k: &str| -> Result<usize> {
+        md.get(&key(k))
+            .and_then(num)
+            .ok_or_else(|| err(path, format!("GGUF metadata lacks {}", key(k))))
+    };
+    let float = |k: &str, default: f64| {
+        md.get(&key(k))
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+            .unwrap_or(default)
+    };
+    let embd = c
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| err(path, "GGUF lacks token_embd.weight"))?;
+    let token = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+    let shared = crate::config::openelm::Shared {
+        model_dim: one("embedding_length")?,
+        head_dim: one("attention.key_length")?,
+        vocab_size: embd.shape.dims().first().copied().unwrap_or(0),
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta: float("rope.freq_base", 10000.0),
+        max_context_length: one("context_length").unwrap_or(2048),
+        tied: !c.tensor_infos.contains_key("output.weight"),
+        qk_norm: c.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+        hidden_act: crate::config::Activation::Silu,
+        bos_token_id: token("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: token("tokenizer.ggml.eos_token_id").into_iter().collect(),
+    };
+    let layers = one("block_count")?;
+    let cfg = crate::config::openelm::from_lists(
+        &list("attention.head_count")?,
+        &list("attention.head_count_kv")?,
+        &list("feed_forward_length")?,
+        shared,
+    )
+    .map_err(|e| err(path, e.to_string()))?;
+    if cfg.num_layers != layers {
+        return Err(err(
+            path,
+            format!(
+                "openelm.block_count is {layers} but the per-layer lists have {} entries",
+                cfg.num_layers
+            ),
+        ));
+    }
+    Ok(cfg)
+}
+
 /// Put llama.cpp's permuted q/k rows back in Hugging Face order:
 /// HF row `(h, t, j)` = GGUF row `(h, j, t)` with `t ∈ {0, 1}`, `j < D/2`.
 fn unpermute_rows(
@@ -194,45 +271,176 @@ fn unpermute_rows(
 }
 
 /// Load a GGUF base: its config and its weights under Hugging Face names (matrices quantized,
-/// norms dequantized to f32).
+/// norms dequantized to f32). An OpenELM GGUF's tensors get the names of OpenELM's own
+/// checkpoints instead (its fused `qkv_proj` as stored; the FFN gate and up that llama.cpp's
+/// converter split are put back into one `proj_1`), so that its TPTT adapter, which targets
+/// `qkv_proj` / `out_proj`, applies as to a safetensors base.
 pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
     let (content, mut file) = read_content(path)?;
     let cfg = config_of(path, &content)?;
+    let openelm = cfg.arch == crate::config::Architecture::OpenElm;
     let mut map = WeightMap::new();
+    let mut ffn_halves: std::collections::BTreeMap<(usize, bool), QTensor> = Default::default();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for gname in names {
-        let hf = hf_name(gname)
-            .ok_or_else(|| err(path, format!("unexpected tensor {gname:?} in a llama GGUF")))?;
+        let (name, half) = if openelm {
+            openelm_name(gname)
+        } else {
+            (hf_name(gname), None)
+        };
+        let name = name.ok_or_else(|| {
+            err(
+                path,
+                format!("unexpected tensor {gname:?} in a {} GGUF", cfg.arch.name()),
+            )
+        })?;
         let q = content
             .tensor(&mut file, gname, device)
             .map_err(|e| err(path, format!("{gname}: {e}")))?;
-        let q = if gname.ends_with("attn_q.weight") {
+        let q = if openelm {
+            q
+        } else if gname.ends_with("attn_q.weight") {
             unpermute_rows(path, gname, q, cfg.num_heads, device)?
         } else if gname.ends_with("attn_k.weight") {
             unpermute_rows(path, gname, q, cfg.num_kv_heads, device)?
         } else {
             q
         };
-        let w = match q.dtype() {
-            _ if q.rank() == 1 => Weight::Dense(q.dequantize(device)?),
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                Weight::Dense(q.dequantize(device)?)
+        match half {
+            Some(key) => {
+                ffn_halves.insert(key, q);
             }
-            // candle's CPU kernels for these have no SIMD path (~10x slower than Q8_0):
-            // re-quantize to Q8_0 at load (8.5 bits per weight; the extra rounding is far below
-            // the 4/5-bit grid's own).
-            GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => {
-                Weight::Quant(Arc::new(QTensor::quantize(
-                    &q.dequantize(device)?,
-                    GgmlDType::Q8_0,
-                )?))
+            None => {
+                map.insert(name, weight(q, device)?);
             }
-            _ => Weight::Quant(Arc::new(q)),
+        }
+    }
+    // OpenELM: gate (first) and up rows back into one proj_1 per layer.
+    for layer in 0..cfg.num_layers {
+        let (Some(gate), Some(up)) = (
+            ffn_halves.remove(&(layer, false)),
+            ffn_halves.remove(&(layer, true)),
+        ) else {
+            continue;
         };
-        map.insert(hf, w);
+        let name = format!("transformer.layers.{layer}.ffn.proj_1.weight");
+        map.insert(name, weight(concat_rows(path, gate, up, device)?, device)?);
+    }
+    if let Some(((layer, up), _)) = ffn_halves.into_iter().next() {
+        return Err(err(
+            path,
+            format!(
+                "blk.{layer}.ffn_{} has no {} beside it",
+                if up { "up" } else { "gate" },
+                if up { "ffn_gate" } else { "ffn_up" }
+            ),
+        ));
     }
     Ok((cfg, map))
+}
+
+/// A GGUF tensor as a weight: vectors and float matrices dense f32, quantized matrices kept
+/// (Q4_1 / Q5_* re-quantized to Q8_0 on the CPU, see the module doc).
+fn weight(q: QTensor, device: &Device) -> Result<Weight> {
+    Ok(match q.dtype() {
+        _ if q.rank() == 1 => Weight::Dense(q.dequantize(device)?),
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(q.dequantize(device)?),
+        // candle's CPU kernels for these have no SIMD path (~10x slower than Q8_0):
+        // re-quantize to Q8_0 at load (8.5 bits per weight; the extra rounding is far below
+        // the 4/5-bit grid's own).
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => Weight::Quant(
+            Arc::new(QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?),
+        ),
+        _ => Weight::Quant(Arc::new(q)),
+    })
+}
+
+/// Bytes of one row of a 2-D quantized tensor, and its (rows, cols).
+fn row_layout(q: &QTensor) -> Result<(usize, usize, usize)> {
+    let (rows, cols) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    if !cols.is_multiple_of(dtype.block_size()) {
+        return Err(Error::config(format!(
+            "a {dtype:?} matrix of {cols} columns is not made of whole blocks"
+        )));
+    }
+    Ok((rows, cols, cols / dtype.block_size() * dtype.type_size()))
+}
+
+/// Rows `start..start + len` of a 2-D tensor as stored (quantization blocks run along rows, so
+/// rows are independent byte ranges).
+pub(crate) fn split_rows(
+    q: &QTensor,
+    start: usize,
+    len: usize,
+    device: &Device,
+) -> Result<QTensor> {
+    let (rows, cols, row_bytes) = row_layout(q)?;
+    let data = q.data()?;
+    if start + len > rows || data.len() != rows * row_bytes {
+        return Err(Error::config(format!(
+            "rows {start}..{} of a {rows}-row {:?} matrix",
+            start + len,
+            q.dtype()
+        )));
+    }
+    let bytes = data[start * row_bytes..(start + len) * row_bytes].to_vec();
+    let storage = QStorage::from_data(Cow::Owned(bytes), device, q.dtype())?;
+    Ok(QTensor::new(storage, (len, cols))?)
+}
+
+/// `a`'s rows then `b`'s: as stored when both have the same type and width, else both widened
+/// to f32 (llama.cpp may quantize two halves of one matrix differently).
+fn concat_rows(path: &Path, a: QTensor, b: QTensor, device: &Device) -> Result<QTensor> {
+    let ((ra, ca), (rb, cb)) = (a.shape().dims2()?, b.shape().dims2()?);
+    if ca != cb {
+        return Err(err(
+            path,
+            format!("FFN gate [{ra}, {ca}] and up [{rb}, {cb}] differ in width"),
+        ));
+    }
+    if a.dtype() == b.dtype() {
+        let mut bytes = a.data()?.into_owned();
+        bytes.extend_from_slice(&b.data()?);
+        let storage = QStorage::from_data(Cow::Owned(bytes), device, a.dtype())?;
+        return Ok(QTensor::new(storage, (ra + rb, ca))?);
+    }
+    let both = candle_core::Tensor::cat(&[&a.dequantize(device)?, &b.dequantize(device)?], 0)?;
+    Ok(QTensor::quantize(&both, GgmlDType::F32)?)
+}
+
+/// An OpenELM GGUF tensor's name in OpenELM's checkpoints; for the FFN halves llama.cpp split
+/// off `proj_1`, the layer and whether it is the up half instead.
+fn openelm_name(g: &str) -> (Option<String>, Option<(usize, bool)>) {
+    let fixed = match g {
+        "token_embd.weight" => Some("transformer.token_embeddings.weight"),
+        "output_norm.weight" => Some("transformer.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return (Some(f.to_string()), None);
+    }
+    let Some((layer, part)) = g.strip_prefix("blk.").and_then(|r| r.split_once('.')) else {
+        return (None, None);
+    };
+    let Ok(layer) = layer.parse::<usize>() else {
+        return (None, None);
+    };
+    let name = |rest: &str| Some(format!("transformer.layers.{layer}.{rest}"));
+    match part {
+        "attn_norm.weight" => (name("attn_norm.weight"), None),
+        "attn_qkv.weight" => (name("attn.qkv_proj.weight"), None),
+        "attn_q_norm.weight" => (name("attn.q_norm.weight"), None),
+        "attn_k_norm.weight" => (name("attn.k_norm.weight"), None),
+        "attn_output.weight" => (name("attn.out_proj.weight"), None),
+        "ffn_norm.weight" => (name("ffn_norm.weight"), None),
+        "ffn_gate.weight" => (name("ffn.proj_1.weight"), Some((layer, false))),
+        "ffn_up.weight" => (name("ffn.proj_1.weight"), Some((layer, true))),
+        "ffn_down.weight" => (name("ffn.proj_2.weight"), None),
+        _ => (None, None),
+    }
 }
 
 /// llama.cpp tensor name → Hugging Face name.

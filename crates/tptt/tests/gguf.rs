@@ -237,3 +237,57 @@ fn real_smollm2_q4_1_gguf_loads_and_generates() {
     let rank = last.iter().filter(|&&x| x > last[want]).count();
     assert!(rank < 5, "the f32 model's first answer token ranks {rank}");
 }
+
+/// OpenELM from GGUFs written by llama.cpp's own converter (`convert_hf_to_gguf.py` of the
+/// llama.cpp tree vendored in llama-cpp-python 0.3.36, from `openelm-base/`: per-layer head
+/// counts and FFN widths as metadata arrays, `attn_qkv` fused, `proj_1` split into `ffn_gate` /
+/// `ffn_up`). Loaded as the base of `tptt-openelm/delta_product`: f32 gives the safetensors
+/// logits (the adapter merged either way); Q8_0 keeps the LoRA unmerged beside the quantized
+/// `qkv_proj` / `out_proj` (split with the projection's rows) and stays close.
+#[test]
+fn openelm_gguf_bases_from_llama_cpp() {
+    let repo = TpttRepo::open(fixtures().join("tptt-openelm")).expect("repo");
+    let dense = Model::load(
+        &repo.variant(Some("delta_product"), None).expect("variant"),
+        &LoadOptions::default(),
+    )
+    .expect("dense");
+    let ids: Vec<u32> = (0..40).map(|i| 3 + (i * 53 + 7) % 290).collect();
+    let logits = |m: &Model| -> Vec<f32> {
+        m.forward_full(&ids)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+            .expect("forward")
+    };
+    let want = logits(&dense);
+    let max_diff = |got: &[f32]| {
+        got.iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    for (file, unmerged, bound) in [
+        ("openelm-base-f32.gguf", 0, 1e-4f32),
+        // Q8_0 weights (blk.1.ffn_down stays F16: 144 columns are not whole blocks) plus
+        // candle's Q8 activation rounding; logits std ≈ 2.
+        ("openelm-base-q8_0.gguf", 6, 1.0),
+    ] {
+        let gguf = fixtures().join(file);
+        let files = repo
+            .variant(Some("delta_product"), Some(&gguf))
+            .expect("gguf variant");
+        assert!(files.base_gguf.is_some());
+        assert_eq!(files.config.base.arch.name(), "openelm");
+        let model = Model::load(&files, &LoadOptions::default()).expect(file);
+        assert_eq!(
+            model.adapter_report().unmerged.len(),
+            unmerged,
+            "{file}: LoRA beside each quantized qkv_proj and out_proj"
+        );
+        let d = max_diff(&logits(&model));
+        eprintln!("{file}: max |Δlogit| {d:e}");
+        assert!(d <= bound && d.is_finite(), "{file}: max |Δlogit| {d:e}");
+        if unmerged > 0 {
+            assert!(d > 0.0, "{file}: a quantized base cannot match exactly");
+        }
+    }
+}

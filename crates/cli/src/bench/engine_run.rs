@@ -277,7 +277,8 @@ pub(super) fn run_engine(
             for _ in 0..2 {
                 let t = Instant::now();
                 let mut restored = snapshot::load(model.clone(), identity, &snap_path)?;
-                // Snapshots hold the cache in f32: stored as the run asks from now on.
+                // The snapshot kept the run's KV format: this converts nothing (as the app
+                // does after a restore, in case the setting changed meanwhile).
                 restored.state.set_kv_format(plan.kv)?;
                 let loaded = t.elapsed().as_secs_f64();
                 let first = argmax_slice(restored.last_logits.as_deref().unwrap_or_default());

@@ -462,7 +462,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     notes.insert(
         "snapshot_mb_16k".into(),
         json!(format!(
-            "size of the (unpaged) snapshot of the session after {} tokens{}; snapshots hold the KV window in f32 whatever --kv says (f16 and 8-bit snapshots are still to come)",
+            "size of the (unpaged) snapshot of the session after {} tokens{}; the KV window is stored in the run's --kv format (f16: half of f32's)",
             a.resume.history,
             if args.quick { " (--quick; the full run uses 16384)" } else { "" }
         )),

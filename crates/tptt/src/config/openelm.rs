@@ -260,48 +260,142 @@ pub(super) fn base_config(map: &Map<String, Value>) -> Result<BaseConfig> {
             intermediate_size: widths[i],
         })
         .collect();
+    Ok(assemble(
+        dims,
+        Shared {
+            model_dim: raw.model_dim,
+            head_dim: raw.head_dim,
+            vocab_size: raw.vocab_size,
+            // OpenELMRMSNorm's default; the config has no key for it.
+            rms_norm_eps: 1e-6,
+            rope_theta: raw.rope_freq_constant,
+            max_context_length: raw.max_context_length,
+            // Shared layers have no head at all; an unshared head is still tied to the
+            // embeddings by transformers when the remote code runs under it, unless the config
+            // says otherwise (OpenELMConfig leaves PretrainedConfig's `tie_word_embeddings` at
+            // true).
+            tied: raw.share_input_output_layers || raw.tie_word_embeddings.unwrap_or(true),
+            qk_norm: raw.normalize_qk_projections,
+            hidden_act,
+            bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&raw.eos_token_id),
+        },
+    ))
+}
+
+/// What every layer of an OpenELM shares.
+pub(crate) struct Shared {
+    pub(crate) model_dim: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) vocab_size: usize,
+    pub(crate) rms_norm_eps: f64,
+    pub(crate) rope_theta: f64,
+    pub(crate) max_context_length: usize,
+    pub(crate) tied: bool,
+    pub(crate) qk_norm: bool,
+    pub(crate) hidden_act: Activation,
+    pub(crate) bos_token_id: Option<u32>,
+    pub(crate) eos_token_ids: Vec<u32>,
+}
+
+/// An OpenELM config from explicit per-layer lists (a GGUF's `openelm.attention.head_count`,
+/// `…head_count_kv` and `openelm.feed_forward_length` arrays), each named in its error.
+pub(crate) fn from_lists(
+    heads: &[usize],
+    kv_heads: &[usize],
+    widths: &[usize],
+    shared: Shared,
+) -> Result<BaseConfig> {
+    let layers = heads.len();
+    if layers == 0 || layers > MAX_LAYERS {
+        return Err(Error::config(format!(
+            "attention.head_count has {layers} layers (1 to {MAX_LAYERS})"
+        )));
+    }
+    for (key, list) in [
+        ("attention.head_count_kv", kv_heads),
+        ("feed_forward_length", widths),
+    ] {
+        if list.len() != layers {
+            return Err(Error::config(format!(
+                "{key} has {} entries for {layers} layers (attention.head_count)",
+                list.len()
+            )));
+        }
+    }
+    if shared.head_dim == 0 || !shared.head_dim.is_multiple_of(2) || shared.head_dim > 1 << 16 {
+        return Err(Error::config(format!(
+            "attention.key_length {} must be even, positive and at most {}",
+            shared.head_dim,
+            1 << 16
+        )));
+    }
+    if shared.model_dim == 0 || shared.model_dim > 1 << 20 || shared.vocab_size == 0 {
+        return Err(Error::config(format!(
+            "embedding_length {} and the vocabulary ({}) must be positive (at most {} wide)",
+            shared.model_dim,
+            shared.vocab_size,
+            1 << 20
+        )));
+    }
+    for i in 0..layers {
+        let (h, k, w) = (heads[i], kv_heads[i], widths[i]);
+        if h == 0 || k == 0 || !h.is_multiple_of(k) || h > 1 << 16 || w == 0 || w > 1 << 24 {
+            return Err(Error::config(format!(
+                "layer {i}: {h} query heads, {k} KV heads (which must divide them) and an FFN of {w}"
+            )));
+        }
+    }
+    let dims = (0..layers)
+        .map(|i| LayerDims {
+            num_heads: heads[i],
+            num_kv_heads: kv_heads[i],
+            intermediate_size: widths[i],
+        })
+        .collect();
+    Ok(assemble(dims, shared))
+}
+
+/// The [`BaseConfig`] of an OpenELM with these layers.
+fn assemble(dims: Vec<LayerDims>, s: Shared) -> BaseConfig {
     let max = |f: fn(&LayerDims) -> usize| dims.iter().map(f).max().unwrap_or(0);
-    Ok(BaseConfig {
+    let layers = dims.len();
+    BaseConfig {
         arch: Architecture::OpenElm,
-        hidden_size: raw.model_dim,
+        hidden_size: s.model_dim,
         intermediate_size: max(|d| d.intermediate_size),
         num_layers: layers,
         num_heads: max(|d| d.num_heads),
         num_kv_heads: max(|d| d.num_kv_heads),
         layer_dims: Some(dims),
-        head_dim: raw.head_dim,
-        // OpenELMRMSNorm's default; the config has no key for it.
-        rms_norm_eps: 1e-6,
-        rope_theta: raw.rope_freq_constant,
+        head_dim: s.head_dim,
+        rms_norm_eps: s.rms_norm_eps,
+        rope_theta: s.rope_theta,
         rope_scaling: RopeScaling::None,
-        max_position_embeddings: raw.max_context_length,
-        vocab_size: raw.vocab_size,
-        // Shared layers have no head at all; an unshared head is still tied to the embeddings
-        // by transformers when the remote code runs under it, unless the config says otherwise
-        // (OpenELMConfig leaves PretrainedConfig's `tie_word_embeddings` at true).
-        tie_word_embeddings: raw.share_input_output_layers
-            || raw.tie_word_embeddings.unwrap_or(true),
+        max_position_embeddings: s.max_context_length,
+        vocab_size: s.vocab_size,
+        tie_word_embeddings: s.tied,
         qkv_bias: false,
         o_bias: false,
         mlp_bias: false,
         layer_windows: vec![None; layers],
         local_rope_theta: None,
-        hidden_act,
+        hidden_act: s.hidden_act,
         norm: NormKind::Rms,
         sandwich_norms: false,
-        qk_norm: if raw.normalize_qk_projections {
+        qk_norm: if s.qk_norm {
             QkNorm::PerHead
         } else {
             QkNorm::None
         },
-        attn_scale: (raw.head_dim as f64).powf(-0.5),
+        attn_scale: (s.head_dim as f64).powf(-0.5),
         embed_scale: None,
         final_logit_softcap: None,
         clip_qkv: None,
         moe: None,
-        bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
-        eos_token_ids: token_ids(&raw.eos_token_id),
-    })
+        bos_token_id: s.bos_token_id,
+        eos_token_ids: s.eos_token_ids,
+    }
 }
 
 #[cfg(test)]
@@ -353,6 +447,50 @@ mod tests {
         assert_eq!((d[0].num_kv_heads, d[27].num_kv_heads), (4, 8));
         assert_eq!(d[0].intermediate_size, 1024);
         assert_eq!(d[27].intermediate_size, 8192);
+    }
+
+    /// GGUF metadata lists (llama.cpp's arrays) of the wrong length or that do not divide.
+    #[test]
+    fn lists_from_a_gguf_are_checked() {
+        let shared = || Shared {
+            model_dim: 64,
+            head_dim: 16,
+            vocab_size: 300,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            max_context_length: 128,
+            tied: true,
+            qk_norm: true,
+            hidden_act: Activation::Silu,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        };
+        let ok = from_lists(&[2, 4, 4], &[1, 2, 2], &[32, 144, 256], shared()).expect("valid");
+        assert_eq!(
+            ok,
+            cfg(json!({}))
+                .map(|mut c| {
+                    c.max_position_embeddings = 128;
+                    c.eos_token_ids = vec![2];
+                    c.bos_token_id = Some(1);
+                    c
+                })
+                .expect("same as the config.json")
+        );
+        let err = |h: &[usize], k: &[usize], f: &[usize]| {
+            from_lists(h, k, f, shared())
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(err(&[2, 4], &[1, 2, 2], &[32, 144])
+            .contains("head_count_kv has 3 entries for 2 layers"));
+        assert!(
+            err(&[2, 4, 4], &[1, 2, 2], &[32, 144]).contains("feed_forward_length has 2 entries")
+        );
+        assert!(err(&[2, 4, 4], &[1, 3, 2], &[32, 144, 256])
+            .contains("layer 1: 4 query heads, 3 KV heads"));
+        assert!(err(&[2, 0, 4], &[1, 1, 2], &[32, 144, 256]).contains("layer 1"));
+        assert!(err(&[], &[], &[]).contains("head_count"));
     }
 
     #[test]

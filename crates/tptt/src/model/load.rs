@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 
 use super::layers::{Expert, Layer, Linear, Matrix, Mlp, Norm};
 use super::mix::MagMix;
+use super::openelm;
 use super::{LoadOptions, Model};
 use crate::config::{
     Architecture, BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings,
@@ -182,20 +183,14 @@ impl Model {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let b = &cfg.base;
-        let map = match b.arch {
-            Architecture::OpenElm => {
-                if let Some(name) = adapter.unmerged.keys().next() {
-                    return Err(Error::config(format!(
-                        "{name}: an OpenELM base must be dense (safetensors) to take its LoRA"
-                    )));
-                }
-                super::openelm::llama_names(map, b, location)?
-            }
-            _ => map,
+        let (map, loras) = if b.arch == Architecture::OpenElm && openelm::has_openelm_names(&map) {
+            openelm::llama_names(map, &adapter.unmerged, b, location, &opts.device)?
+        } else {
+            (map, adapter.unmerged.clone())
         };
         let mut src = Source {
             map,
-            loras: &adapter.unmerged,
+            loras: &loras,
             location,
             device: opts.device.clone(),
         };
