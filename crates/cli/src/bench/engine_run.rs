@@ -105,6 +105,9 @@ pub(super) struct EngineRun {
     pub(super) resume: ResumeResult,
     pub(super) peak_rss: Option<u64>,
     pub(super) peak_rss_reset: bool,
+    /// Peak RSS while the session alone decodes at the longest history (what an app holds):
+    /// see [`app_peak_rss`].
+    pub(super) app_peak_rss: Option<u64>,
     pub(super) window: Option<usize>,
     /// Decode at the longest history with the KV cache in f32 and in f16, paired: (history,
     /// f32 tok/s, f16 tok/s).
@@ -154,6 +157,8 @@ impl EngineRun {
             "kv_bytes": self.kv_bytes,
             "peak_rss_bytes": self.peak_rss,
             "peak_rss_scope": if self.peak_rss_reset { "this engine run (VmHWM reset before it; weights included)" } else { "process since start (VmHWM could not be reset)" },
+            "app_peak_rss_bytes": self.app_peak_rss,
+            "app_peak_rss_scope": format!("{APP_PEAK_STEPS} decode steps of the session alone at the longest history, after the run's cloned states were freed and the heap trimmed (VmHWM reset then): weights, the session's KV and carries, activations, runtime"),
         })
     }
 }
@@ -319,6 +324,17 @@ pub(super) fn run_engine(
         }
     }
     let resume = resume.context("the resume point was never reached")?;
+    // The whole run's peak first: measuring the session alone resets the counter.
+    let run_peak = peak_rss_bytes();
+    let app_peak = app_peak_rss(&model, &mut session)?;
+    progress(format!(
+        "[{name}] peak memory while decoding after {} tokens, the session alone: {}",
+        session.tokens.len(),
+        app_peak.map_or("not measurable here".into(), |b| format!(
+            "{:.1} MB",
+            b as f64 / 1e6
+        ))
+    ));
     decode.sort_by_key(|d| d.history);
     Ok(EngineRun {
         mag_weight: model.config().tptt.mag_weight,
@@ -326,10 +342,30 @@ pub(super) fn run_engine(
         prefill_s,
         decode,
         resume,
-        peak_rss: peak_rss_bytes(),
+        peak_rss: run_peak,
         peak_rss_reset,
+        app_peak_rss: app_peak,
         window: used_window,
         kv_paired,
         kv_bytes,
     })
+}
+
+/// Decode steps of [`app_peak_rss`].
+const APP_PEAK_STEPS: usize = 32;
+
+/// The peak RSS of [`APP_PEAK_STEPS`] decode steps of `session` alone — what an app holds while
+/// it answers at this history — once the states the measurements cloned are freed and the heap's
+/// free memory returned (else the counter would start from them). `None` where the kernel's
+/// peak counter cannot be reset.
+fn app_peak_rss(model: &Model, session: &mut Session) -> Result<Option<u64>> {
+    tptt::alloc::release_free_memory();
+    if !reset_peak_rss() {
+        return Ok(None);
+    }
+    let mut id = argmax_slice(session.last_logits.as_deref().unwrap_or_default());
+    for _ in 0..APP_PEAK_STEPS {
+        id = step(model, &mut session.state, id)?;
+    }
+    Ok(peak_rss_bytes())
 }
