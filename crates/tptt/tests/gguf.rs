@@ -291,3 +291,101 @@ fn openelm_gguf_bases_from_llama_cpp() {
         }
     }
 }
+
+/// A GGUF file's metadata.
+type Metadata = std::collections::HashMap<String, Value>;
+
+/// One hostile edit: its name, the change, and the words its error must hold (none: it loads).
+type Edit<'a> = (&'a str, Box<dyn Fn(&mut Metadata)>, &'a str);
+
+/// The OpenELM GGUF fixture rewritten with `edit` applied to its metadata.
+fn edited_openelm_gguf(out: &Path, edit: impl FnOnce(&mut Metadata)) {
+    let src = fixtures().join("openelm-base-q8_0.gguf");
+    let mut f = std::fs::File::open(&src).expect("fixture");
+    let content = gguf_file::Content::read(&mut f).expect("gguf");
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        tensors.push((
+            name.clone(),
+            content.tensor(&mut f, name, &Device::Cpu).expect("tensor"),
+        ));
+    }
+    let mut md = content.metadata.clone();
+    edit(&mut md);
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::fs::File::create(out).expect("create");
+    gguf_file::write(&mut out, &md_refs, &t_refs).expect("write gguf");
+}
+
+/// Hostile OpenELM GGUF metadata: per-layer arrays of the wrong length, KV heads that do not
+/// divide, a scalar where an array belongs, head counts the fused `attn_qkv` rows do not match.
+/// Each is a clear error naming the key (or the tensor), never a panic; the unedited rewrite
+/// loads.
+#[test]
+fn hostile_openelm_gguf_metadata_is_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("tptt-gguf-openelm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let ints = |xs: &[i32]| Value::Array(xs.iter().map(|&x| Value::I32(x)).collect());
+    let settings =
+        tptt::config::TpttSettings::injected("delta_rule", 0.5, "openelm").expect("tptt");
+    let load =
+        |path: &Path| Model::load_gguf_plain(path, settings.clone(), &LoadOptions::default());
+    let cases: Vec<Edit<'_>> = vec![
+        ("same", Box::new(|_| {}), ""),
+        (
+            "short-heads",
+            Box::new(move |m| {
+                m.insert("openelm.attention.head_count".into(), ints(&[2, 4]));
+            }),
+            "attention.head_count_kv has 3 entries for 2 layers",
+        ),
+        (
+            "kv-not-dividing",
+            Box::new(move |m| {
+                m.insert("openelm.attention.head_count_kv".into(), ints(&[1, 3, 2]));
+            }),
+            "layer 1: 4 query heads, 3 KV heads",
+        ),
+        (
+            "scalar-ffn",
+            Box::new(|m| {
+                m.insert("openelm.feed_forward_length".into(), Value::U32(144));
+            }),
+            "openelm.feed_forward_length is not an array",
+        ),
+        (
+            "fewer-kv-heads",
+            Box::new(move |m| {
+                m.insert("openelm.attention.head_count_kv".into(), ints(&[1, 1, 1]));
+            }),
+            "transformer.layers.1.attn.qkv_proj.weight",
+        ),
+        (
+            "layer-count",
+            Box::new(|m| {
+                m.insert("openelm.block_count".into(), Value::U32(4));
+            }),
+            "openelm.block_count is 4",
+        ),
+    ];
+    for (name, edit, words) in cases {
+        let path = dir.join(format!("{name}.gguf"));
+        edited_openelm_gguf(&path, edit);
+        match load(&path) {
+            Ok(_) if words.is_empty() => {}
+            Ok(_) => panic!("{name}: loaded"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(!words.is_empty(), "{name}: {msg}");
+                assert!(
+                    msg.contains(words),
+                    "{name}: {msg:?} does not say {words:?}"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
