@@ -16,7 +16,8 @@ use candle_core::Device;
 use safetensors::SafeTensors;
 
 use super::elem::{KvElem, Stored};
-use super::{file_u32s, file_values, Source, State, Values};
+use super::restore::{file_u32s, file_values, Source, Values};
+use super::State;
 use crate::config::BaseConfig;
 use crate::error::{Error, Result};
 use crate::linear::CarryMode;
@@ -273,7 +274,7 @@ impl State {
         device: &Device,
     ) -> Result<Self> {
         let source = PagedSource::new(t, pages, refs)?;
-        let (heads, kv_heads) = super::per_layer_heads(base);
+        let (heads, kv_heads) = super::restore::per_layer_heads(base);
         Self::restore(
             &Source::Paged(&source),
             base.num_layers,
