@@ -656,6 +656,17 @@ fn version_4_snapshots_still_load_judged_by_their_fnv_identity() {
     assert!(reason.contains("corrupt"), "{reason}");
 }
 
+/// Layer 1's cached keys, as f32.
+fn layer1_keys(state: &tptt::state::State) -> Vec<f32> {
+    state.layers[1]
+        .k_view(state.kv_len())
+        .expect("view")
+        .expect("keys")
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .expect("f32")
+}
+
 /// An f16 cache is written as f16 (its KV bytes half those of the same conversation in f32);
 /// a snapshot of one format opened by a session of the other is converted, never misread: f16
 /// values widen exactly, f32 ones round to the nearest half.
@@ -709,44 +720,20 @@ fn kv_formats_in_snapshots_are_kept_and_converted() {
     // f16 file → f32 session: exact widening, then the session continues in f32.
     let mut widened = snapshot::load(fx.arc(), &identity, &p16).expect("load f16");
     assert_eq!(widened.state.kv_format, KvFormat::F16);
-    let before: Vec<f32> = widened.state.layers[1]
-        .k_view(widened.state.kv_len())
-        .expect("view")
-        .expect("keys")
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .expect("f32");
+    let before: Vec<f32> = layer1_keys(&widened.state);
     widened.state.set_kv_format(KvFormat::F32).expect("to f32");
-    let after: Vec<f32> = widened.state.layers[1]
-        .k_view(widened.state.kv_len())
-        .expect("view")
-        .expect("keys")
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .expect("f32");
+    let after: Vec<f32> = layer1_keys(&widened.state);
     assert_eq!(before, after, "f16 → f32 is exact");
     assert_eq!(widened.state.kv_bytes(), 2 * s16.state.kv_bytes());
     // f32 file → f16 session: every key rounded to the nearest half.
     let mut narrowed = snapshot::load(fx.arc(), &identity, &p32).expect("load f32");
     assert_eq!(narrowed.state.kv_format, KvFormat::F32);
     narrowed.state.set_kv_format(KvFormat::F16).expect("to f16");
-    let want: Vec<f32> = s32.state.layers[1]
-        .k_view(s32.state.kv_len())
-        .expect("view")
-        .expect("keys")
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .expect("f32")
+    let want: Vec<f32> = layer1_keys(&s32.state)
         .into_iter()
         .map(|x| half::f16::from_f32(x).to_f32())
         .collect();
-    let got: Vec<f32> = narrowed.state.layers[1]
-        .k_view(narrowed.state.kv_len())
-        .expect("view")
-        .expect("keys")
-        .flatten_all()
-        .and_then(|t| t.to_vec1())
-        .expect("f32");
+    let got: Vec<f32> = layer1_keys(&narrowed.state);
     assert_eq!(got, want, "f32 → f16 rounds each value");
     for s in [&mut widened, &mut narrowed] {
         generate(s, &[], 4, &tok);

@@ -26,20 +26,31 @@ struct Source<'a> {
     device: Device,
 }
 
+/// Take weight `name` out of `map`, checked to have shape `dims` (errors name the tensor and
+/// where it was looked for).
+pub(super) fn take_weight(
+    map: &mut WeightMap,
+    name: &str,
+    dims: &[usize],
+    location: &str,
+) -> Result<Weight> {
+    let w = map.remove(name).ok_or_else(|| Error::MissingTensor {
+        name: name.into(),
+        location: location.into(),
+    })?;
+    if w.dims() != dims {
+        return Err(Error::ShapeMismatch {
+            name: name.into(),
+            got: w.dims().to_vec(),
+            expected: dims.to_vec(),
+        });
+    }
+    Ok(w)
+}
+
 impl Source<'_> {
     fn weight(&mut self, name: &str, dims: &[usize]) -> Result<Weight> {
-        let w = self.map.remove(name).ok_or_else(|| Error::MissingTensor {
-            name: name.into(),
-            location: self.location.into(),
-        })?;
-        if w.dims() != dims {
-            return Err(Error::ShapeMismatch {
-                name: name.into(),
-                got: w.dims().to_vec(),
-                expected: dims.to_vec(),
-            });
-        }
-        Ok(w)
+        take_weight(&mut self.map, name, dims, self.location)
     }
 
     /// A dense tensor (quantized ones are dequantized: norms, embeddings).

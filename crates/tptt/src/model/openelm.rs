@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
+use super::load::take_weight;
 use crate::config::{BaseConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::weights::{LoraSide, Weight, WeightMap};
@@ -26,20 +27,7 @@ pub(super) fn llama_names(
     location: &str,
     device: &Device,
 ) -> Result<(WeightMap, HashMap<String, LoraSide>)> {
-    let mut take = |name: &str, dims: &[usize]| -> Result<Weight> {
-        let w = map.remove(name).ok_or_else(|| Error::MissingTensor {
-            name: name.into(),
-            location: location.into(),
-        })?;
-        if w.dims() != dims {
-            return Err(Error::ShapeMismatch {
-                name: name.into(),
-                got: w.dims().to_vec(),
-                expected: dims.to_vec(),
-            });
-        }
-        Ok(w)
-    };
+    let mut take = |name: &str, dims: &[usize]| take_weight(&mut map, name, dims, location);
     let rows = |w: &Weight, start: usize, len: usize| -> Result<Weight> {
         Ok(match w {
             Weight::Dense(t) => Weight::Dense(t.narrow(0, start, len)?.contiguous()?),
