@@ -9,8 +9,10 @@
 //! elementwise and pairs adjacent dims in the rot trick), so the rows are put back in the Hugging
 //! Face order here, on the quantized bytes (quantization blocks run along rows).
 //!
-//! On the CPU, Q4_1 / Q5_0 / Q5_1 matrices are re-quantized to Q8_0 at load: candle has no SIMD
-//! kernel for them (Q4_0, Q8_0 and the K-quants have one).
+//! On the CPU, Q5_0 / Q5_1 matrices are re-quantized to Q8_0 at load: candle has no SIMD kernel
+//! for them (Q4_0, Q8_0 and the K-quants have one). Q4_1 is used as stored: the fused decode
+//! step multiplies it with our kernel (`kernels/q4_1.rs`), a prompt widens it to f32
+//! (`model/layers.rs`).
 //!
 //! Every file's header is checked by our own bounded reader ([`header`]) before candle parses
 //! it: candle panics on some hostile values (`general.alignment` = 0) and trusts others.
@@ -346,12 +348,12 @@ fn weight(q: QTensor, device: &Device) -> Result<Weight> {
     Ok(match q.dtype() {
         _ if q.rank() == 1 => Weight::Dense(q.dequantize(device)?),
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(q.dequantize(device)?),
-        // candle's CPU kernels for these have no SIMD path (~10x slower than Q8_0):
-        // re-quantize to Q8_0 at load (8.5 bits per weight; the extra rounding is far below
-        // the 4/5-bit grid's own).
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => Weight::Quant(
-            Arc::new(QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?),
-        ),
+        // candle's CPU kernels for these have no SIMD path (~10x slower than Q8_0) and ours
+        // cover Q4_1 only: re-quantize to Q8_0 at load (8.5 bits per weight; the extra rounding
+        // is far below the 5-bit grid's own).
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => Weight::Quant(Arc::new(
+            QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?,
+        )),
         _ => Weight::Quant(Arc::new(q)),
     })
 }

@@ -12,6 +12,7 @@
 
 pub mod kv;
 pub mod prefill;
+pub mod q4_1;
 
 pub use kv::KvSlice;
 
@@ -31,6 +32,8 @@ pub enum Rows<'a> {
     F32(&'a [f32]),
     /// GGML Q8_0 blocks (`x.len()` a multiple of 32), as stored by candle / llama.cpp.
     Q8_0(&'a [u8]),
+    /// GGML Q4_1 blocks (`x.len()` a multiple of 32), as stored ([`q4_1`]).
+    Q4_1(&'a [u8]),
 }
 
 impl<'a> Rows<'a> {
@@ -45,6 +48,10 @@ impl<'a> Rows<'a> {
                 let (a, b) = w.split_at(rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
                 (Rows::Q8_0(a), Rows::Q8_0(b))
             }
+            Rows::Q4_1(w) => {
+                let (a, b) = w.split_at(rows * cols / Q8_0_BLOCK * q4_1::Q4_1_BLOCK_BYTES);
+                (Rows::Q4_1(a), Rows::Q4_1(b))
+            }
         }
     }
 
@@ -55,6 +62,10 @@ impl<'a> Rows<'a> {
             Rows::Q8_0(w) => {
                 cols.is_multiple_of(Q8_0_BLOCK)
                     && w.len() == rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES
+            }
+            Rows::Q4_1(w) => {
+                cols.is_multiple_of(Q8_0_BLOCK)
+                    && w.len() == rows * cols / Q8_0_BLOCK * q4_1::Q4_1_BLOCK_BYTES
             }
         }
     }
@@ -146,17 +157,26 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
             bias = brest;
         }
     }
-    // Q8_0 matrices read the input quantized once (as candle's and llama.cpp's kernels do).
-    let xq = if tasks.iter().any(|t| matches!(t.w, Rows::Q8_0(_))) {
+    // Quantized matrices read the input quantized once (as candle's and llama.cpp's kernels
+    // do); Q4_1's also need each input block's sum.
+    let xq = if tasks.iter().any(|t| !matches!(t.w, Rows::F32(_))) {
         Some(quantize_q8_0(x))
     } else {
         None
+    };
+    let xs = match &xq {
+        Some((q, d)) if tasks.iter().any(|t| matches!(t.w, Rows::Q4_1(_))) => {
+            q4_1::block_sums(q, d)
+        }
+        _ => Vec::new(),
     };
     let run = |t: MatVec<'_>| {
         match (t.w, &xq) {
             (Rows::F32(w), _) => matvec_rows(w, x, t.out),
             (Rows::Q8_0(w), Some((q, d))) => matvec_q8_0_rows(w, q, d, t.out),
             (Rows::Q8_0(w), None) => matvec_q8_0_naive(w, x, t.out),
+            (Rows::Q4_1(w), Some((q, d))) => q4_1::matvec_q4_1_rows(w, q, d, &xs, t.out),
+            (Rows::Q4_1(w), None) => q4_1::matvec_q4_1_naive(w, x, t.out),
         }
         if let Some(b) = t.bias {
             t.out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
@@ -279,7 +299,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX2 and FMA ([`crate::cpu::has_avx2_fma`]).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);

@@ -385,7 +385,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         json!(format!("perplexity of the TPTT model with a {LONG_CONTEXT_WINDOW}-token window over positions from 4× the window to the end of the eval text, over (c) the same weights with full attention; `..._vs_same_window` over (b) the branch off with the same window (issue 18's targets); see `long_context`")),
     );
     let quant_note = match (&quant, &llama) {
-        (Baseline::Measured(_), Baseline::Measured(_)) => "ours: the GGUF base (Q4_1 re-quantized to Q8_0 at load, see crates/tptt/src/gguf.rs) with the same TPTT injection; llama.cpp: llama-bench pp512/tg128".to_string(),
+        (Baseline::Measured(_), Baseline::Measured(_)) => "ours: the GGUF base (its Q4_1 matrices used as stored, see crates/tptt/src/gguf.rs) with the same TPTT injection; llama.cpp: llama-bench pp512/tg128".to_string(),
         (Baseline::Measured(_), Baseline::Missing(why)) => format!("ours measured on the GGUF base (see `quantized`); llama.cpp not available: {why}"),
         (Baseline::Missing(why), _) => format!("our quantized path not measured: {why}"),
     };

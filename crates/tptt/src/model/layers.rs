@@ -37,8 +37,12 @@ impl Linear {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let mut y = match &self.w {
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
+            // (Q4_1 from 2 rows: candle's kernel for it has no SIMD path.)
             Matrix::Quant(QMatMul::QTensor(q))
-                if rows >= WIDEN_QUANT_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 =>
+                if (rows >= WIDEN_QUANT_ROWS
+                    || (rows > 1 && q.dtype() == candle_core::quantized::GgmlDType::Q4_1))
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32 =>
             {
                 x.broadcast_matmul(&q.dequantize(x.device())?.t()?)?
             }

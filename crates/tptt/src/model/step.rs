@@ -74,10 +74,11 @@ fn row(x: &[f32], device: &Device) -> Result<Tensor> {
 enum Own<'a> {
     Dense(Data<'a>),
     Q8(std::borrow::Cow<'a, [u8]>),
+    Q41(std::borrow::Cow<'a, [u8]>),
 }
 
-/// Apply several linears to the same input: f32 and Q8_0 matrices through the kernels in one
-/// parallel region; other quantized types through candle's quantized matmul.
+/// Apply several linears to the same input: f32, Q8_0 and Q4_1 matrices through the kernels in
+/// one parallel region; other quantized types through candle's quantized matmul.
 fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>> {
     let mut outs: Vec<Vec<f32>> = Vec::with_capacity(lins.len());
     let mut own: Vec<(usize, Own<'_>, Option<Data<'_>>)> = Vec::new();
@@ -90,11 +91,19 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
             }
             Matrix::Quant(QMatMul::QTensor(q))
                 if device.is_cpu()
-                    && q.dtype() == GgmlDType::Q8_0
+                    && matches!(q.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4_1)
                     && x.len().is_multiple_of(kernels::Q8_0_BLOCK) =>
             {
                 outs.push(vec![0f32; q.shape().dims().first().copied().unwrap_or(0)]);
-                own.push((i, Own::Q8(q.data()?), bias));
+                let bytes = q.data()?;
+                own.push((
+                    i,
+                    match q.dtype() {
+                        GgmlDType::Q4_1 => Own::Q41(bytes),
+                        _ => Own::Q8(bytes),
+                    },
+                    bias,
+                ));
             }
             Matrix::Quant(q) => {
                 let mut y = candle_core::Module::forward(q, &row(x, device)?)?
@@ -119,6 +128,7 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
             let w = match w {
                 Own::Dense(d) => Rows::F32(d.slice()?),
                 Own::Q8(bytes) => Rows::Q8_0(bytes),
+                Own::Q41(bytes) => Rows::Q4_1(bytes),
             };
             if !w.fits(cur[0].len(), x.len()) {
                 return Err(Error::State(
@@ -439,6 +449,33 @@ mod tests {
         for ((g, w), e) in got8.iter().zip(&want8).zip(&exact) {
             assert!((g - w).abs() < 0.02 * scale, "{g} vs candle {w}");
             assert!((g - e).abs() < 0.02 * scale, "{g} vs f32 {e}");
+        }
+        // A Q4_1 matrix through its kernel equals candle's Q4_1 product (same Q8_1 input).
+        let q41 = Linear {
+            w: Matrix::Quant(
+                QMatMul::from_arc(Arc::new(
+                    QTensor::quantize(&w8, GgmlDType::Q4_1).expect("quantize"),
+                ))
+                .expect("qmatmul"),
+            ),
+            b: None,
+            lora: None,
+        };
+        let got41 = linears(
+            &[&q41],
+            &x8.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("x8"),
+            &dev,
+        )
+        .expect("q4_1")[0]
+            .clone();
+        let want41 = q41
+            .forward(&x8)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+            .expect("q4_1 forward");
+        for (g, w) in got41.iter().zip(&want41) {
+            assert!((g - w).abs() < 1e-4 * scale, "{g} vs candle {w}");
         }
         // The unmerged LoRA changes the result (so the comparison above is not vacuous).
         let d = got[0]
