@@ -73,10 +73,7 @@ impl Call {
             Path::RingOne {
                 slot: ring.slot(state.pos),
             }
-        } else if continue_mode
-            && model.fused_step
-            && model.device.is_cpu()
-            && model.embed.dtype() == DType::F32
+        } else if continue_mode && model.fused_step && model.device.is_cpu() && model.embed.is_f32()
         {
             Path::RingKernel
         } else {
@@ -165,8 +162,7 @@ impl Model {
         }
         let call = Call::plan(self, state, s)?;
         let b = &self.cfg.base;
-        let ids_t = Tensor::from_vec(ids.to_vec(), s, &self.device)?;
-        let mut h = self.embed.index_select(&ids_t, 0)?; // [S, E]
+        let mut h = self.embed.rows(ids, &self.device)?; // [S, E]
         if let Some(scale) = b.embed_scale {
             // transformers casts sqrt(E) to the weight dtype (f32 here) before multiplying.
             h = (h * (scale as f32) as f64)?;

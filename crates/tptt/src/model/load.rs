@@ -5,6 +5,7 @@
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 
+use super::embed::Embedding;
 use super::layers::{Expert, Layer, Linear, Matrix, Mlp, Norm};
 use super::mix::MagMix;
 use super::openelm;
@@ -207,10 +208,12 @@ impl Model {
         };
         let e = b.hidden_size;
         let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
-        // Lookups need dense rows; a tied lm_head keeps the (possibly quantized) matrix.
+        // A quantized vocabulary stays quantized on the CPU (rows dequantized as looked up);
+        // a tied lm_head shares the same matrix.
         let embed = match &embed_w {
-            Weight::Dense(t) => t.clone(),
-            Weight::Quant(q) => q.dequantize(&opts.device)?,
+            Weight::Dense(t) => Embedding::Dense(t.clone()),
+            Weight::Quant(q) if opts.device.is_cpu() => Embedding::Quant(q.clone()),
+            Weight::Quant(q) => Embedding::Dense(q.dequantize(&opts.device)?),
         };
         let mut layers = Vec::new(); // not with_capacity: num_layers is untrusted until the weights confirm it
         for i in 0..b.num_layers {

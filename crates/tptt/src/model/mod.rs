@@ -35,6 +35,7 @@ use crate::rope::Rope;
 pub use crate::state::{LayerState, State};
 use crate::weights::AdapterReport;
 
+mod embed;
 mod forward;
 mod kv;
 mod layers;
@@ -107,7 +108,7 @@ impl Logits {
 pub struct Model {
     cfg: ModelConfig,
     device: Device,
-    embed: Tensor,
+    embed: embed::Embedding,
     layers: Vec<Layer>,
     norm: Norm,
     lm_head: Linear,
@@ -185,7 +186,7 @@ impl Model {
             })
             .sum();
         let tied = match &self.lm_head.w {
-            Matrix::Dense(t) => t.id() == self.embed.id(),
+            Matrix::Dense(t) => self.embed.dense().is_some_and(|e| e.id() == t.id()),
             Matrix::Quant(_) => self.cfg.base.tie_word_embeddings,
         };
         self.embed.elem_count()

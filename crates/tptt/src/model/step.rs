@@ -62,7 +62,7 @@ impl<'a> Data<'a> {
 
 /// Can [`forward_one`] run this model? (CPU, f32 dense tensors; quantized matrices are fine.)
 pub(super) fn supported(model: &Model) -> bool {
-    model.device.is_cpu() && model.embed.dtype() == candle_core::DType::F32
+    model.device.is_cpu() && model.embed.is_f32()
 }
 
 /// `[x]` as a `[1, n]` tensor, for the candle calls.
@@ -252,14 +252,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
     let t_len = key_pos.len();
     let ropes: Vec<(Vec<f32>, Vec<f32>)> = model.ropes.iter().map(|r| r.cos_sin_one(qp)).collect();
 
-    let mut h = {
-        let emb = Data::of(&model.embed);
-        let all = emb.slice()?;
-        let id = id as usize;
-        all.get(id * e..(id + 1) * e)
-            .ok_or_else(|| Error::Input(format!("token id {id} is outside the embedding")))?
-            .to_vec()
-    };
+    let mut h = model.embed.row(id as usize)?;
     if let Some(scale) = b.embed_scale {
         let s = scale as f32;
         h.iter_mut().for_each(|x| *x *= s);

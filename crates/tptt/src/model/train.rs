@@ -183,7 +183,7 @@ impl Model {
             )));
         }
         let t = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
-        let h = self.embed.index_select(&t, 0)?;
+        let h = self.embed.to_dense(&self.device)?.index_select(&t, 0)?;
         Ok(match b.embed_scale {
             Some(scale) => (h * (scale as f32) as f64)?,
             None => h,
