@@ -65,11 +65,12 @@ fn options(gen: &GenArgs, ready: &ChatModel) -> Result<GenerateOptions> {
 }
 
 fn new_session(ready: &ChatModel, gen: &GenArgs, load_state: Option<&Path>) -> Result<Session> {
+    let kv = ready.model.kv_format(gen.kv).context("--kv")?;
     match load_state {
         Some(p) => {
             let mut s = snapshot::load(ready.model.clone(), &ready.identity, p)?;
-            // A snapshot holds its cache in f32: stored from now on as asked.
-            s.state.set_kv_format(gen.kv)?;
+            // The snapshot's cache keeps its own format: stored from now on as asked.
+            s.state.set_kv_format(kv)?;
             if let Some(w) = gen.window {
                 if s.state.window != Some(w) {
                     eprintln!(
@@ -84,7 +85,7 @@ fn new_session(ready: &ChatModel, gen: &GenArgs, load_state: Option<&Path>) -> R
             ready.model.clone(),
             SessionOptions {
                 window: gen.window,
-                kv_format: gen.kv,
+                kv_format: kv,
                 ..Default::default()
             },
         )),

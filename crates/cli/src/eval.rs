@@ -33,9 +33,10 @@ pub(crate) struct EvalArgs {
     /// Softmax window of (a) and (b); default: the config's, else 8192.
     #[arg(long, value_parser = crate::parse_window)]
     pub(crate) window: Option<usize>,
-    /// How the softmax KV cache is stored: f32 (exact) or f16 (half the memory).
+    /// How the softmax KV cache is stored: f32 (exact, the default here: an evaluation's
+    /// baseline), f16, q8_0 (8-bit blocks) or auto (as `tptt chat` stores it).
     #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
-    pub(crate) kv: tptt::state::KvFormat,
+    pub(crate) kv: tptt::state::KvChoice,
     /// Read at most this many tokens of each text.
     #[arg(long)]
     pub(crate) max_tokens: Option<usize>,
@@ -127,7 +128,7 @@ pub(crate) struct EvalPlan<'a> {
     /// Names of [`CONFIGS`] to run.
     pub(crate) configs: Vec<&'static str>,
     pub(crate) window: usize,
-    pub(crate) kv: tptt::state::KvFormat,
+    pub(crate) kv: tptt::state::KvChoice,
     pub(crate) edges: Vec<usize>,
     pub(crate) full_max_tokens: usize,
     pub(crate) probe_distances: Vec<usize>,
@@ -183,7 +184,8 @@ pub(crate) fn evaluate(
             let mut sum: Vec<Bucket> = buckets(&[], &plan.edges);
             for (path, ids) in plan.texts {
                 let label = format!("{name}, {}", file_name(path));
-                let nll = score_text(&m, ids, window, plan.kv, None, &mut progress(&label))?
+                let kv = m.kv_format(plan.kv).context("--kv")?;
+                let nll = score_text(&m, ids, window, kv, None, &mut progress(&label))?
                     .context("evaluation cancelled")?;
                 for (acc, b) in sum.iter_mut().zip(buckets(&nll, &plan.edges)) {
                     acc.merge(&b);

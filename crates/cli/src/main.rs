@@ -15,7 +15,7 @@ mod distill;
 mod eval;
 mod serve;
 use tptt::repo::TpttRepo;
-use tptt::state::KvFormat;
+use tptt::state::KvChoice;
 
 #[derive(Parser)]
 #[command(name = "tptt", version, about = "Run TPTT (Titans) models locally")]
@@ -89,9 +89,10 @@ pub(crate) struct GenArgs {
     /// Softmax window (KV positions kept); defaults to max_self_attn_length, else 8192.
     #[arg(long, value_parser = parse_window)]
     pub(crate) window: Option<usize>,
-    /// How the softmax KV cache is stored: f32 (exact) or f16 (half the memory).
-    #[arg(long, default_value = "f32", value_parser = parse_kv)]
-    pub(crate) kv: KvFormat,
+    /// How the softmax KV cache is stored: auto (8-bit where the model's heads allow, else
+    /// f16), q8_0 (8-bit blocks, 34/128 of f32's memory), f16 (half), f32 (exact).
+    #[arg(long, default_value = "auto", value_parser = parse_kv)]
+    pub(crate) kv: KvChoice,
 }
 
 /// `--window N` (every subcommand that has it): a number of positions between 1 and
@@ -105,10 +106,11 @@ pub(crate) fn parse_window(s: &str) -> std::result::Result<usize, String> {
     tptt::state::validate_window("--window", w)
 }
 
-/// `--kv f32|f16`: the KV cache format.
-pub(crate) fn parse_kv(s: &str) -> std::result::Result<KvFormat, String> {
-    KvFormat::parse(s.trim()).ok_or_else(|| {
-        let names: Vec<&str> = KvFormat::ALL.iter().map(|f| f.as_str()).collect();
+/// `--kv auto|q8_0|f16|f32`: the KV cache format (resolved against the model once loaded:
+/// `Model::kv_format`).
+pub(crate) fn parse_kv(s: &str) -> std::result::Result<KvChoice, String> {
+    KvChoice::parse(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = KvChoice::ALL.iter().map(|f| f.as_str()).collect();
         format!("--kv must be one of {}, got {s:?}", names.join(", "))
     })
 }

@@ -25,9 +25,10 @@ pub(crate) struct ServeArgs {
     /// Softmax window of new conversations (default: the variant's).
     #[arg(long)]
     window: Option<usize>,
-    /// How conversations store their softmax KV cache: f32 (exact) or f16 (half the memory).
-    #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
-    kv: tptt::state::KvFormat,
+    /// How conversations store their softmax KV cache: auto (8-bit where the model's heads
+    /// allow, else f16), q8_0, f16 or f32 (exact).
+    #[arg(long, default_value = "auto", value_parser = crate::parse_kv)]
+    kv: tptt::state::KvChoice,
     /// Conversation states kept for resuming.
     #[arg(long, default_value_t = 8)]
     max_sessions: usize,
@@ -148,9 +149,10 @@ fn load(
     args: &ModelArgs,
     model_id: &str,
     window: Option<usize>,
-    kv_format: tptt::state::KvFormat,
+    kv: tptt::state::KvChoice,
 ) -> Result<tptt_api::Serving> {
     let chat = crate::chat::ready(args)?;
+    let kv_format = chat.model.kv_format(kv).context("--kv")?;
     let engine = tptt_engine::Engine::spawn(chat.tokenizer.clone())?;
     Ok(tptt_api::Serving {
         model_id: model_id.to_string(),

@@ -212,6 +212,35 @@ fn assert_refused(out: &Output, needle: &str, what: &str) {
     );
 }
 
+/// `--kv`: a format the model's heads cannot hold (8-bit blocks of 32 on heads of 16) is
+/// refused with the reason before anything is generated; an unknown name lists the choices;
+/// `auto` picks what the model can use.
+#[test]
+fn kv_formats_the_model_cannot_use_are_refused() {
+    let llama = fixtures().join("tptt-llama");
+    let llama = llama.to_str().expect("utf-8 path");
+    let run = |kv: &str| {
+        tptt(&[
+            "generate",
+            llama,
+            "--variant",
+            "delta_rule",
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "3",
+            "--kv",
+            kv,
+        ])
+    };
+    assert_refused(&run("q8_0"), "blocks of 32", "q8_0 on heads of 16");
+    assert_refused(&run("q4"), "auto, q8_0, f16, f32", "unknown format");
+    for kv in ["auto", "f16", "f32"] {
+        let out = run(kv);
+        assert!(out.status.success(), "--kv {kv}: {}", text(&out.stderr));
+    }
+}
+
 #[test]
 fn bad_state_files_are_refused_cleanly() {
     let scratch = Scratch::new();

@@ -1,9 +1,10 @@
-//! The compact KV cache on the real SmolLM2-135M-Instruct (`TPTT_SMOLLM2_DIR`): perplexity of a
-//! long real text (Debian's GPL-3) with the keys and values stored in f16 stays within 0.5 % of
-//! the f32 cache's, with the ring wrapped several times (window 512 over 2560 tokens), for the
-//! base attention alone (TPTT off) and with the TPTT branch of the offline demo's settings
-//! (delta_product, mag 0.125). And greedy generation through a `Session` with an f16 cache
-//! reads and answers without error, its state half the KV bytes.
+//! The compact KV caches on the real SmolLM2-135M-Instruct (`TPTT_SMOLLM2_DIR`): perplexity of a
+//! long real text (Debian's GPL-3) with the keys and values stored in f16, and in 8-bit blocks
+//! (q8_0, the app's default), stays within 0.5 % of the f32 cache's, with the ring wrapped
+//! several times (window 512 over 2560 tokens), for the base attention alone (TPTT off) and with
+//! the TPTT branch of the offline demo's settings (delta_product, mag 0.125). And greedy
+//! generation through a `Session` with a compact cache reads and answers without error, its
+//! state half (f16) or 34/128 (q8_0) of the f32 KV bytes.
 //!
 //! Without `TPTT_SMOLLM2_DIR` the tests say so and pass (the model cannot be committed).
 
@@ -45,7 +46,7 @@ fn perplexity(model: &Model, ids: &[u32], kv: KvFormat) -> f64 {
 }
 
 #[test]
-fn an_f16_cache_changes_perplexity_by_under_half_a_percent() {
+fn compact_caches_change_perplexity_by_under_half_a_percent() {
     let Some(dir) = model_dir() else { return };
     let tok = Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
     let text = std::fs::read_to_string(TEXT).expect("Debian's GPL-3 text (base-files)");
@@ -53,22 +54,26 @@ fn an_f16_cache_changes_perplexity_by_under_half_a_percent() {
     for (mode, mag) in [("delta_rule", 0.0), ("delta_product", 0.125)] {
         let model = load(&dir, mode, mag);
         let exact = perplexity(&model, &ids, KvFormat::F32);
-        let compact = perplexity(&model, &ids, KvFormat::F16);
-        let change = compact / exact - 1.0;
-        eprintln!(
-            "{mode} mag {mag}: perplexity f32 KV {exact:.4}, f16 KV {compact:.4} ({:+.4} %)",
-            100.0 * change
-        );
-        assert!(
-            change.abs() <= 0.005,
-            "{mode} mag {mag}: f16 KV moved perplexity by {:.3} % ({exact} → {compact})",
-            100.0 * change
-        );
+        for kv in [KvFormat::F16, KvFormat::Q8_0] {
+            let compact = perplexity(&model, &ids, kv);
+            let change = compact / exact - 1.0;
+            eprintln!(
+                "{mode} mag {mag}: perplexity f32 KV {exact:.4}, {} KV {compact:.4} ({:+.4} %)",
+                kv.as_str(),
+                100.0 * change
+            );
+            assert!(
+                change.abs() <= 0.005,
+                "{mode} mag {mag}: {} KV moved perplexity by {:.3} % ({exact} → {compact})",
+                kv.as_str(),
+                100.0 * change
+            );
+        }
     }
 }
 
 #[test]
-fn a_session_with_an_f16_cache_answers_and_holds_half_the_kv_bytes() {
+fn sessions_with_compact_caches_answer_and_hold_fewer_kv_bytes() {
     let Some(dir) = model_dir() else { return };
     let model = Arc::new(load(&dir, "delta_product", 0.125));
     let tok = Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
@@ -89,7 +94,7 @@ fn a_session_with_an_f16_cache_answers_and_holds_half_the_kv_bytes() {
     };
     let mut answers = Vec::new();
     let mut sizes = Vec::new();
-    for kv in [KvFormat::F32, KvFormat::F16] {
+    for kv in [KvFormat::F32, KvFormat::F16, KvFormat::Q8_0] {
         let mut s = Session::new(
             model.clone(),
             SessionOptions {
@@ -117,8 +122,13 @@ fn a_session_with_an_f16_cache_answers_and_holds_half_the_kv_bytes() {
         answers.push(out.text);
     }
     assert_eq!(sizes[1] * 2, sizes[0], "f16 holds half the bytes");
+    assert_eq!(
+        sizes[2] * 128,
+        sizes[0] * 34,
+        "q8_0 holds 34 bytes per 32 values"
+    );
     eprintln!(
-        "greedy answers: f32 KV {:?}, f16 KV {:?}",
-        answers[0], answers[1]
+        "greedy answers: f32 KV {:?}, f16 KV {:?}, q8_0 KV {:?}",
+        answers[0], answers[1], answers[2]
     );
 }

@@ -179,6 +179,20 @@ fn save_restore_continue_is_exact_for_every_variant() {
             );
         }
     }
+    // An 8-bit cache (heads of 32 values: the synthetic repo) is saved and restored as such,
+    // with a window that has filled and without one.
+    let fx = Fixture::synthetic_d32(&scratch.path("synthetic"));
+    for window in [Some(8), None] {
+        round_trip(
+            &fx,
+            SessionOptions {
+                window,
+                kv_format: KvFormat::Q8_0,
+                ..Default::default()
+            },
+            &scratch,
+        );
+    }
     // The reference-compatible mode round-trips too (its mode is part of the snapshot).
     let fx = Fixture::load("tptt-llama", "delta_product");
     round_trip(
@@ -665,6 +679,112 @@ fn layer1_keys(state: &tptt::state::State) -> Vec<f32> {
         .flatten_all()
         .and_then(|t| t.to_vec1())
         .expect("f32")
+}
+
+/// An 8-bit cache is written as its blocks (u8 rows of 34 bytes per 32 values: its KV bytes
+/// 34/128 of the f32 conversation's), and converted on request, never misread: 8-bit → f32 is
+/// exact, f32 → 8-bit quantizes each block, 8-bit → f16 rounds the blocks' values. A snapshot
+/// opened where 8 bits cannot serve is converted too (`State::from_safetensors` on a GPU: f16).
+#[test]
+fn an_8_bit_cache_in_snapshots_is_kept_and_converted() {
+    let scratch = Scratch::new("kv-q8");
+    let fx = Fixture::synthetic_d32(&scratch.path("synthetic"));
+    let tok = fx.tokenizer();
+    let identity = fx.identity();
+    let run = |kv_format: KvFormat| {
+        let mut s = Session::new(
+            fx.arc(),
+            SessionOptions {
+                window: Some(24),
+                kv_format,
+                ..Default::default()
+            },
+        );
+        generate(&mut s, &token_ids(20, 300, 9), 6, &tok);
+        s
+    };
+    let (s32, s8) = (run(KvFormat::F32), run(KvFormat::Q8_0));
+    let (p32, p8) = (
+        scratch.path("f32.tptt-state"),
+        scratch.path("q8.tptt-state"),
+    );
+    let b32 = snapshot::save(&s32, &identity, &p32).expect("save f32");
+    let b8 = snapshot::save(&s8, &identity, &p8).expect("save q8_0");
+    let b = &fx.model.config().base;
+    let kv32 = (s32.state.kv_len() * 2 * b.total_kv_heads() * b.head_dim * 4) as u64;
+    let saved = b32 - b8;
+    assert!(
+        saved.abs_diff(kv32 - kv32 * 34 / 128) <= 512,
+        "f32 snapshot {b32} B, q8_0 {b8} B: saved {saved} B of a {kv32} B cache"
+    );
+    let bytes = std::fs::read(&p8).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let keys = st.tensor("layers.0.k").expect("keys");
+    assert_eq!(keys.dtype(), safetensors::Dtype::U8);
+    assert_eq!(keys.shape(), [b.num_kv_heads, s8.state.kv_len(), 34]);
+
+    // 8-bit file → f32: the blocks' values exactly.
+    let mut widened = snapshot::load(fx.arc(), &identity, &p8).expect("load q8_0");
+    assert_eq!(widened.state.kv_format, KvFormat::Q8_0);
+    let before = layer1_keys(&widened.state);
+    assert_eq!(
+        before,
+        layer1_keys(&s8.state),
+        "restored blocks read the same"
+    );
+    widened.state.set_kv_format(KvFormat::F32).expect("to f32");
+    assert_eq!(layer1_keys(&widened.state), before, "8-bit → f32 is exact");
+    // → f16: each of those values rounded to the nearest half.
+    let mut halved = snapshot::load(fx.arc(), &identity, &p8).expect("load q8_0");
+    halved.state.set_kv_format(KvFormat::F16).expect("to f16");
+    let want: Vec<f32> = before
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32())
+        .collect();
+    assert_eq!(layer1_keys(&halved.state), want);
+    // f32 file → 8-bit: each block quantized, within half a step of its largest value.
+    let mut narrowed = snapshot::load(fx.arc(), &identity, &p32).expect("load f32");
+    narrowed
+        .state
+        .set_kv_format(KvFormat::Q8_0)
+        .expect("to q8_0");
+    assert_eq!(narrowed.state.kv_format, KvFormat::Q8_0);
+    let exact = layer1_keys(&s32.state);
+    let got = layer1_keys(&narrowed.state);
+    for (xs, ys) in exact.chunks(32).zip(got.chunks(32)) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (x, y) in xs.iter().zip(ys) {
+            assert!((x - y).abs() <= amax / 254.0 + amax * 1e-3, "{x} vs {y}");
+        }
+    }
+    for s in [&mut widened, &mut halved, &mut narrowed] {
+        generate(s, &[], 4, &tok);
+        assert!(s
+            .last_logits
+            .as_ref()
+            .expect("logits")
+            .iter()
+            .all(|x| x.is_finite()));
+    }
+    // The fixture's heads of 16 cannot hold 8-bit blocks: refused with the reason, the state
+    // unchanged.
+    let small = Fixture::load("tptt-llama", "delta_product");
+    let mut s = Session::new(
+        small.arc(),
+        SessionOptions {
+            window: Some(24),
+            ..Default::default()
+        },
+    );
+    generate(&mut s, &token_ids(20, 300, 9), 2, &small.tokenizer());
+    let keys = layer1_keys(&s.state);
+    let err = s
+        .state
+        .set_kv_format(KvFormat::Q8_0)
+        .expect_err("heads of 16");
+    assert!(err.to_string().contains("blocks of 32"), "{err}");
+    assert_eq!(s.state.kv_format, KvFormat::F32);
+    assert_eq!(layer1_keys(&s.state), keys);
 }
 
 /// An f16 cache is written as f16 (its KV bytes half those of the same conversation in f32);

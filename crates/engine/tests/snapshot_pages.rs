@@ -94,8 +94,7 @@ fn turns(fx: &Fixture, opts: SessionOptions, scratch: &Scratch, tag: &str) {
         }
         // Per position: layers × (keys + values) × KV heads × head size × 4 bytes.
         let b = &fx.model.config().base;
-        let per_position =
-            (2 * b.total_kv_heads() * b.head_dim * opts.kv_format.value_bytes()) as u64;
+        let per_position = (2 * b.total_kv_heads() * opts.kv_format.row_bytes(b.head_dim)) as u64;
         if let Some((prev, prev_session)) = saved.last() {
             // Only the positions the previous turn's window did not hold are new.
             let new_positions = live.state.pos - prev_session.state.pos;
@@ -167,6 +166,17 @@ fn paged_snapshots_after_every_turn_restore_exactly_and_share_pages() {
             };
             turns(&fx, opts, &scratch, &format!("t{n}"));
         }
+    }
+    // An 8-bit cache's pages hold its blocks (u8), shared and restored as such.
+    let synthetic = Fixture::synthetic_d32(&scratch.path("synthetic"));
+    for window in [Some(8), None] {
+        n += 1;
+        let opts = SessionOptions {
+            window,
+            kv_format: tptt::state::KvFormat::Q8_0,
+            ..Default::default()
+        };
+        turns(&synthetic, opts, &scratch, &format!("t{n}"));
     }
     let fx = Fixture::load("tptt-llama", "delta_product");
     turns(

@@ -118,7 +118,19 @@ fn config_of(path: &Path, c: &Content) -> Result<BaseConfig> {
     cfg.insert("model_type".into(), json!("llama"));
     cfg.insert("hidden_size".into(), json!(u("embedding_length")?));
     cfg.insert("intermediate_size".into(), json!(u("feed_forward_length")?));
-    cfg.insert("num_hidden_layers".into(), json!(u("block_count")?));
+    let layers = u("block_count")?;
+    // Every layer has its own tensors: more layers than tensors is a corrupt count (and a
+    // loop bound of billions for whatever walks the layers).
+    if layers as usize > c.tensor_infos.len() {
+        return Err(err(
+            path,
+            format!(
+                "GGUF {arch}.block_count is {layers}, but the file holds {} tensors",
+                c.tensor_infos.len()
+            ),
+        ));
+    }
+    cfg.insert("num_hidden_layers".into(), json!(layers));
     cfg.insert("num_attention_heads".into(), json!(heads));
     cfg.insert(
         "num_key_value_heads".into(),
@@ -318,8 +330,10 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
             }
         }
     }
-    // OpenELM: gate (first) and up rows back into one proj_1 per layer.
-    for layer in 0..cfg.num_layers {
+    // OpenELM: gate (first) and up rows back into one proj_1 per layer (the layers that have
+    // halves: a header's layer count is not a loop bound, it may claim billions).
+    let split: std::collections::BTreeSet<usize> = ffn_halves.keys().map(|&(l, _)| l).collect();
+    for layer in split {
         let (Some(gate), Some(up)) = (
             ffn_halves.remove(&(layer, false)),
             ffn_halves.remove(&(layer, true)),

@@ -18,6 +18,7 @@ pub mod model;
 pub mod repo;
 pub mod rope;
 pub mod state;
+pub mod synth;
 pub mod team;
 #[cfg(test)]
 mod testutil;

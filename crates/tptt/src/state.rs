@@ -49,17 +49,23 @@ pub enum KvFormat {
     /// at long history; keys and values are rounded to 11 significant bits when written, and
     /// the attention kernels read them back to f32 (F16C where the CPU has it).
     F16,
+    /// 8-bit blocks, llama.cpp's `q8_0` cache: per 32 values of a row an f16 scale and 32
+    /// signed bytes (34 bytes, 1.06 a value; [`crate::kernels::kv::quantize_q8_0`]). Needs a
+    /// head size that is a multiple of 32 and the CPU ([`KvFormat::check`]). The buffers are
+    /// `u8` tensors `[Hkv, slots, D/32·34]`.
+    Q8_0,
 }
 
 impl KvFormat {
     /// Every format, in the order settings list them.
-    pub const ALL: [KvFormat; 2] = [KvFormat::F32, KvFormat::F16];
+    pub const ALL: [KvFormat; 3] = [KvFormat::F32, KvFormat::F16, KvFormat::Q8_0];
 
-    /// The name settings, flags and snapshots use (`f32`, `f16`).
+    /// The name settings, flags and snapshots use (`f32`, `f16`, `q8_0`).
     pub fn as_str(self) -> &'static str {
         match self {
             KvFormat::F32 => "f32",
             KvFormat::F16 => "f16",
+            KvFormat::Q8_0 => "q8_0",
         }
     }
 
@@ -68,17 +74,116 @@ impl KvFormat {
         Self::ALL.into_iter().find(|f| f.as_str() == name)
     }
 
-    /// The buffers' element type.
+    /// The buffers' element type (`u8` for the 8-bit blocks).
     pub fn dtype(self) -> DType {
         match self {
             KvFormat::F32 => DType::F32,
             KvFormat::F16 => DType::F16,
+            KvFormat::Q8_0 => DType::U8,
         }
     }
 
-    /// Bytes of one stored value.
-    pub fn value_bytes(self) -> usize {
-        self.dtype().size_in_bytes()
+    /// The format whose buffers have element type `dtype`, if any.
+    pub fn of_dtype(dtype: DType) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.dtype() == dtype)
+    }
+
+    /// Elements of a buffer's row holding `dim` values (`dim`, or its 8-bit blocks' bytes).
+    pub fn row_width(self, dim: usize) -> usize {
+        match self {
+            KvFormat::Q8_0 => crate::kernels::kv::q8_0_bytes(dim),
+            _ => dim,
+        }
+    }
+
+    /// The values of a buffer row of `width` elements, `None` when no row has that width.
+    pub fn row_dim(self, width: usize) -> Option<usize> {
+        use crate::kernels::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+        match self {
+            KvFormat::Q8_0 => width
+                .is_multiple_of(Q8_0_BLOCK_BYTES)
+                .then_some(width / Q8_0_BLOCK_BYTES * Q8_0_BLOCK),
+            _ => Some(width),
+        }
+    }
+
+    /// Bytes of one row of `dim` values (one position of one KV head, keys or values).
+    pub fn row_bytes(self, dim: usize) -> usize {
+        self.row_width(dim) * self.dtype().size_in_bytes()
+    }
+
+    /// Whether a model with heads of `dim` values on `device` can keep its cache in this
+    /// format; the error says why not.
+    pub fn check(self, dim: usize, device: &Device) -> std::result::Result<(), String> {
+        if self != KvFormat::Q8_0 {
+            return Ok(());
+        }
+        if !dim.is_multiple_of(crate::kernels::Q8_0_BLOCK) || dim == 0 {
+            return Err(format!(
+                "the q8_0 KV cache stores blocks of 32 values of a head, and this model's heads have {dim}: choose f16 or f32"
+            ));
+        }
+        if !device.is_cpu() {
+            return Err(
+                "the q8_0 KV cache is read by the CPU kernels; on a GPU choose f16 or f32".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The most compact format [`KvFormat::check`] accepts for heads of `dim` on `device`:
+    /// 8-bit where it can be used, else f16 (the default of the engine's sessions; its quality
+    /// against f32 is held by `crates/engine/tests/kv_format.rs`).
+    pub fn compact_for(dim: usize, device: &Device) -> Self {
+        if KvFormat::Q8_0.check(dim, device).is_ok() {
+            KvFormat::Q8_0
+        } else {
+            KvFormat::F16
+        }
+    }
+}
+
+/// A KV format as a setting or a flag asks for it: the most compact one the model can use
+/// (`auto`: 8-bit where its heads are whole blocks and it runs on the CPU, else f16), or one
+/// format, refused with the reason where the model cannot use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum KvChoice {
+    /// [`KvFormat::compact_for`] the model.
+    #[default]
+    Auto,
+    /// This format.
+    Exactly(KvFormat),
+}
+
+impl KvChoice {
+    /// Every choice, in the order settings list them.
+    pub const ALL: [KvChoice; 4] = [
+        KvChoice::Auto,
+        KvChoice::Exactly(KvFormat::Q8_0),
+        KvChoice::Exactly(KvFormat::F16),
+        KvChoice::Exactly(KvFormat::F32),
+    ];
+
+    /// `auto`, or the format's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvChoice::Auto => "auto",
+            KvChoice::Exactly(f) => f.as_str(),
+        }
+    }
+
+    /// The choice named `name` (as [`KvChoice::as_str`] writes it), if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    /// The format for a model with heads of `dim` values on `device`; an explicit format the
+    /// model cannot use is refused with the reason ([`KvFormat::check`]).
+    pub fn resolve(self, dim: usize, device: &Device) -> std::result::Result<KvFormat, String> {
+        match self {
+            KvChoice::Auto => Ok(KvFormat::compact_for(dim, device)),
+            KvChoice::Exactly(f) => f.check(dim, device).map(|()| f),
+        }
     }
 }
 
@@ -122,8 +227,8 @@ impl LayerState {
         view_f32(&self.v, n)
     }
 
-    /// The first `n` slots of the keys as stored (f32 or f16; a view, `None` when empty): what
-    /// a snapshot writes.
+    /// The first `n` slots of the keys as stored (f32, f16 or 8-bit blocks; a view, `None` when
+    /// empty): what a snapshot writes.
     pub fn k_stored(&self, n: usize) -> Result<Option<Tensor>> {
         view_stored(&self.k, n)
     }
@@ -152,8 +257,14 @@ impl LayerState {
         }
         let new_cap = grown_capacity(cap, slots, window);
         let dtype = self.k.as_ref().map_or(format.dtype(), Tensor::dtype);
+        let format = KvFormat::of_dtype(dtype)
+            .ok_or_else(|| Error::State(format!("a KV buffer of {dtype:?} is in no KV format")))?;
+        format
+            .check(dim, device)
+            .map_err(|why| Error::State(format!("KV cache: {why}")))?;
+        let width = format.row_width(dim);
         let grow = |old: &Option<Tensor>| -> Result<Tensor> {
-            let buf = Tensor::zeros((kv_heads, new_cap, dim), dtype, device)?;
+            let buf = Tensor::zeros((kv_heads, new_cap, width), dtype, device)?;
             if let Some(o) = old {
                 buf.slice_set(&o.contiguous()?, 1, 0)?;
             }
@@ -176,14 +287,46 @@ fn view_stored(t: &Option<Tensor>, n: usize) -> Result<Option<Tensor>> {
 /// The first `n` slots of a cache as f32.
 fn view_f32(t: &Option<Tensor>, n: usize) -> Result<Option<Tensor>> {
     Ok(match t {
-        Some(t) if n > 0 => {
-            let view = t.narrow(1, 0, n)?;
-            Some(match view.dtype() {
-                DType::F32 => view,
-                _ => view.to_dtype(DType::F32)?,
-            })
-        }
+        Some(t) if n > 0 => Some(widened(&t.narrow(1, 0, n)?)?),
         _ => None,
+    })
+}
+
+/// A KV buffer (or a view of its slots, `[Hkv, slots, width]`) as f32 `[Hkv, slots, D]`.
+fn widened(view: &Tensor) -> Result<Tensor> {
+    Ok(match view.dtype() {
+        DType::F32 => view.clone(),
+        DType::U8 => {
+            let (h, n, width) = view.dims3()?;
+            let dim = KvFormat::Q8_0.row_dim(width).ok_or_else(|| {
+                Error::State(format!(
+                    "an 8-bit KV row of {width} bytes is not whole blocks"
+                ))
+            })?;
+            let bytes: Vec<u8> = view.flatten_all()?.to_vec1()?;
+            let mut out = vec![0f32; h * n * dim];
+            crate::kernels::kv::dequantize_q8_0(&bytes, &mut out);
+            Tensor::from_vec(out, (h, n, dim), view.device())?
+        }
+        _ => view.to_dtype(DType::F32)?,
+    })
+}
+
+/// f32 keys or values `[Hkv, S, D]` in `format`'s buffer element type (`[Hkv, S, width]`).
+pub(crate) fn narrowed(x: &Tensor, format: KvFormat) -> Result<Tensor> {
+    Ok(match format {
+        KvFormat::Q8_0 => {
+            let (h, s, dim) = x.dims3()?;
+            format
+                .check(dim, &Device::Cpu)
+                .map_err(|why| Error::State(format!("KV cache: {why}")))?;
+            let values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let mut bytes = Vec::new();
+            crate::kernels::kv::quantize_q8_0(&values, &mut bytes);
+            Tensor::from_vec(bytes, (h, s, format.row_width(dim)), x.device())?
+        }
+        _ if x.dtype() == format.dtype() => x.clone(),
+        _ => x.to_dtype(format.dtype())?,
     })
 }
 
@@ -226,8 +369,11 @@ pub struct State {
 
 impl State {
     /// Stores the KV cache in `format` from now on, converting what it holds (f32 → f16 rounds
-    /// every value to the nearest half; f16 → f32 is exact). Only a `CarryMode::Continue` state
-    /// may be compact: the reference mode reproduces tptt 0.12.1's f32 cache.
+    /// every value to the nearest half, → 8-bit quantizes each block of 32; f16 → f32 and
+    /// 8-bit → f32 are exact, 8-bit → f16 rounds). Only a `CarryMode::Continue` state may be
+    /// compact: the reference mode reproduces tptt 0.12.1's f32 cache. A format the cache's
+    /// heads cannot use ([`KvFormat::check`]) is refused with the reason, and the state is left
+    /// as it was.
     pub fn set_kv_format(&mut self, format: KvFormat) -> Result<()> {
         if format != KvFormat::F32 && self.mode == CarryMode::Reference {
             return Err(Error::State(format!(
@@ -235,12 +381,22 @@ impl State {
                 format.as_str()
             )));
         }
-        for l in &mut self.layers {
-            for t in [&mut l.k, &mut l.v] {
+        // Convert every buffer before replacing any: a refusal leaves the state whole.
+        let mut converted: Vec<(usize, usize, Tensor)> = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (j, t) in [&l.k, &l.v].into_iter().enumerate() {
                 if let Some(x) = t.as_ref().filter(|x| x.dtype() != format.dtype()) {
-                    *t = Some(x.to_dtype(format.dtype())?);
+                    let wide = widened(x)?;
+                    format
+                        .check(wide.dim(2)?, x.device())
+                        .map_err(|why| Error::State(format!("KV cache: {why}")))?;
+                    converted.push((i, j, narrowed(&wide, format)?));
                 }
             }
+        }
+        for (i, j, x) in converted {
+            let l = &mut self.layers[i];
+            *(if j == 0 { &mut l.k } else { &mut l.v }) = Some(x);
         }
         self.kv_format = format;
         Ok(())
@@ -289,7 +445,8 @@ impl State {
     }
 
     /// Flatten into named tensors (CPU) for a snapshot: `key_pos` (u32), and per layer
-    /// `layers.{i}.k`/`.v` (`[Hkv, kv_len, D]` in the state's [`KvFormat`], f32 or f16: views of
+    /// `layers.{i}.k`/`.v` (`[Hkv, kv_len, D]` in the state's [`KvFormat`], f32 or f16, or
+    /// `[Hkv, kv_len, D/32·34]` u8 for the 8-bit blocks: views of
     /// the cache's valid slots, possibly not contiguous), and the f32 `.state`,
     /// `.pool_k`/`.pool_v` (rows) and `.prev` (`[5, H·D]`) where present.
     pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {

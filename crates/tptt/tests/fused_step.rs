@@ -3,7 +3,9 @@
 //! operator mode, cross gate, base_scale_attn), two prompts (the fused side runs them through the
 //! in-place prefill attention), then single-token steps, with a small window (ring wrap-around,
 //! layer windows) and without one, the KV cache in f32 and in f16 (both sides then read the
-//! same rounded keys and values). Logits and states must agree.
+//! same rounded keys and values). Logits and states must agree. The 8-bit cache (q8_0) needs
+//! heads of a multiple of 32 values, which no committed fixture has: a synthetic Llama base
+//! with heads of 32 (`tptt::synth`) compares it the same way, and against the f32 cache.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -76,7 +78,7 @@ fn fused_step_matches_the_tensor_path_on_every_fixture() {
             // values then differ by one f16 step, and the logits after them by up to ~1e-4.
             let tol = match kv {
                 KvFormat::F32 => 2e-5,
-                KvFormat::F16 => 3e-4,
+                KvFormat::F16 | KvFormat::Q8_0 => 3e-4,
             };
             let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 11) % vocab).collect();
             // Prompts go through the in-place prefill attention (`kernels::prefill`) on the
@@ -140,4 +142,89 @@ fn fused_step_matches_the_tensor_path_on_every_fixture() {
         "fused step vs tensor path: {} variants, worst relative diff {worst:.2e}",
         all.len()
     );
+}
+
+/// Logits of every token of `prompt`, then of `steps` single tokens, through `m` from a fresh
+/// state in `kv` with `window`.
+fn run(
+    m: &Model,
+    kv: KvFormat,
+    window: Option<usize>,
+    prompt: &[u32],
+    steps: &[u32],
+) -> Vec<Vec<f32>> {
+    let mut st = m.new_state(CarryMode::Continue, window);
+    st.set_kv_format(kv).expect("format");
+    let flat = |t: candle_core::Tensor| {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("f32")
+    };
+    let mut out = vec![flat(
+        m.forward(prompt, &mut st, Logits::All).expect("prompt"),
+    )];
+    for &id in steps {
+        out.push(flat(m.forward(&[id], &mut st, Logits::Last).expect("step")));
+    }
+    assert_eq!(st.kv_format, kv);
+    out
+}
+
+#[test]
+fn an_8_bit_cache_follows_the_tensor_path_and_stays_near_f32() {
+    let dir = std::env::temp_dir().join(format!("tptt-fused-q8-{}", std::process::id()));
+    let shape = tptt::synth::LlamaShape::SMALL_D32;
+    tptt::synth::write_llama(&dir.join("base"), &shape, candle_core::DType::F32, 11)
+        .expect("synthetic base");
+    tptt::synth::write_variant(&dir, "dp", "base", &shape, "delta_product", 0.5).expect("variant");
+    let files = TpttRepo::open(&dir)
+        .and_then(|r| r.variant(Some("dp"), None))
+        .expect("variant");
+    let fused = Model::load(&files, &LoadOptions::default()).expect("load");
+    let mut tensor = fused.clone();
+    tensor.set_fused_step(false);
+    let vocab = shape.vocab as u32;
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % vocab).collect();
+    let steps: Vec<u32> = (0..12).map(|i| (i * 53 + 7) % vocab).collect();
+    let (mut worst_paths, mut worst_f32) = (0f32, 0f32);
+    for window in [Some(16), None] {
+        let q_fused = run(&fused, KvFormat::Q8_0, window, &prompt, &steps);
+        let q_tensor = run(&tensor, KvFormat::Q8_0, window, &prompt, &steps);
+        let exact = run(&fused, KvFormat::F32, window, &prompt, &steps);
+        for (i, ((a, b), c)) in q_fused.iter().zip(&q_tensor).zip(&exact).enumerate() {
+            let paths = max_diff(a, b);
+            let quant = max_diff(a, c);
+            // Both paths read the same 8-bit keys, but quantize keys that differ in their last
+            // f32 bits: a value may land on the neighbouring step (1/127 of its block's
+            // largest) on one side only.
+            assert!(
+                paths < 3e-4,
+                "window {window:?} call {i}: fused vs tensor path, max rel diff {paths}"
+            );
+            // Against the exact cache: the quantization error (half a step per value).
+            assert!(
+                quant < 1e-2,
+                "window {window:?} call {i}: 8-bit vs f32 cache, max rel diff {quant}"
+            );
+            worst_paths = worst_paths.max(paths);
+            worst_f32 = worst_f32.max(quant);
+        }
+    }
+    eprintln!("q8_0 cache: fused vs tensor path {worst_paths:.2e}, vs f32 cache {worst_f32:.2e}");
+    // A model whose heads are not whole blocks refuses the 8-bit cache with the reason.
+    let small = Model::load(
+        &TpttRepo::open(fixtures().join("tptt-llama"))
+            .and_then(|r| r.variant(Some("delta_product"), None))
+            .expect("fixture"),
+        &LoadOptions::default(),
+    )
+    .expect("load");
+    let mut st = small.new_state(CarryMode::Continue, None);
+    st.set_kv_format(KvFormat::Q8_0)
+        .expect("nothing cached yet");
+    let err = small
+        .forward(&[1, 2, 3], &mut st, Logits::Last)
+        .expect_err("heads of 16 cannot hold 8-bit blocks");
+    assert!(err.to_string().contains("blocks of 32"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -131,6 +131,23 @@ fn magic_version_and_counts() {
     let mut g = Gguf::valid();
     g.tensor_count = Some(3);
     refused(&sc, "one tensor too many", &g.bytes(), &[]);
+    // A layer count of billions in a well-formed header: refused at once (the loader used to
+    // walk every claimed layer, for a minute), in read_config and in load.
+    let mut g = Gguf::valid();
+    let key = g.string("llama.block_count");
+    g.kvs.retain(|kv| !kv.starts_with(&key));
+    g.kv_u32("llama.block_count", u32::MAX);
+    let started = std::time::Instant::now();
+    refused(
+        &sc,
+        "layer count",
+        &g.bytes(),
+        &["block_count is 4294967295"],
+    );
+    let path = sc.write("layers.gguf", &g.bytes());
+    let err = tptt::gguf::load(&path, &candle_core::Device::Cpu).expect_err("refused");
+    assert!(err.to_string().contains("block_count"), "{err}");
+    assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
 }
 
 #[test]

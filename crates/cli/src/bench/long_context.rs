@@ -44,7 +44,7 @@ pub(super) fn long_context(
         texts: &texts,
         configs: crate::eval::CONFIGS.to_vec(),
         window: LONG_CONTEXT_WINDOW,
-        kv,
+        kv: tptt::state::KvChoice::Exactly(kv),
         edges: vec![0, LONG_CONTEXT_WINDOW, from, len],
         full_max_tokens: max,
         probe_distances: if quick { vec![512] } else { vec![1024, 4096] },

@@ -90,9 +90,10 @@ pub(crate) struct BenchArgs {
     /// Softmax window (KV positions kept); default: the config's, else 8192.
     #[arg(long, value_parser = crate::parse_window)]
     window: Option<usize>,
-    /// How the softmax KV cache is stored in every measurement: f32 (exact) or f16.
-    #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
-    kv: tptt::state::KvFormat,
+    /// How the softmax KV cache is stored in every measurement: auto (what `tptt chat` and
+    /// the app use: 8-bit where the model's heads allow, else f16), q8_0, f16 or f32 (exact).
+    #[arg(long, default_value = "auto", value_parser = crate::parse_kv)]
+    kv: tptt::state::KvChoice,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -219,7 +220,6 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or(1);
-    let plan = Plan::new(args.quick, args.kv);
     let load_start = std::time::Instant::now();
     let loadavg_start = loadavg();
     let started = utc_now();
@@ -230,6 +230,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let subject = load_subject(&dir, args.variant.as_deref())?;
     let load_s = load_t.elapsed().as_secs_f64();
     let b = subject.model.config().base.clone();
+    let kv = subject.model.kv_format(args.kv).context("--kv")?;
+    let plan = Plan::new(args.quick, kv);
     let ids = random_ids(
         plan.history_len().max(plan.prefill),
         b.vocab_size,
@@ -276,8 +278,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         &ids,
     )?;
     let short = plan.short();
-    let (ab_tptt, ab_base) =
-        paired_decode(&tptt_model, &base_model, args.window, args.kv, &ids, short)?;
+    let (ab_tptt, ab_base) = paired_decode(&tptt_model, &base_model, args.window, kv, &ids, short)?;
     progress(format!(
         "[paired] decode after {short}, TPTT and base alternating: {ab_tptt:.2} / {ab_base:.2} tok/s"
     ));
@@ -296,7 +297,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         progress(format!("[llama.cpp] not available: {why}"));
     }
 
-    let long_context = long_context(&subject, &dir, &args.eval_text, args.quick, args.kv);
+    let long_context = long_context(&subject, &dir, &args.eval_text, args.quick, kv);
     let (ctx_vs_full, ctx_vs_window) = match &long_context {
         Ok((_, vs_full, vs_window)) => (*vs_full, *vs_window),
         Err(why) => {
@@ -312,7 +313,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     };
     let api_text = std::fs::read_to_string(&args.eval_text).unwrap_or_default();
     let user = api_turn::messages(&api_text, turns);
-    let api_ours = match api_turn::ours(&subject, args.window, args.kv, &user) {
+    let api_ours = match api_turn::ours(&subject, args.window, kv, &user) {
         Ok(v) => Baseline::Measured(v),
         Err(e) => Baseline::Missing(format!("{e:#}")),
     };
@@ -409,8 +410,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             .find(|d| d.history == h)
             .map_or(0, |d| d.kv_len)
     };
-    let kv_bytes =
-        |n: usize| (2 * b.total_kv_heads() * b.head_dim * args.kv.value_bytes() * n) as f64;
+    let kv_bytes = |n: usize| (2 * b.total_kv_heads() * kv.row_bytes(b.head_dim) * n) as f64;
     let w = subject.weight_bytes as f64;
     let kv_bytes4 = |n: usize| (2 * b.total_kv_heads() * b.head_dim * 4 * n) as f64;
     let flatness_bound = (w + kv_bytes(kv_at(short))) / (w + kv_bytes(kv_at(long)));
@@ -419,7 +419,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         json!(format!(
             "bytes per step: weights {:.1} MB + {} KV {:.1} MB at {long} (kv {}) vs {:.1} MB at {short}: the ratio cannot exceed {flatness_bound:.2} at any bandwidth (every layer reading its whole KV)",
             w / 1e6,
-            args.kv.as_str(),
+            kv.as_str(),
             kv_bytes(kv_at(long)) / 1e6,
             kv_at(long),
             kv_bytes(kv_at(short)) / 1e6
@@ -449,7 +449,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             fmt_opt(a.app_peak_rss.map(|p| p as f64 / 1e6), 1) + " MB",
             weights_resident as f64 / 1e6,
             a.kv_bytes as f64 / 1e6,
-            args.kv.as_str(),
+            kv.as_str(),
             a.app_peak_rss.map_or(0.0, |p| p as f64 - (weights_resident + a.kv_bytes) as f64) / 1e6,
         )),
     );
@@ -533,7 +533,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             "weight_bytes_per_token": subject.weight_bytes,
             "load_s": load_s,
         },
-        "kv_format": args.kv.as_str(),
+        "kv_format": kv.as_str(),
         "plan": {"prefill_tokens": plan.prefill, "decode_histories": plan.decode_at, "decode_steps": DECODE_STEPS, "resume_history": plan.resume_at},
         "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bandwidth.read_runs, "rmw_gb_per_s": bandwidth.rmw_gb_s, "rmw_runs_gb_per_s": bandwidth.rmw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "method": format!("STREAM-like: each thread its own part of the buffer; read-only passes (sum of every 64-bit word, 8 accumulators, AVX2 loads where present) and read-modify-write passes (every word + 1, 2 bytes of traffic per byte), {BANDWIDTH_PASSES} each; the ceiling (gb_per_s) is the best pass of either kind"), "read_gb_per_s": bandwidth.read_gb_s},
         "bandwidth_limit_decode_tok_s": bw_limit,

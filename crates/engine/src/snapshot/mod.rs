@@ -2,7 +2,8 @@
 //! restored onto the same model, variant, config and weights only ([`ModelIdentity`]).
 //!
 //! File: safetensors; tensors from [`tptt::state::State::to_tensors`] (the KV cache as the state
-//! stores it, f32 or f16 — a restore keeps that format — everything else f32) plus `tokens` (u32, the last
+//! stores it, f32, f16 or 8-bit blocks (u8 `[Hkv, n, D/32·34]`) — a restore keeps that format —
+//! everything else f32) plus `tokens` (u32, the last
 //! [`HISTORY_KEPT`] ids, for the repetition penalty and the detokenizer context) and
 //! `last_logits` (f32 `[V]`), stored in name order. `__metadata__` (all strings): `format` =
 //! `tptt-chat-state`, `version` = [`SNAPSHOT_VERSION`], `engine_version`, `model`, `variant`,
@@ -232,7 +233,7 @@ fn le_bytes<T: bytemuck::Pod, const N: usize>(
 /// A tensor's dtype and its bytes in pieces.
 type Pieces<'a> = (Dtype, Vec<Cow<'a, [u8]>>);
 
-/// The bytes of a CPU f32, f16 (a compact KV cache) or u32 tensor, in row-major order, as the
+/// The bytes of a CPU f32, f16 or u8 (a compact KV cache) or u32 tensor, in row-major order, as the
 /// blocks of its layout (borrowed from `storage`, the tensor's storage, no copy on a
 /// little-endian machine).
 fn tensor_pieces<'a>(
@@ -271,6 +272,7 @@ fn tensor_pieces<'a>(
         Storage::Cpu(CpuStorage::F32(v)) => Ok((Dtype::F32, blocks(t, v, |x| x.to_le_bytes())?)),
         Storage::Cpu(CpuStorage::U32(v)) => Ok((Dtype::U32, blocks(t, v, |x| x.to_le_bytes())?)),
         Storage::Cpu(CpuStorage::F16(v)) => Ok((Dtype::F16, blocks(t, v, |x| x.to_le_bytes())?)),
+        Storage::Cpu(CpuStorage::U8(v)) => Ok((Dtype::U8, blocks(t, v, |x| [*x])?)),
         _ => Err(format!(
             "unexpected tensor storage ({:?} on {:?})",
             t.dtype(),

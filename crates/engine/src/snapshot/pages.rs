@@ -142,9 +142,9 @@ struct KvBytes<'a> {
     slots: usize,
     /// Bytes of one position of one head (head size × the stored value's size).
     row: usize,
-    /// Head size.
+    /// Elements of a row: the head size (f32, f16), or the bytes of its 8-bit blocks.
     dim: usize,
-    /// How the cache stores its values (f32, or f16 for a compact cache).
+    /// How the cache stores its values (f32, or f16 / u8 8-bit blocks for a compact cache).
     dtype: Dtype,
 }
 
@@ -170,11 +170,11 @@ fn kv_bytes<'a, G: std::ops::Deref<Target = candle_core::Storage>>(
         return Ok(None);
     };
     let (_, slots, dim) = k0.dims3().map_err(tptt::Error::from)?;
-    let dtype = match k0.dtype() {
-        candle_core::DType::F16 => Dtype::F16,
-        _ => Dtype::F32,
+    let (dtype, size) = match k0.dtype() {
+        candle_core::DType::F16 => (Dtype::F16, 2),
+        candle_core::DType::U8 => (Dtype::U8, 1),
+        _ => (Dtype::F32, 4),
     };
-    let size = if dtype == Dtype::F16 { 2 } else { 4 };
     let per_head = slots * dim * size;
     let mut tensors = Vec::with_capacity(views.len());
     let mut layer_heads = Vec::with_capacity(views.len());

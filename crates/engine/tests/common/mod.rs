@@ -43,6 +43,31 @@ impl Fixture {
         Self { files, model }
     }
 
+    /// A synthetic Llama repo (`tptt::synth`, heads of 32 values: the 8-bit KV cache needs
+    /// whole blocks, which no committed fixture has) written under `dir`: its base, a
+    /// `delta_product` variant (mag 0.5) and the Llama fixture's tokenizer (300 ids, inside its
+    /// vocabulary of 320), loaded.
+    pub fn synthetic_d32(dir: &Path) -> Self {
+        let shape = tptt::synth::LlamaShape::SMALL_D32;
+        tptt::synth::write_llama(&dir.join("base"), &shape, candle_core::DType::F32, 17)
+            .expect("synthetic base");
+        tptt::synth::write_variant(dir, "delta_product", "base", &shape, "delta_product", 0.5)
+            .expect("synthetic variant");
+        let from = fixtures().join("tptt-llama/delta_product");
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
+            std::fs::copy(from.join(f), dir.join("delta_product").join(f)).expect("tokenizer");
+        }
+        let files = TpttRepo::open(dir)
+            .and_then(|r| r.variant(Some("delta_product"), None))
+            .expect("synthetic variant found");
+        let model = Model::load(&files, &LoadOptions::default()).expect("synthetic model loads");
+        Self { files, model }
+    }
+
     pub fn label(&self) -> String {
         format!(
             "{}/{}",

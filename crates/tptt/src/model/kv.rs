@@ -127,13 +127,15 @@ impl KvRing {
     }
 }
 
-/// `x` (f32) in the element type of the buffer it is written into.
+/// `x` (f32 `[Hkv, S, D]`) in the format of the buffer it is written into.
 fn stored(x: &Tensor, buffer: &Tensor) -> Result<Tensor> {
-    Ok(if x.dtype() == buffer.dtype() {
-        x.clone()
-    } else {
-        x.to_dtype(buffer.dtype())?
-    })
+    let format = KvFormat::of_dtype(buffer.dtype()).ok_or_else(|| {
+        Error::State(format!(
+            "a KV buffer of {:?} is in no KV format",
+            buffer.dtype()
+        ))
+    })?;
+    crate::state::narrowed(x, format)
 }
 
 fn hole() -> Error {

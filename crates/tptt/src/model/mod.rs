@@ -123,6 +123,14 @@ pub struct Model {
 }
 
 impl Model {
+    /// The KV cache format `choice` gives for this model (its head size, its device); an
+    /// explicit format it cannot use is refused with the reason.
+    pub fn kv_format(&self, choice: crate::state::KvChoice) -> Result<crate::state::KvFormat> {
+        choice
+            .resolve(self.config().base.head_dim, &self.device)
+            .map_err(Error::Input)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg

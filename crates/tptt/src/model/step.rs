@@ -46,7 +46,7 @@ impl<'a> Data<'a> {
         }
     }
 
-    /// A KV buffer's contiguous data in its own format (f32 or f16).
+    /// A KV buffer's contiguous data in its own format (f32, f16 or 8-bit blocks).
     pub(super) fn kv(&self) -> Result<KvSlice<'_>> {
         let (a, b) = self
             .layout
@@ -54,6 +54,7 @@ impl<'a> Data<'a> {
             .ok_or_else(|| Error::State("a KV buffer is not contiguous".into()))?;
         match &*self.storage {
             Storage::Cpu(candle_core::CpuStorage::F16(x)) => Ok(KvSlice::F16(&x[a..b])),
+            Storage::Cpu(candle_core::CpuStorage::U8(x)) => Ok(KvSlice::Q8_0(&x[a..b])),
             Storage::Cpu(c) => Ok(KvSlice::F32(&c.as_slice::<f32>()?[a..b])),
             _ => Err(Error::State("a KV buffer is not on the CPU".into())),
         }

@@ -9,7 +9,7 @@
 //! copies straight into its single KV buffer. Every reference is checked before use (inside its
 //! page, in position order, not overlapping, covering exactly the cached positions), and so is
 //! every page tensor's shape (`[Hkv, page length, D]`, the same heads and head size throughout)
-//! and type (f32, or f16 for a compact cache: each page decoded by its own);
+//! and type (f32, or f16 / 8-bit blocks for a compact cache: each page decoded by its own);
 //! the restore then applies its usual checks (shapes against the model, finite values).
 
 use candle_core::Device;
@@ -131,7 +131,8 @@ impl<'a, 'b> PagedSource<'a, 'b> {
         })
     }
 
-    /// Shape and values of a layer's keys or values (f32 or f16) gathered from the pages
+    /// Shape and values of a layer's keys or values (f32, f16 or 8-bit; the shape counts
+    /// values) gathered from the pages
     /// (any other tensor: from the snapshot file, f32).
     pub(super) fn kv(&self, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
         let is_kv = name
@@ -161,21 +162,21 @@ impl<'a, 'b> PagedSource<'a, 'b> {
                 .map_err(|_| Error::State(format!("KV page {} lacks tensor {name:?}", run.page)))?;
             let dims = view.shape();
             let stored = Stored::of(view.dtype());
-            let fits = match dims {
-                &[h, l, d] if stored.is_some() && l == page.len => {
-                    shape.is_none_or(|s| s == (h, d))
-                }
-                _ => false,
+            // The head size of a page's rows (8-bit rows: whole 34-byte blocks).
+            let values = match (dims, stored) {
+                (&[h, l, w], Some(s)) if l == page.len => s.row_dim(w).map(|d| (h, d)),
+                _ => None,
             };
-            let Some(stored) = stored.filter(|_| fits) else {
+            let fits = values.is_some_and(|v| shape.is_none_or(|s| s == v));
+            let (Some(stored), Some(values), true) = (stored, values, fits) else {
                 return Err(Error::State(format!(
-                    "KV page {}: {name:?} is {:?} {dims:?}, not f32 or f16 [heads, {}, head size] like the other pages",
+                    "KV page {}: {name:?} is {:?} {dims:?}, not f32, f16 or 8-bit [heads, {}, head size] like the other pages",
                     run.page,
                     view.dtype(),
                     page.len
                 )));
             };
-            shape = Some((dims[0], dims[2]));
+            shape = Some(values);
             pieces.push(Piece {
                 stored,
                 bytes: view.data(),
@@ -223,8 +224,9 @@ pub(super) struct PagedValues<'b> {
 }
 
 impl PagedValues<'_> {
-    pub(super) fn elem_count(&self) -> usize {
-        self.heads * self.slots * self.dim
+    /// Rows (`Hkv · slots`) and the values of each.
+    pub(super) fn rows(&self) -> (usize, usize) {
+        (self.heads * self.slots, self.dim)
     }
 
     /// How the first piece is stored (the restore's buffer type follows it; other pieces are
@@ -233,26 +235,32 @@ impl PagedValues<'_> {
         self.pieces.first().map_or(Stored::F32, |p| p.stored)
     }
 
-    /// Append elements `[from, from + len)` of the gathered tensor, in row-major order, to `dst`
-    /// (the range is checked by the caller).
-    pub(super) fn extend_into<T: KvElem>(&self, dst: &mut Vec<T>, from: usize, len: usize) {
-        let (per_head, dim) = (self.slots * self.dim, self.dim);
-        let (mut i, end) = (from, from + len);
-        while i < end {
-            let (head, rem) = (i / per_head, i % per_head);
-            let (slot, d) = (rem / dim, rem % dim);
+    /// Append rows `[first, first + rows)` of the gathered tensor (row `r`: KV head
+    /// `r / slots`, slot `r % slots`; `dim` values each) to `dst`, each piece decoded by its own
+    /// stored type (the range is checked by the caller).
+    pub(super) fn extend_rows<T: KvElem>(
+        &self,
+        dst: &mut Vec<T>,
+        first: usize,
+        rows: usize,
+        dim: usize,
+    ) {
+        let (mut r, end) = (first, first + rows);
+        while r < end {
+            let (head, slot) = (r / self.slots, r % self.slots);
             let k = self.starts.partition_point(|&s| s <= slot) - 1;
             let piece = &self.pieces[k];
             let within = slot - self.starts[k];
-            let take = ((piece.len - within) * dim - d).min(end - i);
-            let src = (head * piece.page_len + piece.offset + within) * dim + d;
-            let size = piece.stored.size();
-            T::extend_from_le(
+            let take = (piece.len - within).min(end - r);
+            let src = head * piece.page_len + piece.offset + within;
+            let rb = piece.stored.row_bytes(dim);
+            T::extend_rows(
                 dst,
-                &piece.bytes[src * size..(src + take) * size],
+                &piece.bytes[src * rb..(src + take) * rb],
                 piece.stored,
+                dim,
             );
-            i += take;
+            r += take;
         }
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use safetensors::SafeTensors;
 
-use super::elem::{first_bad, KvElem, Stored};
+use super::elem::{KvElem, Stored};
 use super::paged::{PagedSource, PagedValues};
 use super::{grown_capacity, validate_window, KvFormat, LayerState, State, MAX_CARRIED_MAGNITUDE};
 use crate::error::{Error, Result};
@@ -142,55 +142,73 @@ fn big_buffer<T>(len: usize) -> Vec<T> {
 }
 
 /// The values of one tensor of a snapshot: its little-endian bytes as stored (borrowed from
-/// the file: f32, or f16 for a compact KV cache) or already decoded.
+/// the file: f32, or f16 / 8-bit blocks for a compact KV cache; or owned, from a tensor) or
+/// already decoded f32.
 pub(super) enum Values<'a> {
     Bytes(&'a [u8], Stored),
+    Owned(Vec<u8>, Stored),
     Decoded(Vec<f32>),
-    DecodedF16(Vec<half::f16>),
     /// A KV tensor gathered from the pages of a paged snapshot.
     Paged(PagedValues<'a>),
 }
 
 impl Values<'_> {
-    /// Append elements `[from, from + len)` to `dst`, decoded by their own stored type (the
-    /// range is checked by the caller).
-    pub(super) fn extend_into<T: KvElem>(&self, dst: &mut Vec<T>, from: usize, len: usize) {
+    /// Append rows `[first, first + rows)` of `dim` values each (a KV tensor `[Hkv, n, D]` is
+    /// `Hkv·n` rows) to `dst`, decoded by their own stored type (the range is checked by the
+    /// caller).
+    pub(super) fn extend_rows<T: KvElem>(
+        &self,
+        dst: &mut Vec<T>,
+        first: usize,
+        rows: usize,
+        dim: usize,
+    ) {
         match self {
             Values::Bytes(b, s) => {
-                T::extend_from_le(dst, &b[from * s.size()..(from + len) * s.size()], *s)
+                let rb = s.row_bytes(dim);
+                T::extend_rows(dst, &b[first * rb..(first + rows) * rb], *s, dim)
             }
-            Values::Decoded(v) => T::extend_from_f32(dst, &v[from..from + len]),
-            Values::DecodedF16(v) => T::extend_from_f16(dst, &v[from..from + len]),
-            Values::Paged(p) => p.extend_into(dst, from, len),
+            Values::Owned(b, s) => {
+                let rb = s.row_bytes(dim);
+                T::extend_rows(dst, &b[first * rb..(first + rows) * rb], *s, dim)
+            }
+            Values::Decoded(v) => {
+                T::extend_from_f32(dst, &v[first * dim..(first + rows) * dim], dim)
+            }
+            Values::Paged(p) => p.extend_rows(dst, first, rows, dim),
         }
     }
 
     /// How the values are stored (a paged tensor: as its first page holds them).
     pub(super) fn stored(&self) -> Stored {
         match self {
-            Values::Bytes(_, s) => *s,
+            Values::Bytes(_, s) | Values::Owned(_, s) => *s,
             Values::Decoded(_) => Stored::F32,
-            Values::DecodedF16(_) => Stored::F16,
             Values::Paged(p) => p.stored(),
         }
     }
 
-    pub(super) fn elem_count(&self) -> usize {
-        match self {
-            Values::Bytes(b, s) => b.len() / s.size(),
-            Values::Decoded(v) => v.len(),
-            Values::DecodedF16(v) => v.len(),
-            Values::Paged(p) => p.elem_count(),
-        }
-    }
-
+    /// Every value as f32 (the recurrent state, pooled rows, order-2 buffer: f32 tensors).
     pub(super) fn into_vec(self) -> Vec<f32> {
+        let rows = |bytes: &[u8], s: Stored| {
+            // Whole blocks for 8-bit bytes, single values otherwise.
+            let dim = if s == Stored::Q8_0 {
+                crate::kernels::Q8_0_BLOCK
+            } else {
+                1
+            };
+            let mut v = Vec::new();
+            f32::extend_rows(&mut v, bytes, s, dim);
+            v
+        };
         match self {
             Values::Decoded(v) => v,
-            other => {
-                let n = other.elem_count();
-                let mut v = Vec::with_capacity(n);
-                other.extend_into(&mut v, 0, n);
+            Values::Bytes(b, s) => rows(b, s),
+            Values::Owned(b, s) => rows(&b, s),
+            Values::Paged(p) => {
+                let (n, dim) = p.rows();
+                let mut v = Vec::new();
+                p.extend_rows(&mut v, 0, n, dim);
                 v
             }
         }
@@ -206,15 +224,22 @@ pub(super) enum Source<'a, 'b> {
 }
 
 impl<'b> Source<'_, 'b> {
-    /// Shape and values of a KV cache tensor (f32 or f16), `None` when absent.
+    /// Shape and values of a KV cache tensor (f32, f16 or 8-bit blocks), `None` when absent.
+    /// The shape is the values' (`[Hkv, n, D]`), whatever the bytes of a row.
     pub(super) fn kv(&self, name: &str) -> Result<Option<(Vec<usize>, Values<'b>)>> {
         match self {
             Source::Tensors(t) => match t.get(name) {
                 None => Ok(None),
-                Some(x) if x.dtype() == DType::F16 => Ok(Some((
-                    x.dims().to_vec(),
-                    Values::DecodedF16(x.flatten_all()?.to_vec1()?),
-                ))),
+                Some(x) if x.dtype() == DType::F16 => {
+                    let halves: Vec<half::f16> = x.flatten_all()?.to_vec1()?;
+                    let bytes = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+                    Ok(Some((x.dims().to_vec(), Values::Owned(bytes, Stored::F16))))
+                }
+                Some(x) if x.dtype() == DType::U8 => {
+                    let shape = value_shape(name, x.dims(), Stored::Q8_0)?;
+                    let bytes = x.flatten_all()?.to_vec1()?;
+                    Ok(Some((shape, Values::Owned(bytes, Stored::Q8_0))))
+                }
                 Some(_) => self.f32s(name),
             },
             Source::File(st) => file_values(st, name, true),
@@ -255,8 +280,8 @@ impl<'b> Source<'_, 'b> {
     }
 }
 
-/// Shape and values of an f32 tensor of a safetensors file (or f16 too when `kv`: a KV cache
-/// tensor), `None` when absent.
+/// Shape and values of an f32 tensor of a safetensors file (or f16 and 8-bit blocks too when
+/// `kv`: a KV cache tensor, its shape then the values' `[Hkv, n, D]`), `None` when absent.
 pub(super) fn file_values<'b>(
     st: &SafeTensors<'b>,
     name: &str,
@@ -266,16 +291,35 @@ pub(super) fn file_values<'b>(
         Err(_) => Ok(None),
         Ok(v) => match Stored::of(v.dtype()) {
             // The file's parser has checked that the byte length matches the shape.
-            Some(s) if kv || s == Stored::F32 => {
-                Ok(Some((v.shape().to_vec(), Values::Bytes(v.data(), s))))
-            }
+            Some(s) if kv || s == Stored::F32 => Ok(Some((
+                value_shape(name, v.shape(), s)?,
+                Values::Bytes(v.data(), s),
+            ))),
             _ => Err(Error::State(format!(
                 "tensor {name:?} is {:?}, not {}",
                 v.dtype(),
-                if kv { "f32 or f16" } else { "f32" }
+                if kv {
+                    "f32, f16 or u8 (8-bit blocks)"
+                } else {
+                    "f32"
+                }
             ))),
         },
     }
+}
+
+/// The values' shape of a KV tensor of `dims` stored as `s`: the last extent counts values, not
+/// the bytes of 8-bit blocks (a row that is not whole blocks is refused).
+pub(super) fn value_shape(name: &str, dims: &[usize], s: Stored) -> Result<Vec<usize>> {
+    let mut shape = dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = s.row_dim(*last).ok_or_else(|| {
+            Error::State(format!(
+                "tensor {name:?}: 8-bit rows of {last} bytes are not whole blocks of 34"
+            ))
+        })?;
+    }
+    Ok(shape)
 }
 
 /// The values of a rank-1 u32 tensor of a safetensors file, `None` when absent.
@@ -336,7 +380,7 @@ impl State {
     /// the model (KV `[Hkv, kv_len, D]`, recurrent state, at most two pooled rows of `Hkv·D`,
     /// order-2 buffer `[5, H·D]`), and every carried value (KV cache, recurrent state, pooled
     /// rows, order-2 buffer) is finite and within ±[`MAX_CARRIED_MAGNITUDE`]. What a file can make this allocate is bounded by the file's own tensors (the KV
-    /// buffer at most about twice their size). The KV cache keeps the file's format (f32 or f16,
+    /// buffer at most about twice their size). The KV cache keeps the file's format (f32, f16 or 8-bit,
     /// [`State::kv_format`]; a `CarryMode::Reference` state is always f32): callers that want
     /// another call [`State::set_kv_format`].
     pub fn from_safetensors(
@@ -392,7 +436,7 @@ impl State {
         check_key_positions(&key_pos, pos, mode, window)?;
 
         // The KV cache of every layer, checked: [Hkv, n, D] each (Hkv per layer: OpenELM's
-        // layers differ), f32 or f16.
+        // layers differ), f32, f16 or 8-bit.
         if heads.len() != num_layers || kv_heads.is_some_and(|k| k.len() != num_layers) {
             return Err(Error::State(format!(
                 "head counts given for {} layers, the model has {num_layers}",
@@ -423,10 +467,16 @@ impl State {
         }
         // The restored cache keeps the snapshot's format (its first layer's keys); a tensor
         // stored otherwise is converted as it is copied, never reinterpreted.
-        // (The reference-compatible mode keeps tptt's f32 cache whatever a file holds.)
+        // (The reference-compatible mode keeps tptt's f32 cache whatever a file holds; an
+        // 8-bit cache restored where 8 bits cannot be used — onto a GPU — becomes f16.)
         let format = match kv.first() {
             Some((k, _)) if mode == CarryMode::Continue => k.stored().format(),
             _ => KvFormat::F32,
+        };
+        let format = if format.check(dim, device).is_ok() {
+            format
+        } else {
+            KvFormat::F16
         };
         let kv_bufs: Vec<Option<(Tensor, Tensor)>> = if kv.len() == num_layers && n > 0 {
             let cap = restored_capacity(n, mode, window);
@@ -440,6 +490,7 @@ impl State {
             match format {
                 KvFormat::F16 => restore_kv::<half::f16>(kv, &shape, device)?,
                 KvFormat::F32 => restore_kv::<f32>(kv, &shape, device)?,
+                KvFormat::Q8_0 => restore_kv::<u8>(kv, &shape, device)?,
             }
         } else {
             (0..num_layers).map(|_| None).collect()
@@ -557,31 +608,33 @@ struct KvShape<'a> {
     dim: usize,
 }
 
-/// Copy every layer's keys and values into one buffer of `T` (`[2, Hkv_i, cap, D]` per layer
-/// after one another, each head's `n` positions then zeros up to `cap`), each value checked,
-/// and return the layers' views of it.
+/// Copy every layer's keys and values into one buffer of `T` (`[2, Hkv_i, cap, width]` per
+/// layer after one another, `width` the elements of a row of `D` values in `T`'s format, each
+/// head's `n` positions then zeros up to `cap`), each value checked, and return the layers'
+/// views of it.
 fn restore_kv<T: KvElem>(
     kv: Vec<(Values<'_>, Values<'_>)>,
     shape: &KvShape<'_>,
     device: &Device,
 ) -> Result<Vec<Option<(Tensor, Tensor)>>> {
     let KvShape { heads, n, cap, dim } = *shape;
-    let total: usize = heads.iter().map(|h| 2 * h * cap * dim).sum();
+    let width = T::FORMAT.row_width(dim);
+    let total: usize = heads.iter().map(|h| 2 * h * cap * width).sum();
     let mut buf: Vec<T> = big_buffer(total);
     let zero = T::from_f64(0.0);
     for (i, (k, v)) in kv.iter().enumerate() {
         for (name, x) in [("keys", k), ("values", v)] {
             for head in 0..heads[i] {
                 let from = buf.len();
-                x.extend_into(&mut buf, head * n * dim, n * dim);
+                x.extend_rows(&mut buf, head * n, n, dim);
                 // Checked while the copy is in cache (a branch-free pass the compiler
                 // vectorizes): a NaN here would poison every later answer.
-                if let Some((j, bad)) = first_bad(&buf[from..]) {
+                if let Some((j, bad)) = T::first_bad(&buf[from..], dim) {
                     return Err(Error::State(format!(
                         "layer {i}: the cached {name} of KV head {head} holds {bad:e} at index {j} (a carried value must be finite and within ±{MAX_CARRIED_MAGNITUDE:e})"
                     )));
                 }
-                buf.resize(buf.len() + (cap - n) * dim, zero);
+                buf.resize(buf.len() + (cap - n) * width, zero);
             }
         }
     }
@@ -590,8 +643,8 @@ fn restore_kv<T: KvElem>(
     let mut offset = 0;
     let mut bufs = Vec::with_capacity(heads.len());
     for &h in heads {
-        let len = 2 * h * cap * dim;
-        let layer = all.narrow(0, offset, len)?.reshape((2, h, cap, dim))?;
+        let len = 2 * h * cap * width;
+        let layer = all.narrow(0, offset, len)?.reshape((2, h, cap, width))?;
         offset += len;
         bufs.push(Some((layer.i(0)?, layer.i(1)?)));
     }
