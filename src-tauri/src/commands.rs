@@ -205,6 +205,11 @@ pub async fn set_settings(
     let dto: SettingsDto = serde_json::from_value(settings)
         .map_err(|e| CommandError::new(ErrorKind::InvalidSettings, format!("settings: {e}")))?;
     let s = AppSettings::from_dto(&dto)?;
+    // A memory precision the loaded model cannot use is refused with the reason (a model
+    // loaded later falls back to the automatic choice: `KvSetting::format_for`).
+    if let Some(m) = lock(&state.model).clone() {
+        s.kv_format.check(&m.model)?;
+    }
     if let Some(repo) = s.model_repo.as_deref() {
         if !models::is_choosable(&state.registry(), repo) {
             return Err(CommandError::new(

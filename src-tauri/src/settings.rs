@@ -13,6 +13,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tptt::model::Model;
+use tptt::state::{KvChoice, KvFormat};
 use tptt_engine::SamplingParams;
 
 use crate::api_server::ApiServerSettings;
@@ -62,33 +64,71 @@ impl Theme {
     }
 }
 
-/// How chats store the softmax keys and values of their memory (`tptt::state::KvFormat`):
+/// How chats store the softmax keys and values of their memory (`tptt::state::KvChoice`):
 /// stored by name, so a name a later version adds reads back as the default here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvSetting {
-    /// f32: exact.
+    /// The most compact format the model can use: 8-bit blocks where its heads are whole
+    /// blocks and it runs on the CPU, else f16.
     #[default]
-    F32,
-    /// f16: half the memory, perplexity within 0.5 % (tested on SmolLM2).
+    Auto,
+    /// 8-bit blocks (q8_0): 34/128 of f32's memory, perplexity within 0.05 % (tested on
+    /// SmolLM2, `crates/engine/tests/kv_format.rs`).
+    Q8_0,
+    /// f16: half the memory, perplexity within 0.01 %.
     F16,
+    /// f32: exact.
+    F32,
 }
 
 impl KvSetting {
     /// Every choice, in the settings' order.
-    pub const ALL: [KvSetting; 2] = [KvSetting::F32, KvSetting::F16];
+    pub const ALL: [KvSetting; 4] = [
+        KvSetting::Auto,
+        KvSetting::Q8_0,
+        KvSetting::F16,
+        KvSetting::F32,
+    ];
 
-    /// The engine's format.
-    pub fn format(self) -> tptt::state::KvFormat {
+    /// The engine's choice.
+    pub fn choice(self) -> KvChoice {
         match self {
-            KvSetting::F32 => tptt::state::KvFormat::F32,
-            KvSetting::F16 => tptt::state::KvFormat::F16,
+            KvSetting::Auto => KvChoice::Auto,
+            KvSetting::Q8_0 => KvChoice::Exactly(KvFormat::Q8_0),
+            KvSetting::F16 => KvChoice::Exactly(KvFormat::F16),
+            KvSetting::F32 => KvChoice::Exactly(KvFormat::F32),
         }
     }
 
-    /// The UI's spelling (the engine's name).
+    /// The UI's spelling (the engine's name: `auto`, `q8_0`, `f16`, `f32`).
     pub fn as_str(self) -> &'static str {
-        self.format().as_str()
+        self.choice().as_str()
+    }
+
+    /// Whether `model` can keep its memories as this setting says; the error says why not
+    /// (an `invalid_settings` error on `kvFormat`).
+    pub fn check(self, model: &Model) -> CmdResult<()> {
+        model
+            .kv_format(self.choice())
+            .map(|_| ())
+            .map_err(|e| bad("kvFormat", e.to_string()))
+    }
+
+    /// The format memories of `model` use: the setting's, or, where the model cannot use an
+    /// explicit one (heads that are not whole 8-bit blocks, a GPU: a model chosen after the
+    /// setting was saved against another), the automatic choice, logged.
+    pub fn format_for(self, model: &Model) -> KvFormat {
+        model.kv_format(self.choice()).unwrap_or_else(|e| {
+            let fallback = KvFormat::compact_for(model.config().base.head_dim, model.device());
+            tracing::warn!(
+                setting = self.as_str(),
+                using = fallback.as_str(),
+                reason = %e,
+                "the memory precision setting does not suit this model"
+            );
+            fallback
+        })
     }
 }
 
@@ -324,7 +364,7 @@ impl AppSettings {
             .ok_or_else(|| {
                 bad(
                     "kvFormat",
-                    format!("must be f32 or f16, got {:?}", d.kv_format),
+                    format!("must be auto, q8_0, f16 or f32, got {:?}", d.kv_format),
                 )
             })?;
         let window_size = d
@@ -481,6 +521,44 @@ mod tests {
             AppSettings::from_dto(&d).expect("valid"),
             AppSettings::default()
         );
+    }
+
+    /// Memory precision: the engine's names, `auto` by default; a format the model's heads
+    /// cannot hold is refused naming `kvFormat` and the reason, and a model loaded after the
+    /// setting was saved falls back to the automatic choice.
+    #[test]
+    fn memory_precision_names_default_and_model_checks() {
+        assert_eq!(KvSetting::default(), KvSetting::Auto);
+        let names: Vec<&str> = KvSetting::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["auto", "q8_0", "f16", "f32"]);
+        for k in KvSetting::ALL {
+            let json = serde_json::to_string(&k).expect("serialize");
+            assert_eq!(
+                json,
+                format!("\"{}\"", k.as_str()),
+                "stored by the UI's name"
+            );
+            let mut d = dto();
+            d.kv_format = k.as_str().into();
+            assert_eq!(AppSettings::from_dto(&d).expect("valid").kv_format, k);
+        }
+        let files = tptt::repo::TpttRepo::open(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny/tptt-llama"),
+        )
+        .and_then(|r| r.variant(Some("delta_rule"), None))
+        .expect("fixture");
+        let model = Model::load(&files, &Default::default()).expect("load");
+        let e = KvSetting::Q8_0.check(&model).expect_err("heads of 16");
+        assert_eq!(e.kind, ErrorKind::InvalidSettings);
+        assert!(
+            e.message.starts_with("kvFormat:") && e.message.contains("blocks of 32"),
+            "{}",
+            e.message
+        );
+        assert_eq!(KvSetting::Q8_0.format_for(&model), KvFormat::F16);
+        assert_eq!(KvSetting::Auto.format_for(&model), KvFormat::F16);
+        assert_eq!(KvSetting::F32.format_for(&model), KvFormat::F32);
+        KvSetting::F16.check(&model).expect("f16 always fits");
     }
 
     #[test]

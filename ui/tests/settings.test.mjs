@@ -185,16 +185,21 @@ describe('settings', () => {
     clean(page);
   });
 
-  test('memory precision: exact by default, compact saved', async () => {
+  test('memory precision: automatic by default, 8-bit saved', async () => {
     const { page } = await suite.open();
     await page.getByTestId('nav-settings').click();
     const kv = page.getByTestId('kv-format');
-    assert.equal(await kv.inputValue(), 'f32');
-    assert.deepEqual(await kv.locator('option').allTextContents(), ['Exact (f32)', 'Compact (f16)']);
-    await kv.selectOption('f16');
+    assert.equal(await kv.inputValue(), 'auto');
+    assert.deepEqual(await kv.locator('option').allTextContents(), [
+      'Automatic (8-bit where the model allows)',
+      '8-bit (q8_0)',
+      'Compact (f16)',
+      'Exact (f32)',
+    ]);
+    await kv.selectOption('q8_0');
     await page.getByTestId('save-settings').click();
     await page.getByTestId('notice').filter({ hasText: 'Settings saved' }).waitFor();
-    assert.equal(await mock(page, () => window.__tpttMock.state.settings.kvFormat), 'f16');
+    assert.equal(await mock(page, () => window.__tpttMock.state.settings.kvFormat), 'q8_0');
     clean(page);
   });
 });

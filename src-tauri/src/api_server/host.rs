@@ -113,7 +113,7 @@ impl Host for AppHost {
                     identity: m.identity.clone(),
                 },
                 window: chosen.window.map(|w| w as usize),
-                kv_format: settings.kv_format.format(),
+                kv_format: settings.kv_format.format_for(&m.model),
                 runner: Arc::new(AppRunner(m)),
             });
         }

@@ -74,10 +74,10 @@ pub fn load_snapshot(
     let pages = pages_dir(&state.config.snapshots_dir());
     let (mut session, mark) =
         snapshot::load_paged(model.model.clone(), &model.identity, path, &pages)?;
-    // Snapshots hold the KV cache in f32: stored from now on as the settings say.
+    // A snapshot's cache keeps its own format: stored from now on as the settings say.
     session
         .state
-        .set_kv_format(state.settings().kv_format.format())?;
+        .set_kv_format(state.settings().kv_format.format_for(&model.model))?;
     Ok((session, mark))
 }
 
@@ -208,7 +208,7 @@ pub(super) fn memory_for(
             model.model.clone(),
             SessionOptions {
                 window,
-                kv_format: state.settings().kv_format.format(),
+                kv_format: state.settings().kv_format.format_for(&model.model),
                 ..Default::default()
             },
         ),

@@ -13,7 +13,7 @@ export type Device = "auto" | "cpu" | "cuda" | "metal";
 export type Theme = "light" | "dark" | "system";
 
 /** How a memory stores its KV cache (src/settings.rs `KvSetting`). */
-export type KvFormat = "f32" | "f16";
+export type KvFormat = "auto" | "q8_0" | "f16" | "f32";
 
 /** Who wrote a message (the store's `Role`). */
 export type Role = "system" | "user" | "assistant";

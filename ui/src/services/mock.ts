@@ -285,7 +285,7 @@ const DEFAULT_SETTINGS: Settings = {
   windowSize: null,
   theme: 'system',
   apiServer: { enabled: false, port: 8484, apiKey: '' },
-  kvFormat: 'f32',
+  kvFormat: 'auto',
   hfTokenSet: false,
 };
 
