@@ -5,8 +5,9 @@
 //! D 64) at S = 512, for delta_product and delta_rule. With `model DIR [TOKENS]` it times a whole
 //! prefill of the model with the branch on (mag 0.125) and off (mag 0) (`GGUF=file`: on that
 //! quantized base); `decode DIR [HISTORY]` an in-process decode A/B of the two and `step` the
-//! branch alone at one token; env `MAGS`, `MODES` and `REPS` select the weights, operator modes
-//! and repetitions.
+//! branch alone at one token; `attend [KV] [f32|f16|q8_0]` one decode token's attention over KV
+//! cached positions in 30 layers stored in that format; env `MAGS`, `MODES` and `REPS` select
+//! the weights, operator modes and repetitions.
 use std::time::Instant;
 
 use tptt::config::{RecurrentConfig, TpttSettings};
@@ -239,15 +240,46 @@ fn branch_step(mode: &str, reps: usize) {
 
 /// One decode token's attention over `kv` cached positions in 30 layers of the SmolLM2 shape
 /// (H 9, Hkv 3, D 64), each layer's keys and values in their own buffers (together larger than
-/// the caches), on a step team as in decoding: time per token and the bytes it reads per second.
-fn attend(kv: usize, reps: usize) {
-    use tptt::kernels::{attend_one, AttendOne};
+/// the caches) stored as `format` (`f32`, `f16`, `q8_0`), on a step team as in decoding: time
+/// per token and the bytes it reads per second.
+fn attend(kv: usize, format: &str, reps: usize) {
+    use tptt::kernels::{attend_one, AttendOne, KvSlice};
+    enum Stored {
+        F32(Vec<f32>),
+        F16(Vec<half::f16>),
+        Q8(Vec<u8>),
+    }
+    impl Stored {
+        fn slice(&self) -> KvSlice<'_> {
+            match self {
+                Stored::F32(x) => KvSlice::F32(x),
+                Stored::F16(x) => KvSlice::F16(x),
+                Stored::Q8(x) => KvSlice::Q8_0(x),
+            }
+        }
+        fn bytes(&self) -> usize {
+            match self {
+                Stored::F32(x) => x.len() * 4,
+                Stored::F16(x) => x.len() * 2,
+                Stored::Q8(x) => x.len(),
+            }
+        }
+    }
+    let store = |x: Vec<f32>| match format {
+        "f16" => Stored::F16(x.iter().map(|&v| half::f16::from_f32(v)).collect()),
+        "q8_0" => {
+            let mut q = Vec::new();
+            tptt::kernels::kv::quantize_q8_0(&x, &mut q);
+            Stored::Q8(q)
+        }
+        _ => Stored::F32(x),
+    };
     let (h, hkv, d, layers) = (9, 3, 64, 30);
-    let bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
+    let bufs: Vec<(Stored, Stored)> = (0..layers)
         .map(|l| {
             (
-                rand_vec(hkv * kv * d, 10 + l as u64),
-                rand_vec(hkv * kv * d, 50 + l as u64),
+                store(rand_vec(hkv * kv * d, 10 + l as u64)),
+                store(rand_vec(hkv * kv * d, 50 + l as u64)),
             )
         })
         .collect();
@@ -259,8 +291,8 @@ fn attend(kv: usize, reps: usize) {
             for (k, v) in &bufs {
                 let a = AttendOne {
                     q: &q,
-                    k: k.into(),
-                    v: v.into(),
+                    k: k.slice(),
+                    v: v.slice(),
                     visible: &visible,
                     heads: h,
                     kv_heads: hkv,
@@ -272,12 +304,12 @@ fn attend(kv: usize, reps: usize) {
             }
         })
     });
-    let bytes = (layers * 2 * hkv * kv * d * 4) as f64;
+    let bytes: usize = bufs.iter().map(|(k, v)| k.bytes() + v.bytes()).sum();
     println!(
-        "attend KV {kv}: median {:.2} ms/token, min {:.2} ms ({:.1} GB/s at the median)",
+        "attend KV {kv} ({format}): median {:.2} ms/token, min {:.2} ms ({:.1} GB/s at the median)",
         t.0 * 1e3,
         t.1 * 1e3,
-        bytes / t.0 / 1e9
+        bytes as f64 / t.0 / 1e9
     );
 }
 
@@ -307,6 +339,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Some("attend") => attend(
             args.get(1).and_then(|t| t.parse().ok()).unwrap_or(8192),
+            args.get(2).map_or("f32", String::as_str),
             reps,
         ),
         Some("step") => branch_step(

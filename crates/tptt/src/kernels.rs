@@ -407,7 +407,8 @@ mod avx2 {
     /// eight-lane exponentials; `Vᵀ·e` 16 columns (one cache line of a row) at a time for every
     /// head of the pass in registers.
     ///
-    /// An f16 cache is read as stored: eight halves widened by F16C right where they are used.
+    /// An f16 cache is read as stored: eight halves widened by F16C right where they are used;
+    /// an 8-bit one likewise, eight signed bytes widened and scaled by their block's scale.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C, and `a.dim` must be a multiple of 8.
@@ -424,6 +425,10 @@ mod avx2 {
             (super::KvSlice::F16(k), super::KvSlice::F16(v)) => {
                 block_of(a, kvh, start, end, &k[from..to], &v[from..to])
             }
+            (super::KvSlice::Q8_0(k), super::KvSlice::Q8_0(v)) => {
+                let (from, to) = (super::kv::q8_0_bytes(from), super::kv::q8_0_bytes(to));
+                block_of(a, kvh, start, end, &k[from..to], &v[from..to])
+            }
             _ => {
                 let (mut ks, mut vs) = (Vec::new(), Vec::new());
                 let keys = a.k.f32_range(from, to, &mut ks);
@@ -433,30 +438,155 @@ mod avx2 {
         }
     }
 
-    /// A value of a KV buffer that eight at a time widen to f32 lanes.
+    /// The element of a KV buffer's rows, read eight values at a time as f32 lanes.
     trait Lanes: Copy {
-        /// Eight values from `p` as f32.
+        /// Elements of a row of `d` values.
+        fn width(d: usize) -> usize;
+        /// Values `c..c + 8` of the row at `row` as f32 (`c` a multiple of 8).
         ///
         /// # Safety
-        /// `p..p + 8` must be readable; the CPU must have AVX2 and F16C.
-        unsafe fn load8(p: *const Self) -> __m256;
+        /// The row must be readable through value `c + 8`; the CPU must have AVX2 and F16C.
+        unsafe fn load8(row: *const Self, c: usize) -> __m256;
+
+        /// The `N` queries' dot products with the row of `d` values, as eight-lane partial
+        /// sums (the caller sums the lanes).
+        ///
+        /// # Safety
+        /// As [`Lanes::load8`] for the whole row; each query holds `d` values.
+        #[inline(always)]
+        unsafe fn dots<const N: usize>(
+            row: *const Self,
+            qs: &[*const f32; N],
+            d: usize,
+        ) -> [__m256; N] {
+            let mut s = [_mm256_setzero_ps(); N];
+            let mut c = 0;
+            while c < d {
+                let k8 = Self::load8(row, c);
+                for i in 0..N {
+                    s[i] = _mm256_fmadd_ps(k8, _mm256_loadu_ps(qs[i].add(c)), s[i]);
+                }
+                c += 8;
+            }
+            s
+        }
+
+        /// `r[k] += w · row[c0 + 8k .. c0 + 8k + 8]` for the 64 columns from `c0` (a multiple
+        /// of 64).
+        ///
+        /// # Safety
+        /// As [`Lanes::load8`] for columns `c0..c0 + 64`.
+        #[inline(always)]
+        unsafe fn axpy64(row: *const Self, c0: usize, w: f32, r: &mut [__m256; 8]) {
+            let w = _mm256_set1_ps(w);
+            for (k, rk) in r.iter_mut().enumerate() {
+                *rk = _mm256_fmadd_ps(Self::load8(row, c0 + 8 * k), w, *rk);
+            }
+        }
     }
 
     impl Lanes for f32 {
         #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
+        fn width(d: usize) -> usize {
+            d
+        }
+        #[inline(always)]
+        unsafe fn load8(row: *const f32, c: usize) -> __m256 {
+            _mm256_loadu_ps(row.add(c))
         }
     }
 
     impl Lanes for half::f16 {
         #[inline(always)]
-        unsafe fn load8(p: *const half::f16) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        fn width(d: usize) -> usize {
+            d
+        }
+        #[inline(always)]
+        unsafe fn load8(row: *const half::f16, c: usize) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(row.add(c) as *const __m128i))
         }
     }
 
-    /// [`attend_block`] on the block's keys and values (`[end − start, D]` each).
+    /// The bytes of 8-bit rows (`kernels/kv.rs`: per 32 values an f16 scale and 32 signed bytes).
+    impl Lanes for u8 {
+        #[inline(always)]
+        fn width(d: usize) -> usize {
+            super::kv::q8_0_bytes(d)
+        }
+        #[inline(always)]
+        unsafe fn load8(row: *const u8, c: usize) -> __m256 {
+            use super::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+            let blk = row.add(c / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
+            let scale =
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                    u16::from_le_bytes([*blk, *blk.add(1)]) as i32,
+                )));
+            let q = _mm_loadl_epi64(blk.add(2 + c % Q8_0_BLOCK) as *const __m128i);
+            _mm256_mul_ps(
+                _mm256_set1_ps(scale),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+            )
+        }
+
+        /// Per block: the 32 bytes widened unscaled into the queries' products, the block's
+        /// sums scaled once (one multiply per block instead of one per eight values).
+        #[inline(always)]
+        unsafe fn dots<const N: usize>(
+            row: *const u8,
+            qs: &[*const f32; N],
+            d: usize,
+        ) -> [__m256; N] {
+            use super::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+            let mut s = [_mm256_setzero_ps(); N];
+            for b in 0..d / Q8_0_BLOCK {
+                let blk = row.add(b * Q8_0_BLOCK_BYTES);
+                let mut t = [_mm256_setzero_ps(); N];
+                for half in 0..2 {
+                    let x = _mm_loadu_si128(blk.add(2 + 16 * half) as *const __m128i);
+                    for (j, x) in [x, _mm_srli_si128::<8>(x)].into_iter().enumerate() {
+                        let k8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+                        let c = b * Q8_0_BLOCK + 16 * half + 8 * j;
+                        for i in 0..N {
+                            t[i] = _mm256_fmadd_ps(k8, _mm256_loadu_ps(qs[i].add(c)), t[i]);
+                        }
+                    }
+                }
+                let scale = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                    u16::from_le_bytes([*blk, *blk.add(1)]) as i32,
+                ))));
+                for i in 0..N {
+                    s[i] = _mm256_fmadd_ps(t[i], scale, s[i]);
+                }
+            }
+            s
+        }
+
+        /// The two blocks of the 64 columns, each with its weight `w·scale`.
+        #[inline(always)]
+        unsafe fn axpy64(row: *const u8, c0: usize, w: f32, r: &mut [__m256; 8]) {
+            use super::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+            for b in 0..2 {
+                let blk = row.add((c0 / Q8_0_BLOCK + b) * Q8_0_BLOCK_BYTES);
+                let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([
+                    *blk,
+                    *blk.add(1),
+                ])
+                    as i32)));
+                let ws = _mm256_set1_ps(w * scale);
+                for half in 0..2 {
+                    let x = _mm_loadu_si128(blk.add(2 + 16 * half) as *const __m128i);
+                    for (j, x) in [x, _mm_srli_si128::<8>(x)].into_iter().enumerate() {
+                        let k = 4 * b + 2 * half + j;
+                        r[k] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x)), ws, r[k]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`attend_block`] on the block's keys and values (`end − start` rows of `D` values each,
+    /// stored as `E`).
     ///
     /// # Safety
     /// As [`attend_block`].
@@ -472,8 +602,9 @@ mod avx2 {
         let (d, g) = (a.dim, a.heads / a.kv_heads);
         assert!(d % 8 == 0, "attend_block: D must be a multiple of 8");
         let len = end - start;
+        let width = E::width(d);
         assert!(
-            keys.len() >= len * d && values.len() >= len * d,
+            keys.len() >= len * width && values.len() >= len * width,
             "attend_block: short block"
         );
         let padded = len.div_ceil(8) * 8;
@@ -536,16 +667,7 @@ mod avx2 {
         let qs: [*const f32; N] = std::array::from_fn(|i| a.q.as_ptr().add((first + i) * d));
         let mut max = [f32::NEG_INFINITY; N];
         for (j, _) in vis.iter().enumerate().filter(|(_, &seen)| seen) {
-            let kp = keys.as_ptr().add(j * d);
-            let mut s = [_mm256_setzero_ps(); N];
-            let mut c = 0;
-            while c < d {
-                let k8 = E::load8(kp.add(c));
-                for i in 0..N {
-                    s[i] = _mm256_fmadd_ps(k8, _mm256_loadu_ps(qs[i].add(c)), s[i]);
-                }
-                c += 8;
-            }
+            let s = E::dots::<N>(keys.as_ptr().add(j * E::width(d)), &qs, d);
             for i in 0..N {
                 let sc = hsum(s[i]) * a.scale;
                 *e.get_unchecked_mut(i * padded + j) = sc;
@@ -580,11 +702,7 @@ mod avx2 {
             while c0 + 64 <= d {
                 let mut r = [_mm256_setzero_ps(); 8];
                 for (j, &w) in w_row.iter().enumerate() {
-                    let w = _mm256_set1_ps(w);
-                    let vp = values.as_ptr().add(j * d + c0);
-                    for (k, rk) in r.iter_mut().enumerate() {
-                        *rk = _mm256_fmadd_ps(E::load8(vp.add(8 * k)), w, *rk);
-                    }
+                    E::axpy64(values.as_ptr().add(j * E::width(d)), c0, w, &mut r);
                 }
                 for (k, rk) in r.iter().enumerate() {
                     _mm256_storeu_ps(out.add(c0 + 8 * k), *rk);
@@ -595,7 +713,7 @@ mod avx2 {
                 let mut r = _mm256_setzero_ps();
                 for (j, &w) in w_row.iter().enumerate() {
                     r = _mm256_fmadd_ps(
-                        E::load8(values.as_ptr().add(j * d + c0)),
+                        E::load8(values.as_ptr().add(j * E::width(d)), c0),
                         _mm256_set1_ps(w),
                         r,
                     );
@@ -1001,6 +1119,8 @@ mod tests {
             (9, 3, 64, 1100, 1030),
             (6, 6, 5, 40, 37),
             (8, 1, 16, 3000, 3000),
+            (4, 2, 32, 70, 65),
+            (2, 1, 128, 300, 257),
         ] {
             let q = rand_vec(heads * dim, 1);
             let k = rand_vec(kv_heads * cap * dim, 2);
@@ -1037,6 +1157,25 @@ mod tests {
             crate::cpu::force_portable(true);
             close(&attend_one(&a16), &compact, 1e-5);
             crate::cpu::force_portable(false);
+            // An 8-bit cache (heads of a multiple of 32): read in place by the AVX2 kernel, in
+            // dequantized blocks by the portable one, the same values as the naive definition;
+            // the answer moves by about the quantization (1/254 of a block's largest value).
+            if dim % Q8_0_BLOCK == 0 {
+                let (mut k8, mut v8) = (Vec::new(), Vec::new());
+                kv::quantize_q8_0(&k, &mut k8);
+                kv::quantize_q8_0(&v, &mut v8);
+                let a8 = AttendOne {
+                    k: KvSlice::Q8_0(&k8),
+                    v: KvSlice::Q8_0(&v8),
+                    ..a
+                };
+                let eight = attend_one(&a8);
+                close(&eight, &attend_one_naive(&a8), 1e-5);
+                close(&eight, &exact, 2e-2);
+                crate::cpu::force_portable(true);
+                close(&attend_one(&a8), &eight, 1e-5);
+                crate::cpu::force_portable(false);
+            }
         }
     }
 }

@@ -132,7 +132,7 @@ impl KvFormat {
     }
 
     /// The most compact format [`KvFormat::check`] accepts for heads of `dim` on `device`:
-    /// 8-bit where it can be used, else f16 (the default of the engine's sessions; its quality
+    /// 8-bit where it can be used, else f16 (what `auto` flags and settings give; its quality
     /// against f32 is held by `crates/engine/tests/kv_format.rs`).
     pub fn compact_for(dim: usize, device: &Device) -> Self {
         if KvFormat::Q8_0.check(dim, device).is_ok() {

@@ -293,6 +293,11 @@ fn tensor_infos_with_impossible_dimensions_types_or_offsets() {
             &["output_norm.weight", "ggml type 4"],
         ),
         (
+            "an i-quant candle does not read",
+            with_tensor(&[256], 23, 128),
+            &["output_norm.weight", "ggml type 23 (IQ4_XS)", "Q4_K_M"],
+        ),
+        (
             "rows not whole blocks",
             with_tensor(&[10, 2], Q4_0, 128),
             &["output_norm.weight", "blocks of 32"],

@@ -415,8 +415,9 @@ impl<R: Read + Seek> Reader<R> {
             })?;
         let ty = self.u32(&what("type"))?;
         let dtype = ggml_dtype(ty).ok_or_else(|| {
+            let name = ggml_name(ty).map_or(String::new(), |n| format!(" ({n})"));
             self.err(what(&format!(
-                "ggml type {ty} is unknown or not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K … Q8_K)"
+                "ggml type {ty}{name} is unknown or not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K … Q8_K): re-quantize the model to one of these, e.g. Q4_K_M"
             )))
         })?;
         let block = dtype.block_size() as u64;
@@ -438,6 +439,30 @@ impl<R: Read + Seek> Reader<R> {
             bytes,
         })
     }
+}
+
+/// ggml's name of a type candle does not read, for the refusal (ggml.h's `ggml_type`).
+fn ggml_name(ty: u32) -> Option<&'static str> {
+    Some(match ty {
+        4 | 5 => "Q4_2 / Q4_3, removed from ggml",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        _ => return None,
+    })
 }
 
 /// The ggml type numbered `ty` in GGUF files, among those candle reads.
