@@ -205,10 +205,21 @@ pub async fn set_settings(
     let dto: SettingsDto = serde_json::from_value(settings)
         .map_err(|e| CommandError::new(ErrorKind::InvalidSettings, format!("settings: {e}")))?;
     let s = AppSettings::from_dto(&dto)?;
-    // A memory precision the loaded model cannot use is refused with the reason (a model
-    // loaded later falls back to the automatic choice: `KvSetting::format_for`).
-    if let Some(m) = lock(&state.model).clone() {
-        s.kv_format.check(&m.model)?;
+    // A memory precision the chosen model cannot use is refused with the reason (read from its
+    // config; a model chosen later, or a conversation's own, falls back to the automatic
+    // choice when loaded: `KvSetting::format_for`).
+    if let (Some(repo), Some(variant)) = (s.model_repo.clone(), s.variant.clone()) {
+        let st = state.inner().clone();
+        let head_dim = crate::state::blocking(move || {
+            let model = crate::models::model_ref(&st.registry(), &repo);
+            crate::runtime::variant_files(&st.hub()?, &model, &variant)
+                .map(|f| f.config.base.head_dim)
+        })
+        .await;
+        // Files that cannot be read now are reported when the model loads.
+        if let Ok(dim) = head_dim {
+            s.kv_format.check_head_dim(dim)?;
+        }
     }
     if let Some(repo) = s.model_repo.as_deref() {
         if !models::is_choosable(&state.registry(), repo) {

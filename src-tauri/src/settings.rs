@@ -106,13 +106,14 @@ impl KvSetting {
         self.choice().as_str()
     }
 
-    /// Whether `model` can keep its memories as this setting says; the error says why not
-    /// (an `invalid_settings` error on `kvFormat`).
-    pub fn check(self, model: &Model) -> CmdResult<()> {
-        model
-            .kv_format(self.choice())
+    /// Whether a model with heads of `dim` values can keep its memories as this setting says,
+    /// on the CPU (its device is known once loaded: [`KvSetting::format_for`]); the error says
+    /// why not (an `invalid_settings` error on `kvFormat`).
+    pub fn check_head_dim(self, dim: usize) -> CmdResult<()> {
+        self.choice()
+            .resolve(dim, &candle_core::Device::Cpu)
             .map(|_| ())
-            .map_err(|e| bad("kvFormat", e.to_string()))
+            .map_err(|e| bad("kvFormat", e))
     }
 
     /// The format memories of `model` use: the setting's, or, where the model cannot use an
@@ -548,7 +549,10 @@ mod tests {
         .and_then(|r| r.variant(Some("delta_rule"), None))
         .expect("fixture");
         let model = Model::load(&files, &Default::default()).expect("load");
-        let e = KvSetting::Q8_0.check(&model).expect_err("heads of 16");
+        let dim = model.config().base.head_dim;
+        let e = KvSetting::Q8_0
+            .check_head_dim(dim)
+            .expect_err("heads of 16");
         assert_eq!(e.kind, ErrorKind::InvalidSettings);
         assert!(
             e.message.starts_with("kvFormat:") && e.message.contains("blocks of 32"),
@@ -558,7 +562,10 @@ mod tests {
         assert_eq!(KvSetting::Q8_0.format_for(&model), KvFormat::F16);
         assert_eq!(KvSetting::Auto.format_for(&model), KvFormat::F16);
         assert_eq!(KvSetting::F32.format_for(&model), KvFormat::F32);
-        KvSetting::F16.check(&model).expect("f16 always fits");
+        KvSetting::F16.check_head_dim(dim).expect("f16 always fits");
+        KvSetting::Q8_0
+            .check_head_dim(64)
+            .expect("heads of 64 hold two blocks");
     }
 
     #[test]
