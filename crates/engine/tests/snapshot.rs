@@ -681,6 +681,21 @@ fn layer1_keys(state: &tptt::state::State) -> Vec<f32> {
         .expect("f32")
 }
 
+/// A session of `fx` with a window of 24 and its cache in `kv_format`, after a 20-token prompt
+/// and 6 generated tokens.
+fn conversation(fx: &Fixture, kv_format: KvFormat, tok: &Tokenizer) -> Session {
+    let mut s = Session::new(
+        fx.arc(),
+        SessionOptions {
+            window: Some(24),
+            kv_format,
+            ..Default::default()
+        },
+    );
+    generate(&mut s, &token_ids(20, 300, 9), 6, tok);
+    s
+}
+
 /// An 8-bit cache is written as its blocks (u8 rows of 34 bytes per 32 values: its KV bytes
 /// 34/128 of the f32 conversation's), and converted on request, never misread: 8-bit → f32 is
 /// exact, f32 → 8-bit quantizes each block, 8-bit → f16 rounds the blocks' values. A snapshot
@@ -691,18 +706,7 @@ fn an_8_bit_cache_in_snapshots_is_kept_and_converted() {
     let fx = Fixture::synthetic_d32(&scratch.path("synthetic"));
     let tok = fx.tokenizer();
     let identity = fx.identity();
-    let run = |kv_format: KvFormat| {
-        let mut s = Session::new(
-            fx.arc(),
-            SessionOptions {
-                window: Some(24),
-                kv_format,
-                ..Default::default()
-            },
-        );
-        generate(&mut s, &token_ids(20, 300, 9), 6, &tok);
-        s
-    };
+    let run = |kv_format: KvFormat| conversation(&fx, kv_format, &tok);
     let (s32, s8) = (run(KvFormat::F32), run(KvFormat::Q8_0));
     let (p32, p8) = (
         scratch.path("f32.tptt-state"),
@@ -796,18 +800,7 @@ fn kv_formats_in_snapshots_are_kept_and_converted() {
     let fx = Fixture::load("tptt-llama", "delta_product");
     let tok = fx.tokenizer();
     let identity = fx.identity();
-    let run = |kv_format: KvFormat| {
-        let mut s = Session::new(
-            fx.arc(),
-            SessionOptions {
-                window: Some(24),
-                kv_format,
-                ..Default::default()
-            },
-        );
-        generate(&mut s, &token_ids(20, 300, 9), 6, &tok);
-        s
-    };
+    let run = |kv_format: KvFormat| conversation(&fx, kv_format, &tok);
     let (s32, s16) = (run(KvFormat::F32), run(KvFormat::F16));
     let (p32, p16) = (
         scratch.path("f32.tptt-state"),

@@ -4,7 +4,8 @@
 //! virtual tokens, scan, merge) and `linear::scan` alone on the SmolLM2-135M shape (H 9, Hkv 3,
 //! D 64) at S = 512, for delta_product and delta_rule. With `model DIR [TOKENS]` it times a whole
 //! prefill of the model with the branch on (mag 0.125) and off (mag 0) (`GGUF=file`: on that
-//! quantized base); `decode DIR [HISTORY]` an in-process decode A/B of the two and `step` the
+//! quantized base); `decode DIR [HISTORY]` an in-process decode A/B of the two (`KVS=q8_0,f16`:
+//! one weight, its KV cache in each format) and `step` the
 //! branch alone at one token; `attend [KV] [f32|f16|q8_0]` one decode token's attention over KV
 //! cached positions in 30 layers stored in that format; env `MAGS`, `MODES` and `REPS` select
 //! the weights, operator modes and repetitions.
@@ -13,6 +14,7 @@ use std::time::Instant;
 use tptt::config::{RecurrentConfig, TpttSettings};
 use tptt::linear::{self, CarryMode, LinearCarry, LinearShape, ScanImpl, ScanInput};
 use tptt::model::{LoadOptions, Logits, Model};
+use tptt::state::KvFormat;
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed
@@ -173,12 +175,33 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
         .split(',')
         .filter_map(|m| m.parse().ok())
         .collect();
+    // `KVS=q8_0,f16,f32`: with one weight, the same history (read once, f32) decoded with its
+    // KV cache converted to each format, their steps alternating.
+    let kvs: Vec<KvFormat> = std::env::var("KVS")
+        .unwrap_or_else(|_| "f32".into())
+        .split(',')
+        .filter_map(KvFormat::parse)
+        .collect();
+    let mags = if kvs.len() > 1 { &mags[..1] } else { &mags[..] };
     for &mag in mags.iter().take(2) {
         let t = TpttSettings::injected(&mode, mag, dir)?;
-        let m = Model::load_plain(std::path::Path::new(dir), t, &LoadOptions::default())?;
+        let m = std::sync::Arc::new(Model::load_plain(
+            std::path::Path::new(dir),
+            t,
+            &LoadOptions::default(),
+        )?);
         let mut st = m.new_state(CarryMode::Continue, Some(8192));
         m.forward(&ids, &mut st, Logits::Last)?;
-        runs.push((mag, m, st, Vec::new()));
+        for &kv in &kvs {
+            let mut s = st.clone();
+            s.set_kv_format(kv)?;
+            runs.push((
+                format!("mag {mag} kv {}", kv.as_str()),
+                m.clone(),
+                s,
+                Vec::new(),
+            ));
+        }
     }
     for round in 0..reps * 8 {
         for (_, m, st, times) in runs.iter_mut() {
@@ -190,13 +213,15 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
     let meds: Vec<f64> = runs.iter().map(|r| median(r.3.clone())).collect();
     for (r, med) in runs.iter().zip(&meds) {
         println!(
-            "decode {mode} mag {}: median {:.2} ms/token ({:.1} tok/s)",
+            "decode {mode} {} after {history}: median {:.2} ms/token ({:.1} tok/s)",
             r.0,
             med * 1e3,
             1.0 / med
         );
     }
-    println!("second / first tok/s: {:.3}", meds[0] / meds[1]);
+    if meds.len() > 1 {
+        println!("second / first tok/s: {:.3}", meds[0] / meds[1]);
+    }
     branch_step(&mode, reps);
     Ok(())
 }

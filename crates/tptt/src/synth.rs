@@ -190,6 +190,21 @@ pub fn write_llama(dir: &Path, shape: &LlamaShape, dtype: DType, seed: u64) -> R
     Ok(())
 }
 
+/// Write a TPTT repo into `dir`: a base of `shape` (random weights from `seed`, stored as
+/// `dtype`) in `dir/base`, and its variant `name` (`operator_mode`, `mag_weight`, no adapter).
+pub fn write_repo(
+    dir: &Path,
+    shape: &LlamaShape,
+    dtype: DType,
+    seed: u64,
+    name: &str,
+    operator_mode: &str,
+    mag_weight: f64,
+) -> Result<()> {
+    write_llama(&dir.join("base"), shape, dtype, seed)?;
+    write_variant(dir, name, "base", shape, operator_mode, mag_weight)
+}
+
 /// Write a TPTT variant `name` of the base folder `base` (a sibling in `repo`) with the
 /// given operator mode and Memory-as-Gate weight, no adapter: `repo/name/config.json`.
 pub fn write_variant(
@@ -222,8 +237,7 @@ mod tests {
     fn a_written_base_loads_with_its_shape() {
         let dir = std::env::temp_dir().join(format!("tptt-synth-{}", std::process::id()));
         let shape = LlamaShape::SMALL_D32;
-        write_llama(&dir.join("base"), &shape, DType::F16, 7).expect("write");
-        write_variant(&dir, "dp", "base", &shape, "delta_product", 0.5).expect("variant");
+        write_repo(&dir, &shape, DType::F16, 7, "dp", "delta_product", 0.5).expect("write");
         let files = crate::repo::TpttRepo::open(&dir)
             .and_then(|r| r.variant(Some("dp"), None))
             .expect("variant found");

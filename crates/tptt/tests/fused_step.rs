@@ -174,9 +174,16 @@ fn run(
 fn an_8_bit_cache_follows_the_tensor_path_and_stays_near_f32() {
     let dir = std::env::temp_dir().join(format!("tptt-fused-q8-{}", std::process::id()));
     let shape = tptt::synth::LlamaShape::SMALL_D32;
-    tptt::synth::write_llama(&dir.join("base"), &shape, candle_core::DType::F32, 11)
-        .expect("synthetic base");
-    tptt::synth::write_variant(&dir, "dp", "base", &shape, "delta_product", 0.5).expect("variant");
+    tptt::synth::write_repo(
+        &dir,
+        &shape,
+        candle_core::DType::F32,
+        11,
+        "dp",
+        "delta_product",
+        0.5,
+    )
+    .expect("synthetic repo");
     let files = TpttRepo::open(&dir)
         .and_then(|r| r.variant(Some("dp"), None))
         .expect("variant");

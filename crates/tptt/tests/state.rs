@@ -111,9 +111,16 @@ fn state_round_trips_through_tensors() {
     // 8-bit blocks need heads of a multiple of 32 values: a synthetic Llama base has them.
     let dir = std::env::temp_dir().join(format!("tptt-state-q8-{}", std::process::id()));
     let shape = tptt::synth::LlamaShape::SMALL_D32;
-    tptt::synth::write_llama(&dir.join("base"), &shape, candle_core::DType::F32, 3)
-        .expect("synthetic base");
-    tptt::synth::write_variant(&dir, "dp", "base", &shape, "delta_product", 0.5).expect("variant");
+    tptt::synth::write_repo(
+        &dir,
+        &shape,
+        candle_core::DType::F32,
+        3,
+        "dp",
+        "delta_product",
+        0.5,
+    )
+    .expect("synthetic repo");
     let files = TpttRepo::open(&dir)
         .and_then(|r| r.variant(Some("dp"), None))
         .expect("variant");

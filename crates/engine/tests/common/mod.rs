@@ -49,10 +49,9 @@ impl Fixture {
     /// vocabulary of 320), loaded.
     pub fn synthetic_d32(dir: &Path) -> Self {
         let shape = tptt::synth::LlamaShape::SMALL_D32;
-        tptt::synth::write_llama(&dir.join("base"), &shape, candle_core::DType::F32, 17)
-            .expect("synthetic base");
-        tptt::synth::write_variant(dir, "delta_product", "base", &shape, "delta_product", 0.5)
-            .expect("synthetic variant");
+        let f32 = candle_core::DType::F32;
+        tptt::synth::write_repo(dir, &shape, f32, 17, "delta_product", "delta_product", 0.5)
+            .expect("synthetic repo");
         let from = fixtures().join("tptt-llama/delta_product");
         for f in [
             "tokenizer.json",

@@ -163,15 +163,13 @@ impl Values<'_> {
         rows: usize,
         dim: usize,
     ) {
+        let stored = |b: &[u8], s: Stored, dst: &mut Vec<T>| {
+            let rb = s.row_bytes(dim);
+            T::extend_rows(dst, &b[first * rb..(first + rows) * rb], s, dim)
+        };
         match self {
-            Values::Bytes(b, s) => {
-                let rb = s.row_bytes(dim);
-                T::extend_rows(dst, &b[first * rb..(first + rows) * rb], *s, dim)
-            }
-            Values::Owned(b, s) => {
-                let rb = s.row_bytes(dim);
-                T::extend_rows(dst, &b[first * rb..(first + rows) * rb], *s, dim)
-            }
+            Values::Bytes(b, s) => stored(b, *s, dst),
+            Values::Owned(b, s) => stored(b, *s, dst),
             Values::Decoded(v) => {
                 T::extend_from_f32(dst, &v[first * dim..(first + rows) * dim], dim)
             }
