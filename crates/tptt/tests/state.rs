@@ -170,3 +170,56 @@ fn round_trip_through_tensors(m: &Model, format: tptt::state::KvFormat) {
     )
     .is_err());
 }
+
+/// An 8-bit KV tensor whose rows are not whole 34-byte blocks, whose blocks hold another head
+/// size, or whose scales are not finite, is refused with the reason, never read.
+#[test]
+fn hostile_8_bit_kv_tensors_are_refused() {
+    use candle_core::DType;
+    let dir = std::env::temp_dir().join(format!("tptt-state-q8-bad-{}", std::process::id()));
+    let shape = tptt::synth::LlamaShape::SMALL_D32;
+    tptt::synth::write_repo(&dir, &shape, DType::F32, 5, "dp", "delta_product", 0.5)
+        .expect("synthetic repo");
+    let files = TpttRepo::open(&dir)
+        .and_then(|r| r.variant(Some("dp"), None))
+        .expect("variant");
+    let m = Model::load(&files, &LoadOptions::default()).expect("load");
+    let mut st = m.new_state(CarryMode::Continue, Some(16));
+    st.set_kv_format(tptt::state::KvFormat::Q8_0).expect("q8_0");
+    m.forward(&ids(10), &mut st, Logits::Last).expect("prompt");
+    let tensors = st.to_tensors().expect("to tensors");
+    let b = &m.config().base;
+    let restore = |t: &std::collections::HashMap<String, Tensor>| {
+        State::from_tensors(
+            t,
+            b.num_layers,
+            b.num_heads,
+            b.head_dim,
+            st.pos,
+            st.mode,
+            st.window,
+            m.device(),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    restore(&tensors).expect("the state's own tensors restore");
+    let keys = &tensors["layers.0.k"];
+    let (h, n, width) = keys.dims3().expect("3-d");
+    assert_eq!(width, 34, "one block per head of 32");
+    let with = |k: Tensor| {
+        let mut t = tensors.clone();
+        t.insert("layers.0.k".into(), k);
+        restore(&t).expect_err("refused")
+    };
+    let device = candle_core::Device::Cpu;
+    let cut = with(Tensor::zeros((h, n, 33), DType::U8, &device).expect("zeros"));
+    assert!(cut.contains("whole blocks"), "{cut}");
+    let wide = with(Tensor::zeros((h, n, 68), DType::U8, &device).expect("zeros"));
+    assert!(wide.contains("do not match"), "{wide}");
+    let mut bytes: Vec<u8> = keys.flatten_all().and_then(|t| t.to_vec1()).expect("bytes");
+    bytes[34..36].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    let nan = with(Tensor::from_vec(bytes, (h, n, width), &device).expect("tensor"));
+    assert!(nan.contains("finite"), "{nan}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
