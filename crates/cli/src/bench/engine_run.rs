@@ -111,7 +111,7 @@ pub(super) struct EngineRun {
     pub(super) window: Option<usize>,
     /// Decode at the longest history with the KV cache in f32 and in f16, paired: (history,
     /// f32 tok/s, f16 tok/s).
-    pub(super) kv_paired: Option<(usize, f64, f64)>,
+    pub(super) kv_paired: Option<(usize, f64, f64, Option<f64>)>,
     /// The most the session's KV buffers held (bytes, in the run's format).
     pub(super) kv_bytes: usize,
 }
@@ -153,7 +153,7 @@ impl EngineRun {
                     "message_tokens": self.resume.branch.message_tokens,
                 },
             },
-            "kv_formats_paired": self.kv_paired.map(|(h, a, b)| json!({"history": h, "f32_tok_s": a, "f16_tok_s": b, "method": "the same state, its KV cache in f32 and in f16, steps alternating; 1 / median step"})),
+            "kv_formats_paired": self.kv_paired.map(|(h, a, b, c)| json!({"history": h, "f32_tok_s": a, "f16_tok_s": b, "q8_0_tok_s": c, "method": "the same state, its KV cache in f32, f16 and q8_0 (where the heads allow), steps taking turns; 1 / median step"})),
             "kv_bytes": self.kv_bytes,
             "peak_rss_bytes": self.peak_rss,
             "peak_rss_scope": if self.peak_rss_reset { "this engine run (VmHWM reset before it; weights included)" } else { "process since start (VmHWM could not be reset)" },
@@ -263,11 +263,12 @@ pub(super) fn run_engine(
             ));
             decode.push(r);
             if end == plan.long() && name == "tptt" {
-                let (a, b) = paired_kv_formats(&model, &session.state, &logits)?;
+                let (a, b, c) = paired_kv_formats(&model, &session.state, &logits)?;
                 progress(format!(
-                    "[{name}] decode after {end}, KV in f32 and f16 alternating: {a:.2} / {b:.2} tok/s"
+                    "[{name}] decode after {end}, KV in f32 / f16 / q8_0 taking turns: {a:.2} / {b:.2} / {} tok/s",
+                    c.map_or("-".to_string(), |c| format!("{c:.2}"))
                 ));
-                kv_paired = Some((end, a, b));
+                kv_paired = Some((end, a, b, c));
             }
         }
         if end == plan.resume_at {

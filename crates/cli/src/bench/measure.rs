@@ -174,50 +174,67 @@ pub(super) fn paired_decode(
     alternating_rates(sides)
 }
 
-/// Decode from `state` with its KV cache in f32 and in f16, their steps alternating on two
-/// clones: (f32, f16) tok/s, each 1 / median step. The paired measurement behind
-/// `kv_f16_decode_speedup` (separate runs here differ by 10–30 %).
+/// Decode from `state` with its KV cache in f32, f16 and 8-bit (where the model's heads allow
+/// it), their steps taking turns on clones: tok/s of each (8-bit `None` where it cannot be
+/// used), each 1 / median step. The paired measurement behind `kv_f16_decode_speedup` and
+/// `kv_q8_decode_speedup` (separate runs here differ by 10–30 %).
 pub(super) fn paired_kv_formats(
     model: &Model,
     state: &State,
     last_logits: &[f32],
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, Option<f64>)> {
     use tptt::state::KvFormat;
     let first = argmax_slice(last_logits);
     let mut sides = Vec::new();
-    for kv in [KvFormat::F32, KvFormat::F16] {
+    for kv in [KvFormat::F32, KvFormat::F16, KvFormat::Q8_0] {
+        if kv
+            .check(model.config().base.head_dim, model.device())
+            .is_err()
+        {
+            continue;
+        }
         let mut st = state.clone();
         st.set_kv_format(kv)?;
         sides.push((model, st, first));
     }
-    alternating_rates(sides)
+    let rates = rotating_rates(sides)?;
+    Ok((rates[0], rates[1], rates.get(2).copied()))
 }
 
 /// Two decoders (model, state, first token) stepped in turn, the order swapped every round,
 /// after one warm-up step each: their tok/s, each 1 / median step time.
 fn alternating_rates(sides: Vec<(&Model, State, u32)>) -> Result<(f64, f64)> {
+    let rates = rotating_rates(sides)?;
+    Ok((rates[0], rates[1]))
+}
+
+/// Decoders (model, state, first token) stepped in turn, the order rotated every round (each
+/// goes first as often as the others), after one warm-up step each: their tok/s, each
+/// 1 / median step time.
+fn rotating_rates(sides: Vec<(&Model, State, u32)>) -> Result<Vec<f64>> {
     let mut runs = Vec::with_capacity(sides.len());
     for (model, mut st, first) in sides {
         let id = step(model, &mut st, first)?; // warm-up
         runs.push((model, st, id, Vec::with_capacity(2 * DECODE_STEPS)));
     }
+    let n = runs.len();
     for round in 0..2 * DECODE_STEPS {
-        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let (model, st, id, times) = &mut runs[i];
+        for k in 0..n {
+            let (model, st, id, times) = &mut runs[(round + k) % n];
             let t = Instant::now();
             *id = step(model, st, *id)?;
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    let rate = |times: &mut Vec<f64>| {
-        times.sort_by(f64::total_cmp);
-        let n = times.len();
-        1.0 / ((times[(n - 1) / 2] + times[n / 2]) / 2.0)
-    };
-    let a = rate(&mut runs[0].3);
-    let b = rate(&mut runs[1].3);
-    Ok((a, b))
+    Ok(runs
+        .iter_mut()
+        .map(|r| {
+            let times = &mut r.3;
+            times.sort_by(f64::total_cmp);
+            let m = times.len();
+            1.0 / ((times[(m - 1) / 2] + times[m / 2]) / 2.0)
+        })
+        .collect())
 }
 
 pub(super) fn read_status_kb(key: &str) -> Option<u64> {

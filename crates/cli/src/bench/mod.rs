@@ -347,7 +347,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "branch_ttft_s": Some(a.resume.branch.ttft_s),
         "turn_snapshot_mb": Some(a.resume.branch.turn_bytes as f64 / 1e6),
         "snapshot_mb_16k": Some(a.resume.snapshot_bytes as f64 / 1e6),
-        "kv_f16_decode_speedup": a.kv_paired.map(|(_, f32s, f16s)| f16s / f32s),
+        "kv_f16_decode_speedup": a.kv_paired.map(|(_, f32s, f16s, _)| f16s / f32s),
+        "kv_q8_decode_speedup": a.kv_paired.and_then(|(_, f32s, _, q8s)| q8s.map(|q| q / f32s)),
         "peak_rss_vs_weights_kv": ratio(a.app_peak_rss.map(|p| p as f64), Some((weights_resident + a.kv_bytes) as f64)),
         "peak_rss_run_vs_weights_kv": ratio(a.peak_rss.map(|p| p as f64), Some((weights_resident + a.kv_bytes) as f64)),
         "quant_decode_vs_llamacpp": ratio(quant.num("decode_tok_s"), llama.num("tg128_tok_s")),
@@ -456,7 +457,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     notes.insert(
         "peak_rss_run_vs_weights_kv".into(),
         json!(format!(
-            "the same over the whole engine run ({}): it adds the bench's own copies of the state (each decode measurement runs on a clone, the paired f32/f16 one on two, the resume and branch measurements restore more), which an app holding one conversation does not have",
+            "the same over the whole engine run ({}): it adds the bench's own copies of the state (each decode measurement runs on a clone, the paired f32/f16/q8_0 one on three, the resume and branch measurements restore more), which an app holding one conversation does not have",
             fmt_opt(a.peak_rss.map(|p| p as f64 / 1e6), 1) + " MB",
         )),
     );
@@ -468,9 +469,16 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         )),
     );
     notes.insert(
+        "kv_q8_decode_speedup".into(),
+        json!(format!(
+            "decode after {long} tokens of history with the KV cache in 8-bit blocks (q8_0) over f32, taking turns with the f32 and f16 steps (null where the heads are not whole blocks). Bound: (weights + f32 KV) / (weights + q8_0 KV) bytes = {:.2}; the attention over a long window is compute-bound on this CPU, so it runs below that",
+            (w + kv_bytes4(kv_at(long))) / (w + kv_bytes4(kv_at(long)) * 34.0 / 128.0)
+        )),
+    );
+    notes.insert(
         "snapshot_mb_16k".into(),
         json!(format!(
-            "size of the (unpaged) snapshot of the session after {} tokens{}; the KV window is stored in the run's --kv format (f16: half of f32's)",
+            "size of the (unpaged) snapshot of the session after {} tokens{}; the KV window is stored in the run's --kv format (f16: half of f32's; q8_0: 34/128)",
             a.resume.history,
             if args.quick { " (--quick; the full run uses 16384)" } else { "" }
         )),
