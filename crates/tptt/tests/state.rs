@@ -110,23 +110,21 @@ fn state_round_trips_through_tensors() {
     }
     // 8-bit blocks need heads of a multiple of 32 values: a synthetic Llama base has them.
     let dir = std::env::temp_dir().join(format!("tptt-state-q8-{}", std::process::id()));
+    round_trip_through_tensors(&synthetic_d32(&dir, 3), tptt::state::KvFormat::Q8_0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A synthetic Llama repo with heads of 32 values (`tptt::synth`), its weights from `seed`,
+/// written under `dir` and loaded.
+fn synthetic_d32(dir: &Path, seed: u64) -> Model {
     let shape = tptt::synth::LlamaShape::SMALL_D32;
-    tptt::synth::write_repo(
-        &dir,
-        &shape,
-        candle_core::DType::F32,
-        3,
-        "dp",
-        "delta_product",
-        0.5,
-    )
-    .expect("synthetic repo");
-    let files = TpttRepo::open(&dir)
+    let f32 = candle_core::DType::F32;
+    tptt::synth::write_repo(dir, &shape, f32, seed, "dp", "delta_product", 0.5)
+        .expect("synthetic repo");
+    let files = TpttRepo::open(dir)
         .and_then(|r| r.variant(Some("dp"), None))
         .expect("variant");
-    let synthetic = Model::load(&files, &LoadOptions::default()).expect("load");
-    round_trip_through_tensors(&synthetic, tptt::state::KvFormat::Q8_0);
-    let _ = std::fs::remove_dir_all(&dir);
+    Model::load(&files, &LoadOptions::default()).expect("load")
 }
 
 /// Through [`State::to_tensors`] / [`State::from_tensors`] in the KV format `format`: the
@@ -177,13 +175,7 @@ fn round_trip_through_tensors(m: &Model, format: tptt::state::KvFormat) {
 fn hostile_8_bit_kv_tensors_are_refused() {
     use candle_core::DType;
     let dir = std::env::temp_dir().join(format!("tptt-state-q8-bad-{}", std::process::id()));
-    let shape = tptt::synth::LlamaShape::SMALL_D32;
-    tptt::synth::write_repo(&dir, &shape, DType::F32, 5, "dp", "delta_product", 0.5)
-        .expect("synthetic repo");
-    let files = TpttRepo::open(&dir)
-        .and_then(|r| r.variant(Some("dp"), None))
-        .expect("variant");
-    let m = Model::load(&files, &LoadOptions::default()).expect("load");
+    let m = synthetic_d32(&dir, 5);
     let mut st = m.new_state(CarryMode::Continue, Some(16));
     st.set_kv_format(tptt::state::KvFormat::Q8_0).expect("q8_0");
     m.forward(&ids(10), &mut st, Logits::Last).expect("prompt");
