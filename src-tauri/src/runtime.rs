@@ -13,7 +13,7 @@ use tptt::model::{LoadOptions, Model};
 use tptt::repo::{TpttRepo, VariantFiles};
 use tptt_engine::snapshot::ModelIdentity;
 use tptt_engine::template::PromptFormat;
-use tptt_engine::{ChatModel, Engine};
+use tptt_engine::{ChatFiles, ChatModel, Engine};
 use tptt_hub::Hub;
 
 use crate::device::{self, DevicePref};
@@ -144,6 +144,9 @@ pub fn load(key: LoadKey, files: &VariantFiles) -> CmdResult<LoadedModel> {
         device: dev.device.clone(),
         ..Default::default()
     };
+    // The tokenizer first: a broken one fails before the long weight load, and the weights
+    // reuse the memory its parse freed.
+    let parts = ChatFiles::read(files).map_err(|e| CommandError::model_load(&what, e))?;
     let model = Model::load(files, &opts).map_err(|e| CommandError::model_load(&what, e))?;
     let ChatModel {
         model,
@@ -151,7 +154,7 @@ pub fn load(key: LoadKey, files: &VariantFiles) -> CmdResult<LoadedModel> {
         format,
         eos_ids,
         identity,
-    } = ChatModel::new(model, files, key.model.id())
+    } = ChatModel::from_parts(model, parts, files, key.model.id())
         .map_err(|e| CommandError::model_load(&what, e))?;
     let engine = Engine::spawn(tokenizer.clone())
         .map_err(|e| CommandError::internal("Cannot start the generation thread", e))?;

@@ -10,17 +10,25 @@ use tptt_engine::session::{CancelToken, Event, GenerateOptions, Session, Session
 use tptt_engine::snapshot;
 use tptt_engine::template::Message;
 use tptt_engine::SamplingParams;
-use tptt_engine::{ChatModel, ChatTranscript};
+use tptt_engine::{ChatFiles, ChatModel, ChatTranscript};
 
-use crate::{load, GenArgs, ModelArgs};
+use crate::{load_model, variant_files, GenArgs, ModelArgs};
 
 /// The variant loaded for chatting ([`ChatModel`]), named by its repository's folder in
 /// snapshots.
 pub(crate) fn ready(args: &ModelArgs) -> Result<ChatModel> {
-    let (model, files) = load(args)?;
+    // The tokenizer first: it fails fast, and the weights reuse what its parse freed.
+    let files = variant_files(args)?;
+    let parts = ChatFiles::read(&files)?;
+    let model = load_model(args, &files)?;
     let root = files.dir.parent().unwrap_or(&files.dir);
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    Ok(ChatModel::new(model, &files, root.display().to_string())?)
+    Ok(ChatModel::from_parts(
+        model,
+        parts,
+        &files,
+        root.display().to_string(),
+    )?)
 }
 
 fn options(gen: &GenArgs, ready: &ChatModel) -> Result<GenerateOptions> {

@@ -198,14 +198,24 @@ enum Cmd {
 }
 
 pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)> {
+    let files = variant_files(args)?;
+    Ok((load_model(args, &files)?, files))
+}
+
+/// The files of the variant `args` name.
+pub(crate) fn variant_files(args: &ModelArgs) -> Result<tptt::repo::VariantFiles> {
     let repo = TpttRepo::open(&args.repo)?;
-    let files = repo.variant(args.variant.as_deref(), args.base.as_deref())?;
+    Ok(repo.variant(args.variant.as_deref(), args.base.as_deref())?)
+}
+
+/// The model of `files`, with `args`' overrides.
+pub(crate) fn load_model(args: &ModelArgs, files: &tptt::repo::VariantFiles) -> Result<Model> {
     let opts = LoadOptions {
         retie_lm_head: !args.no_retie,
         ..Default::default()
     };
     let mut model =
-        Model::load(&files, &opts).with_context(|| format!("loading variant {}", files.name))?;
+        Model::load(files, &opts).with_context(|| format!("loading variant {}", files.name))?;
     if let Some(m) = args.mag_weight {
         if !m.is_finite() {
             bail!("--mag-weight must be a finite number, got {m}");
@@ -215,7 +225,7 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Model, tptt::repo::VariantFiles)
     if let Some(c) = args.max_chunk_size {
         model.set_max_chunk_size(c)?;
     }
-    Ok((model, files))
+    Ok(model)
 }
 
 pub(crate) fn tokenizer(files: &tptt::repo::VariantFiles) -> Result<tokenizers::Tokenizer> {

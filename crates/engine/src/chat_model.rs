@@ -30,11 +30,20 @@ pub struct ChatModel {
     pub identity: ModelIdentity,
 }
 
-impl ChatModel {
-    /// `model`, loaded from `files`, with its tokenizer, format and EOS ids read from those
-    /// files, under the name `model_id` (what identifies it in snapshots: a hub repository id,
-    /// a folder).
-    pub fn new(model: Model, files: &VariantFiles, model_id: impl Into<String>) -> Result<Self> {
+/// What a chat needs from a variant's files besides the weights: the tokenizer, its config and
+/// the generation config. Read before the weights ([`ChatModel::from_parts`]): a broken
+/// tokenizer fails in a second instead of after a long weight load, and the memory its parse
+/// frees is reused by the weights instead of adding to the process's peak.
+#[derive(Debug, Clone)]
+pub struct ChatFiles {
+    tokenizer: Tokenizer,
+    tcfg: TokenizerConfig,
+    gcfg: Option<GenerationConfig>,
+}
+
+impl ChatFiles {
+    /// Read from `files`.
+    pub fn read(files: &VariantFiles) -> Result<Self> {
         let tokenizer = load_tokenizer(files)?;
         let tcfg = match &files.tokenizer_config {
             Some(p) => TokenizerConfig::from_file(p)?,
@@ -45,8 +54,37 @@ impl ChatModel {
             .as_deref()
             .map(GenerationConfig::from_file)
             .transpose()?;
+        Ok(Self {
+            tokenizer,
+            tcfg,
+            gcfg,
+        })
+    }
+}
+
+impl ChatModel {
+    /// `model`, loaded from `files`, with its tokenizer, format and EOS ids read from those
+    /// files, under the name `model_id` (what identifies it in snapshots: a hub repository id,
+    /// a folder).
+    pub fn new(model: Model, files: &VariantFiles, model_id: impl Into<String>) -> Result<Self> {
+        Self::from_parts(model, ChatFiles::read(files)?, files, model_id)
+    }
+
+    /// [`ChatModel::new`] with the chat files read before the model was loaded.
+    pub fn from_parts(
+        model: Model,
+        parts: ChatFiles,
+        files: &VariantFiles,
+        model_id: impl Into<String>,
+    ) -> Result<Self> {
         let identity = ModelIdentity::of(model_id, files, model.config())?;
-        Self::assemble(model, tokenizer, &tcfg, gcfg.as_ref(), identity)
+        Self::assemble(
+            model,
+            parts.tokenizer,
+            &parts.tcfg,
+            parts.gcfg.as_ref(),
+            identity,
+        )
     }
 
     /// `model`, with its tokenizer, format and EOS ids read from one plain model folder `dir`
@@ -86,6 +124,10 @@ impl ChatModel {
             }
         }
         let format = PromptFormat::from_tokenizer_config(tcfg)?;
+        // Loading read files and converted tensors through buffers now free; with the heap
+        // tuned for inference (a high trim threshold) they would stay resident for the process's
+        // life. Give them back once, so that what a loaded model holds is what it uses.
+        tptt::alloc::release_free_memory();
         Ok(Self {
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),

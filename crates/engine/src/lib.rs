@@ -49,7 +49,7 @@ pub mod template;
 pub mod worker;
 
 pub use chat::{ChatTranscript, ChatTurn, ReadMark};
-pub use chat_model::{prepare_process, ChatModel};
+pub use chat_model::{prepare_process, ChatFiles, ChatModel};
 pub use detok::IncrementalDecoder;
 pub use error::{Error, Result};
 pub use health::{Health, Surprise};

@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::weights::{Weight, WeightMap};
 
 pub mod header;
+mod read;
 
 fn err(path: &Path, message: impl Into<String>) -> Error {
     Error::Weights {
@@ -309,9 +310,13 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
                 format!("unexpected tensor {gname:?} in a {} GGUF", cfg.arch.name()),
             )
         })?;
-        let q = content
-            .tensor(&mut file, gname, device)
-            .map_err(|e| err(path, format!("{gname}: {e}")))?;
+        let q = read::tensor(
+            &mut file,
+            &content.tensor_infos[gname],
+            content.tensor_data_offset,
+            device,
+        )
+        .map_err(|e| err(path, format!("{gname}: {e}")))?;
         let q = if openelm {
             q
         } else if gname.ends_with("attn_q.weight") {

@@ -32,6 +32,39 @@ pub(super) struct Linear {
 /// cache, and the widening (one pass over the matrix) is small next to `rows` products with it.
 pub(super) const WIDEN_QUANT_ROWS: usize = 16;
 
+/// f32 bytes of one widened piece of a quantized matrix ([`widened_product`]): a few MB, so that
+/// a prompt never holds a whole widened matrix (a quantized 128k-row vocabulary head would be a
+/// gigabyte in f32) and the piece stays in cache while the product reads it.
+const WIDEN_TILE_BYTES: usize = 4 << 20;
+
+/// Rows of `q` widened at a time.
+fn widen_tile_rows(q: &candle_core::quantized::QTensor) -> usize {
+    let cols = q.shape().dims().last().copied().unwrap_or(1).max(1);
+    (WIDEN_TILE_BYTES / (cols * 4)).max(1)
+}
+
+/// `x · qᵀ` with `q` widened to f32 `tile_rows` rows at a time, each piece's product written
+/// into its columns of the result. Equal to the product with the whole dequantized matrix.
+fn widened_product(
+    x: &Tensor,
+    q: &candle_core::quantized::QTensor,
+    tile_rows: usize,
+) -> Result<Tensor> {
+    let rows = q.shape().dims().first().copied().unwrap_or(0);
+    if tile_rows >= rows {
+        return Ok(x.broadcast_matmul(&q.dequantize(x.device())?.t()?)?);
+    }
+    let mut parts = Vec::with_capacity(rows.div_ceil(tile_rows.max(1)));
+    let mut start = 0;
+    while start < rows {
+        let len = tile_rows.max(1).min(rows - start);
+        let piece = crate::gguf::split_rows(q, start, len, x.device())?.dequantize(x.device())?;
+        parts.push(x.broadcast_matmul(&piece.t()?)?);
+        start += len;
+    }
+    Ok(Tensor::cat(&parts, D::Minus1)?)
+}
+
 impl Linear {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
@@ -44,7 +77,7 @@ impl Linear {
                     && x.device().is_cpu()
                     && x.dtype() == DType::F32 =>
             {
-                x.broadcast_matmul(&q.dequantize(x.device())?.t()?)?
+                widened_product(x, q, widen_tile_rows(q))?
             }
             Matrix::Quant(q) => q.forward(x)?,
         };
@@ -317,6 +350,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The widened product taken in pieces of any height (here 1, 7 and 13 rows of 48, the last
+    /// piece short) equals the product with the whole widened matrix, for 2-D and 3-D inputs.
+    #[test]
+    fn widened_product_in_pieces_equals_whole() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 64), &dev).expect("w");
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            let whole = q.dequantize(&dev).and_then(|t| t.t()).expect("deq");
+            for shape in [vec![20, 64], vec![2, 17, 64]] {
+                let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).expect("x");
+                let want = x.broadcast_matmul(&whole).expect("whole");
+                for tile in [1, 7, 13, 48, 100] {
+                    let got = widened_product(&x, &q, tile).expect("pieces");
+                    assert_eq!(got.dims(), want.dims());
+                    let diff = (&got - &want)
+                        .and_then(|t| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+                        .expect("diff");
+                    assert!(diff < 1e-4, "{dtype:?} tile {tile}: {diff}");
+                }
+            }
+        }
+        assert_eq!(
+            widen_tile_rows(&QTensor::quantize(&w, GgmlDType::Q8_0).expect("q")),
+            16384
+        );
     }
 
     #[test]
