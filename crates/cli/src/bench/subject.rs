@@ -100,3 +100,24 @@ pub(super) fn load_subject(dir: &Path, variant: Option<&str>) -> Result<Subject>
         dir: dir.to_path_buf(),
     })
 }
+
+/// The TPTT settings [`load_subject`] gives the model in `dir`, read without loading weights,
+/// and the tokenizer file beside them (for a child process measuring another copy of the base).
+pub(super) fn subject_settings(
+    dir: &Path,
+    variant: Option<&str>,
+) -> Result<(TpttSettings, Option<tptt::repo::VariantFiles>)> {
+    let cfg_path = dir.join("config.json");
+    let plain = cfg_path.is_file()
+        && !tptt::config::is_tptt_config(&tptt::config::read_json_object(&cfg_path)?);
+    if plain {
+        let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        Ok((
+            TpttSettings::injected(INJECT_MODE, INJECT_MAG, &canonical.display().to_string())?,
+            None,
+        ))
+    } else {
+        let files = TpttRepo::open(dir)?.variant(variant, None)?;
+        Ok((files.config.tptt.clone(), Some(files)))
+    }
+}
