@@ -8,7 +8,10 @@
 //! one weight, its KV cache in each format) and `step` the
 //! branch alone at one token; `attend [KV] [f32|f16|q8_0]` one decode token's attention over KV
 //! cached positions in 30 layers stored in that format; env `MAGS`, `MODES` and `REPS` select
-//! the weights, operator modes and repetitions.
+//! the weights, operator modes and repetitions. `matvec [ROWS] [COLS]` times one decode product
+//! `W·x` (default 2048 × 8192) per weight type, ours (`kernels::matvec_group`) against candle's
+//! `QMatMul`, in GB/s of weight bytes (run with `RAYON_NUM_THREADS=1` for one thread: both
+//! honour it).
 use std::time::Instant;
 
 use tptt::config::{RecurrentConfig, TpttSettings};
@@ -338,6 +341,71 @@ fn attend(kv: usize, format: &str, reps: usize) {
     );
 }
 
+/// One `rows × cols` product per weight type: ours and candle's, in GB/s of the weights read.
+fn matvec(rows: usize, cols: usize, reps: usize) -> Result<(), Box<dyn std::error::Error>> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    use tptt::kernels::{matvec_group, MatVec, Rows};
+    let dev = Device::Cpu;
+    let w = Tensor::from_vec(rand_vec(rows * cols, 1), (rows, cols), &dev)?;
+    let x = rand_vec(cols, 2);
+    let xt = Tensor::from_slice(&x, (1, cols), &dev)?;
+    let dense = rand_vec(rows * cols, 1);
+    println!(
+        "matvec {rows}x{cols}, {} thread(s): type, bytes/weight, ours GB/s (ms), candle GB/s (ms)",
+        rayon::current_num_threads()
+    );
+    for dtype in [
+        GgmlDType::F32,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let q = QTensor::quantize(&w, dtype)?;
+        let bytes = q.data()?.into_owned();
+        let size = if dtype == GgmlDType::F32 {
+            rows * cols * 4
+        } else {
+            bytes.len()
+        };
+        let mut out = vec![0f32; rows];
+        let ours = |out: &mut [f32]| {
+            let w = match dtype {
+                GgmlDType::Q8_0 => Rows::Q8_0(&bytes),
+                GgmlDType::Q4_0 => Rows::Q4_0(&bytes),
+                GgmlDType::Q4_1 => Rows::Q4_1(&bytes),
+                GgmlDType::Q5_0 => Rows::Q5_0(&bytes),
+                GgmlDType::Q5_1 => Rows::Q5_1(&bytes),
+                GgmlDType::Q4K => Rows::Q4K(&bytes),
+                GgmlDType::Q5K => Rows::Q5K(&bytes),
+                GgmlDType::Q6K => Rows::Q6K(&bytes),
+                _ => Rows::F32(&dense),
+            };
+            matvec_group(vec![MatVec { w, bias: None, out }], &x);
+        };
+        let (t_ours, _, _) = time(reps, || ours(&mut out));
+        let mm = QMatMul::from_qtensor(q)?;
+        let (t_candle, _, _) = time(reps, || {
+            let _ = mm.forward(&xt);
+        });
+        let gbs = |t: f64| size as f64 / t / 1e9;
+        println!(
+            "{dtype:?}\t{:.3}\t{:.1} ({:.2})\t{:.1} ({:.2})",
+            size as f64 / (rows * cols) as f64,
+            gbs(t_ours),
+            t_ours * 1e3,
+            gbs(t_candle),
+            t_candle * 1e3
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tptt::alloc::tune_for_inference();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -367,6 +435,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.get(2).map_or("f32", String::as_str),
             reps,
         ),
+        Some("matvec") => matvec(
+            args.get(1).and_then(|t| t.parse().ok()).unwrap_or(2048),
+            args.get(2).and_then(|t| t.parse().ok()).unwrap_or(8192),
+            reps,
+        )?,
         Some("step") => branch_step(
             &std::env::var("MODES").unwrap_or_else(|_| "delta_product".into()),
             reps,

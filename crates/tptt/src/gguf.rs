@@ -1,7 +1,8 @@
 //! Quantized bases from GGUF files (llama.cpp's format): Llama-architecture models such as
 //! SmolLM2, and OpenELM (per-layer head counts and FFN widths from the metadata's arrays), with
-//! their Q4_0 / Q4_1 / Q8_0 / K-quant matrices kept quantized and multiplied by
-//! candle's quantized kernels. TPTT LoRA adapters are then applied unmerged beside them
+//! their quantized matrices kept as stored: a decode step multiplies Q8_0, Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q4_K, Q5_K and Q6_K with our kernels (`kernels.rs` and `kernels/`), other types and the
+//! tensor path's single rows with candle's quantized kernels. TPTT LoRA adapters are then applied unmerged beside them
 //! (`y = Wq·x + s·B(A x)`, see [`crate::weights::apply_adapter`]).
 //!
 //! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` per head for its interleaved
@@ -9,9 +10,9 @@
 //! elementwise and pairs adjacent dims in the rot trick), so the rows are put back in the Hugging
 //! Face order here, on the quantized bytes (quantization blocks run along rows).
 //!
-//! On the CPU, Q5_0 / Q5_1 matrices are re-quantized to Q8_0 at load: candle has no SIMD kernel
-//! for them (Q4_0, Q8_0 and the K-quants have one). Q4_1 is used as stored: the fused decode
-//! step multiplies it with our kernel (`kernels/q4_1.rs`), a prompt widens it to f32
+//! Nothing is re-quantized at load. Candle's CPU kernels for Q4_1, Q5_0 and Q5_1 have no SIMD
+//! path (Q4_0, Q8_0 and the K-quants have one): the fused decode step multiplies them with ours
+//! (`kernels/q4_1.rs`, `kernels/q5.rs`), a prompt of two rows or more widens them to f32
 //! (`model/layers.rs`).
 //!
 //! Every file's header is checked by our own bounded reader ([`header`]) before candle parses
@@ -361,18 +362,14 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
     Ok((cfg, map))
 }
 
-/// A GGUF tensor as a weight: vectors and float matrices dense f32, quantized matrices kept
-/// (Q4_1 / Q5_* re-quantized to Q8_0 on the CPU, see the module doc).
+/// A GGUF tensor as a weight: vectors and float matrices dense f32, quantized matrices kept as
+/// stored (see the module doc).
 fn weight(q: QTensor, device: &Device) -> Result<Weight> {
     Ok(match q.dtype() {
         _ if q.rank() == 1 => Weight::Dense(q.dequantize(device)?),
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(q.dequantize(device)?),
-        // candle's CPU kernels for these have no SIMD path (~10x slower than Q8_0) and ours
-        // cover Q4_1 only: re-quantize to Q8_0 at load (8.5 bits per weight; the extra rounding
-        // is far below the 5-bit grid's own).
-        GgmlDType::Q5_0 | GgmlDType::Q5_1 if device.is_cpu() => Weight::Quant(Arc::new(
-            QTensor::quantize(&q.dequantize(device)?, GgmlDType::Q8_0)?,
-        )),
+        // Every quantized type as stored (Q5_0 / Q5_1 too: the decode step has kernels for
+        // them, prompts widen them; see the module doc).
         _ => Weight::Quant(Arc::new(q)),
     })
 }

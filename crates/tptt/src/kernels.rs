@@ -1,5 +1,6 @@
 //! CPU kernels of the fused single-token decode step ([`crate::model`]'s `step` module): matrix ×
-//! vector products over row-major f32 weights, and one query's attention over the KV ring.
+//! vector products over row-major weights (f32, or GGML blocks used as stored: Q8_0, Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), and one query's attention over the KV ring.
 //!
 //! Decode at batch 1 is bound by memory bandwidth: every weight is read once per token and used
 //! for one multiply-add. So the kernels stream each matrix once, row after row, split across the
@@ -7,12 +8,25 @@
 //! read the same input), one row at a time with several independent accumulators, compiled twice: for AVX2 + FMA, picked at run time, and for the baseline target, so the binary
 //! still runs on older x86-64 CPUs.
 //!
-//! Each kernel has a naive reference beside it (`*_naive`), and tests comparing them on odd
-//! shapes; the whole step is compared with the tensor path by `tests/fused_step.rs`.
+//! Quantized matrices read the input quantized once per call, per 32 values as llama.cpp's Q8_0
+//! ([`QuantInput`]: signed bytes, a scale per block, and the block sums that the types with an
+//! offset or a minimum need). The K-quants' sub-blocks of 32 (Q4_K, Q5_K) and Q6_K's scale
+//! groups of 16 lie inside those blocks, so every type is an integer product per input block
+//! (finer than llama.cpp's per-256 Q8_K for the K-quants). One file per family: `q4_0.rs`,
+//! `q4_1.rs`, `q5.rs` (Q5_0, Q5_1), `kquants.rs` (Q4_K, Q5_K), `q6_k.rs`.
+//!
+//! Each kernel has a naive reference beside it (`*_naive`: the dequantized weights against the
+//! f32 input; `*_quantized_naive`: the integer formula, scalar, which is also the portable
+//! path), and tests comparing them on odd shapes; the whole step is compared with the tensor
+//! path by `tests/fused_step.rs`.
 
+pub mod kquants;
 pub mod kv;
 pub mod prefill;
+pub mod q4_0;
 pub mod q4_1;
+pub mod q5;
+pub mod q6_k;
 
 pub use kv::KvSlice;
 
@@ -32,42 +46,151 @@ pub enum Rows<'a> {
     F32(&'a [f32]),
     /// GGML Q8_0 blocks (`x.len()` a multiple of 32), as stored by candle / llama.cpp.
     Q8_0(&'a [u8]),
+    /// GGML Q4_0 blocks (`x.len()` a multiple of 32), as stored ([`q4_0`]).
+    Q4_0(&'a [u8]),
     /// GGML Q4_1 blocks (`x.len()` a multiple of 32), as stored ([`q4_1`]).
     Q4_1(&'a [u8]),
+    /// GGML Q5_0 blocks (`x.len()` a multiple of 32), as stored ([`q5`]).
+    Q5_0(&'a [u8]),
+    /// GGML Q5_1 blocks (`x.len()` a multiple of 32), as stored ([`q5`]).
+    Q5_1(&'a [u8]),
+    /// GGML Q4_K blocks (`x.len()` a multiple of 256), as stored ([`kquants`]).
+    Q4K(&'a [u8]),
+    /// GGML Q5_K blocks (`x.len()` a multiple of 256), as stored ([`kquants`]).
+    Q5K(&'a [u8]),
+    /// GGML Q6_K blocks (`x.len()` a multiple of 256), as stored ([`q6_k`]).
+    Q6K(&'a [u8]),
 }
 
+/// Values per K-quant super-block (Q4_K, Q5_K, Q6_K).
+pub const QK_K: usize = 256;
+
 impl<'a> Rows<'a> {
-    /// Split after `rows` rows of `cols` values.
-    fn split_rows(self, rows: usize, cols: usize) -> (Self, Self) {
+    /// A quantized matrix's bytes and its block: (values, bytes) per block. `None` for f32.
+    fn quantized(&self) -> Option<(&'a [u8], usize, usize)> {
+        Some(match *self {
+            Rows::F32(_) => return None,
+            Rows::Q8_0(w) => (w, Q8_0_BLOCK, Q8_0_BLOCK_BYTES),
+            Rows::Q4_0(w) => (w, Q8_0_BLOCK, q4_0::Q4_0_BLOCK_BYTES),
+            Rows::Q4_1(w) => (w, Q8_0_BLOCK, q4_1::Q4_1_BLOCK_BYTES),
+            Rows::Q5_0(w) => (w, Q8_0_BLOCK, q5::Q5_0_BLOCK_BYTES),
+            Rows::Q5_1(w) => (w, Q8_0_BLOCK, q5::Q5_1_BLOCK_BYTES),
+            Rows::Q4K(w) => (w, QK_K, kquants::Q4K_BLOCK_BYTES),
+            Rows::Q5K(w) => (w, QK_K, kquants::Q5K_BLOCK_BYTES),
+            Rows::Q6K(w) => (w, QK_K, q6_k::Q6K_BLOCK_BYTES),
+        })
+    }
+
+    /// The same kind of matrix over other bytes (f32 stays as it is).
+    fn with_bytes(self, w: &'a [u8]) -> Self {
         match self {
-            Rows::F32(w) => {
-                let (a, b) = w.split_at(rows * cols);
-                (Rows::F32(a), Rows::F32(b))
-            }
-            Rows::Q8_0(w) => {
-                let (a, b) = w.split_at(rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
-                (Rows::Q8_0(a), Rows::Q8_0(b))
-            }
-            Rows::Q4_1(w) => {
-                let (a, b) = w.split_at(rows * cols / Q8_0_BLOCK * q4_1::Q4_1_BLOCK_BYTES);
-                (Rows::Q4_1(a), Rows::Q4_1(b))
-            }
+            Rows::F32(_) => self,
+            Rows::Q8_0(_) => Rows::Q8_0(w),
+            Rows::Q4_0(_) => Rows::Q4_0(w),
+            Rows::Q4_1(_) => Rows::Q4_1(w),
+            Rows::Q5_0(_) => Rows::Q5_0(w),
+            Rows::Q5_1(_) => Rows::Q5_1(w),
+            Rows::Q4K(_) => Rows::Q4K(w),
+            Rows::Q5K(_) => Rows::Q5K(w),
+            Rows::Q6K(_) => Rows::Q6K(w),
         }
     }
 
-    /// Does it hold exactly `rows` rows of `cols` values?
-    pub fn fits(&self, rows: usize, cols: usize) -> bool {
-        match self {
-            Rows::F32(w) => w.len() == rows * cols,
-            Rows::Q8_0(w) => {
-                cols.is_multiple_of(Q8_0_BLOCK)
-                    && w.len() == rows * cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES
+    /// Split after `rows` rows of `cols` values (the matrix [`fits`](Self::fits), so a row is
+    /// whole blocks).
+    fn split_rows(self, rows: usize, cols: usize) -> (Self, Self) {
+        match (self, self.quantized()) {
+            (Rows::F32(w), _) => {
+                let (a, b) = w.split_at(rows * cols);
+                (Rows::F32(a), Rows::F32(b))
             }
-            Rows::Q4_1(w) => {
-                cols.is_multiple_of(Q8_0_BLOCK)
-                    && w.len() == rows * cols / Q8_0_BLOCK * q4_1::Q4_1_BLOCK_BYTES
+            (_, Some((w, vals, bytes))) => {
+                let (a, b) = w.split_at(rows * cols / vals * bytes);
+                (self.with_bytes(a), self.with_bytes(b))
             }
+            (_, None) => (self, self),
         }
+    }
+
+    /// Does it hold exactly `rows` rows of `cols` values? (Quantized rows must be whole blocks:
+    /// `cols` a multiple of 32, of 256 for the K-quants.)
+    pub fn fits(&self, rows: usize, cols: usize) -> bool {
+        match (self, self.quantized()) {
+            (Rows::F32(w), _) => w.len() == rows * cols,
+            (_, Some((w, vals, bytes))) => {
+                cols.is_multiple_of(vals) && w.len() == rows * cols / vals * bytes
+            }
+            (_, None) => false,
+        }
+    }
+}
+
+/// The input of the quantized products, computed once per call: `x` quantized per 32-block as
+/// llama.cpp's Q8_0 ([`quantize_q8_0`]), and the block sums the weight types with an offset or
+/// a minimum need (each empty when no matrix of the call needs it).
+pub struct QuantInput {
+    /// Signed bytes `q`, `[x.len()]`: `x ≈ d·q`.
+    pub q: Vec<i8>,
+    /// The scale `d` of each 32-block.
+    pub d: Vec<f32>,
+    /// `Σ q` per 32-block (Q4_0 / Q5_0 offsets, Q4_K / Q5_K minima); at most 32·127.
+    pub sums: Vec<i32>,
+    /// `Σ q` per 16 values (Q6_K's offset per scale group); at most 16·127, so i16.
+    pub half_sums: Vec<i16>,
+    /// `d·Σ q` per 32-block rounded as candle's Q8_1 stores it (Q4_1 / Q5_1 minima,
+    /// [`q4_1::block_sums`]).
+    pub q8_1_sums: Vec<f32>,
+}
+
+impl QuantInput {
+    /// `x` quantized, with every sum (tests and benches; [`matvec_group`] computes only the sums
+    /// its matrices need).
+    pub fn new(x: &[f32]) -> Self {
+        Self::with(x, true, true, true)
+    }
+
+    fn with(x: &[f32], sums: bool, half_sums: bool, q8_1_sums: bool) -> Self {
+        let (q, d) = quantize_q8_0(x);
+        let total = |c: &[i8]| c.iter().map(|&v| i32::from(v)).sum::<i32>();
+        Self {
+            sums: match sums {
+                true => q.chunks_exact(Q8_0_BLOCK).map(total).collect(),
+                false => Vec::new(),
+            },
+            // |Σ| ≤ 16·127 = 2032: fits an i16.
+            half_sums: match half_sums {
+                true => q.chunks_exact(16).map(|c| total(c) as i16).collect(),
+                false => Vec::new(),
+            },
+            q8_1_sums: match q8_1_sums {
+                true => q4_1::block_sums(&q, &d),
+                false => Vec::new(),
+            },
+            q,
+            d,
+        }
+    }
+}
+
+/// The f16 at `b[at..at + 2]` (little-endian) as f32: the scales of the GGML blocks.
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// `out = W·x` with each row of `w` (whole blocks of `vals` values in `bytes` bytes) dequantized
+/// by `dequantize` and multiplied with the f32 input: the exact product, the quantized types'
+/// `*_naive` references.
+fn matvec_dequantized(
+    w: &[u8],
+    x: &[f32],
+    out: &mut [f32],
+    (vals, bytes): (usize, usize),
+    dequantize: fn(&[u8]) -> Vec<f32>,
+) {
+    let row_bytes = x.len() / vals * bytes;
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = dequantize(&w[r * row_bytes..(r + 1) * row_bytes]);
+        *o = row.iter().zip(x).map(|(a, b)| a * b).sum();
     }
 }
 
@@ -158,25 +281,43 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
         }
     }
     // Quantized matrices read the input quantized once (as candle's and llama.cpp's kernels
-    // do); Q4_1's also need each input block's sum.
-    let xq = if tasks.iter().any(|t| !matches!(t.w, Rows::F32(_))) {
-        Some(quantize_q8_0(x))
-    } else {
-        None
-    };
-    let xs = match &xq {
-        Some((q, d)) if tasks.iter().any(|t| matches!(t.w, Rows::Q4_1(_))) => {
-            q4_1::block_sums(q, d)
-        }
-        _ => Vec::new(),
-    };
+    // do), with the block sums only the types that need them.
+    let needs = |f: fn(&Rows<'_>) -> bool| tasks.iter().any(|t| f(&t.w));
+    let xi = needs(|w| w.quantized().is_some()).then(|| {
+        QuantInput::with(
+            x,
+            needs(|w| {
+                matches!(
+                    w,
+                    Rows::Q4_0(_) | Rows::Q5_0(_) | Rows::Q4K(_) | Rows::Q5K(_)
+                )
+            }),
+            needs(|w| matches!(w, Rows::Q6K(_))),
+            needs(|w| matches!(w, Rows::Q4_1(_) | Rows::Q5_1(_))),
+        )
+    });
     let run = |t: MatVec<'_>| {
-        match (t.w, &xq) {
+        match (t.w, &xi) {
             (Rows::F32(w), _) => matvec_rows(w, x, t.out),
-            (Rows::Q8_0(w), Some((q, d))) => matvec_q8_0_rows(w, q, d, t.out),
+            (Rows::Q8_0(w), Some(xi)) => matvec_q8_0_rows(w, &xi.q, &xi.d, t.out),
+            (Rows::Q4_0(w), Some(xi)) => q4_0::matvec_q4_0_rows(w, xi, t.out),
+            (Rows::Q4_1(w), Some(xi)) => {
+                q4_1::matvec_q4_1_rows(w, &xi.q, &xi.d, &xi.q8_1_sums, t.out)
+            }
+            (Rows::Q5_0(w), Some(xi)) => q5::matvec_q5_0_rows(w, xi, t.out),
+            (Rows::Q5_1(w), Some(xi)) => q5::matvec_q5_1_rows(w, xi, t.out),
+            (Rows::Q4K(w), Some(xi)) => kquants::matvec_q4k_rows(w, xi, t.out),
+            (Rows::Q5K(w), Some(xi)) => kquants::matvec_q5k_rows(w, xi, t.out),
+            (Rows::Q6K(w), Some(xi)) => q6_k::matvec_q6k_rows(w, xi, t.out),
+            // (Not reached: a quantized matrix makes `xi`; the exact products keep it total.)
             (Rows::Q8_0(w), None) => matvec_q8_0_naive(w, x, t.out),
-            (Rows::Q4_1(w), Some((q, d))) => q4_1::matvec_q4_1_rows(w, q, d, &xs, t.out),
+            (Rows::Q4_0(w), None) => q4_0::matvec_q4_0_naive(w, x, t.out),
             (Rows::Q4_1(w), None) => q4_1::matvec_q4_1_naive(w, x, t.out),
+            (Rows::Q5_0(w), None) => q5::matvec_q5_0_naive(w, x, t.out),
+            (Rows::Q5_1(w), None) => q5::matvec_q5_1_naive(w, x, t.out),
+            (Rows::Q4K(w), None) => kquants::matvec_q4k_naive(w, x, t.out),
+            (Rows::Q5K(w), None) => kquants::matvec_q5k_naive(w, x, t.out),
+            (Rows::Q6K(w), None) => q6_k::matvec_q6k_naive(w, x, t.out),
         }
         if let Some(b) = t.bias {
             t.out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
@@ -306,6 +447,18 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+
+    /// The f16 at `p` (little-endian, unaligned) as f32: a GGML block's scale.
+    ///
+    /// # Safety
+    /// The CPU must have F16C, and `p..p + 2` must be readable.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            u16::from_le_bytes([*p, *p.add(1)]) as i32,
+        )))
     }
 
     /// `out = W·x`, one row at a time with four 8-lane FMA accumulators (independent chains
@@ -1109,6 +1262,237 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// One quantized type's functions, for [`check_type`].
+    pub(super) struct Kind {
+        pub dtype: candle_core::quantized::GgmlDType,
+        pub dequantize: fn(&[u8]) -> Vec<f32>,
+        pub naive: fn(&[u8], &[f32], &mut [f32]),
+        pub quantized_naive: fn(&[u8], &QuantInput, &mut [f32]),
+        pub rows: fn(&[u8], &QuantInput, &mut [f32]),
+        /// Does candle's product quantize the input as ours (Q8_0 / Q8_1 per 32 values), not per
+        /// 256 (Q8_K)?
+        pub candle_same_input: bool,
+    }
+
+    /// A quantized matrix of candle's type `dtype`.
+    fn rows_of(dtype: candle_core::quantized::GgmlDType, w: &[u8]) -> Rows<'_> {
+        use candle_core::quantized::GgmlDType as G;
+        match dtype {
+            G::Q8_0 => Rows::Q8_0(w),
+            G::Q4_0 => Rows::Q4_0(w),
+            G::Q4_1 => Rows::Q4_1(w),
+            G::Q5_0 => Rows::Q5_0(w),
+            G::Q5_1 => Rows::Q5_1(w),
+            G::Q4K => Rows::Q4K(w),
+            G::Q5K => Rows::Q5K(w),
+            G::Q6K => Rows::Q6K(w),
+            other => panic!("no kernel for {other:?}"),
+        }
+    }
+
+    /// `rows × cols` weights: random, or extreme rows (zeros, huge, tiny, constant, one
+    /// outlier, then random).
+    fn weights(rows: usize, cols: usize, extreme: bool) -> Vec<f32> {
+        let mut w = rand_vec(rows * cols, (rows * cols) as u64);
+        if extreme {
+            for (r, row) in w.chunks_exact_mut(cols).enumerate() {
+                match r {
+                    0 => row.fill(0.0),
+                    1 => row.iter_mut().for_each(|v| *v *= 1e4),
+                    2 => row.iter_mut().for_each(|v| *v *= 1e-6),
+                    3 => row.fill(0.5),
+                    4 => row[37] = 100.0,
+                    _ => {}
+                }
+            }
+        }
+        w
+    }
+
+    /// A type's kernels against candle's blocks (`7 × 512`, rows of whole super-blocks):
+    /// (1) its dequantization is candle's, bit for bit; (2) the AVX2 kernel and the portable
+    /// one equal the integer formula (`*_quantized_naive`) to f32 rounding; (3) the formula is
+    /// the exact product of the stored weights with the f32 input up to the input's 8-bit
+    /// rounding (at most 0.6·d_x per value, with `d_x` its block's scale) and (4) candle's own
+    /// product up to both inputs' roundings (or to f32 rounding when candle quantizes the input
+    /// as we do); on random and extreme weights, with an input holding a zero block and a large
+    /// one, every result finite.
+    pub(super) fn check_type(k: &Kind) {
+        use candle_core::quantized::{QMatMul, QTensor};
+        use candle_core::{Device, Module, Tensor};
+        let (rows, cols) = (7, 512);
+        let dev = Device::Cpu;
+        let mut x = rand_vec(cols, 5);
+        x[96..128].fill(0.0);
+        x[160..192].iter_mut().for_each(|v| *v *= 100.0);
+        let mut quantization_seen = 0f32;
+        for extreme in [false, true] {
+            let case = if extreme { "extreme" } else { "random" };
+            let w = weights(rows, cols, extreme);
+            let q = QTensor::quantize(
+                &Tensor::from_vec(w, (rows, cols), &dev).expect("w"),
+                k.dtype,
+            )
+            .expect("quantize");
+            let bytes = q.data().expect("bytes").into_owned();
+            assert!(rows_of(k.dtype, &bytes).fits(rows, cols), "{case}: fits");
+            assert!(
+                !rows_of(k.dtype, &bytes).fits(rows + 1, cols),
+                "{case}: one row more"
+            );
+            // (1)
+            let deq = (k.dequantize)(&bytes);
+            let want = q
+                .dequantize(&dev)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .expect("candle dequantize");
+            assert_eq!(deq.len(), want.len());
+            for (i, (a, b)) in deq.iter().zip(&want).enumerate() {
+                assert!(a == b, "{case}: value {i}: {a} vs candle {b}");
+            }
+            // (2)
+            let xi = QuantInput::new(&x);
+            let mut reference = vec![0f32; rows];
+            (k.quantized_naive)(&bytes, &xi, &mut reference);
+            for portable in [false, true] {
+                crate::cpu::force_portable(portable);
+                let mut got = vec![0f32; rows];
+                (k.rows)(&bytes, &xi, &mut got);
+                crate::cpu::force_portable(false);
+                for (r, (g, e)) in got.iter().zip(&reference).enumerate() {
+                    assert!(
+                        g.is_finite() && (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{case} row {r} (portable {portable}): {g} vs {e}"
+                    );
+                }
+            }
+            // (3) Per row: Σ_b (0.6·d_x·Σ|w| + 1e-3·max|w|·Σ|x|) over the input blocks (the
+            // second term: Q8_1's block sums in f16), plus f32 rounding of Σ|w·x|.
+            let mut exact = vec![0f32; rows];
+            (k.naive)(&bytes, &x, &mut exact);
+            let bound = |r: usize, per: usize, scale: &dyn Fn(usize) -> f32| -> f32 {
+                let row = &deq[r * cols..(r + 1) * cols];
+                let mut b = 1e-5 * row.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum::<f32>();
+                for (c, (ws, xs)) in row.chunks(per).zip(x.chunks(per)).enumerate() {
+                    let wsum: f32 = ws.iter().map(|v| v.abs()).sum();
+                    let wmax = ws.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    b += scale(c) * wsum + 1e-3 * wmax * xs.iter().map(|v| v.abs()).sum::<f32>();
+                }
+                b
+            };
+            for r in 0..rows {
+                let (e, q) = (exact[r], reference[r]);
+                let b = bound(r, Q8_0_BLOCK, &|c| 0.6 * xi.d[c]);
+                assert!(
+                    q.is_finite() && (e - q).abs() <= b,
+                    "{case} row {r}: {q} vs exact {e} (bound {b})"
+                );
+                quantization_seen = quantization_seen.max((e - q).abs());
+            }
+            // (4)
+            let candle = QMatMul::from_qtensor(q)
+                .and_then(|m| m.forward(&Tensor::from_slice(&x, (1, cols), &dev)?))
+                .and_then(|y| y.flatten_all()?.to_vec1::<f32>())
+                .expect("candle");
+            for r in 0..rows {
+                let (c, q) = (candle[r], reference[r]);
+                let b = if k.candle_same_input {
+                    1e-4 * (1.0 + c.abs())
+                } else {
+                    // Candle's Q8_K: per 256 values, error at most half a step of max|x|/127.
+                    let amax256 = |c: usize| {
+                        x[c * 32 / QK_K * QK_K..][..QK_K]
+                            .iter()
+                            .fold(0f32, |m, v| m.max(v.abs()))
+                    };
+                    bound(r, Q8_0_BLOCK, &|c| {
+                        0.6 * xi.d[c] + 0.51 * amax256(c) / 127.0
+                    })
+                };
+                assert!(
+                    c.is_finite() && (c - q).abs() <= b,
+                    "{case} row {r}: {q} vs candle {c} (bound {b})"
+                );
+            }
+        }
+        // The input's rounding is real: the comparisons (3) are not vacuous.
+        assert!(quantization_seen > 0.0);
+    }
+
+    /// A group mixing f32 and every quantized type, with biases and rows split into several
+    /// tasks, equals each product run on its own.
+    #[test]
+    fn matvec_group_mixes_every_type() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let cols = 512;
+        let x = rand_vec(cols, 17);
+        let types = [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
+        // Odd row counts, one large enough for several tasks (128 rows of 512 each).
+        let counts = [301, 9, 13, 5, 17, 130, 3, 11];
+        let bytes: Vec<Vec<u8>> = types
+            .iter()
+            .zip(counts)
+            .enumerate()
+            .map(|(i, (dtype, rows))| {
+                let w =
+                    Tensor::from_vec(rand_vec(rows * cols, i as u64), (rows, cols), &Device::Cpu)
+                        .expect("w");
+                QTensor::quantize(&w, *dtype)
+                    .and_then(|q| Ok(q.data()?.into_owned()))
+                    .expect("quantize")
+            })
+            .collect();
+        let dense = rand_vec(7 * cols, 99);
+        let biases: Vec<Vec<f32>> = counts.iter().map(|&n| rand_vec(n, n as u64)).collect();
+        let mut outs: Vec<Vec<f32>> = counts.iter().map(|&n| vec![0f32; n]).collect();
+        let mut dense_out = vec![0f32; 7];
+        let mut group = vec![MatVec {
+            w: Rows::F32(&dense),
+            bias: None,
+            out: &mut dense_out,
+        }];
+        for (((b, &dtype), bias), out) in bytes.iter().zip(&types).zip(&biases).zip(&mut outs) {
+            group.push(MatVec {
+                w: rows_of(dtype, b),
+                bias: Some(bias),
+                out,
+            });
+        }
+        matvec_group(group, &x);
+        let mut want = vec![0f32; 7];
+        matvec_naive(&dense, &x, &mut want);
+        close(&dense_out, &want, 1e-5);
+        let xi = QuantInput::new(&x);
+        for (i, ((b, bias), got)) in bytes.iter().zip(&biases).zip(&outs).enumerate() {
+            let mut want = vec![0f32; got.len()];
+            match i {
+                0 => matvec_q8_0_rows(b, &xi.q, &xi.d, &mut want),
+                1 => q4_0::matvec_q4_0_rows(b, &xi, &mut want),
+                2 => q4_1::matvec_q4_1_rows(b, &xi.q, &xi.d, &xi.q8_1_sums, &mut want),
+                3 => q5::matvec_q5_0_rows(b, &xi, &mut want),
+                4 => q5::matvec_q5_1_rows(b, &xi, &mut want),
+                5 => kquants::matvec_q4k_rows(b, &xi, &mut want),
+                6 => kquants::matvec_q5k_rows(b, &xi, &mut want),
+                _ => q6_k::matvec_q6k_rows(b, &xi, &mut want),
+            }
+            want.iter_mut().zip(bias).for_each(|(w, b)| *w += b);
+            close(got, &want, 1e-5);
+        }
+        // K-quant rows are whole super-blocks: 288 columns (9 blocks of 32) do not fit.
+        assert!(!Rows::Q4K(&bytes[5][..130 * 144]).fits(130 * 8 / 9, 288));
+        assert!(Rows::Q4_0(&bytes[1][..9 * 9 * 18]).fits(9, 288));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! layer windows) and without one, the KV cache in f32 and in f16 (both sides then read the
 //! same rounded keys and values). Logits and states must agree. The 8-bit cache (q8_0) needs
 //! heads of a multiple of 32 values, which no committed fixture has: a synthetic Llama base
-//! with heads of 32 (`tptt::synth`) compares it the same way, and against the f32 cache.
+//! with heads of 32 (`tptt::synth`) compares it the same way, and against the f32 cache. Synthetic
+//! GGUF bases of every quantized type the step multiplies itself (Q4_0 … Q6_K) decode one step
+//! from the same state as the tensor path (candle's quantized matmul) does.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -233,5 +235,89 @@ fn an_8_bit_cache_follows_the_tensor_path_and_stays_near_f32() {
         .forward(&[1, 2, 3], &mut st, Logits::Last)
         .expect_err("heads of 16 cannot hold 8-bit blocks");
     assert!(err.to_string().contains("blocks of 32"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A GGUF base of each quantized type whose matrices the fused step multiplies itself (rows of
+/// whole 256-value super-blocks, so the K-quants too; the embedding quantized as well) decodes
+/// as the tensor path does, which multiplies a single row with candle's quantized matmul. Both
+/// read the same stored weights and quantize the input to 8 bits — per 32 values on both sides
+/// for the 32-blocks, per 32 against candle's per 256 (Q8_K) for the K-quants — so one step
+/// from the same state differs by that rounding only (and by an input value rounded the other
+/// way where the two sides' f32 sums differ in the last bit, which this random base amplifies to
+/// a few 1e-2 of its logits), well below the weights' own quantization (the same base in f32).
+#[test]
+fn quantized_gguf_bases_decode_as_the_tensor_path() {
+    use candle_core::quantized::GgmlDType;
+    let dir = std::env::temp_dir().join(format!("tptt-fused-gguf-{}", std::process::id()));
+    let shape = tptt::synth::LlamaShape {
+        hidden: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        intermediate: 512,
+        vocab: 320,
+    };
+    tptt::synth::write_variant(&dir, "dp", "base", &shape, "delta_product", 0.5).expect("variant");
+    let load = |dtype: GgmlDType| {
+        let gguf = dir.join(format!("base-{dtype:?}.gguf"));
+        tptt::synth::write_llama_gguf(&gguf, &shape, dtype, 11).expect("gguf");
+        let files = TpttRepo::open(&dir)
+            .and_then(|r| r.variant(Some("dp"), Some(&gguf)))
+            .expect("variant");
+        Model::load(&files, &LoadOptions::default()).expect("load")
+    };
+    let flat = |t: candle_core::Tensor| {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("f32")
+    };
+    let vocab = shape.vocab as u32;
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 37 + 11) % vocab).collect();
+    let steps: Vec<u32> = (0..8).map(|i| (i * 53 + 7) % vocab).collect();
+    let exact = run(&load(GgmlDType::F32), KvFormat::F32, None, &prompt, &steps);
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let fused = load(dtype);
+        let mut tensor = fused.clone();
+        tensor.set_fused_step(false);
+        // The weights' quantization: the tensor path against the f32 base.
+        let weights = run(&tensor, KvFormat::F32, None, &prompt, &steps)
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| max_diff(a, b))
+            .fold(0f32, f32::max);
+        // Each step from the tensor path's state.
+        let mut st = tensor.new_state(CarryMode::Continue, None);
+        tensor
+            .forward(&prompt, &mut st, Logits::All)
+            .expect("prompt");
+        let mut paths = 0f32;
+        for &id in &steps {
+            let mut sf = st.clone();
+            let a = flat(fused.forward(&[id], &mut sf, Logits::Last).expect("fused"));
+            let b = flat(
+                tensor
+                    .forward(&[id], &mut st, Logits::Last)
+                    .expect("tensor"),
+            );
+            paths = paths.max(max_diff(&a, &b));
+        }
+        eprintln!(
+            "{dtype:?}: one step, fused vs tensor path {paths:.2e}; vs f32 weights {weights:.2e}"
+        );
+        assert!(
+            paths < 8e-2 && paths < 0.5 * weights,
+            "{dtype:?}: the paths differ by {paths}, the weights' quantization by {weights}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -143,6 +143,16 @@ pub(super) fn find_gguf(subject: &Subject) -> Option<PathBuf> {
 
 /// (d) llama.cpp's llama-bench: pp512 and tg128 on the GGUF.
 pub(super) fn llamacpp(subject: &Subject, threads: usize) -> Baseline {
+    let Some(gguf) = find_gguf(subject) else {
+        return Baseline::Missing(
+            "no GGUF found next to the model or in ../.cache (set TPTT_BENCH_GGUF)".into(),
+        );
+    };
+    llamacpp_on(&gguf, threads)
+}
+
+/// llama-bench pp512 and tg128 on `gguf`.
+pub(super) fn llamacpp_on(gguf: &Path, threads: usize) -> Baseline {
     let bin = match std::env::var_os("LLAMA_BENCH")
         .map(PathBuf::from)
         .or_else(|| on_path("llama-bench"))
@@ -154,11 +164,6 @@ pub(super) fn llamacpp(subject: &Subject, threads: usize) -> Baseline {
             )
         }
     };
-    let Some(gguf) = find_gguf(subject) else {
-        return Baseline::Missing(
-            "no GGUF found next to the model or in ../.cache (set TPTT_BENCH_GGUF)".into(),
-        );
-    };
     progress(format!(
         "[llama.cpp] {} -m {}",
         bin.display(),
@@ -166,7 +171,7 @@ pub(super) fn llamacpp(subject: &Subject, threads: usize) -> Baseline {
     ));
     let out = match Command::new(&bin)
         .arg("-m")
-        .arg(&gguf)
+        .arg(gguf)
         .args([
             "-p",
             "512",

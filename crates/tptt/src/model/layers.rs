@@ -70,10 +70,17 @@ impl Linear {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let mut y = match &self.w {
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
-            // (Q4_1 from 2 rows: candle's kernel for it has no SIMD path.)
+            // (Q4_1, Q5_0 and Q5_1 from 2 rows: candle 0.11's CPU kernels for them have no SIMD
+            // path; Q4_0, Q8_0 and the K-quants have an AVX one.)
             Matrix::Quant(QMatMul::QTensor(q))
                 if (rows >= WIDEN_QUANT_ROWS
-                    || (rows > 1 && q.dtype() == candle_core::quantized::GgmlDType::Q4_1))
+                    || (rows > 1
+                        && matches!(
+                            q.dtype(),
+                            candle_core::quantized::GgmlDType::Q4_1
+                                | candle_core::quantized::GgmlDType::Q5_0
+                                | candle_core::quantized::GgmlDType::Q5_1
+                        )))
                     && x.device().is_cpu()
                     && x.dtype() == DType::F32 =>
             {

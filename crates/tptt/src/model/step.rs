@@ -2,11 +2,13 @@
 //! [`Model::forward`] for one token in [`CarryMode::Continue`], on plain f32 slices, with no
 //! tensor op per elementwise step and no allocation beyond a few `[E]`-sized vectors per layer.
 //!
-//! Dense matrices go through [`kernels::matvec_group`] (one parallel region for q/k/v, one for
-//! gate/up, one each for o, down and the head), attention reads the KV ring in place
-//! ([`kernels::attend_one`]), the linear branch is the same [`linear::forward`] as the tensor
-//! path. Quantized matrices, unmerged LoRA and MoE blocks are delegated to the same candle calls
-//! as the tensor path. `tests/fused_step.rs` compares both paths on every fixture architecture.
+//! Dense matrices, and quantized ones of the types our kernels multiply as stored (Q8_0, Q4_0,
+//! Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), go through [`kernels::matvec_group`] (one parallel
+//! region for q/k/v, one for gate/up, one each for o, down and the head), attention reads the
+//! KV ring in place ([`kernels::attend_one`]), the linear branch is the same
+//! [`linear::forward`] as the tensor path. Other quantized types (Q2_K, Q3_K, …) go through
+//! candle's quantized matmul, the tensor path's call; unmerged LoRA is added beside the product;
+//! MoE blocks are delegated to the same candle calls as the tensor path. `tests/fused_step.rs` compares both paths on every fixture architecture.
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Layout, Storage, StorageRef, Tensor};
@@ -74,12 +76,29 @@ fn row(x: &[f32], device: &Device) -> Result<Tensor> {
 /// Weights [`linears`] multiplies itself.
 enum Own<'a> {
     Dense(Data<'a>),
-    Q8(std::borrow::Cow<'a, [u8]>),
-    Q41(std::borrow::Cow<'a, [u8]>),
+    /// A quantized matrix's blocks as stored, of a type [`quant_rows`] takes.
+    Quant(GgmlDType, std::borrow::Cow<'a, [u8]>),
 }
 
-/// Apply several linears to the same input: f32, Q8_0 and Q4_1 matrices through the kernels in
-/// one parallel region; other quantized types through candle's quantized matmul.
+/// The kernels' view of a quantized matrix of `dtype` (its rows of blocks as stored), if they
+/// multiply that type.
+fn quant_rows(dtype: GgmlDType, w: &[u8]) -> Option<Rows<'_>> {
+    Some(match dtype {
+        GgmlDType::Q8_0 => Rows::Q8_0(w),
+        GgmlDType::Q4_0 => Rows::Q4_0(w),
+        GgmlDType::Q4_1 => Rows::Q4_1(w),
+        GgmlDType::Q5_0 => Rows::Q5_0(w),
+        GgmlDType::Q5_1 => Rows::Q5_1(w),
+        GgmlDType::Q4K => Rows::Q4K(w),
+        GgmlDType::Q5K => Rows::Q5K(w),
+        GgmlDType::Q6K => Rows::Q6K(w),
+        _ => return None,
+    })
+}
+
+/// Apply several linears to the same input: f32 matrices and the quantized types of
+/// [`quant_rows`] through the kernels in one parallel region; other quantized types through
+/// candle's quantized matmul.
 fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>> {
     let mut outs: Vec<Vec<f32>> = Vec::with_capacity(lins.len());
     let mut own: Vec<(usize, Own<'_>, Option<Data<'_>>)> = Vec::new();
@@ -92,19 +111,11 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
             }
             Matrix::Quant(QMatMul::QTensor(q))
                 if device.is_cpu()
-                    && matches!(q.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4_1)
-                    && x.len().is_multiple_of(kernels::Q8_0_BLOCK) =>
+                    && quant_rows(q.dtype(), &[]).is_some()
+                    && x.len().is_multiple_of(q.dtype().block_size()) =>
             {
                 outs.push(vec![0f32; q.shape().dims().first().copied().unwrap_or(0)]);
-                let bytes = q.data()?;
-                own.push((
-                    i,
-                    match q.dtype() {
-                        GgmlDType::Q4_1 => Own::Q41(bytes),
-                        _ => Own::Q8(bytes),
-                    },
-                    bias,
-                ));
+                own.push((i, Own::Quant(q.dtype(), q.data()?), bias));
             }
             Matrix::Quant(q) => {
                 let mut y = candle_core::Module::forward(q, &row(x, device)?)?
@@ -128,8 +139,9 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
             offset = i + 1;
             let w = match w {
                 Own::Dense(d) => Rows::F32(d.slice()?),
-                Own::Q8(bytes) => Rows::Q8_0(bytes),
-                Own::Q41(bytes) => Rows::Q4_1(bytes),
+                Own::Quant(dtype, bytes) => quant_rows(*dtype, bytes).ok_or_else(|| {
+                    Error::State(format!("fused step: no kernel for {dtype:?} matrices"))
+                })?,
             };
             if !w.fits(cur[0].len(), x.len()) {
                 return Err(Error::State(
@@ -470,6 +482,44 @@ mod tests {
             .expect("q4_1 forward");
         for (g, w) in got41.iter().zip(&want41) {
             assert!((g - w).abs() < 1e-4 * scale, "{g} vs candle {w}");
+        }
+        // The other types our kernels take as stored, and Q2_K (candle's call): within the
+        // input's 8-bit rounding of candle's product (Q8_0 / Q8_1 per 32 values, Q8_K per 256).
+        let wk = Tensor::randn(0f32, 1.0, (40, 256), &dev).expect("wk");
+        let xk = Tensor::randn(0f32, 1.0, (1, 256), &dev).expect("xk");
+        let xks = xk
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("xk");
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q2K,
+        ] {
+            let q = QTensor::quantize(&wk, dtype).expect("quantize");
+            assert_eq!(
+                quant_rows(dtype, &[]).is_some(),
+                dtype != GgmlDType::Q2K,
+                "{dtype:?}"
+            );
+            let lin = Linear {
+                w: Matrix::Quant(QMatMul::from_arc(Arc::new(q)).expect("qmatmul")),
+                b: None,
+                lora: None,
+            };
+            let got = linears(&[&lin], &xks, &dev).expect("linears")[0].clone();
+            let want = lin
+                .forward(&xk)
+                .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                .expect("forward");
+            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 0.02 * scale, "{dtype:?}: {g} vs candle {w}");
+            }
         }
         // The unmerged LoRA changes the result (so the comparison above is not vacuous).
         let d = got[0]
