@@ -140,16 +140,19 @@ pub struct QuantInput {
     /// `d·Σ q` per 32-block rounded as candle's Q8_1 stores it (Q4_1 / Q5_1 minima,
     /// [`q4_1::block_sums`]).
     pub q8_1_sums: Vec<f32>,
+    /// `x` quantized per 256 values as llama.cpp's Q8_K (Q4_K's input, [`kquants::Q8K`]);
+    /// empty when no matrix needs it or `x` is not whole 256-blocks.
+    pub k: kquants::Q8K,
 }
 
 impl QuantInput {
     /// `x` quantized, with every sum (tests and benches; [`matvec_group`] computes only the sums
     /// its matrices need).
     pub fn new(x: &[f32]) -> Self {
-        Self::with(x, true, true, true)
+        Self::with(x, true, true, true, true)
     }
 
-    fn with(x: &[f32], sums: bool, half_sums: bool, q8_1_sums: bool) -> Self {
+    fn with(x: &[f32], sums: bool, half_sums: bool, q8_1_sums: bool, q8k: bool) -> Self {
         let (q, d) = quantize_q8_0(x);
         let total = |c: &[i8]| c.iter().map(|&v| i32::from(v)).sum::<i32>();
         Self {
@@ -165,6 +168,10 @@ impl QuantInput {
             q8_1_sums: match q8_1_sums {
                 true => q4_1::block_sums(&q, &d),
                 false => Vec::new(),
+            },
+            k: match q8k && x.len().is_multiple_of(QK_K) {
+                true => kquants::quantize_q8_k(x),
+                false => kquants::Q8K::default(),
             },
             q,
             d,
@@ -286,14 +293,10 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let xi = needs(|w| w.quantized().is_some()).then(|| {
         QuantInput::with(
             x,
-            needs(|w| {
-                matches!(
-                    w,
-                    Rows::Q4_0(_) | Rows::Q5_0(_) | Rows::Q4K(_) | Rows::Q5K(_)
-                )
-            }),
+            needs(|w| matches!(w, Rows::Q4_0(_) | Rows::Q5_0(_) | Rows::Q5K(_))),
             needs(|w| matches!(w, Rows::Q6K(_))),
             needs(|w| matches!(w, Rows::Q4_1(_) | Rows::Q5_1(_))),
+            needs(|w| matches!(w, Rows::Q4K(_))),
         )
     });
     let run = |t: MatVec<'_>| {
@@ -1271,9 +1274,11 @@ mod tests {
         pub naive: fn(&[u8], &[f32], &mut [f32]),
         pub quantized_naive: fn(&[u8], &QuantInput, &mut [f32]),
         pub rows: fn(&[u8], &QuantInput, &mut [f32]),
-        /// Does candle's product quantize the input as ours (Q8_0 / Q8_1 per 32 values), not per
-        /// 256 (Q8_K)?
+        /// Does candle's product quantize the input as ours (Q8_0 / Q8_1 per 32 values, or
+        /// Q8_K per 256 when `q8k`), not per 256 (Q8_K)?
         pub candle_same_input: bool,
+        /// Is the kernel's input Q8_K (per 256 values), not Q8_0?
+        pub q8k: bool,
     }
 
     /// A quantized matrix of candle's type `dtype`.
@@ -1382,9 +1387,19 @@ mod tests {
                 }
                 b
             };
+            // Half a step of the 256-block's scale max|x|/127 (Q8_K).
+            let amax256 = |c: usize| {
+                x[c * 32 / QK_K * QK_K..][..QK_K]
+                    .iter()
+                    .fold(0f32, |m, v| m.max(v.abs()))
+            };
             for r in 0..rows {
                 let (e, q) = (exact[r], reference[r]);
-                let b = bound(r, Q8_0_BLOCK, &|c| 0.6 * xi.d[c]);
+                let b = if k.q8k {
+                    bound(r, Q8_0_BLOCK, &|c| 0.51 * amax256(c) / 127.0)
+                } else {
+                    bound(r, Q8_0_BLOCK, &|c| 0.6 * xi.d[c])
+                };
                 assert!(
                     q.is_finite() && (e - q).abs() <= b,
                     "{case} row {r}: {q} vs exact {e} (bound {b})"
@@ -1402,11 +1417,6 @@ mod tests {
                     1e-4 * (1.0 + c.abs())
                 } else {
                     // Candle's Q8_K: per 256 values, error at most half a step of max|x|/127.
-                    let amax256 = |c: usize| {
-                        x[c * 32 / QK_K * QK_K..][..QK_K]
-                            .iter()
-                            .fold(0f32, |m, v| m.max(v.abs()))
-                    };
                     bound(r, Q8_0_BLOCK, &|c| {
                         0.6 * xi.d[c] + 0.51 * amax256(c) / 127.0
                     })

@@ -10,12 +10,68 @@
 //! - Q4_K, 144 bytes: `d`, `dmin`, scales (12), nibbles (128).
 //! - Q5_K, 176 bytes: `d`, `dmin`, scales (12), `qh` (32), nibbles (128).
 //!
-//! A sub-block is one input block (`d_x·q_x`), so its product is
+//! Q5_K: a sub-block is one input block (`d_x·q_x`, per 32 values), so its product is
 //! `d·sc_j·d_x·Σ u·q_x − dmin·m_j·(d_x·Σ q_x)`: the minima with the input's block sums. (The
 //! input's per-32 scales are finer than llama.cpp's per-256 Q8_K: results differ from candle's
 //! by the input's rounding only.)
+//!
+//! Q4_K, the most common 4-bit type (Q4_K_M files), takes the input as llama.cpp does, quantized
+//! per 256 values ([`Q8K`]: one scale per super-block and the sums of every 16 values): a
+//! super-block's product is then `d·d_x·Σ_j sc_j·Σ u·q_x − dmin·d_x·Σ_j m_j·Σ q_x`, summed
+//! in integers and scaled once per 256 values (the per-32 form needs a float scale per 32),
+//! and equal to candle's own Q4_K product up to f32 rounding.
 
 use super::{f16_at, matvec_dequantized, QuantInput, Q8_0_BLOCK, QK_K};
+
+/// The input quantized per 256 values as llama.cpp's Q8_K: `x ≈ d·q` per 256-block, with the
+/// sum of every 16 `q` (the minima's part).
+#[derive(Debug, Clone, Default)]
+pub struct Q8K {
+    /// Signed bytes, `[x.len()]`.
+    pub q: Vec<i8>,
+    /// One scale per 256 values.
+    pub d: Vec<f32>,
+    /// `Σ q` per 16 values (at most 16·128: an i16).
+    pub bsums: Vec<i16>,
+}
+
+/// `x` (whole 256-blocks) quantized as llama.cpp's and candle's Q8_K: per block, the value of
+/// largest magnitude `max` maps to −127 (`q = round(−127/max · x)`, `d = −max/127`), a zero
+/// block to zeros.
+pub fn quantize_q8_k(x: &[f32]) -> Q8K {
+    let mut out = Q8K {
+        q: Vec::with_capacity(x.len()),
+        d: Vec::with_capacity(x.len() / QK_K),
+        bsums: Vec::with_capacity(x.len() / 16),
+    };
+    for blk in x.chunks_exact(QK_K) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in blk {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            out.d.push(0.0);
+            out.q.extend(std::iter::repeat_n(0i8, QK_K));
+        } else {
+            let iscale = -127.0 / max;
+            out.d.push(1.0 / iscale);
+            out.q.extend(
+                blk.iter()
+                    .map(|v| (iscale * v).round().clamp(-128.0, 127.0) as i8),
+            );
+        }
+        let start = out.q.len() - QK_K;
+        let sums: Vec<i16> = out.q[start..]
+            .chunks_exact(16)
+            .map(|c| c.iter().map(|&v| i16::from(v)).sum())
+            .collect();
+        out.bsums.extend(sums);
+    }
+    out
+}
 
 /// Bytes of one Q4_K super-block.
 pub const Q4K_BLOCK_BYTES: usize = 144;
@@ -168,10 +224,36 @@ fn quantized_naive(w: &[u8], xi: &QuantInput, out: &mut [f32], five: bool) {
     }
 }
 
-/// Q4_K rows against the quantized input, the literal definition (the reference of the
-/// optimized kernel, and its portable path).
+/// Q4_K rows against the input quantized per 256 values ([`QuantInput::k`]), the literal
+/// definition (the reference of the optimized kernel, and its portable path):
+/// `Σ_s d·d_x·Σ_j sc_j·Σ u·q_x − dmin·d_x·Σ_j m_j·Σ q_x`.
 pub fn matvec_q4k_quantized_naive(w: &[u8], xi: &QuantInput, out: &mut [f32]) {
-    quantized_naive(w, xi, out, false);
+    let k = &xi.k;
+    let supers = k.d.len();
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for s in 0..supers {
+            let at = (r * supers + s) * Q4K_BLOCK_BYTES;
+            let Parts {
+                d, dmin, sc, m, qs, ..
+            } = parts(&w[at..at + Q4K_BLOCK_BYTES], false);
+            let (mut sumi, mut summ) = (0i32, 0i32);
+            for j in 0..8 {
+                let u = sub_block(qs, None, j);
+                let qx = &k.q[s * QK_K + j * Q8_0_BLOCK..][..Q8_0_BLOCK];
+                let dot: i32 = u
+                    .iter()
+                    .zip(qx)
+                    .map(|(&u, &q)| i32::from(u) * i32::from(q))
+                    .sum();
+                sumi += i32::from(sc[j]) * dot;
+                summ += i32::from(m[j])
+                    * (i32::from(k.bsums[s * 16 + 2 * j]) + i32::from(k.bsums[s * 16 + 2 * j + 1]));
+            }
+            acc += d * k.d[s] * sumi as f32 - dmin * k.d[s] * summ as f32;
+        }
+        *o = acc;
+    }
 }
 
 /// Q5_K rows against the quantized input, the literal definition (the reference of the
@@ -187,7 +269,7 @@ pub(super) fn matvec_q4k_rows(w: &[u8], xi: &QuantInput, out: &mut [f32]) {
         if crate::cpu::has_avx2_fma_f16c() {
             // SAFETY: the CPU has the features the function is compiled for (checked above); the
             // sizes are checked inside.
-            unsafe { avx2::matvec_k_rows::<false>(w, xi, out) };
+            unsafe { avx2::matvec_q4k_q8k_rows(w, &xi.k, out) };
             return;
         }
     }
@@ -200,7 +282,7 @@ pub(super) fn matvec_q5k_rows(w: &[u8], xi: &QuantInput, out: &mut [f32]) {
     {
         if crate::cpu::has_avx2_fma_f16c() {
             // SAFETY: as above.
-            unsafe { avx2::matvec_k_rows::<true>(w, xi, out) };
+            unsafe { avx2::matvec_q5k_rows(w, xi, out) };
             return;
         }
     }
@@ -211,37 +293,94 @@ pub(super) fn matvec_q5k_rows(w: &[u8], xi: &QuantInput, out: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{scales_mins, QuantInput, Q4K_BLOCK_BYTES, Q5K_BLOCK_BYTES, Q8_0_BLOCK};
+    use super::{scales_mins, QuantInput, Q4K_BLOCK_BYTES, Q5K_BLOCK_BYTES, Q8K, Q8_0_BLOCK};
     use crate::kernels::avx2::{f16_at, hsum};
+    use crate::kernels::QK_K;
 
-    /// Q4_K (`FIVE = false`) or Q5_K (`FIVE = true`) rows against the Q8-quantized input. Per
-    /// super-block: the scales and minima unpacked (scalar); the minima's part
-    /// `dmin·Σ_j m_j·(d_x·Σ q_x)` as one 8-lane product (lane = sub-block); per chunk of 64
-    /// values one 32-byte load split into its two sub-blocks' nibbles (plus, for Q5_K, the fifth
-    /// bits of `qh` selected by a mask compare), `u` ≤ 31; `maddubs` with the input's signed
+    /// Q4_K rows against the input quantized per 256 values (Q8_K). Per super-block: the
+    /// scales and minima unpacked (scalar); the minima's part `Σ_j m_j·Σ q_x` in integers from
+    /// the input's 16-value sums; per chunk of 64 values one 32-byte load split into its two
+    /// sub-blocks' nibbles (`u` ≤ 15), `maddubs` with the input's signed bytes (pair sums at
+    /// most 2·15·128 = 3840, no saturation), `madd` with the sub-block's scale (≤ 63: at most
+    /// 2·63·3840 per lane and sub-block, 8 sub-blocks: < 2²²), summed in integers; then one
+    /// conversion and `d·d_x` per super-block.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn matvec_q4k_q8k_rows(w: &[u8], k: &Q8K, out: &mut [f32]) {
+        let supers = k.d.len();
+        assert!(
+            k.q.len() == supers * QK_K
+                && k.bsums.len() == supers * 16
+                && w.len() >= out.len() * supers * Q4K_BLOCK_BYTES,
+            "matvec_q4k: sizes"
+        );
+        let low = _mm256_set1_epi8(0x0F);
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = w.as_ptr().add(r * supers * Q4K_BLOCK_BYTES);
+            let mut acc = _mm256_setzero_ps();
+            let mut mins = 0f32;
+            for s in 0..supers {
+                let p = row.add(s * Q4K_BLOCK_BYTES);
+                let dx = *k.d.get_unchecked(s);
+                let (d, dmin) = (f16_at(p) * dx, f16_at(p.add(2)) * dx);
+                let (sc, m) = scales_mins(std::slice::from_raw_parts(p.add(4), 12));
+                let bs = k.bsums.as_ptr().add(s * 16);
+                let mut summ = 0i32;
+                for (j, &mj) in m.iter().enumerate() {
+                    summ +=
+                        i32::from(mj) * (i32::from(*bs.add(2 * j)) + i32::from(*bs.add(2 * j + 1)));
+                }
+                mins += dmin * summ as f32;
+                let q = k.q.as_ptr().add(s * QK_K);
+                let mut sumi = [_mm256_setzero_si256(); 2];
+                for c in 0..4 {
+                    let packed = _mm256_loadu_si256(p.add(16 + 32 * c) as *const __m256i);
+                    let lo = _mm256_and_si256(packed, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                    let q0 = _mm256_loadu_si256(q.add(64 * c) as *const __m256i);
+                    let q1 = _mm256_loadu_si256(q.add(64 * c + 32) as *const __m256i);
+                    let p0 = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(lo, q0),
+                        _mm256_set1_epi16(i16::from(sc[2 * c])),
+                    );
+                    let p1 = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(hi, q1),
+                        _mm256_set1_epi16(i16::from(sc[2 * c + 1])),
+                    );
+                    sumi[c & 1] = _mm256_add_epi32(sumi[c & 1], _mm256_add_epi32(p0, p1));
+                }
+                acc = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_add_epi32(sumi[0], sumi[1])),
+                    _mm256_set1_ps(d),
+                    acc,
+                );
+            }
+            *o = hsum(acc) - mins;
+        }
+    }
+
+    /// Q5_K rows against the input quantized per 32 values. Per super-block: the scales and
+    /// minima unpacked (scalar); the minima's part `dmin·Σ_j m_j·(d_x·Σ q_x)` as one 8-lane
+    /// product (lane = sub-block); per chunk of 64 values one 32-byte load split into its two
+    /// sub-blocks' nibbles, with the fifth bits of `qh` selected by a mask compare, `u` ≤ 31; `maddubs` with the input's signed
     /// bytes (pair sums at most 2·31·127 = 7874, no saturation), `madd` with the sub-block's
     /// scale (≤ 63: lanes at most 2·63·7874 < 2³¹), then `d·d_x` as f32.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn matvec_k_rows<const FIVE: bool>(
-        w: &[u8],
-        xi: &QuantInput,
-        out: &mut [f32],
-    ) {
+    pub(super) unsafe fn matvec_q5k_rows(w: &[u8], xi: &QuantInput, out: &mut [f32]) {
         let blocks = xi.d.len();
         let supers = blocks / 8;
-        let (size, qs_at) = match FIVE {
-            true => (Q5K_BLOCK_BYTES, 48),
-            false => (Q4K_BLOCK_BYTES, 16),
-        };
+        let (size, qs_at) = (Q5K_BLOCK_BYTES, 48);
         assert!(
             blocks.is_multiple_of(8)
                 && xi.q.len() == blocks * Q8_0_BLOCK
                 && xi.sums.len() == blocks
                 && w.len() >= out.len() * supers * size,
-            "matvec_k: sizes"
+            "matvec_q5k: sizes"
         );
         let low = _mm256_set1_epi8(0x0F);
         let sixteen = _mm256_set1_epi8(0x10);
@@ -265,10 +404,7 @@ mod avx2 {
                     m.as_ptr() as *const __m128i
                 )));
                 mins = _mm256_fmadd_ps(_mm256_mul_ps(mv, _mm256_set1_ps(dmin)), xs, mins);
-                let qh = match FIVE {
-                    true => _mm256_loadu_si256(p.add(16) as *const __m256i),
-                    false => _mm256_setzero_si256(),
-                };
+                let qh = _mm256_loadu_si256(p.add(16) as *const __m256i);
                 for c in 0..4 {
                     let packed = _mm256_loadu_si256(p.add(qs_at + 32 * c) as *const __m256i);
                     let halves = [
@@ -277,13 +413,9 @@ mod avx2 {
                     ];
                     for (h, nib) in halves.into_iter().enumerate() {
                         let j = 2 * c + h;
-                        let u = if FIVE {
-                            let bit = _mm256_set1_epi8((1u8 << j) as i8);
-                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                            _mm256_or_si256(nib, _mm256_and_si256(set, sixteen))
-                        } else {
-                            nib
-                        };
+                        let bit = _mm256_set1_epi8((1u8 << j) as i8);
+                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                        let u = _mm256_or_si256(nib, _mm256_and_si256(set, sixteen));
                         let qx = _mm256_loadu_si256(
                             xi.q.as_ptr().add((xb + j) * Q8_0_BLOCK) as *const __m256i
                         );
@@ -321,7 +453,8 @@ mod tests {
             naive: matvec_q4k_naive,
             quantized_naive: matvec_q4k_quantized_naive,
             rows: matvec_q4k_rows,
-            candle_same_input: false,
+            candle_same_input: true,
+            q8k: true,
         });
     }
 
@@ -335,6 +468,7 @@ mod tests {
             quantized_naive: matvec_q5k_quantized_naive,
             rows: matvec_q5k_rows,
             candle_same_input: false,
+            q8k: false,
         });
     }
 }

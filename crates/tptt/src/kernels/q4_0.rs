@@ -140,6 +140,7 @@ mod tests {
             quantized_naive: matvec_q4_0_quantized_naive,
             rows: matvec_q4_0_rows,
             candle_same_input: true,
+            q8k: false,
         });
     }
 }

@@ -243,6 +243,7 @@ mod tests {
             quantized_naive: matvec_q5_0_quantized_naive,
             rows: matvec_q5_0_rows,
             candle_same_input: true,
+            q8k: false,
         });
     }
 
@@ -256,6 +257,7 @@ mod tests {
             quantized_naive: matvec_q5_1_quantized_naive,
             rows: matvec_q5_1_rows,
             candle_same_input: true,
+            q8k: false,
         });
     }
 }

@@ -213,6 +213,7 @@ mod tests {
             quantized_naive: matvec_q6k_quantized_naive,
             rows: matvec_q6k_rows,
             candle_same_input: false,
+            q8k: false,
         });
     }
 }

@@ -86,6 +86,22 @@ impl Linear {
             {
                 widened_product(x, q, widen_tile_rows(q))?
             }
+            // Fewer rows (a short prompt; the tensor path's decode): our kernels, row by row,
+            // for the types they take. candle 0.11's own product would also keep an expanded
+            // ("repacked") copy of every Q4_K matrix it touches (and of Q8_0 ones on CPUs with
+            // VNNI) for the model's life: +890 MB beside a 700 MB 1B Q4_K file.
+            Matrix::Quant(QMatMul::QTensor(q))
+                if x.device().is_cpu() && x.dtype() == DType::F32 && super::step::takes(q) =>
+            {
+                let cols = x.dim(D::Minus1)?;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let out = super::step::quant_matmul_rows(q, &xs, cols)?;
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = q.shape().dims().first().copied().unwrap_or(0);
+                }
+                Tensor::from_vec(out, dims, x.device())?
+            }
             Matrix::Quant(q) => q.forward(x)?,
         };
         if let Some(l) = &self.lora {

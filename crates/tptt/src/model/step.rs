@@ -96,6 +96,47 @@ fn quant_rows(dtype: GgmlDType, w: &[u8]) -> Option<Rows<'_>> {
     })
 }
 
+/// Do the kernels multiply `q` (its type, on rows of whole blocks)?
+pub(super) fn takes(q: &candle_core::quantized::QTensor) -> bool {
+    quant_rows(q.dtype(), &[]).is_some()
+        && q.shape()
+            .dims()
+            .last()
+            .is_some_and(|c| c.is_multiple_of(q.dtype().block_size()))
+}
+
+/// `x · qᵀ` for `x` of rows of `cols` values, with the kernels, one row at a time (a short
+/// prompt through a quantized matrix, [`super::layers`]).
+pub(super) fn quant_matmul_rows(
+    q: &candle_core::quantized::QTensor,
+    x: &[f32],
+    cols: usize,
+) -> Result<Vec<f32>> {
+    let n = q.shape().dims().first().copied().unwrap_or(0);
+    let bytes = q.data()?;
+    let w = quant_rows(q.dtype(), &bytes)
+        .ok_or_else(|| Error::State(format!("no kernel for {:?} matrices", q.dtype())))?;
+    if cols == 0 || !x.len().is_multiple_of(cols) || !w.fits(n, cols) {
+        return Err(Error::State(format!(
+            "a [{n}, {cols}] {:?} matrix and {} input values",
+            q.dtype(),
+            x.len()
+        )));
+    }
+    let mut out = vec![0f32; x.len() / cols * n];
+    for (xr, o) in x.chunks_exact(cols).zip(out.chunks_exact_mut(n.max(1))) {
+        kernels::matvec_group(
+            vec![MatVec {
+                w,
+                bias: None,
+                out: o,
+            }],
+            xr,
+        );
+    }
+    Ok(out)
+}
+
 /// Apply several linears to the same input: f32 matrices and the quantized types of
 /// [`quant_rows`] through the kernels in one parallel region; other quantized types through
 /// candle's quantized matmul.
@@ -512,10 +553,13 @@ mod tests {
                 lora: None,
             };
             let got = linears(&[&lin], &xks, &dev).expect("linears")[0].clone();
-            let want = lin
-                .forward(&xk)
-                .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
-                .expect("forward");
+            // candle's own product (the tensor path takes the kernels too now).
+            let want = match &lin.w {
+                Matrix::Quant(qm) => candle_core::Module::forward(qm, &xk),
+                Matrix::Dense(_) => unreachable!("a quantized matrix"),
+            }
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .expect("forward");
             let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 0.02 * scale, "{dtype:?}: {g} vs candle {w}");
