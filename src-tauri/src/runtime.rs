@@ -142,6 +142,8 @@ pub fn load(key: LoadKey, files: &VariantFiles) -> CmdResult<LoadedModel> {
     let started = std::time::Instant::now();
     let opts = LoadOptions {
         device: dev.device.clone(),
+        // On the CPU, f16 / bf16 matrices stay as stored: half the memory of f32.
+        half_weights: true,
         ..Default::default()
     };
     // The tokenizer first: a broken one fails before the long weight load, and the weights

@@ -212,6 +212,8 @@ pub(crate) fn variant_files(args: &ModelArgs) -> Result<tptt::repo::VariantFiles
 pub(crate) fn load_model(args: &ModelArgs, files: &tptt::repo::VariantFiles) -> Result<Model> {
     let opts = LoadOptions {
         retie_lm_head: !args.no_retie,
+        // f16 / bf16 matrices stay as stored (half the memory; widened exactly as multiplied).
+        half_weights: true,
         ..Default::default()
     };
     let mut model =

@@ -20,6 +20,7 @@
 //! path), and tests comparing them on odd shapes; the whole step is compared with the tensor
 //! path by `tests/fused_step.rs`.
 
+pub mod float16;
 pub mod kquants;
 pub mod kv;
 pub mod prefill;
@@ -44,6 +45,10 @@ pub const Q8_0_BLOCK: usize = 32;
 pub enum Rows<'a> {
     /// f32 values.
     F32(&'a [f32]),
+    /// f16 values (a safetensors base kept in half precision, [`float16`]).
+    F16(&'a [half::f16]),
+    /// bf16 values ([`float16`]).
+    BF16(&'a [half::bf16]),
     /// GGML Q8_0 blocks (`x.len()` a multiple of 32), as stored by candle / llama.cpp.
     Q8_0(&'a [u8]),
     /// GGML Q4_0 blocks (`x.len()` a multiple of 32), as stored ([`q4_0`]).
@@ -66,10 +71,11 @@ pub enum Rows<'a> {
 pub const QK_K: usize = 256;
 
 impl<'a> Rows<'a> {
-    /// A quantized matrix's bytes and its block: (values, bytes) per block. `None` for f32.
+    /// A quantized matrix's bytes and its block: (values, bytes) per block. `None` for the
+    /// float types.
     fn quantized(&self) -> Option<(&'a [u8], usize, usize)> {
         Some(match *self {
-            Rows::F32(_) => return None,
+            Rows::F32(_) | Rows::F16(_) | Rows::BF16(_) => return None,
             Rows::Q8_0(w) => (w, Q8_0_BLOCK, Q8_0_BLOCK_BYTES),
             Rows::Q4_0(w) => (w, Q8_0_BLOCK, q4_0::Q4_0_BLOCK_BYTES),
             Rows::Q4_1(w) => (w, Q8_0_BLOCK, q4_1::Q4_1_BLOCK_BYTES),
@@ -81,10 +87,10 @@ impl<'a> Rows<'a> {
         })
     }
 
-    /// The same kind of matrix over other bytes (f32 stays as it is).
+    /// The same kind of matrix over other bytes (the float types stay as they are).
     fn with_bytes(self, w: &'a [u8]) -> Self {
         match self {
-            Rows::F32(_) => self,
+            Rows::F32(_) | Rows::F16(_) | Rows::BF16(_) => self,
             Rows::Q8_0(_) => Rows::Q8_0(w),
             Rows::Q4_0(_) => Rows::Q4_0(w),
             Rows::Q4_1(_) => Rows::Q4_1(w),
@@ -104,6 +110,14 @@ impl<'a> Rows<'a> {
                 let (a, b) = w.split_at(rows * cols);
                 (Rows::F32(a), Rows::F32(b))
             }
+            (Rows::F16(w), _) => {
+                let (a, b) = w.split_at(rows * cols);
+                (Rows::F16(a), Rows::F16(b))
+            }
+            (Rows::BF16(w), _) => {
+                let (a, b) = w.split_at(rows * cols);
+                (Rows::BF16(a), Rows::BF16(b))
+            }
             (_, Some((w, vals, bytes))) => {
                 let (a, b) = w.split_at(rows * cols / vals * bytes);
                 (self.with_bytes(a), self.with_bytes(b))
@@ -117,6 +131,8 @@ impl<'a> Rows<'a> {
     pub fn fits(&self, rows: usize, cols: usize) -> bool {
         match (self, self.quantized()) {
             (Rows::F32(w), _) => w.len() == rows * cols,
+            (Rows::F16(w), _) => w.len() == rows * cols,
+            (Rows::BF16(w), _) => w.len() == rows * cols,
             (_, Some((w, vals, bytes))) => {
                 cols.is_multiple_of(vals) && w.len() == rows * cols / vals * bytes
             }
@@ -302,6 +318,8 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let run = |t: MatVec<'_>| {
         match (t.w, &xi) {
             (Rows::F32(w), _) => matvec_rows(w, x, t.out),
+            (Rows::F16(w), _) => float16::matvec_f16_rows(w, x, t.out),
+            (Rows::BF16(w), _) => float16::matvec_bf16_rows(w, x, t.out),
             (Rows::Q8_0(w), Some(xi)) => matvec_q8_0_rows(w, &xi.q, &xi.d, t.out),
             (Rows::Q4_0(w), Some(xi)) => q4_0::matvec_q4_0_rows(w, xi, t.out),
             (Rows::Q4_1(w), Some(xi)) => {

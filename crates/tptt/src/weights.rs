@@ -106,6 +106,12 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Read every tensor of a safetensors file as f32.
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<TensorMap> {
+    load_safetensors_as(path, device, false)
+}
+
+/// Read every tensor of a safetensors file as f32, or with `keep_half` its f16 / bf16 matrices
+/// (2-D tensors) as stored.
+pub fn load_safetensors_as(path: &Path, device: &Device, keep_half: bool) -> Result<TensorMap> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -134,7 +140,8 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<TensorMap> {
                 message: format!("tensor {name:?}: {e}"),
             }
         })?;
-        let t = if dtype == DType::F32 {
+        let half = matches!(dtype, DType::F16 | DType::BF16);
+        let t = if dtype == DType::F32 || (keep_half && half && t.rank() == 2) {
             t
         } else {
             t.to_dtype(DType::F32)?
@@ -160,9 +167,15 @@ fn describe_bad_file(bytes: &[u8], e: &safetensors::SafeTensorError) -> String {
 
 /// Load all shards of a model folder into one map.
 pub fn load_model_dir(dir: &Path, device: &Device) -> Result<TensorMap> {
+    load_model_dir_as(dir, device, false)
+}
+
+/// [`load_model_dir`], keeping the f16 / bf16 matrices (2-D tensors) of the files in their
+/// stored precision when `keep_half` (vectors still become f32).
+pub fn load_model_dir_as(dir: &Path, device: &Device, keep_half: bool) -> Result<TensorMap> {
     let mut all = TensorMap::new();
     for f in weight_files(dir)? {
-        all.extend(load_safetensors(&f, device)?);
+        all.extend(load_safetensors_as(&f, device, keep_half)?);
     }
     Ok(all)
 }
@@ -335,6 +348,11 @@ pub fn apply_adapter(
                 ));
             }
             match w {
+                // A matrix kept in half precision: merging would round the small LoRA update
+                // into f16 / bf16 steps; it stays beside the matrix as for quantized ones.
+                Weight::Dense(w) if w.dtype() != DType::F32 => {
+                    report.unmerged.insert(name, LoraSide { a, b, scale });
+                }
                 Weight::Dense(w) => {
                     let merged = (w + (b.matmul(&a)? * scale)?)?;
                     base.insert(name, Weight::Dense(merged));

@@ -2,9 +2,9 @@
 //! ([`tptt::synth`]), written once under `target/bench-1b` (or `$TPTT_BENCH_1B_DIR`) as an f16
 //! safetensors base with a TPTT variant (delta_product, mag 0.125) and as a Q4_K GGUF of the
 //! same weights, then measured beside SmolLM2:
-//! - the safetensors variant (f16 on disk, f32 in memory as every dense base on the CPU):
-//!   decode after the shortest history against the bandwidth limit for the bytes it reads per
-//!   token (`decode1b_vs_bandwidth_limit`);
+//! - the safetensors variant, its matrices kept in f16 as the app loads them: decode after
+//!   the shortest history against the bandwidth limit for the bytes it reads per token
+//!   (`decode1b_vs_bandwidth_limit`);
 //! - the GGUF with the same injection, in a child process ([`super::quantized`]): prefill,
 //!   decode and peak memory (`quant1b_*_vs_llamacpp`, `quant1b_rss_vs_file`);
 //! - llama.cpp's `llama-bench` on the same GGUF, when installed.
@@ -121,9 +121,15 @@ fn dense_ratio(d: &Value) -> Option<f64> {
 fn dense(repo: &Path, bw_gb_s: f64) -> Result<Value> {
     progress("[1b] loading the f16 safetensors variant");
     let files = TpttRepo::open(repo)?.variant(Some(VARIANT), None)?;
-    let model = Arc::new(Model::load(&files, &LoadOptions::default())?);
-    // Every weight is read once per token; of the tied embedding only the head's pass counts.
-    let bytes = (model.num_params() * std::mem::size_of::<f32>()) as f64;
+    let model = Arc::new(Model::load(
+        &files,
+        &LoadOptions {
+            half_weights: true,
+            ..Default::default()
+        },
+    )?);
+    // Every matrix is read once per token, in f16; of the tied embedding only the head's pass.
+    let bytes = model.weight_bytes() as f64;
     let limit = bw_gb_s * 1e9 / bytes;
     let history = 128;
     let ids = random_ids(history, model.config().base.vocab_size, IDS_SEED);
@@ -148,7 +154,7 @@ fn dense(repo: &Path, bw_gb_s: f64) -> Result<Value> {
         bytes / 1e9
     ));
     Ok(json!({
-        "weights_in_memory": "f32 (the f16 file widened at load, as every dense base on the CPU)",
+        "weights_in_memory": "f16 as stored (LoadOptions::half_weights, as the app and the CLI's chat commands load)",
         "weight_bytes_per_token": bytes,
         "bandwidth_gb_s": bw_gb_s,
         "bandwidth_limit_tok_s": limit,

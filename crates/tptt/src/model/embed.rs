@@ -26,7 +26,12 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => {
                 let ids_t = Tensor::from_vec(ids.to_vec(), ids.len(), device)?;
-                Ok(t.index_select(&ids_t, 0)?)
+                let rows = t.index_select(&ids_t, 0)?;
+                // A vocabulary kept in half precision on the CPU gives f32 rows.
+                Ok(match t.device().is_cpu() && t.dtype() != DType::F32 {
+                    true => rows.to_dtype(DType::F32)?,
+                    false => rows,
+                })
             }
             Embedding::Quant(q) => {
                 let rows = ids
@@ -90,7 +95,7 @@ impl Embedding {
     /// Do lookups give f32 rows?
     pub(super) fn is_f32(&self) -> bool {
         match self {
-            Embedding::Dense(t) => t.dtype() == DType::F32,
+            Embedding::Dense(t) => t.dtype() == DType::F32 || t.device().is_cpu(),
             Embedding::Quant(_) => true,
         }
     }

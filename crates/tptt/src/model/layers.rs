@@ -51,15 +51,36 @@ fn widened_product(
     tile_rows: usize,
 ) -> Result<Tensor> {
     let rows = q.shape().dims().first().copied().unwrap_or(0);
+    widened_pieces(x, rows, tile_rows, &|start, len| {
+        Ok(crate::gguf::split_rows(q, start, len, x.device())?.dequantize(x.device())?)
+    })
+}
+
+/// `x · wᵀ` for a dense matrix of another dtype than `x` (f16 / bf16 kept as stored), widened
+/// `tile_rows` rows at a time (exact: every half value is an f32).
+fn widened_dense_product(x: &Tensor, w: &Tensor, tile_rows: usize) -> Result<Tensor> {
+    widened_pieces(x, w.dim(0)?, tile_rows, &|start, len| {
+        Ok(w.narrow(0, start, len)?.to_dtype(x.dtype())?)
+    })
+}
+
+/// `x · Wᵀ` for a matrix of `rows` rows whose pieces `piece(start, len)` come widened to `x`'s
+/// dtype, `tile_rows` rows at a time (all at once when they fit one piece).
+fn widened_pieces(
+    x: &Tensor,
+    rows: usize,
+    tile_rows: usize,
+    piece: &dyn Fn(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let tile_rows = tile_rows.max(1);
     if tile_rows >= rows {
-        return Ok(x.broadcast_matmul(&q.dequantize(x.device())?.t()?)?);
+        return Ok(x.broadcast_matmul(&piece(0, rows)?.t()?)?);
     }
-    let mut parts = Vec::with_capacity(rows.div_ceil(tile_rows.max(1)));
+    let mut parts = Vec::with_capacity(rows.div_ceil(tile_rows));
     let mut start = 0;
     while start < rows {
-        let len = tile_rows.max(1).min(rows - start);
-        let piece = crate::gguf::split_rows(q, start, len, x.device())?.dequantize(x.device())?;
-        parts.push(x.broadcast_matmul(&piece.t()?)?);
+        let len = tile_rows.min(rows - start);
+        parts.push(x.broadcast_matmul(&piece(start, len)?.t()?)?);
         start += len;
     }
     Ok(Tensor::cat(&parts, D::Minus1)?)
@@ -69,6 +90,24 @@ impl Linear {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
         let mut y = match &self.w {
+            // A matrix kept in half precision on the CPU (`LoadOptions::half_weights`): our
+            // kernels row by row for a few rows, else widened a few MB at a time.
+            Matrix::Dense(w)
+                if w.dtype() != x.dtype() && x.device().is_cpu() && x.dtype() == DType::F32 =>
+            {
+                let cols = x.dim(D::Minus1)?;
+                if rows < WIDEN_QUANT_ROWS {
+                    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                    let out = super::step::half_matmul_rows(w, &xs, cols)?;
+                    let mut dims = x.dims().to_vec();
+                    if let Some(last) = dims.last_mut() {
+                        *last = w.dim(0)?;
+                    }
+                    Tensor::from_vec(out, dims, x.device())?
+                } else {
+                    widened_dense_product(x, w, (WIDEN_TILE_BYTES / (cols.max(1) * 4)).max(1))?
+                }
+            }
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
             // (Q4_1, Q5_0 and Q5_1 from 2 rows: candle 0.11's CPU kernels for them have no SIMD
             // path; Q4_0, Q8_0 and the K-quants have an AVX one.)
@@ -134,7 +173,7 @@ impl Linear {
         q + self
             .tensors()
             .iter()
-            .map(|t| t.elem_count() * 4)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum::<usize>()
     }
 }

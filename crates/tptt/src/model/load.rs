@@ -120,7 +120,11 @@ impl Model {
             }
             None => (
                 files.config.clone(),
-                weights::dense(weights::load_model_dir(&files.base_dir, &opts.device)?),
+                weights::dense(weights::load_model_dir_as(
+                    &files.base_dir,
+                    &opts.device,
+                    opts.half_weights && opts.device.is_cpu(),
+                )?),
             ),
         };
         let adapter = match (&files.adapter, &files.config.tptt.lora) {
@@ -160,7 +164,11 @@ impl Model {
             &crate::config::read_json_object(&cfg_path)?,
             Some(&cfg_path),
         )?;
-        let map = weights::dense(weights::load_model_dir(base_dir, &opts.device)?);
+        let map = weights::dense(weights::load_model_dir_as(
+            base_dir,
+            &opts.device,
+            opts.half_weights && opts.device.is_cpu(),
+        )?);
         Self::from_weights(
             ModelConfig { base, tptt },
             map,

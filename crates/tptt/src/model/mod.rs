@@ -61,6 +61,12 @@ pub struct LoadOptions {
     /// Run single-token decode steps through the fused CPU step (`model/step.rs`) instead of
     /// the tensor path. Default true; the tensor path is the reference it is tested against.
     pub fused_step: bool,
+    /// Keep the f16 / bf16 matrices of a safetensors base in their stored precision on the CPU
+    /// (half the memory and half the bytes a decode step reads; widened to f32 as they are
+    /// multiplied, which is exact): what the app and the CLI's chat commands use. Default
+    /// false (every weight f32: training, the reference comparisons). LoRA stays unmerged
+    /// beside such matrices.
+    pub half_weights: bool,
 }
 
 impl Default for LoadOptions {
@@ -70,6 +76,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             scan: ScanImpl::Fast,
             fused_step: true,
+            half_weights: false,
         }
     }
 }

@@ -48,6 +48,19 @@ impl<'a> Data<'a> {
         }
     }
 
+    /// A dense matrix's contiguous data as the kernels' rows: f32, or f16 / bf16 kept as stored.
+    pub(super) fn rows(&self) -> Result<Rows<'_>> {
+        let (a, b) = self
+            .layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::State("fused step: a weight is not contiguous".into()))?;
+        match &*self.storage {
+            Storage::Cpu(candle_core::CpuStorage::F16(x)) => Ok(Rows::F16(&x[a..b])),
+            Storage::Cpu(candle_core::CpuStorage::BF16(x)) => Ok(Rows::BF16(&x[a..b])),
+            _ => Ok(Rows::F32(self.slice()?)),
+        }
+    }
+
     /// A KV buffer's contiguous data in its own format (f32, f16 or 8-bit blocks).
     pub(super) fn kv(&self) -> Result<KvSlice<'_>> {
         let (a, b) = self
@@ -116,10 +129,23 @@ pub(super) fn quant_matmul_rows(
     let bytes = q.data()?;
     let w = quant_rows(q.dtype(), &bytes)
         .ok_or_else(|| Error::State(format!("no kernel for {:?} matrices", q.dtype())))?;
+    matmul_rows(w, n, x, cols)
+}
+
+/// `x · wᵀ` for a dense matrix kept in half precision and `x` of rows of `cols` values, with
+/// the kernels, one row at a time (a short prompt, [`super::layers`]).
+pub(super) fn half_matmul_rows(w: &Tensor, x: &[f32], cols: usize) -> Result<Vec<f32>> {
+    let n = w.dim(0)?;
+    let data = Data::of(w);
+    let rows = data.rows()?;
+    matmul_rows(rows, n, x, cols)
+}
+
+/// `x · Wᵀ` one row of `x` at a time through [`kernels::matvec_group`].
+fn matmul_rows(w: Rows<'_>, n: usize, x: &[f32], cols: usize) -> Result<Vec<f32>> {
     if cols == 0 || !x.len().is_multiple_of(cols) || !w.fits(n, cols) {
         return Err(Error::State(format!(
-            "a [{n}, {cols}] {:?} matrix and {} input values",
-            q.dtype(),
+            "a [{n}, {cols}] matrix and {} input values",
             x.len()
         )));
     }
@@ -179,7 +205,7 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
             rest = tail;
             offset = i + 1;
             let w = match w {
-                Own::Dense(d) => Rows::F32(d.slice()?),
+                Own::Dense(d) => d.rows()?,
                 Own::Quant(dtype, bytes) => quant_rows(*dtype, bytes).ok_or_else(|| {
                     Error::State(format!("fused step: no kernel for {dtype:?} matrices"))
                 })?,
