@@ -298,8 +298,8 @@ mod avx2 {
     use crate::kernels::QK_K;
 
     /// Q4_K rows against the input quantized per 256 values (Q8_K). Per super-block: the
-    /// scales and minima unpacked (scalar); the minima's part `Σ_j m_j·Σ q_x` in integers from
-    /// the input's 16-value sums; per chunk of 64 values one 32-byte load split into its two
+    /// scales and minima unpacked four bytes at a time and widened to 16-bit lanes; the minima's
+    /// part `Σ_j m_j·Σ q_x` as one `madd` with the input's 16-value sums added in pairs; per chunk of 64 values one 32-byte load split into its two
     /// sub-blocks' nibbles (`u` ≤ 15), `maddubs` with the input's signed bytes (pair sums at
     /// most 2·15·128 = 3840, no saturation), `madd` with the sub-block's scale (≤ 63: at most
     /// 2·63·3840 per lane and sub-block, 8 sub-blocks: < 2²²), summed in integers; then one
@@ -317,22 +317,36 @@ mod avx2 {
             "matvec_q4k: sizes"
         );
         let low = _mm256_set1_epi8(0x0F);
+        // Shuffles broadcasting 16-bit lane j of a register to all of its lanes.
+        let lane: [__m256i; 8] =
+            std::array::from_fn(|j| _mm256_set1_epi16((((2 * j + 1) << 8) | (2 * j)) as i16));
+        let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
         for (r, o) in out.iter_mut().enumerate() {
             let row = w.as_ptr().add(r * supers * Q4K_BLOCK_BYTES);
             let mut acc = _mm256_setzero_ps();
-            let mut mins = 0f32;
+            let mut mins = _mm_setzero_ps();
             for s in 0..supers {
                 let p = row.add(s * Q4K_BLOCK_BYTES);
                 let dx = *k.d.get_unchecked(s);
                 let (d, dmin) = (f16_at(p) * dx, f16_at(p.add(2)) * dx);
-                let (sc, m) = scales_mins(std::slice::from_raw_parts(p.add(4), 12));
-                let bs = k.bsums.as_ptr().add(s * 16);
-                let mut summ = 0i32;
-                for (j, &mj) in m.iter().enumerate() {
-                    summ +=
-                        i32::from(mj) * (i32::from(*bs.add(2 * j)) + i32::from(*bs.add(2 * j + 1)));
-                }
-                mins += dmin * summ as f32;
+                // The 6-bit scales and minima ([`scales_mins`]) four bytes at a time, widened
+                // to 16 bits: lanes 0–7 the scales, 8–15 the minima.
+                let u = |at: usize| u32::from_le_bytes(*(p.add(4 + at) as *const [u8; 4]));
+                let (u0, u1, u2) = (u(0), u(4), u(8));
+                let sm = _mm256_cvtepu8_epi16(_mm_set_epi32(
+                    (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
+                    (u1 & k1) as i32,
+                    ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
+                    (u0 & k1) as i32,
+                ));
+                // Minima: Σ_j m_j·(the input's two 16-value sums of sub-block j), at most
+                // 2·63·4096 per lane.
+                let bs = _mm256_loadu_si256(k.bsums.as_ptr().add(s * 16) as *const __m256i);
+                let pair =
+                    _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+                let m = _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pair);
+                mins = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(m), mins);
+                let scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm));
                 let q = k.q.as_ptr().add(s * QK_K);
                 let mut sumi = [_mm256_setzero_si256(); 2];
                 for c in 0..4 {
@@ -343,11 +357,11 @@ mod avx2 {
                     let q1 = _mm256_loadu_si256(q.add(64 * c + 32) as *const __m256i);
                     let p0 = _mm256_madd_epi16(
                         _mm256_maddubs_epi16(lo, q0),
-                        _mm256_set1_epi16(i16::from(sc[2 * c])),
+                        _mm256_shuffle_epi8(scales, lane[2 * c]),
                     );
                     let p1 = _mm256_madd_epi16(
                         _mm256_maddubs_epi16(hi, q1),
-                        _mm256_set1_epi16(i16::from(sc[2 * c + 1])),
+                        _mm256_shuffle_epi8(scales, lane[2 * c + 1]),
                     );
                     sumi[c & 1] = _mm256_add_epi32(sumi[c & 1], _mm256_add_epi32(p0, p1));
                 }
@@ -357,7 +371,9 @@ mod avx2 {
                     acc,
                 );
             }
-            *o = hsum(acc) - mins;
+            let m = _mm_add_ps(mins, _mm_movehl_ps(mins, mins));
+            let m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+            *o = hsum(acc) - _mm_cvtss_f32(m);
         }
     }
 
