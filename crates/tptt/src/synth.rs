@@ -223,8 +223,9 @@ pub fn write_llama(dir: &Path, shape: &LlamaShape, dtype: DType, seed: u64) -> R
     Ok(())
 }
 
-/// llama.cpp's name for a Hugging Face Llama tensor.
-fn gguf_name(hf: &str) -> Option<String> {
+/// llama.cpp's name for a Hugging Face Llama tensor (`model.layers.3.mlp.up_proj.weight` →
+/// `blk.3.ffn_up.weight`), `None` for a name a Llama does not have.
+pub fn gguf_name(hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -248,7 +249,7 @@ fn gguf_name(hf: &str) -> Option<String> {
 
 /// llama.cpp's converter's row order for q/k (interleaved RoPE pairs): within each head, HF
 /// row `t·(d/2) + j` (half `t`, pair `j`) goes to row `2j + t`.
-fn permute_heads(w: Tensor, heads: usize) -> Result<Tensor> {
+pub fn permute_heads(w: Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let hd = rows / heads;
     Ok(w.reshape((heads, 2, hd / 2, cols))?

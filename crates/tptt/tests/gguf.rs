@@ -8,22 +8,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use tptt::model::{LoadOptions, Model};
 use tptt::repo::TpttRepo;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny")
-}
-
-/// llama.cpp's `permute`: HF row (h, t, j) goes to row (h, j, t).
-fn permute(w: &Tensor, heads: usize) -> Tensor {
-    let (rows, cols) = w.dims2().expect("2-D");
-    let hd = rows / heads;
-    w.reshape((heads, 2, hd / 2, cols))
-        .and_then(|t| t.transpose(1, 2))
-        .and_then(|t| t.reshape((rows, cols)))
-        .expect("permute")
 }
 
 fn write_gguf(out: &Path, dtype: GgmlDType) {
@@ -43,31 +33,11 @@ fn write_gguf(out: &Path, dtype: GgmlDType) {
     );
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &base {
-        let gname = match name.as_str() {
-            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
-            "model.norm.weight" => "output_norm.weight".to_string(),
-            other => {
-                let rest = other.strip_prefix("model.layers.").expect("layer tensor");
-                let (i, part) = rest.split_once('.').expect("layer index");
-                let g = match part {
-                    "input_layernorm.weight" => "attn_norm.weight",
-                    "post_attention_layernorm.weight" => "ffn_norm.weight",
-                    "self_attn.q_proj.weight" => "attn_q.weight",
-                    "self_attn.k_proj.weight" => "attn_k.weight",
-                    "self_attn.v_proj.weight" => "attn_v.weight",
-                    "self_attn.o_proj.weight" => "attn_output.weight",
-                    "mlp.gate_proj.weight" => "ffn_gate.weight",
-                    "mlp.up_proj.weight" => "ffn_up.weight",
-                    "mlp.down_proj.weight" => "ffn_down.weight",
-                    p => panic!("unexpected {p}"),
-                };
-                format!("blk.{i}.{g}")
-            }
-        };
+        let gname = tptt::synth::gguf_name(name).expect("a Llama tensor");
         let t = if gname.ends_with("attn_q.weight") {
-            permute(t, heads)
+            tptt::synth::permute_heads(t.clone(), heads).expect("permute")
         } else if gname.ends_with("attn_k.weight") {
-            permute(t, kv)
+            tptt::synth::permute_heads(t.clone(), kv).expect("permute")
         } else {
             t.clone()
         };

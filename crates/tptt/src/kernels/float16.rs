@@ -7,24 +7,22 @@ use half::{bf16, f16};
 
 /// `out = W·x` over f16 rows, value by value (the reference).
 pub fn matvec_f16_naive(w: &[f16], x: &[f32], out: &mut [f32]) {
-    let n = x.len();
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = w[r * n..(r + 1) * n]
-            .iter()
-            .zip(x)
-            .map(|(a, b)| a.to_f32() * b)
-            .sum();
-    }
+    matvec_widened(w, x, out, f16::to_f32);
 }
 
 /// `out = W·x` over bf16 rows, value by value (the reference).
 pub fn matvec_bf16_naive(w: &[bf16], x: &[f32], out: &mut [f32]) {
+    matvec_widened(w, x, out, bf16::to_f32);
+}
+
+/// `out = W·x` with every weight widened by `wide`.
+fn matvec_widened<T: Copy>(w: &[T], x: &[f32], out: &mut [f32], wide: fn(T) -> f32) {
     let n = x.len();
     for (r, o) in out.iter_mut().enumerate() {
         *o = w[r * n..(r + 1) * n]
             .iter()
             .zip(x)
-            .map(|(a, b)| a.to_f32() * b)
+            .map(|(&a, b)| wide(a) * b)
             .sum();
     }
 }
