@@ -39,14 +39,26 @@ pub(super) fn ensure() -> Result<(PathBuf, PathBuf)> {
     if done.is_file() && repo.is_dir() && gguf.is_file() {
         return Ok((repo, gguf));
     }
+    if dir.exists() && !ours(&dir) {
+        bail!(
+            "{} exists and is not a 1B bench cache (no repo/, GGUF or complete-v* marker): not replacing it",
+            dir.display()
+        );
+    }
     let shape = LlamaShape::LLAMA_3_2_1B;
     progress(format!(
         "[1b] writing the 1B-class model ({:.2} B parameters) into {} (once)",
         shape.parameters() as f64 / 1e9,
         dir.display()
     ));
+    // Our own scratch folder beside the cache (a run killed half-way may have left one).
     let tmp = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
+    if tmp.exists() {
+        if !ours(&tmp) {
+            bail!("{} exists and is not ours: not replacing it", tmp.display());
+        }
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let t = Instant::now();
     synth::write_repo(
@@ -74,10 +86,25 @@ pub(super) fn ensure() -> Result<(PathBuf, PathBuf)> {
         t.elapsed().as_secs_f64()
     ));
     std::fs::write(tmp.join(format!("complete-v{VERSION}")), "")?;
-    let _ = std::fs::remove_dir_all(&dir);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing the older cache {}", dir.display()))?;
+    }
     std::fs::rename(&tmp, &dir)
         .with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))?;
     Ok((repo, gguf))
+}
+
+/// Does `dir` hold only what [`ensure`] writes (so that an older or partial cache may be
+/// replaced)? An empty folder counts; anything else there is left alone.
+fn ours(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().all(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name == "repo" || name == "llama-1b-q4_k.gguf" || name.starts_with("complete-v")
+    })
 }
 
 /// The measurements, as one JSON object (errors inside it, per part).
