@@ -292,6 +292,13 @@ fn unpermute_rows(
 /// converter split are put back into one `proj_1`), so that its TPTT adapter, which targets
 /// `qkv_proj` / `out_proj`, applies as to a safetensors base.
 pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
+    load_as(path, device, false)
+}
+
+/// [`load`], keeping F16 / BF16 matrices in their stored precision on the CPU when `keep_half`
+/// (`LoadOptions::half_weights`) instead of widening them to f32.
+pub fn load_as(path: &Path, device: &Device, keep_half: bool) -> Result<(BaseConfig, WeightMap)> {
+    let keep_half = keep_half && device.is_cpu();
     let (content, mut file) = read_content(path)?;
     let cfg = config_of(path, &content)?;
     let openelm = cfg.arch == crate::config::Architecture::OpenElm;
@@ -332,7 +339,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
                 ffn_halves.insert(key, q);
             }
             None => {
-                map.insert(name, weight(q, device)?);
+                map.insert(name, weight(q, device, keep_half)?);
             }
         }
     }
@@ -347,7 +354,10 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
             continue;
         };
         let name = format!("transformer.layers.{layer}.ffn.proj_1.weight");
-        map.insert(name, weight(concat_rows(path, gate, up, device)?, device)?);
+        map.insert(
+            name,
+            weight(concat_rows(path, gate, up, device)?, device, keep_half)?,
+        );
     }
     if let Some(((layer, up), _)) = ffn_halves.into_iter().next() {
         return Err(err(
@@ -362,11 +372,23 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
     Ok((cfg, map))
 }
 
-/// A GGUF tensor as a weight: vectors and float matrices dense f32, quantized matrices kept as
-/// stored (see the module doc).
-fn weight(q: QTensor, device: &Device) -> Result<Weight> {
+/// A GGUF tensor as a weight: vectors and float matrices dense f32 (F16 / BF16 matrices as
+/// stored with `keep_half`), quantized matrices kept as stored (see the module doc).
+fn weight(q: QTensor, device: &Device, keep_half: bool) -> Result<Weight> {
     Ok(match q.dtype() {
         _ if q.rank() == 1 => Weight::Dense(q.dequantize(device)?),
+        GgmlDType::F16 | GgmlDType::BF16 if keep_half => {
+            let dtype = match q.dtype() {
+                GgmlDType::F16 => candle_core::DType::F16,
+                _ => candle_core::DType::BF16,
+            };
+            Weight::Dense(candle_core::Tensor::from_raw_buffer(
+                &q.data()?,
+                dtype,
+                q.shape().dims(),
+                device,
+            )?)
+        }
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(q.dequantize(device)?),
         // Every quantized type as stored (Q5_0 / Q5_1 too: the decode step has kernels for
         // them, prompts widen them; see the module doc).

@@ -100,3 +100,55 @@ fn half_weights_are_the_same_model_in_half_the_bytes() {
         let _ = std::fs::remove_dir_all(&base);
     }
 }
+
+/// An F16 / BF16 GGUF base (the same weights as a synthetic safetensors base) keeps its matrices
+/// as stored with `half_weights`: the same logits as widening them at load, in fewer bytes.
+#[test]
+fn half_gguf_matrices_are_kept_as_stored() {
+    use candle_core::quantized::GgmlDType;
+    use tptt::synth::{write_llama_gguf, LlamaShape};
+    let dir = std::env::temp_dir().join(format!("tptt-half-gguf-{}", std::process::id()));
+    let shape = LlamaShape::SMALL_D32;
+    let settings =
+        tptt::config::TpttSettings::injected("delta_product", 0.5, "base").expect("settings");
+    for dtype in [GgmlDType::F16, GgmlDType::BF16] {
+        let path = dir.join(format!("base-{dtype:?}.gguf"));
+        write_llama_gguf(&path, &shape, dtype, 5).expect("gguf");
+        let load = |half: bool| {
+            Model::load_gguf_plain(
+                &path,
+                settings.clone(),
+                &LoadOptions {
+                    half_weights: half,
+                    ..Default::default()
+                },
+            )
+            .expect("load")
+        };
+        let (wide, kept) = (load(false), load(true));
+        assert!(
+            (kept.weight_bytes() as f64) < 0.6 * wide.weight_bytes() as f64,
+            "{dtype:?}: {} vs {}",
+            kept.weight_bytes(),
+            wide.weight_bytes()
+        );
+        let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 320).collect();
+        let (mut sa, mut sb) = (
+            wide.new_state(CarryMode::Continue, None),
+            kept.new_state(CarryMode::Continue, None),
+        );
+        let d = max_diff(
+            &last_logits(&wide, &ids[..20], &mut sa),
+            &last_logits(&kept, &ids[..20], &mut sb),
+        );
+        assert!(d < 1e-4, "{dtype:?}: prompt differs by {d}");
+        for &id in &ids[20..] {
+            let d = max_diff(
+                &last_logits(&wide, &[id], &mut sa),
+                &last_logits(&kept, &[id], &mut sb),
+            );
+            assert!(d < 1e-4, "{dtype:?}: decode step differs by {d}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -109,7 +109,7 @@ impl Model {
     pub fn load(files: &VariantFiles, opts: &LoadOptions) -> Result<Self> {
         let (config, mut map) = match &files.base_gguf {
             Some(g) => {
-                let (base, map) = crate::gguf::load(g, &opts.device)?;
+                let (base, map) = crate::gguf::load_as(g, &opts.device, opts.half_weights)?;
                 (
                     ModelConfig {
                         base,
@@ -184,7 +184,7 @@ impl Model {
         tptt: TpttSettings,
         opts: &LoadOptions,
     ) -> Result<Self> {
-        let (base, map) = crate::gguf::load(path, &opts.device)?;
+        let (base, map) = crate::gguf::load_as(path, &opts.device, opts.half_weights)?;
         Self::from_weights(
             ModelConfig { base, tptt },
             map,
