@@ -13,9 +13,10 @@ use crate::weights::LoraSide;
 
 #[derive(Debug, Clone)]
 pub(super) enum Matrix {
-    /// `[out, in]` f32.
+    /// `[out, in]` f32, or f16 / bf16 as stored (`LoadOptions::half_weights`, CPU).
     Dense(Tensor),
-    /// Quantized, through candle's quantized matmul.
+    /// Quantized: our kernels where they take the type (decode, short prompts), widened to f32
+    /// for longer prompts, else candle's quantized matmul.
     Quant(QMatMul),
 }
 
@@ -365,8 +366,9 @@ mod tests {
 
     /// A prompt's rows through a quantized matrix take the widened (dequantized f32) product:
     /// equal to the product with the dequantized matrix, and within the activation
-    /// quantization of candle's row-by-row quantized matmul (the reference path, still used
-    /// below [`WIDEN_QUANT_ROWS`] rows).
+    /// quantization of candle's row-by-row quantized matmul; below [`WIDEN_QUANT_ROWS`] rows
+    /// our kernels run row by row and equal candle's product (both quantize the input per 32
+    /// values for Q8_0 at this shape).
     #[test]
     fn widened_quantized_product_matches_row_by_row() {
         use candle_core::quantized::{GgmlDType, QTensor};
