@@ -8,7 +8,8 @@
 //! one weight, its KV cache in each format) and `step` the
 //! branch alone at one token; `attend [KV] [f32|f16|q8_0]` one decode token's attention over KV
 //! cached positions in 30 layers stored in that format; env `MAGS`, `MODES` and `REPS` select
-//! the weights, operator modes and repetitions. `matvec [ROWS] [COLS]` times one decode product
+//! the weights, operator modes and repetitions. `promptmm [TOKENS] [ROWS] [COLS]` one prompt product with a Q4_K matrix,
+//! ours against the widened f32 product; `matvec [ROWS] [COLS]` times one decode product
 //! `W·x` (default 2048 × 8192) per weight type, ours (`kernels::matvec_group`) against candle's
 //! `QMatMul`, in GB/s of weight bytes (run with `RAYON_NUM_THREADS=1` for one thread: both
 //! honour it).
@@ -406,6 +407,47 @@ fn matvec(rows: usize, cols: usize, reps: usize) -> Result<(), Box<dyn std::erro
     Ok(())
 }
 
+/// One prompt product `X·Wᵀ` (`tokens` rows of input) with a Q4_K `rows × cols` matrix: ours
+/// in 8-bit integers against the matrix widened to f32 for candle's dense product, in GMAC/s.
+fn promptmm(
+    tokens: usize,
+    rows: usize,
+    cols: usize,
+    reps: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let w = Tensor::from_vec(rand_vec(rows * cols, 1), (rows, cols), &dev)?;
+    let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
+    let bytes = q.data()?.into_owned();
+    let x = rand_vec(tokens * cols, 2);
+    let xt = Tensor::from_slice(&x, (tokens, cols), &dev)?;
+    let (t_ours, _, _) = time(reps, || {
+        let _ = tptt::kernels::prompt_k::matmul(
+            tptt::kernels::prompt_k::KType::Q4K,
+            &bytes,
+            rows,
+            cols,
+            &x,
+        );
+    });
+    let (t_wide, _, _) = time(reps, || {
+        let wf = q.dequantize(&dev).expect("dequantize");
+        let _ = xt.matmul(&wf.t().expect("t")).expect("matmul");
+    });
+    let gmac = (tokens * rows * cols) as f64 / 1e9;
+    println!(
+        "prompt Q4_K {tokens}x{rows}x{cols}, {} thread(s): ours {:.1} GMAC/s ({:.1} ms), widened f32 {:.1} GMAC/s ({:.1} ms)",
+        rayon::current_num_threads(),
+        gmac / t_ours,
+        t_ours * 1e3,
+        gmac / t_wide,
+        t_wide * 1e3
+    );
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tptt::alloc::tune_for_inference();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -438,6 +480,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("matvec") => matvec(
             args.get(1).and_then(|t| t.parse().ok()).unwrap_or(2048),
             args.get(2).and_then(|t| t.parse().ok()).unwrap_or(8192),
+            reps,
+        )?,
+        Some("promptmm") => promptmm(
+            args.get(1).and_then(|t| t.parse().ok()).unwrap_or(512),
+            args.get(2).and_then(|t| t.parse().ok()).unwrap_or(2048),
+            args.get(3).and_then(|t| t.parse().ok()).unwrap_or(8192),
             reps,
         )?,
         Some("step") => branch_step(

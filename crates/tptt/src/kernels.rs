@@ -24,6 +24,7 @@ pub mod float16;
 pub mod kquants;
 pub mod kv;
 pub mod prefill;
+pub mod prompt_k;
 pub mod q4_0;
 pub mod q4_1;
 pub mod q5;

@@ -82,7 +82,7 @@ pub const Q5K_BLOCK_BYTES: usize = 176;
 /// sub-block `j` < 4 in the low six bits of bytes `j` (scale) and `j + 4` (minimum); `j` ≥ 4 in
 /// the low (scale) and high (minimum) nibble of byte `j + 4`, with their top two bits in the
 /// top bits of bytes `j − 4` (scale) and `j` (minimum).
-fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(super) fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
         sc[j] = s[j] & 63;
@@ -95,7 +95,7 @@ fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
 
 /// The 32 unsigned values `u` of sub-block `j` of a super-block: its nibbles in `qs` (128
 /// bytes), and with `qh` (Q5_K) its fifth bits.
-fn sub_block(qs: &[u8], qh: Option<&[u8]>, j: usize) -> [u8; Q8_0_BLOCK] {
+pub(super) fn sub_block(qs: &[u8], qh: Option<&[u8]>, j: usize) -> [u8; Q8_0_BLOCK] {
     let chunk = &qs[32 * (j / 2)..32 * (j / 2 + 1)];
     let mut u = [0u8; Q8_0_BLOCK];
     for (l, (u, &byte)) in u.iter_mut().zip(chunk).enumerate() {

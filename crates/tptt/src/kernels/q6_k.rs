@@ -18,7 +18,7 @@ use super::{f16_at, matvec_dequantized, QuantInput, Q8_0_BLOCK, QK_K};
 pub const Q6K_BLOCK_BYTES: usize = 210;
 
 /// The 32 unsigned values of block `j` (< 8) of a super-block `blk`.
-fn block_values(blk: &[u8], j: usize) -> [u8; Q8_0_BLOCK] {
+pub(super) fn block_values(blk: &[u8], j: usize) -> [u8; Q8_0_BLOCK] {
     let (h, k) = (j / 4, j % 4);
     let ql = &blk[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
     let qh = &blk[128 + 32 * h..128 + 32 * h + 32];
@@ -31,7 +31,7 @@ fn block_values(blk: &[u8], j: usize) -> [u8; Q8_0_BLOCK] {
 }
 
 /// Scale `g` (< 16) of a super-block.
-fn scale(blk: &[u8], g: usize) -> i32 {
+pub(super) fn scale(blk: &[u8], g: usize) -> i32 {
     i32::from(blk[192 + g] as i8)
 }
 

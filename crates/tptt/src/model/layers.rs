@@ -15,8 +15,8 @@ use crate::weights::LoraSide;
 pub(super) enum Matrix {
     /// `[out, in]` f32, or f16 / bf16 as stored (`LoadOptions::half_weights`, CPU).
     Dense(Tensor),
-    /// Quantized: our kernels where they take the type (decode, short prompts), widened to f32
-    /// for longer prompts, else candle's quantized matmul.
+    /// Quantized: our kernels where they take the type (decode, short prompts; K-quant prompts in
+    /// 8-bit integers), widened to f32 for other prompts, else candle's quantized matmul.
     Quant(QMatMul),
 }
 
@@ -110,6 +110,31 @@ impl Linear {
                 }
             }
             Matrix::Dense(w) => x.matmul(&w.t()?)?,
+            // A prompt through a K-quant matrix: the 8-bit prompt kernels.
+            Matrix::Quant(QMatMul::QTensor(q))
+                if rows >= WIDEN_QUANT_ROWS
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && matches!(
+                        q.dtype(),
+                        candle_core::quantized::GgmlDType::Q4K
+                            | candle_core::quantized::GgmlDType::Q5K
+                            | candle_core::quantized::GgmlDType::Q6K
+                    ) =>
+            {
+                let cols = x.dim(D::Minus1)?;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                match super::step::quant_prompt_product(q, &xs, cols)? {
+                    Some(out) => {
+                        let mut dims = x.dims().to_vec();
+                        if let Some(last) = dims.last_mut() {
+                            *last = q.shape().dims().first().copied().unwrap_or(0);
+                        }
+                        Tensor::from_vec(out, dims, x.device())?
+                    }
+                    None => widened_product(x, q, widen_tile_rows(q))?,
+                }
+            }
             // (Q4_1, Q5_0 and Q5_1 from 2 rows: candle 0.11's CPU kernels for them have no SIMD
             // path; Q4_0, Q8_0 and the K-quants have an AVX one.)
             Matrix::Quant(QMatMul::QTensor(q))
@@ -413,6 +438,49 @@ mod tests {
                     "rows {rows}: row-by-row product"
                 );
             }
+        }
+    }
+
+    /// A prompt through a Q4_K matrix takes the 8-bit prompt kernel: for 2-D and 3-D inputs
+    /// it equals candle's own Q4_K product (the input quantized per 256 values in both) to f32
+    /// rounding, and the dequantized product within the input's 8-bit rounding.
+    #[test]
+    fn q4k_prompt_product_matches_candle() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 512), &dev).expect("w");
+        let q = std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).expect("quantize"));
+        let lin = Linear {
+            w: Matrix::Quant(QMatMul::from_arc(q.clone()).expect("qmatmul")),
+            b: None,
+            lora: None,
+        };
+        let max = |t: &Tensor| {
+            t.abs()
+                .and_then(|t| t.max_all()?.to_scalar::<f32>())
+                .expect("max")
+        };
+        for dims in [vec![WIDEN_QUANT_ROWS, 512], vec![2, 21, 512]] {
+            let x = Tensor::randn(0f32, 1.0, dims.as_slice(), &dev).expect("x");
+            let got = lin.forward(&x).expect("forward");
+            let candle = QMatMul::from_arc(q.clone())
+                .and_then(|m| m.forward(&x))
+                .expect("candle");
+            let exact = x
+                .broadcast_matmul(&q.dequantize(&dev).and_then(|t| t.t()).expect("deq"))
+                .expect("matmul");
+            assert_eq!(got.dims(), exact.dims());
+            let scale = max(&exact);
+            let to_candle = max(&(&got - &candle).expect("diff"));
+            let to_exact = max(&(&got - &exact).expect("diff"));
+            assert!(
+                to_candle < 1e-5 * scale,
+                "{dims:?}: {to_candle} from candle's product"
+            );
+            assert!(
+                to_exact < 2e-2 * scale,
+                "{dims:?}: {to_exact} from the exact product"
+            );
         }
     }
 

@@ -132,6 +132,38 @@ pub(super) fn quant_matmul_rows(
     matmul_rows(w, n, x, cols)
 }
 
+/// `x · qᵀ` for a prompt (many rows of `cols` values) with the 8-bit prompt kernels, when they
+/// take `q`'s type (Q4_K, Q5_K, Q6_K: [`kernels::prompt_k`]); `None` otherwise.
+pub(super) fn quant_prompt_product(
+    q: &candle_core::quantized::QTensor,
+    x: &[f32],
+    cols: usize,
+) -> Result<Option<Vec<f32>>> {
+    use kernels::prompt_k::{matmul, KType};
+    let t = match q.dtype() {
+        GgmlDType::Q4K => KType::Q4K,
+        GgmlDType::Q5K => KType::Q5K,
+        GgmlDType::Q6K => KType::Q6K,
+        _ => return Ok(None),
+    };
+    let n = q.shape().dims().first().copied().unwrap_or(0);
+    if cols == 0
+        || !cols.is_multiple_of(kernels::QK_K)
+        || !x.len().is_multiple_of(cols)
+        || q.shape().dims().last() != Some(&cols)
+    {
+        return Ok(None);
+    }
+    let bytes = q.data()?;
+    if bytes.len() != n * cols / kernels::QK_K * t.block_bytes() {
+        return Err(Error::State(format!(
+            "a [{n}, {cols}] {t:?} matrix of {} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(Some(matmul(t, &bytes, n, cols, x)))
+}
+
 /// `x · wᵀ` for a dense matrix kept in half precision and `x` of rows of `cols` values, with
 /// the kernels, one row at a time (a short prompt, [`super::layers`]).
 pub(super) fn half_matmul_rows(w: &Tensor, x: &[f32], cols: usize) -> Result<Vec<f32>> {
