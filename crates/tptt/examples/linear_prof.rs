@@ -390,6 +390,26 @@ fn matvec(rows: usize, cols: usize, reps: usize) -> Result<(), Box<dyn std::erro
             matvec_group(vec![MatVec { w, bias: None, out }], &x);
         };
         let (t_ours, _, _) = time(reps, || ours(&mut out));
+        if dtype == GgmlDType::Q4K && rows.is_multiple_of(16) {
+            // The same matrix repacked 16 rows to a group (kernels::q4k_x16).
+            let packed = tptt::kernels::q4k_x16::pack(&bytes, rows, cols);
+            let (t, _, _) = time(reps, || {
+                matvec_group(
+                    vec![MatVec {
+                        w: Rows::Q4KX16(&packed),
+                        bias: None,
+                        out: &mut out,
+                    }],
+                    &x,
+                )
+            });
+            println!(
+                "Q4K x16\t{:.3}\t{:.1} ({:.2})",
+                packed.len() as f64 / (rows * cols) as f64,
+                packed.len() as f64 / t / 1e9,
+                t * 1e3
+            );
+        }
         let mm = QMatMul::from_qtensor(q)?;
         let (t_candle, _, _) = time(reps, || {
             let _ = mm.forward(&xt);
@@ -448,6 +468,35 @@ fn promptmm(
     Ok(())
 }
 
+/// `qdecode REPO VARIANT GGUF [TOKENS]`: decode `TOKENS` (default 200) single tokens after a
+/// 128-token prompt on a variant over a GGUF base (for a profiler; `REPACK=0` keeps Q4_K
+/// matrices as stored).
+fn qdecode(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let (repo, variant, gguf) = match args {
+        [r, v, g, ..] => (r, v, g),
+        _ => return Err("qdecode REPO VARIANT GGUF [TOKENS]".into()),
+    };
+    let n: usize = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(200);
+    let files = tptt::repo::TpttRepo::open(std::path::Path::new(repo))?
+        .variant(Some(variant), Some(std::path::Path::new(gguf)))?;
+    let opts = LoadOptions {
+        repack_q4k: std::env::var("REPACK").map_or(true, |v| v != "0"),
+        ..LoadOptions::default()
+    };
+    let m = Model::load(&files, &opts)?;
+    let mut st = m.new_state(CarryMode::Continue, None);
+    st.set_kv_format(KvFormat::Q8_0)?;
+    let prompt: Vec<u32> = (0..128u32).map(|i| (i * 7919) % 30000 + 10).collect();
+    m.forward(&prompt, &mut st, Logits::Last)?;
+    let t0 = Instant::now();
+    for i in 0..n as u32 {
+        m.forward(&[(i * 31) % 30000 + 10], &mut st, Logits::Last)?;
+    }
+    let t = t0.elapsed().as_secs_f64();
+    println!("qdecode: {n} tokens in {t:.2} s, {:.1} tok/s", n as f64 / t);
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tptt::alloc::tune_for_inference();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -482,6 +531,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             args.get(2).and_then(|t| t.parse().ok()).unwrap_or(8192),
             reps,
         )?,
+        Some("qdecode") => qdecode(&args[1..])?,
         Some("promptmm") => promptmm(
             args.get(1).and_then(|t| t.parse().ok()).unwrap_or(512),
             args.get(2).and_then(|t| t.parse().ok()).unwrap_or(2048),

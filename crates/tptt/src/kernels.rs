@@ -27,6 +27,7 @@ pub mod prefill;
 pub mod prompt_k;
 pub mod q4_0;
 pub mod q4_1;
+pub mod q4k_x16;
 pub mod q5;
 pub mod q6_k;
 
@@ -66,6 +67,8 @@ pub enum Rows<'a> {
     Q5K(&'a [u8]),
     /// GGML Q6_K blocks (`x.len()` a multiple of 256), as stored ([`q6_k`]).
     Q6K(&'a [u8]),
+    /// Q4_K repacked 16 rows to a group ([`q4k_x16`]; rows a multiple of 16, `x.len()` of 256).
+    Q4KX16(&'a [u8]),
 }
 
 /// Values per K-quant super-block (Q4_K, Q5_K, Q6_K).
@@ -85,6 +88,7 @@ impl<'a> Rows<'a> {
             Rows::Q4K(w) => (w, QK_K, kquants::Q4K_BLOCK_BYTES),
             Rows::Q5K(w) => (w, QK_K, kquants::Q5K_BLOCK_BYTES),
             Rows::Q6K(w) => (w, QK_K, q6_k::Q6K_BLOCK_BYTES),
+            Rows::Q4KX16(w) => (w, QK_K, q4k_x16::ROW_SB_BYTES),
         })
     }
 
@@ -100,6 +104,7 @@ impl<'a> Rows<'a> {
             Rows::Q4K(_) => Rows::Q4K(w),
             Rows::Q5K(_) => Rows::Q5K(w),
             Rows::Q6K(_) => Rows::Q6K(w),
+            Rows::Q4KX16(_) => Rows::Q4KX16(w),
         }
     }
 
@@ -134,6 +139,11 @@ impl<'a> Rows<'a> {
             (Rows::F32(w), _) => w.len() == rows * cols,
             (Rows::F16(w), _) => w.len() == rows * cols,
             (Rows::BF16(w), _) => w.len() == rows * cols,
+            (Rows::Q4KX16(w), _) => {
+                rows.is_multiple_of(q4k_x16::ROWS)
+                    && cols.is_multiple_of(QK_K)
+                    && w.len() == rows * cols / QK_K * q4k_x16::ROW_SB_BYTES
+            }
             (_, Some((w, vals, bytes))) => {
                 cols.is_multiple_of(vals) && w.len() == rows * cols / vals * bytes
             }
@@ -272,7 +282,10 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let threads = crate::team::threads();
     // About 4 tasks per thread for balance, but never tiny ones.
     let task_elems = (total / (threads * 4)).max(MIN_TASK_ELEMS);
-    let rows_per_task = (task_elems / n.max(1)).max(4);
+    // (A multiple of 16: the repacked Q4_K groups, [`q4k_x16`].)
+    let rows_per_task = (task_elems / n.max(1))
+        .max(4)
+        .next_multiple_of(q4k_x16::ROWS);
     let mut tasks: Vec<MatVec<'_>> = Vec::new();
     for m in group {
         assert!(
@@ -313,7 +326,7 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
             needs(|w| matches!(w, Rows::Q4_0(_) | Rows::Q5_0(_) | Rows::Q5K(_))),
             needs(|w| matches!(w, Rows::Q6K(_))),
             needs(|w| matches!(w, Rows::Q4_1(_) | Rows::Q5_1(_))),
-            needs(|w| matches!(w, Rows::Q4K(_))),
+            needs(|w| matches!(w, Rows::Q4K(_) | Rows::Q4KX16(_))),
         )
     });
     let run = |t: MatVec<'_>| {
@@ -331,6 +344,7 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
             (Rows::Q4K(w), Some(xi)) => kquants::matvec_q4k_rows(w, xi, t.out),
             (Rows::Q5K(w), Some(xi)) => kquants::matvec_q5k_rows(w, xi, t.out),
             (Rows::Q6K(w), Some(xi)) => q6_k::matvec_q6k_rows(w, xi, t.out),
+            (Rows::Q4KX16(w), Some(xi)) => q4k_x16::matvec_rows(w, xi, t.out),
             // (Not reached: a quantized matrix makes `xi`; the exact products keep it total.)
             (Rows::Q8_0(w), None) => matvec_q8_0_naive(w, x, t.out),
             (Rows::Q4_0(w), None) => q4_0::matvec_q4_0_naive(w, x, t.out),
@@ -340,6 +354,7 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
             (Rows::Q4K(w), None) => kquants::matvec_q4k_naive(w, x, t.out),
             (Rows::Q5K(w), None) => kquants::matvec_q5k_naive(w, x, t.out),
             (Rows::Q6K(w), None) => q6_k::matvec_q6k_naive(w, x, t.out),
+            (Rows::Q4KX16(w), None) => q4k_x16::matvec_naive(w, x, t.out),
         }
         if let Some(b) = t.bias {
             t.out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
@@ -383,16 +398,58 @@ fn matvec_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
 /// The input quantized as llama.cpp and candle do for Q8_0 products: per block of 32,
 /// `d = max|x| / 127` (kept as f16), `q = round(x / d)`. Returns the bytes and the scales.
 pub fn quantize_q8_0(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
-    let mut q = Vec::with_capacity(x.len());
+    let mut q = vec![0i8; x.len() - x.len() % Q8_0_BLOCK];
     let mut ds = Vec::with_capacity(x.len() / Q8_0_BLOCK);
-    for blk in x.chunks_exact(Q8_0_BLOCK) {
-        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (blk, q) in x
+        .chunks_exact(Q8_0_BLOCK)
+        .zip(q.chunks_exact_mut(Q8_0_BLOCK))
+    {
+        let amax = abs_max(blk);
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        q.extend(blk.iter().map(|v| (v * id).round() as i8));
+        scale_round(blk, id, q);
         ds.push(half::f16::from_f32(d).to_f32());
     }
     (q, ds)
+}
+
+/// The largest `|v|` of `x` (NaN ignored; 0 for an empty slice), with the best kernel for this
+/// CPU.
+pub(crate) fn abs_max(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::has_avx2_fma() {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { avx2::abs_max(x) };
+        }
+    }
+    abs_max_naive(x)
+}
+
+/// [`abs_max`], scalar (its reference and portable path).
+pub(crate) fn abs_max_naive(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// `q[i] = round(s·x[i])` (halves away from zero) saturated to `i8`, NaN to 0, exactly as
+/// `(s * x).round() as i8`, with the best kernel for this CPU.
+pub(crate) fn scale_round(x: &[f32], s: f32, q: &mut [i8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::cpu::has_avx2_fma() {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { avx2::scale_round(x, s, q) };
+            return;
+        }
+    }
+    scale_round_naive(x, s, q);
+}
+
+/// [`scale_round`], scalar (its reference and portable path).
+pub(crate) fn scale_round_naive(x: &[f32], s: f32, q: &mut [i8]) {
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (s * v).round() as i8;
+    }
 }
 
 /// Q8_0 rows against a Q8_0-quantized input, the literal definition (the reference for the
@@ -456,6 +513,68 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    /// The largest `|v|` of `x`, NaN ignored.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn abs_max(x: &[f32]) -> f32 {
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_setzero_ps();
+        let chunks = x.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            // `max(|v|, m)` returns `m` where `|v|` is NaN: NaN is ignored, as by `f32::max`.
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(c.as_ptr())), m);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        lanes
+            .iter()
+            .chain(tail.iter())
+            .fold(0f32, |m, v| m.max(v.abs()))
+    }
+
+    /// `q[i] = round(s·x[i])` as `(s * x).round() as i8`: the product truncated, plus one
+    /// away from zero where the dropped fraction (exact in f32) is at least a half; saturated
+    /// to −128..=127, NaN to 0.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scale_round(x: &[f32], s: f32, q: &mut [i8]) {
+        let n = x.len().min(q.len());
+        let (sv, half, sign, one) = (
+            _mm256_set1_ps(s),
+            _mm256_set1_ps(0.5),
+            _mm256_set1_ps(-0.0),
+            _mm256_set1_ps(1.0),
+        );
+        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), sv);
+            let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));
+            let up = _mm256_and_ps(
+                _mm256_cmp_ps(frac, half, _CMP_GE_OQ),
+                _mm256_or_ps(one, _mm256_and_ps(v, sign)),
+            );
+            let r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, up), lo), hi);
+            // NaN (unordered with itself) to 0.
+            let r = _mm256_and_ps(r, _mm256_cmp_ps(v, v, _CMP_ORD_Q));
+            let i32s = _mm256_cvttps_epi32(r);
+            let w = _mm_packs_epi32(
+                _mm256_castsi256_si128(i32s),
+                _mm256_extracti128_si256(i32s, 1),
+            );
+            let b = _mm_packs_epi16(w, w);
+            _mm_storel_epi64(q.as_mut_ptr().add(i) as *mut __m128i, b);
+            i += 8;
+        }
+        super::scale_round_naive(&x[i..n], s, &mut q[i..n]);
+    }
 
     /// Sum of the eight lanes.
     ///
@@ -1141,6 +1260,59 @@ fn dot_wide(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    /// The SIMD rounding equals `(s * x).round() as i8` on every hostile value (halves of both
+    /// signs, values past ±127 and ±128, infinities, NaN, signed zeros, subnormals) and
+    /// the SIMD magnitude equals the scalar fold, NaN ignored, at every length.
+    #[test]
+    fn rounding_and_magnitude_match_the_scalar_forms() {
+        let mut x: Vec<f32> = Vec::new();
+        for n in -130..=130 {
+            let n = n as f32;
+            x.extend([
+                n,
+                n + 0.5,
+                n - 0.5,
+                n + 0.49999997,
+                n - 0.49999997,
+                n + 0.25,
+            ]);
+        }
+        x.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -0.0,
+            0.0,
+            1e-40,
+            -1e-40,
+            f32::MAX,
+            f32::MIN,
+            0.49999997,
+            -0.49999997,
+            8388607.5,
+            -8388607.5,
+        ]);
+        for s in [1.0f32, -1.0, 0.5, 3.0, 0.0, -127.0 / 3.7] {
+            for len in [x.len(), 7, 8, 9, 0] {
+                let xs = &x[..len.min(x.len())];
+                let mut a = vec![0i8; xs.len()];
+                let mut b = vec![0i8; xs.len()];
+                scale_round(xs, s, &mut a);
+                scale_round_naive(xs, s, &mut b);
+                assert_eq!(a, b, "scale {s}, {len} values");
+            }
+        }
+        for len in 0..40 {
+            let xs: Vec<f32> = x.iter().rev().take(len).copied().collect();
+            assert_eq!(
+                abs_max(&xs).to_bits(),
+                abs_max_naive(&xs).to_bits(),
+                "{len}"
+            );
+        }
+        assert_eq!(abs_max(&[f32::NAN, -3.0, 2.0, f32::NAN]), 3.0);
+    }
+
     use super::*;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {

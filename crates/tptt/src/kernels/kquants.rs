@@ -45,30 +45,23 @@ pub fn quantize_q8_k(x: &[f32]) -> Q8K {
         bsums: Vec::with_capacity(x.len() / 16),
     };
     for blk in x.chunks_exact(QK_K) {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in blk {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        // The first value of the largest magnitude (NaN ignored).
+        let amax = super::abs_max(blk);
+        let max = blk.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
+        let start = out.q.len();
+        out.q.resize(start + QK_K, 0);
         if amax == 0.0 {
             out.d.push(0.0);
-            out.q.extend(std::iter::repeat_n(0i8, QK_K));
         } else {
             let iscale = -127.0 / max;
             out.d.push(1.0 / iscale);
-            out.q.extend(
-                blk.iter()
-                    .map(|v| (iscale * v).round().clamp(-128.0, 127.0) as i8),
-            );
+            super::scale_round(blk, iscale, &mut out.q[start..]);
         }
-        let start = out.q.len() - QK_K;
-        let sums: Vec<i16> = out.q[start..]
-            .chunks_exact(16)
-            .map(|c| c.iter().map(|&v| i16::from(v)).sum())
-            .collect();
-        out.bsums.extend(sums);
+        out.bsums.extend(
+            out.q[start..]
+                .chunks_exact(16)
+                .map(|c| c.iter().map(|&v| i16::from(v)).sum::<i16>()),
+        );
     }
     out
 }

@@ -27,6 +27,7 @@ use super::kquants::{
     dequantize_q4k, dequantize_q5k, quantize_q8_k, scales_mins, sub_block, Q4K_BLOCK_BYTES,
     Q5K_BLOCK_BYTES,
 };
+use super::q4k_x16;
 use super::q6_k::{block_values, dequantize_q6k, scale, Q6K_BLOCK_BYTES};
 use super::{f16_at, Q8_0_BLOCK, QK_K};
 
@@ -231,6 +232,31 @@ impl Panel {
     }
 }
 
+impl Panel {
+    /// Unpack `rows` rows of `cols` values of a repacked Q4_K matrix (whole groups).
+    fn from_packed(w: &[u8], rows: usize, cols: usize) -> Self {
+        let supers = cols / QK_K;
+        let mut p = Panel {
+            group: Q8_0_BLOCK,
+            u: Vec::with_capacity(rows * cols),
+            sc: Vec::with_capacity(rows * supers * 8),
+            d: Vec::with_capacity(rows * supers),
+            offsets: Vec::with_capacity(rows * supers * 8),
+        };
+        for r in 0..rows {
+            let group = &w[r / q4k_x16::ROWS * supers * q4k_x16::SB_BYTES..];
+            for s in 0..supers {
+                let b = q4k_x16::row_block(group, r % q4k_x16::ROWS, s);
+                p.u.extend_from_slice(&b.u);
+                p.sc.extend(b.sc.map(i16::from));
+                p.d.push(b.d);
+                p.offsets.extend(b.m.map(|m| b.dmin * f32::from(m)));
+            }
+        }
+        p
+    }
+}
+
 /// [`TASK_ROWS`] rows unpacked with the rows interleaved, for the AVX-512 VNNI kernel: every 64
 /// bytes hold four consecutive values of each of the 16 rows (row `r` in bytes `4r..4r + 4`),
 /// so that one `dpbusd` against four input bytes broadcast takes 16 rows at once, each in its own
@@ -279,16 +305,104 @@ impl Interleaved {
     }
 }
 
+/// A matrix as the prompt kernels read it.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// GGML blocks of a type, as stored.
+    Blocks(KType, &'a [u8]),
+    /// Q4_K repacked 16 rows to a group ([`super::q4k_x16`]).
+    Packed(&'a [u8]),
+}
+
+impl Source<'_> {
+    /// Bytes of `rows` rows of `cols` values.
+    fn bytes(&self, rows: usize, cols: usize) -> usize {
+        rows * cols / QK_K
+            * match self {
+                Source::Blocks(t, _) => t.block_bytes(),
+                Source::Packed(_) => q4k_x16::ROW_SB_BYTES,
+            }
+    }
+
+    /// Rows `r0..r0 + rows` (a task), unpacked row by row.
+    fn panel(&self, r0: usize, rows: usize, cols: usize) -> Panel {
+        let (at, len) = (self.bytes(r0, cols), self.bytes(rows, cols));
+        match *self {
+            Source::Blocks(t, w) => Panel::new(t, &w[at..at + len]),
+            Source::Packed(w) => Panel::from_packed(&w[at..at + len], rows, cols),
+        }
+    }
+
+    /// Rows `r0..r0 + rows` (a task of at most 16), interleaved.
+    fn interleaved(&self, r0: usize, rows: usize, cols: usize) -> Interleaved {
+        let (at, len) = (self.bytes(r0, cols), self.bytes(rows, cols));
+        match *self {
+            Source::Blocks(t, w) => Interleaved::new(t, &w[at..at + len], cols),
+            Source::Packed(w) => Interleaved::from_packed(&w[at..at + len], cols),
+        }
+    }
+}
+
 /// `X·Wᵀ` for a matrix `w` of type `t`, `n` rows of `cols` values (whole super-blocks), and
 /// `x` rows of `cols` values: `[rows, n]`, with the best kernel for this CPU.
 pub fn matmul(t: KType, w: &[u8], n: usize, cols: usize, x: &[f32]) -> Vec<f32> {
-    matmul_with(t, w, n, &PromptInput::new(x, cols), best())
+    matmul_with(Source::Blocks(t, w), n, &PromptInput::new(x, cols), best())
+}
+
+/// `X·Wᵀ` for a repacked Q4_K matrix ([`super::q4k_x16`]) of `n` rows (a multiple of 16) of
+/// `cols` values: `[rows, n]`, with the best kernel for this CPU.
+pub fn matmul_packed(w: &[u8], n: usize, cols: usize, x: &[f32]) -> Vec<f32> {
+    matmul_with(Source::Packed(w), n, &PromptInput::new(x, cols), best())
+}
+
+impl Interleaved {
+    /// One group of 16 rows of `cols` values of a repacked Q4_K matrix: slot `t` of a
+    /// super-block holds this layout's positions `2t` (low nibbles) and `2t + 1` (high ones).
+    fn from_packed(w: &[u8], cols: usize) -> Self {
+        const R: usize = TASK_ROWS;
+        let supers = cols / QK_K;
+        let mut p = Interleaved {
+            group: Q8_0_BLOCK,
+            u: vec![0; R * cols],
+            sc: vec![0; R * supers * 8],
+            d: vec![0.0; R * supers],
+            offsets: vec![0.0; R * supers * 8],
+        };
+        for (s, sb) in w.chunks_exact(q4k_x16::SB_BYTES).take(supers).enumerate() {
+            let u = &mut p.u[s * QK_K * R..(s + 1) * QK_K * R];
+            for (slot, out) in sb[..2048].chunks_exact(64).zip(u.chunks_exact_mut(128)) {
+                let (lo, hi) = out.split_at_mut(64);
+                for ((l, h), &b) in lo.iter_mut().zip(hi.iter_mut()).zip(slot) {
+                    *l = b & 0x0F;
+                    *h = b >> 4;
+                }
+            }
+            for r in 0..R {
+                let (d, dmin) = (
+                    f16_at(sb, q4k_x16::D + 2 * r),
+                    f16_at(sb, q4k_x16::DMIN + 2 * r),
+                );
+                p.d[s * R + r] = d;
+                for j in 0..8 {
+                    p.sc[(s * 8 + j) * R + r] = i32::from(sb[q4k_x16::SCALES + 16 * j + r]);
+                    p.offsets[(s * 8 + j) * R + r] =
+                        dmin * f32::from(sb[q4k_x16::MINS + 16 * j + r]);
+                }
+            }
+        }
+        p
+    }
 }
 
 /// `X·Wᵀ` with the integer formula, scalar (the reference of the optimized kernels, and their
 /// portable path).
 pub fn matmul_quantized_naive(t: KType, w: &[u8], n: usize, cols: usize, x: &[f32]) -> Vec<f32> {
-    matmul_with(t, w, n, &PromptInput::new(x, cols), Kernel::Portable)
+    matmul_with(
+        Source::Blocks(t, w),
+        n,
+        &PromptInput::new(x, cols),
+        Kernel::Portable,
+    )
 }
 
 /// `X·Wᵀ` with the matrix dequantized value by value (the exact product).
@@ -328,11 +442,14 @@ fn best() -> Kernel {
     Kernel::Portable
 }
 
-fn matmul_with(t: KType, w: &[u8], n: usize, x: &PromptInput, kernel: Kernel) -> Vec<f32> {
+fn matmul_with(src: Source<'_>, n: usize, x: &PromptInput, kernel: Kernel) -> Vec<f32> {
     let (rows, cols) = (x.rows(), x.cols);
-    let row_bytes = cols / QK_K * t.block_bytes();
+    let len = match src {
+        Source::Blocks(_, w) | Source::Packed(w) => w.len(),
+    };
     assert!(
-        w.len() >= n * row_bytes,
+        len >= src.bytes(n, cols)
+            && (matches!(src, Source::Blocks(..)) || n.is_multiple_of(q4k_x16::ROWS)),
         "prompt product: {n} rows of {cols}"
     );
     if rows == 0 || n == 0 {
@@ -345,11 +462,10 @@ fn matmul_with(t: KType, w: &[u8], n: usize, x: &PromptInput, kernel: Kernel) ->
         .map(|task| {
             let r0 = task * TASK_ROWS;
             let task_rows = TASK_ROWS.min(n - r0);
-            let w = &w[r0 * row_bytes..(r0 + task_rows) * row_bytes];
             let mut block = vec![0f32; rows * task_rows];
             #[cfg(target_arch = "x86_64")]
             if let Kernel::Avx512 = kernel {
-                let panel = Interleaved::new(t, w, cols);
+                let panel = src.interleaved(r0, task_rows, cols);
                 for i in (0..rows).step_by(WIDE_GROUP) {
                     // The last group repeats its last row where fewer are left.
                     let group: [usize; WIDE_GROUP] = std::array::from_fn(|g| (i + g).min(rows - 1));
@@ -362,7 +478,7 @@ fn matmul_with(t: KType, w: &[u8], n: usize, x: &PromptInput, kernel: Kernel) ->
                 }
                 return block;
             }
-            let panel = Panel::new(t, w);
+            let panel = src.panel(r0, task_rows, cols);
             for i in (0..rows).step_by(GROUP) {
                 let group: [usize; GROUP] = std::array::from_fn(|g| (i + g).min(rows - 1));
                 for r in 0..task_rows {
@@ -639,7 +755,13 @@ mod tests {
     #[test]
     fn prompt_kernels_match_their_references() {
         for t in [KType::Q4K, KType::Q5K, KType::Q6K] {
-            for (rows, n, cols) in [(1, 3, 256), (5, 17, 512), (9, 33, 768), (16, 16, 256)] {
+            for (rows, n, cols) in [
+                (1, 3, 256),
+                (5, 17, 512),
+                (9, 33, 768),
+                (16, 16, 256),
+                (7, 32, 512),
+            ] {
                 let mut w = rand(n * cols, rows as u64, 1.0);
                 w[..cols].iter_mut().for_each(|v| *v *= 1e4);
                 if n > 2 {
@@ -656,12 +778,22 @@ mod tests {
                 let mut runs: Vec<(String, Vec<f32>)> = available()
                     .into_iter()
                     .map(|k| {
-                        let got = matmul_with(t, &wq, n, &input, k);
-                        assert_eq!(got, matmul_with(t, &wq, n, &input, k), "{t:?} {k:?}");
+                        let src = Source::Blocks(t, &wq);
+                        let got = matmul_with(src, n, &input, k);
+                        assert_eq!(got, matmul_with(src, n, &input, k), "{t:?} {k:?}");
                         (format!("{k:?}"), got)
                     })
                     .collect();
                 runs.push(("best".into(), matmul(t, &wq, n, cols, &x)));
+                // A repacked Q4_K matrix gives the same panels, so the same results.
+                if t == KType::Q4K && n.is_multiple_of(q4k_x16::ROWS) {
+                    let packed = q4k_x16::pack(&wq, n, cols);
+                    for k in available() {
+                        let got = matmul_with(Source::Packed(&packed), n, &input, k);
+                        assert_eq!(got, matmul_with(Source::Blocks(t, &wq), n, &input, k));
+                    }
+                    assert_eq!(matmul_packed(&packed, n, cols, &x), runs[runs.len() - 1].1);
+                }
                 for i in 0..rows {
                     let xr = &x[i * cols..(i + 1) * cols];
                     let norm: f32 = xr.iter().map(|v| v * v).sum::<f32>().sqrt();

@@ -18,6 +18,57 @@ pub(super) enum Matrix {
     /// Quantized: our kernels where they take the type (decode, short prompts; K-quant prompts in
     /// 8-bit integers), widened to f32 for other prompts, else candle's quantized matmul.
     Quant(QMatMul),
+    /// A Q4_K matrix repacked 16 rows to a group on the CPU ([`Packed`]).
+    Packed(std::sync::Arc<Packed>),
+}
+
+/// A Q4_K matrix repacked 16 rows to a group (`kernels::q4k_x16`), for CPUs with AVX-512 VNNI:
+/// decode and short prompts through its kernel, longer prompts through the 8-bit prompt
+/// kernel (`kernels::prompt_k`).
+#[derive(Debug)]
+pub(super) struct Packed {
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) bytes: Vec<u8>,
+}
+
+impl Packed {
+    /// Can `q` be repacked: Q4_K on the CPU, rows a multiple of 16?
+    pub(super) fn takes(q: &candle_core::quantized::QTensor) -> bool {
+        let dims = q.shape().dims();
+        q.dtype() == candle_core::quantized::GgmlDType::Q4K
+            && q.device().is_cpu()
+            && dims.len() == 2
+            && dims[0].is_multiple_of(crate::kernels::q4k_x16::ROWS)
+            && dims[1].is_multiple_of(crate::kernels::QK_K)
+    }
+
+    /// `q` (which [`Packed::takes`]) repacked.
+    pub(super) fn new(q: &candle_core::quantized::QTensor) -> Result<Self> {
+        let (rows, cols) = q.shape().dims2()?;
+        let data = q.data()?;
+        let want = rows * cols / crate::kernels::QK_K * crate::kernels::kquants::Q4K_BLOCK_BYTES;
+        if !Self::takes(q) || data.len() != want {
+            return Err(crate::error::Error::State(format!(
+                "cannot repack a [{rows}, {cols}] {:?} matrix of {} bytes",
+                q.dtype(),
+                data.len()
+            )));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            bytes: crate::kernels::q4k_x16::pack(&data, rows, cols),
+        })
+    }
+
+    /// The matrix dequantized, `[rows, cols]` f32 on `device`.
+    fn dequantize(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let v: Vec<f32> = (0..self.rows)
+            .flat_map(|r| crate::kernels::q4k_x16::dequantize_row(&self.bytes, self.cols, r))
+            .collect();
+        Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +219,21 @@ impl Linear {
                 Tensor::from_vec(out, dims, x.device())?
             }
             Matrix::Quant(q) => q.forward(x)?,
+            Matrix::Packed(p) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let out = if rows < WIDEN_QUANT_ROWS {
+                    super::step::packed_matmul_rows(p, &xs)?
+                } else {
+                    crate::kernels::prompt_k::matmul_packed(&p.bytes, p.rows, p.cols, &xs)
+                };
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = p.rows;
+                }
+                Tensor::from_vec(out, dims, x.device())?
+            }
+            // (Not reached: a matrix is repacked only on the CPU, where inputs are f32.)
+            Matrix::Packed(p) => x.broadcast_matmul(&p.dequantize(x.device())?.t()?)?,
         };
         if let Some(l) = &self.lora {
             // y += s · B(A x)
@@ -194,6 +260,7 @@ impl Linear {
     pub(super) fn size_bytes(&self) -> usize {
         let q = match &self.w {
             Matrix::Quant(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Matrix::Packed(p) => p.bytes.len(),
             _ => 0,
         };
         q + self

@@ -6,7 +6,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 
 use super::embed::Embedding;
-use super::layers::{Expert, Layer, Linear, Matrix, Mlp, Norm};
+use super::layers::{Expert, Layer, Linear, Matrix, Mlp, Norm, Packed};
 use super::mix::MagMix;
 use super::openelm;
 use super::{LoadOptions, Model};
@@ -25,6 +25,9 @@ struct Source<'a> {
     loras: &'a std::collections::HashMap<String, LoraSide>,
     location: &'a str,
     device: Device,
+    /// Repack Q4_K matrices 16 rows to a group ([`LoadOptions::repack_q4k`], on a CPU with
+    /// AVX-512 VNNI).
+    repack: bool,
 }
 
 /// Take weight `name` out of `map`, checked to have shape `dims` (errors name the tensor and
@@ -66,6 +69,9 @@ impl Source<'_> {
         let name = format!("{prefix}.weight");
         let w = match self.weight(&name, &[out, inp])? {
             Weight::Dense(t) => Matrix::Dense(t),
+            Weight::Quant(q) if self.repack && Packed::takes(&q) => {
+                Matrix::Packed(std::sync::Arc::new(Packed::new(&q)?))
+            }
             Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
         };
         let b = if bias {
@@ -213,6 +219,7 @@ impl Model {
             loras: &loras,
             location,
             device: opts.device.clone(),
+            repack: opts.repack_q4k && opts.device.is_cpu() && crate::cpu::has_avx512_vnni(),
         };
         let e = b.hidden_size;
         let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;

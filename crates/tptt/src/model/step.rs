@@ -91,6 +91,8 @@ enum Own<'a> {
     Dense(Data<'a>),
     /// A quantized matrix's blocks as stored, of a type [`quant_rows`] takes.
     Quant(GgmlDType, std::borrow::Cow<'a, [u8]>),
+    /// A repacked Q4_K matrix ([`kernels::q4k_x16`]).
+    Packed(&'a [u8]),
 }
 
 /// The kernels' view of a quantized matrix of `dtype` (its rows of blocks as stored), if they
@@ -164,6 +166,12 @@ pub(super) fn quant_prompt_product(
     Ok(Some(matmul(t, &bytes, n, cols, x)))
 }
 
+/// `x · pᵀ` for a repacked Q4_K matrix and `x` of rows of `p.cols` values, with its kernel,
+/// one row at a time (a short prompt, [`super::layers`]).
+pub(super) fn packed_matmul_rows(p: &super::layers::Packed, x: &[f32]) -> Result<Vec<f32>> {
+    matmul_rows(Rows::Q4KX16(&p.bytes), p.rows, x, p.cols)
+}
+
 /// `x · wᵀ` for a dense matrix kept in half precision and `x` of rows of `cols` values, with
 /// the kernels, one row at a time (a short prompt, [`super::layers`]).
 pub(super) fn half_matmul_rows(w: &Tensor, x: &[f32], cols: usize) -> Result<Vec<f32>> {
@@ -216,6 +224,11 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
                 outs.push(vec![0f32; q.shape().dims().first().copied().unwrap_or(0)]);
                 own.push((i, Own::Quant(q.dtype(), q.data()?), bias));
             }
+            // (Repacked only on the CPU: `Packed::takes`.)
+            Matrix::Packed(p) => {
+                outs.push(vec![0f32; p.rows]);
+                own.push((i, Own::Packed(&p.bytes), bias));
+            }
             Matrix::Quant(q) => {
                 let mut y = candle_core::Module::forward(q, &row(x, device)?)?
                     .flatten_all()?
@@ -241,6 +254,7 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
                 Own::Quant(dtype, bytes) => quant_rows(*dtype, bytes).ok_or_else(|| {
                     Error::State(format!("fused step: no kernel for {dtype:?} matrices"))
                 })?,
+                Own::Packed(bytes) => Rows::Q4KX16(bytes),
             };
             if !w.fits(cur[0].len(), x.len()) {
                 return Err(Error::State(
@@ -614,7 +628,7 @@ mod tests {
             // candle's own product (the tensor path takes the kernels too now).
             let want = match &lin.w {
                 Matrix::Quant(qm) => candle_core::Module::forward(qm, &xk),
-                Matrix::Dense(_) => unreachable!("a quantized matrix"),
+                Matrix::Dense(_) | Matrix::Packed(_) => unreachable!("a quantized matrix"),
             }
             .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
             .expect("forward");
