@@ -590,6 +590,25 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Lane `k` the sum of the eight lanes of `v[k]` (a transposing tree of `hadd`s).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn hsum8(v: &[__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(v[0], v[1]);
+        let t1 = _mm256_hadd_ps(v[2], v[3]);
+        let t2 = _mm256_hadd_ps(v[4], v[5]);
+        let t3 = _mm256_hadd_ps(v[6], v[7]);
+        // [v0..v3 low halves | v0..v3 high halves], likewise v4..v7.
+        let (u0, u1) = (_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
+    }
+
     /// The f16 at `p` (little-endian, unaligned) as f32: a GGML block's scale.
     ///
     /// # Safety
@@ -765,6 +784,16 @@ mod avx2 {
             s
         }
 
+        /// Values `c0..c0 + 32` of the row (`c0` a multiple of 32) as four f32 vectors, and the
+        /// factor they are still to be multiplied by (an 8-bit block's scale; 1 otherwise).
+        ///
+        /// # Safety
+        /// As [`Lanes::load8`] for columns `c0..c0 + 32`.
+        #[inline(always)]
+        unsafe fn load32(row: *const Self, c0: usize) -> ([__m256; 4], f32) {
+            (std::array::from_fn(|k| Self::load8(row, c0 + 8 * k)), 1.0)
+        }
+
         /// `r[k] += w · row[c0 + 8k .. c0 + 8k + 8]` for the 64 columns from `c0` (a multiple
         /// of 64).
         ///
@@ -853,6 +882,31 @@ mod avx2 {
                 }
             }
             s
+        }
+
+        /// The block's 32 bytes widened, and its scale.
+        #[inline(always)]
+        unsafe fn load32(row: *const u8, c0: usize) -> ([__m256; 4], f32) {
+            use super::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+            let blk = row.add(c0 / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
+            let scale =
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                    u16::from_le_bytes([*blk, *blk.add(1)]) as i32,
+                )));
+            let (x0, x1) = (
+                _mm_loadu_si128(blk.add(2) as *const __m128i),
+                _mm_loadu_si128(blk.add(18) as *const __m128i),
+            );
+            let w = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+            (
+                [
+                    w(x0),
+                    w(_mm_srli_si128::<8>(x0)),
+                    w(x1),
+                    w(_mm_srli_si128::<8>(x1)),
+                ],
+                scale,
+            )
         }
 
         /// The two blocks of the 64 columns, each with its weight `w·scale`.
@@ -960,7 +1014,47 @@ mod avx2 {
         e.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
         let qs: [*const f32; N] = std::array::from_fn(|i| a.q.as_ptr().add((first + i) * d));
         let mut max = [f32::NEG_INFINITY; N];
-        for (j, _) in vis.iter().enumerate().filter(|(_, &seen)| seen) {
+        // Eight keys at a time: their partial sums reduced together ([`hsum8`]), the scores of
+        // hidden slots −∞; the last keys one by one.
+        let (scale, ninf) = (_mm256_set1_ps(a.scale), _mm256_set1_ps(f32::NEG_INFINITY));
+        let mut max8 = [ninf; N];
+        let whole = len - len % 8;
+        for j0 in (0..whole).step_by(8) {
+            let seen = &vis[j0..j0 + 8];
+            if !seen.iter().any(|&v| v) {
+                continue;
+            }
+            let mut part = [[_mm256_setzero_ps(); 8]; N];
+            for (k, &v) in seen.iter().enumerate() {
+                if v {
+                    let s = E::dots::<N>(keys.as_ptr().add((j0 + k) * E::width(d)), &qs, d);
+                    for i in 0..N {
+                        part[i][k] = s[i];
+                    }
+                }
+            }
+            let mask = _mm256_castsi256_ps(_mm256_set_epi32(
+                -i32::from(seen[7]),
+                -i32::from(seen[6]),
+                -i32::from(seen[5]),
+                -i32::from(seen[4]),
+                -i32::from(seen[3]),
+                -i32::from(seen[2]),
+                -i32::from(seen[1]),
+                -i32::from(seen[0]),
+            ));
+            for i in 0..N {
+                let sc = _mm256_blendv_ps(ninf, _mm256_mul_ps(hsum8(&part[i]), scale), mask);
+                _mm256_storeu_ps(e.as_mut_ptr().add(i * padded + j0), sc);
+                max8[i] = _mm256_max_ps(max8[i], sc);
+            }
+        }
+        for i in 0..N {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), max8[i]);
+            max[i] = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        for j in (whole..len).filter(|&j| vis[j]) {
             let s = E::dots::<N>(keys.as_ptr().add(j * E::width(d)), &qs, d);
             for i in 0..N {
                 let sc = hsum(s[i]) * a.scale;
@@ -989,10 +1083,31 @@ mod avx2 {
         // acc[i] = Σ_j e[i, j] · V_j, per head, 64 columns at a time in eight accumulators (the
         // block's values come from memory for the first head, from cache for the others).
         let mut acc = vec![0f32; N * d];
+        // 32 columns at a time: each key's values widened once, then added into every head's
+        // four accumulators with the head's weight (times the block's scale).
+        let mut c0 = 0;
+        while c0 + 32 <= d {
+            let mut r = [[_mm256_setzero_ps(); 4]; N];
+            for j in 0..len {
+                let (v, f) = E::load32(values.as_ptr().add(j * E::width(d)), c0);
+                for (i, ri) in r.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(*e.get_unchecked(i * padded + j) * f);
+                    for (rk, vk) in ri.iter_mut().zip(v) {
+                        *rk = _mm256_fmadd_ps(vk, w, *rk);
+                    }
+                }
+            }
+            for (i, ri) in r.iter().enumerate() {
+                for (k, rk) in ri.iter().enumerate() {
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(i * d + c0 + 8 * k), *rk);
+                }
+            }
+            c0 += 32;
+        }
         for i in 0..N {
             let w_row = &e[i * padded..i * padded + len];
             let out = acc.as_mut_ptr().add(i * d);
-            let mut c0 = 0;
+            let mut c0 = c0;
             while c0 + 64 <= d {
                 let mut r = [_mm256_setzero_ps(); 8];
                 for (j, &w) in w_row.iter().enumerate() {

@@ -37,12 +37,14 @@ pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
         x.len()
     );
     out.reserve(q8_0_bytes(x.len()));
+    let mut q = [0i8; Q8_0_BLOCK];
     for blk in x.chunks_exact(Q8_0_BLOCK) {
-        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let amax = super::abs_max(blk);
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        out.extend(blk.iter().map(|&v| ((v * id).round() as i8) as u8));
+        super::scale_round(blk, id, &mut q);
+        out.extend(q.iter().map(|&v| v as u8));
     }
 }
 

@@ -220,6 +220,14 @@ impl Linear {
             }
             Matrix::Quant(q) => q.forward(x)?,
             Matrix::Packed(p) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                if x.dim(D::Minus1)? != p.cols {
+                    return Err(crate::error::Error::State(format!(
+                        "a [{}, {}] matrix and inputs of {}",
+                        p.rows,
+                        p.cols,
+                        x.dim(D::Minus1)?
+                    )));
+                }
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let out = if rows < WIDEN_QUANT_ROWS {
                     super::step::packed_matmul_rows(p, &xs)?
