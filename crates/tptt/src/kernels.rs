@@ -1203,6 +1203,10 @@ struct Partial {
     acc: Vec<f32>,
 }
 
+/// Query-key products (`t·D·G` per KV head) from which a decode step's attention is split across
+/// the threads: below it, one thread does it all faster than a parallel region costs.
+const ATTEND_PARALLEL_MIN: usize = 16 * 1024;
+
 /// [`attend_one_naive`], split over (KV head, block of slots) in parallel; each task handles the
 /// `G` query heads of its KV head so every cached key and value is read once. Blocks are merged
 /// with the usual rescaling by `exp(max_block − max)`. Returns `[H, D]`.
@@ -1223,27 +1227,28 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
     let work = |&(kvh, start): &(usize, usize)| {
         attend_block_dispatch(a, kvh, start, (start + block).min(t))
     };
-    let partials: Vec<Vec<Partial>> = if tasks.len() > 1 && threads > 1 && t * d * g >= 256 * 1024 {
-        let slots: Vec<std::sync::Mutex<Vec<Partial>>> = tasks
-            .iter()
-            .map(|_| std::sync::Mutex::new(Vec::new()))
-            .collect();
-        crate::team::for_each(tasks.len(), &|i| {
-            let p = work(&tasks[i]);
-            *slots[i]
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
-        });
-        slots
-            .into_iter()
-            .map(|m| {
-                m.into_inner()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
-            .collect()
-    } else {
-        tasks.iter().map(work).collect()
-    };
+    let partials: Vec<Vec<Partial>> =
+        if tasks.len() > 1 && threads > 1 && t * d * g >= ATTEND_PARALLEL_MIN {
+            let slots: Vec<std::sync::Mutex<Vec<Partial>>> = tasks
+                .iter()
+                .map(|_| std::sync::Mutex::new(Vec::new()))
+                .collect();
+            crate::team::for_each(tasks.len(), &|i| {
+                let p = work(&tasks[i]);
+                *slots[i]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
+            });
+            slots
+                .into_iter()
+                .map(|m| {
+                    m.into_inner()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                })
+                .collect()
+        } else {
+            tasks.iter().map(work).collect()
+        };
     let mut out = vec![0f32; a.heads * d];
     for kvh in 0..a.kv_heads {
         let mine: Vec<&Vec<Partial>> = tasks
