@@ -250,15 +250,7 @@ fn an_8_bit_cache_follows_the_tensor_path_and_stays_near_f32() {
 fn quantized_gguf_bases_decode_as_the_tensor_path() {
     use candle_core::quantized::GgmlDType;
     let dir = std::env::temp_dir().join(format!("tptt-fused-gguf-{}", std::process::id()));
-    let shape = tptt::synth::LlamaShape {
-        hidden: 256,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        intermediate: 512,
-        vocab: 320,
-    };
+    let shape = gguf_shape();
     tptt::synth::write_variant(&dir, "dp", "base", &shape, "delta_product", 0.5).expect("variant");
     let load = |dtype: GgmlDType| {
         let gguf = dir.join(format!("base-{dtype:?}.gguf"));
@@ -330,15 +322,7 @@ fn quantized_gguf_bases_decode_as_the_tensor_path() {
 fn a_repacked_q4k_base_equals_it_as_stored() {
     use candle_core::quantized::GgmlDType;
     let dir = std::env::temp_dir().join(format!("tptt-repack-{}", std::process::id()));
-    let shape = tptt::synth::LlamaShape {
-        hidden: 256,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        intermediate: 512,
-        vocab: 320,
-    };
+    let shape = gguf_shape();
     tptt::synth::write_variant(&dir, "dp", "base", &shape, "delta_product", 0.5).expect("variant");
     let gguf = dir.join("base-q4k.gguf");
     tptt::synth::write_llama_gguf(&gguf, &shape, GgmlDType::Q4K, 5).expect("gguf");
@@ -377,4 +361,17 @@ fn a_repacked_q4k_base_equals_it_as_stored() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The Llama shape of the synthetic GGUF bases: every matrix whole 256-blocks and 16-row groups.
+fn gguf_shape() -> tptt::synth::LlamaShape {
+    tptt::synth::LlamaShape {
+        hidden: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        intermediate: 512,
+        vocab: 320,
+    }
 }
