@@ -15,6 +15,40 @@ pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// `n` values in [−scale, scale) ([`rand_vec`] scaled).
+pub(crate) fn rand_scaled(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    rand_vec(n, seed).into_iter().map(|v| v * scale).collect()
+}
+
+/// `w` (`[n, cols]`) quantized by candle to `dtype`: its blocks as stored.
+pub(crate) fn quantized_bytes(
+    w: &[f32],
+    (n, cols): (usize, usize),
+    dtype: candle_core::quantized::GgmlDType,
+) -> Vec<u8> {
+    let t = candle_core::Tensor::from_vec(w.to_vec(), (n, cols), &candle_core::Device::Cpu)
+        .expect("tensor");
+    candle_core::quantized::QTensor::quantize(&t, dtype)
+        .expect("quantize")
+        .data()
+        .expect("data")
+        .to_vec()
+}
+
+/// How far quantizing `x` per 256 values (Q8_K: each value moved by at most half a step,
+/// `max/127` of its block) can move the product with the row `w`: `Σ_blocks Σ |w|·max/254`,
+/// with a margin for the f32 sums.
+pub(crate) fn q8k_rounding_bound(w: &[f32], x: &[f32]) -> f32 {
+    w.chunks_exact(256)
+        .zip(x.chunks_exact(256))
+        .map(|(wb, xb)| {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            wb.iter().map(|v| v.abs()).sum::<f32>() * amax / 254.0
+        })
+        .sum::<f32>()
+        * 1.001
+}
+
 /// The largest absolute difference between two tensors' values (flattened, f32).
 pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let a = a

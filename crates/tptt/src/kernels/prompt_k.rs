@@ -702,16 +702,8 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::kernels::{kquants, QuantInput};
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
-
-    /// `n` values in [−scale, scale).
-    fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        crate::testutil::rand_vec(n, seed)
-            .into_iter()
-            .map(|v| v * scale)
-            .collect()
-    }
+    use crate::testutil::{q8k_rounding_bound, quantized_bytes, rand_scaled as rand};
+    use candle_core::quantized::GgmlDType;
 
     fn quantize(t: KType, w: &[f32], n: usize, cols: usize) -> Vec<u8> {
         let dtype = match t {
@@ -719,12 +711,7 @@ mod tests {
             KType::Q5K => GgmlDType::Q5K,
             KType::Q6K => GgmlDType::Q6K,
         };
-        let w = Tensor::from_vec(w.to_vec(), (n, cols), &Device::Cpu).expect("tensor");
-        QTensor::quantize(&w, dtype)
-            .expect("quantize")
-            .data()
-            .expect("data")
-            .to_vec()
+        quantized_bytes(w, (n, cols), dtype)
     }
 
     /// Every kernel this CPU can run.
@@ -803,19 +790,11 @@ mod tests {
                             &mut decoded,
                         );
                     }
-                    // The input's rounding moves each value by at most half a step, `max/127`
-                    // of its 256-block: the product by at most Σ |w|·max/254 per block.
                     let rounding: Vec<f32> = (0..n)
                         .map(|r| {
-                            let wd = t.dequantize(&wq[r * wq.len() / n..(r + 1) * wq.len() / n]);
-                            wd.chunks_exact(QK_K)
-                                .zip(xr.chunks_exact(QK_K))
-                                .map(|(wb, xb)| {
-                                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                                    wb.iter().map(|v| v.abs()).sum::<f32>() * amax / 254.0
-                                })
-                                .sum::<f32>()
-                                * 1.001
+                            let at = r * wq.len() / n;
+                            let wd = t.dequantize(&wq[at..at + wq.len() / n]);
+                            q8k_rounding_bound(&wd, xr)
                         })
                         .collect();
                     for r in 0..n {

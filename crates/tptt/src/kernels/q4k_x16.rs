@@ -253,16 +253,8 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::kernels::kquants::{dequantize_q4k, matvec_q4k_quantized_naive};
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
-
-    /// `n` values in [−scale, scale).
-    fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        crate::testutil::rand_vec(n, seed)
-            .into_iter()
-            .map(|v| v * scale)
-            .collect()
-    }
+    use crate::testutil::{q8k_rounding_bound, quantized_bytes, rand_scaled as rand};
+    use candle_core::quantized::GgmlDType;
 
     /// Packing keeps every value (each row dequantizes as its Q4_K row); the kernel (when the
     /// CPU has AVX-512 VNNI) and the portable path equal the Q4_K integer formula on the same
@@ -274,9 +266,7 @@ mod tests {
             let mut w = rand(rows * cols, cols as u64, 1.0);
             w[..cols].iter_mut().for_each(|v| *v *= 1e4);
             w[cols..2 * cols].fill(0.0);
-            let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("tensor");
-            let q = QTensor::quantize(&t, GgmlDType::Q4K).expect("quantize");
-            let bytes = q.data().expect("data").to_vec();
+            let bytes = quantized_bytes(&w, (rows, cols), GgmlDType::Q4K);
             let packed = pack(&bytes, rows, cols);
             assert_eq!(packed.len(), rows * cols / QK_K * ROW_SB_BYTES);
             let row_bytes = cols / QK_K * Q4K_BLOCK_BYTES;
@@ -299,17 +289,7 @@ mod tests {
             matvec_rows(&packed, &xi, &mut best);
             let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
             for r in 0..rows {
-                // The input's rounding moves each value by at most half a step, `max/127` of
-                // its 256-block: the product by at most Σ |w|·max/254 per block.
-                let rounding: f32 = dequantize_row(&packed, cols, r)
-                    .chunks_exact(QK_K)
-                    .zip(x.chunks_exact(QK_K))
-                    .map(|(wb, xb)| {
-                        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        wb.iter().map(|v| v.abs()).sum::<f32>() * amax / 254.0
-                    })
-                    .sum::<f32>()
-                    * 1.001;
+                let rounding = q8k_rounding_bound(&dequantize_row(&packed, cols, r), &x);
                 for (what, got) in [("portable", portable[r]), ("best", best[r])] {
                     assert!(got.is_finite(), "{what} row {r}");
                     assert!(
