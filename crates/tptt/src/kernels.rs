@@ -21,6 +21,7 @@
 //! path by `tests/fused_step.rs`.
 
 pub mod attend;
+pub mod attend_vnni;
 pub mod float16;
 pub mod kquants;
 pub mod kv;
@@ -617,7 +618,7 @@ pub(crate) mod avx2 {
     /// The CPU must have F16C, and `p..p + 2` must be readable.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
+    pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
             u16::from_le_bytes([*p, *p.add(1)]) as i32,
         )))

@@ -61,10 +61,10 @@ pub fn attend_one_naive(a: &AttendOne<'_>) -> Vec<f32> {
 
 /// Partial softmax of one block of slots for one query head: running max, sum of exponentials
 /// and the unnormalised weighted sum of values (flash-decoding).
-struct Partial {
-    max: f32,
-    sum: f32,
-    acc: Vec<f32>,
+pub(super) struct Partial {
+    pub(super) max: f32,
+    pub(super) sum: f32,
+    pub(super) acc: Vec<f32>,
 }
 
 /// Query-key products (`t·D·G` per KV head) from which a decode step's attention is split across
@@ -74,23 +74,41 @@ const ATTEND_PARALLEL_MIN: usize = 16 * 1024;
 /// [`attend_one_naive`], split over (KV head, block of slots) in parallel; each task handles the
 /// `G` query heads of its KV head so every cached key and value is read once. Blocks are merged
 /// with the usual rescaling by `exp(max_block − max)`. Returns `[H, D]`.
+///
+/// The best block kernel for the CPU and the cache: with an 8-bit cache on AVX-512 VNNI the
+/// query is rounded to 8 bits per 32 values, as the keys are ([`super::attend_vnni`]).
 pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
+    attend_one_with(a, &attend_block_dispatch)
+}
+
+/// A block kernel: the partial softmax of each query head of KV head `kvh` over slots
+/// `start..end`.
+pub(super) type BlockKernel = dyn Fn(&AttendOne<'_>, usize, usize, usize) -> Vec<Partial> + Sync;
+
+/// [`attend_one`] with the given block kernel (the tests pick each kernel explicitly: a test
+/// forcing the portable paths may run concurrently).
+pub(super) fn attend_one_with(a: &AttendOne<'_>, kernel: &BlockKernel) -> Vec<f32> {
     let (d, g, t) = (a.dim, a.heads / a.kv_heads, a.visible.len());
     let threads = crate::team::threads();
-    // Blocks of at most ~64 KiB of keys (they stay in L2 while the G heads read them), and
-    // enough of them for every thread.
-    let max_block = (64 * 1024 / (4 * d.max(1))).max(16);
+    // Blocks of at most ~64 KiB of keys as stored (they stay in L2 while the G heads read
+    // them), and enough of them for every thread.
+    let row_bytes = match a.k {
+        KvSlice::F32(_) => 4 * d,
+        KvSlice::F16(_) => 2 * d,
+        KvSlice::Q8_0(_) => super::kv::q8_0_bytes(d),
+    };
+    let max_block = (64 * 1024 / row_bytes.max(1)).max(16);
     let blocks_per_head = t
         .div_ceil(max_block)
         .max((threads * 2).div_ceil(a.kv_heads))
         .clamp(1, t.max(1));
-    let block = t.div_ceil(blocks_per_head).max(1);
+    // Whole groups of 16 slots, so that a group (the VNNI kernel's unit of weight rounding) is
+    // the same slots whatever the number of blocks.
+    let block = t.div_ceil(blocks_per_head).next_multiple_of(16);
     let tasks: Vec<(usize, usize)> = (0..a.kv_heads)
         .flat_map(|kvh| (0..t).step_by(block).map(move |s| (kvh, s)))
         .collect();
-    let work = |&(kvh, start): &(usize, usize)| {
-        attend_block_dispatch(a, kvh, start, (start + block).min(t))
-    };
+    let work = |&(kvh, start): &(usize, usize)| kernel(a, kvh, start, (start + block).min(t));
     let partials: Vec<Vec<Partial>> =
         if tasks.len() > 1 && threads > 1 && t * d * g >= ATTEND_PARALLEL_MIN {
             let slots: Vec<std::sync::Mutex<Vec<Partial>>> = tasks
@@ -155,6 +173,16 @@ pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
 fn attend_block_dispatch(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<Partial> {
     #[cfg(target_arch = "x86_64")]
     {
+        if matches!((a.k, a.v), (KvSlice::Q8_0(_), KvSlice::Q8_0(_)))
+            && a.dim.is_multiple_of(64)
+            && a.dim <= 256
+            && crate::cpu::has_avx512_vnni()
+            && crate::cpu::has_avx2_fma_f16c()
+        {
+            // SAFETY: the features were detected just above; the cache is 8-bit and `D` a
+            // multiple of 64 up to 256, as the kernel requires.
+            return unsafe { super::attend_vnni::attend_block(a, kvh, start, end) };
+        }
         if a.dim.is_multiple_of(8) && crate::cpu::has_avx2_fma_f16c() {
             // SAFETY: the features the function is compiled for were detected just above, and
             // `D` is a multiple of 8 as it requires.
@@ -687,6 +715,21 @@ mod tests {
     use super::*;
     use crate::testutil::rand_vec;
 
+    /// The answer of each float block kernel this CPU can run, picked explicitly (not through
+    /// the dispatch, which a concurrent test forcing the portable paths may change).
+    fn each_kernel(a: &AttendOne<'_>) -> Vec<Vec<f32>> {
+        let mut out = vec![attend_one_with(a, &attend_block)];
+        #[cfg(target_arch = "x86_64")]
+        if a.dim.is_multiple_of(8) && crate::cpu::has_avx2_fma_f16c() {
+            // SAFETY: the features were detected just above and D is a multiple of 8.
+            let avx = attend_one_with(a, &|a, kvh, s, e| unsafe {
+                avx2::attend_block(a, kvh, s, e)
+            });
+            out.push(avx);
+        }
+        out
+    }
+
     fn close(a: &[f32], b: &[f32], tol: f32) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -738,14 +781,15 @@ mod tests {
                 ..a
             };
             let compact = attend_one(&a16);
-            close(&compact, &attend_one_naive(&a16), 1e-5);
             close(&compact, &exact, 2e-3);
-            crate::cpu::force_portable(true);
-            close(&attend_one(&a16), &compact, 1e-5);
-            crate::cpu::force_portable(false);
+            for out in each_kernel(&a16) {
+                close(&out, &attend_one_naive(&a16), 1e-5);
+            }
             // An 8-bit cache (heads of a multiple of 32): read in place by the AVX2 kernel, in
             // dequantized blocks by the portable one, the same values as the naive definition;
-            // the answer moves by about the quantization (1/254 of a block's largest value).
+            // the answer moves by about the quantization (1/254 of a block's largest value), also
+            // where the query is rounded to 8 bits as well (the VNNI kernel, tested in
+            // `attend_vnni.rs`).
             if dim % Q8_0_BLOCK == 0 {
                 let (mut k8, mut v8) = (Vec::new(), Vec::new());
                 kv::quantize_q8_0(&k, &mut k8);
@@ -755,12 +799,10 @@ mod tests {
                     v: KvSlice::Q8_0(&v8),
                     ..a
                 };
-                let eight = attend_one(&a8);
-                close(&eight, &attend_one_naive(&a8), 1e-5);
-                close(&eight, &exact, 2e-2);
-                crate::cpu::force_portable(true);
-                close(&attend_one(&a8), &eight, 1e-5);
-                crate::cpu::force_portable(false);
+                close(&attend_one(&a8), &exact, 2e-2);
+                for out in each_kernel(&a8) {
+                    close(&out, &attend_one_naive(&a8), 1e-5);
+                }
             }
         }
     }
