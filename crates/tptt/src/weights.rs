@@ -134,21 +134,54 @@ pub fn load_safetensors_as(path: &Path, device: &Device, keep_half: bool) -> Res
                 })
             }
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device).map_err(|e| {
-            Error::Weights {
-                path: path.to_path_buf(),
-                message: format!("tensor {name:?}: {e}"),
-            }
-        })?;
         let half = matches!(dtype, DType::F16 | DType::BF16);
-        let t = if dtype == DType::F32 || (keep_half && half && t.rank() == 2) {
-            t
+        let kept = dtype == DType::F32 || (keep_half && half && view.shape().len() == 2);
+        let t = if kept && device.is_cpu() {
+            // Kept as stored: copied into memory backed by huge pages (`alloc`).
+            match dtype {
+                DType::F16 => kept_on_huge_pages::<half::f16>(view.data(), view.shape(), device),
+                DType::BF16 => kept_on_huge_pages::<half::bf16>(view.data(), view.shape(), device),
+                _ => kept_on_huge_pages::<f32>(view.data(), view.shape(), device),
+            }
         } else {
-            t.to_dtype(DType::F32)?
-        };
+            Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
+        }
+        .map_err(|e| Error::Weights {
+            path: path.to_path_buf(),
+            message: format!("tensor {name:?}: {e}"),
+        })?;
+        let t = if kept { t } else { t.to_dtype(DType::F32)? };
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// A tensor of `T` from its little-endian bytes, in an allocation advised to be backed by huge
+/// pages before it is written (`alloc::advise_huge_pages`).
+fn kept_on_huge_pages<T: candle_core::WithDType>(
+    bytes: &[u8],
+    shape: &[usize],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    if cfg!(target_endian = "big") {
+        return Tensor::from_raw_buffer(bytes, T::DTYPE, shape, device);
+    }
+    let size = std::mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size) || bytes.len() / size != shape.iter().product::<usize>() {
+        candle_core::bail!("{} bytes for shape {shape:?}", bytes.len());
+    }
+    let n = bytes.len() / size;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    crate::alloc::advise_huge_pages(&mut v);
+    // SAFETY: the capacity holds `n` values of `T` (`bytes.len()` bytes), all written by the
+    // copy before the length is set; `T` is one of candle's element types (plain numbers, for
+    // which every bit pattern is a value), read as the file's little-endian bytes on a
+    // little-endian target (big-endian ones returned above).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len());
+        v.set_len(n);
+    }
+    Tensor::from_vec(v, shape, device)
 }
 
 /// Why a file is not a readable safetensors file, in words a user can act on.

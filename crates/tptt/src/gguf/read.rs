@@ -70,6 +70,7 @@ where
         );
     }
     let mut v: Vec<T> = Vec::with_capacity(n);
+    crate::alloc::advise_huge_pages(&mut v);
     // SAFETY: the capacity holds `n` blocks (`bytes` bytes); they are zeroed before the slice is
     // formed, and GGML blocks are plain `repr(C)` structs of f16 / f32 scales and byte or i16
     // arrays (size checked above against GGML's), for which every bit pattern — zeros and

@@ -43,7 +43,10 @@ pub fn pack(w: &[u8], rows: usize, cols: usize) -> Vec<u8> {
         w.len()
     );
     let supers = cols / QK_K;
-    let mut out = vec![0u8; rows / ROWS * supers * SB_BYTES];
+    let len = rows / ROWS * supers * SB_BYTES;
+    let mut out = Vec::with_capacity(len);
+    crate::alloc::advise_huge_pages(&mut out);
+    out.resize(len, 0u8);
     for (g, group) in out.chunks_exact_mut(supers * SB_BYTES).enumerate() {
         for (s, sb) in group.chunks_exact_mut(SB_BYTES).enumerate() {
             for r in 0..ROWS {
