@@ -471,6 +471,47 @@ fn promptmm(
 /// `qdecode REPO VARIANT GGUF [TOKENS]`: decode `TOKENS` (default 200) single tokens after a
 /// 128-token prompt on a variant over a GGUF base (for a profiler; `REPACK=0` keeps Q4_K
 /// matrices as stored).
+/// Peak memory of one prompt through a GGUF base with the demo's injection: `qrss GGUF DIR N`
+/// loads like the bench's quantized child, then feeds `N` tokens in one call and prints the
+/// resident memory after loading and the peak during the prompt.
+fn qrss(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let status = |key: &str| -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            })
+            .unwrap_or(0)
+    };
+    let gguf = args.first().ok_or("qrss GGUF DIR N")?;
+    let dir = args.get(1).ok_or("qrss GGUF DIR N")?;
+    let n: usize = args.get(2).and_then(|t| t.parse().ok()).unwrap_or(512);
+    tptt::alloc::tune_for_inference();
+    let settings = TpttSettings::injected("delta_product", 0.125, dir)?;
+    let m = Model::load_gguf_plain(
+        std::path::Path::new(gguf),
+        settings,
+        &LoadOptions::default(),
+    )?;
+    tptt::alloc::release_free_memory();
+    let loaded = status("VmRSS:");
+    std::fs::write("/proc/self/clear_refs", "5")?;
+    let mut st = m.new_state(CarryMode::Continue, None);
+    st.set_kv_format(KvFormat::Q8_0)?;
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % 30000 + 10).collect();
+    m.forward(&ids, &mut st, Logits::Last)?;
+    println!(
+        "qrss {n} tokens: after load {:.1} MB, peak {:.1} MB (+{:.1} MB), KV {:.1} MB",
+        loaded as f64 / 1024.0,
+        status("VmHWM:") as f64 / 1024.0,
+        (status("VmHWM:") - loaded) as f64 / 1024.0,
+        st.kv_bytes() as f64 / 1e6
+    );
+    Ok(())
+}
+
 fn qdecode(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let (repo, variant, gguf) = match args {
         [r, v, g, ..] => (r, v, g),
@@ -532,6 +573,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             reps,
         )?,
         Some("qdecode") => qdecode(&args[1..])?,
+        Some("qrss") => qrss(&args[1..])?,
         Some("promptmm") => promptmm(
             args.get(1).and_then(|t| t.parse().ok()).unwrap_or(512),
             args.get(2).and_then(|t| t.parse().ok()).unwrap_or(2048),
