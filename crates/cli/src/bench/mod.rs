@@ -425,7 +425,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     }
     let r = |k: &str| ratios.get(k).and_then(Value::as_f64);
     let check = |v: Option<f64>, ok: fn(f64) -> bool| v.map(ok);
-    let targets = json!({
+    let mut targets = json!({
         // Above 1 the ceiling was measured too low: a broken measurement, not a success.
         "decode_vs_bandwidth_limit >= 0.7": check(r("decode_vs_bandwidth_limit"), |x| (0.7..=1.0).contains(&x)),
         "decode_vs_reference >= 5": check(r("decode_vs_reference"), |x| x >= 5.0),
@@ -503,6 +503,12 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let w = subject.weight_bytes as f64;
     let kv_bytes4 = |n: usize| (2 * b.total_kv_heads() * b.head_dim * 4 * n) as f64;
     let flatness_bound = (w + kv_bytes(kv_at(short))) / (w + kv_bytes(kv_at(long)));
+    // Above the bound (with 2 % for timing) the short decode was measured slow, not the long one
+    // fast: a broken measurement, reported as not met.
+    let flatness_broken = r("long_history_flatness").is_some_and(|x| x > 1.02 * flatness_bound);
+    if flatness_broken {
+        targets["long_history_flatness >= 0.9"] = json!(false);
+    }
     notes.insert(
         "long_history_flatness_bound".into(),
         json!(format!(
@@ -514,8 +520,16 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
             kv_bytes(kv_at(short)) / 1e6
         )),
     );
+    if flatness_broken {
+        notes.insert(
+            "long_history_flatness".into(),
+            json!(format!("BROKEN MEASUREMENT: {} is above the bound {flatness_bound:.2} (the decode after {short} tokens was measured during a slow spell); the target is reported as not met", fmt_opt(r("long_history_flatness"), 2))),
+        );
+    }
     if args.quick {
-        notes.insert("long_history_flatness".into(), json!(format!("--quick: decode at {long} / at {short} tokens of history (the full run uses 32768)")));
+        if !flatness_broken {
+            notes.insert("long_history_flatness".into(), json!(format!("--quick: decode at {long} / at {short} tokens of history (the full run uses 32768)")));
+        }
         notes.insert(
             "resume_speedup".into(),
             json!(format!(
