@@ -770,6 +770,7 @@ mod tests {
     }
 
     use super::*;
+    use crate::testutil::assert_close;
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed
@@ -783,16 +784,6 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
-    }
-
-    fn close(a: &[f32], b: &[f32], tol: f32) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + y.abs()),
-                "index {i}: {x} vs {y}"
-            );
-        }
     }
 
     #[test]
@@ -834,12 +825,12 @@ mod tests {
                 ],
                 &x,
             );
-            close(&got, &want, 1e-5);
-            close(&got2, &want2, 1e-5);
+            assert_close(&got, &want, 1e-5);
+            assert_close(&got2, &want2, 1e-5);
             let mut generic = vec![0f32; rows];
             matvec_rows_generic(&w, &x, &mut generic);
             want.iter_mut().zip(&bias).for_each(|(o, b)| *o -= b);
-            close(&generic, &want, 1e-5);
+            assert_close(&generic, &want, 1e-5);
         }
     }
 
@@ -1130,7 +1121,7 @@ mod tests {
         matvec_group(group, &x);
         let mut want = vec![0f32; 7];
         matvec_naive(&dense, &x, &mut want);
-        close(&dense_out, &want, 1e-5);
+        assert_close(&dense_out, &want, 1e-5);
         let xi = QuantInput::new(&x);
         for (i, ((b, bias), got)) in bytes.iter().zip(&biases).zip(&outs).enumerate() {
             let mut want = vec![0f32; got.len()];
@@ -1145,7 +1136,7 @@ mod tests {
                 _ => q6_k::matvec_q6k_rows(b, &xi, &mut want),
             }
             want.iter_mut().zip(bias).for_each(|(w, b)| *w += b);
-            close(got, &want, 1e-5);
+            assert_close(got, &want, 1e-5);
         }
         // K-quant rows are whole super-blocks: 288 columns (9 blocks of 32) do not fit.
         assert!(!Rows::Q4K(&bytes[5][..130 * 144]).fits(130 * 8 / 9, 288));

@@ -65,3 +65,14 @@ pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
 }
+
+/// Asserts `a` and `b` agree elementwise within `tol · (1 + |b|)`.
+pub(crate) fn assert_close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "index {i}: {x} vs {y}"
+        );
+    }
+}

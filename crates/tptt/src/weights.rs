@@ -167,7 +167,8 @@ fn kept_on_huge_pages<T: candle_core::WithDType>(
         return Tensor::from_raw_buffer(bytes, T::DTYPE, shape, device);
     }
     let size = std::mem::size_of::<T>();
-    if !bytes.len().is_multiple_of(size) || bytes.len() / size != shape.iter().product::<usize>() {
+    let elems = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if !bytes.len().is_multiple_of(size) || Some(bytes.len() / size) != elems {
         candle_core::bail!("{} bytes for shape {shape:?}", bytes.len());
     }
     let n = bytes.len() / size;

@@ -76,7 +76,7 @@ const ATTEND_PARALLEL_MIN: usize = 16 * 1024;
 /// with the usual rescaling by `exp(max_block − max)`. Returns `[H, D]`.
 ///
 /// The best block kernel for the CPU and the cache: with an 8-bit cache on AVX-512 VNNI the
-/// query is rounded to 8 bits per 32 values, as the keys are ([`super::attend_vnni`]).
+/// query and the softmax weights are rounded to 8 bits as well ([`super::attend_vnni`]).
 pub fn attend_one(a: &AttendOne<'_>) -> Vec<f32> {
     attend_one_with(a, &attend_block_dispatch)
 }
@@ -713,7 +713,7 @@ mod avx2 {
 mod tests {
     use super::super::{kv, Q8_0_BLOCK};
     use super::*;
-    use crate::testutil::rand_vec;
+    use crate::testutil::{assert_close, rand_vec};
 
     /// The answer of each float block kernel this CPU can run, picked explicitly (not through
     /// the dispatch, which a concurrent test forcing the portable paths may change).
@@ -728,16 +728,6 @@ mod tests {
             out.push(avx);
         }
         out
-    }
-
-    fn close(a: &[f32], b: &[f32], tol: f32) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + y.abs()),
-                "index {i}: {x} vs {y}"
-            );
-        }
     }
 
     #[test]
@@ -768,7 +758,7 @@ mod tests {
                 scale: 0.125,
             };
             let exact = attend_one(&a);
-            close(&exact, &attend_one_naive(&a), 1e-5);
+            assert_close(&exact, &attend_one_naive(&a), 1e-5);
             // An f16 cache: the kernel reads exactly what the naive definition reads, and the
             // answer moves by about the rounding of the values (2⁻¹¹ relative).
             let half = |x: &[f32]| -> Vec<half::f16> {
@@ -781,9 +771,9 @@ mod tests {
                 ..a
             };
             let compact = attend_one(&a16);
-            close(&compact, &exact, 2e-3);
+            assert_close(&compact, &exact, 2e-3);
             for out in each_kernel(&a16) {
-                close(&out, &attend_one_naive(&a16), 1e-5);
+                assert_close(&out, &attend_one_naive(&a16), 1e-5);
             }
             // An 8-bit cache (heads of a multiple of 32): read in place by the AVX2 kernel, in
             // dequantized blocks by the portable one, the same values as the naive definition;
@@ -799,9 +789,9 @@ mod tests {
                     v: KvSlice::Q8_0(&v8),
                     ..a
                 };
-                close(&attend_one(&a8), &exact, 2e-2);
+                assert_close(&attend_one(&a8), &exact, 2e-2);
                 for out in each_kernel(&a8) {
-                    close(&out, &attend_one_naive(&a8), 1e-5);
+                    assert_close(&out, &attend_one_naive(&a8), 1e-5);
                 }
             }
         }

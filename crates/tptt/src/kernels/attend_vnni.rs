@@ -152,9 +152,8 @@ mod avx512 {
         );
         let vis = &a.visible[start..end];
         let padded = len.div_ceil(KEYS) * KEYS;
-        let (e, max) = scores(a, kvh, keys, vis, padded);
+        let (mut e, max) = scores(a, kvh, keys, vis, padded);
         let mut parts = Vec::with_capacity(g);
-        let mut e = e;
         let mut sums = vec![0f32; g];
         for h in 0..g {
             let r = &mut e[h * padded..(h + 1) * padded];
@@ -343,19 +342,8 @@ mod avx512 {
                 }
                 for (gq, acc_g) in acc.iter_mut().enumerate() {
                     // Keys past the block's end read as zeros (their scores are masked).
-                    let r: [__m512i; 4] = std::array::from_fn(|t| {
-                        let kk = 4 * gq + t;
-                        if kk >= n {
-                            return _mm512_setzero_si512();
-                        }
-                        let at = base.add(kk * row + 2 * c * Q8_0_BLOCK_BYTES + 2);
-                        let lo = _mm256_loadu_si256(at as *const _);
-                        let hi = _mm256_loadu_si256(at.add(Q8_0_BLOCK_BYTES) as *const _);
-                        _mm512_xor_si512(
-                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
-                            flip,
-                        )
-                    });
+                    let r =
+                        four_rows(base, row, 4 * gq, n, 2 * c).map(|x| _mm512_xor_si512(x, flip));
                     let (a0, a1) = (
                         _mm512_unpacklo_epi32(r[0], r[1]),
                         _mm512_unpackhi_epi32(r[0], r[1]),
@@ -408,6 +396,31 @@ mod avx512 {
         for i in 0..N {
             max[i] = _mm512_reduce_max_ps(max16[i]);
         }
+    }
+
+    /// Rows `first..first + 4` of the rows of `row` bytes from `base`, each as the 64 values of
+    /// its blocks `block` and `block + 1` (scales skipped); rows from `n` on as zeros.
+    ///
+    /// # Safety
+    /// As [`attend_block`]; rows `first..n.min(first + 4)` hold blocks `block..block + 2`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    #[inline]
+    unsafe fn four_rows(
+        base: *const u8,
+        row: usize,
+        first: usize,
+        n: usize,
+        block: usize,
+    ) -> [__m512i; 4] {
+        std::array::from_fn(|t| {
+            if first + t >= n {
+                return _mm512_setzero_si512();
+            }
+            let at = base.add((first + t) * row + block * Q8_0_BLOCK_BYTES + 2);
+            let lo = _mm256_loadu_si256(at as *const _);
+            let hi = _mm256_loadu_si256(at.add(Q8_0_BLOCK_BYTES) as *const _);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        })
     }
 
     /// Bit `k` set where `vis[k]` (at most 16 slots).
@@ -533,16 +546,7 @@ mod avx512 {
                 #[allow(clippy::needless_range_loop)] // `gq` picks the group's keys and weights
                 for gq in 0..4 {
                     // Keys past the block's end read as zeros (their weights are 0 as well).
-                    let r: [__m512i; 4] = std::array::from_fn(|t| {
-                        let kk = 4 * gq + t;
-                        if kk >= n {
-                            return _mm512_setzero_si512();
-                        }
-                        let at = base.add(kk * row + b0 * Q8_0_BLOCK_BYTES + 2);
-                        let lo = _mm256_loadu_si256(at as *const _);
-                        let hi = _mm256_loadu_si256(at.add(Q8_0_BLOCK_BYTES) as *const _);
-                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-                    });
+                    let r = four_rows(base, row, 4 * gq, n, b0);
                     let (t0, t1) = (
                         _mm512_unpacklo_epi8(r[0], r[1]),
                         _mm512_unpackhi_epi8(r[0], r[1]),
