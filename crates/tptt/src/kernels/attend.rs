@@ -35,17 +35,7 @@ pub fn attend_one_naive(a: &AttendOne<'_>) -> Vec<f32> {
     let mut out = vec![0f32; a.heads * d];
     for h in 0..a.heads {
         let kvh = h / g;
-        let q = &a.q[h * d..(h + 1) * d];
-        let scores: Vec<f32> = (0..a.visible.len())
-            .map(|j| {
-                let k = &ks[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
-                if a.visible[j] {
-                    q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * a.scale
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
+        let scores = scores_naive(a, &a.q[h * d..(h + 1) * d], kvh, &ks);
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
         let sum: f32 = e.iter().sum();
@@ -57,6 +47,22 @@ pub fn attend_one_naive(a: &AttendOne<'_>) -> Vec<f32> {
         }
     }
     out
+}
+
+/// One query head's scaled scores against the slots of KV head `kvh` (`ks`: the whole key
+/// buffer as f32), −∞ where a slot is hidden: the definition, shared by the references.
+pub(super) fn scores_naive(a: &AttendOne<'_>, q: &[f32], kvh: usize, ks: &[f32]) -> Vec<f32> {
+    let d = a.dim;
+    (0..a.visible.len())
+        .map(|j| {
+            let k = &ks[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
+            if a.visible[j] {
+                q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * a.scale
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect()
 }
 
 /// Partial softmax of one block of slots for one query head: running max, sum of exponentials

@@ -54,17 +54,7 @@ pub fn attend_one_int8_naive(a: &AttendOne<'_>) -> Vec<f32> {
     let mut out = vec![0f32; a.heads * d];
     for h in 0..a.heads {
         let kvh = h / g;
-        let qh = &q[h * d..(h + 1) * d];
-        let s: Vec<f32> = (0..t)
-            .map(|j| {
-                let k = &ks[(kvh * a.capacity + j) * d..(kvh * a.capacity + j + 1) * d];
-                if a.visible[j] {
-                    qh.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * a.scale
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
+        let s = super::attend::scores_naive(a, &q[h * d..(h + 1) * d], kvh, &ks);
         let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
             continue;
