@@ -44,6 +44,7 @@ mod measure;
 mod model1b;
 mod quantized;
 mod subject;
+mod versus;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -327,12 +328,17 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     if let Baseline::Missing(why) = &reference {
         progress(format!("[reference] not available: {why}"));
     }
-    let llama = llamacpp(&subject, threads);
-    let quant = quantized(&subject, args, threads);
-    if let Baseline::Missing(why) = &quant {
+    let rounds = if args.quick { 1 } else { versus::ROUNDS };
+    let vs = versus::versus(
+        rounds,
+        || quantized(&subject, args, threads),
+        || llamacpp(&subject, threads),
+    );
+    let (quant, llama) = (&vs.ours, &vs.llama);
+    if let Baseline::Missing(why) = quant {
         progress(format!("[quantized] not measured: {why}"));
     }
-    if let Baseline::Missing(why) = &llama {
+    if let Baseline::Missing(why) = llama {
         progress(format!("[llama.cpp] not available: {why}"));
     }
 
@@ -402,9 +408,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "kv_q8_decode_speedup": a.kv_paired.and_then(|(_, f32s, _, q8s)| q8s.map(|q| q / f32s)),
         "peak_rss_vs_weights_kv": ratio(a.app_peak_rss.map(|p| p as f64), Some((weights_resident + a.kv_bytes) as f64)),
         "peak_rss_run_vs_weights_kv": ratio(a.peak_rss.map(|p| p as f64), Some((weights_resident + a.kv_bytes) as f64)),
-        "quant_decode_vs_llamacpp": ratio(quant.num("decode_tok_s"), llama.num("tg128_tok_s")),
-        "quant_prefill_vs_llamacpp": ratio(quant.num("prefill_tok_s"), llama.num("pp512_tok_s")),
-        "quant_rss_vs_file": rss_vs_file(&quant),
+        "quant_decode_vs_llamacpp": vs.decode_ratio,
+        "quant_prefill_vs_llamacpp": vs.prefill_ratio,
+        "quant_rss_vs_file": rss_vs_file(quant),
         "long_context_ppl_vs_full_attention": ctx_vs_full,
         "long_context_ppl_vs_same_window": ctx_vs_window,
         "api_turn_ttft_s": api_ours.num("last_turn_ttft_s"),
@@ -474,7 +480,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "long_context_ppl_vs_full_attention".into(),
         json!(format!("perplexity of the TPTT model with a {LONG_CONTEXT_WINDOW}-token window over positions from 4× the window to the end of the eval text, over (c) the same weights with full attention; `..._vs_same_window` over (b) the branch off with the same window (issue 18's targets); see `long_context`")),
     );
-    let quant_note = match (&quant, &llama) {
+    let quant_note = match (quant, llama) {
         (Baseline::Measured(_), Baseline::Measured(_)) => "ours: the GGUF base (its Q4_1 matrices used as stored, see crates/tptt/src/gguf.rs) with the same TPTT injection; llama.cpp: llama-bench pp512/tg128".to_string(),
         (Baseline::Measured(_), Baseline::Missing(why)) => format!("ours measured on the GGUF base (see `quantized`); llama.cpp not available: {why}"),
         (Baseline::Missing(why), _) => format!("our quantized path not measured: {why}"),
@@ -672,7 +678,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     print_table(
-        &report, &a, &bb, &plan, bw, bw_limit, &subject, threads, &reference, &llama,
+        &report, &a, &bb, &plan, bw, bw_limit, &subject, threads, &reference, llama,
     );
     Ok(())
 }

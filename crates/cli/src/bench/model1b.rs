@@ -116,11 +116,16 @@ pub(super) fn measure(args: &BenchArgs, threads: usize, bw_gb_s: f64) -> Result<
         quick: true,
         ..args.clone()
     };
-    let quant = match child_process(&repo, &sub, threads, &gguf) {
-        Ok(v) => Baseline::Measured(v),
-        Err(e) => Baseline::Missing(format!("{e:#}")),
-    };
-    let llama = llamacpp_on(&gguf, threads);
+    let rounds = if args.quick { 1 } else { super::versus::ROUNDS };
+    let vs = super::versus::versus(
+        rounds,
+        || match child_process(&repo, &sub, threads, &gguf) {
+            Ok(v) => Baseline::Measured(v),
+            Err(e) => Baseline::Missing(format!("{e:#}")),
+        },
+        || llamacpp_on(&gguf, threads),
+    );
+    let (quant, llama) = (&vs.ours, &vs.llama);
     Ok(json!({
         "shape": "Llama-3.2-1B (hidden 2048, 16 layers, 32/8 heads of 64, MLP 8192, vocab 128256), random weights",
         "repo": repo.display().to_string(),
@@ -130,9 +135,9 @@ pub(super) fn measure(args: &BenchArgs, threads: usize, bw_gb_s: f64) -> Result<
         "llamacpp": llama.to_json(),
         "ratios": {
             "decode1b_vs_bandwidth_limit": dense_ratio(&dense),
-            "quant1b_decode_vs_llamacpp": ratio(quant.num("decode_tok_s"), llama.num("tg128_tok_s")),
-            "quant1b_prefill_vs_llamacpp": ratio(quant.num("prefill_tok_s"), llama.num("pp512_tok_s")),
-            "quant1b_rss_vs_file": rss_vs_file(&quant),
+            "quant1b_decode_vs_llamacpp": vs.decode_ratio,
+            "quant1b_prefill_vs_llamacpp": vs.prefill_ratio,
+            "quant1b_rss_vs_file": rss_vs_file(quant),
         },
     }))
 }
