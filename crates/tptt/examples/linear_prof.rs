@@ -195,7 +195,9 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
             &LoadOptions::default(),
         )?);
         let mut st = m.new_state(CarryMode::Continue, Some(8192));
-        m.forward(&ids, &mut st, Logits::Last)?;
+        for block in ids.chunks(512) {
+            m.forward(block, &mut st, Logits::Last)?;
+        }
         for &kv in &kvs {
             let mut s = st.clone();
             s.set_kv_format(kv)?;
@@ -205,6 +207,30 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
                 s,
                 Vec::new(),
             ));
+        }
+    }
+    // `MSG=n`: also an n-token message read on a copy of each state (a branch's first message).
+    if let Some(n) = std::env::var("MSG")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let msg: Vec<u32> = (0..n as u32).map(|i| (i * 131) % 40000 + 10).collect();
+        // `PERF_CTL=fifo`: `perf record --control fifo:…` starts sampling here.
+        if let Ok(ctl) = std::env::var("PERF_CTL") {
+            std::fs::write(ctl, "enable\n")?;
+        }
+        for (name, m, st, _) in runs.iter() {
+            let mut times = Vec::new();
+            for _ in 0..reps.max(1) {
+                let mut s = st.clone();
+                let t0 = Instant::now();
+                m.forward(&msg, &mut s, Logits::Last)?;
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            println!(
+                "{name}: a {n}-token message after {history}: median {:.1} ms",
+                median(times) * 1e3
+            );
         }
     }
     for round in 0..reps * 8 {

@@ -238,6 +238,116 @@ fn an_8_bit_cache_follows_the_tensor_path_and_stays_near_f32() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A short message after a cached history, over an 8-bit cache: on CPUs with the integer decode
+/// attention the prompt path reads it token by token (`Path::RingSteps`: each key written into
+/// its slot, then attended as a decode step attends), so with the linear branch off its logits
+/// are those of the same tokens sent one at a time, up to the batched projections' f32 rounding:
+/// where it moves one value of a key to the neighbouring 8-bit step, that token and every later
+/// one differ by ~1e-3 on this random base (a window one short moves them by 1e-1). (With the branch on they differ
+/// by design: a message is one chunk of the recurrence, single tokens are chunks of one.) With a
+/// window of 48, the 16-token message after 40 cached tokens wraps the ring mid-message: a key
+/// written ahead of its turn would overwrite one that earlier tokens of the message still see.
+/// Elsewhere the message goes through the flash kernel, which reads its own keys in f32: then
+/// only the 8-bit rounding bound applies. With the branch on, the message over the 8-bit cache
+/// stays within that bound of the same message over an f32 cache.
+#[test]
+fn a_short_message_over_an_8_bit_cache_reads_as_single_steps() {
+    let dir = std::env::temp_dir().join(format!("tptt-fused-steps-{}", std::process::id()));
+    let shape = tptt::synth::LlamaShape {
+        hidden: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        intermediate: 256,
+        vocab: 320,
+    };
+    tptt::synth::write_repo(
+        &dir,
+        &shape,
+        candle_core::DType::F32,
+        5,
+        "on",
+        "delta_product",
+        0.5,
+    )
+    .expect("synthetic repo");
+    tptt::synth::write_variant(&dir, "off", "base", &shape, "delta_product", 0.0)
+        .expect("variant without memory");
+    let load = |name: &str| {
+        let files = TpttRepo::open(&dir)
+            .and_then(|r| r.variant(Some(name), None))
+            .expect("variant");
+        Model::load(&files, &LoadOptions::default()).expect("load")
+    };
+    let (off, on) = (load("off"), load("on"));
+    let vocab = shape.vocab as u32;
+    let history: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % vocab).collect();
+    let message: Vec<u32> = (0..16).map(|i| (i * 53 + 7) % vocab).collect();
+    let integer = tptt::kernels::attend::integer_attention(shape.head_dim);
+    let tol = if integer { 3e-3 } else { 1e-2 };
+    let rows = |t: candle_core::Tensor| t.to_vec2::<f32>().expect("f32 rows");
+    let after_history = |m: &Model, kv: KvFormat, window: Option<usize>| {
+        let mut st = m.new_state(CarryMode::Continue, window);
+        st.set_kv_format(kv).expect("format");
+        m.forward(&history, &mut st, Logits::Last).expect("history");
+        st
+    };
+    let (mut worst, mut worst_on) = (0f32, 0f32);
+    for window in [Some(48), None] {
+        let mut read = after_history(&off, KvFormat::Q8_0, window);
+        let mut stepped = read.clone();
+        let whole = rows(
+            off.forward(&message, &mut read, Logits::All)
+                .expect("message"),
+        );
+        for (i, &id) in message.iter().enumerate() {
+            let one = rows(
+                off.forward(&[id], &mut stepped, Logits::Last)
+                    .expect("step"),
+            );
+            let d = max_diff(&whole[i], &one[0]);
+            worst = worst.max(d);
+            assert!(
+                d < tol,
+                "window {window:?} token {i}: message vs single steps, max rel diff {d} (integer attention: {integer})"
+            );
+        }
+        assert_eq!(read.pos, stepped.pos);
+        assert_eq!(
+            read.key_pos, stepped.key_pos,
+            "window {window:?}: ring positions"
+        );
+
+        let mut q8 = after_history(&on, KvFormat::Q8_0, window);
+        let mut f32s = after_history(&on, KvFormat::F32, window);
+        let a = rows(
+            on.forward(&message, &mut q8, Logits::All)
+                .expect("message, 8-bit"),
+        );
+        let b = rows(
+            on.forward(&message, &mut f32s, Logits::All)
+                .expect("message, f32"),
+        );
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            let d = max_diff(a, b);
+            worst_on = worst_on.max(d);
+            assert!(
+                d < 1e-2,
+                "window {window:?} token {i}: 8-bit vs f32 cache, max rel diff {d}"
+            );
+        }
+        assert_eq!(
+            q8.key_pos, f32s.key_pos,
+            "window {window:?}: ring positions"
+        );
+    }
+    eprintln!(
+        "a message over an 8-bit cache (integer attention: {integer}): vs single steps {worst:.2e}, vs an f32 cache {worst_on:.2e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A GGUF base of each quantized type whose matrices the fused step multiplies itself (rows of
 /// whole 256-value super-blocks, so the K-quants too; the embedding quantized as well) decodes
 /// as the tensor path does, which multiplies a single row with candle's quantized matmul. Both

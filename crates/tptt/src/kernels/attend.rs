@@ -176,15 +176,27 @@ pub(super) fn attend_one_with(a: &AttendOne<'_>, kernel: &BlockKernel) -> Vec<f3
 
 /// [`avx2::attend_block`] when the CPU has AVX2 + FMA + F16C and `D` is a multiple of 8, else the
 /// portable [`attend_block`].
+/// Does this CPU read an 8-bit cache of head dim `dim` with the integer kernel
+/// ([`super::attend_vnni`]: AVX-512 VNNI, `dim` a multiple of 64 up to 256)?
+pub fn integer_attention(dim: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        dim.is_multiple_of(64)
+            && dim <= 256
+            && crate::cpu::has_avx512_vnni()
+            && crate::cpu::has_avx2_fma_f16c()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = dim;
+        false
+    }
+}
+
 fn attend_block_dispatch(a: &AttendOne<'_>, kvh: usize, start: usize, end: usize) -> Vec<Partial> {
     #[cfg(target_arch = "x86_64")]
     {
-        if matches!((a.k, a.v), (KvSlice::Q8_0(_), KvSlice::Q8_0(_)))
-            && a.dim.is_multiple_of(64)
-            && a.dim <= 256
-            && crate::cpu::has_avx512_vnni()
-            && crate::cpu::has_avx2_fma_f16c()
-        {
+        if matches!((a.k, a.v), (KvSlice::Q8_0(_), KvSlice::Q8_0(_))) && integer_attention(a.dim) {
             // SAFETY: the features were detected just above; the cache is 8-bit and `D` a
             // multiple of 64 up to 256, as the kernel requires.
             return unsafe { super::attend_vnni::attend_block(a, kvh, start, end) };
