@@ -438,8 +438,7 @@ impl Model {
         // The attention's parallel regions run on a team for the layer, as in the decode step.
         crate::team::with_team(rayon::current_num_threads(), || -> Result<()> {
             for (t, &p) in call.positions.iter().enumerate() {
-                let (slot, after) = call.ring.after_one(&slots, p)?;
-                slots = after;
+                let slot = call.ring.advance_one(&mut slots, p)?;
                 let one = |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(1, t, 1)?.contiguous()?) };
                 call.ring
                     .write_one(ls, &one(k)?, &one(v)?, slot, &self.device)?;

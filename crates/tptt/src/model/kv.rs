@@ -39,16 +39,23 @@ impl KvRing {
     /// One token at position `pos` after the slots `key_pos`: its slot, and the positions the
     /// slots hold once it is written.
     pub(super) fn after_one(&self, key_pos: &[usize], pos: usize) -> Result<(usize, Vec<usize>)> {
-        let slot = self.slot(pos);
         let mut after = key_pos.to_vec();
-        if slot < after.len() {
-            after[slot] = pos;
-        } else if slot == after.len() {
-            after.push(pos);
+        let slot = self.advance_one(&mut after, pos)?;
+        Ok((slot, after))
+    }
+
+    /// [`KvRing::after_one`] in place: `key_pos` becomes the slots' positions once the token at
+    /// `pos` is written; returns its slot.
+    pub(super) fn advance_one(&self, key_pos: &mut Vec<usize>, pos: usize) -> Result<usize> {
+        let slot = self.slot(pos);
+        if slot < key_pos.len() {
+            key_pos[slot] = pos;
+        } else if slot == key_pos.len() {
+            key_pos.push(pos);
         } else {
             return Err(hole());
         }
-        Ok((slot, after))
+        Ok(slot)
     }
 
     /// The slots' positions after `s` tokens from position `pos` (the last `min(s, W)` of
