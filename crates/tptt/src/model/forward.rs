@@ -23,7 +23,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::kv::KvRing;
+use super::kv::{sees, KvRing};
 use super::layers::Layer;
 use super::{step, Logits, Model};
 use crate::error::{Error, Result};
@@ -148,8 +148,7 @@ impl Call {
         let mut mask = vec![0f32; self.s * t_len];
         for (i, &qp) in self.positions.iter().enumerate() {
             for (j, &kp) in self.att_pos.iter().enumerate() {
-                let visible = kp <= qp && w.is_none_or(|w| qp - kp < w);
-                if !visible {
+                if !sees(kp, qp, w) {
                     mask[i * t_len + j] = f32::NEG_INFINITY;
                 }
             }
@@ -443,30 +442,11 @@ impl Model {
                 call.ring
                     .write_one(ls, &one(k)?, &one(v)?, slot, &self.device)?;
                 visible.clear();
-                visible.extend(
-                    slots
-                        .iter()
-                        .map(|&kp| kp <= p && window.is_none_or(|w| p - kp < w)),
-                );
+                visible.extend(slots.iter().map(|&kp| sees(kp, p, window)));
                 for (h, row) in qt.chunks_exact_mut(d).enumerate() {
                     row.copy_from_slice(&qs[(h * s + t) * d..(h * s + t + 1) * d]);
                 }
-                let (Some(kb), Some(vb)) = (&ls.k, &ls.v) else {
-                    return Err(Error::State("KV cache missing after write".into()));
-                };
-                let capacity = kb.dim(1)?;
-                let (kd, vd) = (step::Data::of(kb), step::Data::of(vb));
-                let o = crate::kernels::attend_one(&crate::kernels::AttendOne {
-                    q: &qt,
-                    k: kd.kv()?,
-                    v: vd.kv()?,
-                    visible: &visible,
-                    heads: nh,
-                    kv_heads: nkv,
-                    dim: d,
-                    capacity,
-                    scale: b.attn_scale as f32,
-                });
+                let o = step::attend_ring(ls, &qt, &visible, nh, nkv, d, b.attn_scale as f32)?;
                 out[t * nh * d..(t + 1) * nh * d].copy_from_slice(&o);
             }
             Ok(())

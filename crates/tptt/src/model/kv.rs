@@ -134,6 +134,12 @@ impl KvRing {
     }
 }
 
+/// Does a query at position `p` see the key at position `kp` under `window` (keys not later, and
+/// fewer than `window` positions back)? The rule of every attention path.
+pub(super) fn sees(kp: usize, p: usize, window: Option<usize>) -> bool {
+    kp <= p && window.is_none_or(|w| p - kp < w)
+}
+
 /// `x` (f32 `[Hkv, S, D]`) in the format of the buffer it is written into.
 fn stored(x: &Tensor, buffer: &Tensor) -> Result<Tensor> {
     let format = KvFormat::of_dtype(buffer.dtype()).ok_or_else(|| {

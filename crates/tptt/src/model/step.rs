@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{self, AttendOne, KvSlice, MatVec, Rows};
 use crate::linear::{self, CarryMode};
 use crate::rope;
-use crate::state::State;
+use crate::state::{LayerState, State};
 
 /// A read lock on a CPU tensor's storage, giving its contiguous f32 data.
 pub(super) struct Data<'a> {
@@ -304,6 +304,34 @@ fn linear1(l: &Linear, x: &[f32], device: &Device) -> Result<Vec<f32>> {
     Ok(y)
 }
 
+/// One query `q` (`[H·D]`) over a layer's KV ring, read in place, the slots `visible` says:
+/// `[H·D]` (the decode step's attention, and a message read token by token).
+pub(super) fn attend_ring(
+    ls: &LayerState,
+    q: &[f32],
+    visible: &[bool],
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let (Some(kb), Some(vb)) = (&ls.k, &ls.v) else {
+        return Err(Error::State("KV cache missing after allocation".into()));
+    };
+    let (kd, vd) = (Data::of(kb), Data::of(vb));
+    Ok(kernels::attend_one(&AttendOne {
+        q,
+        k: kd.kv()?,
+        v: vd.kv()?,
+        visible,
+        heads,
+        kv_heads,
+        dim,
+        capacity: kb.dim(1)?,
+        scale,
+    }))
+}
+
 /// [`Norm::forward`] over consecutive groups of `group` values (per head or whole rows).
 fn norm(n: &Norm, x: &mut [f32], group: usize) -> Result<()> {
     let w = n.w.as_ref().map(Data::of);
@@ -416,34 +444,14 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
             slot,
             &model.device,
         )?;
-        let (kb, vb) = match (&ls.k, &ls.v) {
-            (Some(k), Some(v)) => (k, v),
-            _ => return Err(Error::State("KV cache missing after allocation".into())),
-        };
         let window = match (state.window, layer.window) {
             (Some(a), Some(c)) => Some(a.min(c)),
             (a, c) => a.or(c),
         };
         for (v, &kp) in visible.iter_mut().zip(&key_pos) {
-            *v = kp <= qp && window.is_none_or(|w| qp - kp < w);
+            *v = super::kv::sees(kp, qp, window);
         }
-        let capacity = kb.dim(1)?;
-        let (kd, vd) = (Data::of(kb), Data::of(vb));
-        let (ks_all, vs_all) = (kd.kv()?, vd.kv()?);
-        let attn = {
-            kernels::attend_one(&AttendOne {
-                q: &qs,
-                k: ks_all,
-                v: vs_all,
-                visible: &visible,
-                heads: nh,
-                kv_heads: nkv,
-                dim: d,
-                capacity,
-                scale: b.attn_scale as f32,
-            })
-        };
-        drop((kd, vd));
+        let attn = attend_ring(ls, &qs, &visible, nh, nkv, d, b.attn_scale as f32)?;
         // (Running the linear branch beside the attention with `rayon::join` was measured
         // slower here: both are small at batch 1.)
         let y = linear_on.then(|| {
