@@ -2,7 +2,7 @@
 //! rounds (ours then llama.cpp, then the other way round, …), each round's ratios taken over the
 //! same minute of the machine, and the median round's ratio reported. On a shared machine two
 //! single runs minutes apart compare the neighbours' load as much as the engines: on 2026-12-04
-//! llama-bench's tg128 on one file moved between 34.8 and 46.6 tok/s within two hours.
+//! llama-bench's tg128 on one file moved between 34.8 and 51.5 tok/s within two hours.
 
 use super::*;
 
