@@ -2,9 +2,10 @@
 //! in one run, same model, same threads.
 //!
 //! Measured, in this order:
-//! 1. memory bandwidth: a streaming read of a 1 GiB buffer (≫ LLC) by `--threads` threads,
-//!    best of 3. The read is glibc's vectorised `memcmp` of two equal halves (slice `==`), so the
-//!    number does not depend on how this crate is optimised (the dev profile builds it at -O0);
+//! 1. memory bandwidth ([`measure::bandwidth`]): read-only and read-modify-write passes over a
+//!    1 GiB buffer (≫ LLC) on huge pages, each of `--threads` threads on its own part; measured
+//!    again right after each decode that is compared with it, and the best read-only pass of all
+//!    is that decode's ceiling (a decode only reads);
 //! 2. bytes of weights read per decode token (every weight tensor in f32, `lm_head` included,
 //!    the embedding only once when tied: decoding reads one row of it);
 //! 3. for (a) our engine with TPTT and (b) the same weights with the linear branch off
@@ -245,12 +246,11 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let started = utc_now();
     if args.only_1b {
         let b = bandwidth(threads)?;
-        let bw = b.read_gb_s.max(b.rmw_gb_s);
         progress(format!(
-            "bandwidth {bw:.2} GB/s (read-only {:.2}, read-modify-write {:.2})",
+            "bandwidth: read-only {:.2} GB/s (the ceiling), read-modify-write {:.2}",
             b.read_gb_s, b.rmw_gb_s
         ));
-        let m = model1b::measure(args, threads, bw)?;
+        let m = model1b::measure(args, threads, b.ceiling())?;
         println!(
             "{}",
             serde_json::to_string(&json!({
@@ -280,15 +280,12 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "memory bandwidth: {} MiB, {BANDWIDTH_PASSES} read and read-modify-write passes",
         BANDWIDTH_BYTES >> 20
     ));
-    let bandwidth = bandwidth(threads)?;
-    // The ceiling: the most traffic any pass moved. A decode step only reads, but the
-    // read-only pass is not a limit of reading: on 2026-12-04 the 1B-class decode read 30.7
-    // GB/s of f16 weights in a run whose read-only pass had read 28.9. The read-modify-write
-    // passes move more in all and no decode has come near them.
-    let bw = bandwidth.read_gb_s.max(bandwidth.rmw_gb_s);
-    let bw_limit = bw * 1e9 / subject.weight_bytes as f64;
+    let mut bandwidth = bandwidth(threads)?;
     progress(format!(
-        "bandwidth {bw:.2} GB/s; weights {:.1} MB per token → limit {bw_limit:.1} tok/s",
+        "bandwidth: read-only {:.2} GB/s, read-modify-write {:.2} (huge pages: {}); weights {:.1} MB per token",
+        bandwidth.read_gb_s,
+        bandwidth.rmw_gb_s,
+        bandwidth.huge_pages,
         subject.weight_bytes as f64 / 1e6
     ));
 
@@ -309,6 +306,14 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         args.window,
         &ids,
     )?;
+    // The decode's ceiling: the best read-only pass before or right after its measurement.
+    bandwidth.merge(measure::bandwidth(threads)?);
+    let bw = bandwidth.ceiling();
+    let bw_limit = bw * 1e9 / subject.weight_bytes as f64;
+    progress(format!(
+        "bandwidth ceiling {bw:.2} GB/s (best read-only pass of {}) → limit {bw_limit:.1} tok/s",
+        bandwidth.read_runs.len()
+    ));
     let bb = run_engine(
         "base",
         base_model.clone(),
@@ -465,9 +470,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     notes.insert(
         "decode_vs_bandwidth_limit".into(),
         json!(format!(
-            "decode tok/s after {short} over the ceiling ({bw:.1} GB/s, the best pass of either kind) / bytes of weights per token; against the read-only passes alone ({:.1} GB/s, not a limit: decode has read faster) it would be {}",
-            bandwidth.read_gb_s,
-            fmt_opt(ratio(a.decode_at(short), Some(bandwidth.read_gb_s * 1e9 / subject.weight_bytes as f64)), 2)
+            "decode tok/s after {short} over the ceiling ({bw:.1} GB/s: the best read-only pass, before or right after the decode) / bytes of weights per token; the read-modify-write passes ({:.1} GB/s of traffic, half of it write-backs) are no ceiling for a stream that only reads",
+            bandwidth.rmw_gb_s,
         )),
     );
     if r("decode_vs_bandwidth_limit").is_some_and(|x| x > 1.0) {
@@ -651,7 +655,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         },
         "kv_format": kv.as_str(),
         "plan": {"prefill_tokens": plan.prefill, "decode_histories": plan.decode_at, "decode_steps": DECODE_STEPS, "resume_history": plan.resume_at},
-        "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bandwidth.read_runs, "rmw_gb_per_s": bandwidth.rmw_gb_s, "rmw_runs_gb_per_s": bandwidth.rmw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "method": format!("STREAM-like: each thread its own part of the buffer; read-only passes (sum of every 64-bit word, 8 accumulators, AVX2 loads where present) and read-modify-write passes (every word + 1, 2 bytes of traffic per byte), {BANDWIDTH_PASSES} each; the ceiling (gb_per_s) is the best pass of either kind"), "read_gb_per_s": bandwidth.read_gb_s},
+        "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bandwidth.read_runs, "rmw_gb_per_s": bandwidth.rmw_gb_s, "rmw_runs_gb_per_s": bandwidth.rmw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "huge_pages": bandwidth.huge_pages, "method": format!("STREAM-like: each thread its own part of the buffer (on transparent huge pages, as the weights); read-only passes (sum of every 64-bit word, 8 accumulators, AVX2 loads where present) and read-modify-write passes (every word + 1, 2 bytes of traffic per byte), {BANDWIDTH_PASSES} each, at the start and right after the decode; the ceiling (gb_per_s) is the best read-only pass: a decode only reads"), "read_gb_per_s": bandwidth.read_gb_s},
         "bandwidth_limit_decode_tok_s": bw_limit,
         "engine": {"tptt": a.to_json(), "base": bb.to_json()},
         "paired_decode": {"history": short, "tptt_tok_s": ab_tptt, "base_tok_s": ab_base, "steps_each": 2 * DECODE_STEPS, "method": "TPTT and base steps alternating, order swapped every round; 1 / median step"},
