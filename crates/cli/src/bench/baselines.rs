@@ -2,6 +2,7 @@
 //! `llama-bench` on the GGUF, and the quantized path of our own engine.
 
 use super::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Outcome of a baseline: its JSON, or why it is missing.
 pub(super) enum Baseline {
@@ -151,7 +152,7 @@ pub(super) fn llamacpp(subject: &Subject, threads: usize) -> Baseline {
     llamacpp_on(&gguf, threads)
 }
 
-/// llama-bench pp512 and tg128 on `gguf`.
+/// llama-bench pp512 and tg128 on `gguf`, each in its own run (see [`llama_bench_one`]).
 pub(super) fn llamacpp_on(gguf: &Path, threads: usize) -> Baseline {
     let bin = match std::env::var_os("LLAMA_BENCH")
         .map(PathBuf::from)
@@ -164,49 +165,108 @@ pub(super) fn llamacpp_on(gguf: &Path, threads: usize) -> Baseline {
             )
         }
     };
-    progress(format!(
-        "[llama.cpp] {} -m {}",
-        bin.display(),
-        gguf.display()
-    ));
-    let out = match Command::new(&bin)
-        .arg("-m")
-        .arg(gguf)
-        .args([
-            "-p",
-            "512",
-            "-n",
-            "128",
-            "-t",
-            &threads.to_string(),
-            "-o",
-            "json",
-        ])
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) => return Baseline::Missing(format!("cannot run {} ({e})", bin.display())),
+    static PP_CRASHES: AtomicBool = AtomicBool::new(false);
+    static TG_CRASHES: AtomicBool = AtomicBool::new(false);
+    let pp = match llama_bench_one(&bin, gguf, threads, (512, 0), &PP_CRASHES) {
+        Ok(r) => r,
+        Err(why) => return Baseline::Missing(why),
+    };
+    let tg = match llama_bench_one(&bin, gguf, threads, (0, 128), &TG_CRASHES) {
+        Ok(r) => r,
+        Err(why) => return Baseline::Missing(why),
+    };
+    Baseline::Measured(json!({
+        "gguf": gguf.display().to_string(),
+        "threads": threads,
+        "pp512_tok_s": pp.tok_s,
+        "tg128_tok_s": tg.tok_s,
+        "pp512_repack": pp.repack,
+        "tg128_repack": tg.repack,
+        "repack_crashed": pp.crashed.or(tg.crashed),
+    }))
+}
+
+/// One llama-bench test's rate, and how it was run.
+struct LlamaRate {
+    tok_s: Option<f64>,
+    /// Whether llama.cpp's weight repacking (its default) was on.
+    repack: bool,
+    /// How the run with repacking ended, when it died.
+    crashed: Option<String>,
+}
+
+/// llama-bench with `-p P -n N` (`test`) on `gguf`.
+///
+/// llama.cpp 0c1e570 with its default weight repacking dies of SIGSEGV on some CPUs (seen on
+/// 2026-12-04 on an Intel Xeon with AVX-512 and AMX: every prompt length; decode alone fine).
+/// A test killed by a signal runs again with `--repack 0` (its plain kernels) and the JSON says
+/// so; `crashes` remembers it, so later rounds of the same run go straight to the plain kernels.
+/// Prompt and decode are separate runs, so that one test's crash costs the other nothing.
+fn llama_bench_one(
+    bin: &Path,
+    gguf: &Path,
+    threads: usize,
+    test: (usize, usize),
+    crashes: &AtomicBool,
+) -> std::result::Result<LlamaRate, String> {
+    let run = |repack: bool| {
+        progress(format!(
+            "[llama.cpp] {} -m {} -p {} -n {}{}",
+            bin.display(),
+            gguf.display(),
+            test.0,
+            test.1,
+            if repack { "" } else { " --repack 0" }
+        ));
+        Command::new(bin)
+            .arg("-m")
+            .arg(gguf)
+            .args([
+                "-p",
+                &test.0.to_string(),
+                "-n",
+                &test.1.to_string(),
+                "-t",
+                &threads.to_string(),
+                "--repack",
+                if repack { "1" } else { "0" },
+                "-o",
+                "json",
+            ])
+            .output()
+            .map_err(|e| format!("cannot run {} ({e})", bin.display()))
+    };
+    let mut repack = !crashes.load(Ordering::Relaxed);
+    let mut crashed = (!repack).then(|| "in an earlier round".to_string());
+    let out = loop {
+        let out = run(repack)?;
+        if repack && out.status.code().is_none() {
+            crashes.store(true, Ordering::Relaxed);
+            crashed = Some(out.status.to_string());
+            repack = false;
+            continue;
+        }
+        break out;
     };
     if !out.status.success() {
-        return Baseline::Missing(format!(
-            "llama-bench failed (exit {:?}): {}",
-            out.status.code(),
+        return Err(format!(
+            "llama-bench failed ({}): {}",
+            out.status,
             tail(&String::from_utf8_lossy(&out.stderr), 3)
         ));
     }
-    let rows: Vec<Value> = match serde_json::from_slice(&out.stdout) {
-        Ok(v) => v,
-        Err(e) => return Baseline::Missing(format!("llama-bench printed no JSON array ({e})")),
-    };
-    let rate = |p: u64, n: u64| {
-        rows.iter()
-            .find(|r| {
-                r.get("n_prompt").and_then(Value::as_u64) == Some(p)
-                    && r.get("n_gen").and_then(Value::as_u64) == Some(n)
-            })
-            .and_then(|r| r.get("avg_ts").and_then(Value::as_f64))
-    };
-    Baseline::Measured(
-        json!({"gguf": gguf.display().to_string(), "threads": threads, "pp512_tok_s": rate(512, 0), "tg128_tok_s": rate(0, 128)}),
-    )
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("llama-bench printed no JSON array ({e})"))?;
+    let tok_s = rows
+        .iter()
+        .find(|r| {
+            r.get("n_prompt").and_then(Value::as_u64) == Some(test.0 as u64)
+                && r.get("n_gen").and_then(Value::as_u64) == Some(test.1 as u64)
+        })
+        .and_then(|r| r.get("avg_ts").and_then(Value::as_f64));
+    Ok(LlamaRate {
+        tok_s,
+        repack,
+        crashed,
+    })
 }
