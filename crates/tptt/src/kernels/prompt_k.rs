@@ -39,7 +39,7 @@ const TASK_ROWS: usize = 16;
 const GROUP: usize = 4;
 
 /// Input rows taken together against an [`Interleaved`] panel.
-const WIDE_GROUP: usize = 4;
+const WIDE_GROUP: usize = 8;
 
 /// A K-quant type the prompt kernels take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
