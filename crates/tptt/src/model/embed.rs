@@ -2,14 +2,18 @@
 //! stored, each looked-up row dequantized on its own (a row's quantization blocks are its own
 //! bytes). A quantized vocabulary is not widened to f32 at load: for Llama-3.2-1B's 128k × 2048
 //! that would be 1 GB beside a 4-bit file of under 1 GB. A tied head shares the same quantized
-//! matrix.
+//! matrix; where the decode kernels take Q4_K repacked 16 rows to a group
+//! ([`crate::kernels::q4k_x16`]), a tied Q4_K head is repacked and the lookups read their rows
+//! from the repacked bytes (one copy of the vocabulary either way).
 
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
+use super::layers::Packed;
 use crate::error::{Error, Result};
+use crate::kernels::q4k_x16;
 
 #[derive(Debug, Clone)]
 pub(super) enum Embedding {
@@ -17,6 +21,8 @@ pub(super) enum Embedding {
     Dense(Tensor),
     /// `[V, E]` quantized, on the CPU.
     Quant(Arc<QTensor>),
+    /// `[V, E]` Q4_K repacked 16 rows to a group, on the CPU, shared with the tied head.
+    Packed(Arc<Packed>),
 }
 
 impl Embedding {
@@ -40,6 +46,13 @@ impl Embedding {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&rows, 0)?.to_device(device)?)
             }
+            Embedding::Packed(p) => {
+                let mut values = Vec::with_capacity(ids.len() * p.cols);
+                for &id in ids {
+                    values.extend(packed_row(p, id as usize)?);
+                }
+                Ok(Tensor::from_vec(values, (ids.len(), p.cols), device)?)
+            }
         }
     }
 
@@ -56,6 +69,7 @@ impl Embedding {
                     .to_vec1()?)
             }
             Embedding::Quant(q) => Ok(self.quant_row(q, id)?.flatten_all()?.to_vec1()?),
+            Embedding::Packed(p) => packed_row(p, id),
         }
     }
 
@@ -71,7 +85,7 @@ impl Embedding {
     pub(super) fn dense(&self) -> Option<&Tensor> {
         match self {
             Embedding::Dense(t) => Some(t),
-            Embedding::Quant(_) => None,
+            Embedding::Quant(_) | Embedding::Packed(_) => None,
         }
     }
 
@@ -81,6 +95,10 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => Ok(t.clone()),
             Embedding::Quant(q) => Ok(q.dequantize(device)?),
+            Embedding::Packed(p) => {
+                let ids: Vec<u32> = (0..p.rows as u32).collect();
+                self.rows(&ids, device)
+            }
         }
     }
 
@@ -89,6 +107,7 @@ impl Embedding {
         match self {
             Embedding::Dense(t) => t.elem_count(),
             Embedding::Quant(q) => q.shape().elem_count(),
+            Embedding::Packed(p) => p.rows * p.cols,
         }
     }
 
@@ -96,9 +115,17 @@ impl Embedding {
     pub(super) fn is_f32(&self) -> bool {
         match self {
             Embedding::Dense(t) => t.dtype() == DType::F32 || t.device().is_cpu(),
-            Embedding::Quant(_) => true,
+            Embedding::Quant(_) | Embedding::Packed(_) => true,
         }
     }
+}
+
+/// Row `id` of a repacked vocabulary, dequantized.
+fn packed_row(p: &Packed, id: usize) -> Result<Vec<f32>> {
+    if id >= p.rows {
+        return Err(outside(id));
+    }
+    Ok(q4k_x16::dequantize_row(&p.bytes, p.cols, id))
 }
 
 fn outside(id: usize) -> Error {
@@ -135,5 +162,43 @@ mod tests {
             assert!(emb.row(50).is_err() && dense.row(50).is_err());
             assert!(emb.rows(&[50], &dev).is_err());
         }
+    }
+
+    /// A Q4_K vocabulary repacked 16 rows to a group (a tied head the decode kernels take
+    /// repacked) gives the rows of the matrix as stored, bit for bit, one by one, as a batch
+    /// and as the whole matrix; an id past the end is an error.
+    #[test]
+    fn repacked_rows_equal_the_rows_as_stored() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 512), &dev).expect("w");
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).expect("quantize"));
+        let packed = Embedding::Packed(Arc::new(Packed::new(&q).expect("repack")));
+        let stored = Embedding::Quant(q.clone());
+        for id in [0usize, 15, 16, 47] {
+            assert_eq!(
+                packed.row(id).expect("row"),
+                stored.row(id).expect("row"),
+                "{id}"
+            );
+        }
+        let ids = [47u32, 0, 16, 16, 31];
+        let got: Vec<f32> = packed
+            .rows(&ids, &dev)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+            .expect("rows");
+        let want: Vec<f32> = stored
+            .rows(&ids, &dev)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+            .expect("rows");
+        assert_eq!(got, want);
+        let whole = |e: &Embedding| -> Vec<f32> {
+            e.to_dense(&dev)
+                .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+                .expect("dense")
+        };
+        assert_eq!(whole(&packed), whole(&stored));
+        assert_eq!(packed.elem_count(), stored.elem_count());
+        assert!(packed.is_f32() && packed.dense().is_none());
+        assert!(packed.row(48).is_err() && packed.rows(&[3, 48], &dev).is_err());
     }
 }

@@ -225,10 +225,20 @@ impl Model {
         let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
         // A quantized vocabulary stays quantized on the CPU (rows dequantized as looked up);
         // a tied lm_head shares the same matrix.
-        let embed = match &embed_w {
-            Weight::Dense(t) => Embedding::Dense(t.clone()),
-            Weight::Quant(q) if opts.device.is_cpu() => Embedding::Quant(q.clone()),
-            Weight::Quant(q) => Embedding::Dense(q.dequantize(&opts.device)?),
+        // A tied Q4_K head that the decode kernels take repacked is repacked once, and the
+        // lookups read the same bytes (the file's copy is then dropped).
+        let tied = opts.retie_lm_head || b.tie_word_embeddings;
+        let packed_vocab = match &embed_w {
+            Weight::Quant(q) if tied && src.repack && Packed::takes(q) => {
+                Some(std::sync::Arc::new(Packed::new(q)?))
+            }
+            _ => None,
+        };
+        let embed = match (&embed_w, &packed_vocab) {
+            (_, Some(p)) => Embedding::Packed(p.clone()),
+            (Weight::Dense(t), None) => Embedding::Dense(t.clone()),
+            (Weight::Quant(q), None) if opts.device.is_cpu() => Embedding::Quant(q.clone()),
+            (Weight::Quant(q), None) => Embedding::Dense(q.dequantize(&opts.device)?),
         };
         let mut layers = Vec::new(); // not with_capacity: num_layers is untrusted until the weights confirm it
         for i in 0..b.num_layers {
@@ -342,10 +352,11 @@ impl Model {
             });
         }
         let norm = take_norm(&mut src, "model.norm.weight", b, e)?;
-        let lm_head = if opts.retie_lm_head || b.tie_word_embeddings {
-            let w = match embed_w {
-                Weight::Dense(t) => Matrix::Dense(t),
-                Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
+        let lm_head = if tied {
+            let w = match (embed_w, packed_vocab) {
+                (_, Some(p)) => Matrix::Packed(p),
+                (Weight::Dense(t), None) => Matrix::Dense(t),
+                (Weight::Quant(q), None) => Matrix::Quant(QMatMul::from_arc(q)?),
             };
             Linear {
                 w,
