@@ -224,21 +224,30 @@ impl Model {
         let e = b.hidden_size;
         let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
         // A quantized vocabulary stays quantized on the CPU (rows dequantized as looked up);
-        // a tied lm_head shares the same matrix.
-        // A tied Q4_K head that the decode kernels take repacked is repacked once, and the
-        // lookups read the same bytes (the file's copy is then dropped).
+        // a tied lm_head shares the same matrix. A tied Q4_K head that the decode kernels take
+        // repacked is repacked once here and the lookups read the same bytes; the file's copy
+        // is dropped at once, so the load never holds the vocabulary twice for long.
         let tied = opts.retie_lm_head || b.tie_word_embeddings;
-        let packed_vocab = match &embed_w {
-            Weight::Quant(q) if tied && src.repack && Packed::takes(q) => {
-                Some(std::sync::Arc::new(Packed::new(q)?))
+        let (embed, tied_head) = match embed_w {
+            Weight::Quant(q) if tied && src.repack && Packed::takes(&q) => {
+                let p = std::sync::Arc::new(Packed::new(&q)?);
+                (Embedding::Packed(p.clone()), Some(Matrix::Packed(p)))
             }
-            _ => None,
-        };
-        let embed = match (&embed_w, &packed_vocab) {
-            (_, Some(p)) => Embedding::Packed(p.clone()),
-            (Weight::Dense(t), None) => Embedding::Dense(t.clone()),
-            (Weight::Quant(q), None) if opts.device.is_cpu() => Embedding::Quant(q.clone()),
-            (Weight::Quant(q), None) => Embedding::Dense(q.dequantize(&opts.device)?),
+            Weight::Dense(t) => (
+                Embedding::Dense(t.clone()),
+                tied.then_some(Matrix::Dense(t)),
+            ),
+            Weight::Quant(q) => {
+                let embed = match opts.device.is_cpu() {
+                    true => Embedding::Quant(q.clone()),
+                    false => Embedding::Dense(q.dequantize(&opts.device)?),
+                };
+                let head = match tied {
+                    true => Some(Matrix::Quant(QMatMul::from_arc(q)?)),
+                    false => None,
+                };
+                (embed, head)
+            }
         };
         let mut layers = Vec::new(); // not with_capacity: num_layers is untrusted until the weights confirm it
         for i in 0..b.num_layers {
@@ -352,19 +361,13 @@ impl Model {
             });
         }
         let norm = take_norm(&mut src, "model.norm.weight", b, e)?;
-        let lm_head = if tied {
-            let w = match (embed_w, packed_vocab) {
-                (_, Some(p)) => Matrix::Packed(p),
-                (Weight::Dense(t), None) => Matrix::Dense(t),
-                (Weight::Quant(q), None) => Matrix::Quant(QMatMul::from_arc(q)?),
-            };
-            Linear {
+        let lm_head = match tied_head {
+            Some(w) => Linear {
                 w,
                 b: None,
                 lora: None,
-            }
-        } else {
-            src.linear("lm_head", b.vocab_size, e, false)?
+            },
+            None => src.linear("lm_head", b.vocab_size, e, false)?,
         };
         let mut ropes = vec![Rope::new(b.head_dim, b.rope_theta, &b.rope_scaling)];
         if let Some(theta) = b.local_rope_theta {
