@@ -4,8 +4,9 @@
 //! Measured, in this order:
 //! 1. memory bandwidth ([`measure::bandwidth`]): read-only and read-modify-write passes over a
 //!    1 GiB buffer (≫ LLC) on huge pages, each of `--threads` threads on its own part; measured
-//!    again right after each decode that is compared with it, and the best read-only pass of all
-//!    is that decode's ceiling (a decode only reads);
+//!    again after each decode that is compared with it (right after the 1B-class one, after the
+//!    engine run for SmolLM2's), and the best read-only pass of all is that decode's ceiling (a
+//!    decode only reads);
 //! 2. bytes of weights read per decode token (every weight tensor in f32, `lm_head` included,
 //!    the embedding only once when tied: decoding reads one row of it);
 //! 3. for (a) our engine with TPTT and (b) the same weights with the linear branch off
@@ -306,7 +307,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         args.window,
         &ids,
     )?;
-    // The decode's ceiling: the best read-only pass before or right after its measurement.
+    // The decode's ceiling: the best read-only pass at the start or after this engine run
+    // (whose first measurement is that decode).
     bandwidth.merge(measure::bandwidth(threads)?);
     let bw = bandwidth.ceiling();
     let bw_limit = bw * 1e9 / subject.weight_bytes as f64;
@@ -470,7 +472,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     notes.insert(
         "decode_vs_bandwidth_limit".into(),
         json!(format!(
-            "decode tok/s after {short} over the ceiling ({bw:.1} GB/s: the best read-only pass, before or right after the decode) / bytes of weights per token; the read-modify-write passes ({:.1} GB/s of traffic, half of it write-backs) are no ceiling for a stream that only reads",
+            "decode tok/s after {short} over the ceiling ({bw:.1} GB/s: the best read-only pass, at the start or after the engine run that measured the decode) / bytes of weights per token; the read-modify-write passes ({:.1} GB/s of traffic, half of it write-backs) are no ceiling for a stream that only reads",
             bandwidth.rmw_gb_s,
         )),
     );
@@ -655,7 +657,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         },
         "kv_format": kv.as_str(),
         "plan": {"prefill_tokens": plan.prefill, "decode_histories": plan.decode_at, "decode_steps": DECODE_STEPS, "resume_history": plan.resume_at},
-        "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bandwidth.read_runs, "rmw_gb_per_s": bandwidth.rmw_gb_s, "rmw_runs_gb_per_s": bandwidth.rmw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "huge_pages": bandwidth.huge_pages, "method": format!("STREAM-like: each thread its own part of the buffer (on transparent huge pages, as the weights); read-only passes (sum of every 64-bit word, 8 accumulators, AVX2 loads where present) and read-modify-write passes (every word + 1, 2 bytes of traffic per byte), {BANDWIDTH_PASSES} each, at the start and right after the decode; the ceiling (gb_per_s) is the best read-only pass: a decode only reads"), "read_gb_per_s": bandwidth.read_gb_s},
+        "bandwidth": {"gb_per_s": bw, "runs_gb_per_s": bandwidth.read_runs, "rmw_gb_per_s": bandwidth.rmw_gb_s, "rmw_runs_gb_per_s": bandwidth.rmw_runs, "buffer_bytes": BANDWIDTH_BYTES, "threads": threads, "huge_pages": bandwidth.huge_pages, "method": format!("STREAM-like: each thread its own part of the buffer (on transparent huge pages, as the weights); read-only passes (sum of every 64-bit word, 8 accumulators, AVX2 loads where present) and read-modify-write passes (every word + 1, 2 bytes of traffic per byte), {BANDWIDTH_PASSES} each, at the start and after the engine run; the ceiling (gb_per_s) is the best read-only pass: a decode only reads"), "read_gb_per_s": bandwidth.read_gb_s},
         "bandwidth_limit_decode_tok_s": bw_limit,
         "engine": {"tptt": a.to_json(), "base": bb.to_json()},
         "paired_decode": {"history": short, "tptt_tok_s": ab_tptt, "base_tok_s": ab_base, "steps_each": 2 * DECODE_STEPS, "method": "TPTT and base steps alternating, order swapped every round; 1 / median step"},
