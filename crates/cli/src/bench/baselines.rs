@@ -270,3 +270,68 @@ fn llama_bench_one(
         crashed,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for `llama-bench`: a shell script running `body`.
+    fn fake_bench(dir: &Path, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    /// A test killed by a signal with repacking on runs again with `--repack 0`, says so, and
+    /// later rounds go straight to the plain kernels; a run that fails without a signal is an
+    /// error naming its exit, not retried.
+    #[test]
+    fn a_crash_with_repacking_runs_again_without_it() {
+        let dir = std::env::temp_dir().join(format!("tptt-fake-llama-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let gguf = dir.join("m.gguf");
+        let crashy = fake_bench(
+            &dir,
+            "crashy",
+            r#"case "$*" in *"--repack 1"*) kill -SEGV $$ ;; esac
+echo '[{"n_prompt": 512, "n_gen": 0, "avg_ts": 123.5}]'"#,
+        );
+        let flag = AtomicBool::new(false);
+        let first = llama_bench_one(&crashy, &gguf, 2, (512, 0), &flag).expect("first");
+        assert_eq!(first.tok_s, Some(123.5));
+        assert!(!first.repack && flag.load(Ordering::Relaxed));
+        assert!(first
+            .crashed
+            .as_deref()
+            .is_some_and(|c| c.contains("SIGSEGV") || c.contains("11")));
+        let later = llama_bench_one(&crashy, &gguf, 2, (512, 0), &flag).expect("later");
+        assert_eq!((later.tok_s, later.repack), (Some(123.5), false));
+        assert_eq!(later.crashed.as_deref(), Some("in an earlier round"));
+
+        // Fine with repacking: it stays on; a test missing from the output is no rate.
+        let fine = fake_bench(
+            &dir,
+            "fine",
+            r#"echo '[{"n_prompt": 0, "n_gen": 128, "avg_ts": 9.0}]'"#,
+        );
+        let flag = AtomicBool::new(false);
+        let tg = llama_bench_one(&fine, &gguf, 2, (0, 128), &flag).expect("tg");
+        assert_eq!((tg.tok_s, tg.repack, tg.crashed), (Some(9.0), true, None));
+        let pp = llama_bench_one(&fine, &gguf, 2, (512, 0), &flag).expect("pp");
+        assert_eq!(pp.tok_s, None);
+
+        let failing = fake_bench(&dir, "failing", "echo 'no such model' >&2; exit 3");
+        let flag = AtomicBool::new(false);
+        let err = llama_bench_one(&failing, &gguf, 2, (512, 0), &flag)
+            .err()
+            .expect("an exit code is an error");
+        assert!(
+            err.contains("exit status: 3") && err.contains("no such model"),
+            "{err}"
+        );
+        assert!(!flag.load(Ordering::Relaxed));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
