@@ -130,7 +130,39 @@ mod avx2 {
                 u16::from_le_bytes([*p, *p.add(1)]) as i32,
             )))
         };
-        for (r, o) in out.iter_mut().enumerate() {
+        // Two rows at a time: two independent accumulator chains and two weight streams per
+        // thread, the input block loaded once for both (in the decode, where the matrices come
+        // from memory, 66–69 → 88–93 tok/s for SmolLM2's Q4_1 base on an Intel Xeon; four rows
+        // at a time measured slower). An odd last row goes through the one-row loop below.
+        const N: usize = 2;
+        let pairs = out.len() / N;
+        for pr in 0..pairs {
+            let rows: [usize; N] = std::array::from_fn(|j| N * pr + j);
+            let base = rows.map(|r| w.as_ptr().add(r * blocks * Q4_1_BLOCK_BYTES));
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut mins = [0f32; N];
+            for b in 0..blocks {
+                let qx = _mm256_loadu_si256(xq.as_ptr().add(b * Q8_0_BLOCK) as *const __m256i);
+                let (xdb, xsb) = (*xd.get_unchecked(b), *xs.get_unchecked(b));
+                for j in 0..N {
+                    let p = base[j].add(b * Q4_1_BLOCK_BYTES);
+                    let (dw, mw) = (half(p), half(p.add(2)));
+                    let packed = _mm_loadu_si128(p.add(4) as *const __m128i);
+                    let nib = _mm256_set_m128i(
+                        _mm_and_si128(_mm_srli_epi16(packed, 4), low),
+                        _mm_and_si128(packed, low),
+                    );
+                    let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(nib, qx), ones);
+                    acc[j] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * xdb), acc[j]);
+                    mins[j] += mw * xsb;
+                }
+            }
+            for j in 0..N {
+                out[rows[j]] = crate::kernels::avx2::hsum(acc[j]) + mins[j];
+            }
+        }
+        for (r, o) in out.iter_mut().enumerate().skip(N * pairs) {
             let row = w.as_ptr().add(r * blocks * Q4_1_BLOCK_BYTES);
             let mut acc = _mm256_setzero_ps();
             let mut mins = 0f32;
@@ -216,6 +248,14 @@ mod tests {
             matvec_q4_1_rows(&w, &xq, &xd, &xs, &mut got);
             crate::cpu::force_portable(false);
             assert!(max_rel(&got, &reference) < 1e-5, "portable {portable}");
+        }
+        // Row counts that leave an odd last row beside the kernel's pairs of rows (tests that
+        // force the portable path may run meanwhile: compared to the reference's rounding).
+        let row_bytes = cols / 32 * Q4_1_BLOCK_BYTES;
+        for n in [1, 2, 7, 33] {
+            let mut got = vec![0f32; n];
+            matvec_q4_1_rows(&w[..n * row_bytes], &xq, &xd, &xs, &mut got);
+            assert!(max_rel(&got, &reference[..n]) < 1e-5, "{n} rows");
         }
         let mut exact = vec![0f32; rows];
         matvec_q4_1_naive(&w, &x, &mut exact);
