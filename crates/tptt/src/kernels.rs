@@ -680,7 +680,39 @@ pub(crate) mod avx2 {
             "matvec_q8_0: sizes"
         );
         let ones = _mm256_set1_epi16(1);
-        for (r, o) in out.iter_mut().enumerate() {
+        // Two rows at a time (two weight streams, the input block loaded once for both), as the
+        // Q4_1 kernel: SmolLM2's Q8_0 head in its decode, 90–92 → 95–96 tok/s on an Intel Xeon
+        // (alternating runs). An odd last row goes through the one-row loop below; the two agree
+        // to f32 rounding (the pairs fuse each block's multiply-add).
+        let pairs = out.len() / 2;
+        for pr in 0..pairs {
+            let rows = [2 * pr, 2 * pr + 1];
+            let base = rows.map(|r| w.as_ptr().add(r * blocks * Q8_0_BLOCK_BYTES));
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for b in 0..blocks {
+                let qx = _mm256_loadu_si256(xq.as_ptr().add(b * Q8_0_BLOCK) as *const __m256i);
+                let xdb = *xd.get_unchecked(b);
+                for j in 0..2 {
+                    let p = base[j].add(b * Q8_0_BLOCK_BYTES);
+                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([
+                        *p,
+                        *p.add(1),
+                    ])
+                        as i32)));
+                    let qw = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                    let prod = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)),
+                        ones,
+                    );
+                    acc[j] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * xdb), acc[j]);
+                }
+            }
+            for j in 0..2 {
+                out[rows[j]] = hsum(acc[j]);
+            }
+        }
+        for (r, o) in out.iter_mut().enumerate().skip(2 * pairs) {
             let row = w.as_ptr().add(r * blocks * Q8_0_BLOCK_BYTES);
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let block = |b: usize| -> __m256 {
