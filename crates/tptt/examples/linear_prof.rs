@@ -547,7 +547,7 @@ fn qdecode(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let files = tptt::repo::TpttRepo::open(std::path::Path::new(repo))?
         .variant(Some(variant), Some(std::path::Path::new(gguf)))?;
     let opts = LoadOptions {
-        repack_q4k: std::env::var("REPACK").map_or(true, |v| v != "0"),
+        repack: std::env::var("REPACK").map_or(true, |v| v != "0"),
         ..LoadOptions::default()
     };
     let m = Model::load(&files, &opts)?;

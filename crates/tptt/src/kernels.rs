@@ -27,6 +27,7 @@ pub mod kquants;
 pub mod kv;
 pub mod prefill;
 pub mod prompt_k;
+pub mod q32_x16;
 pub mod q4_0;
 pub mod q4_1;
 pub mod q4k_x16;
@@ -72,6 +73,9 @@ pub enum Rows<'a> {
     Q6K(&'a [u8]),
     /// Q4_K repacked 16 rows to a group ([`q4k_x16`]; rows a multiple of 16, `x.len()` of 256).
     Q4KX16(&'a [u8]),
+    /// Q4_1 or Q8_0 repacked 16 rows to a group ([`q32_x16`]; rows a multiple of 16, `x.len()`
+    /// of 32).
+    X16(q32_x16::Format, &'a [u8]),
 }
 
 /// Values per K-quant super-block (Q4_K, Q5_K, Q6_K).
@@ -92,6 +96,7 @@ impl<'a> Rows<'a> {
             Rows::Q5K(w) => (w, QK_K, kquants::Q5K_BLOCK_BYTES),
             Rows::Q6K(w) => (w, QK_K, q6_k::Q6K_BLOCK_BYTES),
             Rows::Q4KX16(w) => (w, QK_K, q4k_x16::ROW_SB_BYTES),
+            Rows::X16(f, w) => (w, Q8_0_BLOCK, f.row_block_bytes()),
         })
     }
 
@@ -108,6 +113,7 @@ impl<'a> Rows<'a> {
             Rows::Q5K(_) => Rows::Q5K(w),
             Rows::Q6K(_) => Rows::Q6K(w),
             Rows::Q4KX16(_) => Rows::Q4KX16(w),
+            Rows::X16(f, _) => Rows::X16(f, w),
         }
     }
 
@@ -146,6 +152,11 @@ impl<'a> Rows<'a> {
                 rows.is_multiple_of(q4k_x16::ROWS)
                     && cols.is_multiple_of(QK_K)
                     && w.len() == rows * cols / QK_K * q4k_x16::ROW_SB_BYTES
+            }
+            (Rows::X16(f, w), _) => {
+                rows.is_multiple_of(q32_x16::ROWS)
+                    && cols.is_multiple_of(Q8_0_BLOCK)
+                    && w.len() == rows * cols / Q8_0_BLOCK * f.row_block_bytes()
             }
             (_, Some((w, vals, bytes))) => {
                 cols.is_multiple_of(vals) && w.len() == rows * cols / vals * bytes
@@ -285,7 +296,7 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let threads = crate::team::threads();
     // About 4 tasks per thread for balance, but never tiny ones.
     let task_elems = (total / (threads * 4)).max(MIN_TASK_ELEMS);
-    // (A multiple of 16: the repacked Q4_K groups, [`q4k_x16`].)
+    // (A multiple of 16: the repacked groups, [`q4k_x16`], [`q32_x16`].)
     let rows_per_task = (task_elems / n.max(1))
         .max(4)
         .next_multiple_of(q4k_x16::ROWS);
@@ -326,9 +337,22 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
     let xi = needs(|w| w.quantized().is_some()).then(|| {
         QuantInput::with(
             x,
-            needs(|w| matches!(w, Rows::Q4_0(_) | Rows::Q5_0(_) | Rows::Q5K(_))),
+            needs(|w| {
+                matches!(
+                    w,
+                    Rows::Q4_0(_)
+                        | Rows::Q5_0(_)
+                        | Rows::Q5K(_)
+                        | Rows::X16(q32_x16::Format::Q8_0, _)
+                )
+            }),
             needs(|w| matches!(w, Rows::Q6K(_))),
-            needs(|w| matches!(w, Rows::Q4_1(_) | Rows::Q5_1(_))),
+            needs(|w| {
+                matches!(
+                    w,
+                    Rows::Q4_1(_) | Rows::Q5_1(_) | Rows::X16(q32_x16::Format::Q4_1, _)
+                )
+            }),
             needs(|w| matches!(w, Rows::Q4K(_) | Rows::Q4KX16(_))),
         )
     });
@@ -348,6 +372,7 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
             (Rows::Q5K(w), Some(xi)) => kquants::matvec_q5k_rows(w, xi, t.out),
             (Rows::Q6K(w), Some(xi)) => q6_k::matvec_q6k_rows(w, xi, t.out),
             (Rows::Q4KX16(w), Some(xi)) => q4k_x16::matvec_rows(w, xi, t.out),
+            (Rows::X16(f, w), Some(xi)) => q32_x16::matvec_rows(f, w, xi, t.out),
             // (Not reached: a quantized matrix makes `xi`; the exact products keep it total.)
             (Rows::Q8_0(w), None) => matvec_q8_0_naive(w, x, t.out),
             (Rows::Q4_0(w), None) => q4_0::matvec_q4_0_naive(w, x, t.out),
@@ -358,6 +383,7 @@ pub fn matvec_group(group: Vec<MatVec<'_>>, x: &[f32]) {
             (Rows::Q5K(w), None) => kquants::matvec_q5k_naive(w, x, t.out),
             (Rows::Q6K(w), None) => q6_k::matvec_q6k_naive(w, x, t.out),
             (Rows::Q4KX16(w), None) => q4k_x16::matvec_naive(w, x, t.out),
+            (Rows::X16(f, w), None) => q32_x16::matvec_naive(f, w, x, t.out),
         }
         if let Some(b) = t.bias {
             t.out.iter_mut().zip(b).for_each(|(o, b)| *o += b);

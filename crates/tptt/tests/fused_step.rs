@@ -424,50 +424,54 @@ fn quantized_gguf_bases_decode_as_the_tensor_path() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A Q4_K base repacked 16 rows to a group (the default on a CPU with AVX-512 VNNI, a no-op
-/// elsewhere) gives the logits of the same base kept as stored, to f32 rounding: a prompt
-/// long enough for the prompt kernels, then single steps through the fused step and the
+/// A Q4_K, Q4_1 or Q8_0 base repacked 16 rows to a group (the default on a CPU with AVX-512
+/// VNNI, a no-op elsewhere) gives the logits of the same base kept as stored, to f32 rounding:
+/// a prompt long enough for the prompt paths, then single steps through the fused step and the
 /// tensor path.
 #[test]
-fn a_repacked_q4k_base_equals_it_as_stored() {
+fn a_repacked_base_equals_it_as_stored() {
     use candle_core::quantized::GgmlDType;
     let dir = std::env::temp_dir().join(format!("tptt-repack-{}", std::process::id()));
     let shape = gguf_shape();
     tptt::synth::write_variant(&dir, "dp", "base", &shape, "delta_product", 0.5).expect("variant");
-    let gguf = dir.join("base-q4k.gguf");
-    tptt::synth::write_llama_gguf(&gguf, &shape, GgmlDType::Q4K, 5).expect("gguf");
-    let files = TpttRepo::open(&dir)
-        .and_then(|r| r.variant(Some("dp"), Some(&gguf)))
-        .expect("variant");
-    let load = |repack: bool| {
-        let opts = LoadOptions {
-            repack_q4k: repack,
-            ..LoadOptions::default()
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let gguf = dir.join(format!("base-{dtype:?}.gguf"));
+        tptt::synth::write_llama_gguf(&gguf, &shape, dtype, 5).expect("gguf");
+        let files = TpttRepo::open(&dir)
+            .and_then(|r| r.variant(Some("dp"), Some(&gguf)))
+            .expect("variant");
+        let load = |repack: bool| {
+            let opts = LoadOptions {
+                repack,
+                ..LoadOptions::default()
+            };
+            Model::load(&files, &opts).expect("load")
         };
-        Model::load(&files, &opts).expect("load")
-    };
-    let (packed, stored) = (load(true), load(false));
-    // Repacked only where the kernel runs: 148 bytes per 256 values instead of 144.
-    assert_eq!(
-        packed.weight_bytes() > stored.weight_bytes(),
-        tptt::cpu::has_avx512_vnni()
-    );
-    let vocab = shape.vocab as u32;
-    let prompt: Vec<u32> = (0..37).map(|i| (i * 37 + 11) % vocab).collect();
-    let steps: Vec<u32> = (0..6).map(|i| (i * 53 + 7) % vocab).collect();
-    for fused in [true, false] {
-        let (mut a, mut b) = (packed.clone(), stored.clone());
-        a.set_fused_step(fused);
-        b.set_fused_step(fused);
-        let got = run(&a, KvFormat::F32, None, &prompt, &steps);
-        let want = run(&b, KvFormat::F32, None, &prompt, &steps);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
-            let d = max_diff(g, w);
-            assert!(
-                d <= 1e-4 * scale,
-                "fused {fused}, call {i}: {d} (scale {scale})"
-            );
+        let (packed, stored) = (load(true), load(false));
+        // Repacked only where the kernels run: Q4_K takes 148 bytes per 256 values instead of
+        // 144; Q4_1 and Q8_0 as many bytes as stored.
+        assert_eq!(
+            packed.weight_bytes() > stored.weight_bytes(),
+            tptt::cpu::has_avx512_vnni() && dtype == GgmlDType::Q4K,
+            "{dtype:?}"
+        );
+        let vocab = shape.vocab as u32;
+        let prompt: Vec<u32> = (0..37).map(|i| (i * 37 + 11) % vocab).collect();
+        let steps: Vec<u32> = (0..6).map(|i| (i * 53 + 7) % vocab).collect();
+        for fused in [true, false] {
+            let (mut a, mut b) = (packed.clone(), stored.clone());
+            a.set_fused_step(fused);
+            b.set_fused_step(fused);
+            let got = run(&a, KvFormat::F32, None, &prompt, &steps);
+            let want = run(&b, KvFormat::F32, None, &prompt, &steps);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let d = max_diff(g, w);
+                assert!(
+                    d <= 1e-4 * scale,
+                    "{dtype:?}, fused {fused}, call {i}: {d} (scale {scale})"
+                );
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

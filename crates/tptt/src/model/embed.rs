@@ -2,9 +2,10 @@
 //! stored, each looked-up row dequantized on its own (a row's quantization blocks are its own
 //! bytes). A quantized vocabulary is not widened to f32 at load: for Llama-3.2-1B's 128k × 2048
 //! that would be 1 GB beside a 4-bit file of under 1 GB. A tied head shares the same quantized
-//! matrix; where the decode kernels take Q4_K repacked 16 rows to a group
-//! ([`crate::kernels::q4k_x16`]), a tied Q4_K head is repacked and the lookups read their rows
-//! from the repacked bytes (one copy of the vocabulary either way).
+//! matrix; where the decode kernels take Q4_K, Q4_1 and Q8_0 repacked 16 rows to a group
+//! ([`crate::kernels::q4k_x16`], [`crate::kernels::q32_x16`]), a tied head of those types is
+//! repacked and the lookups read their rows from the repacked bytes (one copy of the vocabulary
+//! either way).
 
 use std::sync::Arc;
 
@@ -13,7 +14,6 @@ use candle_core::{DType, Device, Tensor};
 
 use super::layers::Packed;
 use crate::error::{Error, Result};
-use crate::kernels::q4k_x16;
 
 #[derive(Debug, Clone)]
 pub(super) enum Embedding {
@@ -21,7 +21,7 @@ pub(super) enum Embedding {
     Dense(Tensor),
     /// `[V, E]` quantized, on the CPU.
     Quant(Arc<QTensor>),
-    /// `[V, E]` Q4_K repacked 16 rows to a group, on the CPU, shared with the tied head.
+    /// `[V, E]` repacked 16 rows to a group, on the CPU, shared with the tied head.
     Packed(Arc<Packed>),
 }
 
@@ -125,7 +125,7 @@ fn packed_row(p: &Packed, id: usize) -> Result<Vec<f32>> {
     if id >= p.rows {
         return Err(outside(id));
     }
-    Ok(q4k_x16::dequantize_row(&p.bytes, p.cols, id))
+    Ok(p.dequantize_rows(id, 1))
 }
 
 fn outside(id: usize) -> Error {
@@ -164,41 +164,43 @@ mod tests {
         }
     }
 
-    /// A Q4_K vocabulary repacked 16 rows to a group (a tied head the decode kernels take
-    /// repacked) gives the rows of the matrix as stored, bit for bit, one by one, as a batch
-    /// and as the whole matrix; an id past the end is an error.
+    /// A Q4_K, Q4_1 or Q8_0 vocabulary repacked 16 rows to a group (a tied head the decode
+    /// kernels take repacked) gives the rows of the matrix as stored, bit for bit, one by one,
+    /// as a batch and as the whole matrix; an id past the end is an error.
     #[test]
     fn repacked_rows_equal_the_rows_as_stored() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (48, 512), &dev).expect("w");
-        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).expect("quantize"));
-        let packed = Embedding::Packed(Arc::new(Packed::new(&q).expect("repack")));
-        let stored = Embedding::Quant(q.clone());
-        for id in [0usize, 15, 16, 47] {
-            assert_eq!(
-                packed.row(id).expect("row"),
-                stored.row(id).expect("row"),
-                "{id}"
-            );
-        }
-        let ids = [47u32, 0, 16, 16, 31];
-        let got: Vec<f32> = packed
-            .rows(&ids, &dev)
-            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
-            .expect("rows");
-        let want: Vec<f32> = stored
-            .rows(&ids, &dev)
-            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
-            .expect("rows");
-        assert_eq!(got, want);
-        let whole = |e: &Embedding| -> Vec<f32> {
-            e.to_dense(&dev)
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = Arc::new(QTensor::quantize(&w, dtype).expect("quantize"));
+            let packed = Embedding::Packed(Arc::new(Packed::new(&q).expect("repack")));
+            let stored = Embedding::Quant(q.clone());
+            for id in [0usize, 15, 16, 47] {
+                assert_eq!(
+                    packed.row(id).expect("row"),
+                    stored.row(id).expect("row"),
+                    "{dtype:?} {id}"
+                );
+            }
+            let ids = [47u32, 0, 16, 16, 31];
+            let got: Vec<f32> = packed
+                .rows(&ids, &dev)
                 .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
-                .expect("dense")
-        };
-        assert_eq!(whole(&packed), whole(&stored));
-        assert_eq!(packed.elem_count(), stored.elem_count());
-        assert!(packed.is_f32() && packed.dense().is_none());
-        assert!(packed.row(48).is_err() && packed.rows(&[3, 48], &dev).is_err());
+                .expect("rows");
+            let want: Vec<f32> = stored
+                .rows(&ids, &dev)
+                .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+                .expect("rows");
+            assert_eq!(got, want, "{dtype:?}");
+            let whole = |e: &Embedding| -> Vec<f32> {
+                e.to_dense(&dev)
+                    .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+                    .expect("dense")
+            };
+            assert_eq!(whole(&packed), whole(&stored), "{dtype:?}");
+            assert_eq!(packed.elem_count(), stored.elem_count());
+            assert!(packed.is_f32() && packed.dense().is_none());
+            assert!(packed.row(48).is_err() && packed.rows(&[3, 48], &dev).is_err());
+        }
     }
 }

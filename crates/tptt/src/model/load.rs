@@ -25,8 +25,8 @@ struct Source<'a> {
     loras: &'a std::collections::HashMap<String, LoraSide>,
     location: &'a str,
     device: Device,
-    /// Repack Q4_K matrices 16 rows to a group ([`LoadOptions::repack_q4k`], on a CPU with
-    /// AVX-512 VNNI).
+    /// Repack Q4_K, Q4_1 and Q8_0 matrices 16 rows to a group ([`LoadOptions::repack`], on a
+    /// CPU with AVX-512 VNNI).
     repack: bool,
 }
 
@@ -219,14 +219,15 @@ impl Model {
             loras: &loras,
             location,
             device: opts.device.clone(),
-            repack: opts.repack_q4k && opts.device.is_cpu() && crate::cpu::has_avx512_vnni(),
+            repack: opts.repack && opts.device.is_cpu() && crate::cpu::has_avx512_vnni(),
         };
         let e = b.hidden_size;
         let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
         // A quantized vocabulary stays quantized on the CPU (rows dequantized as looked up);
-        // a tied lm_head shares the same matrix. A tied Q4_K head that the decode kernels take
-        // repacked is repacked once here and the lookups read the same bytes; the file's copy
-        // is dropped at once, so the load never holds the vocabulary twice for long.
+        // a tied lm_head shares the same matrix. A tied head that the decode kernels take
+        // repacked (Q4_K, Q4_1, Q8_0) is repacked once here and the lookups read the same
+        // bytes; the file's copy is dropped at once, so the load never holds the vocabulary
+        // twice for long.
         let tied = opts.retie_lm_head || b.tie_word_embeddings;
         let (embed, tied_head) = match embed_w {
             Weight::Quant(q) if tied && src.repack && Packed::takes(&q) => {

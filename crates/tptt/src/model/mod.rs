@@ -67,11 +67,12 @@ pub struct LoadOptions {
     /// false (every weight f32: training, the reference comparisons). LoRA stays unmerged
     /// beside such matrices.
     pub half_weights: bool,
-    /// Repack a GGUF base's Q4_K matrices 16 rows to a group on a CPU with AVX-512 VNNI
-    /// (`kernels::q4k_x16`: decode takes 16 rows per instruction; 148 bytes per 256 values
-    /// instead of 144; results equal to f32 rounding). Default true; ignored elsewhere. A tied
-    /// head stays as stored (the embedding reads it).
-    pub repack_q4k: bool,
+    /// Repack a GGUF base's Q4_K, Q4_1 and Q8_0 matrices 16 rows to a group on a CPU with
+    /// AVX-512 VNNI (`kernels::q4k_x16`, `kernels::q32_x16`: decode takes 16 rows per
+    /// instruction; Q4_K 148 bytes per 256 values instead of 144, the others as stored; results
+    /// equal to f32 rounding). Default true; ignored elsewhere. A tied head is repacked once and
+    /// the embedding reads its rows from the same bytes.
+    pub repack: bool,
 }
 
 impl Default for LoadOptions {
@@ -82,7 +83,7 @@ impl Default for LoadOptions {
             scan: ScanImpl::Fast,
             fused_step: true,
             half_weights: false,
-            repack_q4k: true,
+            repack: true,
         }
     }
 }

@@ -91,8 +91,8 @@ enum Own<'a> {
     Dense(Data<'a>),
     /// A quantized matrix's blocks as stored, of a type [`quant_rows`] takes.
     Quant(GgmlDType, std::borrow::Cow<'a, [u8]>),
-    /// A repacked Q4_K matrix ([`kernels::q4k_x16`]).
-    Packed(&'a [u8]),
+    /// A repacked matrix ([`kernels::q4k_x16`], [`kernels::q32_x16`]), as the kernels see it.
+    Packed(Rows<'a>),
 }
 
 /// The kernels' view of a quantized matrix of `dtype` (its rows of blocks as stored), if they
@@ -166,10 +166,10 @@ pub(super) fn quant_prompt_product(
     Ok(Some(matmul(t, &bytes, n, cols, x)))
 }
 
-/// `x · pᵀ` for a repacked Q4_K matrix and `x` of rows of `p.cols` values, with its kernel,
+/// `x · pᵀ` for a repacked matrix and `x` of rows of `p.cols` values, with its kernel,
 /// one row at a time (a short prompt, [`super::layers`]).
 pub(super) fn packed_matmul_rows(p: &super::layers::Packed, x: &[f32]) -> Result<Vec<f32>> {
-    matmul_rows(Rows::Q4KX16(&p.bytes), p.rows, x, p.cols)
+    matmul_rows(p.kernel_rows(), p.rows, x, p.cols)
 }
 
 /// `x · wᵀ` for a dense matrix kept in half precision and `x` of rows of `cols` values, with
@@ -227,7 +227,7 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
             // (Repacked only on the CPU: `Packed::takes`.)
             Matrix::Packed(p) => {
                 outs.push(vec![0f32; p.rows]);
-                own.push((i, Own::Packed(&p.bytes), bias));
+                own.push((i, Own::Packed(p.kernel_rows()), bias));
             }
             Matrix::Quant(q) => {
                 let mut y = candle_core::Module::forward(q, &row(x, device)?)?
@@ -254,7 +254,7 @@ fn linears(lins: &[&Linear], x: &[f32], device: &Device) -> Result<Vec<Vec<f32>>
                 Own::Quant(dtype, bytes) => quant_rows(*dtype, bytes).ok_or_else(|| {
                     Error::State(format!("fused step: no kernel for {dtype:?} matrices"))
                 })?,
-                Own::Packed(bytes) => Rows::Q4KX16(bytes),
+                Own::Packed(rows) => *rows,
             };
             if !w.fits(cur[0].len(), x.len()) {
                 return Err(Error::State(
