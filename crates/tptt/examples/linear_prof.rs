@@ -416,13 +416,35 @@ fn matvec(rows: usize, cols: usize, reps: usize) -> Result<(), Box<dyn std::erro
             matvec_group(vec![MatVec { w, bias: None, out }], &x);
         };
         let (t_ours, _, _) = time(reps, || ours(&mut out));
-        if dtype == GgmlDType::Q4K && rows.is_multiple_of(16) {
-            // The same matrix repacked 16 rows to a group (kernels::q4k_x16).
-            let packed = tptt::kernels::q4k_x16::pack(&bytes, rows, cols);
+        // The same matrix repacked 16 rows to a group (kernels::q4k_x16, kernels::q32_x16).
+        let packed = match dtype {
+            GgmlDType::Q4K => Some(("Q4K x16", tptt::kernels::q4k_x16::pack(&bytes, rows, cols))),
+            GgmlDType::Q4_1 | GgmlDType::Q8_0 => {
+                use tptt::kernels::q32_x16::{pack, Format};
+                let f = match dtype {
+                    GgmlDType::Q4_1 => Format::Q4_1,
+                    _ => Format::Q8_0,
+                };
+                Some((
+                    match f {
+                        Format::Q4_1 => "Q4_1 x16",
+                        Format::Q8_0 => "Q8_0 x16",
+                    },
+                    pack(f, &bytes, rows, cols),
+                ))
+            }
+            _ => None,
+        };
+        if let (Some((name, packed)), true) = (&packed, rows.is_multiple_of(16)) {
+            let w = match dtype {
+                GgmlDType::Q4K => Rows::Q4KX16(packed),
+                GgmlDType::Q4_1 => Rows::X16(tptt::kernels::q32_x16::Format::Q4_1, packed),
+                _ => Rows::X16(tptt::kernels::q32_x16::Format::Q8_0, packed),
+            };
             let (t, _, _) = time(reps, || {
                 matvec_group(
                     vec![MatVec {
-                        w: Rows::Q4KX16(&packed),
+                        w,
                         bias: None,
                         out: &mut out,
                     }],
@@ -430,7 +452,7 @@ fn matvec(rows: usize, cols: usize, reps: usize) -> Result<(), Box<dyn std::erro
                 )
             });
             println!(
-                "Q4K x16\t{:.3}\t{:.1} ({:.2})",
+                "{name}\t{:.3}\t{:.1} ({:.2})",
                 packed.len() as f64 / (rows * cols) as f64,
                 packed.len() as f64 / t / 1e9,
                 t * 1e3
