@@ -516,9 +516,9 @@ fn promptmm(
     Ok(())
 }
 
-/// `qdecode REPO VARIANT GGUF [TOKENS]`: decode `TOKENS` (default 200) single tokens after a
-/// 128-token prompt on a variant over a GGUF base (for a profiler; `REPACK=0` keeps Q4_K
-/// matrices as stored).
+/// `qdecode REPO VARIANT GGUF|- [TOKENS]`: decode `TOKENS` (default 200) single tokens after a
+/// 128-token prompt on a variant over a GGUF base, or (`-`) its own base with half matrices kept
+/// as stored (for a profiler; `REPACK=0` keeps quantized matrices as stored).
 /// Peak memory of one prompt through a GGUF base with the demo's injection: `qrss GGUF DIR N`
 /// loads like the bench's quantized child, then feeds `N` tokens in one call and prints the
 /// resident memory after loading and the peak during the prompt.
@@ -563,13 +563,16 @@ fn qrss(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
 fn qdecode(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let (repo, variant, gguf) = match args {
         [r, v, g, ..] => (r, v, g),
-        _ => return Err("qdecode REPO VARIANT GGUF [TOKENS]".into()),
+        _ => return Err("qdecode REPO VARIANT GGUF|- [TOKENS]".into()),
     };
     let n: usize = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(200);
-    let files = tptt::repo::TpttRepo::open(std::path::Path::new(repo))?
-        .variant(Some(variant), Some(std::path::Path::new(gguf)))?;
+    // `-`: the repository's own base, its f16 / bf16 matrices kept as stored (as the app loads).
+    let base = (gguf != "-").then(|| std::path::Path::new(gguf.as_str()));
+    let files =
+        tptt::repo::TpttRepo::open(std::path::Path::new(repo))?.variant(Some(variant), base)?;
     let opts = LoadOptions {
         repack: std::env::var("REPACK").map_or(true, |v| v != "0"),
+        half_weights: base.is_none(),
         ..LoadOptions::default()
     };
     let m = Model::load(&files, &opts)?;

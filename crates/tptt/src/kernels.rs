@@ -424,6 +424,31 @@ fn matvec_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
     matvec_rows_generic(w, x, out);
 }
 
+/// How far ahead of its loads, in bytes, a decode kernel asks for the weights it streams
+/// ([`prefetch_ahead`]).
+pub const PREFETCH_AHEAD: usize = 4096;
+
+/// Ask for the cache line [`PREFETCH_AHEAD`] bytes past `p` into L2 (`prefetcht1`), for the
+/// matrix × vector kernels that stream weights from memory row after row. The hardware
+/// prefetchers alone keep too few lines in flight for one core: on an Intel Xeon (2 cores, 2
+/// threads) the 1B-class Q4_K decode went 22–23 → 30–31 tok/s with it, the f16 one 8.6–9.4 →
+/// 11.2–12.2, SmolLM2's f32 one 33–37 → 41–44 and its Q4_1 one 169–174 → 190–204 (alternating
+/// runs; 3–8 KB ahead all within the runs' spread, 2 KB and 12 KB less; into L1 less, non-temporal
+/// far less). A hint only: any address, even past the end of the matrix, is fine.
+#[inline(always)]
+pub(crate) fn prefetch_ahead(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults and reads nothing architecturally, whatever
+    // the address (SSE, part of x86_64's baseline).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+            p.wrapping_add(PREFETCH_AHEAD) as *const i8,
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// The input quantized as llama.cpp and candle do for Q8_0 products: per block of 32,
 /// `d = max|x| / 127` (kept as f16), `q = round(x / d)`. Returns the bytes and the scales.
 pub fn quantize_q8_0(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
@@ -666,6 +691,9 @@ pub(crate) mod avx2 {
             let mut a = [_mm256_setzero_ps(); 4];
             let mut c = 0;
             while c + 32 <= n {
+                // 128 bytes: two lines.
+                crate::kernels::prefetch_ahead(p.add(c) as *const u8);
+                crate::kernels::prefetch_ahead(p.add(c + 16) as *const u8);
                 for (j, acc) in a.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(
                         _mm256_loadu_ps(p.add(c + 8 * j)),

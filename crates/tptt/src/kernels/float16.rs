@@ -93,6 +93,8 @@ mod avx2 {
             let mut a = [_mm256_setzero_ps(); 4];
             let mut c = 0;
             while c + 32 <= n {
+                // 64 bytes: one line.
+                crate::kernels::prefetch_ahead(p.add(c) as *const u8);
                 for (j, acc) in a.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(
                         load8::<BF>(p.add(c + 8 * j)),

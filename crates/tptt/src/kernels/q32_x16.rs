@@ -306,6 +306,7 @@ mod avx512 {
                 let x = xq.as_ptr().add(b * Q8_0_BLOCK);
                 let (mut a, mut c) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                 for t in 0..4 {
+                    crate::kernels::prefetch_ahead(p.add(64 * t));
                     let v = _mm512_loadu_si512(p.add(64 * t) as *const __m512i);
                     let lo = _mm512_and_si512(v, low);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -359,6 +360,8 @@ mod avx512 {
                 let x = xq.as_ptr().add(b * Q8_0_BLOCK);
                 let (mut a, mut c) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                 for t in (0..8).step_by(2) {
+                    crate::kernels::prefetch_ahead(p.add(64 * t));
+                    crate::kernels::prefetch_ahead(p.add(64 * t + 64));
                     let v0 = _mm512_loadu_si512(p.add(64 * t) as *const __m512i);
                     let v1 = _mm512_loadu_si512(p.add(64 * t + 64) as *const __m512i);
                     a = _mm512_dpbusd_epi32(a, v0, bcast4(x.add(4 * t)));

@@ -221,6 +221,7 @@ mod avx512 {
                 for j in 0..8 {
                     let (mut a, mut b) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for t in 4 * j..4 * j + 4 {
+                        crate::kernels::prefetch_ahead(sb.add(64 * t));
                         let v = _mm512_loadu_si512(sb.add(64 * t) as *const __m512i);
                         let lo = _mm512_and_si512(v, low);
                         let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
