@@ -429,12 +429,15 @@ fn matvec_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
 pub const PREFETCH_AHEAD: usize = 4096;
 
 /// Ask for the cache line [`PREFETCH_AHEAD`] bytes past `p` into L2 (`prefetcht1`), for the
-/// matrix × vector kernels that stream weights from memory row after row. The hardware
-/// prefetchers alone keep too few lines in flight for one core: on an Intel Xeon (2 cores, 2
-/// threads) the 1B-class Q4_K decode went 22–23 → 30–31 tok/s with it, the f16 one 8.6–9.4 →
-/// 11.2–12.2, SmolLM2's f32 one 33–37 → 41–44 and its Q4_1 one 169–174 → 190–204 (alternating
-/// runs; 3–8 KB ahead all within the runs' spread, 2 KB and 12 KB less; into L1 less, non-temporal
-/// far less). A hint only: any address, even past the end of the matrix, is fine.
+/// matrix × vector kernels that stream weights from memory row after row (every decode kernel
+/// of a matrix type). The hardware prefetchers alone keep too few lines in flight for one core:
+/// on an Intel Xeon (2 cores, 2 threads), alternating runs, the 1B-class Q4_K decode went
+/// 22–23 → 30–31 tok/s repacked and 11.4 → 23 as stored (AVX2), the f16 one 8.6–9.4 →
+/// 11.2–12.2, SmolLM2's f32 one 33–37 → 41–44, its Q4_1 one 169–174 → 190–204 repacked and
+/// 90–93 → 122 as stored. 3–8 KB ahead are all within the runs' spread, 2 and 12 KB less; into
+/// L1 less, non-temporal far less. (On the AMD EPYC of earlier runs a prefetch in the repacked
+/// Q4_K kernel measured equal or slower.) A hint only: any address, even past the end of the
+/// matrix, is fine.
 #[inline(always)]
 pub(crate) fn prefetch_ahead(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
@@ -447,6 +450,15 @@ pub(crate) fn prefetch_ahead(p: *const u8) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// [`prefetch_ahead`] for every 64-byte line of the `len` bytes from `p` (a block of a stored
+/// type larger than a line).
+#[inline(always)]
+pub(crate) fn prefetch_ahead_span(p: *const u8, len: usize) {
+    for off in (0..len).step_by(64) {
+        prefetch_ahead(p.wrapping_add(off));
+    }
 }
 
 /// The input quantized as llama.cpp and candle do for Q8_0 products: per block of 32,
@@ -748,6 +760,7 @@ pub(crate) mod avx2 {
                 let xdb = *xd.get_unchecked(b);
                 for j in 0..2 {
                     let p = base[j].add(b * Q8_0_BLOCK_BYTES);
+                    crate::kernels::prefetch_ahead(p);
                     let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([
                         *p,
                         *p.add(1),
@@ -771,6 +784,7 @@ pub(crate) mod avx2 {
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let block = |b: usize| -> __m256 {
                 let p = row.add(b * Q8_0_BLOCK_BYTES);
+                crate::kernels::prefetch_ahead(p);
                 let dw =
                     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
                         u16::from_le_bytes([*p, *p.add(1)]) as i32,

@@ -320,6 +320,7 @@ mod avx2 {
             let mut mins = _mm_setzero_ps();
             for s in 0..supers {
                 let p = row.add(s * Q4K_BLOCK_BYTES);
+                crate::kernels::prefetch_ahead_span(p, Q4K_BLOCK_BYTES);
                 let dx = *k.d.get_unchecked(s);
                 let (d, dmin) = (f16_at(p) * dx, f16_at(p.add(2)) * dx);
                 // The 6-bit scales and minima ([`scales_mins`]) four bytes at a time, widened
@@ -399,6 +400,7 @@ mod avx2 {
             let mut mins = _mm256_setzero_ps();
             for s in 0..supers {
                 let p = row.add(s * size);
+                crate::kernels::prefetch_ahead_span(p, size);
                 let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
                 let (sc, m) = scales_mins(std::slice::from_raw_parts(p.add(4), 12));
                 let xb = 8 * s;

@@ -93,6 +93,7 @@ mod avx2 {
             let row = w.as_ptr().add(r * blocks * Q4_0_BLOCK_BYTES);
             let block = |b: usize| -> __m256 {
                 let p = row.add(b * Q4_0_BLOCK_BYTES);
+                crate::kernels::prefetch_ahead(p);
                 let packed = _mm_loadu_si128(p.add(2) as *const __m128i);
                 let u = _mm256_set_m128i(
                     _mm_and_si128(_mm_srli_epi16(packed, 4), low),

@@ -146,6 +146,7 @@ mod avx2 {
                 let (xdb, xsb) = (*xd.get_unchecked(b), *xs.get_unchecked(b));
                 for j in 0..N {
                     let p = base[j].add(b * Q4_1_BLOCK_BYTES);
+                    crate::kernels::prefetch_ahead(p);
                     let (dw, mw) = (half(p), half(p.add(2)));
                     let packed = _mm_loadu_si128(p.add(4) as *const __m128i);
                     let nib = _mm256_set_m128i(
@@ -168,6 +169,7 @@ mod avx2 {
             let mut mins = 0f32;
             for b in 0..blocks {
                 let p = row.add(b * Q4_1_BLOCK_BYTES);
+                crate::kernels::prefetch_ahead(p);
                 let (dw, mw) = (half(p), half(p.add(2)));
                 let packed = _mm_loadu_si128(p.add(4) as *const __m128i);
                 let nib = _mm256_set_m128i(

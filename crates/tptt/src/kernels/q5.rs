@@ -197,6 +197,7 @@ mod avx2 {
             let mut mins = 0f32;
             for b in 0..blocks {
                 let p = row.add(b * size);
+                crate::kernels::prefetch_ahead(p);
                 let qh = u32::from_le_bytes(*(p.add(head) as *const [u8; 4]));
                 let packed = _mm_loadu_si128(p.add(head + 4) as *const __m128i);
                 let nib = _mm256_set_m128i(

@@ -134,6 +134,7 @@ mod avx2 {
             let mut offsets = _mm256_setzero_ps();
             for s in 0..supers {
                 let p = row.add(s * Q6K_BLOCK_BYTES);
+                crate::kernels::prefetch_ahead_span(p, Q6K_BLOCK_BYTES);
                 let d = f16_at(p.add(208));
                 let xb = 8 * s;
                 let sc = p.add(192) as *const i8;
