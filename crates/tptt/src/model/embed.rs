@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::Packed;
+use super::packed::Packed;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]

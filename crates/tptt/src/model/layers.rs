@@ -11,6 +11,8 @@ use crate::error::Result;
 use crate::rope;
 use crate::weights::LoraSide;
 
+use super::packed::Packed;
+
 #[derive(Debug, Clone)]
 pub(super) enum Matrix {
     /// `[out, in]` f32, or f16 / bf16 as stored (`LoadOptions::half_weights`, CPU).
@@ -20,139 +22,6 @@ pub(super) enum Matrix {
     Quant(QMatMul),
     /// A Q4_K, Q4_1 or Q8_0 matrix repacked 16 rows to a group on the CPU ([`Packed`]).
     Packed(std::sync::Arc<Packed>),
-}
-
-/// The layouts a matrix is repacked into.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Packing {
-    /// Q4_K ([`crate::kernels::q4k_x16`]).
-    Q4K,
-    /// Q4_1 or Q8_0 ([`crate::kernels::q32_x16`]).
-    Blocks32(crate::kernels::q32_x16::Format),
-}
-
-impl Packing {
-    /// The layout for matrices of `dtype`, if there is one.
-    fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
-        use crate::kernels::q32_x16::Format;
-        use candle_core::quantized::GgmlDType as G;
-        match dtype {
-            G::Q4K => Some(Packing::Q4K),
-            G::Q4_1 => Some(Packing::Blocks32(Format::Q4_1)),
-            G::Q8_0 => Some(Packing::Blocks32(Format::Q8_0)),
-            _ => None,
-        }
-    }
-
-    /// Values per block of a row (the row length must be a multiple).
-    fn block(self) -> usize {
-        match self {
-            Packing::Q4K => crate::kernels::QK_K,
-            Packing::Blocks32(_) => crate::kernels::Q8_0_BLOCK,
-        }
-    }
-}
-
-/// A quantized matrix repacked 16 rows to a group, for CPUs with AVX-512 VNNI: Q4_K
-/// (`kernels::q4k_x16`), Q4_1 and Q8_0 (`kernels::q32_x16`). Decode and short prompts go
-/// through its kernel; longer prompts through the 8-bit prompt kernel (`kernels::prompt_k`,
-/// Q4_K) or widened to f32 a few rows at a time (Q4_1, Q8_0).
-#[derive(Debug)]
-pub(super) struct Packed {
-    pub(super) packing: Packing,
-    pub(super) rows: usize,
-    pub(super) cols: usize,
-    pub(super) bytes: Vec<u8>,
-}
-
-impl Packed {
-    /// Can `q` be repacked: Q4_K, Q4_1 or Q8_0 on the CPU, rows a multiple of 16, whole blocks?
-    pub(super) fn takes(q: &candle_core::quantized::QTensor) -> bool {
-        let dims = q.shape().dims();
-        Packing::of(q.dtype()).is_some_and(|p| {
-            q.device().is_cpu()
-                && dims.len() == 2
-                && dims[0].is_multiple_of(crate::kernels::q4k_x16::ROWS)
-                && dims[1].is_multiple_of(p.block())
-        })
-    }
-
-    /// `q` (which [`Packed::takes`]) repacked.
-    pub(super) fn new(q: &candle_core::quantized::QTensor) -> Result<Self> {
-        let (rows, cols) = q.shape().dims2()?;
-        let data = q.data()?;
-        let refuse = || {
-            crate::error::Error::State(format!(
-                "cannot repack a [{rows}, {cols}] {:?} matrix of {} bytes",
-                q.dtype(),
-                data.len()
-            ))
-        };
-        let packing = Packing::of(q.dtype()).ok_or_else(refuse)?;
-        let want = rows * cols / q.dtype().block_size() * q.dtype().type_size();
-        if !Self::takes(q) || data.len() != want {
-            return Err(refuse());
-        }
-        let bytes = match packing {
-            Packing::Q4K => crate::kernels::q4k_x16::pack(&data, rows, cols),
-            Packing::Blocks32(f) => crate::kernels::q32_x16::pack(f, &data, rows, cols),
-        };
-        Ok(Self {
-            packing,
-            rows,
-            cols,
-            bytes,
-        })
-    }
-
-    /// The kernels' view of the matrix.
-    pub(super) fn kernel_rows(&self) -> crate::kernels::Rows<'_> {
-        match self.packing {
-            Packing::Q4K => crate::kernels::Rows::Q4KX16(&self.bytes),
-            Packing::Blocks32(f) => crate::kernels::Rows::X16(f, &self.bytes),
-        }
-    }
-
-    /// Rows `start..start + len`, dequantized, row-major.
-    pub(super) fn dequantize_rows(&self, start: usize, len: usize) -> Vec<f32> {
-        match self.packing {
-            Packing::Q4K => (start..start + len)
-                .flat_map(|r| crate::kernels::q4k_x16::dequantize_row(&self.bytes, self.cols, r))
-                .collect(),
-            Packing::Blocks32(f) => {
-                crate::kernels::q32_x16::dequantize_rows(f, &self.bytes, self.cols, start, len)
-            }
-        }
-    }
-
-    /// The matrix dequantized, `[rows, cols]` f32 on `device`.
-    fn dequantize(&self, device: &candle_core::Device) -> Result<Tensor> {
-        let v = self.dequantize_rows(0, self.rows);
-        Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
-    }
-
-    /// `x · selfᵀ` for a prompt (`x` on the CPU, f32): the Q4_K prompt kernel, or the matrix
-    /// widened to f32 a few MB at a time.
-    fn prompt_product(&self, x: &Tensor) -> Result<Tensor> {
-        if self.packing == Packing::Q4K {
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let out =
-                crate::kernels::prompt_k::matmul_packed(&self.bytes, self.rows, self.cols, &xs);
-            let mut dims = x.dims().to_vec();
-            if let Some(last) = dims.last_mut() {
-                *last = self.rows;
-            }
-            return Ok(Tensor::from_vec(out, dims, x.device())?);
-        }
-        let tile_rows = (WIDEN_TILE_BYTES / (self.cols.max(1) * 4)).max(1);
-        widened_pieces(x, self.rows, tile_rows, &|start, len| {
-            Ok(Tensor::from_vec(
-                self.dequantize_rows(start, len),
-                (len, self.cols),
-                x.device(),
-            )?)
-        })
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -171,7 +40,7 @@ pub(super) const WIDEN_QUANT_ROWS: usize = 16;
 /// f32 bytes of one widened piece of a quantized matrix ([`widened_product`]): a few MB, so that
 /// a prompt never holds a whole widened matrix (a quantized 128k-row vocabulary head would be a
 /// gigabyte in f32) and the piece stays in cache while the product reads it.
-const WIDEN_TILE_BYTES: usize = 4 << 20;
+pub(super) const WIDEN_TILE_BYTES: usize = 4 << 20;
 
 /// Rows of `q` widened at a time.
 fn widen_tile_rows(q: &candle_core::quantized::QTensor) -> usize {
@@ -200,9 +69,18 @@ fn widened_dense_product(x: &Tensor, w: &Tensor, tile_rows: usize) -> Result<Ten
     })
 }
 
+/// The dims of `x` with the last one `n`: a product's output for input `x` and `n` matrix rows.
+pub(super) fn out_dims(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    dims
+}
+
 /// `x · Wᵀ` for a matrix of `rows` rows whose pieces `piece(start, len)` come widened to `x`'s
 /// dtype, `tile_rows` rows at a time (all at once when they fit one piece).
-fn widened_pieces(
+pub(super) fn widened_pieces(
     x: &Tensor,
     rows: usize,
     tile_rows: usize,
@@ -235,11 +113,7 @@ impl Linear {
                 if rows < WIDEN_QUANT_ROWS {
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
                     let out = super::step::half_matmul_rows(w, &xs, cols)?;
-                    let mut dims = x.dims().to_vec();
-                    if let Some(last) = dims.last_mut() {
-                        *last = w.dim(0)?;
-                    }
-                    Tensor::from_vec(out, dims, x.device())?
+                    Tensor::from_vec(out, out_dims(x, w.dim(0)?), x.device())?
                 } else {
                     widened_dense_product(x, w, (WIDEN_TILE_BYTES / (cols.max(1) * 4)).max(1))?
                 }
@@ -260,13 +134,11 @@ impl Linear {
                 let cols = x.dim(D::Minus1)?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 match super::step::quant_prompt_product(q, &xs, cols)? {
-                    Some(out) => {
-                        let mut dims = x.dims().to_vec();
-                        if let Some(last) = dims.last_mut() {
-                            *last = q.shape().dims().first().copied().unwrap_or(0);
-                        }
-                        Tensor::from_vec(out, dims, x.device())?
-                    }
+                    Some(out) => Tensor::from_vec(
+                        out,
+                        out_dims(x, q.shape().dims().first().copied().unwrap_or(0)),
+                        x.device(),
+                    )?,
                     None => widened_product(x, q, widen_tile_rows(q))?,
                 }
             }
@@ -296,11 +168,11 @@ impl Linear {
                 let cols = x.dim(D::Minus1)?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let out = super::step::quant_matmul_rows(q, &xs, cols)?;
-                let mut dims = x.dims().to_vec();
-                if let Some(last) = dims.last_mut() {
-                    *last = q.shape().dims().first().copied().unwrap_or(0);
-                }
-                Tensor::from_vec(out, dims, x.device())?
+                Tensor::from_vec(
+                    out,
+                    out_dims(x, q.shape().dims().first().copied().unwrap_or(0)),
+                    x.device(),
+                )?
             }
             Matrix::Quant(q) => q.forward(x)?,
             Matrix::Packed(p) if x.device().is_cpu() && x.dtype() == DType::F32 => {
@@ -315,11 +187,7 @@ impl Linear {
                 if rows < WIDEN_QUANT_ROWS {
                     let xs = x.flatten_all()?.to_vec1::<f32>()?;
                     let out = super::step::packed_matmul_rows(p, &xs)?;
-                    let mut dims = x.dims().to_vec();
-                    if let Some(last) = dims.last_mut() {
-                        *last = p.rows;
-                    }
-                    Tensor::from_vec(out, dims, x.device())?
+                    Tensor::from_vec(out, out_dims(x, p.rows), x.device())?
                 } else {
                     p.prompt_product(x)?
                 }

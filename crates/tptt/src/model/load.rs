@@ -6,9 +6,10 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
 
 use super::embed::Embedding;
-use super::layers::{Expert, Layer, Linear, Matrix, Mlp, Norm, Packed};
+use super::layers::{Expert, Layer, Linear, Matrix, Mlp, Norm};
 use super::mix::MagMix;
 use super::openelm;
+use super::packed::Packed;
 use super::{LoadOptions, Model};
 use crate::config::{
     Architecture, BaseConfig, ModelConfig, NormKind, QkNorm, RopeScaling, TpttSettings,

@@ -42,6 +42,7 @@ mod layers;
 mod load;
 mod mix;
 mod openelm;
+mod packed;
 mod step;
 mod train;
 pub use train::{LayerLora, LoraPair, SeqContext, TrainCarry};

@@ -168,7 +168,7 @@ pub(super) fn quant_prompt_product(
 
 /// `x · pᵀ` for a repacked matrix and `x` of rows of `p.cols` values, with its kernel,
 /// one row at a time (a short prompt, [`super::layers`]).
-pub(super) fn packed_matmul_rows(p: &super::layers::Packed, x: &[f32]) -> Result<Vec<f32>> {
+pub(super) fn packed_matmul_rows(p: &super::packed::Packed, x: &[f32]) -> Result<Vec<f32>> {
     matmul_rows(p.kernel_rows(), p.rows, x, p.cols)
 }
 

@@ -1,0 +1,139 @@
+//! A quantized matrix repacked at load for CPUs with AVX-512 VNNI ([`Packed`]): Q4_K
+//! (`kernels::q4k_x16`), Q4_1 and Q8_0 (`kernels::q32_x16`), 16 rows to a group, replacing the
+//! stored copy; what a projection ([`super::layers::Matrix::Packed`]) and a tied vocabulary
+//! ([`super::embed::Embedding::Packed`]) hold. Its kernels' view, its rows dequantized, and a
+//! prompt's product through it.
+
+use candle_core::Tensor;
+
+use super::layers::{out_dims, widened_pieces, WIDEN_TILE_BYTES};
+use crate::error::Result;
+
+/// The layouts a matrix is repacked into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Packing {
+    /// Q4_K ([`crate::kernels::q4k_x16`]).
+    Q4K,
+    /// Q4_1 or Q8_0 ([`crate::kernels::q32_x16`]).
+    Blocks32(crate::kernels::q32_x16::Format),
+}
+
+impl Packing {
+    /// The layout for matrices of `dtype`, if there is one.
+    fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use crate::kernels::q32_x16::Format;
+        use candle_core::quantized::GgmlDType as G;
+        match dtype {
+            G::Q4K => Some(Packing::Q4K),
+            G::Q4_1 => Some(Packing::Blocks32(Format::Q4_1)),
+            G::Q8_0 => Some(Packing::Blocks32(Format::Q8_0)),
+            _ => None,
+        }
+    }
+
+    /// Values per block of a row (the row length must be a multiple).
+    fn block(self) -> usize {
+        match self {
+            Packing::Q4K => crate::kernels::QK_K,
+            Packing::Blocks32(_) => crate::kernels::Q8_0_BLOCK,
+        }
+    }
+}
+
+/// A quantized matrix repacked 16 rows to a group, for CPUs with AVX-512 VNNI: Q4_K
+/// (`kernels::q4k_x16`), Q4_1 and Q8_0 (`kernels::q32_x16`). Decode and short prompts go
+/// through its kernel; longer prompts through the 8-bit prompt kernel (`kernels::prompt_k`,
+/// Q4_K) or widened to f32 a few rows at a time (Q4_1, Q8_0).
+#[derive(Debug)]
+pub(super) struct Packed {
+    pub(super) packing: Packing,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) bytes: Vec<u8>,
+}
+
+impl Packed {
+    /// Can `q` be repacked: Q4_K, Q4_1 or Q8_0 on the CPU, rows a multiple of 16, whole blocks?
+    pub(super) fn takes(q: &candle_core::quantized::QTensor) -> bool {
+        let dims = q.shape().dims();
+        Packing::of(q.dtype()).is_some_and(|p| {
+            q.device().is_cpu()
+                && dims.len() == 2
+                && dims[0].is_multiple_of(crate::kernels::q4k_x16::ROWS)
+                && dims[1].is_multiple_of(p.block())
+        })
+    }
+
+    /// `q` (which [`Packed::takes`]) repacked.
+    pub(super) fn new(q: &candle_core::quantized::QTensor) -> Result<Self> {
+        let (rows, cols) = q.shape().dims2()?;
+        let data = q.data()?;
+        let refuse = || {
+            crate::error::Error::State(format!(
+                "cannot repack a [{rows}, {cols}] {:?} matrix of {} bytes",
+                q.dtype(),
+                data.len()
+            ))
+        };
+        let packing = Packing::of(q.dtype()).ok_or_else(refuse)?;
+        let want = rows * cols / q.dtype().block_size() * q.dtype().type_size();
+        if !Self::takes(q) || data.len() != want {
+            return Err(refuse());
+        }
+        let bytes = match packing {
+            Packing::Q4K => crate::kernels::q4k_x16::pack(&data, rows, cols),
+            Packing::Blocks32(f) => crate::kernels::q32_x16::pack(f, &data, rows, cols),
+        };
+        Ok(Self {
+            packing,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    /// The kernels' view of the matrix.
+    pub(super) fn kernel_rows(&self) -> crate::kernels::Rows<'_> {
+        match self.packing {
+            Packing::Q4K => crate::kernels::Rows::Q4KX16(&self.bytes),
+            Packing::Blocks32(f) => crate::kernels::Rows::X16(f, &self.bytes),
+        }
+    }
+
+    /// Rows `start..start + len`, dequantized, row-major.
+    pub(super) fn dequantize_rows(&self, start: usize, len: usize) -> Vec<f32> {
+        match self.packing {
+            Packing::Q4K => (start..start + len)
+                .flat_map(|r| crate::kernels::q4k_x16::dequantize_row(&self.bytes, self.cols, r))
+                .collect(),
+            Packing::Blocks32(f) => {
+                crate::kernels::q32_x16::dequantize_rows(f, &self.bytes, self.cols, start, len)
+            }
+        }
+    }
+
+    /// The matrix dequantized, `[rows, cols]` f32 on `device`.
+    pub(super) fn dequantize(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let v = self.dequantize_rows(0, self.rows);
+        Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
+    }
+
+    /// `x · selfᵀ` for a prompt (`x` on the CPU, f32): the Q4_K prompt kernel, or the matrix
+    /// widened to f32 a few MB at a time.
+    pub(super) fn prompt_product(&self, x: &Tensor) -> Result<Tensor> {
+        if self.packing == Packing::Q4K {
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let out =
+                crate::kernels::prompt_k::matmul_packed(&self.bytes, self.rows, self.cols, &xs);
+            return Ok(Tensor::from_vec(out, out_dims(x, self.rows), x.device())?);
+        }
+        let tile_rows = (WIDEN_TILE_BYTES / (self.cols.max(1) * 4)).max(1);
+        widened_pieces(x, self.rows, tile_rows, &|start, len| {
+            Ok(Tensor::from_vec(
+                self.dequantize_rows(start, len),
+                (len, self.cols),
+                x.device(),
+            )?)
+        })
+    }
+}
