@@ -54,6 +54,10 @@ impl ChatFiles {
             .as_deref()
             .map(GenerationConfig::from_file)
             .transpose()?;
+        // Parsing tokenizer.json goes through a JSON tree several times the tokenizer's size
+        // (tens of MB for a 128k vocabulary), freed by now but kept by the heap tuned for
+        // inference. Read before the weights, it would add to the load's peak: give it back.
+        tptt::alloc::release_free_memory();
         Ok(Self {
             tokenizer,
             tcfg,

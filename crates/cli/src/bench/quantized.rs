@@ -71,6 +71,8 @@ pub(super) fn child(args: &BenchArgs, gguf: &Path) -> Result<()> {
         .unwrap_or_else(|| dir.join("tokenizer.json"));
     // Held for the run, as the app holds it.
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).ok();
+    // As the app does (`ChatFiles::read`): the parse's garbage given back before the weights.
+    tptt::alloc::release_free_memory();
     progress(format!("[quantized] loading {}", gguf.display()));
     let model = Model::load_gguf_plain(gguf, settings, &LoadOptions::default())?;
     tptt::alloc::release_free_memory();

@@ -62,6 +62,38 @@ pub(crate) fn dot<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
     (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
 
+/// The largest of `x` (−∞ for none), in 8 lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let c = x.chunks_exact(8);
+    let tail = c
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for v in c {
+        for i in 0..8 {
+            acc[i] = acc[i].max(v[i]);
+        }
+    }
+    acc.into_iter().fold(tail, f32::max)
+}
+
+/// The sum of `x`, in 8 lanes so that it vectorises (in another order than a serial sum).
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let c = x.chunks_exact(8);
+    let tail: f32 = c.remainder().iter().sum();
+    for v in c {
+        for i in 0..8 {
+            acc[i] += v[i];
+        }
+    }
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
 /// `y += a·x`.
 #[inline(always)]
 pub(crate) fn axpy<const F: bool>(y: &mut [f32], a: f32, x: &[f32]) {
@@ -141,6 +173,28 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(f32::INFINITY).is_finite() && exp(1e30) > 1e38);
+    }
+
+    /// The lane-wise max and sum equal the serial fold (the max exactly, the sum to rounding),
+    /// for every length around the lanes, with −∞ and ties.
+    #[test]
+    fn lane_max_and_sum_match_the_serial_fold() {
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(sum(&[]), 0.0);
+        for n in 0..40 {
+            let x: Vec<f32> = (0..n)
+                .map(|i| match i % 7 {
+                    3 => f32::NEG_INFINITY,
+                    5 => 2.5,
+                    _ => ((i * 37 % 11) as f32 - 5.0) * 0.37,
+                })
+                .collect();
+            let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&x), want_max, "max of {x:?}");
+            let finite: Vec<f32> = x.iter().map(|v| v.max(-1.0)).collect();
+            let want_sum: f32 = finite.iter().sum();
+            assert!((sum(&finite) - want_sum).abs() <= 1e-5, "sum of {finite:?}");
+        }
     }
 
     /// The eight lanes give the scalar's values (to an ulp: the rounding to `n` differs).

@@ -323,19 +323,18 @@ fn task<const F: bool>(
                         }
                     }
                 }
-                let bmax = srow.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let bmax = crate::cpu::math::max(srow);
                 if bmax == f32::NEG_INFINITY {
                     srow.fill(0.0);
                     continue;
                 }
                 let mnew = m[row].max(bmax);
                 let corr = exp(m[row] - mnew);
-                let mut sum = 0f32;
+                // Exponentials first, then their sum: each loop vectorises.
                 for x in srow.iter_mut() {
                     *x = exp(*x - mnew);
-                    sum += *x;
                 }
-                l[row] = l[row] * corr + sum;
+                l[row] = l[row] * corr + crate::cpu::math::sum(srow);
                 m[row] = mnew;
                 if corr != 1.0 {
                     o[row * d..(row + 1) * d]

@@ -13,7 +13,9 @@
 //! The matrix is split across the rayon pool in tasks of [`TASK_ROWS`] rows. A task unpacks its
 //! rows once and then passes every input row over them:
 //! - with AVX-512 VNNI, rows interleaved ([`Interleaved`]): one `dpbusd` multiplies four values
-//!   of 16 rows by four input bytes, 16 results in the lanes of one register;
+//!   of 16 rows by four input bytes, 16 results in the lanes of one register; the input rows
+//!   regrouped eight at a time ([`GroupedInput`]), tasks of [`PANELS_PER_TASK`] such panels,
+//!   and the rows passed over [`CHUNK_SUPERS`] super-blocks at a time (`matmul_interleaved`);
 //! - with AVX2, row by row ([`Panel`]), four input rows at a time (`maddubs` and `madd`);
 //! - else the integer formula, scalar ([`matmul_quantized_naive`], also the reference).
 //!
@@ -40,6 +42,15 @@ const GROUP: usize = 4;
 
 /// Input rows taken together against an [`Interleaved`] panel.
 const WIDE_GROUP: usize = 8;
+
+/// Super-blocks of an [`Interleaved`] panel every group of input rows passes over before the
+/// next ones: 16 KB of the panel, which stays in the L1 cache while all the prompt's rows go by
+/// (a whole panel of a long row does not: 128 KB at 8192 values).
+const CHUNK_SUPERS: usize = 4;
+
+/// Panels of [`TASK_ROWS`] matrix rows per task of the AVX-512 kernel: each span of the input
+/// is read from L2 once for all of them.
+const PANELS_PER_TASK: usize = 4;
 
 /// A K-quant type the prompt kernels take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -455,6 +466,10 @@ fn matmul_with(src: Source<'_>, n: usize, x: &PromptInput, kernel: Kernel) -> Ve
     if rows == 0 || n == 0 {
         return Vec::new();
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Kernel::Avx512 = kernel {
+        return matmul_interleaved(src, n, x);
+    }
     // Each task computes its matrix rows against every input row, `[rows, task_rows]`; the
     // blocks are then laid side by side.
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(TASK_ROWS))
@@ -463,21 +478,6 @@ fn matmul_with(src: Source<'_>, n: usize, x: &PromptInput, kernel: Kernel) -> Ve
             let r0 = task * TASK_ROWS;
             let task_rows = TASK_ROWS.min(n - r0);
             let mut block = vec![0f32; rows * task_rows];
-            #[cfg(target_arch = "x86_64")]
-            if let Kernel::Avx512 = kernel {
-                let panel = src.interleaved(r0, task_rows, cols);
-                for i in (0..rows).step_by(WIDE_GROUP) {
-                    // The last group repeats its last row where fewer are left.
-                    let group: [usize; WIDE_GROUP] = std::array::from_fn(|g| (i + g).min(rows - 1));
-                    // SAFETY: `best` chose this kernel for a CPU with AVX-512 F, BW and VNNI,
-                    // AVX2 and FMA; the panel's and the input's sizes are checked inside.
-                    let v = unsafe { avx512::dots16(&panel, x, group) };
-                    for (o, v) in block[i * task_rows..].chunks_exact_mut(task_rows).zip(&v) {
-                        o.copy_from_slice(&v[..task_rows]);
-                    }
-                }
-                return block;
-            }
             let panel = src.panel(r0, task_rows, cols);
             for i in (0..rows).step_by(GROUP) {
                 let group: [usize; GROUP] = std::array::from_fn(|g| (i + g).min(rows - 1));
@@ -497,13 +497,105 @@ fn matmul_with(src: Source<'_>, n: usize, x: &PromptInput, kernel: Kernel) -> Ve
             block
         })
         .collect();
+    side_by_side(&blocks, rows, n, TASK_ROWS)
+}
+
+/// The tasks' blocks (`[rows, task_rows]` each, tasks of `task` matrix rows but the last) laid
+/// side by side: `[rows, n]`.
+fn side_by_side(blocks: &[Vec<f32>], rows: usize, n: usize, task: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * n];
     out.par_chunks_mut(n).enumerate().for_each(|(i, o)| {
-        for (o, b) in o.chunks_mut(TASK_ROWS).zip(&blocks) {
+        for (o, b) in o.chunks_mut(task).zip(blocks) {
             o.copy_from_slice(&b[i * o.len()..(i + 1) * o.len()]);
         }
     });
     out
+}
+
+/// [`matmul_with`] on AVX-512 VNNI: tasks of [`PANELS_PER_TASK`] interleaved panels; every
+/// group of [`WIDE_GROUP`] input rows, laid out as [`GroupedInput`], passes over
+/// [`CHUNK_SUPERS`] super-blocks of one panel (in L1) at a time, and each such span of the input
+/// (in L2) over all the task's panels before the next span.
+#[cfg(target_arch = "x86_64")]
+fn matmul_interleaved(src: Source<'_>, n: usize, x: &PromptInput) -> Vec<f32> {
+    let (rows, cols) = (x.rows(), x.cols);
+    let grouped = GroupedInput::new(x);
+    let task = TASK_ROWS * PANELS_PER_TASK;
+    let supers = cols / QK_K;
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(task))
+        .into_par_iter()
+        .map(|t| {
+            let r0 = t * task;
+            let task_rows = task.min(n - r0);
+            let panels: Vec<(usize, Interleaved)> = (r0..r0 + task_rows)
+                .step_by(TASK_ROWS)
+                .map(|p0| {
+                    let len = TASK_ROWS.min(r0 + task_rows - p0);
+                    (len, src.interleaved(p0, len, cols))
+                })
+                .collect();
+            // Per panel, per group of input rows: eight rows of 16 sums.
+            let mut acc = vec![vec![[[0f32; TASK_ROWS]; WIDE_GROUP]; grouped.groups]; panels.len()];
+            for s0 in (0..supers).step_by(CHUNK_SUPERS) {
+                let span = s0..(s0 + CHUNK_SUPERS).min(supers);
+                for ((_, panel), acc) in panels.iter().zip(acc.iter_mut()) {
+                    for (gi, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: `best` chose this kernel for a CPU with AVX-512 F, BW and
+                        // VNNI, AVX2 and FMA; the panel's and the input's sizes and the span
+                        // are checked inside.
+                        unsafe { avx512::dots16(panel, x, &grouped, gi, span.clone(), acc) };
+                    }
+                }
+            }
+            let mut block = vec![0f32; rows * task_rows];
+            for (i, o) in block.chunks_exact_mut(task_rows).enumerate() {
+                let mut at = 0;
+                for ((len, _), acc) in panels.iter().zip(&acc) {
+                    o[at..at + len].copy_from_slice(&acc[i / WIDE_GROUP][i % WIDE_GROUP][..*len]);
+                    at += len;
+                }
+            }
+            block
+        })
+        .collect();
+    side_by_side(&blocks, rows, n, task)
+}
+
+/// A prompt's quantized rows regrouped for the AVX-512 kernel: groups of [`WIDE_GROUP`] rows,
+/// each group's four bytes at a time side by side (`[groups, cols / 4, WIDE_GROUP, 4]`), so
+/// that one step of the kernel reads one run of 32 bytes. A last group of fewer rows repeats
+/// its last row.
+#[cfg(target_arch = "x86_64")]
+struct GroupedInput {
+    groups: usize,
+    q: Vec<i8>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl GroupedInput {
+    fn new(x: &PromptInput) -> Self {
+        const G: usize = WIDE_GROUP;
+        let (rows, cols) = (x.rows(), x.cols);
+        let groups = rows.div_ceil(G);
+        let mut q = vec![0i8; groups * G * cols];
+        q.par_chunks_mut(G * cols)
+            .enumerate()
+            .for_each(|(gi, out)| {
+                for g in 0..G {
+                    let r = (gi * G + g).min(rows - 1);
+                    let src = &x.q[r * cols..(r + 1) * cols];
+                    for (k4, four) in src.chunks_exact(4).enumerate() {
+                        out[(k4 * G + g) * 4..(k4 * G + g) * 4 + 4].copy_from_slice(four);
+                    }
+                }
+            });
+        GroupedInput { groups, q }
+    }
+
+    /// The input rows of group `gi` (`gi·G + g`, the last one repeated past the end).
+    fn rows_of(&self, gi: usize, rows: usize) -> [usize; WIDE_GROUP] {
+        std::array::from_fn(|g| (gi * WIDE_GROUP + g).min(rows - 1))
+    }
 }
 
 /// Row `r` of the panel against four input rows: the integer formula, scalar.
@@ -625,10 +717,11 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Interleaved, PromptInput, TASK_ROWS, WIDE_GROUP};
+    use super::{GroupedInput, Interleaved, PromptInput, TASK_ROWS, WIDE_GROUP};
     use crate::kernels::QK_K;
 
-    /// The 16 rows of an interleaved panel against four input rows, each result a lane. Per
+    /// The 16 rows of an interleaved panel against eight input rows over the super-blocks
+    /// `span`, added to `acc` (row `g` of the group in `acc[g]`, each matrix row a lane). Per
     /// four values: one load of the 16 rows' bytes (`u` ≤ 63) and per input row `dpbusd` with
     /// its four signed bytes broadcast (at most 4·63·128 per lane and step, at most 8 steps per
     /// group: < 2¹⁸); per group the sum times the 16 scales (`mullo`, |sc| ≤ 128: < 2²⁵, 16
@@ -641,37 +734,47 @@ mod avx512 {
     pub(super) unsafe fn dots16(
         p: &Interleaved,
         x: &PromptInput,
-        group: [usize; WIDE_GROUP],
-    ) -> [[f32; TASK_ROWS]; WIDE_GROUP] {
+        grouped: &GroupedInput,
+        gi: usize,
+        span: std::ops::Range<usize>,
+        acc: &mut [[f32; TASK_ROWS]; WIDE_GROUP],
+    ) {
         const R: usize = TASK_ROWS;
         let (cols, gsize) = (x.cols, p.group);
         let (supers, groups) = (cols / QK_K, cols / gsize);
         let sums = x.sums(gsize);
+        let group = grouped.rows_of(gi, x.rows());
         assert!(
-            (gsize == 16 || gsize == 32)
+            span.start <= span.end
+                && span.end <= supers
+                && (gsize == 16 || gsize == 32)
                 && p.u.len() == R * cols
                 && p.sc.len() == R * groups
                 && p.offsets.len() == R * groups
                 && p.d.len() == R * supers
-                && group.iter().all(|&i| x.q.len() >= (i + 1) * cols),
+                && gi < grouped.groups
+                && grouped.q.len() == grouped.groups * WIDE_GROUP * cols,
             "prompt product: sizes"
         );
-        let xq = group.map(|i| x.q.as_ptr().add(i * cols));
+        // Value `k` (a multiple of 4) of row `g` of the group: bytes `8k + 4g` of its run.
+        let xq = grouped.q.as_ptr().add(gi * WIDE_GROUP * cols);
         let xd = group.map(|i| x.d.as_ptr().add(i * supers));
         let xs = group.map(|i| sums.as_ptr().add(i * groups));
         let u = p.u.as_ptr();
         let per = QK_K / gsize;
-        let mut f = [_mm512_setzero_ps(); WIDE_GROUP];
-        for s in 0..supers {
+        let mut f = acc.map(|a| _mm512_loadu_ps(a.as_ptr()));
+        for s in span {
             let mut sup = [_mm512_setzero_si512(); WIDE_GROUP];
             for b in s * per..(s + 1) * per {
                 let mut sub = [_mm512_setzero_si512(); WIDE_GROUP];
                 for step in 0..gsize / 4 {
                     let k = b * gsize + 4 * step;
                     let wv = _mm512_loadu_si512(u.add(k * R) as *const __m512i);
-                    for g in 0..WIDE_GROUP {
-                        let xv = _mm512_set1_epi32((xq[g].add(k) as *const i32).read_unaligned());
-                        sub[g] = _mm512_dpbusd_epi32(sub[g], wv, xv);
+                    for (g, sub) in sub.iter_mut().enumerate() {
+                        let xv = _mm512_set1_epi32(
+                            (xq.add(WIDE_GROUP * k + 4 * g) as *const i32).read_unaligned(),
+                        );
+                        *sub = _mm512_dpbusd_epi32(*sub, wv, xv);
                     }
                 }
                 let sc = _mm512_loadu_si512(p.sc.as_ptr().add(b * R) as *const __m512i);
@@ -690,11 +793,9 @@ mod avx512 {
                 );
             }
         }
-        f.map(|v| {
-            let mut out = [0f32; R];
-            _mm512_storeu_ps(out.as_mut_ptr(), v);
-            out
-        })
+        for (a, v) in acc.iter_mut().zip(f) {
+            _mm512_storeu_ps(a.as_mut_ptr(), v);
+        }
     }
 }
 
@@ -744,6 +845,10 @@ mod tests {
                 (9, 33, 768),
                 (16, 16, 256),
                 (7, 32, 512),
+                // Spans of CHUNK_SUPERS super-blocks and a shorter last one; tasks of
+                // PANELS_PER_TASK panels and a last one of fewer, the last panel partial.
+                (11, 80, 1536),
+                (3, 70, 2304),
             ] {
                 let mut w = rand(n * cols, rows as u64, 1.0);
                 w[..cols].iter_mut().for_each(|v| *v *= 1e4);
