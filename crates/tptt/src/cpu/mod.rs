@@ -1,6 +1,7 @@
 //! What the CPU can do, and the numeric building blocks every CPU kernel shares (the attention
 //! kernels of `kernels`, the linear branch's fast scan):
-//! - feature detection, in one place: [`has_avx2_fma`], [`has_avx2_fma_f16c`], [`has_avx512_vnni`] (checked at run
+//! - feature detection, in one place: [`has_avx2_fma`], [`has_avx2_fma_f16c`], [`has_avx512f`],
+//!   [`has_avx512_vnni`] (checked at run
 //!   time and cached by std, so one binary runs on any x86-64 and uses AVX2 where it exists);
 //!   tests force the portable paths on an AVX2 machine with [`force_portable`], so both variants
 //!   of every dispatched kernel are compared with their naive references;
@@ -55,6 +56,19 @@ pub fn has_avx2_fma_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         has_avx2_fma() && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the AVX-512 F variants may run (the f32 matrix product's 16-lane tiles).
+#[inline(always)]
+pub fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2_fma() && std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
