@@ -522,43 +522,64 @@ fn matmul_interleaved(src: Source<'_>, n: usize, x: &PromptInput) -> Vec<f32> {
     let grouped = GroupedInput::new(x);
     let task = TASK_ROWS * PANELS_PER_TASK;
     let supers = cols / QK_K;
-    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(task))
-        .into_par_iter()
-        .map(|t| {
-            let r0 = t * task;
-            let task_rows = task.min(n - r0);
-            let panels: Vec<(usize, Interleaved)> = (r0..r0 + task_rows)
-                .step_by(TASK_ROWS)
-                .map(|p0| {
-                    let len = TASK_ROWS.min(r0 + task_rows - p0);
-                    (len, src.interleaved(p0, len, cols))
-                })
-                .collect();
-            // Per panel, per group of input rows: eight rows of 16 sums.
-            let mut acc = vec![vec![[[0f32; TASK_ROWS]; WIDE_GROUP]; grouped.groups]; panels.len()];
-            for s0 in (0..supers).step_by(CHUNK_SUPERS) {
-                let span = s0..(s0 + CHUNK_SUPERS).min(supers);
-                for ((_, panel), acc) in panels.iter().zip(acc.iter_mut()) {
-                    for (gi, acc) in acc.iter_mut().enumerate() {
-                        // SAFETY: `best` chose this kernel for a CPU with AVX-512 F, BW and
-                        // VNNI, AVX2 and FMA; the panel's and the input's sizes and the span
-                        // are checked inside.
-                        unsafe { avx512::dots16(panel, x, &grouped, gi, span.clone(), acc) };
-                    }
+    let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+    let dst = Columns(out.as_mut_ptr());
+    (0..n.div_ceil(task)).into_par_iter().for_each(|t| {
+        let r0 = t * task;
+        let task_rows = task.min(n - r0);
+        let panels: Vec<(usize, Interleaved)> = (r0..r0 + task_rows)
+            .step_by(TASK_ROWS)
+            .map(|p0| {
+                let len = TASK_ROWS.min(r0 + task_rows - p0);
+                (len, src.interleaved(p0, len, cols))
+            })
+            .collect();
+        // Per panel, per group of input rows: eight rows of 16 sums.
+        let mut acc = vec![vec![[[0f32; TASK_ROWS]; WIDE_GROUP]; grouped.groups]; panels.len()];
+        for s0 in (0..supers).step_by(CHUNK_SUPERS) {
+            let span = s0..(s0 + CHUNK_SUPERS).min(supers);
+            for ((_, panel), acc) in panels.iter().zip(acc.iter_mut()) {
+                for (gi, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: `best` chose this kernel for a CPU with AVX-512 F, BW and VNNI,
+                    // AVX2 and FMA; the panel's and the input's sizes and the span are checked
+                    // inside.
+                    unsafe { avx512::dots16(panel, x, &grouped, gi, span.clone(), acc) };
                 }
             }
-            let mut block = vec![0f32; rows * task_rows];
-            for (i, o) in block.chunks_exact_mut(task_rows).enumerate() {
-                let mut at = 0;
-                for ((len, _), acc) in panels.iter().zip(&acc) {
-                    o[at..at + len].copy_from_slice(&acc[i / WIDE_GROUP][i % WIDE_GROUP][..*len]);
-                    at += len;
-                }
+        }
+        for i in 0..rows {
+            let mut col = r0;
+            for ((len, _), acc) in panels.iter().zip(&acc) {
+                let v = &acc[i / WIDE_GROUP][i % WIDE_GROUP][..*len];
+                // SAFETY: row `i < rows`, columns `col..col + len` inside this task's
+                // `r0..r0 + task_rows ⊆ 0..n`: within the capacity, and written by this task
+                // alone.
+                unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), dst.at(i * n + col), *len) };
+                col += len;
             }
-            block
-        })
-        .collect();
-    side_by_side(&blocks, rows, n, task)
+        }
+    });
+    // SAFETY: the tasks' columns `r0..r0 + task_rows` tile `0..n`, and each task wrote them in
+    // every row: all `rows · n` values are initialised.
+    unsafe { out.set_len(rows * n) };
+    out
+}
+
+/// The output of [`matmul_interleaved`], written by its tasks, each to its own columns.
+#[cfg(target_arch = "x86_64")]
+struct Columns(*mut f32);
+
+// SAFETY: the tasks write disjoint elements through it (their own columns), and nothing reads
+// them until all have finished.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Columns {}
+
+#[cfg(target_arch = "x86_64")]
+impl Columns {
+    /// Element `i` of the output.
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
 }
 
 /// A prompt's quantized rows regrouped for the AVX-512 kernel: groups of [`WIDE_GROUP`] rows,
