@@ -6,7 +6,8 @@
 //! than with 1). A [`Team`] instead starts `threads − 1` helpers once per step, which spin on an
 //! atomic between regions, so a region costs a few atomic operations; the helpers end with the
 //! step ([`with_team`]). Kernels call [`for_each`], which uses the current team when there is
-//! one and rayon otherwise.
+//! one and rayon otherwise; inside a team's task (two kernels run side by side, one per thread)
+//! it runs inline.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::SeqCst};
@@ -24,18 +25,21 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Take and run tasks until none is left.
+    /// Take and run tasks until none is left. Inside a task, regions run inline
+    /// ([`for_each`]).
     fn work(&self) {
+        let outer = IN_TASK.with(|t| t.replace(true));
         loop {
             let i = self.next.fetch_add(1, SeqCst);
             if i >= self.n {
-                return;
+                break;
             }
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.f)(i))).is_err() {
                 self.panicked.store(true, SeqCst);
             }
             self.done.fetch_add(1, SeqCst);
         }
+        IN_TASK.with(|t| t.set(outer));
     }
 }
 
@@ -58,6 +62,10 @@ pub struct Team<'s> {
 thread_local! {
     /// The team of the step running on this thread, if any.
     static CURRENT: Cell<*const Team<'static>> = const { Cell::new(std::ptr::null()) };
+    /// Whether this thread is running a task of a team's region: a region inside it (a kernel
+    /// called from a task, when a step runs two kernels side by side) runs inline, on this
+    /// thread alone.
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Team<'_> {
@@ -150,8 +158,12 @@ pub fn with_team<R>(threads: usize, body: impl FnOnce() -> R) -> R {
     })
 }
 
-/// Threads available to a region: the current team's, else rayon's.
+/// Threads available to a region: 1 inside a team's task, else the current team's, else
+/// rayon's.
 pub fn threads() -> usize {
+    if IN_TASK.with(Cell::get) {
+        return 1;
+    }
     CURRENT.with(|c| {
         let p = c.get();
         if p.is_null() {
@@ -164,8 +176,12 @@ pub fn threads() -> usize {
 }
 
 /// `f(i)` for every `i < n`, in parallel: on the current team if there is one (see
-/// [`with_team`]), else on rayon's pool.
+/// [`with_team`]), else on rayon's pool; inline, in order, inside a team's task.
 pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    if IN_TASK.with(Cell::get) {
+        (0..n).for_each(f);
+        return;
+    }
     let team = CURRENT.with(|c| c.get());
     if team.is_null() {
         (0..n).into_par_iter().for_each(f);
@@ -204,6 +220,31 @@ mod tests {
             hits[i].fetch_add(1, SeqCst);
         });
         assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+    }
+
+    /// A region inside a task runs inline on that task's thread (one thread for it), every
+    /// inner task once, and regions after it are parallel again.
+    #[test]
+    fn a_region_inside_a_task_runs_inline() {
+        with_team(2, || {
+            let hits: Vec<AtomicUsize> = (0..4 * 9).map(|_| AtomicUsize::new(0)).collect();
+            let inner_threads: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+            for_each(4, &|outer| {
+                inner_threads[outer].store(threads(), SeqCst);
+                let me = std::thread::current().id();
+                for_each(9, &|i| {
+                    assert_eq!(
+                        std::thread::current().id(),
+                        me,
+                        "inner task {i} moved thread"
+                    );
+                    hits[outer * 9 + i].fetch_add(1, SeqCst);
+                });
+            });
+            assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+            assert!(inner_threads.iter().all(|t| t.load(SeqCst) == 1));
+            assert_eq!(threads(), 2);
+        });
     }
 
     #[test]

@@ -315,7 +315,22 @@ pub(super) fn attend_ring(
     dim: usize,
     scale: f32,
 ) -> Result<Vec<f32>> {
-    let (Some(kb), Some(vb)) = (&ls.k, &ls.v) else {
+    attend_cache((&ls.k, &ls.v), q, visible, heads, kv_heads, dim, scale)
+}
+
+/// [`attend_ring`] over a layer's cached keys and values alone (its linear carry borrowed
+/// elsewhere meanwhile).
+#[allow(clippy::too_many_arguments)]
+fn attend_cache(
+    (k, v): (&Option<Tensor>, &Option<Tensor>),
+    q: &[f32],
+    visible: &[bool],
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let (Some(kb), Some(vb)) = (k, v) else {
         return Err(Error::State("KV cache missing after allocation".into()));
     };
     let (kd, vd) = (Data::of(kb), Data::of(vb));
@@ -451,20 +466,51 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
         for (v, &kp) in visible.iter_mut().zip(&key_pos) {
             *v = super::kv::sees(kp, qp, window);
         }
-        let attn = attend_ring(ls, &qs, &visible, nh, nkv, d, b.attn_scale as f32)?;
-        // (Running the linear branch beside the attention with `rayon::join` was measured
-        // slower here: both are small at batch 1.)
-        let y = linear_on.then(|| {
-            linear::forward(
-                &model.linear_shape(layer),
-                &q_raw,
-                &k_raw,
-                &v_raw,
-                &mut ls.linear,
-                CarryMode::Continue,
-                model.scan,
-            )
-        });
+        let LayerState {
+            k,
+            v,
+            linear: carry,
+        } = ls;
+        let attend = || attend_cache((k, v), &qs, &visible, nh, nkv, d, b.attn_scale as f32);
+        let shape = model.linear_shape(layer);
+        let branch = |carry: &mut linear::LinearCarry| {
+            let (q, k, v) = (&q_raw, &k_raw, &v_raw);
+            linear::forward(&shape, q, k, v, carry, CarryMode::Continue, model.scan)
+        };
+        let (attn, y) = if linear_on && crate::team::threads() > 1 {
+            // The attention and the linear branch side by side, one thread each (their own
+            // parallel regions then run inline): at batch 1 each is mostly fixed costs, which
+            // splitting either over the threads does not shorten.
+            let attn = std::sync::Mutex::new(None);
+            let carry = std::sync::Mutex::new((carry, None));
+            crate::team::for_each(2, &|i| {
+                if i == 0 {
+                    let a = attend();
+                    *attn
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(a);
+                } else {
+                    let mut c = carry
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let (carry, y) = &mut *c;
+                    *y = Some(branch(carry));
+                }
+            });
+            let attn = attn
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let y = carry
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .1;
+            match (attn, y) {
+                (Some(attn), Some(y)) => (attn?, Some(y)),
+                _ => return Err(Error::State("a side of the decode step did not run".into())),
+            }
+        } else {
+            (attend()?, linear_on.then(|| branch(carry)))
+        };
 
         let o = |x: &[f32]| linear1(&layer.o, x, &model.device);
         let mut out = match y {
