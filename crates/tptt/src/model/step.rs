@@ -407,6 +407,14 @@ fn mlp(layer: &Layer, x: &[f32], act: Activation, model: &Model) -> Result<Vec<f
     }
 }
 
+/// A decode step runs a layer's softmax attention and its linear branch side by side, one
+/// thread each, while the keys times the query heads stay within this many times the rows of
+/// the linear branch's states (`t·H ≤ this·Hkv·D`); over a longer history the attention
+/// alone outweighs the branch and is split over the threads first, as before. Measured on
+/// SmolLM2 (9 heads, 3 KV heads of 64, 8-bit KV, two threads): side by side +15 % at 128 keys,
+/// even at ~1600, −37 % at 16k; this bound is ~1365 keys there.
+const SIDE_BY_SIDE_KEYS: usize = 64;
+
 /// One token through the model, CPU, `CarryMode::Continue`. Same contract as
 /// [`Model::forward`] with one id (already validated by it). Returns logits `[1, V]`.
 pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<Tensor> {
@@ -477,10 +485,12 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
             let (q, k, v) = (&q_raw, &k_raw, &v_raw);
             linear::forward(&shape, q, k, v, carry, CarryMode::Continue, model.scan)
         };
-        let (attn, y) = if linear_on && crate::team::threads() > 1 {
+        let side_by_side =
+            linear_on && crate::team::threads() > 1 && t_len * nh <= SIDE_BY_SIDE_KEYS * nkv * d;
+        let (attn, y) = if side_by_side {
             // The attention and the linear branch side by side, one thread each (their own
-            // parallel regions then run inline): at batch 1 each is mostly fixed costs, which
-            // splitting either over the threads does not shorten.
+            // parallel regions then run inline): over a short history each is mostly fixed
+            // costs, which splitting either over the threads does not shorten.
             let attn = std::sync::Mutex::new(None);
             let carry = std::sync::Mutex::new((carry, None));
             crate::team::for_each(2, &|i| {
