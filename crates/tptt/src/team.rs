@@ -191,6 +191,37 @@ pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// `a()` and `b()` side by side, one task each, on the current team (regions inside either run
+/// inline on its thread); one after the other, on this thread, where there is no team or
+/// inside a team's task.
+/// `None` only if a side did not leave its result (it panicked, which the region re-raises).
+pub fn join<A: Send, B: Send>(
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> Option<(A, B)> {
+    use std::sync::{Mutex, PoisonError};
+    let on_team = !IN_TASK.with(Cell::get) && CURRENT.with(|c| !c.get().is_null());
+    if !on_team {
+        return Some((a(), b()));
+    }
+    let (a, b) = (Mutex::new(Some(a)), Mutex::new(Some(b)));
+    let (ra, rb) = (Mutex::new(None), Mutex::new(None));
+    for_each(2, &|i| {
+        if i == 0 {
+            let f = a.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let r = f.map(|f| f());
+            *ra.lock().unwrap_or_else(PoisonError::into_inner) = r;
+        } else {
+            let f = b.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let r = f.map(|f| f());
+            *rb.lock().unwrap_or_else(PoisonError::into_inner) = r;
+        }
+    });
+    let ra = ra.into_inner().unwrap_or_else(PoisonError::into_inner)?;
+    let rb = rb.into_inner().unwrap_or_else(PoisonError::into_inner)?;
+    Some((ra, rb))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +276,36 @@ mod tests {
             assert!(inner_threads.iter().all(|t| t.load(SeqCst) == 1));
             assert_eq!(threads(), 2);
         });
+    }
+
+    /// Both sides run once and give their results, with a team, without one, and nested in a
+    /// team's task; a side borrows mutably what the other does not touch.
+    #[test]
+    fn join_runs_both_sides_once() {
+        for t in [1, 2] {
+            with_team(t, || {
+                let mut left = vec![0u32; 4];
+                let right = AtomicUsize::new(0);
+                // Without a team both sides run here, seeing what this thread sees.
+                let expected = if t > 1 { 1 } else { threads() };
+                let got = join(
+                    || {
+                        left.iter_mut().for_each(|x| *x += 1);
+                        threads()
+                    },
+                    || right.fetch_add(1, SeqCst),
+                );
+                assert_eq!(got, Some((expected, 0)));
+                assert_eq!(left, [1; 4]);
+                assert_eq!(right.load(SeqCst), 1);
+                let inner = AtomicUsize::new(0);
+                for_each(3, &|_| {
+                    let r = join(|| inner.fetch_add(1, SeqCst), || inner.fetch_add(1, SeqCst));
+                    assert!(r.is_some());
+                });
+                assert_eq!(inner.load(SeqCst), 6);
+            });
+        }
     }
 
     #[test]

@@ -446,7 +446,15 @@ impl Model {
                 for (h, row) in qt.chunks_exact_mut(d).enumerate() {
                     row.copy_from_slice(&qs[(h * s + t) * d..(h * s + t + 1) * d]);
                 }
-                let o = step::attend_ring(ls, &qt, &visible, nh, nkv, d, b.attn_scale as f32)?;
+                let o = step::attend_ring(
+                    (&ls.k, &ls.v),
+                    &qt,
+                    &visible,
+                    nh,
+                    nkv,
+                    d,
+                    b.attn_scale as f32,
+                )?;
                 out[t * nh * d..(t + 1) * nh * d].copy_from_slice(&o);
             }
             Ok(())

@@ -304,24 +304,10 @@ fn linear1(l: &Linear, x: &[f32], device: &Device) -> Result<Vec<f32>> {
     Ok(y)
 }
 
-/// One query `q` (`[H·D]`) over a layer's KV ring, read in place, the slots `visible` says:
-/// `[H·D]` (the decode step's attention, and a message read token by token).
+/// One query `q` (`[H·D]`) over a layer's KV ring (its cached keys and values `(k, v)`, read in
+/// place; the layer's linear carry may be borrowed elsewhere meanwhile), the slots `visible`
+/// says: `[H·D]` (the decode step's attention, and a message read token by token).
 pub(super) fn attend_ring(
-    ls: &LayerState,
-    q: &[f32],
-    visible: &[bool],
-    heads: usize,
-    kv_heads: usize,
-    dim: usize,
-    scale: f32,
-) -> Result<Vec<f32>> {
-    attend_cache((&ls.k, &ls.v), q, visible, heads, kv_heads, dim, scale)
-}
-
-/// [`attend_ring`] over a layer's cached keys and values alone (its linear carry borrowed
-/// elsewhere meanwhile).
-#[allow(clippy::too_many_arguments)]
-fn attend_cache(
     (k, v): (&Option<Tensor>, &Option<Tensor>),
     q: &[f32],
     visible: &[bool],
@@ -479,7 +465,7 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
             v,
             linear: carry,
         } = ls;
-        let attend = || attend_cache((k, v), &qs, &visible, nh, nkv, d, b.attn_scale as f32);
+        let attend = || attend_ring((k, v), &qs, &visible, nh, nkv, d, b.attn_scale as f32);
         let shape = model.linear_shape(layer);
         let branch = |carry: &mut linear::LinearCarry| {
             let (q, k, v) = (&q_raw, &k_raw, &v_raw);
@@ -491,32 +477,9 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
             // The attention and the linear branch side by side, one thread each (their own
             // parallel regions then run inline): over a short history each is mostly fixed
             // costs, which splitting either over the threads does not shorten.
-            let attn = std::sync::Mutex::new(None);
-            let carry = std::sync::Mutex::new((carry, None));
-            crate::team::for_each(2, &|i| {
-                if i == 0 {
-                    let a = attend();
-                    *attn
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(a);
-                } else {
-                    let mut c = carry
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let (carry, y) = &mut *c;
-                    *y = Some(branch(carry));
-                }
-            });
-            let attn = attn
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let y = carry
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .1;
-            match (attn, y) {
-                (Some(attn), Some(y)) => (attn?, Some(y)),
-                _ => return Err(Error::State("a side of the decode step did not run".into())),
+            match crate::team::join(attend, || branch(carry)) {
+                Some((attn, y)) => (attn?, Some(y)),
+                None => return Err(Error::State("a side of the decode step did not run".into())),
             }
         } else {
             (attend()?, linear_on.then(|| branch(carry)))
