@@ -122,20 +122,15 @@ impl Packed {
     /// widened to f32 a few MB at a time.
     pub(super) fn prompt_product(&self, x: &Tensor) -> Result<Tensor> {
         if self.packing == Packing::Q4K {
-            // The activations read where they are (a copy when not contiguous f32 on the CPU).
-            let xc = x.contiguous()?;
+            // The activations read where they are (copied only when not contiguous f32).
+            let xc = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
             let data = super::step::Data::of(&xc);
-            let out = match data.slice() {
-                Ok(xs) => {
-                    crate::kernels::prompt_k::matmul_packed(&self.bytes, self.rows, self.cols, xs)
-                }
-                Err(_) => crate::kernels::prompt_k::matmul_packed(
-                    &self.bytes,
-                    self.rows,
-                    self.cols,
-                    &x.flatten_all()?.to_vec1::<f32>()?,
-                ),
-            };
+            let out = crate::kernels::prompt_k::matmul_packed(
+                &self.bytes,
+                self.rows,
+                self.cols,
+                data.slice()?,
+            );
             return Ok(Tensor::from_vec(out, out_dims(x, self.rows), x.device())?);
         }
         let tile_rows = (WIDEN_TILE_BYTES / (self.cols.max(1) * 4)).max(1);
