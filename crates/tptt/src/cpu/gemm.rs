@@ -191,6 +191,9 @@ mod avx512 {
     /// Tile columns (two 16-lane vectors).
     pub(super) const NR: usize = 32;
 
+    /// The largest `k` whose row panel is packed on the stack (6 KB).
+    const STACK_K: usize = 256;
+
     /// [`super::gemm`] (fused), the same multiply-adds in the same order per element.
     ///
     /// # Safety
@@ -219,12 +222,21 @@ mod avx512 {
                 && c.len() >= (m - 1) * ldc + n,
             "gemm: {m}x{n}x{k} with strides {lda}, {ldb}, {ldc}"
         );
-        let mut pack = vec![0f32; MR * k];
+        // The row panel's packing: on the stack for the decode step's small products (its
+        // `k = D` ≤ 256), else on the heap.
+        let mut stack = [0f32; MR * STACK_K];
+        let mut heap = Vec::new();
+        let pack: &mut [f32] = if k <= STACK_K {
+            &mut stack[..MR * k]
+        } else {
+            heap.resize(MR * k, 0f32);
+            &mut heap
+        };
         let whole = n - n % NR;
         let sv = _mm512_set1_ps(s);
         for i0 in (0..m).step_by(MR) {
             let mr = MR.min(m - i0);
-            pack_rows(&mut pack, a, lda, k, i0, mr);
+            pack_rows(pack, a, lda, k, i0, mr);
             let pp = pack.as_ptr();
             for j0 in (0..whole).step_by(NR) {
                 let bp = b.as_ptr().add(j0);

@@ -76,7 +76,16 @@ impl LinearCarry {
         let s = k_raw.len() / fkv;
         for (hist, x) in [(&mut self.pool_k, k_raw), (&mut self.pool_v, v_raw)] {
             for t in s.saturating_sub(2)..s {
-                hist.push(x[t * fkv..(t + 1) * fkv].to_vec());
+                let row = &x[t * fkv..(t + 1) * fkv];
+                // The oldest row's buffer reused once two are kept (decoding: every token).
+                if hist.len() >= 2 {
+                    let mut old = hist.remove(0);
+                    old.clear();
+                    old.extend_from_slice(row);
+                    hist.push(old);
+                } else {
+                    hist.push(row.to_vec());
+                }
             }
             let extra = hist.len().saturating_sub(2);
             hist.drain(..extra);

@@ -318,13 +318,16 @@ fn step_group<const F: bool, R: ChunkRows>(
     let members = &plan.groups[g];
     let r = n + members.len();
     // One scratch allocation: A = [w_0 … w_{n−1}; q of every member] (`r` rows), then `u`
-    // (`n` rows, `v` until solved), `k`, `α`, `β` (`n` rows each) and P (`r` rows).
-    let mut buf = vec![0f32; (2 * r + 4 * n) * d];
+    // (`n` rows, `v` until solved), `k`, `α`, `β` (`n` rows each), P (`r` rows) and the two
+    // corrected rows `u'_0`, `u'_1`.
+    let mut buf = vec![0f32; (2 * r + 4 * n + 2) * d];
     let (a, rest) = buf.split_at_mut(r * d);
     let (uu, rest) = rest.split_at_mut(n * d);
     let (kk, rest) = rest.split_at_mut(n * d);
     let (alpha, rest) = rest.split_at_mut(n * d);
-    let (beta, p) = rest.split_at_mut(n * d);
+    let (beta, rest) = rest.split_at_mut(n * d);
+    let (p, ups) = rest.split_at_mut(r * d);
+    let (up0, up1) = ups.split_at_mut(d);
     let (ww, qq) = a.split_at_mut(n * d);
     rows.kvab(g, 0, kk, uu, alpha, beta);
     // The chunk's solve at N = n (module doc): `[w | u] = (I − A)⁻¹ [kβ | vβ]`, i.e. row 0 is
@@ -360,11 +363,10 @@ fn step_group<const F: bool, R: ChunkRows>(
     let mut out = vec![0f32; members.len() * d];
     let (pw0, pq_all) = p.split_at(n * d);
     let q_all = &a[n * d..];
-    let up0: Vec<f32> = u(0)
-        .iter()
-        .zip(&pw0[..d])
-        .map(|(&u0, &pw)| u0 - pw)
-        .collect();
+    for ((o, &u0), &pw) in up0.iter_mut().zip(u(0)).zip(&pw0[..d]) {
+        *o = u0 - pw;
+    }
+    let up0 = &*up0;
     let (w0, a0) = (w(0), al(0));
     if n == 1 {
         for ((o, q), pq) in out
@@ -372,25 +374,24 @@ fn step_group<const F: bool, R: ChunkRows>(
             .zip(q_all.chunks_exact(d))
             .zip(pq_all.chunks_exact(d))
         {
-            for (((o, &q), &pq), &u0) in o.iter_mut().zip(q).zip(pq).zip(&up0) {
+            for (((o, &q), &pq), &u0) in o.iter_mut().zip(q).zip(pq).zip(up0) {
                 *o = pq + q * u0;
             }
         }
         for (row, &w0d) in h.chunks_exact_mut(d).zip(w0) {
-            for ((x, &a0), &u0) in row.iter_mut().zip(a0).zip(&up0) {
+            for ((x, &a0), &u0) in row.iter_mut().zip(a0).zip(up0) {
                 *x = *x * a0 + w0d * u0;
             }
         }
     } else {
         let (w1, a1) = (w(1), al(1));
         let w0w1 = dot::<F>(w0, w1);
-        let up1: Vec<f32> = u(1)
-            .iter()
-            .zip(&pw0[d..])
-            .zip(a0)
-            .zip(&up0)
-            .map(|(((&u1, &pw1), &a0), &u0)| u1 - (a0 * pw1 + u0 * w0w1))
-            .collect();
+        for ((((o, &u1), &pw1), &a0), &u0) in
+            up1.iter_mut().zip(u(1)).zip(&pw0[d..]).zip(a0).zip(up0)
+        {
+            *o = u1 - (a0 * pw1 + u0 * w0w1);
+        }
+        let up1 = &*up1;
         for ((o, q), pq) in out
             .chunks_exact_mut(d)
             .zip(q_all.chunks_exact(d))
@@ -398,14 +399,13 @@ fn step_group<const F: bool, R: ChunkRows>(
         {
             let w0q = dot::<F>(w0, q);
             for (((((o, &q), &pq), &a0), &u0), &u1) in
-                o.iter_mut().zip(q).zip(pq).zip(a0).zip(&up0).zip(&up1)
+                o.iter_mut().zip(q).zip(pq).zip(a0).zip(up0).zip(up1)
             {
                 *o = a0 * pq + u0 * w0q + q * u1;
             }
         }
         for ((row, &w0d), &w1d) in h.chunks_exact_mut(d).zip(w0).zip(w1) {
-            for ((((x, &a0), &a1), &u0), &u1) in row.iter_mut().zip(a0).zip(a1).zip(&up0).zip(&up1)
-            {
+            for ((((x, &a0), &a1), &u0), &u1) in row.iter_mut().zip(a0).zip(a1).zip(up0).zip(up1) {
                 *x = (*x * a0 + w0d * u0) * a1 + w1d * u1;
             }
         }

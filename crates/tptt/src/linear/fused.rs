@@ -6,27 +6,38 @@ use super::prepare::*;
 use super::{chunk_size, fast, LinearCarry, LinearShape, PrevToken};
 use crate::config::{Gate, RecurrentConfig, Trick};
 
-/// The processed values of one token for one kv head (SPEC §4.2–4.3), `D` each.
-pub(super) struct KvRow {
-    k: Vec<f32>,
-    v: Vec<f32>,
-    alpha: Vec<f32>,
-    beta: Vec<f32>,
+/// The processed values of one token for one kv head (SPEC §4.2–4.3), `D` each: views into
+/// one scratch buffer of [`KvRow::LEN`] rows (a decode step makes a few of these per kv head
+/// and layer; one allocation each instead of six).
+pub(super) struct KvRow<'a> {
+    k: &'a mut [f32],
+    v: &'a mut [f32],
+    alpha: &'a mut [f32],
+    beta: &'a mut [f32],
     /// Scratch: the `k` and `v` gates.
-    fg: Vec<f32>,
-    wg: Vec<f32>,
+    fg: &'a mut [f32],
+    wg: &'a mut [f32],
 }
 
-impl KvRow {
-    fn new(d: usize) -> Self {
-        let z = || vec![0f32; d];
+impl<'a> KvRow<'a> {
+    /// Rows of `D` a [`KvRow`] takes.
+    const LEN: usize = 6;
+
+    /// The row over the first `LEN·d` values of `buf`.
+    fn of(buf: &'a mut [f32], d: usize) -> Self {
+        let (k, rest) = buf.split_at_mut(d);
+        let (v, rest) = rest.split_at_mut(d);
+        let (alpha, rest) = rest.split_at_mut(d);
+        let (beta, rest) = rest.split_at_mut(d);
+        let (fg, rest) = rest.split_at_mut(d);
+        let (wg, _) = rest.split_at_mut(d);
         Self {
-            k: z(),
-            v: z(),
-            alpha: z(),
-            beta: z(),
-            fg: z(),
-            wg: z(),
+            k,
+            v,
+            alpha,
+            beta,
+            fg,
+            wg,
         }
     }
 }
@@ -46,7 +57,9 @@ pub(super) struct Fused<'a> {
     v_raw: &'a [f32],
     pool_k: &'a [Vec<f32>],
     pool_v: &'a [Vec<f32>],
-    prev: Option<&'a PrevToken>,
+    /// The carried previous token (order 2), held here for the call: its buffers take the
+    /// next one afterwards.
+    prev: Option<PrevToken>,
     /// Per key group: its kv head and the query head whose carried values it uses.
     groups: Vec<(usize, usize)>,
 }
@@ -57,7 +70,7 @@ impl<'a> Fused<'a> {
     fn proc_q(&self, t: isize, h: usize, out: &mut [f32]) {
         let d = self.d;
         if t < 0 {
-            match self.prev {
+            match &self.prev {
                 Some(p) => out.copy_from_slice(&p.q[h * d..(h + 1) * d]),
                 None => out.fill(0.0),
             }
@@ -73,10 +86,10 @@ impl<'a> Fused<'a> {
     /// Token `t`'s processed key-side values of kv head `kvh` (`t = -1`: the carried ones of head
     /// `rep`, or zeros).
     #[inline(always)]
-    fn proc_kv(&self, t: isize, kvh: usize, rep: usize, out: &mut KvRow) {
+    fn proc_kv(&self, t: isize, kvh: usize, rep: usize, out: &mut KvRow<'_>) {
         let d = self.d;
         if t < 0 {
-            match self.prev {
+            match &self.prev {
                 Some(p) => {
                     let r = rep * d..(rep + 1) * d;
                     out.k.copy_from_slice(&p.k[r.clone()]);
@@ -85,7 +98,7 @@ impl<'a> Fused<'a> {
                     out.beta.copy_from_slice(&p.beta[r]);
                 }
                 None => {
-                    for x in [&mut out.k, &mut out.v, &mut out.alpha, &mut out.beta] {
+                    for x in [&mut *out.k, &mut *out.v, &mut *out.alpha, &mut *out.beta] {
                         x.fill(0.0);
                     }
                 }
@@ -97,7 +110,7 @@ impl<'a> Fused<'a> {
         for (x, &r) in out.k.iter_mut().zip(&self.k_raw[o..o + d]) {
             *x = silu_fast(r);
         }
-        l2norm(&mut out.k);
+        l2norm(out.k);
         for (x, &r) in out.v.iter_mut().zip(&self.v_raw[o..o + d]) {
             *x = r * self.scaling;
         }
@@ -117,10 +130,10 @@ impl<'a> Fused<'a> {
             }
         };
         if uses(Gate::K) {
-            pooled(window(self.k_raw, self.pool_k), &mut out.fg);
+            pooled(window(self.k_raw, self.pool_k), out.fg);
         }
         if uses(Gate::V) {
-            pooled(window(self.v_raw, self.pool_v), &mut out.wg);
+            pooled(window(self.v_raw, self.pool_v), out.wg);
         }
         for e in 0..d {
             let (fg, wg) = (out.fg[e], out.wg[e]);
@@ -145,18 +158,21 @@ impl fast::ChunkRows for Fused<'_> {
         let (kvh, rep) = self.groups[group];
         let t0 = (chunk * c) as isize;
         if self.rc.order == 1 {
-            let mut cur = KvRow::new(d);
+            let mut buf = vec![0f32; KvRow::LEN * d];
+            let mut cur = KvRow::of(&mut buf, d);
             for tok in 0..c {
                 self.proc_kv(t0 + tok as isize, kvh, rep, &mut cur);
                 let r = tok * d..(tok + 1) * d;
-                k[r.clone()].copy_from_slice(&cur.k);
-                v[r.clone()].copy_from_slice(&cur.v);
-                alpha[r.clone()].copy_from_slice(&cur.alpha);
-                beta[r].copy_from_slice(&cur.beta);
+                k[r.clone()].copy_from_slice(cur.k);
+                v[r.clone()].copy_from_slice(cur.v);
+                alpha[r.clone()].copy_from_slice(cur.alpha);
+                beta[r].copy_from_slice(cur.beta);
             }
             return;
         }
-        let (mut cur, mut before) = (KvRow::new(d), KvRow::new(d));
+        let mut buf = vec![0f32; 2 * KvRow::LEN * d];
+        let (a, b) = buf.split_at_mut(KvRow::LEN * d);
+        let (mut cur, mut before) = (KvRow::of(a, d), KvRow::of(b, d));
         self.proc_kv(t0 - 1, kvh, rep, &mut before);
         for tok in 0..c {
             self.proc_kv(t0 + tok as isize, kvh, rep, &mut cur);
@@ -164,18 +180,18 @@ impl fast::ChunkRows for Fused<'_> {
                 let (v0, v1) = x[2 * tok * d..(2 * tok + 2) * d].split_at_mut(d);
                 virtual_pair(trick, cur, before, v0, v1);
             };
-            pair(k, &cur.k, &before.k, self.rc.trick);
-            pair(v, &cur.v, &before.v, self.rc.trick);
+            pair(k, cur.k, before.k, self.rc.trick);
+            pair(v, cur.v, before.v, self.rc.trick);
             pair(
                 alpha,
-                &cur.alpha,
-                &before.alpha,
+                cur.alpha,
+                before.alpha,
                 trick_for(&self.rc, self.rc.alpha_gate),
             );
             pair(
                 beta,
-                &cur.beta,
-                &before.beta,
+                cur.beta,
+                before.beta,
                 trick_for(&self.rc, self.rc.beta_gate),
             );
             std::mem::swap(&mut cur, &mut before);
@@ -192,11 +208,12 @@ impl fast::ChunkRows for Fused<'_> {
             }
             return;
         }
-        let (mut cur, mut before) = (vec![0f32; d], vec![0f32; d]);
-        self.proc_q(t0 - 1, head, &mut before);
+        let mut buf = vec![0f32; 2 * d];
+        let (mut cur, mut before) = buf.split_at_mut(d);
+        self.proc_q(t0 - 1, head, before);
         for (tok, row) in q.chunks_exact_mut(d).enumerate() {
-            self.proc_q(t0 + tok as isize, head, &mut cur);
-            virtual_second(self.rc.trick, &cur, &before, row);
+            self.proc_q(t0 + tok as isize, head, cur);
+            virtual_second(self.rc.trick, cur, before, row);
             std::mem::swap(&mut cur, &mut before);
         }
     }
@@ -280,7 +297,7 @@ pub(super) fn forward_fused(
         v_raw,
         pool_k: &carry.pool_k,
         pool_v: &carry.pool_v,
-        prev: prev.as_ref(),
+        prev,
         groups,
     };
     let plan = fast::Plan {
@@ -297,17 +314,27 @@ pub(super) fn forward_fused(
         fast::run(&rows, &plan, h_n, &mut carry.state)
     };
 
-    // The next call's order-2 buffer: the last token, processed, per head.
+    // The next call's order-2 buffer: the last token, processed, per head (written over the
+    // buffers of the one this call read, once the rows no longer read it).
+    let mut rows = rows;
+    let prev = rows.prev.take();
     let next_prev = (n > 1).then(|| {
         let t = s as isize - 1;
-        let mut p = PrevToken {
-            q: vec![0f32; h_n * d],
-            k: vec![0f32; h_n * d],
-            v: vec![0f32; h_n * d],
-            alpha: vec![0f32; h_n * d],
-            beta: vec![0f32; h_n * d],
-        };
-        let mut kv = KvRow::new(d);
+        let mut p = prev
+            .filter(|p| {
+                [&p.q, &p.k, &p.v, &p.alpha, &p.beta]
+                    .iter()
+                    .all(|x| x.len() == h_n * d)
+            })
+            .unwrap_or_else(|| PrevToken {
+                q: vec![0f32; h_n * d],
+                k: vec![0f32; h_n * d],
+                v: vec![0f32; h_n * d],
+                alpha: vec![0f32; h_n * d],
+                beta: vec![0f32; h_n * d],
+            });
+        let mut kv_buf = vec![0f32; KvRow::LEN * d];
+        let mut kv = KvRow::of(&mut kv_buf, d);
         for h in 0..h_n {
             let r = h * d..(h + 1) * d;
             rows.proc_q(t, h, &mut p.q[r.clone()]);
@@ -315,10 +342,10 @@ pub(super) fn forward_fused(
             if h % g == 0 {
                 rows.proc_kv(t, h / g, h, &mut kv);
             }
-            p.k[r.clone()].copy_from_slice(&kv.k);
-            p.v[r.clone()].copy_from_slice(&kv.v);
-            p.alpha[r.clone()].copy_from_slice(&kv.alpha);
-            p.beta[r].copy_from_slice(&kv.beta);
+            p.k[r.clone()].copy_from_slice(kv.k);
+            p.v[r.clone()].copy_from_slice(kv.v);
+            p.alpha[r.clone()].copy_from_slice(kv.alpha);
+            p.beta[r].copy_from_slice(kv.beta);
         }
         p
     });
