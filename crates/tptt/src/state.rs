@@ -16,6 +16,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::linear::{CarryMode, LinearCarry};
 
+mod buffer;
 mod elem;
 mod format;
 mod paged;
@@ -59,10 +60,10 @@ pub struct LayerState {
 
 impl Clone for LayerState {
     fn clone(&self) -> Self {
-        // The KV buffers are mutated in place: share nothing with the clone. `force_contiguous`
-        // copies just this layer's view (`copy` would duplicate a restored state's whole
-        // shared buffer).
-        let deep = |t: &Option<Tensor>| t.as_ref().and_then(|t| t.force_contiguous().ok());
+        // The KV buffers are mutated in place: share nothing with the clone. The copy is of
+        // just this layer's view (`copy` would duplicate a restored state's whole shared
+        // buffer).
+        let deep = |t: &Option<Tensor>| t.as_ref().and_then(|t| buffer::deep_copy(t).ok());
         Self {
             k: deep(&self.k),
             v: deep(&self.v),
@@ -120,7 +121,7 @@ impl LayerState {
             .map_err(|why| Error::State(format!("KV cache: {why}")))?;
         let width = format.row_width(dim);
         let grow = |old: &Option<Tensor>| -> Result<Tensor> {
-            let buf = Tensor::zeros((kv_heads, new_cap, width), dtype, device)?;
+            let buf = buffer::zeros((kv_heads, new_cap, width), dtype, device)?;
             if let Some(o) = old {
                 buf.slice_set(&o.contiguous()?, 1, 0)?;
             }

@@ -183,7 +183,8 @@ pub(crate) fn narrowed(x: &Tensor, format: KvFormat) -> Result<Tensor> {
                 .check(dim, &Device::Cpu)
                 .map_err(|why| Error::State(format!("KV cache: {why}")))?;
             let values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let mut bytes = Vec::new();
+            // (A whole converted cache: on huge pages, as every KV buffer, `buffer`.)
+            let mut bytes = super::buffer::huge_vec(crate::kernels::kv::q8_0_bytes(values.len()));
             crate::kernels::kv::quantize_q8_0(&values, &mut bytes);
             Tensor::from_vec(bytes, (h, s, format.row_width(dim)), x.device())?
         }

@@ -115,32 +115,6 @@ pub(super) fn check_finite(values: &[f32], what: impl FnOnce() -> String) -> Res
     }
 }
 
-/// An empty vector with room for `len` values. On Linux a large one is marked for transparent
-/// huge pages (`MADV_HUGEPAGE`, a hint the kernel may ignore): filling a few hundred megabytes
-/// of fresh memory 4 KiB page by page costs several times the copy itself.
-fn big_buffer<T>(len: usize) -> Vec<T> {
-    let v: Vec<T> = Vec::with_capacity(len);
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = v.as_ptr() as usize;
-        let bytes = v.capacity() * std::mem::size_of::<T>();
-        let (from, to) = (
-            (start + HUGE - 1) & !(HUGE - 1),
-            (start + bytes) & !(HUGE - 1),
-        );
-        if to > from {
-            // SAFETY: [from, to) lies inside the vector's own allocation (rounded inwards to
-            // 2 MiB boundaries), and MADV_HUGEPAGE only changes how the kernel backs those pages,
-            // never their contents. A failure (THP disabled) leaves ordinary pages: ignored.
-            unsafe {
-                libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    v
-}
-
 /// The values of one tensor of a snapshot: its little-endian bytes as stored (borrowed from
 /// the file: f32, or f16 / 8-bit blocks for a compact KV cache; or owned, from a tensor) or
 /// already decoded f32.
@@ -618,7 +592,9 @@ fn restore_kv<T: KvElem>(
     let KvShape { heads, n, cap, dim } = *shape;
     let width = T::FORMAT.row_width(dim);
     let total: usize = heads.iter().map(|h| 2 * h * cap * width).sum();
-    let mut buf: Vec<T> = big_buffer(total);
+    // Marked for huge pages (`buffer::huge_vec`): filling a few hundred megabytes of fresh
+    // memory 4 KiB page by page costs several times the copy itself, and decoding reads it all.
+    let mut buf: Vec<T> = super::buffer::huge_vec(total);
     let zero = T::from_f64(0.0);
     for (i, (k, v)) in kv.iter().enumerate() {
         for (name, x) in [("keys", k), ("values", v)] {
