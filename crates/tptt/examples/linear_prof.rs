@@ -521,7 +521,7 @@ fn promptmm(
 /// as stored (for a profiler; `REPACK=0` keeps quantized matrices as stored).
 /// Peak memory of one prompt through a GGUF base with the demo's injection: `qrss GGUF DIR N`
 /// loads like the bench's quantized child, then feeds `N` tokens in one call and prints the
-/// resident memory after loading and the peak during the prompt.
+/// resident memory's peak while loading, after loading, and its peak during the prompt.
 fn qrss(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let status = |key: &str| -> u64 {
         std::fs::read_to_string("/proc/self/status")
@@ -543,6 +543,7 @@ fn qrss(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         settings,
         &LoadOptions::default(),
     )?;
+    let load_peak = status("VmHWM:");
     tptt::alloc::release_free_memory();
     let loaded = status("VmRSS:");
     std::fs::write("/proc/self/clear_refs", "5")?;
@@ -551,7 +552,8 @@ fn qrss(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % 30000 + 10).collect();
     m.forward(&ids, &mut st, Logits::Last)?;
     println!(
-        "qrss {n} tokens: after load {:.1} MB, peak {:.1} MB (+{:.1} MB), KV {:.1} MB",
+        "qrss {n} tokens: load peak {:.1} MB, after load {:.1} MB, peak {:.1} MB (+{:.1} MB), KV {:.1} MB",
+        load_peak as f64 / 1024.0,
         loaded as f64 / 1024.0,
         status("VmHWM:") as f64 / 1024.0,
         (status("VmHWM:") - loaded) as f64 / 1024.0,

@@ -252,15 +252,29 @@ fn unpermute_rows(
         .shape()
         .dims2()
         .map_err(|e| err(path, format!("{name}: {e}")))?;
+    let dtype = q.dtype();
+    let out = unpermute_bytes(path, name, &q.data()?, (rows, cols, dtype), heads, 0)?;
+    let storage = QStorage::from_data(Cow::Owned(out), device, dtype)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+/// [`unpermute_rows`] on the stored bytes of a `[rows, cols]` `dtype` matrix, into a vector
+/// with room for `capacity` bytes (for a repack in place after it).
+fn unpermute_bytes(
+    path: &Path,
+    name: &str,
+    data: &[u8],
+    (rows, cols, dtype): (usize, usize, GgmlDType),
+    heads: usize,
+    capacity: usize,
+) -> Result<Vec<u8>> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(err(
             path,
             format!("{name}: {rows} rows do not split into {heads} heads of even size"),
         ));
     }
-    let dtype = q.dtype();
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
-    let data = q.data()?;
     if data.len() != rows * row_bytes {
         return Err(err(
             path,
@@ -271,7 +285,8 @@ fn unpermute_rows(
         ));
     }
     let hd = rows / heads;
-    let mut out = vec![0u8; data.len()];
+    let mut out = Vec::with_capacity(capacity.max(data.len()));
+    out.resize(data.len(), 0u8);
     for h in 0..heads {
         for t in 0..2 {
             for j in 0..hd / 2 {
@@ -282,8 +297,42 @@ fn unpermute_rows(
             }
         }
     }
-    let storage = QStorage::from_data(Cow::Owned(out), device, dtype)?;
-    Ok(QTensor::new(storage, (rows, cols))?)
+    Ok(out)
+}
+
+/// A matrix that the CPU's decode kernels take repacked ([`crate::model::Packed`]), read and
+/// repacked in one allocation (reserved at its repacked size, read into, repacked in place);
+/// `None` for any other tensor. The largest matrix (a vocabulary of 128k rows: 147 MB for the
+/// 1B-class Q4_K model) was in memory twice while it was repacked, which set the load's peak.
+fn read_packed<R: std::io::Read + std::io::Seek>(
+    path: &Path,
+    file: &mut R,
+    (info, data_offset): (&candle_core::quantized::gguf_file::TensorInfo, u64),
+    gname: &str,
+    cfg: &BaseConfig,
+) -> Result<Option<Weight>> {
+    let (dtype, &[rows, cols]) = (info.ggml_dtype, info.shape.dims()) else {
+        return Ok(None);
+    };
+    let Some(cap) = crate::model::Packed::packed_len(dtype, rows, cols) else {
+        return Ok(None);
+    };
+    let bytes = read::stored_bytes(file, info, data_offset, cap)
+        .map_err(|e| err(path, format!("{gname}: {e}")))?;
+    let heads = if gname.ends_with("attn_q.weight") {
+        Some(cfg.num_heads)
+    } else if gname.ends_with("attn_k.weight") {
+        Some(cfg.num_kv_heads)
+    } else {
+        None
+    };
+    let bytes = match heads {
+        Some(h) => unpermute_bytes(path, gname, &bytes, (rows, cols, dtype), h, cap)?,
+        None => bytes,
+    };
+    let packed = crate::model::Packed::from_stored(dtype, rows, cols, bytes)
+        .map_err(|e| err(path, format!("{gname}: {e}")))?;
+    Ok(Some(Weight::Packed(Arc::new(packed))))
 }
 
 /// Load a GGUF base: its config and its weights under Hugging Face names (matrices quantized,
@@ -298,7 +347,19 @@ pub fn load(path: &Path, device: &Device) -> Result<(BaseConfig, WeightMap)> {
 /// [`load`], keeping F16 / BF16 matrices in their stored precision on the CPU when `keep_half`
 /// (`LoadOptions::half_weights`) instead of widening them to f32.
 pub fn load_as(path: &Path, device: &Device, keep_half: bool) -> Result<(BaseConfig, WeightMap)> {
+    load_with(path, device, keep_half, false)
+}
+
+/// [`load_as`], with the matrices that the CPU's decode kernels take repacked as they are read
+/// when `repack` (`Weight::Packed`; the model's loader asks for it on the CPU with AVX-512 VNNI).
+pub fn load_with(
+    path: &Path,
+    device: &Device,
+    keep_half: bool,
+    repack: bool,
+) -> Result<(BaseConfig, WeightMap)> {
     let keep_half = keep_half && device.is_cpu();
+    let repack = repack && device.is_cpu();
     let (content, mut file) = read_content(path)?;
     let cfg = config_of(path, &content)?;
     let openelm = cfg.arch == crate::config::Architecture::OpenElm;
@@ -318,6 +379,13 @@ pub fn load_as(path: &Path, device: &Device, keep_half: bool) -> Result<(BaseCon
                 format!("unexpected tensor {gname:?} in a {} GGUF", cfg.arch.name()),
             )
         })?;
+        let info = (&content.tensor_infos[gname], content.tensor_data_offset);
+        if repack && !openelm && half.is_none() {
+            if let Some(w) = read_packed(path, &mut file, info, gname, &cfg)? {
+                map.insert(name, w);
+                continue;
+            }
+        }
         let q = read::tensor(
             &mut file,
             &content.tensor_infos[gname],

@@ -24,6 +24,9 @@ pub enum Weight {
     Dense(Tensor),
     /// Quantized blocks (Q4_0, Q4_1, Q8_0, K-quants ...).
     Quant(Arc<QTensor>),
+    /// A quantized matrix already repacked for the CPU's decode kernels as it was read (a GGUF
+    /// base on an AVX-512 VNNI CPU, `gguf::load_as`): never in memory twice while loading.
+    Packed(Arc<crate::model::Packed>),
 }
 
 impl Weight {
@@ -32,6 +35,7 @@ impl Weight {
         match self {
             Weight::Dense(t) => t.dims(),
             Weight::Quant(q) => q.shape().dims(),
+            Weight::Packed(p) => p.dims_ref(),
         }
     }
 
@@ -40,6 +44,7 @@ impl Weight {
         match self {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Quant(q) => q.storage_size_in_bytes(),
+            Weight::Packed(p) => p.size_in_bytes(),
         }
     }
 }
@@ -392,7 +397,7 @@ pub fn apply_adapter(
                     base.insert(name, Weight::Dense(merged));
                     report.lora_pairs += 1;
                 }
-                Weight::Quant(_) => {
+                Weight::Quant(_) | Weight::Packed(_) => {
                     report.unmerged.insert(name, LoraSide { a, b, scale });
                 }
             }

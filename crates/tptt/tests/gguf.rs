@@ -172,6 +172,49 @@ fn q8_0_gguf_base_with_unmerged_lora_stays_close() {
     assert!(d > 0.0 && d < 1.5, "max |Δlogit| {d:e}");
 }
 
+/// Matrices repacked as they are read (`gguf::load_with`, repack on: every matrix the decode
+/// kernels take repacked, q and k unpermuted on their stored bytes first) hold the same values
+/// as the same GGUF read as stored, for each 32-value type (the fixture's rows are too short
+/// for Q4_K's super-blocks, which `kernels::q4k_x16`'s own test repacks in place).
+#[test]
+fn matrices_repacked_as_read_equal_the_stored_ones() {
+    use tptt::weights::Weight;
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+        let tmp = std::env::temp_dir().join(format!(
+            "tptt-gguf-repack-{}-{dtype:?}.gguf",
+            std::process::id()
+        ));
+        write_gguf(&tmp, dtype);
+        let cpu = Device::Cpu;
+        let (_, stored) = tptt::gguf::load_with(&tmp, &cpu, false, false).expect("as stored");
+        let (_, packed) = tptt::gguf::load_with(&tmp, &cpu, false, true).expect("repacked");
+        let _ = std::fs::remove_file(&tmp);
+        assert_eq!(stored.len(), packed.len());
+        let values = |t: candle_core::Tensor| -> Vec<f32> {
+            t.flatten_all().and_then(|t| t.to_vec1()).expect("values")
+        };
+        let mut repacked = Vec::new();
+        for (name, w) in &packed {
+            let Weight::Packed(p) = w else { continue };
+            let Some(Weight::Quant(q)) = stored.get(name) else {
+                panic!("{name}: not quantized when read as stored");
+            };
+            assert_eq!(
+                values(p.dequantize(&cpu).expect("packed")),
+                values(q.dequantize(&cpu).expect("stored")),
+                "{dtype:?} {name}"
+            );
+            repacked.push(name.clone());
+        }
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"] {
+            assert!(
+                repacked.iter().any(|n| n.contains(proj)),
+                "{dtype:?}: no {proj} repacked as read ({repacked:?})"
+            );
+        }
+    }
+}
+
 #[test]
 fn real_smollm2_q4_1_gguf_loads_and_generates() {
     let Some(dir) = std::env::var_os("TPTT_SMOLLM2_DIR").map(PathBuf::from) else {

@@ -62,13 +62,7 @@ where
     let bytes = n
         .checked_mul(size)
         .ok_or_else(|| candle_core::Error::Msg(format!("{n} {:?} blocks overflow", T::DTYPE)))?;
-    let file_len = reader.seek(SeekFrom::End(0))?;
-    if (bytes as u64) > file_len.saturating_sub(start) {
-        candle_core::bail!(
-            "tensor needs {bytes} bytes at offset {start}, only {} remaining in file",
-            file_len.saturating_sub(start)
-        );
-    }
+    check_in_file(reader, start, bytes)?;
     let mut v: Vec<T> = Vec::with_capacity(n);
     crate::alloc::advise_huge_pages(&mut v);
     // SAFETY: the capacity holds `n` blocks (`bytes` bytes); they are zeroed before the slice is
@@ -83,6 +77,44 @@ where
     reader.seek(SeekFrom::Start(start))?;
     reader.read_exact(buf)?;
     Ok(Box::new(v))
+}
+
+/// Whether the file holds `bytes` bytes from `start`.
+fn check_in_file<R: Seek>(reader: &mut R, start: u64, bytes: usize) -> candle_core::Result<()> {
+    let file_len = reader.seek(SeekFrom::End(0))?;
+    if (bytes as u64) > file_len.saturating_sub(start) {
+        candle_core::bail!(
+            "tensor needs {bytes} bytes at offset {start}, only {} remaining in file",
+            file_len.saturating_sub(start)
+        );
+    }
+    Ok(())
+}
+
+/// The stored bytes of the quantized tensor `info`, in a vector with room for `capacity` bytes
+/// (marked for huge pages): what a repack in place starts from (`model::Packed::from_stored`).
+pub(crate) fn stored_bytes<R: Read + Seek>(
+    reader: &mut R,
+    info: &TensorInfo,
+    data_offset: u64,
+    capacity: usize,
+) -> candle_core::Result<Vec<u8>> {
+    let elems = info.shape.elem_count();
+    let (block, size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+    if !elems.is_multiple_of(block) {
+        candle_core::bail!("{elems} values are not whole {:?} blocks", info.ggml_dtype);
+    }
+    let bytes = (elems / block).checked_mul(size).ok_or_else(|| {
+        candle_core::Error::Msg(format!("{elems} {:?} values overflow", info.ggml_dtype))
+    })?;
+    let start = data_offset.saturating_add(info.offset);
+    check_in_file(reader, start, bytes)?;
+    let mut v: Vec<u8> = Vec::with_capacity(capacity.max(bytes));
+    crate::alloc::advise_huge_pages(&mut v);
+    v.resize(bytes, 0);
+    reader.seek(SeekFrom::Start(start))?;
+    reader.read_exact(&mut v)?;
+    Ok(v)
 }
 
 #[cfg(test)]

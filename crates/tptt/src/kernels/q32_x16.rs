@@ -77,53 +77,85 @@ const Q8_0_VALUES: usize = 8 * 64;
 /// Repack `w`, `rows` stored `format` rows of `cols` values (`rows` a multiple of 16, `cols` of
 /// 32).
 pub fn pack(format: Format, w: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let blocks = cols / Q8_0_BLOCK;
-    assert!(
-        rows.is_multiple_of(ROWS)
-            && cols.is_multiple_of(Q8_0_BLOCK)
-            && w.len() == rows * blocks * format.stored_block_bytes(),
-        "pack: {} bytes for [{rows}, {cols}] {format:?}",
-        w.len()
-    );
-    let (stored, gb) = (format.stored_block_bytes(), format.group_block_bytes());
+    let blocks = check_shape(format, w.len(), rows, cols);
+    let gb = format.group_block_bytes();
     let len = rows / ROWS * blocks * gb;
     let mut out = Vec::with_capacity(len);
     crate::alloc::advise_huge_pages(&mut out);
     out.resize(len, 0u8);
-    for (g, group) in out.chunks_exact_mut(blocks * gb).enumerate() {
-        for (b, gblk) in group.chunks_exact_mut(gb).enumerate() {
-            for r in 0..ROWS {
-                let at = ((g * ROWS + r) * blocks + b) * stored;
-                let blk = &w[at..at + stored];
-                let d = format.d_at();
-                gblk[d + 2 * r..d + 2 * r + 2].copy_from_slice(&blk[0..2]);
-                match format {
-                    Format::Q4_1 => {
-                        gblk[Q4_1_M + 2 * r..Q4_1_M + 2 * r + 2].copy_from_slice(&blk[2..4]);
-                        // Stored: value `j` (< 16) in the low nibble of byte `4 + j`, `j + 16`
-                        // in its high one.
-                        let u: [u8; Q8_0_BLOCK] = std::array::from_fn(|j| match j < 16 {
-                            true => blk[4 + j] & 0x0F,
-                            false => blk[4 + j - 16] >> 4,
-                        });
-                        for t in 0..4 {
-                            for i in 0..4 {
-                                gblk[64 * t + 4 * r + i] = u[8 * t + i] | (u[8 * t + 4 + i] << 4);
-                            }
+    let stored_group = ROWS * blocks * format.stored_block_bytes();
+    for (group, stored) in out
+        .chunks_exact_mut(blocks * gb)
+        .zip(w.chunks_exact(stored_group))
+    {
+        pack_group(format, stored, blocks, group);
+    }
+    out
+}
+
+/// [`pack`] in place: `buf` holds the stored rows and is left holding the same bytes as `pack`
+/// returns (a group takes as many bytes repacked as stored), with one group's worth of scratch:
+/// a matrix is never in memory twice while it loads (the largest, a vocabulary, was).
+pub fn pack_in_place(format: Format, buf: &mut [u8], rows: usize, cols: usize) {
+    let blocks = check_shape(format, buf.len(), rows, cols);
+    let stored_group = ROWS * blocks * format.stored_block_bytes();
+    debug_assert_eq!(stored_group, blocks * format.group_block_bytes());
+    let mut scratch = vec![0u8; stored_group];
+    for group in buf.chunks_exact_mut(stored_group) {
+        scratch.copy_from_slice(group);
+        pack_group(format, &scratch, blocks, group);
+    }
+}
+
+/// The blocks per row of a `[rows, cols]` `format` matrix of `len` stored bytes.
+///
+/// # Panics
+/// When the shape is not whole groups of whole blocks in `len` bytes.
+fn check_shape(format: Format, len: usize, rows: usize, cols: usize) -> usize {
+    let blocks = cols / Q8_0_BLOCK;
+    assert!(
+        rows.is_multiple_of(ROWS)
+            && cols.is_multiple_of(Q8_0_BLOCK)
+            && len == rows * blocks * format.stored_block_bytes(),
+        "pack: {len} bytes for [{rows}, {cols}] {format:?}"
+    );
+    blocks
+}
+
+/// One group: `stored`, 16 rows of `blocks` stored blocks, repacked into `group`.
+fn pack_group(format: Format, stored: &[u8], blocks: usize, group: &mut [u8]) {
+    let (sb, gb) = (format.stored_block_bytes(), format.group_block_bytes());
+    for (b, gblk) in group.chunks_exact_mut(gb).enumerate() {
+        for r in 0..ROWS {
+            let at = (r * blocks + b) * sb;
+            let blk = &stored[at..at + sb];
+            let d = format.d_at();
+            gblk[d + 2 * r..d + 2 * r + 2].copy_from_slice(&blk[0..2]);
+            match format {
+                Format::Q4_1 => {
+                    gblk[Q4_1_M + 2 * r..Q4_1_M + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                    // Stored: value `j` (< 16) in the low nibble of byte `4 + j`, `j + 16`
+                    // in its high one.
+                    let u: [u8; Q8_0_BLOCK] = std::array::from_fn(|j| match j < 16 {
+                        true => blk[4 + j] & 0x0F,
+                        false => blk[4 + j - 16] >> 4,
+                    });
+                    for t in 0..4 {
+                        for i in 0..4 {
+                            gblk[64 * t + 4 * r + i] = u[8 * t + i] | (u[8 * t + 4 + i] << 4);
                         }
                     }
-                    Format::Q8_0 => {
-                        for t in 0..8 {
-                            for i in 0..4 {
-                                gblk[64 * t + 4 * r + i] = blk[2 + 4 * t + i] ^ 0x80;
-                            }
+                }
+                Format::Q8_0 => {
+                    for t in 0..8 {
+                        for i in 0..4 {
+                            gblk[64 * t + 4 * r + i] = blk[2 + 4 * t + i] ^ 0x80;
                         }
                     }
                 }
             }
         }
     }
-    out
 }
 
 /// Block `b` of row `r` (< 16) of a group of `blocks` blocks: its scale, its minimum (0 for
@@ -443,6 +475,9 @@ mod tests {
                 let bytes = quantized_bytes(&w, (rows, cols), dtype);
                 let packed = pack(format, &bytes, rows, cols);
                 assert_eq!(packed.len(), bytes.len(), "{format:?}: same size as stored");
+                let mut in_place = bytes.clone();
+                pack_in_place(format, &mut in_place, rows, cols);
+                assert!(in_place == packed, "{format:?} [{rows}, {cols}]: in place");
                 let x = rand(cols, 3, 2.0);
                 // Every row as stored: the stored type's exact product on a one-hot input
                 // picks out each value.

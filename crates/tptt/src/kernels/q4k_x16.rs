@@ -35,40 +35,81 @@ pub(super) const DMIN: usize = 2048 + 256 + 32;
 
 /// Repack `w`, `rows` Q4_K rows of `cols` values (`rows` a multiple of 16, `cols` of 256).
 pub fn pack(w: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    assert!(
-        rows.is_multiple_of(ROWS)
-            && cols.is_multiple_of(QK_K)
-            && w.len() == rows * cols / QK_K * Q4K_BLOCK_BYTES,
-        "pack: {} bytes for [{rows}, {cols}] Q4_K",
-        w.len()
-    );
-    let supers = cols / QK_K;
+    let supers = check_shape(w.len(), rows, cols);
     let len = rows / ROWS * supers * SB_BYTES;
     let mut out = Vec::with_capacity(len);
     crate::alloc::advise_huge_pages(&mut out);
     out.resize(len, 0u8);
-    for (g, group) in out.chunks_exact_mut(supers * SB_BYTES).enumerate() {
-        for (s, sb) in group.chunks_exact_mut(SB_BYTES).enumerate() {
-            for r in 0..ROWS {
-                let at = ((g * ROWS + r) * supers + s) * Q4K_BLOCK_BYTES;
-                let blk = &w[at..at + Q4K_BLOCK_BYTES];
-                let (sc, m) = scales_mins(&blk[4..16]);
-                for j in 0..8 {
-                    sb[SCALES + 16 * j + r] = sc[j];
-                    sb[MINS + 16 * j + r] = m[j];
-                }
-                sb[D + 2 * r..D + 2 * r + 2].copy_from_slice(&blk[0..2]);
-                sb[DMIN + 2 * r..DMIN + 2 * r + 2].copy_from_slice(&blk[2..4]);
-                let u = values(blk);
-                for t in 0..32 {
-                    for b in 0..4 {
-                        sb[64 * t + 4 * r + b] = u[8 * t + b] | (u[8 * t + 4 + b] << 4);
-                    }
+    for (group, stored) in out
+        .chunks_exact_mut(supers * SB_BYTES)
+        .zip(w.chunks_exact(ROWS * supers * Q4K_BLOCK_BYTES))
+    {
+        pack_group(stored, supers, group);
+    }
+    out
+}
+
+/// Bytes of the repacked `[rows, cols]` matrix ([`pack`]'s length; more than stored).
+pub fn packed_len(rows: usize, cols: usize) -> usize {
+    rows / ROWS * (cols / QK_K) * SB_BYTES
+}
+
+/// [`pack`] in place: `buf` holds the stored rows and is left holding the same bytes as `pack`
+/// returns, grown to [`packed_len`] (without a new allocation when its capacity allows: reserve
+/// it before reading the rows in). A repacked group is larger than stored, so the groups are
+/// repacked from the last one down: group `g`'s repacked bytes start at or after its stored
+/// ones and overwrite only itself (copied to a one-group scratch first) and groups above it,
+/// already repacked into their final place.
+pub fn pack_in_place(buf: &mut Vec<u8>, rows: usize, cols: usize) {
+    let supers = check_shape(buf.len(), rows, cols);
+    let (stored_group, packed_group) = (ROWS * supers * Q4K_BLOCK_BYTES, supers * SB_BYTES);
+    buf.resize(packed_len(rows, cols), 0u8);
+    let mut scratch = vec![0u8; stored_group];
+    for g in (0..rows / ROWS).rev() {
+        scratch.copy_from_slice(&buf[g * stored_group..(g + 1) * stored_group]);
+        pack_group(
+            &scratch,
+            supers,
+            &mut buf[g * packed_group..(g + 1) * packed_group],
+        );
+    }
+}
+
+/// The super-blocks per row of a `[rows, cols]` Q4_K matrix of `len` stored bytes.
+///
+/// # Panics
+/// When the shape is not whole groups of whole super-blocks in `len` bytes.
+fn check_shape(len: usize, rows: usize, cols: usize) -> usize {
+    assert!(
+        rows.is_multiple_of(ROWS)
+            && cols.is_multiple_of(QK_K)
+            && len == rows * cols / QK_K * Q4K_BLOCK_BYTES,
+        "pack: {len} bytes for [{rows}, {cols}] Q4_K"
+    );
+    cols / QK_K
+}
+
+/// One group: `stored`, 16 rows of `supers` Q4_K super-blocks, repacked into `group`.
+fn pack_group(stored: &[u8], supers: usize, group: &mut [u8]) {
+    for (s, sb) in group.chunks_exact_mut(SB_BYTES).enumerate() {
+        for r in 0..ROWS {
+            let at = (r * supers + s) * Q4K_BLOCK_BYTES;
+            let blk = &stored[at..at + Q4K_BLOCK_BYTES];
+            let (sc, m) = scales_mins(&blk[4..16]);
+            for j in 0..8 {
+                sb[SCALES + 16 * j + r] = sc[j];
+                sb[MINS + 16 * j + r] = m[j];
+            }
+            sb[D + 2 * r..D + 2 * r + 2].copy_from_slice(&blk[0..2]);
+            sb[DMIN + 2 * r..DMIN + 2 * r + 2].copy_from_slice(&blk[2..4]);
+            let u = values(blk);
+            for t in 0..32 {
+                for b in 0..4 {
+                    sb[64 * t + 4 * r + b] = u[8 * t + b] | (u[8 * t + 4 + b] << 4);
                 }
             }
         }
     }
-    out
 }
 
 /// The 256 values of a Q4_K super-block in order: chunk `c` of 64 holds values `64c..64c + 32`
@@ -266,12 +307,16 @@ mod tests {
     /// zero rows stay finite.
     #[test]
     fn packed_q4k_matches_q4k() {
-        for (rows, cols) in [(16, 256), (48, 768)] {
+        for (rows, cols) in [(16, 256), (48, 768), (64, 256)] {
             let mut w = rand(rows * cols, cols as u64, 1.0);
             w[..cols].iter_mut().for_each(|v| *v *= 1e4);
             w[cols..2 * cols].fill(0.0);
             let bytes = quantized_bytes(&w, (rows, cols), GgmlDType::Q4K);
             let packed = pack(&bytes, rows, cols);
+            assert_eq!(packed.len(), packed_len(rows, cols));
+            let mut in_place = bytes.clone();
+            pack_in_place(&mut in_place, rows, cols);
+            assert!(in_place == packed, "[{rows}, {cols}]: in place");
             assert_eq!(packed.len(), rows * cols / QK_K * ROW_SB_BYTES);
             let row_bytes = cols / QK_K * Q4K_BLOCK_BYTES;
             for r in 0..rows {

@@ -63,6 +63,7 @@ impl Source<'_> {
         Ok(match self.weight(name, dims)? {
             Weight::Dense(t) => t,
             Weight::Quant(q) => q.dequantize(&self.device)?,
+            Weight::Packed(p) => p.dequantize(&self.device)?,
         })
     }
 
@@ -74,6 +75,7 @@ impl Source<'_> {
                 Matrix::Packed(std::sync::Arc::new(Packed::new(&q)?))
             }
             Weight::Quant(q) => Matrix::Quant(QMatMul::from_arc(q)?),
+            Weight::Packed(p) => Matrix::Packed(p),
         };
         let b = if bias {
             Some(self.tensor(&format!("{prefix}.bias"), &[out])?)
@@ -116,7 +118,8 @@ impl Model {
     pub fn load(files: &VariantFiles, opts: &LoadOptions) -> Result<Self> {
         let (config, mut map) = match &files.base_gguf {
             Some(g) => {
-                let (base, map) = crate::gguf::load_as(g, &opts.device, opts.half_weights)?;
+                let (base, map) =
+                    crate::gguf::load_with(g, &opts.device, opts.half_weights, repacks(opts))?;
                 (
                     ModelConfig {
                         base,
@@ -191,7 +194,8 @@ impl Model {
         tptt: TpttSettings,
         opts: &LoadOptions,
     ) -> Result<Self> {
-        let (base, map) = crate::gguf::load_as(path, &opts.device, opts.half_weights)?;
+        let (base, map) =
+            crate::gguf::load_with(path, &opts.device, opts.half_weights, repacks(opts))?;
         Self::from_weights(
             ModelConfig { base, tptt },
             map,
@@ -220,7 +224,7 @@ impl Model {
             loras: &loras,
             location,
             device: opts.device.clone(),
-            repack: opts.repack && opts.device.is_cpu() && crate::cpu::has_avx512_vnni(),
+            repack: repacks(opts),
         };
         let e = b.hidden_size;
         let embed_w = src.weight("model.embed_tokens.weight", &[b.vocab_size, e])?;
@@ -235,6 +239,11 @@ impl Model {
                 let p = std::sync::Arc::new(Packed::new(&q)?);
                 (Embedding::Packed(p.clone()), Some(Matrix::Packed(p)))
             }
+            // Repacked as it was read (`gguf::load_as`): the lookups read the same bytes.
+            Weight::Packed(p) => (
+                Embedding::Packed(p.clone()),
+                tied.then_some(Matrix::Packed(p)),
+            ),
             Weight::Dense(t) => (
                 Embedding::Dense(t.clone()),
                 tied.then_some(Matrix::Dense(t)),
@@ -397,4 +406,10 @@ impl Model {
             cfg,
         })
     }
+}
+
+/// Whether the matrices the CPU's decode kernels take repacked are repacked: asked for, on the
+/// CPU, which has AVX-512 VNNI (the repacked kernels' instructions).
+fn repacks(opts: &LoadOptions) -> bool {
+    opts.repack && opts.device.is_cpu() && crate::cpu::has_avx512_vnni()
 }

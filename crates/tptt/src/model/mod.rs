@@ -43,6 +43,7 @@ mod load;
 mod mix;
 mod openelm;
 mod packed;
+pub use packed::Packed;
 mod step;
 mod train;
 pub use train::{LayerLora, LoraPair, SeqContext, TrainCarry};

@@ -34,6 +34,12 @@ pub(super) fn llama_names(
             Weight::Quant(q) => {
                 Weight::Quant(Arc::new(crate::gguf::split_rows(q, start, len, device)?))
             }
+            // (An OpenELM GGUF is never repacked as it is read: its fused rows are split here.)
+            Weight::Packed(_) => {
+                return Err(crate::error::Error::State(
+                    "an OpenELM matrix was repacked before its rows were split".into(),
+                ))
+            }
         })
     };
     let lora_rows = |l: &LoraSide, start: usize, len: usize| -> Result<LoraSide> {

@@ -45,11 +45,13 @@ impl Packing {
 /// through its kernel; longer prompts through the 8-bit prompt kernel (`kernels::prompt_k`,
 /// Q4_K) or widened to f32 a few rows at a time (Q4_1, Q8_0).
 #[derive(Debug)]
-pub(super) struct Packed {
+pub struct Packed {
     pub(super) packing: Packing,
     pub(super) rows: usize,
     pub(super) cols: usize,
     pub(super) bytes: Vec<u8>,
+    /// `[rows, cols]`.
+    dims: [usize; 2],
 }
 
 impl Packed {
@@ -62,6 +64,68 @@ impl Packed {
                 && dims[0].is_multiple_of(crate::kernels::q4k_x16::ROWS)
                 && dims[1].is_multiple_of(p.block())
         })
+    }
+
+    /// Would a `[rows, cols]` matrix of `dtype` on the CPU be repacked ([`Packed::takes`]), and
+    /// how many bytes does it take repacked (at least its stored size)?
+    pub(crate) fn packed_len(
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> Option<usize> {
+        let packing = Packing::of(dtype)?;
+        if !rows.is_multiple_of(crate::kernels::q4k_x16::ROWS)
+            || !cols.is_multiple_of(packing.block())
+        {
+            return None;
+        }
+        Some(match packing {
+            Packing::Q4K => crate::kernels::q4k_x16::packed_len(rows, cols),
+            Packing::Blocks32(_) => rows * cols / dtype.block_size() * dtype.type_size(),
+        })
+    }
+
+    /// A `[rows, cols]` matrix of `dtype` from its stored bytes, repacked in place (the
+    /// bytes' allocation becomes the matrix's: reserve [`Packed::packed_len`] before reading
+    /// them in, and the load never holds the matrix twice).
+    pub(crate) fn from_stored(
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+        mut bytes: Vec<u8>,
+    ) -> Result<Self> {
+        let stored = rows * cols / dtype.block_size() * dtype.type_size();
+        let packing = Packing::of(dtype)
+            .filter(|_| Self::packed_len(dtype, rows, cols).is_some() && bytes.len() == stored)
+            .ok_or_else(|| {
+                crate::error::Error::State(format!(
+                    "cannot repack a [{rows}, {cols}] {dtype:?} matrix of {} bytes",
+                    bytes.len()
+                ))
+            })?;
+        match packing {
+            Packing::Q4K => crate::kernels::q4k_x16::pack_in_place(&mut bytes, rows, cols),
+            Packing::Blocks32(f) => {
+                crate::kernels::q32_x16::pack_in_place(f, &mut bytes, rows, cols);
+            }
+        }
+        Ok(Self {
+            packing,
+            rows,
+            cols,
+            bytes,
+            dims: [rows, cols],
+        })
+    }
+
+    /// The matrix's `[rows, cols]`.
+    pub(crate) fn dims_ref(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// Bytes held.
+    pub(crate) fn size_in_bytes(&self) -> usize {
+        self.bytes.len()
     }
 
     /// `q` (which [`Packed::takes`]) repacked.
@@ -89,6 +153,7 @@ impl Packed {
             rows,
             cols,
             bytes,
+            dims: [rows, cols],
         })
     }
 
@@ -113,7 +178,7 @@ impl Packed {
     }
 
     /// The matrix dequantized, `[rows, cols]` f32 on `device`.
-    pub(super) fn dequantize(&self, device: &candle_core::Device) -> Result<Tensor> {
+    pub fn dequantize(&self, device: &candle_core::Device) -> Result<Tensor> {
         let v = self.dequantize_rows(0, self.rows);
         Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
     }
