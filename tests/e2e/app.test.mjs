@@ -901,8 +901,8 @@ step('killed (kill -9) while it streams an answer, the app keeps what was saved 
   await setMaxNewTokens(65536);
   const answers = '[data-testid="message"][data-role="assistant"]';
   // The tiny model usually ends an answer within a second or two (its EOS is one token in a few
-  // hundred), before the first save (2 s after the turn starts): another message until one is
-  // still streaming after a save, seen in the database.
+  // hundred), often before its first save (within 0.5 s of its first text, then every 2 s):
+  // another message until one is still streaming after a save, seen in the database.
   for (let attempt = 1; attempt <= KILL_ATTEMPTS; attempt++) {
     const before = (await driver.findElements(css(answers))).length;
     const box = await findVisible('[data-testid="composer"]');

@@ -399,8 +399,10 @@ fn event_sink(
 }
 
 /// Waits for the engine's result, saving the answer's text as it grows every
-/// `partial_save_every` (a crash loses at most that much). A closed result channel (the engine
-/// thread is gone) drops the cached model: the next turn loads it again.
+/// `partial_save_every` (a crash loses at most that much); until the first save, a quarter of
+/// that, so that a crash early in an answer (or in a short one: a fast model writes a few hundred
+/// words in two seconds) keeps what it had written. A closed result channel (the engine thread
+/// is gone) drops the cached model: the next turn loads it again.
 fn wait_saving_partial(
     ctx: &TurnCtx,
     model: &Arc<LoadedModel>,
@@ -410,7 +412,11 @@ fn wait_saving_partial(
     let state = &ctx.state;
     let mut saved_len = 0;
     loop {
-        match rx.recv_timeout(state.config.partial_save_every) {
+        let every = match saved_len {
+            0 => state.config.partial_save_every / 4,
+            _ => state.config.partial_save_every,
+        };
+        match rx.recv_timeout(every) {
             Ok(r) => return Ok(r),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 let text = lock(partial).clone();
