@@ -6,7 +6,7 @@
 //! once per token: 13.3–13.7 GB/s on small pages, 15.6–16.8 on huge ones). Other dtypes and
 //! devices go through candle as before.
 
-use candle_core::{CpuStorage, DType, Device, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Shape, Storage, Tensor, WithDType};
 
 use crate::error::Result;
 
@@ -51,30 +51,18 @@ pub(super) fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> R
 /// A deep copy of `t` (contiguous, sharing nothing with it): of the view's elements only, so a
 /// layer's view into a restored state's shared buffer copies that layer alone.
 pub(super) fn deep_copy(t: &Tensor) -> Result<Tensor> {
+    /// `x` (the view's elements) in a [`huge_vec`], shaped as `t`.
+    fn copied<T: WithDType>(x: &[T], t: &Tensor) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(huge_copy(x), t.shape(), t.device())
+    }
     let copied = {
         let (storage, layout) = t.storage_and_layout();
         match (&*storage, layout.contiguous_offsets()) {
             (Storage::Cpu(c), Some((a, b))) => match c {
-                CpuStorage::F32(x) => Some(Tensor::from_vec(
-                    huge_copy(&x[a..b]),
-                    t.shape(),
-                    t.device(),
-                )?),
-                CpuStorage::F16(x) => Some(Tensor::from_vec(
-                    huge_copy(&x[a..b]),
-                    t.shape(),
-                    t.device(),
-                )?),
-                CpuStorage::BF16(x) => Some(Tensor::from_vec(
-                    huge_copy(&x[a..b]),
-                    t.shape(),
-                    t.device(),
-                )?),
-                CpuStorage::U8(x) => Some(Tensor::from_vec(
-                    huge_copy(&x[a..b]),
-                    t.shape(),
-                    t.device(),
-                )?),
+                CpuStorage::F32(x) => Some(copied(&x[a..b], t)?),
+                CpuStorage::F16(x) => Some(copied(&x[a..b], t)?),
+                CpuStorage::BF16(x) => Some(copied(&x[a..b], t)?),
+                CpuStorage::U8(x) => Some(copied(&x[a..b], t)?),
                 _ => None,
             },
             _ => None,
