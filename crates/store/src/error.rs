@@ -188,6 +188,11 @@ pub(crate) fn is_interrupt(e: &sqlx::Error) -> bool {
     sqlite_code(e).as_deref() == Some(SQLITE_INTERRUPT)
 }
 
+/// Whether `e` is `SQLITE_BUSY` / `SQLITE_LOCKED`: another connection holds the lock.
+pub(crate) fn is_busy(e: &sqlx::Error) -> bool {
+    matches!(sqlite_code(e).as_deref(), Some(SQLITE_BUSY | SQLITE_LOCKED))
+}
+
 /// Whether `e` says the file is not a database or is damaged.
 pub(crate) fn is_corruption(e: &sqlx::Error) -> bool {
     matches!(

@@ -96,6 +96,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections to a database file: WAL gives one writer and concurrent readers.
 const MAX_CONNECTIONS: u32 = 4;
+/// Connecting again after `SQLITE_BUSY` while opening ([`Store::open`]): this many times, this
+/// far apart (together the busy timeout).
+const OPEN_BUSY_RETRIES: u32 = 100;
+const OPEN_BUSY_PAUSE: Duration = Duration::from_millis(50);
 /// Tries at migrating when another `Store` migrates the same file at the same moment.
 const MIGRATE_ATTEMPTS: u32 = 3;
 
@@ -134,11 +138,25 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .connect_with(options)
-            .await
-            .map_err(|e| open_error(&path, e))?;
+        // A new file's first connection switches it to WAL, which takes the file's lock
+        // without waiting for the busy timeout: two stores (two copies of the app) opening one
+        // new file at the same moment, the second gets `SQLITE_BUSY` at once. Tried again, for
+        // about the busy timeout.
+        let mut tries = 0u32;
+        let pool = loop {
+            match SqlitePoolOptions::new()
+                .max_connections(MAX_CONNECTIONS)
+                .connect_with(options.clone())
+                .await
+            {
+                Ok(pool) => break pool,
+                Err(e) if error::is_busy(&e) && tries < OPEN_BUSY_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(OPEN_BUSY_PAUSE).await;
+                }
+                Err(e) => return Err(open_error(&path, e)),
+            }
+        };
         let store = Store {
             pool,
             path: Some(path.clone()),
@@ -255,6 +273,16 @@ impl Store {
     /// Closes every connection (checkpointing the WAL into the main file), waiting for queries
     /// in flight. Other clones of this `Store` cannot be used afterwards.
     pub async fn close(&self) {
+        // Everything into the database file itself (the WAL emptied), so that the file alone
+        // holds every change once closed, whichever connection closes last and when (a copy or
+        // a move of the file takes all). Best effort: a busy reader leaves it to SQLite's own
+        // checkpoint at the last close.
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(error = %e, "closing the store: the WAL checkpoint did not run");
+        }
         self.pool.close().await;
     }
 
