@@ -128,33 +128,24 @@ impl Packed {
         self.bytes.len()
     }
 
-    /// `q` (which [`Packed::takes`]) repacked.
+    /// `q` (which [`Packed::takes`]) repacked: its bytes copied once, into an allocation of
+    /// the repacked size, and repacked there ([`Packed::from_stored`]).
     pub(super) fn new(q: &candle_core::quantized::QTensor) -> Result<Self> {
         let (rows, cols) = q.shape().dims2()?;
         let data = q.data()?;
-        let refuse = || {
-            crate::error::Error::State(format!(
-                "cannot repack a [{rows}, {cols}] {:?} matrix of {} bytes",
-                q.dtype(),
-                data.len()
-            ))
-        };
-        let packing = Packing::of(q.dtype()).ok_or_else(refuse)?;
-        let want = rows * cols / q.dtype().block_size() * q.dtype().type_size();
-        if !Self::takes(q) || data.len() != want {
-            return Err(refuse());
-        }
-        let bytes = match packing {
-            Packing::Q4K => crate::kernels::q4k_x16::pack(&data, rows, cols),
-            Packing::Blocks32(f) => crate::kernels::q32_x16::pack(f, &data, rows, cols),
-        };
-        Ok(Self {
-            packing,
-            rows,
-            cols,
-            bytes,
-            dims: [rows, cols],
-        })
+        let len = Self::packed_len(q.dtype(), rows, cols)
+            .filter(|_| Self::takes(q))
+            .ok_or_else(|| {
+                crate::error::Error::State(format!(
+                    "cannot repack a [{rows}, {cols}] {:?} matrix of {} bytes",
+                    q.dtype(),
+                    data.len()
+                ))
+            })?;
+        let mut bytes = Vec::with_capacity(len.max(data.len()));
+        crate::alloc::advise_huge_pages(&mut bytes);
+        bytes.extend_from_slice(&data);
+        Self::from_stored(q.dtype(), rows, cols, bytes)
     }
 
     /// The kernels' view of the matrix.
