@@ -145,6 +145,48 @@ pub mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx512 {
+    //! The sixteen-lane forms.
+    use std::arch::x86_64::*;
+
+    /// [`super::avx2::exp8`] on sixteen lanes: the same reduction and polynomial, lane for lane.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F ([`crate::cpu::has_avx512_vnni`] implies it).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp16(x_in: __m512) -> __m512 {
+        let x = _mm512_max_ps(x_in, _mm512_set1_ps(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_add_ps(
+            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
+            _mm512_mul_ps(n, _mm512_set1_ps(2.121_944_4e-4)),
+        );
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        )));
+        let y = _mm512_mul_ps(p, scale);
+        // Below −87 (and −∞): exactly 0.
+        let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x_in, _mm512_set1_ps(-87.0));
+        _mm512_maskz_mov_ps(!tiny, y)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +236,49 @@ mod tests {
             let finite: Vec<f32> = x.iter().map(|v| v.max(-1.0)).collect();
             let want_sum: f32 = finite.iter().sum();
             assert!((sum(&finite) - want_sum).abs() <= 1e-5, "sum of {finite:?}");
+        }
+    }
+
+    /// The sixteen lanes give the eight lanes' values exactly.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp16_equals_exp8() {
+        if !(crate::cpu::has_avx512_vnni() && crate::cpu::has_avx2_fma()) {
+            return;
+        }
+        let xs: Vec<f32> = (0..1600)
+            .map(|i| -(i as f32) * 0.0613)
+            .chain([
+                f32::NEG_INFINITY,
+                -87.0,
+                -86.99,
+                -87.01,
+                0.0,
+                -0.0,
+                -1e-30,
+                -1e30,
+            ])
+            .chain([f32::NEG_INFINITY; 8])
+            .collect();
+        for chunk in xs.chunks_exact(16) {
+            let (mut wide, mut narrow) = ([0f32; 16], [0f32; 16]);
+            // SAFETY: AVX-512 F, AVX2 and FMA detected above; the buffers hold 16 floats.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_ps(
+                    wide.as_mut_ptr(),
+                    avx512::exp16(_mm512_loadu_ps(chunk.as_ptr())),
+                );
+                for h in 0..2 {
+                    _mm256_storeu_ps(
+                        narrow.as_mut_ptr().add(8 * h),
+                        avx2::exp8(_mm256_loadu_ps(chunk.as_ptr().add(8 * h))),
+                    );
+                }
+            }
+            for ((x, a), b) in chunk.iter().zip(wide).zip(narrow) {
+                assert_eq!(a.to_bits(), b.to_bits(), "exp16({x}) = {a}, exp8 = {b}");
+            }
         }
     }
 

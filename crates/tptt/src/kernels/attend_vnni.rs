@@ -152,15 +152,17 @@ mod avx512 {
                 r.fill(0.0);
                 continue;
             }
-            let m8 = _mm256_set1_ps(max[h]);
-            let mut s8 = _mm256_setzero_ps();
-            for c in r.chunks_exact_mut(8) {
-                let x =
-                    crate::cpu::math::avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m8));
-                _mm256_storeu_ps(c.as_mut_ptr(), x);
-                s8 = _mm256_add_ps(s8, x);
+            let m16 = _mm512_set1_ps(max[h]);
+            let mut s16 = _mm512_setzero_ps();
+            for c in r.chunks_exact_mut(KEYS) {
+                let x = crate::cpu::math::avx512::exp16(_mm512_sub_ps(
+                    _mm512_loadu_ps(c.as_ptr()),
+                    m16,
+                ));
+                _mm512_storeu_ps(c.as_mut_ptr(), x);
+                s16 = _mm512_add_ps(s16, x);
             }
-            sums[h] = super::super::avx2::hsum(s8);
+            sums[h] = _mm512_reduce_add_ps(s16);
         }
         let mut acc = vec![0f32; g * d];
         for h0 in (0..g).step_by(HEADS_PER_PASS) {
@@ -306,6 +308,7 @@ mod avx512 {
                 qs[i][b] = s * scale;
             }
         }
+        let rows_at = row_offsets(row);
         let flip = _mm512_set1_epi8(-128);
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut max16 = [ninf; N];
@@ -355,14 +358,7 @@ mod avx512 {
                     }
                 }
                 // The keys' scales of the two blocks (keys past the end: 0).
-                let ks: [__m512; 2] = std::array::from_fn(|h| {
-                    let mut raw = [0u16; KEYS];
-                    let at = base.add((2 * c + h) * Q8_0_BLOCK_BYTES);
-                    for (kk, r) in raw.iter_mut().enumerate().take(n) {
-                        *r = (at.add(kk * row) as *const u16).read_unaligned();
-                    }
-                    _mm512_cvtph_ps(_mm256_loadu_si256(raw.as_ptr() as *const _))
-                });
+                let ks: [__m512; 2] = std::array::from_fn(|h| scales(base, rows_at, n, 2 * c + h));
                 for i in 0..N {
                     let (lo, hi) = blocks_of(&[acc[0][i], acc[1][i], acc[2][i], acc[3][i]]);
                     s[i] = _mm512_fmadd_ps(
@@ -386,6 +382,39 @@ mod avx512 {
         for i in 0..N {
             max[i] = _mm512_reduce_max_ps(max16[i]);
         }
+    }
+
+    /// The byte offsets of the [`KEYS`] rows of a group from its first (`k · row` in lane `k`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `16 · row` must fit an `i32`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn row_offsets(row: usize) -> __m512i {
+        _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(row as i32),
+        )
+    }
+
+    /// The f16 scales of block `block` of the first `n` rows (at most [`KEYS`]) from `base`, one
+    /// per lane (rows from `n` on: 0), by one gather: each lane reads the scale's 32-bit word
+    /// (the scale and the block's first two values) and keeps its low half.
+    ///
+    /// # Safety
+    /// As [`attend_block`]; rows `0..n` from `base` hold block `block`, `rows_at` is
+    /// [`row_offsets`] of their size.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn scales(base: *const u8, rows_at: __m512i, n: usize, block: usize) -> __m512 {
+        let mask: __mmask16 = if n >= KEYS { 0xffff } else { (1u16 << n) - 1 };
+        let words = _mm512_mask_i32gather_epi32::<1>(
+            _mm512_setzero_si512(),
+            mask,
+            rows_at,
+            base.add(block * Q8_0_BLOCK_BYTES) as *const _,
+        );
+        _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words))
     }
 
     /// Rows `first..first + 4` of the rows of `row` bytes from `base`, each as the 64 values of
@@ -484,6 +513,7 @@ mod avx512 {
             padded,
             acc,
         } = p;
+        let rows_at = row_offsets(row);
         for c0 in (0..d).step_by(64) {
             let b0 = c0 / Q8_0_BLOCK;
             // Per head, per `m`: columns 16s + 4m + k in lane (s, k).
@@ -497,14 +527,7 @@ mod avx512 {
                     );
                 }
                 // The values' scales of the two blocks (keys past the end: 0).
-                let vs: [__m512; 2] = std::array::from_fn(|h| {
-                    let mut raw = [0u16; KEYS];
-                    let at = base.add((b0 + h) * Q8_0_BLOCK_BYTES);
-                    for (kk, r) in raw.iter_mut().enumerate().take(n) {
-                        *r = (at.add(kk * row) as *const u16).read_unaligned();
-                    }
-                    _mm512_cvtph_ps(_mm256_loadu_si256(raw.as_ptr() as *const _))
-                });
+                let vs: [__m512; 2] = std::array::from_fn(|h| scales(base, rows_at, n, b0 + h));
                 // Per head and block the 16 weights as bytes, and their scale.
                 let mut w = [[[0u32; 4]; 2]; N];
                 let mut alpha = [_mm512_setzero_ps(); N];
