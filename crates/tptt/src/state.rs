@@ -16,6 +16,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::linear::{CarryMode, LinearCarry};
 
+mod arena;
 mod buffer;
 mod elem;
 mod format;
@@ -166,8 +167,9 @@ fn grown_capacity(cap: usize, slots: usize, window: Option<usize>) -> usize {
 /// into NaN. Refusing such a snapshot costs at most a rebuild from the text.
 pub const MAX_CARRIED_MAGNITUDE: f32 = 1e15;
 
-/// Everything one conversation needs besides the weights.
-#[derive(Debug, Clone)]
+/// Everything one conversation needs besides the weights. A clone shares nothing with it: its
+/// KV buffers are copied into one allocation for all layers (`state/arena.rs`).
+#[derive(Debug)]
 pub struct State {
     /// Tokens consumed so far (the next token's absolute position).
     pub pos: usize,
@@ -186,7 +188,141 @@ pub struct State {
     pub kv_format: KvFormat,
 }
 
+impl Clone for State {
+    fn clone(&self) -> Self {
+        Self {
+            pos: self.pos,
+            key_pos: self.key_pos.clone(),
+            layers: self.cloned_layers(),
+            mode: self.mode,
+            window: self.window,
+            kv_format: self.kv_format,
+        }
+    }
+}
+
+/// The slots a layer's KV buffers hold (0 without any).
+fn capacity(l: &LayerState) -> usize {
+    l.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0))
+}
+
 impl State {
+    /// The layers, their KV buffers copied into one arena when every layer has both, of one
+    /// dtype and of rank 3 on the CPU; else each layer copied on its own ([`LayerState`]'s
+    /// clone).
+    fn cloned_layers(&self) -> Vec<LayerState> {
+        let kv: Option<Vec<(&Tensor, &Tensor)>> = self
+            .layers
+            .iter()
+            .map(|l| l.k.as_ref().zip(l.v.as_ref()))
+            .collect();
+        if let Some((kv, first)) = kv.as_ref().and_then(|kv| Some((kv, kv.first()?.0))) {
+            let dtype = first.dtype();
+            let places: Option<Vec<arena::Place<'_>>> = kv
+                .iter()
+                .map(|&(k, v)| match (k.dims(), v.dims()) {
+                    (&[heads, cap, width], vd)
+                        if vd == k.dims() && k.dtype() == dtype && v.dtype() == dtype =>
+                    {
+                        Some(arena::Place {
+                            heads,
+                            cap,
+                            width,
+                            keep: Some((k, v)),
+                        })
+                    }
+                    _ => None,
+                })
+                .collect();
+            if let Some(places) = places {
+                if let Ok(Some(bufs)) = arena::arena(&places, dtype, first.device()) {
+                    return self
+                        .layers
+                        .iter()
+                        .zip(bufs)
+                        .map(|(l, (k, v))| LayerState {
+                            k: Some(k),
+                            v: Some(v),
+                            linear: l.linear.clone(),
+                        })
+                        .collect();
+                }
+            }
+        }
+        self.layers.clone()
+    }
+
+    /// Makes room in every layer's KV buffers for `slots` slots (what the ring holds after a
+    /// call: `min(pos, W)`). Where any layer has fewer, every layer's buffers are reallocated
+    /// together, at the capacity [`LayerState::ensure_capacity`] would grow to (doubled, at
+    /// least 16, bounded by the window), as views of one allocation (`state/arena.rs`), their
+    /// slots copied over. `heads(i)` is layer `i`'s KV head count. Off the CPU, or with buffers
+    /// of mixed types, each layer grows on its own as before. A forward calls it before its
+    /// first layer, so the buffers, which outlive the call, are also not allocated between the
+    /// call's activations.
+    pub fn reserve_kv(
+        &mut self,
+        slots: usize,
+        heads: impl Fn(usize) -> usize,
+        dim: usize,
+        device: &Device,
+    ) -> Result<()> {
+        if self.layers.iter().all(|l| capacity(l) >= slots) {
+            return Ok(());
+        }
+        let dtype = self
+            .layers
+            .iter()
+            .find_map(|l| l.k.as_ref().map(Tensor::dtype))
+            .unwrap_or(self.kv_format.dtype());
+        let uniform = self.layers.iter().all(|l| match (&l.k, &l.v) {
+            (Some(k), Some(v)) => k.dtype() == dtype && v.dtype() == dtype,
+            (None, None) => true,
+            _ => false,
+        });
+        if !uniform || !device.is_cpu() {
+            for (i, l) in self.layers.iter_mut().enumerate() {
+                l.ensure_capacity(slots, self.window, heads(i), dim, self.kv_format, device)?;
+            }
+            return Ok(());
+        }
+        let format = KvFormat::of_dtype(dtype)
+            .ok_or_else(|| Error::State(format!("a KV buffer of {dtype:?} is in no KV format")))?;
+        format
+            .check(dim, device)
+            .map_err(|why| Error::State(format!("KV cache: {why}")))?;
+        let width = format.row_width(dim);
+        let largest = self.layers.iter().map(capacity).max().unwrap_or(0);
+        let cap = grown_capacity(largest, slots, self.window).max(largest);
+        let places: Vec<arena::Place<'_>> = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| arena::Place {
+                heads: heads(i),
+                cap,
+                width,
+                keep: l.k.as_ref().zip(l.v.as_ref()),
+            })
+            .collect();
+        let bufs = arena::arena(&places, dtype, device)?;
+        drop(places);
+        match bufs {
+            Some(bufs) => {
+                for (l, (k, v)) in self.layers.iter_mut().zip(bufs) {
+                    l.k = Some(k);
+                    l.v = Some(v);
+                }
+            }
+            None => {
+                for (i, l) in self.layers.iter_mut().enumerate() {
+                    l.ensure_capacity(slots, self.window, heads(i), dim, self.kv_format, device)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Stores the KV cache in `format` from now on, converting what it holds (f32 → f16 rounds
     /// every value to the nearest half, → 8-bit quantizes each block of 32; f16 → f32 and
     /// 8-bit → f32 are exact, 8-bit → f16 rounds). Only a `CarryMode::Continue` state may be
@@ -213,9 +349,15 @@ impl State {
                 }
             }
         }
+        let whole = converted.len() == 2 * self.layers.len();
         for (i, j, x) in converted {
             let l = &mut self.layers[i];
             *(if j == 0 { &mut l.k } else { &mut l.v }) = Some(x);
+        }
+        if whole {
+            // Every buffer was converted layer by layer: into one allocation, as a grown cache
+            // is (`state/arena.rs`).
+            self.layers = self.cloned_layers();
         }
         self.kv_format = format;
         Ok(())

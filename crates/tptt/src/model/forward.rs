@@ -182,6 +182,17 @@ impl Model {
             reference_crop(state, s)?;
         }
         let call = Call::plan(self, state, s)?;
+        if state.mode == CarryMode::Continue {
+            // The buffers for every slot the call writes, for all layers at once (one
+            // allocation, before the call's activations).
+            let filled = state.window.map_or(state.pos + s, |w| w.min(state.pos + s));
+            state.reserve_kv(
+                filled,
+                |i| self.layers[i].kv_heads,
+                self.cfg.base.head_dim,
+                &self.device,
+            )?;
+        }
         let b = &self.cfg.base;
         let mut h = self.embed.rows(ids, &self.device)?; // [S, E]
         if let Some(scale) = b.embed_scale {

@@ -424,6 +424,8 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
     let ring = KvRing::of(state, d);
     // The token's slot, and the positions the slots hold once it is written.
     let (slot, key_pos) = ring.after_one(&state.key_pos, qp)?;
+    // Every layer's buffer grown at once, into one allocation (`State::reserve_kv`).
+    state.reserve_kv(slot + 1, |i| model.layers[i].kv_heads, d, &model.device)?;
     let t_len = key_pos.len();
     let ropes: Vec<(Vec<f32>, Vec<f32>)> = model.ropes.iter().map(|r| r.cos_sin_one(qp)).collect();
 
