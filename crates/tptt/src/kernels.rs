@@ -23,6 +23,7 @@
 pub mod attend;
 pub mod attend_vnni;
 pub mod float16;
+pub mod gated;
 pub mod kquants;
 pub mod kv;
 pub mod prefill;

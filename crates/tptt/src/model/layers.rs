@@ -8,6 +8,7 @@ use candle_core::{DType, Module, Tensor, D};
 
 use crate::config::{Activation, BaseConfig, NormKind, QkNorm};
 use crate::error::Result;
+use crate::kernels::gated;
 use crate::rope;
 use crate::weights::LoraSide;
 
@@ -357,11 +358,20 @@ impl Layer {
 
 impl Expert {
     pub(super) fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let g = self.gate.forward(x)?;
-        let g = match act {
-            Activation::Silu => candle_nn::ops::silu(&g)?,
-            Activation::GeluTanh => g.gelu()?,
-        };
+        if act == Activation::Silu {
+            let g = self.gate.forward(x)?;
+            let u = self.up.forward(x)?;
+            if gated::applies(&g, &u) {
+                // `g` is the gate's fresh output: the product goes over it, and `u` is freed
+                // before the down projection (`kernels/gated.rs`).
+                gated::silu_mul_in_place(&g, &u)?;
+                drop(u);
+                return self.down.forward(&g);
+            }
+            return self.down.forward(&gated::silu_mul_naive(&g, &u)?);
+        }
+        // The gate's pre-activation is dropped as soon as its GELU exists.
+        let g = self.gate.forward(x)?.gelu()?;
         self.down.forward(&(g * self.up.forward(x)?)?)
     }
 }
