@@ -77,6 +77,51 @@ pub(super) struct Partial {
 /// the threads: below it, one thread does it all faster than a parallel region costs.
 const ATTEND_PARALLEL_MIN: usize = 16 * 1024;
 
+/// Query heads the block kernels take in one pass over a block's keys and values.
+pub(super) const HEADS_PER_PASS: usize = 4;
+
+/// Largest block (keys as stored) when the group's heads take one pass: each row is read once,
+/// so the block need not stay in a cache, and fewer, longer blocks read faster (each block
+/// starts its key and value streams cold): measured on this 2-core Xeon with huge pages,
+/// SmolLM2's 8-bit cache at 8192 slots 18.6 → 20.7 GB/s from 64 KiB blocks to two blocks per
+/// head, at 32768 slots 16.9 → 22.0 GB/s from 64 KiB to 2 MiB; f32 and f16 caches likewise.
+const ONE_PASS_MAX_BLOCK: usize = 4 << 20;
+/// Largest block when the heads take several passes ([`HEADS_PER_PASS`] at a time): the later
+/// passes read the block again, from the L2 cache while it fits.
+const PASSES_MAX_BLOCK: usize = 64 << 10;
+
+/// Slots per block of a decode step's attention over `t` slots of `row_bytes` each, `kv_heads`
+/// KV heads of `g` query heads each, on `threads` threads: blocks up to the largest size
+/// ([`ONE_PASS_MAX_BLOCK`], [`PASSES_MAX_BLOCK`]), as many per head as makes every thread's
+/// share of the `kv_heads ×` blocks equal (a multiple of `threads` in all), in whole groups of
+/// 16 slots, so that a group (the VNNI kernel's unit of weight rounding) is the same slots
+/// whatever the number of blocks.
+fn block_slots(t: usize, row_bytes: usize, kv_heads: usize, g: usize, threads: usize) -> usize {
+    let max_bytes = if g <= HEADS_PER_PASS {
+        ONE_PASS_MAX_BLOCK
+    } else {
+        PASSES_MAX_BLOCK
+    };
+    let max_block = (max_bytes / row_bytes.max(1)).max(16);
+    let threads = threads.max(1);
+    let kv_heads = kv_heads.max(1);
+    // Blocks per head in steps that keep `kv_heads · blocks` a multiple of the threads.
+    let step = threads / gcd(threads, kv_heads);
+    let blocks_per_head = t
+        .div_ceil(max_block)
+        .next_multiple_of(step)
+        .clamp(1, t.max(1));
+    t.div_ceil(blocks_per_head).next_multiple_of(16)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// [`attend_one_naive`], split over (KV head, block of slots) in parallel; each task handles the
 /// `G` query heads of its KV head so every cached key and value is read once. Blocks are merged
 /// with the usual rescaling by `exp(max_block − max)`. Returns `[H, D]`.
@@ -96,21 +141,12 @@ pub(super) type BlockKernel = dyn Fn(&AttendOne<'_>, usize, usize, usize) -> Vec
 pub(super) fn attend_one_with(a: &AttendOne<'_>, kernel: &BlockKernel) -> Vec<f32> {
     let (d, g, t) = (a.dim, a.heads / a.kv_heads, a.visible.len());
     let threads = crate::team::threads();
-    // Blocks of at most ~64 KiB of keys as stored (they stay in L2 while the G heads read
-    // them), and enough of them for every thread.
     let row_bytes = match a.k {
         KvSlice::F32(_) => 4 * d,
         KvSlice::F16(_) => 2 * d,
         KvSlice::Q8_0(_) => super::kv::q8_0_bytes(d),
     };
-    let max_block = (64 * 1024 / row_bytes.max(1)).max(16);
-    let blocks_per_head = t
-        .div_ceil(max_block)
-        .max((threads * 2).div_ceil(a.kv_heads))
-        .clamp(1, t.max(1));
-    // Whole groups of 16 slots, so that a group (the VNNI kernel's unit of weight rounding) is
-    // the same slots whatever the number of blocks.
-    let block = t.div_ceil(blocks_per_head).next_multiple_of(16);
+    let block = block_slots(t, row_bytes, a.kv_heads, g, threads);
     let tasks: Vec<(usize, usize)> = (0..a.kv_heads)
         .flat_map(|kvh| (0..t).step_by(block).map(move |s| (kvh, s)))
         .collect();
@@ -293,8 +329,7 @@ mod avx2 {
     use super::super::avx2::{hsum, hsum8};
     use std::arch::x86_64::*;
 
-    /// Heads handled together in one pass over a block's keys and values.
-    const HEADS_PER_PASS: usize = 4;
+    use super::HEADS_PER_PASS;
 
     /// [`super::attend_block`] with explicit AVX2, the group's query heads (up to
     /// [`HEADS_PER_PASS`] at a time) in one pass over the keys and one over the values, so each
@@ -746,6 +781,43 @@ mod tests {
             out.push(avx);
         }
         out
+    }
+
+    /// Blocks are whole groups of 16 slots, stay within the largest block (or are a single
+    /// group) and give every thread one at least; with more heads than one pass takes they stay
+    /// small enough to be read again from the L2 cache. Where the slots split into equal whole
+    /// groups, every thread gets as many blocks.
+    #[test]
+    fn blocks_balance_the_threads_within_their_size() {
+        for t in [1, 15, 16, 100, 1000, 8192, 32768, 100_000] {
+            for row in [68, 256, 512] {
+                for kv_heads in [1, 2, 3, 8] {
+                    for g in [1, 3, 4, 5, 7] {
+                        for threads in [1, 2, 3, 16] {
+                            let b = block_slots(t, row, kv_heads, g, threads);
+                            let blocks = t.div_ceil(b);
+                            let case = format!("t {t} row {row} heads {kv_heads} g {g} threads {threads}: block {b}");
+                            assert!(b % 16 == 0 && b >= 16, "{case}");
+                            let max = if g <= HEADS_PER_PASS {
+                                ONE_PASS_MAX_BLOCK
+                            } else {
+                                PASSES_MAX_BLOCK
+                            };
+                            assert!(b == 16 || b * row <= max + 16 * row, "{case}");
+                            if t >= 16 * threads {
+                                // Enough slots: a block for every thread.
+                                assert!(kv_heads * blocks >= threads, "{case}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // SmolLM2 at 8192 and 32768 slots, 8-bit, 2 threads: an even number of blocks per
+        // head (3 heads); a 1B-class model (8 heads) at 8192: one per head.
+        assert_eq!(block_slots(8192, 68, 3, 3, 2), 4096);
+        assert_eq!(32768usize.div_ceil(block_slots(32768, 68, 3, 3, 2)) % 2, 0);
+        assert_eq!(block_slots(8192, 68, 8, 4, 2), 8192);
     }
 
     #[test]

@@ -104,8 +104,7 @@ mod avx512 {
     const KEYS: usize = WEIGHT_GROUP;
     /// Rows ahead that the key and value loops ask the cache for.
     const PREFETCH_ROWS: usize = 48;
-    /// Query heads accumulated together in one pass over the values.
-    const HEADS_PER_PASS: usize = 4;
+    use super::super::attend::HEADS_PER_PASS;
 
     /// The `G` query heads of KV head `kvh` against slots `start..end` of an 8-bit cache
     /// (module documentation). Returns one partial softmax per head.
