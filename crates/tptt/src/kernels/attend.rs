@@ -797,7 +797,7 @@ mod tests {
                             let b = block_slots(t, row, kv_heads, g, threads);
                             let blocks = t.div_ceil(b);
                             let case = format!("t {t} row {row} heads {kv_heads} g {g} threads {threads}: block {b}");
-                            assert!(b % 16 == 0 && b >= 16, "{case}");
+                            assert!(b.is_multiple_of(16) && b >= 16, "{case}");
                             let max = if g <= HEADS_PER_PASS {
                                 ONE_PASS_MAX_BLOCK
                             } else {
