@@ -311,9 +311,15 @@ mod avx512 {
         let flip = _mm512_set1_epi8(-128);
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut max16 = [ninf; N];
+        // Over a long history every slot is visible: one scan instead of a mask per group.
+        let all_seen = vis.iter().all(|&v| v);
         for j0 in (0..len).step_by(KEYS) {
             let n = KEYS.min(len - j0);
-            let seen = visible_mask(&vis[j0..j0 + n]);
+            let seen = if all_seen && n == KEYS {
+                u16::MAX
+            } else {
+                visible_mask(&vis[j0..j0 + n])
+            };
             if seen == 0 {
                 continue;
             }
