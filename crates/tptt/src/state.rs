@@ -206,6 +206,19 @@ fn capacity(l: &LayerState) -> usize {
     l.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0))
 }
 
+/// The head size `D` of a KV buffer `[Hkv, slots, width]` as stored.
+fn stored_dim(t: &Tensor) -> Result<usize> {
+    let width = t.dim(2)?;
+    KvFormat::of_dtype(t.dtype())
+        .and_then(|f| f.row_dim(width))
+        .ok_or_else(|| {
+            Error::State(format!(
+                "a KV buffer of {:?} rows of {width} is in no KV format",
+                t.dtype()
+            ))
+        })
+}
+
 impl State {
     /// The layers, their KV buffers copied into one arena when every layer has both, of one
     /// dtype and of rank 3 on the CPU; else each layer copied on its own ([`LayerState`]'s
@@ -250,6 +263,41 @@ impl State {
             }
         }
         self.layers.clone()
+    }
+
+    /// Every layer's buffers converted to `format` into one arena (`state/arena.rs`), layer by
+    /// layer (one layer's f32 copy at a time besides the old buffers and the new ones). `None`
+    /// off the CPU. The state is not changed: the caller swaps the buffers in.
+    fn converted_into_arena(&self, format: KvFormat) -> Result<Option<Vec<(Tensor, Tensor)>>> {
+        let mut places = Vec::with_capacity(self.layers.len());
+        let mut device = None;
+        for l in &self.layers {
+            let (Some(k), Some(_)) = (&l.k, &l.v) else {
+                return Ok(None);
+            };
+            let (heads, cap, _) = k.dims3()?;
+            device = Some(k.device().clone());
+            places.push(arena::Place {
+                heads,
+                cap,
+                width: format.row_width(stored_dim(k)?),
+                keep: None,
+            });
+        }
+        let Some(device) = device else {
+            return Ok(None);
+        };
+        let Some(bufs) = arena::arena(&places, format.dtype(), &device)? else {
+            return Ok(None);
+        };
+        for (l, (k, v)) in self.layers.iter().zip(&bufs) {
+            for (old, new) in [(&l.k, k), (&l.v, v)] {
+                if let Some(old) = old {
+                    new.slice_set(&narrowed(&widened(old)?, format)?, 1, 0)?;
+                }
+            }
+        }
+        Ok(Some(bufs))
     }
 
     /// Makes room in every layer's KV buffers for `slots` slots (what the ring holds after a
@@ -336,28 +384,41 @@ impl State {
                 format.as_str()
             )));
         }
-        // Convert every buffer before replacing any: a refusal leaves the state whole.
+        // Check every buffer before converting any: a refusal leaves the state whole.
+        let mut pending = 0;
+        for l in &self.layers {
+            for x in [&l.k, &l.v].into_iter().flatten() {
+                if x.dtype() != format.dtype() {
+                    format
+                        .check(stored_dim(x)?, x.device())
+                        .map_err(|why| Error::State(format!("KV cache: {why}")))?;
+                    pending += 1;
+                }
+            }
+        }
+        if pending == 2 * self.layers.len() && pending > 0 {
+            if let Some(bufs) = self.converted_into_arena(format)? {
+                for (l, (k, v)) in self.layers.iter_mut().zip(bufs) {
+                    l.k = Some(k);
+                    l.v = Some(v);
+                }
+                self.kv_format = format;
+                return Ok(());
+            }
+        }
+        // Each buffer on its own (off the CPU, or some already in `format`): all converted
+        // before any is replaced.
         let mut converted: Vec<(usize, usize, Tensor)> = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             for (j, t) in [&l.k, &l.v].into_iter().enumerate() {
                 if let Some(x) = t.as_ref().filter(|x| x.dtype() != format.dtype()) {
-                    let wide = widened(x)?;
-                    format
-                        .check(wide.dim(2)?, x.device())
-                        .map_err(|why| Error::State(format!("KV cache: {why}")))?;
-                    converted.push((i, j, narrowed(&wide, format)?));
+                    converted.push((i, j, narrowed(&widened(x)?, format)?));
                 }
             }
         }
-        let whole = converted.len() == 2 * self.layers.len();
         for (i, j, x) in converted {
             let l = &mut self.layers[i];
             *(if j == 0 { &mut l.k } else { &mut l.v }) = Some(x);
-        }
-        if whole {
-            // Every buffer was converted layer by layer: into one allocation, as a grown cache
-            // is (`state/arena.rs`).
-            self.layers = self.cloned_layers();
         }
         self.kv_format = format;
         Ok(())

@@ -215,3 +215,102 @@ fn hostile_8_bit_kv_tensors_are_refused() {
     assert!(nan.contains("finite"), "{nan}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Converting a filled cache (every layer into one new allocation) keeps each layer's values
+/// as that format stores them: f32 → 8-bit equals quantizing each layer's rows, and back to f32
+/// holds the same values; a conversion the heads cannot
+/// take (8-bit blocks of 32 values on heads of 16) is refused and leaves the cache as it was.
+#[test]
+fn converting_a_cache_keeps_every_layer_and_a_refusal_keeps_it_whole() {
+    use tptt::state::KvFormat;
+    let dir = std::env::temp_dir().join(format!("tptt-state-convert-{}", std::process::id()));
+    let m = synthetic_d32(&dir, 7);
+    let toks = ids(30);
+    let mut st = m.new_state(CarryMode::Continue, Some(16));
+    m.forward(&toks[..20], &mut st, Logits::Last)
+        .expect("prompt");
+    let n = st.kv_len();
+    let f32_values: Vec<Vec<f32>> = st
+        .layers
+        .iter()
+        .flat_map(|l| [l.k_view(n), l.v_view(n)])
+        .map(|t| {
+            t.expect("view")
+                .expect("filled")
+                .flatten_all()
+                .and_then(|x| x.to_vec1::<f32>())
+                .expect("values")
+        })
+        .collect();
+    let mut q8 = st.clone();
+    q8.set_kv_format(KvFormat::Q8_0).expect("8-bit");
+    assert_eq!(q8.kv_format, KvFormat::Q8_0);
+    for (i, (l, want_f32)) in q8
+        .layers
+        .iter()
+        .flat_map(|l| [l.k_view(n), l.v_view(n)])
+        .zip(&f32_values)
+        .enumerate()
+    {
+        let got: Vec<f32> = l
+            .expect("view")
+            .expect("filled")
+            .flatten_all()
+            .and_then(|x| x.to_vec1())
+            .expect("values");
+        let mut bytes = Vec::new();
+        tptt::kernels::kv::quantize_q8_0(want_f32, &mut bytes);
+        let mut want = vec![0f32; want_f32.len()];
+        tptt::kernels::kv::dequantize_q8_0(&bytes, &mut want);
+        assert_eq!(
+            got,
+            want,
+            "buffer {i} (layer {}, {})",
+            i / 2,
+            ["k", "v"][i % 2]
+        );
+    }
+    // Back to f32 is exact: the same values, and both go on decoding.
+    let mut back = q8.clone();
+    back.set_kv_format(KvFormat::F32).expect("f32");
+    for (a, b) in q8.layers.iter().zip(&back.layers) {
+        for (x, y) in [(a.k_view(n), b.k_view(n)), (a.v_view(n), b.v_view(n))] {
+            let (x, y) = (
+                x.expect("8-bit").expect("filled"),
+                y.expect("f32").expect("filled"),
+            );
+            assert_eq!(y.dtype(), candle_core::DType::F32);
+            assert_eq!(max_diff(&x, &y), 0.0);
+        }
+    }
+    for &t in &toks[20..] {
+        m.forward(&[t], &mut q8, Logits::Last).expect("8-bit");
+        m.forward(&[t], &mut back, Logits::Last).expect("f32");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The tiny fixture's heads of 16 values cannot be 8-bit blocks.
+    let small = model("tptt-llama", "delta_product");
+    let mut st = small.new_state(CarryMode::Continue, Some(8));
+    small
+        .forward(&ids(10), &mut st, Logits::Last)
+        .expect("prompt");
+    let before: Vec<f32> = st.layers[1]
+        .k_view(st.kv_len())
+        .expect("view")
+        .expect("filled")
+        .flatten_all()
+        .and_then(|x| x.to_vec1())
+        .expect("values");
+    let err = st.set_kv_format(KvFormat::Q8_0).expect_err("refused");
+    assert!(err.to_string().contains("KV cache"), "{err}");
+    assert_eq!(st.kv_format, KvFormat::F32);
+    let after: Vec<f32> = st.layers[1]
+        .k_view(st.kv_len())
+        .expect("view")
+        .expect("filled")
+        .flatten_all()
+        .and_then(|x| x.to_vec1())
+        .expect("values");
+    assert_eq!(before, after);
+}
