@@ -436,6 +436,8 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
     }
     let linear_on = model.mix.branch_on();
     let mut visible = vec![false; t_len];
+    // The window `visible` was computed for (layers mostly share one: computed once a step).
+    let mut visible_for: Option<Option<usize>> = None;
     for (layer, ls) in model.layers.iter().zip(state.layers.iter_mut()) {
         let (nh, nkv) = (layer.heads, layer.kv_heads);
         let x = normed(&layer.in_norm, &h)?;
@@ -471,8 +473,11 @@ pub(super) fn forward_one(model: &Model, id: u32, state: &mut State) -> Result<T
             (Some(a), Some(c)) => Some(a.min(c)),
             (a, c) => a.or(c),
         };
-        for (v, &kp) in visible.iter_mut().zip(&key_pos) {
-            *v = super::kv::sees(kp, qp, window);
+        if visible_for != Some(window) {
+            for (v, &kp) in visible.iter_mut().zip(&key_pos) {
+                *v = super::kv::sees(kp, qp, window);
+            }
+            visible_for = Some(window);
         }
         let LayerState {
             k,
