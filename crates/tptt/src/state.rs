@@ -115,12 +115,7 @@ impl LayerState {
         }
         let new_cap = grown_capacity(cap, slots, window);
         let dtype = self.k.as_ref().map_or(format.dtype(), Tensor::dtype);
-        let format = KvFormat::of_dtype(dtype)
-            .ok_or_else(|| Error::State(format!("a KV buffer of {dtype:?} is in no KV format")))?;
-        format
-            .check(dim, device)
-            .map_err(|why| Error::State(format!("KV cache: {why}")))?;
-        let width = format.row_width(dim);
+        let width = row_width_of(dtype, dim, device)?;
         let grow = |old: &Option<Tensor>| -> Result<Tensor> {
             let buf = buffer::zeros((kv_heads, new_cap, width), dtype, device)?;
             if let Some(o) = old {
@@ -199,6 +194,17 @@ impl Clone for State {
             kv_format: self.kv_format,
         }
     }
+}
+
+/// The row width of KV buffers of `dtype` holding heads of `dim` values on `device`, refused with
+/// the reason where their format cannot hold such heads there.
+fn row_width_of(dtype: candle_core::DType, dim: usize, device: &Device) -> Result<usize> {
+    let format = KvFormat::of_dtype(dtype)
+        .ok_or_else(|| Error::State(format!("a KV buffer of {dtype:?} is in no KV format")))?;
+    format
+        .check(dim, device)
+        .map_err(|why| Error::State(format!("KV cache: {why}")))?;
+    Ok(format.row_width(dim))
 }
 
 /// The slots a layer's KV buffers hold (0 without any).
@@ -334,12 +340,7 @@ impl State {
             }
             return Ok(());
         }
-        let format = KvFormat::of_dtype(dtype)
-            .ok_or_else(|| Error::State(format!("a KV buffer of {dtype:?} is in no KV format")))?;
-        format
-            .check(dim, device)
-            .map_err(|why| Error::State(format!("KV cache: {why}")))?;
-        let width = format.row_width(dim);
+        let width = row_width_of(dtype, dim, device)?;
         let largest = self.layers.iter().map(capacity).max().unwrap_or(0);
         let cap = grown_capacity(largest, slots, self.window).max(largest);
         let places: Vec<arena::Place<'_>> = self

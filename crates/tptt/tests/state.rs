@@ -234,13 +234,7 @@ fn converting_a_cache_keeps_every_layer_and_a_refusal_keeps_it_whole() {
         .layers
         .iter()
         .flat_map(|l| [l.k_view(n), l.v_view(n)])
-        .map(|t| {
-            t.expect("view")
-                .expect("filled")
-                .flatten_all()
-                .and_then(|x| x.to_vec1::<f32>())
-                .expect("values")
-        })
+        .map(filled_values)
         .collect();
     let mut q8 = st.clone();
     q8.set_kv_format(KvFormat::Q8_0).expect("8-bit");
@@ -252,12 +246,7 @@ fn converting_a_cache_keeps_every_layer_and_a_refusal_keeps_it_whole() {
         .zip(&f32_values)
         .enumerate()
     {
-        let got: Vec<f32> = l
-            .expect("view")
-            .expect("filled")
-            .flatten_all()
-            .and_then(|x| x.to_vec1())
-            .expect("values");
+        let got = filled_values(l);
         let mut bytes = Vec::new();
         tptt::kernels::kv::quantize_q8_0(want_f32, &mut bytes);
         let mut want = vec![0f32; want_f32.len()];
@@ -295,22 +284,18 @@ fn converting_a_cache_keeps_every_layer_and_a_refusal_keeps_it_whole() {
     small
         .forward(&ids(10), &mut st, Logits::Last)
         .expect("prompt");
-    let before: Vec<f32> = st.layers[1]
-        .k_view(st.kv_len())
-        .expect("view")
-        .expect("filled")
-        .flatten_all()
-        .and_then(|x| x.to_vec1())
-        .expect("values");
+    let before = filled_values(st.layers[1].k_view(st.kv_len()));
     let err = st.set_kv_format(KvFormat::Q8_0).expect_err("refused");
     assert!(err.to_string().contains("KV cache"), "{err}");
     assert_eq!(st.kv_format, KvFormat::F32);
-    let after: Vec<f32> = st.layers[1]
-        .k_view(st.kv_len())
-        .expect("view")
+    assert_eq!(before, filled_values(st.layers[1].k_view(st.kv_len())));
+}
+
+/// The values of a filled cache's f32 view.
+fn filled_values(view: tptt::error::Result<Option<Tensor>>) -> Vec<f32> {
+    view.expect("view")
         .expect("filled")
         .flatten_all()
         .and_then(|x| x.to_vec1())
-        .expect("values");
-    assert_eq!(before, after);
+        .expect("values")
 }

@@ -3,6 +3,22 @@
 //! form, and the fused multiply-add, dot product and axpy the blocked kernels are built of (each
 //! generic over `F`: fused inside the AVX2 + FMA variants, separate elsewhere).
 
+/// ln 2 split for Cody–Waite: a part exact in `n · LN2_HI` (few mantissa bits) and the rest.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = 2.121_944_4e-4;
+/// The Taylor coefficients of `eʳ` after `1/7!`, from the highest degree down (Horner).
+const EXP_POLY: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+/// The degree-7 coefficient.
+const EXP_POLY_TOP: f32 = 1.0 / 5040.0;
+
 /// `eˣ` without a libm call: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-7 Taylor polynomial
 /// for `eʳ` (relative error ~1e-7 on that range) and `2ⁿ` put into the exponent bits. Below −87
 /// the result flushes to 0 (−∞ gives 0: a softmax weight under 1e-38 next to the max's 1); above
@@ -18,7 +34,7 @@ pub fn exp(x_in: f32) -> f32 {
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     // Cody–Waite: ln 2 split in a part exact in n·hi (few mantissa bits) and the rest.
-    let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
+    let r = (x - n * LN2_HI) + n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
@@ -119,19 +135,11 @@ pub mod avx2 {
             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
         );
         let r = _mm256_add_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))),
-            _mm256_mul_ps(n, _mm256_set1_ps(2.121_944_4e-4)),
+            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(super::LN2_HI))),
+            _mm256_mul_ps(n, _mm256_set1_ps(super::LN2_LO)),
         );
-        let mut p = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
+        let mut p = _mm256_set1_ps(super::EXP_POLY_TOP);
+        for c in super::EXP_POLY {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         let scale = _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -161,19 +169,11 @@ pub mod avx512 {
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
         let r = _mm512_add_ps(
-            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
-            _mm512_mul_ps(n, _mm512_set1_ps(2.121_944_4e-4)),
+            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(super::LN2_HI))),
+            _mm512_mul_ps(n, _mm512_set1_ps(super::LN2_LO)),
         );
-        let mut p = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
+        let mut p = _mm512_set1_ps(super::EXP_POLY_TOP);
+        for c in super::EXP_POLY {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
