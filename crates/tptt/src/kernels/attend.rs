@@ -111,7 +111,8 @@ fn block_slots(t: usize, row_bytes: usize, kv_heads: usize, g: usize, threads: u
         .div_ceil(max_block)
         .next_multiple_of(step)
         .clamp(1, t.max(1));
-    t.div_ceil(blocks_per_head).next_multiple_of(16)
+    // At least one group: a step over no slots (`step_by(0)` would panic) gets one empty block.
+    t.div_ceil(blocks_per_head).next_multiple_of(16).max(16)
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -789,7 +790,7 @@ mod tests {
     /// groups, every thread gets as many blocks.
     #[test]
     fn blocks_balance_the_threads_within_their_size() {
-        for t in [1, 15, 16, 100, 1000, 8192, 32768, 100_000] {
+        for t in [0, 1, 15, 16, 100, 1000, 8192, 32768, 100_000] {
             for row in [68, 256, 512] {
                 for kv_heads in [1, 2, 3, 8] {
                     for g in [1, 3, 4, 5, 7] {
