@@ -233,6 +233,12 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
             );
         }
     }
+    // `PERF_CTL=fifo` without `MSG`: sampling starts with the decode steps.
+    if std::env::var("MSG").is_err() {
+        if let Ok(ctl) = std::env::var("PERF_CTL") {
+            std::fs::write(ctl, "enable\n")?;
+        }
+    }
     for round in 0..reps * 8 {
         for (_, m, st, times) in runs.iter_mut() {
             let t0 = Instant::now();

@@ -28,6 +28,7 @@ pub mod kquants;
 pub mod kv;
 pub mod prefill;
 pub mod prompt_k;
+pub mod prompt_q32;
 pub mod q32_x16;
 pub mod q4_0;
 pub mod q4_1;

@@ -428,7 +428,11 @@ fn quantized_gguf_bases_decode_as_the_tensor_path() {
 /// A Q4_K, Q4_1 or Q8_0 base repacked 16 rows to a group (the default on a CPU with AVX-512
 /// VNNI, a no-op elsewhere) gives the logits of the same base kept as stored, to f32 rounding:
 /// a prompt long enough for the prompt paths, then single steps through the fused step and the
-/// tensor path.
+/// tensor path. Repacked, every product rounds its input to 8 bits as a decode step does, the
+/// prompt's too (`kernels::prompt_k`, `kernels::prompt_q32`); stored, a Q4_1 or Q8_0 prompt is
+/// the exact product of the widened matrix: there the two differ by that rounding (the
+/// kernels' own tests hold the arithmetic: a repacked prompt row equals the row decoded, bit for
+/// bit).
 #[test]
 fn a_repacked_base_equals_it_as_stored() {
     use candle_core::quantized::GgmlDType;
@@ -463,13 +467,20 @@ fn a_repacked_base_equals_it_as_stored() {
             let (mut a, mut b) = (packed.clone(), stored.clone());
             a.set_fused_step(fused);
             b.set_fused_step(fused);
+            // The prompt in one call: the same to f32 rounding where both round the prompt's
+            // products as a decode does (Q4_K; without VNNI nothing is repacked); else within
+            // what rounding the prompt's inputs to 8 bits moves these random weights' logits.
             let got = run(&a, KvFormat::F32, None, &prompt, &steps);
             let want = run(&b, KvFormat::F32, None, &prompt, &steps);
+            let tol = match tptt::cpu::has_avx512_vnni() && dtype != GgmlDType::Q4K {
+                true => 5e-2,
+                false => 1e-4,
+            };
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
                 let d = max_diff(g, w);
                 assert!(
-                    d <= 1e-4 * scale,
+                    d <= tol * scale,
                     "{dtype:?}, fused {fused}, call {i}: {d} (scale {scale})"
                 );
             }

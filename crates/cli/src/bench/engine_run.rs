@@ -112,6 +112,10 @@ pub(super) struct EngineRun {
     /// Decode at the longest history with the KV cache in f32 and in f16, paired: (history,
     /// f32 tok/s, f16 tok/s).
     pub(super) kv_paired: Option<(usize, f64, f64, Option<f64>)>,
+    /// Decode after the shortest and the longest history, steps alternating: (short history,
+    /// long history, short tok/s, long tok/s): `long_history_flatness` (see
+    /// [`super::measure::paired_histories`]).
+    pub(super) flatness_paired: Option<(usize, usize, f64, f64)>,
     /// The most the session's KV buffers held (bytes, in the run's format).
     pub(super) kv_bytes: usize,
 }
@@ -153,6 +157,7 @@ impl EngineRun {
                     "message_tokens": self.resume.branch.message_tokens,
                 },
             },
+            "flatness_paired": self.flatness_paired.map(|(hs, hl, s, l)| json!({"short_history": hs, "long_history": hl, "short_tok_s": s, "long_tok_s": l, "method": "the states after both histories, steps alternating (order swapped every round); 1 / median step"})),
             "kv_formats_paired": self.kv_paired.map(|(h, a, b, c)| json!({"history": h, "f32_tok_s": a, "f16_tok_s": b, "q8_0_tok_s": c, "method": "the same state, its KV cache in f32, f16 and q8_0 (where the heads allow), steps taking turns; 1 / median step"})),
             "kv_bytes": self.kv_bytes,
             "peak_rss_bytes": self.peak_rss,
@@ -200,7 +205,8 @@ pub(super) fn run_engine(
     let mut decode = Vec::new();
     // The shortest history on its own (it is shorter than a feeding block).
     let short = plan.short();
-    {
+    // Kept for the paired decode at the longest history.
+    let short_session = {
         let mut s = Session::new(model.clone(), opts);
         s.feed(&ids[..short], None)?;
         let r = decode_rate(
@@ -214,7 +220,8 @@ pub(super) fn run_engine(
             r.tok_s, r.tok_s_mean
         ));
         decode.push(r);
-    }
+        s
+    };
 
     // The long history, block by block, as a reopened chat would be re-read.
     let mut session = Session::new(model.clone(), opts);
@@ -222,6 +229,7 @@ pub(super) fn run_engine(
     let mut fed = Duration::ZERO;
     let mut resume = None;
     let mut kv_paired = None;
+    let mut flatness_paired = None;
     let mut kv_bytes = 0;
     let total = plan.history_len();
     let snap_path =
@@ -263,6 +271,18 @@ pub(super) fn run_engine(
             ));
             decode.push(r);
             if end == plan.long() && name == "tptt" {
+                let (s, l) = paired_histories(
+                    &model,
+                    (
+                        &short_session.state,
+                        short_session.last_logits.as_deref().unwrap_or_default(),
+                    ),
+                    (&session.state, &logits),
+                )?;
+                progress(format!(
+                    "[{name}] decode after {short} and after {end} taking turns: {s:.2} / {l:.2} tok/s"
+                ));
+                flatness_paired = Some((short, end, s, l));
                 let (a, b, c) = paired_kv_formats(&model, &session.state, &logits)?;
                 progress(format!(
                     "[{name}] decode after {end}, KV in f32 / f16 / q8_0 taking turns: {a:.2} / {b:.2} / {} tok/s",
@@ -348,6 +368,7 @@ pub(super) fn run_engine(
         app_peak_rss: app_peak,
         window: used_window,
         kv_paired,
+        flatness_paired,
         kv_bytes,
     })
 }

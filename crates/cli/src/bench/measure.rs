@@ -207,6 +207,23 @@ pub(super) fn paired_decode(
     alternating_rates(sides)
 }
 
+/// Decode from the states after a short and a long history (each with the logits after it),
+/// their steps alternating (the order swapped every round): (short, long) tok/s, each
+/// 1 / median step. The paired measurement behind `long_history_flatness`: the two decodes,
+/// measured minutes apart, once read 1.03 against a physical bound of 0.85 because the
+/// short one fell in a slow spell of this shared machine.
+pub(super) fn paired_histories(
+    model: &Model,
+    short: (&State, &[f32]),
+    long: (&State, &[f32]),
+) -> Result<(f64, f64)> {
+    let sides = [short, long]
+        .into_iter()
+        .map(|(st, logits)| (model, st.clone(), argmax_slice(logits)))
+        .collect();
+    alternating_rates(sides)
+}
+
 /// Decode from `state` with its KV cache in f32, f16 and 8-bit (where the model's heads allow
 /// it), their steps taking turns on clones: tok/s of each (8-bit `None` where it cannot be
 /// used), each 1 / median step. The paired measurement behind `kv_f16_decode_speedup` and

@@ -405,7 +405,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "decode_vs_reference": ratio(a_short, reference.num("decode_tok_s")),
         "prefill_vs_reference": ratio(Some(a.prefill_tok_s), reference.num("prefill_tok_s")),
         "tptt_overhead": ratio(Some(ab_tptt), Some(ab_base)),
-        "long_history_flatness": ratio(a.decode_at(long), a_short),
+        // Paired (both decodes in the same minutes) where measured; else the two separate runs.
+        "long_history_flatness": a
+            .flatness_paired
+            .map_or_else(|| ratio(a.decode_at(long), a_short), |(_, _, s, l)| ratio(Some(l), Some(s))),
         "resume_speedup": ratio(Some(a.resume.reread_ttft_s), Some(a.resume.restore_ttft_s)),
         "resume_ttft_s": Some(a.resume.restore_ttft_s),
         "branch_ttft_s": Some(a.resume.branch.ttft_s),
@@ -444,7 +447,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         "decode_vs_reference >= 5": check(r("decode_vs_reference"), |x| x >= 5.0),
         "prefill_vs_reference >= 3": check(r("prefill_vs_reference"), |x| x >= 3.0),
         "tptt_overhead >= 0.9": check(r("tptt_overhead"), |x| x >= 0.9),
-        "long_history_flatness >= 0.9": check(r("long_history_flatness"), |x| x >= 0.9),
+        // Issue 16's target (issue 6 asked 0.9, above the physical bound of the default
+        // configuration: see the `long_history_flatness_bound` note).
+        "long_history_flatness >= 0.8": check(r("long_history_flatness"), |x| x >= 0.8),
         "resume_ttft_s <= 0.3": check(r("resume_ttft_s"), |x| x <= 0.3),
         "resume_speedup >= 20": check(r("resume_speedup"), |x| x >= 20.0),
         "branch_ttft_s <= 0.3": check(r("branch_ttft_s"), |x| x <= 0.3),
@@ -519,7 +524,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     // fast: a broken measurement, reported as not met.
     let flatness_broken = r("long_history_flatness").is_some_and(|x| x > 1.02 * flatness_bound);
     if flatness_broken {
-        targets["long_history_flatness >= 0.9"] = json!(false);
+        targets["long_history_flatness >= 0.8"] = json!(false);
     }
     notes.insert(
         "long_history_flatness_bound".into(),

@@ -59,11 +59,16 @@ impl Format {
     }
 
     /// Offset of the 16 `d` in a group's block.
-    const fn d_at(self) -> usize {
+    pub(super) const fn d_at(self) -> usize {
         match self {
             Format::Q4_1 => Q4_1_VALUES,
             Format::Q8_0 => Q8_0_VALUES,
         }
+    }
+
+    /// Offset of the 16 minima `m` in a Q4_1 group's block (Q8_0 has none).
+    pub(super) const fn m_at(self) -> usize {
+        Q4_1_M
     }
 }
 

@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use super::layers::{out_dims, widened_pieces, WIDEN_TILE_BYTES};
+use super::layers::out_dims;
 use crate::error::Result;
 
 /// The layouts a matrix is repacked into.
@@ -42,8 +42,8 @@ impl Packing {
 
 /// A quantized matrix repacked 16 rows to a group, for CPUs with AVX-512 VNNI: Q4_K
 /// (`kernels::q4k_x16`), Q4_1 and Q8_0 (`kernels::q32_x16`). Decode and short prompts go
-/// through its kernel; longer prompts through the 8-bit prompt kernel (`kernels::prompt_k`,
-/// Q4_K) or widened to f32 a few rows at a time (Q4_1, Q8_0).
+/// through its kernel; longer prompts through the 8-bit prompt kernels (`kernels::prompt_k`
+/// for Q4_K, `kernels::prompt_q32` for Q4_1 and Q8_0).
 #[derive(Debug)]
 pub struct Packed {
     pub(super) packing: Packing,
@@ -174,28 +174,27 @@ impl Packed {
         Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
     }
 
-    /// `x · selfᵀ` for a prompt (`x` on the CPU, f32): the Q4_K prompt kernel, or the matrix
-    /// widened to f32 a few MB at a time.
+    /// `x · selfᵀ` for a prompt (`x` on the CPU, f32): the 8-bit prompt kernels
+    /// (`kernels::prompt_k` for Q4_K, `kernels::prompt_q32` for Q4_1 and Q8_0), the activations
+    /// read where they are (copied only when not contiguous f32).
     pub(super) fn prompt_product(&self, x: &Tensor) -> Result<Tensor> {
-        if self.packing == Packing::Q4K {
-            // The activations read where they are (copied only when not contiguous f32).
-            let xc = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
-            let data = super::step::Data::of(&xc);
-            let out = crate::kernels::prompt_k::matmul_packed(
+        let xc = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let data = super::step::Data::of(&xc);
+        let out = match self.packing {
+            Packing::Q4K => crate::kernels::prompt_k::matmul_packed(
                 &self.bytes,
                 self.rows,
                 self.cols,
                 data.slice()?,
-            );
-            return Ok(Tensor::from_vec(out, out_dims(x, self.rows), x.device())?);
-        }
-        let tile_rows = (WIDEN_TILE_BYTES / (self.cols.max(1) * 4)).max(1);
-        widened_pieces(x, self.rows, tile_rows, &|start, len| {
-            Ok(Tensor::from_vec(
-                self.dequantize_rows(start, len),
-                (len, self.cols),
-                x.device(),
-            )?)
-        })
+            ),
+            Packing::Blocks32(f) => crate::kernels::prompt_q32::matmul(
+                f,
+                &self.bytes,
+                self.rows,
+                self.cols,
+                data.slice()?,
+            ),
+        };
+        Ok(Tensor::from_vec(out, out_dims(x, self.rows), x.device())?)
     }
 }
