@@ -15,7 +15,8 @@
 //!    history, peak RSS;
 //! 4. `tptt_overhead`: decode of (a) and (b) after the shortest history again, their steps
 //!    alternating (paired, so both see the same machine; the separate runs of 3. stay in the
-//!    table);
+//!    table); `long_history_flatness` likewise from (a)'s decodes after the shortest and the
+//!    longest history, their steps alternating at the longest;
 //! 5. (c) the reference tptt 0.12.1 (`scripts/bench/reference_bench.py`, when a Python with
 //!    `tptt` is found), (d) llama.cpp's `llama-bench` on the GGUF (when installed) and our
 //!    engine on the same GGUF, in a child process so that its peak memory is its own

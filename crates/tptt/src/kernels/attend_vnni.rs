@@ -24,6 +24,14 @@ use super::{kv, KvSlice, Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 /// Slots whose value weights share one 8-bit scale (the slots `16m..16m + 16` of the ring).
 pub const WEIGHT_GROUP: usize = 16;
 
+/// A slot whose score is this far or more below the largest gets weight 0: its weight,
+/// `e^−64 ≈ 1.6·10⁻²⁸` of the largest (which is 1, so the sum is at least 1), is far below f32
+/// rounding even summed over a million slots. It keeps every weight and every weight times a
+/// value scale a normal f32: products with subnormals take microcode assists on x86 (measured
+/// here: scores spread over about a hundred, many weights near `e^−87`, made the kernel three
+/// times slower).
+pub const WEIGHT_FLOOR: f32 = -64.0;
+
 /// The query rows `[H, D]` rounded to 8 bits per 32 values (the scale of a block its largest
 /// magnitude / 127, as [`super::quantize_q8_0`]), back as f32: what the VNNI kernel multiplies the
 /// keys with. `D` must be a multiple of 32.
@@ -36,7 +44,7 @@ pub fn quantized_query(q: &[f32]) -> Vec<f32> {
 }
 
 /// The VNNI kernel's arithmetic, scalar (`[H, D]`): scores of the [`quantized_query`] against the
-/// stored keys, `e = exp(s − max)` over the visible slots, and per value block `b` of slot `j`
+/// stored keys, `e = exp(s − max)` over the visible slots (0 from [`WEIGHT_FLOOR`] down), and per value block `b` of slot `j`
 /// the weight `u = e · scale_v[j, b]` rounded against the largest of its [`WEIGHT_GROUP`] slots,
 /// `ŭ = round(u · 255 / top) · top / 255`; the answer `Σ_j ŭ_j · v_j / Σ_j e_j`, `v_j` the stored
 /// bytes. Needs an 8-bit cache and `D` a multiple of 32 (else the literal definition).
@@ -59,7 +67,13 @@ pub fn attend_one_int8_naive(a: &AttendOne<'_>) -> Vec<f32> {
         if max == f32::NEG_INFINITY {
             continue;
         }
-        let e: Vec<f32> = s.iter().map(|&x| crate::cpu::math::exp(x - max)).collect();
+        let e: Vec<f32> = s
+            .iter()
+            .map(|&x| match x - max >= WEIGHT_FLOOR {
+                true => crate::cpu::math::exp(x - max),
+                false => 0.0,
+            })
+            .collect();
         let sum: f32 = e.iter().sum();
         let o = &mut out[h * d..(h + 1) * d];
         for b in 0..d / Q8_0_BLOCK {
@@ -96,7 +110,9 @@ pub(super) use avx512::attend_block;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{kv, AttendOne, KvSlice, Partial, Q8_0_BLOCK, Q8_0_BLOCK_BYTES, WEIGHT_GROUP};
+    use super::{
+        kv, AttendOne, KvSlice, Partial, Q8_0_BLOCK, Q8_0_BLOCK_BYTES, WEIGHT_FLOOR, WEIGHT_GROUP,
+    };
     use std::arch::x86_64::*;
 
     /// Keys whose scores are computed together (one 16-lane vector of scores), and whose value
@@ -152,12 +168,12 @@ mod avx512 {
                 continue;
             }
             let m16 = _mm512_set1_ps(max[h]);
+            let floor = _mm512_set1_ps(WEIGHT_FLOOR);
             let mut s16 = _mm512_setzero_ps();
             for c in r.chunks_exact_mut(KEYS) {
-                let x = crate::cpu::math::avx512::exp16(_mm512_sub_ps(
-                    _mm512_loadu_ps(c.as_ptr()),
-                    m16,
-                ));
+                let d = _mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), m16);
+                let kept = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(d, floor);
+                let x = _mm512_maskz_mov_ps(kept, crate::cpu::math::avx512::exp16(d));
                 _mm512_storeu_ps(c.as_mut_ptr(), x);
                 s16 = _mm512_add_ps(s16, x);
             }
