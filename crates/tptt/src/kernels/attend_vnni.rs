@@ -44,8 +44,9 @@ pub fn quantized_query(q: &[f32]) -> Vec<f32> {
 }
 
 /// The VNNI kernel's arithmetic, scalar (`[H, D]`): scores of the [`quantized_query`] against the
-/// stored keys, `e = exp(s − max)` over the visible slots (0 from [`WEIGHT_FLOOR`] down), and per value block `b` of slot `j`
-/// the weight `u = e · scale_v[j, b]` rounded against the largest of its [`WEIGHT_GROUP`] slots,
+/// stored keys, `e = exp(s − max)` over the visible slots (0 from [`WEIGHT_FLOOR`] down), and
+/// per value block `b` of slot `j` the weight `u = e · scale_v[j, b]` rounded against the largest
+/// of its [`WEIGHT_GROUP`] slots,
 /// `ŭ = round(u · 255 / top) · top / 255`; the answer `Σ_j ŭ_j · v_j / Σ_j e_j`, `v_j` the stored
 /// bytes. Needs an 8-bit cache and `D` a multiple of 32 (else the literal definition).
 pub fn attend_one_int8_naive(a: &AttendOne<'_>) -> Vec<f32> {
@@ -670,8 +671,9 @@ mod tests {
             let visible: Vec<bool> = (0..t)
                 .map(|j| j == t - 1 || (j % 7 != 3 && !(16..32).contains(&j)))
                 .collect();
-            // A flat softmax (scores within about ±1) and a peaked one (±20).
-            for scale in [0.125, 2.5] {
+            // A flat softmax (scores within about ±1), a peaked one (±20), and one whose
+            // scores spread past WEIGHT_FLOOR (±250: most weights 0).
+            for scale in [0.125, 2.5, 30.0] {
                 let a = AttendOne {
                     q: &q,
                     k: KvSlice::Q8_0(&k8),
