@@ -257,7 +257,7 @@ mod avx512 {
         xs: &[Row<'_>; INPUT_ROWS],
     ) -> [__m512; R] {
         let gb = Format::Q4_1.group_block_bytes();
-        let (d_at, m_at) = (Format::Q4_1.d_at(), Format::Q4_1.m_at());
+        let (d_at, m_at) = (Format::Q4_1.d_at(), super::super::q32_x16::Q4_1_M);
         let low = _mm512_set1_epi8(0x0F);
         let mut f = [_mm512_setzero_ps(); R];
         let mut fm = [_mm512_setzero_ps(); R];

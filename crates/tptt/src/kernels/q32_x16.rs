@@ -65,17 +65,12 @@ impl Format {
             Format::Q8_0 => Q8_0_VALUES,
         }
     }
-
-    /// Offset of the 16 minima `m` in a Q4_1 group's block (Q8_0 has none).
-    pub(super) const fn m_at(self) -> usize {
-        Q4_1_M
-    }
 }
 
 /// Bytes of a Q4_1 group block's values: 4 slots of 64.
 const Q4_1_VALUES: usize = 4 * 64;
 /// Offset of a Q4_1 group block's 16 minima `m`.
-const Q4_1_M: usize = Q4_1_VALUES + 2 * ROWS;
+pub(super) const Q4_1_M: usize = Q4_1_VALUES + 2 * ROWS;
 /// Bytes of a Q8_0 group block's values: 8 slots of 64.
 const Q8_0_VALUES: usize = 8 * 64;
 
