@@ -259,7 +259,7 @@ pub fn run_probe(
             model.forward(&block, &mut state, Logits::Last)?;
             read += n;
         }
-        let mut asked = state.clone();
+        let mut asked = state.try_clone()?;
         let ids: Vec<u32> = probe
             .question
             .iter()

@@ -172,7 +172,7 @@ pub struct GenerateOptions {
 }
 
 /// One conversation on a model.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Session {
     model: Arc<Model>,
     /// The model state after [`Session::tokens`].
@@ -186,6 +186,18 @@ pub struct Session {
 }
 
 impl Session {
+    /// A copy that shares nothing with this session (a fork of the conversation): an error
+    /// where its KV cache cannot be copied ([`State::try_clone`]).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            model: Arc::clone(&self.model),
+            state: self.state.try_clone()?,
+            tokens: self.tokens.clone(),
+            last_logits: self.last_logits.clone(),
+            surprise: self.surprise.clone(),
+        })
+    }
+
     /// A fresh session.
     pub fn new(model: Arc<Model>, opts: SessionOptions) -> Self {
         let window = opts

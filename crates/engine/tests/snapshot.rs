@@ -550,7 +550,7 @@ fn a_surprise_record_with_impossible_values_is_refused() {
         ("more kept than recorded", |x| x.samples = 0),
     ];
     for (what, spoil) in bad {
-        let mut t = s.clone();
+        let mut t = s.try_clone().expect("copy");
         spoil(&mut t.surprise);
         let path = scratch.path("bad-surprise.tptt-state");
         snapshot::save(&t, &fx.identity(), &path).expect("save");

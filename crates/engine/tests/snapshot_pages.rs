@@ -116,7 +116,7 @@ fn turns(fx: &Fixture, opts: SessionOptions, scratch: &Scratch, tag: &str) {
         }
         let info = snapshot::info(&path).expect("info");
         assert_eq!((info.pos, info.kv_len), (live.state.pos, kv), "{label}");
-        saved.push((path, live.clone()));
+        saved.push((path, live.try_clone().expect("copy")));
     }
     // Every turn restores exactly, the oldest too (a branch from an earlier turn).
     for (turn, (path, at_save)) in saved.iter().enumerate() {
@@ -134,7 +134,7 @@ fn turns(fx: &Fixture, opts: SessionOptions, scratch: &Scratch, tag: &str) {
             restored.state.kv_format, at_save.state.kv_format,
             "{label} turn {turn}: KV format"
         );
-        let mut twin = at_save.clone();
+        let mut twin = at_save.try_clone().expect("copy");
         assert!(
             continuation(&mut restored, vocab, &tok) == continuation(&mut twin, vocab, &tok),
             "{label} turn {turn}: the restored session continues differently"
@@ -225,7 +225,7 @@ fn pages_of_another_history_are_not_reused() {
     assert!(saved.new_pages > 0, "{saved:?}");
     assert!(pages_of(&pa).is_disjoint(&pages_of(&pb)));
     let (mut back, _) = snapshot::load_paged(fx.arc(), &fx.identity(), &pb, &pages).expect("load");
-    let mut twin = b.clone();
+    let mut twin = b.try_clone().expect("copy");
     let tok = fx.tokenizer();
     assert!(continuation(&mut back, 300, &tok) == continuation(&mut twin, 300, &tok));
     // Saving the same state again writes nothing new.

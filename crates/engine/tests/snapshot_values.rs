@@ -483,14 +483,14 @@ fn the_checks_hold_for_a_file_written_by_save_too() {
         let r = reason(snapshot::load(fx.arc(), &fx.identity(), p), what);
         assert!(r.contains(word), "{what}: {r}");
     };
-    let mut t = s.clone();
+    let mut t = s.try_clone().expect("copy");
     t.state.window = Some(0);
     check(&t, "window 0", "window", &path("w0.tptt-state"));
-    let mut t = s.clone();
+    let mut t = s.try_clone().expect("copy");
     t.state.layers[1].linear.pool_k = vec![vec![0.0; 5]];
     t.state.layers[1].linear.pool_v = vec![vec![0.0; 5]];
     check(&t, "pool 5 wide", "pool_k", &path("pool.tptt-state"));
-    let mut t = s.clone();
+    let mut t = s.try_clone().expect("copy");
     t.tokens[0] = 1000;
     check(&t, "token 1000", "1000", &path("tok.tptt-state"));
 }

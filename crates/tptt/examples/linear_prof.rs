@@ -7,7 +7,9 @@
 //! quantized base); `decode DIR [HISTORY]` an in-process decode A/B of the two (`KVS=q8_0,f16`:
 //! one weight, its KV cache in each format) and `step` the
 //! branch alone at one token; `attend [KV] [f32|f16|q8_0]` one decode token's attention over KV
-//! cached positions in 30 layers stored in that format; env `MAGS`, `MODES` and `REPS` select
+//! cached positions in 30 layers stored in that format (`LAYERS=1`: one layer, which stays in
+//! the caches from one repetition to the next: the kernel's own rate, without the memory's
+//! latency; with `RAYON_NUM_THREADS=1`, one core's); env `MAGS`, `MODES` and `REPS` select
 //! the weights, operator modes and repetitions. `promptmm [TOKENS] [ROWS] [COLS]` one prompt product with a Q4_K matrix,
 //! ours against the widened f32 product; `matvec [ROWS] [COLS]` times one decode product
 //! `W·x` (default 2048 × 8192) per weight type, ours (`kernels::matvec_group`) against candle's
@@ -199,7 +201,7 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
             m.forward(block, &mut st, Logits::Last)?;
         }
         for &kv in &kvs {
-            let mut s = st.clone();
+            let mut s = st.try_clone()?;
             s.set_kv_format(kv)?;
             runs.push((
                 format!("mag {mag} kv {}", kv.as_str()),
@@ -222,7 +224,7 @@ fn decode(dir: &str, history: usize, reps: usize) -> Result<(), Box<dyn std::err
         for (name, m, st, _) in runs.iter() {
             let mut times = Vec::new();
             for _ in 0..reps.max(1) {
-                let mut s = st.clone();
+                let mut s = st.try_clone()?;
                 let t0 = Instant::now();
                 m.forward(&msg, &mut s, Logits::Last)?;
                 times.push(t0.elapsed().as_secs_f64());
@@ -338,7 +340,11 @@ fn attend(kv: usize, format: &str, reps: usize) {
         tptt::alloc::advise_huge_pages(&mut v);
         v
     }
-    let (h, hkv, d, layers) = (9, 3, 64, 30);
+    let layers: usize = std::env::var("LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let (h, hkv, d) = (9, 3, 64);
     let per = hkv * kv * d;
     let buffers = (0..2 * layers).map(|i| rand_vec(per, 10 + i as u64));
     let store = match format {

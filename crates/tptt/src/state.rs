@@ -59,21 +59,20 @@ pub struct LayerState {
     pub linear: LinearCarry,
 }
 
-impl Clone for LayerState {
-    fn clone(&self) -> Self {
-        // The KV buffers are mutated in place: share nothing with the clone. The copy is of
-        // just this layer's view (`copy` would duplicate a restored state's whole shared
-        // buffer).
-        let deep = |t: &Option<Tensor>| t.as_ref().and_then(|t| buffer::deep_copy(t).ok());
-        Self {
-            k: deep(&self.k),
-            v: deep(&self.v),
-            linear: self.linear.clone(),
-        }
-    }
-}
-
 impl LayerState {
+    /// A copy that shares nothing with this layer (its KV buffers are mutated in place): just
+    /// this layer's view is copied (`copy` would duplicate a restored state's whole shared
+    /// buffer). A buffer that cannot be copied (a GPU out of memory) is an error, never a copy
+    /// without its cache.
+    pub fn try_clone(&self) -> Result<Self> {
+        let deep = |t: &Option<Tensor>| t.as_ref().map(buffer::deep_copy).transpose();
+        Ok(Self {
+            k: deep(&self.k)?,
+            v: deep(&self.v)?,
+            linear: self.linear.clone(),
+        })
+    }
+
     /// The first `n` slots of the keys as f32 (`None` when empty): a view, or a converted copy
     /// of a compact cache.
     pub fn k_view(&self, n: usize) -> Result<Option<Tensor>> {
@@ -162,8 +161,9 @@ fn grown_capacity(cap: usize, slots: usize, window: Option<usize>) -> usize {
 /// into NaN. Refusing such a snapshot costs at most a rebuild from the text.
 pub const MAX_CARRIED_MAGNITUDE: f32 = 1e15;
 
-/// Everything one conversation needs besides the weights. A clone shares nothing with it: its
-/// KV buffers are copied into one allocation for all layers (`state/arena.rs`).
+/// Everything one conversation needs besides the weights. A copy ([`State::try_clone`]) shares
+/// nothing with it: its KV buffers are copied into one allocation for all layers
+/// (`state/arena.rs`).
 #[derive(Debug)]
 pub struct State {
     /// Tokens consumed so far (the next token's absolute position).
@@ -181,19 +181,6 @@ pub struct State {
     /// How the KV cache is stored (buffers allocated from now on; [`State::set_kv_format`]
     /// converts the existing ones).
     pub kv_format: KvFormat,
-}
-
-impl Clone for State {
-    fn clone(&self) -> Self {
-        Self {
-            pos: self.pos,
-            key_pos: self.key_pos.clone(),
-            layers: self.cloned_layers(),
-            mode: self.mode,
-            window: self.window,
-            kv_format: self.kv_format,
-        }
-    }
 }
 
 /// The row width of KV buffers of `dtype` holding heads of `dim` values on `device`, refused with
@@ -226,10 +213,24 @@ fn stored_dim(t: &Tensor) -> Result<usize> {
 }
 
 impl State {
+    /// A copy that shares nothing with this state: a fork of the conversation. Its KV buffers
+    /// are copied into one allocation for all layers where they can be (`state/arena.rs`);
+    /// a buffer that cannot be copied is an error, never a fork without its cache.
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            pos: self.pos,
+            key_pos: self.key_pos.clone(),
+            layers: self.cloned_layers()?,
+            mode: self.mode,
+            window: self.window,
+            kv_format: self.kv_format,
+        })
+    }
+
     /// The layers, their KV buffers copied into one arena when every layer has both, of one
-    /// dtype and of rank 3 on the CPU; else each layer copied on its own ([`LayerState`]'s
-    /// clone).
-    fn cloned_layers(&self) -> Vec<LayerState> {
+    /// dtype and of rank 3 on the CPU; else each layer copied on its own
+    /// ([`LayerState::try_clone`]).
+    fn cloned_layers(&self) -> Result<Vec<LayerState>> {
         let kv: Option<Vec<(&Tensor, &Tensor)>> = self
             .layers
             .iter()
@@ -254,8 +255,9 @@ impl State {
                 })
                 .collect();
             if let Some(places) = places {
+                // An arena that cannot be made (off the CPU): each layer on its own below.
                 if let Ok(Some(bufs)) = arena::arena(&places, dtype, first.device()) {
-                    return self
+                    return Ok(self
                         .layers
                         .iter()
                         .zip(bufs)
@@ -264,11 +266,11 @@ impl State {
                             v: Some(v),
                             linear: l.linear.clone(),
                         })
-                        .collect();
+                        .collect());
                 }
             }
         }
-        self.layers.clone()
+        self.layers.iter().map(LayerState::try_clone).collect()
     }
 
     /// Every layer's buffers converted to `format` into one arena (`state/arena.rs`), layer by

@@ -297,7 +297,7 @@ fn a_short_message_over_an_8_bit_cache_reads_as_single_steps() {
     let (mut worst, mut worst_on) = (0f32, 0f32);
     for window in [Some(48), None] {
         let mut read = after_history(&off, KvFormat::Q8_0, window);
-        let mut stepped = read.clone();
+        let mut stepped = read.try_clone().expect("copy");
         let whole = rows(
             off.forward(&message, &mut read, Logits::All)
                 .expect("message"),
@@ -405,7 +405,7 @@ fn quantized_gguf_bases_decode_as_the_tensor_path() {
             .expect("prompt");
         let mut paths = 0f32;
         for &id in &steps {
-            let mut sf = st.clone();
+            let mut sf = st.try_clone().expect("copy");
             let a = flat(fused.forward(&[id], &mut sf, Logits::Last).expect("fused"));
             let b = flat(
                 tensor

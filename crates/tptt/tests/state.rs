@@ -85,13 +85,13 @@ fn clones_are_independent_of_the_original() {
     let mut st = m.new_state(CarryMode::Continue, Some(8));
     m.forward(&toks[..20], &mut st, Logits::Last)
         .expect("prompt");
-    let snapshot: State = st.clone();
+    let snapshot: State = st.try_clone().expect("copy");
     let a = m.forward(&toks[20..21], &mut st, Logits::Last).expect("a");
     for &t in &toks[21..] {
         m.forward(&[t], &mut st, Logits::Last)
             .expect("advance the original");
     }
-    let mut again = snapshot.clone();
+    let mut again = snapshot.try_clone().expect("copy");
     let b = m
         .forward(&toks[20..21], &mut again, Logits::Last)
         .expect("b");
@@ -236,7 +236,7 @@ fn converting_a_cache_keeps_every_layer_and_a_refusal_keeps_it_whole() {
         .flat_map(|l| [l.k_view(n), l.v_view(n)])
         .map(filled_values)
         .collect();
-    let mut q8 = st.clone();
+    let mut q8 = st.try_clone().expect("copy");
     q8.set_kv_format(KvFormat::Q8_0).expect("8-bit");
     assert_eq!(q8.kv_format, KvFormat::Q8_0);
     for (i, (l, want_f32)) in q8
@@ -260,7 +260,7 @@ fn converting_a_cache_keeps_every_layer_and_a_refusal_keeps_it_whole() {
         );
     }
     // Back to f32 is exact: the same values, and both go on decoding.
-    let mut back = q8.clone();
+    let mut back = q8.try_clone().expect("copy");
     back.set_kv_format(KvFormat::F32).expect("f32");
     for (a, b) in q8.layers.iter().zip(&back.layers) {
         for (x, y) in [(a.k_view(n), b.k_view(n)), (a.v_view(n), b.v_view(n))] {

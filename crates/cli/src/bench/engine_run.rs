@@ -55,7 +55,7 @@ fn measure_branch(
         };
         let first_path = dir.join("turn-1.state");
         let first = snapshot::save_paged(session, identity, None, &first_path, &pages, &[])?;
-        let mut next = session.clone();
+        let mut next = session.try_clone()?;
         next.feed(&take(at, BRANCH_TURN_TOKENS), None)?;
         let second = snapshot::save_paged(
             &next,
@@ -293,7 +293,7 @@ pub(super) fn run_engine(
         }
         if end == plan.resume_at {
             // Re-read: the feed so far plus the first step (on a clone, so the history stays).
-            let mut st = session.state.clone();
+            let mut st = session.state.try_clone()?;
             let t = Instant::now();
             step(&model, &mut st, argmax_slice(&logits))?;
             let reread = fed + t.elapsed();

@@ -161,7 +161,7 @@ pub(super) fn decode_rate(
     last_logits: &[f32],
     history: usize,
 ) -> Result<DecodeRate> {
-    let mut st = state.clone();
+    let mut st = state.try_clone()?;
     let mut id = step(model, &mut st, argmax_slice(last_logits))?; // warm-up
     let mut times = Vec::with_capacity(DECODE_STEPS);
     for _ in 0..DECODE_STEPS {
@@ -219,8 +219,8 @@ pub(super) fn paired_histories(
 ) -> Result<(f64, f64)> {
     let sides = [short, long]
         .into_iter()
-        .map(|(st, logits)| (model, st.clone(), argmax_slice(logits)))
-        .collect();
+        .map(|(st, logits)| Ok((model, st.try_clone()?, argmax_slice(logits))))
+        .collect::<Result<_>>()?;
     alternating_rates(sides)
 }
 
@@ -243,7 +243,7 @@ pub(super) fn paired_kv_formats(
         {
             continue;
         }
-        let mut st = state.clone();
+        let mut st = state.try_clone()?;
         st.set_kv_format(kv)?;
         sides.push((model, st, first));
     }
