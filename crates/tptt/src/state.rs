@@ -255,8 +255,9 @@ impl State {
                 })
                 .collect();
             if let Some(places) = places {
-                // An arena that cannot be made (off the CPU): each layer on its own below.
-                if let Ok(Some(bufs)) = arena::arena(&places, dtype, first.device()) {
+                // No arena off the CPU (`None`): each layer on its own below. An arena that
+                // fails on the CPU is an error, not a reason to copy another way.
+                if let Some(bufs) = arena::arena(&places, dtype, first.device())? {
                     return Ok(self
                         .layers
                         .iter()
